@@ -64,13 +64,17 @@ pub enum HttpSigError {
     #[error("unsupported algorithm {0:?}; only ed25519 is accepted")]
     UnsupportedAlgorithm(String),
     /// `created` is older than the window allows.
-    #[error("request is too old: created {age} s ago, at most {MAX_AGE} s allowed (check the client clock)")]
+    #[error(
+        "request is too old: created {age} s ago, at most {MAX_AGE} s allowed (check the client clock)"
+    )]
     CreatedTooOld {
         /// How many seconds before the server's clock.
         age: i64,
     },
     /// `created` is further in the future than the window allows.
-    #[error("request is from the future: created {ahead} s ahead of the server clock, at most {MAX_FUTURE} s allowed (check the client clock)")]
+    #[error(
+        "request is from the future: created {ahead} s ahead of the server clock, at most {MAX_FUTURE} s allowed (check the client clock)"
+    )]
     CreatedInFuture {
         /// How many seconds after the server's clock.
         ahead: i64,
@@ -221,10 +225,7 @@ impl SignatureParams {
             .iter()
             .map(|c| Ok(Item::new(sf_string(c)?)))
             .collect::<Result<Vec<_>, HttpSigError>>()?;
-        Self::from_inner(InnerList {
-            items,
-            params,
-        })
+        Self::from_inner(InnerList { items, params })
     }
 
     fn from_inner(inner: InnerList) -> Result<Self, HttpSigError> {
@@ -381,7 +382,10 @@ pub fn parse_signatures(
 }
 
 /// The signature base (RFC 9421 §2.5) for `params` over `request`.
-pub fn signature_base(request: &Request<'_>, params: &SignatureParams) -> Result<String, HttpSigError> {
+pub fn signature_base(
+    request: &Request<'_>,
+    params: &SignatureParams,
+) -> Result<String, HttpSigError> {
     let mut base = String::new();
     for name in params.components() {
         let value = request.component(name)?;
@@ -486,7 +490,9 @@ pub fn sign_request(
 ) -> Result<SignedHeaders, HttpSigError> {
     let content_digest = content_digest(body);
     let mut with_digest = request.clone();
-    with_digest.headers.push(("content-digest", &content_digest));
+    with_digest
+        .headers
+        .push(("content-digest", &content_digest));
     let params = SignatureParams::profile(created, keyid, nonce)?;
     let (signature_input, signature) = sign(&with_digest, PROFILE_LABEL, &params, key)?;
     Ok(SignedHeaders {

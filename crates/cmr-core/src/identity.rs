@@ -308,7 +308,11 @@ impl KeyHistory {
 
     /// Applies a rotation logged at `position`. It must name this identity and the current event, reveal
     /// the pre-committed key, and be signed by that key.
-    pub fn rotate(&mut self, event: &SignedKeyEvent, position: Position) -> Result<(), IdentityError> {
+    pub fn rotate(
+        &mut self,
+        event: &SignedKeyEvent,
+        position: Position,
+    ) -> Result<(), IdentityError> {
         let current = self.current();
         let expected = current.seq + 1;
         if position <= current.position {
@@ -562,7 +566,11 @@ impl IdentityState {
     }
 
     /// Applies a rotation of the identity key, logged at `position`.
-    pub fn rotate(&mut self, event: &SignedKeyEvent, position: Position) -> Result<(), IdentityError> {
+    pub fn rotate(
+        &mut self,
+        event: &SignedKeyEvent,
+        position: Position,
+    ) -> Result<(), IdentityError> {
         if position <= self.last_position {
             return Err(IdentityError::PositionNotIncreasing(position));
         }
@@ -628,7 +636,10 @@ impl IdentityState {
         device: &DeviceId,
         position: Position,
     ) -> Result<&DeviceCertificate, IdentityError> {
-        let entry = self.devices.get(device).ok_or(IdentityError::UnknownDevice)?;
+        let entry = self
+            .devices
+            .get(device)
+            .ok_or(IdentityError::UnknownDevice)?;
         if let Some(revoked) = entry.revoked_at
             && revoked < position
         {

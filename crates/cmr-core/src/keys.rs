@@ -69,7 +69,11 @@ impl SigningKey {
 
 impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SigningKey([redacted], public {:?})", self.verifying_key())
+        write!(
+            f,
+            "SigningKey([redacted], public {:?})",
+            self.verifying_key()
+        )
     }
 }
 
@@ -160,9 +164,7 @@ impl KemSecretKey {
 
     /// X25519 agreement with `peer`. An all-zero result (a non-contributory peer key) is refused.
     pub fn agree(&self, peer: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, KeyError> {
-        let shared = self
-            .0
-            .diffie_hellman(&x25519_dalek::PublicKey::from(*peer));
+        let shared = self.0.diffie_hellman(&x25519_dalek::PublicKey::from(*peer));
         if !shared.was_contributory() {
             return Err(KeyError::LowOrderKemKey);
         }
@@ -172,7 +174,11 @@ impl KemSecretKey {
 
 impl fmt::Debug for KemSecretKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KemSecretKey([redacted], public {:?})", self.public_key())
+        write!(
+            f,
+            "KemSecretKey([redacted], public {:?})",
+            self.public_key()
+        )
     }
 }
 
@@ -301,7 +307,10 @@ mod tests {
         );
         let mut one = [0u8; 32];
         one[0] = 1;
-        assert_eq!(KemPublicKey::from_bytes(&one), Err(KeyError::LowOrderKemKey));
+        assert_eq!(
+            KemPublicKey::from_bytes(&one),
+            Err(KeyError::LowOrderKemKey)
+        );
         let sk = KemSecretKey::generate(&mut rand::rng());
         assert_eq!(sk.agree(&[0u8; 32]).unwrap_err(), KeyError::LowOrderKemKey);
         KemPublicKey::from_bytes(&sk.public_key().to_bytes()).unwrap();

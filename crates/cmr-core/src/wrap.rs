@@ -9,7 +9,7 @@
 use hpke::aead::ChaCha20Poly1305;
 use hpke::kdf::HkdfSha256;
 use hpke::kem::X25519HkdfSha256;
-use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
+use hpke::{Deserializable, OpModeR, OpModeS, Serializable};
 use rand_core::CryptoRng;
 use thiserror::Error;
 use zeroize::Zeroizing;
@@ -213,7 +213,7 @@ impl<R: CryptoRng + ?Sized> rand_core::TryCryptoRng for RngRef<'_, R> {}
 /// Derives an HPKE key pair from input keying material (RFC 9180 §7.1.3), for the vectors.
 #[cfg(test)]
 fn derive_keypair(ikm: &[u8]) -> ([u8; 32], [u8; 32]) {
-    let (sk, pk) = Kem::derive_keypair(ikm);
+    let (sk, pk) = <Kem as hpke::Kem>::derive_keypair(ikm);
     let mut s = [0u8; 32];
     let mut p = [0u8; 32];
     s.copy_from_slice(&sk.to_bytes());
@@ -254,14 +254,38 @@ mod tests {
         let sk = KemSecretKey::generate(&mut rng);
         let wrapped = seal_key(&mut rng, &sk.public_key(), &ctx(), &[9; 32]);
         let variants: Vec<WrapContext> = vec![
-            WrapContext { purpose: WrapPurpose::AppendKey, ..ctx() },
-            WrapContext { customer: [7; 32], ..ctx() },
-            WrapContext { recipient: [7; 32], ..ctx() },
-            WrapContext { family: Some([7; 32]), ..ctx() },
-            WrapContext { family: None, ..ctx() },
-            WrapContext { epoch: Some(5), ..ctx() },
-            WrapContext { period: Some(4), ..ctx() },
-            WrapContext { subject: Some([7; 32]), ..ctx() },
+            WrapContext {
+                purpose: WrapPurpose::AppendKey,
+                ..ctx()
+            },
+            WrapContext {
+                customer: [7; 32],
+                ..ctx()
+            },
+            WrapContext {
+                recipient: [7; 32],
+                ..ctx()
+            },
+            WrapContext {
+                family: Some([7; 32]),
+                ..ctx()
+            },
+            WrapContext {
+                family: None,
+                ..ctx()
+            },
+            WrapContext {
+                epoch: Some(5),
+                ..ctx()
+            },
+            WrapContext {
+                period: Some(4),
+                ..ctx()
+            },
+            WrapContext {
+                subject: Some([7; 32]),
+                ..ctx()
+            },
         ];
         for v in variants {
             assert_eq!(open_key(&sk, &v, &wrapped), Err(UnwrapError), "{v:?}");
@@ -279,7 +303,11 @@ mod tests {
             let mut bytes = wrapped.to_bytes();
             bytes[i] ^= 0x01;
             let tampered = WrappedKey::from_slice(&bytes).unwrap();
-            assert_eq!(open_key(&sk, &ctx(), &tampered), Err(UnwrapError), "byte {i}");
+            assert_eq!(
+                open_key(&sk, &ctx(), &tampered),
+                Err(UnwrapError),
+                "byte {i}"
+            );
         }
         assert!(WrappedKey::from_slice(&[0u8; 79]).is_err());
     }

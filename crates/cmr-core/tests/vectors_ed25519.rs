@@ -1,0 +1,99 @@
+//! Ed25519 must be strict everywhere: the speccheck, CCTV and Wycheproof sets, through our own
+//! `VerifyingKey::from_bytes` + `verify` (which is `verify_strict` with weak keys refused).
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+mod common;
+
+use cmr_core::keys::{Signature, SigningKey, VerifyingKey};
+
+/// Our full verification path: parse the key (refusing weak keys), then verify strictly.
+fn accepts(key: &[u8], msg: &[u8], sig: &[u8]) -> bool {
+    let Ok(key) = VerifyingKey::from_slice(key) else {
+        return false;
+    };
+    let Some(sig) = Signature::from_slice(sig) else {
+        return false;
+    };
+    key.verify(msg, &sig).is_ok()
+}
+
+#[test]
+fn speccheck_cases_only_strictly_valid_accepted() {
+    let cases = common::vector("ed25519/speccheck-cases.json");
+    let cases = cases.as_array().unwrap();
+    assert_eq!(cases.len(), 12);
+    for (i, c) in cases.iter().enumerate() {
+        let got = accepts(
+            &common::hex_field(c, "pub_key"),
+            &common::hex_field(c, "message"),
+            &common::hex_field(c, "signature"),
+        );
+        // Cases 4–10 must be rejected by any verifier; a strict verifier also rejects 0–2 and 11.
+        let expected = i == 3;
+        assert_eq!(got, expected, "speccheck case {i}");
+    }
+}
+
+#[test]
+fn cctv_vectors_strict_acceptance() {
+    let cases = common::vector("ed25519/cctv-ed25519vectors.json");
+    let cases = cases.as_array().unwrap();
+    assert_eq!(cases.len(), 914);
+    let mut accepted = 0;
+    for c in cases {
+        let flags: Vec<&str> = c["flags"]
+            .as_array()
+            .map(|f| f.iter().map(|x| x.as_str().unwrap()).collect())
+            .unwrap_or_default();
+        // A strict verifier accepts points with a low-order component (low_order_component_R/_A), and
+        // refuses every other flag: low-order points, non-canonical encodings, a reduced or large S.
+        let expected = flags.iter().all(|f| f.starts_with("low_order_component"));
+        let got = accepts(
+            &common::hex_field(c, "key"),
+            c["msg"].as_str().unwrap().as_bytes(),
+            &common::hex_field(c, "sig"),
+        );
+        assert_eq!(got, expected, "CCTV case {} flags {flags:?}", c["number"]);
+        accepted += usize::from(got);
+    }
+    assert!(accepted > 0, "the set has strictly valid cases");
+}
+
+#[test]
+fn wycheproof_ed25519() {
+    use wycheproof::TestResult;
+    use wycheproof::eddsa::{TestName, TestSet};
+    let set = TestSet::load(TestName::Ed25519).unwrap();
+    let mut n = 0;
+    for group in &set.test_groups {
+        for t in &group.tests {
+            let got = accepts(&group.key.pk, &t.msg, &t.sig);
+            match t.result {
+                TestResult::Valid => assert!(got, "tc {} {}", t.tc_id, t.comment),
+                TestResult::Invalid => assert!(!got, "tc {} {}", t.tc_id, t.comment),
+                TestResult::Acceptable => {}
+            }
+            n += 1;
+        }
+    }
+    assert!(n > 100);
+}
+
+#[test]
+fn rfc8032_test_1_signs_byte_for_byte() {
+    // RFC 8032 §7.1, TEST 1 (empty message), through our SigningKey.
+    let seed: [u8; 32] =
+        hex::decode("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+            .unwrap()
+            .try_into()
+            .unwrap();
+    let key = SigningKey::from_seed(&seed);
+    assert_eq!(
+        hex::encode(key.verifying_key().to_bytes()),
+        "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+    );
+    assert_eq!(
+        hex::encode(key.sign(b"").0),
+        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+    );
+}
