@@ -534,11 +534,11 @@ impl IdentityState {
         &self.keys
     }
 
-    fn advance(&mut self, position: Position) -> Result<(), IdentityError> {
+    /// Statements are applied in log order: each at a position after the last one applied.
+    fn check_order(&self, position: Position) -> Result<(), IdentityError> {
         if position <= self.last_position {
             return Err(IdentityError::PositionNotIncreasing(position));
         }
-        self.last_position = position;
         Ok(())
     }
 
@@ -571,9 +571,7 @@ impl IdentityState {
         event: &SignedKeyEvent,
         position: Position,
     ) -> Result<(), IdentityError> {
-        if position <= self.last_position {
-            return Err(IdentityError::PositionNotIncreasing(position));
-        }
+        self.check_order(position)?;
         self.keys.rotate(event, position)?;
         self.last_position = position;
         Ok(())
@@ -586,9 +584,7 @@ impl IdentityState {
         cert: &Signed<DeviceCertificate>,
         position: Position,
     ) -> Result<DeviceId, IdentityError> {
-        if position <= self.last_position {
-            return Err(IdentityError::PositionNotIncreasing(position));
-        }
+        self.check_order(position)?;
         let key = self.identity_key_at(cert.body.identity, cert.body.identity_seq, position)?;
         cert.envelope
             .verify(&key.signing_key)
@@ -602,7 +598,7 @@ impl IdentityState {
             return Err(IdentityError::RevokedDeviceRecertified);
         }
         entry.certificates.push((position, cert.body.clone()));
-        self.advance(position)?;
+        self.last_position = position;
         Ok(device)
     }
 
@@ -612,9 +608,7 @@ impl IdentityState {
         revocation: &Signed<DeviceRevocation>,
         position: Position,
     ) -> Result<(), IdentityError> {
-        if position <= self.last_position {
-            return Err(IdentityError::PositionNotIncreasing(position));
-        }
+        self.check_order(position)?;
         let body = &revocation.body;
         let key = self.identity_key_at(body.identity, body.identity_seq, position)?;
         revocation
@@ -626,7 +620,8 @@ impl IdentityState {
             .get_mut(&body.device)
             .ok_or(IdentityError::UnknownDevice)?;
         entry.revoked_at.get_or_insert(position);
-        self.advance(position)
+        self.last_position = position;
+        Ok(())
     }
 
     /// The device's certificate in force at `position`: logged before it, signed by the identity key
