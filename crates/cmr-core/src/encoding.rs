@@ -31,6 +31,18 @@ pub enum Kind {
     Signed = 0x06,
     /// A passphrase-sealed key file.
     KeyFile = 0x07,
+    /// A family's name (scope and qualifier).
+    FamilyName = 0x08,
+    /// The header of a sealed record (its associated data).
+    RecordHeader = 0x09,
+    /// A signed batch of records.
+    Batch = 0x0a,
+    /// A customer's key directory.
+    Directory = 0x0b,
+    /// A bundle of keys sealed to one grantee in one HPKE seal.
+    KeyBundle = 0x0c,
+    /// An epoch secret sealed under the vault key.
+    SealedEpochSecret = 0x0d,
 }
 
 impl Kind {
@@ -43,6 +55,12 @@ impl Kind {
             0x05 => Kind::WrapInfo,
             0x06 => Kind::Signed,
             0x07 => Kind::KeyFile,
+            0x08 => Kind::FamilyName,
+            0x09 => Kind::RecordHeader,
+            0x0a => Kind::Batch,
+            0x0b => Kind::Directory,
+            0x0c => Kind::KeyBundle,
+            0x0d => Kind::SealedEpochSecret,
             _ => return None,
         })
     }

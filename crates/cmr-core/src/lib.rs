@@ -19,6 +19,8 @@
 #![forbid(unsafe_code)]
 
 pub mod encoding;
+pub mod epoch;
+pub mod family;
 pub mod hash;
 pub mod httpsig;
 pub mod identity;

@@ -29,6 +29,8 @@ pub enum WrapPurpose {
     PeriodKey = 2,
     /// A company's append key for a family and epoch.
     AppendKey = 3,
+    /// A bundle of chain keys for one grantee (grant, rotation or key delivery).
+    KeyBundle = 4,
 }
 
 /// Everything a wrapped key is bound to. Fields that do not apply are `None`.
@@ -103,6 +105,70 @@ impl WrappedKey {
         let bytes: [u8; 80] = r.array()?;
         Self::from_slice(&bytes)
     }
+}
+
+/// A byte string of any length sealed to one recipient: the HPKE encapsulated key and the ciphertext.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedBytes {
+    /// The encapsulated ephemeral public key.
+    pub enc: [u8; 32],
+    /// The ciphertext and its 16-byte tag.
+    pub ciphertext: Vec<u8>,
+}
+
+impl SealedBytes {
+    /// The largest ciphertext accepted.
+    pub const MAX_CIPHERTEXT: usize = 64 * 1024;
+
+    /// Wire form: `enc [32] || ciphertext`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        [&self.enc[..], &self.ciphertext].concat()
+    }
+
+    /// Parses the wire form.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() < 32 + 16 || bytes.len() > 32 + Self::MAX_CIPHERTEXT {
+            return Err(DecodeError::Invalid {
+                field: "sealed bytes",
+                reason: "length out of range",
+            });
+        }
+        let mut enc = [0u8; 32];
+        enc.copy_from_slice(&bytes[..32]);
+        Ok(Self {
+            enc,
+            ciphertext: bytes[32..].to_vec(),
+        })
+    }
+}
+
+/// Seals `plaintext` to `recipient`, bound to `context`.
+pub fn seal_bytes<R: CryptoRng + ?Sized>(
+    rng: &mut R,
+    recipient: &KemPublicKey,
+    context: &WrapContext,
+    plaintext: &[u8],
+) -> SealedBytes {
+    let info = context.encode();
+    let (enc, ciphertext) = seal_raw(rng, &recipient.to_bytes(), &info, &info, plaintext)
+        .expect("a KemPublicKey is never low order, so HPKE encapsulation cannot fail");
+    SealedBytes { enc, ciphertext }
+}
+
+/// Opens bytes sealed by [`seal_bytes`] with the same `context`.
+pub fn open_bytes(
+    recipient: &KemSecretKey,
+    context: &WrapContext,
+    sealed: &SealedBytes,
+) -> Result<Zeroizing<Vec<u8>>, UnwrapError> {
+    let info = context.encode();
+    open_raw(
+        &recipient.to_bytes(),
+        &sealed.enc,
+        &info,
+        &info,
+        &sealed.ciphertext,
+    )
 }
 
 /// A wrapped key could not be opened: wrong recipient, wrong context, or tampering. Deliberately opaque.
