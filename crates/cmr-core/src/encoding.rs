@@ -118,7 +118,12 @@ pub struct Writer {
 impl Writer {
     /// Starts a body of `kind` with the magic and the current format version.
     pub fn new(kind: Kind) -> Self {
-        let mut buf = Vec::with_capacity(128);
+        Self::with_capacity(kind, 256)
+    }
+
+    /// Starts a body of `kind`, reserving room for `capacity` bytes in all.
+    pub fn with_capacity(kind: Kind, capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity.max(6));
         buf.extend_from_slice(&MAGIC);
         buf.push(FORMAT_VERSION);
         buf.push(kind as u8);

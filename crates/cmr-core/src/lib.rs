@@ -26,6 +26,8 @@ pub mod httpsig;
 pub mod identity;
 pub mod keyfile;
 pub mod keys;
+pub mod merkle;
+pub mod record;
 pub mod vault;
 pub mod wrap;
 
