@@ -262,6 +262,66 @@ impl SignedEnvelope {
     }
 }
 
+/// Verifies many envelopes, each under its own key, with `verify_strict` semantics, faster than one by one.
+///
+/// ed25519-dalek's `verify_batch` uses the cofactorless equation with random weights, which is equivalent
+/// to per-signature checks only when no point has a small-order component. So each item is first checked
+/// strictly: S canonical, R canonical and torsion-free, A torsion-free (weak keys were refused on parsing).
+/// Items that pass are verified in one batch; the others, and all items of a failed batch, go through
+/// `verify_strict` one by one. Returns the index of the first bad signature.
+pub fn verify_many(items: &[(&SignedEnvelope, VerifyingKey)]) -> Result<(), usize> {
+    let mut batchable = Vec::with_capacity(items.len());
+    for (i, (env, key)) in items.iter().enumerate() {
+        if batch_safe(env, key) {
+            batchable.push(i);
+        } else if key.verify(&env.body, &env.signature).is_err() {
+            return Err(i);
+        }
+    }
+    if batchable.is_empty() {
+        return Ok(());
+    }
+    let messages: Vec<&[u8]> = batchable.iter().map(|&i| &items[i].0.body[..]).collect();
+    let signatures: Vec<ed25519_dalek::Signature> = batchable
+        .iter()
+        .map(|&i| ed25519_dalek::Signature::from_bytes(&items[i].0.signature.0))
+        .collect();
+    let keys: Vec<ed25519_dalek::VerifyingKey> = batchable.iter().map(|&i| items[i].1.0).collect();
+    if ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok() {
+        return Ok(());
+    }
+    for &i in &batchable {
+        let (env, key) = &items[i];
+        if key.verify(&env.body, &env.signature).is_err() {
+            return Err(i);
+        }
+    }
+    // The batch failed yet every signature verifies alone: impossible for honest inputs; refuse.
+    Err(batchable[0])
+}
+
+fn batch_safe(env: &SignedEnvelope, key: &VerifyingKey) -> bool {
+    use curve25519_dalek::edwards::CompressedEdwardsY;
+    use curve25519_dalek::scalar::Scalar;
+    let sig = &env.signature.0;
+    let r_bytes: [u8; 32] = sig[..32].try_into().expect("64-byte signature");
+    let s_bytes: [u8; 32] = sig[32..].try_into().expect("64-byte signature");
+    if Option::<Scalar>::from(Scalar::from_canonical_bytes(s_bytes)).is_none() {
+        return false;
+    }
+    let Some(r) = CompressedEdwardsY(r_bytes).decompress() else {
+        return false;
+    };
+    if r.compress().0 != r_bytes || !r.is_torsion_free() || r.is_small_order() {
+        return false;
+    }
+    let a_bytes = key.to_bytes();
+    match CompressedEdwardsY(a_bytes).decompress() {
+        Some(a) => a.compress().0 == a_bytes && a.is_torsion_free(),
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,8 @@
 //! thin edges in other crates around this one.
 #![forbid(unsafe_code)]
 
+pub mod batch;
+pub mod directory;
 pub mod encoding;
 pub mod epoch;
 pub mod family;

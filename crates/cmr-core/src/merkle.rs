@@ -181,12 +181,18 @@ mod tests {
         let roots = v["root_for_first_n_leaves_hex"].as_array().unwrap();
         let hashes: Vec<Hash> = inputs.iter().map(|d| leaf_hash(d)).collect();
         for (n, expected) in roots.iter().enumerate() {
-            assert_eq!(hex::encode(root(&hashes[..n])), expected.as_str().unwrap(), "n = {n}");
+            assert_eq!(
+                hex::encode(root(&hashes[..n])),
+                expected.as_str().unwrap(),
+                "n = {n}"
+            );
         }
     }
 
     fn leaves(n: usize) -> Vec<Hash> {
-        (0..n).map(|i| leaf_hash(&(i as u64).to_be_bytes())).collect()
+        (0..n)
+            .map(|i| leaf_hash(&(i as u64).to_be_bytes()))
+            .collect()
     }
 
     #[test]

@@ -149,7 +149,7 @@ impl SealedRecord {
         let _nonce: [u8; NONCE_LEN] = r.array()?;
         let _wrapped: [u8; WRAPPED_LEN] = r.array()?;
         let len = r.u32()? as usize;
-        if len > MAX_CONTENT + 16 || len < 16 {
+        if !(16..=MAX_CONTENT + 16).contains(&len) {
             return Err(DecodeError::TooLong {
                 field: "content",
                 len,
@@ -193,7 +193,8 @@ fn record_digest(bytes: &[u8]) -> Digest {
 
 fn aead_key(key: &[u8; 32]) -> LessSafeKey {
     LessSafeKey::new(
-        UnboundKey::new(&CHACHA20_POLY1305, key).expect("32 bytes is the ChaCha20-Poly1305 key length"),
+        UnboundKey::new(&CHACHA20_POLY1305, key)
+            .expect("32 bytes is the ChaCha20-Poly1305 key length"),
     )
 }
 
@@ -392,9 +393,15 @@ impl FamilyKeys {
         let mut wrapped = Zeroizing::new([0u8; WRAPPED_LEN]);
         wrapped.copy_from_slice(&b[HEADER_LEN + NONCE_LEN..HEADER_LEN + NONCE_LEN + WRAPPED_LEN]);
         let data_key = wrap
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), wrapped.as_mut())
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                wrapped.as_mut(),
+            )
             .map_err(|_| RecordOpenError::Decrypt)?;
-        let data_key: &[u8; 32] = (&*data_key).try_into().map_err(|_| RecordOpenError::Decrypt)?;
+        let data_key: &[u8; 32] = (&*data_key)
+            .try_into()
+            .map_err(|_| RecordOpenError::Decrypt)?;
         let mut content = Zeroizing::new(b[PREFIX_LEN..].to_vec());
         let len = aead_key(data_key)
             .open_in_place(

@@ -97,3 +97,51 @@ fn rfc8032_test_1_signs_byte_for_byte() {
         "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
     );
 }
+
+/// The batch path (`verify_many`) must accept exactly what the strict path accepts, on the CCTV set, one
+/// item at a time and all valid items together.
+#[test]
+fn cctv_vectors_through_the_batch_path() {
+    use cmr_core::keys::{SignedEnvelope, verify_many};
+    let cases = common::vector("ed25519/cctv-ed25519vectors.json");
+    let mut valid = Vec::new();
+    for c in cases.as_array().unwrap() {
+        let Ok(key) = VerifyingKey::from_slice(&common::hex_field(c, "key")) else {
+            continue;
+        };
+        let env = SignedEnvelope {
+            body: c["msg"].as_str().unwrap().as_bytes().to_vec(),
+            signature: Signature::from_slice(&common::hex_field(c, "sig")).unwrap(),
+        };
+        let strict = key.verify(&env.body, &env.signature).is_ok();
+        let batch = verify_many(&[(&env, key)]).is_ok();
+        assert_eq!(batch, strict, "CCTV case {}", c["number"]);
+        if strict {
+            valid.push((env, key));
+        }
+    }
+    let items: Vec<_> = valid.iter().map(|(e, k)| (e, *k)).collect();
+    assert!(verify_many(&items).is_ok());
+}
+
+#[test]
+fn batch_path_names_the_bad_signature() {
+    use cmr_core::keys::{SignedEnvelope, verify_many};
+    let keys: Vec<SigningKey> = (0..64u8).map(|i| SigningKey::from_seed(&[i; 32])).collect();
+    let mut envs: Vec<SignedEnvelope> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| SignedEnvelope::sign(format!("statement {i}").into_bytes(), k))
+        .collect();
+    let items = |envs: &[SignedEnvelope]| -> Result<(), usize> {
+        let v: Vec<_> = envs
+            .iter()
+            .zip(&keys)
+            .map(|(e, k)| (e, k.verifying_key()))
+            .collect();
+        verify_many(&v)
+    };
+    assert_eq!(items(&envs), Ok(()));
+    envs[37].body.push(b'!');
+    assert_eq!(items(&envs), Err(37));
+}

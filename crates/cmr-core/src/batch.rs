@@ -1,0 +1,810 @@
+//! Signed batches, family heads and provably complete reads (design note 0002, "Batches and heads").
+//!
+//! Owns:
+//! - [`Batch`]: the statement an author signs for the records it writes;
+//! - [`FamilyLedger`]: a family's record digests per period, its head, and the rules a batch must meet to
+//!   be applied (previous head current, ids new, periods allowed);
+//! - [`ReadProof`] and [`verify_read`]: what a reader receives and checks, so that a dropped, injected,
+//!   reordered, moved or stale record is detected.
+//!
+//! It is pure: the store persists what the ledger holds, and decides who may write (grants, epochs).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use thiserror::Error;
+
+use crate::encoding::{DecodeError, Kind, Reader, Writer};
+use crate::epoch::Chain;
+use crate::family::{FamilyId, Period, Scope};
+use crate::hash::{Digest, tagged_hash};
+use crate::identity::{DeviceId, IdentityId};
+use crate::keys::{BadSignature, SignedEnvelope, SigningKey, VerifyingKey};
+use crate::merkle::{self, Hash, RangeProofError};
+use crate::record::{RecordId, SealedRecord};
+
+/// The most records one batch may carry.
+pub const MAX_BATCH_RECORDS: usize = 4096;
+
+/// One record named by a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchEntry {
+    /// The record id.
+    pub id: RecordId,
+    /// Its period.
+    pub period: Period,
+    /// Its digest.
+    pub digest: Digest,
+}
+
+/// A batch statement: an author's signed list of the records it writes to one family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// The vault.
+    pub customer: IdentityId,
+    /// The family.
+    pub family: FamilyId,
+    /// The epoch the records are sealed to.
+    pub epoch: u64,
+    /// The identity that writes.
+    pub author: IdentityId,
+    /// The device that signs.
+    pub device: DeviceId,
+    /// The head this batch extends.
+    pub prev_head: Digest,
+    /// The records, in the order they are appended.
+    pub entries: Vec<BatchEntry>,
+}
+
+impl Batch {
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(Kind::Batch, 180 + self.entries.len() * 52);
+        w.array(&self.customer.0)
+            .array(&self.family.0)
+            .u64(self.epoch)
+            .array(&self.author.0)
+            .array(&self.device.0)
+            .array(&self.prev_head.0)
+            .u32(self.entries.len() as u32);
+        for e in &self.entries {
+            w.array(&e.id.0).u32(e.period.0).array(&e.digest.0);
+        }
+        w.finish()
+    }
+
+    fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body, Kind::Batch)?;
+        let customer = IdentityId(r.array()?);
+        let family = FamilyId(r.array()?);
+        let epoch = r.u64()?;
+        let author = IdentityId(r.array()?);
+        let device = DeviceId(r.array()?);
+        let prev_head = Digest(r.array()?);
+        let n = r.u32()? as usize;
+        if n == 0 || n > MAX_BATCH_RECORDS {
+            return Err(DecodeError::Invalid {
+                field: "entries",
+                reason: "a batch holds 1 to 4096 records",
+            });
+        }
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            entries.push(BatchEntry {
+                id: RecordId(r.array()?),
+                period: Period(r.u32()?),
+                digest: Digest(r.array()?),
+            });
+        }
+        r.finish()?;
+        Ok(Self {
+            customer,
+            family,
+            epoch,
+            author,
+            device,
+            prev_head,
+            entries,
+        })
+    }
+
+    /// The batch for `records`, all of one family and epoch by one author, extending `prev_head`.
+    pub fn for_records(
+        device: DeviceId,
+        prev_head: Digest,
+        records: &[SealedRecord],
+    ) -> Result<Self, BatchError> {
+        let first = records.first().ok_or(BatchError::Empty)?.header();
+        let entries = records
+            .iter()
+            .map(|r| {
+                let h = r.header();
+                if (h.customer, h.family, h.epoch, h.author)
+                    != (first.customer, first.family, first.epoch, first.author)
+                {
+                    return Err(BatchError::RecordMismatch(h.id));
+                }
+                Ok(BatchEntry {
+                    id: h.id,
+                    period: h.period,
+                    digest: r.digest(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            customer: first.customer,
+            family: first.family,
+            epoch: first.epoch,
+            author: first.author,
+            device,
+            prev_head,
+            entries,
+        })
+    }
+}
+
+/// A batch with its author's signature over the exact bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedBatch {
+    envelope: SignedEnvelope,
+    batch: Batch,
+}
+
+impl SignedBatch {
+    /// Signs `batch` with the author's device key.
+    pub fn sign(batch: Batch, device_key: &SigningKey) -> Self {
+        Self {
+            envelope: SignedEnvelope::sign(batch.encode(), device_key),
+            batch,
+        }
+    }
+
+    /// Parses the wire form (not verified).
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let envelope = SignedEnvelope::decode(bytes)?;
+        let batch = Batch::decode(&envelope.body)?;
+        Ok(Self { envelope, batch })
+    }
+
+    /// The wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        self.envelope.encode()
+    }
+
+    /// The batch.
+    pub fn batch(&self) -> &Batch {
+        &self.batch
+    }
+
+    /// The signed envelope, for batch verification.
+    pub fn envelope(&self) -> &SignedEnvelope {
+        &self.envelope
+    }
+
+    /// `H("batch", body)`.
+    pub fn digest(&self) -> Digest {
+        tagged_hash("batch", &self.envelope.body)
+    }
+
+    /// Verifies the signature with the device's key.
+    pub fn verify(&self, key: &VerifyingKey) -> Result<(), BadSignature> {
+        self.envelope.verify(key)
+    }
+}
+
+/// Why a batch cannot be applied, or a read does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BatchError {
+    /// A batch with no records.
+    #[error("a batch must name at least one record")]
+    Empty,
+    /// The batch's previous head is not the family's current head (409 `stale-head`).
+    #[error("stale head: the batch extends {claimed}, the family is at {current}")]
+    StaleHead {
+        /// The head the batch names.
+        claimed: Digest,
+        /// The family's head.
+        current: Digest,
+    },
+    /// The batch is for another customer or family than the ledger's.
+    #[error("batch is for another customer or family")]
+    WrongFamily,
+    /// A record id already exists in the family, or twice in the batch.
+    #[error("record {0:?} already exists")]
+    DuplicateRecord(RecordId),
+    /// A period this family cannot hold (profile families hold only the origin period).
+    #[error("period {0} is not allowed in this family")]
+    BadPeriod(Period),
+    /// A record does not match its batch entry (customer, family, epoch, author, id, period or digest).
+    #[error("record {0:?} does not match the batch")]
+    RecordMismatch(RecordId),
+    /// The author's chain does not fit: a company writes with its append chain, the customer with the read
+    /// chain.
+    #[error("record {0:?} is sealed under another author's chain")]
+    WrongChain(RecordId),
+    /// The read does not match the head.
+    #[error("the read does not match the named head")]
+    HeadMismatch,
+    /// A range proof failed.
+    #[error("completeness proof failed: {0}")]
+    Proof(#[from] RangeProofError),
+    /// The period leaves do not cover the requested range.
+    #[error("the periods served do not cover the requested range")]
+    IncompleteRange,
+    /// A record is not named by any batch served.
+    #[error("record {0:?} is not named by a signed batch")]
+    Unbatched(RecordId),
+    /// A batch signature is missing or wrong.
+    #[error("bad signature on batch by device {0:?}")]
+    BadBatchSignature(DeviceId),
+}
+
+/// The leaf for one period in a head's tree of periods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeriodLeaf {
+    /// The period.
+    pub period: Period,
+    /// How many records it holds.
+    pub count: u64,
+    /// The RFC 6962 root over their digests, in append order.
+    pub root: Hash,
+}
+
+impl PeriodLeaf {
+    /// `leaf_hash(period u32 || count u64 || root)`.
+    pub fn hash(&self) -> Hash {
+        let mut data = [0u8; 44];
+        data[..4].copy_from_slice(&self.period.0.to_be_bytes());
+        data[4..12].copy_from_slice(&self.count.to_be_bytes());
+        data[12..].copy_from_slice(&self.root);
+        merkle::leaf_hash(&data)
+    }
+}
+
+/// What a head commits to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// The vault.
+    pub customer: IdentityId,
+    /// The family.
+    pub family: FamilyId,
+    /// Batches applied so far.
+    pub batches: u64,
+    /// Records so far.
+    pub records: u64,
+    /// Periods holding records.
+    pub periods: u64,
+    /// The RFC 6962 root over the period leaves, in period order.
+    pub periods_root: Hash,
+}
+
+impl Head {
+    /// `H("family-head", customer || family || batches || records || periods || periods root)`.
+    pub fn digest(&self) -> Digest {
+        let mut data = Vec::with_capacity(32 * 3 + 24);
+        data.extend_from_slice(&self.customer.0);
+        data.extend_from_slice(&self.family.0);
+        data.extend_from_slice(&self.batches.to_be_bytes());
+        data.extend_from_slice(&self.records.to_be_bytes());
+        data.extend_from_slice(&self.periods.to_be_bytes());
+        data.extend_from_slice(&self.periods_root);
+        tagged_hash("family-head", &data)
+    }
+
+    /// The head of a family with no records.
+    pub fn empty(customer: IdentityId, family: FamilyId) -> Self {
+        Self {
+            customer,
+            family,
+            batches: 0,
+            records: 0,
+            periods: 0,
+            periods_root: merkle::empty_root(),
+        }
+    }
+}
+
+/// An append-only RFC 6962 tree kept as its perfect subtrees, so appending and taking the root are
+/// O(log n).
+#[derive(Debug, Clone, Default)]
+struct Frontier {
+    /// (size, root) of each perfect subtree, largest first.
+    subtrees: Vec<(u64, Hash)>,
+}
+
+impl Frontier {
+    fn push(&mut self, leaf: Hash) {
+        let mut node = (1u64, leaf);
+        while let Some(&(size, left)) = self.subtrees.last() {
+            if size != node.0 {
+                break;
+            }
+            self.subtrees.pop();
+            node = (size * 2, merkle::node_hash(&left, &node.1));
+        }
+        self.subtrees.push(node);
+    }
+
+    fn root(&self) -> Hash {
+        let mut iter = self.subtrees.iter().rev();
+        let Some(&(_, mut acc)) = iter.next() else {
+            return merkle::empty_root();
+        };
+        for (_, left) in iter {
+            acc = merkle::node_hash(left, &acc);
+        }
+        acc
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct PeriodState {
+    /// Leaf hashes of the record digests, in append order.
+    leaves: Vec<Hash>,
+    /// The record ids, in the same order.
+    ids: Vec<RecordId>,
+    frontier: Frontier,
+}
+
+/// A family's records as digests per period, and its head. The store persists it; readers never need it.
+#[derive(Debug, Clone)]
+pub struct FamilyLedger {
+    customer: IdentityId,
+    family: FamilyId,
+    scope: Scope,
+    batches: u64,
+    periods: BTreeMap<Period, PeriodState>,
+    ids: HashMap<RecordId, (Period, usize)>,
+    /// For each applied batch, how many records it added to each period (for reads against older heads).
+    history: Vec<Vec<(Period, u64)>>,
+}
+
+impl FamilyLedger {
+    /// An empty family.
+    pub fn new(customer: IdentityId, family: FamilyId, scope: Scope) -> Self {
+        Self {
+            customer,
+            family,
+            scope,
+            batches: 0,
+            periods: BTreeMap::new(),
+            ids: HashMap::new(),
+            history: Vec::new(),
+        }
+    }
+
+    /// The current head.
+    pub fn head(&self) -> Head {
+        self.head_at(self.batches)
+            .expect("the current batch count always has a head")
+    }
+
+    /// Where a record is: its period and index within the period.
+    pub fn locate(&self, id: &RecordId) -> Option<(Period, usize)> {
+        self.ids.get(id).copied()
+    }
+
+    /// Period counts as they were after `batches` batches.
+    fn counts_at(&self, batches: u64) -> Option<BTreeMap<Period, u64>> {
+        if batches > self.batches {
+            return None;
+        }
+        let mut counts: BTreeMap<Period, u64> = self
+            .periods
+            .iter()
+            .map(|(p, s)| (*p, s.leaves.len() as u64))
+            .collect();
+        for later in &self.history[batches as usize..] {
+            for (p, n) in later {
+                let c = counts
+                    .get_mut(p)
+                    .expect("history names only existing periods");
+                *c -= n;
+            }
+        }
+        counts.retain(|_, c| *c > 0);
+        Some(counts)
+    }
+
+    fn leaves_at(&self, counts: &BTreeMap<Period, u64>) -> Vec<PeriodLeaf> {
+        counts
+            .iter()
+            .map(|(p, c)| {
+                let state = &self.periods[p];
+                let root = if *c as usize == state.leaves.len() {
+                    state.frontier.root()
+                } else {
+                    merkle::root(&state.leaves[..*c as usize])
+                };
+                PeriodLeaf {
+                    period: *p,
+                    count: *c,
+                    root,
+                }
+            })
+            .collect()
+    }
+
+    /// The head as it was after `batches` batches.
+    pub fn head_at(&self, batches: u64) -> Option<Head> {
+        let counts = self.counts_at(batches)?;
+        let leaves = self.leaves_at(&counts);
+        let hashes: Vec<Hash> = leaves.iter().map(PeriodLeaf::hash).collect();
+        Some(Head {
+            customer: self.customer,
+            family: self.family,
+            batches,
+            records: counts.values().sum(),
+            periods: leaves.len() as u64,
+            periods_root: merkle::root(&hashes),
+        })
+    }
+
+    /// Checks `batch` and the records it names, without applying them. The signature and the author's
+    /// right to write are the caller's to check.
+    pub fn check(&self, batch: &Batch, records: &[SealedRecord]) -> Result<(), BatchError> {
+        if batch.customer != self.customer || batch.family != self.family {
+            return Err(BatchError::WrongFamily);
+        }
+        let current = self.head().digest();
+        if batch.prev_head != current {
+            return Err(BatchError::StaleHead {
+                claimed: batch.prev_head,
+                current,
+            });
+        }
+        if batch.entries.is_empty() {
+            return Err(BatchError::Empty);
+        }
+        if records.len() != batch.entries.len() {
+            return Err(BatchError::RecordMismatch(batch.entries[0].id));
+        }
+        let mut seen = HashSet::with_capacity(batch.entries.len());
+        for (e, r) in batch.entries.iter().zip(records) {
+            if self.ids.contains_key(&e.id) || !seen.insert(e.id) {
+                return Err(BatchError::DuplicateRecord(e.id));
+            }
+            let periodic_ok = if self.scope.is_periodic() {
+                e.period >= Period::ORIGIN
+            } else {
+                e.period == Period::ORIGIN
+            };
+            if !periodic_ok {
+                return Err(BatchError::BadPeriod(e.period));
+            }
+            let h = r.header();
+            let matches = h.customer == batch.customer
+                && h.family == batch.family
+                && h.epoch == batch.epoch
+                && h.author == batch.author
+                && h.id == e.id
+                && h.period == e.period
+                && r.digest() == e.digest;
+            if !matches {
+                return Err(BatchError::RecordMismatch(e.id));
+            }
+            let chain_ok = match h.chain {
+                Chain::Read => batch.author == batch.customer,
+                Chain::Append(c) => c == batch.author,
+            };
+            if !chain_ok {
+                return Err(BatchError::WrongChain(e.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks and applies `batch`; returns the new head.
+    pub fn apply(&mut self, batch: &Batch, records: &[SealedRecord]) -> Result<Head, BatchError> {
+        self.check(batch, records)?;
+        let mut added: BTreeMap<Period, u64> = BTreeMap::new();
+        for e in &batch.entries {
+            let state = self.periods.entry(e.period).or_default();
+            let leaf = merkle::leaf_hash(&e.digest.0);
+            self.ids.insert(e.id, (e.period, state.leaves.len()));
+            state.leaves.push(leaf);
+            state.ids.push(e.id);
+            state.frontier.push(leaf);
+            *added.entry(e.period).or_default() += 1;
+        }
+        self.history.push(added.into_iter().collect());
+        self.batches += 1;
+        Ok(self.head())
+    }
+
+    /// The proof for a read of periods `from..=to` against the head after `batches` batches (the named
+    /// head), paged: at most `limit` records, starting at `cursor` (a period and an index within it).
+    pub fn prove_read(
+        &self,
+        batches: u64,
+        from: Period,
+        to: Period,
+        cursor: Option<(Period, u64)>,
+        limit: u64,
+    ) -> Option<ReadProof> {
+        let counts = self.counts_at(batches)?;
+        let head = self.head_at(batches)?;
+        let leaves = self.leaves_at(&counts);
+        let hashes: Vec<Hash> = leaves.iter().map(PeriodLeaf::hash).collect();
+        // The run of leaves inside [from, to], widened by one neighbour on each side.
+        let first_in = leaves.partition_point(|l| l.period < from);
+        let end_in = leaves.partition_point(|l| l.period <= to);
+        let lo = first_in.saturating_sub(1);
+        let hi = (end_in + 1).min(leaves.len());
+        let (run, proof) = if lo < hi {
+            (
+                leaves[lo..hi].to_vec(),
+                merkle::range_proof(&hashes, lo, hi).expect("lo < hi <= len"),
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let mut pages = Vec::new();
+        let mut budget = limit.max(1);
+        let mut next = None;
+        for leaf in &leaves[first_in..end_in] {
+            let start = match cursor {
+                Some((p, _)) if leaf.period < p => continue,
+                Some((p, i)) if leaf.period == p => i.min(leaf.count),
+                _ => 0,
+            };
+            if start == leaf.count {
+                continue;
+            }
+            if budget == 0 {
+                next = Some((leaf.period, start));
+                break;
+            }
+            let end = (start + budget).min(leaf.count);
+            let state = &self.periods[&leaf.period];
+            let period_leaves = &state.leaves[..leaf.count as usize];
+            let proof = merkle::range_proof(period_leaves, start as usize, end as usize)
+                .expect("start < end <= count");
+            let ids = state.ids[start as usize..end as usize].to_vec();
+            pages.push(PageProof {
+                period: leaf.period,
+                start,
+                ids,
+                proof,
+            });
+            budget -= end - start;
+            if end < leaf.count {
+                next = Some((leaf.period, end));
+                break;
+            }
+        }
+        Some(ReadProof {
+            head,
+            from,
+            to,
+            periods_lo: lo as u64,
+            periods: run,
+            periods_proof: proof,
+            pages,
+            next,
+        })
+    }
+}
+
+/// One page: a contiguous run of records of one period, and its proof against the period root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageProof {
+    /// The period.
+    pub period: Period,
+    /// Index of the first record in the period.
+    pub start: u64,
+    /// The ids of the records in the page, in order (the store fetches them by id).
+    pub ids: Vec<RecordId>,
+    /// Range proof of the page's record digests against the period root.
+    pub proof: Vec<Hash>,
+}
+
+/// What proves a read complete: the named head, the period leaves around the requested range with their
+/// proof, and one page proof per period served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadProof {
+    /// The named head.
+    pub head: Head,
+    /// First period asked for.
+    pub from: Period,
+    /// Last period asked for.
+    pub to: Period,
+    /// Index of the first period leaf served.
+    pub periods_lo: u64,
+    /// The period leaves served: those in the range plus one neighbour each side (where one exists).
+    pub periods: Vec<PeriodLeaf>,
+    /// Range proof of those leaves against the head's periods root.
+    pub periods_proof: Vec<Hash>,
+    /// The pages.
+    pub pages: Vec<PageProof>,
+    /// Where the next page starts, if the read continues.
+    pub next: Option<(Period, u64)>,
+}
+
+/// A verified read: the records, grouped by page, all proven to belong to the named head.
+#[derive(Debug)]
+pub struct VerifiedRead<'a> {
+    /// The head the read was checked against.
+    pub head: Head,
+    /// The records, in order.
+    pub records: Vec<&'a SealedRecord>,
+    /// Where the next page starts.
+    pub next: Option<(Period, u64)>,
+}
+
+/// Verifies a read. `expected_head` is the head digest the reader trusts (from the log); `records` are the
+/// records served for the proof's pages, in order; `batches` the signed batches naming them; `device_key`
+/// resolves the key of the device that signed a batch (the caller checks, with the identity state, that the
+/// device may sign for the author at that position).
+pub fn verify_read<'a>(
+    expected_head: &Digest,
+    proof: &ReadProof,
+    records: &'a [SealedRecord],
+    batches: &[SignedBatch],
+    device_key: impl Fn(&Batch) -> Option<VerifyingKey>,
+    cursor: Option<(Period, u64)>,
+) -> Result<VerifiedRead<'a>, BatchError> {
+    let head = proof.head;
+    if head.digest() != *expected_head {
+        return Err(BatchError::HeadMismatch);
+    }
+    // 1. The period leaves: a contiguous run proven against the head, covering [from, to].
+    let leaves = &proof.periods;
+    let size = head.periods as usize;
+    if leaves.is_empty() {
+        if size != 0 {
+            return Err(BatchError::IncompleteRange);
+        }
+    } else {
+        let hashes: Vec<Hash> = leaves.iter().map(PeriodLeaf::hash).collect();
+        let lo = proof.periods_lo as usize;
+        merkle::verify_range(&head.periods_root, size, lo, &hashes, &proof.periods_proof)?;
+        if leaves.windows(2).any(|w| w[0].period >= w[1].period) {
+            return Err(BatchError::IncompleteRange);
+        }
+        let first = &leaves[0];
+        let last = &leaves[leaves.len() - 1];
+        // Left edge: either the tree starts here, or the first leaf is before the range.
+        if lo != 0 && first.period >= proof.from {
+            return Err(BatchError::IncompleteRange);
+        }
+        // Right edge: either the tree ends here, or the last leaf is after the range.
+        if lo + leaves.len() != size && last.period <= proof.to {
+            return Err(BatchError::IncompleteRange);
+        }
+    }
+    // 2. Pages: every period in range with records past the cursor is served, in order, each page proven
+    //    against its period root, until `next`.
+    let in_range: Vec<&PeriodLeaf> = leaves
+        .iter()
+        .filter(|l| proof.from <= l.period && l.period <= proof.to)
+        .collect();
+    let mut expected_pages = Vec::new();
+    for leaf in &in_range {
+        let start = match cursor {
+            Some((p, _)) if leaf.period < p => continue,
+            Some((p, i)) if leaf.period == p => i.min(leaf.count),
+            _ => 0,
+        };
+        if start < leaf.count {
+            expected_pages.push((**leaf, start));
+        }
+    }
+    if proof.pages.is_empty() && !expected_pages.is_empty() {
+        return Err(BatchError::IncompleteRange);
+    }
+    let mut offset = 0usize;
+    let mut served = Vec::with_capacity(records.len());
+    for (i, page) in proof.pages.iter().enumerate() {
+        let Some(&(leaf, start)) = expected_pages.get(i) else {
+            return Err(BatchError::IncompleteRange);
+        };
+        if page.period != leaf.period || page.start != start || page.ids.is_empty() {
+            return Err(BatchError::IncompleteRange);
+        }
+        let n = page.ids.len();
+        let page_records = records
+            .get(offset..offset + n)
+            .ok_or(BatchError::IncompleteRange)?;
+        offset += n;
+        let hashes: Vec<Hash> = page_records
+            .iter()
+            .map(|r| merkle::leaf_hash(&r.digest().0))
+            .collect();
+        merkle::verify_range(
+            &leaf.root,
+            leaf.count as usize,
+            start as usize,
+            &hashes,
+            &page.proof,
+        )?;
+        for (r, id) in page_records.iter().zip(&page.ids) {
+            let h = r.header();
+            if h.id != *id
+                || h.period != leaf.period
+                || h.customer != head.customer
+                || h.family != head.family
+            {
+                return Err(BatchError::RecordMismatch(h.id));
+            }
+        }
+        served.extend(page_records.iter());
+        // A page that stops short of its period's end must be the last, and `next` must point past it.
+        let end = start + n as u64;
+        let is_last = i + 1 == proof.pages.len();
+        if end < leaf.count && !(is_last && proof.next == Some((leaf.period, end))) {
+            return Err(BatchError::IncompleteRange);
+        }
+    }
+    if offset != records.len() {
+        return Err(BatchError::IncompleteRange);
+    }
+    // Every expected page was served, unless the read says where it continues.
+    if proof.pages.len() < expected_pages.len() {
+        let (leaf, start) = expected_pages[proof.pages.len()];
+        let resumes_here = proof.next == Some((leaf.period, start))
+            || proof
+                .pages
+                .last()
+                .is_some_and(|p| proof.next == Some((p.period, p.start + p.ids.len() as u64)));
+        if !resumes_here {
+            return Err(BatchError::IncompleteRange);
+        }
+    }
+    // 3. Each record is named, with its digest, by a batch whose signature verifies.
+    let mut named: HashMap<RecordId, (Digest, usize)> = HashMap::new();
+    for (bi, b) in batches.iter().enumerate() {
+        let batch = b.batch();
+        if batch.customer != head.customer || batch.family != head.family {
+            continue;
+        }
+        for e in &batch.entries {
+            named.insert(e.id, (e.digest, bi));
+        }
+    }
+    let mut used = vec![false; batches.len()];
+    for r in &served {
+        let h = r.header();
+        let &(digest, bi) = named.get(&h.id).ok_or(BatchError::Unbatched(h.id))?;
+        let batch = batches[bi].batch();
+        if digest != r.digest() || batch.author != h.author || batch.epoch != h.epoch {
+            return Err(BatchError::RecordMismatch(h.id));
+        }
+        used[bi] = true;
+    }
+    verify_batch_signatures(
+        batches
+            .iter()
+            .zip(&used)
+            .filter(|(_, u)| **u)
+            .map(|(b, _)| b),
+        device_key,
+    )?;
+    Ok(VerifiedRead {
+        head,
+        records: served,
+        next: proof.next,
+    })
+}
+
+/// Verifies batch signatures together: strict per-key and per-signature checks first, then one batch
+/// verification; on failure, per-signature `verify_strict` names the bad one.
+pub fn verify_batch_signatures<'b>(
+    batches: impl Iterator<Item = &'b SignedBatch>,
+    device_key: impl Fn(&Batch) -> Option<VerifyingKey>,
+) -> Result<(), BatchError> {
+    let mut items = Vec::new();
+    for b in batches {
+        let key = device_key(b.batch()).ok_or(BatchError::BadBatchSignature(b.batch().device))?;
+        items.push((b, key));
+    }
+    let envelopes: Vec<(&SignedEnvelope, VerifyingKey)> =
+        items.iter().map(|(b, k)| (b.envelope(), *k)).collect();
+    if crate::keys::verify_many(&envelopes).is_ok() {
+        return Ok(());
+    }
+    for (b, key) in &items {
+        b.verify(key)
+            .map_err(|_| BatchError::BadBatchSignature(b.batch().device))?;
+    }
+    // verify_many refused but every single check passed: refuse rather than guess.
+    Err(BatchError::BadBatchSignature(items[0].0.batch().device))
+}
