@@ -798,13 +798,8 @@ pub fn verify_batch_signatures<'b>(
     }
     let envelopes: Vec<(&SignedEnvelope, VerifyingKey)> =
         items.iter().map(|(b, k)| (b.envelope(), *k)).collect();
-    if crate::keys::verify_many(&envelopes).is_ok() {
-        return Ok(());
+    match crate::keys::verify_many(&envelopes) {
+        Ok(()) => Ok(()),
+        Err(i) => Err(BatchError::BadBatchSignature(items[i].0.batch().device)),
     }
-    for (b, key) in &items {
-        b.verify(key)
-            .map_err(|_| BatchError::BadBatchSignature(b.batch().device))?;
-    }
-    // verify_many refused but every single check passed: refuse rather than guess.
-    Err(BatchError::BadBatchSignature(items[0].0.batch().device))
 }
