@@ -43,6 +43,11 @@ pub enum Kind {
     KeyBundle = 0x0c,
     /// An epoch secret sealed under the vault key.
     SealedEpochSecret = 0x0d,
+    /// A consent statement (request, grant, denial, revocation, rotation, key delivery, block, erasure,
+    /// dispute).
+    Consent = 0x0e,
+    /// The content of a record restored from an export, carrying its original author.
+    RestoredRecord = 0x0f,
 }
 
 impl Kind {
@@ -61,6 +66,8 @@ impl Kind {
             0x0b => Kind::Directory,
             0x0c => Kind::KeyBundle,
             0x0d => Kind::SealedEpochSecret,
+            0x0e => Kind::Consent,
+            0x0f => Kind::RestoredRecord,
             _ => return None,
         })
     }
@@ -259,6 +266,20 @@ impl<'a> Reader<'a> {
                 reason: "presence byte is neither 0 nor 1",
             }),
         }
+    }
+
+    /// How many bytes have been read so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Reads a u32-length-prefixed UTF-8 string of at most `max` bytes.
+    pub fn string(&mut self, field: &'static str, max: usize) -> Result<&'a str, DecodeError> {
+        let bytes = self.bytes(field, max)?;
+        std::str::from_utf8(bytes).map_err(|_| DecodeError::Invalid {
+            field,
+            reason: "not UTF-8",
+        })
     }
 
     /// Ends the read: every byte must have been consumed.

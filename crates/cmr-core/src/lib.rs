@@ -19,9 +19,12 @@
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod consent;
+pub mod decision;
 pub mod directory;
 pub mod encoding;
 pub mod epoch;
+pub mod export;
 pub mod family;
 pub mod hash;
 pub mod httpsig;
@@ -29,6 +32,7 @@ pub mod identity;
 pub mod keyfile;
 pub mod keys;
 pub mod merkle;
+pub mod receipt;
 pub mod record;
 pub mod vault;
 pub mod wrap;
