@@ -1,0 +1,16 @@
+//! # cmr-log
+//!
+//! CMR Vault's verifiable, private log, as pure code.
+//!
+//! What this crate owns:
+//! - the RFC 6962 / RFC 9162 Merkle tree over a small node-store trait, with incremental append and
+//!   O(log n) inclusion and consistency proofs ([`tree`]);
+//! - proof verification as pure functions over hashes ([`verify`]);
+//! - C2SP signed notes, tlog-checkpoints and Ed25519 tlog-cosignatures ([`note`], [`checkpoint`]).
+//!
+//! What it does not do: no file, network or clock access. The store persists the tree's nodes inside its
+//! own atomic writes; fetching checkpoints and proofs is the client's job.
+#![forbid(unsafe_code)]
+
+pub mod tree;
+pub mod verify;
