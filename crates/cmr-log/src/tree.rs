@@ -150,7 +150,7 @@ impl<S: NodeStore> Tree<S> {
     /// The hash of leaves `start..end`, where the range is one that RFC 6962's recursion visits.
     fn subtree(&self, start: u64, end: u64) -> Result<Hash, TreeError<S::Error>> {
         let n = end - start;
-        if n.is_power_of_two() && start % n == 0 {
+        if n.is_power_of_two() && start.is_multiple_of(n) {
             return self.node(n.trailing_zeros() as u8, start >> n.trailing_zeros());
         }
         let k = split(n);
