@@ -12,5 +12,7 @@
 //! own atomic writes; fetching checkpoints and proofs is the client's job.
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
+pub mod note;
 pub mod tree;
 pub mod verify;
