@@ -48,6 +48,10 @@ pub enum Kind {
     Consent = 0x0e,
     /// The content of a record restored from an export, carrying its original author.
     RestoredRecord = 0x0f,
+    /// A log entry body.
+    LogEntry = 0x10,
+    /// An access record inside a log entry.
+    AccessRecord = 0x11,
 }
 
 impl Kind {
@@ -68,6 +72,8 @@ impl Kind {
             0x0d => Kind::SealedEpochSecret,
             0x0e => Kind::Consent,
             0x0f => Kind::RestoredRecord,
+            0x10 => Kind::LogEntry,
+            0x11 => Kind::AccessRecord,
             _ => return None,
         })
     }

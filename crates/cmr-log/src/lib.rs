@@ -12,7 +12,11 @@
 //! own atomic writes; fetching checkpoints and proofs is the client's job.
 #![forbid(unsafe_code)]
 
+pub mod auditor;
 pub mod checkpoint;
+pub mod entry;
+pub mod memlog;
 pub mod note;
 pub mod tree;
 pub mod verify;
+pub mod witness;

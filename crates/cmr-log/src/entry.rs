@@ -1,0 +1,306 @@
+//! Log entries and their commitments (PRODUCT.md, "The log is private").
+//!
+//! Owns the entry body format (one kind for each statement that goes into the log, plus accesses), the
+//! per-customer chain link, and the commitment that is the public leaf: `H("log-commitment", salt ||
+//! body)` with a fresh 32-byte salt drawn by the sequencer. The salt is stored with the body and released
+//! only with it; erasing both leaves the leaf unopenable, and the auditor reports the entry as redacted.
+
+use cmr_core::consent::StatementId;
+use cmr_core::decision::AccessKind;
+use cmr_core::encoding::{DecodeError, Kind, Reader, Writer};
+use cmr_core::family::{FamilyId, Period};
+use cmr_core::hash::{Digest, tagged_hash};
+use cmr_core::identity::IdentityId;
+use cmr_core::merkle::{Hash, leaf_hash};
+use cmr_core::record::RecordId;
+use rand_core::CryptoRng;
+
+/// The largest payload an entry may carry.
+pub const MAX_PAYLOAD: usize = 256 * 1024;
+/// The most families or record ids in one access record.
+pub const MAX_ACCESS_ITEMS: usize = 4096;
+
+/// What an entry records. Each carries the exact signed bytes of its statement as payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum EntryKind {
+    /// An identity key event (inception or rotation).
+    KeyEvent = 1,
+    /// A device certificate.
+    DeviceCertificate = 2,
+    /// A device revocation.
+    DeviceRevocation = 3,
+    /// A key directory.
+    Directory = 4,
+    /// A family head after a batch (payload: the signed batch).
+    FamilyHead = 5,
+    /// A consent statement.
+    Statement = 6,
+    /// An access (payload: an [`AccessRecord`]).
+    Access = 7,
+}
+
+impl EntryKind {
+    /// Every kind.
+    pub const ALL: [EntryKind; 7] = [
+        EntryKind::KeyEvent,
+        EntryKind::DeviceCertificate,
+        EntryKind::DeviceRevocation,
+        EntryKind::Directory,
+        EntryKind::FamilyHead,
+        EntryKind::Statement,
+        EntryKind::Access,
+    ];
+
+    fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        EntryKind::ALL
+            .into_iter()
+            .find(|k| *k as u8 == v)
+            .ok_or(DecodeError::Invalid {
+                field: "kind",
+                reason: "unknown entry kind",
+            })
+    }
+
+    /// The kind's name, for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryKind::KeyEvent => "key-event",
+            EntryKind::DeviceCertificate => "device-certificate",
+            EntryKind::DeviceRevocation => "device-revocation",
+            EntryKind::Directory => "directory",
+            EntryKind::FamilyHead => "family-head",
+            EntryKind::Statement => "statement",
+            EntryKind::Access => "access",
+        }
+    }
+}
+
+/// A link to a customer's previous entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainLink {
+    /// Its log index.
+    pub index: u64,
+    /// Its entry hash.
+    pub hash: Digest,
+}
+
+/// An entry body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryBody {
+    /// What it records.
+    pub kind: EntryKind,
+    /// The server time stamped by the sequencer, Unix seconds. Never decreases along the log.
+    pub time: u64,
+    /// The identity whose statement or access it is.
+    pub subject: IdentityId,
+    /// The customer the entry is about, if any (a company's own key events are about no customer).
+    pub customer: Option<IdentityId>,
+    /// That customer's previous entry, if it has one.
+    pub prev: Option<ChainLink>,
+    /// The exact signed bytes (or the access record).
+    pub payload: Vec<u8>,
+}
+
+impl EntryBody {
+    /// The canonical encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(Kind::LogEntry, 128 + self.payload.len());
+        w.u8(self.kind as u8)
+            .u64(self.time)
+            .array(&self.subject.0)
+            .option_array(self.customer.as_ref().map(|c| &c.0));
+        match &self.prev {
+            None => w.u8(0),
+            Some(l) => w.u8(1).u64(l.index).array(&l.hash.0),
+        };
+        w.bytes(&self.payload);
+        w.finish()
+    }
+
+    /// Parses the canonical encoding.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes, Kind::LogEntry)?;
+        let kind = EntryKind::from_u8(r.u8()?)?;
+        let time = r.u64()?;
+        let subject = IdentityId(r.array()?);
+        let customer = r.option_array("customer")?.map(IdentityId);
+        let prev = match r.u8()? {
+            0 => None,
+            1 => Some(ChainLink {
+                index: r.u64()?,
+                hash: Digest(r.array()?),
+            }),
+            _ => {
+                return Err(DecodeError::Invalid {
+                    field: "prev",
+                    reason: "presence byte is neither 0 nor 1",
+                });
+            }
+        };
+        let payload = r.bytes("payload", MAX_PAYLOAD)?.to_vec();
+        r.finish()?;
+        if prev.is_some() && customer.is_none() {
+            return Err(DecodeError::Invalid {
+                field: "prev",
+                reason: "only an entry about a customer links to a previous one",
+            });
+        }
+        Ok(Self {
+            kind,
+            time,
+            subject,
+            customer,
+            prev,
+            payload,
+        })
+    }
+
+    /// `H("log-entry", body)`: what the customer's next entry names.
+    pub fn hash(encoded: &[u8]) -> Digest {
+        tagged_hash("log-entry", encoded)
+    }
+}
+
+/// An entry body with the salt of its commitment, as stored and as released to those who may read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaltedBody {
+    /// The salt drawn by the sequencer.
+    pub salt: [u8; 32],
+    /// The encoded body.
+    pub body: Vec<u8>,
+}
+
+/// A fresh 32-byte salt, drawn by the sequencer for each entry.
+pub fn draw_salt<R: CryptoRng + ?Sized>(rng: &mut R) -> [u8; 32] {
+    let mut salt = [0u8; 32];
+    rng.fill_bytes(&mut salt);
+    salt
+}
+
+/// The public commitment to an entry: `H("log-commitment", salt || body)`. It is the leaf data.
+pub fn commitment(salt: &[u8; 32], encoded_body: &[u8]) -> Digest {
+    let mut data = Vec::with_capacity(32 + encoded_body.len());
+    data.extend_from_slice(salt);
+    data.extend_from_slice(encoded_body);
+    tagged_hash("log-commitment", &data)
+}
+
+/// The Merkle leaf hash of a commitment: `SHA-256(0x00 || commitment)`.
+pub fn commitment_leaf(commitment: &Digest) -> Hash {
+    leaf_hash(&commitment.0)
+}
+
+/// One family served or written by an access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessedFamily {
+    /// The family.
+    pub family: FamilyId,
+    /// First period, inclusive.
+    pub from: Period,
+    /// Last period, inclusive.
+    pub to: Period,
+}
+
+/// What the log records of an access: the company's RFC 9421 signature with its exact signature base,
+/// what was served or written under which grant, and the server time (in the entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRecord {
+    /// The grant used.
+    pub grant: StatementId,
+    /// Read or append.
+    pub kind: AccessKind,
+    /// For an append: the epoch the records were sealed to.
+    pub epoch: Option<u64>,
+    /// The families and periods.
+    pub families: Vec<AccessedFamily>,
+    /// The records served or written.
+    pub records: Vec<RecordId>,
+    /// The `keyid` of the request signature (the company device id, hex).
+    pub keyid: String,
+    /// The exact RFC 9421 signature base the company signed.
+    pub signature_base: String,
+    /// The Ed25519 signature over it.
+    pub signature: [u8; 64],
+}
+
+impl AccessRecord {
+    /// The canonical encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(Kind::AccessRecord, 256 + self.signature_base.len());
+        w.array(&self.grant.0)
+            .u8(match self.kind {
+                AccessKind::Read => 1,
+                AccessKind::Append => 2,
+            })
+            .option_array(self.epoch.map(u64::to_be_bytes).as_ref())
+            .u32(self.families.len() as u32);
+        for f in &self.families {
+            w.array(&f.family.0).u32(f.from.0).u32(f.to.0);
+        }
+        w.u32(self.records.len() as u32);
+        for r in &self.records {
+            w.array(&r.0);
+        }
+        w.bytes(self.keyid.as_bytes())
+            .bytes(self.signature_base.as_bytes())
+            .array(&self.signature);
+        w.finish()
+    }
+
+    /// Parses the canonical encoding.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes, Kind::AccessRecord)?;
+        let grant = StatementId(r.array()?);
+        let kind = match r.u8()? {
+            1 => AccessKind::Read,
+            2 => AccessKind::Append,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    field: "kind",
+                    reason: "unknown access kind",
+                });
+            }
+        };
+        let epoch = r.option_array::<8>("epoch")?.map(u64::from_be_bytes);
+        let count = |r: &mut Reader<'_>, field| -> Result<usize, DecodeError> {
+            let n = r.u32()? as usize;
+            if n > MAX_ACCESS_ITEMS {
+                return Err(DecodeError::TooLong {
+                    field,
+                    len: n,
+                    max: MAX_ACCESS_ITEMS,
+                });
+            }
+            Ok(n)
+        };
+        let n = count(&mut r, "families")?;
+        let mut families = Vec::with_capacity(n);
+        for _ in 0..n {
+            families.push(AccessedFamily {
+                family: FamilyId(r.array()?),
+                from: Period(r.u32()?),
+                to: Period(r.u32()?),
+            });
+        }
+        let n = count(&mut r, "records")?;
+        let mut records = Vec::with_capacity(n);
+        for _ in 0..n {
+            records.push(RecordId(r.array()?));
+        }
+        let keyid = r.string("keyid", 256)?.to_string();
+        let signature_base = r.string("signature_base", 8192)?.to_string();
+        let signature = r.array()?;
+        r.finish()?;
+        Ok(Self {
+            grant,
+            kind,
+            epoch,
+            families,
+            records,
+            keyid,
+            signature_base,
+            signature,
+        })
+    }
+}
