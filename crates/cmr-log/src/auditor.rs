@@ -25,7 +25,7 @@ use cmr_core::identity::{
     DeviceCertificate, DeviceId, DeviceRevocation, IdentityId, IdentityState, KeyHistory, Role,
     Signed, SignedKeyEvent,
 };
-use cmr_core::keys::Signature;
+use cmr_core::keys::{Signature, SignedEnvelope, VerifyingKey, verify_many};
 use cmr_core::merkle::{Hash, empty_root, node_hash};
 use thiserror::Error;
 
@@ -243,6 +243,7 @@ impl Auditor {
             report.violations.push(violation);
             return Ok(report);
         }
+        let mut segment = Vec::new();
         for (i, c) in commitments.iter().enumerate() {
             let index = from + i as u64;
             match source.body(index).map_err(err)? {
@@ -250,15 +251,34 @@ impl Auditor {
                     self.redacted.insert(index);
                     report.redacted.push(index);
                 }
-                Some(b) => self.check_entry(index, c, &b.salt, &b.body, &mut report),
+                Some(b) => {
+                    let Some(body) = self.check_entry(index, c, &b.salt, &b.body, &mut report)
+                    else {
+                        continue;
+                    };
+                    if is_identity_entry(body.kind) {
+                        // Identity entries change which keys are valid: verify what came before first.
+                        self.flush(&mut segment, &mut report);
+                        if let Err(v) = self.apply_identity(index, &body) {
+                            report.violations.push(v);
+                        }
+                    } else {
+                        segment.push((index, body));
+                        if segment.len() >= SEGMENT {
+                            self.flush(&mut segment, &mut report);
+                        }
+                    }
+                }
             }
         }
+        self.flush(&mut segment, &mut report);
         self.range = range;
         report.size = cp.size;
         self.verified = Some((cp, note));
         Ok(report)
     }
 
+    /// Checks what needs no signature: commitment, format, time, chain. Returns the body to process.
     fn check_entry(
         &mut self,
         index: u64,
@@ -266,10 +286,10 @@ impl Auditor {
         salt: &[u8; 32],
         encoded: &[u8],
         report: &mut Report,
-    ) {
+    ) -> Option<EntryBody> {
         if commitment(salt, encoded) != *c {
             report.violations.push(Violation::CommitmentMismatch(index));
-            return;
+            return None;
         }
         let body = match EntryBody::decode(encoded) {
             Ok(b) => b,
@@ -277,7 +297,7 @@ impl Auditor {
                 report
                     .violations
                     .push(Violation::Malformed(index, e.to_string()));
-                return;
+                return None;
             }
         };
         *report.counts.entry(body.kind.name()).or_default() += 1;
@@ -305,8 +325,37 @@ impl Auditor {
                 },
             );
         }
-        if let Err(v) = self.apply(index, &body) {
-            report.violations.push(v);
+        Some(body)
+    }
+
+    /// Verifies the signatures of a segment of statements, batch heads and accesses together (both
+    /// cores, batch equation, strict fallback), then applies them in log order.
+    fn flush(&mut self, segment: &mut Vec<(u64, EntryBody)>, report: &mut Report) {
+        let mut prepared: Vec<(u64, Prepared)> = Vec::with_capacity(segment.len());
+        let mut items: Vec<(SignedEnvelope, VerifyingKey)> = Vec::with_capacity(segment.len());
+        for (index, body) in segment.drain(..) {
+            match self.prepare(index, &body) {
+                Ok((p, envelope, key)) => {
+                    items.push((envelope, key));
+                    prepared.push((index, p));
+                }
+                Err(v) => report.violations.push(v),
+            }
+        }
+        let refs: Vec<(&SignedEnvelope, VerifyingKey)> =
+            items.iter().map(|(e, k)| (e, *k)).collect();
+        let bad: HashSet<usize> = verify_parallel(&refs).into_iter().collect();
+        for (i, (index, p)) in prepared.into_iter().enumerate() {
+            if bad.contains(&i) {
+                report.violations.push(Violation::BadSignature(
+                    index,
+                    "signature verification failed".into(),
+                ));
+                continue;
+            }
+            if let Err(v) = self.apply_prepared(index, p) {
+                report.violations.push(v);
+            }
         }
     }
 
@@ -316,7 +365,7 @@ impl Auditor {
             .ok_or_else(|| Violation::BadSignature(index, format!("unknown identity {id}")))
     }
 
-    fn apply(&mut self, index: u64, body: &EntryBody) -> Result<(), Violation> {
+    fn apply_identity(&mut self, index: u64, body: &EntryBody) -> Result<(), Violation> {
         let bad = |e: String| Violation::BadSignature(index, e);
         let malformed = |e: String| Violation::Malformed(index, e);
         match body.kind {
@@ -383,62 +432,111 @@ impl Auditor {
                     }
                 }
             }
-            EntryKind::FamilyHead => {
-                let batch =
-                    SignedBatch::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
-                let b = batch.batch();
-                let author = self.identity(&b.author, index)?;
-                author
-                    .verify_device_signature(
-                        &b.device,
-                        index,
-                        &batch.envelope().body,
-                        &batch.envelope().signature,
-                    )
-                    .map_err(|e| bad(e.to_string()))?;
+            EntryKind::FamilyHead | EntryKind::Statement | EntryKind::Access => {
+                return Err(malformed("not an identity entry".into()));
             }
-            EntryKind::Statement => {
-                let st =
-                    SignedStatement::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
-                let author = st.statement().author;
-                st.verify(self.identity(&author, index)?, index)
-                    .map_err(|e| bad(e.to_string()))?;
-                let customer = st.statement().customer;
-                if body.customer != Some(customer) {
-                    return Err(malformed("statement filed under another customer".into()));
-                }
-                let consent = self
-                    .consent
-                    .get_mut(&customer)
-                    .ok_or_else(|| malformed("statement about an unknown customer".into()))?;
-                consent
-                    .apply(&st, index, body.time)
-                    .map_err(|e| Violation::RefusedStatement(index, e.to_string()))?;
-            }
-            EntryKind::Access => self.check_access(index, body)?,
         }
         Ok(())
     }
 
-    fn check_access(&mut self, index: u64, body: &EntryBody) -> Result<(), Violation> {
+    /// Parses a non-identity entry and resolves the key that must have signed it at its position.
+    fn prepare(
+        &self,
+        index: u64,
+        body: &EntryBody,
+    ) -> Result<(Prepared, SignedEnvelope, VerifyingKey), Violation> {
         let malformed = |e: String| Violation::Malformed(index, e);
-        let rec = AccessRecord::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
-        let customer = body
-            .customer
-            .ok_or_else(|| malformed("access about no customer".into()))?;
-        // The request signature: by a device of the company, valid at this position.
-        let device = cmr_core::hash::Digest::from_hex(&rec.keyid)
-            .map(|d| DeviceId(d.0))
-            .ok_or_else(|| malformed("keyid is not a device id".into()))?;
-        let company = self.identity(&body.subject, index)?;
-        company
-            .verify_device_signature(
-                &device,
-                index,
-                rec.signature_base.as_bytes(),
-                &Signature(rec.signature),
-            )
-            .map_err(|e| Violation::BadSignature(index, e.to_string()))?;
+        let bad = |e: String| Violation::BadSignature(index, e);
+        match body.kind {
+            EntryKind::FamilyHead => {
+                let batch =
+                    SignedBatch::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
+                let b = batch.batch();
+                let key = self
+                    .identity(&b.author, index)?
+                    .device_at(&b.device, index)
+                    .map_err(|e| bad(e.to_string()))?
+                    .signing_key;
+                Ok((Prepared::Head, batch.envelope().clone(), key))
+            }
+            EntryKind::Statement => {
+                let st =
+                    SignedStatement::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
+                let s = st.statement();
+                if body.customer != Some(s.customer) {
+                    return Err(malformed("statement filed under another customer".into()));
+                }
+                let key = self
+                    .identity(&s.author, index)?
+                    .device_at(&s.device, index)
+                    .map_err(|e| bad(e.to_string()))?
+                    .signing_key;
+                let envelope = st.envelope().clone();
+                Ok((Prepared::Statement(Box::new(st), body.time), envelope, key))
+            }
+            EntryKind::Access => {
+                let rec =
+                    AccessRecord::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
+                let device = Digest::from_hex(&rec.keyid)
+                    .map(|d| DeviceId(d.0))
+                    .ok_or_else(|| malformed("keyid is not a device id".into()))?;
+                let key = self
+                    .identity(&body.subject, index)?
+                    .device_at(&device, index)
+                    .map_err(|e| bad(e.to_string()))?
+                    .signing_key;
+                let envelope = SignedEnvelope {
+                    body: rec.signature_base.clone().into_bytes(),
+                    signature: Signature(rec.signature),
+                };
+                let customer = body
+                    .customer
+                    .ok_or_else(|| malformed("access about no customer".into()))?;
+                Ok((
+                    Prepared::Access {
+                        rec: Box::new(rec),
+                        company: body.subject,
+                        customer,
+                        time: body.time,
+                    },
+                    envelope,
+                    key,
+                ))
+            }
+            _ => Err(malformed("an identity entry in a segment".into())),
+        }
+    }
+
+    fn apply_prepared(&mut self, index: u64, p: Prepared) -> Result<(), Violation> {
+        match p {
+            Prepared::Head => Ok(()),
+            Prepared::Statement(st, time) => {
+                let customer = st.statement().customer;
+                let consent = self.consent.get_mut(&customer).ok_or_else(|| {
+                    Violation::Malformed(index, "statement about an unknown customer".into())
+                })?;
+                consent
+                    .apply(&st, index, time)
+                    .map_err(|e| Violation::RefusedStatement(index, e.to_string()))
+            }
+            Prepared::Access {
+                rec,
+                company,
+                customer,
+                time,
+            } => self.check_access(index, &rec, company, customer, time),
+        }
+    }
+
+    fn check_access(
+        &mut self,
+        index: u64,
+        rec: &AccessRecord,
+        company: IdentityId,
+        customer: IdentityId,
+        time: u64,
+    ) -> Result<(), Violation> {
+        let malformed = |e: String| Violation::Malformed(index, e);
         let params_line = rec
             .signature_base
             .rsplit('\n')
@@ -453,7 +551,7 @@ impl Auditor {
         if params.keyid().ok().flatten() != Some(rec.keyid.as_str()) {
             return Err(malformed("keyid differs from the signed one".into()));
         }
-        let t = body.time as i64;
+        let t = time as i64;
         if created < t - httpsig::MAX_AGE || created > t + httpsig::MAX_FUTURE {
             return Err(Violation::AccessDenied(
                 index,
@@ -478,17 +576,75 @@ impl Auditor {
             return Err(malformed("access to no family".into()));
         };
         let attempt = AccessAttempt {
-            company: body.subject,
+            company,
             grant: rec.grant,
             kind: rec.kind,
             families: rec.families.iter().map(|f| f.family).collect(),
             periods: (from, to),
             epoch: rec.epoch,
         };
-        match consent.record_access(&attempt, index, body.time) {
+        match consent.record_access(&attempt, index, time) {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(reason)) => Err(Violation::AccessDenied(index, reason.code().to_string())),
             Err(e) => Err(Violation::RefusedStatement(index, e.to_string())),
         }
     }
+}
+
+/// How many entries are verified together at most.
+const SEGMENT: usize = 4096;
+
+/// Entries that change which keys are valid; they are checked one by one, in order.
+fn is_identity_entry(kind: EntryKind) -> bool {
+    matches!(
+        kind,
+        EntryKind::KeyEvent
+            | EntryKind::DeviceCertificate
+            | EntryKind::DeviceRevocation
+            | EntryKind::Directory
+    )
+}
+
+/// A parsed entry whose signature is checked with its segment.
+enum Prepared {
+    Head,
+    Statement(Box<SignedStatement>, u64),
+    Access {
+        rec: Box<AccessRecord>,
+        company: IdentityId,
+        customer: IdentityId,
+        time: u64,
+    },
+}
+
+/// The indices of the bad signatures among `items`, using both cores for large sets.
+fn verify_parallel(items: &[(&SignedEnvelope, VerifyingKey)]) -> Vec<usize> {
+    if items.len() < 128 {
+        return find_bad(items);
+    }
+    let mid = items.len() / 2;
+    let (left, right) = items.split_at(mid);
+    std::thread::scope(|s| {
+        let handle = s.spawn(|| find_bad(left));
+        let mut bad_right: Vec<usize> = find_bad(right).into_iter().map(|i| i + mid).collect();
+        // A panicked verifier thread proves nothing: count its whole half as bad.
+        let mut bad = handle.join().unwrap_or_else(|_| (0..mid).collect());
+        bad.append(&mut bad_right);
+        bad
+    })
+}
+
+fn find_bad(items: &[(&SignedEnvelope, VerifyingKey)]) -> Vec<usize> {
+    let mut bad = Vec::new();
+    let mut offset = 0;
+    while offset < items.len() {
+        match verify_many(&items[offset..]) {
+            Ok(()) => break,
+            Err(i) => {
+                bad.push(offset + i);
+                offset += i + 1;
+            }
+        }
+    }
+    bad
 }

@@ -732,3 +732,45 @@ fn the_witness_cosigns_only_consistent_checkpoints() {
         Err(WitnessError::Rollback { .. })
     ));
 }
+
+#[test]
+fn one_bad_signature_among_many_is_named() {
+    let mut w = World::new();
+    let g = w.grant();
+    let mut last = 0;
+    for _ in 0..300 {
+        last = w.access(g, w.tx, p(2025, 6), None);
+    }
+    // Flip one bit of one access's signature: the batch fails, and the strict fallback names it.
+    let victim = last - 150;
+    let stored = w.log.body(victim).unwrap().clone();
+    let mut body = EntryBody::decode(&stored.body).unwrap();
+    let mut rec = AccessRecord::decode(&body.payload).unwrap();
+    rec.signature[10] ^= 1;
+    body.payload = rec.encode();
+    // Re-log everything with the edited entry, as a server that forged it would have to.
+    let mut forged = MemoryLog::new();
+    for i in 0..w.log.size() {
+        let b = if i == victim {
+            body.clone()
+        } else {
+            EntryBody::decode(&w.log.body(i).unwrap().body).unwrap()
+        };
+        forged.append_body(&mut rand::rng(), &b);
+    }
+    let mut a = Auditor::new(w.signer.verifier());
+    let r = a
+        .run(&mut MemorySource {
+            log: &forged,
+            checkpoint: forged.checkpoint(&w.signer),
+        })
+        .unwrap();
+    assert_eq!(
+        r.violations,
+        vec![Violation::BadSignature(
+            victim,
+            "signature verification failed".into()
+        )]
+    );
+    assert_eq!(r.counts["access"], 300);
+}
