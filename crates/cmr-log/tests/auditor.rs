@@ -765,12 +765,13 @@ fn one_bad_signature_among_many_is_named() {
             checkpoint: forged.checkpoint(&w.signer),
         })
         .unwrap();
+    // The edit also changed the entry's hash, so the customer's next entry no longer links to it.
     assert_eq!(
         r.violations,
-        vec![Violation::BadSignature(
-            victim,
-            "signature verification failed".into()
-        )]
+        vec![
+            Violation::BrokenChain(victim + 1),
+            Violation::BadSignature(victim, "signature verification failed".into())
+        ]
     );
     assert_eq!(r.counts["access"], 300);
 }
