@@ -299,6 +299,12 @@ fn main() {
         start.elapsed().as_secs_f64()
     );
 
+    let last = log.body(log.size() - 1).expect("not erased").body.len();
+    println!(
+        "| bytes per access entry: body + salt + commitment | | {} + 32 + 32 | |",
+        last
+    );
+
     // Reference: strict-checked batch verification on both cores, same kind of messages.
     let refs = 200_000u64.min(n);
     let envs: Vec<SignedEnvelope> = (0..refs)
