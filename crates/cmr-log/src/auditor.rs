@@ -160,6 +160,8 @@ pub struct Auditor {
     chains: HashMap<IdentityId, ChainLink>,
     redacted: HashSet<u64>,
     nonces: HashSet<Digest>,
+    /// The entries that built the identity and consent states, to rebuild them from a snapshot.
+    journal: Vec<(u64, EntryBody)>,
 }
 
 impl Auditor {
@@ -175,6 +177,7 @@ impl Auditor {
             chains: HashMap::new(),
             redacted: HashSet::new(),
             nonces: HashSet::new(),
+            journal: Vec::new(),
         }
     }
 
@@ -259,8 +262,9 @@ impl Auditor {
                     if is_identity_entry(body.kind) {
                         // Identity entries change which keys are valid: verify what came before first.
                         self.flush(&mut segment, &mut report);
-                        if let Err(v) = self.apply_identity(index, &body) {
-                            report.violations.push(v);
+                        match self.apply_identity(index, &body) {
+                            Ok(()) => self.journal.push((index, body)),
+                            Err(v) => report.violations.push(v),
                         }
                     } else {
                         segment.push((index, body));
@@ -353,8 +357,10 @@ impl Auditor {
                 ));
                 continue;
             }
-            if let Err(v) = self.apply_prepared(index, p) {
-                report.violations.push(v);
+            match self.apply_prepared(index, p) {
+                Ok(Some(body)) => self.journal.push((index, body)),
+                Ok(None) => {}
+                Err(v) => report.violations.push(v),
             }
         }
     }
@@ -472,7 +478,11 @@ impl Auditor {
                     .map_err(|e| bad(e.to_string()))?
                     .signing_key;
                 let envelope = st.envelope().clone();
-                Ok((Prepared::Statement(Box::new(st), body.time), envelope, key))
+                Ok((
+                    Prepared::Statement(Box::new(st), Box::new(body.clone())),
+                    envelope,
+                    key,
+                ))
             }
             EntryKind::Access => {
                 let rec =
@@ -489,15 +499,10 @@ impl Auditor {
                     body: rec.signature_base.clone().into_bytes(),
                     signature: Signature(rec.signature),
                 };
-                let customer = body
-                    .customer
-                    .ok_or_else(|| malformed("access about no customer".into()))?;
                 Ok((
                     Prepared::Access {
                         rec: Box::new(rec),
-                        company: body.subject,
-                        customer,
-                        time: body.time,
+                        body: Box::new(body.clone()),
                     },
                     envelope,
                     key,
@@ -507,35 +512,38 @@ impl Auditor {
         }
     }
 
-    fn apply_prepared(&mut self, index: u64, p: Prepared) -> Result<(), Violation> {
+    /// Applies a prepared entry; returns it when it changed consent state in a way a snapshot must replay.
+    fn apply_prepared(&mut self, index: u64, p: Prepared) -> Result<Option<EntryBody>, Violation> {
         match p {
-            Prepared::Head => Ok(()),
-            Prepared::Statement(st, time) => {
+            Prepared::Head => Ok(None),
+            Prepared::Statement(st, body) => {
                 let customer = st.statement().customer;
                 let consent = self.consent.get_mut(&customer).ok_or_else(|| {
                     Violation::Malformed(index, "statement about an unknown customer".into())
                 })?;
                 consent
-                    .apply(&st, index, time)
-                    .map_err(|e| Violation::RefusedStatement(index, e.to_string()))
+                    .apply(&st, index, body.time)
+                    .map_err(|e| Violation::RefusedStatement(index, e.to_string()))?;
+                Ok(Some(*body))
             }
-            Prepared::Access {
-                rec,
-                company,
-                customer,
-                time,
-            } => self.check_access(index, &rec, company, customer, time),
+            Prepared::Access { rec, body } => {
+                let consumed = self.check_access(index, &rec, &body)?;
+                Ok(consumed.then_some(*body))
+            }
         }
     }
 
+    /// Checks an access whose signature verified; returns whether it used up a one-time grant.
     fn check_access(
         &mut self,
         index: u64,
         rec: &AccessRecord,
-        company: IdentityId,
-        customer: IdentityId,
-        time: u64,
-    ) -> Result<(), Violation> {
+        body: &EntryBody,
+    ) -> Result<bool, Violation> {
+        let (company, time) = (body.subject, body.time);
+        let customer = body
+            .customer
+            .ok_or_else(|| Violation::Malformed(index, "access about no customer".into()))?;
         let malformed = |e: String| Violation::Malformed(index, e);
         let params_line = rec
             .signature_base
@@ -584,7 +592,7 @@ impl Auditor {
             epoch: rec.epoch,
         };
         match consent.record_access(&attempt, index, time) {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(allowed)) => Ok(allowed.consumes),
             Ok(Err(reason)) => Err(Violation::AccessDenied(index, reason.code().to_string())),
             Err(e) => Err(Violation::RefusedStatement(index, e.to_string())),
         }
@@ -608,12 +616,10 @@ fn is_identity_entry(kind: EntryKind) -> bool {
 /// A parsed entry whose signature is checked with its segment.
 enum Prepared {
     Head,
-    Statement(Box<SignedStatement>, u64),
+    Statement(Box<SignedStatement>, Box<EntryBody>),
     Access {
         rec: Box<AccessRecord>,
-        company: IdentityId,
-        customer: IdentityId,
-        time: u64,
+        body: Box<EntryBody>,
     },
 }
 
@@ -647,4 +653,186 @@ fn find_bad(items: &[(&SignedEnvelope, VerifyingKey)]) -> Vec<usize> {
         }
     }
     bad
+}
+
+/// What an auditor saves between runs (JSON). Bodies in the journal are base64; hashes are hex.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Snapshot {
+    format: String,
+    checkpoint: Option<String>,
+    range_size: u64,
+    range: Vec<(u64, String)>,
+    last_time: u64,
+    chains: Vec<(String, u64, String)>,
+    redacted: Vec<u64>,
+    nonces: Vec<String>,
+    journal: Vec<(u64, String)>,
+}
+
+/// A saved auditor state could not be restored.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RestoreError {
+    /// Not a snapshot of this version.
+    #[error("not an auditor snapshot: {0}")]
+    Format(String),
+    /// The saved checkpoint is not signed by the log key given.
+    #[error("the saved checkpoint does not verify: {0}")]
+    Checkpoint(String),
+    /// A journal entry no longer replays: the snapshot was edited.
+    #[error("journal entry {0} does not replay")]
+    Journal(u64),
+}
+
+const SNAPSHOT_FORMAT: &str = "cmr-auditor/1";
+
+fn hex32(s: &str) -> Result<[u8; 32], RestoreError> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s, &mut out).map_err(|_| RestoreError::Format("bad hex".into()))?;
+    Ok(out)
+}
+
+impl Auditor {
+    /// Saves the state, so that the next run (after [`Auditor::restore`]) costs O(new entries + log n).
+    /// The journal holds the identity entries, statements and one-time consumptions that built the
+    /// identity and consent states; accesses otherwise leave only their nonce.
+    pub fn snapshot(&self) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut chains: Vec<(String, u64, String)> = self
+            .chains
+            .iter()
+            .map(|(c, l)| (c.to_hex(), l.index, l.hash.to_hex()))
+            .collect();
+        chains.sort();
+        let mut redacted: Vec<u64> = self.redacted.iter().copied().collect();
+        redacted.sort_unstable();
+        let mut nonces: Vec<String> = self.nonces.iter().map(Digest::to_hex).collect();
+        nonces.sort();
+        let snap = Snapshot {
+            format: SNAPSHOT_FORMAT.into(),
+            checkpoint: self.verified.as_ref().map(|(_, n)| n.clone()),
+            range_size: self.range.size,
+            range: self
+                .range
+                .subtrees
+                .iter()
+                .map(|(n, h)| (*n, hex::encode(h)))
+                .collect(),
+            last_time: self.last_time,
+            chains,
+            redacted,
+            nonces,
+            journal: self
+                .journal
+                .iter()
+                .map(|(i, b)| (*i, b64.encode(b.encode())))
+                .collect(),
+        };
+        serde_json::to_string(&snap).expect("a snapshot always serializes")
+    }
+
+    /// Restores a saved state: checks the saved checkpoint under `log_key` and the compact range against
+    /// it, then rebuilds identities and consent by replaying the journal (identity signatures are checked
+    /// again; statements were checked when first audited).
+    pub fn restore(log_key: NoteVerifier, saved: &str) -> Result<Self, RestoreError> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let snap: Snapshot =
+            serde_json::from_str(saved).map_err(|e| RestoreError::Format(e.to_string()))?;
+        if snap.format != SNAPSHOT_FORMAT {
+            return Err(RestoreError::Format(snap.format));
+        }
+        let mut a = Auditor::new(log_key);
+        a.range = CompactRange {
+            size: snap.range_size,
+            subtrees: snap
+                .range
+                .iter()
+                .map(|(n, h)| Ok((*n, hex32(h)?)))
+                .collect::<Result<_, RestoreError>>()?,
+        };
+        if let Some(note) = snap.checkpoint {
+            let cp = checkpoint::open(&note, &a.log_key, &[], 0)
+                .map_err(|e| RestoreError::Checkpoint(e.to_string()))?
+                .checkpoint;
+            if cp.size != a.range.size || cp.root != a.range.root() {
+                return Err(RestoreError::Checkpoint(
+                    "the saved tree does not match it".into(),
+                ));
+            }
+            a.verified = Some((cp, note));
+        }
+        a.last_time = snap.last_time;
+        for (c, index, h) in &snap.chains {
+            a.chains.insert(
+                IdentityId(hex32(c)?),
+                ChainLink {
+                    index: *index,
+                    hash: Digest(hex32(h)?),
+                },
+            );
+        }
+        a.redacted = snap.redacted.into_iter().collect();
+        a.nonces = snap
+            .nonces
+            .iter()
+            .map(|n| Ok(Digest(hex32(n)?)))
+            .collect::<Result<_, RestoreError>>()?;
+        for (index, encoded) in &snap.journal {
+            let bytes = b64
+                .decode(encoded)
+                .map_err(|_| RestoreError::Journal(*index))?;
+            let body = EntryBody::decode(&bytes).map_err(|_| RestoreError::Journal(*index))?;
+            a.replay(*index, &body)
+                .map_err(|_| RestoreError::Journal(*index))?;
+            a.journal.push((*index, body));
+        }
+        Ok(a)
+    }
+
+    /// Re-applies a journal entry without re-checking the signatures of statements and accesses.
+    fn replay(&mut self, index: u64, body: &EntryBody) -> Result<(), Violation> {
+        let malformed = |e: String| Violation::Malformed(index, e);
+        match body.kind {
+            EntryKind::Statement => {
+                let st =
+                    SignedStatement::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
+                self.apply_prepared(
+                    index,
+                    Prepared::Statement(Box::new(st), Box::new(body.clone())),
+                )
+                .map(|_| ())
+            }
+            EntryKind::Access => {
+                let rec =
+                    AccessRecord::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
+                let customer = body
+                    .customer
+                    .ok_or_else(|| malformed("no customer".into()))?;
+                let from = rec.families.iter().map(|f| f.from).min();
+                let to = rec.families.iter().map(|f| f.to).max();
+                let (Some(from), Some(to)) = (from, to) else {
+                    return Err(malformed("access to no family".into()));
+                };
+                let attempt = AccessAttempt {
+                    company: body.subject,
+                    grant: rec.grant,
+                    kind: rec.kind,
+                    families: rec.families.iter().map(|f| f.family).collect(),
+                    periods: (from, to),
+                    epoch: rec.epoch,
+                };
+                let consent = self
+                    .consent
+                    .get_mut(&customer)
+                    .ok_or_else(|| malformed("unknown customer".into()))?;
+                match consent.record_access(&attempt, index, body.time) {
+                    Ok(Ok(_)) => Ok(()),
+                    _ => Err(malformed("journal access no longer allowed".into())),
+                }
+            }
+            EntryKind::FamilyHead => Ok(()),
+            _ => self.apply_identity(index, body),
+        }
+    }
 }

@@ -775,3 +775,78 @@ fn one_bad_signature_among_many_is_named() {
     );
     assert_eq!(r.counts["access"], 300);
 }
+
+#[test]
+fn a_saved_auditor_resumes_where_it_stopped() {
+    let mut w = World::new();
+    let g = w.grant();
+    w.access(g, w.tx, p(2025, 6), Some("first".into()));
+    let mut a = Auditor::new(w.signer.verifier());
+    assert!(
+        a.run(&mut MemorySource {
+            log: &w.log,
+            checkpoint: w.log.checkpoint(&w.signer)
+        })
+        .unwrap()
+        .is_clean()
+    );
+    let saved = a.snapshot();
+    let old_cp = w.log.checkpoint(&w.signer);
+
+    // More happens: a replayed nonce, a revocation, and an access after it.
+    let replay = w.access(g, w.tx, p(2025, 6), Some("first".into()));
+    w.statement(
+        "customer",
+        Body::Revocation(Revocation {
+            grant: g,
+            initiator: Initiator::Customer,
+            reason: "done".into(),
+        }),
+        None,
+    );
+    let late = w.access(g, w.tx, p(2025, 6), None);
+
+    let mut restored = Auditor::restore(w.signer.verifier(), &saved).unwrap();
+    let r = restored
+        .run(&mut MemorySource {
+            log: &w.log,
+            checkpoint: w.log.checkpoint(&w.signer),
+        })
+        .unwrap();
+    assert_eq!(r.violations.len(), 2, "{:?}", r.violations);
+    assert!(matches!(&r.violations[0], Violation::ReplayedNonce(i, _) if *i == replay));
+    assert_eq!(
+        r.violations[1],
+        Violation::AccessDenied(late, "grant-revoked".into())
+    );
+    assert_eq!(
+        r.counts.values().sum::<u64>(),
+        3,
+        "only the new entries are checked"
+    );
+    // The restored auditor still remembers the old checkpoint: serving it now is a rollback.
+    let mut again = Auditor::restore(w.signer.verifier(), &restored.snapshot()).unwrap();
+    let r = again
+        .run(&mut MemorySource {
+            log: &w.log,
+            checkpoint: old_cp,
+        })
+        .unwrap();
+    assert!(matches!(&r.violations[..], [Violation::Rollback { .. }]));
+    // A snapshot checked against another log key, or edited, is refused.
+    let other = NoteSigner::new(
+        "vault.example/log",
+        TYPE_ED25519,
+        SigningKey::from_seed(&[5; 32]),
+    )
+    .unwrap();
+    assert!(Auditor::restore(other.verifier(), &saved).is_err());
+    assert!(
+        Auditor::restore(
+            w.signer.verifier(),
+            &saved.replace("\"range_size\":", "\"range_size\":1")
+        )
+        .is_err()
+    );
+    assert!(Auditor::restore(w.signer.verifier(), "{}").is_err());
+}
