@@ -377,6 +377,13 @@ impl FamilyLedger {
             .expect("the current batch count always has a head")
     }
 
+    /// How many records `period` holds now.
+    pub fn period_count(&self, period: Period) -> u64 {
+        self.periods
+            .get(&period)
+            .map_or(0, |s| s.leaves.len() as u64)
+    }
+
     /// Where a record is: its period and index within the period.
     pub fn locate(&self, id: &RecordId) -> Option<(Period, usize)> {
         self.ids.get(id).copied()

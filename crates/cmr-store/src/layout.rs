@@ -1,0 +1,86 @@
+//! The key layout in sled. Every key starts with a one-byte table tag, followed by fixed-width binary
+//! fields, so that ids never need separators or escaping, one family (or a range of its periods) is one
+//! range scan, and no id can traverse into another table. Ids are parsed into fixed-size arrays before
+//! they become keys, so an overlong or malformed id never reaches sled.
+
+use cmr_core::family::{FamilyId, Period};
+use cmr_core::identity::IdentityId;
+use cmr_core::record::RecordId;
+
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Table tags.
+pub mod tag {
+    /// `meta/…`: format version, last server time.
+    pub const META: u8 = 0x01;
+    /// Log leaf commitments by index.
+    pub const LEAF: u8 = 0x02;
+    /// Log tree nodes by (level, index).
+    pub const NODE: u8 = 0x03;
+    /// Log bodies (salt || body) by index.
+    pub const BODY: u8 = 0x04;
+    /// Records by (customer, family, period, index in period).
+    pub const RECORD: u8 = 0x05;
+    /// Where a record is, by (customer, family, record id).
+    pub const RECORD_ID: u8 = 0x06;
+    /// Signed batches by digest.
+    pub const BATCH: u8 = 0x07;
+    /// The batch that wrote a record, by (customer, family, record id).
+    pub const RECORD_BATCH: u8 = 0x08;
+    /// Idempotency: (body digest, log index) by client operation id.
+    pub const IDEMPOTENCY: u8 = 0x09;
+    /// The latest directory of a customer.
+    pub const DIRECTORY: u8 = 0x0a;
+}
+
+/// `meta` keys.
+pub const META_FORMAT: &[u8] = &[tag::META, b'f'];
+/// The tree size.
+pub const META_SIZE: &[u8] = &[tag::META, b's'];
+/// The latest signed checkpoint.
+pub const META_CHECKPOINT: &[u8] = &[tag::META, b'c'];
+
+/// A key of `tag` followed by `parts`.
+pub fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let len = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut k = Vec::with_capacity(len);
+    k.push(tag);
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+/// The key of log index `i` in table `tag`.
+pub fn indexed(tag: u8, i: u64) -> Vec<u8> {
+    key(tag, &[&i.to_be_bytes()])
+}
+
+/// The key of a tree node.
+pub fn node(level: u8, index: u64) -> Vec<u8> {
+    key(tag::NODE, &[&[level], &index.to_be_bytes()])
+}
+
+/// The key of a record.
+pub fn record(customer: &IdentityId, family: &FamilyId, period: Period, n: u64) -> Vec<u8> {
+    key(
+        tag::RECORD,
+        &[
+            &customer.0,
+            &family.0,
+            &period.0.to_be_bytes(),
+            &n.to_be_bytes(),
+        ],
+    )
+}
+
+/// The prefix of every record of a family.
+pub fn family_prefix(customer: &IdentityId, family: &FamilyId) -> Vec<u8> {
+    key(tag::RECORD, &[&customer.0, &family.0])
+}
+
+/// The key under which a record's location or batch is kept.
+pub fn record_ref(tag: u8, customer: &IdentityId, family: &FamilyId, id: &RecordId) -> Vec<u8> {
+    key(tag, &[&customer.0, &family.0, &id.0])
+}

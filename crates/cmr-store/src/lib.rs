@@ -1,0 +1,17 @@
+//! # cmr-store
+//!
+//! CMR Vault's durable state on sled (0.34): identities, devices and key directories; records and family
+//! heads; consent statements with their wrapped keys; and the log (leaves, bodies, nodes, checkpoints).
+//!
+//! What it owns: the key layout, the format version, the sequencer that orders every state-changing
+//! operation and commits them in groups, the durability step (flush, then `fdatasync`), idempotency, and
+//! rebuilding the in-memory state from the log when it opens.
+//!
+//! What it does not own: request authentication (the server), cryptographic rules (`cmr-core`), log
+//! formats and proofs (`cmr-log`).
+#![forbid(unsafe_code)]
+
+pub mod layout;
+pub mod store;
+
+pub use store::{Ack, Op, ReadResult, Store, StoreConfig, StoreError};

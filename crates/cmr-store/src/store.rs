@@ -1,0 +1,1338 @@
+//! The store: one sequencer thread over sled, with group commit.
+//!
+//! Every state-changing operation goes through one queue. The sequencer takes a group of operations,
+//! evaluates each against the current state (signatures, `evaluate`, epoch, head, directory), assigns log
+//! indices and salts, writes the whole group in one atomic sled batch together with the tree nodes and a
+//! newly signed checkpoint, makes it durable (sled flush, then `fdatasync` of sled's files), and only then
+//! acknowledges every operation of the group with its index, an inclusion proof and that checkpoint.
+//! An operation that is refused changes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use cmr_core::batch::{FamilyLedger, ReadProof, SignedBatch};
+use cmr_core::consent::{Body, ErasureTarget, SignedStatement};
+use cmr_core::decision::{AccessAttempt, AccessKind, ConsentState, DenyReason};
+use cmr_core::directory::SignedDirectory;
+use cmr_core::family::{FamilyId, Period};
+use cmr_core::hash::{Digest, sha256, tagged_hash};
+use cmr_core::identity::{
+    DeviceCertificate, DeviceRevocation, IdentityId, IdentityState, KeyHistory, Role, Signed,
+    SignedKeyEvent,
+};
+use cmr_core::merkle::Hash;
+use cmr_core::record::SealedRecord;
+use cmr_log::checkpoint::Checkpoint;
+use cmr_log::entry::{
+    AccessRecord, ChainLink, EntryBody, EntryKind, SaltedBody, commitment, commitment_leaf,
+    draw_salt,
+};
+use cmr_log::note::NoteSigner;
+use cmr_log::tree::{NodeStore, Tree};
+use thiserror::Error;
+
+use crate::layout::{self, tag};
+
+/// Why an operation was refused or failed. Refusals change nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum StoreError {
+    /// Malformed input.
+    #[error("malformed: {0}")]
+    Malformed(String),
+    /// A signature or signer is not valid.
+    #[error("bad signature: {0}")]
+    BadSignature(String),
+    /// Refused by the consent rules (`evaluate`).
+    #[error("denied: {0}")]
+    Denied(DenyReason),
+    /// Refused by the consent state (a statement that cannot apply).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Another body was already written under this operation id.
+    #[error("conflict: another body under the same id")]
+    Conflict,
+    /// The batch does not extend the family's current head.
+    #[error("stale head")]
+    StaleHead,
+    /// The directory does not replace the current one (compare-and-swap failed).
+    #[error("directory conflict: expected version {expected}")]
+    DirectoryConflict {
+        /// The version that would have been accepted.
+        expected: u64,
+    },
+    /// Unknown identity, family or entry.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The data folder is from a newer version, or damaged.
+    #[error("store format: {0}")]
+    Format(String),
+    /// Storage failed; the store stops taking writes until it is reopened.
+    #[error("storage failure: {0}")]
+    Io(String),
+    /// The store is shut down or stopped after a storage failure.
+    #[error("the store is not accepting operations")]
+    Closed,
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// A state-changing operation (or a read, which is logged as an access).
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Register an identity: its signed inception.
+    Register(Vec<u8>),
+    /// Rotate an identity key: the signed rotation.
+    Rotate(Vec<u8>),
+    /// Certify a device.
+    Certify(Vec<u8>),
+    /// Revoke a device.
+    RevokeDevice(Vec<u8>),
+    /// Publish the next key directory (compare-and-swap on its previous digest).
+    PublishDirectory(Vec<u8>),
+    /// Record a consent statement.
+    Statement(Vec<u8>),
+    /// Write a signed batch of records; a company's append carries its access record.
+    WriteBatch {
+        /// The signed batch.
+        batch: Vec<u8>,
+        /// The sealed records, in batch order.
+        records: Vec<Vec<u8>>,
+        /// For a company: the access record of its signed request.
+        access: Option<AccessRecord>,
+    },
+    /// A company reads families under a grant; the access is logged before anything is served.
+    Read {
+        /// The vault.
+        customer: IdentityId,
+        /// The family.
+        family: FamilyId,
+        /// First and last period, inclusive.
+        periods: (Period, Period),
+        /// Where the page starts.
+        cursor: Option<(Period, u64)>,
+        /// At most this many records.
+        limit: u64,
+        /// The access record of the signed request (company reads); `None` for the customer's own.
+        access: Option<AccessRecord>,
+    },
+}
+
+impl Op {
+    fn idempotency_id(&self) -> Option<(Digest, Digest)> {
+        let (id, body): (Digest, &[u8]) = match self {
+            Op::Register(b)
+            | Op::Rotate(b)
+            | Op::Certify(b)
+            | Op::RevokeDevice(b)
+            | Op::PublishDirectory(b) => (tagged_hash("op-id", b), b),
+            Op::Statement(b) => match SignedStatement::decode(b) {
+                Ok(s) => (Digest(s.id().0), b),
+                Err(_) => return None,
+            },
+            Op::WriteBatch { batch, .. } => match SignedBatch::decode(batch) {
+                Ok(s) => (s.digest(), batch),
+                Err(_) => return None,
+            },
+            Op::Read { .. } => return None,
+        };
+        Some((id, sha256(body)))
+    }
+}
+
+/// What a read returns.
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    /// The completeness proof against the named head.
+    pub proof: ReadProof,
+    /// The records of the proof's pages, in order.
+    pub records: Vec<SealedRecord>,
+    /// The signed batches naming them.
+    pub batches: Vec<SignedBatch>,
+}
+
+/// An acknowledgement: the entry's index, its inclusion proof, and the checkpoint that covers it.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    /// The log index (`None` for a customer's own read, which is not logged).
+    pub index: Option<u64>,
+    /// The inclusion proof of the entry in the checkpoint.
+    pub proof: Vec<Hash>,
+    /// The signed checkpoint, durable before this acknowledgement.
+    pub checkpoint: String,
+    /// The checkpoint's size.
+    pub size: u64,
+    /// For reads.
+    pub read: Option<ReadResult>,
+    /// True when this repeats an operation already logged (idempotent retry).
+    pub repeated: bool,
+}
+
+/// How to open a store.
+pub struct StoreConfig {
+    /// The data folder.
+    pub path: PathBuf,
+    /// sled's page cache, in bytes (sled's default is 1 GiB; this store sets it on purpose).
+    pub cache_capacity: u64,
+    /// The log's signing key (kept outside the data folder by the caller).
+    pub log_key: NoteSigner,
+    /// The most operations in one group commit.
+    pub max_group: usize,
+    /// The server clock, Unix seconds.
+    pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl StoreConfig {
+    /// A configuration with 256 MiB of cache, groups of up to 256 operations and the system clock.
+    pub fn new(path: impl AsRef<Path>, log_key: NoteSigner) -> Self {
+        Self {
+            path: path.as_ref().to_path_buf(),
+            cache_capacity: 256 * 1024 * 1024,
+            log_key,
+            max_group: 256,
+            clock: Arc::new(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            }),
+        }
+    }
+}
+
+struct Job {
+    op: Op,
+    reply: tokio::sync::oneshot::Sender<Result<Ack, StoreError>>,
+}
+
+/// The store. Cloneable handle semantics through `Arc`; drop the last one to stop the sequencer.
+pub struct Store {
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+    db: sled::Tree,
+    start_time: u64,
+}
+
+/// What the sequencer owns.
+struct Sequencer {
+    db: sled::Db,
+    tree: sled::Tree,
+    path: PathBuf,
+    log_key: NoteSigner,
+    clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    max_group: usize,
+    state: State,
+    poisoned: bool,
+}
+
+/// The in-memory state, rebuilt from the log when the store opens.
+#[derive(Default)]
+struct State {
+    size: u64,
+    last_time: u64,
+    identities: HashMap<IdentityId, IdentityState>,
+    consent: HashMap<IdentityId, ConsentState>,
+    ledgers: HashMap<(IdentityId, FamilyId), FamilyLedger>,
+    directories: HashMap<IdentityId, (u64, Digest)>,
+    heads: HashMap<IdentityId, ChainLink>,
+}
+
+/// A node store over sled plus the writes of the group in progress.
+struct Overlay<'a> {
+    tree: &'a sled::Tree,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    size: u64,
+}
+
+impl Overlay<'_> {
+    fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.writes.get(k) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.tree.get(k).map_err(io)?.map(|v| v.to_vec())),
+        }
+    }
+
+    fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
+        self.writes.insert(k, Some(v));
+    }
+
+    fn delete(&mut self, k: Vec<u8>) {
+        self.writes.insert(k, None);
+    }
+}
+
+impl NodeStore for &mut Overlay<'_> {
+    type Error = StoreError;
+    fn node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
+        Ok(self
+            .get(&layout::node(level, index))?
+            .and_then(|v| v.try_into().ok()))
+    }
+    fn set_node(&mut self, level: u8, index: u64, hash: Hash) -> Result<(), StoreError> {
+        self.put(layout::node(level, index), hash.to_vec());
+        Ok(())
+    }
+    fn size(&self) -> Result<u64, StoreError> {
+        Ok(self.size)
+    }
+    fn set_size(&mut self, size: u64) -> Result<(), StoreError> {
+        self.size = size;
+        self.put(layout::META_SIZE.to_vec(), size.to_be_bytes().to_vec());
+        Ok(())
+    }
+}
+
+/// Read-only node store over the committed sled tree.
+struct Committed<'a>(&'a sled::Tree, u64);
+
+impl NodeStore for Committed<'_> {
+    type Error = StoreError;
+    fn node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
+        Ok(self
+            .0
+            .get(layout::node(level, index))
+            .map_err(io)?
+            .and_then(|v| v.as_ref().try_into().ok()))
+    }
+    fn set_node(&mut self, _: u8, _: u64, _: Hash) -> Result<(), StoreError> {
+        Err(StoreError::Closed)
+    }
+    fn size(&self) -> Result<u64, StoreError> {
+        Ok(self.1)
+    }
+    fn set_size(&mut self, _: u64) -> Result<(), StoreError> {
+        Err(StoreError::Closed)
+    }
+}
+
+fn tree_err(e: cmr_log::tree::TreeError<StoreError>) -> StoreError {
+    match e {
+        cmr_log::tree::TreeError::Store(e) => e,
+        other => StoreError::Format(other.to_string()),
+    }
+}
+
+/// `fdatasync` every file sled keeps in the data folder: sled's own flush uses `sync_file_range`, which
+/// does not survive power loss (sled issue 1452).
+fn sync_dir(path: &Path) -> Result<(), StoreError> {
+    fn walk(p: &Path) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(p)? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                walk(&path)?;
+            } else {
+                std::fs::File::open(&path)?.sync_data()?;
+            }
+        }
+        std::fs::File::open(p)?.sync_all()
+    }
+    walk(path).map_err(io)
+}
+
+impl Store {
+    /// Opens (or creates) the store: checks the format version, rebuilds the state from the log, and
+    /// starts the sequencer.
+    pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(&config.path)
+            .cache_capacity(config.cache_capacity)
+            .open()
+            .map_err(|e| StoreError::Format(format!("cannot open the data folder: {e}")))?;
+        let tree = db.open_tree("cmr").map_err(io)?;
+        match tree.get(layout::META_FORMAT).map_err(io)? {
+            None => {
+                if tree.iter().next().is_some() {
+                    return Err(StoreError::Format("data without a format version".into()));
+                }
+                tree.insert(layout::META_FORMAT, &layout::FORMAT_VERSION.to_be_bytes())
+                    .map_err(io)?;
+                db.flush().map_err(io)?;
+                sync_dir(&config.path)?;
+            }
+            Some(v) => {
+                let version = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Format("corrupted format version".into()))?;
+                if version != layout::FORMAT_VERSION {
+                    return Err(StoreError::Format(format!(
+                        "data folder has format {version}, this build reads {}",
+                        layout::FORMAT_VERSION
+                    )));
+                }
+            }
+        }
+        let mut seq = Sequencer {
+            db,
+            tree: tree.clone(),
+            path: config.path.clone(),
+            log_key: config.log_key,
+            clock: config.clock,
+            max_group: config.max_group.max(1),
+            state: State::default(),
+            poisoned: false,
+        };
+        seq.rebuild()?;
+        let start_time = seq.now();
+        let (tx, rx) = mpsc::channel::<Job>();
+        let handle = std::thread::Builder::new()
+            .name("cmr-sequencer".into())
+            .spawn(move || seq.run(rx))
+            .map_err(io)?;
+        Ok(Store {
+            tx: Mutex::new(Some(tx)),
+            handle: Mutex::new(Some(handle)),
+            db: tree,
+            start_time,
+        })
+    }
+
+    /// The server time when the store opened (the later of the clock and the last time in the log).
+    pub fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    /// Queues an operation; the receiver gets its acknowledgement once it is durable.
+    pub fn submit(&self, op: Op) -> tokio::sync::oneshot::Receiver<Result<Ack, StoreError>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = guard.as_ref()
+            && tx.send(Job { op, reply }).is_ok()
+        {
+            return rx;
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let _ = reply.send(Err(StoreError::Closed));
+        rx
+    }
+
+    /// Runs an operation and waits for its acknowledgement (from a thread that may block).
+    pub fn execute(&self, op: Op) -> Result<Ack, StoreError> {
+        self.submit(op)
+            .blocking_recv()
+            .unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// The latest durable checkpoint.
+    pub fn checkpoint(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .db
+            .get(layout::META_CHECKPOINT)
+            .map_err(io)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    fn committed_size(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .get(layout::META_SIZE)
+            .map_err(io)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// The inclusion proof of entry `index` in the tree of `size` entries.
+    pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, StoreError> {
+        let committed = self.committed_size()?;
+        Tree::new(Committed(&self.db, committed))
+            .inclusion_proof(index, size)
+            .map_err(tree_err)
+    }
+
+    /// The consistency proof between two tree sizes.
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, StoreError> {
+        let committed = self.committed_size()?;
+        Tree::new(Committed(&self.db, committed))
+            .consistency_proof(old, new)
+            .map_err(tree_err)
+    }
+
+    /// The root of the first `size` entries.
+    pub fn root(&self, size: u64) -> Result<Hash, StoreError> {
+        let committed = self.committed_size()?;
+        Tree::new(Committed(&self.db, committed))
+            .root(size)
+            .map_err(tree_err)
+    }
+
+    /// The leaf commitments `from..to`.
+    pub fn commitments(&self, from: u64, to: u64) -> Result<Vec<Digest>, StoreError> {
+        (from..to)
+            .map(|i| {
+                self.db
+                    .get(layout::indexed(tag::LEAF, i))
+                    .map_err(io)?
+                    .and_then(|v| <[u8; 32]>::try_from(v.as_ref()).ok())
+                    .map(Digest)
+                    .ok_or_else(|| StoreError::NotFound(format!("leaf {i}")))
+            })
+            .collect()
+    }
+
+    /// The salt and body of an entry, unless erased.
+    pub fn body(&self, index: u64) -> Result<Option<SaltedBody>, StoreError> {
+        Ok(self
+            .db
+            .get(layout::indexed(tag::BODY, index))
+            .map_err(io)?
+            .and_then(|v| {
+                let salt: [u8; 32] = v.get(..32)?.try_into().ok()?;
+                Some(SaltedBody {
+                    salt,
+                    body: v[32..].to_vec(),
+                })
+            }))
+    }
+
+    /// Stops the sequencer after the operations already queued.
+    pub fn close(&self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = self.handle.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The result of one operation inside a group, before the group is durable.
+struct Pending {
+    index: Option<u64>,
+    read: Option<ReadResult>,
+    repeated: bool,
+}
+
+impl Sequencer {
+    fn now(&self) -> u64 {
+        (self.clock)().max(self.state.last_time)
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            while group.len() < self.max_group {
+                match rx.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+    }
+
+    fn commit_group(&mut self, group: Vec<Job>) {
+        if self.poisoned {
+            for job in group {
+                let _ = job.reply.send(Err(StoreError::Closed));
+            }
+            return;
+        }
+        let tree = self.tree.clone();
+        let mut overlay = Overlay {
+            tree: &tree,
+            writes: BTreeMap::new(),
+            size: self.state.size,
+        };
+        let time = self.now();
+        let mut results = Vec::with_capacity(group.len());
+        for job in &group {
+            results.push(self.process(&job.op, &mut overlay, time));
+        }
+        let size = overlay.size;
+        let outcome = (|| -> Result<String, StoreError> {
+            let root = Tree::new(&mut overlay).root(size).map_err(tree_err)?;
+            let note = Checkpoint {
+                origin: self.log_key.name().to_string(),
+                size,
+                root,
+                extensions: vec![],
+            }
+            .sign(&self.log_key);
+            overlay.put(layout::META_CHECKPOINT.to_vec(), note.clone().into_bytes());
+            let mut batch = sled::Batch::default();
+            for (k, v) in std::mem::take(&mut overlay.writes) {
+                match v {
+                    Some(v) => batch.insert(k, v),
+                    None => batch.remove(k),
+                }
+            }
+            self.tree.apply_batch(batch).map_err(io)?;
+            self.db.flush().map_err(io)?;
+            sync_dir(&self.path)?;
+            Ok(note)
+        })();
+        let note = match outcome {
+            Ok(note) => note,
+            Err(e) => {
+                // The in-memory state may now be ahead of the disk: stop, and let a reopen rebuild it.
+                self.poisoned = true;
+                for job in group {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        self.state.size = size;
+        let committed = Tree::new(Committed(&self.tree, size));
+        for (job, result) in group.into_iter().zip(results) {
+            let ack = result.and_then(|p| {
+                let proof = match p.index {
+                    Some(i) => committed.inclusion_proof(i, size).map_err(tree_err)?,
+                    None => Vec::new(),
+                };
+                Ok(Ack {
+                    index: p.index,
+                    proof,
+                    checkpoint: note.clone(),
+                    size,
+                    read: p.read,
+                    repeated: p.repeated,
+                })
+            });
+            let _ = job.reply.send(ack);
+        }
+    }
+
+    /// Appends a log entry to the overlay and the in-memory chain heads.
+    fn log(
+        &mut self,
+        overlay: &mut Overlay<'_>,
+        kind: EntryKind,
+        time: u64,
+        subject: IdentityId,
+        customer: Option<IdentityId>,
+        payload: Vec<u8>,
+    ) -> Result<u64, StoreError> {
+        let body = EntryBody {
+            kind,
+            time,
+            subject,
+            customer,
+            prev: customer.and_then(|c| self.state.heads.get(&c).copied()),
+            payload,
+        };
+        let encoded = body.encode();
+        let salt = draw_salt(&mut rand::rng());
+        let c = commitment(&salt, &encoded);
+        let index = overlay.size;
+        let mut stored = salt.to_vec();
+        stored.extend_from_slice(&encoded);
+        overlay.put(layout::indexed(tag::BODY, index), stored);
+        overlay.put(layout::indexed(tag::LEAF, index), c.0.to_vec());
+        Tree::new(&mut *overlay)
+            .append(commitment_leaf(&c))
+            .map_err(tree_err)?;
+        if let Some(c) = customer {
+            self.state.heads.insert(
+                c,
+                ChainLink {
+                    index,
+                    hash: EntryBody::hash(&encoded),
+                },
+            );
+        }
+        self.state.last_time = self.state.last_time.max(time);
+        Ok(index)
+    }
+
+    fn process(
+        &mut self,
+        op: &Op,
+        overlay: &mut Overlay<'_>,
+        time: u64,
+    ) -> Result<Pending, StoreError> {
+        // Idempotency: the same body under the same id returns the original index.
+        let idem = op.idempotency_id();
+        if let Some((id, digest)) = &idem
+            && let Some(v) = overlay.get(&layout::key(tag::IDEMPOTENCY, &[&id.0]))?
+        {
+            if v.len() == 40 && v[..32] == digest.0 {
+                let index = u64::from_be_bytes(
+                    v[32..40]
+                        .try_into()
+                        .map_err(|_| StoreError::Format("idempotency record".into()))?,
+                );
+                return Ok(Pending {
+                    index: Some(index),
+                    read: None,
+                    repeated: true,
+                });
+            }
+            return Err(StoreError::Conflict);
+        }
+        let index = overlay.size;
+        let pending = self.apply_op(op, overlay, index, time)?;
+        if let (Some((id, digest)), Some(i)) = (idem, pending.index) {
+            let mut v = digest.0.to_vec();
+            v.extend_from_slice(&i.to_be_bytes());
+            overlay.put(layout::key(tag::IDEMPOTENCY, &[&id.0]), v);
+        }
+        Ok(pending)
+    }
+
+    fn logged(index: u64) -> Pending {
+        Pending {
+            index: Some(index),
+            read: None,
+            repeated: false,
+        }
+    }
+
+    fn apply_op(
+        &mut self,
+        op: &Op,
+        overlay: &mut Overlay<'_>,
+        index: u64,
+        time: u64,
+    ) -> Result<Pending, StoreError> {
+        let malformed = |e: &dyn std::fmt::Display| StoreError::Malformed(e.to_string());
+        let bad = |e: &dyn std::fmt::Display| StoreError::BadSignature(e.to_string());
+        match op {
+            Op::Register(bytes) => {
+                let ev = SignedKeyEvent::decode(bytes).map_err(|e| malformed(&e))?;
+                let history = KeyHistory::incept(&ev, index).map_err(|e| bad(&e))?;
+                let id = history.id();
+                if self.state.identities.contains_key(&id) {
+                    return Err(StoreError::Conflict);
+                }
+                let customer = (history.role() == Role::Customer).then_some(id);
+                self.state
+                    .identities
+                    .insert(id, IdentityState::new(history));
+                if customer.is_some() {
+                    self.state.consent.insert(id, ConsentState::new(id));
+                }
+                self.log(
+                    overlay,
+                    EntryKind::KeyEvent,
+                    time,
+                    id,
+                    customer,
+                    bytes.clone(),
+                )
+                .map(Self::logged)
+            }
+            Op::Rotate(bytes) => {
+                let ev = SignedKeyEvent::decode(bytes).map_err(|e| malformed(&e))?;
+                let id = ev.identity();
+                let state = self.identity_mut(&id)?;
+                state.rotate(&ev, index).map_err(|e| bad(&e))?;
+                let customer = self.state.consent.contains_key(&id).then_some(id);
+                self.log(
+                    overlay,
+                    EntryKind::KeyEvent,
+                    time,
+                    id,
+                    customer,
+                    bytes.clone(),
+                )
+                .map(Self::logged)
+            }
+            Op::Certify(bytes) => {
+                let cert = Signed::<DeviceCertificate>::decode(bytes).map_err(|e| malformed(&e))?;
+                let id = cert.body().identity;
+                self.identity_mut(&id)?
+                    .certify(&cert, index)
+                    .map_err(|e| bad(&e))?;
+                let customer = self.state.consent.contains_key(&id).then_some(id);
+                self.log(
+                    overlay,
+                    EntryKind::DeviceCertificate,
+                    time,
+                    id,
+                    customer,
+                    bytes.clone(),
+                )
+                .map(Self::logged)
+            }
+            Op::RevokeDevice(bytes) => {
+                let rev = Signed::<DeviceRevocation>::decode(bytes).map_err(|e| malformed(&e))?;
+                let id = rev.body().identity;
+                let mut state = self.identity(&id)?.clone();
+                state.revoke(&rev, index).map_err(|e| bad(&e))?;
+                if let Some(consent) = self.state.consent.get_mut(&id) {
+                    consent
+                        .device_revoked(index, time)
+                        .map_err(|e| StoreError::Refused(e.to_string()))?;
+                }
+                self.state.identities.insert(id, state);
+                let customer = self.state.consent.contains_key(&id).then_some(id);
+                self.log(
+                    overlay,
+                    EntryKind::DeviceRevocation,
+                    time,
+                    id,
+                    customer,
+                    bytes.clone(),
+                )
+                .map(Self::logged)
+            }
+            Op::PublishDirectory(bytes) => {
+                let dir = SignedDirectory::decode(bytes).map_err(|e| malformed(&e))?;
+                let d = dir.directory();
+                let customer = d.customer;
+                dir.verify(self.identity(&customer)?, index)
+                    .map_err(|e| bad(&e))?;
+                let current = self.state.directories.get(&customer).copied();
+                let ok = match current {
+                    None => d.version == 1,
+                    Some((v, digest)) => d.version == v + 1 && d.prev == digest,
+                };
+                if !ok {
+                    return Err(StoreError::DirectoryConflict {
+                        expected: current.map_or(1, |(v, _)| v + 1),
+                    });
+                }
+                let consent = self
+                    .state
+                    .consent
+                    .get_mut(&customer)
+                    .ok_or_else(|| StoreError::NotFound("customer".into()))?;
+                for f in &d.families {
+                    consent.declare_family(f.family, f.scope, f.epoch);
+                    self.state
+                        .ledgers
+                        .entry((customer, f.family))
+                        .or_insert_with(|| FamilyLedger::new(customer, f.family, f.scope));
+                }
+                self.state
+                    .directories
+                    .insert(customer, (d.version, dir.digest()));
+                overlay.put(layout::key(tag::DIRECTORY, &[&customer.0]), bytes.clone());
+                self.log(
+                    overlay,
+                    EntryKind::Directory,
+                    time,
+                    customer,
+                    Some(customer),
+                    bytes.clone(),
+                )
+                .map(Self::logged)
+            }
+            Op::Statement(bytes) => {
+                let st = SignedStatement::decode(bytes).map_err(|e| malformed(&e))?;
+                let s = st.statement();
+                st.verify(self.identity(&s.author)?, index)
+                    .map_err(|e| bad(&e))?;
+                let customer = s.customer;
+                let consent = self
+                    .state
+                    .consent
+                    .get_mut(&customer)
+                    .ok_or_else(|| StoreError::NotFound("customer".into()))?;
+                consent
+                    .apply(&st, index, time)
+                    .map_err(|e| StoreError::Refused(e.to_string()))?;
+                if let Body::Erasure(target) = &s.body {
+                    self.erase(overlay, customer, *target)?;
+                }
+                let author = s.author;
+                self.log(
+                    overlay,
+                    EntryKind::Statement,
+                    time,
+                    author,
+                    Some(customer),
+                    bytes.clone(),
+                )
+                .map(Self::logged)
+            }
+            Op::WriteBatch {
+                batch,
+                records,
+                access,
+            } => self.write_batch(overlay, index, time, batch, records, access.as_ref()),
+            Op::Read {
+                customer,
+                family,
+                periods,
+                cursor,
+                limit,
+                access,
+            } => self.read(
+                overlay,
+                index,
+                time,
+                *customer,
+                *family,
+                *periods,
+                *cursor,
+                *limit,
+                access.as_ref(),
+            ),
+        }
+    }
+
+    fn identity(&self, id: &IdentityId) -> Result<&IdentityState, StoreError> {
+        self.state
+            .identities
+            .get(id)
+            .ok_or_else(|| StoreError::NotFound(format!("identity {id}")))
+    }
+
+    fn identity_mut(&mut self, id: &IdentityId) -> Result<&mut IdentityState, StoreError> {
+        self.state
+            .identities
+            .get_mut(id)
+            .ok_or_else(|| StoreError::NotFound(format!("identity {id}")))
+    }
+
+    fn erase(
+        &mut self,
+        overlay: &mut Overlay<'_>,
+        customer: IdentityId,
+        target: ErasureTarget,
+    ) -> Result<(), StoreError> {
+        let prefix = match target {
+            ErasureTarget::Family(f) => layout::family_prefix(&customer, &f),
+            ErasureTarget::Vault => layout::key(tag::RECORD, &[&customer.0]),
+        };
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(io)?;
+            overlay.delete(k.to_vec());
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_batch(
+        &mut self,
+        overlay: &mut Overlay<'_>,
+        index: u64,
+        time: u64,
+        batch_bytes: &[u8],
+        record_bytes: &[Vec<u8>],
+        access: Option<&AccessRecord>,
+    ) -> Result<Pending, StoreError> {
+        let signed =
+            SignedBatch::decode(batch_bytes).map_err(|e| StoreError::Malformed(e.to_string()))?;
+        let b = signed.batch().clone();
+        let author = self.identity(&b.author)?;
+        author
+            .verify_device_signature(
+                &b.device,
+                index,
+                &signed.envelope().body,
+                &signed.envelope().signature,
+            )
+            .map_err(|e| StoreError::BadSignature(e.to_string()))?;
+        let records = record_bytes
+            .iter()
+            .map(|r| {
+                SealedRecord::decode(r.clone()).map_err(|e| StoreError::Malformed(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let consent = self
+            .state
+            .consent
+            .get(&b.customer)
+            .ok_or_else(|| StoreError::NotFound("customer".into()))?;
+        let current = consent
+            .epoch(&b.family)
+            .ok_or_else(|| StoreError::NotFound("family".into()))?;
+        let periods = records
+            .iter()
+            .map(|r| r.header().period)
+            .fold(None, |acc: Option<(Period, Period)>, p| {
+                Some(acc.map_or((p, p), |(a, z)| (a.min(p), z.max(p))))
+            })
+            .ok_or_else(|| StoreError::Malformed("a batch with no records".into()))?;
+        if b.author == b.customer {
+            if consent.rotation_pending(&b.family, time) {
+                return Err(StoreError::Denied(DenyReason::RotationPending(b.family)));
+            }
+            if b.epoch != current {
+                return Err(StoreError::Denied(DenyReason::StaleEpoch { current }));
+            }
+        } else {
+            let access = access.ok_or_else(|| {
+                StoreError::Malformed("a company append carries its access record".into())
+            })?;
+            let attempt = AccessAttempt {
+                company: b.author,
+                grant: access.grant,
+                kind: AccessKind::Append,
+                families: vec![b.family],
+                periods,
+                epoch: Some(b.epoch),
+            };
+            consent
+                .evaluate(&attempt, index + 1, time)
+                .map_err(StoreError::Denied)?;
+        }
+        let ledger = self
+            .state
+            .ledgers
+            .get_mut(&(b.customer, b.family))
+            .ok_or_else(|| StoreError::NotFound("family".into()))?;
+        // Check first, so that a refusal changes nothing.
+        ledger.check(&b, &records).map_err(|e| match e {
+            cmr_core::batch::BatchError::StaleHead { .. } => StoreError::StaleHead,
+            other => StoreError::Refused(other.to_string()),
+        })?;
+        ledger
+            .apply(&b, &records)
+            .map_err(|e| StoreError::Refused(e.to_string()))?;
+        for r in &records {
+            let h = r.header();
+            let (period, n) = ledger
+                .locate(&h.id)
+                .ok_or_else(|| StoreError::Format("record not placed".into()))?;
+            overlay.put(
+                layout::record(&b.customer, &b.family, period, n as u64),
+                r.as_bytes().to_vec(),
+            );
+            overlay.put(
+                layout::record_ref(tag::RECORD_BATCH, &b.customer, &b.family, &h.id),
+                signed.digest().0.to_vec(),
+            );
+        }
+        overlay.put(
+            layout::key(tag::BATCH, &[&signed.digest().0]),
+            batch_bytes.to_vec(),
+        );
+        let head_index = self.log(
+            overlay,
+            EntryKind::FamilyHead,
+            time,
+            b.author,
+            Some(b.customer),
+            batch_bytes.to_vec(),
+        )?;
+        if let Some(access) = access {
+            let attempt = AccessAttempt {
+                company: b.author,
+                grant: access.grant,
+                kind: AccessKind::Append,
+                families: vec![b.family],
+                periods,
+                epoch: Some(b.epoch),
+            };
+            let at = overlay.size;
+            self.state
+                .consent
+                .get_mut(&b.customer)
+                .ok_or_else(|| StoreError::NotFound("customer".into()))?
+                .record_access(&attempt, at, time)
+                .map_err(|e| StoreError::Refused(e.to_string()))?
+                .map_err(StoreError::Denied)?;
+            return self
+                .log(
+                    overlay,
+                    EntryKind::Access,
+                    time,
+                    b.author,
+                    Some(b.customer),
+                    access.encode(),
+                )
+                .map(Self::logged);
+        }
+        Ok(Self::logged(head_index))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &mut self,
+        overlay: &mut Overlay<'_>,
+        index: u64,
+        time: u64,
+        customer: IdentityId,
+        family: FamilyId,
+        periods: (Period, Period),
+        cursor: Option<(Period, u64)>,
+        limit: u64,
+        access: Option<&AccessRecord>,
+    ) -> Result<Pending, StoreError> {
+        let mut logged = None;
+        if let Some(access) = access {
+            let company = self
+                .state
+                .identities
+                .keys()
+                .copied()
+                .find(|id| {
+                    self.state.identities[id]
+                        .device_at(
+                            &cmr_core::identity::DeviceId(
+                                Digest::from_hex(&access.keyid)
+                                    .map(|d| d.0)
+                                    .unwrap_or([0; 32]),
+                            ),
+                            index,
+                        )
+                        .is_ok()
+                })
+                .ok_or_else(|| StoreError::BadSignature("unknown keyid".into()))?;
+            let attempt = AccessAttempt {
+                company,
+                grant: access.grant,
+                kind: AccessKind::Read,
+                families: vec![family],
+                periods,
+                epoch: None,
+            };
+            let consent = self
+                .state
+                .consent
+                .get_mut(&customer)
+                .ok_or_else(|| StoreError::NotFound("customer".into()))?;
+            consent
+                .evaluate(&attempt, index, time)
+                .map_err(StoreError::Denied)?;
+            consent
+                .record_access(&attempt, index, time)
+                .map_err(|e| StoreError::Refused(e.to_string()))?
+                .map_err(StoreError::Denied)?;
+            logged = Some(self.log(
+                overlay,
+                EntryKind::Access,
+                time,
+                company,
+                Some(customer),
+                access.encode(),
+            )?);
+        }
+        let ledger = self
+            .state
+            .ledgers
+            .get(&(customer, family))
+            .ok_or_else(|| StoreError::NotFound("family".into()))?;
+        let proof = ledger
+            .prove_read(
+                ledger.head().batches,
+                periods.0,
+                periods.1,
+                cursor,
+                limit.clamp(1, 10_000),
+            )
+            .ok_or_else(|| StoreError::Malformed("bad read".into()))?;
+        let mut records = Vec::new();
+        let mut batch_digests = Vec::new();
+        for page in &proof.pages {
+            for (i, id) in page.ids.iter().enumerate() {
+                let n = page.start + i as u64;
+                let bytes = overlay
+                    .get(&layout::record(&customer, &family, page.period, n))?
+                    .ok_or_else(|| StoreError::NotFound(format!("record {}", id.to_hex())))?;
+                records.push(
+                    SealedRecord::decode(bytes).map_err(|e| StoreError::Format(e.to_string()))?,
+                );
+                let d = overlay
+                    .get(&layout::record_ref(
+                        tag::RECORD_BATCH,
+                        &customer,
+                        &family,
+                        id,
+                    ))?
+                    .ok_or_else(|| StoreError::NotFound("batch".into()))?;
+                if !batch_digests.contains(&d) {
+                    batch_digests.push(d);
+                }
+            }
+        }
+        let batches = batch_digests
+            .iter()
+            .map(|d| {
+                let bytes = overlay
+                    .get(&layout::key(tag::BATCH, &[d]))?
+                    .ok_or_else(|| StoreError::NotFound("batch".into()))?;
+                SignedBatch::decode(&bytes).map_err(|e| StoreError::Format(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Pending {
+            index: logged,
+            read: Some(ReadResult {
+                proof,
+                records,
+                batches,
+            }),
+            repeated: false,
+        })
+    }
+
+    /// Rebuilds the in-memory state by replaying the stored log (signatures were checked when logged).
+    fn rebuild(&mut self) -> Result<(), StoreError> {
+        let size = self
+            .tree
+            .get(layout::META_SIZE)
+            .map_err(io)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        let mut heads = HashMap::new();
+        for i in 0..size {
+            let Some(v) = self.tree.get(layout::indexed(tag::BODY, i)).map_err(io)? else {
+                continue;
+            };
+            let body = EntryBody::decode(v.get(32..).unwrap_or_default())
+                .map_err(|e| StoreError::Format(format!("entry {i}: {e}")))?;
+            if let Some(c) = body.customer {
+                heads.insert(
+                    c,
+                    ChainLink {
+                        index: i,
+                        hash: EntryBody::hash(&v[32..]),
+                    },
+                );
+            }
+            self.state.last_time = self.state.last_time.max(body.time);
+            self.replay(i, &body)
+                .map_err(|e| StoreError::Format(format!("entry {i} does not replay: {e}")))?;
+        }
+        self.state.heads = heads;
+        self.state.size = size;
+        let root = Tree::new(Committed(&self.tree, size))
+            .root(size)
+            .map_err(tree_err)?;
+        if let Some(note) = self.tree.get(layout::META_CHECKPOINT).map_err(io)? {
+            let note = String::from_utf8_lossy(&note).into_owned();
+            let cp = cmr_log::checkpoint::open(&note, &self.log_key.verifier(), &[], 0)
+                .map_err(|e| StoreError::Format(format!("stored checkpoint: {e}")))?;
+            if cp.checkpoint.size != size || cp.checkpoint.root != root {
+                return Err(StoreError::Format(
+                    "the stored checkpoint does not match the stored tree".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn replay(&mut self, index: u64, body: &EntryBody) -> Result<(), StoreError> {
+        let m = |e: &dyn std::fmt::Display| StoreError::Format(e.to_string());
+        match body.kind {
+            EntryKind::KeyEvent => {
+                let ev = SignedKeyEvent::decode(&body.payload).map_err(|e| m(&e))?;
+                if ev.event().seq == 0 {
+                    let h = KeyHistory::incept(&ev, index).map_err(|e| m(&e))?;
+                    let id = h.id();
+                    if h.role() == Role::Customer {
+                        self.state.consent.insert(id, ConsentState::new(id));
+                    }
+                    self.state.identities.insert(id, IdentityState::new(h));
+                } else {
+                    self.identity_mut(&ev.identity())?
+                        .rotate(&ev, index)
+                        .map_err(|e| m(&e))?;
+                }
+            }
+            EntryKind::DeviceCertificate => {
+                let c = Signed::<DeviceCertificate>::decode(&body.payload).map_err(|e| m(&e))?;
+                self.identity_mut(&c.body().identity)?
+                    .certify(&c, index)
+                    .map_err(|e| m(&e))?;
+            }
+            EntryKind::DeviceRevocation => {
+                let r = Signed::<DeviceRevocation>::decode(&body.payload).map_err(|e| m(&e))?;
+                let id = r.body().identity;
+                self.identity_mut(&id)?
+                    .revoke(&r, index)
+                    .map_err(|e| m(&e))?;
+                if let Some(c) = self.state.consent.get_mut(&id) {
+                    c.device_revoked(index, body.time).map_err(|e| m(&e))?;
+                }
+            }
+            EntryKind::Directory => {
+                let dir = SignedDirectory::decode(&body.payload).map_err(|e| m(&e))?;
+                let d = dir.directory();
+                if let Some(consent) = self.state.consent.get_mut(&d.customer) {
+                    for f in &d.families {
+                        consent.declare_family(f.family, f.scope, f.epoch);
+                        self.state
+                            .ledgers
+                            .entry((d.customer, f.family))
+                            .or_insert_with(|| FamilyLedger::new(d.customer, f.family, f.scope));
+                    }
+                }
+                self.state
+                    .directories
+                    .insert(d.customer, (d.version, dir.digest()));
+            }
+            EntryKind::Statement => {
+                let st = SignedStatement::decode(&body.payload).map_err(|e| m(&e))?;
+                let c = st.statement().customer;
+                self.state
+                    .consent
+                    .get_mut(&c)
+                    .ok_or_else(|| m(&"unknown customer"))?
+                    .apply(&st, index, body.time)
+                    .map_err(|e| m(&e))?;
+            }
+            EntryKind::FamilyHead => {
+                let signed = SignedBatch::decode(&body.payload).map_err(|e| m(&e))?;
+                let b = signed.batch();
+                let ledger = self
+                    .state
+                    .ledgers
+                    .get_mut(&(b.customer, b.family))
+                    .ok_or_else(|| m(&"unknown family"))?;
+                // Records of an erased family are gone; its ledger is then not rebuilt.
+                let mut records = Vec::with_capacity(b.entries.len());
+                let mut complete = true;
+                let mut next: HashMap<Period, u64> = HashMap::new();
+                for e in &b.entries {
+                    let n = next
+                        .entry(e.period)
+                        .or_insert_with(|| ledger.period_count(e.period));
+                    let key = layout::record(&b.customer, &b.family, e.period, *n);
+                    *n += 1;
+                    match self.tree.get(key).map_err(io)? {
+                        Some(v) => {
+                            records.push(SealedRecord::decode(v.to_vec()).map_err(|e| m(&e))?)
+                        }
+                        None => complete = false,
+                    }
+                }
+                if complete {
+                    ledger.apply(b, &records).map_err(|e| m(&e))?;
+                }
+            }
+            EntryKind::Access => {
+                let rec = AccessRecord::decode(&body.payload).map_err(|e| m(&e))?;
+                let customer = body
+                    .customer
+                    .ok_or_else(|| m(&"access about no customer"))?;
+                let from = rec.families.iter().map(|f| f.from).min();
+                let to = rec.families.iter().map(|f| f.to).max();
+                if let (Some(from), Some(to)) = (from, to) {
+                    let attempt = AccessAttempt {
+                        company: body.subject,
+                        grant: rec.grant,
+                        kind: rec.kind,
+                        families: rec.families.iter().map(|f| f.family).collect(),
+                        periods: (from, to),
+                        epoch: rec.epoch,
+                    };
+                    if let Some(c) = self.state.consent.get_mut(&customer) {
+                        let _ = c.record_access(&attempt, index, body.time);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl cmr_log::auditor::LogSource for &Store {
+    type Error = StoreError;
+
+    fn checkpoint(&mut self) -> Result<String, StoreError> {
+        Store::checkpoint(self)?.ok_or_else(|| StoreError::NotFound("no checkpoint yet".into()))
+    }
+
+    fn commitments(&mut self, from: u64, to: u64) -> Result<Vec<Digest>, StoreError> {
+        Store::commitments(self, from, to)
+    }
+
+    fn body(&mut self, index: u64) -> Result<Option<SaltedBody>, StoreError> {
+        Store::body(self, index)
+    }
+}

@@ -1,0 +1,197 @@
+//! The store's whole API against real sled in temporary folders.
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use cmr_core::batch::verify_read;
+use cmr_core::decision::{AccessKind, DenyReason};
+use cmr_log::auditor::Auditor;
+use cmr_log::verify::verify_inclusion;
+use cmr_store::{Op, StoreError};
+use common::{T0, World, log_key, open, p};
+
+#[test]
+fn the_whole_flow_is_logged_proven_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let store = open(dir.path(), clock.clone());
+    let mut w = World::setup(&store);
+    let g = w.grant(&store);
+
+    // The customer writes a batch; the ack carries a proof into a durable checkpoint.
+    let head0 = cmr_core::batch::Head::empty(w.customer.id, w.tx).digest();
+    let ack = store
+        .execute(w.customer_batch(head0, p(2026, 1), 5, 1))
+        .unwrap();
+    let cp = cmr_log::checkpoint::open(&ack.checkpoint, &log_key().verifier(), &[], 0)
+        .unwrap()
+        .checkpoint;
+    let index = ack.index.unwrap();
+    let leaf = cmr_log::entry::commitment_leaf(&store.commitments(index, index + 1).unwrap()[0]);
+    verify_inclusion(index, cp.size, &leaf, &ack.proof, &cp.root).unwrap();
+
+    // Acme reads: the access is logged first, and the read proves complete.
+    let ack = store.execute(w.read(g, p(2025, 6), T0)).unwrap();
+    assert!(ack.index.is_some());
+    let read = ack.read.unwrap();
+    assert_eq!(read.records.len(), 5);
+    let cust_key = w.customer.device.signing.verifying_key();
+    verify_read(
+        &read.proof.head.digest(),
+        &read.proof,
+        &read.records,
+        &read.batches,
+        |_| Some(cust_key),
+        None,
+    )
+    .unwrap();
+
+    // Acme appends to its own family.
+    let head = read.proof.head.digest();
+    let key = w.secret_tx.append_key(&w.acme.id, p(2026, 2));
+    let rec =
+        cmr_core::record::RecordSealer::new(w.customer.id, w.tx, 1, w.acme.id, &key, p(2026, 2))
+            .unwrap()
+            .seal(
+                &mut rand::rng(),
+                cmr_core::record::RecordId([9; 16]),
+                b"invoice",
+            )
+            .unwrap();
+    let batch =
+        cmr_core::batch::Batch::for_records(w.acme.device.id(), head, std::slice::from_ref(&rec))
+            .unwrap();
+    let access = w.access(g, AccessKind::Append, w.tx, p(2026, 2), p(2026, 2), T0);
+    store
+        .execute(Op::WriteBatch {
+            batch: cmr_core::batch::SignedBatch::sign(batch, &w.acme.device.signing).encode(),
+            records: vec![rec.as_bytes().to_vec()],
+            access: Some(access),
+        })
+        .unwrap();
+
+    // Revocation: later reads are refused, appends wait for the rotation.
+    store.execute(w.revoke(g)).unwrap();
+    assert_eq!(
+        store.execute(w.read(g, p(2025, 6), T0)).unwrap_err(),
+        StoreError::Denied(DenyReason::GrantRevoked(ack.index.unwrap() + 3))
+    );
+    // The customer's own writes wait too: the revoked company holds the current epoch's keys.
+    let current = store
+        .execute(Op::Read {
+            customer: w.customer.id,
+            family: w.tx,
+            periods: (p(2025, 1), p(2026, 12)),
+            cursor: None,
+            limit: 100,
+            access: None,
+        })
+        .unwrap();
+    let err = store
+        .execute(w.customer_batch(current.read.unwrap().proof.head.digest(), p(2026, 3), 1, 2))
+        .unwrap_err();
+    assert_eq!(err, StoreError::Denied(DenyReason::RotationPending(w.tx)));
+
+    // An auditor, reading the store, finds nothing wrong.
+    let mut auditor = Auditor::new(log_key().verifier());
+    let report = auditor.run(&mut &store).unwrap();
+    assert!(report.is_clean(), "{:?}", report.violations);
+    assert_eq!(report.counts["access"], 2);
+}
+
+#[test]
+fn writes_are_idempotent_and_conflicts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Arc::new(AtomicU64::new(T0)));
+    let w = World::setup(&store);
+    let grant = w.grant_statement(&store);
+    let first = store.execute(Op::Statement(grant.encode())).unwrap();
+    // The same signed body again: the original index, nothing logged twice.
+    let again = store.execute(Op::Statement(grant.encode())).unwrap();
+    assert!(again.repeated);
+    assert_eq!(again.index, first.index);
+    assert_eq!(again.size, first.size);
+    // Another body under the same id (the grant resealed): a conflict, and nothing changes.
+    let other = w.reseal(&grant);
+    assert_eq!(other.id(), grant.id());
+    assert_eq!(
+        store.execute(Op::Statement(other.encode())).unwrap_err(),
+        StoreError::Conflict
+    );
+    assert_eq!(store.checkpoint().unwrap().unwrap(), first.checkpoint);
+}
+
+#[test]
+fn reopening_rebuilds_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let (g, size) = {
+        let store = open(dir.path(), clock.clone());
+        let mut w = World::setup(&store);
+        let g = w.grant(&store);
+        store.execute(w.read(g, p(2025, 6), T0)).unwrap();
+        let ack = store.execute(w.revoke(g)).unwrap();
+        (g, ack.size)
+    };
+    let store = open(dir.path(), clock);
+    let mut w = World::existing();
+    // The revoked grant stays revoked, and the stored checkpoint matches the stored tree.
+    assert!(matches!(
+        store.execute(w.read(g, p(2025, 6), T0)),
+        Err(StoreError::Denied(DenyReason::GrantRevoked(_)))
+    ));
+    let cp = store.checkpoint().unwrap().unwrap();
+    let v = cmr_log::checkpoint::open(&cp, &log_key().verifier(), &[], 0)
+        .unwrap()
+        .checkpoint;
+    assert_eq!(v.size, size);
+    assert_eq!(v.root, store.root(size).unwrap());
+    let mut auditor = Auditor::new(log_key().verifier());
+    assert!(auditor.run(&mut &store).unwrap().is_clean());
+}
+
+#[test]
+fn bad_input_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Arc::new(AtomicU64::new(T0)));
+    let _w = World::setup(&store);
+    let before = store.checkpoint().unwrap();
+    for op in [
+        Op::Register(vec![1, 2, 3]),
+        Op::Statement(vec![0; 10_000]),
+        Op::Certify(vec![]),
+        Op::PublishDirectory(b"CMRV".to_vec()),
+        Op::WriteBatch {
+            batch: vec![9; 100],
+            records: vec![vec![1; 50]],
+            access: None,
+        },
+    ] {
+        assert!(matches!(store.execute(op), Err(StoreError::Malformed(_))));
+    }
+    assert_eq!(store.checkpoint().unwrap(), before);
+}
+
+#[test]
+fn a_newer_or_damaged_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let _store = open(dir.path(), Arc::new(AtomicU64::new(T0)));
+    }
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let t = db.open_tree("cmr").unwrap();
+        t.insert(cmr_store::layout::META_FORMAT, &99u32.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let mut cfg = cmr_store::StoreConfig::new(dir.path(), log_key());
+    cfg.cache_capacity = 16 * 1024 * 1024;
+    assert!(matches!(
+        cmr_store::Store::open(cfg),
+        Err(StoreError::Format(_))
+    ));
+}
