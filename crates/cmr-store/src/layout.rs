@@ -5,7 +5,6 @@
 
 use cmr_core::family::{FamilyId, Period};
 use cmr_core::identity::IdentityId;
-use cmr_core::record::RecordId;
 
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -20,14 +19,11 @@ pub mod tag {
     pub const NODE: u8 = 0x03;
     /// Log bodies (salt || body) by index.
     pub const BODY: u8 = 0x04;
-    /// Records by (customer, family, period, index in period).
+    /// Records by (customer, family, period, index in period); the value is the digest of the batch
+    /// that wrote the record, then the sealed record.
     pub const RECORD: u8 = 0x05;
-    /// Where a record is, by (customer, family, record id).
-    pub const RECORD_ID: u8 = 0x06;
     /// Signed batches by digest.
     pub const BATCH: u8 = 0x07;
-    /// The batch that wrote a record, by (customer, family, record id).
-    pub const RECORD_BATCH: u8 = 0x08;
     /// Idempotency: (body digest, log index) by client operation id.
     pub const IDEMPOTENCY: u8 = 0x09;
     /// The latest directory of a customer.
@@ -78,9 +74,4 @@ pub fn record(customer: &IdentityId, family: &FamilyId, period: Period, n: u64) 
 /// The prefix of every record of a family.
 pub fn family_prefix(customer: &IdentityId, family: &FamilyId) -> Vec<u8> {
     key(tag::RECORD, &[&customer.0, &family.0])
-}
-
-/// The key under which a record's location or batch is kept.
-pub fn record_ref(tag: u8, customer: &IdentityId, family: &FamilyId, id: &RecordId) -> Vec<u8> {
-    key(tag, &[&customer.0, &family.0, &id.0])
 }

@@ -1,0 +1,281 @@
+//! Store benchmarks with their references in the same run (one pass each, printed as a table):
+//! - 64 concurrent single-record durable writers (each on its own family) against the same write made
+//!   durable one at a time;
+//! - batched writes (64 records of 1 KiB per batch) against raw sled `apply_batch(64)` + `flush`;
+//! - RSS after 1,000,000 records with the store's cache capacity.
+//!
+//! Run: `cargo bench -p cmr-store --bench store` (CMR_BENCH_RECORDS changes the 1,000,000).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use cmr_core::batch::{Batch, FamilyLedger, SignedBatch};
+use cmr_core::directory::{Directory, DirectoryDevice, DirectoryFamily};
+use cmr_core::epoch::EpochSecret;
+use cmr_core::family::{FamilyId, FamilyName, Period, PseudonymKey, Scope};
+use cmr_core::hash::Digest;
+use cmr_core::identity::{DeviceKeys, IdentityId, Role, create_identity};
+use cmr_core::keys::SigningKey;
+use cmr_core::record::{RecordId, RecordSealer, SealedRecord};
+use cmr_log::note::{NoteSigner, TYPE_ED25519};
+use cmr_store::{Op, Store, StoreConfig};
+
+const T0: u64 = 1_794_700_800;
+
+struct Vault {
+    customer: IdentityId,
+    device: DeviceKeys,
+    families: Vec<FamilyId>,
+    secret: EpochSecret,
+}
+
+fn open(path: &std::path::Path) -> Store {
+    let key = NoteSigner::new(
+        "vault.example/log",
+        TYPE_ED25519,
+        SigningKey::from_seed(&[1; 32]),
+    )
+    .expect("valid name");
+    let mut cfg = StoreConfig::new(path, key);
+    cfg.cache_capacity = 256 * 1024 * 1024;
+    let clock = Arc::new(AtomicU64::new(T0));
+    cfg.clock = Arc::new(move || clock.load(std::sync::atomic::Ordering::Relaxed));
+    Store::open(cfg).expect("opens")
+}
+
+fn vault(store: &Store, families: usize) -> Vault {
+    let mut rng = rand::rng();
+    let c = create_identity(&mut rng, Role::Customer);
+    let customer = c.inception.identity();
+    let device = DeviceKeys::generate(&mut rng);
+    store
+        .execute(Op::Register(c.inception.encode()))
+        .expect("register");
+    store
+        .execute(Op::Certify(
+            device.certify(customer, 0, &c.identity_key, 0).encode(),
+        ))
+        .expect("certify");
+    let pk = PseudonymKey::generate(&mut rng);
+    let mut fams: Vec<DirectoryFamily> = (0..families)
+        .map(|i| DirectoryFamily {
+            family: FamilyName::Transactions(pk.counterparty(&IdentityId([i as u8; 32])))
+                .id(&customer),
+            scope: Scope::Transactions,
+            epoch: 1,
+            appenders: vec![],
+        })
+        .collect();
+    fams.sort_by_key(|f| f.family);
+    let dir = Directory {
+        customer,
+        version: 1,
+        prev: Digest([0; 32]),
+        signer: device.id(),
+        issued_at: 0,
+        devices: vec![DirectoryDevice {
+            device: device.id(),
+            signing_key: device.signing.verifying_key(),
+            kem_key: device.kem.public_key(),
+        }],
+        families: fams.clone(),
+    }
+    .sign(&device.signing);
+    store
+        .execute(Op::PublishDirectory(dir.encode()))
+        .expect("directory");
+    Vault {
+        customer,
+        device,
+        families: fams.iter().map(|f| f.family).collect(),
+        secret: EpochSecret::generate(&mut rng),
+    }
+}
+
+/// A writer of one family: keeps its own ledger copy to know the head.
+struct Writer<'a> {
+    v: &'a Vault,
+    family: FamilyId,
+    ledger: FamilyLedger,
+    next: u64,
+}
+
+impl<'a> Writer<'a> {
+    fn new(v: &'a Vault, i: usize) -> Self {
+        Writer {
+            v,
+            family: v.families[i],
+            ledger: FamilyLedger::new(v.customer, v.families[i], Scope::Transactions),
+            next: 0,
+        }
+    }
+
+    fn op(&mut self, n: usize, size: usize) -> Op {
+        let period = Period::from_year_month(2026, 11).expect("valid");
+        let key = self.v.secret.read_key(Period::ORIGIN);
+        let sealer = RecordSealer::new(
+            self.v.customer,
+            self.family,
+            1,
+            self.v.customer,
+            &key,
+            period,
+        )
+        .expect("sealer");
+        let content = vec![0x5a; size];
+        let mut rng = rand::rng();
+        let records: Vec<SealedRecord> = (0..n)
+            .map(|_| {
+                self.next += 1;
+                let mut id = [0u8; 16];
+                id[8..].copy_from_slice(&self.next.to_be_bytes());
+                sealer.seal(&mut rng, RecordId(id), &content).expect("seal")
+            })
+            .collect();
+        let batch = Batch::for_records(self.v.device.id(), self.ledger.head().digest(), &records)
+            .expect("batch");
+        self.ledger.apply(&batch, &records).expect("local ledger");
+        Op::WriteBatch {
+            batch: SignedBatch::sign(batch, &self.v.device.signing).encode(),
+            records: records.iter().map(|r| r.as_bytes().to_vec()).collect(),
+            access: None,
+        }
+    }
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn main() {
+    println!("store benchmarks");
+    // 1. Durable single-record writes: one at a time, then 64 concurrent writers.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let v = vault(&store, 65);
+    let n = 300;
+    let mut w = Writer::new(&v, 0);
+    let start = Instant::now();
+    for _ in 0..n {
+        store.execute(w.op(1, 1024)).expect("write");
+    }
+    let one = n as f64 / start.elapsed().as_secs_f64();
+    println!("| single-record durable writes, one at a time | {n} | {one:.0}/s |");
+    let per = 100;
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for i in 1..=64 {
+            let store = &store;
+            let v = &v;
+            s.spawn(move || {
+                // Family 0 is the sequential writer's; each concurrent writer has its own.
+                let mut w = Writer::new(v, i);
+                for _ in 0..per {
+                    store.execute(w.op(1, 1024)).expect("write");
+                }
+            });
+        }
+    });
+    let many = (64 * per) as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "| single-record durable writes, 64 concurrent writers | {} | {many:.0}/s = {:.1}x one at a time |",
+        64 * per,
+        many / one
+    );
+    drop(store);
+
+    // 2. Batched writes against raw sled apply_batch + flush.
+    let raw_dir = tempfile::tempdir().expect("tempdir");
+    let db = sled::Config::new()
+        .path(raw_dir.path())
+        .cache_capacity(256 * 1024 * 1024)
+        .open()
+        .expect("sled");
+    let batches = 300;
+    let value = vec![0x5a; 1024 + 250];
+    let start = Instant::now();
+    for b in 0..batches {
+        let mut batch = sled::Batch::default();
+        for i in 0..64u64 {
+            batch.insert(&((b as u64) * 64 + i).to_be_bytes(), value.clone());
+        }
+        db.apply_batch(batch).expect("apply");
+        db.flush().expect("flush");
+    }
+    let raw = (batches * 64) as f64 / start.elapsed().as_secs_f64();
+    drop(db);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let v = vault(&store, 1);
+    let mut w = Writer::new(&v, 0);
+    let ops: Vec<Op> = (0..batches).map(|_| w.op(64, 1024)).collect();
+    let start = Instant::now();
+    for op in ops {
+        store.execute(op).expect("write");
+    }
+    let ours = (batches * 64) as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "| raw sled apply_batch(64) + flush (1.25 KiB values) | {} | {raw:.0} records/s |",
+        batches * 64
+    );
+    println!(
+        "| store: signed batches of 64 x 1 KiB records, durable | {} | {ours:.0} records/s = {:.0}% of raw |",
+        batches * 64,
+        100.0 * ours / raw
+    );
+    drop(store);
+    // The same batches from 8 concurrent writers (each on its own family): group commit shares the flush.
+    let dir8 = tempfile::tempdir().expect("tempdir");
+    let store8 = open(dir8.path());
+    let v8 = vault(&store8, 8);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let (store8, v8) = (&store8, &v8);
+            s.spawn(move || {
+                let mut w = Writer::new(v8, i);
+                for _ in 0..batches / 8 {
+                    store8.execute(w.op(64, 1024)).expect("write");
+                }
+            });
+        }
+    });
+    let concurrent = (batches / 8 * 8 * 64) as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "| store: the same batches from 8 concurrent writers | {} | {concurrent:.0} records/s = {:.0}% of raw |",
+        batches / 8 * 8 * 64,
+        100.0 * concurrent / raw
+    );
+    drop(store8);
+    let store = open(dir.path());
+
+    // 3. RSS at N records.
+    let total: usize = std::env::var("CMR_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let per_batch = 1000;
+    let start = Instant::now();
+    let mut written = batches * 64;
+    while written < total {
+        let op = w.op(per_batch.min(total - written), 1024);
+        store.execute(op).expect("write");
+        written += per_batch;
+    }
+    println!(
+        "| write up to {total} records of 1 KiB | | {:.1} s |",
+        start.elapsed().as_secs_f64()
+    );
+    println!(
+        "| RSS with {total} records, cache_capacity 256 MiB | | {:.0} MiB |",
+        rss_mib()
+    );
+}
