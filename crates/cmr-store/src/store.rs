@@ -1009,14 +1009,11 @@ impl Sequencer {
             .ledgers
             .get_mut(&(b.customer, b.family))
             .ok_or_else(|| StoreError::NotFound("family".into()))?;
-        // Check first, so that a refusal changes nothing.
-        ledger.check(&b, &records).map_err(|e| match e {
+        // `apply` checks everything before it changes anything, so a refusal changes nothing.
+        ledger.apply(&b, &records).map_err(|e| match e {
             cmr_core::batch::BatchError::StaleHead { .. } => StoreError::StaleHead,
             other => StoreError::Refused(other.to_string()),
         })?;
-        ledger
-            .apply(&b, &records)
-            .map_err(|e| StoreError::Refused(e.to_string()))?;
         let digest = signed.digest();
         for r in &records {
             let h = r.header();
