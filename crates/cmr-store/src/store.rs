@@ -20,8 +20,8 @@ use cmr_core::directory::SignedDirectory;
 use cmr_core::family::{FamilyId, Period};
 use cmr_core::hash::{Digest, sha256, tagged_hash};
 use cmr_core::identity::{
-    DeviceCertificate, DeviceRevocation, IdentityId, IdentityState, KeyHistory, Role, Signed,
-    SignedKeyEvent,
+    DeviceCertificate, DeviceId, DeviceRevocation, IdentityId, IdentityState, KeyHistory, Role,
+    Signed, SignedKeyEvent,
 };
 use cmr_core::merkle::Hash;
 use cmr_core::record::SealedRecord;
@@ -240,6 +240,29 @@ struct State {
     ledgers: HashMap<(IdentityId, FamilyId), FamilyLedger>,
     directories: HashMap<IdentityId, (u64, Digest)>,
     heads: HashMap<IdentityId, ChainLink>,
+    /// Which identity each certified device belongs to, to resolve a request's `keyid`.
+    device_owner: HashMap<DeviceId, IdentityId>,
+}
+
+impl State {
+    /// The identity that owns the device named by `keyid` (a device id in hex), if the device is valid
+    /// at `position`.
+    fn signer(&self, keyid: &str, position: u64) -> Result<IdentityId, StoreError> {
+        let device = Digest::from_hex(keyid)
+            .map(|d| DeviceId(d.0))
+            .ok_or_else(|| StoreError::Malformed("keyid is not a device id".into()))?;
+        let owner = self
+            .device_owner
+            .get(&device)
+            .copied()
+            .ok_or_else(|| StoreError::BadSignature("unknown keyid".into()))?;
+        self.identities
+            .get(&owner)
+            .ok_or_else(|| StoreError::BadSignature("unknown keyid".into()))?
+            .device_at(&device, position)
+            .map_err(|e| StoreError::BadSignature(e.to_string()))?;
+        Ok(owner)
+    }
 }
 
 /// A node store over sled plus the writes of the group in progress.
@@ -775,9 +798,11 @@ impl Sequencer {
             Op::Certify(bytes) => {
                 let cert = Signed::<DeviceCertificate>::decode(bytes).map_err(|e| malformed(&e))?;
                 let id = cert.body().identity;
-                self.identity_mut(&id)?
+                let device = self
+                    .identity_mut(&id)?
                     .certify(&cert, index)
                     .map_err(|e| bad(&e))?;
+                self.state.device_owner.insert(device, id);
                 let customer = self.state.consent.contains_key(&id).then_some(id);
                 self.log(
                     overlay,
@@ -992,6 +1017,11 @@ impl Sequencer {
             let access = access.ok_or_else(|| {
                 StoreError::Malformed("a company append carries its access record".into())
             })?;
+            if self.state.signer(&access.keyid, index)? != b.author {
+                return Err(StoreError::BadSignature(
+                    "the request is signed by another identity than the batch".into(),
+                ));
+            }
             let attempt = AccessAttempt {
                 company: b.author,
                 grant: access.grant,
@@ -1084,24 +1114,7 @@ impl Sequencer {
     ) -> Result<Pending, StoreError> {
         let mut logged = None;
         if let Some(access) = access {
-            let company = self
-                .state
-                .identities
-                .keys()
-                .copied()
-                .find(|id| {
-                    self.state.identities[id]
-                        .device_at(
-                            &cmr_core::identity::DeviceId(
-                                Digest::from_hex(&access.keyid)
-                                    .map(|d| d.0)
-                                    .unwrap_or([0; 32]),
-                            ),
-                            index,
-                        )
-                        .is_ok()
-                })
-                .ok_or_else(|| StoreError::BadSignature("unknown keyid".into()))?;
+            let company = self.state.signer(&access.keyid, index)?;
             let attempt = AccessAttempt {
                 company,
                 grant: access.grant,
@@ -1253,9 +1266,12 @@ impl Sequencer {
             }
             EntryKind::DeviceCertificate => {
                 let c = Signed::<DeviceCertificate>::decode(&body.payload).map_err(|e| m(&e))?;
-                self.identity_mut(&c.body().identity)?
+                let id = c.body().identity;
+                let device = self
+                    .identity_mut(&id)?
                     .certify(&c, index)
                     .map_err(|e| m(&e))?;
+                self.state.device_owner.insert(device, id);
             }
             EntryKind::DeviceRevocation => {
                 let r = Signed::<DeviceRevocation>::decode(&body.payload).map_err(|e| m(&e))?;
