@@ -302,46 +302,13 @@ impl Head {
     }
 }
 
-/// An append-only RFC 6962 tree kept as its perfect subtrees, so appending and taking the root are
-/// O(log n).
-#[derive(Debug, Clone, Default)]
-struct Frontier {
-    /// (size, root) of each perfect subtree, largest first.
-    subtrees: Vec<(u64, Hash)>,
-}
-
-impl Frontier {
-    fn push(&mut self, leaf: Hash) {
-        let mut node = (1u64, leaf);
-        while let Some(&(size, left)) = self.subtrees.last() {
-            if size != node.0 {
-                break;
-            }
-            self.subtrees.pop();
-            node = (size * 2, merkle::node_hash(&left, &node.1));
-        }
-        self.subtrees.push(node);
-    }
-
-    fn root(&self) -> Hash {
-        let mut iter = self.subtrees.iter().rev();
-        let Some(&(_, mut acc)) = iter.next() else {
-            return merkle::empty_root();
-        };
-        for (_, left) in iter {
-            acc = merkle::node_hash(left, &acc);
-        }
-        acc
-    }
-}
-
 #[derive(Debug, Clone, Default)]
 struct PeriodState {
     /// Leaf hashes of the record digests, in append order.
     leaves: Vec<Hash>,
     /// The record ids, in the same order.
     ids: Vec<RecordId>,
-    frontier: Frontier,
+    frontier: merkle::CompactRange,
 }
 
 /// A family's records as digests per period, and its head. The store persists it; readers never need it.

@@ -89,7 +89,8 @@ pub enum Role {
 }
 
 impl Role {
-    fn from_u8(v: u8) -> Result<Self, DecodeError> {
+    /// Parses the role's byte.
+    pub fn from_u8(v: u8) -> Result<Self, DecodeError> {
         Ok(match v {
             1 => Role::Customer,
             2 => Role::Company,

@@ -115,17 +115,7 @@ impl KeyFileContents {
 
     fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(bytes, Kind::KeyFilePayload)?;
-        let role = match r.u8()? {
-            1 => Role::Customer,
-            2 => Role::Company,
-            3 => Role::Auditor,
-            _ => {
-                return Err(DecodeError::Invalid {
-                    field: "role",
-                    reason: "unknown role",
-                });
-            }
-        };
+        let role = Role::from_u8(r.u8()?)?;
         let identity = IdentityId(r.array()?);
         let signing = SigningKey::from_seed(&Zeroizing::new(r.array()?));
         let kem = KemSecretKey::from_bytes(*Zeroizing::new(r.array::<32>()?));

@@ -163,6 +163,61 @@ pub fn verify_range(
     Ok(())
 }
 
+/// An append-only RFC 6962 tree kept as its perfect subtrees, largest first: appending and taking the root
+/// are O(log n), without the leaves. Family heads and the auditor both extend roots this way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactRange {
+    size: u64,
+    subtrees: Vec<(u64, Hash)>,
+}
+
+impl CompactRange {
+    /// Rebuilds a range from its size and its perfect subtrees (as saved by [`CompactRange::subtrees`]).
+    /// `None` if the subtrees do not add up to `size` as strictly decreasing powers of two.
+    pub fn from_parts(size: u64, subtrees: Vec<(u64, Hash)>) -> Option<Self> {
+        let valid = subtrees.iter().all(|(n, _)| n.is_power_of_two())
+            && subtrees.windows(2).all(|w| w[0].0 > w[1].0)
+            && subtrees.iter().map(|(n, _)| *n).sum::<u64>() == size;
+        valid.then_some(Self { size, subtrees })
+    }
+
+    /// The number of leaves.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The perfect subtrees, largest first: (leaf count, root).
+    pub fn subtrees(&self) -> &[(u64, Hash)] {
+        &self.subtrees
+    }
+
+    /// Appends a leaf hash.
+    pub fn push(&mut self, leaf: Hash) {
+        let mut node = (1u64, leaf);
+        while let Some(&(size, left)) = self.subtrees.last() {
+            if size != node.0 {
+                break;
+            }
+            self.subtrees.pop();
+            node = (size * 2, node_hash(&left, &node.1));
+        }
+        self.subtrees.push(node);
+        self.size += 1;
+    }
+
+    /// The root of the leaves appended so far.
+    pub fn root(&self) -> Hash {
+        let mut iter = self.subtrees.iter().rev();
+        let Some(&(_, mut acc)) = iter.next() else {
+            return empty_root();
+        };
+        for (_, left) in iter {
+            acc = node_hash(left, &acc);
+        }
+        acc
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +297,20 @@ mod tests {
         assert!(range_proof(&l, 3, 3).is_err());
         assert!(range_proof(&l, 3, 11).is_err());
         assert!(root_from_range(10, usize::MAX, &l[..1], &[]).is_err());
+    }
+
+    #[test]
+    fn compact_range_matches_the_full_root() {
+        let l = leaves(37);
+        let mut c = CompactRange::default();
+        for (i, leaf) in l.iter().enumerate() {
+            assert_eq!(c.root(), root(&l[..i]));
+            c.push(*leaf);
+        }
+        assert_eq!(c.root(), root(&l));
+        let again = CompactRange::from_parts(c.size(), c.subtrees().to_vec()).unwrap();
+        assert_eq!(again, c);
+        assert!(CompactRange::from_parts(36, c.subtrees().to_vec()).is_none());
     }
 
     proptest! {

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use cmr_core::batch::SignedBatch;
 use cmr_core::consent::SignedStatement;
-use cmr_core::decision::{AccessAttempt, ConsentState};
+use cmr_core::decision::ConsentState;
 use cmr_core::directory::SignedDirectory;
 use cmr_core::hash::{Digest, tagged_hash};
 use cmr_core::httpsig;
@@ -26,7 +26,7 @@ use cmr_core::identity::{
     Signed, SignedKeyEvent,
 };
 use cmr_core::keys::{Signature, SignedEnvelope, VerifyingKey, verify_many};
-use cmr_core::merkle::{Hash, empty_root, node_hash};
+use cmr_core::merkle::CompactRange;
 use thiserror::Error;
 
 use crate::checkpoint::{self, Checkpoint};
@@ -115,39 +115,6 @@ impl Report {
     }
 }
 
-/// An append-only tree kept as its perfect subtrees: enough to extend the root without the old leaves.
-#[derive(Debug, Clone, Default)]
-struct CompactRange {
-    size: u64,
-    subtrees: Vec<(u64, Hash)>,
-}
-
-impl CompactRange {
-    fn push(&mut self, leaf: Hash) {
-        let mut node = (1u64, leaf);
-        while let Some(&(size, left)) = self.subtrees.last() {
-            if size != node.0 {
-                break;
-            }
-            self.subtrees.pop();
-            node = (size * 2, node_hash(&left, &node.1));
-        }
-        self.subtrees.push(node);
-        self.size += 1;
-    }
-
-    fn root(&self) -> Hash {
-        let mut it = self.subtrees.iter().rev();
-        let Some(&(_, mut acc)) = it.next() else {
-            return empty_root();
-        };
-        for (_, left) in it {
-            acc = node_hash(left, &acc);
-        }
-        acc
-    }
-}
-
 /// The auditor's state between runs.
 #[derive(Debug, Clone)]
 pub struct Auditor {
@@ -191,7 +158,7 @@ impl Auditor {
         let err = |e: S::Error| SourceError(e.to_string());
         let note = source.checkpoint().map_err(err)?;
         let mut report = Report {
-            size: self.range.size,
+            size: self.range.size(),
             ..Report::default()
         };
         let cp = match checkpoint::open(&note, &self.log_key, &[], 0) {
@@ -221,7 +188,7 @@ impl Auditor {
                 return Ok(report);
             }
         }
-        let from = self.range.size;
+        let from = self.range.size();
         let commitments = source.commitments(from, cp.size).map_err(err)?;
         if commitments.len() as u64 != cp.size - from {
             report
@@ -578,19 +545,9 @@ impl Auditor {
             .consent
             .get_mut(&customer)
             .ok_or_else(|| malformed("access to an unknown customer".into()))?;
-        let from = rec.families.iter().map(|f| f.from).min();
-        let to = rec.families.iter().map(|f| f.to).max();
-        let (Some(from), Some(to)) = (from, to) else {
-            return Err(malformed("access to no family".into()));
-        };
-        let attempt = AccessAttempt {
-            company,
-            grant: rec.grant,
-            kind: rec.kind,
-            families: rec.families.iter().map(|f| f.family).collect(),
-            periods: (from, to),
-            epoch: rec.epoch,
-        };
+        let attempt = rec
+            .attempt(company)
+            .ok_or_else(|| malformed("access to no family".into()))?;
         match consent.record_access(&attempt, index, time) {
             Ok(Ok(allowed)) => Ok(allowed.consumes),
             Ok(Err(reason)) => Err(Violation::AccessDenied(index, reason.code().to_string())),
@@ -711,10 +668,10 @@ impl Auditor {
         let snap = Snapshot {
             format: SNAPSHOT_FORMAT.into(),
             checkpoint: self.verified.as_ref().map(|(_, n)| n.clone()),
-            range_size: self.range.size,
+            range_size: self.range.size(),
             range: self
                 .range
-                .subtrees
+                .subtrees()
                 .iter()
                 .map(|(n, h)| (*n, hex::encode(h)))
                 .collect(),
@@ -743,19 +700,18 @@ impl Auditor {
             return Err(RestoreError::Format(snap.format));
         }
         let mut a = Auditor::new(log_key);
-        a.range = CompactRange {
-            size: snap.range_size,
-            subtrees: snap
-                .range
-                .iter()
-                .map(|(n, h)| Ok((*n, hex32(h)?)))
-                .collect::<Result<_, RestoreError>>()?,
-        };
+        let subtrees = snap
+            .range
+            .iter()
+            .map(|(n, h)| Ok((*n, hex32(h)?)))
+            .collect::<Result<Vec<_>, RestoreError>>()?;
+        a.range = CompactRange::from_parts(snap.range_size, subtrees)
+            .ok_or_else(|| RestoreError::Format("the saved tree is not a compact range".into()))?;
         if let Some(note) = snap.checkpoint {
             let cp = checkpoint::open(&note, &a.log_key, &[], 0)
                 .map_err(|e| RestoreError::Checkpoint(e.to_string()))?
                 .checkpoint;
-            if cp.size != a.range.size || cp.root != a.range.root() {
+            if cp.size != a.range.size() || cp.root != a.range.root() {
                 return Err(RestoreError::Checkpoint(
                     "the saved tree does not match it".into(),
                 ));
@@ -809,19 +765,9 @@ impl Auditor {
                 let customer = body
                     .customer
                     .ok_or_else(|| malformed("no customer".into()))?;
-                let from = rec.families.iter().map(|f| f.from).min();
-                let to = rec.families.iter().map(|f| f.to).max();
-                let (Some(from), Some(to)) = (from, to) else {
-                    return Err(malformed("access to no family".into()));
-                };
-                let attempt = AccessAttempt {
-                    company: body.subject,
-                    grant: rec.grant,
-                    kind: rec.kind,
-                    families: rec.families.iter().map(|f| f.family).collect(),
-                    periods: (from, to),
-                    epoch: rec.epoch,
-                };
+                let attempt = rec
+                    .attempt(body.subject)
+                    .ok_or_else(|| malformed("access to no family".into()))?;
                 let consent = self
                     .consent
                     .get_mut(&customer)

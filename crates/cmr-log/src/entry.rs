@@ -6,7 +6,7 @@
 //! only with it; erasing both leaves the leaf unopenable, and the auditor reports the entry as redacted.
 
 use cmr_core::consent::StatementId;
-use cmr_core::decision::AccessKind;
+use cmr_core::decision::{AccessAttempt, AccessKind};
 use cmr_core::encoding::{DecodeError, Kind, Reader, Writer};
 use cmr_core::family::{FamilyId, Period};
 use cmr_core::hash::{Digest, tagged_hash};
@@ -225,6 +225,21 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
+    /// The access this record claims, by `company`, for `evaluate`: its families, and the span of their
+    /// periods. `None` if it names no family.
+    pub fn attempt(&self, company: IdentityId) -> Option<AccessAttempt> {
+        let from = self.families.iter().map(|f| f.from).min()?;
+        let to = self.families.iter().map(|f| f.to).max()?;
+        Some(AccessAttempt {
+            company,
+            grant: self.grant,
+            kind: self.kind,
+            families: self.families.iter().map(|f| f.family).collect(),
+            periods: (from, to),
+            epoch: self.epoch,
+        })
+    }
+
     /// The canonical encoding.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(Kind::AccessRecord, 256 + self.signature_base.len());

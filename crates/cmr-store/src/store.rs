@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 
 use cmr_core::batch::{FamilyLedger, ReadProof, SignedBatch};
 use cmr_core::consent::{Body, ErasureTarget, SignedStatement};
-use cmr_core::decision::{AccessAttempt, AccessKind, ConsentState, DenyReason};
+use cmr_core::decision::{AccessKind, ConsentState, DenyReason};
 use cmr_core::directory::SignedDirectory;
 use cmr_core::family::{FamilyId, Period};
 use cmr_core::hash::{Digest, sha256, tagged_hash};
@@ -1006,6 +1006,7 @@ impl Sequencer {
                 Some(acc.map_or((p, p), |(a, z)| (a.min(p), z.max(p))))
             })
             .ok_or_else(|| StoreError::Malformed("a batch with no records".into()))?;
+        let mut append = None;
         if b.author == b.customer {
             if consent.rotation_pending(&b.family, time) {
                 return Err(StoreError::Denied(DenyReason::RotationPending(b.family)));
@@ -1022,17 +1023,23 @@ impl Sequencer {
                     "the request is signed by another identity than the batch".into(),
                 ));
             }
-            let attempt = AccessAttempt {
-                company: b.author,
-                grant: access.grant,
-                kind: AccessKind::Append,
-                families: vec![b.family],
-                periods,
-                epoch: Some(b.epoch),
-            };
+            // The signed request must name exactly this append: the auditor replays the decision from it.
+            let attempt = access
+                .attempt(b.author)
+                .filter(|a| {
+                    a.kind == AccessKind::Append
+                        && a.families == [b.family]
+                        && a.epoch == Some(b.epoch)
+                        && a.periods.0 <= periods.0
+                        && periods.1 <= a.periods.1
+                })
+                .ok_or_else(|| {
+                    StoreError::Malformed("the access record does not match the batch".into())
+                })?;
             consent
                 .evaluate(&attempt, index + 1, time)
                 .map_err(StoreError::Denied)?;
+            append = Some(attempt);
         }
         let ledger = self
             .state
@@ -1068,15 +1075,7 @@ impl Sequencer {
             Some(b.customer),
             batch_bytes.to_vec(),
         )?;
-        if let Some(access) = access {
-            let attempt = AccessAttempt {
-                company: b.author,
-                grant: access.grant,
-                kind: AccessKind::Append,
-                families: vec![b.family],
-                periods,
-                epoch: Some(b.epoch),
-            };
+        if let (Some(access), Some(attempt)) = (access, append) {
             let at = overlay.size;
             self.state
                 .consent
@@ -1115,14 +1114,15 @@ impl Sequencer {
         let mut logged = None;
         if let Some(access) = access {
             let company = self.state.signer(&access.keyid, index)?;
-            let attempt = AccessAttempt {
-                company,
-                grant: access.grant,
-                kind: AccessKind::Read,
-                families: vec![family],
-                periods,
-                epoch: None,
-            };
+            // The signed request must name exactly this read: the auditor replays the decision from it.
+            let attempt = access
+                .attempt(company)
+                .filter(|a| {
+                    a.kind == AccessKind::Read && a.families == [family] && a.periods == periods
+                })
+                .ok_or_else(|| {
+                    StoreError::Malformed("the access record does not match the read".into())
+                })?;
             let consent = self
                 .state
                 .consent
@@ -1343,20 +1343,11 @@ impl Sequencer {
                 let customer = body
                     .customer
                     .ok_or_else(|| m(&"access about no customer"))?;
-                let from = rec.families.iter().map(|f| f.from).min();
-                let to = rec.families.iter().map(|f| f.to).max();
-                if let (Some(from), Some(to)) = (from, to) {
-                    let attempt = AccessAttempt {
-                        company: body.subject,
-                        grant: rec.grant,
-                        kind: rec.kind,
-                        families: rec.families.iter().map(|f| f.family).collect(),
-                        periods: (from, to),
-                        epoch: rec.epoch,
-                    };
-                    if let Some(c) = self.state.consent.get_mut(&customer) {
-                        let _ = c.record_access(&attempt, index, body.time);
-                    }
+                if let (Some(attempt), Some(c)) = (
+                    rec.attempt(body.subject),
+                    self.state.consent.get_mut(&customer),
+                ) {
+                    let _ = c.record_access(&attempt, index, body.time);
                 }
             }
         }

@@ -195,3 +195,46 @@ fn a_newer_or_damaged_store_is_refused() {
         Err(StoreError::Format(_))
     ));
 }
+
+#[test]
+fn a_read_must_match_its_signed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Arc::new(AtomicU64::new(T0)));
+    let mut w = World::setup(&store);
+    let g = w.grant(&store);
+    // The request signed for one span of periods, the read asking for a wider one.
+    let Op::Read {
+        customer,
+        family,
+        access,
+        ..
+    } = w.read(g, p(2025, 6), T0)
+    else {
+        unreachable!()
+    };
+    let wider = Op::Read {
+        customer,
+        family,
+        periods: (p(2025, 1), p(2026, 12)),
+        cursor: None,
+        limit: 10,
+        access: access.clone(),
+    };
+    assert!(matches!(
+        store.execute(wider),
+        Err(StoreError::Malformed(_))
+    ));
+    // Another family than the one signed for.
+    let other = Op::Read {
+        customer,
+        family: w.contact,
+        periods: (p(2025, 6), p(2026, 12)),
+        cursor: None,
+        limit: 10,
+        access,
+    };
+    assert!(matches!(
+        store.execute(other),
+        Err(StoreError::Malformed(_))
+    ));
+}
