@@ -19,11 +19,9 @@ pub mod tag {
     pub const NODE: u8 = 0x03;
     /// Log bodies (salt || body) by index.
     pub const BODY: u8 = 0x04;
-    /// Records by (customer, family, period, index in period); the value is the digest of the batch
-    /// that wrote the record, then the sealed record.
+    /// Records by (customer, family, period, index in period); the value is the log index (u64) of
+    /// the family-head entry whose signed batch wrote the record, then the sealed record.
     pub const RECORD: u8 = 0x05;
-    /// Signed batches by digest.
-    pub const BATCH: u8 = 0x07;
     /// Idempotency: (body digest, log index) by client operation id.
     pub const IDEMPOTENCY: u8 = 0x09;
     /// The latest directory of a customer.

@@ -601,9 +601,10 @@ impl Sequencer {
             size: self.state.size,
         };
         let time = self.now();
-        let mut results = Vec::with_capacity(group.len());
-        for job in &group {
-            results.push(self.process(&job.op, &mut overlay, time));
+        let (ops, replies): (Vec<Op>, Vec<_>) = group.into_iter().map(|j| (j.op, j.reply)).unzip();
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            results.push(self.process(op, &mut overlay, time));
         }
         let size = overlay.size;
         let outcome = (|| -> Result<String, StoreError> {
@@ -633,15 +634,15 @@ impl Sequencer {
             Err(e) => {
                 // The in-memory state may now be ahead of the disk: stop, and let a reopen rebuild it.
                 self.poisoned = true;
-                for job in group {
-                    let _ = job.reply.send(Err(e.clone()));
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
                 }
                 return;
             }
         };
         self.state.size = size;
         let committed = Tree::new(Committed(&self.tree, size));
-        for (job, result) in group.into_iter().zip(results) {
+        for (reply, result) in replies.into_iter().zip(results) {
             let ack = result.and_then(|p| {
                 let proof = match p.index {
                     Some(i) => committed.inclusion_proof(i, size).map_err(tree_err)?,
@@ -656,7 +657,7 @@ impl Sequencer {
                     repeated: p.repeated,
                 })
             });
-            let _ = job.reply.send(ack);
+            let _ = reply.send(ack);
         }
     }
 
@@ -704,7 +705,7 @@ impl Sequencer {
 
     fn process(
         &mut self,
-        op: &Op,
+        op: Op,
         overlay: &mut Overlay<'_>,
         time: u64,
     ) -> Result<Pending, StoreError> {
@@ -747,7 +748,7 @@ impl Sequencer {
 
     fn apply_op(
         &mut self,
-        op: &Op,
+        op: Op,
         overlay: &mut Overlay<'_>,
         index: u64,
         time: u64,
@@ -756,7 +757,7 @@ impl Sequencer {
         let bad = |e: &dyn std::fmt::Display| StoreError::BadSignature(e.to_string());
         match op {
             Op::Register(bytes) => {
-                let ev = SignedKeyEvent::decode(bytes).map_err(|e| malformed(&e))?;
+                let ev = SignedKeyEvent::decode(&bytes).map_err(|e| malformed(&e))?;
                 let history = KeyHistory::incept(&ev, index).map_err(|e| bad(&e))?;
                 let id = history.id();
                 if self.state.identities.contains_key(&id) {
@@ -769,34 +770,21 @@ impl Sequencer {
                 if customer.is_some() {
                     self.state.consent.insert(id, ConsentState::new(id));
                 }
-                self.log(
-                    overlay,
-                    EntryKind::KeyEvent,
-                    time,
-                    id,
-                    customer,
-                    bytes.clone(),
-                )
-                .map(Self::logged)
+                self.log(overlay, EntryKind::KeyEvent, time, id, customer, bytes)
+                    .map(Self::logged)
             }
             Op::Rotate(bytes) => {
-                let ev = SignedKeyEvent::decode(bytes).map_err(|e| malformed(&e))?;
+                let ev = SignedKeyEvent::decode(&bytes).map_err(|e| malformed(&e))?;
                 let id = ev.identity();
                 let state = self.identity_mut(&id)?;
                 state.rotate(&ev, index).map_err(|e| bad(&e))?;
                 let customer = self.state.consent.contains_key(&id).then_some(id);
-                self.log(
-                    overlay,
-                    EntryKind::KeyEvent,
-                    time,
-                    id,
-                    customer,
-                    bytes.clone(),
-                )
-                .map(Self::logged)
+                self.log(overlay, EntryKind::KeyEvent, time, id, customer, bytes)
+                    .map(Self::logged)
             }
             Op::Certify(bytes) => {
-                let cert = Signed::<DeviceCertificate>::decode(bytes).map_err(|e| malformed(&e))?;
+                let cert =
+                    Signed::<DeviceCertificate>::decode(&bytes).map_err(|e| malformed(&e))?;
                 let id = cert.body().identity;
                 let device = self
                     .identity_mut(&id)?
@@ -810,12 +798,12 @@ impl Sequencer {
                     time,
                     id,
                     customer,
-                    bytes.clone(),
+                    bytes,
                 )
                 .map(Self::logged)
             }
             Op::RevokeDevice(bytes) => {
-                let rev = Signed::<DeviceRevocation>::decode(bytes).map_err(|e| malformed(&e))?;
+                let rev = Signed::<DeviceRevocation>::decode(&bytes).map_err(|e| malformed(&e))?;
                 let id = rev.body().identity;
                 let mut state = self.identity(&id)?.clone();
                 state.revoke(&rev, index).map_err(|e| bad(&e))?;
@@ -832,12 +820,12 @@ impl Sequencer {
                     time,
                     id,
                     customer,
-                    bytes.clone(),
+                    bytes,
                 )
                 .map(Self::logged)
             }
             Op::PublishDirectory(bytes) => {
-                let dir = SignedDirectory::decode(bytes).map_err(|e| malformed(&e))?;
+                let dir = SignedDirectory::decode(&bytes).map_err(|e| malformed(&e))?;
                 let d = dir.directory();
                 let customer = d.customer;
                 dir.verify(self.identity(&customer)?, index)
@@ -874,12 +862,12 @@ impl Sequencer {
                     time,
                     customer,
                     Some(customer),
-                    bytes.clone(),
+                    bytes,
                 )
                 .map(Self::logged)
             }
             Op::Statement(bytes) => {
-                let st = SignedStatement::decode(bytes).map_err(|e| malformed(&e))?;
+                let st = SignedStatement::decode(&bytes).map_err(|e| malformed(&e))?;
                 let s = st.statement();
                 st.verify(self.identity(&s.author)?, index)
                     .map_err(|e| bad(&e))?;
@@ -902,7 +890,7 @@ impl Sequencer {
                     time,
                     author,
                     Some(customer),
-                    bytes.clone(),
+                    bytes,
                 )
                 .map(Self::logged)
             }
@@ -910,7 +898,7 @@ impl Sequencer {
                 batch,
                 records,
                 access,
-            } => self.write_batch(overlay, index, time, batch, records, access.as_ref()),
+            } => self.write_batch(overlay, index, time, batch, records, access),
             Op::Read {
                 customer,
                 family,
@@ -922,11 +910,11 @@ impl Sequencer {
                 overlay,
                 index,
                 time,
-                *customer,
-                *family,
-                *periods,
-                *cursor,
-                *limit,
+                customer,
+                family,
+                periods,
+                cursor,
+                limit,
                 access.as_ref(),
             ),
         }
@@ -969,12 +957,12 @@ impl Sequencer {
         overlay: &mut Overlay<'_>,
         index: u64,
         time: u64,
-        batch_bytes: &[u8],
-        record_bytes: &[Vec<u8>],
-        access: Option<&AccessRecord>,
+        batch_bytes: Vec<u8>,
+        record_bytes: Vec<Vec<u8>>,
+        access: Option<AccessRecord>,
     ) -> Result<Pending, StoreError> {
         let signed =
-            SignedBatch::decode(batch_bytes).map_err(|e| StoreError::Malformed(e.to_string()))?;
+            SignedBatch::decode(&batch_bytes).map_err(|e| StoreError::Malformed(e.to_string()))?;
         let b = signed.batch().clone();
         let author = self.identity(&b.author)?;
         author
@@ -986,10 +974,8 @@ impl Sequencer {
             )
             .map_err(|e| StoreError::BadSignature(e.to_string()))?;
         let records = record_bytes
-            .iter()
-            .map(|r| {
-                SealedRecord::decode(r.clone()).map_err(|e| StoreError::Malformed(e.to_string()))
-            })
+            .into_iter()
+            .map(|r| SealedRecord::decode(r).map_err(|e| StoreError::Malformed(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         let consent = self
             .state
@@ -1015,7 +1001,7 @@ impl Sequencer {
                 return Err(StoreError::Denied(DenyReason::StaleEpoch { current }));
             }
         } else {
-            let access = access.ok_or_else(|| {
+            let access = access.as_ref().ok_or_else(|| {
                 StoreError::Malformed("a company append carries its access record".into())
             })?;
             if self.state.signer(&access.keyid, index)? != b.author {
@@ -1051,30 +1037,31 @@ impl Sequencer {
             cmr_core::batch::BatchError::StaleHead { .. } => StoreError::StaleHead,
             other => StoreError::Refused(other.to_string()),
         })?;
-        let digest = signed.digest();
+        // The batch goes into the log once, as the family-head entry; each record names that entry.
+        let head_index = overlay.size;
         for r in &records {
             let h = r.header();
             let (period, n) = ledger
                 .locate(&h.id)
                 .ok_or_else(|| StoreError::Format("record not placed".into()))?;
-            // One key per record: the digest of the batch that wrote it, then the sealed record.
-            let mut value = Vec::with_capacity(32 + r.as_bytes().len());
-            value.extend_from_slice(&digest.0);
+            // One key per record: the index of the entry of its batch, then the sealed record.
+            let mut value = Vec::with_capacity(8 + r.as_bytes().len());
+            value.extend_from_slice(&head_index.to_be_bytes());
             value.extend_from_slice(r.as_bytes());
             overlay.put(
                 layout::record(&b.customer, &b.family, period, n as u64),
                 value,
             );
         }
-        overlay.put(layout::key(tag::BATCH, &[&digest.0]), batch_bytes.to_vec());
-        let head_index = self.log(
+        let logged = self.log(
             overlay,
             EntryKind::FamilyHead,
             time,
             b.author,
             Some(b.customer),
-            batch_bytes.to_vec(),
+            batch_bytes,
         )?;
+        debug_assert_eq!(logged, head_index);
         if let (Some(access), Some(attempt)) = (access, append) {
             let at = overlay.size;
             self.state
@@ -1166,12 +1153,12 @@ impl Sequencer {
                 let value = overlay
                     .get(&layout::record(&customer, &family, page.period, n))?
                     .ok_or_else(|| StoreError::NotFound(format!("record {}", id.to_hex())))?;
-                if value.len() <= 32 {
+                if value.len() <= 8 {
                     return Err(StoreError::Format("record value".into()));
                 }
-                let d = value[..32].to_vec();
+                let d = value[..8].to_vec();
                 records.push(
-                    SealedRecord::decode(value[32..].to_vec())
+                    SealedRecord::decode(value[8..].to_vec())
                         .map_err(|e| StoreError::Format(e.to_string()))?,
                 );
                 if !batch_digests.contains(&d) {
@@ -1182,10 +1169,17 @@ impl Sequencer {
         let batches = batch_digests
             .iter()
             .map(|d| {
-                let bytes = overlay
-                    .get(&layout::key(tag::BATCH, &[d]))?
-                    .ok_or_else(|| StoreError::NotFound("batch".into()))?;
-                SignedBatch::decode(&bytes).map_err(|e| StoreError::Format(e.to_string()))
+                let index = u64::from_be_bytes(
+                    d.as_slice()
+                        .try_into()
+                        .map_err(|_| StoreError::Format("record value".into()))?,
+                );
+                let stored = overlay
+                    .get(&layout::indexed(tag::BODY, index))?
+                    .ok_or_else(|| StoreError::NotFound("batch entry".into()))?;
+                let body = EntryBody::decode(stored.get(32..).unwrap_or_default())
+                    .map_err(|e| StoreError::Format(e.to_string()))?;
+                SignedBatch::decode(&body.payload).map_err(|e| StoreError::Format(e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Pending {
