@@ -1322,8 +1322,8 @@ impl Sequencer {
                     let key = layout::record(&b.customer, &b.family, e.period, *n);
                     *n += 1;
                     match self.tree.get(key).map_err(io)? {
-                        Some(v) if v.len() > 32 => {
-                            records.push(SealedRecord::decode(v[32..].to_vec()).map_err(|e| m(&e))?)
+                        Some(v) if v.len() > 8 => {
+                            records.push(SealedRecord::decode(v[8..].to_vec()).map_err(|e| m(&e))?)
                         }
                         _ => complete = false,
                     }

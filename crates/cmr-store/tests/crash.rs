@@ -71,6 +71,51 @@ fn crash_child() {
             })
         })
         .collect();
+    // One writer of signed record batches, following the family's head.
+    let batches = {
+        let store = store.clone();
+        let out = out.clone();
+        let w = World::existing();
+        std::thread::spawn(move || {
+            for i in 0u64.. {
+                let origin = cmr_core::family::Period::ORIGIN;
+                let own = Op::Read {
+                    customer: w.customer.id,
+                    family: w.contact,
+                    periods: (origin, origin),
+                    cursor: None,
+                    limit: 1,
+                    access: None,
+                };
+                let head = store
+                    .execute(own)
+                    .unwrap()
+                    .read
+                    .unwrap()
+                    .proof
+                    .head
+                    .digest();
+                let Op::WriteBatch {
+                    batch,
+                    records,
+                    access,
+                } = w.contact_batch(head, 2, (seed << 32) | i)
+                else {
+                    unreachable!()
+                };
+                let ack = store
+                    .execute(Op::WriteBatch {
+                        batch: batch.clone(),
+                        records,
+                        access,
+                    })
+                    .unwrap();
+                let mut o = out.lock().unwrap();
+                writeln!(o, "ack {} {}", ack.index.unwrap(), sha256(&batch).to_hex()).unwrap();
+                o.flush().unwrap();
+            }
+        })
+    };
     // Reads under the revoked grant keep being refused, even while everything else runs.
     loop {
         let r = store.execute(w.read(g, p(2025, 6), T0));
@@ -79,7 +124,7 @@ fn crash_child() {
             Err(StoreError::Denied(DenyReason::GrantRevoked(_)))
         ));
         std::thread::sleep(Duration::from_millis(5));
-        if threads.iter().all(|t| t.is_finished()) {
+        if threads.iter().all(|t| t.is_finished()) || batches.is_finished() {
             break;
         }
     }

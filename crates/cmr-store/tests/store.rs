@@ -132,12 +132,28 @@ fn reopening_rebuilds_the_state() {
         let store = open(dir.path(), clock.clone());
         let mut w = World::setup(&store);
         let g = w.grant(&store);
+        let head0 = cmr_core::batch::Head::empty(w.customer.id, w.tx).digest();
+        store
+            .execute(w.customer_batch(head0, p(2026, 1), 4, 1))
+            .unwrap();
         store.execute(w.read(g, p(2025, 6), T0)).unwrap();
         let ack = store.execute(w.revoke(g)).unwrap();
         (g, ack.size)
     };
     let store = open(dir.path(), clock);
     let mut w = World::existing();
+    // The family's records and head came back: the customer's own read finds all four.
+    let own = store
+        .execute(Op::Read {
+            customer: w.customer.id,
+            family: w.tx,
+            periods: (p(2025, 1), p(2026, 12)),
+            cursor: None,
+            limit: 100,
+            access: None,
+        })
+        .unwrap();
+    assert_eq!(own.read.unwrap().records.len(), 4);
     // The revoked grant stays revoked, and the stored checkpoint matches the stored tree.
     assert!(matches!(
         store.execute(w.read(g, p(2025, 6), T0)),

@@ -279,12 +279,35 @@ impl World {
         )
     }
 
-    /// A batch of `n` customer records in `period`, extending `head`.
+    /// A batch of `n` customer records in `period` of the transactions family, extending `head`.
     pub fn customer_batch(&self, head: Digest, period: Period, n: usize, tag: u64) -> Op {
-        let key = self.secret_tx.read_key(cmr_core::family::Period::ORIGIN);
+        self.batch_in(self.tx, &self.secret_tx, head, period, n, tag)
+    }
+
+    /// A batch of `n` customer records in the contact family (no grant reads it), extending `head`.
+    pub fn contact_batch(&self, head: Digest, n: usize, tag: u64) -> Op {
+        self.batch_in(
+            self.contact,
+            &self.secret_contact,
+            head,
+            Period::ORIGIN,
+            n,
+            tag,
+        )
+    }
+
+    fn batch_in(
+        &self,
+        family: FamilyId,
+        secret: &EpochSecret,
+        head: Digest,
+        period: Period,
+        n: usize,
+        tag: u64,
+    ) -> Op {
+        let key = secret.read_key(Period::ORIGIN);
         let sealer =
-            RecordSealer::new(self.customer.id, self.tx, 1, self.customer.id, &key, period)
-                .unwrap();
+            RecordSealer::new(self.customer.id, family, 1, self.customer.id, &key, period).unwrap();
         let records: Vec<_> = (0..n)
             .map(|i| {
                 let mut id = [0u8; 16];
