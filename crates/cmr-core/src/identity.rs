@@ -625,6 +625,15 @@ impl IdentityState {
         Ok(())
     }
 
+    /// The signing key of a device that was ever certified (a device id fixes its key), whatever its
+    /// validity now.
+    pub fn device_key(&self, device: &DeviceId) -> Option<VerifyingKey> {
+        self.devices
+            .get(device)
+            .and_then(|e| e.certificates.first())
+            .map(|(_, c)| c.signing_key)
+    }
+
     /// The device's certificate in force at `position`: logged before it, signed by the identity key
     /// current at it, and not revoked before it.
     pub fn device_at(

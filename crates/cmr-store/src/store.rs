@@ -206,8 +206,21 @@ impl StoreConfig {
 
 struct Job {
     op: Op,
+    pre: Option<PreparedBatch>,
     reply: tokio::sync::oneshot::Sender<Result<Ack, StoreError>>,
 }
+
+/// A batch decoded, its records hashed and its signature checked on the submitting thread, so that the
+/// sequencer only checks what depends on the log position.
+struct PreparedBatch {
+    signed: SignedBatch,
+    records: Vec<SealedRecord>,
+    /// `Some(ok)` if the device's key was known when submitted (a device id fixes its key), else `None`.
+    signature: Option<bool>,
+}
+
+/// Device keys by device id, shared by the sequencer (which adds them) and submitters (which verify).
+type DeviceKeys = Arc<std::sync::RwLock<HashMap<DeviceId, cmr_core::keys::VerifyingKey>>>;
 
 /// The store. Cloneable handle semantics through `Arc`; drop the last one to stop the sequencer.
 pub struct Store {
@@ -215,6 +228,7 @@ pub struct Store {
     handle: Mutex<Option<JoinHandle<()>>>,
     db: sled::Tree,
     start_time: u64,
+    device_keys: DeviceKeys,
 }
 
 /// What the sequencer owns.
@@ -228,6 +242,7 @@ struct Sequencer {
     state: State,
     poisoned: bool,
     synced: FileStates,
+    device_keys: DeviceKeys,
 }
 
 /// The in-memory state, rebuilt from the log when the store opens.
@@ -433,7 +448,9 @@ impl Store {
             state: State::default(),
             poisoned: false,
             synced: FileStates::new(),
+            device_keys: DeviceKeys::default(),
         };
+        let device_keys = seq.device_keys.clone();
         seq.rebuild()?;
         let start_time = seq.now();
         let (tx, rx) = mpsc::channel::<Job>();
@@ -446,6 +463,7 @@ impl Store {
             handle: Mutex::new(Some(handle)),
             db: tree,
             start_time,
+            device_keys,
         })
     }
 
@@ -456,16 +474,83 @@ impl Store {
 
     /// Queues an operation; the receiver gets its acknowledgement once it is durable.
     pub fn submit(&self, op: Op) -> tokio::sync::oneshot::Receiver<Result<Ack, StoreError>> {
+        let (op, pre) = self.prepare(op);
         let (reply, rx) = tokio::sync::oneshot::channel();
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = guard.as_ref()
-            && tx.send(Job { op, reply }).is_ok()
+            && tx.send(Job { op, pre, reply }).is_ok()
         {
             return rx;
         }
         let (reply, rx) = tokio::sync::oneshot::channel();
         let _ = reply.send(Err(StoreError::Closed));
         rx
+    }
+
+    /// Decodes a batch, hashes its records and checks its signature here, on the caller's thread, so that
+    /// concurrent writers do this work in parallel. Anything malformed is left for the sequencer to refuse.
+    fn prepare(&self, op: Op) -> (Op, Option<PreparedBatch>) {
+        let Op::WriteBatch {
+            batch,
+            records,
+            access,
+        } = op
+        else {
+            return (op, None);
+        };
+        let Ok(signed) = SignedBatch::decode(&batch) else {
+            return (
+                Op::WriteBatch {
+                    batch,
+                    records,
+                    access,
+                },
+                None,
+            );
+        };
+        let mut decoded = Vec::with_capacity(records.len());
+        let mut rest = records.into_iter();
+        for r in rest.by_ref() {
+            match SealedRecord::decode(r) {
+                Ok(d) => decoded.push(d),
+                Err(_) => {
+                    // Leave the whole batch to the sequencer, which refuses it with the error.
+                    let mut records: Vec<Vec<u8>> = decoded
+                        .iter()
+                        .map(|d: &SealedRecord| d.as_bytes().to_vec())
+                        .collect();
+                    records.push(Vec::new());
+                    records.extend(rest);
+                    return (
+                        Op::WriteBatch {
+                            batch,
+                            records,
+                            access,
+                        },
+                        None,
+                    );
+                }
+            }
+        }
+        let key = self
+            .device_keys
+            .read()
+            .ok()
+            .and_then(|k| k.get(&signed.batch().device).copied());
+        let signature = key.map(|k| signed.verify(&k).is_ok());
+        let pre = PreparedBatch {
+            signed,
+            records: decoded,
+            signature,
+        };
+        (
+            Op::WriteBatch {
+                batch,
+                records: Vec::new(),
+                access,
+            },
+            Some(pre),
+        )
     }
 
     /// Runs an operation and waits for its acknowledgement (from a thread that may block).
@@ -601,10 +686,11 @@ impl Sequencer {
             size: self.state.size,
         };
         let time = self.now();
-        let (ops, replies): (Vec<Op>, Vec<_>) = group.into_iter().map(|j| (j.op, j.reply)).unzip();
-        let mut results = Vec::with_capacity(ops.len());
-        for op in ops {
-            results.push(self.process(op, &mut overlay, time));
+        let mut replies = Vec::with_capacity(group.len());
+        let mut results = Vec::with_capacity(group.len());
+        for job in group {
+            results.push(self.process(job.op, job.pre, &mut overlay, time));
+            replies.push(job.reply);
         }
         let size = overlay.size;
         let outcome = (|| -> Result<String, StoreError> {
@@ -706,6 +792,7 @@ impl Sequencer {
     fn process(
         &mut self,
         op: Op,
+        pre: Option<PreparedBatch>,
         overlay: &mut Overlay<'_>,
         time: u64,
     ) -> Result<Pending, StoreError> {
@@ -729,7 +816,7 @@ impl Sequencer {
             return Err(StoreError::Conflict);
         }
         let index = overlay.size;
-        let pending = self.apply_op(op, overlay, index, time)?;
+        let pending = self.apply_op(op, pre, overlay, index, time)?;
         if let (Some((id, digest)), Some(i)) = (idem, pending.index) {
             let mut v = digest.0.to_vec();
             v.extend_from_slice(&i.to_be_bytes());
@@ -749,6 +836,7 @@ impl Sequencer {
     fn apply_op(
         &mut self,
         op: Op,
+        pre: Option<PreparedBatch>,
         overlay: &mut Overlay<'_>,
         index: u64,
         time: u64,
@@ -791,6 +879,7 @@ impl Sequencer {
                     .certify(&cert, index)
                     .map_err(|e| bad(&e))?;
                 self.state.device_owner.insert(device, id);
+                self.publish_device_key(&id, &device);
                 let customer = self.state.consent.contains_key(&id).then_some(id);
                 self.log(
                     overlay,
@@ -898,7 +987,7 @@ impl Sequencer {
                 batch,
                 records,
                 access,
-            } => self.write_batch(overlay, index, time, batch, records, access),
+            } => self.write_batch(overlay, index, time, batch, records, access, pre),
             Op::Read {
                 customer,
                 family,
@@ -917,6 +1006,18 @@ impl Sequencer {
                 limit,
                 access.as_ref(),
             ),
+        }
+    }
+
+    /// Makes a certified device's key available to submitters (a device id fixes its key).
+    fn publish_device_key(&self, identity: &IdentityId, device: &DeviceId) {
+        let key = self
+            .state
+            .identities
+            .get(identity)
+            .and_then(|s| s.device_key(device));
+        if let (Some(key), Ok(mut keys)) = (key, self.device_keys.write()) {
+            keys.insert(*device, key);
         }
     }
 
@@ -960,23 +1061,35 @@ impl Sequencer {
         batch_bytes: Vec<u8>,
         record_bytes: Vec<Vec<u8>>,
         access: Option<AccessRecord>,
+        pre: Option<PreparedBatch>,
     ) -> Result<Pending, StoreError> {
-        let signed =
-            SignedBatch::decode(&batch_bytes).map_err(|e| StoreError::Malformed(e.to_string()))?;
+        let (signed, records, checked) = match pre {
+            Some(p) => (p.signed, p.records, p.signature),
+            None => {
+                let signed = SignedBatch::decode(&batch_bytes)
+                    .map_err(|e| StoreError::Malformed(e.to_string()))?;
+                let records = record_bytes
+                    .into_iter()
+                    .map(|r| {
+                        SealedRecord::decode(r).map_err(|e| StoreError::Malformed(e.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                (signed, records, None)
+            }
+        };
         let b = signed.batch().clone();
         let author = self.identity(&b.author)?;
-        author
-            .verify_device_signature(
-                &b.device,
-                index,
-                &signed.envelope().body,
-                &signed.envelope().signature,
-            )
+        // The device must be valid at this position; its signature may already have been checked.
+        let cert = author
+            .device_at(&b.device, index)
             .map_err(|e| StoreError::BadSignature(e.to_string()))?;
-        let records = record_bytes
-            .into_iter()
-            .map(|r| SealedRecord::decode(r).map_err(|e| StoreError::Malformed(e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
+        let signature_ok = match checked {
+            Some(ok) => ok,
+            None => signed.verify(&cert.signing_key).is_ok(),
+        };
+        if !signature_ok {
+            return Err(StoreError::BadSignature("batch signature".into()));
+        }
         let consent = self
             .state
             .consent
@@ -1266,6 +1379,7 @@ impl Sequencer {
                     .certify(&c, index)
                     .map_err(|e| m(&e))?;
                 self.state.device_owner.insert(device, id);
+                self.publish_device_key(&id, &device);
             }
             EntryKind::DeviceRevocation => {
                 let r = Signed::<DeviceRevocation>::decode(&body.payload).map_err(|e| m(&e))?;

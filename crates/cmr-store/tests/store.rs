@@ -254,3 +254,49 @@ fn a_read_must_match_its_signed_request() {
         Err(StoreError::Malformed(_))
     ));
 }
+
+#[test]
+fn a_batch_with_a_bad_signature_or_a_revoked_device_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Arc::new(AtomicU64::new(T0)));
+    let w = World::setup(&store);
+    let head0 = cmr_core::batch::Head::empty(w.customer.id, w.tx).digest();
+    let Op::WriteBatch {
+        mut batch,
+        records,
+        access,
+    } = w.customer_batch(head0, p(2026, 1), 2, 1)
+    else {
+        unreachable!()
+    };
+    let n = batch.len();
+    batch[n - 1] ^= 1;
+    let tampered = Op::WriteBatch {
+        batch: batch.clone(),
+        records: records.clone(),
+        access: access.clone(),
+    };
+    assert!(matches!(
+        store.execute(tampered),
+        Err(StoreError::BadSignature(_))
+    ));
+    batch[n - 1] ^= 1;
+    // Revoke the customer's device: its batches are refused from then on, whatever was checked before.
+    // The customer's identity key, regenerated from the same seed `common::party` used.
+    let key = {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::from_seed([1; 32]);
+        cmr_core::identity::create_identity(&mut rng, cmr_core::identity::Role::Customer)
+            .identity_key
+    };
+    let rev = cmr_core::identity::revoke_device(w.customer.id, 0, &key, w.customer.device.id(), T0);
+    store.execute(Op::RevokeDevice(rev.encode())).unwrap();
+    assert!(matches!(
+        store.execute(Op::WriteBatch {
+            batch,
+            records,
+            access
+        }),
+        Err(StoreError::BadSignature(_))
+    ));
+}
