@@ -219,8 +219,16 @@ struct PreparedBatch {
     signature: Option<bool>,
 }
 
-/// Device keys by device id, shared by the sequencer (which adds them) and submitters (which verify).
-type DeviceKeys = Arc<std::sync::RwLock<HashMap<DeviceId, cmr_core::keys::VerifyingKey>>>;
+/// The keys that may sign requests, shared by the sequencer (which adds them as it logs identities and
+/// devices) and by submitters and the server (which verify). A device id fixes its key; an identity's
+/// entry is its current identity key.
+#[derive(Debug, Default)]
+pub struct KeyIndex {
+    devices: HashMap<DeviceId, (IdentityId, cmr_core::keys::VerifyingKey)>,
+    identities: HashMap<IdentityId, cmr_core::keys::VerifyingKey>,
+}
+
+type DeviceKeys = Arc<std::sync::RwLock<KeyIndex>>;
 
 /// The store. Cloneable handle semantics through `Arc`; drop the last one to stop the sequencer.
 pub struct Store {
@@ -536,7 +544,7 @@ impl Store {
             .device_keys
             .read()
             .ok()
-            .and_then(|k| k.get(&signed.batch().device).copied());
+            .and_then(|k| k.devices.get(&signed.batch().device).map(|(_, key)| *key));
         let signature = key.map(|k| signed.verify(&k).is_ok());
         let pre = PreparedBatch {
             signed,
@@ -551,6 +559,23 @@ impl Store {
             },
             Some(pre),
         )
+    }
+
+    /// The identity and key a request's `keyid` names: a device id (64 hex digits) or an identity id
+    /// prefixed `id:` (the identity's current key, for registration and device certification). `None` if
+    /// unknown. Whether a device is still valid is checked again when the operation is sequenced.
+    pub fn signer_key(&self, keyid: &str) -> Option<(IdentityId, cmr_core::keys::VerifyingKey)> {
+        let keys = self.device_keys.read().ok()?;
+        match keyid.strip_prefix("id:") {
+            Some(id) => {
+                let id = IdentityId::from_hex(id)?;
+                keys.identities.get(&id).map(|k| (id, *k))
+            }
+            None => keys
+                .devices
+                .get(&DeviceId(Digest::from_hex(keyid)?.0))
+                .copied(),
+        }
     }
 
     /// Runs an operation and waits for its acknowledgement (from a thread that may block).
@@ -855,6 +880,7 @@ impl Sequencer {
                 self.state
                     .identities
                     .insert(id, IdentityState::new(history));
+                self.publish_identity_key(&id);
                 if customer.is_some() {
                     self.state.consent.insert(id, ConsentState::new(id));
                 }
@@ -866,6 +892,7 @@ impl Sequencer {
                 let id = ev.identity();
                 let state = self.identity_mut(&id)?;
                 state.rotate(&ev, index).map_err(|e| bad(&e))?;
+                self.publish_identity_key(&id);
                 let customer = self.state.consent.contains_key(&id).then_some(id);
                 self.log(overlay, EntryKind::KeyEvent, time, id, customer, bytes)
                     .map(Self::logged)
@@ -1017,7 +1044,19 @@ impl Sequencer {
             .get(identity)
             .and_then(|s| s.device_key(device));
         if let (Some(key), Ok(mut keys)) = (key, self.device_keys.write()) {
-            keys.insert(*device, key);
+            keys.devices.insert(*device, (*identity, key));
+        }
+    }
+
+    /// Makes an identity's current key available to submitters.
+    fn publish_identity_key(&self, identity: &IdentityId) {
+        let key = self
+            .state
+            .identities
+            .get(identity)
+            .map(|s| s.keys().current().signing_key);
+        if let (Some(key), Ok(mut keys)) = (key, self.device_keys.write()) {
+            keys.identities.insert(*identity, key);
         }
     }
 
@@ -1365,10 +1404,12 @@ impl Sequencer {
                         self.state.consent.insert(id, ConsentState::new(id));
                     }
                     self.state.identities.insert(id, IdentityState::new(h));
+                    self.publish_identity_key(&id);
                 } else {
                     self.identity_mut(&ev.identity())?
                         .rotate(&ev, index)
                         .map_err(|e| m(&e))?;
+                    self.publish_identity_key(&ev.identity());
                 }
             }
             EntryKind::DeviceCertificate => {
