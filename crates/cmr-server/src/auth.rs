@@ -1,0 +1,132 @@
+//! Request authentication: the CMR signing profile (RFC 9421 + RFC 9530, `cmr_core::httpsig`), a nonce
+//! memory for the replay window, and the restart horizon.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use axum::http::{HeaderMap, Method, Uri};
+use cmr_core::httpsig::{self, Request, TimeWindow};
+use cmr_core::identity::IdentityId;
+use cmr_core::keys::VerifyingKey;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Who signed a request, and what the log must keep of it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The identity that signed.
+    pub identity: IdentityId,
+    /// The `keyid` it signed with.
+    pub keyid: String,
+    /// The exact signature base.
+    pub signature_base: String,
+    /// The signature.
+    pub signature: [u8; 64],
+}
+
+/// The (keyid, nonce) pairs seen within the replay window.
+#[derive(Debug, Default)]
+pub struct NonceCache {
+    seen: Mutex<HashMap<(String, String), i64>>,
+}
+
+impl NonceCache {
+    /// Records a nonce; false if it was already seen within the window.
+    pub fn check(&self, keyid: &str, nonce: &str, created: i64, now: i64) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let horizon = now - httpsig::MAX_AGE - httpsig::MAX_FUTURE;
+        if seen.len() > 10_000 {
+            seen.retain(|_, c| *c >= horizon);
+        }
+        let key = (keyid.to_string(), nonce.to_string());
+        match seen.get(&key) {
+            Some(c) if *c >= horizon => false,
+            _ => {
+                seen.insert(key, created);
+                true
+            }
+        }
+    }
+}
+
+/// Verifies a signed request. `registering` supplies the key of an identity that is being registered (the
+/// request is signed by its inception key, which the store does not know yet).
+pub fn authenticate(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    registering: Option<(IdentityId, VerifyingKey)>,
+) -> Result<Caller, ApiError> {
+    let mut pairs = Vec::with_capacity(headers.len());
+    for (name, value) in headers {
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::malformed("a header value is not visible ASCII"))?;
+        pairs.push((name.as_str(), value));
+    }
+    let authority = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or(&state.config.authority);
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    let request = Request::new(
+        method.as_str(),
+        &state.config.scheme,
+        authority,
+        target,
+        pairs,
+    );
+    let now = (state.clock)() as i64;
+    let window = TimeWindow {
+        now,
+        horizon: state.store.start_time() as i64 + httpsig::MAX_FUTURE,
+    };
+    let mut signer = None;
+    let verified = httpsig::verify_request(&request, body, window, |keyid| {
+        let found = match registering {
+            Some((id, key)) if keyid == format!("id:{}", id.to_hex()) => Some((id, key)),
+            _ => state.store.signer_key(keyid),
+        };
+        signer = found.map(|(id, _)| id);
+        found.map(|(_, k)| k)
+    })?;
+    let identity = signer.ok_or_else(|| ApiError::from(httpsig::HttpSigError::UnknownKey))?;
+    if !state
+        .nonces
+        .check(&verified.keyid, &verified.nonce, verified.created, now)
+    {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "replayed",
+            "this (keyid, nonce) was already used",
+        ));
+    }
+    // Keep the exact signature base and signature for the log's access entries.
+    let input = request.header("signature-input").unwrap_or_default();
+    let sig = request.header("signature").unwrap_or_default();
+    let parsed = httpsig::parse_signatures(&input, &sig)?;
+    let chosen = parsed
+        .iter()
+        .find(|p| p.label == httpsig::PROFILE_LABEL)
+        .or(parsed.first())
+        .ok_or_else(|| {
+            ApiError::from(httpsig::HttpSigError::NoSignature(
+                httpsig::PROFILE_LABEL.into(),
+            ))
+        })?;
+    let signature_base = httpsig::signature_base(&request, &chosen.params)?;
+    let signature: [u8; 64] = chosen
+        .signature
+        .as_slice()
+        .try_into()
+        .map_err(|_| ApiError::from(httpsig::HttpSigError::BadSignature))?;
+    Ok(Caller {
+        identity,
+        keyid: verified.keyid,
+        signature_base,
+        signature,
+    })
+}

@@ -1,0 +1,131 @@
+//! Problem Details (RFC 9457) with stable codes. Every failure maps to one status and one code; a 5xx body
+//! says nothing internal, and its cause goes to tracing.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use cmr_core::decision::DenyReason;
+use cmr_core::httpsig::HttpSigError;
+use cmr_store::StoreError;
+
+/// An API error: a status, a stable code and a human detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The stable problem code (the last part of the problem type URI).
+    pub code: &'static str,
+    /// What went wrong, for people. Never internal details on a 5xx.
+    pub detail: String,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    /// 400 `malformed`.
+    pub fn malformed(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "malformed", detail)
+    }
+
+    /// 403 `forbidden`: the caller may not act on this resource.
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", detail)
+    }
+}
+
+impl From<HttpSigError> for ApiError {
+    fn from(e: HttpSigError) -> Self {
+        let code = match &e {
+            HttpSigError::MissingHeader(_) | HttpSigError::NoSignature(_) => "missing-signature",
+            HttpSigError::UnknownKey => "unknown-key",
+            HttpSigError::BadSignature => "bad-signature",
+            HttpSigError::ContentDigestMismatch | HttpSigError::ContentDigestUnsupported => {
+                "content-digest"
+            }
+            HttpSigError::CreatedTooOld { .. }
+            | HttpSigError::CreatedInFuture { .. }
+            | HttpSigError::Expired => "clock-skew",
+            HttpSigError::CreatedBeforeHorizon { .. } => "created-before-start",
+            _ => "bad-signature-input",
+        };
+        Self::new(StatusCode::UNAUTHORIZED, code, e.to_string())
+    }
+}
+
+impl From<DenyReason> for ApiError {
+    fn from(r: DenyReason) -> Self {
+        let status = match r {
+            DenyReason::RotationPending(_) | DenyReason::StaleEpoch { .. } => StatusCode::CONFLICT,
+            DenyReason::Malformed(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::FORBIDDEN,
+        };
+        Self::new(status, r.code(), r.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Malformed(d) => Self::malformed(d),
+            StoreError::BadSignature(d) => Self::new(StatusCode::UNAUTHORIZED, "bad-signature", d),
+            StoreError::Denied(r) => r.into(),
+            StoreError::Refused(d) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "refused", d),
+            StoreError::Conflict => Self::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "another body was already written under this id",
+            ),
+            StoreError::StaleHead => Self::new(
+                StatusCode::CONFLICT,
+                "stale-head",
+                "the batch does not extend the family's current head",
+            ),
+            StoreError::DirectoryConflict { expected } => Self::new(
+                StatusCode::CONFLICT,
+                "directory-conflict",
+                format!("expected version {expected}"),
+            ),
+            StoreError::NotFound(d) => Self::new(StatusCode::NOT_FOUND, "not-found", d),
+            StoreError::Closed => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the store is not accepting writes; retry later",
+            ),
+            StoreError::Format(_) | StoreError::Io(_) => {
+                tracing::error!(error = %e, "storage failure");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "type": format!("urn:cmr-vault:problem:{}", self.code),
+            "title": self.code,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        let mut resp = (self.status, body.to_string()).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

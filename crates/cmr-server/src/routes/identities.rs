@@ -1,0 +1,110 @@
+//! Identities and devices. Registration is signed by the inception key being registered (`keyid` =
+//! `id:<identity>`); a device is certified by a request signed with the identity key or one of its
+//! devices.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, Uri};
+use axum::routing::post;
+use axum::{Json, Router};
+use cmr_core::identity::{DeviceCertificate, IdentityId, Signed, SignedKeyEvent};
+use cmr_store::Op;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{ack_json, b64, hex_id, json_body};
+use crate::AppState;
+use crate::auth::authenticate;
+use crate::error::ApiError;
+
+/// The identity routes.
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/identities", post(register))
+        .route("/v1/identities/{id}/devices", post(certify))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    /// The signed inception, base64.
+    event: String,
+}
+
+async fn register(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: RegisterBody = json_body(&body)?;
+    let bytes = b64("event", &req.event)?;
+    let event = SignedKeyEvent::decode(&bytes).map_err(|e| ApiError::malformed(e.to_string()))?;
+    if event.event().seq != 0 {
+        return Err(ApiError::malformed(
+            "registration takes an inception (sequence 0)",
+        ));
+    }
+    let id = event.identity();
+    let caller = authenticate(
+        &state,
+        &method,
+        &uri,
+        &headers,
+        &body,
+        Some((id, event.event().signing_key)),
+    )?;
+    if caller.identity != id {
+        return Err(ApiError::forbidden(
+            "registration is signed by the inception key being registered",
+        ));
+    }
+    let ack = state
+        .store
+        .submit(Op::Register(bytes))
+        .await
+        .map_err(|_| ApiError::from(cmr_store::StoreError::Closed))??;
+    Ok(Json(ack_json(&ack)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertifyBody {
+    /// The signed device certificate, base64.
+    certificate: String,
+}
+
+async fn certify(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let id = IdentityId(hex_id("identity", &id)?);
+    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
+    if caller.identity != id {
+        return Err(ApiError::forbidden(
+            "an identity certifies only its own devices",
+        ));
+    }
+    let req: CertifyBody = json_body(&body)?;
+    let bytes = b64("certificate", &req.certificate)?;
+    let cert = Signed::<DeviceCertificate>::decode(&bytes)
+        .map_err(|e| ApiError::malformed(e.to_string()))?;
+    if cert.body().identity != id {
+        return Err(ApiError::forbidden(
+            "the certificate is for another identity",
+        ));
+    }
+    let ack = state
+        .store
+        .submit(Op::Certify(bytes))
+        .await
+        .map_err(|_| ApiError::from(cmr_store::StoreError::Closed))??;
+    Ok(Json(ack_json(&ack)))
+}

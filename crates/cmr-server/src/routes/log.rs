@@ -1,0 +1,103 @@
+//! The public log: checkpoints, commitments and proofs. Unsigned, readable by anyone.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// The log's routes.
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/log/checkpoint", get(checkpoint))
+        .route("/v1/log/commitments", get(commitments))
+        .route("/v1/log/proofs/inclusion", get(inclusion))
+        .route("/v1/log/proofs/consistency", get(consistency))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn checkpoint(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
+    let note = state
+        .store
+        .checkpoint()?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not-found", "the log is empty"))?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], note))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Range {
+    from: u64,
+    to: u64,
+}
+
+/// The most commitments served at once.
+const MAX_COMMITMENTS: u64 = 1000;
+
+async fn commitments(
+    State(state): State<Arc<AppState>>,
+    Query(r): Query<Range>,
+) -> Result<Json<Value>, ApiError> {
+    if r.to < r.from || r.to - r.from > MAX_COMMITMENTS {
+        return Err(ApiError::malformed(format!(
+            "at most {MAX_COMMITMENTS} commitments, from <= to"
+        )));
+    }
+    let c = state.store.commitments(r.from, r.to)?;
+    Ok(Json(
+        json!({ "commitments": c.iter().map(|d| B64.encode(d.0)).collect::<Vec<_>>() }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InclusionQuery {
+    index: u64,
+    size: u64,
+}
+
+async fn inclusion(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<InclusionQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let proof = state
+        .store
+        .inclusion_proof(q.index, q.size)
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such index or size"))?;
+    Ok(Json(
+        json!({ "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>() }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsistencyQuery {
+    old: u64,
+    new: u64,
+}
+
+async fn consistency(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ConsistencyQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let proof = state
+        .store
+        .consistency_proof(q.old, q.new)
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such sizes"))?;
+    Ok(Json(
+        json!({ "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>() }),
+    ))
+}

@@ -1,0 +1,46 @@
+//! One router per area, merged in [`crate::app`]. Handlers extract, make one call, and map the result.
+
+pub mod identities;
+pub mod log;
+pub mod vaults;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use cmr_store::Ack;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+
+/// Parses a JSON body; unknown fields are refused by the types.
+pub(crate) fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::malformed(format!("body: {e}")))
+}
+
+/// Decodes a base64 field.
+pub(crate) fn b64(field: &str, s: &str) -> Result<Vec<u8>, ApiError> {
+    B64.decode(s)
+        .map_err(|_| ApiError::malformed(format!("{field} is not base64")))
+}
+
+/// An acknowledgement as JSON: index, inclusion proof, and the checkpoint that covers it.
+pub(crate) fn ack_json(ack: &Ack) -> Value {
+    json!({
+        "index": ack.index,
+        "size": ack.size,
+        "proof": ack.proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
+        "checkpoint": ack.checkpoint,
+        "repeated": ack.repeated,
+    })
+}
+
+/// Parses a 64-hex-digit id from a path.
+pub(crate) fn hex_id(field: &str, s: &str) -> Result<[u8; 32], ApiError> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return Err(ApiError::malformed(format!("{field} is 64 hex digits")));
+    }
+    hex::decode_to_slice(s, &mut out)
+        .map_err(|_| ApiError::malformed(format!("{field} is 64 hex digits")))?;
+    Ok(out)
+}

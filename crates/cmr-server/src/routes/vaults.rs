@@ -1,0 +1,326 @@
+//! A customer's vault: the key directory, consent statements, record batches and reads. A customer acts
+//! only on their own vault; a company acts through its grants.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, Uri};
+use axum::routing::post;
+use axum::{Json, Router};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use cmr_core::batch::{ReadProof, SignedBatch};
+use cmr_core::consent::{SignedStatement, StatementId};
+use cmr_core::decision::AccessKind;
+use cmr_core::directory::SignedDirectory;
+use cmr_core::family::{FamilyId, Period};
+use cmr_core::identity::IdentityId;
+use cmr_core::record::SealedRecord;
+use cmr_log::entry::{AccessRecord, AccessedFamily};
+use cmr_store::{Op, StoreError};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ack_json, b64, hex_id, json_body};
+use crate::AppState;
+use crate::auth::{Caller, authenticate};
+use crate::error::ApiError;
+
+/// The vault routes.
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/vaults/{customer}/directory", post(directory))
+        .route("/v1/vaults/{customer}/statements", post(statement))
+        .route(
+            "/v1/vaults/{customer}/families/{family}/batches",
+            post(batch),
+        )
+        .route("/v1/vaults/{customer}/families/{family}/read", post(read))
+}
+
+async fn run(state: &AppState, op: Op) -> Result<cmr_store::Ack, ApiError> {
+    Ok(state
+        .store
+        .submit(op)
+        .await
+        .map_err(|_| ApiError::from(StoreError::Closed))??)
+}
+
+fn access_record(
+    caller: &Caller,
+    grant: StatementId,
+    kind: AccessKind,
+    epoch: Option<u64>,
+    family: FamilyId,
+    from: Period,
+    to: Period,
+) -> AccessRecord {
+    AccessRecord {
+        grant,
+        kind,
+        epoch,
+        families: vec![AccessedFamily { family, from, to }],
+        records: vec![],
+        keyid: caller.keyid.clone(),
+        signature_base: caller.signature_base.clone(),
+        signature: caller.signature,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DirectoryBody {
+    directory: String,
+}
+
+async fn directory(
+    State(state): State<Arc<AppState>>,
+    Path(customer): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let customer = IdentityId(hex_id("customer", &customer)?);
+    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
+    if caller.identity != customer {
+        return Err(ApiError::forbidden(
+            "a customer acts only on their own vault",
+        ));
+    }
+    let req: DirectoryBody = json_body(&body)?;
+    let bytes = b64("directory", &req.directory)?;
+    let dir = SignedDirectory::decode(&bytes).map_err(|e| ApiError::malformed(e.to_string()))?;
+    if dir.directory().customer != customer {
+        return Err(ApiError::forbidden("the directory is for another vault"));
+    }
+    Ok(Json(ack_json(
+        &run(&state, Op::PublishDirectory(bytes)).await?,
+    )))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatementBody {
+    statement: String,
+}
+
+async fn statement(
+    State(state): State<Arc<AppState>>,
+    Path(customer): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let customer = IdentityId(hex_id("customer", &customer)?);
+    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
+    let req: StatementBody = json_body(&body)?;
+    let bytes = b64("statement", &req.statement)?;
+    let st = SignedStatement::decode(&bytes).map_err(|e| ApiError::malformed(e.to_string()))?;
+    if st.statement().customer != customer {
+        return Err(ApiError::forbidden("the statement is about another vault"));
+    }
+    if st.statement().author != caller.identity {
+        return Err(ApiError::forbidden("a statement is sent by its author"));
+    }
+    Ok(Json(ack_json(&run(&state, Op::Statement(bytes)).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    batch: String,
+    records: Vec<String>,
+    /// For a company's append: the grant it appends under.
+    #[serde(default)]
+    grant: Option<String>,
+}
+
+async fn batch(
+    State(state): State<Arc<AppState>>,
+    Path((customer, family)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let customer = IdentityId(hex_id("customer", &customer)?);
+    let family = FamilyId(hex_id("family", &family)?);
+    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
+    let req: BatchBody = json_body(&body)?;
+    let batch = b64("batch", &req.batch)?;
+    let records = req
+        .records
+        .iter()
+        .map(|r| b64("record", r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let signed = SignedBatch::decode(&batch).map_err(|e| ApiError::malformed(e.to_string()))?;
+    let b = signed.batch();
+    if b.customer != customer || b.family != family {
+        return Err(ApiError::forbidden(
+            "the batch is for another vault or family",
+        ));
+    }
+    if b.author != caller.identity {
+        return Err(ApiError::forbidden("a batch is sent by its author"));
+    }
+    let access = if caller.identity == customer {
+        None
+    } else {
+        let grant = StatementId(hex_id(
+            "grant",
+            req.grant
+                .as_deref()
+                .ok_or_else(|| ApiError::malformed("a company appends under a grant"))?,
+        )?);
+        let periods: Vec<Period> = records
+            .iter()
+            .map(|r| SealedRecord::decode(r.clone()).map(|r| r.header().period))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ApiError::malformed(e.to_string()))?;
+        let from = periods
+            .iter()
+            .min()
+            .copied()
+            .ok_or_else(|| ApiError::malformed("no records"))?;
+        let to = periods.iter().max().copied().unwrap_or(from);
+        Some(access_record(
+            &caller,
+            grant,
+            AccessKind::Append,
+            Some(b.epoch),
+            family,
+            from,
+            to,
+        ))
+    };
+    Ok(Json(ack_json(
+        &run(
+            &state,
+            Op::WriteBatch {
+                batch,
+                records,
+                access,
+            },
+        )
+        .await?,
+    )))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadBody {
+    from: String,
+    to: String,
+    #[serde(default)]
+    grant: Option<String>,
+    #[serde(default)]
+    cursor: Option<(String, u64)>,
+    #[serde(default = "default_limit")]
+    limit: u64,
+}
+
+fn default_limit() -> u64 {
+    1000
+}
+
+fn period(s: &str) -> Result<Period, ApiError> {
+    let bad = || ApiError::malformed(format!("{s:?} is not a month (YYYY-MM from 2000-01)"));
+    let (y, m) = s.split_once('-').ok_or_else(bad)?;
+    Period::from_year_month(y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?)
+        .ok_or_else(bad)
+}
+
+fn proof_json(p: &ReadProof) -> Value {
+    let h = &p.head;
+    json!({
+        "head": {
+            "customer": h.customer.to_hex(), "family": h.family.to_hex(), "batches": h.batches,
+            "records": h.records, "periods": h.periods, "periods_root": B64.encode(h.periods_root),
+            "digest": h.digest().to_hex(),
+        },
+        "from": p.from.to_string(), "to": p.to.to_string(), "periods_lo": p.periods_lo,
+        "periods": p.periods.iter().map(|l| json!({"period": l.period.to_string(), "count": l.count, "root": B64.encode(l.root)})).collect::<Vec<_>>(),
+        "periods_proof": p.periods_proof.iter().map(|x| B64.encode(x)).collect::<Vec<_>>(),
+        "pages": p.pages.iter().map(|pg| json!({
+            "period": pg.period.to_string(), "start": pg.start,
+            "ids": pg.ids.iter().map(|i| i.to_hex()).collect::<Vec<_>>(),
+            "proof": pg.proof.iter().map(|x| B64.encode(x)).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "next": p.next.map(|(per, i)| json!([per.to_string(), i])),
+    })
+}
+
+async fn read(
+    State(state): State<Arc<AppState>>,
+    Path((customer, family)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let customer = IdentityId(hex_id("customer", &customer)?);
+    let family = FamilyId(hex_id("family", &family)?);
+    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
+    let req: ReadBody = json_body(&body)?;
+    let periods = (period(&req.from)?, period(&req.to)?);
+    let cursor = req
+        .cursor
+        .as_ref()
+        .map(|(p, i)| period(p).map(|p| (p, *i)))
+        .transpose()?;
+    let access = if caller.identity == customer {
+        None
+    } else {
+        let grant = StatementId(hex_id(
+            "grant",
+            req.grant
+                .as_deref()
+                .ok_or_else(|| ApiError::forbidden("a company reads under a grant"))?,
+        )?);
+        Some(access_record(
+            &caller,
+            grant,
+            AccessKind::Read,
+            None,
+            family,
+            periods.0,
+            periods.1,
+        ))
+    };
+    let ack = run(
+        &state,
+        Op::Read {
+            customer,
+            family,
+            periods,
+            cursor,
+            limit: req.limit.clamp(1, 10_000),
+            access,
+        },
+    )
+    .await?;
+    let result = ack
+        .read
+        .as_ref()
+        .ok_or_else(|| ApiError::malformed("no read result"))?;
+    let mut out = ack_json(&ack);
+    out["proof_of_read"] = proof_json(&result.proof);
+    out["records"] = json!(
+        result
+            .records
+            .iter()
+            .map(|r| B64.encode(r.as_bytes()))
+            .collect::<Vec<_>>()
+    );
+    out["batches"] = json!(
+        result
+            .batches
+            .iter()
+            .map(|b| B64.encode(b.encode()))
+            .collect::<Vec<_>>()
+    );
+    Ok(Json(out))
+}
