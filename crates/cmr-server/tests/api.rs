@@ -1,0 +1,655 @@
+//! The API through the router, without a socket: the flow, and the attacks answered with the right
+//! problem code and the state unchanged.
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use cmr_core::batch::{Batch, Head, SignedBatch};
+use cmr_core::consent::{
+    Access, AccessRequest, Body as StBody, Counterparty, Duration, Grant, GrantFamily, Initiator,
+    Revocation, SignedStatement, Statement, StatementId,
+};
+use cmr_core::directory::{Directory, DirectoryDevice, DirectoryFamily};
+use cmr_core::epoch::{BundleEntry, EpochSecret, KeyBundle};
+use cmr_core::family::{FamilyId, FamilyName, Period, PseudonymKey, Scope};
+use cmr_core::hash::Digest;
+use cmr_core::httpsig;
+use cmr_core::identity::{DeviceKeys, IdentityId, Role, create_identity};
+use cmr_core::keys::{KemSecretKey, SigningKey};
+use cmr_core::record::{RecordId, RecordSealer};
+use cmr_log::note::{NoteSigner, TYPE_ED25519};
+use cmr_server::{AppState, Config, app};
+use cmr_store::{Store, StoreConfig};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const T0: u64 = 1_794_700_800;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    app: axum::Router,
+    clock: Arc<AtomicU64>,
+    store: Arc<Store>,
+    nonce: u64,
+}
+
+fn log_key() -> NoteSigner {
+    NoteSigner::new(
+        "vault.test/log",
+        TYPE_ED25519,
+        SigningKey::from_seed(&[1; 32]),
+    )
+    .unwrap()
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let mut cfg = StoreConfig::new(dir.path(), log_key());
+    cfg.cache_capacity = 16 * 1024 * 1024;
+    let c = clock.clone();
+    cfg.clock = Arc::new(move || c.load(Ordering::SeqCst));
+    let store = Arc::new(Store::open(cfg).unwrap());
+    // Requests are accepted from the start time plus 5 s on.
+    clock.store(T0 + 100, Ordering::SeqCst);
+    let c = clock.clone();
+    let state = Arc::new(AppState {
+        store: store.clone(),
+        config: Config {
+            authority: "vault.test".into(),
+            scheme: "http".into(),
+            max_body: 64 * 1024,
+        },
+        nonces: Default::default(),
+        clock: Arc::new(move || c.load(Ordering::SeqCst)),
+    });
+    Env {
+        _dir: dir,
+        app: app(state),
+        clock,
+        store,
+        nonce: 0,
+    }
+}
+
+enum Signer<'a> {
+    Identity(&'a IdentityId, &'a SigningKey),
+    Device(&'a DeviceKeys),
+    None,
+}
+
+impl Env {
+    fn now(&self) -> i64 {
+        self.clock.load(Ordering::SeqCst) as i64
+    }
+
+    /// Builds a request signed with the CMR profile (or not), with `created` offset from the clock.
+    fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &Value,
+        signer: Signer<'_>,
+        created_offset: i64,
+    ) -> Request<Body> {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "vault.test")
+            .header("content-type", "application/json");
+        let (keyid, key) = match signer {
+            Signer::Identity(id, k) => (format!("id:{}", id.to_hex()), Some(k)),
+            Signer::Device(d) => (d.id().to_hex(), Some(&d.signing)),
+            Signer::None => (String::new(), None),
+        };
+        if let Some(key) = key {
+            self.nonce += 1;
+            let req = httpsig::Request::new(method, "http", "vault.test", path, vec![]);
+            let h = httpsig::sign_request(
+                &req,
+                &bytes,
+                key,
+                &keyid,
+                &format!("n{}", self.nonce),
+                self.now() + created_offset,
+            )
+            .unwrap();
+            b = b
+                .header("content-digest", h.content_digest)
+                .header("signature-input", h.signature_input)
+                .header("signature", h.signature);
+        }
+        b.body(Body::from(bytes)).unwrap()
+    }
+
+    async fn send(&self, req: Request<Body>) -> (StatusCode, Value) {
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Value,
+        signer: Signer<'_>,
+    ) -> (StatusCode, Value) {
+        let req = self.request(method, path, &body, signer, 0);
+        self.send(req).await
+    }
+}
+
+struct Party {
+    id: IdentityId,
+    device: DeviceKeys,
+}
+
+async fn register(env: &mut Env, role: Role) -> Party {
+    let mut r = rand::rng();
+    let new = create_identity(&mut r, role);
+    let id = new.inception.identity();
+    let (s, v) = env
+        .call(
+            "POST",
+            "/v1/identities",
+            json!({"event": B64.encode(new.inception.encode())}),
+            Signer::Identity(&id, &new.identity_key),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let device = DeviceKeys::generate(&mut r);
+    let cert = device.certify(id, 0, &new.identity_key, T0);
+    let path = format!("/v1/identities/{}/devices", id.to_hex());
+    let (s, v) = env
+        .call(
+            "POST",
+            &path,
+            json!({"certificate": B64.encode(cert.encode())}),
+            Signer::Identity(&id, &new.identity_key),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    Party { id, device }
+}
+
+fn statement(
+    p: &Party,
+    customer: IdentityId,
+    body: StBody,
+    bundle: Option<cmr_core::wrap::SealedBytes>,
+) -> SignedStatement {
+    let st = Statement {
+        customer,
+        author: p.id,
+        device: p.device.id(),
+        issued_at: T0,
+        body,
+    };
+    SignedStatement::sign(st, bundle, &p.device.signing).unwrap()
+}
+
+struct Flow {
+    env: Env,
+    customer: Party,
+    acme: Party,
+    tx: FamilyId,
+    grant: StatementId,
+    kem: KemSecretKey,
+}
+
+async fn flow() -> Flow {
+    let mut env = env();
+    let customer = register(&mut env, Role::Customer).await;
+    let acme = register(&mut env, Role::Company).await;
+    let tx =
+        FamilyName::Transactions(PseudonymKey::generate(&mut rand::rng()).counterparty(&acme.id))
+            .id(&customer.id);
+    let dir = Directory {
+        customer: customer.id,
+        version: 1,
+        prev: Digest([0; 32]),
+        signer: customer.device.id(),
+        issued_at: T0,
+        devices: vec![DirectoryDevice {
+            device: customer.device.id(),
+            signing_key: customer.device.signing.verifying_key(),
+            kem_key: customer.device.kem.public_key(),
+        }],
+        families: vec![DirectoryFamily {
+            family: tx,
+            scope: Scope::Transactions,
+            epoch: 1,
+            appenders: vec![],
+        }],
+    }
+    .sign(&customer.device.signing);
+    let base = format!("/v1/vaults/{}", customer.id.to_hex());
+    let (s, v) = env
+        .call(
+            "POST",
+            &format!("{base}/directory"),
+            json!({"directory": B64.encode(dir.encode())}),
+            Signer::Device(&customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The company asks; the customer grants, narrowed (read only, from 2025-06).
+    let req = statement(
+        &acme,
+        customer.id,
+        StBody::Request(AccessRequest {
+            scopes: vec![(Scope::Transactions, Access::ReadAppend)],
+            purpose: "statements".into(),
+            duration: Duration::Persistent,
+            lookback_months: 36,
+            counterparty: Counterparty::OnlyRequester,
+        }),
+        None,
+    );
+    let (s, v) = env
+        .call(
+            "POST",
+            &format!("{base}/statements"),
+            json!({"statement": B64.encode(req.encode())}),
+            Signer::Device(&acme.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let kem = KemSecretKey::generate(&mut rand::rng());
+    let secret = EpochSecret::generate(&mut rand::rng());
+    let g = Grant {
+        grantee: acme.id,
+        request: Some(req.id()),
+        purpose: "statements".into(),
+        duration: Duration::Persistent,
+        not_before: T0,
+        expires: None,
+        lookback_start: Period::from_year_month(2025, 6).unwrap(),
+        window_months: None,
+        scopes: vec![(Scope::Transactions, Access::Read)],
+        families: vec![GrantFamily {
+            family: tx,
+            scope: Scope::Transactions,
+            epoch: 1,
+            access: Access::Read,
+        }],
+        append_family: None,
+        grantee_kem: kem.public_key(),
+    };
+    let st = Statement {
+        customer: customer.id,
+        author: customer.id,
+        device: customer.device.id(),
+        issued_at: T0,
+        body: StBody::Grant(g.clone()),
+    };
+    let gid = SignedStatement::grant_id(&st);
+    let bundle = KeyBundle {
+        entries: vec![BundleEntry {
+            family: tx,
+            epoch: 1,
+            key: secret.read_key(g.lookback_start),
+        }],
+    }
+    .seal(
+        &mut rand::rng(),
+        customer.id,
+        acme.id,
+        &kem.public_key(),
+        gid.0,
+    );
+    let grant = SignedStatement::sign(st, Some(bundle), &customer.device.signing).unwrap();
+    let (s, v) = env
+        .call(
+            "POST",
+            &format!("{base}/statements"),
+            json!({"statement": B64.encode(grant.encode())}),
+            Signer::Device(&customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The customer writes transactions.
+    let period = Period::from_year_month(2026, 1).unwrap();
+    let sealer = RecordSealer::new(
+        customer.id,
+        tx,
+        1,
+        customer.id,
+        &secret.read_key(Period::ORIGIN),
+        period,
+    )
+    .unwrap();
+    let records: Vec<_> = (0..3u8)
+        .map(|i| {
+            sealer
+                .seal(&mut rand::rng(), RecordId([i; 16]), b"tx")
+                .unwrap()
+        })
+        .collect();
+    let batch = SignedBatch::sign(
+        Batch::for_records(
+            customer.device.id(),
+            Head::empty(customer.id, tx).digest(),
+            &records,
+        )
+        .unwrap(),
+        &customer.device.signing,
+    );
+    let body = json!({"batch": B64.encode(batch.encode()), "records": records.iter().map(|r| B64.encode(r.as_bytes())).collect::<Vec<_>>()});
+    let (s, v) = env
+        .call(
+            "POST",
+            &format!("{base}/families/{}/batches", tx.to_hex()),
+            body,
+            Signer::Device(&customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    Flow {
+        env,
+        customer,
+        acme,
+        tx,
+        grant: gid,
+        kem,
+    }
+}
+
+#[tokio::test]
+async fn the_flow_through_the_api() {
+    let mut f = flow().await;
+    let read_path = format!(
+        "/v1/vaults/{}/families/{}/read",
+        f.customer.id.to_hex(),
+        f.tx.to_hex()
+    );
+    let read = json!({"from": "2025-06", "to": "2026-12", "grant": f.grant.to_hex()});
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &read_path,
+            read.clone(),
+            Signer::Device(&f.acme.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["records"].as_array().unwrap().len(), 3);
+    assert!(v["index"].is_u64());
+    // Outside the look-back, or another family: refused with the decision's code.
+    let early = json!({"from": "2025-01", "to": "2026-12", "grant": f.grant.to_hex()});
+    let (s, v) = f
+        .env
+        .call("POST", &read_path, early, Signer::Device(&f.acme.device))
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap()),
+        (
+            StatusCode::FORBIDDEN,
+            "urn:cmr-vault:problem:outside-look-back"
+        )
+    );
+    // The customer revokes; the next read is 403 grant-revoked.
+    let rev = statement(
+        &f.customer,
+        f.customer.id,
+        StBody::Revocation(Revocation {
+            grant: f.grant,
+            initiator: Initiator::Customer,
+            reason: "done".into(),
+        }),
+        None,
+    );
+    let base = format!("/v1/vaults/{}", f.customer.id.to_hex());
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/statements"),
+            json!({"statement": B64.encode(rev.encode())}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = f
+        .env
+        .call("POST", &read_path, read, Signer::Device(&f.acme.device))
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap()),
+        (StatusCode::FORBIDDEN, "urn:cmr-vault:problem:grant-revoked")
+    );
+    // The public log: checkpoint, and an auditor finds nothing wrong.
+    let resp = f
+        .env
+        .app
+        .clone()
+        .oneshot(
+            Request::get("/v1/log/checkpoint")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut auditor = cmr_log::auditor::Auditor::new(log_key().verifier());
+    let report = auditor.run(&mut &*f.env.store).unwrap();
+    assert!(report.is_clean(), "{:?}", report.violations);
+    let _ = &f.kem;
+}
+
+#[tokio::test]
+async fn signature_attacks_are_refused_and_change_nothing() {
+    let mut f = flow().await;
+    let path = format!(
+        "/v1/vaults/{}/families/{}/read",
+        f.customer.id.to_hex(),
+        f.tx.to_hex()
+    );
+    let body = json!({"from": "2025-06", "to": "2026-12", "grant": f.grant.to_hex()});
+    let before = f.env.store.checkpoint().unwrap();
+    let code = |v: &Value| {
+        v["type"]
+            .as_str()
+            .unwrap_or_default()
+            .trim_start_matches("urn:cmr-vault:problem:")
+            .to_string()
+    };
+
+    let (s, v) = f.env.call("POST", &path, body.clone(), Signer::None).await;
+    assert_eq!(
+        (s, code(&v).as_str()),
+        (StatusCode::UNAUTHORIZED, "missing-signature")
+    );
+
+    // A body changed after signing.
+    let mut req = f
+        .env
+        .request("POST", &path, &body, Signer::Device(&f.acme.device), 0);
+    *req.body_mut() = Body::from(
+        serde_json::to_vec(&json!({"from": "2025-01", "to": "2026-12", "grant": f.grant.to_hex()}))
+            .unwrap(),
+    );
+    let (s, v) = f.env.send(req).await;
+    assert_eq!(
+        (s, code(&v).as_str()),
+        (StatusCode::UNAUTHORIZED, "content-digest")
+    );
+
+    // Replayed: the same signed request twice.
+    let req = f
+        .env
+        .request("POST", &path, &body, Signer::Device(&f.acme.device), 0);
+    let (parts, b) = req.into_parts();
+    let bytes = b.collect().await.unwrap().to_bytes();
+    let first = Request::from_parts(parts.clone(), Body::from(bytes.clone()));
+    let again = Request::from_parts(parts, Body::from(bytes));
+    assert_eq!(f.env.send(first).await.0, StatusCode::OK);
+    let (s, v) = f.env.send(again).await;
+    assert_eq!(
+        (s, code(&v).as_str()),
+        (StatusCode::UNAUTHORIZED, "replayed")
+    );
+
+    // Stale and future `created`, and one before the server started.
+    let req = f
+        .env
+        .request("POST", &path, &body, Signer::Device(&f.acme.device), -61);
+    let (s, v) = f.env.send(req).await;
+    assert_eq!(
+        (s, code(&v).as_str()),
+        (StatusCode::UNAUTHORIZED, "clock-skew")
+    );
+    assert!(v["detail"].as_str().unwrap().contains("61 s ago"));
+    let req = f
+        .env
+        .request("POST", &path, &body, Signer::Device(&f.acme.device), 6);
+    let (s, v) = f.env.send(req).await;
+    assert_eq!(
+        (s, code(&v).as_str()),
+        (StatusCode::UNAUTHORIZED, "clock-skew")
+    );
+    let req = f.env.request(
+        "POST",
+        &path,
+        &body,
+        Signer::Device(&f.acme.device),
+        -(f.env.now() - T0 as i64) + 1,
+    );
+    let (s, v) = f.env.send(req).await;
+    assert!(
+        s == StatusCode::UNAUTHORIZED
+            && (code(&v) == "created-before-start" || code(&v) == "clock-skew"),
+        "{v}"
+    );
+
+    // An unknown key, and a signature by another key under a known keyid.
+    let stranger = DeviceKeys::generate(&mut rand::rng());
+    let (s, v) = f
+        .env
+        .call("POST", &path, body.clone(), Signer::Device(&stranger))
+        .await;
+    assert_eq!(
+        (s, code(&v).as_str()),
+        (StatusCode::UNAUTHORIZED, "unknown-key")
+    );
+    let mut req = f
+        .env
+        .request("POST", &path, &body, Signer::Device(&stranger), 0);
+    let sig_input = req
+        .headers()
+        .get("signature-input")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .replace(&stranger.id().to_hex(), &f.acme.device.id().to_hex());
+    req.headers_mut()
+        .insert("signature-input", sig_input.parse().unwrap());
+    let (s, v) = f.env.send(req).await;
+    assert_eq!(
+        (s, code(&v).as_str()),
+        (StatusCode::UNAUTHORIZED, "bad-signature")
+    );
+
+    // Only the one allowed read above was logged.
+    let after = f.env.store.checkpoint().unwrap();
+    assert_ne!(before, after);
+    let size = |n: &Option<String>| {
+        cmr_log::checkpoint::Checkpoint::parse_text(
+            &cmr_log::note::Note::parse(n.as_ref().unwrap())
+                .unwrap()
+                .text,
+        )
+        .unwrap()
+        .size
+    };
+    assert_eq!(size(&after), size(&before) + 1);
+}
+
+#[tokio::test]
+async fn bad_input_and_other_vaults() {
+    let mut f = flow().await;
+    let code = |v: &Value| {
+        v["type"]
+            .as_str()
+            .unwrap_or_default()
+            .trim_start_matches("urn:cmr-vault:problem:")
+            .to_string()
+    };
+    // The company acting on the customer's directory; the customer on another vault.
+    let path = format!("/v1/vaults/{}/directory", f.customer.id.to_hex());
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            &path,
+            json!({"directory": ""}),
+            Signer::Device(&f.acme.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let other = format!(
+        "/v1/vaults/{}/families/{}/read",
+        f.acme.id.to_hex(),
+        f.tx.to_hex()
+    );
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            &other,
+            json!({"from": "2025-06", "to": "2026-12"}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert!(s == StatusCode::FORBIDDEN || s == StatusCode::NOT_FOUND);
+    // Malformed JSON fields, unknown fields, bad base64, overlong or traversal ids.
+    let st = format!("/v1/vaults/{}/statements", f.customer.id.to_hex());
+    for body in [
+        json!({"statement": "!!!"}),
+        json!({"statement": "AAAA", "extra": 1}),
+        json!({"nope": 1}),
+    ] {
+        let (s, v) = f
+            .env
+            .call("POST", &st, body, Signer::Device(&f.customer.device))
+            .await;
+        assert_eq!(
+            (s, code(&v).as_str()),
+            (StatusCode::BAD_REQUEST, "malformed"),
+            "{v}"
+        );
+    }
+    for id in ["..%2F..%2Fetc", &"a".repeat(65), "zz"] {
+        let (s, _) = f
+            .env
+            .call(
+                "POST",
+                &format!("/v1/vaults/{id}/statements"),
+                json!({"statement": "AAAA"}),
+                Signer::Device(&f.customer.device),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{id}");
+    }
+    // An oversized body.
+    let big = json!({"statement": "A".repeat(100 * 1024)});
+    let (s, _) = f
+        .env
+        .call("POST", &st, big, Signer::Device(&f.customer.device))
+        .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    let _ = (&f.kem, f.grant);
+}
