@@ -152,6 +152,7 @@ impl Env {
 }
 
 struct Party {
+    identity_key: SigningKey,
     id: IdentityId,
     device: DeviceKeys,
 }
@@ -181,7 +182,11 @@ async fn register(env: &mut Env, role: Role) -> Party {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    Party { id, device }
+    Party {
+        identity_key: new.identity_key,
+        id,
+        device,
+    }
 }
 
 fn statement(
@@ -652,4 +657,121 @@ async fn bad_input_and_other_vaults() {
         .await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     let _ = (&f.kem, f.grant);
+}
+
+#[tokio::test]
+async fn log_bodies_only_for_the_parties_involved_and_auditors() {
+    let mut f = flow().await;
+    let other = register(&mut f.env, Role::Company).await;
+    let auditor = register(&mut f.env, Role::Auditor).await;
+    // Entry 0 is the customer's registration.
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            "/v1/log/entries/0",
+            json!({}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            "/v1/log/entries/0",
+            json!({}),
+            Signer::Device(&other.device),
+        )
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap()),
+        (StatusCode::FORBIDDEN, "urn:cmr-vault:problem:forbidden")
+    );
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            "/v1/log/entries/0",
+            json!({}),
+            Signer::Device(&auditor.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // What the auditor gets opens the public commitment.
+    let salt: [u8; 32] = B64
+        .decode(v["salt"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let body = B64.decode(v["body"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        cmr_log::entry::commitment(&salt, &body),
+        f.env.store.commitments(0, 1).unwrap()[0]
+    );
+    // An unsigned request for a body is refused.
+    let (s, _) = f
+        .env
+        .call("POST", "/v1/log/entries/0", json!({}), Signer::None)
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_revoked_device_can_no_longer_act() {
+    let mut f = flow().await;
+    let path = format!(
+        "/v1/vaults/{}/families/{}/read",
+        f.customer.id.to_hex(),
+        f.tx.to_hex()
+    );
+    let read = json!({"from": "2025-06", "to": "2026-12", "grant": f.grant.to_hex()});
+    let (s, _) = f
+        .env
+        .call("POST", &path, read.clone(), Signer::Device(&f.acme.device))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // Acme's identity key revokes its device.
+    let rev = cmr_core::identity::revoke_device(
+        f.acme.id,
+        0,
+        &f.acme.identity_key,
+        f.acme.device.id(),
+        T0,
+    );
+    let revoke_path = format!("/v1/identities/{}/devices/revoke", f.acme.id.to_hex());
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &revoke_path,
+            json!({"revocation": B64.encode(rev.encode())}),
+            Signer::Identity(&f.acme.id, &f.acme.identity_key),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The device's requests still verify cryptographically, but the device is no longer valid.
+    let (s, v) = f
+        .env
+        .call("POST", &path, read, Signer::Device(&f.acme.device))
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap()),
+        (
+            StatusCode::UNAUTHORIZED,
+            "urn:cmr-vault:problem:bad-signature"
+        ),
+        "{v}"
+    );
+    // Another identity cannot revoke acme's devices.
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            &revoke_path,
+            json!({"revocation": B64.encode(rev.encode())}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
 }

@@ -225,7 +225,7 @@ struct PreparedBatch {
 #[derive(Debug, Default)]
 pub struct KeyIndex {
     devices: HashMap<DeviceId, (IdentityId, cmr_core::keys::VerifyingKey)>,
-    identities: HashMap<IdentityId, cmr_core::keys::VerifyingKey>,
+    identities: HashMap<IdentityId, (cmr_core::keys::VerifyingKey, Role)>,
 }
 
 type DeviceKeys = Arc<std::sync::RwLock<KeyIndex>>;
@@ -569,13 +569,23 @@ impl Store {
         match keyid.strip_prefix("id:") {
             Some(id) => {
                 let id = IdentityId::from_hex(id)?;
-                keys.identities.get(&id).map(|k| (id, *k))
+                keys.identities.get(&id).map(|(k, _)| (id, *k))
             }
             None => keys
                 .devices
                 .get(&DeviceId(Digest::from_hex(keyid)?.0))
                 .copied(),
         }
+    }
+
+    /// The role of a registered identity.
+    pub fn role(&self, id: &IdentityId) -> Option<Role> {
+        self.device_keys
+            .read()
+            .ok()?
+            .identities
+            .get(id)
+            .map(|(_, r)| *r)
     }
 
     /// Runs an operation and waits for its acknowledgement (from a thread that may block).
@@ -1054,7 +1064,7 @@ impl Sequencer {
             .state
             .identities
             .get(identity)
-            .map(|s| s.keys().current().signing_key);
+            .map(|s| (s.keys().current().signing_key, s.keys().role()));
         if let (Some(key), Ok(mut keys)) = (key, self.device_keys.write()) {
             keys.identities.insert(*identity, key);
         }

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::routing::post;
 use axum::{Json, Router};
-use cmr_core::identity::{DeviceCertificate, IdentityId, Signed, SignedKeyEvent};
+use cmr_core::identity::{DeviceCertificate, DeviceRevocation, IdentityId, Signed, SignedKeyEvent};
 use cmr_store::Op;
 use serde::Deserialize;
 use serde_json::Value;
@@ -24,6 +24,8 @@ pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/identities", post(register))
         .route("/v1/identities/{id}/devices", post(certify))
+        .route("/v1/identities/{id}/devices/revoke", post(revoke_device))
+        .route("/v1/identities/{id}/rotate", post(rotate))
 }
 
 #[derive(Deserialize)]
@@ -104,6 +106,90 @@ async fn certify(
     let ack = state
         .store
         .submit(Op::Certify(bytes))
+        .await
+        .map_err(|_| ApiError::from(cmr_store::StoreError::Closed))??;
+    Ok(Json(ack_json(&ack)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    /// The signed device revocation, base64.
+    revocation: String,
+}
+
+async fn revoke_device(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let id = IdentityId(hex_id("identity", &id)?);
+    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
+    if caller.identity != id {
+        return Err(ApiError::forbidden(
+            "an identity revokes only its own devices",
+        ));
+    }
+    let req: RevokeBody = json_body(&body)?;
+    let bytes = b64("revocation", &req.revocation)?;
+    let rev = Signed::<DeviceRevocation>::decode(&bytes)
+        .map_err(|e| ApiError::malformed(e.to_string()))?;
+    if rev.body().identity != id {
+        return Err(ApiError::forbidden(
+            "the revocation is for another identity",
+        ));
+    }
+    let ack = state
+        .store
+        .submit(Op::RevokeDevice(bytes))
+        .await
+        .map_err(|_| ApiError::from(cmr_store::StoreError::Closed))??;
+    Ok(Json(ack_json(&ack)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    /// The signed rotation (signed by the newly revealed key), base64.
+    event: String,
+}
+
+/// Recovery: the rotation is signed by the pre-committed key it reveals, so the request is signed by that
+/// key too (`keyid` = `id:<identity>`, verified against the revealed key).
+async fn rotate(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let id = IdentityId(hex_id("identity", &id)?);
+    let req: RotateBody = json_body(&body)?;
+    let bytes = b64("event", &req.event)?;
+    let event = SignedKeyEvent::decode(&bytes).map_err(|e| ApiError::malformed(e.to_string()))?;
+    if event.event().seq == 0 || event.identity() != id {
+        return Err(ApiError::malformed("a rotation of this identity"));
+    }
+    let caller = authenticate(
+        &state,
+        &method,
+        &uri,
+        &headers,
+        &body,
+        Some((id, event.event().signing_key)),
+    )?;
+    if caller.identity != id {
+        return Err(ApiError::forbidden(
+            "a rotation is signed by the key it reveals",
+        ));
+    }
+    let ack = state
+        .store
+        .submit(Op::Rotate(bytes))
         .await
         .map_err(|_| ApiError::from(cmr_store::StoreError::Closed))??;
     Ok(Json(ack_json(&ack)))

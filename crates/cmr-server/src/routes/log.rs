@@ -23,6 +23,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v1/log/commitments", get(commitments))
         .route("/v1/log/proofs/inclusion", get(inclusion))
         .route("/v1/log/proofs/consistency", get(consistency))
+        .route("/v1/log/entries/{index}", axum::routing::post(entry))
 }
 
 async fn healthz() -> &'static str {
@@ -99,5 +100,41 @@ async fn consistency(
         .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such sizes"))?;
     Ok(Json(
         json!({ "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>() }),
+    ))
+}
+
+/// An entry's body and salt: only for the parties it involves (its customer and its subject) and for
+/// registered auditors. The request is signed (POST so that it carries a body digest like every other).
+async fn entry(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(index): axum::extract::Path<u64>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let caller = crate::auth::authenticate(&state, &method, &uri, &headers, &body, None)?;
+    let stored = state.store.body(index)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "no such entry, or it was erased",
+        )
+    })?;
+    let entry = cmr_log::entry::EntryBody::decode(&stored.body).map_err(|_| {
+        tracing::error!(index, "stored entry does not decode");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
+    })?;
+    let involved = entry.subject == caller.identity || entry.customer == Some(caller.identity);
+    let auditor = state.store.role(&caller.identity) == Some(cmr_core::identity::Role::Auditor);
+    if !involved && !auditor {
+        return Err(ApiError::forbidden("this entry does not involve you"));
+    }
+    Ok(Json(
+        json!({ "salt": B64.encode(stored.salt), "body": B64.encode(&stored.body) }),
     ))
 }
