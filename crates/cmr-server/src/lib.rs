@@ -62,3 +62,17 @@ pub fn app(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
+
+/// Serves the application on `listener` until `shutdown` resolves, then stops taking connections and
+/// lets in-flight requests finish (their durable writes are acknowledged before the process ends).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    tracing::info!(%local, "cmr-server listening");
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,68 @@
+//! A few requests over a real socket on 127.0.0.1, and a graceful shutdown.
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use cmr_core::keys::SigningKey;
+use cmr_log::note::{NoteSigner, TYPE_ED25519};
+use cmr_server::{AppState, Config, serve};
+use cmr_store::{Store, StoreConfig};
+
+fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_over_a_socket_and_shuts_down_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = NoteSigner::new(
+        "vault.test/log",
+        TYPE_ED25519,
+        SigningKey::from_seed(&[1; 32]),
+    )
+    .unwrap();
+    let mut cfg = StoreConfig::new(dir.path(), key);
+    cfg.cache_capacity = 16 * 1024 * 1024;
+    let store = Arc::new(Store::open(cfg).unwrap());
+    let state = Arc::new(AppState {
+        store,
+        config: Config::default(),
+        nonces: Default::default(),
+        clock: Arc::new(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        }),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    let health = tokio::task::spawn_blocking(move || get(addr, "/healthz"))
+        .await
+        .unwrap();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let missing = tokio::task::spawn_blocking(move || get(addr, "/v1/log/checkpoint"))
+        .await
+        .unwrap();
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    assert!(missing.contains("application/problem+json"));
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the server still listens after shutdown"
+    );
+}
