@@ -50,6 +50,40 @@ impl NonceCache {
     }
 }
 
+/// A token bucket per identity: one identity's flood gets 429 while the others are still served.
+#[derive(Debug)]
+pub struct RateLimits {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<IdentityId, (f64, std::time::Instant)>>,
+}
+
+impl RateLimits {
+    /// `rate` requests per second sustained, `burst` at most at once.
+    pub fn new(rate: f64, burst: f64) -> Self {
+        Self {
+            rate,
+            burst,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token for `id`; false when its budget is spent.
+    pub fn take(&self, id: &IdentityId) -> bool {
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, last) = buckets.entry(*id).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Verifies a signed request. `registering` supplies the key of an identity that is being registered (the
 /// request is signed by its inception key, which the store does not know yet).
 pub fn authenticate(
@@ -94,6 +128,13 @@ pub fn authenticate(
         found.map(|(_, k)| k)
     })?;
     let identity = signer.ok_or_else(|| ApiError::from(httpsig::HttpSigError::UnknownKey))?;
+    if !state.limits.take(&identity) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "too many requests from this identity; retry later",
+        ));
+    }
     if !state
         .nonces
         .check(&verified.keyid, &verified.nonce, verified.created, now)

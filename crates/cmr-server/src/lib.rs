@@ -28,6 +28,14 @@ pub struct Config {
     pub scheme: String,
     /// The largest request body, in bytes.
     pub max_body: usize,
+    /// Requests in flight at most; more are shed with 503 and Retry-After.
+    pub max_in_flight: usize,
+    /// How long a request may take before it is answered 503.
+    pub timeout: std::time::Duration,
+    /// Requests per second one identity may make (sustained).
+    pub rate_per_identity: f64,
+    /// How many requests one identity may make in a burst.
+    pub burst_per_identity: f64,
 }
 
 impl Default for Config {
@@ -36,6 +44,10 @@ impl Default for Config {
             authority: "127.0.0.1:8080".into(),
             scheme: "https".into(),
             max_body: 16 * 1024 * 1024,
+            max_in_flight: 512,
+            timeout: std::time::Duration::from_secs(30),
+            rate_per_identity: 200.0,
+            burst_per_identity: 400.0,
         }
     }
 }
@@ -50,16 +62,71 @@ pub struct AppState {
     pub nonces: auth::NonceCache,
     /// The server clock, Unix seconds.
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Per-identity request budgets.
+    pub limits: auth::RateLimits,
 }
 
-/// Builds the whole application.
+impl AppState {
+    /// The state for `store` with `config` and the system clock.
+    pub fn new(store: Arc<Store>, config: Config) -> Self {
+        Self::with_clock(
+            store,
+            config,
+            Arc::new(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            }),
+        )
+    }
+
+    /// The state with a given clock (tests move it by hand).
+    pub fn with_clock(
+        store: Arc<Store>,
+        config: Config,
+        clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    ) -> Self {
+        Self {
+            store,
+            nonces: auth::NonceCache::default(),
+            limits: auth::RateLimits::new(config.rate_per_identity, config.burst_per_identity),
+            config,
+            clock,
+        }
+    }
+}
+
+/// Builds the whole application: the routers, the body limit, a timeout, and load shedding past the
+/// concurrency limit (503 with Retry-After).
 pub fn app(state: Arc<AppState>) -> Router {
-    let max_body = state.config.max_body;
+    use axum::error_handling::HandleErrorLayer;
+    use axum::http::StatusCode;
+    use tower::ServiceBuilder;
+    let (max_body, in_flight, timeout) = (
+        state.config.max_body,
+        state.config.max_in_flight,
+        state.config.timeout,
+    );
     Router::new()
         .merge(routes::log::router())
         .merge(routes::identities::router())
         .merge(routes::vaults::router())
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(|e: tower::BoxError| async move {
+                    let detail = if e.is::<tower::timeout::error::Elapsed>() {
+                        "the request took too long"
+                    } else {
+                        "the server is at capacity; retry later"
+                    };
+                    error::ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+                }))
+                .load_shed()
+                .concurrency_limit(in_flight)
+                .timeout(timeout),
+        )
         .with_state(state)
 }
 

@@ -59,16 +59,19 @@ fn env() -> Env {
     // Requests are accepted from the start time plus 5 s on.
     clock.store(T0 + 100, Ordering::SeqCst);
     let c = clock.clone();
-    let state = Arc::new(AppState {
-        store: store.clone(),
-        config: Config {
-            authority: "vault.test".into(),
-            scheme: "http".into(),
-            max_body: 64 * 1024,
-        },
-        nonces: Default::default(),
-        clock: Arc::new(move || c.load(Ordering::SeqCst)),
-    });
+    let config = Config {
+        authority: "vault.test".into(),
+        scheme: "http".into(),
+        max_body: 64 * 1024,
+        rate_per_identity: 5.0,
+        burst_per_identity: 40.0,
+        ..Config::default()
+    };
+    let state = Arc::new(AppState::with_clock(
+        store.clone(),
+        config,
+        Arc::new(move || c.load(Ordering::SeqCst)),
+    ));
     Env {
         _dir: dir,
         app: app(state),
@@ -774,4 +777,34 @@ async fn a_revoked_device_can_no_longer_act() {
         )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn a_flood_from_one_company_gets_429_while_others_are_served() {
+    let mut f = flow().await;
+    let path = format!(
+        "/v1/vaults/{}/families/{}/read",
+        f.customer.id.to_hex(),
+        f.tx.to_hex()
+    );
+    let body = json!({"from": "2025-06", "to": "2026-12", "grant": f.grant.to_hex()});
+    let mut limited = 0;
+    for _ in 0..60 {
+        let (s, v) = f
+            .env
+            .call("POST", &path, body.clone(), Signer::Device(&f.acme.device))
+            .await;
+        if s == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(v["type"], "urn:cmr-vault:problem:rate-limited");
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "the flood was never limited");
+    // The customer is still served.
+    let own = json!({"from": "2025-06", "to": "2026-12"});
+    let (s, v) = f
+        .env
+        .call("POST", &path, own, Signer::Device(&f.customer.device))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
 }

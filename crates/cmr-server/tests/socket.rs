@@ -33,17 +33,7 @@ async fn serves_over_a_socket_and_shuts_down_gracefully() {
     let mut cfg = StoreConfig::new(dir.path(), key);
     cfg.cache_capacity = 16 * 1024 * 1024;
     let store = Arc::new(Store::open(cfg).unwrap());
-    let state = Arc::new(AppState {
-        store,
-        config: Config::default(),
-        nonces: Default::default(),
-        clock: Arc::new(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-        }),
-    });
+    let state = Arc::new(AppState::new(store, Config::default()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
