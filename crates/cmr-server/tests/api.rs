@@ -808,3 +808,223 @@ async fn a_flood_from_one_company_gets_429_while_others_are_served() {
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
 }
+
+#[tokio::test]
+async fn appends_wait_for_the_rotation_after_a_revocation() {
+    let mut f = flow().await;
+    let base = format!("/v1/vaults/{}", f.customer.id.to_hex());
+    // The customer also grants acme appends to its own transactions family (not answering a request).
+    let secret = EpochSecret::generate(&mut rand::rng());
+    let g = Grant {
+        grantee: f.acme.id,
+        request: None,
+        purpose: "invoices".into(),
+        duration: Duration::Persistent,
+        not_before: T0,
+        expires: None,
+        lookback_start: Period::from_year_month(2026, 1).unwrap(),
+        window_months: None,
+        scopes: vec![(Scope::Transactions, Access::ReadAppend)],
+        families: vec![GrantFamily {
+            family: f.tx,
+            scope: Scope::Transactions,
+            epoch: 1,
+            access: Access::ReadAppend,
+        }],
+        append_family: Some(f.tx),
+        grantee_kem: f.kem.public_key(),
+    };
+    let st = Statement {
+        customer: f.customer.id,
+        author: f.customer.id,
+        device: f.customer.device.id(),
+        issued_at: T0,
+        body: StBody::Grant(g.clone()),
+    };
+    let gid = SignedStatement::grant_id(&st);
+    let bundle = KeyBundle {
+        entries: vec![BundleEntry {
+            family: f.tx,
+            epoch: 1,
+            key: secret.append_key(&f.acme.id, g.lookback_start),
+        }],
+    }
+    .seal(
+        &mut rand::rng(),
+        f.customer.id,
+        f.acme.id,
+        &f.kem.public_key(),
+        gid.0,
+    );
+    let grant = SignedStatement::sign(st, Some(bundle), &f.customer.device.signing).unwrap();
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/statements"),
+            json!({"statement": B64.encode(grant.encode())}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // Acme appends an invoice, extending the head its read showed.
+    let read_path = format!("{base}/families/{}/read", f.tx.to_hex());
+    let (_, v) = f
+        .env
+        .call(
+            "POST",
+            &read_path,
+            json!({"from": "2026-01", "to": "2026-12"}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    let head = Digest::from_hex(v["proof_of_read"]["head"]["digest"].as_str().unwrap()).unwrap();
+    let period = Period::from_year_month(2026, 2).unwrap();
+    let key = secret.append_key(&f.acme.id, period);
+    let rec = RecordSealer::new(f.customer.id, f.tx, 1, f.acme.id, &key, period)
+        .unwrap()
+        .seal(&mut rand::rng(), RecordId([9; 16]), b"invoice 7")
+        .unwrap();
+    let append = |head| {
+        let b = SignedBatch::sign(
+            Batch::for_records(f.acme.device.id(), head, std::slice::from_ref(&rec)).unwrap(),
+            &f.acme.device.signing,
+        );
+        json!({"batch": B64.encode(b.encode()), "records": [B64.encode(rec.as_bytes())], "grant": gid.to_hex()})
+    };
+    let batches = format!("{base}/families/{}/batches", f.tx.to_hex());
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &batches,
+            append(head),
+            Signer::Device(&f.acme.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The customer sees the append.
+    let (_, v) = f
+        .env
+        .call(
+            "POST",
+            &read_path,
+            json!({"from": "2026-01", "to": "2026-12"}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(v["records"].as_array().unwrap().len(), 4);
+    let head = Digest::from_hex(v["proof_of_read"]["head"]["digest"].as_str().unwrap()).unwrap();
+    // The first (read) grant is revoked: the family's keys are exposed, appends wait for the rotation.
+    let rev = statement(
+        &f.customer,
+        f.customer.id,
+        StBody::Revocation(Revocation {
+            grant: f.grant,
+            initiator: Initiator::Customer,
+            reason: "done".into(),
+        }),
+        None,
+    );
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/statements"),
+            json!({"statement": B64.encode(rev.encode())}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &batches,
+            append(head),
+            Signer::Device(&f.acme.device),
+        )
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap()),
+        (
+            StatusCode::CONFLICT,
+            "urn:cmr-vault:problem:rotation-pending"
+        ),
+        "{v}"
+    );
+    // The customer's client completes the rotation, keeping the append grant.
+    let rc = cmr_core::consent::RotationCompletion {
+        family: f.tx,
+        epoch: 2,
+        directory: Digest([0; 32]),
+        keepers: vec![(gid, grant.bundle().unwrap().clone())],
+    };
+    let s2 = statement(
+        &f.customer,
+        f.customer.id,
+        StBody::RotationCompletion(rc),
+        None,
+    );
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/statements"),
+            json!({"statement": B64.encode(s2.encode())}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // An append still sealed to epoch 1 is stale.
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &batches,
+            append(head),
+            Signer::Device(&f.acme.device),
+        )
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap()),
+        (StatusCode::CONFLICT, "urn:cmr-vault:problem:stale-epoch"),
+        "{v}"
+    );
+}
+
+#[test]
+fn no_input_makes_a_handler_panic_or_answer_500() {
+    use proptest::prelude::*;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let f = rt.block_on(flow());
+    let customer = f.customer.id.to_hex();
+    let family = f.tx.to_hex();
+    let paths = [
+        "/v1/identities".to_string(),
+        format!("/v1/identities/{customer}/devices"),
+        format!("/v1/identities/{customer}/rotate"),
+        format!("/v1/vaults/{customer}/directory"),
+        format!("/v1/vaults/{customer}/statements"),
+        format!("/v1/vaults/{customer}/families/{family}/batches"),
+        format!("/v1/vaults/{customer}/families/{family}/read"),
+        "/v1/log/entries/0".to_string(),
+    ];
+    let env = std::sync::Mutex::new(f.env);
+    let device = f.customer.device;
+    proptest!(ProptestConfig::with_cases(64), |(which in 0usize..8, body in "\\PC{0,200}", field in "[a-z]{1,10}", value in "\\PC{0,80}", signed in any::<bool>())| {
+        let json_body = if body.len() % 2 == 0 { json!({ field: value }) } else { Value::String(body.clone()) };
+        let mut env = env.lock().unwrap();
+        let req = if signed {
+            env.request("POST", &paths[which], &json_body, Signer::Device(&device), 0)
+        } else {
+            Request::post(paths[which].as_str()).header("host", "vault.test").body(Body::from(body.clone())).unwrap()
+        };
+        let (status, _) = rt.block_on(env.send(req));
+        prop_assert!(status.as_u16() < 500, "{} on {}", status, paths[which]);
+    });
+}
