@@ -1028,3 +1028,84 @@ fn no_input_makes_a_handler_panic_or_answer_500() {
         prop_assert!(status.as_u16() < 500, "{} on {}", status, paths[which]);
     });
 }
+
+#[tokio::test]
+async fn the_customer_sees_every_access_in_the_history() {
+    let mut f = flow().await;
+    let read_path = format!(
+        "/v1/vaults/{}/families/{}/read",
+        f.customer.id.to_hex(),
+        f.tx.to_hex()
+    );
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            &read_path,
+            json!({"from": "2025-06", "to": "2026-12", "grant": f.grant.to_hex()}),
+            Signer::Device(&f.acme.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let path = format!("/v1/vaults/{}/history", f.customer.id.to_hex());
+    let (s, v) = f
+        .env
+        .call("POST", &path, json!({}), Signer::Device(&f.customer.device))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let entries = v["entries"].as_array().unwrap();
+    // Newest first: the company's read, the batch, the grant, the request, the directory, ...
+    assert_eq!(entries[0]["kind"], "access");
+    let kinds: Vec<&str> = entries
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"statement")
+            && kinds.contains(&"family-head")
+            && kinds.contains(&"directory")
+    );
+    // Each entry opens its public commitment, is included in the checkpoint, and links to the one before.
+    let cp = cmr_log::checkpoint::open(
+        v["checkpoint"].as_str().unwrap(),
+        &log_key().verifier(),
+        &[],
+        0,
+    )
+    .unwrap()
+    .checkpoint;
+    let mut expected_prev: Option<u64> = None;
+    for e in entries.iter().rev() {
+        let index = e["index"].as_u64().unwrap();
+        let salt: [u8; 32] = B64
+            .decode(e["salt"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let body = B64.decode(e["body"].as_str().unwrap()).unwrap();
+        let c = cmr_log::entry::commitment(&salt, &body);
+        let proof: Vec<[u8; 32]> = e["proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| B64.decode(h.as_str().unwrap()).unwrap().try_into().unwrap())
+            .collect();
+        cmr_log::verify::verify_inclusion(
+            index,
+            cp.size,
+            &cmr_log::entry::commitment_leaf(&c),
+            &proof,
+            &cp.root,
+        )
+        .unwrap();
+        let entry = cmr_log::entry::EntryBody::decode(&body).unwrap();
+        assert_eq!(entry.prev.map(|p| p.index), expected_prev);
+        expected_prev = Some(index);
+    }
+    // Nobody else reads it.
+    let (s, _) = f
+        .env
+        .call("POST", &path, json!({}), Signer::Device(&f.acme.device))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}

@@ -26,6 +26,8 @@ pub mod tag {
     pub const IDEMPOTENCY: u8 = 0x09;
     /// The latest directory of a customer.
     pub const DIRECTORY: u8 = 0x0a;
+    /// The log index of a customer's latest entry.
+    pub const CUSTOMER_HEAD: u8 = 0x0b;
 }
 
 /// `meta` keys.

@@ -578,6 +578,16 @@ impl Store {
         }
     }
 
+    /// The log index of a customer's latest durable entry.
+    pub fn customer_head(&self, customer: &IdentityId) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .db
+            .get(layout::key(tag::CUSTOMER_HEAD, &[&customer.0]))
+            .map_err(io)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes))
+    }
+
     /// The role of a registered identity.
     pub fn role(&self, id: &IdentityId) -> Option<Role> {
         self.device_keys
@@ -812,6 +822,10 @@ impl Sequencer {
             .append(commitment_leaf(&c))
             .map_err(tree_err)?;
         if let Some(c) = customer {
+            overlay.put(
+                layout::key(tag::CUSTOMER_HEAD, &[&c.0]),
+                index.to_be_bytes().to_vec(),
+            );
             self.state.heads.insert(
                 c,
                 ChainLink {

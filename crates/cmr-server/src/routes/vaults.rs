@@ -37,6 +37,7 @@ pub fn router() -> Router<Arc<AppState>> {
             post(batch),
         )
         .route("/v1/vaults/{customer}/families/{family}/read", post(read))
+        .route("/v1/vaults/{customer}/history", post(history))
 }
 
 async fn run(state: &AppState, op: Op) -> Result<cmr_store::Ack, ApiError> {
@@ -323,4 +324,78 @@ async fn read(
             .collect::<Vec<_>>()
     );
     Ok(Json(out))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryBody {
+    /// Start from this entry (newest first); the customer's latest entry if absent.
+    #[serde(default)]
+    before: Option<u64>,
+    #[serde(default = "default_history")]
+    limit: u64,
+}
+
+fn default_history() -> u64 {
+    100
+}
+
+/// The customer's own chain of entries, newest first: every read and write any company made, every
+/// statement. Each entry comes with its salt (so the customer checks the commitment), its inclusion proof
+/// in the current checkpoint, and the link to the entry before it.
+async fn history(
+    State(state): State<Arc<AppState>>,
+    Path(customer): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let customer = IdentityId(hex_id("customer", &customer)?);
+    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
+    if caller.identity != customer {
+        return Err(ApiError::forbidden(
+            "a customer reads only their own history",
+        ));
+    }
+    let req: HistoryBody = json_body(&body)?;
+    let checkpoint = state.store.checkpoint()?.unwrap_or_default();
+    let size = cmr_log::note::Note::parse(&checkpoint)
+        .ok()
+        .and_then(|n| cmr_log::checkpoint::Checkpoint::parse_text(&n.text).ok())
+        .map_or(0, |c| c.size);
+    let mut next = match req.before {
+        Some(i) => Some(i),
+        None => state.store.customer_head(&customer)?,
+    };
+    let mut entries = Vec::new();
+    while let Some(index) = next {
+        if entries.len() as u64 >= req.limit.clamp(1, 1000) || index >= size {
+            break;
+        }
+        let Some(stored) = state.store.body(index)? else {
+            entries.push(json!({"index": index, "redacted": true}));
+            break;
+        };
+        let entry = cmr_log::entry::EntryBody::decode(&stored.body)
+            .map_err(|_| ApiError::malformed("a stored entry does not decode"))?;
+        if entry.customer != Some(customer) {
+            return Err(ApiError::forbidden(
+                "the entry is not on this customer's chain",
+            ));
+        }
+        let proof = state.store.inclusion_proof(index, size)?;
+        entries.push(json!({
+            "index": index,
+            "kind": entry.kind.name(),
+            "time": entry.time,
+            "salt": B64.encode(stored.salt),
+            "body": B64.encode(&stored.body),
+            "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
+        }));
+        next = entry.prev.map(|p| p.index);
+    }
+    Ok(Json(
+        json!({ "checkpoint": checkpoint, "entries": entries, "next": next }),
+    ))
 }
