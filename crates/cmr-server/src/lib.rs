@@ -112,6 +112,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::log::router())
         .merge(routes::identities::router())
         .merge(routes::vaults::router())
+        .merge(routes::openapi::router())
         .layer(DefaultBodyLimit::max(max_body))
         .layer(
             ServiceBuilder::new()

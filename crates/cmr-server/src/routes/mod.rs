@@ -2,6 +2,7 @@
 
 pub mod identities;
 pub mod log;
+pub mod openapi;
 pub mod vaults;
 
 use base64::Engine as _;
