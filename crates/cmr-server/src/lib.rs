@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod logkey;
 pub mod routes;
 
 use std::sync::Arc;

@@ -56,3 +56,34 @@ async fn serves_over_a_socket_and_shuts_down_gracefully() {
         "the server still listens after shutdown"
     );
 }
+
+#[test]
+fn the_log_key_file_is_private_and_outside_the_data_folder() {
+    use cmr_server::logkey::{LogKeyError, create, load};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cmr-data");
+    std::fs::create_dir(&data).unwrap();
+    let key_path = dir.path().join("log.key");
+    let created = create(&key_path, &data, "vault.test/log").unwrap();
+    assert_eq!(
+        std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let loaded = load(&key_path, &data).unwrap();
+    assert_eq!(loaded.verifier(), created.verifier());
+    // Never overwritten, never inside the data folder, never readable by others.
+    assert!(matches!(
+        create(&key_path, &data, "vault.test/log"),
+        Err(LogKeyError::Io(_))
+    ));
+    assert!(matches!(
+        create(&data.join("log.key"), &data, "vault.test/log"),
+        Err(LogKeyError::InsideDataFolder)
+    ));
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(matches!(
+        load(&key_path, &data),
+        Err(LogKeyError::Permissions(_))
+    ));
+}
