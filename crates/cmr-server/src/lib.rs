@@ -27,8 +27,10 @@ pub struct Config {
     pub authority: String,
     /// `https` behind the reverse proxy that terminates TLS, `http` in tests.
     pub scheme: String,
-    /// The largest request body, in bytes.
+    /// The largest request body for record batches, in bytes.
     pub max_body: usize,
+    /// The largest request body for every other route, in bytes.
+    pub max_small_body: usize,
     /// Requests in flight at most; more are shed with 503 and Retry-After.
     pub max_in_flight: usize,
     /// How long a request may take before it is answered 503.
@@ -45,6 +47,7 @@ impl Default for Config {
             authority: "127.0.0.1:8080".into(),
             scheme: "https".into(),
             max_body: 16 * 1024 * 1024,
+            max_small_body: 256 * 1024,
             max_in_flight: 512,
             timeout: std::time::Duration::from_secs(30),
             rate_per_identity: 200.0,
@@ -104,8 +107,9 @@ pub fn app(state: Arc<AppState>) -> Router {
     use axum::error_handling::HandleErrorLayer;
     use axum::http::StatusCode;
     use tower::ServiceBuilder;
-    let (max_body, in_flight, timeout) = (
+    let (max_body, small, in_flight, timeout) = (
         state.config.max_body,
+        state.config.max_small_body,
         state.config.max_in_flight,
         state.config.timeout,
     );
@@ -114,7 +118,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::identities::router())
         .merge(routes::vaults::router())
         .merge(routes::openapi::router())
-        .layer(DefaultBodyLimit::max(max_body))
+        .layer(DefaultBodyLimit::max(small))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(max_body))
         .layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(|e: tower::BoxError| async move {

@@ -62,7 +62,8 @@ fn env() -> Env {
     let config = Config {
         authority: "vault.test".into(),
         scheme: "http".into(),
-        max_body: 64 * 1024,
+        max_body: 1024 * 1024,
+        max_small_body: 64 * 1024,
         rate_per_identity: 5.0,
         burst_per_identity: 40.0,
         ..Config::default()

@@ -32,9 +32,10 @@ pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/vaults/{customer}/directory", post(directory))
         .route("/v1/vaults/{customer}/statements", post(statement))
+        // Record batches may be large (up to the server's body limit); every other route stays small.
         .route(
             "/v1/vaults/{customer}/families/{family}/batches",
-            post(batch),
+            post(batch).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/v1/vaults/{customer}/families/{family}/read", post(read))
         .route("/v1/vaults/{customer}/history", post(history))
