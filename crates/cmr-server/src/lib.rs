@@ -31,6 +31,8 @@ pub struct Config {
     pub max_body: usize,
     /// The largest request body for every other route, in bytes.
     pub max_small_body: usize,
+    /// The witnesses whose cosignatures the log accepts (C2SP tlog-cosignature keys).
+    pub witnesses: Vec<cmr_log::note::NoteVerifier>,
     /// Requests in flight at most; more are shed with 503 and Retry-After.
     pub max_in_flight: usize,
     /// How long a request may take before it is answered 503.
@@ -48,6 +50,7 @@ impl Default for Config {
             scheme: "https".into(),
             max_body: 16 * 1024 * 1024,
             max_small_body: 256 * 1024,
+            witnesses: Vec::new(),
             max_in_flight: 512,
             timeout: std::time::Duration::from_secs(30),
             rate_per_identity: 200.0,
@@ -68,6 +71,8 @@ pub struct AppState {
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Per-identity request budgets.
     pub limits: auth::RateLimits,
+    /// Witness cosignature lines collected for the checkpoint of that size.
+    pub cosignatures: std::sync::Mutex<(u64, Vec<String>)>,
 }
 
 impl AppState {
@@ -95,6 +100,7 @@ impl AppState {
             store,
             nonces: auth::NonceCache::default(),
             limits: auth::RateLimits::new(config.rate_per_identity, config.burst_per_identity),
+            cosignatures: std::sync::Mutex::new((0, Vec::new())),
             config,
             clock,
         }

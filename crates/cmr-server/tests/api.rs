@@ -48,6 +48,15 @@ fn log_key() -> NoteSigner {
     .unwrap()
 }
 
+fn witness_key() -> NoteSigner {
+    NoteSigner::new(
+        "witness.test/w1",
+        cmr_log::note::TYPE_COSIGNATURE,
+        SigningKey::from_seed(&[9; 32]),
+    )
+    .unwrap()
+}
+
 fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(AtomicU64::new(T0));
@@ -66,6 +75,7 @@ fn env() -> Env {
         max_small_body: 64 * 1024,
         rate_per_identity: 5.0,
         burst_per_identity: 40.0,
+        witnesses: vec![witness_key().verifier()],
         ..Config::default()
     };
     let state = Arc::new(AppState::with_clock(
@@ -1152,5 +1162,163 @@ async fn the_openapi_document_matches_the_routes() {
             r.path
         );
         assert!(doc["paths"][r.path][r.method].is_object());
+    }
+}
+
+#[tokio::test]
+async fn an_expired_grant_at_the_server_clock() {
+    let mut f = flow().await;
+    let base = format!("/v1/vaults/{}", f.customer.id.to_hex());
+    // A 10-day grant on the same family.
+    let g = Grant {
+        grantee: f.acme.id,
+        request: None,
+        purpose: "a short look".into(),
+        duration: Duration::TimeBound {
+            seconds: 10 * 86_400,
+        },
+        not_before: T0,
+        expires: Some(T0 + 10 * 86_400),
+        lookback_start: Period::from_year_month(2025, 6).unwrap(),
+        window_months: None,
+        scopes: vec![(Scope::Transactions, Access::Read)],
+        families: vec![GrantFamily {
+            family: f.tx,
+            scope: Scope::Transactions,
+            epoch: 1,
+            access: Access::Read,
+        }],
+        append_family: None,
+        grantee_kem: f.kem.public_key(),
+    };
+    let st = Statement {
+        customer: f.customer.id,
+        author: f.customer.id,
+        device: f.customer.device.id(),
+        issued_at: T0,
+        body: StBody::Grant(g.clone()),
+    };
+    let gid = SignedStatement::grant_id(&st);
+    let bundle = KeyBundle { entries: vec![] }.seal(
+        &mut rand::rng(),
+        f.customer.id,
+        f.acme.id,
+        &f.kem.public_key(),
+        gid.0,
+    );
+    let grant = SignedStatement::sign(st, Some(bundle), &f.customer.device.signing).unwrap();
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/statements"),
+            json!({"statement": B64.encode(grant.encode())}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let path = format!("{base}/families/{}/read", f.tx.to_hex());
+    let body = json!({"from": "2025-06", "to": "2026-12", "grant": gid.to_hex()});
+    // One second before expiry: served. At the expiry instant: refused (the bound is exclusive).
+    f.env.clock.store(T0 + 10 * 86_400 - 1, Ordering::SeqCst);
+    let (s, _) = f
+        .env
+        .call("POST", &path, body.clone(), Signer::Device(&f.acme.device))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    f.env.clock.store(T0 + 10 * 86_400, Ordering::SeqCst);
+    let (s, v) = f
+        .env
+        .call("POST", &path, body, Signer::Device(&f.acme.device))
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap()),
+        (StatusCode::FORBIDDEN, "urn:cmr-vault:problem:grant-expired"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn a_witness_cosigns_and_clients_require_it() {
+    let f = flow().await;
+    let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+    let resp = f
+        .env
+        .app
+        .clone()
+        .oneshot(get("/v1/log/checkpoint"))
+        .await
+        .unwrap();
+    let note = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    // The witness checks consistency from nothing (its first checkpoint) and cosigns.
+    let mut witness = cmr_log::witness::Witness::new(witness_key(), log_key().verifier()).unwrap();
+    let line = witness.cosign(&note, &[], T0 + 100).unwrap();
+    let post = |body: Value| {
+        Request::post("/v1/log/cosignatures")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let resp = f
+        .env
+        .app
+        .clone()
+        .oneshot(post(json!({"line": line})))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Clients that require one witness now accept the served checkpoint.
+    let resp = f
+        .env
+        .app
+        .clone()
+        .oneshot(get("/v1/log/checkpoint"))
+        .await
+        .unwrap();
+    let cosigned = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let v = cmr_log::checkpoint::open(
+        &cosigned,
+        &log_key().verifier(),
+        &[witness_key().verifier()],
+        1,
+    )
+    .unwrap();
+    assert_eq!(v.cosigners.len(), 1);
+    // A cosignature by an unknown key, or over another checkpoint, is refused.
+    let stranger = NoteSigner::new(
+        "witness.test/w1",
+        cmr_log::note::TYPE_COSIGNATURE,
+        SigningKey::from_seed(&[8; 32]),
+    )
+    .unwrap();
+    let text = cmr_log::note::Note::parse(&note).unwrap().text;
+    for bad in [
+        stranger.signature_line(&text, T0),
+        witness_key().signature_line("other\n1\nAAAA\n", T0),
+    ] {
+        let resp = f
+            .env
+            .app
+            .clone()
+            .oneshot(post(json!({"line": bad})))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
     }
 }

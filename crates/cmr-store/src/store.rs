@@ -237,6 +237,7 @@ pub struct Store {
     db: sled::Tree,
     start_time: u64,
     device_keys: DeviceKeys,
+    log_verifier: cmr_log::note::NoteVerifier,
 }
 
 /// What the sequencer owns.
@@ -459,6 +460,7 @@ impl Store {
             device_keys: DeviceKeys::default(),
         };
         let device_keys = seq.device_keys.clone();
+        let log_verifier = seq.log_key.verifier();
         seq.rebuild()?;
         let start_time = seq.now();
         let (tx, rx) = mpsc::channel::<Job>();
@@ -472,7 +474,13 @@ impl Store {
             db: tree,
             start_time,
             device_keys,
+            log_verifier,
         })
+    }
+
+    /// The verifier key of the log key that signs this store's checkpoints.
+    pub fn log_verifier(&self) -> &cmr_log::note::NoteVerifier {
+        &self.log_verifier
     }
 
     /// The server time when the store opened (the later of the clock and the last time in the log).

@@ -24,6 +24,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v1/log/proofs/inclusion", get(inclusion))
         .route("/v1/log/proofs/consistency", get(consistency))
         .route("/v1/log/entries/{index}", axum::routing::post(entry))
+        .route("/v1/log/cosignatures", axum::routing::post(cosign))
 }
 
 async fn healthz() -> &'static str {
@@ -31,11 +32,76 @@ async fn healthz() -> &'static str {
 }
 
 async fn checkpoint(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
+    let mut note = state
+        .store
+        .checkpoint()?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not-found", "the log is empty"))?;
+    // Add the witness cosignatures collected for this very checkpoint.
+    let size = checkpoint_size(&note);
+    let cosigned = state.cosignatures.lock().unwrap_or_else(|p| p.into_inner());
+    if cosigned.0 == size {
+        for line in &cosigned.1 {
+            note.push_str(line);
+        }
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], note))
+}
+
+fn checkpoint_size(note: &str) -> u64 {
+    cmr_log::note::Note::parse(note)
+        .ok()
+        .and_then(|n| cmr_log::checkpoint::Checkpoint::parse_text(&n.text).ok())
+        .map_or(0, |c| c.size)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CosignBody {
+    /// The witness's signature line over the current checkpoint (C2SP tlog-cosignature).
+    line: String,
+}
+
+/// A configured witness hands in its cosignature of the current checkpoint. The line must verify under
+/// one of the configured witness keys over that checkpoint; it is then served with it.
+async fn cosign(
+    State(state): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: CosignBody = super::json_body(&body)?;
     let note = state
         .store
         .checkpoint()?
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not-found", "the log is empty"))?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], note))
+    let line = if req.line.ends_with('\n') {
+        req.line.clone()
+    } else {
+        format!("{}\n", req.line)
+    };
+    let with = cmr_log::note::add_signature(&note, &line);
+    let verified = cmr_log::checkpoint::open(
+        &with,
+        state.store.log_verifier(),
+        &state.config.witnesses,
+        1,
+    )
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad-cosignature",
+            e.to_string(),
+        )
+    })?;
+    let size = verified.checkpoint.size;
+    let mut cosigned = state.cosignatures.lock().unwrap_or_else(|p| p.into_inner());
+    if cosigned.0 != size {
+        *cosigned = (size, Vec::new());
+    }
+    if !cosigned.1.contains(&line) {
+        cosigned.1.push(line);
+    }
+    Ok(Json(
+        json!({ "size": size, "cosigners": verified.cosigners.iter().map(|(n, t)| json!({"name": n, "time": t})).collect::<Vec<_>>() }),
+    ))
 }
 
 #[derive(Deserialize)]
