@@ -1322,3 +1322,87 @@ async fn a_witness_cosigns_and_clients_require_it() {
         assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
     }
 }
+
+#[tokio::test]
+async fn the_customer_lists_unanswered_requests() {
+    let mut f = flow().await;
+    let base = format!("/v1/vaults/{}", f.customer.id.to_hex());
+    // The flow's request was answered by the grant; a new one is pending.
+    let req = statement(
+        &f.acme,
+        f.customer.id,
+        StBody::Request(AccessRequest {
+            scopes: vec![(Scope::ProfileContact, Access::Read)],
+            purpose: "delivery address".into(),
+            duration: Duration::OneTime,
+            lookback_months: 0,
+            counterparty: Counterparty::Any,
+        }),
+        None,
+    );
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/statements"),
+            json!({"statement": B64.encode(req.encode())}),
+            Signer::Device(&f.acme.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/requests"),
+            json!({}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let pending = v["pending"].as_array().unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0]["id"], req.id().to_hex());
+    assert_eq!(pending[0]["purpose"], "delivery address");
+    assert_eq!(pending[0]["company"], f.acme.id.to_hex());
+    // Denied, it is no longer pending; and nobody else lists them.
+    let denial = statement(
+        &f.customer,
+        f.customer.id,
+        StBody::Denial {
+            request: req.id(),
+            reason: "no".into(),
+        },
+        None,
+    );
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/statements"),
+            json!({"statement": B64.encode(denial.encode())}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, v) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/requests"),
+            json!({}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert!(v["pending"].as_array().unwrap().is_empty());
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/requests"),
+            json!({}),
+            Signer::Device(&f.acme.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}

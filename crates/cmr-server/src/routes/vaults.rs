@@ -39,6 +39,7 @@ pub fn router() -> Router<Arc<AppState>> {
         )
         .route("/v1/vaults/{customer}/families/{family}/read", post(read))
         .route("/v1/vaults/{customer}/history", post(history))
+        .route("/v1/vaults/{customer}/requests", post(pending_requests))
 }
 
 async fn run(state: &AppState, op: Op) -> Result<cmr_store::Ack, ApiError> {
@@ -399,4 +400,60 @@ async fn history(
     Ok(Json(
         json!({ "checkpoint": checkpoint, "entries": entries, "next": next }),
     ))
+}
+
+/// The access requests the customer has not answered yet, oldest first: who asks, for what, why, for how
+/// long, with which look-back. Found by walking the customer's own chain of entries.
+async fn pending_requests(
+    State(state): State<Arc<AppState>>,
+    Path(customer): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    use cmr_core::consent::Body as St;
+    let customer = IdentityId(hex_id("customer", &customer)?);
+    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
+    if caller.identity != customer {
+        return Err(ApiError::forbidden(
+            "a customer reads only their own requests",
+        ));
+    }
+    let mut answered = std::collections::HashSet::new();
+    let mut pending = Vec::new();
+    let mut next = state.store.customer_head(&customer)?;
+    while let Some(index) = next {
+        let Some(stored) = state.store.body(index)? else {
+            break;
+        };
+        let entry = cmr_log::entry::EntryBody::decode(&stored.body)
+            .map_err(|_| ApiError::malformed("a stored entry does not decode"))?;
+        next = entry.prev.map(|p| p.index);
+        if entry.kind != cmr_log::entry::EntryKind::Statement {
+            continue;
+        }
+        let Ok(st) = SignedStatement::decode(&entry.payload) else {
+            continue;
+        };
+        match &st.statement().body {
+            St::Grant(g) => answered.extend(g.request),
+            St::Denial { request, .. } => {
+                answered.insert(*request);
+            }
+            St::Request(r) if !answered.contains(&st.id()) => pending.push(json!({
+                "id": st.id().to_hex(),
+                "index": index,
+                "company": st.statement().author.to_hex(),
+                "purpose": r.purpose,
+                "scopes": r.scopes.iter().map(|(s, a)| json!({"scope": s.name(), "access": format!("{a:?}")})).collect::<Vec<_>>(),
+                "duration": format!("{:?}", r.duration),
+                "lookback_months": r.lookback_months,
+                "statement": B64.encode(&entry.payload),
+            })),
+            _ => {}
+        }
+    }
+    pending.reverse();
+    Ok(Json(json!({ "pending": pending })))
 }
