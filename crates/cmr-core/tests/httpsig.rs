@@ -402,3 +402,39 @@ fn malformed_headers_are_clear_errors() {
         Err(HttpSigError::BadSignature)
     );
 }
+
+/// The signed example in docs/api.md, reproduced byte for byte.
+#[test]
+fn the_documented_example_is_reproducible() {
+    let key = SigningKey::from_seed(&[7; 32]);
+    let keyid = cmr_core::identity::DeviceId::of(&key.verifying_key()).to_hex();
+    let body = br#"{"from":"2026-01","to":"2026-12"}"#;
+    let req = Request::new(
+        "POST",
+        "https",
+        "vault.example",
+        "/v1/vaults/abc/families/def/read",
+        vec![],
+    );
+    let h = sign_request(&req, body, &key, &keyid, "docs-1", 1_900_000_000).unwrap();
+    let expected =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/api.md")).unwrap();
+    let lines = [
+        format!("Content-Digest: {}", h.content_digest),
+        format!("Signature-Input: {}", h.signature_input),
+        format!("Signature: {}", h.signature),
+    ];
+    let missing: Vec<&String> = lines
+        .iter()
+        .filter(|l| !expected.contains(l.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/api.md lacks:\n{}",
+        missing
+            .iter()
+            .map(|l| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
