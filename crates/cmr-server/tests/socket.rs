@@ -87,3 +87,70 @@ fn the_log_key_file_is_private_and_outside_the_data_folder() {
         Err(LogKeyError::Permissions(_))
     ));
 }
+
+/// A generic RFC 9421 client written in Python (tests/interop/rfc9421_client.py) calls the API over a
+/// socket: the customer reads their own history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generic_rfc9421_client_in_python_calls_the_api() {
+    use cmr_core::identity::{DeviceKeys, Role, create_identity};
+    use cmr_store::Op;
+    let dir = tempfile::tempdir().unwrap();
+    let key = NoteSigner::new(
+        "vault.test/log",
+        TYPE_ED25519,
+        SigningKey::from_seed(&[1; 32]),
+    )
+    .unwrap();
+    let mut cfg = StoreConfig::new(dir.path(), key);
+    cfg.cache_capacity = 16 * 1024 * 1024;
+    let store = Arc::new(Store::open(cfg).unwrap());
+    let mut rng = rand::rng();
+    let customer = create_identity(&mut rng, Role::Customer);
+    let id = customer.inception.identity();
+    let device = DeviceKeys::generate(&mut rng);
+    let cert = device.certify(id, 0, &customer.identity_key, 0).encode();
+    for op in [Op::Register(customer.inception.encode()), Op::Certify(cert)] {
+        store.submit(op).await.unwrap().unwrap();
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = Config {
+        authority: addr.to_string(),
+        scheme: "http".into(),
+        ..Config::default()
+    };
+    let state = Arc::new(AppState::new(store, config));
+    // The server refuses requests created within 5 s of its start (the replay horizon).
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/interop/rfc9421_client.py"
+    );
+    let seed = hex::encode(*device.signing.seed());
+    let path = format!("/v1/vaults/{}/history", id.to_hex());
+    let keyid = device.id().to_hex();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args([script, &addr.to_string(), &path, &seed, &keyid])
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 runs (CI installs the `cryptography` package)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("200"),
+        "python client: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("\"kind\":\"device-certificate\""),
+        "{stdout}"
+    );
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
