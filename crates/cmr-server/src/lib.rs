@@ -126,6 +126,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::openapi::router())
         .layer(DefaultBodyLimit::max(small))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(max_body))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(|e: tower::BoxError| async move {
