@@ -235,6 +235,9 @@ async fn flow() -> Flow {
     let tx =
         FamilyName::Transactions(PseudonymKey::generate(&mut rand::rng()).counterparty(&acme.id))
             .id(&customer.id);
+    let contact = FamilyName::profile(Scope::ProfileContact)
+        .unwrap()
+        .id(&customer.id);
     let dir = Directory {
         customer: customer.id,
         version: 1,
@@ -246,12 +249,24 @@ async fn flow() -> Flow {
             signing_key: customer.device.signing.verifying_key(),
             kem_key: customer.device.kem.public_key(),
         }],
-        families: vec![DirectoryFamily {
-            family: tx,
-            scope: Scope::Transactions,
-            epoch: 1,
-            appenders: vec![],
-        }],
+        families: {
+            let mut f = vec![
+                DirectoryFamily {
+                    family: tx,
+                    scope: Scope::Transactions,
+                    epoch: 1,
+                    appenders: vec![],
+                },
+                DirectoryFamily {
+                    family: contact,
+                    scope: Scope::ProfileContact,
+                    epoch: 1,
+                    appenders: vec![],
+                },
+            ];
+            f.sort_by_key(|x| x.family);
+            f
+        },
     }
     .sign(&customer.device.signing);
     let base = format!("/v1/vaults/{}", customer.id.to_hex());
@@ -376,6 +391,44 @@ async fn flow() -> Flow {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
+    // And the profile: a contact record, in the contact family's only period.
+    let contact_secret = EpochSecret::generate(&mut rand::rng());
+    let sealer = RecordSealer::new(
+        customer.id,
+        contact,
+        1,
+        customer.id,
+        &contact_secret.read_key(Period::ORIGIN),
+        Period::ORIGIN,
+    )
+    .unwrap();
+    let rec = sealer
+        .seal(
+            &mut rand::rng(),
+            RecordId([7; 16]),
+            b"email: me@example.org",
+        )
+        .unwrap();
+    let batch = SignedBatch::sign(
+        Batch::for_records(
+            customer.device.id(),
+            Head::empty(customer.id, contact).digest(),
+            std::slice::from_ref(&rec),
+        )
+        .unwrap(),
+        &customer.device.signing,
+    );
+    let body =
+        json!({"batch": B64.encode(batch.encode()), "records": [B64.encode(rec.as_bytes())]});
+    let (s, v) = env
+        .call(
+            "POST",
+            &format!("{base}/families/{}/batches", contact.to_hex()),
+            body,
+            Signer::Device(&customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     Flow {
         env,
         customer,
@@ -407,6 +460,20 @@ async fn the_flow_through_the_api() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["records"].as_array().unwrap().len(), 3);
     assert!(v["index"].is_u64());
+    // The company verifies, from the JSON alone, that the read is complete against the named head and
+    // that every record is in a batch signed by the customer's device, then opens the records.
+    let (proof, records, batches) = parse_read(&v);
+    let customer_key = f.customer.device.signing.verifying_key();
+    let verified = cmr_core::batch::verify_read(
+        &proof.head.digest(),
+        &proof,
+        &records,
+        &batches,
+        |_| Some(customer_key),
+        None,
+    )
+    .unwrap();
+    assert_eq!(verified.records.len(), 3);
     // Outside the look-back, or another family: refused with the decision's code.
     let early = json!({"from": "2025-01", "to": "2026-12", "grant": f.grant.to_hex()});
     let (s, v) = f
@@ -418,6 +485,27 @@ async fn the_flow_through_the_api() {
         (
             StatusCode::FORBIDDEN,
             "urn:cmr-vault:problem:outside-look-back"
+        )
+    );
+    // The profile's contact family was not granted.
+    let contact = FamilyName::profile(Scope::ProfileContact)
+        .unwrap()
+        .id(&f.customer.id);
+    let contact_path = format!(
+        "/v1/vaults/{}/families/{}/read",
+        f.customer.id.to_hex(),
+        contact.to_hex()
+    );
+    let body = json!({"from": "2000-01", "to": "2000-01", "grant": f.grant.to_hex()});
+    let (s, v) = f
+        .env
+        .call("POST", &contact_path, body, Signer::Device(&f.acme.device))
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap()),
+        (
+            StatusCode::FORBIDDEN,
+            "urn:cmr-vault:problem:family-not-granted"
         )
     );
     // The customer revokes; the next read is 403 grant-revoked.
@@ -1405,4 +1493,90 @@ async fn the_customer_lists_unanswered_requests() {
         )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+/// Rebuilds a read's proof, records and batches from the API's JSON, as a client would.
+fn parse_read(
+    v: &Value,
+) -> (
+    cmr_core::batch::ReadProof,
+    Vec<cmr_core::record::SealedRecord>,
+    Vec<SignedBatch>,
+) {
+    use cmr_core::batch::{PageProof, PeriodLeaf, ReadProof};
+    let b64 = |x: &Value| B64.decode(x.as_str().unwrap()).unwrap();
+    let h32 = |x: &Value| -> [u8; 32] { b64(x).try_into().unwrap() };
+    let period = |x: &Value| {
+        let (y, m) = x.as_str().unwrap().split_once('-').unwrap();
+        Period::from_year_month(y.parse().unwrap(), m.parse().unwrap()).unwrap()
+    };
+    let p = &v["proof_of_read"];
+    let h = &p["head"];
+    let proof = ReadProof {
+        head: Head {
+            customer: IdentityId::from_hex(h["customer"].as_str().unwrap()).unwrap(),
+            family: FamilyId(Digest::from_hex(h["family"].as_str().unwrap()).unwrap().0),
+            batches: h["batches"].as_u64().unwrap(),
+            records: h["records"].as_u64().unwrap(),
+            periods: h["periods"].as_u64().unwrap(),
+            periods_root: h32(&h["periods_root"]),
+        },
+        from: period(&p["from"]),
+        to: period(&p["to"]),
+        periods_lo: p["periods_lo"].as_u64().unwrap(),
+        periods: p["periods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| PeriodLeaf {
+                period: period(&l["period"]),
+                count: l["count"].as_u64().unwrap(),
+                root: h32(&l["root"]),
+            })
+            .collect(),
+        periods_proof: p["periods_proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(h32)
+            .collect(),
+        pages: p["pages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|pg| PageProof {
+                period: period(&pg["period"]),
+                start: pg["start"].as_u64().unwrap(),
+                ids: pg["ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| {
+                        RecordId(
+                            hex::decode(i.as_str().unwrap())
+                                .unwrap()
+                                .try_into()
+                                .unwrap(),
+                        )
+                    })
+                    .collect(),
+                proof: pg["proof"].as_array().unwrap().iter().map(h32).collect(),
+            })
+            .collect(),
+        next: None,
+    };
+    assert_eq!(proof.head.digest().to_hex(), h["digest"].as_str().unwrap());
+    let records = v["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| cmr_core::record::SealedRecord::decode(b64(r)).unwrap())
+        .collect();
+    let batches = v["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| SignedBatch::decode(&b64(b)).unwrap())
+        .collect();
+    (proof, records, batches)
 }
