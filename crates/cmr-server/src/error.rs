@@ -76,6 +76,11 @@ impl From<StoreError> for ApiError {
             StoreError::BadSignature(d) => Self::new(StatusCode::UNAUTHORIZED, "bad-signature", d),
             StoreError::Denied(r) => r.into(),
             StoreError::Refused(d) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "refused", d),
+            StoreError::Blocked => Self::new(
+                StatusCode::FORBIDDEN,
+                "company-blocked",
+                "the customer blocked this company",
+            ),
             StoreError::Conflict => Self::new(
                 StatusCode::CONFLICT,
                 "conflict",

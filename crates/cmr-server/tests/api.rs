@@ -1580,3 +1580,56 @@ fn parse_read(
         .collect();
     (proof, records, batches)
 }
+
+#[tokio::test]
+async fn a_blocked_company_is_refused() {
+    let mut f = flow().await;
+    let base = format!("/v1/vaults/{}", f.customer.id.to_hex());
+    let block = statement(
+        &f.customer,
+        f.customer.id,
+        StBody::Block {
+            company: f.acme.id,
+            blocked: true,
+        },
+        None,
+    );
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/statements"),
+            json!({"statement": B64.encode(block.encode())}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let req = statement(
+        &f.acme,
+        f.customer.id,
+        StBody::Request(AccessRequest {
+            scopes: vec![(Scope::ProfileContact, Access::Read)],
+            purpose: "again".into(),
+            duration: Duration::OneTime,
+            lookback_months: 0,
+            counterparty: Counterparty::Any,
+        }),
+        None,
+    );
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/statements"),
+            json!({"statement": B64.encode(req.encode())}),
+            Signer::Device(&f.acme.device),
+        )
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap()),
+        (
+            StatusCode::FORBIDDEN,
+            "urn:cmr-vault:problem:company-blocked"
+        )
+    );
+}

@@ -51,6 +51,9 @@ pub enum StoreError {
     /// Refused by the consent state (a statement that cannot apply).
     #[error("refused: {0}")]
     Refused(String),
+    /// The customer blocked this company: its requests (and grants to it) are refused.
+    #[error("the company is blocked")]
+    Blocked,
     /// Another body was already written under this operation id.
     #[error("conflict: another body under the same id")]
     Conflict,
@@ -1025,9 +1028,10 @@ impl Sequencer {
                     .consent
                     .get_mut(&customer)
                     .ok_or_else(|| StoreError::NotFound("customer".into()))?;
-                consent
-                    .apply(&st, index, time)
-                    .map_err(|e| StoreError::Refused(e.to_string()))?;
+                consent.apply(&st, index, time).map_err(|e| match e {
+                    cmr_core::decision::ApplyError::Blocked => StoreError::Blocked,
+                    other => StoreError::Refused(other.to_string()),
+                })?;
                 if let Body::Erasure(target) = &s.body {
                     self.erase(overlay, customer, *target)?;
                 }
