@@ -14,7 +14,7 @@ use cmr_store::Op;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{ack_json, b64, hex_id, json_body};
+use super::{ack_json, b64, hex_id, json_body, run};
 use crate::AppState;
 use crate::auth::authenticate;
 use crate::error::ApiError;
@@ -64,11 +64,7 @@ async fn register(
             "registration is signed by the inception key being registered",
         ));
     }
-    let ack = state
-        .store
-        .submit(Op::Register(bytes))
-        .await
-        .map_err(|_| ApiError::from(cmr_store::StoreError::Closed))??;
+    let ack = run(&state, Op::Register(bytes)).await?;
     Ok(Json(ack_json(&ack)))
 }
 
@@ -103,11 +99,7 @@ async fn certify(
             "the certificate is for another identity",
         ));
     }
-    let ack = state
-        .store
-        .submit(Op::Certify(bytes))
-        .await
-        .map_err(|_| ApiError::from(cmr_store::StoreError::Closed))??;
+    let ack = run(&state, Op::Certify(bytes)).await?;
     Ok(Json(ack_json(&ack)))
 }
 
@@ -142,11 +134,7 @@ async fn revoke_device(
             "the revocation is for another identity",
         ));
     }
-    let ack = state
-        .store
-        .submit(Op::RevokeDevice(bytes))
-        .await
-        .map_err(|_| ApiError::from(cmr_store::StoreError::Closed))??;
+    let ack = run(&state, Op::RevokeDevice(bytes)).await?;
     Ok(Json(ack_json(&ack)))
 }
 
@@ -187,10 +175,6 @@ async fn rotate(
             "a rotation is signed by the key it reveals",
         ));
     }
-    let ack = state
-        .store
-        .submit(Op::Rotate(bytes))
-        .await
-        .map_err(|_| ApiError::from(cmr_store::StoreError::Closed))??;
+    let ack = run(&state, Op::Rotate(bytes)).await?;
     Ok(Json(ack_json(&ack)))
 }

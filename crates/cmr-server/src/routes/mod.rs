@@ -13,6 +13,15 @@ use serde_json::{Value, json};
 
 use crate::error::ApiError;
 
+/// Runs an operation through the store's sequencer and waits for its durable acknowledgement.
+pub(crate) async fn run(state: &crate::AppState, op: cmr_store::Op) -> Result<Ack, ApiError> {
+    Ok(state
+        .store
+        .submit(op)
+        .await
+        .map_err(|_| ApiError::from(cmr_store::StoreError::Closed))??)
+}
+
 /// Parses a JSON body; unknown fields are refused by the types.
 pub(crate) fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::malformed(format!("body: {e}")))

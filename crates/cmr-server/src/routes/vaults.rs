@@ -18,11 +18,11 @@ use cmr_core::family::{FamilyId, Period};
 use cmr_core::identity::IdentityId;
 use cmr_core::record::SealedRecord;
 use cmr_log::entry::{AccessRecord, AccessedFamily};
-use cmr_store::{Op, StoreError};
+use cmr_store::Op;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ack_json, b64, hex_id, json_body};
+use super::{ack_json, b64, hex_id, json_body, run};
 use crate::AppState;
 use crate::auth::{Caller, authenticate};
 use crate::error::ApiError;
@@ -40,14 +40,6 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v1/vaults/{customer}/families/{family}/read", post(read))
         .route("/v1/vaults/{customer}/history", post(history))
         .route("/v1/vaults/{customer}/requests", post(pending_requests))
-}
-
-async fn run(state: &AppState, op: Op) -> Result<cmr_store::Ack, ApiError> {
-    Ok(state
-        .store
-        .submit(op)
-        .await
-        .map_err(|_| ApiError::from(StoreError::Closed))??)
 }
 
 fn access_record(
