@@ -3,8 +3,7 @@
 //! range scan, and no id can traverse into another table. Ids are parsed into fixed-size arrays before
 //! they become keys, so an overlong or malformed id never reaches sled.
 
-use cmr_core::family::{FamilyId, Period};
-use cmr_core::identity::IdentityId;
+use cmr_core::family::Period;
 
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -19,8 +18,9 @@ pub mod tag {
     pub const NODE: u8 = 0x03;
     /// Log bodies (salt || body) by index.
     pub const BODY: u8 = 0x04;
-    /// Records by (customer, family, period, index in period); the value is the log index (u64) of
-    /// the family-head entry whose signed batch wrote the record, then the sealed record.
+    /// Records by (family number, period, index in period); the value is the log index (u64) of the
+    /// family-head entry whose signed batch wrote the record, then the sealed record. Family numbers
+    /// follow the order in which directories declared the families, so a replay gives the same ones.
     pub const RECORD: u8 = 0x05;
     /// Idempotency: (body digest, log index) by client operation id.
     pub const IDEMPOTENCY: u8 = 0x09;
@@ -58,13 +58,12 @@ pub fn node(level: u8, index: u64) -> Vec<u8> {
     key(tag::NODE, &[&[level], &index.to_be_bytes()])
 }
 
-/// The key of a record.
-pub fn record(customer: &IdentityId, family: &FamilyId, period: Period, n: u64) -> Vec<u8> {
+/// The key of a record: the family's number, the period, and the index within the period.
+pub fn record(family_number: u64, period: Period, n: u64) -> Vec<u8> {
     key(
         tag::RECORD,
         &[
-            &customer.0,
-            &family.0,
+            &family_number.to_be_bytes(),
             &period.0.to_be_bytes(),
             &n.to_be_bytes(),
         ],
@@ -72,6 +71,6 @@ pub fn record(customer: &IdentityId, family: &FamilyId, period: Period, n: u64) 
 }
 
 /// The prefix of every record of a family.
-pub fn family_prefix(customer: &IdentityId, family: &FamilyId) -> Vec<u8> {
-    key(tag::RECORD, &[&customer.0, &family.0])
+pub fn family_prefix(family_number: u64) -> Vec<u8> {
+    key(tag::RECORD, &[&family_number.to_be_bytes()])
 }

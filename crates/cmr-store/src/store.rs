@@ -269,9 +269,36 @@ struct State {
     heads: HashMap<IdentityId, ChainLink>,
     /// Which identity each certified device belongs to, to resolve a request's `keyid`.
     device_owner: HashMap<DeviceId, IdentityId>,
+    /// A short number for each family, in the order the families were declared (so the same after a
+    /// replay): record keys carry it instead of two 32-byte ids.
+    family_numbers: HashMap<(IdentityId, FamilyId), u64>,
 }
 
 impl State {
+    /// Declares a family from a directory: its ledger and its number.
+    fn ensure_family(
+        &mut self,
+        customer: IdentityId,
+        family: FamilyId,
+        scope: cmr_core::family::Scope,
+    ) {
+        let next = self.family_numbers.len() as u64;
+        self.family_numbers
+            .entry((customer, family))
+            .or_insert(next);
+        self.ledgers
+            .entry((customer, family))
+            .or_insert_with(|| FamilyLedger::new(customer, family, scope));
+    }
+
+    /// The family's number in record keys.
+    fn family_number(&self, customer: &IdentityId, family: &FamilyId) -> Result<u64, StoreError> {
+        self.family_numbers
+            .get(&(*customer, *family))
+            .copied()
+            .ok_or_else(|| StoreError::NotFound("family".into()))
+    }
+
     /// The identity that owns the device named by `keyid` (a device id in hex), if the device is valid
     /// at `position`.
     fn signer(&self, keyid: &str, position: u64) -> Result<IdentityId, StoreError> {
@@ -998,10 +1025,9 @@ impl Sequencer {
                     .ok_or_else(|| StoreError::NotFound("customer".into()))?;
                 for f in &d.families {
                     consent.declare_family(f.family, f.scope, f.epoch);
-                    self.state
-                        .ledgers
-                        .entry((customer, f.family))
-                        .or_insert_with(|| FamilyLedger::new(customer, f.family, f.scope));
+                }
+                for f in &d.families {
+                    self.state.ensure_family(customer, f.family, f.scope);
                 }
                 self.state
                     .directories
@@ -1116,13 +1142,21 @@ impl Sequencer {
         customer: IdentityId,
         target: ErasureTarget,
     ) -> Result<(), StoreError> {
-        let prefix = match target {
-            ErasureTarget::Family(f) => layout::family_prefix(&customer, &f),
-            ErasureTarget::Vault => layout::key(tag::RECORD, &[&customer.0]),
+        let numbers: Vec<u64> = match target {
+            ErasureTarget::Family(f) => vec![self.state.family_number(&customer, &f)?],
+            ErasureTarget::Vault => self
+                .state
+                .family_numbers
+                .iter()
+                .filter(|((c, _), _)| *c == customer)
+                .map(|(_, n)| *n)
+                .collect(),
         };
-        for kv in self.tree.scan_prefix(&prefix) {
-            let (k, _) = kv.map_err(io)?;
-            overlay.delete(k.to_vec());
+        for number in numbers {
+            for kv in self.tree.scan_prefix(layout::family_prefix(number)) {
+                let (k, _) = kv.map_err(io)?;
+                overlay.delete(k.to_vec());
+            }
         }
         Ok(())
     }
@@ -1227,6 +1261,12 @@ impl Sequencer {
         })?;
         // The batch goes into the log once, as the family-head entry; each record names that entry.
         let head_index = overlay.size;
+        let number = self.state.family_number(&b.customer, &b.family)?;
+        let ledger = self
+            .state
+            .ledgers
+            .get(&(b.customer, b.family))
+            .ok_or_else(|| StoreError::NotFound("family".into()))?;
         for r in &records {
             let h = r.header();
             let (period, n) = ledger
@@ -1236,10 +1276,7 @@ impl Sequencer {
             let mut value = Vec::with_capacity(8 + r.as_bytes().len());
             value.extend_from_slice(&head_index.to_be_bytes());
             value.extend_from_slice(r.as_bytes());
-            overlay.put(
-                layout::record(&b.customer, &b.family, period, n as u64),
-                value,
-            );
+            overlay.put(layout::record(number, period, n as u64), value);
         }
         let logged = self.log(
             overlay,
@@ -1319,6 +1356,7 @@ impl Sequencer {
                 access.encode(),
             )?);
         }
+        let number = self.state.family_number(&customer, &family)?;
         let ledger = self
             .state
             .ledgers
@@ -1339,7 +1377,7 @@ impl Sequencer {
             for (i, id) in page.ids.iter().enumerate() {
                 let n = page.start + i as u64;
                 let value = overlay
-                    .get(&layout::record(&customer, &family, page.period, n))?
+                    .get(&layout::record(number, page.period, n))?
                     .ok_or_else(|| StoreError::NotFound(format!("record {}", id.to_hex())))?;
                 if value.len() <= 8 {
                     return Err(StoreError::Format("record value".into()));
@@ -1474,10 +1512,9 @@ impl Sequencer {
                 if let Some(consent) = self.state.consent.get_mut(&d.customer) {
                     for f in &d.families {
                         consent.declare_family(f.family, f.scope, f.epoch);
-                        self.state
-                            .ledgers
-                            .entry((d.customer, f.family))
-                            .or_insert_with(|| FamilyLedger::new(d.customer, f.family, f.scope));
+                    }
+                    for f in &d.families {
+                        self.state.ensure_family(d.customer, f.family, f.scope);
                     }
                 }
                 self.state
@@ -1497,6 +1534,7 @@ impl Sequencer {
             EntryKind::FamilyHead => {
                 let signed = SignedBatch::decode(&body.payload).map_err(|e| m(&e))?;
                 let b = signed.batch();
+                let number = self.state.family_number(&b.customer, &b.family)?;
                 let ledger = self
                     .state
                     .ledgers
@@ -1510,7 +1548,7 @@ impl Sequencer {
                     let n = next
                         .entry(e.period)
                         .or_insert_with(|| ledger.period_count(e.period));
-                    let key = layout::record(&b.customer, &b.family, e.period, *n);
+                    let key = layout::record(number, e.period, *n);
                     *n += 1;
                     match self.tree.get(key).map_err(io)? {
                         Some(v) if v.len() > 8 => {
