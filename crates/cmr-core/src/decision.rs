@@ -316,6 +316,11 @@ impl ConsentState {
         self.families.get(family).map(|f| f.epoch)
     }
 
+    /// The log position at which the family (or the whole vault) was erased, if it was.
+    pub fn erased_at(&self, family: &FamilyId) -> Option<Position> {
+        self.families.get(family).and_then(|f| f.erased_at)
+    }
+
     /// Whether `company` is blocked.
     pub fn is_blocked(&self, company: &IdentityId) -> bool {
         self.blocked.contains(company)

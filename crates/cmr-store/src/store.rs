@@ -1153,9 +1153,20 @@ impl Sequencer {
                 .collect(),
         };
         for number in numbers {
-            for kv in self.tree.scan_prefix(layout::family_prefix(number)) {
+            let prefix = layout::family_prefix(number);
+            for kv in self.tree.scan_prefix(&prefix) {
                 let (k, _) = kv.map_err(io)?;
                 overlay.delete(k.to_vec());
+            }
+            // Records written earlier in this same group are not in sled yet.
+            let pending: Vec<Vec<u8>> = overlay
+                .writes
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in pending {
+                overlay.delete(k);
             }
         }
         Ok(())
@@ -1216,6 +1227,10 @@ impl Sequencer {
             .ok_or_else(|| StoreError::Malformed("a batch with no records".into()))?;
         let mut append = None;
         if b.author == b.customer {
+            // Companies meet the erasure in `evaluate`; the customer meets it here.
+            if let Some(at) = consent.erased_at(&b.family) {
+                return Err(StoreError::Denied(DenyReason::FamilyErased(at)));
+            }
             if consent.rotation_pending(&b.family, time) {
                 return Err(StoreError::Denied(DenyReason::RotationPending(b.family)));
             }
@@ -1355,6 +1370,15 @@ impl Sequencer {
                 Some(customer),
                 access.encode(),
             )?);
+        }
+        if logged.is_none()
+            && let Some(at) = self
+                .state
+                .consent
+                .get(&customer)
+                .and_then(|c| c.erased_at(&family))
+        {
+            return Err(StoreError::Denied(DenyReason::FamilyErased(at)));
         }
         let number = self.state.family_number(&customer, &family)?;
         let ledger = self
