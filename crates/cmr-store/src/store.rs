@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use cmr_core::batch::{FamilyLedger, ReadProof, SignedBatch};
@@ -238,15 +238,26 @@ pub struct Store {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     handle: Mutex<Option<JoinHandle<()>>>,
     db: sled::Tree,
+    durable: Arc<RwLock<Durable>>,
     start_time: u64,
     device_keys: DeviceKeys,
     log_verifier: cmr_log::note::NoteVerifier,
+}
+
+/// The latest group known to be durable. Readers of the log see only this: sled already holds the
+/// group in progress after `apply_batch`, but until its `fdatasync` returns, a crash can take it back,
+/// and a checkpoint served in that window would later look like a fork.
+#[derive(Default)]
+struct Durable {
+    size: u64,
+    checkpoint: Option<String>,
 }
 
 /// What the sequencer owns.
 struct Sequencer {
     db: sled::Db,
     tree: sled::Tree,
+    durable: Arc<RwLock<Durable>>,
     path: PathBuf,
     log_key: NoteSigner,
     clock: Arc<dyn Fn() -> u64 + Send + Sync>,
@@ -480,6 +491,7 @@ impl Store {
         let mut seq = Sequencer {
             db,
             tree: tree.clone(),
+            durable: Arc::new(RwLock::new(Durable::default())),
             path: config.path.clone(),
             log_key: config.log_key,
             clock: config.clock,
@@ -492,6 +504,20 @@ impl Store {
         let device_keys = seq.device_keys.clone();
         let log_verifier = seq.log_key.verifier();
         seq.rebuild()?;
+        // What sled recovered may sit only in the page cache (a kill -9 does not flush it to the disk):
+        // make it durable before anything is served from it.
+        seq.db.flush().map_err(io)?;
+        sync_dir(&config.path, &mut seq.synced)?;
+        {
+            let checkpoint = tree
+                .get(layout::META_CHECKPOINT)
+                .map_err(io)?
+                .map(|v| String::from_utf8_lossy(&v).into_owned());
+            let mut d = seq.durable.write().unwrap_or_else(|p| p.into_inner());
+            d.size = seq.state.size;
+            d.checkpoint = checkpoint;
+        }
+        let durable = seq.durable.clone();
         let start_time = seq.now();
         let (tx, rx) = mpsc::channel::<Job>();
         let handle = std::thread::Builder::new()
@@ -502,6 +528,7 @@ impl Store {
             tx: Mutex::new(Some(tx)),
             handle: Mutex::new(Some(handle)),
             db: tree,
+            durable,
             start_time,
             device_keys,
             log_verifier,
@@ -645,21 +672,16 @@ impl Store {
 
     /// The latest durable checkpoint.
     pub fn checkpoint(&self) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .db
-            .get(layout::META_CHECKPOINT)
-            .map_err(io)?
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self.durable().checkpoint.clone())
     }
 
+    fn durable(&self) -> std::sync::RwLockReadGuard<'_, Durable> {
+        self.durable.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The size of the latest durable checkpoint: nothing past it is served.
     fn committed_size(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .db
-            .get(layout::META_SIZE)
-            .map_err(io)?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0))
+        Ok(self.durable().size)
     }
 
     /// The inclusion proof of entry `index` in the tree of `size` entries.
@@ -688,6 +710,10 @@ impl Store {
 
     /// The leaf commitments `from..to`.
     pub fn commitments(&self, from: u64, to: u64) -> Result<Vec<Digest>, StoreError> {
+        let size = self.committed_size()?;
+        if to > size {
+            return Err(StoreError::NotFound(format!("leaf {}", size.max(from))));
+        }
         (from..to)
             .map(|i| {
                 self.db
@@ -702,6 +728,9 @@ impl Store {
 
     /// The salt and body of an entry, unless erased.
     pub fn body(&self, index: u64) -> Result<Option<SaltedBody>, StoreError> {
+        if index >= self.committed_size()? {
+            return Ok(None);
+        }
         Ok(self
             .db
             .get(layout::indexed(tag::BODY, index))
@@ -810,6 +839,11 @@ impl Sequencer {
             }
         };
         self.state.size = size;
+        {
+            let mut d = self.durable.write().unwrap_or_else(|p| p.into_inner());
+            d.size = size;
+            d.checkpoint = Some(note.clone());
+        }
         let committed = Tree::new(Committed(&self.tree, size));
         for (reply, result) in replies.into_iter().zip(results) {
             let ack = result.and_then(|p| {

@@ -427,3 +427,54 @@ fn records_written_in_the_same_group_as_the_erasure_are_deleted_too() {
         assert_eq!(stored_records(dir.path()), 1);
     }
 }
+
+#[test]
+fn readers_never_see_past_the_latest_durable_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let store = Arc::new(open(dir.path(), clock));
+    let w = World::setup(&store);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (store, done) = (store.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut seen = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let note = store.checkpoint().unwrap().unwrap();
+                let cp = cmr_log::checkpoint::open(&note, &log_key().verifier(), &[], 0)
+                    .unwrap()
+                    .checkpoint;
+                assert!(cp.size >= seen, "checkpoints never go back");
+                seen = cp.size;
+                // The entry after the checkpoint is served only once a later checkpoint covers it.
+                let body = store.body(cp.size).unwrap().is_some();
+                let leaf = store.commitments(cp.size, cp.size + 1).is_ok();
+                if body || leaf {
+                    let now = store.checkpoint().unwrap().unwrap();
+                    let now = cmr_log::checkpoint::open(&now, &log_key().verifier(), &[], 0)
+                        .unwrap()
+                        .checkpoint;
+                    assert!(now.size > cp.size);
+                }
+                assert_eq!(store.root(cp.size).unwrap(), cp.root);
+            }
+            seen
+        })
+    };
+    let mut head = cmr_core::batch::Head::empty(w.customer.id, w.contact).digest();
+    let mut last = 0;
+    for tag in 0..40 {
+        let ack = store.execute(w.contact_batch(head, 1, tag)).unwrap();
+        last = ack.size;
+        head = store
+            .execute(own_read(&w, w.contact, (Period::ORIGIN, Period::ORIGIN)))
+            .unwrap()
+            .read
+            .unwrap()
+            .proof
+            .head
+            .digest();
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(reader.join().unwrap() <= last);
+}
