@@ -645,12 +645,28 @@ impl Store {
 
     /// The log index of a customer's latest durable entry.
     pub fn customer_head(&self, customer: &IdentityId) -> Result<Option<u64>, StoreError> {
-        Ok(self
+        let size = self.committed_size()?;
+        let mut head = self
             .db
             .get(layout::key(tag::CUSTOMER_HEAD, &[&customer.0]))
             .map_err(io)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map(u64::from_be_bytes))
+            .map(u64::from_be_bytes);
+        // Entries past the durable view belong to a group still being synced: walk back to the newest
+        // durable one (at most one group's worth of steps; each body was written with its head).
+        while let Some(i) = head
+            && i >= size
+        {
+            let Some(v) = self.db.get(layout::indexed(tag::BODY, i)).map_err(io)? else {
+                break;
+            };
+            let body = v
+                .get(32..)
+                .and_then(|b| EntryBody::decode(b).ok())
+                .ok_or_else(|| StoreError::Format(format!("entry {i} does not decode")))?;
+            head = body.prev.map(|p| p.index);
+        }
+        Ok(head)
     }
 
     /// The role of a registered identity.

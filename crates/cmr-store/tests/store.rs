@@ -436,7 +436,7 @@ fn readers_never_see_past_the_latest_durable_checkpoint() {
     let w = World::setup(&store);
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
-        let (store, done) = (store.clone(), done.clone());
+        let (store, done, customer) = (store.clone(), done.clone(), w.customer.id);
         std::thread::spawn(move || {
             let mut seen = 0;
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
@@ -457,6 +457,14 @@ fn readers_never_see_past_the_latest_durable_checkpoint() {
                     assert!(now.size > cp.size);
                 }
                 assert_eq!(store.root(cp.size).unwrap(), cp.root);
+                // The customer's chain head is always an entry a checkpoint covers.
+                if let Some(head) = store.customer_head(&customer).unwrap() {
+                    let now = store.checkpoint().unwrap().unwrap();
+                    let now = cmr_log::checkpoint::open(&now, &log_key().verifier(), &[], 0)
+                        .unwrap()
+                        .checkpoint;
+                    assert!(head < now.size);
+                }
             }
             seen
         })
