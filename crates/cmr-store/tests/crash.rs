@@ -116,6 +116,27 @@ fn crash_child() {
             }
         })
     };
+    // A reader of the public log: every checkpoint it is served must survive the kill unchanged.
+    {
+        let store = store.clone();
+        let out = out.clone();
+        std::thread::spawn(move || {
+            let mut last = None;
+            loop {
+                let note = store.checkpoint().unwrap().unwrap();
+                let cp = cmr_log::checkpoint::open(&note, &log_key().verifier(), &[], 0)
+                    .unwrap()
+                    .checkpoint;
+                if last != Some(cp.size) {
+                    last = Some(cp.size);
+                    let mut o = out.lock().unwrap();
+                    writeln!(o, "seen {} {}", cp.size, hex::encode(cp.root)).unwrap();
+                    o.flush().unwrap();
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+    }
     // Reads under the revoked grant keep being refused, even while everything else runs.
     loop {
         let r = store.execute(w.read(g, p(2025, 6), T0));
@@ -139,6 +160,7 @@ fn nothing_acknowledged_is_lost_after_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut acked: Vec<(u64, String)> = Vec::new();
+    let mut seen: Vec<(u64, String)> = Vec::new();
     let mut revoked = None;
     for round in 0..rounds {
         let mut child = Command::new(&exe)
@@ -169,7 +191,7 @@ fn nothing_acknowledged_is_lost_after_kill_9() {
         child.wait().unwrap();
         for line in reader.join().unwrap() {
             // The test harness may print "test crash_child ... " before the child's first line.
-            let line = ["ack ", "revoked "]
+            let line = ["ack ", "revoked ", "seen "]
                 .iter()
                 .find_map(|k| line.find(k).map(|i| &line[i..]))
                 .unwrap_or("");
@@ -177,6 +199,9 @@ fn nothing_acknowledged_is_lost_after_kill_9() {
             match (parts.next(), parts.next(), parts.next()) {
                 (Some("ack"), Some(i), Some(h)) => acked.push((i.parse().unwrap(), h.to_string())),
                 (Some("revoked"), Some(g), None) => revoked = Some(g.to_string()),
+                (Some("seen"), Some(size), Some(root)) => {
+                    seen.push((size.parse().unwrap(), root.to_string()));
+                }
                 _ => {}
             }
         }
@@ -193,6 +218,18 @@ fn nothing_acknowledged_is_lost_after_kill_9() {
                 sha256(&entry.payload).to_hex(),
                 *hash,
                 "round {round}: entry {index} changed"
+            );
+        }
+        // Every checkpoint a reader was served is still the log's state at that size: no rollback, no
+        // fork, even for checkpoints whose writers were killed before their acknowledgement.
+        for (size, root) in &seen {
+            let now = store
+                .root(*size)
+                .unwrap_or_else(|e| panic!("round {round}: served checkpoint {size} lost: {e}"));
+            assert_eq!(
+                hex::encode(now),
+                *root,
+                "round {round}: served checkpoint {size} forked"
             );
         }
         let mut auditor = Auditor::new(log_key().verifier());
@@ -212,6 +249,7 @@ fn nothing_acknowledged_is_lost_after_kill_9() {
         ));
         drop::<Store>(store);
     }
+    assert!(!seen.is_empty(), "the child's reader saw no checkpoint");
     assert!(
         acked.len() > rounds,
         "the child acknowledged {} operations",
