@@ -17,7 +17,7 @@ use cmr_core::family::Scope;
 use cmr_core::hash::sha256;
 use cmr_log::auditor::Auditor;
 use cmr_store::{Op, Store, StoreError};
-use common::{T0, World, log_key, open, p};
+use common::{T0, World, latest_checkpoint, log_key, open, p};
 
 const CHILD: &str = "CMR_CRASH_CHILD";
 
@@ -79,22 +79,7 @@ fn crash_child() {
         std::thread::spawn(move || {
             for i in 0u64.. {
                 let origin = cmr_core::family::Period::ORIGIN;
-                let own = Op::Read {
-                    customer: w.customer.id,
-                    family: w.contact,
-                    periods: (origin, origin),
-                    cursor: None,
-                    limit: 1,
-                    access: None,
-                };
-                let head = store
-                    .execute(own)
-                    .unwrap()
-                    .read
-                    .unwrap()
-                    .proof
-                    .head
-                    .digest();
+                let head = w.head_of(&store, w.contact, (origin, origin));
                 let Op::WriteBatch {
                     batch,
                     records,
@@ -123,10 +108,7 @@ fn crash_child() {
         std::thread::spawn(move || {
             let mut last = None;
             loop {
-                let note = store.checkpoint().unwrap().unwrap();
-                let cp = cmr_log::checkpoint::open(&note, &log_key().verifier(), &[], 0)
-                    .unwrap()
-                    .checkpoint;
+                let cp = latest_checkpoint(&store);
                 if last != Some(cp.size) {
                     last = Some(cp.size);
                     let mut o = out.lock().unwrap();

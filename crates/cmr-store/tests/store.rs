@@ -12,7 +12,7 @@ use cmr_core::family::Period;
 use cmr_log::auditor::Auditor;
 use cmr_log::verify::verify_inclusion;
 use cmr_store::{Op, StoreError};
-use common::{T0, World, log_key, open, p};
+use common::{T0, World, latest_checkpoint, log_key, open, p};
 
 #[test]
 fn the_whole_flow_is_logged_proven_and_audited() {
@@ -82,14 +82,7 @@ fn the_whole_flow_is_logged_proven_and_audited() {
     );
     // The customer's own writes wait too: the revoked company holds the current epoch's keys.
     let current = store
-        .execute(Op::Read {
-            customer: w.customer.id,
-            family: w.tx,
-            periods: (p(2025, 1), p(2026, 12)),
-            cursor: None,
-            limit: 100,
-            access: None,
-        })
+        .execute(own_read(&w, w.tx, (p(2025, 1), p(2026, 12))))
         .unwrap();
     let err = store
         .execute(w.customer_batch(current.read.unwrap().proof.head.digest(), p(2026, 3), 1, 2))
@@ -145,14 +138,7 @@ fn reopening_rebuilds_the_state() {
     let mut w = World::existing();
     // The family's records and head came back: the customer's own read finds all four.
     let own = store
-        .execute(Op::Read {
-            customer: w.customer.id,
-            family: w.tx,
-            periods: (p(2025, 1), p(2026, 12)),
-            cursor: None,
-            limit: 100,
-            access: None,
-        })
+        .execute(own_read(&w, w.tx, (p(2025, 1), p(2026, 12))))
         .unwrap();
     assert_eq!(own.read.unwrap().records.len(), 4);
     // The revoked grant stays revoked, and the stored checkpoint matches the stored tree.
@@ -346,10 +332,7 @@ fn erasing_a_family_deletes_its_records_and_closes_it_to_everyone() {
             .unwrap();
         store.execute(w.contact_batch(c0, 2, 2)).unwrap();
         store.execute(w.read(g, p(2025, 6), T0)).unwrap();
-        let head = store
-            .execute(own_read(&w, w.tx, (p(2025, 1), p(2026, 12))))
-            .unwrap();
-        let head = head.read.unwrap().proof.head.digest();
+        let head = w.head_of(&store, w.tx, (p(2025, 1), p(2026, 12)));
 
         let at = store
             .execute(erasure(&w, ErasureTarget::Family(w.tx)))
@@ -440,29 +423,20 @@ fn readers_never_see_past_the_latest_durable_checkpoint() {
         std::thread::spawn(move || {
             let mut seen = 0;
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                let note = store.checkpoint().unwrap().unwrap();
-                let cp = cmr_log::checkpoint::open(&note, &log_key().verifier(), &[], 0)
-                    .unwrap()
-                    .checkpoint;
+                let cp = latest_checkpoint(&store);
                 assert!(cp.size >= seen, "checkpoints never go back");
                 seen = cp.size;
                 // The entry after the checkpoint is served only once a later checkpoint covers it.
                 let body = store.body(cp.size).unwrap().is_some();
                 let leaf = store.commitments(cp.size, cp.size + 1).is_ok();
                 if body || leaf {
-                    let now = store.checkpoint().unwrap().unwrap();
-                    let now = cmr_log::checkpoint::open(&now, &log_key().verifier(), &[], 0)
-                        .unwrap()
-                        .checkpoint;
+                    let now = latest_checkpoint(&store);
                     assert!(now.size > cp.size);
                 }
                 assert_eq!(store.root(cp.size).unwrap(), cp.root);
                 // The customer's chain head is always an entry a checkpoint covers.
                 if let Some(head) = store.customer_head(&customer).unwrap() {
-                    let now = store.checkpoint().unwrap().unwrap();
-                    let now = cmr_log::checkpoint::open(&now, &log_key().verifier(), &[], 0)
-                        .unwrap()
-                        .checkpoint;
+                    let now = latest_checkpoint(&store);
                     assert!(head < now.size);
                 }
             }
@@ -474,14 +448,7 @@ fn readers_never_see_past_the_latest_durable_checkpoint() {
     for tag in 0..40 {
         let ack = store.execute(w.contact_batch(head, 1, tag)).unwrap();
         last = ack.size;
-        head = store
-            .execute(own_read(&w, w.contact, (Period::ORIGIN, Period::ORIGIN)))
-            .unwrap()
-            .read
-            .unwrap()
-            .proof
-            .head
-            .digest();
+        head = w.head_of(&store, w.contact, (Period::ORIGIN, Period::ORIGIN));
     }
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(reader.join().unwrap() <= last);

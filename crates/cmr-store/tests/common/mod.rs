@@ -46,6 +46,14 @@ pub fn open(path: &Path, clock: Arc<AtomicU64>) -> Store {
     Store::open(cfg).unwrap()
 }
 
+/// The store's latest served checkpoint, verified under the log key.
+pub fn latest_checkpoint(store: &Store) -> cmr_log::checkpoint::Checkpoint {
+    let note = store.checkpoint().unwrap().unwrap();
+    cmr_log::checkpoint::open(&note, &log_key().verifier(), &[], 0)
+        .unwrap()
+        .checkpoint
+}
+
 pub struct Party {
     pub id: IdentityId,
     pub device: DeviceKeys,
@@ -262,6 +270,26 @@ impl World {
             grant.id().0,
         );
         self.statement(true, Body::Grant(g.clone()), Some(bundle))
+    }
+
+    /// The current head of one of the customer's families, from the customer's own read.
+    pub fn head_of(&self, store: &Store, family: FamilyId, periods: (Period, Period)) -> Digest {
+        let own = Op::Read {
+            customer: self.customer.id,
+            family,
+            periods,
+            cursor: None,
+            limit: 1,
+            access: None,
+        };
+        store
+            .execute(own)
+            .unwrap()
+            .read
+            .unwrap()
+            .proof
+            .head
+            .digest()
     }
 
     pub fn revoke(&self, grant: StatementId) -> Op {
