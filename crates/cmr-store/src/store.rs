@@ -456,15 +456,43 @@ fn sync_dir(path: &Path, seen: &mut FileStates) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Opens sled. sled releases its folder lock only when its I/O threads let go of the files, a moment
+/// after the last handle is dropped: a reopen in the same process waits up to two seconds for that,
+/// and a folder still locked after it belongs to another process.
+fn open_sled(config: &StoreConfig) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::Config::new()
+            .path(&config.path)
+            .cache_capacity(config.cache_capacity)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(StoreError::Format(
+                    "the data folder is in use by another process".into(),
+                ));
+            }
+            Err(e) => {
+                return Err(StoreError::Format(format!(
+                    "cannot open the data folder: {e}"
+                )));
+            }
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store: checks the format version, rebuilds the state from the log, and
     /// starts the sequencer.
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(&config.path)
-            .cache_capacity(config.cache_capacity)
-            .open()
-            .map_err(|e| StoreError::Format(format!("cannot open the data folder: {e}")))?;
+        let db = open_sled(&config)?;
         let tree = db.open_tree("cmr").map_err(io)?;
         match tree.get(layout::META_FORMAT).map_err(io)? {
             None => {
