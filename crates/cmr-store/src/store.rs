@@ -499,10 +499,9 @@ impl Store {
                 if tree.iter().next().is_some() {
                     return Err(StoreError::Format("data without a format version".into()));
                 }
+                // Made durable with everything else recovered, below, before anything is served.
                 tree.insert(layout::META_FORMAT, &layout::FORMAT_VERSION.to_be_bytes())
                     .map_err(io)?;
-                db.flush().map_err(io)?;
-                sync_dir(&config.path, &mut FileStates::new())?;
             }
             Some(v) => {
                 let version = <[u8; 4]>::try_from(v.as_ref())
