@@ -229,6 +229,9 @@ struct PreparedBatch {
 pub struct KeyIndex {
     devices: HashMap<DeviceId, (IdentityId, cmr_core::keys::VerifyingKey)>,
     identities: HashMap<IdentityId, (cmr_core::keys::VerifyingKey, Role)>,
+    /// Each identity's key events (inception, rotations, device certificates and revocations), by log
+    /// index in order: what a counterparty replays to learn the identity's keys.
+    events: HashMap<IdentityId, Vec<u64>>,
 }
 
 type DeviceKeys = Arc<std::sync::RwLock<KeyIndex>>;
@@ -696,6 +699,18 @@ impl Store {
         Ok(head)
     }
 
+    /// The log indices of an identity's durable key events (inception, rotations, device certificates and
+    /// revocations), oldest first. Empty for an unknown identity.
+    pub fn key_events(&self, id: &IdentityId) -> Result<Vec<u64>, StoreError> {
+        let size = self.committed_size()?;
+        let keys = self.device_keys.read().unwrap_or_else(|p| p.into_inner());
+        Ok(keys
+            .events
+            .get(id)
+            .map(|v| v.iter().copied().filter(|i| *i < size).collect())
+            .unwrap_or_default())
+    }
+
     /// The role of a registered identity.
     pub fn role(&self, id: &IdentityId) -> Option<Role> {
         self.device_keys
@@ -950,7 +965,19 @@ impl Sequencer {
             );
         }
         self.state.last_time = self.state.last_time.max(time);
+        self.note_key_event(kind, subject, index);
         Ok(index)
+    }
+
+    /// Indexes an identity's key event, so that counterparties can fetch the events and replay them.
+    fn note_key_event(&self, kind: EntryKind, subject: IdentityId, index: u64) {
+        if matches!(
+            kind,
+            EntryKind::KeyEvent | EntryKind::DeviceCertificate | EntryKind::DeviceRevocation
+        ) && let Ok(mut keys) = self.device_keys.write()
+        {
+            keys.events.entry(subject).or_default().push(index);
+        }
     }
 
     fn process(
@@ -1546,6 +1573,7 @@ impl Sequencer {
                 );
             }
             self.state.last_time = self.state.last_time.max(body.time);
+            self.note_key_event(body.kind, body.subject, i);
             self.replay(i, &body)
                 .map_err(|e| StoreError::Format(format!("entry {i} does not replay: {e}")))?;
         }

@@ -12,9 +12,9 @@ use axum::{Json, Router};
 use cmr_core::identity::{DeviceCertificate, DeviceRevocation, IdentityId, Signed, SignedKeyEvent};
 use cmr_store::Op;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use super::{ack_json, b64, hex_id, json_body, run};
+use super::{ack_json, b64, current_checkpoint, entry_json, hex_id, json_body, run};
 use crate::AppState;
 use crate::auth::authenticate;
 use crate::error::ApiError;
@@ -26,6 +26,42 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v1/identities/{id}/devices", post(certify))
         .route("/v1/identities/{id}/devices/revoke", post(revoke_device))
         .route("/v1/identities/{id}/rotate", post(rotate))
+        .route("/v1/identities/{id}/events", post(events))
+}
+
+/// An identity's key events (inception, rotations, device certificates and revocations), oldest first,
+/// each with its salt and inclusion proof in the checkpoint returned with them: a counterparty replays
+/// them to learn which device keys the identity had at each log position, trusting only the log key.
+/// They hold public keys only; any registered caller may ask (a customer's id is known only to those it
+/// shared it with).
+async fn events(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let id = IdentityId(hex_id("identity", &id)?);
+    authenticate(&state, &method, &uri, &headers, &body, None)?;
+    let (checkpoint, size) = current_checkpoint(&state)?;
+    let mut events = Vec::new();
+    for index in state.store.key_events(&id)? {
+        if index >= size {
+            break;
+        }
+        if let Some(stored) = state.store.body(index)? {
+            events.push(entry_json(&state, index, &stored, size)?);
+        }
+    }
+    if events.is_empty() {
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "not-found",
+            "no such identity",
+        ));
+    }
+    Ok(Json(json!({ "checkpoint": checkpoint, "events": events })))
 }
 
 #[derive(Deserialize)]
@@ -65,7 +101,7 @@ async fn register(
         ));
     }
     let ack = run(&state, Op::Register(bytes)).await?;
-    Ok(Json(ack_json(&ack)))
+    Ok(Json(ack_json(&state, &ack)))
 }
 
 #[derive(Deserialize)]
@@ -100,7 +136,7 @@ async fn certify(
         ));
     }
     let ack = run(&state, Op::Certify(bytes)).await?;
-    Ok(Json(ack_json(&ack)))
+    Ok(Json(ack_json(&state, &ack)))
 }
 
 #[derive(Deserialize)]
@@ -135,7 +171,7 @@ async fn revoke_device(
         ));
     }
     let ack = run(&state, Op::RevokeDevice(bytes)).await?;
-    Ok(Json(ack_json(&ack)))
+    Ok(Json(ack_json(&state, &ack)))
 }
 
 #[derive(Deserialize)]
@@ -176,5 +212,5 @@ async fn rotate(
         ));
     }
     let ack = run(&state, Op::Rotate(bytes)).await?;
-    Ok(Json(ack_json(&ack)))
+    Ok(Json(ack_json(&state, &ack)))
 }

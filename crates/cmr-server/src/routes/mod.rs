@@ -33,15 +33,47 @@ pub(crate) fn b64(field: &str, s: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|_| ApiError::malformed(format!("{field} is not base64")))
 }
 
-/// An acknowledgement as JSON: index, inclusion proof, and the checkpoint that covers it.
-pub(crate) fn ack_json(ack: &Ack) -> Value {
+/// An acknowledgement as JSON: index, inclusion proof, the checkpoint that covers it, and the logged
+/// entry's salt and body, so that the submitter checks by itself that what it sent is what was logged.
+pub(crate) fn ack_json(state: &crate::AppState, ack: &Ack) -> Value {
+    let entry = ack
+        .index
+        .and_then(|i| state.store.body(i).ok().flatten())
+        .map(|e| json!({"salt": B64.encode(e.salt), "body": B64.encode(&e.body)}));
     json!({
         "index": ack.index,
         "size": ack.size,
         "proof": ack.proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
         "checkpoint": ack.checkpoint,
         "repeated": ack.repeated,
+        "entry": entry,
     })
+}
+
+/// The checkpoint clients verify against, and its size.
+pub(crate) fn current_checkpoint(state: &crate::AppState) -> Result<(String, u64), ApiError> {
+    let checkpoint = state.store.checkpoint()?.unwrap_or_default();
+    let size = cmr_log::note::Note::parse(&checkpoint)
+        .ok()
+        .and_then(|n| cmr_log::checkpoint::Checkpoint::parse_text(&n.text).ok())
+        .map_or(0, |c| c.size);
+    Ok((checkpoint, size))
+}
+
+/// A logged entry for a client to verify: index, salt, body, and its inclusion proof at `size`.
+pub(crate) fn entry_json(
+    state: &crate::AppState,
+    index: u64,
+    stored: &cmr_log::entry::SaltedBody,
+    size: u64,
+) -> Result<Value, ApiError> {
+    let proof = state.store.inclusion_proof(index, size)?;
+    Ok(json!({
+        "index": index,
+        "salt": B64.encode(stored.salt),
+        "body": B64.encode(&stored.body),
+        "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
+    }))
 }
 
 /// Parses a 64-hex-digit id from a path.

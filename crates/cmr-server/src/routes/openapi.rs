@@ -147,6 +147,27 @@ pub const ROUTES: &[RouteDoc] = &[
             ("limit", "integer", false),
         ],
     },
+    RouteDoc {
+        method: "post",
+        path: "/v1/vaults/{customer}/requests",
+        summary: "The customer's unanswered access requests, oldest first",
+        signed: true,
+        body: &[],
+    },
+    RouteDoc {
+        method: "post",
+        path: "/v1/identities/{id}/events",
+        summary: "An identity's key events with inclusion proofs (public keys only)",
+        signed: true,
+        body: &[],
+    },
+    RouteDoc {
+        method: "post",
+        path: "/v1/vaults/{customer}/relationship",
+        summary: "What of this vault concerns the calling company, with inclusion proofs",
+        signed: true,
+        body: &[],
+    },
 ];
 
 /// The document.

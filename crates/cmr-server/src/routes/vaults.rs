@@ -22,7 +22,7 @@ use cmr_store::Op;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ack_json, b64, hex_id, json_body, run};
+use super::{ack_json, b64, current_checkpoint, entry_json, hex_id, json_body, run};
 use crate::AppState;
 use crate::auth::{Caller, authenticate};
 use crate::error::ApiError;
@@ -40,6 +40,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v1/vaults/{customer}/families/{family}/read", post(read))
         .route("/v1/vaults/{customer}/history", post(history))
         .route("/v1/vaults/{customer}/requests", post(pending_requests))
+        .route("/v1/vaults/{customer}/relationship", post(relationship))
 }
 
 fn access_record(
@@ -91,6 +92,7 @@ async fn directory(
         return Err(ApiError::forbidden("the directory is for another vault"));
     }
     Ok(Json(ack_json(
+        &state,
         &run(&state, Op::PublishDirectory(bytes)).await?,
     )))
 }
@@ -120,7 +122,10 @@ async fn statement(
     if st.statement().author != caller.identity {
         return Err(ApiError::forbidden("a statement is sent by its author"));
     }
-    Ok(Json(ack_json(&run(&state, Op::Statement(bytes)).await?)))
+    Ok(Json(ack_json(
+        &state,
+        &run(&state, Op::Statement(bytes)).await?,
+    )))
 }
 
 #[derive(Deserialize)]
@@ -192,6 +197,7 @@ async fn batch(
         ))
     };
     Ok(Json(ack_json(
+        &state,
         &run(
             &state,
             Op::WriteBatch {
@@ -301,7 +307,7 @@ async fn read(
         .read
         .as_ref()
         .ok_or_else(|| ApiError::malformed("no read result"))?;
-    let mut out = ack_json(&ack);
+    let mut out = ack_json(&state, &ack);
     out["proof_of_read"] = proof_json(&result.proof);
     out["records"] = json!(
         result
@@ -353,11 +359,7 @@ async fn history(
         ));
     }
     let req: HistoryBody = json_body(&body)?;
-    let checkpoint = state.store.checkpoint()?.unwrap_or_default();
-    let size = cmr_log::note::Note::parse(&checkpoint)
-        .ok()
-        .and_then(|n| cmr_log::checkpoint::Checkpoint::parse_text(&n.text).ok())
-        .map_or(0, |c| c.size);
+    let (checkpoint, size) = current_checkpoint(&state)?;
     let mut next = match req.before {
         Some(i) => Some(i),
         None => state.store.customer_head(&customer)?,
@@ -371,26 +373,77 @@ async fn history(
             entries.push(json!({"index": index, "redacted": true}));
             break;
         };
-        let entry = cmr_log::entry::EntryBody::decode(&stored.body)
-            .map_err(|_| ApiError::malformed("a stored entry does not decode"))?;
+        let entry = decode_entry(&stored)?;
         if entry.customer != Some(customer) {
             return Err(ApiError::forbidden(
                 "the entry is not on this customer's chain",
             ));
         }
-        let proof = state.store.inclusion_proof(index, size)?;
-        entries.push(json!({
-            "index": index,
-            "kind": entry.kind.name(),
-            "time": entry.time,
-            "salt": B64.encode(stored.salt),
-            "body": B64.encode(&stored.body),
-            "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
-        }));
+        let mut e = entry_json(&state, index, &stored, size)?;
+        e["kind"] = json!(entry.kind.name());
+        e["time"] = json!(entry.time);
+        entries.push(e);
         next = entry.prev.map(|p| p.index);
     }
     Ok(Json(
         json!({ "checkpoint": checkpoint, "entries": entries, "next": next }),
+    ))
+}
+
+fn decode_entry(
+    stored: &cmr_log::entry::SaltedBody,
+) -> Result<cmr_log::entry::EntryBody, ApiError> {
+    cmr_log::entry::EntryBody::decode(&stored.body)
+        .map_err(|_| ApiError::malformed("a stored entry does not decode"))
+}
+
+/// The most entries of one vault's chain walked for a company's view of its relationship.
+const MAX_RELATIONSHIP_WALK: usize = 100_000;
+
+/// What of a vault concerns the calling company, oldest first: its requests and their answers, grants to
+/// it with their sealed keys, revocations of them, rotations that re-key it, key deliveries, blocks that
+/// name it, and its own reads and appends. Each entry comes with its salt and inclusion proof. Found by
+/// walking the customer's chain (at most 100,000 entries; a per-party index is later work).
+async fn relationship(
+    State(state): State<Arc<AppState>>,
+    Path(customer): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let customer = IdentityId(hex_id("customer", &customer)?);
+    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
+    let (checkpoint, size) = current_checkpoint(&state)?;
+    let mut chain = Vec::new();
+    let mut next = state.store.customer_head(&customer)?;
+    while let Some(index) = next {
+        if chain.len() >= MAX_RELATIONSHIP_WALK || index >= size {
+            break;
+        }
+        let Some(stored) = state.store.body(index)? else {
+            break;
+        };
+        let entry = decode_entry(&stored)?;
+        next = entry.prev.map(|p| p.index);
+        chain.push((index, stored, entry));
+    }
+    let mut involvement = cmr_core::consent::Involvement::default();
+    let mut entries = Vec::new();
+    for (index, stored, entry) in chain.iter().rev() {
+        let concerns = match entry.kind {
+            cmr_log::entry::EntryKind::Statement => SignedStatement::decode(&entry.payload)
+                .is_ok_and(|st| involvement.observe(&st, &caller.identity)),
+            _ => entry.subject == caller.identity,
+        };
+        if concerns {
+            let mut e = entry_json(&state, *index, stored, size)?;
+            e["kind"] = json!(entry.kind.name());
+            entries.push(e);
+        }
+    }
+    Ok(Json(
+        json!({ "checkpoint": checkpoint, "entries": entries }),
     ))
 }
 
