@@ -241,6 +241,15 @@ impl Period {
     /// The chain origin p0 of every epoch: January 2000.
     pub const ORIGIN: Period = Period(2000 * 12);
 
+    /// Parses `YYYY-MM` (from 2000-01 on).
+    pub fn parse(s: &str) -> Option<Self> {
+        let (y, m) = s.split_once('-')?;
+        if y.len() != 4 || m.len() != 2 {
+            return None;
+        }
+        Self::from_year_month(y.parse().ok()?, m.parse().ok()?)
+    }
+
     /// The period of a calendar month (`month` from 1 to 12). `None` before the origin or for a bad month.
     pub fn from_year_month(year: u32, month: u32) -> Option<Self> {
         if !(1..=12).contains(&month) {

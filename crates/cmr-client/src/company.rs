@@ -1,0 +1,465 @@
+//! The company's side: access requests, the grants it holds (their keys opened with its own device
+//! key), reads verified for completeness and decrypted locally, and appends under a grant.
+
+use std::collections::HashMap;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use cmr_core::batch::{Batch, Head, PageProof, PeriodLeaf, ReadProof, SignedBatch, verify_read};
+use cmr_core::consent::{AccessRequest, Body, SignedStatement, Statement, StatementId};
+use cmr_core::epoch::{Chain, KeyBundle};
+use cmr_core::family::{FamilyId, Period};
+use cmr_core::hash::Digest;
+use cmr_core::identity::IdentityId;
+use cmr_core::record::{FamilyKeys, RecordId, RecordSealer, SealedRecord};
+use cmr_log::entry::{AccessRecord, EntryKind};
+use serde_json::{Value, json};
+
+use crate::customer::OpenedRecord;
+use crate::error::{ClientError, VerifyError};
+use crate::session::{Acked, Session};
+use crate::verify::{b64, hashes, proven_entry};
+
+/// What a company holds of one grant: the grant and its opened keys.
+pub struct HeldGrant {
+    /// The vault.
+    pub customer: IdentityId,
+    /// The grant's id.
+    pub id: StatementId,
+    /// The grant (verified: signed by a device of the customer, logged).
+    pub statement: SignedStatement,
+    /// The keys, per family and epoch, opened from the grant and the rotations that kept it.
+    pub keys: KeyBundle,
+    /// Whether a revocation of it is logged.
+    pub revoked: bool,
+}
+
+impl HeldGrant {
+    /// The grant's body.
+    pub fn grant(&self) -> Option<&cmr_core::consent::Grant> {
+        match &self.statement.statement().body {
+            Body::Grant(g) => Some(g),
+            _ => None,
+        }
+    }
+}
+
+/// What a request became.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestStatus {
+    /// No answer yet.
+    Pending,
+    /// Granted, by this grant.
+    Granted(StatementId),
+    /// Denied, with the customer's reason.
+    Denied(String),
+}
+
+/// A company, as its backend holds it.
+pub struct Company {
+    /// The session.
+    pub session: Session,
+    /// The grants held, by id.
+    pub grants: HashMap<StatementId, HeldGrant>,
+    statuses: HashMap<StatementId, RequestStatus>,
+}
+
+/// A page of a read as parsed from the API.
+pub struct ReadPage {
+    /// The proof.
+    pub proof: ReadProof,
+    /// The records.
+    pub records: Vec<SealedRecord>,
+    /// The batches naming them.
+    pub batches: Vec<SignedBatch>,
+}
+
+impl Company {
+    /// A company around a registered session.
+    pub fn new(session: Session) -> Self {
+        Self {
+            session,
+            grants: HashMap::new(),
+            statuses: HashMap::new(),
+        }
+    }
+
+    /// The company's id.
+    pub fn id(&self) -> IdentityId {
+        self.session.keys.identity
+    }
+
+    /// Asks `customer` for access. Returns the request's id.
+    pub async fn request(
+        &mut self,
+        customer: IdentityId,
+        request: AccessRequest,
+        now: u64,
+    ) -> Result<StatementId, ClientError> {
+        let st = Statement {
+            customer,
+            author: self.id(),
+            device: self.session.keys.device.id(),
+            issued_at: now,
+            body: Body::Request(request),
+        };
+        let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let bytes = signed.encode();
+        let v = self
+            .session
+            .post(
+                &format!("/v1/vaults/{}/statements", customer.to_hex()),
+                &json!({"statement": B64.encode(&bytes)}),
+            )
+            .await?;
+        self.session.check_ack(&v, &bytes).await?;
+        self.statuses.insert(signed.id(), RequestStatus::Pending);
+        Ok(signed.id())
+    }
+
+    /// Fetches what of `customer`'s vault concerns this company, verifies each entry (included in the
+    /// checkpoint, signed by a device of the customer valid at its position), and updates the grants held
+    /// and the requests' statuses.
+    pub async fn sync(&mut self, customer: IdentityId) -> Result<(), ClientError> {
+        let v = self
+            .session
+            .post(
+                &format!("/v1/vaults/{}/relationship", customer.to_hex()),
+                &json!({}),
+            )
+            .await?;
+        let cp = self
+            .session
+            .observe(v["checkpoint"].as_str().unwrap_or_default())
+            .await?;
+        let me = self.id();
+        let kem = self.session.keys.device.kem.clone();
+        let entries = v["entries"].as_array().cloned().unwrap_or_default();
+        for e in &entries {
+            let p = proven_entry(e, &cp)?;
+            if p.body.customer != Some(customer) {
+                return Err(VerifyError::Chain(format!(
+                    "entry {} is about another vault",
+                    p.index
+                ))
+                .into());
+            }
+            if p.body.kind != EntryKind::Statement {
+                continue;
+            }
+            let st = SignedStatement::decode(&p.body.payload)
+                .map_err(|e| ClientError::Malformed(e.to_string()))?;
+            let s = st.statement();
+            if s.customer != customer {
+                return Err(VerifyError::Chain(format!(
+                    "entry {} is about another vault",
+                    p.index
+                ))
+                .into());
+            }
+            if s.author == customer {
+                let c = self.session.identity(customer).await?;
+                st.verify(&c.state, p.index).map_err(|e| {
+                    VerifyError::Signature(format!("statement at {}: {e}", p.index))
+                })?;
+            }
+            match &s.body {
+                Body::Grant(g) if g.grantee == me => {
+                    let bundle = st
+                        .bundle()
+                        .ok_or_else(|| VerifyError::Signature("a grant without keys".into()))?;
+                    let keys =
+                        KeyBundle::open(bundle, customer, me, &kem, st.id().0).map_err(|_| {
+                            VerifyError::Signature(
+                                "the grant's keys do not open with this device's key".into(),
+                            )
+                        })?;
+                    if let Some(r) = g.request {
+                        self.statuses.insert(r, RequestStatus::Granted(st.id()));
+                    }
+                    self.grants.insert(
+                        st.id(),
+                        HeldGrant {
+                            customer,
+                            id: st.id(),
+                            statement: st.clone(),
+                            keys,
+                            revoked: false,
+                        },
+                    );
+                }
+                Body::Denial { request, reason } => {
+                    self.statuses
+                        .insert(*request, RequestStatus::Denied(reason.clone()));
+                }
+                Body::Revocation(r) => {
+                    if let Some(g) = self.grants.get_mut(&r.grant) {
+                        g.revoked = true;
+                    }
+                }
+                Body::RotationCompletion(rc) => {
+                    for (gid, sealed) in &rc.keepers {
+                        if let Some(g) = self.grants.get_mut(gid) {
+                            let fresh = KeyBundle::open(sealed, customer, me, &kem, gid.0)
+                                .map_err(|_| {
+                                    VerifyError::Signature("rotated keys do not open".into())
+                                })?;
+                            g.keys.entries.extend(fresh.entries);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// What a request became (after [`Company::sync`]).
+    pub fn status(&self, request: &StatementId) -> RequestStatus {
+        self.statuses
+            .get(request)
+            .cloned()
+            .unwrap_or(RequestStatus::Pending)
+    }
+
+    /// Reads `family` in `from..=to` under `grant`: the access is logged first (the acknowledgement is
+    /// checked), the read is verified complete against the head, each batch against the device of its
+    /// author, and the records are opened with the grant's keys.
+    pub async fn read(
+        &mut self,
+        grant: StatementId,
+        family: FamilyId,
+        from: Period,
+        to: Period,
+    ) -> Result<(Head, Vec<OpenedRecord>), ClientError> {
+        let held = self
+            .grants
+            .get(&grant)
+            .ok_or_else(|| ClientError::Local("no such grant held".into()))?;
+        let customer = held.customer;
+        let target = format!(
+            "/v1/vaults/{}/families/{}/read",
+            customer.to_hex(),
+            family.to_hex()
+        );
+        let v = self
+            .session
+            .post(&target, &json!({"from": from.to_string(), "to": to.to_string(), "grant": grant.to_hex(), "limit": 10000}))
+            .await?;
+        let keyid = self.session.keys.device.id().to_hex();
+        self.session
+            .check_ack_with(&v, |body| {
+                body.kind == EntryKind::Access
+                    && AccessRecord::decode(&body.payload).is_ok_and(|a| {
+                        a.grant == grant
+                            && a.keyid == keyid
+                            && a.families
+                                .iter()
+                                .any(|f| f.family == family && f.from == from && f.to == to)
+                    })
+            })
+            .await?;
+        let page = parse_read(&v)?;
+        let (head, records) = self.verify_page(customer, family, &page).await?;
+        let held = self
+            .grants
+            .get(&grant)
+            .ok_or_else(|| ClientError::Local("no such grant held".into()))?;
+        let mut keys = FamilyKeys::new(customer, family);
+        for e in held.keys.entries.iter().filter(|e| e.family == family) {
+            keys.insert(e.epoch, e.key.clone());
+        }
+        let opened = records
+            .iter()
+            .map(|r| {
+                let h = r.header();
+                Ok(OpenedRecord {
+                    id: h.id,
+                    period: h.period,
+                    author: h.author,
+                    epoch: h.epoch,
+                    content: keys
+                        .open(r)
+                        .map_err(|e| VerifyError::Read(format!("record {}: {e}", h.id.to_hex())))?
+                        .to_vec(),
+                })
+            })
+            .collect::<Result<_, ClientError>>()?;
+        Ok((head, opened))
+    }
+
+    async fn verify_page(
+        &mut self,
+        customer: IdentityId,
+        family: FamilyId,
+        page: &ReadPage,
+    ) -> Result<(Head, Vec<SealedRecord>), ClientError> {
+        if page.proof.head.customer != customer || page.proof.head.family != family {
+            return Err(VerifyError::Read("the read names another vault or family".into()).into());
+        }
+        let mut keys = HashMap::new();
+        for b in &page.batches {
+            let (author, device) = (b.batch().author, b.batch().device);
+            if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry((author, device)) {
+                let id = self.session.identity(author).await?;
+                slot.insert(id.state.device_key(&device));
+            }
+        }
+        let verified = verify_read(
+            &page.proof.head.digest(),
+            &page.proof,
+            &page.records,
+            &page.batches,
+            |b| keys.get(&(b.author, b.device)).copied().flatten(),
+            None,
+        )
+        .map_err(|e| VerifyError::Read(e.to_string()))?;
+        Ok((
+            verified.head,
+            verified.records.into_iter().cloned().collect(),
+        ))
+    }
+
+    /// Appends records to the grant's append family at `period`, on `head` (from a read).
+    pub async fn append(
+        &mut self,
+        grant: StatementId,
+        head: &Head,
+        period: Period,
+        contents: &[&[u8]],
+    ) -> Result<Acked, ClientError> {
+        let me = self.id();
+        let held = self
+            .grants
+            .get(&grant)
+            .ok_or_else(|| ClientError::Local("no such grant held".into()))?;
+        let family = held
+            .grant()
+            .and_then(|g| g.append_family)
+            .ok_or_else(|| ClientError::Local("the grant does not allow appends".into()))?;
+        let (epoch, key) = held
+            .keys
+            .entries
+            .iter()
+            .filter(|e| e.family == family && e.key.chain() == Chain::Append(me))
+            .max_by_key(|e| e.epoch)
+            .map(|e| (e.epoch, e.key.clone()))
+            .ok_or_else(|| ClientError::Local("the grant holds no append key".into()))?;
+        let customer = held.customer;
+        let sealer = RecordSealer::new(customer, family, epoch, me, &key, period)
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let records: Vec<SealedRecord> = contents
+            .iter()
+            .map(|c| sealer.seal(&mut rand::rng(), RecordId::generate(&mut rand::rng()), c))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let device = &self.session.keys.device;
+        let batch = Batch::for_records(device.id(), head.digest(), &records)
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let signed = SignedBatch::sign(batch, &device.signing);
+        let bytes = signed.encode();
+        let v = self
+            .session
+            .post(
+                &format!("/v1/vaults/{}/families/{}/batches", customer.to_hex(), family.to_hex()),
+                &json!({"batch": B64.encode(&bytes), "records": records.iter().map(|r| B64.encode(r.as_bytes())).collect::<Vec<_>>(), "grant": grant.to_hex()}),
+            )
+            .await?;
+        // A company's append logs its access record and the family head; the ack names the head entry.
+        self.session
+            .check_ack_with(&v, |body| {
+                body.payload == bytes || body.kind == EntryKind::Access
+            })
+            .await
+    }
+}
+
+/// Rebuilds a read's proof, records and batches from the API's JSON.
+pub fn parse_read(v: &Value) -> Result<ReadPage, ClientError> {
+    let bad = |w: &str| ClientError::Malformed(format!("read: {w}"));
+    let h32 = |x: &Value| -> Result<[u8; 32], ClientError> {
+        b64(x, "hash")?.try_into().map_err(|_| bad("hash size"))
+    };
+    let period = |x: &Value| -> Result<Period, ClientError> {
+        let s = x.as_str().ok_or_else(|| bad("period"))?;
+        Period::parse(s).ok_or_else(|| bad("period"))
+    };
+    let u = |x: &Value, w: &str| x.as_u64().ok_or_else(|| bad(w));
+    let p = &v["proof_of_read"];
+    let h = &p["head"];
+    let id32 = |x: &Value| -> Result<[u8; 32], ClientError> {
+        Digest::from_hex(x.as_str().ok_or_else(|| bad("id"))?)
+            .map(|d| d.0)
+            .ok_or_else(|| bad("id"))
+    };
+    let proof = ReadProof {
+        head: Head {
+            customer: IdentityId(id32(&h["customer"])?),
+            family: FamilyId(id32(&h["family"])?),
+            batches: u(&h["batches"], "batches")?,
+            records: u(&h["records"], "records")?,
+            periods: u(&h["periods"], "periods")?,
+            periods_root: h32(&h["periods_root"])?,
+        },
+        from: period(&p["from"])?,
+        to: period(&p["to"])?,
+        periods_lo: u(&p["periods_lo"], "periods_lo")?,
+        periods: p["periods"]
+            .as_array()
+            .ok_or_else(|| bad("periods"))?
+            .iter()
+            .map(|l| {
+                Ok(PeriodLeaf {
+                    period: period(&l["period"])?,
+                    count: u(&l["count"], "count")?,
+                    root: h32(&l["root"])?,
+                })
+            })
+            .collect::<Result<_, ClientError>>()?,
+        periods_proof: hashes(&p["periods_proof"], "periods_proof")?,
+        pages: p["pages"]
+            .as_array()
+            .ok_or_else(|| bad("pages"))?
+            .iter()
+            .map(|pg| {
+                Ok(PageProof {
+                    period: period(&pg["period"])?,
+                    start: u(&pg["start"], "start")?,
+                    ids: pg["ids"]
+                        .as_array()
+                        .ok_or_else(|| bad("ids"))?
+                        .iter()
+                        .map(|i| {
+                            let b = hex::decode(i.as_str().unwrap_or_default())
+                                .map_err(|_| bad("record id"))?;
+                            Ok(RecordId(b.try_into().map_err(|_| bad("record id"))?))
+                        })
+                        .collect::<Result<_, ClientError>>()?,
+                    proof: hashes(&pg["proof"], "page proof")?,
+                })
+            })
+            .collect::<Result<_, ClientError>>()?,
+        next: match &p["next"] {
+            Value::Array(a) if a.len() == 2 => Some((period(&a[0])?, u(&a[1], "next")?)),
+            _ => None,
+        },
+    };
+    let records = v["records"]
+        .as_array()
+        .ok_or_else(|| bad("records"))?
+        .iter()
+        .map(|r| SealedRecord::decode(b64(r, "record")?).map_err(|e| bad(&e.to_string())))
+        .collect::<Result<_, _>>()?;
+    let batches = v["batches"]
+        .as_array()
+        .ok_or_else(|| bad("batches"))?
+        .iter()
+        .map(|b| SignedBatch::decode(&b64(b, "batch")?).map_err(|e| bad(&e.to_string())))
+        .collect::<Result<_, _>>()?;
+    Ok(ReadPage {
+        proof,
+        records,
+        batches,
+    })
+}

@@ -1,0 +1,843 @@
+//! The customer's side: the key directory, the vault's families and their epoch secrets, records
+//! written and read with proofs, answers to requests (narrowed grants sealed to the company's certified
+//! key), revocation with the rotation it calls for, disputes, and the check of the customer's own chain.
+
+use std::collections::HashMap;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use cmr_core::batch::{Batch, Head, SignedBatch};
+use cmr_core::consent::{
+    Access, AccessRequest, Body, DisputeAction, Grant, GrantFamily, Initiator, Revocation,
+    RotationCompletion, SignedStatement, Statement, StatementId,
+};
+use cmr_core::directory::{
+    Directory, DirectoryDevice, DirectoryFamily, DirectoryTracker, Keeper, SignedDirectory,
+    rotate_family,
+};
+use cmr_core::epoch::{BundleEntry, EpochSecret, KeyBundle};
+use cmr_core::family::{FamilyId, FamilyName, Period, PseudonymKey, Scope};
+use cmr_core::hash::Digest;
+use cmr_core::identity::IdentityId;
+use cmr_core::record::{FamilyKeys, RecordId, RecordSealer, SealedRecord};
+use cmr_log::entry::ChainLink;
+use serde_json::json;
+
+use crate::error::{ClientError, VerifyError};
+use crate::session::{Acked, Session};
+use crate::verify::{ProvenEntry, proven_entry};
+use crate::wellknown::CompanyProof;
+
+/// A family the customer keeps: its scope and the secret of each epoch.
+pub struct FamilyState {
+    /// The family's name.
+    pub name: FamilyName,
+    /// The current epoch.
+    pub epoch: u64,
+    /// The secret of each epoch.
+    pub secrets: HashMap<u64, EpochSecret>,
+    /// The most batches this client has seen in the family (a head with fewer is a rollback).
+    pub batches_seen: u64,
+}
+
+/// A grant this customer issued.
+#[derive(Clone)]
+pub struct IssuedGrant {
+    /// The signed grant.
+    pub statement: SignedStatement,
+    /// Its log index.
+    pub index: u64,
+    /// Revoked since.
+    pub revoked: bool,
+}
+
+impl IssuedGrant {
+    /// The grant's body.
+    pub fn grant(&self) -> Option<&Grant> {
+        match &self.statement.statement().body {
+            Body::Grant(g) => Some(g),
+            _ => None,
+        }
+    }
+}
+
+/// A pending request, as verified by the client.
+#[derive(Debug, Clone)]
+pub struct PendingRequest {
+    /// The signed request.
+    pub statement: SignedStatement,
+    /// Its log index.
+    pub index: u64,
+}
+
+impl PendingRequest {
+    /// The request's body.
+    pub fn request(&self) -> Option<&AccessRequest> {
+        match &self.statement.statement().body {
+            Body::Request(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// How the customer answers a request: what it grants, which may be narrower than what was asked.
+#[derive(Debug, Clone)]
+pub struct Approval {
+    /// The scopes and access granted (each within what was asked).
+    pub scopes: Vec<(Scope, Access)>,
+    /// The look-back in months (at most what was asked).
+    pub lookback_months: u32,
+    /// The families of the company it covers (for a periodic or inferred scope, the customer's client
+    /// names them; profile sections are found by name).
+    pub families: Vec<FamilyName>,
+    /// The family the company appends to, if it appends.
+    pub append_family: Option<FamilyName>,
+}
+
+/// A customer's vault, as its client holds it.
+pub struct Customer {
+    /// The session.
+    pub session: Session,
+    /// The pseudonym key that names families without revealing counterparties.
+    pub pseudonyms: PseudonymKey,
+    /// The families.
+    pub families: HashMap<FamilyId, FamilyState>,
+    /// The latest directory published.
+    pub directory: Option<SignedDirectory>,
+    tracker: DirectoryTracker,
+    /// The grants issued, by id.
+    pub grants: HashMap<StatementId, IssuedGrant>,
+}
+
+/// A record opened by its reader.
+#[derive(Debug, Clone)]
+pub struct OpenedRecord {
+    /// The record id.
+    pub id: RecordId,
+    /// The period.
+    pub period: Period,
+    /// Who wrote it.
+    pub author: IdentityId,
+    /// The epoch it is sealed under.
+    pub epoch: u64,
+    /// The content.
+    pub content: Vec<u8>,
+}
+
+impl Customer {
+    /// A customer around a registered session.
+    pub fn new(session: Session, pseudonyms: PseudonymKey) -> Self {
+        let tracker = DirectoryTracker::new(session.keys.identity);
+        Self {
+            session,
+            pseudonyms,
+            families: HashMap::new(),
+            directory: None,
+            tracker,
+            grants: HashMap::new(),
+        }
+    }
+
+    /// The customer's id.
+    pub fn id(&self) -> IdentityId {
+        self.session.keys.identity
+    }
+
+    /// The id of a family of this vault.
+    pub fn family_id(&self, name: &FamilyName) -> FamilyId {
+        name.id(&self.id())
+    }
+
+    /// The transactions family with one counterparty.
+    pub fn transactions_with(&self, company: &IdentityId) -> FamilyName {
+        FamilyName::Transactions(self.pseudonyms.counterparty(company))
+    }
+
+    /// The family of attributes one company infers.
+    pub fn inferred_by(&self, company: &IdentityId) -> FamilyName {
+        FamilyName::Inferred(self.pseudonyms.inferred_by(company))
+    }
+
+    fn statement(&self, body: Body, now: u64) -> Statement {
+        Statement {
+            customer: self.id(),
+            author: self.id(),
+            device: self.session.keys.device.id(),
+            issued_at: now,
+            body,
+        }
+    }
+
+    /// Publishes `next` (compare-and-swap on the previous digest) and moves the tracker on.
+    async fn publish(&mut self, next: SignedDirectory) -> Result<Acked, ClientError> {
+        let bytes = next.encode();
+        let v = self
+            .session
+            .post(
+                &format!("/v1/vaults/{}/directory", self.id().to_hex()),
+                &json!({"directory": B64.encode(&bytes)}),
+            )
+            .await?;
+        let acked = self.session.check_ack(&v, &bytes).await?;
+        self.tracker
+            .accept(std::slice::from_ref(&next), |_| Ok(()))
+            .map_err(|e| VerifyError::Directory(e.to_string()))?;
+        self.directory = Some(next);
+        Ok(acked)
+    }
+
+    /// Declares families not declared yet, each with a fresh epoch secret, in one new directory.
+    pub async fn declare(&mut self, names: &[FamilyName], now: u64) -> Result<(), ClientError> {
+        let me = self.id();
+        let device = &self.session.keys.device;
+        let mut dir = match &self.directory {
+            Some(d) => {
+                let mut next = d.directory().clone();
+                next.version += 1;
+                next.prev = d.digest();
+                next.signer = device.id();
+                next.issued_at = now;
+                next
+            }
+            None => Directory {
+                customer: me,
+                version: 1,
+                prev: Digest([0; 32]),
+                signer: device.id(),
+                issued_at: now,
+                devices: vec![DirectoryDevice {
+                    device: device.id(),
+                    signing_key: device.signing.verifying_key(),
+                    kem_key: device.kem.public_key(),
+                }],
+                families: vec![],
+            },
+        };
+        let mut added = Vec::new();
+        for name in names {
+            let id = name.id(&me);
+            if self.families.contains_key(&id) || dir.family(&id).is_some() {
+                continue;
+            }
+            dir.families.push(DirectoryFamily {
+                family: id,
+                scope: name.scope(),
+                epoch: 1,
+                appenders: vec![],
+            });
+            added.push((id, *name));
+        }
+        if added.is_empty() {
+            return Ok(());
+        }
+        dir.families.sort_by_key(|f| f.family);
+        let signed = dir.sign(&self.session.keys.device.signing);
+        self.publish(signed).await?;
+        for (id, name) in added {
+            let mut secrets = HashMap::new();
+            secrets.insert(1, EpochSecret::generate(&mut rand::rng()));
+            self.families.insert(
+                id,
+                FamilyState {
+                    name,
+                    epoch: 1,
+                    secrets,
+                    batches_seen: 0,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn family(&self, id: &FamilyId) -> Result<&FamilyState, ClientError> {
+        self.families.get(id).ok_or_else(|| {
+            ClientError::Local("this vault has no such family; declare it first".into())
+        })
+    }
+
+    /// Writes records into a family, at `period`, in one signed batch on the family's current head.
+    pub async fn write(
+        &mut self,
+        family: FamilyId,
+        period: Period,
+        contents: &[&[u8]],
+    ) -> Result<Acked, ClientError> {
+        let me = self.id();
+        let head = self.head(family).await?;
+        let f = self.family(&family)?;
+        let secret = f
+            .secrets
+            .get(&f.epoch)
+            .ok_or_else(|| ClientError::Local("no secret for the current epoch".into()))?;
+        let sealer = RecordSealer::new(
+            me,
+            family,
+            f.epoch,
+            me,
+            &secret.read_key(Period::ORIGIN),
+            period,
+        )
+        .map_err(|e| ClientError::Local(e.to_string()))?;
+        let records: Vec<SealedRecord> = contents
+            .iter()
+            .map(|c| sealer.seal(&mut rand::rng(), RecordId::generate(&mut rand::rng()), c))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let device = &self.session.keys.device;
+        let batch = Batch::for_records(device.id(), head.digest(), &records)
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let signed = SignedBatch::sign(batch, &device.signing);
+        let bytes = signed.encode();
+        let v = self
+            .session
+            .post(
+                &format!("/v1/vaults/{}/families/{}/batches", me.to_hex(), family.to_hex()),
+                &json!({"batch": B64.encode(&bytes), "records": records.iter().map(|r| B64.encode(r.as_bytes())).collect::<Vec<_>>()}),
+            )
+            .await?;
+        let acked = self.session.check_ack(&v, &bytes).await?;
+        if let Some(f) = self.families.get_mut(&family) {
+            f.batches_seen = f.batches_seen.max(head.batches + 1);
+        }
+        Ok(acked)
+    }
+
+    /// The family's current head, from a verified own read of its latest period.
+    async fn head(&mut self, family: FamilyId) -> Result<Head, ClientError> {
+        let (head, _) = self
+            .read_raw(family, Period::ORIGIN, Period::ORIGIN)
+            .await?;
+        Ok(head)
+    }
+
+    /// Reads the customer's own records of `family` in `from..=to` (not logged), verifies completeness
+    /// against the head, and opens them.
+    pub async fn read(
+        &mut self,
+        family: FamilyId,
+        from: Period,
+        to: Period,
+    ) -> Result<Vec<OpenedRecord>, ClientError> {
+        let me = self.id();
+        let (_, records) = self.read_raw(family, from, to).await?;
+        let f = self.family(&family)?;
+        let mut keys = FamilyKeys::new(me, family);
+        let mut authors: Vec<IdentityId> = records.iter().map(|r| r.header().author).collect();
+        authors.sort();
+        authors.dedup();
+        for (epoch, secret) in &f.secrets {
+            keys.insert(*epoch, secret.read_key(Period::ORIGIN));
+            for a in authors.iter().filter(|a| **a != me) {
+                keys.insert(*epoch, secret.append_key(a, Period::ORIGIN));
+            }
+        }
+        records
+            .iter()
+            .map(|r| {
+                let h = r.header();
+                Ok(OpenedRecord {
+                    id: h.id,
+                    period: h.period,
+                    author: h.author,
+                    epoch: h.epoch,
+                    content: keys
+                        .open(r)
+                        .map_err(|e| VerifyError::Read(format!("record {}: {e}", h.id.to_hex())))?
+                        .to_vec(),
+                })
+            })
+            .collect()
+    }
+
+    async fn read_raw(
+        &mut self,
+        family: FamilyId,
+        from: Period,
+        to: Period,
+    ) -> Result<(Head, Vec<SealedRecord>), ClientError> {
+        let me = self.id();
+        let target = format!(
+            "/v1/vaults/{}/families/{}/read",
+            me.to_hex(),
+            family.to_hex()
+        );
+        let mut cursor: Option<(Period, u64)> = None;
+        let mut out = Vec::new();
+        let mut head: Option<Head> = None;
+        loop {
+            let mut body = json!({"from": from.to_string(), "to": to.to_string(), "limit": 1000});
+            if let Some((p, i)) = cursor {
+                body["cursor"] = json!([p.to_string(), i]);
+            }
+            let v = self.session.post(&target, &body).await?;
+            let page = crate::company::parse_read(&v)?;
+            if page.proof.head.customer != me || page.proof.head.family != family {
+                return Err(
+                    VerifyError::Read("the read names another vault or family".into()).into(),
+                );
+            }
+            if let Some(h) = head
+                && h != page.proof.head
+            {
+                return Err(VerifyError::Read("the head changed between pages".into()).into());
+            }
+            let identity = self.session.identity(me).await?;
+            let verified = cmr_core::batch::verify_read(
+                &page.proof.head.digest(),
+                &page.proof,
+                &page.records,
+                &page.batches,
+                |b| {
+                    (b.author == me)
+                        .then(|| identity.state.device_key(&b.device))
+                        .flatten()
+                },
+                cursor,
+            );
+            // A company's batch is signed by the company's device: verify those with its keys.
+            let verified = match verified {
+                Ok(v) => v.records.into_iter().cloned().collect::<Vec<_>>(),
+                Err(_) => {
+                    let mut keys = HashMap::new();
+                    for b in &page.batches {
+                        let a = b.batch().author;
+                        if a != me && !keys.contains_key(&a) {
+                            let id = self.session.identity(a).await?;
+                            keys.insert(a, id.state.device_key(&b.batch().device));
+                        }
+                    }
+                    let identity = self.session.identity(me).await?;
+                    cmr_core::batch::verify_read(
+                        &page.proof.head.digest(),
+                        &page.proof,
+                        &page.records,
+                        &page.batches,
+                        |b| {
+                            if b.author == me {
+                                identity.state.device_key(&b.device)
+                            } else {
+                                keys.get(&b.author).copied().flatten()
+                            }
+                        },
+                        cursor,
+                    )
+                    .map_err(|e| VerifyError::Read(e.to_string()))?
+                    .records
+                    .into_iter()
+                    .cloned()
+                    .collect()
+                }
+            };
+            out.extend(verified);
+            head = Some(page.proof.head);
+            match page.proof.next {
+                Some(n) => cursor = Some(n),
+                None => break,
+            }
+        }
+        let head = head.ok_or_else(|| ClientError::Malformed("no page".into()))?;
+        if let Some(f) = self.families.get_mut(&family) {
+            if head.batches < f.batches_seen {
+                return Err(VerifyError::Read(format!(
+                    "rollback: the head has {} batches, {} were seen",
+                    head.batches, f.batches_seen
+                ))
+                .into());
+            }
+            f.batches_seen = head.batches;
+        }
+        Ok((head, out))
+    }
+
+    /// The requests not answered yet, each verified (signed by a device of its company, and logged).
+    pub async fn pending(&mut self) -> Result<Vec<PendingRequest>, ClientError> {
+        let v = self
+            .session
+            .post(
+                &format!("/v1/vaults/{}/requests", self.id().to_hex()),
+                &json!({}),
+            )
+            .await?;
+        let mut out = Vec::new();
+        for p in v["pending"].as_array().cloned().unwrap_or_default() {
+            let bytes = Session::field(&p["statement"], "statement")?;
+            let st = SignedStatement::decode(&bytes)
+                .map_err(|e| ClientError::Malformed(e.to_string()))?;
+            let index = p["index"]
+                .as_u64()
+                .ok_or_else(|| ClientError::Malformed("no index".into()))?;
+            let author = st.statement().author;
+            let company = self.session.identity(author).await?;
+            st.verify(&company.state, index)
+                .map_err(|e| VerifyError::Signature(e.to_string()))?;
+            if st.statement().customer != self.id()
+                || !matches!(st.statement().body, Body::Request(_))
+            {
+                return Err(VerifyError::Signature(
+                    "a pending request that is not a request to this vault".into(),
+                )
+                .into());
+            }
+            out.push(PendingRequest {
+                statement: st,
+                index,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Grants `request` as narrowed by `approval`. The company's domain proof must name the requester;
+    /// the keys are sealed to the newest certified device of the company, learnt from its key events.
+    pub async fn approve(
+        &mut self,
+        request: &PendingRequest,
+        proof: &CompanyProof,
+        approval: &Approval,
+        now: u64,
+    ) -> Result<StatementId, ClientError> {
+        let company = request.statement.statement().author;
+        if proof.identity != company {
+            return Err(VerifyError::CompanyIdentity(format!(
+                "the domain {} vouches for {}, but the request comes from {}",
+                proof.domain,
+                proof.identity.to_hex(),
+                company.to_hex()
+            ))
+            .into());
+        }
+        let asked = request
+            .request()
+            .ok_or_else(|| ClientError::Local("not a request".into()))?
+            .clone();
+        let kem = self
+            .session
+            .identity(company)
+            .await?
+            .kem_key()
+            .ok_or_else(|| ClientError::Local("the company has no certified device".into()))?;
+        let period = Period::from_unix(now as i64)
+            .ok_or_else(|| ClientError::Local("clock before 2000".into()))?;
+        let lookback_start = Period(
+            period
+                .0
+                .saturating_sub(approval.lookback_months.min(asked.lookback_months)),
+        );
+        let mut families = Vec::new();
+        let mut entries = Vec::new();
+        let append_family = approval.append_family.as_ref().map(|n| self.family_id(n));
+        for name in &approval.families {
+            let id = self.family_id(name);
+            let f = self.family(&id)?;
+            let access = approval
+                .scopes
+                .iter()
+                .find(|(s, _)| *s == name.scope())
+                .map(|(_, a)| *a)
+                .ok_or_else(|| {
+                    ClientError::Local(format!("scope {} is not granted", name.scope().name()))
+                })?;
+            let secret = &f.secrets[&f.epoch];
+            if access.reads() {
+                entries.push(BundleEntry {
+                    family: id,
+                    epoch: f.epoch,
+                    key: secret.read_key(lookback_start),
+                });
+            }
+            if access.appends() && append_family == Some(id) {
+                entries.push(BundleEntry {
+                    family: id,
+                    epoch: f.epoch,
+                    key: secret.append_key(&company, lookback_start),
+                });
+            }
+            families.push(GrantFamily {
+                family: id,
+                scope: name.scope(),
+                epoch: f.epoch,
+                access,
+            });
+        }
+        families.sort_by_key(|f| f.family);
+        let g = Grant {
+            grantee: company,
+            request: Some(request.statement.id()),
+            purpose: asked.purpose.clone(),
+            duration: asked.duration,
+            not_before: now,
+            expires: None,
+            lookback_start,
+            window_months: None,
+            scopes: approval.scopes.clone(),
+            families,
+            append_family,
+            grantee_kem: kem,
+        };
+        let st = self.statement(Body::Grant(g), now);
+        let gid = SignedStatement::grant_id(&st);
+        let bundle = KeyBundle { entries }.seal(&mut rand::rng(), self.id(), company, &kem, gid.0);
+        let signed = SignedStatement::sign(st, Some(bundle), &self.session.keys.device.signing)
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let acked = self.send_statement(&signed).await?;
+        self.grants.insert(
+            gid,
+            IssuedGrant {
+                statement: signed,
+                index: acked.index,
+                revoked: false,
+            },
+        );
+        Ok(gid)
+    }
+
+    /// Sends a signed statement and checks its acknowledgement.
+    pub async fn send_statement(&mut self, st: &SignedStatement) -> Result<Acked, ClientError> {
+        let bytes = st.encode();
+        let v = self
+            .session
+            .post(
+                &format!("/v1/vaults/{}/statements", self.id().to_hex()),
+                &json!({"statement": B64.encode(&bytes)}),
+            )
+            .await?;
+        self.session.check_ack(&v, &bytes).await
+    }
+
+    /// Refuses a request.
+    pub async fn deny(
+        &mut self,
+        request: &PendingRequest,
+        reason: &str,
+        now: u64,
+    ) -> Result<Acked, ClientError> {
+        let st = self.statement(
+            Body::Denial {
+                request: request.statement.id(),
+                reason: reason.into(),
+            },
+            now,
+        );
+        let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        self.send_statement(&signed).await
+    }
+
+    /// Disputes a record a company appended (an inferred attribute): rejects it.
+    pub async fn dispute(
+        &mut self,
+        family: FamilyId,
+        record: RecordId,
+        now: u64,
+    ) -> Result<Acked, ClientError> {
+        let st = self.statement(
+            Body::Dispute {
+                family,
+                record,
+                action: DisputeAction::Reject,
+            },
+            now,
+        );
+        let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        self.send_statement(&signed).await
+    }
+
+    /// Revokes a grant, then rotates every family it could read: a fresh epoch secret, the next
+    /// directory, and one HPKE seal for each remaining grant on the family. Returns the revocation's and
+    /// the rotations' acknowledgements.
+    pub async fn revoke(
+        &mut self,
+        grant: StatementId,
+        reason: &str,
+        now: u64,
+    ) -> Result<(Acked, Vec<Acked>), ClientError> {
+        let issued = self
+            .grants
+            .get(&grant)
+            .cloned()
+            .ok_or_else(|| ClientError::Local("no such grant issued by this client".into()))?;
+        let st = self.statement(
+            Body::Revocation(Revocation {
+                grant,
+                initiator: Initiator::Customer,
+                reason: reason.into(),
+            }),
+            now,
+        );
+        let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let revoked = self.send_statement(&signed).await?;
+        if let Some(g) = self.grants.get_mut(&grant) {
+            g.revoked = true;
+        }
+        let mut rotations = Vec::new();
+        let families: Vec<FamilyId> = issued
+            .grant()
+            .map(|g| {
+                g.families
+                    .iter()
+                    .filter(|f| f.access.reads())
+                    .map(|f| f.family)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for family in families {
+            rotations.push(self.rotate(family, now).await?);
+        }
+        Ok((revoked, rotations))
+    }
+
+    /// Rotates `family`: the remaining grants on it keep access with fresh keys.
+    pub async fn rotate(&mut self, family: FamilyId, now: u64) -> Result<Acked, ClientError> {
+        let current = self
+            .directory
+            .clone()
+            .ok_or_else(|| ClientError::Local("no directory yet".into()))?;
+        let mut keepers = Vec::new();
+        let mut keeper_grants = Vec::new();
+        for (id, g) in &self.grants {
+            let Some(body) = g.grant() else { continue };
+            if g.revoked {
+                continue;
+            }
+            let Some(gf) = body.families.iter().find(|f| f.family == family) else {
+                continue;
+            };
+            keepers.push(Keeper {
+                grantee: body.grantee,
+                kem_key: body.grantee_kem,
+                grant: id.0,
+                read_from: gf.access.reads().then_some(body.lookback_start),
+                append_from: (gf.access.appends() && body.append_family == Some(family))
+                    .then_some(body.lookback_start),
+            });
+            keeper_grants.push(*id);
+        }
+        let device = &self.session.keys.device;
+        let rotation = rotate_family(
+            &mut rand::rng(),
+            &current,
+            family,
+            &keepers,
+            (device.id(), &device.signing),
+            now,
+        )
+        .map_err(|e| ClientError::Local(e.to_string()))?;
+        let digest = rotation.directory.digest();
+        let epoch = rotation
+            .directory
+            .directory()
+            .family(&family)
+            .map(|f| f.epoch)
+            .ok_or_else(|| ClientError::Local("the rotated family is missing".into()))?;
+        self.publish(rotation.directory).await?;
+        let rc = RotationCompletion {
+            family,
+            epoch,
+            directory: digest,
+            keepers: rotation
+                .bundles
+                .into_iter()
+                .map(|(_, g, b)| (StatementId(g), b))
+                .collect(),
+        };
+        let st = self.statement(Body::RotationCompletion(rc), now);
+        let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let acked = self.send_statement(&signed).await?;
+        if let Some(f) = self.families.get_mut(&family) {
+            f.epoch = epoch;
+            f.secrets.insert(epoch, rotation.secret);
+        }
+        Ok(acked)
+    }
+
+    /// Walks the customer's own chain from its newest entry and checks it: every entry included in the
+    /// checkpoint, each linked to the one before by hash, and every entry this client had acknowledged
+    /// present. Returns the entries, newest first.
+    pub async fn history(&mut self) -> Result<Vec<ProvenEntry>, ClientError> {
+        let me = self.id();
+        let mut before: Option<u64> = None;
+        let mut out: Vec<ProvenEntry> = Vec::new();
+        let mut cp = None;
+        loop {
+            let mut body = json!({"limit": 1000});
+            if let Some(b) = before {
+                body["before"] = json!(b);
+            }
+            let v = self
+                .session
+                .post(&format!("/v1/vaults/{}/history", me.to_hex()), &body)
+                .await?;
+            // One checkpoint for the whole walk: pages after the first must not move it.
+            let note = v["checkpoint"].as_str().unwrap_or_default().to_string();
+            let this = self.session.observe(&note).await?;
+            if cp
+                .as_ref()
+                .is_some_and(|c: &cmr_log::checkpoint::Checkpoint| c.size != this.size)
+            {
+                return Err(ClientError::Local(
+                    "the log grew during the walk; try again".into(),
+                ));
+            }
+            cp = Some(this.clone());
+            let entries = v["entries"].as_array().cloned().unwrap_or_default();
+            for e in &entries {
+                if e["redacted"].as_bool() == Some(true) {
+                    return Err(
+                        VerifyError::Chain(format!("entry {} is redacted", e["index"])).into(),
+                    );
+                }
+                let p = proven_entry(e, &this)?;
+                if p.body.customer != Some(me) {
+                    return Err(VerifyError::Chain(format!(
+                        "entry {} is not on this chain",
+                        p.index
+                    ))
+                    .into());
+                }
+                if let Some(newer) = out.last() {
+                    let link = newer.body.prev;
+                    let expected = ChainLink {
+                        index: p.index,
+                        hash: cmr_log::entry::EntryBody::hash(&p.salted.body),
+                    };
+                    if link != Some(expected) {
+                        return Err(VerifyError::Chain(format!(
+                            "entry {} does not link to entry {}",
+                            newer.index, p.index
+                        ))
+                        .into());
+                    }
+                }
+                out.push(p);
+            }
+            match (v["next"].as_u64(), entries.is_empty()) {
+                (Some(n), false) => before = Some(n),
+                _ => break,
+            }
+        }
+        if let Some(oldest) = out.last()
+            && oldest.body.prev.is_some()
+        {
+            return Err(VerifyError::Chain(format!(
+                "the chain stops at entry {} before its start",
+                oldest.index
+            ))
+            .into());
+        }
+        // The newest entry must be the newest in the checkpoint for this customer: every entry this
+        // client had acknowledged must be on the chain.
+        let seen: std::collections::HashSet<u64> = out.iter().map(|e| e.index).collect();
+        let size = cp.map_or(0, |c| c.size);
+        for i in &self.session.acked {
+            if *i < size && !seen.contains(i) {
+                return Err(VerifyError::Chain(format!(
+                    "acknowledged entry {i} is missing from the chain"
+                ))
+                .into());
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,249 @@
+//! A party's session with a vault server: its identity and device, the log view it verifies against,
+//! and the identities it has verified.
+
+use std::collections::HashMap;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use cmr_core::identity::{DeviceKeys, IdentityId, Role, create_identity};
+use cmr_core::keys::SigningKey;
+use cmr_log::checkpoint::Checkpoint;
+use cmr_log::entry::EntryBody;
+use cmr_log::note::NoteVerifier;
+use serde_json::{Value, json};
+
+use crate::error::{ClientError, VerifyError};
+use crate::transport::{Connection, Signer};
+use crate::verify::{LogView, Needs, VerifiedIdentity, b64, hashes, proven_entry};
+
+/// An acknowledged, verified write: its log index and the checkpoint that covers it.
+#[derive(Debug, Clone)]
+pub struct Acked {
+    /// The entry's log index.
+    pub index: u64,
+    /// The entry as logged.
+    pub body: EntryBody,
+    /// The checkpoint that covers it.
+    pub checkpoint: Checkpoint,
+    /// True when the server says it repeats an operation already logged.
+    pub repeated: bool,
+}
+
+/// A party's keys as the SDK holds them.
+pub struct Keys {
+    /// The identity.
+    pub identity: IdentityId,
+    /// The role it registered with.
+    pub role: Role,
+    /// This device's keys.
+    pub device: DeviceKeys,
+    /// The identity key, on the device that holds it.
+    pub identity_key: Option<SigningKey>,
+}
+
+/// A session: keys, connection, log view, verified identities, and the entries this party had
+/// acknowledged (a customer checks that its chain still holds every one of them).
+pub struct Session {
+    /// The connection.
+    pub conn: Connection,
+    /// The keys.
+    pub keys: Keys,
+    /// The log as verified so far.
+    pub log: LogView,
+    identities: HashMap<IdentityId, VerifiedIdentity>,
+    /// Indices of this party's acknowledged entries.
+    pub acked: Vec<u64>,
+}
+
+impl Session {
+    /// A session for existing keys, pinned to `log_key`.
+    pub fn new(conn: Connection, keys: Keys, log_key: NoteVerifier) -> Self {
+        Self {
+            conn,
+            keys,
+            log: LogView::new(log_key),
+            identities: HashMap::new(),
+            acked: Vec::new(),
+        }
+    }
+
+    /// Creates an identity with one device, registers both, and returns the session with the recovery
+    /// secret's phrase (shown to the user once).
+    pub async fn register(
+        conn: Connection,
+        role: Role,
+        log_key: NoteVerifier,
+        now: u64,
+    ) -> Result<(Self, zeroize::Zeroizing<String>), ClientError> {
+        let mut rng = rand::rng();
+        let new = create_identity(&mut rng, role);
+        let id = new.inception.identity();
+        let device = DeviceKeys::generate(&mut rng);
+        let mut s = Session::new(
+            conn,
+            Keys {
+                identity: id,
+                role,
+                device,
+                identity_key: Some(new.identity_key),
+            },
+            log_key,
+        );
+        let event = new.inception.encode();
+        let key = s
+            .keys
+            .identity_key
+            .as_ref()
+            .map(|k| Signer::Identity(id, k));
+        let signer = key.ok_or_else(|| ClientError::Local("no identity key".into()))?;
+        let v = s
+            .conn
+            .post(
+                "/v1/identities",
+                &json!({"event": B64.encode(&event)}),
+                signer,
+            )
+            .await?;
+        s.check_ack(&v, &event).await?;
+        let cert = s
+            .keys
+            .device
+            .certify(
+                id,
+                0,
+                s.keys.identity_key.as_ref().expect("just created"),
+                now,
+            )
+            .encode();
+        s.certify(&cert).await?;
+        Ok((s, new.recovery.to_phrase()))
+    }
+
+    /// Certifies a device (its signed certificate), signed by the identity key.
+    pub async fn certify(&mut self, cert: &[u8]) -> Result<Acked, ClientError> {
+        let id = self.keys.identity;
+        let key = self.keys.identity_key.as_ref().ok_or_else(|| {
+            ClientError::Local("this device does not hold the identity key".into())
+        })?;
+        let v = self
+            .conn
+            .post(
+                &format!("/v1/identities/{}/devices", id.to_hex()),
+                &json!({"certificate": B64.encode(cert)}),
+                Signer::Identity(id, key),
+            )
+            .await?;
+        self.check_ack(&v, cert).await
+    }
+
+    /// Accepts a checkpoint the server handed over: verified under the pinned key and consistent with
+    /// every checkpoint seen before (fetching the consistency proof when it grew).
+    pub async fn observe(&mut self, note: &str) -> Result<Checkpoint, ClientError> {
+        let (cp, needs) = self.log.check(note)?;
+        match needs {
+            Needs::Nothing => self.log.accept(cp.clone(), None)?,
+            Needs::Consistency { old, new } => {
+                let v = self
+                    .conn
+                    .get_json(&format!("/v1/log/proofs/consistency?old={old}&new={new}"))
+                    .await?;
+                let proof = hashes(&v["proof"], "consistency proof")?;
+                self.log.accept(cp.clone(), Some(&proof))?;
+            }
+        }
+        Ok(cp)
+    }
+
+    /// Fetches and verifies the latest checkpoint.
+    pub async fn refresh(&mut self) -> Result<Checkpoint, ClientError> {
+        let note = self.conn.get_text("/v1/log/checkpoint").await?;
+        self.observe(&note).await
+    }
+
+    /// Checks an acknowledgement: the checkpoint, the entry's inclusion in it, and that the logged
+    /// payload is exactly `sent`.
+    pub async fn check_ack(&mut self, v: &Value, sent: &[u8]) -> Result<Acked, ClientError> {
+        let acked = self.check_ack_with(v, |body| body.payload == sent).await?;
+        Ok(acked)
+    }
+
+    /// Checks an acknowledgement whose payload the server builds (an access record): `matches` decides.
+    pub async fn check_ack_with(
+        &mut self,
+        v: &Value,
+        matches: impl Fn(&EntryBody) -> bool,
+    ) -> Result<Acked, ClientError> {
+        let note = v["checkpoint"]
+            .as_str()
+            .ok_or_else(|| ClientError::Malformed("acknowledgement without a checkpoint".into()))?;
+        let cp = self.observe(note).await?;
+        let index = v["index"]
+            .as_u64()
+            .ok_or_else(|| ClientError::Malformed("acknowledgement without an index".into()))?;
+        if index >= cp.size {
+            return Err(VerifyError::NotCovered(index).into());
+        }
+        let entry = &v["entry"];
+        let e = proven_entry(
+            &json!({"index": index, "salt": entry["salt"], "body": entry["body"], "proof": v["proof"]}),
+            &cp,
+        )?;
+        if !matches(&e.body) {
+            return Err(VerifyError::NotWhatWasSent(index).into());
+        }
+        self.acked.push(index);
+        Ok(Acked {
+            index,
+            body: e.body,
+            checkpoint: cp,
+            repeated: v["repeated"].as_bool().unwrap_or(false),
+        })
+    }
+
+    /// Another identity's keys, from its key events replayed from inception (cached).
+    pub async fn identity(&mut self, id: IdentityId) -> Result<&VerifiedIdentity, ClientError> {
+        if !self.identities.contains_key(&id) {
+            let verified = self.fetch_identity(id).await?;
+            self.identities.insert(id, verified);
+        }
+        Ok(&self.identities[&id])
+    }
+
+    /// Forgets a cached identity (to see devices certified since).
+    pub fn forget_identity(&mut self, id: &IdentityId) {
+        self.identities.remove(id);
+    }
+
+    async fn fetch_identity(&mut self, id: IdentityId) -> Result<VerifiedIdentity, ClientError> {
+        let v = self
+            .conn
+            .post(
+                &format!("/v1/identities/{}/events", id.to_hex()),
+                &json!({}),
+                Signer::Device(&self.keys.device),
+            )
+            .await?;
+        let cp = self
+            .observe(v["checkpoint"].as_str().unwrap_or_default())
+            .await?;
+        let events = v["events"]
+            .as_array()
+            .ok_or_else(|| ClientError::Malformed("events is not a list".into()))?
+            .iter()
+            .map(|e| proven_entry(e, &cp))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VerifiedIdentity::replay(id, &events)?)
+    }
+
+    /// A signed POST as this device.
+    pub async fn post(&self, target: &str, body: &Value) -> Result<Value, ClientError> {
+        self.conn
+            .post(target, body, Signer::Device(&self.keys.device))
+            .await
+    }
+
+    /// Decodes a base64 field of an answer.
+    pub fn field(v: &Value, what: &str) -> Result<Vec<u8>, ClientError> {
+        b64(v, what)
+    }
+}

@@ -1,0 +1,166 @@
+//! Signed HTTP to a vault server: every request but the public log's carries an RFC 9421 signature over
+//! method, authority, path, query and the body's digest, with a fresh nonce and the current time.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cmr_core::httpsig;
+use cmr_core::identity::{DeviceKeys, IdentityId};
+use cmr_core::keys::SigningKey;
+use serde_json::Value;
+
+use crate::error::ClientError;
+
+/// The most bytes of an answer the SDK reads.
+const MAX_ANSWER: usize = 64 * 1024 * 1024;
+
+/// Who signs a request: a device (the usual case) or an identity key (registration, certification).
+#[derive(Clone, Copy)]
+pub enum Signer<'a> {
+    /// A certified device: `keyid` is the device id.
+    Device(&'a DeviceKeys),
+    /// An identity key: `keyid` is `id:<identity>`.
+    Identity(IdentityId, &'a SigningKey),
+}
+
+/// A connection to one vault server.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    http: reqwest::Client,
+    scheme: String,
+    authority: String,
+}
+
+/// Installs the ring provider for rustls once per process (the SDK's only TLS backend).
+pub(crate) fn tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Connection {
+    /// A connection to `base`, such as `http://127.0.0.1:8080` or `https://vault.example`.
+    pub fn new(base: &str) -> Result<Self, ClientError> {
+        tls_provider();
+        let (scheme, rest) = base.split_once("://").ok_or_else(|| {
+            ClientError::Local(format!(
+                "server address {base:?} needs a scheme, like http://127.0.0.1:8080"
+            ))
+        })?;
+        if scheme != "http" && scheme != "https" {
+            return Err(ClientError::Local(format!("unsupported scheme {scheme:?}")));
+        }
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') {
+            return Err(ClientError::Local(format!(
+                "server address {base:?} has a path; give only scheme and host"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        Ok(Self {
+            http,
+            scheme: scheme.to_string(),
+            authority: authority.to_string(),
+        })
+    }
+
+    /// The server's address, `scheme://authority`.
+    pub fn base(&self) -> String {
+        format!("{}://{}", self.scheme, self.authority)
+    }
+
+    /// A public GET, answered as text.
+    pub async fn get_text(&self, target: &str) -> Result<String, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}{target}", self.base()))
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let status = resp.status();
+        let bytes = read_limited(resp).await?;
+        if !status.is_success() {
+            return Err(problem(status.as_u16(), &bytes));
+        }
+        String::from_utf8(bytes).map_err(|_| ClientError::Malformed("not UTF-8".into()))
+    }
+
+    /// A public GET, answered as JSON.
+    pub async fn get_json(&self, target: &str) -> Result<Value, ClientError> {
+        let text = self.get_text(target).await?;
+        serde_json::from_str(&text).map_err(|e| ClientError::Malformed(e.to_string()))
+    }
+
+    /// A signed POST of `body`, answered as JSON.
+    pub async fn post(
+        &self,
+        target: &str,
+        body: &Value,
+        signer: Signer<'_>,
+    ) -> Result<Value, ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Local(e.to_string()))?;
+        let (keyid, key) = match signer {
+            Signer::Device(d) => (d.id().to_hex(), &d.signing),
+            Signer::Identity(id, k) => (format!("id:{}", id.to_hex()), k),
+        };
+        let nonce = &cmr_log::entry::draw_salt(&mut rand::rng())[..16];
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let req = httpsig::Request::new("POST", &self.scheme, &self.authority, target, vec![]);
+        let h = httpsig::sign_request(&req, &bytes, key, &keyid, &hex::encode(nonce), created)
+            .map_err(|e| ClientError::Local(format!("cannot sign the request: {e}")))?;
+        let resp = self
+            .http
+            .post(format!("{}{target}", self.base()))
+            .header("content-type", "application/json")
+            .header("content-digest", h.content_digest)
+            .header("signature-input", h.signature_input)
+            .header("signature", h.signature)
+            .body(bytes)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let status = resp.status();
+        let bytes = read_limited(resp).await?;
+        if !status.is_success() {
+            return Err(problem(status.as_u16(), &bytes));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Malformed(e.to_string()))
+    }
+}
+
+async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, ClientError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| ClientError::Transport(e.to_string()))?
+    {
+        if out.len() + chunk.len() > MAX_ANSWER {
+            return Err(ClientError::Malformed("answer larger than 64 MiB".into()));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// A refusal from its Problem Details (RFC 9457), or from the status alone.
+fn problem(status: u16, body: &[u8]) -> ClientError {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let code = v["type"]
+        .as_str()
+        .and_then(|t| t.rsplit(':').next())
+        .unwrap_or("http-error")
+        .to_string();
+    let detail = v["detail"]
+        .as_str()
+        .or_else(|| v["title"].as_str())
+        .unwrap_or("no details")
+        .to_string();
+    ClientError::Refused {
+        status,
+        code,
+        detail,
+    }
+}

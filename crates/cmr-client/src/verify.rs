@@ -1,0 +1,268 @@
+//! What the SDK checks before it believes an answer. The log key is pinned; every checkpoint must verify
+//! under it and be consistent with every checkpoint seen before (a smaller one is a rollback, a
+//! different root at a size seen is a fork); every entry the SDK relies on must be included in the
+//! checkpoint served with it; an identity's keys come only from its key events, replayed from the
+//! inception whose hash is its id.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use cmr_core::identity::{
+    DeviceCertificate, DeviceId, DeviceRevocation, IdentityId, IdentityState, KeyHistory, Signed,
+    SignedKeyEvent,
+};
+use cmr_core::keys::KemPublicKey;
+use cmr_core::merkle::Hash;
+use cmr_log::checkpoint::Checkpoint;
+use cmr_log::entry::{EntryBody, EntryKind, SaltedBody, commitment, commitment_leaf};
+use cmr_log::note::NoteVerifier;
+use serde_json::Value;
+
+use crate::error::{ClientError, VerifyError};
+
+/// The client's view of the log: the pinned key and the largest checkpoint verified so far.
+#[derive(Debug, Clone)]
+pub struct LogView {
+    key: NoteVerifier,
+    latest: Option<Checkpoint>,
+}
+
+/// What a checkpoint needs before it is accepted: nothing, or a consistency proof from `old` to `new`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Accept it as is.
+    Nothing,
+    /// Fetch the consistency proof between these sizes and call [`LogView::accept`].
+    Consistency {
+        /// The size already verified.
+        old: u64,
+        /// The size offered.
+        new: u64,
+    },
+}
+
+impl LogView {
+    /// A view pinned to the log key.
+    pub fn new(key: NoteVerifier) -> Self {
+        Self { key, latest: None }
+    }
+
+    /// A view that resumes from a checkpoint verified before.
+    pub fn resume(key: NoteVerifier, latest: Option<Checkpoint>) -> Self {
+        Self { key, latest }
+    }
+
+    /// The pinned key.
+    pub fn key(&self) -> &NoteVerifier {
+        &self.key
+    }
+
+    /// The largest checkpoint verified.
+    pub fn latest(&self) -> Option<&Checkpoint> {
+        self.latest.as_ref()
+    }
+
+    /// Opens `note` under the pinned key and says what it needs. A smaller checkpoint than one seen is a
+    /// rollback; the same size with another root is a fork.
+    pub fn check(&self, note: &str) -> Result<(Checkpoint, Needs), VerifyError> {
+        let cp = cmr_log::checkpoint::open(note, &self.key, &[], 0)
+            .map_err(|e| VerifyError::Checkpoint(e.to_string()))?
+            .checkpoint;
+        let needs = match &self.latest {
+            None => Needs::Nothing,
+            Some(seen) if cp.size < seen.size => {
+                return Err(VerifyError::StaleCheckpoint {
+                    seen: seen.size,
+                    got: cp.size,
+                });
+            }
+            Some(seen) if cp.size == seen.size => {
+                if cp.root != seen.root {
+                    return Err(VerifyError::Inconsistent {
+                        old: seen.size,
+                        new: cp.size,
+                    });
+                }
+                Needs::Nothing
+            }
+            Some(seen) if seen.size == 0 => Needs::Nothing,
+            Some(seen) => Needs::Consistency {
+                old: seen.size,
+                new: cp.size,
+            },
+        };
+        Ok((cp, needs))
+    }
+
+    /// Accepts `cp` (from [`LogView::check`]) with the consistency proof it needed, if any.
+    pub fn accept(&mut self, cp: Checkpoint, proof: Option<&[Hash]>) -> Result<(), VerifyError> {
+        if let (Some(seen), Some(proof)) = (&self.latest, proof) {
+            cmr_log::verify::verify_consistency(seen.size, cp.size, &seen.root, &cp.root, proof)
+                .map_err(|_| VerifyError::Inconsistent {
+                    old: seen.size,
+                    new: cp.size,
+                })?;
+        } else if let Some(seen) = &self.latest
+            && cp.size > seen.size
+            && seen.size > 0
+        {
+            return Err(VerifyError::Inconsistent {
+                old: seen.size,
+                new: cp.size,
+            });
+        }
+        if self.latest.as_ref().is_none_or(|s| cp.size >= s.size) {
+            self.latest = Some(cp);
+        }
+        Ok(())
+    }
+}
+
+/// An entry as served with a proof: index, salt, body, and its inclusion proof.
+#[derive(Debug, Clone)]
+pub struct ProvenEntry {
+    /// The log index.
+    pub index: u64,
+    /// The salt and encoded body.
+    pub salted: SaltedBody,
+    /// The decoded body.
+    pub body: EntryBody,
+}
+
+/// Verifies that `salted` is entry `index` of the checkpoint `cp`, by its inclusion `proof`.
+pub fn check_inclusion(
+    cp: &Checkpoint,
+    index: u64,
+    salted: &SaltedBody,
+    proof: &[Hash],
+) -> Result<EntryBody, VerifyError> {
+    let leaf = commitment_leaf(&commitment(&salted.salt, &salted.body));
+    cmr_log::verify::verify_inclusion(index, cp.size, &leaf, proof, &cp.root)
+        .map_err(|_| VerifyError::NotIncluded(index))?;
+    EntryBody::decode(&salted.body).map_err(|_| VerifyError::NotIncluded(index))
+}
+
+pub(crate) fn b64(v: &Value, what: &str) -> Result<Vec<u8>, ClientError> {
+    v.as_str()
+        .and_then(|s| B64.decode(s).ok())
+        .ok_or_else(|| ClientError::Malformed(format!("{what} is not base64")))
+}
+
+pub(crate) fn hashes(v: &Value, what: &str) -> Result<Vec<Hash>, ClientError> {
+    v.as_array()
+        .ok_or_else(|| ClientError::Malformed(format!("{what} is not a list")))?
+        .iter()
+        .map(|h| {
+            b64(h, what)?.try_into().map_err(|_| {
+                ClientError::Malformed(format!("{what} holds a hash of the wrong size"))
+            })
+        })
+        .collect()
+}
+
+/// Parses `{index, salt, body, proof}` and checks it against `cp`.
+pub(crate) fn proven_entry(v: &Value, cp: &Checkpoint) -> Result<ProvenEntry, ClientError> {
+    let index = v["index"]
+        .as_u64()
+        .ok_or_else(|| ClientError::Malformed("entry without an index".into()))?;
+    let salt: [u8; 32] = b64(&v["salt"], "salt")?
+        .try_into()
+        .map_err(|_| ClientError::Malformed("salt is 32 bytes".into()))?;
+    let salted = SaltedBody {
+        salt,
+        body: b64(&v["body"], "body")?,
+    };
+    let body = check_inclusion(cp, index, &salted, &hashes(&v["proof"], "proof")?)?;
+    Ok(ProvenEntry {
+        index,
+        salted,
+        body,
+    })
+}
+
+/// An identity's keys, learnt only from its key events replayed in log order.
+#[derive(Debug)]
+pub struct VerifiedIdentity {
+    /// The replayed state: which device keys were valid at which log positions.
+    pub state: IdentityState,
+    /// The device certificates, oldest first, with whether each was revoked since.
+    pub devices: Vec<(DeviceCertificate, bool)>,
+}
+
+impl VerifiedIdentity {
+    /// Replays `events` (proven entries, oldest first) for `id`.
+    pub fn replay(id: IdentityId, events: &[ProvenEntry]) -> Result<Self, VerifyError> {
+        let err = |reason: String| VerifyError::KeyEvents {
+            identity: id.to_hex(),
+            reason,
+        };
+        let mut state: Option<IdentityState> = None;
+        let mut devices: Vec<(DeviceCertificate, bool)> = Vec::new();
+        for e in events {
+            if e.body.subject != id {
+                return Err(err(format!("entry {} is about another identity", e.index)));
+            }
+            match (e.body.kind, state.as_mut()) {
+                (EntryKind::KeyEvent, None) => {
+                    let ev =
+                        SignedKeyEvent::decode(&e.body.payload).map_err(|x| err(x.to_string()))?;
+                    // The id is the hash of the inception: a substituted key cannot carry this id.
+                    let h = KeyHistory::incept(&ev, e.index).map_err(|x| err(x.to_string()))?;
+                    if h.id() != id {
+                        return Err(err("the inception does not hash to the identity".into()));
+                    }
+                    state = Some(IdentityState::new(h));
+                }
+                (EntryKind::KeyEvent, Some(s)) => {
+                    let ev =
+                        SignedKeyEvent::decode(&e.body.payload).map_err(|x| err(x.to_string()))?;
+                    s.rotate(&ev, e.index).map_err(|x| err(x.to_string()))?;
+                }
+                (EntryKind::DeviceCertificate, Some(s)) => {
+                    let c = Signed::<DeviceCertificate>::decode(&e.body.payload)
+                        .map_err(|x| err(x.to_string()))?;
+                    s.certify(&c, e.index).map_err(|x| err(x.to_string()))?;
+                    devices.push((c.body().clone(), false));
+                }
+                (EntryKind::DeviceRevocation, Some(s)) => {
+                    let r = Signed::<DeviceRevocation>::decode(&e.body.payload)
+                        .map_err(|x| err(x.to_string()))?;
+                    s.revoke(&r, e.index).map_err(|x| err(x.to_string()))?;
+                    let gone = r.body().device;
+                    for (c, revoked) in &mut devices {
+                        if c.device() == gone {
+                            *revoked = true;
+                        }
+                    }
+                }
+                (kind, _) => {
+                    return Err(err(format!(
+                        "entry {} ({}) is not a key event in order",
+                        e.index,
+                        kind.name()
+                    )));
+                }
+            }
+        }
+        let state = state.ok_or_else(|| err("no inception".into()))?;
+        Ok(Self { state, devices })
+    }
+
+    /// The identity.
+    pub fn id(&self) -> IdentityId {
+        self.state.keys().id()
+    }
+
+    /// The KEM key of the newest device still certified: where keys for this party are sealed.
+    pub fn kem_key(&self) -> Option<KemPublicKey> {
+        self.devices
+            .iter()
+            .rev()
+            .find(|(_, revoked)| !revoked)
+            .map(|(c, _)| c.kem_key)
+    }
+
+    /// Whether `device` is (or was) one of this identity's certified devices.
+    pub fn has_device(&self, device: &DeviceId) -> bool {
+        self.devices.iter().any(|(c, _)| c.device() == *device)
+    }
+}
