@@ -91,8 +91,28 @@ impl Connection {
         serde_json::from_str(&text).map_err(|e| ClientError::Malformed(e.to_string()))
     }
 
-    /// A signed POST of `body`, answered as JSON.
+    /// A signed POST of `body`, answered as JSON. A request refused because it was created before the
+    /// server's replay horizon (a server that has just started) is signed again and retried after a
+    /// second, for as long as the horizon lasts (a few seconds).
     pub async fn post(
+        &self,
+        target: &str,
+        body: &Value,
+        signer: Signer<'_>,
+    ) -> Result<Value, ClientError> {
+        let mut tries = 0;
+        loop {
+            match self.post_once(target, body, signer).await {
+                Err(e) if e.code() == Some("created-before-start") && tries < 10 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn post_once(
         &self,
         target: &str,
         body: &Value,

@@ -243,6 +243,7 @@ pub struct Store {
     db: sled::Tree,
     durable: Arc<RwLock<Durable>>,
     start_time: u64,
+    opened_empty: bool,
     device_keys: DeviceKeys,
     log_verifier: cmr_log::note::NoteVerifier,
 }
@@ -549,6 +550,7 @@ impl Store {
         }
         let durable = seq.durable.clone();
         let start_time = seq.now();
+        let opened_empty = seq.state.size == 0;
         let (tx, rx) = mpsc::channel::<Job>();
         let handle = std::thread::Builder::new()
             .name("cmr-sequencer".into())
@@ -560,6 +562,7 @@ impl Store {
             db: tree,
             durable,
             start_time,
+            opened_empty,
             device_keys,
             log_verifier,
         })
@@ -573,6 +576,12 @@ impl Store {
     /// The server time when the store opened (the later of the clock and the last time in the log).
     pub fn start_time(&self) -> u64 {
         self.start_time
+    }
+
+    /// Whether the log was empty when the store opened. Such a store has never accepted a signed request
+    /// (registration is the first one, and it is logged), so no request can be replayed across its start.
+    pub fn opened_empty(&self) -> bool {
+        self.opened_empty
     }
 
     /// Queues an operation; the receiver gets its acknowledgement once it is durable.
