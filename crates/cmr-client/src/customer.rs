@@ -537,18 +537,24 @@ impl Customer {
                     ClientError::Local(format!("scope {} is not granted", name.scope().name()))
                 })?;
             let secret = &f.secrets[&f.epoch];
+            // Profile sections and inferred attributes live in one period: their keys start there.
+            let from = if name.scope().is_periodic() {
+                lookback_start
+            } else {
+                Period::ORIGIN
+            };
             if access.reads() {
                 entries.push(BundleEntry {
                     family: id,
                     epoch: f.epoch,
-                    key: secret.read_key(lookback_start),
+                    key: secret.read_key(from),
                 });
             }
             if access.appends() && append_family == Some(id) {
                 entries.push(BundleEntry {
                     family: id,
                     epoch: f.epoch,
-                    key: secret.append_key(&company, lookback_start),
+                    key: secret.append_key(&company, from),
                 });
             }
             families.push(GrantFamily {
@@ -703,13 +709,18 @@ impl Customer {
             let Some(gf) = body.families.iter().find(|f| f.family == family) else {
                 continue;
             };
+            let from = if gf.scope.is_periodic() {
+                body.lookback_start
+            } else {
+                Period::ORIGIN
+            };
             keepers.push(Keeper {
                 grantee: body.grantee,
                 kem_key: body.grantee_kem,
                 grant: id.0,
-                read_from: gf.access.reads().then_some(body.lookback_start),
+                read_from: gf.access.reads().then_some(from),
                 append_from: (gf.access.appends() && body.append_family == Some(family))
-                    .then_some(body.lookback_start),
+                    .then_some(from),
             });
             keeper_grants.push(*id);
         }

@@ -1,0 +1,98 @@
+//! One-line errors with a hint, and the documented exit codes (docs/guide.md, "Exit codes").
+
+use std::fmt;
+
+use cmr_client::ClientError;
+
+/// Exit codes.
+pub mod code {
+    /// The server refused the operation (a Problem Details answer): denied, conflict, not found.
+    pub const REFUSED: u8 = 1;
+    // 2: bad usage, clap's own code for unknown flags or missing arguments.
+    /// Something did not verify: the server is faulty or malicious, or the audit found a violation.
+    pub const VERIFICATION: u8 = 3;
+    /// A local problem: missing or unsafe key file, wrong passphrase, unreadable input.
+    pub const LOCAL: u8 = 4;
+    /// The server could not be reached.
+    pub const UNREACHABLE: u8 = 5;
+    /// The demo saw a step that did not behave as promised.
+    pub const DEMO_FAILED: u8 = 6;
+}
+
+/// An error for people: the cause, a hint, and the exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// What went wrong, in one line.
+    pub message: String,
+    /// What to try.
+    pub hint: Option<String>,
+    /// The exit code.
+    pub code: u8,
+}
+
+impl CliError {
+    /// A local problem.
+    pub fn local(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            hint: Some(hint.into()),
+            code: code::LOCAL,
+        }
+    }
+
+    /// An error with a chosen code.
+    pub fn with_code(code: u8, message: impl Into<String>, hint: Option<&str>) -> Self {
+        Self {
+            message: message.into(),
+            hint: hint.map(str::to_string),
+            code,
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "error: {}", self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, " (hint: {h})")?;
+        }
+        Ok(())
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        let (code, hint) = match &e {
+            ClientError::Transport(_) => (
+                code::UNREACHABLE,
+                Some("is the server running? check --server (or CMR_SERVER)"),
+            ),
+            ClientError::Refused { code: c, .. } => (
+                code::REFUSED,
+                match c.as_str() {
+                    "clock-skew" => {
+                        Some("set this computer's clock right (the server's clock decides)")
+                    }
+                    "unknown-key" => {
+                        Some("register first, or check that this device was not revoked")
+                    }
+                    "rate-limited" | "overloaded" => Some("wait a moment and try again"),
+                    _ => None,
+                },
+            ),
+            ClientError::Malformed(_) | ClientError::Verification(_) => (
+                code::VERIFICATION,
+                Some("the server's answer did not verify; do not trust it, and report it"),
+            ),
+            ClientError::Local(_) => (code::LOCAL, None),
+        };
+        Self {
+            message: e.to_string(),
+            hint: hint.map(str::to_string),
+            code,
+        }
+    }
+}
+
+/// The result of a command.
+pub type CliResult<T = ()> = Result<T, CliError>;

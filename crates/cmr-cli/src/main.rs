@@ -1,0 +1,114 @@
+//! # cmr
+//!
+//! The command line of CMR Vault: `cmr demo` plays the whole story; `cmr serve` runs the vault over sled
+//! in a local folder; `cmr customer`, `cmr company` and `cmr audit` are the tools of each user.
+//!
+//! What it owns: argument parsing, the per-user configuration folder and its key files, prompts, output
+//! for people and `--json` for scripts, exit codes. What it does not: every cryptographic and
+//! verification step is the SDK's (`cmr-client`), storage and policy are the server's.
+#![forbid(unsafe_code)]
+
+mod demo;
+mod error;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+/// CMR Vault: a customer-managed data vault with end-to-end encryption.
+#[derive(Parser)]
+#[command(name = "cmr", version, about, long_about = None, after_help = "\
+Start here:
+  cmr demo                      the whole story on a temporary server, step by step
+  cmr serve                     run a vault over sled in ./cmr-data on 127.0.0.1:8080
+
+Exit codes: 0 ok, 1 refused by the server, 2 usage, 3 verification failed, 4 local problem,
+5 server unreachable, 6 demo step broken. See docs/guide.md.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Play the whole story on an embedded server in a temporary folder.
+    ///
+    /// One customer and two companies: registration; the profile, preferences and transactions; a
+    /// request approved in narrowed form; a scoped read; an append the customer sees and disputes; a
+    /// revocation and the rotation; the refused read; the audit. Exits non-zero if any step does not
+    /// behave as promised.
+    Demo,
+    /// Run the vault server over sled in a local folder.
+    #[command(after_help = "\
+Examples:
+  cmr serve
+  cmr serve --data /var/lib/cmr --listen 127.0.0.1:9000 --log-key /etc/cmr/log.key")]
+    Serve {
+        /// The data folder (sled).
+        #[arg(long, env = "CMR_DATA", default_value = "cmr-data")]
+        data: PathBuf,
+        /// The address to listen on.
+        #[arg(long, env = "CMR_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// The log signing key file, outside the data folder (created with mode 0600 if missing).
+        #[arg(long, env = "CMR_LOG_KEY", default_value = "cmr-log.key")]
+        log_key: PathBuf,
+        /// The log's origin, for a new log key.
+        #[arg(long, env = "CMR_ORIGIN", default_value = "localhost/cmr-vault")]
+        origin: String,
+    },
+    /// Print shell completions.
+    #[command(
+        after_help = "Example:\n  cmr completions bash > ~/.local/share/bash-completion/completions/cmr"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(error::code::LOCAL);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Demo => demo::run().await,
+            Command::Serve {
+                data,
+                listen,
+                log_key,
+                origin,
+            } => {
+                tracing_subscriber::fmt()
+                    .with_env_filter(
+                        tracing_subscriber::EnvFilter::try_from_default_env()
+                            .unwrap_or_else(|_| "info".into()),
+                    )
+                    .init();
+                serve::run(&data, &listen, &log_key, &origin).await
+            }
+            Command::Completions { shell } => {
+                clap_complete::generate(shell, &mut Cli::command(), "cmr", &mut std::io::stdout());
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(e.code)
+        }
+    }
+}

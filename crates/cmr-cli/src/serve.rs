@@ -1,0 +1,111 @@
+//! `cmr serve`, and the embedded server the demo starts: the API over sled in a local folder.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use cmr_log::note::NoteSigner;
+use cmr_server::{AppState, Config, serve};
+use cmr_store::{Store, StoreConfig};
+
+use crate::error::{CliError, CliResult, code};
+
+/// A server running in this process.
+pub struct Running {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The log's verifier key, which clients pin.
+    pub log_vkey: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    store: Arc<Store>,
+}
+
+impl Running {
+    /// Stops taking connections, lets requests in flight finish, then closes the store.
+    pub async fn stop(self) -> CliResult {
+        let _ = self.stop.send(());
+        let served = self.task.await;
+        self.store.close();
+        match served {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(CliError::with_code(
+                code::LOCAL,
+                format!("server: {e}"),
+                None,
+            )),
+            Err(e) => Err(CliError::with_code(
+                code::LOCAL,
+                format!("server task: {e}"),
+                None,
+            )),
+        }
+    }
+}
+
+/// Opens the store in `data` and serves it on `listen` (port 0 picks one).
+pub async fn start(data: &Path, log_key: NoteSigner, listen: &str) -> CliResult<Running> {
+    let log_vkey = log_key.verifier().to_vkey();
+    let store = Arc::new(Store::open(StoreConfig::new(data, log_key)).map_err(|e| {
+        CliError::local(
+            format!("cannot open the data folder {}: {e}", data.display()),
+            "check --data (or CMR_DATA); another server may be using it",
+        )
+    })?);
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        CliError::local(
+            format!("cannot listen on {listen}: {e}"),
+            "choose another address with --listen (or CMR_LISTEN)",
+        )
+    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::local(e.to_string(), "check --listen"))?;
+    let config = Config {
+        authority: addr.to_string(),
+        scheme: "http".into(),
+        ..Config::default()
+    };
+    let state = Arc::new(AppState::new(store.clone(), config));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    Ok(Running {
+        base: format!("http://{addr}"),
+        log_vkey,
+        stop,
+        task,
+        store,
+    })
+}
+
+/// `cmr serve`: runs until Ctrl-C. The log key lives outside the data folder; a new one is created
+/// (mode 0600) if the path does not exist, and its verifier key is written beside it as `.pub`.
+pub async fn run(data: &Path, listen: &str, log_key: &Path, origin: &str) -> CliResult {
+    let key = if log_key.exists() {
+        cmr_server::logkey::load(log_key, data)
+    } else {
+        cmr_server::logkey::create(log_key, data, origin)
+    }
+    .map_err(|e| {
+        CliError::local(
+            format!("log key {}: {e}", log_key.display()),
+            "keep the log key outside the data folder, readable only by you (chmod 600)",
+        )
+    })?;
+    let running = start(data, key, listen).await?;
+    let pub_path = log_key.with_extension("pub");
+    std::fs::write(&pub_path, format!("{}\n", running.log_vkey)).map_err(|e| {
+        CliError::local(
+            format!("cannot write {}: {e}", pub_path.display()),
+            "check the folder of --log-key",
+        )
+    })?;
+    println!("CMR Vault serving {} on {}", data.display(), running.base);
+    println!("log verifier key (clients pin it): {}", running.log_vkey);
+    println!("  also written to {}", pub_path.display());
+    println!("stop with Ctrl-C");
+    let _ = tokio::signal::ctrl_c().await;
+    println!("stopping: finishing requests in flight");
+    running.stop().await
+}
