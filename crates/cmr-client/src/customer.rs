@@ -763,10 +763,54 @@ impl Customer {
         Ok(acked)
     }
 
+    /// Checks the server's view of the key directory: the newest directory on the customer's verified
+    /// chain must be signed by a device of the customer valid at its position, and be no older than (and
+    /// chain to) the newest this client has seen. Another device learns the directory this way.
+    pub async fn check_directory(&mut self) -> Result<SignedDirectory, ClientError> {
+        let (chain, size) = self.chain().await?;
+        let newest = chain
+            .iter()
+            .find(|e| e.body.kind == cmr_log::entry::EntryKind::Directory)
+            .ok_or_else(|| VerifyError::Directory("no directory on the chain".into()))?;
+        let dir = SignedDirectory::decode(&newest.body.payload)
+            .map_err(|e| VerifyError::Directory(e.to_string()))?;
+        let me = self.id();
+        let position = newest.index;
+        let identity = self.session.identity(me).await?;
+        dir.verify(&identity.state, position)
+            .map_err(|e| VerifyError::Directory(e.to_string()))?;
+        self.tracker
+            .accept(std::slice::from_ref(&dir), |_| Ok(()))
+            .map_err(|e| VerifyError::Directory(e.to_string()))?;
+        self.check_acked(&chain, size)?;
+        Ok(dir)
+    }
+
     /// Walks the customer's own chain from its newest entry and checks it: every entry included in the
     /// checkpoint, each linked to the one before by hash, and every entry this client had acknowledged
     /// present. Returns the entries, newest first.
     pub async fn history(&mut self) -> Result<Vec<ProvenEntry>, ClientError> {
+        let (chain, size) = self.chain().await?;
+        self.check_acked(&chain, size)?;
+        Ok(chain)
+    }
+
+    /// Every entry this client had acknowledged below `size` must be on the chain.
+    fn check_acked(&self, chain: &[ProvenEntry], size: u64) -> Result<(), ClientError> {
+        let seen: std::collections::HashSet<u64> = chain.iter().map(|e| e.index).collect();
+        for i in &self.session.acked {
+            if *i < size && !seen.contains(i) {
+                return Err(VerifyError::Chain(format!(
+                    "acknowledged entry {i} is missing from the chain"
+                ))
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The chain, verified link by link, and the size of the checkpoint it was checked against.
+    async fn chain(&mut self) -> Result<(Vec<ProvenEntry>, u64), ClientError> {
         let me = self.id();
         let mut before: Option<u64> = None;
         let mut out: Vec<ProvenEntry> = Vec::new();
@@ -837,18 +881,6 @@ impl Customer {
             ))
             .into());
         }
-        // The newest entry must be the newest in the checkpoint for this customer: every entry this
-        // client had acknowledged must be on the chain.
-        let seen: std::collections::HashSet<u64> = out.iter().map(|e| e.index).collect();
-        let size = cp.map_or(0, |c| c.size);
-        for i in &self.session.acked {
-            if *i < size && !seen.contains(i) {
-                return Err(VerifyError::Chain(format!(
-                    "acknowledged entry {i} is missing from the chain"
-                ))
-                .into());
-            }
-        }
-        Ok(out)
+        Ok((out, cp.map_or(0, |c| c.size)))
     }
 }

@@ -143,10 +143,17 @@ impl Session {
         match needs {
             Needs::Nothing => self.log.accept(cp.clone(), None)?,
             Needs::Consistency { old, new } => {
-                let v = self
+                // A server that cannot prove the new checkpoint extends the old one has forked.
+                let v = match self
                     .conn
                     .get_json(&format!("/v1/log/proofs/consistency?old={old}&new={new}"))
-                    .await?;
+                    .await
+                {
+                    Err(ClientError::Refused { .. }) => {
+                        return Err(VerifyError::Inconsistent { old, new }.into());
+                    }
+                    other => other?,
+                };
                 let proof = hashes(&v["proof"], "consistency proof")?;
                 self.log.accept(cp.clone(), Some(&proof))?;
             }
