@@ -32,6 +32,8 @@ pub struct HeldGrant {
     pub keys: KeyBundle,
     /// Whether a revocation of it is logged.
     pub revoked: bool,
+    /// The sealed bundles of the rotations that kept it (kept to re-open the keys later).
+    pub rekeys: Vec<cmr_core::wrap::SealedBytes>,
 }
 
 impl HeldGrant {
@@ -61,7 +63,12 @@ pub struct Company {
     pub session: Session,
     /// The grants held, by id.
     pub grants: HashMap<StatementId, HeldGrant>,
-    statuses: HashMap<StatementId, RequestStatus>,
+    /// What each request became.
+    pub statuses: HashMap<StatementId, RequestStatus>,
+    /// The vault each request was sent to.
+    pub requests: HashMap<StatementId, IdentityId>,
+    /// Per vault, the newest entry already taken into account by [`Company::sync`].
+    pub synced: HashMap<IdentityId, u64>,
 }
 
 /// A page of a read as parsed from the API.
@@ -81,6 +88,8 @@ impl Company {
             session,
             grants: HashMap::new(),
             statuses: HashMap::new(),
+            requests: HashMap::new(),
+            synced: HashMap::new(),
         }
     }
 
@@ -115,6 +124,7 @@ impl Company {
             .await?;
         self.session.check_ack(&v, &bytes).await?;
         self.statuses.insert(signed.id(), RequestStatus::Pending);
+        self.requests.insert(signed.id(), customer);
         Ok(signed.id())
     }
 
@@ -138,6 +148,10 @@ impl Company {
         let entries = v["entries"].as_array().cloned().unwrap_or_default();
         for e in &entries {
             let p = proven_entry(e, &cp)?;
+            if self.synced.get(&customer).is_some_and(|s| p.index <= *s) {
+                continue;
+            }
+            self.synced.insert(customer, p.index);
             if p.body.customer != Some(customer) {
                 return Err(VerifyError::Chain(format!(
                     "entry {} is about another vault",
@@ -178,16 +192,14 @@ impl Company {
                     if let Some(r) = g.request {
                         self.statuses.insert(r, RequestStatus::Granted(st.id()));
                     }
-                    self.grants.insert(
-                        st.id(),
-                        HeldGrant {
-                            customer,
-                            id: st.id(),
-                            statement: st.clone(),
-                            keys,
-                            revoked: false,
-                        },
-                    );
+                    self.grants.entry(st.id()).or_insert(HeldGrant {
+                        customer,
+                        id: st.id(),
+                        statement: st.clone(),
+                        keys,
+                        revoked: false,
+                        rekeys: Vec::new(),
+                    });
                 }
                 Body::Denial { request, reason } => {
                     self.statuses
@@ -206,6 +218,7 @@ impl Company {
                                     VerifyError::Signature("rotated keys do not open".into())
                                 })?;
                             g.keys.entries.extend(fresh.entries);
+                            g.rekeys.push(sealed.clone());
                         }
                     }
                 }

@@ -138,6 +138,12 @@ impl Customer {
         }
     }
 
+    /// Restores the latest directory this client published (from its saved state).
+    pub fn restore_directory(&mut self, dir: SignedDirectory) {
+        self.tracker = crate::state::tracker_of(&dir);
+        self.directory = Some(dir);
+    }
+
     /// The customer's id.
     pub fn id(&self) -> IdentityId {
         self.session.keys.identity

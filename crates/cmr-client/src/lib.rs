@@ -22,6 +22,7 @@ pub mod company;
 pub mod customer;
 pub mod error;
 pub mod session;
+pub mod state;
 pub mod transport;
 pub mod verify;
 pub mod wellknown;

@@ -141,7 +141,7 @@ impl Session {
     pub async fn observe(&mut self, note: &str) -> Result<Checkpoint, ClientError> {
         let (cp, needs) = self.log.check(note)?;
         match needs {
-            Needs::Nothing => self.log.accept(cp.clone(), None)?,
+            Needs::Nothing => self.log.accept(cp.clone(), note, None)?,
             Needs::Consistency { old, new } => {
                 // A server that cannot prove the new checkpoint extends the old one has forked.
                 let v = match self
@@ -155,7 +155,7 @@ impl Session {
                     other => other?,
                 };
                 let proof = hashes(&v["proof"], "consistency proof")?;
-                self.log.accept(cp.clone(), Some(&proof))?;
+                self.log.accept(cp.clone(), note, Some(&proof))?;
             }
         }
         Ok(cp)

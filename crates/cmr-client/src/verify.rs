@@ -24,6 +24,7 @@ use crate::error::{ClientError, VerifyError};
 pub struct LogView {
     key: NoteVerifier,
     latest: Option<Checkpoint>,
+    latest_note: Option<String>,
 }
 
 /// What a checkpoint needs before it is accepted: nothing, or a consistency proof from `old` to `new`.
@@ -43,12 +44,22 @@ pub enum Needs {
 impl LogView {
     /// A view pinned to the log key.
     pub fn new(key: NoteVerifier) -> Self {
-        Self { key, latest: None }
+        Self {
+            key,
+            latest: None,
+            latest_note: None,
+        }
     }
 
-    /// A view that resumes from a checkpoint verified before.
-    pub fn resume(key: NoteVerifier, latest: Option<Checkpoint>) -> Self {
-        Self { key, latest }
+    /// The signed note of the largest checkpoint verified, to save.
+    pub fn latest_note(&self) -> Option<&str> {
+        self.latest_note.as_deref()
+    }
+
+    /// Starts from a checkpoint verified in an earlier run (its signature checked again by the caller).
+    pub fn accept_trusted(&mut self, cp: Checkpoint, note: String) {
+        self.latest = Some(cp);
+        self.latest_note = Some(note);
     }
 
     /// The pinned key.
@@ -93,8 +104,13 @@ impl LogView {
         Ok((cp, needs))
     }
 
-    /// Accepts `cp` (from [`LogView::check`]) with the consistency proof it needed, if any.
-    pub fn accept(&mut self, cp: Checkpoint, proof: Option<&[Hash]>) -> Result<(), VerifyError> {
+    /// Accepts `cp` (from [`LogView::check`], signed `note`) with the consistency proof it needed, if any.
+    pub fn accept(
+        &mut self,
+        cp: Checkpoint,
+        note: &str,
+        proof: Option<&[Hash]>,
+    ) -> Result<(), VerifyError> {
         if let (Some(seen), Some(proof)) = (&self.latest, proof) {
             cmr_log::verify::verify_consistency(seen.size, cp.size, &seen.root, &cp.root, proof)
                 .map_err(|_| VerifyError::Inconsistent {
@@ -112,6 +128,7 @@ impl LogView {
         }
         if self.latest.as_ref().is_none_or(|s| cp.size >= s.size) {
             self.latest = Some(cp);
+            self.latest_note = Some(note.to_string());
         }
         Ok(())
     }

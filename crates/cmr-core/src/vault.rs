@@ -125,3 +125,124 @@ impl fmt::Debug for VaultKey {
         f.write_str("VaultKey([redacted])")
     }
 }
+
+/// A 32-byte secret of the customer's own client (the pseudonym key) sealed under the vault key, for the
+/// client's local state. The same construction as [`crate::epoch::SealedEpochSecret`]: a key expanded
+/// from the vault key with HKDF-SHA256 under its own label, ChaCha20-Poly1305 with a random nonce, and
+/// the customer and the secret's purpose as associated data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedClientSecret {
+    nonce: [u8; 12],
+    ciphertext: [u8; 48],
+}
+
+impl SealedClientSecret {
+    /// The encoded length.
+    pub const LEN: usize = 60;
+
+    fn cipher(vault: &VaultKey) -> ring::aead::LessSafeKey {
+        let key = crate::epoch::expand(vault.expose_secret(), &[b"cmr-client-secrets"]);
+        ring::aead::LessSafeKey::new(
+            ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, key.as_ref())
+                .expect("32 bytes is the ChaCha20-Poly1305 key length"),
+        )
+    }
+
+    fn aad(customer: IdentityId, purpose: &str) -> Vec<u8> {
+        let mut aad = customer.0.to_vec();
+        aad.extend_from_slice(purpose.as_bytes());
+        aad
+    }
+
+    /// Seals `secret` for `purpose` (a fixed label such as `"pseudonym-key"`).
+    pub fn seal<R: CryptoRng + ?Sized>(
+        rng: &mut R,
+        vault: &VaultKey,
+        customer: IdentityId,
+        purpose: &str,
+        secret: &[u8; 32],
+    ) -> Self {
+        let mut nonce = [0u8; 12];
+        rng.fill_bytes(&mut nonce);
+        let mut buf = [0u8; 48];
+        buf[..32].copy_from_slice(secret);
+        let tag = Self::cipher(vault)
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(Self::aad(customer, purpose)),
+                &mut buf[..32],
+            )
+            .expect("sealing 32 bytes cannot fail");
+        buf[32..].copy_from_slice(tag.as_ref());
+        Self {
+            nonce,
+            ciphertext: buf,
+        }
+    }
+
+    /// Opens it; fails for another vault key, customer or purpose, or if it was altered.
+    pub fn open(
+        &self,
+        vault: &VaultKey,
+        customer: IdentityId,
+        purpose: &str,
+    ) -> Result<Zeroizing<[u8; 32]>, UnwrapError> {
+        let mut buf = Zeroizing::new(self.ciphertext);
+        let pt = Self::cipher(vault)
+            .open_in_place(
+                ring::aead::Nonce::assume_unique_for_key(self.nonce),
+                ring::aead::Aad::from(Self::aad(customer, purpose)),
+                buf.as_mut(),
+            )
+            .map_err(|_| UnwrapError)?;
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(pt);
+        Ok(out)
+    }
+
+    /// The encoded form: nonce, then ciphertext and tag.
+    pub fn to_bytes(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[..12].copy_from_slice(&self.nonce);
+        out[12..].copy_from_slice(&self.ciphertext);
+        out
+    }
+
+    /// Parses the encoded form.
+    pub fn from_slice(b: &[u8]) -> Option<Self> {
+        if b.len() != Self::LEN {
+            return None;
+        }
+        Some(Self {
+            nonce: b[..12].try_into().ok()?,
+            ciphertext: b[12..].try_into().ok()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_secret_opens_only_with_its_key_customer_and_purpose() {
+        let mut rng = rand::rng();
+        let vault = VaultKey::generate(&mut rng);
+        let other = VaultKey::generate(&mut rng);
+        let (alex, bo) = (IdentityId([1; 32]), IdentityId([2; 32]));
+        let sealed = SealedClientSecret::seal(&mut rng, &vault, alex, "pseudonym-key", &[7; 32]);
+        let parsed = SealedClientSecret::from_slice(&sealed.to_bytes()).unwrap();
+        assert_eq!(
+            *parsed.open(&vault, alex, "pseudonym-key").unwrap(),
+            [7; 32]
+        );
+        assert!(parsed.open(&other, alex, "pseudonym-key").is_err());
+        assert!(parsed.open(&vault, bo, "pseudonym-key").is_err());
+        assert!(parsed.open(&vault, alex, "another-purpose").is_err());
+        let mut bytes = sealed.to_bytes();
+        bytes[20] ^= 1;
+        let altered = SealedClientSecret::from_slice(&bytes).unwrap();
+        assert!(altered.open(&vault, alex, "pseudonym-key").is_err());
+        assert!(SealedClientSecret::from_slice(&bytes[..59]).is_none());
+    }
+}

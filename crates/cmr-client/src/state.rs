@@ -1,0 +1,365 @@
+//! A client's state between runs, as plain data for the CLI to store (design note 0004). Secrets in it
+//! are sealed: the customer's epoch secrets and pseudonym key under the vault key, a company's grant
+//! keys as the bundles sealed to its device key. The device keys themselves live in the
+//! passphrase-sealed key file, never here.
+
+use std::collections::HashMap;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use cmr_core::consent::{SignedStatement, StatementId};
+use cmr_core::directory::{DirectoryTracker, SignedDirectory};
+use cmr_core::epoch::{EpochSecret, KeyBundle, SealedEpochSecret};
+use cmr_core::family::{FamilyName, PseudonymKey};
+use cmr_core::hash::Digest;
+use cmr_core::identity::IdentityId;
+use cmr_core::vault::{SealedClientSecret, VaultKey};
+use cmr_core::wrap::SealedBytes;
+use serde::{Deserialize, Serialize};
+
+use crate::company::{Company, HeldGrant, RequestStatus};
+use crate::customer::{Customer, FamilyState, IssuedGrant};
+use crate::error::ClientError;
+use crate::session::Session;
+
+const PSEUDONYM_PURPOSE: &str = "pseudonym-key";
+
+fn bad(what: &str) -> ClientError {
+    ClientError::Local(format!("the saved state is damaged: {what}"))
+}
+
+fn unb64(s: &str, what: &str) -> Result<Vec<u8>, ClientError> {
+    B64.decode(s).map_err(|_| bad(what))
+}
+
+fn id(s: &str) -> Result<IdentityId, ClientError> {
+    IdentityId::from_hex(s).ok_or_else(|| bad("identity"))
+}
+
+fn statement_id(s: &str) -> Result<StatementId, ClientError> {
+    Digest::from_hex(s)
+        .map(|d| StatementId(d.0))
+        .ok_or_else(|| bad("statement id"))
+}
+
+/// What every session keeps: the log view and the entries it had acknowledged.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SessionState {
+    /// The newest checkpoint verified (a signed note), re-verified when loaded.
+    pub checkpoint: Option<String>,
+    /// The entries acknowledged to this party.
+    pub acked: Vec<u64>,
+}
+
+impl SessionState {
+    /// Saves a session's state.
+    pub fn of(session: &Session) -> Self {
+        Self {
+            checkpoint: session.log.latest_note().map(str::to_string),
+            acked: session.acked.clone(),
+        }
+    }
+
+    /// Applies the saved state to a fresh session: the checkpoint must still verify under the pinned key.
+    pub fn apply(&self, session: &mut Session) -> Result<(), ClientError> {
+        if let Some(note) = &self.checkpoint {
+            let (cp, _) = crate::verify::LogView::new(session.log.key().clone()).check(note)?;
+            session.log.accept_trusted(cp, note.clone());
+        }
+        session.acked = self.acked.clone();
+        Ok(())
+    }
+}
+
+/// A family as saved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedFamily {
+    /// The encoded family name, base64.
+    pub name: String,
+    /// The current epoch.
+    pub epoch: u64,
+    /// Each epoch's secret sealed under the vault key, base64.
+    pub secrets: Vec<String>,
+    /// The most batches seen.
+    pub batches_seen: u64,
+}
+
+/// A grant the customer issued, as saved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedIssuedGrant {
+    /// The signed grant, base64.
+    pub statement: String,
+    /// Its log index.
+    pub index: u64,
+    /// Revoked since.
+    pub revoked: bool,
+}
+
+/// A customer's state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CustomerState {
+    /// The session.
+    pub session: SessionState,
+    /// The pseudonym key sealed under the vault key, base64.
+    pub pseudonym_key: String,
+    /// The families.
+    pub families: Vec<SavedFamily>,
+    /// The latest directory, base64.
+    pub directory: Option<String>,
+    /// The grants issued.
+    pub grants: Vec<SavedIssuedGrant>,
+}
+
+impl CustomerState {
+    /// Saves `c`, sealing its secrets under `vault`.
+    pub fn save(c: &Customer, vault: &VaultKey) -> Self {
+        let me = c.id();
+        let mut rng = rand::rng();
+        let mut families: Vec<SavedFamily> = c
+            .families
+            .iter()
+            .map(|(fid, f)| {
+                let mut epochs: Vec<_> = f.secrets.iter().collect();
+                epochs.sort_by_key(|(e, _)| **e);
+                SavedFamily {
+                    name: B64.encode(f.name.encode()),
+                    epoch: f.epoch,
+                    secrets: epochs
+                        .into_iter()
+                        .map(|(e, s)| {
+                            B64.encode(
+                                SealedEpochSecret::seal(&mut rng, vault, me, *fid, *e, s)
+                                    .to_bytes(),
+                            )
+                        })
+                        .collect(),
+                    batches_seen: f.batches_seen,
+                }
+            })
+            .collect();
+        families.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut grants: Vec<SavedIssuedGrant> = c
+            .grants
+            .values()
+            .map(|g| SavedIssuedGrant {
+                statement: B64.encode(g.statement.encode()),
+                index: g.index,
+                revoked: g.revoked,
+            })
+            .collect();
+        grants.sort_by_key(|g| g.index);
+        Self {
+            session: SessionState::of(&c.session),
+            pseudonym_key: B64.encode(
+                SealedClientSecret::seal(
+                    &mut rng,
+                    vault,
+                    me,
+                    PSEUDONYM_PURPOSE,
+                    c.pseudonyms.expose_secret(),
+                )
+                .to_bytes(),
+            ),
+            families,
+            directory: c.directory.as_ref().map(|d| B64.encode(d.encode())),
+            grants,
+        }
+    }
+
+    /// Restores a customer around `session`, opening its secrets with `vault`.
+    pub fn restore(&self, mut session: Session, vault: &VaultKey) -> Result<Customer, ClientError> {
+        self.session.apply(&mut session)?;
+        let me = session.keys.identity;
+        let sealed = SealedClientSecret::from_slice(&unb64(&self.pseudonym_key, "pseudonym key")?)
+            .ok_or_else(|| bad("pseudonym key"))?;
+        let pk = sealed
+            .open(vault, me, PSEUDONYM_PURPOSE)
+            .map_err(|_| bad("the pseudonym key does not open with this vault key"))?;
+        let mut c = Customer::new(session, PseudonymKey::from_bytes(*pk));
+        for f in &self.families {
+            let name = FamilyName::decode(&unb64(&f.name, "family name")?)
+                .map_err(|_| bad("family name"))?;
+            let fid = name.id(&me);
+            let mut secrets = HashMap::new();
+            for s in &f.secrets {
+                let sealed = SealedEpochSecret::from_slice(&unb64(s, "epoch secret")?)
+                    .map_err(|_| bad("epoch secret"))?;
+                if sealed.family != fid {
+                    return Err(bad("an epoch secret of another family"));
+                }
+                let secret: EpochSecret = sealed
+                    .open(vault, me)
+                    .map_err(|_| bad("an epoch secret does not open with this vault key"))?;
+                secrets.insert(sealed.epoch, secret);
+            }
+            c.families.insert(
+                fid,
+                FamilyState {
+                    name,
+                    epoch: f.epoch,
+                    secrets,
+                    batches_seen: f.batches_seen,
+                },
+            );
+        }
+        if let Some(d) = &self.directory {
+            let dir =
+                SignedDirectory::decode(&unb64(d, "directory")?).map_err(|_| bad("directory"))?;
+            c.restore_directory(dir);
+        }
+        for g in &self.grants {
+            let st = SignedStatement::decode(&unb64(&g.statement, "grant")?)
+                .map_err(|_| bad("grant"))?;
+            c.grants.insert(
+                st.id(),
+                IssuedGrant {
+                    statement: st,
+                    index: g.index,
+                    revoked: g.revoked,
+                },
+            );
+        }
+        Ok(c)
+    }
+}
+
+/// A grant a company holds, as saved: the signed grant and the bundles of the rotations that kept it,
+/// all sealed to the company's device key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedHeldGrant {
+    /// The vault, hex.
+    pub customer: String,
+    /// The signed grant, base64.
+    pub statement: String,
+    /// The rotations' sealed bundles, base64.
+    pub rekeys: Vec<String>,
+    /// Revoked since.
+    pub revoked: bool,
+}
+
+/// A request a company sent, as saved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedRequest {
+    /// The request's id, hex.
+    pub id: String,
+    /// The vault, hex.
+    pub customer: String,
+    /// `pending`, `granted:<grant id>` or `denied:<reason>`.
+    pub status: String,
+}
+
+/// A company's state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompanyState {
+    /// The session.
+    pub session: SessionState,
+    /// The grants held.
+    pub grants: Vec<SavedHeldGrant>,
+    /// The requests sent.
+    pub requests: Vec<SavedRequest>,
+    /// Per vault (hex), the newest entry synced.
+    pub synced: Vec<(String, u64)>,
+}
+
+impl CompanyState {
+    /// Saves `c`.
+    pub fn save(c: &Company) -> Self {
+        let mut grants: Vec<SavedHeldGrant> = c
+            .grants
+            .values()
+            .map(|g| SavedHeldGrant {
+                customer: g.customer.to_hex(),
+                statement: B64.encode(g.statement.encode()),
+                rekeys: g.rekeys.iter().map(|b| B64.encode(b.to_bytes())).collect(),
+                revoked: g.revoked,
+            })
+            .collect();
+        grants.sort_by(|a, b| a.statement.cmp(&b.statement));
+        let mut requests: Vec<SavedRequest> = c
+            .requests
+            .iter()
+            .map(|(rid, cust)| SavedRequest {
+                id: rid.to_hex(),
+                customer: cust.to_hex(),
+                status: match c.status(rid) {
+                    RequestStatus::Pending => "pending".into(),
+                    RequestStatus::Granted(g) => format!("granted:{}", g.to_hex()),
+                    RequestStatus::Denied(r) => format!("denied:{r}"),
+                },
+            })
+            .collect();
+        requests.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut synced: Vec<(String, u64)> =
+            c.synced.iter().map(|(k, v)| (k.to_hex(), *v)).collect();
+        synced.sort();
+        Self {
+            session: SessionState::of(&c.session),
+            grants,
+            requests,
+            synced,
+        }
+    }
+
+    /// Restores a company around `session`, re-opening its grants' keys with its device key.
+    pub fn restore(&self, mut session: Session) -> Result<Company, ClientError> {
+        self.session.apply(&mut session)?;
+        let me = session.keys.identity;
+        let kem = session.keys.device.kem.clone();
+        let mut c = Company::new(session);
+        for g in &self.grants {
+            let customer = id(&g.customer)?;
+            let st = SignedStatement::decode(&unb64(&g.statement, "grant")?)
+                .map_err(|_| bad("grant"))?;
+            let bundle = st.bundle().ok_or_else(|| bad("a grant without keys"))?;
+            let mut keys = KeyBundle::open(bundle, customer, me, &kem, st.id().0)
+                .map_err(|_| bad("a grant's keys do not open with this device"))?;
+            let mut rekeys = Vec::new();
+            for r in &g.rekeys {
+                let sealed =
+                    SealedBytes::from_slice(&unb64(r, "rekey")?).map_err(|_| bad("rekey"))?;
+                let fresh = KeyBundle::open(&sealed, customer, me, &kem, st.id().0)
+                    .map_err(|_| bad("rotated keys do not open with this device"))?;
+                keys.entries.extend(fresh.entries);
+                rekeys.push(sealed);
+            }
+            c.grants.insert(
+                st.id(),
+                HeldGrant {
+                    customer,
+                    id: st.id(),
+                    statement: st,
+                    keys,
+                    revoked: g.revoked,
+                    rekeys,
+                },
+            );
+        }
+        for r in &self.requests {
+            let rid = statement_id(&r.id)?;
+            c.requests.insert(rid, id(&r.customer)?);
+            let status = if r.status == "pending" {
+                RequestStatus::Pending
+            } else if let Some(g) = r.status.strip_prefix("granted:") {
+                RequestStatus::Granted(statement_id(g)?)
+            } else if let Some(reason) = r.status.strip_prefix("denied:") {
+                RequestStatus::Denied(reason.to_string())
+            } else {
+                return Err(bad("request status"));
+            };
+            c.statuses.insert(rid, status);
+        }
+        for (k, v) in &self.synced {
+            c.synced.insert(id(k)?, *v);
+        }
+        Ok(c)
+    }
+}
+
+/// The directory tracker that resumes from `dir`, the newest directory this client published.
+pub fn tracker_of(dir: &SignedDirectory) -> DirectoryTracker {
+    DirectoryTracker::restore(
+        dir.directory().customer,
+        dir.directory().version,
+        dir.digest(),
+    )
+}
