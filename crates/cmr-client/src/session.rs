@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use cmr_core::identity::{DeviceKeys, IdentityId, Role, create_identity};
+use cmr_core::identity::{
+    DeviceKeys, IdentityId, RecoverySecret, Role, SignedKeyEvent, create_identity,
+};
 use cmr_core::keys::SigningKey;
 use cmr_log::checkpoint::Checkpoint;
 use cmr_log::entry::EntryBody;
@@ -75,48 +77,49 @@ impl Session {
         log_key: NoteVerifier,
         now: u64,
     ) -> Result<(Self, zeroize::Zeroizing<String>), ClientError> {
+        let (keys, inception, recovery) = Self::create(role);
+        let mut s = Session::new(conn, keys, log_key);
+        s.register_identity(&inception.encode(), now).await?;
+        Ok((s, recovery.to_phrase()))
+    }
+
+    /// Creates an identity and its first device locally: the keys, the signed inception to register, and
+    /// the recovery secret (its phrase is shown once, then only its commitment remains in the inception).
+    pub fn create(role: Role) -> (Keys, SignedKeyEvent, RecoverySecret) {
         let mut rng = rand::rng();
         let new = create_identity(&mut rng, role);
-        let id = new.inception.identity();
-        let device = DeviceKeys::generate(&mut rng);
-        let mut s = Session::new(
-            conn,
-            Keys {
-                identity: id,
-                role,
-                device,
-                identity_key: Some(new.identity_key),
-            },
-            log_key,
-        );
-        let event = new.inception.encode();
-        let key = s
-            .keys
-            .identity_key
-            .as_ref()
-            .map(|k| Signer::Identity(id, k));
-        let signer = key.ok_or_else(|| ClientError::Local("no identity key".into()))?;
-        let v = s
+        let keys = Keys {
+            identity: new.inception.identity(),
+            role,
+            device: DeviceKeys::generate(&mut rng),
+            identity_key: Some(new.identity_key),
+        };
+        (keys, new.inception, new.recovery)
+    }
+
+    /// Registers this session's identity (its signed `inception`) and certifies this device. Idempotent:
+    /// registering again returns the original entries.
+    pub async fn register_identity(
+        &mut self,
+        inception: &[u8],
+        now: u64,
+    ) -> Result<(), ClientError> {
+        let id = self.keys.identity;
+        let key = self.keys.identity_key.as_ref().ok_or_else(|| {
+            ClientError::Local("this device does not hold the identity key".into())
+        })?;
+        let v = self
             .conn
             .post(
                 "/v1/identities",
-                &json!({"event": B64.encode(&event)}),
-                signer,
+                &json!({"event": B64.encode(inception)}),
+                Signer::Identity(id, key),
             )
             .await?;
-        s.check_ack(&v, &event).await?;
-        let cert = s
-            .keys
-            .device
-            .certify(
-                id,
-                0,
-                s.keys.identity_key.as_ref().expect("just created"),
-                now,
-            )
-            .encode();
-        s.certify(&cert).await?;
-        Ok((s, new.recovery.to_phrase()))
+        let cert = self.keys.device.certify(id, 0, key, now).encode();
+        self.check_ack(&v, inception).await?;
+        self.certify(&cert).await?;
+        Ok(())
     }
 
     /// Certifies a device (its signed certificate), signed by the identity key.
