@@ -80,6 +80,12 @@ impl From<ClientError> for CliError {
                     _ => None,
                 },
             ),
+            ClientError::Verification(cmr_client::error::VerifyError::CompanyIdentity(_)) => (
+                code::VERIFICATION,
+                Some(
+                    "the company's domain must serve its key document at https://DOMAIN/.well-known/cmr-vault naming the requester",
+                ),
+            ),
             ClientError::Malformed(_) | ClientError::Verification(_) => (
                 code::VERIFICATION,
                 Some("the server's answer did not verify; do not trust it, and report it"),

@@ -8,8 +8,13 @@
 //! verification step is the SDK's (`cmr-client`), storage and policy are the server's.
 #![forbid(unsafe_code)]
 
+mod audit;
+mod company;
+mod customer;
 mod demo;
 mod error;
+mod home;
+mod out;
 mod serve;
 
 use std::path::PathBuf;
@@ -27,6 +32,12 @@ Start here:
 Exit codes: 0 ok, 1 refused by the server, 2 usage, 3 verification failed, 4 local problem,
 5 server unreachable, 6 demo step broken. See docs/guide.md.")]
 struct Cli {
+    /// The configuration folder (default: $XDG_CONFIG_HOME/cmr or ~/.config/cmr).
+    #[arg(long, global = true, env = "CMR_HOME")]
+    home: Option<PathBuf>,
+    /// Print JSON for scripts instead of lines for people.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -59,6 +70,36 @@ Examples:
         #[arg(long, env = "CMR_ORIGIN", default_value = "localhost/cmr-vault")]
         origin: String,
     },
+    /// A customer's vault: identity, profile, transactions, requests, grants, history.
+    #[command(after_help = "\
+A first session (the passphrase comes from a prompt, or CMR_PASSPHRASE in scripts):
+  cmr customer init --log-vkey \"$(cat cmr-log.pub)\"
+  cmr customer register
+  cmr customer profile set contact \"email: alex@example.org\"
+  cmr customer requests
+  cmr customer approve <request> --domain bank.example --lookback 3")]
+    Customer {
+        #[command(subcommand)]
+        cmd: customer::CustomerCmd,
+    },
+    /// A company's access: requests, grants, reads decrypted locally, appends.
+    #[command(after_help = "\
+A first session:
+  cmr company init --log-vkey \"$(cat cmr-log.pub)\"
+  cmr company register
+  cmr company key-document --name \"Acme Bank\"   # serve it at https://DOMAIN/.well-known/cmr-vault
+  cmr company request <customer> --scope transactions:read --purpose \"credit limit review\"
+  cmr company status
+  cmr company read <grant>")]
+    Company {
+        #[command(subcommand)]
+        cmd: company::CompanyCmd,
+    },
+    /// Verify the log without trusting the operator, and without seeing customer data.
+    Audit {
+        #[command(subcommand)]
+        cmd: audit::AuditCmd,
+    },
     /// Print shell completions.
     #[command(
         after_help = "Example:\n  cmr completions bash > ~/.local/share/bash-completion/completions/cmr"
@@ -81,8 +122,14 @@ fn main() -> ExitCode {
             return ExitCode::from(error::code::LOCAL);
         }
     };
+    let out = out::Out { json: cli.json };
+    let home = cli.home.clone();
     let result = runtime.block_on(async {
+        let home = || home::Home::locate(home.clone());
         match cli.command {
+            Command::Customer { cmd } => customer::run(&home()?, out, cmd).await,
+            Command::Company { cmd } => company::run(&home()?, out, cmd).await,
+            Command::Audit { cmd } => audit::run(&home()?, out, cmd).await,
             Command::Demo => demo::run().await,
             Command::Serve {
                 data,

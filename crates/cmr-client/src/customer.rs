@@ -47,6 +47,8 @@ pub struct IssuedGrant {
     pub statement: SignedStatement,
     /// Its log index.
     pub index: u64,
+    /// The server time it was logged at.
+    pub time: u64,
     /// Revoked since.
     pub revoked: bool,
 }
@@ -596,6 +598,7 @@ impl Customer {
             IssuedGrant {
                 statement: signed,
                 index: acked.index,
+                time: acked.body.time,
                 revoked: false,
             },
         );
@@ -629,6 +632,19 @@ impl Customer {
             },
             now,
         );
+        let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        self.send_statement(&signed).await
+    }
+
+    /// Blocks a company (its requests are refused from then on), or unblocks it.
+    pub async fn block(
+        &mut self,
+        company: IdentityId,
+        blocked: bool,
+        now: u64,
+    ) -> Result<Acked, ClientError> {
+        let st = self.statement(Body::Block { company, blocked }, now);
         let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
             .map_err(|e| ClientError::Local(e.to_string()))?;
         self.send_statement(&signed).await

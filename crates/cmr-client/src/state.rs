@@ -91,6 +91,8 @@ pub struct SavedIssuedGrant {
     pub statement: String,
     /// Its log index.
     pub index: u64,
+    /// The server time it was logged at.
+    pub time: u64,
     /// Revoked since.
     pub revoked: bool,
 }
@@ -144,6 +146,7 @@ impl CustomerState {
             .map(|g| SavedIssuedGrant {
                 statement: B64.encode(g.statement.encode()),
                 index: g.index,
+                time: g.time,
                 revoked: g.revoked,
             })
             .collect();
@@ -215,6 +218,7 @@ impl CustomerState {
                 IssuedGrant {
                     statement: st,
                     index: g.index,
+                    time: g.time,
                     revoked: g.revoked,
                 },
             );

@@ -1,0 +1,376 @@
+//! `cmr company`: a company's access from the command line.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::Subcommand;
+use cmr_client::company::{Company, RequestStatus};
+use cmr_client::state::CompanyState;
+use cmr_client::wellknown::KeyDocument;
+use cmr_core::consent::{AccessRequest, Counterparty, Duration, StatementId};
+use cmr_core::family::{Period, Scope};
+use cmr_core::hash::Digest;
+use cmr_core::identity::{IdentityId, Role};
+use serde_json::json;
+
+use crate::customer::{access_name, parse_month, parse_scope_access, this_month};
+use crate::error::{CliError, CliResult};
+use crate::home::{self, Home, Saved};
+use crate::out::{Out, now, short};
+
+/// The company's commands.
+#[derive(Subcommand)]
+pub enum CompanyCmd {
+    /// Create the company's identity and first device, sealed with a passphrase.
+    #[command(
+        after_help = "Example:\n  cmr company init --server http://127.0.0.1:8080 --log-vkey \"$(cat cmr-log.pub)\""
+    )]
+    Init {
+        /// The vault server.
+        #[arg(long, env = "CMR_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// The server's log verifier key.
+        #[arg(long, env = "CMR_LOG_VKEY")]
+        log_vkey: String,
+    },
+    /// Register the identity and the device with the server.
+    Register,
+    /// Print the key document to serve at https://YOUR-DOMAIN/.well-known/cmr-vault.
+    KeyDocument {
+        /// The name customers see.
+        #[arg(long)]
+        name: String,
+    },
+    /// Ask a customer for access.
+    #[command(
+        after_help = "Example:\n  cmr company request 5e07… --scope transactions:read --purpose \"credit limit review\" --lookback 12"
+    )]
+    Request {
+        /// The customer's identity.
+        customer: String,
+        /// SCOPE:ACCESS (read, append, read+append); repeatable.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Why, in words the customer reads.
+        #[arg(long)]
+        purpose: String,
+        /// once, persistent, or a number of days.
+        #[arg(long, default_value = "persistent")]
+        duration: String,
+        /// How many months of history.
+        #[arg(long, default_value_t = 12)]
+        lookback: u32,
+    },
+    /// What became of the requests sent (granted, denied, pending), and the grants held.
+    Status,
+    /// Read a customer's records under a grant; decrypted here, never on the server.
+    Read {
+        /// The grant's id.
+        grant: String,
+        /// The scope to read.
+        #[arg(long, default_value = "transactions")]
+        scope: String,
+        /// From this month (default: the grant's look-back start).
+        #[arg(long)]
+        from: Option<String>,
+        /// To this month (default: this month).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Append a transaction or an inferred attribute under a grant that allows appends.
+    Append {
+        /// The grant's id.
+        grant: String,
+        /// The month, for transactions (default: this month).
+        #[arg(long)]
+        month: Option<String>,
+        /// The record, in words.
+        text: String,
+    },
+}
+
+fn parse_id(s: &str, what: &str) -> CliResult<[u8; 32]> {
+    Digest::from_hex(s.trim()).map(|d| d.0).ok_or_else(|| {
+        CliError::local(
+            format!("{what} {s:?} is not 64 hex digits"),
+            "copy the id from the list",
+        )
+    })
+}
+
+struct Loaded {
+    company: Company,
+    saved: Saved<CompanyState>,
+}
+
+impl Loaded {
+    fn open(home: &Home) -> CliResult<Self> {
+        let (session, saved) = home::open_session::<CompanyState>(home, Role::Company)?;
+        let company = saved.role.restore(session)?;
+        Ok(Self { company, saved })
+    }
+
+    fn save(mut self, home: &Home) -> CliResult {
+        self.saved.role = CompanyState::save(&self.company);
+        self.saved.session = self.saved.role.session.clone();
+        home.write_state(Role::Company, &self.saved)
+    }
+}
+
+/// Runs a company command.
+pub async fn run(home: &Home, out: Out, cmd: CompanyCmd) -> CliResult {
+    if let CompanyCmd::Init { server, log_vkey } = &cmd {
+        let (keys, inception, _recovery) = cmr_client::session::Session::create(Role::Company);
+        let id = keys.identity;
+        let passphrase = home::passphrase(true)?;
+        home.write_key(Role::Company, &keys, &passphrase)?;
+        let company = Company::new(home::new_session(server, log_vkey, keys)?);
+        let role = CompanyState::save(&company);
+        home.write_state(
+            Role::Company,
+            &Saved {
+                server: server.clone(),
+                log_vkey: log_vkey.clone(),
+                inception: Some(B64.encode(inception.encode())),
+                registered: false,
+                session: role.session.clone(),
+                role,
+            },
+        )?;
+        out.line(format!(
+            "company identity {} created; next: cmr company register",
+            id.to_hex()
+        ));
+        out.value(&json!({"identity": id.to_hex()}));
+        return Ok(());
+    }
+    let mut l = Loaded::open(home)?;
+    let result = step(&mut l, out, cmd).await;
+    l.save(home)?;
+    result
+}
+
+async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
+    let t = now();
+    let c = &mut l.company;
+    match cmd {
+        CompanyCmd::Init { .. } => {
+            return Err(CliError::local("init runs on its own", "report this"));
+        }
+        CompanyCmd::Register => {
+            if !l.saved.registered {
+                let inception = l
+                    .saved
+                    .inception
+                    .as_deref()
+                    .and_then(|s| B64.decode(s).ok())
+                    .ok_or_else(|| {
+                        CliError::local(
+                            "the inception is missing from the state",
+                            "run `cmr company init` again in a new --home",
+                        )
+                    })?;
+                c.session.register_identity(&inception, t).await?;
+                l.saved.registered = true;
+            }
+            out.line(format!(
+                "registered company {} with the server",
+                c.id().to_hex()
+            ));
+            out.value(&json!({"identity": c.id().to_hex(), "registered": true}));
+        }
+        CompanyCmd::KeyDocument { name } => {
+            let doc = KeyDocument {
+                identity: c.id().to_hex(),
+                name,
+            };
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        }
+        CompanyCmd::Request {
+            customer,
+            scopes,
+            purpose,
+            duration,
+            lookback,
+        } => {
+            let customer = IdentityId(parse_id(&customer, "customer")?);
+            let scopes = scopes
+                .iter()
+                .map(|s| parse_scope_access(s))
+                .collect::<CliResult<Vec<_>>>()?;
+            let duration = match duration.as_str() {
+                "once" | "one-time" => Duration::OneTime,
+                "persistent" => Duration::Persistent,
+                days => Duration::TimeBound {
+                    seconds: days.parse::<u64>().map_err(|_| {
+                        CliError::local(
+                            format!("unknown duration {days:?}"),
+                            "use once, persistent, or a number of days",
+                        )
+                    })? * 86_400,
+                },
+            };
+            let rid = c
+                .request(
+                    customer,
+                    AccessRequest {
+                        scopes,
+                        purpose,
+                        duration,
+                        lookback_months: lookback,
+                        counterparty: Counterparty::OnlyRequester,
+                    },
+                    t,
+                )
+                .await?;
+            out.line(format!(
+                "request {} sent to {}; the customer answers with `cmr customer approve`",
+                rid.to_hex(),
+                customer.to_hex()
+            ));
+            out.value(&json!({"request": rid.to_hex()}));
+        }
+        CompanyCmd::Status => {
+            let mut customers: Vec<IdentityId> = c.requests.values().copied().collect();
+            customers.extend(c.grants.values().map(|g| g.customer));
+            customers.sort();
+            customers.dedup();
+            for cust in customers {
+                c.sync(cust).await?;
+            }
+            let mut rows = Vec::new();
+            let mut reqs: Vec<(StatementId, IdentityId)> =
+                c.requests.iter().map(|(r, cu)| (*r, *cu)).collect();
+            reqs.sort();
+            for (rid, cust) in reqs {
+                let status = match c.status(&rid) {
+                    RequestStatus::Pending => "pending".to_string(),
+                    RequestStatus::Granted(g) => format!("granted: grant {}", g.to_hex()),
+                    RequestStatus::Denied(r) => format!("denied: {r}"),
+                };
+                out.line(format!(
+                    "request {} to {}: {status}",
+                    short(&rid.to_hex()),
+                    short(&cust.to_hex())
+                ));
+                rows.push(
+                    json!({"request": rid.to_hex(), "customer": cust.to_hex(), "status": status}),
+                );
+            }
+            let mut grants = Vec::new();
+            for g in c.grants.values() {
+                let Some(b) = g.grant() else { continue };
+                let scopes: Vec<String> = b
+                    .scopes
+                    .iter()
+                    .map(|(s, a)| format!("{}:{}", s.name(), access_name(*a)))
+                    .collect();
+                let state = if g.revoked { "revoked" } else { "active" };
+                out.line(format!(
+                    "grant {} from {}: {state}, {}, history from {}",
+                    g.id.to_hex(),
+                    short(&g.customer.to_hex()),
+                    scopes.join(","),
+                    b.lookback_start
+                ));
+                grants.push(json!({"grant": g.id.to_hex(), "customer": g.customer.to_hex(), "status": state, "scopes": scopes, "lookback_start": b.lookback_start.to_string()}));
+            }
+            out.value(&json!({"requests": rows, "grants": grants}));
+        }
+        CompanyCmd::Read {
+            grant,
+            scope,
+            from,
+            to,
+        } => {
+            let gid = StatementId(parse_id(&grant, "grant")?);
+            let scope = Scope::from_name(&scope)
+                .ok_or_else(|| CliError::local(format!("unknown scope {scope:?}"), "see --help"))?;
+            let held = c.grants.get(&gid).ok_or_else(|| {
+                CliError::local("no such grant held", "run `cmr company status` first")
+            })?;
+            let g = held
+                .grant()
+                .ok_or_else(|| CliError::local("not a grant", "check the id"))?;
+            let family = g
+                .families
+                .iter()
+                .find(|f| f.scope == scope)
+                .map(|f| f.family)
+                .ok_or_else(|| {
+                    CliError::local(
+                        format!("the grant does not cover {}", scope.name()),
+                        "see `cmr company status`",
+                    )
+                })?;
+            let (from, to) = if scope.is_periodic() {
+                (
+                    from.as_deref()
+                        .map(parse_month)
+                        .transpose()?
+                        .unwrap_or(g.lookback_start),
+                    to.as_deref()
+                        .map(parse_month)
+                        .transpose()?
+                        .unwrap_or(this_month()?),
+                )
+            } else {
+                (Period::ORIGIN, Period::ORIGIN)
+            };
+            let (_, records) = c.read(gid, family, from, to).await?;
+            for r in &records {
+                out.line(format!(
+                    "{}  {}",
+                    r.period,
+                    String::from_utf8_lossy(&r.content)
+                ));
+            }
+            out.line(format!(
+                "{} records; the read was logged, proven complete and decrypted here",
+                records.len()
+            ));
+            out.value(&json!({"records": records.iter().map(|r| json!({"month": r.period.to_string(), "text": String::from_utf8_lossy(&r.content), "record": r.id.to_hex(), "author": r.author.to_hex()})).collect::<Vec<_>>()}));
+        }
+        CompanyCmd::Append { grant, month, text } => {
+            let gid = StatementId(parse_id(&grant, "grant")?);
+            let held = c.grants.get(&gid).ok_or_else(|| {
+                CliError::local("no such grant held", "run `cmr company status` first")
+            })?;
+            let g = held
+                .grant()
+                .ok_or_else(|| CliError::local("not a grant", "check the id"))?;
+            let family = g.append_family.ok_or_else(|| {
+                CliError::local(
+                    "the grant does not allow appends",
+                    "ask for an append scope",
+                )
+            })?;
+            let scope = g
+                .families
+                .iter()
+                .find(|f| f.family == family)
+                .map(|f| f.scope)
+                .ok_or_else(|| {
+                    CliError::local("the append family is not in the grant", "report this")
+                })?;
+            let period = if scope.is_periodic() {
+                month
+                    .as_deref()
+                    .map(parse_month)
+                    .transpose()?
+                    .unwrap_or(this_month()?)
+            } else {
+                Period::ORIGIN
+            };
+            // The append extends the family's current head, which a read under the grant proves.
+            let (head, _) = c.read(gid, family, period, period).await?;
+            let acked = c.append(gid, &head, period, &[text.as_bytes()]).await?;
+            out.line(format!(
+                "appended to {} (log index {}, durable)",
+                scope.name(),
+                acked.index
+            ));
+            out.value(&json!({"index": acked.index}));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,867 @@
+//! `cmr customer`: a customer's vault from the command line.
+
+use std::path::PathBuf;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::Subcommand;
+use cmr_client::customer::{Approval, Customer};
+use cmr_client::state::CustomerState;
+use cmr_client::wellknown::{self, Mode};
+use cmr_core::consent::{Access, Body, StatementId};
+use cmr_core::family::{FamilyName, Period, PseudonymKey, Scope};
+use cmr_core::hash::Digest;
+use cmr_core::identity::{IdentityId, Role};
+use cmr_core::vault::VaultKey;
+use cmr_core::wrap::WrappedKey;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::error::{CliError, CliResult};
+use crate::home::{self, Home, Saved};
+use crate::out::{Out, now, short};
+
+/// The customer's part of the state file.
+#[derive(Serialize, Deserialize)]
+pub struct CustomerRole {
+    /// The vault key wrapped to this device (HPKE), base64.
+    pub vault_key: String,
+    /// The SDK's state (secrets sealed under the vault key).
+    pub sdk: CustomerState,
+    /// Companies whose domain proof the customer checked: (identity hex, domain, name).
+    pub companies: Vec<(String, String, String)>,
+}
+
+/// The customer's commands.
+#[derive(Subcommand)]
+pub enum CustomerCmd {
+    /// Create the identity, the first device and the vault key, sealed with a passphrase.
+    ///
+    /// The recovery phrase is shown once: write it down and keep it offline. Nothing is sent yet; run
+    /// `cmr customer register` next.
+    #[command(
+        after_help = "Example:\n  cmr customer init --server http://127.0.0.1:8080 --log-vkey \"$(cat cmr-log.pub)\""
+    )]
+    Init {
+        /// The vault server.
+        #[arg(long, env = "CMR_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// The server's log verifier key, which every answer is checked against (from `cmr serve`).
+        #[arg(long, env = "CMR_LOG_VKEY")]
+        log_vkey: String,
+    },
+    /// Register the identity and the device, and publish the key directory with the profile sections.
+    Register,
+    /// The profile: identity, contact, address, preferences.
+    Profile {
+        #[command(subcommand)]
+        cmd: ProfileCmd,
+    },
+    /// Transactions with one company.
+    Tx {
+        #[command(subcommand)]
+        cmd: TxCmd,
+    },
+    /// The access requests not answered yet: who asks, what, why, for how long, with which look-back.
+    Requests,
+    /// Approve a request, as asked or narrowed, after checking the company's domain.
+    #[command(
+        after_help = "Examples:\n  cmr customer approve 3f2a… --domain bank.example\n  cmr customer approve 3f2a… --domain bank.example --lookback 3 --only transactions:read"
+    )]
+    Approve {
+        /// The request's id (from `cmr customer requests`).
+        request: String,
+        /// The company's domain: its key document at https://DOMAIN/.well-known/cmr-vault must name it.
+        #[arg(long)]
+        domain: String,
+        /// Narrow the look-back to this many months.
+        #[arg(long)]
+        lookback: Option<u32>,
+        /// Grant only these scopes, as SCOPE:ACCESS (read, append, read+append); repeatable.
+        #[arg(long = "only")]
+        only: Vec<String>,
+        /// Fetch the key document over plain http (tests only; proves nothing about a real domain).
+        #[arg(long)]
+        insecure_http_for_tests: bool,
+    },
+    /// Deny a request.
+    Deny {
+        /// The request's id.
+        request: String,
+        /// Why, in words (the company sees it).
+        #[arg(long, default_value = "declined")]
+        reason: String,
+    },
+    /// The grants issued, and whether each is active.
+    Grants,
+    /// Revoke a grant, then rotate the families it could read (one new key seal per remaining grantee).
+    Revoke {
+        /// The grant's id.
+        grant: String,
+        /// Why, in words.
+        #[arg(long, default_value = "revoked by the customer")]
+        reason: String,
+    },
+    /// Block a company (its requests are refused), or unblock it.
+    Block {
+        /// The company's identity.
+        company: String,
+        /// Unblock instead.
+        #[arg(long)]
+        unblock: bool,
+    },
+    /// Who read or wrote what, when, and under which grant: the verified chain of the vault's entries.
+    History,
+    /// A consent receipt (Kantara style) for a grant.
+    Receipt {
+        /// The grant's id.
+        grant: String,
+    },
+    /// Dispute (reject) an inferred attribute a company appended.
+    Dispute {
+        /// The company that inferred it.
+        #[arg(long)]
+        company: String,
+        /// The record's id (from `cmr customer profile show`).
+        record: String,
+    },
+}
+
+/// Profile commands.
+#[derive(Subcommand)]
+pub enum ProfileCmd {
+    /// Set a section: identity, contact, address or preferences.
+    Set {
+        /// The section.
+        section: String,
+        /// The text.
+        text: String,
+    },
+    /// Show every section, and the attributes companies inferred.
+    Show,
+}
+
+/// Transaction commands.
+#[derive(Subcommand)]
+pub enum TxCmd {
+    /// Add a transaction.
+    Add {
+        /// The counterparty company.
+        #[arg(long)]
+        company: String,
+        /// The month, YYYY-MM (default: this month).
+        #[arg(long)]
+        month: Option<String>,
+        /// The transaction, in words.
+        text: String,
+    },
+    /// Import transactions from CSV (month,text) or JSON ([{"month": "YYYY-MM", "text": "..."}]).
+    Import {
+        /// The counterparty company.
+        #[arg(long)]
+        company: String,
+        /// The file.
+        file: PathBuf,
+    },
+    /// List transactions.
+    List {
+        /// The counterparty company.
+        #[arg(long)]
+        company: String,
+        /// From this month (default: 2000-01).
+        #[arg(long)]
+        from: Option<String>,
+        /// To this month (default: this month).
+        #[arg(long)]
+        to: Option<String>,
+    },
+}
+
+fn parse_id(s: &str, what: &str) -> CliResult<[u8; 32]> {
+    Digest::from_hex(s.trim()).map(|d| d.0).ok_or_else(|| {
+        CliError::local(
+            format!("{what} {s:?} is not 64 hex digits"),
+            "copy the id from the list",
+        )
+    })
+}
+
+pub(crate) fn parse_month(s: &str) -> CliResult<Period> {
+    Period::parse(s).ok_or_else(|| {
+        CliError::local(
+            format!("{s:?} is not a month"),
+            "write YYYY-MM, from 2000-01",
+        )
+    })
+}
+
+pub(crate) fn this_month() -> CliResult<Period> {
+    Period::from_unix(now() as i64)
+        .ok_or_else(|| CliError::local("the clock is before 2000", "set the clock"))
+}
+
+pub(crate) fn parse_scope_access(s: &str) -> CliResult<(Scope, Access)> {
+    let (scope, access) = s.split_once(':').unwrap_or((s, "read"));
+    let scope = Scope::from_name(scope).ok_or_else(|| {
+        CliError::local(
+            format!("unknown scope {scope:?}"),
+            "scopes: profile.identity, profile.contact, profile.address, profile.preferences, profile.inferred, transactions",
+        )
+    })?;
+    let access = match access {
+        "read" => Access::Read,
+        "append" => Access::Append,
+        "read+append" => Access::ReadAppend,
+        other => {
+            return Err(CliError::local(
+                format!("unknown access {other:?}"),
+                "use read, append or read+append",
+            ));
+        }
+    };
+    Ok((scope, access))
+}
+
+fn section(s: &str) -> CliResult<Scope> {
+    let scope = Scope::from_name(&format!("profile.{s}")).or_else(|| Scope::from_name(s));
+    match scope {
+        Some(sc) if FamilyName::profile(sc).is_some() => Ok(sc),
+        _ => Err(CliError::local(
+            format!("unknown profile section {s:?}"),
+            "sections: identity, contact, address, preferences",
+        )),
+    }
+}
+
+const SECTIONS: [Scope; 4] = [
+    Scope::ProfileIdentity,
+    Scope::ProfileContact,
+    Scope::ProfileAddress,
+    Scope::ProfilePreferences,
+];
+
+/// A loaded customer, saved back when dropped through [`Loaded::save`].
+struct Loaded {
+    customer: Customer,
+    vault: VaultKey,
+    saved: Saved<CustomerRole>,
+}
+
+impl Loaded {
+    fn open(home: &Home) -> CliResult<Self> {
+        let (session, saved) = home::open_session::<CustomerRole>(home, Role::Customer)?;
+        let wrapped = B64
+            .decode(&saved.role.vault_key)
+            .ok()
+            .and_then(|b| WrappedKey::from_slice(&b).ok())
+            .ok_or_else(|| {
+                CliError::local(
+                    "the wrapped vault key is damaged",
+                    "restore the state file from a backup",
+                )
+            })?;
+        let vault =
+            VaultKey::unwrap_as_device(session.keys.identity, &session.keys.device, &wrapped)
+                .map_err(|_| {
+                    CliError::local(
+                        "the vault key does not open with this device",
+                        "check --home",
+                    )
+                })?;
+        let customer = saved.role.sdk.restore(session, &vault)?;
+        Ok(Self {
+            customer,
+            vault,
+            saved,
+        })
+    }
+
+    fn save(mut self, home: &Home) -> CliResult {
+        self.saved.role.sdk = CustomerState::save(&self.customer, &self.vault);
+        self.saved.session = self.saved.role.sdk.session.clone();
+        home.write_state(Role::Customer, &self.saved)
+    }
+}
+
+/// Runs a customer command.
+pub async fn run(home: &Home, out: Out, cmd: CustomerCmd) -> CliResult {
+    if let CustomerCmd::Init { server, log_vkey } = cmd {
+        return init(home, out, &server, &log_vkey);
+    }
+    let mut l = Loaded::open(home)?;
+    let result = step(&mut l, out, cmd).await;
+    // Whatever happened, what was verified so far is kept.
+    l.save(home)?;
+    result
+}
+
+fn init(home: &Home, out: Out, server: &str, log_vkey: &str) -> CliResult {
+    let (keys, inception, recovery) = cmr_client::session::Session::create(Role::Customer);
+    let id = keys.identity;
+    let identity_key = keys
+        .identity_key
+        .as_ref()
+        .ok_or_else(|| CliError::local("no identity key", "report this"))?;
+    let cert = keys.device.certify(id, 0, identity_key, now());
+    let vault = VaultKey::generate(&mut rand::rng());
+    let wrapped = vault.wrap_to_device(&mut rand::rng(), cert.body());
+    let passphrase = home::passphrase(true)?;
+    home.write_key(Role::Customer, &keys, &passphrase)?;
+    let session = home::new_session(server, log_vkey, keys)?;
+    let customer = Customer::new(session, PseudonymKey::generate(&mut rand::rng()));
+    let sdk = CustomerState::save(&customer, &vault);
+    let saved = Saved {
+        server: server.to_string(),
+        log_vkey: log_vkey.to_string(),
+        inception: Some(B64.encode(inception.encode())),
+        registered: false,
+        session: sdk.session.clone(),
+        role: CustomerRole {
+            vault_key: B64.encode(wrapped.to_bytes()),
+            sdk,
+            companies: vec![],
+        },
+    };
+    home.write_state(Role::Customer, &saved)?;
+    let phrase = recovery.to_phrase();
+    out.line(format!(
+        "customer identity {} created, with one device and a vault key",
+        id.to_hex()
+    ));
+    out.line("RECOVERY PHRASE (shown once; write it down, keep it offline; it is the only way back if every device is lost):");
+    out.line(format!("  {}", phrase.as_str()));
+    out.line("next: cmr customer register");
+    out.value(&json!({"identity": id.to_hex(), "recovery_phrase": phrase.as_str()}));
+    Ok(())
+}
+
+async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
+    let t = now();
+    let c = &mut l.customer;
+    match cmd {
+        CustomerCmd::Init { .. } => {
+            return Err(CliError::local("init runs on its own", "report this"));
+        }
+        CustomerCmd::Register => {
+            if !l.saved.registered {
+                let inception = l
+                    .saved
+                    .inception
+                    .as_deref()
+                    .and_then(|s| B64.decode(s).ok())
+                    .ok_or_else(|| {
+                        CliError::local(
+                            "the inception is missing from the state",
+                            "run `cmr customer init` again in a new --home",
+                        )
+                    })?;
+                c.session.register_identity(&inception, t).await?;
+                l.saved.registered = true;
+            }
+            let names: Vec<FamilyName> = SECTIONS
+                .iter()
+                .filter_map(|s| FamilyName::profile(*s))
+                .collect();
+            c.declare(&names, t).await?;
+            out.line(format!(
+                "registered customer {} with the server; key directory published",
+                c.id().to_hex()
+            ));
+            out.value(&json!({"identity": c.id().to_hex(), "registered": true}));
+        }
+        CustomerCmd::Profile {
+            cmd: ProfileCmd::Set { section: s, text },
+        } => {
+            let scope = section(&s)?;
+            let name = FamilyName::profile(scope)
+                .ok_or_else(|| CliError::local("not a section", "see --help"))?;
+            let fid = c.family_id(&name);
+            c.declare(&[name], t).await?;
+            let acked = c.write(fid, Period::ORIGIN, &[text.as_bytes()]).await?;
+            out.line(format!(
+                "{} set (log index {}, durable)",
+                scope.name(),
+                acked.index
+            ));
+            out.value(&json!({"section": scope.name(), "index": acked.index}));
+        }
+        CustomerCmd::Profile {
+            cmd: ProfileCmd::Show,
+        } => {
+            let mut all = Vec::new();
+            let mut names: Vec<FamilyName> = SECTIONS
+                .iter()
+                .filter_map(|s| FamilyName::profile(*s))
+                .collect();
+            names.extend(
+                c.families
+                    .values()
+                    .filter(|f| f.name.scope() == Scope::ProfileInferred)
+                    .map(|f| f.name),
+            );
+            for name in names {
+                let fid = c.family_id(&name);
+                if !c.families.contains_key(&fid) {
+                    continue;
+                }
+                let records = c.read(fid, Period::ORIGIN, Period::ORIGIN).await?;
+                for r in records {
+                    let text = String::from_utf8_lossy(&r.content).into_owned();
+                    let by = if r.author == c.id() {
+                        "you".to_string()
+                    } else {
+                        short(&r.author.to_hex())
+                    };
+                    out.line(format!(
+                        "{:<22} {text}   (record {}, by {by})",
+                        name.scope().name(),
+                        r.id.to_hex()
+                    ));
+                    all.push(json!({"scope": name.scope().name(), "text": text, "record": r.id.to_hex(), "author": r.author.to_hex()}));
+                }
+            }
+            out.value(&json!({"profile": all}));
+        }
+        CustomerCmd::Tx {
+            cmd:
+                TxCmd::Add {
+                    company,
+                    month,
+                    text,
+                },
+        } => {
+            let company = IdentityId(parse_id(&company, "company")?);
+            let month = month
+                .as_deref()
+                .map(parse_month)
+                .transpose()?
+                .unwrap_or(this_month()?);
+            let name = c.transactions_with(&company);
+            c.declare(&[name], t).await?;
+            let acked = c
+                .write(c.family_id(&name), month, &[text.as_bytes()])
+                .await?;
+            out.line(format!(
+                "transaction added to {month} (log index {}, durable)",
+                acked.index
+            ));
+            out.value(&json!({"month": month.to_string(), "index": acked.index}));
+        }
+        CustomerCmd::Tx {
+            cmd: TxCmd::Import { company, file },
+        } => {
+            let company = IdentityId(parse_id(&company, "company")?);
+            let rows = read_import(&file)?;
+            let name = c.transactions_with(&company);
+            c.declare(&[name], t).await?;
+            let fid = c.family_id(&name);
+            let mut by_month: std::collections::BTreeMap<Period, Vec<String>> = Default::default();
+            for (m, text) in rows {
+                by_month.entry(m).or_default().push(text);
+            }
+            let total: usize = by_month.values().map(Vec::len).sum();
+            let bar = indicatif::ProgressBar::new(total as u64);
+            if out.json {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} transactions ({eta} left)",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            for (month, texts) in by_month {
+                for chunk in texts.chunks(500) {
+                    let refs: Vec<&[u8]> = chunk.iter().map(|s| s.as_bytes()).collect();
+                    c.write(fid, month, &refs).await?;
+                    bar.inc(chunk.len() as u64);
+                }
+            }
+            bar.finish_and_clear();
+            out.line(format!(
+                "{total} transactions imported, each batch durable and logged"
+            ));
+            out.value(&json!({"imported": total}));
+        }
+        CustomerCmd::Tx {
+            cmd: TxCmd::List { company, from, to },
+        } => {
+            let company = IdentityId(parse_id(&company, "company")?);
+            let from = from
+                .as_deref()
+                .map(parse_month)
+                .transpose()?
+                .unwrap_or(Period::ORIGIN);
+            let to = to
+                .as_deref()
+                .map(parse_month)
+                .transpose()?
+                .unwrap_or(this_month()?);
+            let fid = c.family_id(&c.transactions_with(&company));
+            let records = if c.families.contains_key(&fid) {
+                c.read(fid, from, to).await?
+            } else {
+                vec![]
+            };
+            for r in &records {
+                out.line(format!(
+                    "{}  {}",
+                    r.period,
+                    String::from_utf8_lossy(&r.content)
+                ));
+            }
+            out.line(format!("{} transactions, proven complete", records.len()));
+            out.value(&json!({"transactions": records.iter().map(|r| json!({"month": r.period.to_string(), "text": String::from_utf8_lossy(&r.content), "record": r.id.to_hex()})).collect::<Vec<_>>()}));
+        }
+        CustomerCmd::Requests => {
+            let pending = c.pending().await?;
+            let mut list = Vec::new();
+            for p in &pending {
+                let st = p.statement.statement();
+                let Some(r) = p.request() else { continue };
+                let scopes: Vec<String> = r
+                    .scopes
+                    .iter()
+                    .map(|(s, a)| format!("{}:{}", s.name(), access_name(*a)))
+                    .collect();
+                out.line(format!("request {}", p.statement.id().to_hex()));
+                out.line(format!(
+                    "  from     company {} (fingerprint {})",
+                    st.author.to_hex(),
+                    wellknown::fingerprint(&st.author)
+                ));
+                out.line(format!("  asks     {}", scopes.join(", ")));
+                out.line(format!("  why      {}", r.purpose));
+                out.line(format!("  for      {}", duration(r.duration)));
+                out.line(format!("  history  the last {} months", r.lookback_months));
+                list.push(json!({"id": p.statement.id().to_hex(), "company": st.author.to_hex(), "scopes": scopes, "purpose": r.purpose, "duration": duration(r.duration), "lookback_months": r.lookback_months}));
+            }
+            if pending.is_empty() {
+                out.line("no requests waiting");
+            }
+            out.value(&json!({"pending": list}));
+        }
+        CustomerCmd::Approve {
+            request,
+            domain,
+            lookback,
+            only,
+            insecure_http_for_tests,
+        } => {
+            let rid = StatementId(parse_id(&request, "request")?);
+            let pending = c.pending().await?;
+            let p = pending
+                .iter()
+                .find(|p| p.statement.id() == rid)
+                .ok_or_else(|| {
+                    CliError::local(
+                        "no such request waiting",
+                        "list them with `cmr customer requests`",
+                    )
+                })?;
+            let r = p
+                .request()
+                .cloned()
+                .ok_or_else(|| CliError::local("not a request", "check the id"))?;
+            let company = p.statement.statement().author;
+            let mode = if insecure_http_for_tests {
+                Mode::InsecureTestHttp
+            } else {
+                Mode::Tls
+            };
+            let proof = wellknown::fetch(&domain, mode).await?;
+            if insecure_http_for_tests {
+                out.line("warning: the key document was fetched over plain http (test mode); it proves nothing about a real domain");
+            }
+            out.line(format!(
+                "verified: {} vouches for {:?}, identity fingerprint {}",
+                proof.domain,
+                proof.name,
+                proof.fingerprint()
+            ));
+            let scopes: Vec<(Scope, Access)> = if only.is_empty() {
+                r.scopes.clone()
+            } else {
+                only.iter()
+                    .map(|s| parse_scope_access(s))
+                    .collect::<CliResult<_>>()?
+            };
+            let mut families = Vec::new();
+            let mut append_family = None;
+            for (scope, access) in &scopes {
+                let name = match scope {
+                    Scope::Transactions => c.transactions_with(&company),
+                    Scope::ProfileInferred => c.inferred_by(&company),
+                    s => FamilyName::profile(*s)
+                        .ok_or_else(|| CliError::local("not a section", "see --help"))?,
+                };
+                if access.appends() {
+                    append_family = Some(name);
+                }
+                families.push(name);
+            }
+            c.declare(&families, t).await?;
+            let approval = Approval {
+                scopes: scopes.clone(),
+                lookback_months: lookback.unwrap_or(r.lookback_months),
+                families,
+                append_family,
+            };
+            let gid = c.approve(p, &proof, &approval, t).await?;
+            l.saved
+                .role
+                .companies
+                .retain(|(i, _, _)| *i != company.to_hex());
+            l.saved.role.companies.push((
+                company.to_hex(),
+                proof.domain.clone(),
+                proof.name.clone(),
+            ));
+            out.line(format!(
+                "granted {} to {} ({}) for {:?}, look-back {} months: grant {}",
+                scopes
+                    .iter()
+                    .map(|(s, a)| format!("{}:{}", s.name(), access_name(*a)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                proof.name,
+                proof.domain,
+                r.purpose,
+                approval.lookback_months,
+                gid.to_hex()
+            ));
+            out.value(&json!({"grant": gid.to_hex(), "company": company.to_hex(), "domain": proof.domain}));
+        }
+        CustomerCmd::Deny { request, reason } => {
+            let rid = StatementId(parse_id(&request, "request")?);
+            let pending = c.pending().await?;
+            let p = pending
+                .iter()
+                .find(|p| p.statement.id() == rid)
+                .ok_or_else(|| {
+                    CliError::local(
+                        "no such request waiting",
+                        "list them with `cmr customer requests`",
+                    )
+                })?;
+            let acked = c.deny(p, &reason, t).await?;
+            out.line(format!("request denied (log index {})", acked.index));
+            out.value(&json!({"denied": request, "index": acked.index}));
+        }
+        CustomerCmd::Grants => {
+            let mut list: Vec<_> = c.grants.values().collect();
+            list.sort_by_key(|g| g.index);
+            let mut rows = Vec::new();
+            for g in list {
+                let Some(b) = g.grant() else { continue };
+                let status = if g.revoked { "revoked" } else { "active" };
+                let scopes: Vec<String> = b
+                    .scopes
+                    .iter()
+                    .map(|(s, a)| format!("{}:{}", s.name(), access_name(*a)))
+                    .collect();
+                out.line(format!(
+                    "{}  {status:<8} {}  {}  since {}",
+                    g.statement.id().to_hex(),
+                    short(&b.grantee.to_hex()),
+                    scopes.join(","),
+                    b.lookback_start
+                ));
+                rows.push(json!({"grant": g.statement.id().to_hex(), "company": b.grantee.to_hex(), "status": status, "scopes": scopes, "index": g.index}));
+            }
+            out.value(&json!({"grants": rows}));
+        }
+        CustomerCmd::Revoke { grant, reason } => {
+            let gid = StatementId(parse_id(&grant, "grant")?);
+            let (rev, rotations) = c.revoke(gid, &reason, t).await?;
+            out.line(format!(
+                "grant revoked at log index {}; {} famil{} rotated to a fresh epoch",
+                rev.index,
+                rotations.len(),
+                if rotations.len() == 1 { "y" } else { "ies" }
+            ));
+            out.value(&json!({"revoked": grant, "index": rev.index, "rotations": rotations.iter().map(|a| a.index).collect::<Vec<_>>()}));
+        }
+        CustomerCmd::Block { company, unblock } => {
+            let company = IdentityId(parse_id(&company, "company")?);
+            let acked = c.block(company, !unblock, t).await?;
+            out.line(format!(
+                "company {} {} (log index {})",
+                company.to_hex(),
+                if unblock { "unblocked" } else { "blocked" },
+                acked.index
+            ));
+            out.value(
+                &json!({"company": company.to_hex(), "blocked": !unblock, "index": acked.index}),
+            );
+        }
+        CustomerCmd::History => {
+            let chain = c.history().await?;
+            let mut rows = Vec::new();
+            for e in &chain {
+                let what = describe(&e.body);
+                out.line(format!(
+                    "{:>6}  {}  {what}",
+                    e.index,
+                    crate::out::time(e.body.time)
+                ));
+                rows.push(json!({"index": e.index, "time": e.body.time, "kind": e.body.kind.name(), "what": what}));
+            }
+            out.line(format!("{} entries; each included in the checkpoint and linked to the one before; none missing", chain.len()));
+            out.value(&json!({"history": rows}));
+        }
+        CustomerCmd::Receipt { grant } => {
+            let gid = StatementId(parse_id(&grant, "grant")?);
+            let g = c.grants.get(&gid).ok_or_else(|| {
+                CliError::local("no such grant", "list them with `cmr customer grants`")
+            })?;
+            let grantee = g
+                .grant()
+                .map(|b| b.grantee)
+                .ok_or_else(|| CliError::local("not a grant", "check the id"))?;
+            let (domain, name) = l
+                .saved
+                .role
+                .companies
+                .iter()
+                .find(|(i, _, _)| *i == grantee.to_hex())
+                .map(|(_, d, n)| (d.clone(), n.clone()))
+                .unwrap_or_default();
+            let info = cmr_core::receipt::CompanyInfo { name, domain };
+            let receipt = cmr_core::receipt::ConsentReceipt::for_grant(
+                &g.statement,
+                g.index,
+                g.time,
+                &info,
+                grantee,
+            )
+            .ok_or_else(|| CliError::local("not a grant", "check the id"))?;
+            if out.json {
+                println!("{}", receipt.to_json());
+            } else {
+                println!("{}", receipt.to_text());
+            }
+        }
+        CustomerCmd::Dispute { company, record } => {
+            let company = IdentityId(parse_id(&company, "company")?);
+            let bytes = hex::decode(record.trim())
+                .ok()
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .ok_or_else(|| {
+                    CliError::local(
+                        "a record id is 32 hex digits",
+                        "copy it from `cmr customer profile show`",
+                    )
+                })?;
+            let fid = c.family_id(&c.inferred_by(&company));
+            let acked = c.dispute(fid, cmr_core::record::RecordId(bytes), t).await?;
+            out.line(format!("attribute disputed (log index {})", acked.index));
+            out.value(&json!({"disputed": record, "index": acked.index}));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn access_name(a: Access) -> &'static str {
+    match a {
+        Access::Read => "read",
+        Access::Append => "append",
+        Access::ReadAppend => "read+append",
+    }
+}
+
+pub(crate) fn duration(d: cmr_core::consent::Duration) -> String {
+    match d {
+        cmr_core::consent::Duration::OneTime => "one read".into(),
+        cmr_core::consent::Duration::Persistent => "until revoked".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn describe(body: &cmr_log::entry::EntryBody) -> String {
+    use cmr_log::entry::{AccessRecord, EntryKind};
+    match body.kind {
+        EntryKind::Access => match AccessRecord::decode(&body.payload) {
+            Ok(a) => {
+                let fams: Vec<String> = a
+                    .families
+                    .iter()
+                    .map(|f| format!("{}…{}..{}", &f.family.to_hex()[..8], f.from, f.to))
+                    .collect();
+                format!(
+                    "{:?} by company {} under grant {}: {}",
+                    a.kind,
+                    short(&body.subject.to_hex()),
+                    short(&a.grant.to_hex()),
+                    fams.join(", ")
+                )
+            }
+            Err(_) => "access (undecodable)".into(),
+        },
+        EntryKind::Statement => match cmr_core::consent::SignedStatement::decode(&body.payload) {
+            Ok(st) => {
+                let who = if st.statement().author == st.statement().customer {
+                    "you".to_string()
+                } else {
+                    format!("company {}", short(&st.statement().author.to_hex()))
+                };
+                let extra = match &st.statement().body {
+                    Body::Grant(g) => format!(" to {}", short(&g.grantee.to_hex())),
+                    Body::Revocation(r) => format!(" of {}", short(&r.grant.to_hex())),
+                    _ => String::new(),
+                };
+                format!("{}{extra} by {who}", st.statement().body.name())
+            }
+            Err(_) => "statement (undecodable)".into(),
+        },
+        EntryKind::FamilyHead => {
+            let who = short(&body.subject.to_hex());
+            format!("records written by {who}")
+        }
+        k => k.name().to_string(),
+    }
+}
+
+fn read_import(file: &std::path::Path) -> CliResult<Vec<(Period, String)>> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| CliError::local(format!("{}: {e}", file.display()), "check the path"))?;
+    let bad = |line: usize, why: &str| {
+        CliError::local(
+            format!("{}:{line}: {why}", file.display()),
+            "CSV lines are month,text (YYYY-MM,...); JSON is [{\"month\": \"YYYY-MM\", \"text\": \"...\"}]",
+        )
+    };
+    if text.trim_start().starts_with('[') {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Row {
+            month: String,
+            text: String,
+        }
+        let rows: Vec<Row> =
+            serde_json::from_str(&text).map_err(|e| bad(e.line(), &e.to_string()))?;
+        return rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                Ok((
+                    Period::parse(&r.month).ok_or_else(|| bad(i + 1, "not a month"))?,
+                    r.text,
+                ))
+            })
+            .collect();
+    }
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || (i == 0 && line.to_ascii_lowercase().starts_with("month,")) {
+            continue;
+        }
+        let (m, t) = line.split_once(',').ok_or_else(|| bad(i + 1, "no comma"))?;
+        let t = t.trim().trim_matches('"');
+        out.push((
+            Period::parse(m.trim()).ok_or_else(|| bad(i + 1, "not a month"))?,
+            t.to_string(),
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,290 @@
+//! The per-user configuration folder: one sub-folder per role, each with a passphrase-sealed key file and
+//! a state file. Folders are created with mode 0700 and files with mode 0600; a key file or state file
+//! that others can read is refused.
+
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use cmr_client::session::{Keys, Session};
+use cmr_client::{Connection, state::SessionState};
+use cmr_core::identity::{DeviceKeys, Role};
+use cmr_core::keyfile::{self, KdfParams, KeyFileContents};
+use cmr_core::keys::SigningKey;
+use cmr_log::note::NoteVerifier;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::error::{CliError, CliResult};
+
+/// The passphrase's environment variable (for scripts; people get a prompt).
+pub const PASSPHRASE_ENV: &str = "CMR_PASSPHRASE";
+
+/// Where a user's files are.
+pub struct Home {
+    root: PathBuf,
+}
+
+/// What every role's state file holds, plus the role's own part.
+#[derive(Serialize, Deserialize)]
+pub struct Saved<T> {
+    /// The server, `scheme://host:port`.
+    pub server: String,
+    /// The pinned log verifier key.
+    pub log_vkey: String,
+    /// The signed inception, base64, kept until registration succeeds.
+    pub inception: Option<String>,
+    /// Whether the identity is registered.
+    pub registered: bool,
+    /// The session's state.
+    pub session: SessionState,
+    /// The role's own state.
+    pub role: T,
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Customer => "customer",
+        Role::Company => "company",
+        Role::Auditor => "auditor",
+    }
+}
+
+impl Home {
+    /// `--home` (or `$CMR_HOME`), else `$XDG_CONFIG_HOME/cmr`, else `$HOME/.config/cmr`.
+    pub fn locate(flag: Option<PathBuf>) -> CliResult<Self> {
+        let root = flag
+            .or_else(|| std::env::var_os("XDG_CONFIG_HOME").map(|x| PathBuf::from(x).join("cmr")))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/cmr")))
+            .ok_or_else(|| CliError::local("no configuration folder", "set --home or CMR_HOME"))?;
+        Ok(Self { root })
+    }
+
+    fn dir(&self, role: Role) -> PathBuf {
+        self.root.join(role_name(role))
+    }
+
+    fn key_path(&self, role: Role) -> PathBuf {
+        self.dir(role).join("identity.key")
+    }
+
+    fn state_path(&self, role: Role) -> PathBuf {
+        self.dir(role).join("state.json")
+    }
+
+    /// Whether a `role` identity exists here.
+    pub fn exists(&self, role: Role) -> bool {
+        self.key_path(role).exists()
+    }
+
+    /// Creates the folders with mode 0700 (and refuses existing ones that others can enter).
+    fn ensure(&self, role: Role) -> CliResult {
+        for d in [&self.root, &self.dir(role)] {
+            if !d.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(d)
+                    .map_err(|e| io_err(d, &e))?;
+            }
+            check_private(d, true)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a new identity's key file, sealed with `passphrase`.
+    pub fn write_key(&self, role: Role, keys: &Keys, passphrase: &str) -> CliResult {
+        self.ensure(role)?;
+        let path = self.key_path(role);
+        if path.exists() {
+            return Err(CliError::local(
+                format!(
+                    "a {} identity already exists in {}",
+                    role_name(role),
+                    self.dir(role).display()
+                ),
+                "use it, or choose another folder with --home",
+            ));
+        }
+        let copy = |k: &SigningKey| SigningKey::from_seed(&k.seed());
+        let contents = KeyFileContents {
+            role,
+            identity: keys.identity,
+            device: DeviceKeys {
+                signing: copy(&keys.device.signing),
+                kem: keys.device.kem.clone(),
+            },
+            identity_key: keys.identity_key.as_ref().map(|k| (0, copy(k))),
+        };
+        let sealed = keyfile::seal(&mut rand::rng(), &contents, passphrase, KdfParams::DEFAULT)
+            .map_err(|e| {
+                CliError::local(
+                    format!("cannot seal the key file: {e}"),
+                    "choose a non-empty passphrase",
+                )
+            })?;
+        write_private(&path, &sealed)
+    }
+
+    /// Opens the key file with `passphrase`.
+    pub fn read_key(&self, role: Role, passphrase: &str) -> CliResult<Keys> {
+        let path = self.key_path(role);
+        let bytes = read_private(&path, role)?;
+        let c = keyfile::open(&bytes, passphrase).map_err(|e| {
+            CliError::local(
+                format!("cannot open {}: {e}", path.display()),
+                "check the passphrase (CMR_PASSPHRASE, or the prompt)",
+            )
+        })?;
+        if c.role != role {
+            return Err(CliError::local(
+                format!(
+                    "{} holds a {:?} identity, not a {}",
+                    path.display(),
+                    c.role,
+                    role_name(role)
+                ),
+                "check --home",
+            ));
+        }
+        Ok(Keys {
+            identity: c.identity,
+            role,
+            device: c.device,
+            identity_key: c.identity_key.map(|(_, k)| k),
+        })
+    }
+
+    /// Writes the state file (atomically).
+    pub fn write_state<T: Serialize>(&self, role: Role, saved: &Saved<T>) -> CliResult {
+        self.ensure(role)?;
+        let json = serde_json::to_vec_pretty(saved)
+            .map_err(|e| CliError::local(e.to_string(), "report this"))?;
+        write_private(&self.state_path(role), &json)
+    }
+
+    /// Reads the state file.
+    pub fn read_state<T: for<'de> Deserialize<'de>>(&self, role: Role) -> CliResult<Saved<T>> {
+        let path = self.state_path(role);
+        let bytes = read_private(&path, role)?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            CliError::local(
+                format!("{} is damaged: {e}", path.display()),
+                "restore it from a backup",
+            )
+        })
+    }
+}
+
+/// A passphrase: from `CMR_PASSPHRASE`, else a prompt (twice when `confirm`).
+pub fn passphrase(confirm: bool) -> CliResult<Zeroizing<String>> {
+    if let Ok(p) = std::env::var(PASSPHRASE_ENV) {
+        return Ok(Zeroizing::new(p));
+    }
+    let ask = |prompt: &str| {
+        rpassword::prompt_password(prompt)
+            .map(Zeroizing::new)
+            .map_err(|_| {
+                CliError::local(
+                    "no passphrase: there is no terminal to ask on",
+                    format!("set {PASSPHRASE_ENV} for scripts"),
+                )
+            })
+    };
+    let first = ask("passphrase: ")?;
+    if confirm && *ask("passphrase again: ")? != *first {
+        return Err(CliError::local("the passphrases differ", "try again"));
+    }
+    Ok(first)
+}
+
+/// Opens a session for `role`: the key file with the passphrase, the state file, the pinned log key.
+pub fn open_session<T: for<'de> Deserialize<'de>>(
+    home: &Home,
+    role: Role,
+) -> CliResult<(Session, Saved<T>)> {
+    if !home.exists(role) {
+        return Err(CliError::local(
+            format!(
+                "no {} identity in this configuration folder",
+                role_name(role)
+            ),
+            format!("run `cmr {} init` first (or check --home)", role_name(role)),
+        ));
+    }
+    let saved: Saved<T> = home.read_state(role)?;
+    let keys = home.read_key(role, &passphrase(false)?)?;
+    let session = new_session(&saved.server, &saved.log_vkey, keys)?;
+    Ok((session, saved))
+}
+
+/// A session for `keys` against `server`, pinned to `log_vkey`.
+pub fn new_session(server: &str, log_vkey: &str, keys: Keys) -> CliResult<Session> {
+    let conn = Connection::new(server)?;
+    let pinned = NoteVerifier::from_vkey(log_vkey).map_err(|e| {
+        CliError::local(
+            format!("the log key {log_vkey:?} does not parse: {e}"),
+            "copy it from the server's output or its .pub file",
+        )
+    })?;
+    Ok(Session::new(conn, keys, pinned))
+}
+
+fn io_err(path: &Path, e: &std::io::Error) -> CliError {
+    CliError::local(
+        format!("{}: {e}", path.display()),
+        "check the folder's owner and permissions",
+    )
+}
+
+/// Refuses a file or folder that others can read (or, for a folder, enter).
+fn check_private(path: &Path, dir: bool) -> CliResult {
+    let meta = std::fs::metadata(path).map_err(|e| io_err(path, &e))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        let fix = if dir { "chmod 700" } else { "chmod 600" };
+        return Err(CliError::local(
+            format!(
+                "warning: {} can be read by other users (mode {:o}); refusing to use it",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            ),
+            format!("{fix} {}", path.display()),
+        ));
+    }
+    Ok(())
+}
+
+fn read_private(path: &Path, role: Role) -> CliResult<Vec<u8>> {
+    if !path.exists() {
+        return Err(CliError::local(
+            format!("{} is missing", path.display()),
+            format!("run `cmr {} init` first (or check --home)", role_name(role)),
+        ));
+    }
+    check_private(path, false)?;
+    if let Some(parent) = path.parent() {
+        check_private(parent, true)?;
+    }
+    std::fs::read(path).map_err(|e| io_err(path, &e))
+}
+
+/// Writes `bytes` to `path` with mode 0600: a temporary file, `fsync`, rename, then `fsync` the folder.
+fn write_private(path: &Path, bytes: &[u8]) -> CliResult {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| io_err(&tmp, &e))?;
+    f.write_all(bytes).map_err(|e| io_err(&tmp, &e))?;
+    f.sync_all().map_err(|e| io_err(&tmp, &e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err(path, &e))?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(parent, &e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! Output: lines for people, or one JSON document for scripts (`--json`).
+
+use serde_json::Value;
+
+/// Where a command's results go.
+#[derive(Clone, Copy)]
+pub struct Out {
+    /// Print JSON instead of lines.
+    pub json: bool,
+}
+
+impl Out {
+    /// A line for people (nothing in JSON mode).
+    pub fn line(&self, s: impl AsRef<str>) {
+        if !self.json {
+            println!("{}", s.as_ref());
+        }
+    }
+
+    /// The JSON result (nothing for people, who got lines).
+    pub fn value(&self, v: &Value) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        }
+    }
+}
+
+/// Now, in Unix seconds.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The first 12 hex digits of an id, for tables.
+pub fn short(hex: &str) -> String {
+    format!("{}…", &hex[..12.min(hex.len())])
+}
+
+/// A server time as `YYYY-MM-DD HH:MM:SSZ` (UTC).
+pub fn time(t: u64) -> String {
+    let days = (t / 86_400) as i64;
+    let secs = t % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_are_utc_dates() {
+        assert_eq!(super::time(0), "1970-01-01 00:00:00Z");
+        assert_eq!(super::time(951_782_400), "2000-02-29 00:00:00Z");
+        assert_eq!(super::time(1_795_835_845), "2026-11-28 03:17:25Z");
+    }
+}
