@@ -51,6 +51,8 @@ pub enum AuditCmd {
 /// Runs an audit command.
 pub async fn run(home: &Home, out: Out, cmd: AuditCmd) -> CliResult {
     if let AuditCmd::Init { server, log_vkey } = &cmd {
+        home::check_server(server, log_vkey)?;
+        home.refuse_existing(Role::Auditor)?;
         let (keys, inception, _) = cmr_client::session::Session::create(Role::Auditor);
         let id = keys.identity;
         let passphrase = home::passphrase(true)?;

@@ -119,6 +119,8 @@ impl Loaded {
 /// Runs a company command.
 pub async fn run(home: &Home, out: Out, cmd: CompanyCmd) -> CliResult {
     if let CompanyCmd::Init { server, log_vkey } = &cmd {
+        home::check_server(server, log_vkey)?;
+        home.refuse_existing(Role::Company)?;
         let (keys, inception, _recovery) = cmr_client::session::Session::create(Role::Company);
         let id = keys.identity;
         let passphrase = home::passphrase(true)?;

@@ -296,6 +296,8 @@ pub async fn run(home: &Home, out: Out, cmd: CustomerCmd) -> CliResult {
 }
 
 fn init(home: &Home, out: Out, server: &str, log_vkey: &str) -> CliResult {
+    home::check_server(server, log_vkey)?;
+    home.refuse_existing(Role::Customer)?;
     let (keys, inception, recovery) = cmr_client::session::Session::create(Role::Customer);
     let id = keys.identity;
     let identity_key = keys

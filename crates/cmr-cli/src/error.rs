@@ -69,16 +69,29 @@ impl From<ClientError> for CliError {
             ),
             ClientError::Refused { code: c, .. } => (
                 code::REFUSED,
-                match c.as_str() {
-                    "clock-skew" => {
-                        Some("set this computer's clock right (the server's clock decides)")
+                Some(match c.as_str() {
+                    "clock-skew" => "set this computer's clock right (the server's clock decides)",
+                    "unknown-key" => "register first, or check that this device was not revoked",
+                    "rate-limited" | "unavailable" => "wait a moment and try again",
+                    "outside-look-back" => {
+                        "read from the grant's look-back start on (see `cmr company status`)"
                     }
-                    "unknown-key" => {
-                        Some("register first, or check that this device was not revoked")
+                    "grant-revoked" | "grant-expired" | "grant-consumed" => {
+                        "the grant has ended; ask again with `cmr company request`"
                     }
-                    "rate-limited" | "overloaded" => Some("wait a moment and try again"),
-                    _ => None,
-                },
+                    "family-not-granted" | "access-not-granted" | "no-grant" => {
+                        "the grant does not cover this; see `cmr company status`"
+                    }
+                    "stale-epoch" => {
+                        "the family was rotated; run `cmr company status` to fetch the new keys"
+                    }
+                    "rotation-pending" => {
+                        "the customer's client has not finished the rotation yet; retry shortly"
+                    }
+                    "stale-head" => "someone wrote first; run the command again",
+                    "company-blocked" => "this customer blocked your company",
+                    _ => "the server says why; docs/api.md lists every problem code",
+                }),
             ),
             ClientError::Verification(cmr_client::error::VerifyError::CompanyIdentity(_)) => (
                 code::VERIFICATION,

@@ -77,17 +77,30 @@ impl Home {
         self.key_path(role).exists()
     }
 
-    /// Creates the folders with mode 0700 (and refuses existing ones that others can enter).
+    /// Creates the folders with mode 0700, and refuses a role folder that others can enter.
     fn ensure(&self, role: Role) -> CliResult {
-        for d in [&self.root, &self.dir(role)] {
-            if !d.exists() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(d)
-                    .map_err(|e| io_err(d, &e))?;
-            }
-            check_private(d, true)?;
+        let dir = self.dir(role);
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| io_err(&dir, &e))?;
+        }
+        check_private(&dir, true)
+    }
+
+    /// Refuses to create a second identity of `role` here.
+    pub fn refuse_existing(&self, role: Role) -> CliResult {
+        if self.exists(role) {
+            return Err(CliError::local(
+                format!(
+                    "a {} identity already exists in {}",
+                    role_name(role),
+                    self.dir(role).display()
+                ),
+                "use it, or choose another folder with --home",
+            ));
         }
         Ok(())
     }
@@ -216,6 +229,18 @@ pub fn open_session<T: for<'de> Deserialize<'de>>(
     let keys = home.read_key(role, &passphrase(false)?)?;
     let session = new_session(&saved.server, &saved.log_vkey, keys)?;
     Ok((session, saved))
+}
+
+/// Checks a server address and log key before anything is written.
+pub fn check_server(server: &str, log_vkey: &str) -> CliResult {
+    Connection::new(server)?;
+    NoteVerifier::from_vkey(log_vkey).map_err(|e| {
+        CliError::local(
+            format!("the log key {log_vkey:?} does not parse: {e}"),
+            "copy it from the server's output or its .pub file",
+        )
+    })?;
+    Ok(())
 }
 
 /// A session for `keys` against `server`, pinned to `log_vkey`.

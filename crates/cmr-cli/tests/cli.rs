@@ -1,0 +1,393 @@
+//! The `cmr` binary as users run it: help text (snapshots), common mistakes (one line, a hint, the
+//! documented exit code, no backtrace), and a scripted session against a server the test starts.
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use assert_cmd::cargo::cargo_bin;
+use serde_json::Value;
+
+fn cmr() -> Command {
+    let mut c = Command::new(cargo_bin("cmr"));
+    c.env("CMR_PASSPHRASE", "correct horse")
+        .env_remove("CMR_HOME")
+        .env_remove("CMR_SERVER")
+        .env_remove("CMR_LOG_VKEY")
+        .env("RUST_BACKTRACE", "1");
+    c
+}
+
+/// Compares `actual` with the snapshot file; `CMR_UPDATE_SNAPSHOTS=1` rewrites it.
+fn snapshot(name: &str, actual: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(name);
+    if std::env::var_os("CMR_UPDATE_SNAPSHOTS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!(
+            "missing snapshot {}; run with CMR_UPDATE_SNAPSHOTS=1",
+            path.display()
+        )
+    });
+    assert_eq!(
+        actual, expected,
+        "snapshot {name} differs; run with CMR_UPDATE_SNAPSHOTS=1 if intended"
+    );
+}
+
+fn run(c: &mut Command) -> (i32, String, String) {
+    let out = c.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_texts() {
+    for (args, name) in [
+        (vec!["--help"], "help.txt"),
+        (vec!["customer", "--help"], "customer-help.txt"),
+        (
+            vec!["customer", "approve", "--help"],
+            "customer-approve-help.txt",
+        ),
+        (vec!["company", "--help"], "company-help.txt"),
+        (vec!["audit", "--help"], "audit-help.txt"),
+        (vec!["serve", "--help"], "serve-help.txt"),
+    ] {
+        let (code, stdout, _) = run(cmr().args(&args).env("COLUMNS", "100"));
+        assert_eq!(code, 0, "{args:?}");
+        snapshot(name, &stdout);
+    }
+}
+
+/// An error is one line on stderr: the cause and a hint, with no backtrace.
+fn one_line_error(stderr: &str) {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(lines[0].contains("(hint: "), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn common_mistakes_get_one_line_and_their_exit_code() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path().to_str().unwrap();
+    // No identity yet.
+    let (code, _, err) = run(cmr().args(["--home", h, "customer", "requests"]));
+    assert_eq!(code, 4);
+    one_line_error(&err);
+    assert!(err.contains("cmr customer init"), "{err}");
+    // A log key that does not parse.
+    let (code, _, err) =
+        run(cmr().args(["--home", h, "customer", "init", "--log-vkey", "nonsense"]));
+    assert_eq!(code, 4, "{err}");
+    one_line_error(&err);
+    // An identity whose server is not running.
+    let vkey = "localhost/cmr-vault+423668a3+ARNvWSEFVkTp3XZpPeVy1WzXX8InvvaBtpc6obNo6NYE";
+    let (code, _, err) = run(cmr().args([
+        "--home",
+        h,
+        "customer",
+        "init",
+        "--server",
+        "http://127.0.0.1:9",
+        "--log-vkey",
+        vkey,
+    ]));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(cmr().args(["--home", h, "customer", "register"]));
+    assert_eq!(code, 5, "{err}");
+    one_line_error(&err);
+    // A second init in the same folder.
+    let (code, _, err) = run(cmr().args(["--home", h, "customer", "init", "--log-vkey", vkey]));
+    assert_eq!(code, 4);
+    one_line_error(&err);
+    // The wrong passphrase.
+    let (code, _, err) = run(cmr()
+        .args(["--home", h, "customer", "grants"])
+        .env("CMR_PASSPHRASE", "wrong"));
+    assert_eq!(code, 4);
+    one_line_error(&err);
+    assert!(err.contains("passphrase"), "{err}");
+    // A malformed id.
+    let (code, _, err) = run(cmr().args(["--home", h, "customer", "revoke", "xyz"]));
+    assert_eq!(code, 4);
+    one_line_error(&err);
+    // A key file others can read is refused, with the fix.
+    let key = home.path().join("customer/identity.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = run(cmr().args(["--home", h, "customer", "grants"]));
+    assert_eq!(code, 4);
+    one_line_error(&err);
+    assert!(
+        err.contains("can be read by other users") && err.contains("chmod 600"),
+        "{err}"
+    );
+    // An unknown flag is a usage error (clap's code 2).
+    let (code, _, _) = run(cmr().args(["customer", "grants", "--frobnicate"]));
+    assert_eq!(code, 2);
+}
+
+/// A `cmr serve` child on a free port, stopped when dropped.
+struct Server {
+    child: Child,
+    base: String,
+    vkey: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = cmr()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("data"))
+        .arg("--log-key")
+        .arg(dir.path().join("log.key"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut base = String::new();
+    let mut vkey = String::new();
+    while base.is_empty() || vkey.is_empty() {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(rest) = line
+            .split(" on ")
+            .nth(1)
+            .filter(|_| line.starts_with("CMR Vault serving"))
+        {
+            base = rest.trim().to_string();
+        }
+        if let Some(k) = line.strip_prefix("log verifier key (clients pin it): ") {
+            vkey = k.trim().to_string();
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Server {
+        child,
+        base,
+        vkey,
+        _dir: dir,
+    }
+}
+
+/// Serves one key document over plain http on 127.0.0.1, as the company's domain (test mode).
+fn domain(doc: String) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{doc}",
+                doc.len()
+            );
+        }
+    });
+    addr
+}
+
+struct User {
+    home: PathBuf,
+    server: String,
+    vkey: String,
+}
+
+impl User {
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = cmr();
+        c.arg("--home")
+            .arg(&self.home)
+            .env("CMR_SERVER", &self.server)
+            .env("CMR_LOG_VKEY", &self.vkey)
+            .args(args);
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = run(&mut self.cmd(args));
+        assert_eq!(code, 0, "cmr {args:?}: {err}");
+        out
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    fn fails(&self, args: &[&str], code: i32) -> String {
+        let (c, _, err) = run(&mut self.cmd(args));
+        assert_eq!(c, code, "cmr {args:?}: {err}");
+        one_line_error(&err);
+        err
+    }
+}
+
+#[test]
+fn a_scripted_session_against_a_real_server() {
+    let server = serve();
+    let homes = tempfile::tempdir().unwrap();
+    let user = |name: &str| User {
+        home: homes.path().join(name),
+        server: server.base.clone(),
+        vkey: server.vkey.clone(),
+    };
+    let (alex, bank, auditor) = (user("alex"), user("bank"), user("auditor"));
+
+    let v = alex.json(&["customer", "init"]);
+    let alex_id = v["identity"].as_str().unwrap().to_string();
+    assert_eq!(
+        v["recovery_phrase"].as_str().unwrap().split(' ').count(),
+        24
+    );
+    alex.ok(&["customer", "register"]);
+    let bank_id = bank.json(&["company", "init"])["identity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bank.ok(&["company", "register"]);
+    let doc = bank.ok(&["company", "key-document", "--name", "Acme Bank"]);
+    let bank_domain = domain(doc);
+
+    // Profile and transactions, from a CSV file with a progress bar (hidden under --json).
+    alex.ok(&[
+        "customer",
+        "profile",
+        "set",
+        "contact",
+        "email: alex@example.org",
+    ]);
+    let csv = homes.path().join("tx.csv");
+    let month = |back: u32| {
+        let v = alex.json(&["customer", "tx", "list", "--company", &bank_id]);
+        let _ = v;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let p = cmr_core::family::Period::from_unix(now).unwrap();
+        cmr_core::family::Period(p.0 - back).to_string()
+    };
+    let (m0, m1, m9) = (month(0), month(1), month(9));
+    std::fs::write(
+        &csv,
+        format!("month,text\n{m9},old purchase\n{m1},groceries 41.75\n{m0},coffee 3.20\n"),
+    )
+    .unwrap();
+    let v = alex.json(&[
+        "customer",
+        "tx",
+        "import",
+        "--company",
+        &bank_id,
+        csv.to_str().unwrap(),
+    ]);
+    assert_eq!(v["imported"], 3);
+    let v = alex.json(&["customer", "tx", "list", "--company", &bank_id]);
+    assert_eq!(v["transactions"].as_array().unwrap().len(), 3);
+
+    // The bank asks; Alex sees who asks and why, then approves narrowed to 3 months.
+    let req = bank.json(&[
+        "company",
+        "request",
+        &alex_id,
+        "--scope",
+        "transactions:read",
+        "--purpose",
+        "credit limit review",
+        "--lookback",
+        "12",
+    ])["request"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let listed = alex.ok(&["customer", "requests"]);
+    assert!(
+        listed.contains("credit limit review")
+            && listed.contains(&bank_id)
+            && listed.contains("12 months"),
+        "{listed}"
+    );
+    // Over https the plain test domain fails: the domain proof needs TLS.
+    alex.fails(&["customer", "approve", &req, "--domain", &bank_domain], 3);
+    let approved = alex.ok(&[
+        "customer",
+        "approve",
+        &req,
+        "--domain",
+        &bank_domain,
+        "--lookback",
+        "3",
+        "--insecure-http-for-tests",
+    ]);
+    assert!(
+        approved.contains("Acme Bank") && approved.contains("fingerprint"),
+        "{approved}"
+    );
+
+    // The bank reads what the grant covers, decrypted locally; further back is refused.
+    let v = bank.json(&["company", "status"]);
+    let grant = v["grants"][0]["grant"].as_str().unwrap().to_string();
+    let v = bank.json(&["company", "read", &grant]);
+    let texts: Vec<&str> = v["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, vec!["groceries 41.75", "coffee 3.20"]);
+    let err = bank.fails(&["company", "read", &grant, "--from", &m9], 1);
+    assert!(err.contains("outside-look-back"), "{err}");
+
+    // A receipt; the revocation with its rotation; the refused read; the history shows the read.
+    let receipt = alex.ok(&["customer", "receipt", &grant]);
+    assert!(receipt.contains("credit limit review"), "{receipt}");
+    alex.ok(&["customer", "revoke", &grant]);
+    let err = bank.fails(&["company", "read", &grant], 1);
+    assert!(err.contains("grant-revoked"), "{err}");
+    let v = bank.json(&["company", "status"]);
+    assert_eq!(v["grants"][0]["status"], "revoked");
+    let history = alex.ok(&["customer", "history"]);
+    assert!(
+        history.contains("Read by company") && history.contains("revocation"),
+        "{history}"
+    );
+
+    // The auditor: a full run, then an incremental one; and a single entry's proof.
+    auditor.ok(&["audit", "init"]);
+    auditor.ok(&["audit", "register"]);
+    let v = auditor.json(&["audit", "verify"]);
+    assert_eq!(v["violations"].as_array().unwrap().len(), 0);
+    assert_eq!(v["from"], 0);
+    let v2 = auditor.json(&["audit", "verify"]);
+    assert_eq!(v2["from"], v["size"]);
+    let v = auditor.json(&["audit", "proof", "0"]);
+    assert_eq!(v["kind"], "key-event");
+}
