@@ -63,7 +63,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
 async fn backend(
     company: &mut Company,
     customer: IdentityId,
-    mut approve: Option<&mut Customer>,
+    approve: Option<&mut Customer>,
 ) -> Result<(), Box<dyn Error>> {
     let request = company
         .request(
@@ -82,7 +82,7 @@ async fn backend(
         )
         .await?;
     println!("asked {customer} for access (request {})", request.to_hex());
-    if let Some(c) = approve.as_deref_mut() {
+    if let Some(c) = approve {
         let me = company.id();
         let pending = c.pending().await?;
         let p = pending
