@@ -33,6 +33,8 @@ pub enum AuditCmd {
     },
     /// Register the auditor with the server (auditors may fetch entry bodies, never records).
     Register,
+    /// Print this auditor's identity; needs no passphrase.
+    Id,
     /// Verify the log: from the last saved state (incremental), or from the start with --full.
     ///
     /// Prints a report; exits 3 on any violation or fork.
@@ -60,6 +62,7 @@ pub async fn run(home: &Home, out: Out, cmd: AuditCmd) -> CliResult {
         home.write_state(
             Role::Auditor,
             &Saved {
+                identity: id.to_hex(),
                 server: server.clone(),
                 log_vkey: log_vkey.clone(),
                 inception: Some(B64.encode(inception.encode())),
@@ -75,10 +78,16 @@ pub async fn run(home: &Home, out: Out, cmd: AuditCmd) -> CliResult {
         out.value(&json!({"identity": id.to_hex()}));
         return Ok(());
     }
+    if let AuditCmd::Id = cmd {
+        return crate::customer::print_id(home, out, Role::Auditor);
+    }
     let (mut session, mut saved) = home::open_session::<AuditorRole>(home, Role::Auditor)?;
     saved.session.apply(&mut session)?;
     let result = match cmd {
-        AuditCmd::Init { .. } => Err(CliError::local("init runs on its own", "report this")),
+        AuditCmd::Init { .. } | AuditCmd::Id => Err(CliError::local(
+            "this command runs on its own",
+            "report this",
+        )),
         AuditCmd::Register => {
             if !saved.registered {
                 let inception = saved

@@ -34,6 +34,8 @@ pub enum CompanyCmd {
     },
     /// Register the identity and the device with the server.
     Register,
+    /// Print this company's identity; needs no passphrase.
+    Id,
     /// Print the key document to serve at https://YOUR-DOMAIN/.well-known/cmr-vault.
     KeyDocument {
         /// The name customers see.
@@ -130,6 +132,7 @@ pub async fn run(home: &Home, out: Out, cmd: CompanyCmd) -> CliResult {
         home.write_state(
             Role::Company,
             &Saved {
+                identity: id.to_hex(),
                 server: server.clone(),
                 log_vkey: log_vkey.clone(),
                 inception: Some(B64.encode(inception.encode())),
@@ -145,6 +148,9 @@ pub async fn run(home: &Home, out: Out, cmd: CompanyCmd) -> CliResult {
         out.value(&json!({"identity": id.to_hex()}));
         return Ok(());
     }
+    if let CompanyCmd::Id = cmd {
+        return crate::customer::print_id(home, out, Role::Company);
+    }
     let mut l = Loaded::open(home)?;
     let result = step(&mut l, out, cmd).await;
     l.save(home)?;
@@ -155,8 +161,11 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
     let t = now();
     let c = &mut l.company;
     match cmd {
-        CompanyCmd::Init { .. } => {
-            return Err(CliError::local("init runs on its own", "report this"));
+        CompanyCmd::Init { .. } | CompanyCmd::Id => {
+            return Err(CliError::local(
+                "this command runs on its own",
+                "report this",
+            ));
         }
         CompanyCmd::Register => {
             if !l.saved.registered {

@@ -52,6 +52,8 @@ pub enum CustomerCmd {
     },
     /// Register the identity and the device, and publish the key directory with the profile sections.
     Register,
+    /// Print this customer's identity (to give to companies); needs no passphrase.
+    Id,
     /// The profile: identity, contact, address, preferences.
     Profile {
         #[command(subcommand)]
@@ -288,6 +290,9 @@ pub async fn run(home: &Home, out: Out, cmd: CustomerCmd) -> CliResult {
     if let CustomerCmd::Init { server, log_vkey } = cmd {
         return init(home, out, &server, &log_vkey);
     }
+    if let CustomerCmd::Id = cmd {
+        return print_id(home, out, Role::Customer);
+    }
     let mut l = Loaded::open(home)?;
     let result = step(&mut l, out, cmd).await;
     // Whatever happened, what was verified so far is kept.
@@ -313,6 +318,7 @@ fn init(home: &Home, out: Out, server: &str, log_vkey: &str) -> CliResult {
     let customer = Customer::new(session, PseudonymKey::generate(&mut rand::rng()));
     let sdk = CustomerState::save(&customer, &vault);
     let saved = Saved {
+        identity: id.to_hex(),
         server: server.to_string(),
         log_vkey: log_vkey.to_string(),
         inception: Some(B64.encode(inception.encode())),
@@ -341,8 +347,11 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
     let t = now();
     let c = &mut l.customer;
     match cmd {
-        CustomerCmd::Init { .. } => {
-            return Err(CliError::local("init runs on its own", "report this"));
+        CustomerCmd::Init { .. } | CustomerCmd::Id => {
+            return Err(CliError::local(
+                "this command runs on its own",
+                "report this",
+            ));
         }
         CustomerCmd::Register => {
             if !l.saved.registered {
@@ -866,4 +875,18 @@ fn read_import(file: &std::path::Path) -> CliResult<Vec<(Period, String)>> {
         ));
     }
     Ok(out)
+}
+
+/// `id`: the identity kept in the configuration folder.
+pub(crate) fn print_id(home: &Home, out: Out, role: Role) -> CliResult {
+    if !home.exists(role) {
+        return Err(CliError::local(
+            "no identity in this configuration folder",
+            "run `init` first (or check --home)",
+        ));
+    }
+    let id = home.identity(role)?;
+    out.line(&id);
+    out.value(&json!({"identity": id}));
+    Ok(())
 }

@@ -28,6 +28,8 @@ pub struct Home {
 /// What every role's state file holds, plus the role's own part.
 #[derive(Serialize, Deserialize)]
 pub struct Saved<T> {
+    /// The identity (public), hex.
+    pub identity: String,
     /// The server, `scheme://host:port`.
     pub server: String,
     /// The pinned log verifier key.
@@ -174,6 +176,22 @@ impl Home {
         let json = serde_json::to_vec_pretty(saved)
             .map_err(|e| CliError::local(e.to_string(), "report this"))?;
         write_private(&self.state_path(role), &json)
+    }
+
+    /// The identity kept here for `role` (public; no passphrase needed).
+    pub fn identity(&self, role: Role) -> CliResult<String> {
+        #[derive(Deserialize)]
+        struct Id {
+            identity: String,
+        }
+        let saved: Id = serde_json::from_slice(&read_private(&self.state_path(role), role)?)
+            .map_err(|e| {
+                CliError::local(
+                    format!("the state file is damaged: {e}"),
+                    "restore it from a backup",
+                )
+            })?;
+        Ok(saved.identity)
     }
 
     /// Reads the state file.

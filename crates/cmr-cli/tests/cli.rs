@@ -268,6 +268,7 @@ fn a_scripted_session_against_a_real_server() {
         24
     );
     alex.ok(&["customer", "register"]);
+    assert_eq!(alex.ok(&["customer", "id"]).trim(), alex_id);
     let bank_id = bank.json(&["company", "init"])["identity"]
         .as_str()
         .unwrap()
