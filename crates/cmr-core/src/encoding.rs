@@ -52,6 +52,8 @@ pub enum Kind {
     LogEntry = 0x10,
     /// An access record inside a log entry.
     AccessRecord = 0x11,
+    /// A new device's request to be certified, signed by the device itself.
+    DeviceRequest = 0x12,
 }
 
 impl Kind {
@@ -74,6 +76,7 @@ impl Kind {
             0x0f => Kind::RestoredRecord,
             0x10 => Kind::LogEntry,
             0x11 => Kind::AccessRecord,
+            0x12 => Kind::DeviceRequest,
             _ => return None,
         })
     }

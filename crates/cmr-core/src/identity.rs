@@ -391,6 +391,14 @@ impl DeviceCertificate {
         DeviceId::of(&self.signing_key)
     }
 
+    /// Signs this certificate with the identity key of sequence `identity_seq` (which it names).
+    pub fn sign(self, identity_key: &SigningKey) -> Signed<DeviceCertificate> {
+        Signed {
+            envelope: SignedEnvelope::sign(self.encode(), identity_key),
+            body: self,
+        }
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new(Kind::DeviceCertificate);
         w.array(&self.identity.0)
@@ -832,17 +840,91 @@ impl DeviceKeys {
         identity_key: &SigningKey,
         issued_at: u64,
     ) -> Signed<DeviceCertificate> {
-        let body = DeviceCertificate {
+        DeviceCertificate {
             identity,
             identity_seq,
             signing_key: self.signing.verifying_key(),
             kem_key: self.kem.public_key(),
             issued_at,
-        };
-        Signed {
-            envelope: SignedEnvelope::sign(body.encode(), identity_key),
-            body,
         }
+        .sign(identity_key)
+    }
+}
+
+/// A new device's request to join an identity: its two public keys, signed by the device's own signing
+/// key (proof that it holds it). A device that holds the identity key turns it into a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRequest {
+    /// The identity the device joins.
+    pub identity: IdentityId,
+    /// The device's Ed25519 key.
+    pub signing_key: VerifyingKey,
+    /// The device's X25519 key.
+    pub kem_key: KemPublicKey,
+}
+
+impl DeviceRequest {
+    /// The signed request of `device` to join `identity`.
+    pub fn sign(identity: IdentityId, device: &DeviceKeys) -> Vec<u8> {
+        let body = DeviceRequest {
+            identity,
+            signing_key: device.signing.verifying_key(),
+            kem_key: device.kem.public_key(),
+        };
+        let mut w = Writer::new(Kind::DeviceRequest);
+        w.array(&body.identity.0)
+            .array(&body.signing_key.to_bytes())
+            .array(&body.kem_key.to_bytes());
+        SignedEnvelope::sign(w.finish(), &device.signing).encode()
+    }
+
+    /// Parses a signed request and checks the device's own signature.
+    pub fn open(bytes: &[u8]) -> Result<Self, IdentityError> {
+        let env = SignedEnvelope::decode(bytes)?;
+        let mut r = Reader::new(&env.body, Kind::DeviceRequest)?;
+        let identity = IdentityId(r.array()?);
+        let signing_key = VerifyingKey::from_bytes(&r.array()?).map_err(|_| {
+            IdentityError::Decode(DecodeError::Invalid {
+                field: "signing_key",
+                reason: "invalid or weak Ed25519 key",
+            })
+        })?;
+        let kem_key = KemPublicKey::from_bytes(&r.array()?).map_err(|_| {
+            IdentityError::Decode(DecodeError::Invalid {
+                field: "kem_key",
+                reason: "low-order X25519 key",
+            })
+        })?;
+        r.finish()?;
+        env.verify(&signing_key)
+            .map_err(|_| IdentityError::BadSignature("device request"))?;
+        Ok(Self {
+            identity,
+            signing_key,
+            kem_key,
+        })
+    }
+
+    /// The device's id.
+    pub fn device(&self) -> DeviceId {
+        DeviceId::of(&self.signing_key)
+    }
+
+    /// The certificate for it, by identity key `identity_seq`.
+    pub fn certify(
+        &self,
+        identity_seq: u64,
+        identity_key: &SigningKey,
+        issued_at: u64,
+    ) -> Signed<DeviceCertificate> {
+        DeviceCertificate {
+            identity: self.identity,
+            identity_seq,
+            signing_key: self.signing_key,
+            kem_key: self.kem_key,
+            issued_at,
+        }
+        .sign(identity_key)
     }
 }
 

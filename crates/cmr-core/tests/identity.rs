@@ -304,3 +304,33 @@ fn recovery_phrase_errors() {
     assert!(cmr_core::identity::RecoverySecret::from_phrase(twelve).is_err());
     assert!(!format!("{:?}", new.recovery).contains(words[0]));
 }
+
+#[test]
+fn a_device_request_proves_its_key_and_becomes_a_certificate() {
+    use cmr_core::identity::DeviceRequest;
+    let mut rng = rand::rng();
+    let new = create_identity(&mut rng, Role::Customer);
+    let id = new.inception.identity();
+    let phone = DeviceKeys::generate(&mut rng);
+    let bytes = DeviceRequest::sign(id, &phone);
+    let req = DeviceRequest::open(&bytes).unwrap();
+    assert_eq!(req.device(), phone.id());
+    assert_eq!(req.identity, id);
+    // The certificate made from the request verifies like one made with the device's own keys.
+    let cert = req.certify(0, &new.identity_key, 1);
+    let mut state = IdentityState::new(KeyHistory::incept(&new.inception, 0).unwrap());
+    assert_eq!(state.certify(&cert, 1).unwrap(), phone.id());
+    // A request whose keys were swapped does not carry the new key's signature.
+    let other = DeviceKeys::generate(&mut rng);
+    let mut forged = bytes.clone();
+    let at = forged
+        .windows(32)
+        .position(|w| w == phone.kem.public_key().to_bytes())
+        .unwrap();
+    forged[at..at + 32].copy_from_slice(&other.kem.public_key().to_bytes());
+    assert!(DeviceRequest::open(&forged).is_err());
+    // Another kind of signed body is not a device request.
+    let cert_bytes = cert.encode();
+    assert!(DeviceRequest::open(&cert_bytes).is_err());
+    assert!(DeviceRequest::open(&bytes[..bytes.len() - 1]).is_err());
+}
