@@ -26,8 +26,8 @@ use crate::out::{Out, now, short};
 pub struct CustomerRole {
     /// The vault key wrapped to this device (HPKE), base64.
     pub vault_key: String,
-    /// The SDK's state (secrets sealed under the vault key).
-    pub sdk: CustomerState,
+    /// The SDK's state (secrets sealed under the vault key); none on a new device until it joins.
+    pub sdk: Option<CustomerState>,
     /// Companies whose domain proof the customer checked: (identity hex, domain, name).
     pub companies: Vec<(String, String, String)>,
 }
@@ -119,6 +119,36 @@ pub enum CustomerCmd {
         /// The grant's id.
         grant: String,
     },
+    /// Devices: a new device asks to join, a device with the identity key adds it, and the new device
+    /// joins with the file it gets; list and revoke.
+    Device {
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+    },
+    /// Export the whole vault, decrypted, as JSON (to a file with --out).
+    Export {
+        /// Write here (mode 0600) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Erase a family's records (the log keeps only that an erasure happened), or the whole vault.
+    #[command(
+        after_help = "Examples:\n  cmr customer erase --scope transactions --company 6f51… --yes\n  cmr customer erase --vault --yes"
+    )]
+    Erase {
+        /// The family's scope: identity, contact, address, preferences, inferred or transactions.
+        #[arg(long, required_unless_present = "vault")]
+        scope: Option<String>,
+        /// For transactions and inferred attributes: the company.
+        #[arg(long)]
+        company: Option<String>,
+        /// Erase the whole vault.
+        #[arg(long, conflicts_with = "scope")]
+        vault: bool,
+        /// Confirm: erasure cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Dispute (reject) an inferred attribute a company appended.
     Dispute {
         /// The company that inferred it.
@@ -127,6 +157,56 @@ pub enum CustomerCmd {
         /// The record's id (from `cmr customer profile show`).
         record: String,
     },
+}
+
+/// Device commands.
+#[derive(Subcommand)]
+pub enum DeviceCmd {
+    /// On the new device: create its keys and print its request to join the identity.
+    #[command(
+        after_help = "Example (on the new device):\n  cmr --home ./laptop customer device new --identity 9e78… --log-vkey \"$(cat cmr-log.pub)\""
+    )]
+    New {
+        /// The identity to join.
+        #[arg(long)]
+        identity: String,
+        /// The vault server.
+        #[arg(long, env = "CMR_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// The server's log verifier key.
+        #[arg(long, env = "CMR_LOG_VKEY")]
+        log_vkey: String,
+    },
+    /// On the device with the identity key: certify a new device and write its enrolment file.
+    Add {
+        /// The request printed by `cmr customer device new`.
+        request: String,
+        /// The enrolment file to carry to the new device (mode 0600; its secrets are sealed to it).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// On the new device: join with the enrolment file.
+    Join {
+        /// The file from `cmr customer device add`.
+        file: PathBuf,
+    },
+    /// The devices, from the verified key events.
+    List,
+    /// Revoke a device, then rotate every family (it held the vault key) and replace the vault key.
+    Revoke {
+        /// The device's id.
+        device: String,
+    },
+}
+
+/// What a new device receives to join its vault: the certificate, the vault key wrapped to the device,
+/// and the client state (its secrets sealed under the vault key).
+#[derive(Serialize, Deserialize)]
+struct Enrolment {
+    certificate: String,
+    vault_key: String,
+    sdk: CustomerState,
+    companies: Vec<(String, String, String)>,
 }
 
 /// Profile commands.
@@ -252,6 +332,9 @@ struct Loaded {
 impl Loaded {
     fn open(home: &Home) -> CliResult<Self> {
         let (session, saved) = home::open_session::<CustomerRole>(home, Role::Customer)?;
+        if saved.role.sdk.is_none() {
+            return Err(not_joined());
+        }
         let wrapped = B64
             .decode(&saved.role.vault_key)
             .ok()
@@ -270,7 +353,12 @@ impl Loaded {
                         "check --home",
                     )
                 })?;
-        let customer = saved.role.sdk.restore(session, &vault)?;
+        let customer = saved
+            .role
+            .sdk
+            .as_ref()
+            .ok_or_else(not_joined)?
+            .restore(session, &vault)?;
         Ok(Self {
             customer,
             vault,
@@ -279,8 +367,9 @@ impl Loaded {
     }
 
     fn save(mut self, home: &Home) -> CliResult {
-        self.saved.role.sdk = CustomerState::save(&self.customer, &self.vault);
-        self.saved.session = self.saved.role.sdk.session.clone();
+        let sdk = CustomerState::save(&self.customer, &self.vault);
+        self.saved.session = sdk.session.clone();
+        self.saved.role.sdk = Some(sdk);
         home.write_state(Role::Customer, &self.saved)
     }
 }
@@ -292,6 +381,23 @@ pub async fn run(home: &Home, out: Out, cmd: CustomerCmd) -> CliResult {
     }
     if let CustomerCmd::Id = cmd {
         return print_id(home, out, Role::Customer);
+    }
+    if let CustomerCmd::Device {
+        cmd:
+            DeviceCmd::New {
+                identity,
+                server,
+                log_vkey,
+            },
+    } = &cmd
+    {
+        return device_new(home, out, identity, server, log_vkey);
+    }
+    if let CustomerCmd::Device {
+        cmd: DeviceCmd::Join { file },
+    } = &cmd
+    {
+        return device_join(home, out, file).await;
     }
     let mut l = Loaded::open(home)?;
     let result = step(&mut l, out, cmd).await;
@@ -326,7 +432,7 @@ fn init(home: &Home, out: Out, server: &str, log_vkey: &str) -> CliResult {
         session: sdk.session.clone(),
         role: CustomerRole {
             vault_key: B64.encode(wrapped.to_bytes()),
-            sdk,
+            sdk: Some(sdk),
             companies: vec![],
         },
     };
@@ -347,7 +453,11 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
     let t = now();
     let c = &mut l.customer;
     match cmd {
-        CustomerCmd::Init { .. } | CustomerCmd::Id => {
+        CustomerCmd::Init { .. }
+        | CustomerCmd::Id
+        | CustomerCmd::Device {
+            cmd: DeviceCmd::New { .. } | DeviceCmd::Join { .. },
+        } => {
             return Err(CliError::local(
                 "this command runs on its own",
                 "report this",
@@ -753,6 +863,170 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 println!("{}", receipt.to_text());
             }
         }
+        CustomerCmd::Device {
+            cmd: DeviceCmd::Add { request, out: file },
+        } => {
+            let bytes = B64.decode(request.trim()).map_err(|_| {
+                CliError::local(
+                    "the request is not base64",
+                    "copy it whole from `cmr customer device new`",
+                )
+            })?;
+            let req = cmr_core::identity::DeviceRequest::open(&bytes).map_err(|e| {
+                CliError::local(
+                    format!("the device request does not verify: {e}"),
+                    "copy it whole from the new device",
+                )
+            })?;
+            let cert = c.add_device(&req, t).await?;
+            let wrapped = l.vault.wrap_to_device(&mut rand::rng(), cert.body());
+            let enrolment = Enrolment {
+                certificate: B64.encode(cert.encode()),
+                vault_key: B64.encode(wrapped.to_bytes()),
+                sdk: CustomerState::save(c, &l.vault),
+                companies: l.saved.role.companies.clone(),
+            };
+            let json = serde_json::to_vec_pretty(&enrolment)
+                .map_err(|e| CliError::local(e.to_string(), "report this"))?;
+            home::write_private_file(&file, &json)?;
+            out.line(format!(
+                "device {} certified; compare this fingerprint with the new device's: {}",
+                req.device().to_hex(),
+                fingerprint_device(&req.device())
+            ));
+            out.line(format!(
+                "carry {} to the new device and run `cmr customer device join {}` there",
+                file.display(),
+                file.display()
+            ));
+            out.value(&json!({"device": req.device().to_hex(), "file": file}));
+        }
+        CustomerCmd::Device {
+            cmd: DeviceCmd::List,
+        } => {
+            let devices = c.devices().await?;
+            let mine = c.session.keys.device.id();
+            let mut rows = Vec::new();
+            for (cert, revoked) in &devices {
+                let d = cert.device();
+                let state = if *revoked {
+                    "revoked"
+                } else if d == mine {
+                    "this device"
+                } else {
+                    "active"
+                };
+                out.line(format!(
+                    "{}  {state}  (fingerprint {})",
+                    d.to_hex(),
+                    fingerprint_device(&d)
+                ));
+                rows.push(json!({"device": d.to_hex(), "revoked": revoked, "this": d == mine}));
+            }
+            out.value(&json!({"devices": rows}));
+        }
+        CustomerCmd::Device {
+            cmd: DeviceCmd::Revoke { device },
+        } => {
+            let d = cmr_core::identity::DeviceId(parse_id(&device, "device")?);
+            let (rev, rotations) = c.revoke_device(d, t).await?;
+            // The revoked device knew the vault key: replace it, wrapped to this device only.
+            let cert = c
+                .devices()
+                .await?
+                .into_iter()
+                .find(|(x, _)| x.device() == c.session.keys.device.id())
+                .map(|(x, _)| x)
+                .ok_or_else(|| {
+                    CliError::local("this device's certificate is missing", "report this")
+                })?;
+            let fresh = VaultKey::generate(&mut rand::rng());
+            l.saved.role.vault_key =
+                B64.encode(fresh.wrap_to_device(&mut rand::rng(), &cert).to_bytes());
+            l.vault = fresh;
+            out.line(format!("device revoked at log index {}; {} families rotated; the vault key was replaced (other devices join again)", rev.index, rotations.len()));
+            out.value(
+                &json!({"revoked": device, "index": rev.index, "rotations": rotations.len()}),
+            );
+        }
+        CustomerCmd::Export { out: file } => {
+            let mut companies: Vec<IdentityId> = l
+                .saved
+                .role
+                .companies
+                .iter()
+                .filter_map(|(i, _, _)| IdentityId::from_hex(i))
+                .collect();
+            companies.extend(
+                c.grants
+                    .values()
+                    .filter_map(|g| g.grant().map(|b| b.grantee)),
+            );
+            companies.sort();
+            companies.dedup();
+            let export = c.export(&companies, &[]).await?;
+            let json = export.to_json();
+            match file {
+                Some(f) => {
+                    home::write_private_file(&f, json.as_bytes())?;
+                    out.line(format!(
+                        "{} families exported to {} (decrypted: keep it safe)",
+                        export.families.len(),
+                        f.display()
+                    ));
+                    out.value(&json!({"families": export.families.len(), "file": f}));
+                }
+                None => println!("{json}"),
+            }
+        }
+        CustomerCmd::Erase {
+            scope,
+            company,
+            vault,
+            yes,
+        } => {
+            if !yes {
+                return Err(CliError::local(
+                    "erasure cannot be undone",
+                    "add --yes to confirm",
+                ));
+            }
+            let family = if vault {
+                None
+            } else {
+                let scope = scope.as_deref().unwrap_or_default();
+                let name = match (
+                    Scope::from_name(scope)
+                        .or_else(|| Scope::from_name(&format!("profile.{scope}"))),
+                    company,
+                ) {
+                    (Some(Scope::Transactions), Some(co)) => {
+                        c.transactions_with(&IdentityId(parse_id(&co, "company")?))
+                    }
+                    (Some(Scope::ProfileInferred), Some(co)) => {
+                        c.inferred_by(&IdentityId(parse_id(&co, "company")?))
+                    }
+                    (Some(Scope::Transactions | Scope::ProfileInferred), None) => {
+                        return Err(CliError::local(
+                            "this family belongs to a company",
+                            "add --company",
+                        ));
+                    }
+                    (Some(sc), _) => FamilyName::profile(sc)
+                        .ok_or_else(|| CliError::local("not a section", "see --help"))?,
+                    (None, _) => {
+                        return Err(CliError::local(
+                            format!("unknown scope {scope:?}"),
+                            "see --help",
+                        ));
+                    }
+                };
+                Some(c.family_id(&name))
+            };
+            let acked = c.erase(family, t).await?;
+            out.line(format!("erased (log index {}): the records are gone; the log keeps only that an erasure happened", acked.index));
+            out.value(&json!({"index": acked.index}));
+        }
         CustomerCmd::Dispute { company, record } => {
             let company = IdentityId(parse_id(&company, "company")?);
             let bytes = hex::decode(record.trim())
@@ -877,6 +1151,13 @@ fn read_import(file: &std::path::Path) -> CliResult<Vec<(Period, String)>> {
     Ok(out)
 }
 
+fn not_joined() -> CliError {
+    CliError::local(
+        "this device has not joined its vault yet",
+        "run `cmr customer device join FILE` with the file from `cmr customer device add`",
+    )
+}
+
 /// `id`: the identity kept in the configuration folder.
 pub(crate) fn print_id(home: &Home, out: Out, role: Role) -> CliResult {
     if !home.exists(role) {
@@ -888,5 +1169,122 @@ pub(crate) fn print_id(home: &Home, out: Out, role: Role) -> CliResult {
     let id = home.identity(role)?;
     out.line(&id);
     out.value(&json!({"identity": id}));
+    Ok(())
+}
+
+fn fingerprint_device(d: &cmr_core::identity::DeviceId) -> String {
+    let h = d.to_hex();
+    format!("{} {} {} {}", &h[0..4], &h[4..8], &h[8..12], &h[12..16])
+}
+
+fn device_new(home: &Home, out: Out, identity: &str, server: &str, log_vkey: &str) -> CliResult {
+    home.refuse_existing(Role::Customer)?;
+    home::check_server(server, log_vkey)?;
+    let id = IdentityId(parse_id(identity, "identity")?);
+    let device = cmr_core::identity::DeviceKeys::generate(&mut rand::rng());
+    let request = cmr_core::identity::DeviceRequest::sign(id, &device);
+    let keys = cmr_client::session::Keys {
+        identity: id,
+        role: Role::Customer,
+        device,
+        identity_key: None,
+    };
+    let passphrase = home::passphrase(true)?;
+    home.write_key(Role::Customer, &keys, &passphrase)?;
+    let saved = Saved {
+        identity: id.to_hex(),
+        server: server.to_string(),
+        log_vkey: log_vkey.to_string(),
+        inception: None,
+        registered: true,
+        session: Default::default(),
+        role: CustomerRole {
+            vault_key: String::new(),
+            sdk: None,
+            companies: vec![],
+        },
+    };
+    home.write_state(Role::Customer, &saved)?;
+    let d = keys.device.id();
+    out.line(format!(
+        "new device {} (fingerprint {}) for identity {}",
+        d.to_hex(),
+        fingerprint_device(&d),
+        id.to_hex()
+    ));
+    out.line("on a device that holds the identity key, run:");
+    out.line(format!(
+        "  cmr customer device add {} --out enrol.json",
+        B64.encode(&request)
+    ));
+    out.value(&json!({"device": d.to_hex(), "request": B64.encode(&request)}));
+    Ok(())
+}
+
+async fn device_join(home: &Home, out: Out, file: &std::path::Path) -> CliResult {
+    let (mut session, mut saved) = home::open_session::<CustomerRole>(home, Role::Customer)?;
+    if saved.role.sdk.is_some() {
+        return Err(CliError::local(
+            "this device has already joined",
+            "nothing to do",
+        ));
+    }
+    let bytes = std::fs::read(file)
+        .map_err(|e| CliError::local(format!("{}: {e}", file.display()), "check the path"))?;
+    let e: Enrolment = serde_json::from_slice(&bytes).map_err(|e| {
+        CliError::local(
+            format!("{} is not an enrolment file: {e}", file.display()),
+            "use the file from `cmr customer device add`",
+        )
+    })?;
+    let cert = B64
+        .decode(&e.certificate)
+        .ok()
+        .and_then(|b| {
+            cmr_core::identity::Signed::<cmr_core::identity::DeviceCertificate>::decode(&b).ok()
+        })
+        .ok_or_else(|| {
+            CliError::local("the enrolment's certificate is damaged", "make a new one")
+        })?;
+    let me = session.keys.identity;
+    if cert.body().identity != me
+        || cert.body().device() != session.keys.device.id()
+        || cert.body().kem_key != session.keys.device.kem.public_key()
+    {
+        return Err(CliError::local(
+            "the enrolment is for another device",
+            "run `cmr customer device add` with this device's request",
+        ));
+    }
+    // The server must have logged the certificate: this device's keys come from the verified key events.
+    let this_device = session.keys.device.id();
+    let id = session.identity(me).await?;
+    if !id.has_device(&this_device) {
+        return Err(CliError::with_code(
+            crate::error::code::VERIFICATION,
+            "the server's key events do not certify this device",
+            Some("the enrolment did not reach the log; add the device again"),
+        ));
+    }
+    let wrapped = B64
+        .decode(&e.vault_key)
+        .ok()
+        .and_then(|b| WrappedKey::from_slice(&b).ok())
+        .ok_or_else(|| CliError::local("the enrolment's vault key is damaged", "make a new one"))?;
+    let vault = VaultKey::unwrap_as_device(me, &session.keys.device, &wrapped).map_err(|_| {
+        CliError::local(
+            "the vault key does not open with this device",
+            "make a new enrolment for this device",
+        )
+    })?;
+    let customer = e.sdk.restore(session, &vault)?;
+    saved.role.vault_key = e.vault_key;
+    saved.role.companies = e.companies;
+    let sdk = CustomerState::save(&customer, &vault);
+    saved.session = sdk.session.clone();
+    saved.role.sdk = Some(sdk);
+    home.write_state(Role::Customer, &saved)?;
+    out.line(format!("this device joined the vault of {}", me.to_hex()));
+    out.value(&json!({"identity": me.to_hex(), "joined": true}));
     Ok(())
 }

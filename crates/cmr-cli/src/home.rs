@@ -311,6 +311,11 @@ fn read_private(path: &Path, role: Role) -> CliResult<Vec<u8>> {
     std::fs::read(path).map_err(|e| io_err(path, &e))
 }
 
+/// Writes a file only its owner may read (exports, enrolments), replacing it atomically.
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> CliResult {
+    write_private(path, bytes)
+}
+
 /// Writes `bytes` to `path` with mode 0600: a temporary file, `fsync`, rename, then `fsync` the folder.
 fn write_private(path: &Path, bytes: &[u8]) -> CliResult {
     let tmp = path.with_extension("tmp");

@@ -381,6 +381,79 @@ fn a_scripted_session_against_a_real_server() {
         "{history}"
     );
 
+    // A second device: it asks, the first device certifies it, it joins and reads the vault.
+    let laptop = user("laptop");
+    let v = laptop.json(&["customer", "device", "new", "--identity", &alex_id]);
+    let request = v["request"].as_str().unwrap().to_string();
+    let laptop_device = v["device"].as_str().unwrap().to_string();
+    let enrol = homes.path().join("enrol.json");
+    alex.ok(&[
+        "customer",
+        "device",
+        "add",
+        &request,
+        "--out",
+        enrol.to_str().unwrap(),
+    ]);
+    laptop.ok(&["customer", "device", "join", enrol.to_str().unwrap()]);
+    let shown = laptop.ok(&["customer", "profile", "show"]);
+    assert!(shown.contains("email: alex@example.org"), "{shown}");
+    let listed = alex.ok(&["customer", "device", "list"]);
+    assert!(
+        listed.contains(&laptop_device) && listed.contains("this device"),
+        "{listed}"
+    );
+    // Revoked, the laptop can no longer act; the first device rotated everything and carries on.
+    alex.ok(&["customer", "device", "revoke", &laptop_device]);
+    let err = laptop.fails(&["customer", "profile", "show"], 1);
+    assert!(
+        err.contains("unknown-key") || err.contains("revoked"),
+        "{err}"
+    );
+    let shown = alex.ok(&["customer", "profile", "show"]);
+    assert!(shown.contains("email: alex@example.org"), "{shown}");
+    alex.ok(&[
+        "customer",
+        "tx",
+        "add",
+        "--company",
+        &bank_id,
+        "after the rotation",
+    ]);
+
+    // Export, then erase one family: its records are gone.
+    let export: Value = serde_json::from_str(&alex.ok(&["customer", "export"])).unwrap();
+    let tx_family = export["families"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["scope"] == "transactions")
+        .unwrap();
+    assert_eq!(tx_family["company"], bank_id.as_str());
+    assert_eq!(tx_family["records"].as_array().unwrap().len(), 4);
+    alex.fails(
+        &[
+            "customer",
+            "erase",
+            "--scope",
+            "transactions",
+            "--company",
+            &bank_id,
+        ],
+        4,
+    );
+    alex.ok(&[
+        "customer",
+        "erase",
+        "--scope",
+        "transactions",
+        "--company",
+        &bank_id,
+        "--yes",
+    ]);
+    let err = alex.fails(&["customer", "tx", "list", "--company", &bank_id], 1);
+    assert!(err.contains("family-erased"), "{err}");
+
     // The auditor: a full run, then an incremental one; and a single entry's proof.
     auditor.ok(&["audit", "init"]);
     auditor.ok(&["audit", "register"]);

@@ -396,7 +396,7 @@ pub fn parse_read(v: &Value) -> Result<ReadPage, ClientError> {
     };
     let period = |x: &Value| -> Result<Period, ClientError> {
         let s = x.as_str().ok_or_else(|| bad("period"))?;
-        Period::parse(s).ok_or_else(|| bad("period"))
+        Period::parse(s).ok_or_else(|| bad(&format!("period {s:?}")))
     };
     let u = |x: &Value, w: &str| x.as_u64().ok_or_else(|| bad(w));
     let p = &v["proof_of_read"];

@@ -8,17 +8,19 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use cmr_core::batch::{Batch, Head, SignedBatch};
 use cmr_core::consent::{
-    Access, AccessRequest, Body, DisputeAction, Grant, GrantFamily, Initiator, Revocation,
-    RotationCompletion, SignedStatement, Statement, StatementId,
+    Access, AccessRequest, Body, DisputeAction, ErasureTarget, Grant, GrantFamily, Initiator,
+    Revocation, RotationCompletion, SignedStatement, Statement, StatementId,
 };
 use cmr_core::directory::{
     Directory, DirectoryDevice, DirectoryFamily, DirectoryTracker, Keeper, SignedDirectory,
     rotate_family,
 };
 use cmr_core::epoch::{BundleEntry, EpochSecret, KeyBundle};
+use cmr_core::export::{Export, FamilySource};
 use cmr_core::family::{FamilyId, FamilyName, Period, PseudonymKey, Scope};
 use cmr_core::hash::Digest;
 use cmr_core::identity::IdentityId;
+use cmr_core::identity::{DeviceCertificate, DeviceId, DeviceRequest, Signed};
 use cmr_core::record::{FamilyKeys, RecordId, RecordSealer, SealedRecord};
 use cmr_log::entry::ChainLink;
 use serde_json::json;
@@ -648,6 +650,167 @@ impl Customer {
         let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
             .map_err(|e| ClientError::Local(e.to_string()))?;
         self.send_statement(&signed).await
+    }
+
+    /// Certifies a new device from its signed request (this device must hold the identity key) and
+    /// publishes the next directory listing it. Returns the certificate, for the new device to check.
+    pub async fn add_device(
+        &mut self,
+        request: &DeviceRequest,
+        now: u64,
+    ) -> Result<Signed<DeviceCertificate>, ClientError> {
+        let me = self.id();
+        if request.identity != me {
+            return Err(ClientError::Local(
+                "the device asks to join another identity".into(),
+            ));
+        }
+        let key = self.session.keys.identity_key.as_ref().ok_or_else(|| {
+            ClientError::Local("this device does not hold the identity key".into())
+        })?;
+        let cert = request.certify(0, key, now);
+        self.session.certify(&cert.encode()).await?;
+        self.session.forget_identity(&me);
+        let device = cert.body();
+        self.next_directory(now, |d| {
+            d.devices.push(DirectoryDevice {
+                device: device.device(),
+                signing_key: device.signing_key,
+                kem_key: device.kem_key,
+            });
+            d.devices.sort_by_key(|x| x.device);
+            d.devices.dedup_by_key(|x| x.device);
+        })
+        .await?;
+        Ok(cert)
+    }
+
+    /// The customer's devices, from its verified key events: each certificate and whether it was revoked.
+    pub async fn devices(&mut self) -> Result<Vec<(DeviceCertificate, bool)>, ClientError> {
+        let me = self.id();
+        self.session.forget_identity(&me);
+        Ok(self.session.identity(me).await?.devices.clone())
+    }
+
+    /// Revokes a device (this device must hold the identity key), publishes the directory without it,
+    /// and rotates every family: the revoked device held the vault key, so every current epoch is exposed.
+    /// Returns the revocation's and the rotations' acknowledgements.
+    pub async fn revoke_device(
+        &mut self,
+        device: DeviceId,
+        now: u64,
+    ) -> Result<(Acked, Vec<Acked>), ClientError> {
+        let me = self.id();
+        if device == self.session.keys.device.id() {
+            return Err(ClientError::Local(
+                "this device cannot revoke itself; revoke it from another device".into(),
+            ));
+        }
+        let key = self.session.keys.identity_key.as_ref().ok_or_else(|| {
+            ClientError::Local("this device does not hold the identity key".into())
+        })?;
+        let rev = cmr_core::identity::revoke_device(me, 0, key, device, now).encode();
+        let v = self
+            .session
+            .conn
+            .post(
+                &format!("/v1/identities/{}/devices/revoke", me.to_hex()),
+                &json!({"revocation": B64.encode(&rev)}),
+                crate::transport::Signer::Identity(me, key),
+            )
+            .await?;
+        let acked = self.session.check_ack(&v, &rev).await?;
+        self.session.forget_identity(&me);
+        self.next_directory(now, |d| d.devices.retain(|x| x.device != device))
+            .await?;
+        let mut families: Vec<FamilyId> = self.families.keys().copied().collect();
+        families.sort();
+        let mut rotations = Vec::new();
+        for f in families {
+            rotations.push(self.rotate(f, now).await?);
+        }
+        Ok((acked, rotations))
+    }
+
+    /// Publishes the next directory, changed by `change`.
+    async fn next_directory(
+        &mut self,
+        now: u64,
+        change: impl FnOnce(&mut Directory),
+    ) -> Result<Acked, ClientError> {
+        let current = self
+            .directory
+            .clone()
+            .ok_or_else(|| ClientError::Local("no directory yet; register first".into()))?;
+        let mut next = current.directory().clone();
+        next.version += 1;
+        next.prev = current.digest();
+        next.signer = self.session.keys.device.id();
+        next.issued_at = now;
+        change(&mut next);
+        let signed = next.sign(&self.session.keys.device.signing);
+        self.publish(signed).await
+    }
+
+    /// Erases a family (its records are deleted; the log keeps only that an erasure happened) or, with
+    /// `None`, the whole vault.
+    pub async fn erase(
+        &mut self,
+        family: Option<FamilyId>,
+        now: u64,
+    ) -> Result<Acked, ClientError> {
+        let target = match family {
+            Some(f) => ErasureTarget::Family(f),
+            None => ErasureTarget::Vault,
+        };
+        let st = self.statement(Body::Erasure(target), now);
+        let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        self.send_statement(&signed).await
+    }
+
+    /// The whole vault decrypted, as a portable export (`cmr_core::export`). `companies` are the companies
+    /// this client knows: a family named by a pseudonym is attributed to the one whose pseudonym matches.
+    pub async fn export(
+        &mut self,
+        companies: &[IdentityId],
+        blocked: &[IdentityId],
+    ) -> Result<Export, ClientError> {
+        let me = self.id();
+        let mut ids: Vec<FamilyId> = self.families.keys().copied().collect();
+        ids.sort();
+        let mut loaded = Vec::new();
+        // Every period a record can be in (the API's months are four-digit years).
+        let last = Period::from_year_month(9999, 12).unwrap_or(Period::ORIGIN);
+        for fid in ids {
+            let (_, records) = self.read_raw(fid, Period::ORIGIN, last).await?;
+            let f = self.family(&fid)?;
+            let company = companies.iter().copied().find(|c| {
+                matches!(f.name, FamilyName::Transactions(p) if p == self.pseudonyms.counterparty(c))
+                    || matches!(f.name, FamilyName::Inferred(p) if p == self.pseudonyms.inferred_by(c))
+            });
+            let mut keys = FamilyKeys::new(me, fid);
+            let mut authors: Vec<IdentityId> = records.iter().map(|r| r.header().author).collect();
+            authors.sort();
+            authors.dedup();
+            for (epoch, secret) in &f.secrets {
+                keys.insert(*epoch, secret.read_key(Period::ORIGIN));
+                for a in authors.iter().filter(|a| **a != me) {
+                    keys.insert(*epoch, secret.append_key(a, Period::ORIGIN));
+                }
+            }
+            loaded.push((f.name.scope(), company, records, keys));
+        }
+        let sources = loaded
+            .iter_mut()
+            .map(|(scope, company, records, keys)| FamilySource {
+                scope: *scope,
+                company: *company,
+                records,
+                keys,
+            })
+            .collect();
+        Export::build(me, sources, blocked).map_err(|e| VerifyError::Read(e.to_string()).into())
     }
 
     /// Disputes a record a company appended (an inferred attribute): rejects it.

@@ -852,7 +852,7 @@ async fn a_revoked_device_can_no_longer_act() {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    // The device's requests still verify cryptographically, but the device is no longer valid.
+    // The device's requests still verify cryptographically, but its key no longer authenticates.
     let (s, v) = f
         .env
         .call("POST", &path, read, Signer::Device(&f.acme.device))
@@ -861,7 +861,7 @@ async fn a_revoked_device_can_no_longer_act() {
         (s, v["type"].as_str().unwrap()),
         (
             StatusCode::UNAUTHORIZED,
-            "urn:cmr-vault:problem:bad-signature"
+            "urn:cmr-vault:problem:unknown-key"
         ),
         "{v}"
     );
@@ -876,6 +876,71 @@ async fn a_revoked_device_can_no_longer_act() {
         )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn a_revoked_customer_device_can_no_longer_read_its_vault() {
+    let mut f = flow().await;
+    // A second device of the customer reads the customer's own records (not logged)...
+    let laptop = DeviceKeys::generate(&mut rand::rng());
+    let cert = laptop.certify(f.customer.id, 0, &f.customer.identity_key, T0);
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &format!("/v1/identities/{}/devices", f.customer.id.to_hex()),
+            json!({"certificate": B64.encode(cert.encode())}),
+            Signer::Identity(&f.customer.id, &f.customer.identity_key),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let path = format!(
+        "/v1/vaults/{}/families/{}/read",
+        f.customer.id.to_hex(),
+        f.tx.to_hex()
+    );
+    let read = json!({"from": "2026-01", "to": "2026-12"});
+    let (s, v) = f
+        .env
+        .call("POST", &path, read.clone(), Signer::Device(&laptop))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // ...until the identity key revokes it.
+    let rev = cmr_core::identity::revoke_device(
+        f.customer.id,
+        0,
+        &f.customer.identity_key,
+        laptop.id(),
+        T0,
+    );
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &format!("/v1/identities/{}/devices/revoke", f.customer.id.to_hex()),
+            json!({"revocation": B64.encode(rev.encode())}),
+            Signer::Identity(&f.customer.id, &f.customer.identity_key),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = f
+        .env
+        .call("POST", &path, read.clone(), Signer::Device(&laptop))
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap()),
+        (
+            StatusCode::UNAUTHORIZED,
+            "urn:cmr-vault:problem:unknown-key"
+        ),
+        "{v}"
+    );
+    // The other device carries on.
+    let (s, _) = f
+        .env
+        .call("POST", &path, read, Signer::Device(&f.customer.device))
+        .await;
+    assert_eq!(s, StatusCode::OK);
 }
 
 #[tokio::test]

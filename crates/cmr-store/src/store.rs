@@ -1104,6 +1104,7 @@ impl Sequencer {
                         .map_err(|e| StoreError::Refused(e.to_string()))?;
                 }
                 self.state.identities.insert(id, state);
+                self.unpublish_device_key(&rev.body().device);
                 let customer = self.state.consent.contains_key(&id).then_some(id);
                 self.log(
                     overlay,
@@ -1220,6 +1221,14 @@ impl Sequencer {
             .and_then(|s| s.device_key(device));
         if let (Some(key), Ok(mut keys)) = (key, self.device_keys.write()) {
             keys.devices.insert(*device, (*identity, key));
+        }
+    }
+
+    /// Withdraws a revoked device's key: from then on no request signed by it authenticates. (Logged
+    /// accesses are also checked against the device's validity at their own position when sequenced.)
+    fn unpublish_device_key(&self, device: &DeviceId) {
+        if let Ok(mut keys) = self.device_keys.write() {
+            keys.devices.remove(device);
         }
     }
 
@@ -1640,6 +1649,7 @@ impl Sequencer {
                 self.identity_mut(&id)?
                     .revoke(&r, index)
                     .map_err(|e| m(&e))?;
+                self.unpublish_device_key(&r.body().device);
                 if let Some(c) = self.state.consent.get_mut(&id) {
                     c.device_revoked(index, body.time).map_err(|e| m(&e))?;
                 }

@@ -229,9 +229,7 @@ fn default_limit() -> u64 {
 
 fn period(s: &str) -> Result<Period, ApiError> {
     let bad = || ApiError::malformed(format!("{s:?} is not a month (YYYY-MM from 2000-01)"));
-    let (y, m) = s.split_once('-').ok_or_else(bad)?;
-    Period::from_year_month(y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?)
-        .ok_or_else(bad)
+    Period::parse(s).ok_or_else(bad)
 }
 
 fn proof_json(p: &ReadProof) -> Value {
