@@ -89,7 +89,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 identity: c.identity,
                 role: c.role,
                 device: c.device,
-                identity_key: c.identity_key.map(|(_, k)| k),
+                identity_key: c.identity_key,
             };
             Session::new(conn, keys, pinned.clone())
         }
@@ -103,7 +103,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
                     signing: copy(&s.keys.device.signing),
                     kem: s.keys.device.kem.clone(),
                 },
-                identity_key: s.keys.identity_key.as_ref().map(|k| (0, copy(k))),
+                identity_key: s.keys.identity_key.as_ref().map(|(q, k)| (*q, copy(k))),
             };
             let sealed = keyfile::seal(
                 &mut rand::rng(),

@@ -411,11 +411,12 @@ fn init(home: &Home, out: Out, server: &str, log_vkey: &str) -> CliResult {
     home.refuse_existing(Role::Customer)?;
     let (keys, inception, recovery) = cmr_client::session::Session::create(Role::Customer);
     let id = keys.identity;
-    let identity_key = keys
+    let (seq, identity_key) = keys
         .identity_key
         .as_ref()
+        .map(|(s, k)| (*s, k))
         .ok_or_else(|| CliError::local("no identity key", "report this"))?;
-    let cert = keys.device.certify(id, 0, identity_key, now());
+    let cert = keys.device.certify(id, seq, identity_key, now());
     let vault = VaultKey::generate(&mut rand::rng());
     let wrapped = vault.wrap_to_device(&mut rand::rng(), cert.body());
     let passphrase = home::passphrase(true)?;

@@ -129,7 +129,7 @@ impl Home {
                 signing: copy(&keys.device.signing),
                 kem: keys.device.kem.clone(),
             },
-            identity_key: keys.identity_key.as_ref().map(|k| (0, copy(k))),
+            identity_key: keys.identity_key.as_ref().map(|(s, k)| (*s, copy(k))),
         };
         let sealed = keyfile::seal(&mut rand::rng(), &contents, passphrase, KdfParams::DEFAULT)
             .map_err(|e| {
@@ -166,7 +166,7 @@ impl Home {
             identity: c.identity,
             role,
             device: c.device,
-            identity_key: c.identity_key.map(|(_, k)| k),
+            identity_key: c.identity_key,
         })
     }
 

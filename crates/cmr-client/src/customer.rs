@@ -665,10 +665,16 @@ impl Customer {
                 "the device asks to join another identity".into(),
             ));
         }
-        let key = self.session.keys.identity_key.as_ref().ok_or_else(|| {
-            ClientError::Local("this device does not hold the identity key".into())
-        })?;
-        let cert = request.certify(0, key, now);
+        let (seq, key) = self
+            .session
+            .keys
+            .identity_key
+            .as_ref()
+            .map(|(s, k)| (*s, k))
+            .ok_or_else(|| {
+                ClientError::Local("this device does not hold the identity key".into())
+            })?;
+        let cert = request.certify(seq, key, now);
         self.session.certify(&cert.encode()).await?;
         self.session.forget_identity(&me);
         let device = cert.body();
@@ -706,10 +712,16 @@ impl Customer {
                 "this device cannot revoke itself; revoke it from another device".into(),
             ));
         }
-        let key = self.session.keys.identity_key.as_ref().ok_or_else(|| {
-            ClientError::Local("this device does not hold the identity key".into())
-        })?;
-        let rev = cmr_core::identity::revoke_device(me, 0, key, device, now).encode();
+        let (seq, key) = self
+            .session
+            .keys
+            .identity_key
+            .as_ref()
+            .map(|(s, k)| (*s, k))
+            .ok_or_else(|| {
+                ClientError::Local("this device does not hold the identity key".into())
+            })?;
+        let rev = cmr_core::identity::revoke_device(me, seq, key, device, now).encode();
         let v = self
             .session
             .conn

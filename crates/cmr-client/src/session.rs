@@ -40,7 +40,7 @@ pub struct Keys {
     /// This device's keys.
     pub device: DeviceKeys,
     /// The identity key, on the device that holds it.
-    pub identity_key: Option<SigningKey>,
+    pub identity_key: Option<(u64, SigningKey)>,
 }
 
 /// A session: keys, connection, log view, verified identities, and the entries this party had
@@ -92,7 +92,7 @@ impl Session {
             identity: new.inception.identity(),
             role,
             device: DeviceKeys::generate(&mut rng),
-            identity_key: Some(new.identity_key),
+            identity_key: Some((0, new.identity_key)),
         };
         (keys, new.inception, new.recovery)
     }
@@ -105,9 +105,14 @@ impl Session {
         now: u64,
     ) -> Result<(), ClientError> {
         let id = self.keys.identity;
-        let key = self.keys.identity_key.as_ref().ok_or_else(|| {
-            ClientError::Local("this device does not hold the identity key".into())
-        })?;
+        let key = self
+            .keys
+            .identity_key
+            .as_ref()
+            .map(|(_, k)| k)
+            .ok_or_else(|| {
+                ClientError::Local("this device does not hold the identity key".into())
+            })?;
         let v = self
             .conn
             .post(
@@ -125,9 +130,14 @@ impl Session {
     /// Certifies a device (its signed certificate), signed by the identity key.
     pub async fn certify(&mut self, cert: &[u8]) -> Result<Acked, ClientError> {
         let id = self.keys.identity;
-        let key = self.keys.identity_key.as_ref().ok_or_else(|| {
-            ClientError::Local("this device does not hold the identity key".into())
-        })?;
+        let key = self
+            .keys
+            .identity_key
+            .as_ref()
+            .map(|(_, k)| k)
+            .ok_or_else(|| {
+                ClientError::Local("this device does not hold the identity key".into())
+            })?;
         let v = self
             .conn
             .post(
@@ -227,11 +237,7 @@ impl Session {
     async fn fetch_identity(&mut self, id: IdentityId) -> Result<VerifiedIdentity, ClientError> {
         let v = self
             .conn
-            .post(
-                &format!("/v1/identities/{}/events", id.to_hex()),
-                &json!({}),
-                Signer::Device(&self.keys.device),
-            )
+            .get_json(&format!("/v1/identities/{}/events", id.to_hex()))
             .await?;
         let cp = self
             .observe(v["checkpoint"].as_str().unwrap_or_default())

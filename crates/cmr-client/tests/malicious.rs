@@ -216,10 +216,8 @@ async fn a_substituted_company_key_is_refused() {
         let v = w
             .eve
             .session
-            .post(
-                &format!("/v1/identities/{eve}/events"),
-                &serde_json::json!({}),
-            )
+            .conn
+            .get_json(&format!("/v1/identities/{eve}/events"))
             .await
             .unwrap();
         v["events"].clone()

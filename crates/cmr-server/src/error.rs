@@ -96,6 +96,11 @@ impl From<StoreError> for ApiError {
                 "directory-conflict",
                 format!("expected version {expected}"),
             ),
+            StoreError::BackupConflict { expected } => Self::new(
+                StatusCode::CONFLICT,
+                "backup-conflict",
+                format!("expected version {expected}"),
+            ),
             StoreError::NotFound(d) => Self::new(StatusCode::NOT_FOUND, "not-found", d),
             StoreError::Closed => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,

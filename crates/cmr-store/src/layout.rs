@@ -28,6 +28,8 @@ pub mod tag {
     pub const DIRECTORY: u8 = 0x0a;
     /// The log index of a customer's latest entry.
     pub const CUSTOMER_HEAD: u8 = 0x0b;
+    /// A customer's key backup: version (u64), then the client-sealed bytes.
+    pub const BACKUP: u8 = 0x0c;
 }
 
 /// `meta` keys.

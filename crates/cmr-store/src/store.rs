@@ -60,6 +60,12 @@ pub enum StoreError {
     /// The batch does not extend the family's current head.
     #[error("stale head")]
     StaleHead,
+    /// The key backup does not replace the current one (compare-and-swap failed).
+    #[error("backup conflict: expected version {expected}")]
+    BackupConflict {
+        /// The version that would have been accepted.
+        expected: u64,
+    },
     /// The directory does not replace the current one (compare-and-swap failed).
     #[error("directory conflict: expected version {expected}")]
     DirectoryConflict {
@@ -84,6 +90,9 @@ fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
+/// The largest key backup a customer may store.
+pub const MAX_BACKUP: usize = 1024 * 1024;
+
 /// A state-changing operation (or a read, which is logged as an access).
 #[derive(Debug, Clone)]
 pub enum Op {
@@ -107,6 +116,16 @@ pub enum Op {
         records: Vec<Vec<u8>>,
         /// For a company: the access record of its signed request.
         access: Option<AccessRecord>,
+    },
+    /// Replace a customer's key backup (compare-and-swap on its version): bytes sealed by the customer's
+    /// client, which the store keeps but cannot open. Not logged; durable like every other operation.
+    PutBackup {
+        /// The vault.
+        customer: IdentityId,
+        /// The new version: the current one plus one (1 for the first).
+        version: u64,
+        /// The sealed backup.
+        bytes: Vec<u8>,
     },
     /// A company reads families under a grant; the access is logged before anything is served.
     Read {
@@ -141,7 +160,7 @@ impl Op {
                 Ok(s) => (s.digest(), batch),
                 Err(_) => return None,
             },
-            Op::Read { .. } => return None,
+            Op::Read { .. } | Op::PutBackup { .. } => return None,
         };
         Some((id, sha256(body)))
     }
@@ -793,6 +812,18 @@ impl Store {
             .collect()
     }
 
+    /// A customer's key backup and its version, if any.
+    pub fn backup(&self, customer: &IdentityId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .db
+            .get(layout::key(tag::BACKUP, &[&customer.0]))
+            .map_err(io)?
+            .and_then(|v| {
+                let version = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+                Some((version, v[8..].to_vec()))
+            }))
+    }
+
     /// The salt and body of an entry, unless erased.
     pub fn body(&self, index: u64) -> Result<Option<SaltedBody>, StoreError> {
         if index >= self.committed_size()? {
@@ -1191,6 +1222,38 @@ impl Sequencer {
                 records,
                 access,
             } => self.write_batch(overlay, index, time, batch, records, access, pre),
+            Op::PutBackup {
+                customer,
+                version,
+                bytes,
+            } => {
+                if bytes.len() > MAX_BACKUP {
+                    return Err(StoreError::Malformed(format!(
+                        "a key backup is at most {MAX_BACKUP} bytes"
+                    )));
+                }
+                if !self.state.consent.contains_key(&customer) {
+                    return Err(StoreError::NotFound(format!("customer {customer}")));
+                }
+                let key = layout::key(tag::BACKUP, &[&customer.0]);
+                let current = overlay
+                    .get(&key)?
+                    .and_then(|v| v.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()))
+                    .map_or(0, u64::from_be_bytes);
+                if version != current + 1 {
+                    return Err(StoreError::BackupConflict {
+                        expected: current + 1,
+                    });
+                }
+                let mut v = version.to_be_bytes().to_vec();
+                v.extend_from_slice(&bytes);
+                overlay.put(key, v);
+                Ok(Pending {
+                    index: None,
+                    read: None,
+                    repeated: false,
+                })
+            }
             Op::Read {
                 customer,
                 family,
@@ -1274,6 +1337,9 @@ impl Sequencer {
                 .map(|(_, n)| *n)
                 .collect(),
         };
+        if target == ErasureTarget::Vault {
+            overlay.delete(layout::key(tag::BACKUP, &[&customer.0]));
+        }
         for number in numbers {
             let prefix = layout::family_prefix(number);
             for kv in self.tree.scan_prefix(&prefix) {

@@ -26,24 +26,19 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v1/identities/{id}/devices", post(certify))
         .route("/v1/identities/{id}/devices/revoke", post(revoke_device))
         .route("/v1/identities/{id}/rotate", post(rotate))
-        .route("/v1/identities/{id}/events", post(events))
+        .route("/v1/identities/{id}/events", axum::routing::get(events))
 }
 
 /// An identity's key events (inception, rotations, device certificates and revocations), oldest first,
 /// each with its salt and inclusion proof in the checkpoint returned with them: a counterparty replays
 /// them to learn which device keys the identity had at each log position, trusting only the log key.
-/// They hold public keys only; any registered caller may ask (a customer's id is known only to those it
-/// shared it with).
+/// They hold public keys only, so they are public like the log itself (a customer's id is a hash known only
+/// to those it shared it with); a customer recovering on a new device reads them before it can sign.
 async fn events(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let id = IdentityId(hex_id("identity", &id)?);
-    authenticate(&state, &method, &uri, &headers, &body, None)?;
     let (checkpoint, size) = current_checkpoint(&state)?;
     let mut events = Vec::new();
     for index in state.store.key_events(&id)? {

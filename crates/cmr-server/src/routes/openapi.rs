@@ -156,9 +156,23 @@ pub const ROUTES: &[RouteDoc] = &[
     },
     RouteDoc {
         method: "post",
+        path: "/v1/vaults/{customer}/backup",
+        summary: "Replace the customer's key backup (client-sealed; compare-and-swap on the version)",
+        signed: true,
+        body: &[("version", "integer", true), ("backup", "base64", true)],
+    },
+    RouteDoc {
+        method: "post",
+        path: "/v1/vaults/{customer}/backup/latest",
+        summary: "The customer's latest key backup",
+        signed: true,
+        body: &[],
+    },
+    RouteDoc {
+        method: "get",
         path: "/v1/identities/{id}/events",
         summary: "An identity's key events with inclusion proofs (public keys only)",
-        signed: true,
+        signed: false,
         body: &[],
     },
     RouteDoc {

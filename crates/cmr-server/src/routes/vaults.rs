@@ -41,6 +41,12 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v1/vaults/{customer}/history", post(history))
         .route("/v1/vaults/{customer}/requests", post(pending_requests))
         .route("/v1/vaults/{customer}/relationship", post(relationship))
+        // A key backup is at most 1 MiB of base64 (cmr_store::MAX_BACKUP); not the small-body route.
+        .route(
+            "/v1/vaults/{customer}/backup",
+            post(put_backup).layer(axum::extract::DefaultBodyLimit::max(2 * 1024 * 1024)),
+        )
+        .route("/v1/vaults/{customer}/backup/latest", post(get_backup))
 }
 
 fn access_record(
@@ -499,4 +505,73 @@ async fn pending_requests(
     }
     pending.reverse();
     Ok(Json(json!({ "pending": pending })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupBody {
+    version: u64,
+    backup: String,
+}
+
+/// Replaces the customer's key backup (compare-and-swap on the version): bytes sealed by the customer's
+/// client (the vault key wrapped to the recovery key, secrets sealed under the vault key), which the
+/// server cannot open. Only the customer, with a device or the identity key, may write or read it.
+async fn put_backup(
+    State(state): State<Arc<AppState>>,
+    Path(customer): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let customer = IdentityId(hex_id("customer", &customer)?);
+    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
+    if caller.identity != customer {
+        return Err(ApiError::forbidden(
+            "a customer backs up only their own keys",
+        ));
+    }
+    let req: BackupBody = json_body(&body)?;
+    let bytes = b64("backup", &req.backup)?;
+    let ack = run(
+        &state,
+        Op::PutBackup {
+            customer,
+            version: req.version,
+            bytes,
+        },
+    )
+    .await?;
+    Ok(Json(
+        json!({"version": req.version, "checkpoint": ack.checkpoint}),
+    ))
+}
+
+/// The customer's latest key backup.
+async fn get_backup(
+    State(state): State<Arc<AppState>>,
+    Path(customer): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let customer = IdentityId(hex_id("customer", &customer)?);
+    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
+    if caller.identity != customer {
+        return Err(ApiError::forbidden(
+            "a customer reads only their own backup",
+        ));
+    }
+    let (version, bytes) = state.store.backup(&customer)?.ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "not-found",
+            "no key backup yet",
+        )
+    })?;
+    Ok(Json(
+        json!({"version": version, "backup": B64.encode(bytes)}),
+    ))
 }
