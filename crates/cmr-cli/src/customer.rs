@@ -6,7 +6,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::Subcommand;
 use cmr_client::customer::{Approval, Customer};
-use cmr_client::state::CustomerState;
+use cmr_client::state::{CustomerState, KeyBackup};
 use cmr_client::wellknown::{self, Mode};
 use cmr_core::consent::{Access, Body, StatementId};
 use cmr_core::family::{FamilyName, Period, PseudonymKey, Scope};
@@ -30,6 +30,19 @@ pub struct CustomerRole {
     pub sdk: Option<CustomerState>,
     /// Companies whose domain proof the customer checked: (identity hex, domain, name).
     pub companies: Vec<(String, String, String)>,
+    /// The vault key wrapped to the recovery key of key event `recovery_seq`, base64 (for the backup).
+    #[serde(default)]
+    pub recovery_wrap: String,
+    /// The key event whose recovery key `recovery_wrap` is wrapped to.
+    #[serde(default)]
+    pub recovery_seq: u64,
+    /// The version of the key backup last stored on the server.
+    #[serde(default)]
+    pub backup_version: u64,
+    /// What that backup held (a digest of its families, epochs, directory and grants), to store a new
+    /// one only when it changes.
+    #[serde(default)]
+    pub backup_digest: String,
 }
 
 /// The customer's commands.
@@ -149,6 +162,23 @@ pub enum CustomerCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Recover the vault on a new device with the recovery phrase, after losing every device.
+    ///
+    /// The phrase is asked for (or read from CMR_RECOVERY_PHRASE in scripts), never given as a flag. The
+    /// identity key rotates to the one the phrase reveals, this device is certified, the vault key is
+    /// opened from the server's key backup, every other device is revoked, every family rotates, and a
+    /// new recovery phrase is shown once.
+    Recover {
+        /// The identity to recover.
+        #[arg(long)]
+        identity: String,
+        /// The vault server.
+        #[arg(long, env = "CMR_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// The server's log verifier key.
+        #[arg(long, env = "CMR_LOG_VKEY")]
+        log_vkey: String,
+    },
     /// Dispute (reject) an inferred attribute a company appended.
     Dispute {
         /// The company that inferred it.
@@ -207,6 +237,9 @@ struct Enrolment {
     vault_key: String,
     sdk: CustomerState,
     companies: Vec<(String, String, String)>,
+    recovery_wrap: String,
+    recovery_seq: u64,
+    backup_version: u64,
 }
 
 /// Profile commands.
@@ -366,10 +399,38 @@ impl Loaded {
         })
     }
 
-    fn save(mut self, home: &Home) -> CliResult {
+    /// Saves the state file, then keeps the server's key backup up to date: a new version whenever the
+    /// families, their epochs, the directory or the grants changed (so recovery finds every secret).
+    async fn save(mut self, home: &Home) -> CliResult {
         let sdk = CustomerState::save(&self.customer, &self.vault);
         self.saved.session = sdk.session.clone();
-        self.saved.role.sdk = Some(sdk);
+        let digest = backup_digest(&sdk);
+        self.saved.role.sdk = Some(sdk.clone());
+        home.write_state(Role::Customer, &self.saved)?;
+        if !self.saved.registered
+            || self.customer.directory.is_none()
+            || digest == self.saved.role.backup_digest
+        {
+            return Ok(());
+        }
+        let backup = KeyBackup {
+            recovery_seq: self.saved.role.recovery_seq,
+            vault_key: self.saved.role.recovery_wrap.clone(),
+            state: sdk,
+        };
+        let mut version = self.saved.role.backup_version + 1;
+        if let Err(e) = self.customer.put_backup(&backup, version).await {
+            if e.code() != Some("backup-conflict") {
+                return Err(CliError::from(e));
+            }
+            // Another device stored one since: this device's view is the newer one (last writer wins).
+            version = Customer::get_backup(&self.customer.session)
+                .await?
+                .map_or(1, |(v, _)| v + 1);
+            self.customer.put_backup(&backup, version).await?;
+        }
+        self.saved.role.backup_version = version;
+        self.saved.role.backup_digest = digest;
         home.write_state(Role::Customer, &self.saved)
     }
 }
@@ -399,10 +460,18 @@ pub async fn run(home: &Home, out: Out, cmd: CustomerCmd) -> CliResult {
     {
         return device_join(home, out, file).await;
     }
+    if let CustomerCmd::Recover {
+        identity,
+        server,
+        log_vkey,
+    } = &cmd
+    {
+        return recover(home, out, identity, server, log_vkey).await;
+    }
     let mut l = Loaded::open(home)?;
     let result = step(&mut l, out, cmd).await;
     // Whatever happened, what was verified so far is kept.
-    l.save(home)?;
+    l.save(home).await?;
     result
 }
 
@@ -419,6 +488,11 @@ fn init(home: &Home, out: Out, server: &str, log_vkey: &str) -> CliResult {
     let cert = keys.device.certify(id, seq, identity_key, now());
     let vault = VaultKey::generate(&mut rand::rng());
     let wrapped = vault.wrap_to_device(&mut rand::rng(), cert.body());
+    let record = cmr_core::identity::KeyHistory::incept(&inception, 0)
+        .map_err(|e| CliError::local(e.to_string(), "report this"))?
+        .current()
+        .clone();
+    let recovery_wrap = vault.wrap_to_recovery(&mut rand::rng(), id, &record);
     let passphrase = home::passphrase(true)?;
     home.write_key(Role::Customer, &keys, &passphrase)?;
     let session = home::new_session(server, log_vkey, keys)?;
@@ -435,6 +509,10 @@ fn init(home: &Home, out: Out, server: &str, log_vkey: &str) -> CliResult {
             vault_key: B64.encode(wrapped.to_bytes()),
             sdk: Some(sdk),
             companies: vec![],
+            recovery_wrap: B64.encode(recovery_wrap.to_bytes()),
+            recovery_seq: record.seq,
+            backup_version: 0,
+            backup_digest: String::new(),
         },
     };
     home.write_state(Role::Customer, &saved)?;
@@ -456,6 +534,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
     match cmd {
         CustomerCmd::Init { .. }
         | CustomerCmd::Id
+        | CustomerCmd::Recover { .. }
         | CustomerCmd::Device {
             cmd: DeviceCmd::New { .. } | DeviceCmd::Join { .. },
         } => {
@@ -886,6 +965,9 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 vault_key: B64.encode(wrapped.to_bytes()),
                 sdk: CustomerState::save(c, &l.vault),
                 companies: l.saved.role.companies.clone(),
+                recovery_wrap: l.saved.role.recovery_wrap.clone(),
+                recovery_seq: l.saved.role.recovery_seq,
+                backup_version: l.saved.role.backup_version,
             };
             let json = serde_json::to_vec_pretty(&enrolment)
                 .map_err(|e| CliError::local(e.to_string(), "report this"))?;
@@ -944,6 +1026,15 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             let fresh = VaultKey::generate(&mut rand::rng());
             l.saved.role.vault_key =
                 B64.encode(fresh.wrap_to_device(&mut rand::rng(), &cert).to_bytes());
+            let me = c.id();
+            let record = c.session.identity(me).await?.state.keys().current().clone();
+            l.saved.role.recovery_wrap = B64.encode(
+                fresh
+                    .wrap_to_recovery(&mut rand::rng(), me, &record)
+                    .to_bytes(),
+            );
+            l.saved.role.recovery_seq = record.seq;
+            l.saved.role.backup_digest.clear();
             l.vault = fresh;
             out.line(format!("device revoked at log index {}; {} families rotated; the vault key was replaced (other devices join again)", rev.index, rotations.len()));
             out.value(
@@ -1203,6 +1294,10 @@ fn device_new(home: &Home, out: Out, identity: &str, server: &str, log_vkey: &st
             vault_key: String::new(),
             sdk: None,
             companies: vec![],
+            recovery_wrap: String::new(),
+            recovery_seq: 0,
+            backup_version: 0,
+            backup_digest: String::new(),
         },
     };
     home.write_state(Role::Customer, &saved)?;
@@ -1281,11 +1376,124 @@ async fn device_join(home: &Home, out: Out, file: &std::path::Path) -> CliResult
     let customer = e.sdk.restore(session, &vault)?;
     saved.role.vault_key = e.vault_key;
     saved.role.companies = e.companies;
+    saved.role.recovery_wrap = e.recovery_wrap;
+    saved.role.recovery_seq = e.recovery_seq;
+    saved.role.backup_version = e.backup_version;
     let sdk = CustomerState::save(&customer, &vault);
     saved.session = sdk.session.clone();
     saved.role.sdk = Some(sdk);
     home.write_state(Role::Customer, &saved)?;
     out.line(format!("this device joined the vault of {}", me.to_hex()));
     out.value(&json!({"identity": me.to_hex(), "joined": true}));
+    Ok(())
+}
+
+/// A digest of what a backup must hold: families and their epochs, the directory, the grants. (The sealed
+/// secrets themselves are drawn with fresh nonces at each save, so they are not compared.)
+fn backup_digest(sdk: &CustomerState) -> String {
+    let families: Vec<(&str, u64, usize)> = sdk
+        .families
+        .iter()
+        .map(|f| (f.name.as_str(), f.epoch, f.secrets.len()))
+        .collect();
+    let grants: Vec<(&str, bool)> = sdk
+        .grants
+        .iter()
+        .map(|g| (g.statement.as_str(), g.revoked))
+        .collect();
+    let text = serde_json::to_string(&(families, &sdk.directory, grants)).unwrap_or_default();
+    cmr_core::hash::sha256(text.as_bytes()).to_hex()
+}
+
+async fn recover(home: &Home, out: Out, identity: &str, server: &str, log_vkey: &str) -> CliResult {
+    home.refuse_existing(Role::Customer)?;
+    home::check_server(server, log_vkey)?;
+    let id = IdentityId(parse_id(identity, "identity")?);
+    let phrase = match std::env::var("CMR_RECOVERY_PHRASE") {
+        Ok(p) => zeroize::Zeroizing::new(p),
+        Err(_) => zeroize::Zeroizing::new(
+            rpassword::prompt_password("recovery phrase: ").map_err(|_| {
+                CliError::local(
+                    "no recovery phrase: there is no terminal to ask on",
+                    "set CMR_RECOVERY_PHRASE for scripts",
+                )
+            })?,
+        ),
+    };
+    let secret = cmr_core::identity::RecoverySecret::from_phrase(phrase.trim()).map_err(|e| {
+        CliError::local(
+            format!("the recovery phrase is not valid: {e}"),
+            "check each of the 24 words",
+        )
+    })?;
+    let conn = cmr_client::Connection::new(server)?;
+    let pinned = cmr_log::note::NoteVerifier::from_vkey(log_vkey).map_err(|e| {
+        CliError::local(
+            format!("the log key does not parse: {e}"),
+            "copy it from the server",
+        )
+    })?;
+    let (mut customer, _old, next, version) =
+        Customer::recover(conn, pinned, id, &secret, now()).await?;
+    // A fresh vault key: the lost devices knew the old one.
+    let vault = VaultKey::generate(&mut rand::rng());
+    let mine = customer.session.keys.device.id();
+    let cert = customer
+        .devices()
+        .await?
+        .into_iter()
+        .find(|(c, _)| c.device() == mine)
+        .map(|(c, _)| c)
+        .ok_or_else(|| {
+            CliError::with_code(
+                crate::error::code::VERIFICATION,
+                "the server's key events do not certify this device",
+                None,
+            )
+        })?;
+    let record = customer
+        .session
+        .identity(id)
+        .await?
+        .state
+        .keys()
+        .current()
+        .clone();
+    let passphrase = home::passphrase(true)?;
+    home.write_key(Role::Customer, &customer.session.keys, &passphrase)?;
+    let sdk = CustomerState::save(&customer, &vault);
+    let saved = Saved {
+        identity: id.to_hex(),
+        server: server.to_string(),
+        log_vkey: log_vkey.to_string(),
+        inception: None,
+        registered: true,
+        session: sdk.session.clone(),
+        role: CustomerRole {
+            vault_key: B64.encode(vault.wrap_to_device(&mut rand::rng(), &cert).to_bytes()),
+            sdk: Some(sdk),
+            companies: vec![],
+            recovery_wrap: B64.encode(
+                vault
+                    .wrap_to_recovery(&mut rand::rng(), id, &record)
+                    .to_bytes(),
+            ),
+            recovery_seq: record.seq,
+            backup_version: version,
+            backup_digest: String::new(),
+        },
+    };
+    Loaded {
+        customer,
+        vault,
+        saved,
+    }
+    .save(home)
+    .await?;
+    let phrase = next.to_phrase();
+    out.line(format!("vault {} recovered on this device; every other device was revoked and every family rotated", id.to_hex()));
+    out.line("NEW RECOVERY PHRASE (shown once; the old one no longer works):");
+    out.line(format!("  {}", phrase.as_str()));
+    out.value(&json!({"identity": id.to_hex(), "recovery_phrase": phrase.as_str()}));
     Ok(())
 }

@@ -103,7 +103,10 @@ impl From<ClientError> for CliError {
                 code::VERIFICATION,
                 Some("the server's answer did not verify; do not trust it, and report it"),
             ),
-            ClientError::Local(_) => (code::LOCAL, None),
+            ClientError::Local(_) => (
+                code::LOCAL,
+                Some("check the command's arguments and this device's state (`--help`)"),
+            ),
         };
         Self {
             message: e.to_string(),

@@ -236,6 +236,16 @@ impl User {
         out
     }
 
+    fn ok_with(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let mut c = self.cmd(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let (code, out, err) = run(&mut c);
+        assert_eq!(code, 0, "cmr {args:?}: {err}");
+        out
+    }
+
     fn json(&self, args: &[&str]) -> Value {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
@@ -263,6 +273,7 @@ fn a_scripted_session_against_a_real_server() {
 
     let v = alex.json(&["customer", "init"]);
     let alex_id = v["identity"].as_str().unwrap().to_string();
+    let phrase = v["recovery_phrase"].as_str().unwrap().to_string();
     assert_eq!(
         v["recovery_phrase"].as_str().unwrap().split(' ').count(),
         24
@@ -451,8 +462,29 @@ fn a_scripted_session_against_a_real_server() {
         &bank_id,
         "--yes",
     ]);
-    let err = alex.fails(&["customer", "tx", "list", "--company", &bank_id], 1);
-    assert!(err.contains("family-erased"), "{err}");
+    let v = alex.json(&["customer", "tx", "list", "--company", &bank_id]);
+    assert!(v["transactions"].as_array().unwrap().is_empty(), "{v}");
+
+    // Every device lost: the recovery phrase brings the vault back on a new one, with a new phrase.
+    let phone = user("phone");
+    let v: Value = serde_json::from_str(&phone.ok_with(
+        &["--json", "customer", "recover", "--identity", &alex_id],
+        &[("CMR_RECOVERY_PHRASE", &phrase)],
+    ))
+    .unwrap();
+    let new_phrase = v["recovery_phrase"].as_str().unwrap().to_string();
+    assert_ne!(new_phrase, phrase);
+    let shown = phone.ok(&["customer", "profile", "show"]);
+    assert!(shown.contains("email: alex@example.org"), "{shown}");
+    let err = alex.fails(&["customer", "profile", "show"], 1);
+    assert!(err.contains("unknown-key"), "{err}");
+    // The old phrase no longer recovers anything.
+    let again = user("again");
+    let (code, _, err) = run(again
+        .cmd(&["customer", "recover", "--identity", &alex_id])
+        .env("CMR_RECOVERY_PHRASE", &phrase));
+    assert_eq!(code, 4, "{err}");
+    one_line_error(&err);
 
     // The auditor: a full run, then an incremental one; and a single entry's proof.
     auditor.ok(&["audit", "init"]);

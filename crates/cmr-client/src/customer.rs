@@ -706,41 +706,10 @@ impl Customer {
         device: DeviceId,
         now: u64,
     ) -> Result<(Acked, Vec<Acked>), ClientError> {
-        let me = self.id();
-        if device == self.session.keys.device.id() {
-            return Err(ClientError::Local(
-                "this device cannot revoke itself; revoke it from another device".into(),
-            ));
-        }
-        let (seq, key) = self
-            .session
-            .keys
-            .identity_key
-            .as_ref()
-            .map(|(s, k)| (*s, k))
-            .ok_or_else(|| {
-                ClientError::Local("this device does not hold the identity key".into())
-            })?;
-        let rev = cmr_core::identity::revoke_device(me, seq, key, device, now).encode();
-        let v = self
-            .session
-            .conn
-            .post(
-                &format!("/v1/identities/{}/devices/revoke", me.to_hex()),
-                &json!({"revocation": B64.encode(&rev)}),
-                crate::transport::Signer::Identity(me, key),
-            )
-            .await?;
-        let acked = self.session.check_ack(&v, &rev).await?;
-        self.session.forget_identity(&me);
-        self.next_directory(now, |d| d.devices.retain(|x| x.device != device))
-            .await?;
-        let mut families: Vec<FamilyId> = self.families.keys().copied().collect();
-        families.sort();
-        let mut rotations = Vec::new();
-        for f in families {
-            rotations.push(self.rotate(f, now).await?);
-        }
+        let (mut revoked, rotations) = self.revoke_devices(&[device], now).await?;
+        let acked = revoked
+            .pop()
+            .ok_or_else(|| ClientError::Local("no revocation".into()))?;
         Ok((acked, rotations))
     }
 
@@ -778,7 +747,15 @@ impl Customer {
         let st = self.statement(Body::Erasure(target), now);
         let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
             .map_err(|e| ClientError::Local(e.to_string()))?;
-        self.send_statement(&signed).await
+        let acked = self.send_statement(&signed).await?;
+        // An erased family's secrets protect nothing any more: forget them.
+        match family {
+            Some(f) => {
+                self.families.remove(&f);
+            }
+            None => self.families.clear(),
+        }
+        Ok(acked)
     }
 
     /// The whole vault decrypted, as a portable export (`cmr_core::export`). `companies` are the companies
@@ -823,6 +800,194 @@ impl Customer {
             })
             .collect();
         Export::build(me, sources, blocked).map_err(|e| VerifyError::Read(e.to_string()).into())
+    }
+
+    /// Stores `backup` on the server as version `version` (the current one plus one).
+    pub async fn put_backup(
+        &mut self,
+        backup: &crate::state::KeyBackup,
+        version: u64,
+    ) -> Result<(), ClientError> {
+        let bytes = serde_json::to_vec(backup).map_err(|e| ClientError::Local(e.to_string()))?;
+        self.session
+            .post(
+                &format!("/v1/vaults/{}/backup", self.id().to_hex()),
+                &json!({"version": version, "backup": B64.encode(bytes)}),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The latest key backup on the server and its version.
+    pub async fn get_backup(
+        session: &Session,
+    ) -> Result<Option<(u64, crate::state::KeyBackup)>, ClientError> {
+        let r = session
+            .post(
+                &format!(
+                    "/v1/vaults/{}/backup/latest",
+                    session.keys.identity.to_hex()
+                ),
+                &json!({}),
+            )
+            .await;
+        let v = match r {
+            Err(ClientError::Refused { status: 404, .. }) => return Ok(None),
+            other => other?,
+        };
+        let version = v["version"]
+            .as_u64()
+            .ok_or_else(|| ClientError::Malformed("backup without a version".into()))?;
+        let bytes = Session::field(&v["backup"], "backup")?;
+        let backup = serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Malformed(format!("the backup does not parse: {e}")))?;
+        Ok(Some((version, backup)))
+    }
+
+    /// Revokes several devices, publishes the directory without them, then rotates every family once.
+    pub async fn revoke_devices(
+        &mut self,
+        devices: &[DeviceId],
+        now: u64,
+    ) -> Result<(Vec<Acked>, Vec<Acked>), ClientError> {
+        let me = self.id();
+        if devices.contains(&self.session.keys.device.id()) {
+            return Err(ClientError::Local(
+                "this device cannot revoke itself; revoke it from another device".into(),
+            ));
+        }
+        let (seq, key) = self
+            .session
+            .keys
+            .identity_key
+            .as_ref()
+            .map(|(s, k)| (*s, cmr_core::keys::SigningKey::from_seed(&k.seed())))
+            .ok_or_else(|| {
+                ClientError::Local("this device does not hold the identity key".into())
+            })?;
+        let mut revocations = Vec::new();
+        for device in devices {
+            let rev = cmr_core::identity::revoke_device(me, seq, &key, *device, now).encode();
+            let v = self
+                .session
+                .conn
+                .post(
+                    &format!("/v1/identities/{}/devices/revoke", me.to_hex()),
+                    &json!({"revocation": B64.encode(&rev)}),
+                    crate::transport::Signer::Identity(me, &key),
+                )
+                .await?;
+            revocations.push(self.session.check_ack(&v, &rev).await?);
+        }
+        self.session.forget_identity(&me);
+        let gone = devices.to_vec();
+        self.next_directory(now, |d| d.devices.retain(|x| !gone.contains(&x.device)))
+            .await?;
+        let mut families: Vec<FamilyId> = self.families.keys().copied().collect();
+        families.sort();
+        let mut rotations = Vec::new();
+        for f in families {
+            rotations.push(self.rotate(f, now).await?);
+        }
+        Ok((revocations, rotations))
+    }
+
+    /// Recovers a vault on a new device with the recovery secret: rotates the identity key to the one the
+    /// secret reveals (pre-committed in the current key event), certifies the new device, opens the vault
+    /// key from the server's key backup, revokes every other device and rotates every family. Returns
+    /// the customer, the vault key, the next recovery secret (its phrase is shown once) and the backup's
+    /// version. The caller replaces the vault key and stores a new backup.
+    pub async fn recover(
+        conn: crate::transport::Connection,
+        log_key: cmr_log::note::NoteVerifier,
+        identity: IdentityId,
+        recovery: &cmr_core::identity::RecoverySecret,
+        now: u64,
+    ) -> Result<
+        (
+            Customer,
+            cmr_core::vault::VaultKey,
+            cmr_core::identity::RecoverySecret,
+            u64,
+        ),
+        ClientError,
+    > {
+        let device = cmr_core::identity::DeviceKeys::generate(&mut rand::rng());
+        let mut session = Session::new(
+            conn,
+            crate::session::Keys {
+                identity,
+                role: cmr_core::identity::Role::Customer,
+                device,
+                identity_key: None,
+            },
+            log_key,
+        );
+        let history = session.identity(identity).await?.state.keys().clone();
+        let old_recovery_seq = history.current().seq;
+        if history.current().next_key_digest
+            != cmr_core::identity::next_key_digest(&recovery.identity_key().verifying_key())
+        {
+            return Err(ClientError::Local(
+                "this recovery phrase does not belong to this identity's current key".into(),
+            ));
+        }
+        let rotated = cmr_core::identity::rotate_identity(&mut rand::rng(), &history, recovery);
+        let event = rotated.inception.encode();
+        let v = session
+            .conn
+            .post(
+                &format!("/v1/identities/{}/rotate", identity.to_hex()),
+                &json!({"event": B64.encode(&event)}),
+                crate::transport::Signer::Identity(identity, &rotated.identity_key),
+            )
+            .await?;
+        session.check_ack(&v, &event).await?;
+        let seq = rotated.inception.event().seq;
+        let cert = session
+            .keys
+            .device
+            .certify(identity, seq, &rotated.identity_key, now)
+            .encode();
+        session.keys.identity_key = Some((seq, rotated.identity_key));
+        session.certify(&cert).await?;
+        session.forget_identity(&identity);
+        let (version, backup) = Self::get_backup(&session).await?.ok_or_else(|| {
+            ClientError::Local("the server holds no key backup for this vault".into())
+        })?;
+        if backup.recovery_seq != old_recovery_seq {
+            return Err(ClientError::Local(format!(
+                "the backup's vault key is wrapped to recovery key {}, not to the current one ({old_recovery_seq})",
+                backup.recovery_seq
+            )));
+        }
+        let wrapped = B64
+            .decode(&backup.vault_key)
+            .ok()
+            .and_then(|b| cmr_core::wrap::WrappedKey::from_slice(&b).ok())
+            .ok_or_else(|| ClientError::Malformed("the backup's vault key".into()))?;
+        let vault = cmr_core::vault::VaultKey::unwrap_with_recovery(
+            identity,
+            backup.recovery_seq,
+            recovery,
+            &wrapped,
+        )
+        .map_err(|_| {
+            ClientError::Local("the backup's vault key does not open with this phrase".into())
+        })?;
+        let mut customer = backup.state.restore(session, &vault)?;
+        let mine = customer.session.keys.device.id();
+        let lost: Vec<DeviceId> = customer
+            .devices()
+            .await?
+            .into_iter()
+            .filter(|(c, revoked)| !revoked && c.device() != mine)
+            .map(|(c, _)| c.device())
+            .collect();
+        if !lost.is_empty() {
+            customer.revoke_devices(&lost, now).await?;
+        }
+        Ok((customer, vault, rotated.recovery, version))
     }
 
     /// Disputes a record a company appended (an inferred attribute): rejects it.

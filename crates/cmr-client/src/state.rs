@@ -367,3 +367,16 @@ pub fn tracker_of(dir: &SignedDirectory) -> DirectoryTracker {
         dir.digest(),
     )
 }
+
+/// What the server keeps for a customer's recovery: the vault key wrapped (HPKE) to the recovery key of key
+/// event `recovery_seq`, and the client state, whose secrets are sealed under the vault key. The server
+/// can open none of it; the recovery phrase opens the vault key, and the vault key the rest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyBackup {
+    /// The key event whose recovery key the vault key is wrapped to.
+    pub recovery_seq: u64,
+    /// The wrapped vault key, base64.
+    pub vault_key: String,
+    /// The client state.
+    pub state: CustomerState,
+}
