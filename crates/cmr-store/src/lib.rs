@@ -14,4 +14,4 @@
 pub mod layout;
 pub mod store;
 
-pub use store::{Ack, KeyIndex, Op, ReadResult, Store, StoreConfig, StoreError};
+pub use store::{Ack, KeyIndex, MAX_BACKUP, Op, ReadResult, Store, StoreConfig, StoreError};

@@ -497,3 +497,58 @@ fn a_folder_in_use_is_refused_and_a_closed_one_reopens_at_once() {
         assert_eq!(latest_checkpoint(&store).size, size);
     }
 }
+
+#[test]
+fn a_key_backup_is_replaced_only_in_order_survives_a_reopen_and_goes_with_the_vault() {
+    use cmr_core::consent::ErasureTarget;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let w = {
+        let store = open(dir.path(), clock.clone());
+        let w = World::setup(&store);
+        let put = |version, bytes: &[u8]| Op::PutBackup {
+            customer: w.customer.id,
+            version,
+            bytes: bytes.to_vec(),
+        };
+        assert!(store.backup(&w.customer.id).unwrap().is_none());
+        // Only version 1 may come first, then 2: a stale or skipped version is a conflict.
+        assert!(matches!(
+            store.execute(put(2, b"skipped")),
+            Err(StoreError::BackupConflict { expected: 1 })
+        ));
+        store.execute(put(1, b"first")).unwrap();
+        assert!(matches!(
+            store.execute(put(1, b"stale")),
+            Err(StoreError::BackupConflict { expected: 2 })
+        ));
+        store.execute(put(2, b"second")).unwrap();
+        // Too large, or for a company: refused, nothing changes.
+        let big = vec![0u8; cmr_store::MAX_BACKUP + 1];
+        assert!(matches!(
+            store.execute(put(3, &big)),
+            Err(StoreError::Malformed(_))
+        ));
+        assert!(matches!(
+            store.execute(Op::PutBackup {
+                customer: w.acme.id,
+                version: 1,
+                bytes: b"company".to_vec(),
+            }),
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(
+            store.backup(&w.customer.id).unwrap(),
+            Some((2, b"second".to_vec()))
+        );
+        w
+    };
+    // Durable: a reopened store has it, and erasing the vault deletes it.
+    let store = open(dir.path(), clock);
+    assert_eq!(
+        store.backup(&w.customer.id).unwrap(),
+        Some((2, b"second".to_vec()))
+    );
+    store.execute(erasure(&w, ErasureTarget::Vault)).unwrap();
+    assert!(store.backup(&w.customer.id).unwrap().is_none());
+}
