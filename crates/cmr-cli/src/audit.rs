@@ -43,6 +43,21 @@ pub enum AuditCmd {
         #[arg(long)]
         full: bool,
     },
+    /// Create a witness key (C2SP tlog-cosignature) and print its verifier key for the operator's
+    /// `cmr serve --witness`. Witnessing needs no auditor identity.
+    WitnessInit {
+        /// The witness's name, such as witness.example/w1.
+        #[arg(long)]
+        name: String,
+        /// The vault server.
+        #[arg(long, env = "CMR_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// The server's log verifier key.
+        #[arg(long, env = "CMR_LOG_VKEY")]
+        log_vkey: String,
+    },
+    /// Cosign the log's current checkpoint, if it is consistent with the last one this witness cosigned.
+    Witness,
     /// Check a single entry: its inclusion in the latest verified checkpoint, and what it records.
     Proof {
         /// The log index.
@@ -78,16 +93,29 @@ pub async fn run(home: &Home, out: Out, cmd: AuditCmd) -> CliResult {
         out.value(&json!({"identity": id.to_hex()}));
         return Ok(());
     }
+    if let AuditCmd::WitnessInit {
+        name,
+        server,
+        log_vkey,
+    } = &cmd
+    {
+        return witness_init(home, out, name, server, log_vkey);
+    }
+    if let AuditCmd::Witness = cmd {
+        return witness(home, out).await;
+    }
     if let AuditCmd::Id = cmd {
         return crate::customer::print_id(home, out, Role::Auditor);
     }
     let (mut session, mut saved) = home::open_session::<AuditorRole>(home, Role::Auditor)?;
     saved.session.apply(&mut session)?;
     let result = match cmd {
-        AuditCmd::Init { .. } | AuditCmd::Id => Err(CliError::local(
-            "this command runs on its own",
-            "report this",
-        )),
+        AuditCmd::Init { .. } | AuditCmd::Id | AuditCmd::WitnessInit { .. } | AuditCmd::Witness => {
+            Err(CliError::local(
+                "this command runs on its own",
+                "report this",
+            ))
+        }
         AuditCmd::Register => {
             if !saved.registered {
                 let inception = saved
@@ -208,5 +236,124 @@ async fn proof(session: &mut cmr_client::session::Session, out: Out, index: u64)
         hex::encode(cp.root)
     ));
     out.value(&json!({"index": index, "kind": e.kind.name(), "time": e.time, "subject": e.subject.to_hex(), "size": cp.size, "root": hex::encode(cp.root)}));
+    Ok(())
+}
+
+/// A witness's state: its server, the log it witnesses, and the last checkpoint it cosigned.
+#[derive(Serialize, Deserialize)]
+struct WitnessState {
+    server: String,
+    log_vkey: String,
+    last: Option<String>,
+}
+
+fn witness_init(home: &Home, out: Out, name: &str, server: &str, log_vkey: &str) -> CliResult {
+    home::check_server(server, log_vkey)?;
+    if home.witness_key_path().exists() {
+        return Err(CliError::local(
+            "a witness key already exists here",
+            "use it, or choose another --home",
+        ));
+    }
+    let seed = cmr_log::entry::draw_salt(&mut rand::rng());
+    let signer = cmr_log::note::NoteSigner::new(
+        name,
+        cmr_log::note::TYPE_COSIGNATURE,
+        cmr_core::keys::SigningKey::from_seed(&seed),
+    )
+    .map_err(|e| {
+        CliError::local(
+            format!("the witness name {name:?} does not work: {e}"),
+            "use a name like witness.example/w1",
+        )
+    })?;
+    let state = WitnessState {
+        server: server.into(),
+        log_vkey: log_vkey.into(),
+        last: None,
+    };
+    home.write_witness(
+        signer.to_skey().as_bytes(),
+        &serde_json::to_vec_pretty(&state).unwrap_or_default(),
+    )?;
+    let vkey = signer.verifier().to_vkey();
+    out.line(format!("witness key created; give the operator this verifier key for `cmr serve --witness`:\n  {vkey}"));
+    out.value(&json!({"witness_vkey": vkey}));
+    Ok(())
+}
+
+async fn witness(home: &Home, out: Out) -> CliResult {
+    let (skey, state) = home.read_witness()?;
+    let mut state: WitnessState = serde_json::from_slice(&state).map_err(|e| {
+        CliError::local(
+            format!("the witness state is damaged: {e}"),
+            "run `cmr audit witness-init` in a new --home",
+        )
+    })?;
+    let signer =
+        cmr_log::note::NoteSigner::from_skey(std::str::from_utf8(&skey).unwrap_or_default())
+            .map_err(|e| {
+                CliError::local(
+                    format!("the witness key is damaged: {e}"),
+                    "run `cmr audit witness-init` in a new --home",
+                )
+            })?;
+    let log_key = cmr_log::note::NoteVerifier::from_vkey(&state.log_vkey)
+        .map_err(|e| CliError::local(e.to_string(), "check the log key"))?;
+    let mut w = match &state.last {
+        Some(last) => cmr_log::witness::Witness::resume(signer, log_key, last),
+        None => cmr_log::witness::Witness::new(signer, log_key),
+    }
+    .map_err(|e| CliError::local(e.to_string(), "check the witness state"))?;
+    let conn = cmr_client::Connection::new(&state.server)?;
+    let note = conn.get_text("/v1/log/checkpoint").await?;
+    let bad = |e: String| {
+        CliError::with_code(
+            code::VERIFICATION,
+            format!("the checkpoint does not parse: {e}"),
+            Some("keep it as evidence"),
+        )
+    };
+    let text = cmr_log::note::Note::parse(&note)
+        .map_err(|e| bad(e.to_string()))?
+        .text;
+    let cp = cmr_log::checkpoint::Checkpoint::parse_text(&text).map_err(|e| bad(e.to_string()))?;
+    let proof: Vec<[u8; 32]> = match w.last() {
+        Some(last) if last.size > 0 && cp.size > last.size => {
+            let v = conn
+                .get_json(&format!(
+                    "/v1/log/proofs/consistency?old={}&new={}",
+                    last.size, cp.size
+                ))
+                .await?;
+            v["proof"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|h| B64.decode(h.as_str()?).ok()?.try_into().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        }
+        _ => Vec::new(),
+    };
+    let line = w.cosign(&note, &proof, now()).map_err(|e| {
+        CliError::with_code(
+            code::VERIFICATION,
+            format!("refusing to cosign: {e}"),
+            Some("the log may have forked or rolled back: keep this checkpoint as evidence"),
+        )
+    })?;
+    let v = conn
+        .post_unsigned("/v1/log/cosignatures", &json!({"line": line}))
+        .await?;
+    state.last = Some(note);
+    home.write_witness_state(&serde_json::to_vec_pretty(&state).unwrap_or_default())?;
+    out.line(format!(
+        "cosigned the checkpoint of size {} ({} cosigners now)",
+        cp.size,
+        v["cosigners"].as_array().map_or(0, Vec::len)
+    ));
+    out.value(&json!({"size": cp.size, "cosigners": v["cosigners"]}));
     Ok(())
 }

@@ -74,6 +74,48 @@ impl Home {
         self.dir(role).join("state.json")
     }
 
+    /// The witness's key file.
+    pub fn witness_key_path(&self) -> PathBuf {
+        self.root.join("witness").join("witness.key")
+    }
+
+    /// Writes a new witness's key and state.
+    pub fn write_witness(&self, skey: &[u8], state: &[u8]) -> CliResult {
+        let dir = self.root.join("witness");
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| io_err(&dir, &e))?;
+        }
+        check_private(&dir, true)?;
+        write_private(&self.witness_key_path(), skey)?;
+        write_private(&dir.join("state.json"), state)
+    }
+
+    /// Replaces the witness's state.
+    pub fn write_witness_state(&self, state: &[u8]) -> CliResult {
+        write_private(&self.root.join("witness").join("state.json"), state)
+    }
+
+    /// Reads the witness's key and state.
+    pub fn read_witness(&self) -> CliResult<(Zeroizing<Vec<u8>>, Vec<u8>)> {
+        let key = self.witness_key_path();
+        if !key.exists() {
+            return Err(CliError::local(
+                "no witness key in this configuration folder",
+                "run `cmr audit witness-init` first (or check --home)",
+            ));
+        }
+        check_private(&key, false)?;
+        let skey = Zeroizing::new(std::fs::read(&key).map_err(|e| io_err(&key, &e))?);
+        let state_path = self.root.join("witness").join("state.json");
+        check_private(&state_path, false)?;
+        let state = std::fs::read(&state_path).map_err(|e| io_err(&state_path, &e))?;
+        Ok((skey, state))
+    }
+
     /// Whether a `role` identity exists here.
     pub fn exists(&self, role: Role) -> bool {
         self.key_path(role).exists()

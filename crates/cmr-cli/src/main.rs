@@ -69,6 +69,9 @@ Examples:
         /// The log's origin, for a new log key.
         #[arg(long, env = "CMR_ORIGIN", default_value = "localhost/cmr-vault")]
         origin: String,
+        /// A witness's verifier key whose cosignatures the server accepts and serves (repeatable).
+        #[arg(long = "witness")]
+        witnesses: Vec<String>,
     },
     /// A customer's vault: identity, profile, transactions, requests, grants, history.
     #[command(after_help = "\
@@ -136,6 +139,7 @@ fn main() -> ExitCode {
                 listen,
                 log_key,
                 origin,
+                witnesses,
             } => {
                 tracing_subscriber::fmt()
                     .with_env_filter(
@@ -143,7 +147,7 @@ fn main() -> ExitCode {
                             .unwrap_or_else(|_| "info".into()),
                     )
                     .init();
-                serve::run(&data, &listen, &log_key, &origin).await
+                serve::run(&data, &listen, &log_key, &origin, &witnesses).await
             }
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "cmr", &mut std::io::stdout());

@@ -43,7 +43,12 @@ impl Running {
 }
 
 /// Opens the store in `data` and serves it on `listen` (port 0 picks one).
-pub async fn start(data: &Path, log_key: NoteSigner, listen: &str) -> CliResult<Running> {
+pub async fn start(
+    data: &Path,
+    log_key: NoteSigner,
+    listen: &str,
+    witnesses: Vec<cmr_log::note::NoteVerifier>,
+) -> CliResult<Running> {
     let log_vkey = log_key.verifier().to_vkey();
     let store = Arc::new(Store::open(StoreConfig::new(data, log_key)).map_err(|e| {
         CliError::local(
@@ -63,6 +68,7 @@ pub async fn start(data: &Path, log_key: NoteSigner, listen: &str) -> CliResult<
     let config = Config {
         authority: addr.to_string(),
         scheme: "http".into(),
+        witnesses,
         ..Config::default()
     };
     let state = Arc::new(AppState::new(store.clone(), config));
@@ -81,7 +87,27 @@ pub async fn start(data: &Path, log_key: NoteSigner, listen: &str) -> CliResult<
 
 /// `cmr serve`: runs until Ctrl-C. The log key lives outside the data folder; a new one is created
 /// (mode 0600) if the path does not exist, and its verifier key is written beside it as `.pub`.
-pub async fn run(data: &Path, listen: &str, log_key: &Path, origin: &str) -> CliResult {
+pub async fn run(
+    data: &Path,
+    listen: &str,
+    log_key: &Path,
+    origin: &str,
+    witnesses: &[String],
+) -> CliResult {
+    let witnesses = witnesses
+        .iter()
+        .map(|w| {
+            cmr_log::note::NoteVerifier::from_vkey(w)
+                .ok()
+                .filter(|v| v.is_cosigner())
+                .ok_or_else(|| {
+                    CliError::local(
+                        format!("{w:?} is not a witness verifier key"),
+                        "use the key `cmr audit witness-init` printed",
+                    )
+                })
+        })
+        .collect::<CliResult<Vec<_>>>()?;
     let key = if log_key.exists() {
         cmr_server::logkey::load(log_key, data)
     } else {
@@ -93,7 +119,7 @@ pub async fn run(data: &Path, listen: &str, log_key: &Path, origin: &str) -> Cli
             "keep the log key outside the data folder, readable only by you (chmod 600)",
         )
     })?;
-    let running = start(data, key, listen).await?;
+    let running = start(data, key, listen, witnesses).await?;
     let pub_path = log_key.with_extension("pub");
     std::fs::write(&pub_path, format!("{}\n", running.log_vkey)).map_err(|e| {
         CliError::local(

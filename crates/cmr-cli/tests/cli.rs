@@ -158,12 +158,17 @@ impl Drop for Server {
 }
 
 fn serve() -> Server {
-    let dir = tempfile::tempdir().unwrap();
+    serve_in(tempfile::tempdir().unwrap(), &[])
+}
+
+/// `cmr serve` over the data and log key in `dir`, with `extra` arguments.
+fn serve_in(dir: tempfile::TempDir, extra: &[&str]) -> Server {
     let mut child = cmr()
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(dir.path().join("data"))
         .arg("--log-key")
         .arg(dir.path().join("log.key"))
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -192,6 +197,48 @@ fn serve() -> Server {
         vkey,
         _dir: dir,
     }
+}
+
+#[test]
+fn a_witness_cosigns_the_checkpoint_and_the_server_serves_it() {
+    // A first start makes the log key; the witness is set up against it; the server restarts with it.
+    let mut first = serve();
+    let vkey = first.vkey.clone();
+    let _ = first.child.kill();
+    let _ = first.child.wait();
+    let dir = std::mem::replace(&mut first._dir, tempfile::tempdir().unwrap());
+    drop(first);
+    let homes = tempfile::tempdir().unwrap();
+    let witness = User {
+        home: homes.path().join("witness"),
+        server: "http://127.0.0.1:9".into(),
+        vkey: vkey.clone(),
+    };
+    let v = witness.json(&["audit", "witness-init", "--name", "witness.test/w1"]);
+    let wkey = v["witness_vkey"].as_str().unwrap().to_string();
+    let server = serve_in(dir, &["--witness", &wkey]);
+    assert_eq!(server.vkey, vkey);
+    let witness = User {
+        server: server.base.clone(),
+        ..witness
+    };
+    // The witness's state names the server it was set up with: point it at the restarted one.
+    let state_path = witness.home.join("witness/state.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    state["server"] = Value::from(server.base.clone());
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    // Some entries, then a cosignature that the checkpoint then carries.
+    let alex = User {
+        home: homes.path().join("alex"),
+        server: server.base.clone(),
+        vkey: vkey.clone(),
+    };
+    alex.ok(&["customer", "init"]);
+    alex.ok(&["customer", "register"]);
+    let v = witness.json(&["audit", "witness"]);
+    assert_eq!(v["cosigners"][0]["name"], "witness.test/w1");
+    alex.ok(&["customer", "profile", "set", "contact", "a@example.org"]);
+    witness.ok(&["audit", "witness"]);
 }
 
 /// Serves one key document over plain http on 127.0.0.1, as the company's domain (test mode).

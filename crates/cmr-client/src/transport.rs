@@ -91,6 +91,26 @@ impl Connection {
         serde_json::from_str(&text).map_err(|e| ClientError::Malformed(e.to_string()))
     }
 
+    /// An unsigned POST of `body` (the witness's cosignature, which carries its own signature), answered
+    /// as JSON.
+    pub async fn post_unsigned(&self, target: &str, body: &Value) -> Result<Value, ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Local(e.to_string()))?;
+        let resp = self
+            .http
+            .post(format!("{}{target}", self.base()))
+            .header("content-type", "application/json")
+            .body(bytes)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let status = resp.status();
+        let bytes = read_limited(resp).await?;
+        if !status.is_success() {
+            return Err(problem(status.as_u16(), &bytes));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Malformed(e.to_string()))
+    }
+
     /// A signed POST of `body`, answered as JSON. A request refused because it was created before the
     /// server's replay horizon (a server that has just started) is signed again and retried after a
     /// second, for as long as the horizon lasts (a few seconds).

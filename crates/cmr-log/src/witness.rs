@@ -51,6 +51,19 @@ impl Witness {
         })
     }
 
+    /// A witness that resumes after `last`, the checkpoint it cosigned before (opened again under the log
+    /// key, so a tampered saved state is refused).
+    pub fn resume(
+        signer: NoteSigner,
+        log_key: NoteVerifier,
+        last_signed: &str,
+    ) -> Result<Self, WitnessError> {
+        let last = checkpoint::open(last_signed, &log_key, &[], 0)?.checkpoint;
+        let mut w = Self::new(signer, log_key)?;
+        w.last = Some(last);
+        Ok(w)
+    }
+
     /// The checkpoint cosigned last.
     pub fn last(&self) -> Option<&Checkpoint> {
         self.last.as_ref()

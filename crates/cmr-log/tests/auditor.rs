@@ -731,6 +731,22 @@ fn the_witness_cosigns_only_consistent_checkpoints() {
         witness.cosign(&first, &[], T0 + 3),
         Err(WitnessError::Rollback { .. })
     ));
+    // A witness resumed from its saved checkpoint keeps refusing the rollback; a saved state that is not
+    // signed by the log is refused.
+    let ws = || {
+        NoteSigner::new(
+            "witness.example/w1",
+            TYPE_COSIGNATURE,
+            SigningKey::from_seed(&[3; 32]),
+        )
+        .unwrap()
+    };
+    let mut resumed = Witness::resume(ws(), w.signer.verifier(), &second).unwrap();
+    assert!(matches!(
+        resumed.cosign(&first, &[], T0 + 4),
+        Err(WitnessError::Rollback { .. })
+    ));
+    assert!(Witness::resume(ws(), w.signer.verifier(), &second.replace('\n', "\n\n")).is_err());
 }
 
 #[test]
