@@ -6,7 +6,7 @@ use clap::Subcommand;
 use cmr_client::company::{Company, RequestStatus};
 use cmr_client::state::CompanyState;
 use cmr_client::wellknown::KeyDocument;
-use cmr_core::consent::{AccessRequest, Counterparty, Duration, StatementId};
+use cmr_core::consent::{AccessRequest, Counterparty, StatementId};
 use cmr_core::family::{Period, Scope};
 use cmr_core::hash::Digest;
 use cmr_core::identity::{IdentityId, Role};
@@ -208,18 +208,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
                 .iter()
                 .map(|s| parse_scope_access(s))
                 .collect::<CliResult<Vec<_>>>()?;
-            let duration = match duration.as_str() {
-                "once" | "one-time" => Duration::OneTime,
-                "persistent" => Duration::Persistent,
-                days => Duration::TimeBound {
-                    seconds: days.parse::<u64>().map_err(|_| {
-                        CliError::local(
-                            format!("unknown duration {days:?}"),
-                            "use once, persistent, or a number of days",
-                        )
-                    })? * 86_400,
-                },
-            };
+            let duration = crate::customer::parse_duration(&duration)?;
             let rid = c
                 .request(
                     customer,

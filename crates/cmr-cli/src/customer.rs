@@ -99,6 +99,33 @@ pub enum CustomerCmd {
         #[arg(long)]
         insecure_http_for_tests: bool,
     },
+    /// Grant a company access it did not ask for, after checking its domain.
+    #[command(
+        after_help = "Example:\n  cmr customer grant --company 6f51… --domain bank.example --scope transactions:read --purpose \"mortgage\" --lookback 6"
+    )]
+    Grant {
+        /// The company's identity.
+        #[arg(long)]
+        company: String,
+        /// The company's domain (its key document must name it).
+        #[arg(long)]
+        domain: String,
+        /// SCOPE:ACCESS (read, append, read+append); repeatable.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Why, in words (the company and the receipt show it).
+        #[arg(long)]
+        purpose: String,
+        /// How many months of history.
+        #[arg(long, default_value_t = 12)]
+        lookback: u32,
+        /// once, persistent, or a number of days.
+        #[arg(long, default_value = "persistent")]
+        duration: String,
+        /// Fetch the key document over plain http (tests only).
+        #[arg(long)]
+        insecure_http_for_tests: bool,
+    },
     /// Deny a request.
     Deny {
         /// The request's id.
@@ -787,27 +814,14 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                     .map(|s| parse_scope_access(s))
                     .collect::<CliResult<_>>()?
             };
-            let mut families = Vec::new();
-            let mut append_family = None;
-            for (scope, access) in &scopes {
-                let name = match scope {
-                    Scope::Transactions => c.transactions_with(&company),
-                    Scope::ProfileInferred => c.inferred_by(&company),
-                    s => FamilyName::profile(*s)
-                        .ok_or_else(|| CliError::local("not a section", "see --help"))?,
-                };
-                if access.appends() {
-                    append_family = Some(name);
-                }
-                families.push(name);
-            }
-            c.declare(&families, t).await?;
-            let approval = Approval {
-                scopes: scopes.clone(),
-                lookback_months: lookback.unwrap_or(r.lookback_months),
-                families,
-                append_family,
-            };
+            let approval = approval_for(
+                c,
+                company,
+                &scopes,
+                lookback.unwrap_or(r.lookback_months),
+                t,
+            )
+            .await?;
             let gid = c.approve(p, &proof, &approval, t).await?;
             l.saved
                 .role
@@ -832,6 +846,60 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 gid.to_hex()
             ));
             out.value(&json!({"grant": gid.to_hex(), "company": company.to_hex(), "domain": proof.domain}));
+        }
+        CustomerCmd::Grant {
+            company,
+            domain,
+            scopes,
+            purpose,
+            lookback,
+            duration,
+            insecure_http_for_tests,
+        } => {
+            let company = IdentityId(parse_id(&company, "company")?);
+            let mode = if insecure_http_for_tests {
+                Mode::InsecureTestHttp
+            } else {
+                Mode::Tls
+            };
+            let proof = wellknown::fetch(&domain, mode).await?;
+            if proof.identity != company {
+                return Err(CliError::with_code(
+                    crate::error::code::VERIFICATION,
+                    format!(
+                        "{} vouches for {}, not for {}",
+                        proof.domain,
+                        proof.identity.to_hex(),
+                        company.to_hex()
+                    ),
+                    Some("check the company's id and domain"),
+                ));
+            }
+            let scopes = scopes
+                .iter()
+                .map(|s| parse_scope_access(s))
+                .collect::<CliResult<Vec<_>>>()?;
+            let approval = approval_for(c, company, &scopes, lookback, t).await?;
+            let gid = c
+                .grant(&proof, &purpose, parse_duration(&duration)?, &approval, t)
+                .await?;
+            l.saved
+                .role
+                .companies
+                .retain(|(i, _, _)| *i != company.to_hex());
+            l.saved.role.companies.push((
+                company.to_hex(),
+                proof.domain.clone(),
+                proof.name.clone(),
+            ));
+            out.line(format!(
+                "granted to {} ({}, fingerprint {}): grant {}",
+                proof.name,
+                proof.domain,
+                proof.fingerprint(),
+                gid.to_hex()
+            ));
+            out.value(&json!({"grant": gid.to_hex(), "company": company.to_hex()}));
         }
         CustomerCmd::Deny { request, reason } => {
             let rid = StatementId(parse_id(&request, "request")?);
@@ -1496,4 +1564,52 @@ async fn recover(home: &Home, out: Out, identity: &str, server: &str, log_vkey: 
     out.line(format!("  {}", phrase.as_str()));
     out.value(&json!({"identity": id.to_hex(), "recovery_phrase": phrase.as_str()}));
     Ok(())
+}
+
+/// The families a grant of `scopes` to `company` covers (declared if new), and the one it appends to.
+async fn approval_for(
+    c: &mut Customer,
+    company: IdentityId,
+    scopes: &[(Scope, Access)],
+    lookback_months: u32,
+    now: u64,
+) -> CliResult<Approval> {
+    let mut families = Vec::new();
+    let mut append_family = None;
+    for (scope, access) in scopes {
+        let name = match scope {
+            Scope::Transactions => c.transactions_with(&company),
+            Scope::ProfileInferred => c.inferred_by(&company),
+            s => FamilyName::profile(*s)
+                .ok_or_else(|| CliError::local("not a section", "see --help"))?,
+        };
+        if access.appends() {
+            append_family = Some(name);
+        }
+        families.push(name);
+    }
+    c.declare(&families, now).await?;
+    Ok(Approval {
+        scopes: scopes.to_vec(),
+        lookback_months,
+        families,
+        append_family,
+    })
+}
+
+/// `once`, `persistent`, or a number of days.
+pub(crate) fn parse_duration(s: &str) -> CliResult<cmr_core::consent::Duration> {
+    use cmr_core::consent::Duration;
+    Ok(match s {
+        "once" | "one-time" => Duration::OneTime,
+        "persistent" => Duration::Persistent,
+        days => Duration::TimeBound {
+            seconds: days.parse::<u64>().map_err(|_| {
+                CliError::local(
+                    format!("unknown duration {days:?}"),
+                    "use once, persistent, or a number of days",
+                )
+            })? * 86_400,
+        },
+    })
 }

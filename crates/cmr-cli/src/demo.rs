@@ -106,8 +106,14 @@ pub async fn run() -> CliResult {
         SigningKey::from_seed(&seed),
     )
     .map_err(|e| CliError::local(e.to_string(), "report this"))?;
-    let server =
-        crate::serve::start(&dir.path().join("data"), log_key, "127.0.0.1:0", Vec::new()).await?;
+    let server = crate::serve::start(
+        &dir.path().join("data"),
+        log_key,
+        "127.0.0.1:0",
+        "http",
+        Vec::new(),
+    )
+    .await?;
     println!(
         "CMR Vault demo: an embedded server on {} with sled in {}",
         server.base,

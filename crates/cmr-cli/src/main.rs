@@ -72,6 +72,9 @@ Examples:
         /// A witness's verifier key whose cosignatures the server accepts and serves (repeatable).
         #[arg(long = "witness")]
         witnesses: Vec<String>,
+        /// The scheme clients sign: `https` behind a reverse proxy that terminates TLS.
+        #[arg(long, env = "CMR_SCHEME", default_value = "http", value_parser = ["http", "https"])]
+        scheme: String,
     },
     /// A customer's vault: identity, profile, transactions, requests, grants, history.
     #[command(after_help = "\
@@ -140,6 +143,7 @@ fn main() -> ExitCode {
                 log_key,
                 origin,
                 witnesses,
+                scheme,
             } => {
                 tracing_subscriber::fmt()
                     .with_env_filter(
@@ -147,7 +151,13 @@ fn main() -> ExitCode {
                             .unwrap_or_else(|_| "info".into()),
                     )
                     .init();
-                serve::run(&data, &listen, &log_key, &origin, &witnesses).await
+                let opts = serve::Options {
+                    listen,
+                    origin,
+                    scheme,
+                    witnesses,
+                };
+                serve::run(&data, &log_key, &opts).await
             }
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "cmr", &mut std::io::stdout());

@@ -47,6 +47,7 @@ pub async fn start(
     data: &Path,
     log_key: NoteSigner,
     listen: &str,
+    scheme: &str,
     witnesses: Vec<cmr_log::note::NoteVerifier>,
 ) -> CliResult<Running> {
     let log_vkey = log_key.verifier().to_vkey();
@@ -67,7 +68,7 @@ pub async fn start(
         .map_err(|e| CliError::local(e.to_string(), "check --listen"))?;
     let config = Config {
         authority: addr.to_string(),
-        scheme: "http".into(),
+        scheme: scheme.into(),
         witnesses,
         ..Config::default()
     };
@@ -87,14 +88,22 @@ pub async fn start(
 
 /// `cmr serve`: runs until Ctrl-C. The log key lives outside the data folder; a new one is created
 /// (mode 0600) if the path does not exist, and its verifier key is written beside it as `.pub`.
-pub async fn run(
-    data: &Path,
-    listen: &str,
-    log_key: &Path,
-    origin: &str,
-    witnesses: &[String],
-) -> CliResult {
-    let witnesses = witnesses
+/// What `cmr serve` is told besides its folders.
+pub struct Options {
+    /// The address to listen on.
+    pub listen: String,
+    /// The log's origin, for a new log key.
+    pub origin: String,
+    /// The scheme clients sign (`https` behind a TLS proxy).
+    pub scheme: String,
+    /// Witness verifier keys.
+    pub witnesses: Vec<String>,
+}
+
+pub async fn run(data: &Path, log_key: &Path, opts: &Options) -> CliResult {
+    let (listen, origin) = (opts.listen.as_str(), opts.origin.as_str());
+    let witnesses = opts
+        .witnesses
         .iter()
         .map(|w| {
             cmr_log::note::NoteVerifier::from_vkey(w)
@@ -119,7 +128,7 @@ pub async fn run(
             "keep the log key outside the data folder, readable only by you (chmod 600)",
         )
     })?;
-    let running = start(data, key, listen, witnesses).await?;
+    let running = start(data, key, listen, &opts.scheme, witnesses).await?;
     let pub_path = log_key.with_extension("pub");
     std::fs::write(&pub_path, format!("{}\n", running.log_vkey)).map_err(|e| {
         CliError::local(

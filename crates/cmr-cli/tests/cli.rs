@@ -413,6 +413,7 @@ fn a_scripted_session_against_a_real_server() {
 
     // The bank reads what the grant covers, decrypted locally; further back is refused.
     let v = bank.json(&["company", "status"]);
+    assert_eq!(v["grants"].as_array().unwrap().len(), 1);
     let grant = v["grants"][0]["grant"].as_str().unwrap().to_string();
     let v = bank.json(&["company", "read", &grant]);
     let texts: Vec<&str> = v["records"]
@@ -425,6 +426,39 @@ fn a_scripted_session_against_a_real_server() {
     let err = bank.fails(&["company", "read", &grant, "--from", &m9], 1);
     assert!(err.contains("outside-look-back"), "{err}");
 
+    // An unsolicited grant of the contact section: the bank sees it and reads it.
+    alex.ok(&[
+        "customer",
+        "grant",
+        "--company",
+        &bank_id,
+        "--domain",
+        &bank_domain,
+        "--scope",
+        "profile.contact:read",
+        "--purpose",
+        "statements by email",
+        "--insecure-http-for-tests",
+    ]);
+    let v = bank.json(&["company", "status"]);
+    let contact_grant = v["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["scopes"][0] == "profile.contact:read")
+        .unwrap()["grant"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let v = bank.json(&[
+        "company",
+        "read",
+        &contact_grant,
+        "--scope",
+        "profile.contact",
+    ]);
+    assert_eq!(v["records"][0]["text"], "email: alex@example.org");
+
     // A receipt; the revocation with its rotation; the refused read; the history shows the read.
     let receipt = alex.ok(&["customer", "receipt", &grant]);
     assert!(receipt.contains("credit limit review"), "{receipt}");
@@ -432,7 +466,13 @@ fn a_scripted_session_against_a_real_server() {
     let err = bank.fails(&["company", "read", &grant], 1);
     assert!(err.contains("grant-revoked"), "{err}");
     let v = bank.json(&["company", "status"]);
-    assert_eq!(v["grants"][0]["status"], "revoked");
+    let revoked = v["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["grant"] == grant.as_str())
+        .unwrap();
+    assert_eq!(revoked["status"], "revoked");
     let history = alex.ok(&["customer", "history"]);
     assert!(
         history.contains("Read by company") && history.contains("revocation"),

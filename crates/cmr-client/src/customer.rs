@@ -519,6 +519,44 @@ impl Customer {
             .request()
             .ok_or_else(|| ClientError::Local("not a request".into()))?
             .clone();
+        let narrowed = Approval {
+            lookback_months: approval.lookback_months.min(asked.lookback_months),
+            ..approval.clone()
+        };
+        self.issue_grant(
+            company,
+            Some(request.statement.id()),
+            &asked.purpose,
+            asked.duration,
+            &narrowed,
+            now,
+        )
+        .await
+    }
+
+    /// Grants `company` access it did not ask for (after checking its domain `proof`).
+    pub async fn grant(
+        &mut self,
+        proof: &CompanyProof,
+        purpose: &str,
+        duration: cmr_core::consent::Duration,
+        approval: &Approval,
+        now: u64,
+    ) -> Result<StatementId, ClientError> {
+        self.issue_grant(proof.identity, None, purpose, duration, approval, now)
+            .await
+    }
+
+    /// Signs and sends a grant, its keys sealed to the newest certified device of `company`.
+    async fn issue_grant(
+        &mut self,
+        company: IdentityId,
+        request: Option<StatementId>,
+        purpose: &str,
+        duration: cmr_core::consent::Duration,
+        approval: &Approval,
+        now: u64,
+    ) -> Result<StatementId, ClientError> {
         let kem = self
             .session
             .identity(company)
@@ -527,11 +565,7 @@ impl Customer {
             .ok_or_else(|| ClientError::Local("the company has no certified device".into()))?;
         let period = Period::from_unix(now as i64)
             .ok_or_else(|| ClientError::Local("clock before 2000".into()))?;
-        let lookback_start = Period(
-            period
-                .0
-                .saturating_sub(approval.lookback_months.min(asked.lookback_months)),
-        );
+        let lookback_start = Period(period.0.saturating_sub(approval.lookback_months));
         let mut families = Vec::new();
         let mut entries = Vec::new();
         let append_family = approval.append_family.as_ref().map(|n| self.family_id(n));
@@ -577,9 +611,9 @@ impl Customer {
         families.sort_by_key(|f| f.family);
         let g = Grant {
             grantee: company,
-            request: Some(request.statement.id()),
-            purpose: asked.purpose.clone(),
-            duration: asked.duration,
+            request,
+            purpose: purpose.to_string(),
+            duration,
             not_before: now,
             expires: None,
             lookback_start,
