@@ -86,8 +86,6 @@ pub async fn start(
     })
 }
 
-/// `cmr serve`: runs until Ctrl-C. The log key lives outside the data folder; a new one is created
-/// (mode 0600) if the path does not exist, and its verifier key is written beside it as `.pub`.
 /// What `cmr serve` is told besides its folders.
 pub struct Options {
     /// The address to listen on.
@@ -100,6 +98,8 @@ pub struct Options {
     pub witnesses: Vec<String>,
 }
 
+/// `cmr serve`: runs until Ctrl-C. The log key lives outside the data folder; a new one is created
+/// (mode 0600) if the path does not exist, and its verifier key is written beside it as `.pub`.
 pub async fn run(data: &Path, log_key: &Path, opts: &Options) -> CliResult {
     let (listen, origin) = (opts.listen.as_str(), opts.origin.as_str());
     let witnesses = opts
