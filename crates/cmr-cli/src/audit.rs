@@ -24,12 +24,8 @@ pub struct AuditorRole {
 pub enum AuditCmd {
     /// Create an auditor identity, sealed with a passphrase.
     Init {
-        /// The vault server.
-        #[arg(long, env = "CMR_SERVER", default_value = "http://127.0.0.1:8080")]
-        server: String,
-        /// The server's log verifier key.
-        #[arg(long, env = "CMR_LOG_VKEY")]
-        log_vkey: String,
+        #[command(flatten)]
+        at: home::ServerArgs,
     },
     /// Register the auditor with the server (auditors may fetch entry bodies, never records).
     Register,
@@ -49,12 +45,8 @@ pub enum AuditCmd {
         /// The witness's name, such as witness.example/w1.
         #[arg(long)]
         name: String,
-        /// The vault server.
-        #[arg(long, env = "CMR_SERVER", default_value = "http://127.0.0.1:8080")]
-        server: String,
-        /// The server's log verifier key.
-        #[arg(long, env = "CMR_LOG_VKEY")]
-        log_vkey: String,
+        #[command(flatten)]
+        at: home::ServerArgs,
     },
     /// Cosign the log's current checkpoint, if it is consistent with the last one this witness cosigned.
     Witness,
@@ -67,7 +59,8 @@ pub enum AuditCmd {
 
 /// Runs an audit command.
 pub async fn run(home: &Home, out: Out, cmd: AuditCmd) -> CliResult {
-    if let AuditCmd::Init { server, log_vkey } = &cmd {
+    if let AuditCmd::Init { at } = &cmd {
+        let (server, log_vkey) = (&at.server, &at.log_vkey);
         home::check_server(server, log_vkey)?;
         home.refuse_existing(Role::Auditor)?;
         let (keys, inception, _) = cmr_client::session::Session::create(Role::Auditor);
@@ -93,13 +86,8 @@ pub async fn run(home: &Home, out: Out, cmd: AuditCmd) -> CliResult {
         out.value(&json!({"identity": id.to_hex()}));
         return Ok(());
     }
-    if let AuditCmd::WitnessInit {
-        name,
-        server,
-        log_vkey,
-    } = &cmd
-    {
-        return witness_init(home, out, name, server, log_vkey);
+    if let AuditCmd::WitnessInit { name, at } = &cmd {
+        return witness_init(home, out, name, &at.server, &at.log_vkey);
     }
     if let AuditCmd::Witness = cmd {
         return witness(home, out).await;
@@ -117,20 +105,7 @@ pub async fn run(home: &Home, out: Out, cmd: AuditCmd) -> CliResult {
             ))
         }
         AuditCmd::Register => {
-            if !saved.registered {
-                let inception = saved
-                    .inception
-                    .as_deref()
-                    .and_then(|s| B64.decode(s).ok())
-                    .ok_or_else(|| {
-                        CliError::local(
-                            "the inception is missing from the state",
-                            "run `cmr audit init` again in a new --home",
-                        )
-                    })?;
-                session.register_identity(&inception, now()).await?;
-                saved.registered = true;
-            }
+            home::register(&mut session, &mut saved, "audit").await?;
             out.line("auditor registered");
             out.value(&json!({"registered": true}));
             Ok(())

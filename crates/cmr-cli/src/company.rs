@@ -25,12 +25,8 @@ pub enum CompanyCmd {
         after_help = "Example:\n  cmr company init --server http://127.0.0.1:8080 --log-vkey \"$(cat cmr-log.pub)\""
     )]
     Init {
-        /// The vault server.
-        #[arg(long, env = "CMR_SERVER", default_value = "http://127.0.0.1:8080")]
-        server: String,
-        /// The server's log verifier key.
-        #[arg(long, env = "CMR_LOG_VKEY")]
-        log_vkey: String,
+        #[command(flatten)]
+        at: home::ServerArgs,
     },
     /// Register the identity and the device with the server.
     Register,
@@ -120,7 +116,8 @@ impl Loaded {
 
 /// Runs a company command.
 pub async fn run(home: &Home, out: Out, cmd: CompanyCmd) -> CliResult {
-    if let CompanyCmd::Init { server, log_vkey } = &cmd {
+    if let CompanyCmd::Init { at } = &cmd {
+        let (server, log_vkey) = (&at.server, &at.log_vkey);
         home::check_server(server, log_vkey)?;
         home.refuse_existing(Role::Company)?;
         let (keys, inception, _recovery) = cmr_client::session::Session::create(Role::Company);
@@ -168,21 +165,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
             ));
         }
         CompanyCmd::Register => {
-            if !l.saved.registered {
-                let inception = l
-                    .saved
-                    .inception
-                    .as_deref()
-                    .and_then(|s| B64.decode(s).ok())
-                    .ok_or_else(|| {
-                        CliError::local(
-                            "the inception is missing from the state",
-                            "run `cmr company init` again in a new --home",
-                        )
-                    })?;
-                c.session.register_identity(&inception, t).await?;
-                l.saved.registered = true;
-            }
+            home::register(&mut c.session, &mut l.saved, "company").await?;
             out.line(format!(
                 "registered company {} with the server",
                 c.id().to_hex()

@@ -56,12 +56,8 @@ pub enum CustomerCmd {
         after_help = "Example:\n  cmr customer init --server http://127.0.0.1:8080 --log-vkey \"$(cat cmr-log.pub)\""
     )]
     Init {
-        /// The vault server.
-        #[arg(long, env = "CMR_SERVER", default_value = "http://127.0.0.1:8080")]
-        server: String,
-        /// The server's log verifier key, which every answer is checked against (from `cmr serve`).
-        #[arg(long, env = "CMR_LOG_VKEY")]
-        log_vkey: String,
+        #[command(flatten)]
+        at: home::ServerArgs,
     },
     /// Register the identity and the device, and publish the key directory with the profile sections.
     Register,
@@ -199,12 +195,8 @@ pub enum CustomerCmd {
         /// The identity to recover.
         #[arg(long)]
         identity: String,
-        /// The vault server.
-        #[arg(long, env = "CMR_SERVER", default_value = "http://127.0.0.1:8080")]
-        server: String,
-        /// The server's log verifier key.
-        #[arg(long, env = "CMR_LOG_VKEY")]
-        log_vkey: String,
+        #[command(flatten)]
+        at: home::ServerArgs,
     },
     /// Dispute (reject) an inferred attribute a company appended.
     Dispute {
@@ -227,12 +219,8 @@ pub enum DeviceCmd {
         /// The identity to join.
         #[arg(long)]
         identity: String,
-        /// The vault server.
-        #[arg(long, env = "CMR_SERVER", default_value = "http://127.0.0.1:8080")]
-        server: String,
-        /// The server's log verifier key.
-        #[arg(long, env = "CMR_LOG_VKEY")]
-        log_vkey: String,
+        #[command(flatten)]
+        at: home::ServerArgs,
     },
     /// On the device with the identity key: certify a new device and write its enrolment file.
     Add {
@@ -464,22 +452,17 @@ impl Loaded {
 
 /// Runs a customer command.
 pub async fn run(home: &Home, out: Out, cmd: CustomerCmd) -> CliResult {
-    if let CustomerCmd::Init { server, log_vkey } = cmd {
-        return init(home, out, &server, &log_vkey);
+    if let CustomerCmd::Init { at } = cmd {
+        return init(home, out, &at.server, &at.log_vkey);
     }
     if let CustomerCmd::Id = cmd {
         return print_id(home, out, Role::Customer);
     }
     if let CustomerCmd::Device {
-        cmd:
-            DeviceCmd::New {
-                identity,
-                server,
-                log_vkey,
-            },
+        cmd: DeviceCmd::New { identity, at },
     } = &cmd
     {
-        return device_new(home, out, identity, server, log_vkey);
+        return device_new(home, out, identity, &at.server, &at.log_vkey);
     }
     if let CustomerCmd::Device {
         cmd: DeviceCmd::Join { file },
@@ -487,13 +470,8 @@ pub async fn run(home: &Home, out: Out, cmd: CustomerCmd) -> CliResult {
     {
         return device_join(home, out, file).await;
     }
-    if let CustomerCmd::Recover {
-        identity,
-        server,
-        log_vkey,
-    } = &cmd
-    {
-        return recover(home, out, identity, server, log_vkey).await;
+    if let CustomerCmd::Recover { identity, at } = &cmd {
+        return recover(home, out, identity, &at.server, &at.log_vkey).await;
     }
     let mut l = Loaded::open(home)?;
     let result = step(&mut l, out, cmd).await;
@@ -571,21 +549,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             ));
         }
         CustomerCmd::Register => {
-            if !l.saved.registered {
-                let inception = l
-                    .saved
-                    .inception
-                    .as_deref()
-                    .and_then(|s| B64.decode(s).ok())
-                    .ok_or_else(|| {
-                        CliError::local(
-                            "the inception is missing from the state",
-                            "run `cmr customer init` again in a new --home",
-                        )
-                    })?;
-                c.session.register_identity(&inception, t).await?;
-                l.saved.registered = true;
-            }
+            home::register(&mut c.session, &mut l.saved, "customer").await?;
             let names: Vec<FamilyName> = SECTIONS
                 .iter()
                 .filter_map(|s| FamilyName::profile(*s))
@@ -776,17 +740,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             only,
             insecure_http_for_tests,
         } => {
-            let rid = StatementId(parse_id(&request, "request")?);
-            let pending = c.pending().await?;
-            let p = pending
-                .iter()
-                .find(|p| p.statement.id() == rid)
-                .ok_or_else(|| {
-                    CliError::local(
-                        "no such request waiting",
-                        "list them with `cmr customer requests`",
-                    )
-                })?;
+            let p = &waiting(c, &request).await?;
             let r = p
                 .request()
                 .cloned()
@@ -902,17 +856,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             out.value(&json!({"grant": gid.to_hex(), "company": company.to_hex()}));
         }
         CustomerCmd::Deny { request, reason } => {
-            let rid = StatementId(parse_id(&request, "request")?);
-            let pending = c.pending().await?;
-            let p = pending
-                .iter()
-                .find(|p| p.statement.id() == rid)
-                .ok_or_else(|| {
-                    CliError::local(
-                        "no such request waiting",
-                        "list them with `cmr customer requests`",
-                    )
-                })?;
+            let p = &waiting(c, &request).await?;
             let acked = c.deny(p, &reason, t).await?;
             out.line(format!("request denied (log index {})", acked.index));
             out.value(&json!({"denied": request, "index": acked.index}));
@@ -1612,4 +1556,19 @@ pub(crate) fn parse_duration(s: &str) -> CliResult<cmr_core::consent::Duration> 
             })? * 86_400,
         },
     })
+}
+
+/// The request `id` among those waiting for an answer (each verified by the SDK).
+async fn waiting(c: &mut Customer, id: &str) -> CliResult<cmr_client::customer::PendingRequest> {
+    let rid = StatementId(parse_id(id, "request")?);
+    c.pending()
+        .await?
+        .into_iter()
+        .find(|p| p.statement.id() == rid)
+        .ok_or_else(|| {
+            CliError::local(
+                "no such request waiting",
+                "list them with `cmr customer requests`",
+            )
+        })
 }

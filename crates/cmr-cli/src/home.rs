@@ -25,6 +25,45 @@ pub struct Home {
     root: PathBuf,
 }
 
+/// The server a new identity or witness talks to, and the log key it pins.
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    /// The vault server.
+    #[arg(long, env = "CMR_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// The server's log verifier key, which every answer is checked against (from `cmr serve`).
+    #[arg(long, env = "CMR_LOG_VKEY")]
+    pub log_vkey: String,
+}
+
+/// Registers `session`'s identity with the inception kept in `saved` (once; again is a no-op).
+pub async fn register<T>(
+    session: &mut cmr_client::session::Session,
+    saved: &mut Saved<T>,
+    command: &str,
+) -> CliResult {
+    if saved.registered {
+        return Ok(());
+    }
+    use base64::Engine as _;
+    let inception = saved
+        .inception
+        .as_deref()
+        .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+        .ok_or_else(|| {
+            CliError::local(
+                "the inception is missing from the state",
+                format!("run `cmr {command} init` again in a new --home"),
+            )
+        })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    session.register_identity(&inception, now).await?;
+    saved.registered = true;
+    Ok(())
+}
+
 /// What every role's state file holds, plus the role's own part.
 #[derive(Serialize, Deserialize)]
 pub struct Saved<T> {

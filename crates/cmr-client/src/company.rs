@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use cmr_core::batch::{Batch, Head, PageProof, PeriodLeaf, ReadProof, SignedBatch, verify_read};
+use cmr_core::batch::{Head, PageProof, PeriodLeaf, ReadProof, SignedBatch, verify_read};
 use cmr_core::consent::{AccessRequest, Body, SignedStatement, Statement, StatementId};
 use cmr_core::epoch::{Chain, KeyBundle};
 use cmr_core::family::{FamilyId, Period};
@@ -283,22 +283,7 @@ impl Company {
         for e in held.keys.entries.iter().filter(|e| e.family == family) {
             keys.insert(e.epoch, e.key.clone());
         }
-        let opened = records
-            .iter()
-            .map(|r| {
-                let h = r.header();
-                Ok(OpenedRecord {
-                    id: h.id,
-                    period: h.period,
-                    author: h.author,
-                    epoch: h.epoch,
-                    content: keys
-                        .open(r)
-                        .map_err(|e| VerifyError::Read(format!("record {}: {e}", h.id.to_hex())))?
-                        .to_vec(),
-                })
-            })
-            .collect::<Result<_, ClientError>>()?;
+        let opened = OpenedRecord::open_all(&mut keys, &records)?;
         Ok((head, opened))
     }
 
@@ -362,22 +347,9 @@ impl Company {
         let customer = held.customer;
         let sealer = RecordSealer::new(customer, family, epoch, me, &key, period)
             .map_err(|e| ClientError::Local(e.to_string()))?;
-        let records: Vec<SealedRecord> = contents
-            .iter()
-            .map(|c| sealer.seal(&mut rand::rng(), RecordId::generate(&mut rand::rng()), c))
-            .collect::<Result<_, _>>()
-            .map_err(|e| ClientError::Local(e.to_string()))?;
-        let device = &self.session.keys.device;
-        let batch = Batch::for_records(device.id(), head.digest(), &records)
-            .map_err(|e| ClientError::Local(e.to_string()))?;
-        let signed = SignedBatch::sign(batch, &device.signing);
-        let bytes = signed.encode();
-        let v = self
+        let (v, bytes) = self
             .session
-            .post(
-                &format!("/v1/vaults/{}/families/{}/batches", customer.to_hex(), family.to_hex()),
-                &json!({"batch": B64.encode(&bytes), "records": records.iter().map(|r| B64.encode(r.as_bytes())).collect::<Vec<_>>(), "grant": grant.to_hex()}),
-            )
+            .send_batch(&sealer, customer, family, head, contents, Some(grant))
             .await?;
         // A company's append logs its access record and the family head; the ack names the head entry.
         self.session

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use cmr_core::batch::{Batch, Head, SignedBatch};
+use cmr_core::batch::Head;
 use cmr_core::consent::{
     Access, AccessRequest, Body, DisputeAction, ErasureTarget, Grant, GrantFamily, Initiator,
     Revocation, RotationCompletion, SignedStatement, Statement, StatementId,
@@ -126,6 +126,31 @@ pub struct OpenedRecord {
     pub epoch: u64,
     /// The content.
     pub content: Vec<u8>,
+}
+
+impl OpenedRecord {
+    /// Opens `records` with `keys`; a record that does not open is a verification failure.
+    pub fn open_all(
+        keys: &mut FamilyKeys,
+        records: &[SealedRecord],
+    ) -> Result<Vec<Self>, ClientError> {
+        records
+            .iter()
+            .map(|r| {
+                let h = r.header();
+                Ok(OpenedRecord {
+                    id: h.id,
+                    period: h.period,
+                    author: h.author,
+                    epoch: h.epoch,
+                    content: keys
+                        .open(r)
+                        .map_err(|e| VerifyError::Read(format!("record {}: {e}", h.id.to_hex())))?
+                        .to_vec(),
+                })
+            })
+            .collect()
+    }
 }
 
 impl Customer {
@@ -288,22 +313,9 @@ impl Customer {
             period,
         )
         .map_err(|e| ClientError::Local(e.to_string()))?;
-        let records: Vec<SealedRecord> = contents
-            .iter()
-            .map(|c| sealer.seal(&mut rand::rng(), RecordId::generate(&mut rand::rng()), c))
-            .collect::<Result<_, _>>()
-            .map_err(|e| ClientError::Local(e.to_string()))?;
-        let device = &self.session.keys.device;
-        let batch = Batch::for_records(device.id(), head.digest(), &records)
-            .map_err(|e| ClientError::Local(e.to_string()))?;
-        let signed = SignedBatch::sign(batch, &device.signing);
-        let bytes = signed.encode();
-        let v = self
+        let (v, bytes) = self
             .session
-            .post(
-                &format!("/v1/vaults/{}/families/{}/batches", me.to_hex(), family.to_hex()),
-                &json!({"batch": B64.encode(&bytes), "records": records.iter().map(|r| B64.encode(r.as_bytes())).collect::<Vec<_>>()}),
-            )
+            .send_batch(&sealer, me, family, &head, contents, None)
             .await?;
         let acked = self.session.check_ack(&v, &bytes).await?;
         if let Some(f) = self.families.get_mut(&family) {
@@ -331,32 +343,8 @@ impl Customer {
         let me = self.id();
         let (_, records) = self.read_raw(family, from, to).await?;
         let f = self.family(&family)?;
-        let mut keys = FamilyKeys::new(me, family);
-        let mut authors: Vec<IdentityId> = records.iter().map(|r| r.header().author).collect();
-        authors.sort();
-        authors.dedup();
-        for (epoch, secret) in &f.secrets {
-            keys.insert(*epoch, secret.read_key(Period::ORIGIN));
-            for a in authors.iter().filter(|a| **a != me) {
-                keys.insert(*epoch, secret.append_key(a, Period::ORIGIN));
-            }
-        }
-        records
-            .iter()
-            .map(|r| {
-                let h = r.header();
-                Ok(OpenedRecord {
-                    id: h.id,
-                    period: h.period,
-                    author: h.author,
-                    epoch: h.epoch,
-                    content: keys
-                        .open(r)
-                        .map_err(|e| VerifyError::Read(format!("record {}: {e}", h.id.to_hex())))?
-                        .to_vec(),
-                })
-            })
-            .collect()
+        let mut keys = family_keys(me, family, f, &records);
+        OpenedRecord::open_all(&mut keys, &records)
     }
 
     async fn read_raw(
@@ -641,6 +629,14 @@ impl Customer {
         Ok(gid)
     }
 
+    /// Signs a statement of this customer with this device, sends it, and checks its acknowledgement.
+    async fn say(&mut self, body: Body, now: u64) -> Result<Acked, ClientError> {
+        let st = self.statement(body, now);
+        let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        self.send_statement(&signed).await
+    }
+
     /// Sends a signed statement and checks its acknowledgement.
     pub async fn send_statement(&mut self, st: &SignedStatement) -> Result<Acked, ClientError> {
         let bytes = st.encode();
@@ -661,16 +657,14 @@ impl Customer {
         reason: &str,
         now: u64,
     ) -> Result<Acked, ClientError> {
-        let st = self.statement(
+        self.say(
             Body::Denial {
                 request: request.statement.id(),
                 reason: reason.into(),
             },
             now,
-        );
-        let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
-            .map_err(|e| ClientError::Local(e.to_string()))?;
-        self.send_statement(&signed).await
+        )
+        .await
     }
 
     /// Blocks a company (its requests are refused from then on), or unblocks it.
@@ -680,10 +674,7 @@ impl Customer {
         blocked: bool,
         now: u64,
     ) -> Result<Acked, ClientError> {
-        let st = self.statement(Body::Block { company, blocked }, now);
-        let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
-            .map_err(|e| ClientError::Local(e.to_string()))?;
-        self.send_statement(&signed).await
+        self.say(Body::Block { company, blocked }, now).await
     }
 
     /// Certifies a new device from its signed request (this device must hold the identity key) and
@@ -699,15 +690,7 @@ impl Customer {
                 "the device asks to join another identity".into(),
             ));
         }
-        let (seq, key) = self
-            .session
-            .keys
-            .identity_key
-            .as_ref()
-            .map(|(s, k)| (*s, k))
-            .ok_or_else(|| {
-                ClientError::Local("this device does not hold the identity key".into())
-            })?;
+        let (seq, key) = self.session.keys.identity()?;
         let cert = request.certify(seq, key, now);
         self.session.certify(&cert.encode()).await?;
         self.session.forget_identity(&me);
@@ -778,10 +761,7 @@ impl Customer {
             Some(f) => ErasureTarget::Family(f),
             None => ErasureTarget::Vault,
         };
-        let st = self.statement(Body::Erasure(target), now);
-        let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
-            .map_err(|e| ClientError::Local(e.to_string()))?;
-        let acked = self.send_statement(&signed).await?;
+        let acked = self.say(Body::Erasure(target), now).await?;
         // An erased family's secrets protect nothing any more: forget them.
         match family {
             Some(f) => {
@@ -812,16 +792,7 @@ impl Customer {
                 matches!(f.name, FamilyName::Transactions(p) if p == self.pseudonyms.counterparty(c))
                     || matches!(f.name, FamilyName::Inferred(p) if p == self.pseudonyms.inferred_by(c))
             });
-            let mut keys = FamilyKeys::new(me, fid);
-            let mut authors: Vec<IdentityId> = records.iter().map(|r| r.header().author).collect();
-            authors.sort();
-            authors.dedup();
-            for (epoch, secret) in &f.secrets {
-                keys.insert(*epoch, secret.read_key(Period::ORIGIN));
-                for a in authors.iter().filter(|a| **a != me) {
-                    keys.insert(*epoch, secret.append_key(a, Period::ORIGIN));
-                }
-            }
+            let keys = family_keys(me, fid, f, &records);
             loaded.push((f.name.scope(), company, records, keys));
         }
         let sources = loaded
@@ -890,15 +861,9 @@ impl Customer {
                 "this device cannot revoke itself; revoke it from another device".into(),
             ));
         }
-        let (seq, key) = self
-            .session
-            .keys
-            .identity_key
-            .as_ref()
-            .map(|(s, k)| (*s, cmr_core::keys::SigningKey::from_seed(&k.seed())))
-            .ok_or_else(|| {
-                ClientError::Local("this device does not hold the identity key".into())
-            })?;
+        let (seq, key) = self.session.keys.identity()?;
+        // A copy: the session is borrowed mutably while the revocations are acknowledged.
+        let key = cmr_core::keys::SigningKey::from_seed(&key.seed());
         let mut revocations = Vec::new();
         for device in devices {
             let rev = cmr_core::identity::revoke_device(me, seq, &key, *device, now).encode();
@@ -1031,17 +996,15 @@ impl Customer {
         record: RecordId,
         now: u64,
     ) -> Result<Acked, ClientError> {
-        let st = self.statement(
+        self.say(
             Body::Dispute {
                 family,
                 record,
                 action: DisputeAction::Reject,
             },
             now,
-        );
-        let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
-            .map_err(|e| ClientError::Local(e.to_string()))?;
-        self.send_statement(&signed).await
+        )
+        .await
     }
 
     /// Revokes a grant, then rotates every family it could read: a fresh epoch secret, the next
@@ -1058,17 +1021,16 @@ impl Customer {
             .get(&grant)
             .cloned()
             .ok_or_else(|| ClientError::Local("no such grant issued by this client".into()))?;
-        let st = self.statement(
-            Body::Revocation(Revocation {
-                grant,
-                initiator: Initiator::Customer,
-                reason: reason.into(),
-            }),
-            now,
-        );
-        let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
-            .map_err(|e| ClientError::Local(e.to_string()))?;
-        let revoked = self.send_statement(&signed).await?;
+        let revoked = self
+            .say(
+                Body::Revocation(Revocation {
+                    grant,
+                    initiator: Initiator::Customer,
+                    reason: reason.into(),
+                }),
+                now,
+            )
+            .await?;
         if let Some(g) = self.grants.get_mut(&grant) {
             g.revoked = true;
         }
@@ -1148,10 +1110,7 @@ impl Customer {
                 .map(|(_, g, b)| (StatementId(g), b))
                 .collect(),
         };
-        let st = self.statement(Body::RotationCompletion(rc), now);
-        let signed = SignedStatement::sign(st, None, &self.session.keys.device.signing)
-            .map_err(|e| ClientError::Local(e.to_string()))?;
-        let acked = self.send_statement(&signed).await?;
+        let acked = self.say(Body::RotationCompletion(rc), now).await?;
         if let Some(f) = self.families.get_mut(&family) {
             f.epoch = epoch;
             f.secrets.insert(epoch, rotation.secret);
@@ -1279,4 +1238,25 @@ impl Customer {
         }
         Ok((out, cp.map_or(0, |c| c.size)))
     }
+}
+
+/// The keys that open every record of a family the customer holds: each epoch's read chain, and the
+/// append chain of each company that wrote one of `records`.
+fn family_keys(
+    me: IdentityId,
+    family: FamilyId,
+    f: &FamilyState,
+    records: &[SealedRecord],
+) -> FamilyKeys {
+    let mut keys = FamilyKeys::new(me, family);
+    let mut authors: Vec<IdentityId> = records.iter().map(|r| r.header().author).collect();
+    authors.sort();
+    authors.dedup();
+    for (epoch, secret) in &f.secrets {
+        keys.insert(*epoch, secret.read_key(Period::ORIGIN));
+        for a in authors.iter().filter(|a| **a != me) {
+            keys.insert(*epoch, secret.append_key(a, Period::ORIGIN));
+        }
+    }
+    keys
 }

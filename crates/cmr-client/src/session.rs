@@ -5,10 +5,14 @@ use std::collections::HashMap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use cmr_core::batch::{Batch, Head, SignedBatch};
+use cmr_core::consent::StatementId;
+use cmr_core::family::FamilyId;
 use cmr_core::identity::{
     DeviceKeys, IdentityId, RecoverySecret, Role, SignedKeyEvent, create_identity,
 };
 use cmr_core::keys::SigningKey;
+use cmr_core::record::{RecordId, RecordSealer, SealedRecord};
 use cmr_log::checkpoint::Checkpoint;
 use cmr_log::entry::EntryBody;
 use cmr_log::note::NoteVerifier;
@@ -17,6 +21,16 @@ use serde_json::{Value, json};
 use crate::error::{ClientError, VerifyError};
 use crate::transport::{Connection, Signer};
 use crate::verify::{LogView, Needs, VerifiedIdentity, b64, hashes, proven_entry};
+
+impl Keys {
+    /// The identity key and its sequence number, if this device holds it.
+    pub fn identity(&self) -> Result<(u64, &SigningKey), ClientError> {
+        self.identity_key
+            .as_ref()
+            .map(|(s, k)| (*s, k))
+            .ok_or_else(|| ClientError::Local("this device does not hold the identity key".into()))
+    }
+}
 
 /// An acknowledged, verified write: its log index and the checkpoint that covers it.
 #[derive(Debug, Clone)]
@@ -105,14 +119,7 @@ impl Session {
         now: u64,
     ) -> Result<(), ClientError> {
         let id = self.keys.identity;
-        let key = self
-            .keys
-            .identity_key
-            .as_ref()
-            .map(|(_, k)| k)
-            .ok_or_else(|| {
-                ClientError::Local("this device does not hold the identity key".into())
-            })?;
+        let (_, key) = self.keys.identity()?;
         let v = self
             .conn
             .post(
@@ -130,14 +137,7 @@ impl Session {
     /// Certifies a device (its signed certificate), signed by the identity key.
     pub async fn certify(&mut self, cert: &[u8]) -> Result<Acked, ClientError> {
         let id = self.keys.identity;
-        let key = self
-            .keys
-            .identity_key
-            .as_ref()
-            .map(|(_, k)| k)
-            .ok_or_else(|| {
-                ClientError::Local("this device does not hold the identity key".into())
-            })?;
+        let (_, key) = self.keys.identity()?;
         let v = self
             .conn
             .post(
@@ -249,6 +249,42 @@ impl Session {
             .map(|e| proven_entry(e, &cp))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(VerifiedIdentity::replay(id, &events)?)
+    }
+
+    /// Seals `contents` with `sealer` (fresh record ids), signs them as one batch on `head` with this
+    /// device, and sends it (under `grant` for a company's append). Returns the answer and the signed
+    /// batch's bytes, which the acknowledged entry must carry.
+    pub async fn send_batch(
+        &self,
+        sealer: &RecordSealer,
+        customer: IdentityId,
+        family: FamilyId,
+        head: &Head,
+        contents: &[&[u8]],
+        grant: Option<StatementId>,
+    ) -> Result<(Value, Vec<u8>), ClientError> {
+        let records: Vec<SealedRecord> = contents
+            .iter()
+            .map(|c| sealer.seal(&mut rand::rng(), RecordId::generate(&mut rand::rng()), c))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let device = &self.keys.device;
+        let batch = Batch::for_records(device.id(), head.digest(), &records)
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let bytes = SignedBatch::sign(batch, &device.signing).encode();
+        let mut body = json!({
+            "batch": B64.encode(&bytes),
+            "records": records.iter().map(|r| B64.encode(r.as_bytes())).collect::<Vec<_>>(),
+        });
+        if let Some(g) = grant {
+            body["grant"] = json!(g.to_hex());
+        }
+        let target = format!(
+            "/v1/vaults/{}/families/{}/batches",
+            customer.to_hex(),
+            family.to_hex()
+        );
+        Ok((self.post(&target, &body).await?, bytes))
     }
 
     /// A signed POST as this device.

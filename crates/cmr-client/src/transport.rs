@@ -101,14 +101,8 @@ impl Connection {
             .header("content-type", "application/json")
             .body(bytes)
             .send()
-            .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
-        let status = resp.status();
-        let bytes = read_limited(resp).await?;
-        if !status.is_success() {
-            return Err(problem(status.as_u16(), &bytes));
-        }
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Malformed(e.to_string()))
+            .await;
+        json_answer(resp).await
     }
 
     /// A signed POST of `body`, answered as JSON. A request refused because it was created before the
@@ -159,15 +153,20 @@ impl Connection {
             .header("signature", h.signature)
             .body(bytes)
             .send()
-            .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
-        let status = resp.status();
-        let bytes = read_limited(resp).await?;
-        if !status.is_success() {
-            return Err(problem(status.as_u16(), &bytes));
-        }
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Malformed(e.to_string()))
+            .await;
+        json_answer(resp).await
     }
+}
+
+/// A JSON answer, or the refusal its Problem Details describe.
+async fn json_answer(resp: reqwest::Result<reqwest::Response>) -> Result<Value, ClientError> {
+    let resp = resp.map_err(|e| ClientError::Transport(e.to_string()))?;
+    let status = resp.status();
+    let bytes = read_limited(resp).await?;
+    if !status.is_success() {
+        return Err(problem(status.as_u16(), &bytes));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ClientError::Malformed(e.to_string()))
 }
 
 async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, ClientError> {
