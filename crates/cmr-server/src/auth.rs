@@ -178,3 +178,77 @@ pub fn authenticate(
         signature,
     })
 }
+
+/// A request as it arrived, before its signature is checked: what [`authenticate`] needs. Handlers that
+/// must read the body first (registration and rotation, signed by the key they carry) take this.
+pub struct Unverified {
+    /// The method.
+    pub method: Method,
+    /// The request target.
+    pub uri: Uri,
+    /// The header fields.
+    pub headers: HeaderMap,
+    /// The body (within the route's body limit).
+    pub body: axum::body::Bytes,
+}
+
+impl Unverified {
+    /// Authenticates the request; `registering` names the key of an identity being registered.
+    pub fn authenticate(
+        &self,
+        state: &AppState,
+        registering: Option<(IdentityId, VerifyingKey)>,
+    ) -> Result<Caller, ApiError> {
+        authenticate(
+            state,
+            &self.method,
+            &self.uri,
+            &self.headers,
+            &self.body,
+            registering,
+        )
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Unverified {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        let req = axum::extract::Request::from_parts(parts.clone(), body);
+        let body = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::from_body_rejection(&e))?;
+        Ok(Self {
+            method: parts.method,
+            uri: parts.uri,
+            headers: parts.headers,
+            body,
+        })
+    }
+}
+
+/// A request whose RFC 9421 signature verified under a registered device or identity key: the caller,
+/// and the body the signature covers. Every signed route but registration and rotation takes this.
+pub struct SignedRequest {
+    /// Who signed.
+    pub caller: Caller,
+    /// The body.
+    pub body: axum::body::Bytes,
+}
+
+impl axum::extract::FromRequest<std::sync::Arc<AppState>> for SignedRequest {
+    type Rejection = ApiError;
+
+    async fn from_request(
+        req: axum::extract::Request,
+        state: &std::sync::Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        let raw = Unverified::from_request(req, state).await?;
+        let caller = raw.authenticate(state, None)?;
+        Ok(Self {
+            caller,
+            body: raw.body,
+        })
+    }
+}

@@ -29,6 +29,20 @@ impl ApiError {
     }
 
     /// 400 `malformed`.
+    /// A body that could not be read: too large (413 `too-large`), or not readable (400 `malformed`).
+    pub fn from_body_rejection(e: &axum::extract::rejection::BytesRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                "the body is larger than this route accepts",
+            )
+        } else {
+            Self::malformed(format!("the body could not be read: {}", e.body_text()))
+        }
+    }
+
+    /// A malformed request: 400 `malformed`.
     pub fn malformed(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "malformed", detail)
     }

@@ -753,11 +753,17 @@ async fn bad_input_and_other_vaults() {
     }
     // An oversized body.
     let big = json!({"statement": "A".repeat(100 * 1024)});
-    let (s, _) = f
+    let (s, v) = f
         .env
         .call("POST", &st, big, Signer::Device(&f.customer.device))
         .await;
-    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        (s, v["type"].as_str().unwrap_or_default()),
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "urn:cmr-vault:problem:too-large"
+        )
+    );
     let _ = (&f.kem, f.grant);
 }
 

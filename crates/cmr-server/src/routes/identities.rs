@@ -4,9 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, Uri};
 use axum::routing::post;
 use axum::{Json, Router};
 use cmr_core::identity::{DeviceCertificate, DeviceRevocation, IdentityId, Signed, SignedKeyEvent};
@@ -16,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::{ack_json, b64, current_checkpoint, entry_json, hex_id, json_body, run};
 use crate::AppState;
-use crate::auth::authenticate;
+use crate::auth::{SignedRequest, Unverified};
 use crate::error::ApiError;
 
 /// The identity routes.
@@ -68,12 +66,9 @@ struct RegisterBody {
 
 async fn register(
     State(state): State<Arc<AppState>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    raw: Unverified,
 ) -> Result<Json<Value>, ApiError> {
-    let req: RegisterBody = json_body(&body)?;
+    let req: RegisterBody = json_body(&raw.body)?;
     let bytes = b64("event", &req.event)?;
     let event = SignedKeyEvent::decode(&bytes).map_err(|e| ApiError::malformed(e.to_string()))?;
     if event.event().seq != 0 {
@@ -82,14 +77,7 @@ async fn register(
         ));
     }
     let id = event.identity();
-    let caller = authenticate(
-        &state,
-        &method,
-        &uri,
-        &headers,
-        &body,
-        Some((id, event.event().signing_key)),
-    )?;
+    let caller = raw.authenticate(&state, Some((id, event.event().signing_key)))?;
     if caller.identity != id {
         return Err(ApiError::forbidden(
             "registration is signed by the inception key being registered",
@@ -109,13 +97,9 @@ struct CertifyBody {
 async fn certify(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    SignedRequest { caller, body }: SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
     let id = IdentityId(hex_id("identity", &id)?);
-    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
     if caller.identity != id {
         return Err(ApiError::forbidden(
             "an identity certifies only its own devices",
@@ -144,13 +128,9 @@ struct RevokeBody {
 async fn revoke_device(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    SignedRequest { caller, body }: SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
     let id = IdentityId(hex_id("identity", &id)?);
-    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
     if caller.identity != id {
         return Err(ApiError::forbidden(
             "an identity revokes only its own devices",
@@ -181,26 +161,16 @@ struct RotateBody {
 async fn rotate(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    raw: Unverified,
 ) -> Result<Json<Value>, ApiError> {
     let id = IdentityId(hex_id("identity", &id)?);
-    let req: RotateBody = json_body(&body)?;
+    let req: RotateBody = json_body(&raw.body)?;
     let bytes = b64("event", &req.event)?;
     let event = SignedKeyEvent::decode(&bytes).map_err(|e| ApiError::malformed(e.to_string()))?;
     if event.event().seq == 0 || event.identity() != id {
         return Err(ApiError::malformed("a rotation of this identity"));
     }
-    let caller = authenticate(
-        &state,
-        &method,
-        &uri,
-        &headers,
-        &body,
-        Some((id, event.event().signing_key)),
-    )?;
+    let caller = raw.authenticate(&state, Some((id, event.event().signing_key)))?;
     if caller.identity != id {
         return Err(ApiError::forbidden(
             "a rotation is signed by the key it reveals",

@@ -174,12 +174,8 @@ async fn consistency(
 async fn entry(
     State(state): State<Arc<AppState>>,
     axum::extract::Path(index): axum::extract::Path<u64>,
-    method: axum::http::Method,
-    uri: axum::http::Uri,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Bytes,
+    crate::auth::SignedRequest { caller, .. }: crate::auth::SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = crate::auth::authenticate(&state, &method, &uri, &headers, &body, None)?;
     let stored = state.store.body(index)?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, Uri};
 use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
@@ -24,7 +22,7 @@ use serde_json::{Value, json};
 
 use super::{ack_json, b64, current_checkpoint, entry_json, hex_id, json_body, run};
 use crate::AppState;
-use crate::auth::{Caller, authenticate};
+use crate::auth::{Caller, SignedRequest};
 use crate::error::ApiError;
 
 /// The vault routes.
@@ -79,13 +77,9 @@ struct DirectoryBody {
 async fn directory(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    SignedRequest { caller, body }: SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
-    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
     if caller.identity != customer {
         return Err(ApiError::forbidden(
             "a customer acts only on their own vault",
@@ -112,13 +106,9 @@ struct StatementBody {
 async fn statement(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    SignedRequest { caller, body }: SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
-    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
     let req: StatementBody = json_body(&body)?;
     let bytes = b64("statement", &req.statement)?;
     let st = SignedStatement::decode(&bytes).map_err(|e| ApiError::malformed(e.to_string()))?;
@@ -147,14 +137,10 @@ struct BatchBody {
 async fn batch(
     State(state): State<Arc<AppState>>,
     Path((customer, family)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    SignedRequest { caller, body }: SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     let family = FamilyId(hex_id("family", &family)?);
-    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
     let req: BatchBody = json_body(&body)?;
     let batch = b64("batch", &req.batch)?;
     let records = req
@@ -261,14 +247,10 @@ fn proof_json(p: &ReadProof) -> Value {
 async fn read(
     State(state): State<Arc<AppState>>,
     Path((customer, family)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    SignedRequest { caller, body }: SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     let family = FamilyId(hex_id("family", &family)?);
-    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
     let req: ReadBody = json_body(&body)?;
     let periods = (period(&req.from)?, period(&req.to)?);
     let cursor = req
@@ -350,13 +332,9 @@ fn default_history() -> u64 {
 async fn history(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    SignedRequest { caller, body }: SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
-    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
     if caller.identity != customer {
         return Err(ApiError::forbidden(
             "a customer reads only their own history",
@@ -411,13 +389,9 @@ const MAX_RELATIONSHIP_WALK: usize = 100_000;
 async fn relationship(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    SignedRequest { caller, .. }: SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
-    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
     let (checkpoint, size) = current_checkpoint(&state)?;
     let mut chain = Vec::new();
     let mut next = state.store.customer_head(&customer)?;
@@ -456,14 +430,10 @@ async fn relationship(
 async fn pending_requests(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    SignedRequest { caller, .. }: SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
     use cmr_core::consent::Body as St;
     let customer = IdentityId(hex_id("customer", &customer)?);
-    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
     if caller.identity != customer {
         return Err(ApiError::forbidden(
             "a customer reads only their own requests",
@@ -520,13 +490,9 @@ struct BackupBody {
 async fn put_backup(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    SignedRequest { caller, body }: SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
-    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
     if caller.identity != customer {
         return Err(ApiError::forbidden(
             "a customer backs up only their own keys",
@@ -552,13 +518,9 @@ async fn put_backup(
 async fn get_backup(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    SignedRequest { caller, .. }: SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
-    let caller = authenticate(&state, &method, &uri, &headers, &body, None)?;
     if caller.identity != customer {
         return Err(ApiError::forbidden(
             "a customer reads only their own backup",
