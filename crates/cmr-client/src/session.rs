@@ -43,6 +43,9 @@ pub struct Acked {
     pub checkpoint: Checkpoint,
     /// True when the server says it repeats an operation already logged.
     pub repeated: bool,
+    /// After a batch: the family head it produced, as the server says (the next batch extends it; a
+    /// wrong one only makes that batch fail as stale, and reads verify heads themselves).
+    pub head: Option<cmr_core::hash::Digest>,
 }
 
 /// A party's keys as the SDK holds them.
@@ -217,6 +220,7 @@ impl Session {
             body: e.body,
             checkpoint: cp,
             repeated: v["repeated"].as_bool().unwrap_or(false),
+            head: v["head"].as_str().and_then(cmr_core::hash::Digest::from_hex),
         })
     }
 

@@ -192,6 +192,8 @@ pub struct Ack {
     pub read: Option<ReadResult>,
     /// True when this repeats an operation already logged (idempotent retry).
     pub repeated: bool,
+    /// After a batch: the digest of the family's head it produced (the next batch extends it).
+    pub head: Option<Digest>,
 }
 
 /// How to open a store.
@@ -862,6 +864,7 @@ struct Pending {
     index: Option<u64>,
     read: Option<ReadResult>,
     repeated: bool,
+    head: Option<Digest>,
 }
 
 impl Sequencer {
@@ -956,6 +959,7 @@ impl Sequencer {
                     size,
                     read: p.read,
                     repeated: p.repeated,
+                    head: p.head,
                 })
             });
             let _ = reply.send(ack);
@@ -1042,6 +1046,7 @@ impl Sequencer {
                     index: Some(index),
                     read: None,
                     repeated: true,
+                    head: None,
                 });
             }
             return Err(StoreError::Conflict);
@@ -1061,6 +1066,7 @@ impl Sequencer {
             index: Some(index),
             read: None,
             repeated: false,
+            head: None,
         }
     }
 
@@ -1252,6 +1258,7 @@ impl Sequencer {
                     index: None,
                     read: None,
                     repeated: false,
+                    head: None,
                 })
             }
             Op::Read {
@@ -1458,7 +1465,7 @@ impl Sequencer {
             .get_mut(&(b.customer, b.family))
             .ok_or_else(|| StoreError::NotFound("family".into()))?;
         // `apply` checks everything before it changes anything, so a refusal changes nothing.
-        ledger.apply(&b, &records).map_err(|e| match e {
+        let new_head = ledger.apply(&b, &records).map_err(|e| match e {
             cmr_core::batch::BatchError::StaleHead { .. } => StoreError::StaleHead,
             other => StoreError::Refused(other.to_string()),
         })?;
@@ -1508,9 +1515,15 @@ impl Sequencer {
                     Some(b.customer),
                     access.encode(),
                 )
-                .map(Self::logged);
+                .map(|i| Pending {
+                    head: Some(new_head.digest()),
+                    ..Self::logged(i)
+                });
         }
-        Ok(Self::logged(head_index))
+        Ok(Pending {
+            head: Some(new_head.digest()),
+            ..Self::logged(head_index)
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1622,6 +1635,7 @@ impl Sequencer {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Pending {
             index: logged,
+            head: None,
             read: Some(ReadResult {
                 proof,
                 records,

@@ -47,6 +47,7 @@ pub(crate) fn ack_json(state: &crate::AppState, ack: &Ack) -> Value {
         "checkpoint": ack.checkpoint,
         "repeated": ack.repeated,
         "entry": entry,
+        "head": ack.head.map(|h| h.to_hex()),
     })
 }
 
