@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod bench;
 mod company;
 mod customer;
 mod demo;
@@ -72,6 +73,12 @@ Examples:
         /// A witness's verifier key whose cosignatures the server accepts and serves (repeatable).
         #[arg(long = "witness")]
         witnesses: Vec<String>,
+        /// Requests per second one identity may make, sustained (a load test raises it).
+        #[arg(long, env = "CMR_RATE", default_value_t = 200.0)]
+        rate_per_identity: f64,
+        /// Requests one identity may make in a burst.
+        #[arg(long, env = "CMR_BURST", default_value_t = 400.0)]
+        burst_per_identity: f64,
         /// The scheme clients sign: `https` behind a reverse proxy that terminates TLS.
         #[arg(long, env = "CMR_SCHEME", default_value = "http", value_parser = ["http", "https"])]
         scheme: String,
@@ -106,6 +113,14 @@ A first session:
         #[command(subcommand)]
         cmd: audit::AuditCmd,
     },
+    /// The load generator: seeds a vault, runs a mix of signed operations, reports throughput, latency,
+    /// errors, server memory and same-run reference figures; optionally the revocation race.
+    #[command(after_help = "\
+Examples:
+  cmr bench                                   its own server in a temporary folder, 64 clients, 10 s
+  cmr bench --clients 8 --duration 3 --race-rounds 3 --json
+  cmr bench --server http://127.0.0.1:8080 --log-vkey \"$(cat cmr-log.pub)\"")]
+    Bench(bench::BenchArgs),
     /// Print shell completions.
     #[command(
         after_help = "Example:\n  cmr completions bash > ~/.local/share/bash-completion/completions/cmr"
@@ -137,6 +152,7 @@ fn main() -> ExitCode {
             Command::Company { cmd } => company::run(&home()?, out, cmd).await,
             Command::Audit { cmd } => audit::run(&home()?, out, cmd).await,
             Command::Demo => demo::run().await,
+            Command::Bench(args) => bench::run(out, args).await,
             Command::Serve {
                 data,
                 listen,
@@ -144,6 +160,8 @@ fn main() -> ExitCode {
                 origin,
                 witnesses,
                 scheme,
+                rate_per_identity,
+                burst_per_identity,
             } => {
                 tracing_subscriber::fmt()
                     .with_env_filter(
@@ -156,6 +174,7 @@ fn main() -> ExitCode {
                     origin,
                     scheme,
                     witnesses,
+                    rate: (rate_per_identity, burst_per_identity),
                 };
                 serve::run(&data, &log_key, &opts).await
             }

@@ -50,6 +50,18 @@ pub async fn start(
     scheme: &str,
     witnesses: Vec<cmr_log::note::NoteVerifier>,
 ) -> CliResult<Running> {
+    start_with(data, log_key, listen, scheme, witnesses, None).await
+}
+
+/// [`start`], with the per-identity rate limits given.
+pub async fn start_with(
+    data: &Path,
+    log_key: NoteSigner,
+    listen: &str,
+    scheme: &str,
+    witnesses: Vec<cmr_log::note::NoteVerifier>,
+    rate: Option<(f64, f64)>,
+) -> CliResult<Running> {
     let log_vkey = log_key.verifier().to_vkey();
     let store = Arc::new(Store::open(StoreConfig::new(data, log_key)).map_err(|e| {
         CliError::local(
@@ -66,12 +78,16 @@ pub async fn start(
     let addr = listener
         .local_addr()
         .map_err(|e| CliError::local(e.to_string(), "check --listen"))?;
-    let config = Config {
+    let mut config = Config {
         authority: addr.to_string(),
         scheme: scheme.into(),
         witnesses,
         ..Config::default()
     };
+    if let Some((rate, burst)) = rate {
+        config.rate_per_identity = rate;
+        config.burst_per_identity = burst;
+    }
     let state = Arc::new(AppState::new(store.clone(), config));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve(listener, state, async {
@@ -96,6 +112,8 @@ pub struct Options {
     pub scheme: String,
     /// Witness verifier keys.
     pub witnesses: Vec<String>,
+    /// Requests per second per identity, sustained and in a burst.
+    pub rate: (f64, f64),
 }
 
 /// `cmr serve`: runs until Ctrl-C. The log key lives outside the data folder; a new one is created
@@ -128,7 +146,7 @@ pub async fn run(data: &Path, log_key: &Path, opts: &Options) -> CliResult {
             "keep the log key outside the data folder, readable only by you (chmod 600)",
         )
     })?;
-    let running = start(data, key, listen, &opts.scheme, witnesses).await?;
+    let running = start_with(data, key, listen, &opts.scheme, witnesses, Some(opts.rate)).await?;
     let pub_path = log_key.with_extension("pub");
     std::fs::write(&pub_path, format!("{}\n", running.log_vkey)).map_err(|e| {
         CliError::local(

@@ -1016,6 +1016,22 @@ impl Customer {
         reason: &str,
         now: u64,
     ) -> Result<(Acked, Vec<Acked>), ClientError> {
+        let (revoked, families) = self.revoke_grant(grant, reason, now).await?;
+        let mut rotations = Vec::new();
+        for family in families {
+            rotations.push(self.rotate(family, now).await?);
+        }
+        Ok((revoked, rotations))
+    }
+
+    /// Logs the revocation of `grant` alone, and returns the families it could read: each must then be
+    /// rotated ([`Customer::rotate`]); until then, appends to them wait (`rotation-pending`).
+    pub async fn revoke_grant(
+        &mut self,
+        grant: StatementId,
+        reason: &str,
+        now: u64,
+    ) -> Result<(Acked, Vec<FamilyId>), ClientError> {
         let issued = self
             .grants
             .get(&grant)
@@ -1034,8 +1050,7 @@ impl Customer {
         if let Some(g) = self.grants.get_mut(&grant) {
             g.revoked = true;
         }
-        let mut rotations = Vec::new();
-        let families: Vec<FamilyId> = issued
+        let families = issued
             .grant()
             .map(|g| {
                 g.families
@@ -1045,10 +1060,7 @@ impl Customer {
                     .collect()
             })
             .unwrap_or_default();
-        for family in families {
-            rotations.push(self.rotate(family, now).await?);
-        }
-        Ok((revoked, rotations))
+        Ok((revoked, families))
     }
 
     /// Rotates `family`: the remaining grants on it keep access with fresh keys.

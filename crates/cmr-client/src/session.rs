@@ -220,7 +220,9 @@ impl Session {
             body: e.body,
             checkpoint: cp,
             repeated: v["repeated"].as_bool().unwrap_or(false),
-            head: v["head"].as_str().and_then(cmr_core::hash::Digest::from_hex),
+            head: v["head"]
+                .as_str()
+                .and_then(cmr_core::hash::Digest::from_hex),
         })
     }
 

@@ -1,0 +1,1107 @@
+//! `cmr bench`: the load generator. It seeds customers, companies and grants through the SDK, then runs
+//! a bounded mix of signed operations with concurrent clients against a server on 127.0.0.1 (its own
+//! `cmr serve` child in a temporary folder, or one already running), and reports throughput, latency
+//! percentiles, errors by kind (expected refusals apart), the server's memory, and reference figures
+//! measured in the same run. `--race-rounds` adds the revocation race: readers hammer a grant while the
+//! customer revokes it, and no read may be served at a log position after the revocation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration as StdDuration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use cmr_client::company::{Company, parse_read};
+use cmr_client::customer::{Approval, Customer};
+use cmr_client::session::Session;
+use cmr_client::transport::Signer;
+use cmr_client::verify::{LogView, Needs, check_inclusion};
+use cmr_client::wellknown::CompanyProof;
+use cmr_client::{ClientError, Connection};
+use cmr_core::batch::{Batch, SignedBatch};
+use cmr_core::consent::{Access, AccessRequest, Counterparty, Duration, StatementId};
+use cmr_core::epoch::{Chain, ChainKey};
+use cmr_core::family::{FamilyId, FamilyName, Period, PseudonymKey, Scope};
+use cmr_core::hash::Digest;
+use cmr_core::identity::{DeviceKeys, IdentityId, Role};
+use cmr_core::keys::{SigningKey, VerifyingKey};
+use cmr_core::record::{FamilyKeys, RecordId, RecordSealer};
+use cmr_log::entry::{AccessRecord, EntryKind, SaltedBody};
+use cmr_log::note::NoteVerifier;
+use serde_json::{Value, json};
+
+use crate::error::{CliError, CliResult, code};
+use crate::out::{Out, now};
+
+/// What `cmr bench` is told.
+#[derive(clap::Args, Clone)]
+pub struct BenchArgs {
+    /// A server already running (default: start `cmr serve` in a temporary folder).
+    #[arg(long)]
+    pub server: Option<String>,
+    /// With --server: its log verifier key.
+    #[arg(long, env = "CMR_LOG_VKEY")]
+    pub log_vkey: Option<String>,
+    /// Customers to seed, each with ten 1 KiB transactions in one batch.
+    #[arg(long, default_value_t = 64)]
+    pub customers: usize,
+    /// Companies to seed; each customer grants one of them read and append on its transactions.
+    #[arg(long, default_value_t = 8)]
+    pub companies: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// The mix, in parts: reads, appends, customer writes, grant/revoke churn, proof fetches.
+    #[arg(long, default_value = "reads=90,appends=5,writes=2,churn=1,proofs=2")]
+    pub mix: String,
+    /// Percent of reads fully verified and decrypted (at least 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub sample: f64,
+    /// Rounds of the revocation race (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub race_rounds: usize,
+    /// Grantees that keep access through each race's rotation.
+    #[arg(long, default_value_t = 10)]
+    pub keepers: usize,
+}
+
+const RECORD_SIZE: usize = 1024;
+const RECORDS_PER_READ: usize = 10;
+
+/// The kinds of operation.
+const KINDS: [&str; 6] = [
+    "read",
+    "append",
+    "write",
+    "churn-grant",
+    "churn-revoke",
+    "proof",
+];
+
+/// A customer's transactions family as a company reaches it.
+struct Target {
+    company: usize,
+    customer: IdentityId,
+    family: FamilyId,
+    grant: StatementId,
+    /// The company's keys for the family (read chain from the look-back, its own append chain).
+    keys: Vec<(u64, ChainKey)>,
+    /// Its append key and epoch.
+    append: (u64, ChainKey),
+    /// The family's head, as the last acknowledged batch named it.
+    head: tokio::sync::Mutex<Digest>,
+}
+
+/// What the workers share.
+struct World {
+    conn: Connection,
+    pinned: NoteVerifier,
+    month: Period,
+    companies: Vec<(IdentityId, DeviceKeys)>,
+    /// Device keys by device id, for verifying batches in sampled reads.
+    device_keys: HashMap<cmr_core::identity::DeviceId, VerifyingKey>,
+    targets: Vec<Target>,
+    customers: Vec<tokio::sync::Mutex<Customer>>,
+    prefs: Vec<FamilyId>,
+}
+
+fn copy_device(d: &DeviceKeys) -> DeviceKeys {
+    DeviceKeys {
+        signing: SigningKey::from_seed(&d.signing.seed()),
+        kem: d.kem.clone(),
+    }
+}
+
+fn record(i: usize) -> Vec<u8> {
+    let mut v = format!("transaction {i}: ").into_bytes();
+    v.resize(RECORD_SIZE, b'.');
+    v
+}
+
+/// A small, fast generator for choosing operations (not for anything secret).
+struct Pick(u64);
+
+impl Pick {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+fn parse_mix(s: &str) -> CliResult<Vec<(usize, u64)>> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            CliError::local(
+                format!("bad mix part {part:?}"),
+                "write kind=parts, e.g. reads=90,appends=10",
+            )
+        })?;
+        let kind = match k.trim() {
+            "reads" => 0,
+            "appends" => 1,
+            "writes" => 2,
+            "churn" => 3,
+            "proofs" => 5,
+            other => {
+                return Err(CliError::local(
+                    format!("unknown kind {other:?}"),
+                    "kinds: reads, appends, writes, churn, proofs",
+                ));
+            }
+        };
+        let parts: u64 = v
+            .trim()
+            .parse()
+            .map_err(|_| CliError::local(format!("bad parts {v:?}"), "a whole number"))?;
+        out.push((kind, parts));
+    }
+    if out.iter().map(|(_, p)| p).sum::<u64>() == 0 {
+        return Err(CliError::local("the mix is empty", "give some parts"));
+    }
+    Ok(out)
+}
+
+/// A server this run started: a `cmr serve` child on a free port, stopped at the end.
+struct Child {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_server() -> CliResult<(Child, String, String)> {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().map_err(|e| CliError::local(e.to_string(), "check TMPDIR"))?;
+    let exe = std::env::current_exe().map_err(|e| CliError::local(e.to_string(), "report this"))?;
+    let mut child = std::process::Command::new(exe)
+        // The per-identity rate limit protects a real vault from one noisy company; the load generator's
+        // few companies are that noisy on purpose.
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--rate-per-identity",
+            "1000000",
+            "--burst-per-identity",
+            "1000000",
+            "--data",
+        ])
+        .arg(dir.path().join("data"))
+        .arg("--log-key")
+        .arg(dir.path().join("log.key"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .map_err(|e| CliError::local(format!("cannot start the server: {e}"), "report this"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| CliError::local("no server output", "report this"))?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let (mut base, mut vkey) = (String::new(), String::new());
+    while base.is_empty() || vkey.is_empty() {
+        let line = lines.next().and_then(Result::ok).ok_or_else(|| {
+            CliError::local(
+                "the server stopped while starting",
+                "run `cmr serve` to see why",
+            )
+        })?;
+        if let Some(rest) = line
+            .strip_prefix("CMR Vault serving ")
+            .and_then(|l| l.split(" on ").nth(1))
+        {
+            base = rest.trim().to_string();
+        }
+        if let Some(k) = line.strip_prefix("log verifier key (clients pin it): ") {
+            vkey = k.trim().to_string();
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Ok((Child { child, _dir: dir }, base, vkey))
+}
+
+/// Resident and peak memory of a process, in MiB, from /proc.
+fn rss(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse::<f64>()
+            .ok()
+            .map(|kb| kb / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+async fn seed(
+    conn: &Connection,
+    pinned: &NoteVerifier,
+    args: &BenchArgs,
+) -> Result<World, ClientError> {
+    let t = now();
+    let month = Period::from_unix(t as i64)
+        .ok_or_else(|| ClientError::Local("clock before 2000".into()))?;
+    let mut companies = Vec::new();
+    for _ in 0..args.companies.max(1) {
+        let (s, _) = Session::register(conn.clone(), Role::Company, pinned.clone(), t).await?;
+        companies.push(Company::new(s));
+    }
+    let mut customers = Vec::new();
+    let mut pending = Vec::new();
+    let mut prefs = Vec::new();
+    let mut heads = Vec::new();
+    let records: Vec<Vec<u8>> = (0..RECORDS_PER_READ).map(record).collect();
+    let refs: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+    for i in 0..args.customers.max(1) {
+        let j = i % companies.len();
+        let (s, _) = Session::register(conn.clone(), Role::Customer, pinned.clone(), t).await?;
+        let mut c = Customer::new(s, PseudonymKey::generate(&mut rand::rng()));
+        let tx = c.transactions_with(&companies[j].id());
+        let pf = FamilyName::profile(Scope::ProfilePreferences)
+            .ok_or_else(|| ClientError::Local("no section".into()))?;
+        c.declare(&[tx, pf], t).await?;
+        let acked = c.write(c.family_id(&tx), month, &refs).await?;
+        heads.push(
+            acked
+                .head
+                .ok_or_else(|| ClientError::Malformed("no head in the acknowledgement".into()))?,
+        );
+        c.write(c.family_id(&pf), Period::ORIGIN, &[b"channel: email"])
+            .await?;
+        prefs.push(c.family_id(&pf));
+        let req = companies[j]
+            .request(
+                c.id(),
+                AccessRequest {
+                    scopes: vec![(Scope::Transactions, Access::ReadAppend)],
+                    purpose: "load test".into(),
+                    duration: Duration::Persistent,
+                    lookback_months: 12,
+                    counterparty: Counterparty::OnlyRequester,
+                },
+                t,
+            )
+            .await?;
+        pending.push((i, j, req, tx));
+        customers.push(c);
+    }
+    let mut grants = Vec::new();
+    for (i, j, req, tx) in pending {
+        let c = &mut customers[i];
+        let p = c
+            .pending()
+            .await?
+            .into_iter()
+            .find(|p| p.statement.id() == req)
+            .ok_or_else(|| ClientError::Local("a request was not seen".into()))?;
+        let proof = CompanyProof {
+            domain: "bench.invalid".into(),
+            name: format!("company {j}"),
+            identity: companies[j].id(),
+        };
+        let approval = Approval {
+            scopes: vec![(Scope::Transactions, Access::ReadAppend)],
+            lookback_months: 12,
+            families: vec![tx],
+            append_family: Some(tx),
+        };
+        grants.push((
+            i,
+            j,
+            c.approve(&p, &proof, &approval, t).await?,
+            c.family_id(&tx),
+        ));
+    }
+    let mut device_keys = HashMap::new();
+    for c in &customers {
+        device_keys.insert(
+            c.session.keys.device.id(),
+            c.session.keys.device.signing.verifying_key(),
+        );
+    }
+    for co in &companies {
+        device_keys.insert(
+            co.session.keys.device.id(),
+            co.session.keys.device.signing.verifying_key(),
+        );
+    }
+    let mut targets = Vec::new();
+    for (i, j, grant, family) in grants {
+        let customer = customers[i].id();
+        companies[j].sync(customer).await?;
+        let held = companies[j]
+            .grants
+            .get(&grant)
+            .ok_or_else(|| ClientError::Local("a grant did not arrive".into()))?;
+        let me = companies[j].id();
+        let keys: Vec<(u64, ChainKey)> = held
+            .keys
+            .entries
+            .iter()
+            .filter(|e| e.family == family)
+            .map(|e| (e.epoch, e.key.clone()))
+            .collect();
+        let append = keys
+            .iter()
+            .find(|(_, k)| k.chain() == Chain::Append(me))
+            .cloned()
+            .ok_or_else(|| ClientError::Local("no append key in a grant".into()))?;
+        targets.push(Target {
+            company: j,
+            customer,
+            family,
+            grant,
+            keys,
+            append,
+            head: tokio::sync::Mutex::new(heads[i]),
+        });
+    }
+    Ok(World {
+        conn: conn.clone(),
+        pinned: pinned.clone(),
+        month,
+        companies: companies
+            .iter()
+            .map(|c| (c.id(), copy_device(&c.session.keys.device)))
+            .collect(),
+        device_keys,
+        targets,
+        customers: customers.into_iter().map(tokio::sync::Mutex::new).collect(),
+        prefs,
+    })
+}
+
+/// How one operation ended.
+enum Outcome {
+    Ok,
+    /// A refusal the workload expects (a stale head when two appenders race, say).
+    Expected(String),
+    Error(String),
+}
+
+fn outcome(r: Result<(), ClientError>, expected: &[&str]) -> Outcome {
+    match r {
+        Ok(()) => Outcome::Ok,
+        Err(e) => match e.code() {
+            Some(c) if expected.contains(&c) => Outcome::Expected(c.to_string()),
+            Some(c) => Outcome::Error(c.to_string()),
+            None => Outcome::Error(match e {
+                ClientError::Transport(_) => "transport".into(),
+                ClientError::Verification(_) | ClientError::Malformed(_) => {
+                    format!("verification: {e}")
+                }
+                _ => format!("{e}"),
+            }),
+        },
+    }
+}
+
+/// What each worker keeps.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Vec<u32>>,
+    ok: Vec<u64>,
+    expected: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+    sampled: u64,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            latencies: vec![Vec::new(); KINDS.len()],
+            ok: vec![0; KINDS.len()],
+            ..Default::default()
+        }
+    }
+
+    fn add(&mut self, kind: usize, started: Instant, o: Outcome) {
+        match o {
+            Outcome::Ok => {
+                self.ok[kind] += 1;
+                self.latencies[kind]
+                    .push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            }
+            Outcome::Expected(c) => {
+                *self
+                    .expected
+                    .entry(format!("{} {c}", KINDS[kind]))
+                    .or_default() += 1
+            }
+            Outcome::Error(c) => {
+                *self
+                    .errors
+                    .entry(format!("{} {c}", KINDS[kind]))
+                    .or_default() += 1
+            }
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        for (k, l) in other.latencies.into_iter().enumerate() {
+            self.latencies[k].extend(l);
+            self.ok[k] += other.ok[k];
+        }
+        for (k, v) in other.expected {
+            *self.expected.entry(k).or_default() += v;
+        }
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        self.sampled += other.sampled;
+    }
+}
+
+/// A company's signed read of a target's ten records this month. A sampled one is verified in full: the
+/// checkpoint under the pinned key and consistent with the worker's view, the access entry included and
+/// naming this read, the read complete against its head, every batch signed by its author's device, and
+/// every record decrypted.
+async fn read(w: &World, t: &Target, view: Option<&mut LogView>) -> Result<(), ClientError> {
+    let (company, device) = &w.companies[t.company];
+    let target = format!(
+        "/v1/vaults/{}/families/{}/read",
+        t.customer.to_hex(),
+        t.family.to_hex()
+    );
+    let month = w.month.to_string();
+    let v = w
+        .conn
+        .post(
+            &target,
+            &json!({"from": month, "to": month, "grant": t.grant.to_hex()}),
+            Signer::Device(device),
+        )
+        .await?;
+    let n = v["records"].as_array().map_or(0, Vec::len);
+    if n < RECORDS_PER_READ {
+        return Err(ClientError::Malformed(format!(
+            "a read returned {n} records"
+        )));
+    }
+    let Some(view) = view else { return Ok(()) };
+    let note = v["checkpoint"].as_str().unwrap_or_default();
+    let (cp, needs) = view.check(note)?;
+    match needs {
+        Needs::Nothing => view.accept(cp.clone(), note, None)?,
+        Needs::Consistency { old, new } => {
+            let p = w
+                .conn
+                .get_json(&format!("/v1/log/proofs/consistency?old={old}&new={new}"))
+                .await?;
+            let proof = hashes(&p["proof"])?;
+            view.accept(cp.clone(), note, Some(&proof))?;
+        }
+    }
+    let index = v["index"]
+        .as_u64()
+        .ok_or_else(|| ClientError::Malformed("no index".into()))?;
+    let salted = SaltedBody {
+        salt: b64(&v["entry"]["salt"])?
+            .try_into()
+            .map_err(|_| ClientError::Malformed("salt".into()))?,
+        body: b64(&v["entry"]["body"])?,
+    };
+    let entry = check_inclusion(&cp, index, &salted, &hashes(&v["proof"])?)?;
+    let keyid = device.id().to_hex();
+    let names_this_read = entry.kind == EntryKind::Access
+        && entry.subject == *company
+        && AccessRecord::decode(&entry.payload)
+            .is_ok_and(|a| a.grant == t.grant && a.keyid == keyid);
+    if !names_this_read {
+        return Err(cmr_client::error::VerifyError::NotWhatWasSent(index).into());
+    }
+    let page = parse_read(&v)?;
+    if page.proof.head.customer != t.customer || page.proof.head.family != t.family {
+        return Err(cmr_client::error::VerifyError::Read("another vault or family".into()).into());
+    }
+    let verified = cmr_core::batch::verify_read(
+        &page.proof.head.digest(),
+        &page.proof,
+        &page.records,
+        &page.batches,
+        |b| w.device_keys.get(&b.device).copied(),
+        None,
+    )
+    .map_err(|e| cmr_client::error::VerifyError::Read(e.to_string()))?;
+    let mut keys = FamilyKeys::new(t.customer, t.family);
+    for (epoch, k) in &t.keys {
+        keys.insert(*epoch, k.clone());
+    }
+    for r in verified.records {
+        let content = keys
+            .open(r)
+            .map_err(|e| cmr_client::error::VerifyError::Read(e.to_string()))?;
+        if content.len() != RECORD_SIZE {
+            return Err(
+                cmr_client::error::VerifyError::Read("a record of the wrong size".into()).into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn b64(v: &Value) -> Result<Vec<u8>, ClientError> {
+    v.as_str()
+        .and_then(|s| B64.decode(s).ok())
+        .ok_or_else(|| ClientError::Malformed("base64".into()))
+}
+
+fn hashes(v: &Value) -> Result<Vec<[u8; 32]>, ClientError> {
+    v.as_array()
+        .ok_or_else(|| ClientError::Malformed("proof".into()))?
+        .iter()
+        .map(|h| {
+            b64(h)?
+                .try_into()
+                .map_err(|_| ClientError::Malformed("hash".into()))
+        })
+        .collect()
+}
+
+/// A company's append of one 1 KiB record to a target's family, on the head the last batch named.
+async fn append(w: &World, t: &Target) -> Result<(), ClientError> {
+    let (company, device) = &w.companies[t.company];
+    let mut head = t.head.lock().await;
+    let (epoch, key) = &t.append;
+    let sealer = RecordSealer::new(t.customer, t.family, *epoch, *company, key, w.month)
+        .map_err(|e| ClientError::Local(e.to_string()))?;
+    let rec = sealer
+        .seal(
+            &mut rand::rng(),
+            RecordId::generate(&mut rand::rng()),
+            &record(0),
+        )
+        .map_err(|e| ClientError::Local(e.to_string()))?;
+    let batch = Batch::for_records(device.id(), *head, std::slice::from_ref(&rec))
+        .map_err(|e| ClientError::Local(e.to_string()))?;
+    let bytes = SignedBatch::sign(batch, &device.signing).encode();
+    let target = format!(
+        "/v1/vaults/{}/families/{}/batches",
+        t.customer.to_hex(),
+        t.family.to_hex()
+    );
+    let body = json!({"batch": B64.encode(&bytes), "records": [B64.encode(rec.as_bytes())], "grant": t.grant.to_hex()});
+    let v = w.conn.post(&target, &body, Signer::Device(device)).await?;
+    *head = v["head"]
+        .as_str()
+        .and_then(Digest::from_hex)
+        .ok_or_else(|| ClientError::Malformed("no head".into()))?;
+    Ok(())
+}
+
+/// An auditor-style proof fetch: the checkpoint, one leaf commitment, and its inclusion proof, checked.
+async fn proof(w: &World, pick: &mut Pick) -> Result<(), ClientError> {
+    let note = w.conn.get_text("/v1/log/checkpoint").await?;
+    let cp = cmr_log::checkpoint::open(&note, &w.pinned, &[], 0)
+        .map_err(|e| cmr_client::error::VerifyError::Checkpoint(e.to_string()))?
+        .checkpoint;
+    let i = pick.next() % cp.size.max(1);
+    let c = w
+        .conn
+        .get_json(&format!("/v1/log/commitments?from={i}&to={}", i + 1))
+        .await?;
+    let leaf: [u8; 32] = b64(&c["commitments"][0])?
+        .try_into()
+        .map_err(|_| ClientError::Malformed("commitment".into()))?;
+    let p = w
+        .conn
+        .get_json(&format!(
+            "/v1/log/proofs/inclusion?index={i}&size={}",
+            cp.size
+        ))
+        .await?;
+    let leaf = cmr_log::entry::commitment_leaf(&Digest(leaf));
+    cmr_log::verify::verify_inclusion(i, cp.size, &leaf, &hashes(&p["proof"])?, &cp.root)
+        .map_err(|_| cmr_client::error::VerifyError::NotIncluded(i).into())
+}
+
+async fn worker(
+    w: Arc<World>,
+    id: usize,
+    mix: Arc<Vec<(usize, u64)>>,
+    deadline: Instant,
+    sample: f64,
+) -> Tally {
+    let mut tally = Tally::new();
+    let mut pick =
+        Pick(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+    let total: u64 = mix.iter().map(|(_, p)| p).sum();
+    let mut view = LogView::new(w.pinned.clone());
+    let every = (100.0 / sample.clamp(1.0, 100.0)).round().max(1.0) as u64;
+    let mut reads = 0u64;
+    while Instant::now() < deadline {
+        let mut r = pick.next() % total;
+        let kind = mix
+            .iter()
+            .find(|(_, p)| {
+                if r < *p {
+                    true
+                } else {
+                    r -= p;
+                    false
+                }
+            })
+            .map_or(0, |(k, _)| *k);
+        let started = Instant::now();
+        match kind {
+            0 => {
+                let t = &w.targets[pick.below(w.targets.len())];
+                reads += 1;
+                let full = reads.is_multiple_of(every);
+                if full {
+                    tally.sampled += 1;
+                }
+                let o = outcome(read(&w, t, full.then_some(&mut view)).await, &[]);
+                tally.add(0, started, o);
+            }
+            1 => {
+                // Each client appends to its own family when there are enough; a shared one may race.
+                let t = &w.targets[id % w.targets.len()];
+                let o = outcome(append(&w, t).await, &["stale-head"]);
+                tally.add(1, started, o);
+            }
+            2 => {
+                let i = pick.below(w.customers.len());
+                let mut c = w.customers[i].lock().await;
+                let r = c
+                    .write(w.prefs[i], Period::ORIGIN, &[&record(1)])
+                    .await
+                    .map(|_| ());
+                tally.add(2, started, outcome(r, &["stale-head"]));
+            }
+            3 => {
+                let i = pick.below(w.customers.len());
+                let (company, _) = &w.companies[pick.below(w.companies.len())];
+                let mut c = w.customers[i].lock().await;
+                let proof = CompanyProof {
+                    domain: "bench.invalid".into(),
+                    name: "churn".into(),
+                    identity: *company,
+                };
+                let approval = Approval {
+                    scopes: vec![(Scope::ProfilePreferences, Access::Read)],
+                    lookback_months: 0,
+                    families: vec![
+                        FamilyName::profile(Scope::ProfilePreferences)
+                            .unwrap_or(FamilyName::Profile(Scope::ProfilePreferences)),
+                    ],
+                    append_family: None,
+                };
+                let g = c
+                    .grant(&proof, "churn", Duration::Persistent, &approval, now())
+                    .await;
+                let gid = match g {
+                    Ok(g) => {
+                        tally.add(3, started, Outcome::Ok);
+                        g
+                    }
+                    Err(e) => {
+                        tally.add(3, started, outcome(Err(e), &[]));
+                        continue;
+                    }
+                };
+                let started = Instant::now();
+                let r = c.revoke(gid, "churn", now()).await.map(|_| ());
+                tally.add(4, started, outcome(r, &[]));
+            }
+            _ => {
+                let o = outcome(proof(&w, &mut pick).await, &[]);
+                tally.add(5, started, o);
+            }
+        }
+    }
+    tally
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[i]) / 1000.0
+}
+
+/// Reference figures on this machine, in this run.
+struct References {
+    aead_ops: f64,
+    aead_mb: f64,
+    verify_strict: f64,
+    healthz: f64,
+}
+
+fn aead_reference() -> (f64, f64) {
+    use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+    let Ok(key) = UnboundKey::new(&CHACHA20_POLY1305, &[7; 32]) else {
+        return (0.0, 0.0);
+    };
+    let key = LessSafeKey::new(key);
+    let mut buf = vec![0u8; 1024];
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < StdDuration::from_millis(300) {
+        for _ in 0..256 {
+            let mut nonce = [0u8; 12];
+            nonce[..8].copy_from_slice(&n.to_le_bytes());
+            let _ = key.seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::empty(),
+                &mut buf,
+            );
+            n += 1;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    (n as f64 / secs, n as f64 * 1024.0 / secs / 1e6)
+}
+
+fn verify_reference() -> f64 {
+    let key = SigningKey::from_seed(&[9; 32]);
+    let vk = key.verifying_key();
+    let msg = [0u8; 256];
+    let sig = key.sign(&msg);
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < StdDuration::from_millis(300) {
+        for _ in 0..64 {
+            let _ = vk.verify(&msg, &sig);
+            n += 1;
+        }
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn healthz_reference(conn: &Connection, clients: usize) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + StdDuration::from_secs(1);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (conn, done) = (conn.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                if conn.get_text("/healthz").await.is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    done.load(Ordering::Relaxed) as f64
+}
+
+/// The revocation race, `rounds` times: readers hammer a fresh grant; the customer revokes it, then
+/// rotates the family for the keepers. No read may be served at a log position after the revocation.
+async fn race(
+    w: &Arc<World>,
+    args: &BenchArgs,
+    conn: &Connection,
+    pinned: &NoteVerifier,
+) -> Result<Value, ClientError> {
+    let t0 = &w.targets[0];
+    let (bank, _) = w.companies[t0.company];
+    let t = now();
+    // The keepers: other companies that keep reading the family through every rotation.
+    let mut keepers = Vec::new();
+    {
+        let mut c = w.customers[0].lock().await;
+        let tx = c.transactions_with(&bank);
+        for _ in 0..args.keepers {
+            let (s, _) = Session::register(conn.clone(), Role::Company, pinned.clone(), t).await?;
+            let k = Company::new(s);
+            let proof = CompanyProof {
+                domain: "bench.invalid".into(),
+                name: "keeper".into(),
+                identity: k.id(),
+            };
+            let approval = Approval {
+                scopes: vec![(Scope::Transactions, Access::Read)],
+                lookback_months: 12,
+                families: vec![tx],
+                append_family: None,
+            };
+            c.grant(&proof, "keeper", Duration::Persistent, &approval, t)
+                .await?;
+            keepers.push(k);
+        }
+    }
+    let (mut served, mut refused, mut violations) = (0u64, 0u64, 0u64);
+    let (mut revoke_ms, mut rotate_ms) = (Vec::new(), Vec::new());
+    let readers = (args.clients / 2).max(1);
+    for _ in 0..args.race_rounds {
+        // A fresh grant for the bank, read by the readers until the revocation and a little after.
+        let grant = {
+            let mut c = w.customers[0].lock().await;
+            let tx = c.transactions_with(&bank);
+            let proof = CompanyProof {
+                domain: "bench.invalid".into(),
+                name: "bank".into(),
+                identity: bank,
+            };
+            let approval = Approval {
+                scopes: vec![(Scope::Transactions, Access::Read)],
+                lookback_months: 12,
+                families: vec![tx],
+                append_family: None,
+            };
+            c.grant(&proof, "race", Duration::Persistent, &approval, now())
+                .await?
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..readers {
+            let (w, stop) = (w.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let (_, device) = &w.companies[w.targets[0].company];
+                let t = &w.targets[0];
+                let target = format!(
+                    "/v1/vaults/{}/families/{}/read",
+                    t.customer.to_hex(),
+                    t.family.to_hex()
+                );
+                let month = w.month.to_string();
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = w
+                        .conn
+                        .post(
+                            &target,
+                            &json!({"from": month, "to": month, "grant": grant.to_hex()}),
+                            Signer::Device(device),
+                        )
+                        .await;
+                    seen.push(
+                        r.map(|v| v["index"].as_u64().unwrap_or(u64::MAX))
+                            .map_err(|e| e.code().unwrap_or("other").to_string()),
+                    );
+                }
+                seen
+            }));
+        }
+        tokio::time::sleep(StdDuration::from_millis(200)).await;
+        let revocation = {
+            let mut c = w.customers[0].lock().await;
+            let started = Instant::now();
+            let (acked, families) = c.revoke_grant(grant, "race", now()).await?;
+            revoke_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+            let started = Instant::now();
+            for f in families {
+                c.rotate(f, now()).await?;
+            }
+            rotate_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+            acked.index
+        };
+        tokio::time::sleep(StdDuration::from_millis(200)).await;
+        stop.store(true, Ordering::Relaxed);
+        for task in tasks {
+            for r in task.await.unwrap_or_default() {
+                match r {
+                    Ok(index) if index > revocation => violations += 1,
+                    Ok(_) => served += 1,
+                    Err(code) if code == "grant-revoked" => refused += 1,
+                    Err(code) => {
+                        return Err(ClientError::Local(format!(
+                            "a racing read failed unexpectedly: {code}"
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    revoke_ms.sort_by(f64::total_cmp);
+    rotate_ms.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], p: f64| {
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(json!({
+        "rounds": args.race_rounds,
+        "readers": readers,
+        "keepers": args.keepers,
+        "reads_served_before": served,
+        "reads_refused_after": refused,
+        "reads_served_after_revocation": violations,
+        "revoke_ms": {"p50": pct(&revoke_ms, 0.5), "p99": pct(&revoke_ms, 0.99), "max": revoke_ms.last().copied().unwrap_or(0.0)},
+        "rotation_ms": {"p50": pct(&rotate_ms, 0.5), "p99": pct(&rotate_ms, 0.99), "max": rotate_ms.last().copied().unwrap_or(0.0)},
+    }))
+}
+
+/// Runs `cmr bench`.
+pub async fn run(out: Out, args: BenchArgs) -> CliResult {
+    let mix = Arc::new(parse_mix(&args.mix)?);
+    let (child, base, vkey) = match (&args.server, &args.log_vkey) {
+        (Some(s), Some(k)) => (None, s.clone(), k.clone()),
+        (Some(_), None) => {
+            return Err(CliError::local(
+                "--server needs --log-vkey",
+                "give the server's log verifier key",
+            ));
+        }
+        (None, _) => {
+            let (c, b, k) = spawn_server()?;
+            (Some(c), b, k)
+        }
+    };
+    let pid = child.as_ref().map(|c| c.child.id());
+    let conn = Connection::new(&base)?;
+    let pinned = NoteVerifier::from_vkey(&vkey)
+        .map_err(|e| CliError::local(e.to_string(), "check --log-vkey"))?;
+    out.line(format!(
+        "seeding {} customers (ten 1 KiB transactions each) and {} companies on {base}",
+        args.customers, args.companies
+    ));
+    let seeded = Instant::now();
+    let w = Arc::new(seed(&conn, &pinned, &args).await.map_err(|e| {
+        CliError::with_code(code::VERIFICATION, format!("seeding failed: {e}"), None)
+    })?);
+    let seed_secs = seeded.elapsed().as_secs_f64();
+    let rss_before = pid.and_then(rss);
+    let (aead_ops, aead_mb) = aead_reference();
+    let refs = References {
+        aead_ops,
+        aead_mb,
+        verify_strict: verify_reference(),
+        healthz: healthz_reference(&conn, args.clients).await,
+    };
+    out.line(format!(
+        "running {} clients for {} s: {}",
+        args.clients, args.duration, args.mix
+    ));
+    let deadline = Instant::now() + StdDuration::from_secs(args.duration);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for id in 0..args.clients.max(1) {
+        tasks.push(tokio::spawn(worker(
+            w.clone(),
+            id,
+            mix.clone(),
+            deadline,
+            args.sample,
+        )));
+    }
+    let mut tally = Tally::new();
+    for t in tasks {
+        tally.merge(
+            t.await
+                .map_err(|e| CliError::local(e.to_string(), "report this"))?,
+        );
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let rss_after = pid.and_then(rss);
+    let race = if args.race_rounds > 0 {
+        Some(race(&w, &args, &conn, &pinned).await.map_err(|e| {
+            CliError::with_code(
+                code::VERIFICATION,
+                format!("the revocation race failed: {e}"),
+                None,
+            )
+        })?)
+    } else {
+        None
+    };
+    let mut kinds = serde_json::Map::new();
+    out.line(format!(
+        "\n{:<13} {:>9} {:>10} {:>9} {:>9} {:>9}",
+        "operation", "ok", "per s", "p50 ms", "p95 ms", "p99 ms"
+    ));
+    for (k, name) in KINDS.iter().enumerate() {
+        let mut l = std::mem::take(&mut tally.latencies[k]);
+        l.sort_unstable();
+        let rate = tally.ok[k] as f64 / secs;
+        let (p50, p95, p99) = (
+            percentile(&l, 0.5),
+            percentile(&l, 0.95),
+            percentile(&l, 0.99),
+        );
+        if tally.ok[k] > 0 {
+            out.line(format!(
+                "{name:<13} {:>9} {rate:>10.1} {p50:>9.2} {p95:>9.2} {p99:>9.2}",
+                tally.ok[k]
+            ));
+        }
+        kinds.insert(
+            name.to_string(),
+            json!({"ok": tally.ok[k], "per_s": rate, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99}),
+        );
+    }
+    let reads_per_s = tally.ok[0] as f64 / secs;
+    out.line(format!(
+        "\nreads fully verified and decrypted (sample): {}",
+        tally.sampled
+    ));
+    out.line(format!("expected refusals: {:?}", tally.expected));
+    out.line(format!("errors: {:?}", tally.errors));
+    if let (Some(b), Some(a)) = (rss_before, rss_after) {
+        out.line(format!(
+            "server RSS: {:.0} MiB after seeding, {:.0} MiB after the load (peak {:.0} MiB)",
+            b.0, a.0, a.1
+        ));
+    }
+    out.line(format!(
+        "references (same run): ChaCha20-Poly1305 1 KiB {:.0}/s ({:.0} MB/s); verify_strict {:.0}/s on one core; /healthz {:.0}/s with {} clients",
+        refs.aead_ops, refs.aead_mb, refs.verify_strict, refs.healthz, args.clients
+    ));
+    out.line(format!(
+        "reads per second / single-core verify_strict rate: {:.3}",
+        reads_per_s / refs.verify_strict
+    ));
+    if let Some(r) = &race {
+        out.line(format!("\nrevocation race: {r}"));
+    }
+    out.line(format!("(seeding took {seed_secs:.1} s)"));
+    let report = json!({
+        "server": base,
+        "clients": args.clients,
+        "duration_s": secs,
+        "customers": args.customers,
+        "companies": args.companies,
+        "mix": args.mix,
+        "operations": kinds,
+        "sampled_reads": tally.sampled,
+        "expected": tally.expected,
+        "errors": tally.errors,
+        "server_rss_mib": rss_after.map(|r| json!({"after_seeding": rss_before.map(|b| b.0), "after_load": r.0, "peak": r.1})),
+        "references": {"aead_1k_per_s": refs.aead_ops, "aead_1k_mb_s": refs.aead_mb, "verify_strict_per_s": refs.verify_strict, "healthz_per_s": refs.healthz},
+        "reads_per_verify_strict": reads_per_s / refs.verify_strict,
+        "race": race,
+        "seed_s": seed_secs,
+    });
+    out.value(&report);
+    drop(child);
+    let violations = race
+        .as_ref()
+        .and_then(|r| r["reads_served_after_revocation"].as_u64())
+        .unwrap_or(0);
+    if !tally.errors.is_empty() || violations > 0 {
+        return Err(CliError::with_code(
+            code::VERIFICATION,
+            format!(
+                "{} unexpected errors, {violations} reads served after a revocation",
+                tally.errors.values().sum::<u64>()
+            ),
+            Some("see the report above"),
+        ));
+    }
+    Ok(())
+}
