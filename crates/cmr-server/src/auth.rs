@@ -25,28 +25,68 @@ pub struct Caller {
     pub signature: [u8; 64],
 }
 
-/// The (keyid, nonce) pairs seen within the replay window.
+/// The (keyid, nonce) pairs seen within the replay window. Entries leave in the order they came, once no
+/// request carrying them could be accepted any more, so each check costs O(1) amortized however many
+/// requests the window holds.
 #[derive(Debug, Default)]
 pub struct NonceCache {
-    seen: Mutex<HashMap<(String, String), i64>>,
+    inner: Mutex<Nonces>,
+}
+
+#[derive(Debug, Default)]
+struct Nonces {
+    /// (keyid, nonce) → (created, when it was recorded).
+    seen: HashMap<(String, String), (i64, i64)>,
+    /// Keys in the order they were recorded, with the time they were.
+    order: std::collections::VecDeque<(i64, (String, String))>,
 }
 
 impl NonceCache {
     /// Records a nonce; false if it was already seen within the window.
     pub fn check(&self, keyid: &str, nonce: &str, created: i64, now: i64) -> bool {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let horizon = now - httpsig::MAX_AGE - httpsig::MAX_FUTURE;
-        if seen.len() > 10_000 {
-            seen.retain(|_, c| *c >= horizon);
+        // A request is accepted only if created ≥ now − MAX_AGE, and created ≤ (the time it was recorded)
+        // + MAX_FUTURE; so an entry recorded before now − MAX_AGE − MAX_FUTURE can never match again.
+        while n.order.front().is_some_and(|(at, _)| *at < horizon) {
+            if let Some((at, key)) = n.order.pop_front()
+                && n.seen
+                    .get(&key)
+                    .is_some_and(|(_, recorded)| *recorded == at)
+            {
+                n.seen.remove(&key);
+            }
         }
         let key = (keyid.to_string(), nonce.to_string());
-        match seen.get(&key) {
-            Some(c) if *c >= horizon => false,
+        match n.seen.get(&key) {
+            Some((c, _)) if *c >= horizon => false,
             _ => {
-                seen.insert(key, created);
+                n.seen.insert(key.clone(), (created, now));
+                n.order.push_back((now, key));
                 true
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nonce_is_refused_within_the_window_and_forgotten_after() {
+        let c = NonceCache::default();
+        assert!(c.check("k", "n1", 1000, 1000));
+        assert!(!c.check("k", "n1", 1000, 1030));
+        assert!(c.check("k2", "n1", 1000, 1030));
+        // Many others come and go without slowing anything down; the first one is still refused.
+        for i in 0..50_000 {
+            assert!(c.check("k", &format!("x{i}"), 1040, 1040));
+        }
+        assert!(!c.check("k", "n1", 1000, 1060));
+        // Past the window nothing carrying it could be accepted: it is forgotten, and memory with it.
+        assert!(c.check("k", "n1", 1200, 1200));
+        assert!(c.inner.lock().unwrap().seen.len() < 10);
     }
 }
 
