@@ -50,20 +50,23 @@ pub async fn start(
     scheme: &str,
     witnesses: Vec<cmr_log::note::NoteVerifier>,
 ) -> CliResult<Running> {
-    start_with(data, log_key, listen, scheme, witnesses, None).await
+    start_in(data, log_key, listen, scheme, witnesses, None, 128).await
 }
 
-/// [`start`], with the per-identity rate limits given.
-pub async fn start_with(
+/// [`start`], with the per-identity rate limits and sled's page cache (MiB) given.
+pub async fn start_in(
     data: &Path,
     log_key: NoteSigner,
     listen: &str,
     scheme: &str,
     witnesses: Vec<cmr_log::note::NoteVerifier>,
     rate: Option<(f64, f64)>,
+    cache_mib: u64,
 ) -> CliResult<Running> {
     let log_vkey = log_key.verifier().to_vkey();
-    let store = Arc::new(Store::open(StoreConfig::new(data, log_key)).map_err(|e| {
+    let mut config = StoreConfig::new(data, log_key);
+    config.cache_capacity = cache_mib.max(8) * 1024 * 1024;
+    let store = Arc::new(Store::open(config).map_err(|e| {
         CliError::local(
             format!("cannot open the data folder {}: {e}", data.display()),
             "check --data (or CMR_DATA); another server may be using it",
@@ -114,6 +117,8 @@ pub struct Options {
     pub witnesses: Vec<String>,
     /// Requests per second per identity, sustained and in a burst.
     pub rate: (f64, f64),
+    /// sled's page cache, in MiB.
+    pub cache_mib: u64,
 }
 
 /// `cmr serve`: runs until Ctrl-C. The log key lives outside the data folder; a new one is created
@@ -146,7 +151,16 @@ pub async fn run(data: &Path, log_key: &Path, opts: &Options) -> CliResult {
             "keep the log key outside the data folder, readable only by you (chmod 600)",
         )
     })?;
-    let running = start_with(data, key, listen, &opts.scheme, witnesses, Some(opts.rate)).await?;
+    let running = start_in(
+        data,
+        key,
+        listen,
+        &opts.scheme,
+        witnesses,
+        Some(opts.rate),
+        opts.cache_mib,
+    )
+    .await?;
     let pub_path = log_key.with_extension("pub");
     std::fs::write(&pub_path, format!("{}\n", running.log_vkey)).map_err(|e| {
         CliError::local(
