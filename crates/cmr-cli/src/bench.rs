@@ -280,6 +280,12 @@ async fn seed(
         let pf = FamilyName::profile(Scope::ProfilePreferences)
             .ok_or_else(|| ClientError::Local("no section".into()))?;
         c.declare(&[tx, pf], t).await?;
+        if i == 0 {
+            // The same ten records, but from ten batches, a month earlier: the client-cost reference.
+            for r in &refs {
+                c.write(c.family_id(&tx), Period(month.0 - 1), &[r]).await?;
+            }
+        }
         let acked = c.write(c.family_id(&tx), month, &refs).await?;
         heads.push(
             acked
@@ -576,6 +582,86 @@ fn hashes(v: &Value) -> Result<Vec<[u8; 32]>, ClientError> {
                 .map_err(|_| ClientError::Malformed("hash".into()))
         })
         .collect()
+}
+
+/// What one read costs the client in steady state (grant keys and checkpoint cached), from the answer's
+/// bytes: parse, check the access entry's inclusion in the checkpoint, verify completeness and every
+/// batch signature, decrypt the ten records. Returns microseconds per read of `month`.
+async fn client_cost(w: &World, month: Period) -> Result<f64, ClientError> {
+    let t = &w.targets[0];
+    let (_, device) = &w.companies[t.company];
+    let target = format!(
+        "/v1/vaults/{}/families/{}/read",
+        t.customer.to_hex(),
+        t.family.to_hex()
+    );
+    let m = month.to_string();
+    let v = w
+        .conn
+        .post(
+            &target,
+            &json!({"from": m, "to": m, "grant": t.grant.to_hex()}),
+            Signer::Device(device),
+        )
+        .await?;
+    let bytes = serde_json::to_vec(&v).map_err(|e| ClientError::Local(e.to_string()))?;
+    let cp = cmr_log::checkpoint::open(
+        v["checkpoint"].as_str().unwrap_or_default(),
+        &w.pinned,
+        &[],
+        0,
+    )
+    .map_err(|e| cmr_client::error::VerifyError::Checkpoint(e.to_string()))?
+    .checkpoint;
+    let mut keys = FamilyKeys::new(t.customer, t.family);
+    for (epoch, k) in &t.keys {
+        keys.insert(*epoch, k.clone());
+    }
+    let one = |keys: &mut FamilyKeys| -> Result<usize, ClientError> {
+        let v: Value =
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Malformed(e.to_string()))?;
+        let index = v["index"]
+            .as_u64()
+            .ok_or_else(|| ClientError::Malformed("no index".into()))?;
+        let salted = SaltedBody {
+            salt: b64(&v["entry"]["salt"])?
+                .try_into()
+                .map_err(|_| ClientError::Malformed("salt".into()))?,
+            body: b64(&v["entry"]["body"])?,
+        };
+        check_inclusion(&cp, index, &salted, &hashes(&v["proof"])?)?;
+        let page = parse_read(&v)?;
+        let verified = cmr_core::batch::verify_read(
+            &page.proof.head.digest(),
+            &page.proof,
+            &page.records,
+            &page.batches,
+            |b| w.device_keys.get(&b.device).copied(),
+            None,
+        )
+        .map_err(|e| cmr_client::error::VerifyError::Read(e.to_string()))?;
+        let mut n = 0;
+        for r in verified.records {
+            n += keys
+                .open(r)
+                .map_err(|e| cmr_client::error::VerifyError::Read(e.to_string()))?
+                .len();
+        }
+        Ok(n)
+    };
+    if one(&mut keys)? != RECORDS_PER_READ * RECORD_SIZE {
+        return Err(cmr_client::error::VerifyError::Read(
+            "the reference read is not ten 1 KiB records".into(),
+        )
+        .into());
+    }
+    let started = Instant::now();
+    let mut n = 0u32;
+    while started.elapsed() < StdDuration::from_millis(300) {
+        one(&mut keys)?;
+        n += 1;
+    }
+    Ok(started.elapsed().as_secs_f64() * 1e6 / f64::from(n))
 }
 
 /// A company's append of one 1 KiB record to a target's family, on the head the last batch named.
@@ -984,6 +1070,16 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
         verify_strict: verify_reference(),
         healthz: healthz_reference(&conn, args.clients).await,
     };
+    let cost = |e: ClientError| {
+        CliError::with_code(
+            code::VERIFICATION,
+            format!("the client-cost reference failed: {e}"),
+            None,
+        )
+    };
+    let cost_one = client_cost(&w, w.month).await.map_err(cost)?;
+    let cost_ten = client_cost(&w, Period(w.month.0 - 1)).await.map_err(cost)?;
+    let verify_us = 1e6 / refs.verify_strict;
     out.line(format!(
         "running {} clients for {} s: {}",
         args.clients, args.duration, args.mix
@@ -1066,6 +1162,11 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
         "reads per second / single-core verify_strict rate: {:.3}",
         reads_per_s / refs.verify_strict
     ));
+    out.line(format!(
+        "client cost of one verified, decrypted read: {cost_one:.0} µs from one batch ({:.2}× verify_strict), {cost_ten:.0} µs from ten batches ({:.2}×)",
+        cost_one / verify_us,
+        cost_ten / verify_us
+    ));
     if let Some(r) = &race {
         out.line(format!("\nrevocation race: {r}"));
     }
@@ -1084,6 +1185,7 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
         "server_rss_mib": rss_after.map(|r| json!({"after_seeding": rss_before.map(|b| b.0), "after_load": r.0, "peak": r.1})),
         "references": {"aead_1k_per_s": refs.aead_ops, "aead_1k_mb_s": refs.aead_mb, "verify_strict_per_s": refs.verify_strict, "healthz_per_s": refs.healthz},
         "reads_per_verify_strict": reads_per_s / refs.verify_strict,
+        "client_cost_us": {"one_batch": cost_one, "ten_batches": cost_ten, "verify_strict": verify_us},
         "race": race,
         "seed_s": seed_secs,
     });
