@@ -64,6 +64,10 @@ pub struct BenchArgs {
     /// Rounds of the revocation race (0: none).
     #[arg(long, default_value_t = 0)]
     pub race_rounds: usize,
+    /// Records stored in all before the load, for the scale curves (a tenth of them, at most 100,000, in
+    /// the family the latency probe reads).
+    #[arg(long, default_value_t = 0)]
+    pub stored: usize,
     /// Grantees that keep access through each race's rotation.
     #[arg(long, default_value_t = 10)]
     pub keepers: usize,
@@ -1033,6 +1037,87 @@ async fn race(
     }))
 }
 
+/// Stores `total` records in all (beyond the seeded ones), for the scale curves: a tenth of them (at
+/// most 100,000) in earlier months of the family the latency probe reads, the rest spread over the other
+/// customers' families; batches of 1,000.
+async fn seed_scale(w: &World, total: usize, out: Out) -> Result<(), ClientError> {
+    let seeded = w.targets.len() * RECORDS_PER_READ + RECORDS_PER_READ;
+    let extra = total.saturating_sub(seeded);
+    if extra == 0 {
+        return Ok(());
+    }
+    let in_probe = (extra / 10).min(100_000);
+    let content = record(2);
+    let bar = indicatif::ProgressBar::new(extra as u64);
+    if out.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut left = extra;
+    let mut customer = 0;
+    let mut batch_no = 0u32;
+    while left > 0 {
+        // The probe's family first, then round-robin over the others.
+        let (i, n) = if extra - left < in_probe {
+            (0, (in_probe - (extra - left)).min(1000))
+        } else {
+            customer = customer % (w.targets.len().max(2) - 1) + 1;
+            (customer.min(w.targets.len() - 1), left.min(1000))
+        };
+        let t = &w.targets[i];
+        // Months before the probed one, a thousand records a month.
+        batch_no += 1;
+        let month = Period(w.month.0.saturating_sub(2 + batch_no % 240));
+        let refs: Vec<&[u8]> = (0..n).map(|_| content.as_slice()).collect();
+        let mut c = w.customers[i].lock().await;
+        let acked = c.write(t.family, month, &refs).await?;
+        if let Some(h) = acked.head {
+            *t.head.lock().await = h;
+        }
+        left -= n;
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// Unloaded latency of one client's reads of the probe family's ten records (a scale-curve point).
+async fn probe(w: &World, secs: f64) -> Result<(f64, f64, u32), ClientError> {
+    let t = &w.targets[0];
+    let started = Instant::now();
+    let mut l = Vec::new();
+    while started.elapsed().as_secs_f64() < secs {
+        let one = Instant::now();
+        read(w, t, None).await?;
+        l.push(one.elapsed().as_micros().min(u32::MAX as u128) as u32);
+    }
+    l.sort_unstable();
+    Ok((percentile(&l, 0.5), percentile(&l, 0.99), l.len() as u32))
+}
+
+/// The log's size, from the latest checkpoint.
+async fn log_size(conn: &Connection, pinned: &NoteVerifier) -> Result<u64, ClientError> {
+    let note = conn.get_text("/v1/log/checkpoint").await?;
+    Ok(cmr_log::checkpoint::open(&note, pinned, &[], 0)
+        .map_err(|e| cmr_client::error::VerifyError::Checkpoint(e.to_string()))?
+        .checkpoint
+        .size)
+}
+
+/// The bytes in a folder, recursively.
+fn folder_bytes(path: &std::path::Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|d| {
+            d.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => folder_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Runs `cmr bench`.
 pub async fn run(out: Out, args: BenchArgs) -> CliResult {
     let mix = Arc::new(parse_mix(&args.mix)?);
@@ -1061,7 +1146,24 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
     let w = Arc::new(seed(&conn, &pinned, &args).await.map_err(|e| {
         CliError::with_code(code::VERIFICATION, format!("seeding failed: {e}"), None)
     })?);
+    seed_scale(&w, args.stored, out).await.map_err(|e| {
+        CliError::with_code(
+            code::VERIFICATION,
+            format!("seeding the scale records failed: {e}"),
+            None,
+        )
+    })?;
     let seed_secs = seeded.elapsed().as_secs_f64();
+    let probed = probe(&w, 2.0).await.map_err(|e| {
+        CliError::with_code(
+            code::VERIFICATION,
+            format!("the latency probe failed: {e}"),
+            None,
+        )
+    })?;
+    let data_dir = child.as_ref().map(|c| c._dir.path().join("data"));
+    let size_before = log_size(&conn, &pinned).await?;
+    let bytes_before = data_dir.as_deref().map(folder_bytes);
     let rss_before = pid.and_then(rss);
     let (aead_ops, aead_mb) = aead_reference();
     let refs = References {
@@ -1105,6 +1207,12 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
     }
     let secs = started.elapsed().as_secs_f64();
     let rss_after = pid.and_then(rss);
+    let size_after = log_size(&conn, &pinned).await?;
+    let entries = size_after.saturating_sub(size_before);
+    let growth = match (bytes_before, data_dir.as_deref().map(folder_bytes)) {
+        (Some(b), Some(a)) if entries > 0 => Some(a.saturating_sub(b) as f64 / entries as f64),
+        _ => None,
+    };
     let race = if args.race_rounds > 0 {
         Some(race(&w, &args, &conn, &pinned).await.map_err(|e| {
             CliError::with_code(
@@ -1167,6 +1275,19 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
         cost_one / verify_us,
         cost_ten / verify_us
     ));
+    out.line(format!(
+        "latency probe (one client, the probed family's ten records, {} stored): p50 {:.2} ms, p99 {:.2} ms over {} reads",
+        args.stored.max(w.targets.len() * RECORDS_PER_READ),
+        probed.0,
+        probed.1,
+        probed.2
+    ));
+    if let Some(g) = growth {
+        out.line(format!(
+            "log: {entries} entries during the load; the data folder grew {g:.0} bytes per entry, {:.1} GB a day at this rate",
+            g * entries as f64 / secs * 86_400.0 / 1e9
+        ));
+    }
     if let Some(r) = &race {
         out.line(format!("\nrevocation race: {r}"));
     }
@@ -1185,6 +1306,8 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
         "server_rss_mib": rss_after.map(|r| json!({"after_seeding": rss_before.map(|b| b.0), "after_load": r.0, "peak": r.1})),
         "references": {"aead_1k_per_s": refs.aead_ops, "aead_1k_mb_s": refs.aead_mb, "verify_strict_per_s": refs.verify_strict, "healthz_per_s": refs.healthz},
         "reads_per_verify_strict": reads_per_s / refs.verify_strict,
+        "probe": {"stored": args.stored, "p50_ms": probed.0, "p99_ms": probed.1, "reads": probed.2},
+        "log": {"entries": entries, "bytes_per_entry": growth},
         "client_cost_us": {"one_batch": cost_one, "ten_batches": cost_ten, "verify_strict": verify_us},
         "race": race,
         "seed_s": seed_secs,
