@@ -428,11 +428,13 @@ impl Loaded {
         {
             return Ok(());
         }
-        let backup = KeyBackup {
-            recovery_seq: self.saved.role.recovery_seq,
-            vault_key: self.saved.role.recovery_wrap.clone(),
-            state: sdk,
-        };
+        let backup = KeyBackup::seal(
+            self.saved.role.recovery_seq,
+            self.saved.role.recovery_wrap.clone(),
+            &sdk,
+            &self.vault,
+            self.customer.id(),
+        );
         let mut version = self.saved.role.backup_version + 1;
         if let Err(e) = self.customer.put_backup(&backup, version).await {
             if e.code() != Some("backup-conflict") {

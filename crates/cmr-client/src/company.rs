@@ -151,7 +151,6 @@ impl Company {
             if self.synced.get(&customer).is_some_and(|s| p.index <= *s) {
                 continue;
             }
-            self.synced.insert(customer, p.index);
             if p.body.customer != Some(customer) {
                 return Err(VerifyError::Chain(format!(
                     "entry {} is about another vault",
@@ -160,6 +159,7 @@ impl Company {
                 .into());
             }
             if p.body.kind != EntryKind::Statement {
+                self.synced.insert(customer, p.index);
                 continue;
             }
             let st = SignedStatement::decode(&p.body.payload)
@@ -172,14 +172,21 @@ impl Company {
                 ))
                 .into());
             }
-            if s.author == customer {
-                let c = self.session.identity(customer).await?;
-                st.verify(&c.state, p.index).map_err(|e| {
-                    VerifyError::Signature(format!("statement at {}: {e}", p.index))
-                })?;
+            // Only the customer (and this company, for its own requests and give-ups) speaks here, and
+            // every statement is checked against its author's device valid at its log position.
+            if s.author != customer && s.author != me {
+                return Err(VerifyError::Signature(format!(
+                    "statement at {} is by a third party",
+                    p.index
+                ))
+                .into());
             }
+            let author = self.session.identity(s.author).await?;
+            st.verify(&author.state, p.index)
+                .map_err(|e| VerifyError::Signature(format!("statement at {}: {e}", p.index)))?;
+            let by_customer = s.author == customer;
             match &s.body {
-                Body::Grant(g) if g.grantee == me => {
+                Body::Grant(g) if by_customer && g.grantee == me => {
                     let bundle = st
                         .bundle()
                         .ok_or_else(|| VerifyError::Signature("a grant without keys".into()))?;
@@ -201,7 +208,7 @@ impl Company {
                         rekeys: Vec::new(),
                     });
                 }
-                Body::Denial { request, reason } => {
+                Body::Denial { request, reason } if by_customer => {
                     self.statuses
                         .insert(*request, RequestStatus::Denied(reason.clone()));
                 }
@@ -210,7 +217,7 @@ impl Company {
                         g.revoked = true;
                     }
                 }
-                Body::RotationCompletion(rc) => {
+                Body::RotationCompletion(rc) if by_customer => {
                     for (gid, sealed) in &rc.keepers {
                         if let Some(g) = self.grants.get_mut(gid) {
                             let fresh = KeyBundle::open(sealed, customer, me, &kem, gid.0)
@@ -224,6 +231,8 @@ impl Company {
                 }
                 _ => {}
             }
+            // Only now is the entry taken into account: a failure above leaves it for the next sync.
+            self.synced.insert(customer, p.index);
         }
         Ok(())
     }
@@ -256,25 +265,49 @@ impl Company {
             customer.to_hex(),
             family.to_hex()
         );
-        let v = self
-            .session
-            .post(&target, &json!({"from": from.to_string(), "to": to.to_string(), "grant": grant.to_hex(), "limit": 10000}))
-            .await?;
         let keyid = self.session.keys.device.id().to_hex();
-        self.session
-            .check_ack_with(&v, |body| {
-                body.kind == EntryKind::Access
-                    && AccessRecord::decode(&body.payload).is_ok_and(|a| {
-                        a.grant == grant
-                            && a.keyid == keyid
-                            && a.families
-                                .iter()
-                                .any(|f| f.family == family && f.from == from && f.to == to)
-                    })
-            })
-            .await?;
-        let page = parse_read(&v)?;
-        let (head, records) = self.verify_page(customer, family, &page).await?;
+        // Page by page (each page's access is logged), every page against the same head, each cursor
+        // strictly after the one before.
+        let mut cursor: Option<(Period, u64)> = None;
+        let mut head: Option<Head> = None;
+        let mut records = Vec::new();
+        loop {
+            let mut body = json!({"from": from.to_string(), "to": to.to_string(), "grant": grant.to_hex(), "limit": 10000});
+            if let Some((p, i)) = cursor {
+                body["cursor"] = json!([p.to_string(), i]);
+            }
+            let v = self.session.post(&target, &body).await?;
+            self.session
+                .check_ack_with(&v, |body| {
+                    body.kind == EntryKind::Access
+                        && AccessRecord::decode(&body.payload).is_ok_and(|a| {
+                            a.grant == grant
+                                && a.keyid == keyid
+                                && a.families
+                                    .iter()
+                                    .any(|f| f.family == family && f.from == from && f.to == to)
+                        })
+                })
+                .await?;
+            let page = parse_read(&v)?;
+            let (h, mut got) =
+                verify_page(&mut self.session, customer, family, &page, cursor).await?;
+            if head.is_some_and(|seen| seen != h) {
+                return Err(VerifyError::Read("the head changed between pages".into()).into());
+            }
+            head = Some(h);
+            records.append(&mut got);
+            match page.proof.next {
+                Some(n) if cursor.is_none_or(|c| n > c) => cursor = Some(n),
+                Some(_) => {
+                    return Err(
+                        VerifyError::Read("a page cursor did not move forward".into()).into(),
+                    );
+                }
+                None => break,
+            }
+        }
+        let head = head.ok_or_else(|| ClientError::Malformed("no page".into()))?;
         let held = self
             .grants
             .get(&grant)
@@ -285,38 +318,6 @@ impl Company {
         }
         let opened = OpenedRecord::open_all(&mut keys, &records)?;
         Ok((head, opened))
-    }
-
-    async fn verify_page(
-        &mut self,
-        customer: IdentityId,
-        family: FamilyId,
-        page: &ReadPage,
-    ) -> Result<(Head, Vec<SealedRecord>), ClientError> {
-        if page.proof.head.customer != customer || page.proof.head.family != family {
-            return Err(VerifyError::Read("the read names another vault or family".into()).into());
-        }
-        let mut keys = HashMap::new();
-        for b in &page.batches {
-            let (author, device) = (b.batch().author, b.batch().device);
-            if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry((author, device)) {
-                let id = self.session.identity(author).await?;
-                slot.insert(id.state.device_key(&device));
-            }
-        }
-        let verified = verify_read(
-            &page.proof.head.digest(),
-            &page.proof,
-            &page.records,
-            &page.batches,
-            |b| keys.get(&(b.author, b.device)).copied().flatten(),
-            None,
-        )
-        .map_err(|e| VerifyError::Read(e.to_string()))?;
-        Ok((
-            verified.head,
-            verified.records.into_iter().cloned().collect(),
-        ))
     }
 
     /// Appends records to the grant's append family at `period`, on `head` (from a read).
@@ -347,17 +348,64 @@ impl Company {
         let customer = held.customer;
         let sealer = RecordSealer::new(customer, family, epoch, me, &key, period)
             .map_err(|e| ClientError::Local(e.to_string()))?;
-        let (v, bytes) = self
+        let (v, _) = self
             .session
             .send_batch(&sealer, customer, family, head, contents, Some(grant))
             .await?;
-        // A company's append logs its access record and the family head; the ack names the head entry.
+        // A company's append logs the family head, then its access record; the ack names the access, which
+        // must be this append: under this grant, by this device, to this family, at the batch's epoch.
+        let keyid = self.session.keys.device.id().to_hex();
+        let epoch = Some(epoch);
         self.session
             .check_ack_with(&v, |body| {
-                body.payload == bytes || body.kind == EntryKind::Access
+                body.kind == EntryKind::Access
+                    && body.subject == me
+                    && AccessRecord::decode(&body.payload).is_ok_and(|a| {
+                        a.kind == cmr_core::decision::AccessKind::Append
+                            && a.grant == grant
+                            && a.keyid == keyid
+                            && a.epoch == epoch
+                            && a.families.iter().any(|f| f.family == family)
+                    })
             })
             .await
     }
+}
+
+/// Verifies one page of a read: it names `customer`'s `family`, it is complete against its head from
+/// `cursor` on, and every batch is signed by its author's device, whose key comes from the author's
+/// verified key events (looked up once per author and device). Returns the head and the records.
+pub(crate) async fn verify_page(
+    session: &mut Session,
+    customer: IdentityId,
+    family: FamilyId,
+    page: &ReadPage,
+    cursor: Option<(Period, u64)>,
+) -> Result<(Head, Vec<SealedRecord>), ClientError> {
+    if page.proof.head.customer != customer || page.proof.head.family != family {
+        return Err(VerifyError::Read("the read names another vault or family".into()).into());
+    }
+    let mut keys = HashMap::new();
+    for b in &page.batches {
+        let (author, device) = (b.batch().author, b.batch().device);
+        if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry((author, device)) {
+            let id = session.identity(author).await?;
+            slot.insert(id.state.device_key(&device));
+        }
+    }
+    let verified = verify_read(
+        &page.proof.head.digest(),
+        &page.proof,
+        &page.records,
+        &page.batches,
+        |b| keys.get(&(b.author, b.device)).copied().flatten(),
+        cursor,
+    )
+    .map_err(|e| VerifyError::Read(e.to_string()))?;
+    Ok((
+        verified.head,
+        verified.records.into_iter().cloned().collect(),
+    ))
 }
 
 /// Rebuilds a read's proof, records and batches from the API's JSON.

@@ -248,10 +248,12 @@ impl Customer {
                 families: vec![],
             },
         };
-        let mut added = Vec::new();
+        // The secrets are kept before the directory is published: if the answer is lost after the server
+        // logged it, the families it lists must still have their secrets here.
+        let mut added = false;
         for name in names {
             let id = name.id(&me);
-            if self.families.contains_key(&id) || dir.family(&id).is_some() {
+            if dir.family(&id).is_some() {
                 continue;
             }
             dir.families.push(DirectoryFamily {
@@ -260,27 +262,20 @@ impl Customer {
                 epoch: 1,
                 appenders: vec![],
             });
-            added.push((id, *name));
+            self.families.entry(id).or_insert_with(|| FamilyState {
+                name: *name,
+                epoch: 1,
+                secrets: HashMap::from([(1, EpochSecret::generate(&mut rand::rng()))]),
+                batches_seen: 0,
+            });
+            added = true;
         }
-        if added.is_empty() {
+        if !added {
             return Ok(());
         }
         dir.families.sort_by_key(|f| f.family);
         let signed = dir.sign(&self.session.keys.device.signing);
         self.publish(signed).await?;
-        for (id, name) in added {
-            let mut secrets = HashMap::new();
-            secrets.insert(1, EpochSecret::generate(&mut rand::rng()));
-            self.families.insert(
-                id,
-                FamilyState {
-                    name,
-                    epoch: 1,
-                    secrets,
-                    batches_seen: 0,
-                },
-            );
-        }
         Ok(())
     }
 
@@ -369,67 +364,20 @@ impl Customer {
             }
             let v = self.session.post(&target, &body).await?;
             let page = crate::company::parse_read(&v)?;
-            if page.proof.head.customer != me || page.proof.head.family != family {
-                return Err(
-                    VerifyError::Read("the read names another vault or family".into()).into(),
-                );
-            }
-            if let Some(h) = head
-                && h != page.proof.head
-            {
+            let (h, verified) =
+                crate::company::verify_page(&mut self.session, me, family, &page, cursor).await?;
+            if head.is_some_and(|seen| seen != h) {
                 return Err(VerifyError::Read("the head changed between pages".into()).into());
             }
-            let identity = self.session.identity(me).await?;
-            let verified = cmr_core::batch::verify_read(
-                &page.proof.head.digest(),
-                &page.proof,
-                &page.records,
-                &page.batches,
-                |b| {
-                    (b.author == me)
-                        .then(|| identity.state.device_key(&b.device))
-                        .flatten()
-                },
-                cursor,
-            );
-            // A company's batch is signed by the company's device: verify those with its keys.
-            let verified = match verified {
-                Ok(v) => v.records.into_iter().cloned().collect::<Vec<_>>(),
-                Err(_) => {
-                    let mut keys = HashMap::new();
-                    for b in &page.batches {
-                        let a = b.batch().author;
-                        if a != me && !keys.contains_key(&a) {
-                            let id = self.session.identity(a).await?;
-                            keys.insert(a, id.state.device_key(&b.batch().device));
-                        }
-                    }
-                    let identity = self.session.identity(me).await?;
-                    cmr_core::batch::verify_read(
-                        &page.proof.head.digest(),
-                        &page.proof,
-                        &page.records,
-                        &page.batches,
-                        |b| {
-                            if b.author == me {
-                                identity.state.device_key(&b.device)
-                            } else {
-                                keys.get(&b.author).copied().flatten()
-                            }
-                        },
-                        cursor,
-                    )
-                    .map_err(|e| VerifyError::Read(e.to_string()))?
-                    .records
-                    .into_iter()
-                    .cloned()
-                    .collect()
-                }
-            };
             out.extend(verified);
             head = Some(page.proof.head);
             match page.proof.next {
-                Some(n) => cursor = Some(n),
+                Some(n) if cursor.is_none_or(|c| n > c) => cursor = Some(n),
+                Some(_) => {
+                    return Err(
+                        VerifyError::Read("a page cursor did not move forward".into()).into(),
+                    );
+                }
                 None => break,
             }
         }
@@ -456,14 +404,23 @@ impl Customer {
                 &json!({}),
             )
             .await?;
+        let cp = self
+            .session
+            .observe(v["checkpoint"].as_str().unwrap_or_default())
+            .await?;
         let mut out = Vec::new();
         for p in v["pending"].as_array().cloned().unwrap_or_default() {
-            let bytes = Session::field(&p["statement"], "statement")?;
-            let st = SignedStatement::decode(&bytes)
+            // The request must be the logged entry at its index, proven in the checkpoint: its index is
+            // the position its signature is checked at.
+            let entry = proven_entry(&p["entry"], &cp)?;
+            let index = entry.index;
+            if entry.body.kind != cmr_log::entry::EntryKind::Statement
+                || entry.body.customer != Some(self.id())
+            {
+                return Err(VerifyError::NotWhatWasSent(index).into());
+            }
+            let st = SignedStatement::decode(&entry.body.payload)
                 .map_err(|e| ClientError::Malformed(e.to_string()))?;
-            let index = p["index"]
-                .as_u64()
-                .ok_or_else(|| ClientError::Malformed("no index".into()))?;
             let author = st.statement().author;
             let company = self.session.identity(author).await?;
             st.verify(&company.state, index)
@@ -568,7 +525,9 @@ impl Customer {
                 .ok_or_else(|| {
                     ClientError::Local(format!("scope {} is not granted", name.scope().name()))
                 })?;
-            let secret = &f.secrets[&f.epoch];
+            let secret = f.secrets.get(&f.epoch).ok_or_else(|| {
+                ClientError::Local("no secret for the family's current epoch".into())
+            })?;
             // Profile sections and inferred attributes live in one period: their keys start there.
             let from = if name.scope().is_periodic() {
                 lookback_start
@@ -974,7 +933,10 @@ impl Customer {
         .map_err(|_| {
             ClientError::Local("the backup's vault key does not open with this phrase".into())
         })?;
-        let mut customer = backup.state.restore(session, &vault)?;
+        let state = backup.open(&vault, identity)?;
+        let mut customer = state.restore(session, &vault)?;
+        // The server may have served an older backup: the verified chain says which grants ended since.
+        customer.refresh_revocations().await?;
         let mine = customer.session.keys.device.id();
         let lost: Vec<DeviceId> = customer
             .devices()
@@ -1111,6 +1073,11 @@ impl Customer {
             .family(&family)
             .map(|f| f.epoch)
             .ok_or_else(|| ClientError::Local("the rotated family is missing".into()))?;
+        // Keep the new secret before anything is published: if the completion then fails, the directory
+        // already names the epoch, and its secret must not be lost.
+        if let Some(f) = self.families.get_mut(&family) {
+            f.secrets.insert(epoch, rotation.secret);
+        }
         self.publish(rotation.directory).await?;
         let rc = RotationCompletion {
             family,
@@ -1125,9 +1092,27 @@ impl Customer {
         let acked = self.say(Body::RotationCompletion(rc), now).await?;
         if let Some(f) = self.families.get_mut(&family) {
             f.epoch = epoch;
-            f.secrets.insert(epoch, rotation.secret);
         }
         Ok(acked)
+    }
+
+    /// Marks revoked every grant this client issued whose revocation is on the customer's verified chain
+    /// (after restoring an older state, a grant revoked since must not be re-keyed at the next rotation).
+    pub async fn refresh_revocations(&mut self) -> Result<(), ClientError> {
+        let chain = self.history().await?;
+        for e in chain
+            .iter()
+            .filter(|e| e.body.kind == cmr_log::entry::EntryKind::Statement)
+        {
+            // Marking a grant revoked only ever removes a keeper, so any revocation on the chain counts.
+            if let Ok(st) = SignedStatement::decode(&e.body.payload)
+                && let Body::Revocation(r) = &st.statement().body
+                && let Some(g) = self.grants.get_mut(&r.grant)
+            {
+                g.revoked = true;
+            }
+        }
+        Ok(())
     }
 
     /// Checks the server's view of the key directory: the newest directory on the customer's verified

@@ -61,12 +61,18 @@ impl SessionState {
     }
 
     /// Applies the saved state to a fresh session: the checkpoint must still verify under the pinned key.
+    /// A session that already verified a checkpoint keeps it (the saved one may be older, and replacing it
+    /// without a consistency proof would undo what was checked); the acknowledged entries are merged.
     pub fn apply(&self, session: &mut Session) -> Result<(), ClientError> {
-        if let Some(note) = &self.checkpoint {
+        if let Some(note) = &self.checkpoint
+            && session.log.latest().is_none()
+        {
             let (cp, _) = crate::verify::LogView::new(session.log.key().clone()).check(note)?;
             session.log.accept_trusted(cp, note.clone());
         }
-        session.acked = self.acked.clone();
+        session.acked.extend(self.acked.iter().copied());
+        session.acked.sort_unstable();
+        session.acked.dedup();
         Ok(())
     }
 }
@@ -369,14 +375,52 @@ pub fn tracker_of(dir: &SignedDirectory) -> DirectoryTracker {
 }
 
 /// What the server keeps for a customer's recovery: the vault key wrapped (HPKE) to the recovery key of key
-/// event `recovery_seq`, and the client state, whose secrets are sealed under the vault key. The server
-/// can open none of it; the recovery phrase opens the vault key, and the vault key the rest.
+/// event `recovery_seq`, and the whole client state sealed under the vault key (so the server can neither
+/// read nor alter it: a forged grant in it would otherwise be re-keyed at the next rotation). The recovery
+/// phrase opens the vault key, and the vault key the rest. The server can still serve an older version;
+/// restoring rebuilds the grants' revocations from the verified chain for that reason.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyBackup {
     /// The key event whose recovery key the vault key is wrapped to.
     pub recovery_seq: u64,
     /// The wrapped vault key, base64.
     pub vault_key: String,
-    /// The client state.
-    pub state: CustomerState,
+    /// The client state, JSON sealed with `cmr_core::vault::seal_local`, base64.
+    pub state: String,
+}
+
+const STATE_PURPOSE: &str = "client-state";
+
+impl KeyBackup {
+    /// Seals `state` under `vault` for `customer`.
+    pub fn seal(
+        recovery_seq: u64,
+        vault_key: String,
+        state: &CustomerState,
+        vault: &VaultKey,
+        customer: IdentityId,
+    ) -> Self {
+        let json = serde_json::to_vec(state).unwrap_or_default();
+        let sealed =
+            cmr_core::vault::seal_local(&mut rand::rng(), vault, customer, STATE_PURPOSE, &json);
+        Self {
+            recovery_seq,
+            vault_key,
+            state: B64.encode(sealed),
+        }
+    }
+
+    /// Opens the client state with the vault key.
+    pub fn open(
+        &self,
+        vault: &VaultKey,
+        customer: IdentityId,
+    ) -> Result<CustomerState, ClientError> {
+        let sealed = unb64(&self.state, "backup state")?;
+        let json =
+            cmr_core::vault::open_local(vault, customer, STATE_PURPOSE, &sealed).map_err(|_| {
+                bad("the backup's state does not open with this vault key, or was altered")
+            })?;
+        serde_json::from_slice(&json).map_err(|_| bad("the backup's state does not parse"))
+    }
 }

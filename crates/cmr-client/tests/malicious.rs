@@ -454,3 +454,79 @@ async fn an_acknowledgement_that_logged_something_else_is_refused() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_partys_statement_in_a_relationship_is_refused() {
+    let mut w = world().await;
+    // Eve logs a request on Alex's vault; the server hands its (validly logged) entry to the bank as if it
+    // concerned the bank.
+    w.eve
+        .request(
+            w.alex.id(),
+            AccessRequest {
+                scopes: vec![(Scope::Transactions, Access::Read)],
+                purpose: "eve".into(),
+                duration: Duration::Persistent,
+                lookback_months: 1,
+                counterparty: Counterparty::OnlyRequester,
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    let eve_rel = w
+        .eve
+        .session
+        .post(
+            &format!("/v1/vaults/{}/relationship", w.alex.id().to_hex()),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+    let injected = eve_rel["entries"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    let path = format!("/v1/vaults/{}/relationship", w.alex.id().to_hex());
+    w.tamper(move |p, v| {
+        if p == path {
+            v["entries"].as_array_mut().unwrap().push(injected.clone());
+        }
+    });
+    let e = verification(w.bank.sync(w.alex.id()).await);
+    assert!(
+        matches!(e, VerifyError::Signature(_) | VerifyError::NotIncluded(_)),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_request_at_a_made_up_position_is_refused() {
+    let mut w = world().await;
+    w.eve
+        .request(
+            w.alex.id(),
+            AccessRequest {
+                scopes: vec![(Scope::Transactions, Access::Read)],
+                purpose: "eve".into(),
+                duration: Duration::Persistent,
+                lookback_months: 1,
+                counterparty: Counterparty::OnlyRequester,
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    let path = format!("/v1/vaults/{}/requests", w.alex.id().to_hex());
+    w.tamper(move |p, v| {
+        if p == path {
+            let e = &mut v["pending"][0]["entry"];
+            let i = e["index"].as_u64().unwrap();
+            e["index"] = Value::from(i - 1);
+        }
+    });
+    let e = verification(w.alex.pending().await);
+    assert!(matches!(e, VerifyError::NotIncluded(_)), "{e}");
+}

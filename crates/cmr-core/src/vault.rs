@@ -220,6 +220,63 @@ impl SealedClientSecret {
     }
 }
 
+/// Seals `plaintext` of any length under the vault key for `customer` and `purpose` (the client's state
+/// in its key backup): ChaCha20-Poly1305 under a key expanded from the vault key with HKDF-SHA256 and its own
+/// label, a random nonce, the customer and the purpose as associated data. Output: nonce || ciphertext+tag.
+pub fn seal_local<R: CryptoRng + ?Sized>(
+    rng: &mut R,
+    vault: &VaultKey,
+    customer: IdentityId,
+    purpose: &str,
+    plaintext: &[u8],
+) -> Vec<u8> {
+    let mut nonce = [0u8; 12];
+    rng.fill_bytes(&mut nonce);
+    let mut buf = plaintext.to_vec();
+    local_cipher(vault)
+        .seal_in_place_append_tag(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::from(SealedClientSecret::aad(customer, purpose)),
+            &mut buf,
+        )
+        .expect("sealing in memory cannot fail");
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&buf);
+    out
+}
+
+/// Opens what [`seal_local`] sealed; fails for another key, customer or purpose, or altered bytes.
+pub fn open_local(
+    vault: &VaultKey,
+    customer: IdentityId,
+    purpose: &str,
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, UnwrapError> {
+    if sealed.len() < 12 + 16 {
+        return Err(UnwrapError);
+    }
+    let nonce: [u8; 12] = sealed[..12].try_into().map_err(|_| UnwrapError)?;
+    let mut buf = Zeroizing::new(sealed[12..].to_vec());
+    let len = local_cipher(vault)
+        .open_in_place(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::from(SealedClientSecret::aad(customer, purpose)),
+            buf.as_mut_slice(),
+        )
+        .map_err(|_| UnwrapError)?
+        .len();
+    buf.truncate(len);
+    Ok(buf)
+}
+
+fn local_cipher(vault: &VaultKey) -> ring::aead::LessSafeKey {
+    let key = crate::epoch::expand(vault.expose_secret(), &[b"cmr-client-state"]);
+    ring::aead::LessSafeKey::new(
+        ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, key.as_ref())
+            .expect("32 bytes is the ChaCha20-Poly1305 key length"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,5 +301,26 @@ mod tests {
         let altered = SealedClientSecret::from_slice(&bytes).unwrap();
         assert!(altered.open(&vault, alex, "pseudonym-key").is_err());
         assert!(SealedClientSecret::from_slice(&bytes[..59]).is_none());
+    }
+
+    #[test]
+    fn a_local_state_opens_only_unaltered_with_its_key_customer_and_purpose() {
+        let mut rng = rand::rng();
+        let vault = VaultKey::generate(&mut rng);
+        let alex = IdentityId([1; 32]);
+        let sealed = seal_local(&mut rng, &vault, alex, "client-state", b"grants and epochs");
+        assert_eq!(
+            open_local(&vault, alex, "client-state", &sealed)
+                .unwrap()
+                .as_slice(),
+            b"grants and epochs"
+        );
+        assert!(open_local(&VaultKey::generate(&mut rng), alex, "client-state", &sealed).is_err());
+        assert!(open_local(&vault, IdentityId([2; 32]), "client-state", &sealed).is_err());
+        assert!(open_local(&vault, alex, "other", &sealed).is_err());
+        let mut altered = sealed.clone();
+        altered[20] ^= 1;
+        assert!(open_local(&vault, alex, "client-state", &altered).is_err());
+        assert!(open_local(&vault, alex, "client-state", &sealed[..20]).is_err());
     }
 }

@@ -342,31 +342,31 @@ async fn history(
     }
     let req: HistoryBody = json_body(&body)?;
     let (checkpoint, size) = current_checkpoint(&state)?;
-    let mut next = match req.before {
+    let start = match req.before {
         Some(i) => Some(i),
         None => state.store.customer_head(&customer)?,
     };
+    let walk = walk_chain(&state, start, size, req.limit.clamp(1, 1000) as usize)?;
     let mut entries = Vec::new();
-    while let Some(index) = next {
-        if entries.len() as u64 >= req.limit.clamp(1, 1000) || index >= size {
-            break;
-        }
-        let Some(stored) = state.store.body(index)? else {
+    for step in &walk.steps {
+        let Step::Entry(index, stored, entry) = step else {
+            let Step::Redacted(index) = step else {
+                continue;
+            };
             entries.push(json!({"index": index, "redacted": true}));
-            break;
+            continue;
         };
-        let entry = decode_entry(&stored)?;
         if entry.customer != Some(customer) {
             return Err(ApiError::forbidden(
                 "the entry is not on this customer's chain",
             ));
         }
-        let mut e = entry_json(&state, index, &stored, size)?;
+        let mut e = entry_json(&state, *index, stored, size)?;
         e["kind"] = json!(entry.kind.name());
         e["time"] = json!(entry.time);
         entries.push(e);
-        next = entry.prev.map(|p| p.index);
     }
+    let next = walk.next;
     Ok(Json(
         json!({ "checkpoint": checkpoint, "entries": entries, "next": next }),
     ))
@@ -379,8 +379,57 @@ fn decode_entry(
         .map_err(|_| ApiError::malformed("a stored entry does not decode"))
 }
 
-/// The most entries of one vault's chain walked for a company's view of its relationship.
-const MAX_RELATIONSHIP_WALK: usize = 100_000;
+/// The most entries of one vault's chain walked for a company's relationship or the pending requests.
+const MAX_CHAIN_WALK: usize = 100_000;
+
+/// One step of a walk down a customer's chain.
+enum Step {
+    /// An entry, with its salt and body.
+    Entry(
+        u64,
+        cmr_log::entry::SaltedBody,
+        Box<cmr_log::entry::EntryBody>,
+    ),
+    /// An erased entry: the walk stops there (its link to the one before is gone with it).
+    Redacted(u64),
+}
+
+/// A walk down a customer's chain, newest first, and where the next page would start.
+struct Walk {
+    steps: Vec<Step>,
+    next: Option<u64>,
+}
+
+/// Walks a customer's chain from `start`, newest first, for at most `max` entries of the checkpoint of
+/// `size`. Entries logged after that checkpoint (the head may have moved since it was read) are passed
+/// over by following their links, so the walk always starts inside the checkpoint the client verifies.
+fn walk_chain(
+    state: &AppState,
+    start: Option<u64>,
+    size: u64,
+    max: usize,
+) -> Result<Walk, ApiError> {
+    let mut steps = Vec::new();
+    let mut next = start;
+    while let Some(index) = next {
+        if index < size && steps.len() >= max {
+            break;
+        }
+        let Some(stored) = state.store.body(index)? else {
+            if index < size {
+                steps.push(Step::Redacted(index));
+            }
+            next = None;
+            break;
+        };
+        let entry = decode_entry(&stored)?;
+        next = entry.prev.map(|p| p.index);
+        if index < size {
+            steps.push(Step::Entry(index, stored, Box::new(entry)));
+        }
+    }
+    Ok(Walk { steps, next })
+}
 
 /// What of a vault concerns the calling company, oldest first: its requests and their answers, grants to
 /// it with their sealed keys, revocations of them, rotations that re-key it, key deliveries, blocks that
@@ -393,22 +442,18 @@ async fn relationship(
 ) -> Result<Json<Value>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     let (checkpoint, size) = current_checkpoint(&state)?;
-    let mut chain = Vec::new();
-    let mut next = state.store.customer_head(&customer)?;
-    while let Some(index) = next {
-        if chain.len() >= MAX_RELATIONSHIP_WALK || index >= size {
-            break;
-        }
-        let Some(stored) = state.store.body(index)? else {
-            break;
-        };
-        let entry = decode_entry(&stored)?;
-        next = entry.prev.map(|p| p.index);
-        chain.push((index, stored, entry));
-    }
+    let walk = walk_chain(
+        &state,
+        state.store.customer_head(&customer)?,
+        size,
+        MAX_CHAIN_WALK,
+    )?;
     let mut involvement = cmr_core::consent::Involvement::default();
     let mut entries = Vec::new();
-    for (index, stored, entry) in chain.iter().rev() {
+    for step in walk.steps.iter().rev() {
+        let Step::Entry(index, stored, entry) = step else {
+            continue;
+        };
         let concerns = match entry.kind {
             cmr_log::entry::EntryKind::Statement => SignedStatement::decode(&entry.payload)
                 .is_ok_and(|st| involvement.observe(&st, &caller.identity)),
@@ -421,7 +466,7 @@ async fn relationship(
         }
     }
     Ok(Json(
-        json!({ "checkpoint": checkpoint, "entries": entries }),
+        json!({ "checkpoint": checkpoint, "entries": entries, "truncated": walk.next.is_some() }),
     ))
 }
 
@@ -439,16 +484,19 @@ async fn pending_requests(
             "a customer reads only their own requests",
         ));
     }
+    let (checkpoint, size) = current_checkpoint(&state)?;
+    let walk = walk_chain(
+        &state,
+        state.store.customer_head(&customer)?,
+        size,
+        MAX_CHAIN_WALK,
+    )?;
     let mut answered = std::collections::HashSet::new();
     let mut pending = Vec::new();
-    let mut next = state.store.customer_head(&customer)?;
-    while let Some(index) = next {
-        let Some(stored) = state.store.body(index)? else {
-            break;
+    for step in &walk.steps {
+        let Step::Entry(index, stored, entry) = step else {
+            continue;
         };
-        let entry = cmr_log::entry::EntryBody::decode(&stored.body)
-            .map_err(|_| ApiError::malformed("a stored entry does not decode"))?;
-        next = entry.prev.map(|p| p.index);
         if entry.kind != cmr_log::entry::EntryKind::Statement {
             continue;
         }
@@ -469,12 +517,15 @@ async fn pending_requests(
                 "duration": format!("{:?}", r.duration),
                 "lookback_months": r.lookback_months,
                 "statement": B64.encode(&entry.payload),
+                "entry": entry_json(&state, *index, stored, size)?,
             })),
             _ => {}
         }
     }
     pending.reverse();
-    Ok(Json(json!({ "pending": pending })))
+    Ok(Json(
+        json!({ "checkpoint": checkpoint, "pending": pending, "truncated": walk.next.is_some() }),
+    ))
 }
 
 #[derive(Deserialize)]
