@@ -1550,12 +1550,16 @@ pub(crate) fn parse_duration(s: &str) -> CliResult<cmr_core::consent::Duration> 
         "once" | "one-time" => Duration::OneTime,
         "persistent" => Duration::Persistent,
         days => Duration::TimeBound {
-            seconds: days.parse::<u64>().map_err(|_| {
-                CliError::local(
-                    format!("unknown duration {days:?}"),
-                    "use once, persistent, or a number of days",
-                )
-            })? * 86_400,
+            seconds: days
+                .parse::<u64>()
+                .ok()
+                .and_then(|d| d.checked_mul(86_400))
+                .ok_or_else(|| {
+                    CliError::local(
+                        format!("unknown duration {days:?}"),
+                        "use once, persistent, or a number of days",
+                    )
+                })?,
         },
     })
 }

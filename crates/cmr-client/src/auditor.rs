@@ -34,7 +34,7 @@ impl LogSource for HttpSource<'_> {
     }
 
     fn commitments(&mut self, from: u64, to: u64) -> Result<Vec<Digest>, String> {
-        let mut out = Vec::with_capacity((to - from) as usize);
+        let mut out = Vec::with_capacity(to.saturating_sub(from).min(1000) as usize);
         let mut at = from;
         while at < to {
             let end = (at + 1000).min(to);
@@ -58,10 +58,12 @@ impl LogSource for HttpSource<'_> {
     }
 
     fn body(&mut self, index: u64) -> Result<Option<SaltedBody>, String> {
-        let r = self.block(
-            self.session
-                .post(&format!("/v1/log/entries/{index}"), &json!({})),
-        );
+        let r = tokio::task::block_in_place(|| {
+            self.handle.block_on(
+                self.session
+                    .post(&format!("/v1/log/entries/{index}"), &json!({})),
+            )
+        });
         match r {
             Ok(v) => {
                 let salt = b64(&v["salt"], "salt").map_err(|e| e.to_string())?;
@@ -70,8 +72,8 @@ impl LogSource for HttpSource<'_> {
                     body: b64(&v["body"], "body").map_err(|e| e.to_string())?,
                 }))
             }
-            Err(e) if e.contains("(404 ") => Ok(None),
-            Err(e) => Err(e),
+            Err(ClientError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e.to_string()),
         }
     }
 }

@@ -1033,7 +1033,9 @@ impl Customer {
             .ok_or_else(|| ClientError::Local("no directory yet".into()))?;
         let mut keepers = Vec::new();
         let mut keeper_grants = Vec::new();
-        for (id, g) in &self.grants {
+        let grants: Vec<(StatementId, IssuedGrant)> =
+            self.grants.iter().map(|(k, v)| (*k, v.clone())).collect();
+        for (id, g) in &grants {
             let Some(body) = g.grant() else { continue };
             if g.revoked {
                 continue;
@@ -1046,9 +1048,24 @@ impl Customer {
             } else {
                 Period::ORIGIN
             };
+            // Seal to a key the grantee's verified key events (as this session last fetched them) still
+            // certify: the grant's own if its device is still valid, else its newest device's; a grantee
+            // with none keeps nothing.
+            let grantee = self.session.identity(body.grantee).await?;
+            let still = grantee
+                .devices
+                .iter()
+                .any(|(c, revoked)| !revoked && c.kem_key == body.grantee_kem);
+            let Some(kem_key) = (if still {
+                Some(body.grantee_kem)
+            } else {
+                grantee.kem_key()
+            }) else {
+                continue;
+            };
             keepers.push(Keeper {
                 grantee: body.grantee,
-                kem_key: body.grantee_kem,
+                kem_key,
                 grant: id.0,
                 read_from: gf.access.reads().then_some(from),
                 append_from: (gf.access.appends() && body.append_family == Some(family))

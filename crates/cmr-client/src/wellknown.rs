@@ -58,7 +58,13 @@ pub enum Mode {
 /// Fetches and checks `domain`'s key document; `domain` may carry a port.
 pub async fn fetch(domain: &str, mode: Mode) -> Result<CompanyProof, ClientError> {
     crate::transport::tls_provider();
-    if domain.is_empty() || domain.contains('/') || domain.contains('@') {
+    // A bare host, optionally with a port: nothing that could change the URL's meaning.
+    let host_ok = !domain.is_empty()
+        && domain.len() <= 253
+        && domain
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
+    if !host_ok {
         return Err(VerifyError::CompanyIdentity(format!("{domain:?} is not a domain")).into());
     }
     let scheme = match mode {
@@ -82,14 +88,20 @@ pub async fn fetch(domain: &str, mode: Mode) -> Result<CompanyProof, ClientError
         ))
         .into());
     }
-    let bytes = resp
-        .bytes()
+    let mut resp = resp;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
         .await
-        .map_err(|e| VerifyError::CompanyIdentity(e.to_string()))?;
-    if bytes.len() > 16 * 1024 {
-        return Err(
-            VerifyError::CompanyIdentity("the key document is larger than 16 KiB".into()).into(),
-        );
+        .map_err(|e| VerifyError::CompanyIdentity(e.to_string()))?
+    {
+        if bytes.len() + chunk.len() > 16 * 1024 {
+            return Err(VerifyError::CompanyIdentity(
+                "the key document is larger than 16 KiB".into(),
+            )
+            .into());
+        }
+        bytes.extend_from_slice(&chunk);
     }
     let doc: KeyDocument = serde_json::from_slice(&bytes).map_err(|e| {
         VerifyError::CompanyIdentity(format!("the key document does not parse: {e}"))
