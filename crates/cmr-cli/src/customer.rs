@@ -1420,26 +1420,21 @@ fn backup_digest(sdk: &CustomerState) -> String {
 }
 
 async fn recover(home: &Home, out: Out, identity: &str, server: &str, log_vkey: &str) -> CliResult {
-    home.refuse_existing(Role::Customer)?;
-    home::check_server(server, log_vkey)?;
     let id = IdentityId(parse_id(identity, "identity")?);
-    let phrase = match std::env::var("CMR_RECOVERY_PHRASE") {
-        Ok(p) => zeroize::Zeroizing::new(p),
-        Err(_) => zeroize::Zeroizing::new(
-            rpassword::prompt_password("recovery phrase: ").map_err(|_| {
-                CliError::local(
-                    "no recovery phrase: there is no terminal to ask on",
-                    "set CMR_RECOVERY_PHRASE for scripts",
-                )
-            })?,
-        ),
-    };
-    let secret = cmr_core::identity::RecoverySecret::from_phrase(phrase.trim()).map_err(|e| {
-        CliError::local(
-            format!("the recovery phrase is not valid: {e}"),
-            "check each of the 24 words",
-        )
-    })?;
+    // A recovery interrupted after its first step resumes: the key file holds the new identity key.
+    if home.exists(Role::Customer) {
+        let (session, saved) = home::open_session::<CustomerRole>(home, Role::Customer)?;
+        if saved.role.sdk.is_some() || session.keys.identity != id {
+            return Err(CliError::local(
+                "this configuration folder already holds a customer",
+                "recover into a new --home",
+            ));
+        }
+        let secret = recovery_secret("the recovery phrase you started this recovery with: ")?;
+        return finish_recovery(home, out, session, saved, &secret).await;
+    }
+    home::check_server(server, log_vkey)?;
+    let secret = recovery_secret("recovery phrase: ")?;
     let conn = cmr_client::Connection::new(server)?;
     let pinned = cmr_log::note::NoteVerifier::from_vkey(log_vkey).map_err(|e| {
         CliError::local(
@@ -1447,8 +1442,87 @@ async fn recover(home: &Home, out: Out, identity: &str, server: &str, log_vkey: 
             "copy it from the server",
         )
     })?;
-    let (mut customer, _old, next, version) =
-        Customer::recover(conn, pinned, id, &secret, now()).await?;
+    let (session, next) = Customer::recover_identity(conn, pinned, id, &secret, now()).await?;
+    // The old phrase rotates nothing any more: keep the new identity key and show the new phrase now.
+    let passphrase = home::passphrase(true)?;
+    home.write_key(Role::Customer, &session.keys, &passphrase)?;
+    let saved = Saved {
+        identity: id.to_hex(),
+        server: server.to_string(),
+        log_vkey: log_vkey.to_string(),
+        inception: None,
+        registered: true,
+        session: cmr_client::state::SessionState::of(&session),
+        role: CustomerRole {
+            vault_key: String::new(),
+            sdk: None,
+            companies: vec![],
+            recovery_wrap: String::new(),
+            recovery_seq: 0,
+            backup_version: 0,
+            backup_digest: String::new(),
+        },
+    };
+    home.write_state(Role::Customer, &saved)?;
+    let phrase = next.to_phrase();
+    out.line(format!(
+        "identity {} rotated to the key your phrase revealed; this device is certified",
+        id.to_hex()
+    ));
+    out.line("NEW RECOVERY PHRASE (shown once; the old one no longer works):");
+    out.line(format!("  {}", phrase.as_str()));
+    finish_recovery(home, out, session, saved, &secret)
+        .await
+        .map_err(|e| CliError {
+            message: if out.json {
+                format!(
+                    "{}; your new recovery phrase: {}",
+                    e.message,
+                    phrase.as_str()
+                )
+            } else {
+                e.message
+            },
+            hint: Some(
+                "the identity is yours again: run the same `cmr customer recover` to finish".into(),
+            ),
+            code: e.code,
+        })?;
+    out.value(&json!({"identity": id.to_hex(), "recovery_phrase": phrase.as_str()}));
+    Ok(())
+}
+
+/// A recovery phrase from `CMR_RECOVERY_PHRASE` or a prompt.
+fn recovery_secret(prompt: &str) -> CliResult<cmr_core::identity::RecoverySecret> {
+    let phrase = match std::env::var("CMR_RECOVERY_PHRASE") {
+        Ok(p) => zeroize::Zeroizing::new(p),
+        Err(_) => zeroize::Zeroizing::new(rpassword::prompt_password(prompt).map_err(|_| {
+            CliError::local(
+                "no recovery phrase: there is no terminal to ask on",
+                "set CMR_RECOVERY_PHRASE for scripts",
+            )
+        })?),
+    };
+    cmr_core::identity::RecoverySecret::from_phrase(phrase.trim()).map_err(|e| {
+        CliError::local(
+            format!("the recovery phrase is not valid: {e}"),
+            "check each of the 24 words",
+        )
+    })
+}
+
+/// Recovery, step two: the vault from the key backup (opened with the phrase it is wrapped to), a fresh
+/// vault key wrapped to this device and to the new recovery key, and a new backup.
+async fn finish_recovery(
+    home: &Home,
+    out: Out,
+    session: cmr_client::session::Session,
+    mut saved: Saved<CustomerRole>,
+    secret: &cmr_core::identity::RecoverySecret,
+) -> CliResult {
+    let id = session.keys.identity;
+    let (mut customer, _old, version) =
+        Customer::restore_from_backup(session, secret, now()).await?;
     // A fresh vault key: the lost devices knew the old one.
     let vault = VaultKey::generate(&mut rand::rng());
     let mine = customer.session.keys.device.id();
@@ -1456,7 +1530,7 @@ async fn recover(home: &Home, out: Out, identity: &str, server: &str, log_vkey: 
         .devices()
         .await?
         .into_iter()
-        .find(|(c, _)| c.device() == mine)
+        .find(|(c, revoked)| !revoked && c.device() == mine)
         .map(|(c, _)| c)
         .ok_or_else(|| {
             CliError::with_code(
@@ -1473,29 +1547,20 @@ async fn recover(home: &Home, out: Out, identity: &str, server: &str, log_vkey: 
         .keys()
         .current()
         .clone();
-    let passphrase = home::passphrase(true)?;
-    home.write_key(Role::Customer, &customer.session.keys, &passphrase)?;
     let sdk = CustomerState::save(&customer, &vault);
-    let saved = Saved {
-        identity: id.to_hex(),
-        server: server.to_string(),
-        log_vkey: log_vkey.to_string(),
-        inception: None,
-        registered: true,
-        session: sdk.session.clone(),
-        role: CustomerRole {
-            vault_key: B64.encode(vault.wrap_to_device(&mut rand::rng(), &cert).to_bytes()),
-            sdk: Some(sdk),
-            companies: vec![],
-            recovery_wrap: B64.encode(
-                vault
-                    .wrap_to_recovery(&mut rand::rng(), id, &record)
-                    .to_bytes(),
-            ),
-            recovery_seq: record.seq,
-            backup_version: version,
-            backup_digest: String::new(),
-        },
+    saved.session = sdk.session.clone();
+    saved.role = CustomerRole {
+        vault_key: B64.encode(vault.wrap_to_device(&mut rand::rng(), &cert).to_bytes()),
+        sdk: Some(sdk),
+        companies: vec![],
+        recovery_wrap: B64.encode(
+            vault
+                .wrap_to_recovery(&mut rand::rng(), id, &record)
+                .to_bytes(),
+        ),
+        recovery_seq: record.seq,
+        backup_version: version,
+        backup_digest: String::new(),
     };
     Loaded {
         customer,
@@ -1504,11 +1569,10 @@ async fn recover(home: &Home, out: Out, identity: &str, server: &str, log_vkey: 
     }
     .save(home)
     .await?;
-    let phrase = next.to_phrase();
-    out.line(format!("vault {} recovered on this device; every other device was revoked and every family rotated", id.to_hex()));
-    out.line("NEW RECOVERY PHRASE (shown once; the old one no longer works):");
-    out.line(format!("  {}", phrase.as_str()));
-    out.value(&json!({"identity": id.to_hex(), "recovery_phrase": phrase.as_str()}));
+    out.line(format!(
+        "vault {} recovered on this device; every other device was revoked and every family rotated",
+        id.to_hex()
+    ));
     Ok(())
 }
 

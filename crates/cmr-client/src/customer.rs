@@ -850,26 +850,18 @@ impl Customer {
         Ok((revocations, rotations))
     }
 
-    /// Recovers a vault on a new device with the recovery secret: rotates the identity key to the one the
-    /// secret reveals (pre-committed in the current key event), certifies the new device, opens the vault
-    /// key from the server's key backup, revokes every other device and rotates every family. Returns
-    /// the customer, the vault key, the next recovery secret (its phrase is shown once) and the backup's
-    /// version. The caller replaces the vault key and stores a new backup.
-    pub async fn recover(
+    /// Recovery, step one, on a new device: rotates the identity key to the one the recovery secret
+    /// reveals (pre-committed in the current key event) and certifies this device with it. Returns the
+    /// session, which now holds the new identity key, and the next recovery secret. From here on the old
+    /// phrase no longer rotates anything, so the caller keeps both at once (key file, phrase shown)
+    /// before step two.
+    pub async fn recover_identity(
         conn: crate::transport::Connection,
         log_key: cmr_log::note::NoteVerifier,
         identity: IdentityId,
         recovery: &cmr_core::identity::RecoverySecret,
         now: u64,
-    ) -> Result<
-        (
-            Customer,
-            cmr_core::vault::VaultKey,
-            cmr_core::identity::RecoverySecret,
-            u64,
-        ),
-        ClientError,
-    > {
+    ) -> Result<(Session, cmr_core::identity::RecoverySecret), ClientError> {
         let device = cmr_core::identity::DeviceKeys::generate(&mut rand::rng());
         let mut session = Session::new(
             conn,
@@ -882,7 +874,6 @@ impl Customer {
             log_key,
         );
         let history = session.identity(identity).await?.state.keys().clone();
-        let old_recovery_seq = history.current().seq;
         if history.current().next_key_digest
             != cmr_core::identity::next_key_digest(&recovery.identity_key().verifying_key())
         {
@@ -910,20 +901,29 @@ impl Customer {
         session.keys.identity_key = Some((seq, rotated.identity_key));
         session.certify(&cert).await?;
         session.forget_identity(&identity);
+        Ok((session, rotated.recovery))
+    }
+
+    /// Recovery, step two: opens the vault key from the server's key backup with the recovery secret it
+    /// is wrapped to (the phrase used in step one), restores the client state, marks the grants revoked
+    /// since, revokes every other device and rotates every family. Returns the customer, the old vault
+    /// key and the backup's version; the caller replaces the vault key and stores a new backup. It can be
+    /// run again after a failure.
+    pub async fn restore_from_backup(
+        session: Session,
+        recovery: &cmr_core::identity::RecoverySecret,
+        now: u64,
+    ) -> Result<(Customer, cmr_core::vault::VaultKey, u64), ClientError> {
+        let identity = session.keys.identity;
         let (version, backup) = Self::get_backup(&session).await?.ok_or_else(|| {
             ClientError::Local("the server holds no key backup for this vault".into())
         })?;
-        if backup.recovery_seq != old_recovery_seq {
-            return Err(ClientError::Local(format!(
-                "the backup's vault key is wrapped to recovery key {}, not to the current one ({old_recovery_seq})",
-                backup.recovery_seq
-            )));
-        }
         let wrapped = B64
             .decode(&backup.vault_key)
             .ok()
             .and_then(|b| cmr_core::wrap::WrappedKey::from_slice(&b).ok())
             .ok_or_else(|| ClientError::Malformed("the backup's vault key".into()))?;
+        // The wrap is bound to the key event it names: only that event's recovery secret opens it.
         let vault = cmr_core::vault::VaultKey::unwrap_with_recovery(
             identity,
             backup.recovery_seq,
@@ -948,7 +948,7 @@ impl Customer {
         if !lost.is_empty() {
             customer.revoke_devices(&lost, now).await?;
         }
-        Ok((customer, vault, rotated.recovery, version))
+        Ok((customer, vault, version))
     }
 
     /// Disputes a record a company appended (an inferred attribute): rejects it.
