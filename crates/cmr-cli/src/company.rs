@@ -8,14 +8,13 @@ use cmr_client::state::CompanyState;
 use cmr_client::wellknown::KeyDocument;
 use cmr_core::consent::{AccessRequest, Counterparty, StatementId};
 use cmr_core::family::{Period, Scope};
-use cmr_core::hash::Digest;
 use cmr_core::identity::{IdentityId, Role};
 use serde_json::json;
 
 use crate::customer::{access_name, parse_month, parse_scope_access, this_month};
 use crate::error::{CliError, CliResult};
 use crate::home::{self, Home, Saved};
-use crate::out::{Out, now, short};
+use crate::out::{Out, now, parse_id, short};
 
 /// The company's commands.
 #[derive(Subcommand)]
@@ -84,15 +83,6 @@ pub enum CompanyCmd {
         /// The record, in words.
         text: String,
     },
-}
-
-fn parse_id(s: &str, what: &str) -> CliResult<[u8; 32]> {
-    Digest::from_hex(s.trim()).map(|d| d.0).ok_or_else(|| {
-        CliError::local(
-            format!("{what} {s:?} is not 64 hex digits"),
-            "copy the id from the list",
-        )
-    })
 }
 
 struct Loaded {

@@ -10,7 +10,6 @@ use cmr_client::state::{CustomerState, KeyBackup};
 use cmr_client::wellknown::{self, Mode};
 use cmr_core::consent::{Access, Body, StatementId};
 use cmr_core::family::{FamilyName, Period, PseudonymKey, Scope};
-use cmr_core::hash::Digest;
 use cmr_core::identity::{IdentityId, Role};
 use cmr_core::vault::VaultKey;
 use cmr_core::wrap::WrappedKey;
@@ -19,7 +18,7 @@ use serde_json::json;
 
 use crate::error::{CliError, CliResult};
 use crate::home::{self, Home, Saved};
-use crate::out::{Out, now, short};
+use crate::out::{Out, now, parse_id, short};
 
 /// The customer's part of the state file.
 #[derive(Serialize, Deserialize)]
@@ -305,15 +304,6 @@ pub enum TxCmd {
         #[arg(long)]
         to: Option<String>,
     },
-}
-
-fn parse_id(s: &str, what: &str) -> CliResult<[u8; 32]> {
-    Digest::from_hex(s.trim()).map(|d| d.0).ok_or_else(|| {
-        CliError::local(
-            format!("{what} {s:?} is not 64 hex digits"),
-            "copy the id from the list",
-        )
-    })
 }
 
 pub(crate) fn parse_month(s: &str) -> CliResult<Period> {
@@ -989,7 +979,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             out.line(format!(
                 "device {} certified; compare this fingerprint with the new device's: {}",
                 req.device().to_hex(),
-                fingerprint_device(&req.device())
+                wellknown::fingerprint_of(&req.device().0)
             ));
             out.line(format!(
                 "carry {} to the new device and run `cmr customer device join {}` there",
@@ -1016,7 +1006,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 out.line(format!(
                     "{}  {state}  (fingerprint {})",
                     d.to_hex(),
-                    fingerprint_device(&d)
+                    wellknown::fingerprint_of(&d.0)
                 ));
                 rows.push(json!({"device": d.to_hex(), "revoked": revoked, "this": d == mine}));
             }
@@ -1278,11 +1268,6 @@ pub(crate) fn print_id(home: &Home, out: Out, role: Role) -> CliResult {
     Ok(())
 }
 
-fn fingerprint_device(d: &cmr_core::identity::DeviceId) -> String {
-    let h = d.to_hex();
-    format!("{} {} {} {}", &h[0..4], &h[4..8], &h[8..12], &h[12..16])
-}
-
 fn device_new(home: &Home, out: Out, identity: &str, server: &str, log_vkey: &str) -> CliResult {
     home.refuse_existing(Role::Customer)?;
     home::check_server(server, log_vkey)?;
@@ -1319,7 +1304,7 @@ fn device_new(home: &Home, out: Out, identity: &str, server: &str, log_vkey: &st
     out.line(format!(
         "new device {} (fingerprint {}) for identity {}",
         d.to_hex(),
-        fingerprint_device(&d),
+        wellknown::fingerprint_of(&d.0),
         id.to_hex()
     ));
     out.line("on a device that holds the identity key, run:");

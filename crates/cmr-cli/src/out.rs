@@ -32,6 +32,18 @@ pub fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// A 64-hex-digit id given on the command line.
+pub fn parse_id(s: &str, what: &str) -> crate::error::CliResult<[u8; 32]> {
+    cmr_core::hash::Digest::from_hex(s.trim())
+        .map(|d| d.0)
+        .ok_or_else(|| {
+            crate::error::CliError::local(
+                format!("{what} {s:?} is not 64 hex digits"),
+                "copy the id from the list",
+            )
+        })
+}
+
 /// The first 12 hex digits of an id, for tables.
 pub fn short(hex: &str) -> String {
     format!("{}…", &hex[..12.min(hex.len())])

@@ -42,7 +42,13 @@ impl CompanyProof {
 
 /// A short fingerprint of an identity.
 pub fn fingerprint(id: &IdentityId) -> String {
-    let h = id.to_hex();
+    fingerprint_of(&id.0)
+}
+
+/// A short fingerprint of 32 bytes (an identity or a device id), for people to compare: the first 16 hex
+/// digits in groups of four.
+pub fn fingerprint_of(bytes: &[u8; 32]) -> String {
+    let h = hex::encode(&bytes[..8]);
     format!("{} {} {} {}", &h[0..4], &h[4..8], &h[8..12], &h[12..16])
 }
 
