@@ -1,0 +1,136 @@
+//! Recovery against a real server: the identity is rotated with the phrase first, and the vault restored
+//! from the key backup second; the second step can fail and be run again. The old device is revoked, the
+//! records open on the new one, and the old phrase rotates nothing any more.
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cmr_client::Connection;
+use cmr_client::customer::Customer;
+use cmr_client::session::{Keys, Session};
+use cmr_client::state::{CustomerState, KeyBackup};
+use cmr_core::family::{Period, PseudonymKey};
+use cmr_core::identity::{DeviceKeys, RecoverySecret, Role};
+use cmr_core::keys::SigningKey;
+use cmr_core::vault::VaultKey;
+use cmr_log::note::{NoteSigner, TYPE_ED25519};
+use cmr_server::{AppState, Config};
+use cmr_store::{Store, StoreConfig};
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn copy(keys: &Keys) -> Keys {
+    let seed = |k: &SigningKey| SigningKey::from_seed(&k.seed());
+    Keys {
+        identity: keys.identity,
+        role: keys.role,
+        device: DeviceKeys {
+            signing: seed(&keys.device.signing),
+            kem: keys.device.kem.clone(),
+        },
+        identity_key: keys.identity_key.as_ref().map(|(s, k)| (*s, seed(k))),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_rotates_first_restores_second_and_can_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = || {
+        NoteSigner::new(
+            "recovery.test/log",
+            TYPE_ED25519,
+            SigningKey::from_seed(&[5; 32]),
+        )
+        .unwrap()
+    };
+    let store = Arc::new(Store::open(StoreConfig::new(dir.path(), key())).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = Config {
+        authority: addr.to_string(),
+        scheme: "http".into(),
+        ..Config::default()
+    };
+    tokio::spawn(cmr_server::serve(
+        listener,
+        Arc::new(AppState::new(store, config)),
+        std::future::pending(),
+    ));
+    let conn = Connection::new(&format!("http://{addr}")).unwrap();
+    let pinned = key().verifier();
+    let t = now();
+
+    // A customer with records, and no key backup yet.
+    let (s, phrase) = Session::register(conn.clone(), Role::Customer, pinned.clone(), t)
+        .await
+        .unwrap();
+    let mut alex = Customer::new(s, PseudonymKey::generate(&mut rand::rng()));
+    let contact =
+        cmr_core::family::FamilyName::profile(cmr_core::family::Scope::ProfileContact).unwrap();
+    alex.declare(&[contact], t).await.unwrap();
+    let fid = alex.family_id(&contact);
+    alex.write(fid, Period::ORIGIN, &[b"email: alex@example.org"])
+        .await
+        .unwrap();
+    let secret = RecoverySecret::from_phrase(&phrase).unwrap();
+
+    // Step one: the identity key rotates to the one the phrase reveals; this device is certified.
+    let (session, next) =
+        Customer::recover_identity(conn.clone(), pinned.clone(), alex.id(), &secret, t)
+            .await
+            .unwrap();
+    assert_ne!(next.to_phrase().as_str(), phrase.as_str());
+    let kept = copy(&session.keys);
+    assert_eq!(kept.identity_key.as_ref().unwrap().0, 1);
+    // The old phrase rotates nothing any more.
+    assert!(
+        Customer::recover_identity(conn.clone(), pinned.clone(), alex.id(), &secret, t)
+            .await
+            .is_err()
+    );
+    // Step two fails: there is no backup yet. Nothing is lost; it can run again.
+    assert!(
+        Customer::restore_from_backup(session, &secret, t)
+            .await
+            .is_err()
+    );
+
+    // The old device stores the backup, its vault key wrapped to the recovery key of event 0.
+    let vault = VaultKey::generate(&mut rand::rng());
+    let events = alex.session.identity(alex.id()).await.unwrap();
+    // The inception is the log's first entry; the key record in force just after it is event 0's.
+    let record0 = events.state.keys().at(1).unwrap().clone();
+    assert_eq!(record0.seq, 0);
+    let wrap = vault.wrap_to_recovery(&mut rand::rng(), alex.id(), &record0);
+    use base64::Engine as _;
+    let backup = KeyBackup::seal(
+        0,
+        base64::engine::general_purpose::STANDARD.encode(wrap.to_bytes()),
+        &CustomerState::save(&alex, &vault),
+        &vault,
+        alex.id(),
+    );
+    alex.put_backup(&backup, 1).await.unwrap();
+
+    // Step two again, on the kept keys: the vault comes back, the old device is revoked.
+    let session = Session::new(conn.clone(), kept, pinned.clone());
+    let (mut back, _, version) = Customer::restore_from_backup(session, &secret, now())
+        .await
+        .unwrap();
+    assert_eq!(version, 1);
+    let records = back
+        .read(fid, Period::ORIGIN, Period::ORIGIN)
+        .await
+        .unwrap();
+    assert_eq!(records[0].content, b"email: alex@example.org");
+    let devices = back.devices().await.unwrap();
+    assert_eq!(devices.iter().filter(|(_, revoked)| !revoked).count(), 1);
+    let old = alex.read(fid, Period::ORIGIN, Period::ORIGIN).await;
+    assert_eq!(old.unwrap_err().code(), Some("unknown-key"));
+}
