@@ -167,7 +167,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
                 identity: c.id().to_hex(),
                 name,
             };
-            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            crate::out::print(&serde_json::to_string_pretty(&doc).unwrap_or_default());
         }
         CompanyCmd::Request {
             customer,

@@ -942,9 +942,9 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             )
             .ok_or_else(|| CliError::local("not a grant", "check the id"))?;
             if out.json {
-                println!("{}", receipt.to_json());
+                crate::out::print(&receipt.to_json());
             } else {
-                println!("{}", receipt.to_text());
+                crate::out::print(&receipt.to_text());
             }
         }
         CustomerCmd::Device {
@@ -1072,7 +1072,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                     ));
                     out.value(&json!({"families": export.families.len(), "file": f}));
                 }
-                None => println!("{json}"),
+                None => crate::out::print(&json),
             }
         }
         CustomerCmd::Erase {

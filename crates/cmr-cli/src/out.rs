@@ -13,15 +13,25 @@ impl Out {
     /// A line for people (nothing in JSON mode).
     pub fn line(&self, s: impl AsRef<str>) {
         if !self.json {
-            println!("{}", s.as_ref());
+            print(s.as_ref());
         }
     }
 
     /// The JSON result (nothing for people, who got lines).
     pub fn value(&self, v: &Value) {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+            print(&serde_json::to_string_pretty(v).unwrap_or_default());
         }
+    }
+}
+
+/// Prints a line on standard output. A reader that went away (`cmr ... | head`) ends the output quietly
+/// instead of a panic.
+pub fn print(s: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{s}").is_err() {
+        std::process::exit(0);
     }
 }
 
