@@ -430,11 +430,36 @@ impl Loaded {
             if e.code() != Some("backup-conflict") {
                 return Err(CliError::from(e));
             }
-            // Another device stored one since: this device's view is the newer one (last writer wins).
-            version = Customer::get_backup(&self.customer.session)
+            // Another device stored one since: merge what it knows into this device's state, then store
+            // the union (a backup under another vault key means this device was cut off: stop).
+            let (theirs, remote) = Customer::get_backup(&self.customer.session)
                 .await?
-                .map_or(1, |(v, _)| v + 1);
+                .ok_or_else(|| {
+                    CliError::local("the key backup vanished", "run the command again")
+                })?;
+            let remote = remote.open(&self.vault, self.customer.id()).map_err(|_| {
+                CliError::local(
+                    "another device replaced the vault key: this device no longer holds it",
+                    "join again from a device that does (`cmr customer device add`)",
+                )
+            })?;
+            let mut merged = self
+                .saved
+                .role
+                .sdk
+                .clone()
+                .unwrap_or_else(|| remote.clone());
+            merged.merge(&remote);
+            let backup = KeyBackup::seal(
+                self.saved.role.recovery_seq,
+                self.saved.role.recovery_wrap.clone(),
+                &merged,
+                &self.vault,
+                self.customer.id(),
+            );
+            version = theirs + 1;
             self.customer.put_backup(&backup, version).await?;
+            self.saved.role.sdk = Some(merged);
         }
         self.saved.role.backup_version = version;
         self.saved.role.backup_digest = digest;

@@ -175,6 +175,50 @@ impl CustomerState {
         }
     }
 
+    /// Merges what another device saved (both under the same vault key): every family and every epoch
+    /// secret either knows, the later current epoch and the larger batch count, every grant (revoked if
+    /// either saw it revoked), and the newer directory. Used when two devices' key backups race.
+    pub fn merge(&mut self, other: &CustomerState) {
+        for f in &other.families {
+            match self.families.iter_mut().find(|m| m.name == f.name) {
+                None => self.families.push(f.clone()),
+                Some(mine) => {
+                    let epoch_of = |s: &String| {
+                        B64.decode(s)
+                            .ok()
+                            .and_then(|b| SealedEpochSecret::from_slice(&b).ok())
+                            .map(|x| x.epoch)
+                    };
+                    let have: Vec<Option<u64>> = mine.secrets.iter().map(epoch_of).collect();
+                    for s in &f.secrets {
+                        if !have.contains(&epoch_of(s)) {
+                            mine.secrets.push(s.clone());
+                        }
+                    }
+                    mine.epoch = mine.epoch.max(f.epoch);
+                    mine.batches_seen = mine.batches_seen.max(f.batches_seen);
+                }
+            }
+        }
+        self.families.sort_by(|a, b| a.name.cmp(&b.name));
+        for g in &other.grants {
+            match self.grants.iter_mut().find(|m| m.statement == g.statement) {
+                None => self.grants.push(g.clone()),
+                Some(mine) => mine.revoked |= g.revoked,
+            }
+        }
+        self.grants.sort_by_key(|g| g.index);
+        let version = |d: &Option<String>| {
+            d.as_ref()
+                .and_then(|d| B64.decode(d).ok())
+                .and_then(|b| SignedDirectory::decode(&b).ok())
+                .map_or(0, |d| d.directory().version)
+        };
+        if version(&other.directory) > version(&self.directory) {
+            self.directory = other.directory.clone();
+        }
+    }
+
     /// Restores a customer around `session`, opening its secrets with `vault`.
     pub fn restore(&self, mut session: Session, vault: &VaultKey) -> Result<Customer, ClientError> {
         self.session.apply(&mut session)?;
@@ -422,5 +466,72 @@ impl KeyBackup {
                 bad("the backup's state does not open with this vault key, or was altered")
             })?;
         serde_json::from_slice(&json).map_err(|_| bad("the backup's state does not parse"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealed(
+        vault: &VaultKey,
+        customer: IdentityId,
+        family: cmr_core::family::FamilyId,
+        epoch: u64,
+    ) -> String {
+        let secret = EpochSecret::generate(&mut rand::rng());
+        B64.encode(
+            SealedEpochSecret::seal(&mut rand::rng(), vault, customer, family, epoch, &secret)
+                .to_bytes(),
+        )
+    }
+
+    #[test]
+    fn two_devices_states_merge_into_their_union() {
+        let vault = VaultKey::generate(&mut rand::rng());
+        let me = IdentityId([1; 32]);
+        let (fa, fb) = (
+            cmr_core::family::FamilyId([2; 32]),
+            cmr_core::family::FamilyId([3; 32]),
+        );
+        let family = |name: &str, f, epochs: &[u64], seen| SavedFamily {
+            name: name.into(),
+            epoch: *epochs.iter().max().unwrap_or(&1),
+            secrets: epochs.iter().map(|e| sealed(&vault, me, f, *e)).collect(),
+            batches_seen: seen,
+        };
+        let grant = |s: &str, index, revoked| SavedIssuedGrant {
+            statement: s.into(),
+            index,
+            time: 0,
+            revoked,
+        };
+        let base = CustomerState {
+            session: SessionState::default(),
+            pseudonym_key: String::new(),
+            families: vec![family("a", fa, &[1], 3)],
+            directory: None,
+            grants: vec![grant("g1", 5, false)],
+        };
+        // This device rotated family a to epoch 2; the other one added family b and revoked g1.
+        let mut mine = base.clone();
+        mine.families[0] = family("a", fa, &[1, 2], 4);
+        let mut theirs = base.clone();
+        theirs.families.push(family("b", fb, &[1], 1));
+        theirs.grants[0].revoked = true;
+        theirs.grants.push(grant("g2", 9, false));
+        mine.merge(&theirs);
+        assert_eq!(mine.families.len(), 2);
+        let a = mine.families.iter().find(|f| f.name == "a").unwrap();
+        assert_eq!((a.epoch, a.secrets.len(), a.batches_seen), (2, 2, 4));
+        assert!(mine.families.iter().any(|f| f.name == "b"));
+        assert_eq!(mine.grants.len(), 2);
+        assert!(
+            mine.grants
+                .iter()
+                .find(|g| g.statement == "g1")
+                .unwrap()
+                .revoked
+        );
     }
 }
