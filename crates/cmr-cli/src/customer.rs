@@ -44,6 +44,22 @@ pub struct CustomerRole {
     pub backup_digest: String,
 }
 
+impl CustomerRole {
+    /// A device that has no vault yet (a new device before it joins, or a recovery before its second
+    /// step).
+    fn not_joined() -> Self {
+        Self {
+            vault_key: String::new(),
+            sdk: None,
+            companies: vec![],
+            recovery_wrap: String::new(),
+            recovery_seq: 0,
+            backup_version: 0,
+            backup_digest: String::new(),
+        }
+    }
+}
+
 /// The customer's commands.
 #[derive(Subcommand)]
 pub enum CustomerCmd {
@@ -1314,15 +1330,7 @@ fn device_new(home: &Home, out: Out, identity: &str, server: &str, log_vkey: &st
         inception: None,
         registered: true,
         session: Default::default(),
-        role: CustomerRole {
-            vault_key: String::new(),
-            sdk: None,
-            companies: vec![],
-            recovery_wrap: String::new(),
-            recovery_seq: 0,
-            backup_version: 0,
-            backup_digest: String::new(),
-        },
+        role: CustomerRole::not_joined(),
     };
     home.write_state(Role::Customer, &saved)?;
     let d = keys.device.id();
@@ -1463,15 +1471,7 @@ async fn recover(home: &Home, out: Out, identity: &str, server: &str, log_vkey: 
         inception: None,
         registered: true,
         session: cmr_client::state::SessionState::of(&session),
-        role: CustomerRole {
-            vault_key: String::new(),
-            sdk: None,
-            companies: vec![],
-            recovery_wrap: String::new(),
-            recovery_seq: 0,
-            backup_version: 0,
-            backup_digest: String::new(),
-        },
+        role: CustomerRole::not_joined(),
     };
     home.write_state(Role::Customer, &saved)?;
     let phrase = next.to_phrase();
