@@ -381,6 +381,9 @@ struct Loaded {
     customer: Customer,
     vault: VaultKey,
     saved: Saved<CustomerRole>,
+    /// The vault key this run replaced (after revoking a device, or in recovery): other devices' backups
+    /// are still sealed under it, and this device's state, under the new one, supersedes them.
+    replaced: Option<VaultKey>,
 }
 
 impl Loaded {
@@ -417,6 +420,7 @@ impl Loaded {
             customer,
             vault,
             saved,
+            replaced: None,
         })
     }
 
@@ -453,19 +457,19 @@ impl Loaded {
                 .ok_or_else(|| {
                     CliError::local("the key backup vanished", "run the command again")
                 })?;
-            let remote = remote.open(&self.vault, self.customer.id()).map_err(|_| {
-                CliError::local(
-                    "another device replaced the vault key: this device no longer holds it",
-                    "join again from a device that does (`cmr customer device add`)",
-                )
-            })?;
-            let mut merged = self
-                .saved
-                .role
-                .sdk
-                .clone()
-                .unwrap_or_else(|| remote.clone());
-            merged.merge(&remote);
+            let mut merged = self.saved.role.sdk.clone().ok_or_else(not_joined)?;
+            match (remote.open(&self.vault, self.customer.id()), &self.replaced) {
+                (Ok(remote), _) => merged.merge(&remote),
+                // This run replaced the vault key: the other backup is under the old one, and the
+                // devices that wrote it must join again. This device's state stands.
+                (Err(_), Some(_)) => {}
+                (Err(_), None) => {
+                    return Err(CliError::local(
+                        "another device replaced the vault key: this device no longer holds it",
+                        "join again from a device that does (`cmr customer device add`)",
+                    ));
+                }
+            }
             let backup = KeyBackup::seal(
                 self.saved.role.recovery_seq,
                 self.saved.role.recovery_wrap.clone(),
@@ -1080,7 +1084,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             );
             l.saved.role.recovery_seq = record.seq;
             l.saved.role.backup_digest.clear();
-            l.vault = fresh;
+            l.replaced = Some(std::mem::replace(&mut l.vault, fresh));
             out.line(format!("device revoked at log index {}; {} families rotated; the vault key was replaced (other devices join again)", rev.index, rotations.len()));
             out.value(
                 &json!({"revoked": device, "index": rev.index, "rotations": rotations.len()}),
@@ -1531,7 +1535,7 @@ async fn finish_recovery(
     secret: &cmr_core::identity::RecoverySecret,
 ) -> CliResult {
     let id = session.keys.identity;
-    let (mut customer, _old, version) =
+    let (mut customer, old, version) =
         Customer::restore_from_backup(session, secret, now()).await?;
     // A fresh vault key: the lost devices knew the old one.
     let vault = VaultKey::generate(&mut rand::rng());
@@ -1576,6 +1580,7 @@ async fn finish_recovery(
         customer,
         vault,
         saved,
+        replaced: Some(old),
     }
     .save(home)
     .await?;
