@@ -311,6 +311,12 @@ struct PeriodState {
     frontier: merkle::CompactRange,
 }
 
+fn id_key(id: &RecordId) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&id.0[..8]);
+    u64::from_le_bytes(b)
+}
+
 /// A family's records as digests per period, and its head. The store persists it; readers never need it.
 #[derive(Debug, Clone)]
 pub struct FamilyLedger {
@@ -319,7 +325,10 @@ pub struct FamilyLedger {
     scope: Scope,
     batches: u64,
     periods: BTreeMap<Period, PeriodState>,
-    ids: HashMap<RecordId, (Period, usize)>,
+    /// The first 8 bytes of every record id, to refuse a repeated id: 8 bytes a record instead of a map
+    /// of full ids and positions (a repeated id always matches; a new id whose first 8 bytes match an
+    /// existing one's, one chance in 2^64 per record present, is refused and written again by its client).
+    ids: HashSet<u64>,
     /// For each applied batch, how many records it added to each period (for reads against older heads).
     history: Vec<Vec<(Period, u64)>>,
 }
@@ -333,7 +342,7 @@ impl FamilyLedger {
             scope,
             batches: 0,
             periods: BTreeMap::new(),
-            ids: HashMap::new(),
+            ids: HashSet::new(),
             history: Vec::new(),
         }
     }
@@ -351,9 +360,22 @@ impl FamilyLedger {
             .map_or(0, |s| s.leaves.len() as u64)
     }
 
-    /// Where a record is: its period and index within the period.
-    pub fn locate(&self, id: &RecordId) -> Option<(Period, usize)> {
-        self.ids.get(id).copied()
+    /// Where each record of `batch` goes when it is applied, in batch order: its period and its index in
+    /// the period.
+    pub fn placements(&self, batch: &Batch) -> Vec<(Period, u64)> {
+        let mut next: BTreeMap<Period, u64> = BTreeMap::new();
+        batch
+            .entries
+            .iter()
+            .map(|e| {
+                let n = next
+                    .entry(e.period)
+                    .or_insert_with(|| self.period_count(e.period));
+                let at = *n;
+                *n += 1;
+                (e.period, at)
+            })
+            .collect()
     }
 
     /// Period counts as they were after `batches` batches.
@@ -433,7 +455,7 @@ impl FamilyLedger {
         }
         let mut seen = HashSet::with_capacity(batch.entries.len());
         for (e, r) in batch.entries.iter().zip(records) {
-            if self.ids.contains_key(&e.id) || !seen.insert(e.id) {
+            if self.ids.contains(&id_key(&e.id)) || !seen.insert(e.id) {
                 return Err(BatchError::DuplicateRecord(e.id));
             }
             let periodic_ok = if self.scope.is_periodic() {
@@ -473,7 +495,7 @@ impl FamilyLedger {
         for e in &batch.entries {
             let state = self.periods.entry(e.period).or_default();
             let leaf = merkle::leaf_hash(&e.digest.0);
-            self.ids.insert(e.id, (e.period, state.leaves.len()));
+            self.ids.insert(id_key(&e.id));
             state.leaves.push(leaf);
             state.ids.push(e.id);
             state.frontier.push(leaf);

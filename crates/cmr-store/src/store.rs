@@ -1464,6 +1464,7 @@ impl Sequencer {
             .ledgers
             .get_mut(&(b.customer, b.family))
             .ok_or_else(|| StoreError::NotFound("family".into()))?;
+        let placements = ledger.placements(&b);
         // `apply` checks everything before it changes anything, so a refusal changes nothing.
         let new_head = ledger.apply(&b, &records).map_err(|e| match e {
             cmr_core::batch::BatchError::StaleHead { .. } => StoreError::StaleHead,
@@ -1472,21 +1473,12 @@ impl Sequencer {
         // The batch goes into the log once, as the family-head entry; each record names that entry.
         let head_index = overlay.size;
         let number = self.state.family_number(&b.customer, &b.family)?;
-        let ledger = self
-            .state
-            .ledgers
-            .get(&(b.customer, b.family))
-            .ok_or_else(|| StoreError::NotFound("family".into()))?;
-        for r in &records {
-            let h = r.header();
-            let (period, n) = ledger
-                .locate(&h.id)
-                .ok_or_else(|| StoreError::Format("record not placed".into()))?;
+        for (r, (period, n)) in records.iter().zip(placements) {
             // One key per record: the index of the entry of its batch, then the sealed record.
             let mut value = Vec::with_capacity(8 + r.as_bytes().len());
             value.extend_from_slice(&head_index.to_be_bytes());
             value.extend_from_slice(r.as_bytes());
-            overlay.put(layout::record(number, period, n as u64), value);
+            overlay.put(layout::record(number, period, n), value);
         }
         let logged = self.log(
             overlay,
