@@ -68,6 +68,9 @@ pub struct BenchArgs {
     /// the family the latency probe reads).
     #[arg(long, default_value_t = 0)]
     pub stored: usize,
+    /// With its own server: sled's page cache for it, in MiB (`cmr serve --cache-mib`).
+    #[arg(long)]
+    pub cache_mib: Option<u64>,
     /// Grantees that keep access through each race's rotation.
     #[arg(long, default_value_t = 10)]
     pub keepers: usize,
@@ -189,7 +192,7 @@ impl Drop for Child {
     }
 }
 
-fn spawn_server() -> CliResult<(Child, String, String)> {
+fn spawn_server(cache_mib: Option<u64>) -> CliResult<(Child, String, String)> {
     use std::io::BufRead as _;
     let dir = tempfile::tempdir().map_err(|e| CliError::local(e.to_string(), "check TMPDIR"))?;
     let exe = std::env::current_exe().map_err(|e| CliError::local(e.to_string(), "report this"))?;
@@ -209,6 +212,11 @@ fn spawn_server() -> CliResult<(Child, String, String)> {
         .arg(dir.path().join("data"))
         .arg("--log-key")
         .arg(dir.path().join("log.key"))
+        .args(
+            cache_mib
+                .map(|c| vec!["--cache-mib".to_string(), c.to_string()])
+                .unwrap_or_default(),
+        )
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
@@ -1130,7 +1138,7 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
             ));
         }
         (None, _) => {
-            let (c, b, k) = spawn_server()?;
+            let (c, b, k) = spawn_server(args.cache_mib)?;
             (Some(c), b, k)
         }
     };

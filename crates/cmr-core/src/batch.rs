@@ -331,6 +331,11 @@ pub struct FamilyLedger {
     ids: HashSet<u64>,
     /// For each applied batch, how many records it added to each period (for reads against older heads).
     history: Vec<Vec<(Period, u64)>>,
+    /// The current head's period leaves, in period order, kept up to date by `apply`: reads against the
+    /// current head (nearly all of them) then cost nothing per period.
+    current: Vec<PeriodLeaf>,
+    /// The current head.
+    current_head: Head,
 }
 
 impl FamilyLedger {
@@ -343,14 +348,15 @@ impl FamilyLedger {
             batches: 0,
             periods: BTreeMap::new(),
             ids: HashSet::new(),
+            current: Vec::new(),
+            current_head: Head::empty(customer, family),
             history: Vec::new(),
         }
     }
 
     /// The current head.
     pub fn head(&self) -> Head {
-        self.head_at(self.batches)
-            .expect("the current batch count always has a head")
+        self.current_head
     }
 
     /// How many records `period` holds now.
@@ -421,6 +427,9 @@ impl FamilyLedger {
 
     /// The head as it was after `batches` batches.
     pub fn head_at(&self, batches: u64) -> Option<Head> {
+        if batches == self.batches {
+            return Some(self.current_head);
+        }
         let counts = self.counts_at(batches)?;
         let leaves = self.leaves_at(&counts);
         let hashes: Vec<Hash> = leaves.iter().map(PeriodLeaf::hash).collect();
@@ -501,9 +510,30 @@ impl FamilyLedger {
             state.frontier.push(leaf);
             *added.entry(e.period).or_default() += 1;
         }
+        for p in added.keys() {
+            let state = &self.periods[p];
+            let leaf = PeriodLeaf {
+                period: *p,
+                count: state.leaves.len() as u64,
+                root: state.frontier.root(),
+            };
+            match self.current.binary_search_by(|l| l.period.cmp(p)) {
+                Ok(i) => self.current[i] = leaf,
+                Err(i) => self.current.insert(i, leaf),
+            }
+        }
         self.history.push(added.into_iter().collect());
         self.batches += 1;
-        Ok(self.head())
+        let hashes: Vec<Hash> = self.current.iter().map(PeriodLeaf::hash).collect();
+        self.current_head = Head {
+            customer: self.customer,
+            family: self.family,
+            batches: self.batches,
+            records: self.current.iter().map(|l| l.count).sum(),
+            periods: self.current.len() as u64,
+            periods_root: merkle::root(&hashes),
+        };
+        Ok(self.current_head)
     }
 
     /// The proof for a read of periods `from..=to` against the head after `batches` batches (the named
@@ -516,9 +546,12 @@ impl FamilyLedger {
         cursor: Option<(Period, u64)>,
         limit: u64,
     ) -> Option<ReadProof> {
-        let counts = self.counts_at(batches)?;
-        let head = self.head_at(batches)?;
-        let leaves = self.leaves_at(&counts);
+        let (head, leaves) = if batches == self.batches {
+            (self.current_head, self.current.clone())
+        } else {
+            let counts = self.counts_at(batches)?;
+            (self.head_at(batches)?, self.leaves_at(&counts))
+        };
         let hashes: Vec<Hash> = leaves.iter().map(PeriodLeaf::hash).collect();
         // The run of leaves inside [from, to], widened by one neighbour on each side.
         let first_in = leaves.partition_point(|l| l.period < from);

@@ -950,3 +950,35 @@ proptest! {
         prop_assert!(verify_read(&head, &proof, &changed, &batches, w.device_key(), None).is_err());
     }
 }
+
+#[test]
+fn the_current_head_kept_by_apply_matches_the_head_recomputed_from_history() {
+    // The ledger keeps the current head's period leaves as it applies batches; every older head is
+    // recomputed from the history. The head each apply returned must be the one recomputed later.
+    let w = world();
+    let mut ledger = FamilyLedger::new(w.customer, w.family, Scope::Transactions);
+    let mut heads = vec![ledger.head()];
+    for (period, n) in [
+        (p(2026, 2), 3),
+        (p(2026, 1), 1),
+        (p(2026, 2), 2),
+        (p(2026, 7), 4),
+        (p(2026, 1), 2),
+    ] {
+        let recs = w.seal(period, n);
+        let b = w.batch(&ledger, &recs);
+        heads.push(ledger.apply(b.batch(), &recs).unwrap());
+    }
+    assert_eq!(ledger.head(), *heads.last().unwrap());
+    for (k, h) in heads.iter().enumerate() {
+        assert_eq!(
+            ledger.head_at(k as u64).unwrap(),
+            *h,
+            "head after {k} batches"
+        );
+    }
+    assert_eq!(
+        heads[0].digest(),
+        cmr_core::batch::Head::empty(w.customer, w.family).digest()
+    );
+}
