@@ -84,8 +84,8 @@ Examples:
         /// Requests one identity may make in a burst.
         #[arg(long, env = "CMR_BURST", default_value_t = 400.0)]
         burst_per_identity: f64,
-        /// sled's page cache, in MiB (its own default would be 1 GiB).
-        #[arg(long, env = "CMR_CACHE_MIB", default_value_t = 128)]
+        /// sled's page cache, in MiB (its own default would be 1 GiB; the OS page cache holds the files).
+        #[arg(long, env = "CMR_CACHE_MIB", default_value_t = 32)]
         cache_mib: u64,
         /// The scheme clients sign: `https` behind a reverse proxy that terminates TLS.
         #[arg(long, env = "CMR_SCHEME", default_value = "http", value_parser = ["http", "https"])]

@@ -215,7 +215,10 @@ impl StoreConfig {
     pub fn new(path: impl AsRef<Path>, log_key: NoteSigner) -> Self {
         Self {
             path: path.as_ref().to_path_buf(),
-            cache_capacity: 256 * 1024 * 1024,
+            // sled's own default is 1 GiB. Its cache mostly repeats the OS page cache, which holds the
+            // same files: 32 MiB served reads as fast as 128 MiB at a million records, with 100 MiB less
+            // memory (docs/performance.md).
+            cache_capacity: 32 * 1024 * 1024,
             log_key,
             max_group: 256,
             clock: Arc::new(|| {
