@@ -155,9 +155,23 @@ impl Session {
     /// Accepts a checkpoint the server handed over: verified under the pinned key and consistent with
     /// every checkpoint seen before (fetching the consistency proof when it grew).
     pub async fn observe(&mut self, note: &str) -> Result<Checkpoint, ClientError> {
+        self.observe_with(note, &Value::Null).await
+    }
+
+    /// [`Session::observe`], using the consistency proof the server sent with an acknowledgement
+    /// (`{"old", "proof"}`) when it starts from the size this client knows; otherwise it is fetched.
+    pub async fn observe_with(
+        &mut self,
+        note: &str,
+        hint: &Value,
+    ) -> Result<Checkpoint, ClientError> {
         let (cp, needs) = self.log.check(note)?;
         match needs {
             Needs::Nothing => self.log.accept(cp.clone(), note, None)?,
+            Needs::Consistency { old, .. }
+                if hint["old"].as_u64() == Some(old)
+                    && hashes(&hint["proof"], "consistency proof")
+                        .is_ok_and(|p| self.log.accept(cp.clone(), note, Some(&p)).is_ok()) => {}
             Needs::Consistency { old, new } => {
                 // A server that cannot prove the new checkpoint extends the old one has forked.
                 let v = match self
@@ -199,7 +213,7 @@ impl Session {
         let note = v["checkpoint"]
             .as_str()
             .ok_or_else(|| ClientError::Malformed("acknowledgement without a checkpoint".into()))?;
-        let cp = self.observe(note).await?;
+        let cp = self.observe_with(note, &v["consistency"]).await?;
         let index = v["index"]
             .as_u64()
             .ok_or_else(|| ClientError::Malformed("acknowledgement without an index".into()))?;
@@ -295,8 +309,9 @@ impl Session {
 
     /// A signed POST as this device.
     pub async fn post(&self, target: &str, body: &Value) -> Result<Value, ClientError> {
+        let known = self.log.latest().map(|c| c.size);
         self.conn
-            .post(target, body, Signer::Device(&self.keys.device))
+            .post_known(target, body, Signer::Device(&self.keys.device), known)
             .await
     }
 

@@ -114,9 +114,21 @@ impl Connection {
         body: &Value,
         signer: Signer<'_>,
     ) -> Result<Value, ClientError> {
+        self.post_known(target, body, signer, None).await
+    }
+
+    /// [`Connection::post`], telling the server the log size this client verified last
+    /// (`CMR-Known-Size`), so that an acknowledgement can carry the consistency proof from it.
+    pub async fn post_known(
+        &self,
+        target: &str,
+        body: &Value,
+        signer: Signer<'_>,
+        known_size: Option<u64>,
+    ) -> Result<Value, ClientError> {
         let mut tries = 0;
         loop {
-            match self.post_once(target, body, signer).await {
+            match self.post_once(target, body, signer, known_size).await {
                 Err(e) if e.code() == Some("created-before-start") && tries < 10 => {
                     tries += 1;
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -131,6 +143,7 @@ impl Connection {
         target: &str,
         body: &Value,
         signer: Signer<'_>,
+        known_size: Option<u64>,
     ) -> Result<Value, ClientError> {
         let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Local(e.to_string()))?;
         let (keyid, key) = match signer {
@@ -144,9 +157,11 @@ impl Connection {
         let req = httpsig::Request::new("POST", &self.scheme, &self.authority, target, vec![]);
         let h = httpsig::sign_request(&req, &bytes, key, &keyid, &hex::encode(nonce), created)
             .map_err(|e| ClientError::Local(format!("cannot sign the request: {e}")))?;
-        let resp = self
-            .http
-            .post(format!("{}{target}", self.base()))
+        let mut req = self.http.post(format!("{}{target}", self.base()));
+        if let Some(k) = known_size {
+            req = req.header("cmr-known-size", k.to_string());
+        }
+        let resp = req
             .header("content-type", "application/json")
             .header("content-digest", h.content_digest)
             .header("signature-input", h.signature_input)

@@ -530,3 +530,41 @@ async fn a_pending_request_at_a_made_up_position_is_refused() {
     let e = verification(w.alex.pending().await);
     assert!(matches!(e, VerifyError::NotIncluded(_)), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_carries_the_consistency_proof_and_a_bad_one_is_not_trusted() {
+    let mut w = world().await;
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let s = seen.clone();
+    w.tamper(move |path, _| s.lock().unwrap().push(path.to_string()));
+    // The client tells the server the size it knows; the ack proves consistency from it: no extra fetch.
+    w.alex.write(w.tx, w.month, &[b"four"]).await.unwrap();
+    assert!(
+        !seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.starts_with("/v1/log/proofs/consistency")),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    // A wrong proof in the ack is not believed: the client fetches one and checks it.
+    let batches = format!("/families/{}/batches", w.tx.to_hex());
+    let s = seen.clone();
+    w.tamper(move |path, v| {
+        s.lock().unwrap().push(path.to_string());
+        if path.ends_with(&batches) && v["consistency"].is_object() {
+            use base64::Engine as _;
+            let bogus = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+            v["consistency"]["proof"] = serde_json::json!([bogus]);
+        }
+    });
+    seen.lock().unwrap().clear();
+    w.alex.write(w.tx, w.month, &[b"five"]).await.unwrap();
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.starts_with("/v1/log/proofs/consistency"))
+    );
+}

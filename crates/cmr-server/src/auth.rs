@@ -23,6 +23,9 @@ pub struct Caller {
     pub signature_base: String,
     /// The signature.
     pub signature: [u8; 64],
+    /// The log size the client last verified (`CMR-Known-Size`), so an acknowledgement can carry the
+    /// consistency proof from it; unsigned, since the proof verifies on its own.
+    pub known_size: Option<u64>,
 }
 
 /// The (keyid, nonce) pairs seen within the replay window. Entries leave in the order they came, once no
@@ -223,11 +226,17 @@ pub fn authenticate(
         .as_slice()
         .try_into()
         .map_err(|_| ApiError::from(httpsig::HttpSigError::BadSignature))?;
+    let known_size = headers
+        .get("cmr-known-size")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 20)
+        .and_then(|v| v.parse().ok());
     Ok(Caller {
         identity,
         keyid: verified.keyid,
         signature_base,
         signature,
+        known_size,
     })
 }
 

@@ -84,7 +84,7 @@ async fn register(
         ));
     }
     let ack = run(&state, Op::Register(bytes)).await?;
-    Ok(Json(ack_json(&state, &ack)))
+    Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
 #[derive(Deserialize)]
@@ -115,7 +115,7 @@ async fn certify(
         ));
     }
     let ack = run(&state, Op::Certify(bytes)).await?;
-    Ok(Json(ack_json(&state, &ack)))
+    Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
 #[derive(Deserialize)]
@@ -146,7 +146,7 @@ async fn revoke_device(
         ));
     }
     let ack = run(&state, Op::RevokeDevice(bytes)).await?;
-    Ok(Json(ack_json(&state, &ack)))
+    Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
 #[derive(Deserialize)]
@@ -177,5 +177,5 @@ async fn rotate(
         ));
     }
     let ack = run(&state, Op::Rotate(bytes)).await?;
-    Ok(Json(ack_json(&state, &ack)))
+    Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }

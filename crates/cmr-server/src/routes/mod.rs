@@ -34,15 +34,23 @@ pub(crate) fn b64(field: &str, s: &str) -> Result<Vec<u8>, ApiError> {
 }
 
 /// An acknowledgement as JSON: index, inclusion proof, the checkpoint that covers it, and the logged
-/// entry's salt and body, so that the submitter checks by itself that what it sent is what was logged.
-pub(crate) fn ack_json(state: &crate::AppState, ack: &Ack) -> Value {
+/// entry's salt and body, so that the submitter checks by itself that what it sent is what was logged;
+/// with the consistency proof from the log size the client said it knows, which saves it a round trip.
+pub(crate) fn ack_json(state: &crate::AppState, ack: &Ack, known: Option<u64>) -> Value {
     let entry = ack
         .index
         .and_then(|i| state.store.body(i).ok().flatten())
         .map(|e| json!({"salt": B64.encode(e.salt), "body": B64.encode(&e.body)}));
+    let consistency = known
+        .filter(|k| *k > 0 && *k < ack.size)
+        .and_then(|k| state.store.consistency_proof(k, ack.size).ok())
+        .map(
+            |p| json!({"old": known, "proof": p.iter().map(|h| B64.encode(h)).collect::<Vec<_>>()}),
+        );
     json!({
         "index": ack.index,
         "size": ack.size,
+        "consistency": consistency,
         "proof": ack.proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
         "checkpoint": ack.checkpoint,
         "repeated": ack.repeated,

@@ -91,10 +91,8 @@ async fn directory(
     if dir.directory().customer != customer {
         return Err(ApiError::forbidden("the directory is for another vault"));
     }
-    Ok(Json(ack_json(
-        &state,
-        &run(&state, Op::PublishDirectory(bytes)).await?,
-    )))
+    let ack = run(&state, Op::PublishDirectory(bytes)).await?;
+    Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
 #[derive(Deserialize)]
@@ -118,10 +116,8 @@ async fn statement(
     if st.statement().author != caller.identity {
         return Err(ApiError::forbidden("a statement is sent by its author"));
     }
-    Ok(Json(ack_json(
-        &state,
-        &run(&state, Op::Statement(bytes)).await?,
-    )))
+    let ack = run(&state, Op::Statement(bytes)).await?;
+    Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
 #[derive(Deserialize)]
@@ -188,18 +184,16 @@ async fn batch(
             to,
         ))
     };
-    Ok(Json(ack_json(
+    let ack = run(
         &state,
-        &run(
-            &state,
-            Op::WriteBatch {
-                batch,
-                records,
-                access,
-            },
-        )
-        .await?,
-    )))
+        Op::WriteBatch {
+            batch,
+            records,
+            access,
+        },
+    )
+    .await?;
+    Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
 #[derive(Deserialize)]
@@ -293,7 +287,7 @@ async fn read(
         .read
         .as_ref()
         .ok_or_else(|| ApiError::malformed("no read result"))?;
-    let mut out = ack_json(&state, &ack);
+    let mut out = ack_json(&state, &ack, caller.known_size);
     out["proof_of_read"] = proof_json(&result.proof);
     out["records"] = json!(
         result
