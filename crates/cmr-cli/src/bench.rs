@@ -1088,6 +1088,30 @@ async fn seed_scale(w: &World, total: usize, out: Out) -> Result<(), ClientError
     Ok(())
 }
 
+/// The inclusion proof of one read's access entry: its size in bytes, and the log size it is for.
+async fn proof_size(w: &World) -> Result<(usize, u64), ClientError> {
+    let t = &w.targets[0];
+    let (_, device) = &w.companies[t.company];
+    let target = format!(
+        "/v1/vaults/{}/families/{}/read",
+        t.customer.to_hex(),
+        t.family.to_hex()
+    );
+    let m = w.month.to_string();
+    let v = w
+        .conn
+        .post(
+            &target,
+            &json!({"from": m, "to": m, "grant": t.grant.to_hex()}),
+            Signer::Device(device),
+        )
+        .await?;
+    Ok((
+        hashes(&v["proof"])?.len() * 32,
+        v["size"].as_u64().unwrap_or(0),
+    ))
+}
+
 /// Unloaded latency of one client's reads of the probe family's ten records (a scale-curve point).
 async fn probe(w: &World, secs: f64) -> Result<(f64, f64, u32), ClientError> {
     let t = &w.targets[0];
@@ -1166,6 +1190,13 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
         CliError::with_code(
             code::VERIFICATION,
             format!("the latency probe failed: {e}"),
+            None,
+        )
+    })?;
+    let (proof_bytes, proof_at) = proof_size(&w).await.map_err(|e| {
+        CliError::with_code(
+            code::VERIFICATION,
+            format!("the proof-size probe failed: {e}"),
             None,
         )
     })?;
@@ -1290,6 +1321,9 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
         probed.1,
         probed.2
     ));
+    out.line(format!(
+        "inclusion proof of an access entry: {proof_bytes} bytes at a log of {proof_at} entries"
+    ));
     if let Some(g) = growth {
         out.line(format!(
             "log: {entries} entries during the load; the data folder grew {g:.0} bytes per entry, {:.1} GB a day at this rate",
@@ -1315,7 +1349,7 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
         "references": {"aead_1k_per_s": refs.aead_ops, "aead_1k_mb_s": refs.aead_mb, "verify_strict_per_s": refs.verify_strict, "healthz_per_s": refs.healthz},
         "reads_per_verify_strict": reads_per_s / refs.verify_strict,
         "probe": {"stored": args.stored, "p50_ms": probed.0, "p99_ms": probed.1, "reads": probed.2},
-        "log": {"entries": entries, "bytes_per_entry": growth},
+        "log": {"entries": entries, "bytes_per_entry": growth, "inclusion_proof_bytes": proof_bytes, "at_size": proof_at},
         "client_cost_us": {"one_batch": cost_one, "ten_batches": cost_ten, "verify_strict": verify_us},
         "race": race,
         "seed_s": seed_secs,

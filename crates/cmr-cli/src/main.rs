@@ -85,7 +85,7 @@ Examples:
         #[arg(long, env = "CMR_BURST", default_value_t = 400.0)]
         burst_per_identity: f64,
         /// sled's page cache, in MiB (its own default would be 1 GiB; the OS page cache holds the files).
-        #[arg(long, env = "CMR_CACHE_MIB", default_value_t = 32)]
+        #[arg(long, env = "CMR_CACHE_MIB", default_value_t = 16)]
         cache_mib: u64,
         /// The scheme clients sign: `https` behind a reverse proxy that terminates TLS.
         #[arg(long, env = "CMR_SCHEME", default_value = "http", value_parser = ["http", "https"])]

@@ -50,7 +50,7 @@ pub async fn start(
     scheme: &str,
     witnesses: Vec<cmr_log::note::NoteVerifier>,
 ) -> CliResult<Running> {
-    start_in(data, log_key, listen, scheme, witnesses, None, 32).await
+    start_in(data, log_key, listen, scheme, witnesses, None, 16).await
 }
 
 /// [`start`], with the per-identity rate limits and sled's page cache (MiB) given.
