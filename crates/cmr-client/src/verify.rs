@@ -283,3 +283,40 @@ impl VerifiedIdentity {
         self.devices.iter().any(|(c, _)| c.device() == *device)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever a server sends as a checkpoint, a read answer or a proven entry, the SDK answers with
+        /// an error, never a panic.
+        #[test]
+        fn server_answers_never_make_the_sdk_panic(text in "\\PC{0,300}", n in any::<u64>(), bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let key = cmr_log::note::NoteSigner::new(
+                "sdk.test/log",
+                cmr_log::note::TYPE_ED25519,
+                cmr_core::keys::SigningKey::from_seed(&[1; 32]),
+            )
+            .unwrap()
+            .verifier();
+            let view = LogView::new(key);
+            let _ = view.check(&text);
+            let b64s = B64.encode(&bytes);
+            let answers = [
+                serde_json::json!({"proof_of_read": {"head": {"customer": text, "family": b64s}, "pages": [{"ids": [text]}]}, "records": [b64s], "batches": [text]}),
+                serde_json::json!({"index": n, "salt": b64s, "body": b64s, "proof": [b64s]}),
+                serde_json::Value::String(text.clone()),
+            ];
+            let cp = cmr_log::checkpoint::Checkpoint { origin: "sdk.test/log".into(), size: n, root: [0; 32], extensions: vec![] };
+            for a in &answers {
+                let _ = crate::company::parse_read(a);
+                let _ = proven_entry(a, &cp);
+                let _ = serde_json::from_value::<crate::state::KeyBackup>(a.clone());
+            }
+        }
+    }
+}

@@ -25,7 +25,8 @@ fn samples() -> Vec<Vec<u8>> {
         device.id(),
         43,
     );
-    vec![id.inception.encode(), cert.encode(), rev.encode()]
+    let request = cmr_core::identity::DeviceRequest::sign(id.inception.identity(), &device);
+    vec![id.inception.encode(), cert.encode(), rev.encode(), request]
 }
 
 fn decode_all(bytes: &[u8]) {
@@ -35,6 +36,13 @@ fn decode_all(bytes: &[u8]) {
     let _ = SignedEnvelope::decode(bytes);
     let _ = WrappedKey::from_slice(bytes);
     let _ = keyfile::open(bytes, "pw");
+    let _ = cmr_core::identity::DeviceRequest::open(bytes);
+    let vault = cmr_core::vault::VaultKey::generate(&mut rand::rng());
+    let customer = cmr_core::identity::IdentityId([1; 32]);
+    if let Some(s) = cmr_core::vault::SealedClientSecret::from_slice(bytes) {
+        let _ = s.open(&vault, customer, "pseudonym-key");
+    }
+    let _ = cmr_core::vault::open_local(&vault, customer, "client-state", bytes);
 }
 
 proptest! {
@@ -47,7 +55,7 @@ proptest! {
 
     #[test]
     fn decoders_never_panic_on_mutated_encodings(
-        which in 0usize..3,
+        which in 0usize..4,
         edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
         cut in any::<prop::sample::Index>(),
     ) {
@@ -107,7 +115,10 @@ proptest! {
 
 #[test]
 fn signed_statements_round_trip() {
-    for bytes in samples() {
+    let all = samples();
+    // The device request (last) is only opened, never re-encoded: its signature is the device's.
+    assert!(cmr_core::identity::DeviceRequest::open(&all[3]).is_ok());
+    for bytes in all.into_iter().take(3) {
         let ok = SignedKeyEvent::decode(&bytes)
             .map(|e| e.encode())
             .ok()
