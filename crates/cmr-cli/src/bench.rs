@@ -490,26 +490,36 @@ impl Tally {
     }
 }
 
+/// A company's signed read of `t`'s family in `month` under `grant`, answered as JSON.
+async fn signed_read(
+    w: &World,
+    t: &Target,
+    grant: StatementId,
+    month: Period,
+) -> Result<Value, ClientError> {
+    let (_, device) = &w.companies[t.company];
+    let target = format!(
+        "/v1/vaults/{}/families/{}/read",
+        t.customer.to_hex(),
+        t.family.to_hex()
+    );
+    let m = month.to_string();
+    w.conn
+        .post(
+            &target,
+            &json!({"from": m, "to": m, "grant": grant.to_hex()}),
+            Signer::Device(device),
+        )
+        .await
+}
+
 /// A company's signed read of a target's ten records this month. A sampled one is verified in full: the
 /// checkpoint under the pinned key and consistent with the worker's view, the access entry included and
 /// naming this read, the read complete against its head, every batch signed by its author's device, and
 /// every record decrypted.
 async fn read(w: &World, t: &Target, view: Option<&mut LogView>) -> Result<(), ClientError> {
     let (company, device) = &w.companies[t.company];
-    let target = format!(
-        "/v1/vaults/{}/families/{}/read",
-        t.customer.to_hex(),
-        t.family.to_hex()
-    );
-    let month = w.month.to_string();
-    let v = w
-        .conn
-        .post(
-            &target,
-            &json!({"from": month, "to": month, "grant": t.grant.to_hex()}),
-            Signer::Device(device),
-        )
-        .await?;
+    let v = signed_read(w, t, t.grant, w.month).await?;
     let n = v["records"].as_array().map_or(0, Vec::len);
     if n < RECORDS_PER_READ {
         return Err(ClientError::Malformed(format!(
@@ -601,21 +611,7 @@ fn hashes(v: &Value) -> Result<Vec<[u8; 32]>, ClientError> {
 /// batch signature, decrypt the ten records. Returns microseconds per read of `month`.
 async fn client_cost(w: &World, month: Period) -> Result<f64, ClientError> {
     let t = &w.targets[0];
-    let (_, device) = &w.companies[t.company];
-    let target = format!(
-        "/v1/vaults/{}/families/{}/read",
-        t.customer.to_hex(),
-        t.family.to_hex()
-    );
-    let m = month.to_string();
-    let v = w
-        .conn
-        .post(
-            &target,
-            &json!({"from": m, "to": m, "grant": t.grant.to_hex()}),
-            Signer::Device(device),
-        )
-        .await?;
+    let v = signed_read(w, t, t.grant, month).await?;
     let bytes = serde_json::to_vec(&v).map_err(|e| ClientError::Local(e.to_string()))?;
     let cp = cmr_log::checkpoint::open(
         v["checkpoint"].as_str().unwrap_or_default(),
@@ -970,24 +966,9 @@ async fn race(
         for _ in 0..readers {
             let (w, stop) = (w.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
-                let (_, device) = &w.companies[w.targets[0].company];
-                let t = &w.targets[0];
-                let target = format!(
-                    "/v1/vaults/{}/families/{}/read",
-                    t.customer.to_hex(),
-                    t.family.to_hex()
-                );
-                let month = w.month.to_string();
                 let mut seen = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let r = w
-                        .conn
-                        .post(
-                            &target,
-                            &json!({"from": month, "to": month, "grant": grant.to_hex()}),
-                            Signer::Device(device),
-                        )
-                        .await;
+                    let r = signed_read(&w, &w.targets[0], grant, w.month).await;
                     seen.push(
                         r.map(|v| v["index"].as_u64().unwrap_or(u64::MAX))
                             .map_err(|e| e.code().unwrap_or("other").to_string()),
@@ -1091,21 +1072,7 @@ async fn seed_scale(w: &World, total: usize, out: Out) -> Result<(), ClientError
 /// The inclusion proof of one read's access entry: its size in bytes, and the log size it is for.
 async fn proof_size(w: &World) -> Result<(usize, u64), ClientError> {
     let t = &w.targets[0];
-    let (_, device) = &w.companies[t.company];
-    let target = format!(
-        "/v1/vaults/{}/families/{}/read",
-        t.customer.to_hex(),
-        t.family.to_hex()
-    );
-    let m = w.month.to_string();
-    let v = w
-        .conn
-        .post(
-            &target,
-            &json!({"from": m, "to": m, "grant": t.grant.to_hex()}),
-            Signer::Device(device),
-        )
-        .await?;
+    let v = signed_read(w, t, t.grant, w.month).await?;
     Ok((
         hashes(&v["proof"])?.len() * 32,
         v["size"].as_u64().unwrap_or(0),
