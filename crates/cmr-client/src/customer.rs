@@ -535,11 +535,28 @@ impl Customer {
                 Period::ORIGIN
             };
             if access.reads() {
-                entries.push(BundleEntry {
-                    family: id,
-                    epoch: f.epoch,
-                    key: secret.read_key(from),
-                });
+                // The read key of every epoch (PRODUCT.md: K(e, max(look-back start, p0)) for each
+                // epoch it may read): records stay under the epoch they were sealed in, so a grant
+                // issued after a rotation still reads the look-back written before it.
+                // And, as a rotation gives its readers, every other appender's chain: readers of the
+                // family open every author's appends (PRODUCT.md).
+                let appenders = self.appenders(id, company);
+                let mut epochs: Vec<_> = f.secrets.iter().collect();
+                epochs.sort_by_key(|(e, _)| **e);
+                for (e, s) in epochs {
+                    entries.push(BundleEntry {
+                        family: id,
+                        epoch: *e,
+                        key: s.read_key(from),
+                    });
+                    for a in &appenders {
+                        entries.push(BundleEntry {
+                            family: id,
+                            epoch: *e,
+                            key: s.append_key(a, from),
+                        });
+                    }
+                }
             }
             if access.appends() && append_family == Some(id) {
                 entries.push(BundleEntry {
@@ -572,6 +589,19 @@ impl Customer {
         };
         let st = self.statement(Body::Grant(g), now);
         let gid = SignedStatement::grant_id(&st);
+        // The same grant issued twice within a second has the same id: it is that grant (its keys sealed
+        // afresh would be other bytes under the same id, which the log refuses).
+        match self.grants.get(&gid) {
+            Some(issued) if issued.revoked => {
+                return Err(ClientError::Local(
+                    "this exact grant was issued and revoked within the same second; issue it again \
+                     a second later"
+                        .into(),
+                ));
+            }
+            Some(_) => return Ok(gid),
+            None => {}
+        }
         let bundle = KeyBundle { entries }.seal(&mut rand::rng(), self.id(), company, &kem, gid.0);
         let signed = SignedStatement::sign(st, Some(bundle), &self.session.keys.device.signing)
             .map_err(|e| ClientError::Local(e.to_string()))?;
@@ -586,6 +616,28 @@ impl Customer {
             },
         );
         Ok(gid)
+    }
+
+    /// Every company other than `except` that this client ever let append to `family` (revoked grants
+    /// included: their records stay under the epochs they wrote in), and those the directory names.
+    fn appenders(&self, family: FamilyId, except: IdentityId) -> Vec<IdentityId> {
+        let mut out: Vec<IdentityId> = self
+            .grants
+            .values()
+            .filter_map(|g| g.grant())
+            .filter(|g| g.append_family == Some(family))
+            .map(|g| g.grantee)
+            .chain(
+                self.directory
+                    .as_ref()
+                    .and_then(|d| d.directory().family(&family).map(|f| f.appenders.clone()))
+                    .unwrap_or_default(),
+            )
+            .filter(|a| *a != except)
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Signs a statement of this customer with this device, sends it, and checks its acknowledgement.

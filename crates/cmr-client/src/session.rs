@@ -14,7 +14,7 @@ use cmr_core::identity::{
 use cmr_core::keys::SigningKey;
 use cmr_core::record::{RecordId, RecordSealer, SealedRecord};
 use cmr_log::checkpoint::Checkpoint;
-use cmr_log::entry::EntryBody;
+use cmr_log::entry::{EntryBody, SaltedBody};
 use cmr_log::note::NoteVerifier;
 use serde_json::{Value, json};
 
@@ -39,6 +39,8 @@ pub struct Acked {
     pub index: u64,
     /// The entry as logged.
     pub body: EntryBody,
+    /// Its salt and encoded body: with the index, what proves its inclusion in any later checkpoint.
+    pub salted: SaltedBody,
     /// The checkpoint that covers it.
     pub checkpoint: Checkpoint,
     /// True when the server says it repeats an operation already logged.
@@ -72,6 +74,7 @@ pub struct Session {
     identities: HashMap<IdentityId, VerifiedIdentity>,
     /// Indices of this party's acknowledged entries.
     pub acked: Vec<u64>,
+    receipts: Option<Vec<Acked>>,
 }
 
 impl Session {
@@ -83,7 +86,23 @@ impl Session {
             log: LogView::new(log_key),
             identities: HashMap::new(),
             acked: Vec::new(),
+            receipts: None,
         }
+    }
+
+    /// From now on, keeps every verified acknowledgement (index, salted entry, checkpoint): with the
+    /// log's public commitments they prove later that each write is still there, at the same index, under
+    /// a checkpoint consistent with the one that acknowledged it.
+    pub fn keep_receipts(&mut self) {
+        self.receipts.get_or_insert_with(Vec::new);
+    }
+
+    /// The acknowledgements kept since the last call (see [`Session::keep_receipts`]).
+    pub fn take_receipts(&mut self) -> Vec<Acked> {
+        self.receipts
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Creates an identity with one device, registers both, and returns the session with the recovery
@@ -229,15 +248,20 @@ impl Session {
             return Err(VerifyError::NotWhatWasSent(index).into());
         }
         self.acked.push(index);
-        Ok(Acked {
+        let acked = Acked {
             index,
             body: e.body,
+            salted: e.salted,
             checkpoint: cp,
             repeated: v["repeated"].as_bool().unwrap_or(false),
             head: v["head"]
                 .as_str()
                 .and_then(cmr_core::hash::Digest::from_hex),
-        })
+        };
+        if let Some(r) = self.receipts.as_mut() {
+            r.push(acked.clone());
+        }
+        Ok(acked)
     }
 
     /// Another identity's keys, from its key events replayed from inception (cached).

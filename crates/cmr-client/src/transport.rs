@@ -1,7 +1,9 @@
 //! Signed HTTP to a vault server: every request but the public log's carries an RFC 9421 signature over
 //! method, authority, path, query and the body's digest, with a fresh nonce and the current time.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cmr_core::httpsig;
 use cmr_core::identity::{DeviceKeys, IdentityId};
@@ -22,12 +24,17 @@ pub enum Signer<'a> {
     Identity(IdentityId, &'a SigningKey),
 }
 
+/// How long a signed write whose answer was lost is sent again, by default.
+pub const DEFAULT_RETRY: Duration = Duration::from_secs(30);
+
 /// A connection to one vault server.
 #[derive(Clone, Debug)]
 pub struct Connection {
     http: reqwest::Client,
     scheme: String,
     authority: String,
+    retry_for: Duration,
+    resent: Arc<AtomicU64>,
 }
 
 /// Installs the ring provider for rustls once per process (the SDK's only TLS backend).
@@ -61,7 +68,24 @@ impl Connection {
             http,
             scheme: scheme.to_string(),
             authority: authority.to_string(),
+            retry_for: DEFAULT_RETRY,
+            resent: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Sets how long a signed POST whose answer was lost (the connection broke after the request may have
+    /// reached the server) is sent again: the same body, signed afresh. Statements and batches are
+    /// idempotent by their bytes, so a retry returns the original result and log index if the first
+    /// attempt was logged, and logs the write once if it was not. A read sent again is logged again.
+    /// `Duration::ZERO` turns retries off. A server that cannot be reached at all fails at once.
+    pub fn with_retry(mut self, retry_for: Duration) -> Self {
+        self.retry_for = retry_for;
+        self
+    }
+
+    /// How many times this connection (and its clones) sent a POST again after losing its answer.
+    pub fn resent(&self) -> u64 {
+        self.resent.load(Ordering::Relaxed)
     }
 
     /// The server's address, `scheme://authority`.
@@ -107,7 +131,8 @@ impl Connection {
 
     /// A signed POST of `body`, answered as JSON. A request refused because it was created before the
     /// server's replay horizon (a server that has just started) is signed again and retried after a
-    /// second, for as long as the horizon lasts (a few seconds).
+    /// second, for as long as the horizon lasts (a few seconds). A request whose answer was lost is sent
+    /// again (see [`Connection::with_retry`]).
     pub async fn post(
         &self,
         target: &str,
@@ -126,14 +151,38 @@ impl Connection {
         signer: Signer<'_>,
         known_size: Option<u64>,
     ) -> Result<Value, ClientError> {
-        let mut tries = 0;
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Local(e.to_string()))?;
+        let mut horizon_tries = 0;
+        // Set once the request may have reached the server: from then on its fate is unknown until an
+        // answer arrives, so it is sent again (even through a spell of refused connections while the
+        // server restarts) until the retry budget runs out.
+        let mut in_doubt: Option<Instant> = None;
+        let mut pause = Duration::from_millis(50);
         loop {
-            match self.post_once(target, body, signer, known_size).await {
-                Err(e) if e.code() == Some("created-before-start") && tries < 10 => {
-                    tries += 1;
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            match self.post_once(target, &bytes, signer, known_size).await {
+                Err(Attempt::Answered(e))
+                    if e.code() == Some("created-before-start") && horizon_tries < 10 =>
+                {
+                    horizon_tries += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                other => return other,
+                Err(Attempt::Lost { error, sent }) => {
+                    let since = match (in_doubt, sent) {
+                        (Some(t), _) => t,
+                        (None, true) => {
+                            self.resent.fetch_add(1, Ordering::Relaxed);
+                            *in_doubt.insert(Instant::now())
+                        }
+                        (None, false) => return Err(error),
+                    };
+                    if since.elapsed() >= self.retry_for {
+                        return Err(error);
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(Attempt::Answered(e)) => return Err(e),
+                Ok(v) => return Ok(v),
             }
         }
     }
@@ -141,11 +190,10 @@ impl Connection {
     async fn post_once(
         &self,
         target: &str,
-        body: &Value,
+        bytes: &[u8],
         signer: Signer<'_>,
         known_size: Option<u64>,
-    ) -> Result<Value, ClientError> {
-        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Local(e.to_string()))?;
+    ) -> Result<Value, Attempt> {
         let (keyid, key) = match signer {
             Signer::Device(d) => (d.id().to_hex(), &d.signing),
             Signer::Identity(id, k) => (format!("id:{}", id.to_hex()), k),
@@ -155,8 +203,10 @@ impl Connection {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         let req = httpsig::Request::new("POST", &self.scheme, &self.authority, target, vec![]);
-        let h = httpsig::sign_request(&req, &bytes, key, &keyid, &hex::encode(nonce), created)
-            .map_err(|e| ClientError::Local(format!("cannot sign the request: {e}")))?;
+        let h = httpsig::sign_request(&req, bytes, key, &keyid, &hex::encode(nonce), created)
+            .map_err(|e| {
+                Attempt::Answered(ClientError::Local(format!("cannot sign the request: {e}")))
+            })?;
         let mut req = self.http.post(format!("{}{target}", self.base()));
         if let Some(k) = known_size {
             req = req.header("cmr-known-size", k.to_string());
@@ -166,11 +216,33 @@ impl Connection {
             .header("content-digest", h.content_digest)
             .header("signature-input", h.signature_input)
             .header("signature", h.signature)
-            .body(bytes)
+            .body(bytes.to_vec())
             .send()
-            .await;
-        json_answer(resp).await
+            .await
+            .map_err(|e| Attempt::Lost {
+                sent: !e.is_connect(),
+                error: ClientError::Transport(e.to_string()),
+            })?;
+        let status = resp.status();
+        let bytes = read_limited(resp).await.map_err(|error| match error {
+            ClientError::Transport(_) => Attempt::Lost { error, sent: true },
+            other => Attempt::Answered(other),
+        })?;
+        if !status.is_success() {
+            return Err(Attempt::Answered(problem(status.as_u16(), &bytes)));
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Attempt::Answered(ClientError::Malformed(e.to_string())))
     }
+}
+
+/// How one attempt at a signed POST failed.
+enum Attempt {
+    /// The server answered (or the request could not be made): final.
+    Answered(ClientError),
+    /// No answer. `sent` when the request may have reached the server (anything but a refused
+    /// connection).
+    Lost { error: ClientError, sent: bool },
 }
 
 /// A JSON answer, or the refusal its Problem Details describe.

@@ -1,0 +1,171 @@
+//! What a grant's keys open, against a real server: a company granted read after a rotation still reads
+//! its look-back from before the rotation, and reads what another company appended, in every epoch
+//! (PRODUCT.md: a grant carries the read key of each epoch it may read, and readers of a family open
+//! every author's appends). Found by the crash-under-load harness, whose late grantees could open
+//! neither.
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cmr_client::Connection;
+use cmr_client::company::Company;
+use cmr_client::customer::{Approval, Customer};
+use cmr_client::session::Session;
+use cmr_client::wellknown::CompanyProof;
+use cmr_core::consent::{Access, AccessRequest, Counterparty, Duration};
+use cmr_core::family::{Period, PseudonymKey, Scope};
+use cmr_core::identity::Role;
+use cmr_core::keys::SigningKey;
+use cmr_log::note::{NoteSigner, TYPE_ED25519};
+use cmr_server::{AppState, Config};
+use cmr_store::{Store, StoreConfig};
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_grant_reads_earlier_epochs_and_other_companies_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = || {
+        NoteSigner::new(
+            "grants.test/log",
+            TYPE_ED25519,
+            SigningKey::from_seed(&[6; 32]),
+        )
+        .unwrap()
+    };
+    let store = Arc::new(Store::open(StoreConfig::new(dir.path(), key())).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = Config {
+        authority: addr.to_string(),
+        scheme: "http".into(),
+        ..Config::default()
+    };
+    tokio::spawn(cmr_server::serve(
+        listener,
+        Arc::new(AppState::new(store, config)),
+        std::future::pending(),
+    ));
+    let conn = Connection::new(&format!("http://{addr}")).unwrap();
+    let pinned = key().verifier();
+    let t = now();
+    let month = Period::from_unix(t as i64).unwrap();
+    let register = |role| {
+        let (conn, pinned) = (conn.clone(), pinned.clone());
+        async move { Session::register(conn, role, pinned, t).await.unwrap().0 }
+    };
+    let proof = |co: &Company, name: &str| CompanyProof {
+        domain: "grants.invalid".into(),
+        name: name.into(),
+        identity: co.id(),
+    };
+
+    // The bank reads and appends to the customer's transactions with it.
+    let mut bank = Company::new(register(Role::Company).await);
+    let mut alex = Customer::new(
+        register(Role::Customer).await,
+        PseudonymKey::generate(&mut rand::rng()),
+    );
+    let tx = alex.transactions_with(&bank.id());
+    alex.declare(&[tx], t).await.unwrap();
+    let fam = alex.family_id(&tx);
+    let req = bank
+        .request(
+            alex.id(),
+            AccessRequest {
+                scopes: vec![(Scope::Transactions, Access::ReadAppend)],
+                purpose: "statements".into(),
+                duration: Duration::Persistent,
+                lookback_months: 1,
+                counterparty: Counterparty::OnlyRequester,
+            },
+            t,
+        )
+        .await
+        .unwrap();
+    let pending = alex.pending().await.unwrap();
+    let read_append = Approval {
+        scopes: vec![(Scope::Transactions, Access::ReadAppend)],
+        lookback_months: 1,
+        families: vec![tx],
+        append_family: Some(tx),
+    };
+    let g = alex
+        .approve(&pending[0], &proof(&bank, "bank"), &read_append, t)
+        .await
+        .unwrap();
+    assert_eq!(pending[0].statement.id(), req);
+    bank.sync(alex.id()).await.unwrap();
+
+    // Epoch 0: the customer writes, the bank appends.
+    alex.write(fam, month, &[b"customer, epoch 0"])
+        .await
+        .unwrap();
+    let (head, _) = bank.read(g, fam, month, month).await.unwrap();
+    bank.append(g, &head, month, &[b"bank, epoch 0"])
+        .await
+        .unwrap();
+
+    // A reader comes and goes; its revocation rotates the family to epoch 1, which the bank keeps.
+    let read_only = Approval {
+        scopes: vec![(Scope::Transactions, Access::Read)],
+        lookback_months: 1,
+        families: vec![tx],
+        append_family: None,
+    };
+    let mut gone = Company::new(register(Role::Company).await);
+    let first = alex
+        .grant(
+            &proof(&gone, "gone"),
+            "once",
+            Duration::Persistent,
+            &read_only,
+            t,
+        )
+        .await
+        .unwrap();
+    let (_, rotations) = alex.revoke(first, "done", t).await.unwrap();
+    assert_eq!(rotations.len(), 1);
+    bank.sync(alex.id()).await.unwrap();
+    alex.write(fam, month, &[b"customer, epoch 1"])
+        .await
+        .unwrap();
+    let (head, _) = bank.read(g, fam, month, month).await.unwrap();
+    bank.append(g, &head, month, &[b"bank, epoch 1"])
+        .await
+        .unwrap();
+    gone.sync(alex.id()).await.unwrap();
+
+    // A reader granted now opens all four: both epochs, both authors.
+    let mut late = Company::new(register(Role::Company).await);
+    let lg = alex
+        .grant(
+            &proof(&late, "late"),
+            "late",
+            Duration::Persistent,
+            &read_only,
+            now(),
+        )
+        .await
+        .unwrap();
+    late.sync(alex.id()).await.unwrap();
+    let (_, records) = late.read(lg, fam, month, month).await.unwrap();
+    let mut opened: Vec<&[u8]> = records.iter().map(|r| r.content.as_slice()).collect();
+    opened.sort();
+    assert_eq!(
+        opened,
+        [
+            &b"bank, epoch 0"[..],
+            b"bank, epoch 1",
+            b"customer, epoch 0",
+            b"customer, epoch 1"
+        ]
+    );
+    assert_eq!(records.iter().filter(|r| r.author == bank.id()).count(), 2);
+}
