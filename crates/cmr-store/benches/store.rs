@@ -4,7 +4,8 @@
 //! - batched writes (64 records of 1 KiB per batch) against raw sled `apply_batch(64)` + `flush`;
 //! - RSS after 1,000,000 records with the store's cache capacity.
 //!
-//! Run: `cargo bench -p cmr-store --bench store` (CMR_BENCH_RECORDS changes the 1,000,000).
+//! Run: `cargo bench -p cmr-store --bench store` (CMR_BENCH_RECORDS changes the 1,000,000, CMR_BENCH_ROUNDS
+//! the 3 interleaved rounds of the batched comparison).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -192,88 +193,116 @@ fn main() {
     );
     drop(store);
 
-    // 2. Batched writes against raw sled apply_batch + flush.
+    // 2. Batched writes against raw sled apply_batch + flush. The machine is noisy, so the three are
+    // interleaved, round after round, and each round's ratios come from that round's own references.
+    let rounds: usize = std::env::var("CMR_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let raw_dir = tempfile::tempdir().expect("tempdir");
     let db = sled::Config::new()
         .path(raw_dir.path())
         .cache_capacity(256 * 1024 * 1024)
         .open()
         .expect("sled");
-    let batches = 300;
-    let value = vec![0x5a; 1024 + 250];
-    let start = Instant::now();
-    for b in 0..batches {
-        let mut batch = sled::Batch::default();
-        for i in 0..64u64 {
-            batch.insert(&((b as u64) * 64 + i).to_be_bytes(), value.clone());
-        }
-        db.apply_batch(batch).expect("apply");
-        db.flush().expect("flush");
-    }
-    let raw = (batches * 64) as f64 / start.elapsed().as_secs_f64();
-    // The same, made durable against power loss as the store does: fdatasync of sled's log file.
     let log_file = std::fs::File::open(raw_dir.path().join("db")).expect("sled's log file");
-    let start = Instant::now();
-    for b in batches..2 * batches {
-        let mut batch = sled::Batch::default();
-        for i in 0..64u64 {
-            batch.insert(&((b as u64) * 64 + i).to_be_bytes(), value.clone());
+    let batches = 320;
+    let value = vec![0x5a; 1024 + 250];
+    let mut next_key = 0u64;
+    let mut raw_round = |sync: bool| {
+        let start = Instant::now();
+        for _ in 0..batches {
+            let mut batch = sled::Batch::default();
+            for _ in 0..64 {
+                next_key += 1;
+                batch.insert(&next_key.to_be_bytes(), value.clone());
+            }
+            db.apply_batch(batch).expect("apply");
+            db.flush().expect("flush");
+            if sync {
+                // Made durable against power loss as the store does: fdatasync of sled's log file.
+                log_file.sync_data().expect("fdatasync");
+            }
         }
-        db.apply_batch(batch).expect("apply");
-        db.flush().expect("flush");
-        log_file.sync_data().expect("fdatasync");
-    }
-    let raw_sync = (batches * 64) as f64 / start.elapsed().as_secs_f64();
-    drop(db);
+        (batches * 64) as f64 / start.elapsed().as_secs_f64()
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
     let v = vault(&store, 1);
     let mut w = Writer::new(&v, 0);
-    let ops: Vec<Op> = (0..batches).map(|_| w.op(64, 1024)).collect();
-    let start = Instant::now();
-    for op in ops {
-        store.execute(op).expect("write");
-    }
-    let ours = (batches * 64) as f64 / start.elapsed().as_secs_f64();
-    println!(
-        "| raw sled apply_batch(64) + flush (1.25 KiB values) | {} | {raw:.0} records/s |",
-        batches * 64
-    );
-    println!(
-        "| raw sled apply_batch(64) + flush + fdatasync | {} | {raw_sync:.0} records/s |",
-        batches * 64
-    );
-    println!(
-        "| store: signed batches of 64 x 1 KiB records, durable | {} | {ours:.0} records/s = {:.0}% of raw, {:.0}% of raw + fdatasync |",
-        batches * 64,
-        100.0 * ours / raw,
-        100.0 * ours / raw_sync
-    );
-    drop(store);
-    // The same batches from 8 concurrent writers (each on its own family): group commit shares the flush.
     let dir8 = tempfile::tempdir().expect("tempdir");
     let store8 = open(dir8.path());
     let v8 = vault(&store8, 8);
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for i in 0..8 {
-            let (store8, v8) = (&store8, &v8);
-            s.spawn(move || {
-                let mut w = Writer::new(v8, i);
-                for _ in 0..batches / 8 {
-                    store8.execute(w.op(64, 1024)).expect("write");
-                }
-            });
+    let mut writers8: Vec<Writer> = (0..8).map(|i| Writer::new(&v8, i)).collect();
+    let (mut single, mut eight) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let raw = raw_round(false);
+        let raw_sync = raw_round(true);
+        // Sealing and signing are the client's work: the operations are built before the clock starts.
+        let ops: Vec<Op> = (0..batches).map(|_| w.op(64, 1024)).collect();
+        let start = Instant::now();
+        for op in ops {
+            store.execute(op).expect("write");
         }
-    });
-    let concurrent = (batches / 8 * 8 * 64) as f64 / start.elapsed().as_secs_f64();
+        let ours = (batches * 64) as f64 / start.elapsed().as_secs_f64();
+        // The same batches from 8 concurrent writers (each on its own family): group commit shares the
+        // flush and the fdatasync.
+        let ops8: Vec<Vec<Op>> = writers8
+            .iter_mut()
+            .map(|w| (0..batches / 8).map(|_| w.op(64, 1024)).collect())
+            .collect();
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for ops in ops8 {
+                let store8 = &store8;
+                s.spawn(move || {
+                    for op in ops {
+                        store8.execute(op).expect("write");
+                    }
+                });
+            }
+        });
+        let concurrent = (batches / 8 * 8 * 64) as f64 / start.elapsed().as_secs_f64();
+        println!(
+            "| round {round}: raw sled apply_batch(64) + flush (1.25 KiB values) | {} | {raw:.0} records/s |",
+            batches * 64
+        );
+        println!(
+            "| round {round}: raw sled apply_batch(64) + flush + fdatasync | {} | {raw_sync:.0} records/s |",
+            batches * 64
+        );
+        println!(
+            "| round {round}: store, signed batches of 64 x 1 KiB records, one writer | {} | {ours:.0} records/s = {:.0}% of raw, {:.0}% of raw + fdatasync |",
+            batches * 64,
+            100.0 * ours / raw,
+            100.0 * ours / raw_sync
+        );
+        println!(
+            "| round {round}: store, the same batches from 8 concurrent writers | {} | {concurrent:.0} records/s = {:.0}% of raw, {:.0}% of raw + fdatasync |",
+            batches / 8 * 8 * 64,
+            100.0 * concurrent / raw,
+            100.0 * concurrent / raw_sync
+        );
+        single.push((ours / raw, ours / raw_sync));
+        eight.push((concurrent / raw, concurrent / raw_sync));
+    }
+    let median = |v: &mut Vec<(f64, f64)>| {
+        let mut a: Vec<f64> = v.iter().map(|x| x.0).collect();
+        let mut b: Vec<f64> = v.iter().map(|x| x.1).collect();
+        a.sort_by(f64::total_cmp);
+        b.sort_by(f64::total_cmp);
+        (100.0 * a[a.len() / 2], 100.0 * b[b.len() / 2])
+    };
+    let (s_raw, s_sync) = median(&mut single);
+    let (e_raw, e_sync) = median(&mut eight);
     println!(
-        "| store: the same batches from 8 concurrent writers | {} | {concurrent:.0} records/s = {:.0}% of raw, {:.0}% of raw + fdatasync |",
-        batches / 8 * 8 * 64,
-        100.0 * concurrent / raw,
-        100.0 * concurrent / raw_sync
+        "| median over {rounds} rounds: one writer | | {s_raw:.0}% of raw, {s_sync:.0}% of raw + fdatasync |"
+    );
+    println!(
+        "| median over {rounds} rounds: 8 writers | | {e_raw:.0}% of raw, {e_sync:.0}% of raw + fdatasync |"
     );
     drop(store8);
+    drop(store);
     let store = open(dir.path());
 
     // 3. RSS at N records.
@@ -283,7 +312,7 @@ fn main() {
         .unwrap_or(1_000_000);
     let per_batch = 1000;
     let start = Instant::now();
-    let mut written = batches * 64;
+    let mut written = rounds * batches * 64;
     while written < total {
         let op = w.op(per_batch.min(total - written), 1024);
         store.execute(op).expect("write");
