@@ -159,10 +159,13 @@ struct Tally {
     ok: BTreeMap<&'static str, u64>,
     expected: BTreeMap<String, u64>,
     unexpected: Vec<String>,
+    /// The last outcome was "unreachable": the server is down, so the load waits a little.
+    down: bool,
 }
 
 impl Tally {
     fn note(&mut self, op: &'static str, r: Result<(), ClientError>, expected: &[&str]) {
+        self.down = matches!(r, Err(ClientError::Transport(_)));
         match r {
             Ok(()) => *self.ok.entry(op).or_default() += 1,
             Err(e) => {
@@ -194,6 +197,14 @@ fn kind(e: &ClientError) -> String {
 
 type Shared = Arc<Mutex<Tally>>;
 
+/// While the server is down, a client tries again every 20 ms rather than spinning.
+async fn pause_if_down(tally: &Shared) {
+    let down = tally.lock().unwrap().down;
+    if down {
+        tokio::time::sleep(StdDuration::from_millis(20)).await;
+    }
+}
+
 async fn customer_load(
     mut v: Vault,
     churn: IdentityId,
@@ -204,6 +215,7 @@ async fn customer_load(
     let mut dice = Dice(seed | 1);
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
+        pause_if_down(&tally).await;
         i += 1;
         let content = format!("record {seed:x}/{i}");
         match dice.below(10) {
@@ -283,6 +295,7 @@ async fn bank_load(mut b: Bank, stop: Arc<AtomicBool>, seed: u64, tally: Shared)
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
         for (customer, grant, family) in b.grants.clone() {
+            pause_if_down(&tally).await;
             i += 1;
             let r = b.co.sync(customer).await;
             tally.lock().unwrap().note("company sync", r, &[]);
@@ -325,6 +338,7 @@ async fn churn_load(
 ) -> Company {
     while !stop.load(Ordering::Relaxed) {
         for (customer, tx) in &customers {
+            pause_if_down(&tally).await;
             let r = co.sync(*customer).await;
             tally.lock().unwrap().note("churn sync", r, &[]);
             let newest = co
@@ -432,9 +446,7 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_under_load() {
         );
         let tx_name = c.transactions_with(&bank.co.id());
         let pref_name = FamilyName::profile(Scope::ProfilePreferences).unwrap();
-        c.declare(&[tx_name, pref_name], t)
-            .await
-            .unwrap();
+        c.declare(&[tx_name, pref_name], t).await.unwrap();
         let req = bank
             .co
             .request(
