@@ -237,4 +237,10 @@ fn nothing_acknowledged_is_lost_after_kill_9() {
         "the child acknowledged {} operations",
         acked.len()
     );
+    println!(
+        "store killed {rounds} times: {} acknowledged operations all present, {} served checkpoints \
+         unchanged, auditor clean every round",
+        acked.len(),
+        seen.len()
+    );
 }
