@@ -130,7 +130,7 @@ impl<'a> Writer<'a> {
             .map(|_| {
                 self.next += 1;
                 let mut id = [0u8; 16];
-                id[8..].copy_from_slice(&self.next.to_be_bytes());
+                id[..8].copy_from_slice(&self.next.to_be_bytes());
                 sealer.seal(&mut rng, RecordId(id), &content).expect("seal")
             })
             .collect();
