@@ -16,6 +16,9 @@ pub struct ApiError {
     pub code: &'static str,
     /// What went wrong, for people. Never internal details on a 5xx.
     pub detail: String,
+    /// Members added to the problem object (RFC 9457 extension members), such as the current signed
+    /// directory with `rotation-pending`.
+    pub extensions: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
@@ -25,7 +28,14 @@ impl ApiError {
             status,
             code,
             detail: detail.into(),
+            extensions: serde_json::Map::new(),
         }
+    }
+
+    /// Adds an extension member to the problem object.
+    pub fn with(mut self, name: &str, value: serde_json::Value) -> Self {
+        self.extensions.insert(name.to_string(), value);
+        self
     }
 
     /// 400 `malformed`.
@@ -135,12 +145,17 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "type": format!("urn:cmr-vault:problem:{}", self.code),
             "title": self.code,
             "status": self.status.as_u16(),
             "detail": self.detail,
         });
+        if let Some(members) = body.as_object_mut() {
+            for (k, v) in self.extensions {
+                members.entry(k).or_insert(v);
+            }
+        }
         let mut resp = (self.status, body.to_string()).into_response();
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

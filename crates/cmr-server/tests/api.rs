@@ -1123,6 +1123,12 @@ async fn appends_wait_for_the_rotation_after_a_revocation() {
         ),
         "{v}"
     );
+    // The refusal carries the customer's current signed directory.
+    let dir = cmr_core::directory::SignedDirectory::decode(
+        &B64.decode(v["directory"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dir.directory().customer, f.customer.id);
     // The customer's client completes the rotation, keeping the append grant.
     let rc = cmr_core::consent::RotationCompletion {
         family: f.tx,

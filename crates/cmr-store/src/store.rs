@@ -754,6 +754,15 @@ impl Store {
             .map(|(_, r)| *r)
     }
 
+    /// A customer's current signed key directory, as stored (`None` before the first).
+    pub fn directory(&self, customer: &IdentityId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .db
+            .get(layout::key(tag::DIRECTORY, &[&customer.0]))
+            .map_err(io)?
+            .map(|v| v.to_vec()))
+    }
+
     /// Runs an operation and waits for its acknowledgement (from a thread that may block).
     pub fn execute(&self, op: Op) -> Result<Ack, StoreError> {
         self.submit(op)

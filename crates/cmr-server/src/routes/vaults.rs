@@ -184,7 +184,7 @@ async fn batch(
             to,
         ))
     };
-    let ack = run(
+    let ack = match run(
         &state,
         Op::WriteBatch {
             batch,
@@ -192,7 +192,18 @@ async fn batch(
             access,
         },
     )
-    .await?;
+    .await
+    {
+        // Appends wait for the customer's client to rotate: the answer carries the current signed
+        // directory, so the company sees where the family stands (PRODUCT.md, "Rotation").
+        Err(e) if e.code == "rotation-pending" => {
+            return Err(match state.store.directory(&customer)? {
+                Some(d) => e.with("directory", serde_json::Value::String(B64.encode(d))),
+                None => e,
+            });
+        }
+        other => other?,
+    };
     Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
