@@ -1026,6 +1026,23 @@ async fn appends_wait_for_the_rotation_after_a_revocation() {
         &f.kem.public_key(),
         gid.0,
     );
+    // The same grant with its keys sealed again: other bytes under the same id.
+    let resealed = KeyBundle {
+        entries: vec![BundleEntry {
+            family: f.tx,
+            epoch: 1,
+            key: secret.append_key(&f.acme.id, g.lookback_start),
+        }],
+    }
+    .seal(
+        &mut rand::rng(),
+        f.customer.id,
+        f.acme.id,
+        &f.kem.public_key(),
+        gid.0,
+    );
+    let other =
+        SignedStatement::sign(st.clone(), Some(resealed), &f.customer.device.signing).unwrap();
     let grant = SignedStatement::sign(st, Some(bundle), &f.customer.device.signing).unwrap();
     let (s, v) = f
         .env
@@ -1037,6 +1054,39 @@ async fn appends_wait_for_the_rotation_after_a_revocation() {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
+    // Idempotent over HTTP: the same bytes again give the original index; other bytes under the same id
+    // get 409 `conflict` and change nothing.
+    let first = v["index"].as_u64().unwrap();
+    let before = f.env.store.checkpoint().unwrap();
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/statements"),
+            json!({"statement": B64.encode(grant.encode())}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(
+        (s, v["index"].as_u64(), v["repeated"].as_bool()),
+        (StatusCode::OK, Some(first), Some(true)),
+        "{v}"
+    );
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/statements"),
+            json!({"statement": B64.encode(other.encode())}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap_or_default()),
+        (StatusCode::CONFLICT, "urn:cmr-vault:problem:conflict"),
+        "{v}"
+    );
+    assert_eq!(f.env.store.checkpoint().unwrap(), before);
     // Acme appends an invoice, extending the head its read showed.
     let read_path = format!("{base}/families/{}/read", f.tx.to_hex());
     let (_, v) = f
