@@ -233,6 +233,34 @@ async fn a_substituted_company_key_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_spliced_into_genuine_key_events_is_refused() {
+    let mut w = world().await;
+    // The server keeps the bank's genuine events and appends a device certificate that really is in the
+    // log (Eve's, included in the same checkpoint): the customer would seal grants to Eve's device.
+    let (bank, eve) = (w.bank.id().to_hex(), w.eve.id().to_hex());
+    let eve_cert = {
+        let v = w
+            .eve
+            .session
+            .conn
+            .get_json(&format!("/v1/identities/{eve}/events"))
+            .await
+            .unwrap();
+        v["events"][1].clone()
+    };
+    w.tamper(move |path, v| {
+        if path == format!("/v1/identities/{bank}/events") {
+            let mut events = v["events"].as_array().cloned().unwrap_or_default();
+            events.push(eve_cert.clone());
+            v["events"] = serde_json::Value::Array(events);
+        }
+    });
+    w.alex.session.forget_identity(&w.bank.id());
+    let e = verification(w.alex.session.identity(w.bank.id()).await.map(|_| ()));
+    assert!(matches!(e, VerifyError::KeyEvents { .. }), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_substituted_company_identity_is_refused() {
     let mut w = world().await;
     let req = w
