@@ -180,10 +180,15 @@ impl World {
     }
 
     fn grant(&mut self) -> StatementId {
+        self.grant_for(Duration::Persistent, None)
+    }
+
+    /// A grant to acme (answering its request) lasting `duration`, until `expires` if given.
+    fn grant_for(&mut self, duration: Duration, expires: Option<u64>) -> StatementId {
         let req = AccessRequest {
             scopes: vec![(Scope::Transactions, Access::Read)],
             purpose: "statements".into(),
-            duration: Duration::Persistent,
+            duration,
             lookback_months: 24,
             counterparty: Counterparty::OnlyRequester,
         };
@@ -193,9 +198,9 @@ impl World {
             grantee: self.acme.id,
             request: Some(req_id),
             purpose: "statements".into(),
-            duration: Duration::Persistent,
+            duration,
             not_before: T0,
-            expires: None,
+            expires,
             lookback_start: p(2025, 6),
             window_months: None,
             scopes: vec![(Scope::Transactions, Access::Read)],
@@ -561,6 +566,52 @@ fn an_access_after_a_revocation() {
         vec![Violation::AccessDenied(late, "grant-revoked".into())]
     );
     assert!(ok < late);
+}
+
+#[test]
+fn an_access_after_expiry_a_second_use_of_a_one_time_grant_and_another_companys_use() {
+    let mut w = World::new();
+    // Expiry is judged at the entry's (server) time.
+    let seconds = w.time + 10 - T0;
+    let expires = T0 + seconds;
+    let g = w.grant_for(Duration::TimeBound { seconds }, Some(expires));
+    let in_time = w.access(g, w.tx, p(2025, 6), None);
+    w.time = expires + 5;
+    let expired = w.access(g, w.tx, p(2025, 6), None);
+    // A one-time grant is consumed by its first access.
+    let once = w.grant_for(Duration::OneTime, None);
+    let first = w.access(once, w.tx, p(2025, 6), None);
+    let second = w.access(once, w.tx, p(2025, 6), None);
+    // Another company using acme's grant, with its own real signature.
+    let other = DeviceKeys {
+        signing: SigningKey::from_seed(&w.other.device.signing.seed()),
+        kem: w.other.device.kem.clone(),
+    };
+    let other_id = w.other.id;
+    let stolen = {
+        let g2 = w.grant();
+        w.access_signed_by(g2, w.tx, p(2025, 6), None, &other, other_id)
+    };
+    let r = w.audit();
+    let denied: Vec<(u64, String)> = r
+        .violations
+        .iter()
+        .filter_map(|v| match v {
+            Violation::AccessDenied(i, why) => Some((*i, why.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        denied,
+        vec![
+            (expired, "grant-expired".to_string()),
+            (second, "grant-consumed".to_string()),
+            (stolen, "wrong-company".to_string()),
+        ],
+        "{:?}",
+        r.violations
+    );
+    assert!(in_time < expired && first < second);
 }
 
 #[test]
