@@ -1760,3 +1760,108 @@ async fn a_blocked_company_is_refused() {
         )
     );
 }
+
+/// Rules `evaluate` enforces, checked in `cmr-core`, hold over HTTP too: another company presenting a
+/// grant id is refused; a one-time grant serves one read and then none. A refusal logs nothing.
+#[tokio::test]
+async fn another_companys_grant_and_a_one_time_grants_second_read_are_refused_over_http() {
+    let mut f = flow().await;
+    let read_path = format!(
+        "/v1/vaults/{}/families/{}/read",
+        f.customer.id.to_hex(),
+        f.tx.to_hex()
+    );
+    let eve = register(&mut f.env, Role::Company).await;
+    let before = f.env.store.checkpoint().unwrap();
+    let read = json!({"from": "2025-06", "to": "2026-12", "grant": f.grant.to_hex()});
+    let (s, v) = f
+        .env
+        .call("POST", &read_path, read, Signer::Device(&eve.device))
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap_or_default()),
+        (StatusCode::FORBIDDEN, "urn:cmr-vault:problem:wrong-company"),
+        "{v}"
+    );
+    assert_eq!(f.env.store.checkpoint().unwrap(), before);
+
+    // A one-time grant to acme.
+    let g = Grant {
+        grantee: f.acme.id,
+        request: None,
+        purpose: "one look".into(),
+        duration: Duration::OneTime,
+        not_before: T0,
+        expires: None,
+        lookback_start: Period::from_year_month(2025, 6).unwrap(),
+        window_months: None,
+        scopes: vec![(Scope::Transactions, Access::Read)],
+        families: vec![GrantFamily {
+            family: f.tx,
+            scope: Scope::Transactions,
+            epoch: 1,
+            access: Access::Read,
+        }],
+        append_family: None,
+        grantee_kem: f.kem.public_key(),
+    };
+    let st = Statement {
+        customer: f.customer.id,
+        author: f.customer.id,
+        device: f.customer.device.id(),
+        issued_at: T0,
+        body: StBody::Grant(g),
+    };
+    let gid = SignedStatement::grant_id(&st);
+    let bundle = KeyBundle {
+        entries: vec![BundleEntry {
+            family: f.tx,
+            epoch: 1,
+            key: EpochSecret::generate(&mut rand::rng())
+                .read_key(Period::from_year_month(2025, 6).unwrap()),
+        }],
+    }
+    .seal(
+        &mut rand::rng(),
+        f.customer.id,
+        f.acme.id,
+        &f.kem.public_key(),
+        gid.0,
+    );
+    let grant = SignedStatement::sign(st, Some(bundle), &f.customer.device.signing).unwrap();
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &format!("/v1/vaults/{}/statements", f.customer.id.to_hex()),
+            json!({"statement": B64.encode(grant.encode())}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let once = json!({"from": "2025-06", "to": "2026-12", "grant": gid.to_hex()});
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &read_path,
+            once.clone(),
+            Signer::Device(&f.acme.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let before = f.env.store.checkpoint().unwrap();
+    let (s, v) = f
+        .env
+        .call("POST", &read_path, once, Signer::Device(&f.acme.device))
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap_or_default()),
+        (
+            StatusCode::FORBIDDEN,
+            "urn:cmr-vault:problem:grant-consumed"
+        ),
+        "{v}"
+    );
+    assert_eq!(f.env.store.checkpoint().unwrap(), before);
+}
