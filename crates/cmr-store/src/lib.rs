@@ -14,4 +14,6 @@
 pub mod layout;
 pub mod store;
 
-pub use store::{Ack, KeyIndex, MAX_BACKUP, Op, ReadResult, Store, StoreConfig, StoreError};
+pub use store::{
+    ACK_MARK, Ack, KeyIndex, MAX_BACKUP, Op, ReadResult, Store, StoreConfig, StoreError,
+};

@@ -294,6 +294,7 @@ struct Sequencer {
     poisoned: bool,
     synced: FileStates,
     device_keys: DeviceKeys,
+    mark: AckMark,
 }
 
 /// The in-memory state, rebuilt from the log when the store opens.
@@ -439,6 +440,65 @@ type FileStates = HashMap<PathBuf, (u64, std::time::SystemTime)>;
 /// `fdatasync` every file sled changed in the data folder since the last call, and the folders whose set
 /// of files changed: sled's own flush uses `sync_file_range`, which does not survive power loss (sled
 /// issue 1452). An fsync costs about 0.2 ms here even on a clean file, so unchanged files are skipped.
+/// The file, beside sled's, that records the newest acknowledged log size and root.
+pub const ACK_MARK: &str = "acknowledged";
+
+/// The acknowledgement mark: after each group is durable (sled's flush and the `fdatasync`s) and before
+/// it is acknowledged, the group's size and root are written to [`ACK_MARK`], in place, without a sync.
+/// sled treats damage in its files as a torn tail and silently opens an older state; the mark makes that a
+/// clear error instead: a store that opens with fewer entries than it acknowledged, or another root at
+/// that size, is refused. The mark is never ahead of what sled made durable (it is written after), so a
+/// power loss can only leave it behind (it then checks less) or torn (its checksum fails: it is ignored).
+struct AckMark {
+    file: std::fs::File,
+}
+
+/// magic, size, root, SHA-256 of the first 44 bytes.
+const MARK_LEN: usize = 4 + 8 + 32 + 32;
+const MARK_MAGIC: &[u8; 4] = b"CMRa";
+
+impl AckMark {
+    fn open(dir: &Path) -> Result<(Self, Option<(u64, Hash)>), StoreError> {
+        let path = dir.join(ACK_MARK);
+        let existed = path.exists();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut bytes).map_err(io)?;
+        if !existed {
+            file.sync_all().map_err(io)?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        let mark = (bytes.len() == MARK_LEN
+            && &bytes[..4] == MARK_MAGIC
+            && sha256(&bytes[..44]).0[..] == bytes[44..])
+            .then(|| {
+                let size = u64::from_be_bytes(bytes[4..12].try_into().expect("8 bytes"));
+                let root: Hash = bytes[12..44].try_into().expect("32 bytes");
+                (size, root)
+            });
+        Ok((AckMark { file }, mark))
+    }
+
+    fn write(&self, size: u64, root: &Hash) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt as _;
+        let mut bytes = Vec::with_capacity(MARK_LEN);
+        bytes.extend_from_slice(MARK_MAGIC);
+        bytes.extend_from_slice(&size.to_be_bytes());
+        bytes.extend_from_slice(root);
+        let sum = sha256(&bytes);
+        bytes.extend_from_slice(&sum.0);
+        self.file.write_all_at(&bytes, 0).map_err(io)
+    }
+}
+
 fn sync_dir(path: &Path, seen: &mut FileStates) -> Result<(), StoreError> {
     fn walk(p: &Path, seen: &mut FileStates, present: &mut Vec<PathBuf>) -> std::io::Result<bool> {
         let mut dir_changed = false;
@@ -451,6 +511,11 @@ fn sync_dir(path: &Path, seen: &mut FileStates) -> Result<(), StoreError> {
                     if walk(&path, seen, present)? {
                         std::fs::File::open(&path)?.sync_all()?;
                     }
+                    return Ok(());
+                }
+                // The acknowledgement mark is written, never synced, after each group (see
+                // `AckMark`): syncing it would double the cost of every group.
+                if path.file_name() == Some(std::ffi::OsStr::new(ACK_MARK)) {
                     return Ok(());
                 }
                 present.push(path.clone());
@@ -543,7 +608,9 @@ impl Store {
                 }
             }
         }
+        let (mark, acknowledged) = AckMark::open(&config.path)?;
         let mut seq = Sequencer {
+            mark,
             db,
             tree: tree.clone(),
             durable: Arc::new(RwLock::new(Durable::default())),
@@ -559,6 +626,22 @@ impl Store {
         let device_keys = seq.device_keys.clone();
         let log_verifier = seq.log_key.verifier();
         seq.rebuild()?;
+        if let Some((size, root)) = acknowledged {
+            let held = seq.state.size;
+            let same = size <= held
+                && Tree::new(Committed(&seq.tree, held))
+                    .root(size)
+                    .map_err(tree_err)?
+                    == root;
+            if !same {
+                return Err(StoreError::Format(format!(
+                    "the data folder holds {held} log entries, but this store acknowledged {size} with \
+                     another history: sled's files were damaged or replaced by an older copy. Restore \
+                     a backup; to accept the loss instead, remove {} and open again",
+                    config.path.join(ACK_MARK).display()
+                )));
+            }
+        }
         // What sled recovered may sit only in the page cache (a kill -9 does not flush it to the disk):
         // make it durable before anything is served from it.
         seq.db.flush().map_err(io)?;
@@ -918,7 +1001,7 @@ impl Sequencer {
             replies.push(job.reply);
         }
         let size = overlay.size;
-        let outcome = (|| -> Result<String, StoreError> {
+        let outcome = (|| -> Result<(String, Hash), StoreError> {
             let root = Tree::new(&mut overlay).root(size).map_err(tree_err)?;
             let note = Checkpoint {
                 origin: self.log_key.name().to_string(),
@@ -938,10 +1021,10 @@ impl Sequencer {
             self.tree.apply_batch(batch).map_err(io)?;
             self.db.flush().map_err(io)?;
             sync_dir(&self.path, &mut self.synced)?;
-            Ok(note)
+            Ok((note, root))
         })();
-        let note = match outcome {
-            Ok(note) => note,
+        let (note, root) = match outcome {
+            Ok(done) => done,
             Err(e) => {
                 // The in-memory state may now be ahead of the disk: stop, and let a reopen rebuild it.
                 self.poisoned = true;
@@ -952,6 +1035,13 @@ impl Sequencer {
             }
         };
         self.state.size = size;
+        if let Err(e) = self.mark.write(size, &root) {
+            self.poisoned = true;
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+            return;
+        }
         {
             let mut d = self.durable.write().unwrap_or_else(|p| p.into_inner());
             d.size = size;

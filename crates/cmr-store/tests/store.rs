@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use cmr_core::batch::verify_read;
+use cmr_core::consent::{Access, AccessRequest, Body, Counterparty, Duration as Lasting};
 use cmr_core::decision::{AccessKind, DenyReason};
 use cmr_core::family::Period;
+use cmr_core::family::Scope;
 use cmr_log::auditor::Auditor;
 use cmr_log::verify::verify_inclusion;
 use cmr_store::{Op, StoreError};
@@ -197,6 +199,63 @@ fn a_newer_or_damaged_store_is_refused() {
         cmr_store::Store::open(cfg),
         Err(StoreError::Format(m)) if m.contains("format 99")
     ));
+}
+
+/// sled takes damage in its files for a torn tail and opens an older state; the store refuses that (its
+/// acknowledgement mark is ahead), names the cause, and opens again only once the operator removes the
+/// mark to accept the loss.
+#[test]
+fn a_damaged_store_is_refused_not_silently_rolled_back() {
+    for fraction in [0.3f64, 0.6, 0.95] {
+        let dir = tempfile::tempdir().unwrap();
+        let acknowledged = {
+            let store = open(dir.path(), Arc::new(AtomicU64::new(T0)));
+            let w = World::setup(&store);
+            for i in 0..200 {
+                let req = AccessRequest {
+                    scopes: vec![(Scope::ProfileContact, Access::Read)],
+                    purpose: format!("request {i}"),
+                    duration: Lasting::OneTime,
+                    lookback_months: 0,
+                    counterparty: Counterparty::Any,
+                };
+                store
+                    .execute(Op::Statement(
+                        w.statement(false, Body::Request(req), None).encode(),
+                    ))
+                    .unwrap();
+            }
+            latest_checkpoint(&store).size
+        };
+        // Flip 64 bytes of sled's log file, as a bad disk or a careless copy would.
+        let db = dir.path().join("db");
+        let mut bytes = std::fs::read(&db).unwrap();
+        let at = (bytes.len() as f64 * fraction) as usize;
+        for b in &mut bytes[at..at + 64] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&db, &bytes).unwrap();
+        let mut cfg = cmr_store::StoreConfig::new(dir.path(), log_key());
+        cfg.cache_capacity = 16 * 1024 * 1024;
+        match cmr_store::Store::open(cfg) {
+            Err(StoreError::Format(m)) => {
+                assert!(m.contains(&format!("acknowledged {acknowledged}")), "{m}");
+                assert!(m.contains("damaged or replaced"), "{m}");
+            }
+            Err(e) => panic!("at {fraction}: another error: {e}"),
+            Ok(s) => panic!(
+                "at {fraction}: opened at {} of {acknowledged} entries",
+                latest_checkpoint(&s).size
+            ),
+        }
+        // The operator accepts the loss: without the mark, the older state opens and audits clean.
+        std::fs::remove_file(dir.path().join(cmr_store::ACK_MARK)).unwrap();
+        let store = open(dir.path(), Arc::new(AtomicU64::new(T0)));
+        let older = latest_checkpoint(&store).size;
+        assert!(older < acknowledged);
+        let report = Auditor::new(log_key().verifier()).run(&mut &store).unwrap();
+        assert!(report.is_clean(), "{:?}", report.violations);
+    }
 }
 
 #[test]
