@@ -4,31 +4,19 @@
 //! metadata docs/threat-model.md lists.
 #![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+mod common;
 
-use cmr_client::Connection;
+use std::path::Path;
+
 use cmr_client::company::Company;
 use cmr_client::customer::{Approval, Customer};
-use cmr_client::session::Session;
 use cmr_client::state::{CustomerState, KeyBackup};
 use cmr_client::wellknown::CompanyProof;
 use cmr_core::consent::{Access, AccessRequest, Counterparty, Duration};
 use cmr_core::family::{FamilyName, Period, PseudonymKey, Scope};
 use cmr_core::identity::Role;
-use cmr_core::keys::SigningKey;
 use cmr_core::vault::VaultKey;
-use cmr_log::note::{NoteSigner, TYPE_ED25519};
-use cmr_server::{AppState, Config};
-use cmr_store::{Store, StoreConfig};
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
+use common::now;
 
 /// Every file under `dir`, with its bytes.
 fn files(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
@@ -45,32 +33,11 @@ fn files(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_data_folder_holds_no_plaintext() {
     let dir = tempfile::tempdir().unwrap();
-    let key = || {
-        NoteSigner::new(
-            "rest.test/log",
-            TYPE_ED25519,
-            SigningKey::from_seed(&[8; 32]),
-        )
-        .unwrap()
-    };
-    let store = Arc::new(Store::open(StoreConfig::new(dir.path(), key())).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = Config {
-        authority: addr.to_string(),
-        scheme: "http".into(),
-        ..Config::default()
-    };
-    let state = Arc::new(AppState::new(store.clone(), config));
-    tokio::spawn(cmr_server::serve(listener, state, std::future::pending()));
-    let conn = Connection::new(&format!("http://{addr}")).unwrap();
-    let pinned = key().verifier();
+    let server = common::serve(dir.path(), "rest.test/log", 8).await;
+    let store = server.store.clone();
     let t = now();
     let month = Period::from_unix(t as i64).unwrap();
-    let register = |role| {
-        let (conn, pinned) = (conn.clone(), pinned.clone());
-        async move { Session::register(conn, role, pinned, t).await.unwrap().0 }
-    };
+    let register = |role| server.register(role);
 
     // The plaintexts: profile fields, transactions, a company's append, a key backup's contents.
     let secrets: [&[u8]; 5] = [

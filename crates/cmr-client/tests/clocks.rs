@@ -2,48 +2,19 @@
 //! allowed skew is refused with `clock-skew`, and the message says which way and by how many seconds.
 #![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
 
+mod common;
+
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use cmr_client::ClientError;
 use cmr_client::session::Session;
-use cmr_client::{ClientError, Connection};
 use cmr_core::identity::Role;
-use cmr_core::keys::SigningKey;
-use cmr_log::note::{NoteSigner, TYPE_ED25519};
-use cmr_server::{AppState, Config};
-use cmr_store::{Store, StoreConfig};
+use common::now;
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// A server whose clock runs `offset` seconds from this machine's; returns a connection and its key.
-async fn server(dir: &std::path::Path, offset: i64) -> (Connection, cmr_log::note::NoteVerifier) {
-    let key = NoteSigner::new(
-        "clocks.test/log",
-        TYPE_ED25519,
-        SigningKey::from_seed(&[7; 32]),
-    )
-    .unwrap();
-    let pinned = key.verifier();
-    let store = Arc::new(Store::open(StoreConfig::new(dir, key)).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = Config {
-        authority: addr.to_string(),
-        scheme: "http".into(),
-        ..Config::default()
-    };
+/// A server whose clock runs `offset` seconds from this machine's.
+async fn server(dir: &std::path::Path, offset: i64) -> common::Server {
     let clock = Arc::new(move || now().saturating_add_signed(offset));
-    tokio::spawn(cmr_server::serve(
-        listener,
-        Arc::new(AppState::with_clock(store, config, clock)),
-        std::future::pending(),
-    ));
-    (Connection::new(&format!("http://{addr}")).unwrap(), pinned)
+    common::serve_with_clock(dir, "clocks.test/log", 7, clock).await
 }
 
 /// The seconds named in a `clock-skew` refusal's detail, before `unit`.
@@ -60,8 +31,8 @@ fn seconds(e: &ClientError, unit: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_clock_behind_the_server_is_told_by_how_much() {
     let dir = tempfile::tempdir().unwrap();
-    let (conn, pinned) = server(dir.path(), 600).await;
-    let e = Session::register(conn, Role::Customer, pinned, now())
+    let s = server(dir.path(), 600).await;
+    let e = Session::register(s.conn, Role::Customer, s.pinned, now())
         .await
         .err()
         .unwrap();
@@ -72,8 +43,8 @@ async fn a_client_clock_behind_the_server_is_told_by_how_much() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_clock_ahead_of_the_server_is_told_by_how_much() {
     let dir = tempfile::tempdir().unwrap();
-    let (conn, pinned) = server(dir.path(), -600).await;
-    let e = Session::register(conn, Role::Customer, pinned, now())
+    let s = server(dir.path(), -600).await;
+    let e = Session::register(s.conn, Role::Customer, s.pinned, now())
         .await
         .err()
         .unwrap();

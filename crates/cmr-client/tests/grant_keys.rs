@@ -5,61 +5,23 @@
 //! neither.
 #![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
 
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+mod common;
 
-use cmr_client::Connection;
 use cmr_client::company::Company;
 use cmr_client::customer::{Approval, Customer};
-use cmr_client::session::Session;
 use cmr_client::wellknown::CompanyProof;
 use cmr_core::consent::{Access, AccessRequest, Counterparty, Duration};
 use cmr_core::family::{Period, PseudonymKey, Scope};
 use cmr_core::identity::Role;
-use cmr_core::keys::SigningKey;
-use cmr_log::note::{NoteSigner, TYPE_ED25519};
-use cmr_server::{AppState, Config};
-use cmr_store::{Store, StoreConfig};
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
+use common::now;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_grant_reads_earlier_epochs_and_other_companies_appends() {
     let dir = tempfile::tempdir().unwrap();
-    let key = || {
-        NoteSigner::new(
-            "grants.test/log",
-            TYPE_ED25519,
-            SigningKey::from_seed(&[6; 32]),
-        )
-        .unwrap()
-    };
-    let store = Arc::new(Store::open(StoreConfig::new(dir.path(), key())).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = Config {
-        authority: addr.to_string(),
-        scheme: "http".into(),
-        ..Config::default()
-    };
-    tokio::spawn(cmr_server::serve(
-        listener,
-        Arc::new(AppState::new(store, config)),
-        std::future::pending(),
-    ));
-    let conn = Connection::new(&format!("http://{addr}")).unwrap();
-    let pinned = key().verifier();
+    let server = common::serve(dir.path(), "grants.test/log", 6).await;
     let t = now();
     let month = Period::from_unix(t as i64).unwrap();
-    let register = |role| {
-        let (conn, pinned) = (conn.clone(), pinned.clone());
-        async move { Session::register(conn, role, pinned, t).await.unwrap().0 }
-    };
+    let register = |role| server.register(role);
     let proof = |co: &Company, name: &str| CompanyProof {
         domain: "grants.invalid".into(),
         name: name.into(),

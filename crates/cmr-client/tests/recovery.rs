@@ -3,10 +3,8 @@
 //! records open on the new one, and the old phrase rotates nothing any more.
 #![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
 
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+mod common;
 
-use cmr_client::Connection;
 use cmr_client::customer::Customer;
 use cmr_client::session::{Keys, Session};
 use cmr_client::state::{CustomerState, KeyBackup};
@@ -14,16 +12,7 @@ use cmr_core::family::{Period, PseudonymKey};
 use cmr_core::identity::{DeviceKeys, RecoverySecret, Role};
 use cmr_core::keys::SigningKey;
 use cmr_core::vault::VaultKey;
-use cmr_log::note::{NoteSigner, TYPE_ED25519};
-use cmr_server::{AppState, Config};
-use cmr_store::{Store, StoreConfig};
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
+use common::now;
 
 fn copy(keys: &Keys) -> Keys {
     let seed = |k: &SigningKey| SigningKey::from_seed(&k.seed());
@@ -41,29 +30,9 @@ fn copy(keys: &Keys) -> Keys {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_rotates_first_restores_second_and_can_resume() {
     let dir = tempfile::tempdir().unwrap();
-    let key = || {
-        NoteSigner::new(
-            "recovery.test/log",
-            TYPE_ED25519,
-            SigningKey::from_seed(&[5; 32]),
-        )
-        .unwrap()
-    };
-    let store = Arc::new(Store::open(StoreConfig::new(dir.path(), key())).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = Config {
-        authority: addr.to_string(),
-        scheme: "http".into(),
-        ..Config::default()
-    };
-    tokio::spawn(cmr_server::serve(
-        listener,
-        Arc::new(AppState::new(store, config)),
-        std::future::pending(),
-    ));
-    let conn = Connection::new(&format!("http://{addr}")).unwrap();
-    let pinned = key().verifier();
+    let server = common::serve(dir.path(), "recovery.test/log", 5).await;
+    let conn = server.conn.clone();
+    let pinned = server.pinned.clone();
     let t = now();
 
     // A customer with records, and no key backup yet.
