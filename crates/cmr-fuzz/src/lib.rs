@@ -12,6 +12,8 @@
 
 mod server;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use cmr_core::batch::SignedBatch;
 use cmr_core::consent::SignedStatement;
 use cmr_core::directory::SignedDirectory;
@@ -130,6 +132,14 @@ pub fn note(data: &[u8]) -> Outcome {
     };
     let known = note_signer().verifier();
     let parsed = Note::parse(text).map(|n| {
+        // One way to write a note: its text, a blank line, a line per signature.
+        let mut again = format!("{}\n", n.text);
+        for sig in &n.signatures {
+            let mut raw = sig.id.to_be_bytes().to_vec();
+            raw.extend_from_slice(&sig.signature);
+            again.push_str(&format!("\u{2014} {} {}\n", sig.name, B64.encode(raw)));
+        }
+        assert_eq!(again, text, "a note has one encoding");
         if let Ok(verified) = n.verify(std::slice::from_ref(&known)) {
             assert!(!verified.is_empty(), "a verified note names its signer");
         }
@@ -210,6 +220,21 @@ pub fn key_file(data: &[u8]) -> Outcome {
     let mut fixed = data.to_vec();
     fixed.extend_from_slice(&sha256(data).0);
     let opened = keyfile::open(&fixed, KEY_FILE_PASSPHRASE);
+    // What opens seals again and opens to the same keys.
+    for contents in [&raw, &opened].into_iter().flatten() {
+        let sealed = keyfile::seal(
+            &mut rand::rng(),
+            contents,
+            KEY_FILE_PASSPHRASE,
+            keyfile::KdfParams::MINIMUM,
+        )
+        .expect("sealing what was opened");
+        let back = keyfile::open(&sealed, KEY_FILE_PASSPHRASE).expect("opening what was sealed");
+        assert_eq!(
+            (back.role, back.identity, back.device.id()),
+            (contents.role, contents.identity, contents.device.id())
+        );
+    }
     Outcome::any(&[raw.is_ok(), opened.is_ok()])
 }
 
