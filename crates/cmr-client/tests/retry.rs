@@ -1,0 +1,125 @@
+//! A write whose answer is lost: the request reaches the server and is logged, then the connection breaks
+//! before the answer comes back (a crash, a cut). A TCP proxy in front of a real server plays the cut.
+//! The SDK sends the same bytes again, signed afresh; the server recognises them and answers with the
+//! original index, so the write is logged exactly once (PRODUCT.md, "Requests": idempotent writes).
+#![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use cmr_client::Connection;
+use cmr_client::customer::Customer;
+use cmr_client::session::Session;
+use cmr_core::family::{FamilyName, Period, PseudonymKey, Scope};
+use cmr_core::identity::Role;
+use cmr_log::entry::EntryKind;
+use common::now;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Forwards every connection to `upstream`; while `cut` is above zero, a request whose first line names
+/// `path_part` is forwarded and its connection's answer side closed at once, so no answer comes back.
+async fn proxy(upstream: String, path_part: &'static str, cut: Arc<AtomicUsize>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let (upstream, cut) = (upstream.clone(), cut.clone());
+            tokio::spawn(async move {
+                let server = TcpStream::connect(&upstream).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let answers = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if cw.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let first_line = buf[..n].split(|b| *b == b'\n').next().unwrap_or_default();
+                    let hit = first_line.starts_with(b"POST ")
+                        && first_line
+                            .windows(path_part.len())
+                            .any(|w| w == path_part.as_bytes());
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    if hit
+                        && cut
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+                            .is_ok()
+                    {
+                        // The request is on its way to the server; the answer is lost: the client sees
+                        // its connection end with nothing.
+                        answers.abort();
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        return;
+                    }
+                }
+                answers.abort();
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_answer_was_lost_is_sent_again_and_logged_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::serve(dir.path(), "retry.test/log", 9).await;
+    let upstream = server.conn.base().trim_start_matches("http://").to_string();
+    let cut = Arc::new(AtomicUsize::new(0));
+    let front = proxy(upstream, "/batches", cut.clone()).await;
+    let conn = Connection::new(&format!("http://{front}")).unwrap();
+    let (s, _) = Session::register(conn.clone(), Role::Customer, server.pinned.clone(), now())
+        .await
+        .unwrap();
+    let mut alex = Customer::new(s, PseudonymKey::generate(&mut rand::rng()));
+    let contact = FamilyName::profile(Scope::ProfileContact).unwrap();
+    alex.declare(&[contact], now()).await.unwrap();
+    let fam = alex.family_id(&contact);
+    let before = server.store.checkpoint().unwrap();
+
+    // The batch reaches the server, is logged, and its answer is lost once.
+    cut.store(1, Ordering::SeqCst);
+    let acked = alex
+        .write(fam, Period::ORIGIN, &[b"email: alex@example.org"])
+        .await
+        .unwrap();
+    assert_eq!(cut.load(Ordering::SeqCst), 0, "the answer was not cut");
+    assert_eq!(conn.resent(), 1, "the SDK did not send it again");
+    assert!(acked.repeated, "the server did not recognise the repeat");
+    assert_ne!(server.store.checkpoint().unwrap(), before);
+
+    // Logged exactly once, at the acknowledged index, and readable.
+    let chain = alex.history().await.unwrap();
+    let batches: Vec<u64> = chain
+        .iter()
+        .filter(|e| e.body.kind == EntryKind::FamilyHead)
+        .map(|e| e.index)
+        .collect();
+    assert_eq!(batches, vec![acked.index]);
+    let records = alex
+        .read(fam, Period::ORIGIN, Period::ORIGIN)
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 1);
+}
