@@ -1173,7 +1173,41 @@ async fn appends_wait_for_the_rotation_after_a_revocation() {
         ),
         "{v}"
     );
-    // The refusal carries the customer's current signed directory.
+    // A company's refusal does not carry the directory (it names the customer's other relationships)...
+    assert!(v.get("directory").is_none(), "{v}");
+    // ...the customer's own refused write does, to rotate from.
+    let mine = RecordSealer::new(
+        f.customer.id,
+        f.tx,
+        1,
+        f.customer.id,
+        &secret.read_key(Period::ORIGIN),
+        period,
+    )
+    .unwrap()
+    .seal(&mut rand::rng(), RecordId([10; 16]), b"mine")
+    .unwrap();
+    let own = SignedBatch::sign(
+        Batch::for_records(f.customer.device.id(), head, std::slice::from_ref(&mine)).unwrap(),
+        &f.customer.device.signing,
+    );
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &batches,
+            json!({"batch": B64.encode(own.encode()), "records": [B64.encode(mine.as_bytes())]}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap_or_default()),
+        (
+            StatusCode::CONFLICT,
+            "urn:cmr-vault:problem:rotation-pending"
+        ),
+        "{v}"
+    );
     let dir = cmr_core::directory::SignedDirectory::decode(
         &B64.decode(v["directory"].as_str().unwrap()).unwrap(),
     )

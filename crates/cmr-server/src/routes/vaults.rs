@@ -194,10 +194,12 @@ async fn batch(
     )
     .await
     {
-        // Appends wait for the customer's client to rotate: the answer carries the current signed
-        // directory, so the company sees where the family stands (PRODUCT.md, "Rotation").
-        Err(e) if e.code == "rotation-pending" => {
-            return Err(match state.store.directory(&customer)? {
+        // Writes wait for the customer's client to rotate. The customer's own refused write carries its
+        // current signed directory (PRODUCT.md, "Rotation"), to rotate from. A company's does not: the
+        // directory names every family and every company appending to each, which would tell one company
+        // the customer's other relationships.
+        Err(e) if e.code == "rotation-pending" && caller.identity == customer => {
+            return Err(match state.store.directory(&customer).ok().flatten() {
                 Some(d) => e.with("directory", serde_json::Value::String(B64.encode(d))),
                 None => e,
             });
