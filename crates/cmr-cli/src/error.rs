@@ -67,6 +67,12 @@ impl From<ClientError> for CliError {
                 code::UNREACHABLE,
                 Some("is the server running? check --server (or CMR_SERVER)"),
             ),
+            ClientError::InDoubt(_) => (
+                code::UNREACHABLE,
+                Some(
+                    "run the same command again once the server is back: a write is not made twice",
+                ),
+            ),
             ClientError::Refused { code: c, .. } => (
                 code::REFUSED,
                 Some(match c.as_str() {

@@ -191,6 +191,9 @@ fn kind(e: &ClientError) -> String {
             "keys-not-synced".into()
         }
         ClientError::Transport(_) => "unreachable".into(),
+        // A company's read under a grant is logged, so the SDK does not send it again when its answer is
+        // lost. A write in doubt would be a failure of the retry: it is not expected anywhere.
+        ClientError::InDoubt(_) => "in-doubt".into(),
         other => other.to_string(),
     }
 }
@@ -310,7 +313,7 @@ async fn bank_load(mut b: Bank, stop: Arc<AtomicBool>, seed: u64, tally: Shared)
                     tally
                         .lock()
                         .unwrap()
-                        .note("company read", r, &["keys-not-synced"]);
+                        .note("company read", r, &["keys-not-synced", "in-doubt"]);
                     continue;
                 }
             };
@@ -350,10 +353,11 @@ async fn churn_load(
             if let Some(g) = newest {
                 let r = co.read(g, *tx, month(), month()).await.map(drop);
                 // Revoked between the sync and the read.
-                tally
-                    .lock()
-                    .unwrap()
-                    .note("churn read", r, &["grant-revoked", "keys-not-synced"]);
+                tally.lock().unwrap().note(
+                    "churn read",
+                    r,
+                    &["grant-revoked", "keys-not-synced", "in-doubt"],
+                );
             }
         }
     }

@@ -8,6 +8,11 @@ pub enum ClientError {
     /// The server could not be reached, or the answer was cut.
     #[error("cannot reach the vault server: {0}")]
     Transport(String),
+    /// The request may have reached the server, but no answer came back (after sending it again for the
+    /// retry budget, where that is safe): it may or may not have been carried out. A write can be sent
+    /// again (it is idempotent); a company's read under a grant may have been logged as an access.
+    #[error("no answer from the vault server; the request may have been carried out: {0}")]
+    InDoubt(String),
     /// The server refused, with its Problem Details.
     #[error("the server refused ({status} {code}): {detail}")]
     Refused {

@@ -62,6 +62,9 @@ impl Connection {
         }
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(60))
+            .connect_timeout(std::time::Duration::from_secs(10))
+            // A signed request goes to the server it was signed for, never on to another.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         Ok(Self {
@@ -73,17 +76,19 @@ impl Connection {
         })
     }
 
-    /// Sets how long a signed POST whose answer was lost (the connection broke after the request may have
-    /// reached the server) is sent again: the same body, signed afresh. Statements and batches are
-    /// idempotent by their bytes, so a retry returns the original result and log index if the first
-    /// attempt was logged, and logs the write once if it was not. A read sent again is logged again.
-    /// `Duration::ZERO` turns retries off. A server that cannot be reached at all fails at once.
+    /// Sets how long a signed request whose answer was lost (the connection broke after the request may
+    /// have reached the server, or a gateway in front of it answered 502 or 504) is sent again: the same
+    /// body, signed afresh, if it is safe to (see [`safe_to_resend`]). A write sent again returns the
+    /// original result and log index if the first attempt was logged, and is logged once if it was not.
+    /// A company's read under a grant and a key backup are not sent again: their lost answer is
+    /// [`ClientError::InDoubt`] at once, as is any request once the budget runs out. `Duration::ZERO`
+    /// turns retries off. A server that refuses the connection fails at once.
     pub fn with_retry(mut self, retry_for: Duration) -> Self {
         self.retry_for = retry_for;
         self
     }
 
-    /// How many times this connection (and its clones) sent a POST again after losing its answer.
+    /// How many times this connection (and its clones) sent a request again after losing its answer.
     pub fn resent(&self) -> u64 {
         self.resent.load(Ordering::Relaxed)
     }
@@ -152,6 +157,7 @@ impl Connection {
         known_size: Option<u64>,
     ) -> Result<Value, ClientError> {
         let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Local(e.to_string()))?;
+        let retry = safe_to_resend(target, body);
         let mut horizon_tries = 0;
         // Set once the request may have reached the server: from then on its fate is unknown until an
         // answer arrives, so it is sent again (even through a spell of refused connections while the
@@ -169,17 +175,15 @@ impl Connection {
                 Err(Attempt::Lost { error, sent }) => {
                     let since = match (in_doubt, sent) {
                         (Some(t), _) => t,
-                        (None, true) => {
-                            self.resent.fetch_add(1, Ordering::Relaxed);
-                            *in_doubt.insert(Instant::now())
-                        }
+                        (None, true) => *in_doubt.insert(Instant::now()),
                         (None, false) => return Err(error),
                     };
-                    if since.elapsed() >= self.retry_for {
-                        return Err(error);
+                    if !retry || since.elapsed() >= self.retry_for {
+                        return Err(ClientError::InDoubt(error.to_string()));
                     }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
+                    self.resent.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(Attempt::Answered(e)) => return Err(e),
                 Ok(v) => return Ok(v),
@@ -228,12 +232,34 @@ impl Connection {
             ClientError::Transport(_) => Attempt::Lost { error, sent: true },
             other => Attempt::Answered(other),
         })?;
+        // A gateway in front of the server (docs/operations.md) answers 502 or 504 when the server died
+        // or did not answer in time: the request may have reached it, like a cut connection.
+        if status == reqwest::StatusCode::BAD_GATEWAY
+            || status == reqwest::StatusCode::GATEWAY_TIMEOUT
+        {
+            return Err(Attempt::Lost {
+                error: problem(status.as_u16(), &bytes),
+                sent: true,
+            });
+        }
         if !status.is_success() {
             return Err(Attempt::Answered(problem(status.as_u16(), &bytes)));
         }
         serde_json::from_slice(&bytes)
             .map_err(|e| Attempt::Answered(ClientError::Malformed(e.to_string())))
     }
+}
+
+/// Whether a signed POST of `body` to `target` is safe to send again after its answer was lost. Writes
+/// are idempotent by their bytes (statements, record batches, directories, identity key events, device
+/// certificates and revocations: the same bytes are answered with the original entry), and reads that
+/// are not logged (a customer's own reads, histories, listings, a company's relationship view) change
+/// nothing. Two are not: a company's read under a grant is logged as an access (and consumes a one-time
+/// grant), and a key backup is a compare-and-swap on its version (a repeat is a conflict).
+pub fn safe_to_resend(target: &str, body: &Value) -> bool {
+    let path = target.split('?').next().unwrap_or(target);
+    let logged_read = path.ends_with("/read") && body.get("grant").is_some();
+    !(logged_read || path.ends_with("/backup"))
 }
 
 /// How one attempt at a signed POST failed.

@@ -7,8 +7,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use cmr_client::Connection;
 use cmr_client::customer::Customer;
@@ -20,8 +19,9 @@ use common::now;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Forwards every connection to `upstream`; while `cut` is above zero, a request whose first line names
-/// `path_part` is forwarded and its connection's answer side closed at once, so no answer comes back.
+/// Forwards every connection to `upstream`. While `cut` is above zero, the answer to a request whose first
+/// line names `path_part` is swallowed: the request goes through whole, the server answers (so it has
+/// logged the write), and the client's connection is closed instead of receiving that answer.
 async fn proxy(upstream: String, path_part: &'static str, cut: Arc<AtomicUsize>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -35,19 +35,25 @@ async fn proxy(upstream: String, path_part: &'static str, cut: Arc<AtomicUsize>)
                 let server = TcpStream::connect(&upstream).await.unwrap();
                 let (mut cr, mut cw) = client.into_split();
                 let (mut sr, mut sw) = server.into_split();
-                let answers = tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        match sr.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => {
-                                if cw.write_all(&buf[..n]).await.is_err() {
-                                    return;
+                let swallow = Arc::new(AtomicBool::new(false));
+                let answers = {
+                    let swallow = swallow.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            match sr.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                // The server answered: the write is logged; the client never hears.
+                                Ok(_) if swallow.load(Ordering::SeqCst) => return,
+                                Ok(n) => {
+                                    if cw.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
                                 }
                             }
                         }
-                    }
-                });
+                    })
+                };
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     let n = match cr.read(&mut buf).await {
@@ -55,23 +61,18 @@ async fn proxy(upstream: String, path_part: &'static str, cut: Arc<AtomicUsize>)
                         Ok(n) => n,
                     };
                     let first_line = buf[..n].split(|b| *b == b'\n').next().unwrap_or_default();
-                    let hit = first_line.starts_with(b"POST ")
+                    if first_line.starts_with(b"POST ")
                         && first_line
                             .windows(path_part.len())
-                            .any(|w| w == path_part.as_bytes());
-                    if sw.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                    if hit
+                            .any(|w| w == path_part.as_bytes())
                         && cut
                             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
                             .is_ok()
                     {
-                        // The request is on its way to the server; the answer is lost: the client sees
-                        // its connection end with nothing.
-                        answers.abort();
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        return;
+                        swallow.store(true, Ordering::SeqCst);
+                    }
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        break;
                     }
                 }
                 answers.abort();
@@ -122,4 +123,38 @@ async fn a_write_whose_answer_was_lost_is_sent_again_and_logged_once() {
         .await
         .unwrap();
     assert_eq!(records.len(), 1);
+}
+
+/// A key backup is a compare-and-swap on its version: sent again after it landed it would be refused as a
+/// conflict, so its lost answer is reported as in doubt at once, and nothing is sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_whose_answer_was_lost_is_in_doubt_not_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::serve(dir.path(), "retry.test/log", 9).await;
+    let upstream = server.conn.base().trim_start_matches("http://").to_string();
+    let cut = Arc::new(AtomicUsize::new(0));
+    let front = proxy(upstream, "/backup ", cut.clone()).await;
+    let conn = Connection::new(&format!("http://{front}")).unwrap();
+    let (s, _) = Session::register(conn.clone(), Role::Customer, server.pinned.clone(), now())
+        .await
+        .unwrap();
+    let mut alex = Customer::new(s, PseudonymKey::generate(&mut rand::rng()));
+    let vault = cmr_core::vault::VaultKey::generate(&mut rand::rng());
+    let backup = cmr_client::state::KeyBackup::seal(
+        0,
+        "wrap".into(),
+        &cmr_client::state::CustomerState::save(&alex, &vault),
+        &vault,
+        alex.id(),
+    );
+    cut.store(1, Ordering::SeqCst);
+    let e = alex.put_backup(&backup, 1).await.unwrap_err();
+    assert!(matches!(e, cmr_client::ClientError::InDoubt(_)), "{e}");
+    assert_eq!(conn.resent(), 0);
+    // It had landed: version 1 is stored, and a second put of version 1 is the conflict a retry would
+    // have met.
+    let stored = Customer::get_backup(&alex.session).await.unwrap().unwrap();
+    assert_eq!(stored.0, 1);
+    let again = alex.put_backup(&backup, 1).await.unwrap_err();
+    assert_eq!(again.code(), Some("backup-conflict"), "{again}");
 }
