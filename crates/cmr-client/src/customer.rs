@@ -573,6 +573,15 @@ impl Customer {
             });
         }
         families.sort_by_key(|f| f.family);
+        // Every epoch times every appender: a family rotated very often, with many appenders, could need
+        // more keys than a company opens. Refuse here rather than log a grant the company cannot use.
+        if entries.len() > cmr_core::epoch::MAX_BUNDLE_ENTRIES {
+            return Err(ClientError::Local(format!(
+                "this grant would carry {} keys, more than a company opens ({}); grant fewer families",
+                entries.len(),
+                cmr_core::epoch::MAX_BUNDLE_ENTRIES
+            )));
+        }
         let g = Grant {
             grantee: company,
             request,

@@ -437,9 +437,6 @@ fn tree_err(e: cmr_log::tree::TreeError<StoreError>) -> StoreError {
 /// What the last durability step saw of each file in the data folder: its length and modification time.
 type FileStates = HashMap<PathBuf, (u64, std::time::SystemTime)>;
 
-/// `fdatasync` every file sled changed in the data folder since the last call, and the folders whose set
-/// of files changed: sled's own flush uses `sync_file_range`, which does not survive power loss (sled
-/// issue 1452). An fsync costs about 0.2 ms here even on a clean file, so unchanged files are skipped.
 /// The file, beside sled's, that records the newest acknowledged log size and root.
 pub const ACK_MARK: &str = "acknowledged";
 
@@ -488,17 +485,22 @@ impl AckMark {
     }
 
     fn write(&self, size: u64, root: &Hash) -> Result<(), StoreError> {
-        use std::os::unix::fs::FileExt as _;
+        use std::io::{Seek as _, SeekFrom, Write as _};
         let mut bytes = Vec::with_capacity(MARK_LEN);
         bytes.extend_from_slice(MARK_MAGIC);
         bytes.extend_from_slice(&size.to_be_bytes());
         bytes.extend_from_slice(root);
         let sum = sha256(&bytes);
         bytes.extend_from_slice(&sum.0);
-        self.file.write_all_at(&bytes, 0).map_err(io)
+        let mut file = &self.file;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        file.write_all(&bytes).map_err(io)
     }
 }
 
+/// `fdatasync` every file sled changed in the data folder since the last call, and the folders whose set
+/// of files changed: sled's own flush uses `sync_file_range`, which does not survive power loss (sled
+/// issue 1452). An fsync costs about 0.2 ms here even on a clean file, so unchanged files are skipped.
 fn sync_dir(path: &Path, seen: &mut FileStates) -> Result<(), StoreError> {
     fn walk(p: &Path, seen: &mut FileStates, present: &mut Vec<PathBuf>) -> std::io::Result<bool> {
         let mut dir_changed = false;
@@ -637,7 +639,8 @@ impl Store {
                 return Err(StoreError::Format(format!(
                     "the data folder holds {held} log entries, but this store acknowledged {size} with \
                      another history: sled's files were damaged or replaced by an older copy. Restore \
-                     a backup; to accept the loss instead, remove {} and open again",
+                     a backup of the whole folder (with its `acknowledged` file); to accept the loss \
+                     instead, remove {} and open again",
                     config.path.join(ACK_MARK).display()
                 )));
             }
