@@ -228,6 +228,55 @@ struct Flow {
     kem: KemSecretKey,
 }
 
+/// The customer writes one record on the transaction family, extending the head a read of it shows.
+/// Returns the answer: 200, or the refusal (a `rotation-pending` one tells that a rotation is owed).
+async fn customer_writes_one(f: &mut Flow, id: u8) -> (StatusCode, Value) {
+    let base = format!(
+        "/v1/vaults/{}/families/{}",
+        f.customer.id.to_hex(),
+        f.tx.to_hex()
+    );
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/read"),
+            json!({"from": "2026-01", "to": "2026-12"}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let head = Digest::from_hex(v["proof_of_read"]["head"]["digest"].as_str().unwrap()).unwrap();
+    let rec = RecordSealer::new(
+        f.customer.id,
+        f.tx,
+        1,
+        f.customer.id,
+        &EpochSecret::generate(&mut rand::rng()).read_key(Period::ORIGIN),
+        Period::from_year_month(2026, 3).unwrap(),
+    )
+    .unwrap()
+    .seal(&mut rand::rng(), RecordId([id; 16]), b"tx")
+    .unwrap();
+    let batch = SignedBatch::sign(
+        Batch::for_records(f.customer.device.id(), head, std::slice::from_ref(&rec)).unwrap(),
+        &f.customer.device.signing,
+    );
+    f.env
+        .call(
+            "POST",
+            &format!("{base}/batches"),
+            json!({"batch": B64.encode(batch.encode()), "records": [B64.encode(rec.as_bytes())]}),
+            Signer::Device(&f.customer.device),
+        )
+        .await
+}
+
+fn rotation_pending(answer: &(StatusCode, Value)) -> bool {
+    answer.0 == StatusCode::CONFLICT
+        && answer.1["type"].as_str() == Some("urn:cmr-vault:problem:rotation-pending")
+}
+
 async fn flow() -> Flow {
     let mut env = env();
     let customer = register(&mut env, Role::Customer).await;
@@ -1468,14 +1517,19 @@ async fn an_expired_grant_at_the_server_clock() {
     assert_eq!(s, StatusCode::OK, "{v}");
     let path = format!("{base}/families/{}/read", f.tx.to_hex());
     let body = json!({"from": "2025-06", "to": "2026-12", "grant": gid.to_hex()});
-    // One second before expiry: served. At the expiry instant: refused (the bound is exclusive).
+    // One second before expiry: served, and no rotation is owed yet. At the expiry instant: refused (the
+    // bound is exclusive), and the grant's end makes a rotation owed (PRODUCT.md, "Rotation").
     f.env.clock.store(T0 + 10 * 86_400 - 1, Ordering::SeqCst);
     let (s, _) = f
         .env
         .call("POST", &path, body.clone(), Signer::Device(&f.acme.device))
         .await;
     assert_eq!(s, StatusCode::OK);
+    let w = customer_writes_one(&mut f, 20).await;
+    assert_eq!(w.0, StatusCode::OK, "{}", w.1);
     f.env.clock.store(T0 + 10 * 86_400, Ordering::SeqCst);
+    let w = customer_writes_one(&mut f, 21).await;
+    assert!(rotation_pending(&w), "{w:?}");
     let (s, v) = f
         .env
         .call("POST", &path, body, Signer::Device(&f.acme.device))
@@ -1874,6 +1928,9 @@ async fn another_companys_grant_and_a_one_time_grants_second_read_are_refused_ov
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let once = json!({"from": "2025-06", "to": "2026-12", "grant": gid.to_hex()});
+    // Before the one read, nothing is owed.
+    let w = customer_writes_one(&mut f, 30).await;
+    assert_eq!(w.0, StatusCode::OK, "{}", w.1);
     let (s, v) = f
         .env
         .call(
@@ -1898,4 +1955,7 @@ async fn another_companys_grant_and_a_one_time_grants_second_read_are_refused_ov
         "{v}"
     );
     assert_eq!(f.env.store.checkpoint().unwrap(), before);
+    // The read used the grant up: its keys were exposed, so a rotation is owed and stays owed.
+    let w = customer_writes_one(&mut f, 31).await;
+    assert!(rotation_pending(&w), "{w:?}");
 }
