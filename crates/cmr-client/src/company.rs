@@ -276,12 +276,15 @@ impl Company {
             if let Some((p, i)) = cursor {
                 body["cursor"] = json!([p.to_string(), i]);
             }
-            let v = self.session.post(&target, &body).await?;
+            // The logged access must be this very request's (its signature base names our nonce and
+            // time): an earlier read's answer, replayed, would show an older head without logging.
+            let (v, sent) = self.session.post_signed(&target, &body).await?;
             self.session
                 .check_ack_with(&v, |body| {
                     body.kind == EntryKind::Access
                         && AccessRecord::decode(&body.payload).is_ok_and(|a| {
                             a.grant == grant
+                                && a.signature_base == sent
                                 && a.keyid == keyid
                                 && a.families
                                     .iter()

@@ -333,9 +333,19 @@ impl Session {
 
     /// A signed POST as this device.
     pub async fn post(&self, target: &str, body: &Value) -> Result<Value, ClientError> {
+        Ok(self.post_signed(target, body).await?.0)
+    }
+
+    /// [`Session::post`], also returning the signature base of the request that was answered (see
+    /// [`Connection::post_known_signed`]).
+    pub async fn post_signed(
+        &self,
+        target: &str,
+        body: &Value,
+    ) -> Result<(Value, String), ClientError> {
         let known = self.log.latest().map(|c| c.size);
         self.conn
-            .post_known(target, body, Signer::Device(&self.keys.device), known)
+            .post_known_signed(target, body, Signer::Device(&self.keys.device), known)
             .await
     }
 

@@ -156,6 +156,22 @@ impl Connection {
         signer: Signer<'_>,
         known_size: Option<u64>,
     ) -> Result<Value, ClientError> {
+        Ok(self
+            .post_known_signed(target, body, signer, known_size)
+            .await?
+            .0)
+    }
+
+    /// [`Connection::post_known`], also returning the RFC 9421 signature base of the request that was
+    /// answered. A logged request (a company's read under a grant) is logged with that base, so the
+    /// caller can tell that the logged access is this request's and not an earlier answer replayed.
+    pub async fn post_known_signed(
+        &self,
+        target: &str,
+        body: &Value,
+        signer: Signer<'_>,
+        known_size: Option<u64>,
+    ) -> Result<(Value, String), ClientError> {
         let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Local(e.to_string()))?;
         let retry = safe_to_resend(target, body);
         let mut horizon_tries = 0;
@@ -197,7 +213,7 @@ impl Connection {
         bytes: &[u8],
         signer: Signer<'_>,
         known_size: Option<u64>,
-    ) -> Result<Value, Attempt> {
+    ) -> Result<(Value, String), Attempt> {
         let (keyid, key) = match signer {
             Signer::Device(d) => (d.id().to_hex(), &d.signing),
             Signer::Identity(id, k) => (format!("id:{}", id.to_hex()), k),
@@ -211,6 +227,7 @@ impl Connection {
             .map_err(|e| {
                 Attempt::Answered(ClientError::Local(format!("cannot sign the request: {e}")))
             })?;
+        let base = h.signature_base;
         let mut req = self.http.post(format!("{}{target}", self.base()));
         if let Some(k) = known_size {
             req = req.header("cmr-known-size", k.to_string());
@@ -245,8 +262,9 @@ impl Connection {
         if !status.is_success() {
             return Err(Attempt::Answered(problem(status.as_u16(), &bytes)));
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Attempt::Answered(ClientError::Malformed(e.to_string())))
+        let v = serde_json::from_slice(&bytes)
+            .map_err(|e| Attempt::Answered(ClientError::Malformed(e.to_string())))?;
+        Ok((v, base))
     }
 }
 

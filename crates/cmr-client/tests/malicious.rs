@@ -596,3 +596,37 @@ async fn an_acknowledgement_carries_the_consistency_proof_and_a_bad_one_is_not_t
             .any(|p| p.starts_with("/v1/log/proofs/consistency"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_read_replayed_is_refused() {
+    let mut w = world().await;
+    let read = format!("/families/{}/read", w.tx.to_hex());
+    // The bank reads; the server keeps that answer.
+    let kept = Arc::new(Mutex::new(None::<Value>));
+    let (r, k) = (read.clone(), kept.clone());
+    w.tamper(move |path, v| {
+        if path.ends_with(&r) {
+            *k.lock().unwrap() = Some(v.clone());
+        }
+    });
+    let (first, records) = w.bank.read(w.grant, w.tx, w.month, w.month).await.unwrap();
+    assert_eq!(records.len(), 3);
+    // Alex writes more. The server answers the bank's next read with the earlier answer: a validly
+    // logged access under the same grant for the same periods, and a head that was once current, but
+    // not logged for this request, and without Alex's new records.
+    w.honest();
+    w.alex.write(w.tx, w.month, &[b"four"]).await.unwrap();
+    let old = kept.lock().unwrap().clone().unwrap();
+    w.tamper(move |path, v| {
+        if path.ends_with(&read) {
+            *v = old.clone();
+        }
+    });
+    let e = verification(w.bank.read(w.grant, w.tx, w.month, w.month).await);
+    assert!(matches!(e, VerifyError::NotWhatWasSent(_)), "{e}");
+    // Honest again: the new read is logged for this request and shows the new head.
+    w.honest();
+    let (now_head, records) = w.bank.read(w.grant, w.tx, w.month, w.month).await.unwrap();
+    assert_eq!(records.len(), 4);
+    assert_eq!(now_head.batches, first.batches + 1);
+}

@@ -475,6 +475,9 @@ pub struct SignedHeaders {
     pub signature_input: String,
     /// `Signature`.
     pub signature: String,
+    /// The signature base that was signed. A server that logs a request (a company's read is logged as
+    /// an access) logs this base; the client compares it with its own to know the entry is its request's.
+    pub signature_base: String,
 }
 
 /// Signs a request with the CMR profile: computes the Content-Digest of `body`, covers the profile
@@ -494,11 +497,13 @@ pub fn sign_request(
         .headers
         .push(("content-digest", &content_digest));
     let params = SignatureParams::profile(created, keyid, nonce)?;
-    let (signature_input, signature) = sign(&with_digest, PROFILE_LABEL, &params, key)?;
+    let signature_base = signature_base(&with_digest, &params)?;
+    let signature = key.sign(signature_base.as_bytes());
     Ok(SignedHeaders {
         content_digest,
-        signature_input,
-        signature,
+        signature_input: format!("{PROFILE_LABEL}={}", params.serialize()),
+        signature: format!("{PROFILE_LABEL}=:{}:", B64.encode(signature.0)),
+        signature_base,
     })
 }
 
