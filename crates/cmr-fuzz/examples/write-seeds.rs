@@ -5,7 +5,8 @@
 //! registration, directory, request, grant, records, appends, reads, a revocation and its rotation — and
 //! then every log entry as stored (log bodies), every payload by kind (statements, key events, device
 //! certificates, directories, signed batches, access records), the checkpoint note and the C2SP keys,
-//! sealed records, signed RFC 9421 headers, a key file, and request bodies for every route. Each file is
+//! sealed records, signed RFC 9421 headers, a key file, request bodies for every route, and the
+//! request-body harness's own valid requests (`cmr_fuzz::valid_requests`). Each file is
 //! named by the SHA-256 of its content, so writing twice changes nothing.
 #![allow(clippy::unwrap_used)] // A developer tool: a panic names what failed.
 
@@ -279,6 +280,12 @@ async fn main() {
             bytes.extend_from_slice(&serde_json::to_vec(&body).unwrap());
             corpus.put("request_body", &bytes);
         }
+    }
+    // And requests the harness's own identities make on its state, which its server accepts.
+    // (The harness runs its own runtime, so it is built on a thread of its own.)
+    let valid = std::thread::spawn(cmr_fuzz::valid_requests).join().unwrap();
+    for bytes in valid {
+        corpus.put("request_body", &bytes);
     }
     println!(
         "wrote {} seed files under {}",

@@ -30,7 +30,7 @@ use cmr_log::checkpoint::{self, Checkpoint};
 use cmr_log::entry::{AccessRecord, EntryBody};
 use cmr_log::note::{Note, NoteSigner, NoteVerifier, TYPE_ED25519};
 
-pub use server::request_body;
+pub use server::{Harness, request_body, valid_requests};
 
 /// What a target made of its input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

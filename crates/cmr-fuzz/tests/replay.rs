@@ -62,3 +62,25 @@ replay_tests!(
     log_body,
     request_body
 );
+
+/// The request-body seeds are valid requests of the harness's deterministic identities: each one, sent
+/// alone to a fresh harness, is accepted. If a change to the server or the formats breaks one, this
+/// test names it, and the seeds are written again (`cargo run -p cmr-fuzz --example write-seeds`).
+#[test]
+fn request_body_seeds_are_accepted_by_a_fresh_harness() {
+    let seeds = cmr_fuzz::valid_requests();
+    assert!(seeds.len() >= 14, "{} seeds", seeds.len());
+    for seed in &seeds {
+        let h = cmr_fuzz::Harness::new();
+        assert_eq!(
+            h.input(seed),
+            Outcome::Accepted,
+            "route {} by {}: {}",
+            seed[0],
+            seed[1],
+            String::from_utf8_lossy(&seed[2..])
+        );
+    }
+    // The harness is the same in every process: the seeds built twice are the same bytes.
+    assert_eq!(cmr_fuzz::valid_requests(), seeds);
+}
