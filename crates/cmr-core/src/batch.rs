@@ -538,6 +538,7 @@ impl FamilyLedger {
 
     /// The proof for a read of periods `from..=to` against the head after `batches` batches (the named
     /// head), paged: at most `limit` records, starting at `cursor` (a period and an index within it).
+    /// `None` if there is no such head, or if `from` is after `to`.
     pub fn prove_read(
         &self,
         batches: u64,
@@ -546,6 +547,9 @@ impl FamilyLedger {
         cursor: Option<(Period, u64)>,
         limit: u64,
     ) -> Option<ReadProof> {
+        if from > to {
+            return None;
+        }
         let (head, leaves) = if batches == self.batches {
             (self.current_head, self.current.clone())
         } else {

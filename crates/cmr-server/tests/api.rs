@@ -1959,3 +1959,50 @@ async fn another_companys_grant_and_a_one_time_grants_second_read_are_refused_ov
     let w = customer_writes_one(&mut f, 31).await;
     assert!(rotation_pending(&w), "{w:?}");
 }
+
+/// A read whose months run backwards gets 400 and changes nothing; the server stays healthy and keeps
+/// taking writes (the read once panicked inside the sequencer, after which every write got 503 while
+/// `/healthz` still said ok).
+#[tokio::test]
+async fn a_backwards_read_gets_400_and_the_server_carries_on() {
+    let mut f = flow().await;
+    let path = format!(
+        "/v1/vaults/{}/families/{}/read",
+        f.customer.id.to_hex(),
+        f.tx.to_hex()
+    );
+    let before = f.env.store.checkpoint().unwrap();
+    for (who, body) in [
+        (0, json!({"from": "2026-12", "to": "2025-01"})),
+        (
+            1,
+            json!({"from": "2026-12", "to": "2025-01", "grant": f.grant.to_hex()}),
+        ),
+    ] {
+        let device = if who == 0 {
+            &f.customer.device
+        } else {
+            &f.acme.device
+        };
+        let (s, v) = f
+            .env
+            .call("POST", &path, body, Signer::Device(device))
+            .await;
+        assert_eq!(
+            (s, v["type"].as_str().unwrap_or_default()),
+            (StatusCode::BAD_REQUEST, "urn:cmr-vault:problem:malformed"),
+            "{v}"
+        );
+    }
+    assert_eq!(f.env.store.checkpoint().unwrap(), before);
+    let resp = f
+        .env
+        .app
+        .clone()
+        .oneshot(Request::get("/healthz").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let w = customer_writes_one(&mut f, 40).await;
+    assert_eq!(w.0, StatusCode::OK, "{}", w.1);
+}

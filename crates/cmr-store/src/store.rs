@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -84,6 +85,13 @@ pub enum StoreError {
     /// The store is shut down or stopped after a storage failure.
     #[error("the store is not accepting operations")]
     Closed,
+}
+
+impl StoreError {
+    /// A failure of the store itself (storage, damaged data), not a refusal of the operation.
+    pub fn is_internal(&self) -> bool {
+        matches!(self, StoreError::Io(_) | StoreError::Format(_))
+    }
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -270,6 +278,7 @@ pub struct Store {
     opened_empty: bool,
     device_keys: DeviceKeys,
     log_verifier: cmr_log::note::NoteVerifier,
+    stopped: Arc<AtomicBool>,
 }
 
 /// The latest group known to be durable. Readers of the log see only this: sled already holds the
@@ -291,7 +300,8 @@ struct Sequencer {
     clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     max_group: usize,
     state: State,
-    poisoned: bool,
+    /// Set when the sequencer stopped taking operations after a failure (shared with [`Store`]).
+    poisoned: Arc<AtomicBool>,
     synced: FileStates,
     device_keys: DeviceKeys,
     mark: AckMark,
@@ -621,7 +631,7 @@ impl Store {
             clock: config.clock,
             max_group: config.max_group.max(1),
             state: State::default(),
-            poisoned: false,
+            poisoned: Arc::new(AtomicBool::new(false)),
             synced: FileStates::new(),
             device_keys: DeviceKeys::default(),
         };
@@ -659,6 +669,7 @@ impl Store {
             d.checkpoint = checkpoint;
         }
         let durable = seq.durable.clone();
+        let stopped = seq.poisoned.clone();
         let start_time = seq.now();
         let opened_empty = seq.state.size == 0;
         let (tx, rx) = mpsc::channel::<Job>();
@@ -675,7 +686,15 @@ impl Store {
             opened_empty,
             device_keys,
             log_verifier,
+            stopped,
         })
+    }
+
+    /// Whether the store takes operations. After a storage failure, damaged data or a bug in the
+    /// sequencer it stops (every operation is answered [`StoreError::Closed`]) until it is reopened,
+    /// which rebuilds its state from what is durable; a health check reports this.
+    pub fn healthy(&self) -> bool {
+        !self.stopped.load(Ordering::SeqCst)
     }
 
     /// The verifier key of the log key that signs this store's checkpoints.
@@ -979,12 +998,21 @@ impl Sequencer {
                     Err(_) => break,
                 }
             }
-            self.commit_group(group);
+            // A panic is a bug, but it must not leave the server half alive: the group's replies are
+            // dropped (the server answers them as unavailable), nothing more is taken, and the store
+            // reports itself unhealthy until it is reopened from what is durable.
+            let stopped = self.poisoned.clone();
+            let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.commit_group(group);
+            }));
+            if committed.is_err() {
+                stopped.store(true, Ordering::SeqCst);
+            }
         }
     }
 
     fn commit_group(&mut self, group: Vec<Job>) {
-        if self.poisoned {
+        if self.poisoned.load(Ordering::SeqCst) {
             for job in group {
                 let _ = job.reply.send(Err(StoreError::Closed));
             }
@@ -1002,6 +1030,22 @@ impl Sequencer {
         for job in group {
             results.push(self.process(job.op, job.pre, &mut overlay, time));
             replies.push(job.reply);
+        }
+        // A storage failure or damaged data met while processing may have left an operation half-done
+        // in the overlay and in memory: commit nothing of this group (nothing of it was acknowledged),
+        // and stop, so that a reopen rebuilds the state from what is durable.
+        if results
+            .iter()
+            .any(|r| r.as_ref().is_err_and(StoreError::is_internal))
+        {
+            self.poisoned.store(true, Ordering::SeqCst);
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(Err(match result {
+                    Err(own) if own.is_internal() => own,
+                    _ => StoreError::Closed,
+                }));
+            }
+            return;
         }
         let size = overlay.size;
         let outcome = (|| -> Result<(String, Hash), StoreError> {
@@ -1030,7 +1074,7 @@ impl Sequencer {
             Ok(done) => done,
             Err(e) => {
                 // The in-memory state may now be ahead of the disk: stop, and let a reopen rebuild it.
-                self.poisoned = true;
+                self.poisoned.store(true, Ordering::SeqCst);
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
                 }
@@ -1039,7 +1083,7 @@ impl Sequencer {
         };
         self.state.size = size;
         if let Err(e) = self.mark.write(size, &root) {
-            self.poisoned = true;
+            self.poisoned.store(true, Ordering::SeqCst);
             for reply in replies {
                 let _ = reply.send(Err(e.clone()));
             }
@@ -1440,7 +1484,13 @@ impl Sequencer {
         target: ErasureTarget,
     ) -> Result<(), StoreError> {
         let numbers: Vec<u64> = match target {
-            ErasureTarget::Family(f) => vec![self.state.family_number(&customer, &f)?],
+            // A family that never held a record has nothing stored to delete.
+            ErasureTarget::Family(f) => self
+                .state
+                .family_number(&customer, &f)
+                .ok()
+                .into_iter()
+                .collect(),
             ErasureTarget::Vault => self
                 .state
                 .family_numbers
@@ -1564,6 +1614,7 @@ impl Sequencer {
                 .map_err(StoreError::Denied)?;
             append = Some(attempt);
         }
+        let number = self.state.family_number(&b.customer, &b.family)?;
         let ledger = self
             .state
             .ledgers
@@ -1577,7 +1628,6 @@ impl Sequencer {
         })?;
         // The batch goes into the log once, as the family-head entry; each record names that entry.
         let head_index = overlay.size;
-        let number = self.state.family_number(&b.customer, &b.family)?;
         for (r, (period, n)) in records.iter().zip(placements) {
             // One key per record: the index of the entry of its batch, then the sealed record.
             let mut value = Vec::with_capacity(8 + r.as_bytes().len());
@@ -1601,8 +1651,10 @@ impl Sequencer {
                 .get_mut(&b.customer)
                 .ok_or_else(|| StoreError::NotFound("customer".into()))?
                 .record_access(&attempt, at, time)
-                .map_err(|e| StoreError::Refused(e.to_string()))?
-                .map_err(StoreError::Denied)?;
+                // `evaluate` allowed this very attempt: a refusal here, after the batch was applied, is
+                // a bug, and the group is dropped rather than committed half-done.
+                .map_err(|e| StoreError::Io(format!("append allowed, then refused: {e}")))?
+                .map_err(|e| StoreError::Io(format!("append allowed, then refused: {e}")))?;
             return self
                 .log(
                     overlay,
@@ -1636,7 +1688,15 @@ impl Sequencer {
         limit: u64,
         access: Option<&AccessRecord>,
     ) -> Result<Pending, StoreError> {
-        let mut logged = None;
+        if periods.0 > periods.1 {
+            return Err(StoreError::Malformed(format!(
+                "the read runs from {} to {}: from is after to",
+                periods.0, periods.1
+            )));
+        }
+        // First decide and gather everything that can fail; only then log the access (and use up a
+        // one-time grant), so that a refused read leaves no trace.
+        let mut allowed = None;
         if let Some(access) = access {
             let company = self.state.signer(&access.keyid, index)?;
             // The signed request must name exactly this read: the auditor replays the decision from it.
@@ -1648,33 +1708,18 @@ impl Sequencer {
                 .ok_or_else(|| {
                     StoreError::Malformed("the access record does not match the read".into())
                 })?;
-            let consent = self
-                .state
-                .consent
-                .get_mut(&customer)
-                .ok_or_else(|| StoreError::NotFound("customer".into()))?;
-            consent
-                .evaluate(&attempt, index, time)
-                .map_err(StoreError::Denied)?;
-            consent
-                .record_access(&attempt, index, time)
-                .map_err(|e| StoreError::Refused(e.to_string()))?
-                .map_err(StoreError::Denied)?;
-            logged = Some(self.log(
-                overlay,
-                EntryKind::Access,
-                time,
-                company,
-                Some(customer),
-                access.encode(),
-            )?);
-        }
-        if logged.is_none()
-            && let Some(at) = self
-                .state
+            self.state
                 .consent
                 .get(&customer)
-                .and_then(|c| c.erased_at(&family))
+                .ok_or_else(|| StoreError::NotFound("customer".into()))?
+                .evaluate(&attempt, index, time)
+                .map_err(StoreError::Denied)?;
+            allowed = Some((company, attempt, access));
+        } else if let Some(at) = self
+            .state
+            .consent
+            .get(&customer)
+            .and_then(|c| c.erased_at(&family))
         {
             return Err(StoreError::Denied(DenyReason::FamilyErased(at)));
         }
@@ -1730,6 +1775,26 @@ impl Sequencer {
                 SignedBatch::decode(&body.payload).map_err(|e| StoreError::Format(e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let mut logged = None;
+        if let Some((company, attempt, access)) = allowed {
+            self.state
+                .consent
+                .get_mut(&customer)
+                .ok_or_else(|| StoreError::NotFound("customer".into()))?
+                .record_access(&attempt, index, time)
+                // `evaluate` allowed this very attempt a moment ago: a refusal now is a bug, and the
+                // group is dropped rather than committed half-done.
+                .map_err(|e| StoreError::Io(format!("read allowed, then refused: {e}")))?
+                .map_err(|e| StoreError::Io(format!("read allowed, then refused: {e}")))?;
+            logged = Some(self.log(
+                overlay,
+                EntryKind::Access,
+                time,
+                company,
+                Some(customer),
+                access.encode(),
+            )?);
+        }
         Ok(Pending {
             index: logged,
             head: None,

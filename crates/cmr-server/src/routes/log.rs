@@ -27,8 +27,18 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v1/log/cosignatures", axum::routing::post(cosign))
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+/// `ok` while the store takes operations; 503 once it stopped after a failure (a supervisor restarts
+/// the server, and the store reopens from what is durable).
+async fn healthz(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
+    if state.store.healthy() {
+        Ok("ok")
+    } else {
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the store stopped after a failure; restart the server to reopen it",
+        ))
+    }
 }
 
 async fn checkpoint(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
