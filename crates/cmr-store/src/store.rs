@@ -532,8 +532,13 @@ fn sync_dir(path: &Path, seen: &mut FileStates) -> Result<(), StoreError> {
                 }
                 present.push(path.clone());
                 let state = (meta.len(), meta.modified()?);
+                // sled rewrites its main file in place, often at the same length, and a modification
+                // time may not move between two groups (coarse timestamps): it is synced every time.
+                // The other files are written once under new names (snapshots, blobs), so a file not
+                // seen before, or with another length or time, is what needs syncing there.
+                let rewritten_in_place = path.file_name() == Some(std::ffi::OsStr::new("db"));
                 match seen.get(&path) {
-                    Some(s) if *s == state => {}
+                    Some(s) if *s == state && !rewritten_in_place => {}
                     previous => {
                         dir_changed |= previous.is_none();
                         std::fs::File::open(&path)?.sync_data()?;
@@ -1817,10 +1822,18 @@ impl Sequencer {
             .map(u64::from_be_bytes)
             .unwrap_or(0);
         let mut heads = HashMap::new();
+        // Batches whose records are not all stored: right only for a family erased later in the log.
+        let mut without_records = Vec::new();
         for i in 0..size {
-            let Some(v) = self.tree.get(layout::indexed(tag::BODY, i)).map_err(io)? else {
-                continue;
-            };
+            let v = self
+                .tree
+                .get(layout::indexed(tag::BODY, i))
+                .map_err(io)?
+                .ok_or_else(|| {
+                    StoreError::Format(format!(
+                        "log entry {i} has no stored body: the data folder is damaged"
+                    ))
+                })?;
             let body = EntryBody::decode(v.get(32..).unwrap_or_default())
                 .map_err(|e| StoreError::Format(format!("entry {i}: {e}")))?;
             if let Some(c) = body.customer {
@@ -1834,8 +1847,26 @@ impl Sequencer {
             }
             self.state.last_time = self.state.last_time.max(body.time);
             self.note_key_event(body.kind, body.subject, i);
-            self.replay(i, &body)
+            let replayed = self
+                .replay(i, &body)
                 .map_err(|e| StoreError::Format(format!("entry {i} does not replay: {e}")))?;
+            if let Some(family) = replayed {
+                without_records.push((i, family));
+            }
+        }
+        for (i, (customer, family)) in without_records {
+            let erased = self
+                .state
+                .consent
+                .get(&customer)
+                .and_then(|c| c.erased_at(&family))
+                .is_some();
+            if !erased {
+                return Err(StoreError::Format(format!(
+                    "the records of the batch logged at {i} are missing, and its family was never \
+                     erased: the data folder is damaged"
+                )));
+            }
         }
         self.state.heads = heads;
         self.state.size = size;
@@ -1855,7 +1886,13 @@ impl Sequencer {
         Ok(())
     }
 
-    fn replay(&mut self, index: u64, body: &EntryBody) -> Result<(), StoreError> {
+    /// Replays one log entry into the in-memory state. For a batch whose records are not all stored,
+    /// returns its family, which the caller checks was erased later in the log.
+    fn replay(
+        &mut self,
+        index: u64,
+        body: &EntryBody,
+    ) -> Result<Option<(IdentityId, FamilyId)>, StoreError> {
         let m = |e: &dyn std::fmt::Display| StoreError::Format(e.to_string());
         match body.kind {
             EntryKind::KeyEvent => {
@@ -1947,9 +1984,10 @@ impl Sequencer {
                         _ => complete = false,
                     }
                 }
-                if complete {
-                    ledger.apply(b, &records).map_err(|e| m(&e))?;
+                if !complete {
+                    return Ok(Some((b.customer, b.family)));
                 }
+                ledger.apply(b, &records).map_err(|e| m(&e))?;
             }
             EntryKind::Access => {
                 let rec = AccessRecord::decode(&body.payload).map_err(|e| m(&e))?;
@@ -1964,7 +2002,7 @@ impl Sequencer {
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 }
 

@@ -5,17 +5,21 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
+use cmr_core::batch::SignedBatch;
 use cmr_core::consent::{Access, AccessRequest, Body, Counterparty, Duration as Lasting};
 use cmr_core::decision::DenyReason;
 use cmr_core::family::Scope;
 use cmr_core::hash::sha256;
+use cmr_core::record::{RecordId, SealedRecord};
 use cmr_log::auditor::Auditor;
+use cmr_log::entry::{EntryBody, EntryKind};
 use cmr_store::{Op, Store, StoreError};
 use common::{T0, World, latest_checkpoint, log_key, open, p};
 
@@ -230,6 +234,7 @@ fn nothing_acknowledged_is_lost_after_kill_9() {
             Err(StoreError::Denied(DenyReason::GrantRevoked(_)))
         ));
         drop::<Store>(store);
+        records_match_their_entries(dir.path(), round);
     }
     assert!(!seen.is_empty(), "the child's reader saw no checkpoint");
     assert!(
@@ -242,5 +247,47 @@ fn nothing_acknowledged_is_lost_after_kill_9() {
          unchanged, auditor clean every round",
         acked.len(),
         seen.len()
+    );
+}
+
+/// No record without its log entry, and no log entry without its records: in the closed store's folder,
+/// every stored record names a family-head entry whose signed batch lists it, and every family-head
+/// entry's batch has each of its records stored (the load erases nothing).
+fn records_match_their_entries(path: &std::path::Path, round: usize) {
+    use cmr_store::layout::tag;
+    let db = common::raw_sled(path);
+    let tree = db.open_tree("cmr").unwrap();
+    let mut by_entry: HashMap<u64, Vec<RecordId>> = HashMap::new();
+    for kv in tree.scan_prefix([tag::RECORD]) {
+        let (k, v) = kv.unwrap();
+        assert!(
+            v.len() > 8,
+            "round {round}: record {k:?} has no entry index"
+        );
+        let entry = u64::from_be_bytes(v[..8].try_into().unwrap());
+        let record = SealedRecord::decode(v[8..].to_vec()).unwrap();
+        by_entry.entry(entry).or_default().push(record.header().id);
+    }
+    let mut batches = 0;
+    for kv in tree.scan_prefix([tag::BODY]) {
+        let (k, v) = kv.unwrap();
+        let index = u64::from_be_bytes(k[1..9].try_into().unwrap());
+        let body = EntryBody::decode(&v[32..]).unwrap();
+        if body.kind != EntryKind::FamilyHead {
+            continue;
+        }
+        batches += 1;
+        let batch = SignedBatch::decode(&body.payload).unwrap();
+        let mut listed: Vec<RecordId> = batch.batch().entries.iter().map(|e| e.id).collect();
+        let mut stored = by_entry.remove(&index).unwrap_or_default();
+        listed.sort();
+        stored.sort();
+        assert_eq!(stored, listed, "round {round}: entry {index}'s records");
+    }
+    assert!(batches > 0, "round {round}: no batch was logged");
+    assert!(
+        by_entry.is_empty(),
+        "round {round}: records of no logged batch, naming entries {:?}",
+        by_entry.keys().collect::<Vec<_>>()
     );
 }

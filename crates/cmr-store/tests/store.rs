@@ -13,7 +13,7 @@ use cmr_core::family::Period;
 use cmr_core::family::Scope;
 use cmr_log::auditor::Auditor;
 use cmr_log::verify::verify_inclusion;
-use cmr_store::{Op, StoreError};
+use cmr_store::{Op, Store, StoreConfig, StoreError};
 use common::{T0, World, latest_checkpoint, log_key, open, p};
 
 #[test]
@@ -187,7 +187,7 @@ fn a_newer_or_damaged_store_is_refused() {
         let _store = open(dir.path(), Arc::new(AtomicU64::new(T0)));
     }
     {
-        let db = raw_sled(dir.path());
+        let db = common::raw_sled(dir.path());
         let t = db.open_tree("cmr").unwrap();
         t.insert(cmr_store::layout::META_FORMAT, &99u32.to_be_bytes())
             .unwrap();
@@ -347,26 +347,9 @@ fn a_batch_with_a_bad_signature_or_a_revoked_device_is_refused() {
     ));
 }
 
-/// sled itself, on the folder of a closed store. sled lets go of its folder lock a moment after the store
-/// is dropped (its I/O threads still hold the files): wait for it, as `Store::open` does.
-fn raw_sled(path: &std::path::Path) -> sled::Db {
-    let mut tries = 0;
-    loop {
-        match sled::open(path) {
-            Ok(db) => return db,
-            Err(e) if tries < 200 => {
-                assert!(e.to_string().contains("could not acquire lock"), "{e}");
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-}
-
 /// The number of stored records (table 0x05) in a closed store.
 fn stored_records(path: &std::path::Path) -> usize {
-    raw_sled(path)
+    common::raw_sled(path)
         .open_tree("cmr")
         .unwrap()
         .scan_prefix([0x05])
@@ -677,4 +660,36 @@ fn erasing_a_family_that_never_held_a_record() {
     );
     let mut auditor = Auditor::new(log_key().verifier());
     assert!(auditor.run(&mut &store).unwrap().is_clean());
+}
+
+/// A stored record or log body that went missing (damage, or a hand edit) is refused at open, not
+/// replayed as if its family had been erased.
+#[test]
+fn a_missing_record_or_body_is_refused_at_open() {
+    for victim in [cmr_store::layout::tag::RECORD, cmr_store::layout::tag::BODY] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(AtomicU64::new(T0));
+        {
+            let store = open(dir.path(), clock.clone());
+            let w = World::setup(&store);
+            let tx0 = cmr_core::batch::Head::empty(w.customer.id, w.tx).digest();
+            store
+                .execute(w.customer_batch(tx0, p(2026, 1), 3, 1))
+                .unwrap();
+        }
+        {
+            let db = common::raw_sled(dir.path());
+            let tree = db.open_tree("cmr").unwrap();
+            let (k, _) = tree.scan_prefix([victim]).last().unwrap().unwrap();
+            tree.remove(k).unwrap();
+            db.flush().unwrap();
+        }
+        let mut cfg = StoreConfig::new(dir.path(), log_key());
+        cfg.clock = Arc::new(move || clock.load(std::sync::atomic::Ordering::SeqCst));
+        match Store::open(cfg) {
+            Err(StoreError::Format(e)) => assert!(e.contains("damaged"), "{e}"),
+            Err(other) => panic!("table {victim}: {other}"),
+            Ok(_) => panic!("table {victim}: a store with a missing entry opened"),
+        }
+    }
 }

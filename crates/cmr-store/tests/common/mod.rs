@@ -417,3 +417,20 @@ impl World {
         }
     }
 }
+
+/// sled itself, on the folder of a closed store. sled lets go of its folder lock a moment after the store
+/// is dropped (its I/O threads still hold the files): wait for it, as `Store::open` does.
+pub fn raw_sled(path: &std::path::Path) -> sled::Db {
+    let mut tries = 0;
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(e) if tries < 200 => {
+                assert!(e.to_string().contains("could not acquire lock"), "{e}");
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
