@@ -260,7 +260,18 @@ impl Connection {
             });
         }
         if !status.is_success() {
-            return Err(Attempt::Answered(problem(status.as_u16(), &bytes)));
+            let refusal = problem(status.as_u16(), &bytes);
+            // The server itself does not know whether the request was applied (it timed out while
+            // queued, or the store failed while making it durable): like a lost answer.
+            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                && refusal.code() == Some("in-doubt")
+            {
+                return Err(Attempt::Lost {
+                    error: refusal,
+                    sent: true,
+                });
+            }
+            return Err(Attempt::Answered(refusal));
         }
         let v = serde_json::from_slice(&bytes)
             .map_err(|e| Attempt::Answered(ClientError::Malformed(e.to_string())))?;

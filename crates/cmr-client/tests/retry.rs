@@ -21,8 +21,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Forwards every connection to `upstream`. While `cut` is above zero, the answer to a request whose first
 /// line names `path_part` is swallowed: the request goes through whole, the server answers (so it has
-/// logged the write), and the client's connection is closed instead of receiving that answer.
-async fn proxy(upstream: String, path_part: &'static str, cut: Arc<AtomicUsize>) -> String {
+/// logged the write), and the client's connection is closed instead of receiving that answer — or, with
+/// `instead`, receives those bytes in its place.
+async fn proxy(
+    upstream: String,
+    path_part: &'static str,
+    cut: Arc<AtomicUsize>,
+    instead: Option<Arc<String>>,
+) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move {
@@ -30,7 +36,7 @@ async fn proxy(upstream: String, path_part: &'static str, cut: Arc<AtomicUsize>)
             let Ok((client, _)) = listener.accept().await else {
                 return;
             };
-            let (upstream, cut) = (upstream.clone(), cut.clone());
+            let (upstream, cut, instead) = (upstream.clone(), cut.clone(), instead.clone());
             tokio::spawn(async move {
                 let server = TcpStream::connect(&upstream).await.unwrap();
                 let (mut cr, mut cw) = client.into_split();
@@ -44,7 +50,12 @@ async fn proxy(upstream: String, path_part: &'static str, cut: Arc<AtomicUsize>)
                             match sr.read(&mut buf).await {
                                 Ok(0) | Err(_) => return,
                                 // The server answered: the write is logged; the client never hears.
-                                Ok(_) if swallow.load(Ordering::SeqCst) => return,
+                                Ok(_) if swallow.load(Ordering::SeqCst) => {
+                                    if let Some(bytes) = &instead {
+                                        let _ = cw.write_all(bytes.as_bytes()).await;
+                                    }
+                                    return;
+                                }
                                 Ok(n) => {
                                     if cw.write_all(&buf[..n]).await.is_err() {
                                         return;
@@ -88,7 +99,7 @@ async fn a_write_whose_answer_was_lost_is_sent_again_and_logged_once() {
     let server = common::serve(dir.path(), "retry.test/log", 9).await;
     let upstream = server.conn.base().trim_start_matches("http://").to_string();
     let cut = Arc::new(AtomicUsize::new(0));
-    let front = proxy(upstream, "/batches", cut.clone()).await;
+    let front = proxy(upstream, "/batches", cut.clone(), None).await;
     let conn = Connection::new(&format!("http://{front}")).unwrap();
     let (s, _) = Session::register(conn.clone(), Role::Customer, server.pinned.clone(), now())
         .await
@@ -133,7 +144,7 @@ async fn a_backup_whose_answer_was_lost_is_in_doubt_not_sent_again() {
     let server = common::serve(dir.path(), "retry.test/log", 9).await;
     let upstream = server.conn.base().trim_start_matches("http://").to_string();
     let cut = Arc::new(AtomicUsize::new(0));
-    let front = proxy(upstream, "/backup ", cut.clone()).await;
+    let front = proxy(upstream, "/backup ", cut.clone(), None).await;
     let conn = Connection::new(&format!("http://{front}")).unwrap();
     let (s, _) = Session::register(conn.clone(), Role::Customer, server.pinned.clone(), now())
         .await
@@ -157,4 +168,46 @@ async fn a_backup_whose_answer_was_lost_is_in_doubt_not_sent_again() {
     assert_eq!(stored.0, 1);
     let again = alex.put_backup(&backup, 1).await.unwrap_err();
     assert_eq!(again.code(), Some("backup-conflict"), "{again}");
+}
+
+/// A server that does not know whether it applied a write (it timed out while the write was queued, or
+/// the store failed while making it durable) answers 503 `in-doubt`. The SDK treats that like a lost
+/// answer: it sends the write again, and gets the original result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_answered_in_doubt_is_sent_again_and_logged_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::serve(dir.path(), "retry.test/log", 9).await;
+    let upstream = server.conn.base().trim_start_matches("http://").to_string();
+    let cut = Arc::new(AtomicUsize::new(0));
+    let problem = r#"{"type":"urn:cmr-vault:problem:in-doubt","title":"in-doubt","status":503,"detail":"the request took too long; it may or may not have been applied: send it again to know"}"#;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{problem}",
+        problem.len()
+    );
+    let front = proxy(upstream, "/batches", cut.clone(), Some(Arc::new(answer))).await;
+    let conn = Connection::new(&format!("http://{front}")).unwrap();
+    let (s, _) = Session::register(conn.clone(), Role::Customer, server.pinned.clone(), now())
+        .await
+        .unwrap();
+    let mut alex = Customer::new(s, PseudonymKey::generate(&mut rand::rng()));
+    let contact = FamilyName::profile(Scope::ProfileContact).unwrap();
+    alex.declare(&[contact], now()).await.unwrap();
+    let fam = alex.family_id(&contact);
+
+    cut.store(1, Ordering::SeqCst);
+    let acked = alex
+        .write(fam, Period::ORIGIN, &[b"email: alex@example.org"])
+        .await
+        .unwrap();
+    assert_eq!(cut.load(Ordering::SeqCst), 0, "the answer was not replaced");
+    assert_eq!(conn.resent(), 1, "the SDK did not send it again");
+    assert!(acked.repeated, "the server did not recognise the repeat");
+    let chain = alex.history().await.unwrap();
+    let batches: Vec<u64> = chain
+        .iter()
+        .filter(|e| e.body.kind == EntryKind::FamilyHead)
+        .map(|e| e.index)
+        .collect();
+    assert_eq!(batches, vec![acked.index]);
 }

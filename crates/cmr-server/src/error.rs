@@ -61,6 +61,17 @@ impl ApiError {
     pub fn forbidden(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", detail)
     }
+
+    /// 503 `in-doubt`: the request may or may not have been applied (it timed out while queued, or the
+    /// store failed while making it durable). Writes are idempotent: sending the same bytes again gives
+    /// exactly one result, the original one if it was applied.
+    pub fn in_doubt(detail: &str) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "in-doubt",
+            format!("{detail}; it may or may not have been applied: send it again to know"),
+        )
+    }
 }
 
 impl From<HttpSigError> for ApiError {
@@ -131,6 +142,10 @@ impl From<StoreError> for ApiError {
                 "unavailable",
                 "the store is not accepting writes; retry later",
             ),
+            StoreError::InDoubt(_) => {
+                tracing::error!(error = %e, "storage failure after a group was written");
+                Self::in_doubt("the store failed while making this write durable")
+            }
             StoreError::Format(_) | StoreError::Io(_) => {
                 tracing::error!(error = %e, "storage failure");
                 Self::new(

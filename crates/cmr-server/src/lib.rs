@@ -130,12 +130,17 @@ pub fn app(state: Arc<AppState>) -> Router {
         .layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(|e: tower::BoxError| async move {
-                    let detail = if e.is::<tower::timeout::error::Elapsed>() {
-                        "the request took too long"
+                    if e.is::<tower::timeout::error::Elapsed>() {
+                        // A write may still be queued in the store, and applied after this answer.
+                        error::ApiError::in_doubt("the request took too long")
                     } else {
-                        "the server is at capacity; retry later"
-                    };
-                    error::ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+                        // Shed before the handler ran: nothing was applied.
+                        error::ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "unavailable",
+                            "the server is at capacity; retry later",
+                        )
+                    }
                 }))
                 .load_shed()
                 .concurrency_limit(in_flight)

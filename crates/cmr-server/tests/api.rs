@@ -2006,3 +2006,94 @@ async fn a_backwards_read_gets_400_and_the_server_carries_on() {
     let w = customer_writes_one(&mut f, 40).await;
     assert_eq!(w.0, StatusCode::OK, "{}", w.1);
 }
+
+/// A write that runs past the server's timeout is answered 503 `in-doubt` (it may still be queued in the
+/// store), not a plain failure; sent again, it is logged exactly once.
+#[tokio::test]
+async fn a_write_past_the_timeout_is_in_doubt_and_logged_once_when_sent_again() {
+    let mut f = flow().await;
+    let statements = format!("/v1/vaults/{}/statements", f.customer.id.to_hex());
+    // The same store behind a server with a 1 s timeout, on a paused clock: once the handler waits for
+    // the store, the runtime is idle and the clock jumps past the timeout while the write is queued.
+    let normal = f.env.app.clone();
+    let c = f.env.clock.clone();
+    f.env.app = app(Arc::new(AppState::with_clock(
+        f.env.store.clone(),
+        Config {
+            authority: "vault.test".into(),
+            scheme: "http".into(),
+            timeout: std::time::Duration::from_secs(1),
+            ..Config::default()
+        },
+        Arc::new(move || c.load(Ordering::SeqCst)),
+    )));
+    // On a loaded machine the store may answer before the runtime goes idle: try a few requests.
+    let mut in_doubt = None;
+    for attempt in 0..5 {
+        let req = statement(
+            &f.acme,
+            f.customer.id,
+            StBody::Request(AccessRequest {
+                scopes: vec![(Scope::Transactions, Access::Read)],
+                purpose: format!("look {attempt}"),
+                duration: Duration::OneTime,
+                lookback_months: 3,
+                counterparty: Counterparty::OnlyRequester,
+            }),
+            None,
+        );
+        let body = json!({"statement": B64.encode(req.encode())});
+        tokio::time::pause();
+        let (s, v) = f
+            .env
+            .call(
+                "POST",
+                &statements,
+                body.clone(),
+                Signer::Device(&f.acme.device),
+            )
+            .await;
+        tokio::time::resume();
+        if s == StatusCode::OK {
+            continue;
+        }
+        assert_eq!(
+            (s, v["type"].as_str().unwrap_or_default()),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "urn:cmr-vault:problem:in-doubt"
+            ),
+            "{v}"
+        );
+        in_doubt = Some((req, body));
+        break;
+    }
+    let (req, body) = in_doubt.expect("no request ran past the timeout in five tries");
+    // Sent again to the normal server: one result, and the statement is in the log once.
+    f.env.app = normal;
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &statements,
+            body.clone(),
+            Signer::Device(&f.acme.device),
+        )
+        .await;
+    // It had been applied after the 503: the server recognises it.
+    assert_eq!(
+        (s, v["repeated"].as_bool()),
+        (StatusCode::OK, Some(true)),
+        "{v}"
+    );
+    let index = v["index"].as_u64().unwrap();
+    let size = f.env.store.checkpoint().unwrap().unwrap();
+    let size: u64 = size.lines().nth(1).unwrap().parse().unwrap();
+    let logged = (0..size)
+        .filter(|i| {
+            let b = f.env.store.body(*i).unwrap().unwrap();
+            cmr_log::entry::EntryBody::decode(&b.body).unwrap().payload == req.encode()
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(logged, vec![index]);
+}

@@ -82,9 +82,14 @@ pub enum StoreError {
     /// Storage failed; the store stops taking writes until it is reopened.
     #[error("storage failure: {0}")]
     Io(String),
-    /// The store is shut down or stopped after a storage failure.
+    /// The store is shut down or stopped after a storage failure; the operation was not applied.
     #[error("the store is not accepting operations")]
     Closed,
+    /// The group was written, but making it durable (or recording that it was) failed: the operation
+    /// may or may not survive a crash, and the store stops. Sending it again after the restart gives
+    /// exactly one result, since writes are idempotent.
+    #[error("the write may or may not be durable: {0}")]
+    InDoubt(String),
 }
 
 impl StoreError {
@@ -1071,8 +1076,10 @@ impl Sequencer {
                 }
             }
             self.tree.apply_batch(batch).map_err(io)?;
-            self.db.flush().map_err(io)?;
-            sync_dir(&self.path, &mut self.synced)?;
+            // From here on the group is in sled: a failure leaves its fate unknown.
+            let in_doubt = |e: StoreError| StoreError::InDoubt(e.to_string());
+            self.db.flush().map_err(io).map_err(in_doubt)?;
+            sync_dir(&self.path, &mut self.synced).map_err(in_doubt)?;
             Ok((note, root))
         })();
         let (note, root) = match outcome {
@@ -1088,9 +1095,10 @@ impl Sequencer {
         };
         self.state.size = size;
         if let Err(e) = self.mark.write(size, &root) {
+            // The group is durable, but the store cannot vouch for it at the next open.
             self.poisoned.store(true, Ordering::SeqCst);
             for reply in replies {
-                let _ = reply.send(Err(e.clone()));
+                let _ = reply.send(Err(StoreError::InDoubt(e.to_string())));
             }
             return;
         }

@@ -19,7 +19,9 @@ pub(crate) async fn run(state: &crate::AppState, op: cmr_store::Op) -> Result<Ac
         .store
         .submit(op)
         .await
-        .map_err(|_| ApiError::from(cmr_store::StoreError::Closed))??)
+        // The sequencer dropped the reply without answering (it stopped mid-group): the operation may
+        // or may not have been applied.
+        .map_err(|_| ApiError::in_doubt("the store stopped while handling this request"))??)
 }
 
 /// Parses a JSON body; unknown fields are refused by the types.
