@@ -693,3 +693,97 @@ fn a_missing_record_or_body_is_refused_at_open() {
         }
     }
 }
+
+/// A directory is published by compare-and-swap: the next version on the current one, or nothing. A
+/// stale, skipped or forked version gets `DirectoryConflict` naming the version expected, and changes
+/// nothing.
+#[test]
+fn a_directory_not_on_the_current_one_is_a_conflict() {
+    use cmr_core::directory::SignedDirectory;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Arc::new(AtomicU64::new(T0)));
+    let w = World::setup(&store);
+    let v1 = SignedDirectory::decode(&store.directory(&w.customer.id).unwrap().unwrap()).unwrap();
+    let next = |version: u64, prev: cmr_core::hash::Digest| {
+        let mut d = v1.directory().clone();
+        d.version = version;
+        d.prev = prev;
+        d.issued_at = T0 + version;
+        Op::PublishDirectory(d.sign(&w.customer.device.signing).encode())
+    };
+    let before = store.checkpoint().unwrap();
+    for (op, what) in [
+        (next(1, cmr_core::hash::Digest([0; 32])), "version 1 again"),
+        (next(3, v1.digest()), "a skipped version"),
+        (next(2, cmr_core::hash::Digest([7; 32])), "a fork"),
+    ] {
+        assert_eq!(
+            store.execute(op).unwrap_err(),
+            StoreError::DirectoryConflict { expected: 2 },
+            "{what}"
+        );
+    }
+    assert_eq!(store.checkpoint().unwrap(), before);
+    store.execute(next(2, v1.digest())).unwrap();
+}
+
+/// Values past their limits are refused with a typed error before anything changes: a record grown past
+/// its encoding, more records than the batch lists, a key backup over its cap, statements and identity
+/// events far over the log's payload limit.
+#[test]
+fn oversized_values_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Arc::new(AtomicU64::new(T0)));
+    let w = World::setup(&store);
+    let tx0 = cmr_core::batch::Head::empty(w.customer.id, w.tx).digest();
+    let Op::WriteBatch { batch, records, .. } = w.customer_batch(tx0, p(2026, 1), 1, 1) else {
+        unreachable!()
+    };
+    let mut grown = records[0].clone();
+    grown.extend(std::iter::repeat_n(0u8, 2 * 1024 * 1024));
+    let before = store.checkpoint().unwrap();
+    for (op, what) in [
+        (
+            Op::WriteBatch {
+                batch: batch.clone(),
+                records: vec![grown],
+                access: None,
+            },
+            "a record grown by 2 MiB",
+        ),
+        (
+            Op::WriteBatch {
+                batch: batch.clone(),
+                records: vec![records[0].clone(); cmr_core::batch::MAX_BATCH_RECORDS + 1],
+                access: None,
+            },
+            "more records than the batch lists",
+        ),
+        (
+            Op::PutBackup {
+                customer: w.customer.id,
+                version: 1,
+                bytes: vec![1; cmr_store::MAX_BACKUP + 1],
+            },
+            "a backup over its cap",
+        ),
+        (Op::Statement(vec![7; 1024 * 1024]), "a 1 MiB statement"),
+        (Op::Register(vec![7; 1024 * 1024]), "a 1 MiB key event"),
+    ] {
+        let e = store.execute(op).unwrap_err();
+        assert!(
+            matches!(e, StoreError::Malformed(_) | StoreError::Refused(_)),
+            "{what}: {e}"
+        );
+    }
+    assert_eq!(store.checkpoint().unwrap(), before);
+    assert_eq!(store.backup(&w.customer.id).unwrap(), None);
+    // The batch itself, as it was, is still accepted.
+    store
+        .execute(Op::WriteBatch {
+            batch,
+            records,
+            access: None,
+        })
+        .unwrap();
+}
