@@ -116,3 +116,135 @@ fn two_appenders_racing_on_one_head() {
             .any(|r| matches!(r, Err(StoreError::StaleHead)))
     );
 }
+
+/// Runs two operations from two threads released together: the sequencer alone decides their order.
+fn race(store: &Arc<cmr_store::Store>, a: Op, b: Op) -> [Result<cmr_store::Ack, StoreError>; 2] {
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let run = |op: Op| {
+        let (store, barrier) = (store.clone(), barrier.clone());
+        std::thread::spawn(move || {
+            barrier.wait();
+            store.execute(op)
+        })
+    };
+    let (ta, tb) = (run(a), run(b));
+    [ta.join().unwrap(), tb.join().unwrap()]
+}
+
+/// A company's append racing the revocation of another read grant on the family (which exposes the
+/// family's keys): served if it is logged first, `rotation-pending` if it comes after. Ten rounds, each
+/// a real race between two threads; whichever way each falls, the log order decides.
+#[test]
+fn a_company_append_racing_a_revocation_is_decided_by_log_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(dir.path(), Arc::new(AtomicU64::new(T0))));
+    let mut w = World::setup(&store);
+    let g = w.grant(&store);
+    let mut head = Head::empty(w.customer.id, w.tx).digest();
+    let (mut before, mut after) = (0, 0);
+    for round in 0..10u64 {
+        let look = w.read_grant(&format!("a look {round}"), 1 + round);
+        store.execute(Op::Statement(look.encode())).unwrap();
+        let append = w.acme_append(g, head, p(2026, 1), 1 + round, round);
+        let [rev, app] = race(&store, w.revoke(look.id()), append);
+        let rev = rev.unwrap().index.unwrap();
+        match app {
+            Ok(ack) => {
+                assert!(ack.index.unwrap() < rev, "round {round}: served after");
+                before += 1;
+            }
+            Err(StoreError::Denied(DenyReason::RotationPending(f))) => {
+                assert_eq!(f, w.tx);
+                after += 1;
+            }
+            Err(e) => panic!("round {round}: {e}"),
+        }
+        // The customer completes the rotation, keeping acme's append grant, then reads the new head.
+        let rc = RotationCompletion {
+            family: w.tx,
+            epoch: 2 + round,
+            directory: Digest([0; 32]),
+            keepers: vec![(g, keeper_bundle(&w, g))],
+        };
+        store
+            .execute(Op::Statement(
+                w.statement(true, Body::RotationCompletion(rc), None)
+                    .encode(),
+            ))
+            .unwrap();
+        head = w.head_of(&store, w.tx, (p(2025, 1), p(2026, 12)));
+    }
+    assert_eq!(before + after, 10);
+    println!("appends logged before the revocation: {before}, after it: {after}");
+}
+
+/// The new epoch's keys for a kept grant, sealed to acme (their content does not matter to the store).
+fn keeper_bundle(w: &World, g: cmr_core::consent::StatementId) -> cmr_core::wrap::SealedBytes {
+    cmr_core::epoch::KeyBundle { entries: vec![] }.seal(
+        &mut rand::rng(),
+        w.customer.id,
+        w.acme.id,
+        &w.acme.kem.public_key(),
+        g.0,
+    )
+}
+
+/// After a rotation, a company's append still sealed to the old epoch is `stale-epoch`, and one sealed to
+/// the new epoch under a kept grant is served.
+#[test]
+fn a_company_append_to_the_old_epoch_after_a_rotation_is_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Arc::new(AtomicU64::new(T0)));
+    let mut w = World::setup(&store);
+    let g = w.grant(&store);
+    let look = w.read_grant("a look", 1);
+    store.execute(Op::Statement(look.encode())).unwrap();
+    store.execute(w.revoke(look.id())).unwrap();
+    let rc = RotationCompletion {
+        family: w.tx,
+        epoch: 2,
+        directory: Digest([0; 32]),
+        keepers: vec![(g, keeper_bundle(&w, g))],
+    };
+    store
+        .execute(Op::Statement(
+            w.statement(true, Body::RotationCompletion(rc), None)
+                .encode(),
+        ))
+        .unwrap();
+    let head = Head::empty(w.customer.id, w.tx).digest();
+    let old = w.acme_append(g, head, p(2026, 1), 1, 1);
+    assert_eq!(
+        store.execute(old).unwrap_err(),
+        StoreError::Denied(DenyReason::StaleEpoch { current: 2 })
+    );
+    let new = w.acme_append(g, head, p(2026, 1), 2, 2);
+    store.execute(new).unwrap();
+}
+
+/// Two writers, the customer and the company, released together on one head: exactly one is logged, the
+/// other gets `stale-head`. Ten rounds.
+#[test]
+fn two_writers_released_together_on_one_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(dir.path(), Arc::new(AtomicU64::new(T0))));
+    let mut w = World::setup(&store);
+    let g = w.grant(&store);
+    for round in 0..10u64 {
+        let head = w.head_of(&store, w.tx, (p(2025, 1), p(2026, 12)));
+        let mine = w.customer_batch(head, p(2026, 2), 1, 100 + round);
+        let theirs = w.acme_append(g, head, p(2026, 2), 1, 200 + round);
+        let results = race(&store, mine, theirs);
+        assert_eq!(
+            results.iter().filter(|r| r.is_ok()).count(),
+            1,
+            "round {round}: {results:?}"
+        );
+        assert!(
+            results
+                .iter()
+                .any(|r| matches!(r, Err(StoreError::StaleHead))),
+            "round {round}: {results:?}"
+        );
+    }
+}

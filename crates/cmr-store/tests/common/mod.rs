@@ -405,6 +405,83 @@ impl World {
         }
     }
 
+    /// A read-only grant to acme on the transactions family at `epoch`, answering no request (`purpose`
+    /// makes it another grant than the others), not yet logged.
+    pub fn read_grant(&self, purpose: &str, epoch: u64) -> SignedStatement {
+        let g = Grant {
+            grantee: self.acme.id,
+            request: None,
+            purpose: purpose.into(),
+            duration: Duration::Persistent,
+            not_before: T0,
+            expires: None,
+            lookback_start: p(2025, 1),
+            window_months: None,
+            scopes: vec![(Scope::Transactions, Access::Read)],
+            families: vec![GrantFamily {
+                family: self.tx,
+                scope: Scope::Transactions,
+                epoch,
+                access: Access::Read,
+            }],
+            append_family: None,
+            grantee_kem: self.acme.kem.public_key(),
+        };
+        let st = Statement {
+            customer: self.customer.id,
+            author: self.customer.id,
+            device: self.customer.device.id(),
+            issued_at: T0,
+            body: Body::Grant(g.clone()),
+        };
+        let id = SignedStatement::grant_id(&st);
+        let bundle = KeyBundle {
+            entries: vec![BundleEntry {
+                family: self.tx,
+                epoch,
+                key: self.secret_tx.read_key(p(2025, 1)),
+            }],
+        }
+        .seal(
+            &mut rand::rng(),
+            self.customer.id,
+            self.acme.id,
+            &self.acme.kem.public_key(),
+            id.0,
+        );
+        self.statement(true, Body::Grant(g), Some(bundle))
+    }
+
+    /// Acme's append of `n` records in `period` of the transactions family under `grant`, sealed to
+    /// `epoch`, extending `head`.
+    pub fn acme_append(
+        &mut self,
+        grant: StatementId,
+        head: Digest,
+        period: Period,
+        epoch: u64,
+        tag: u64,
+    ) -> Op {
+        let key = self.secret_tx.append_key(&self.acme.id, period);
+        let sealer =
+            RecordSealer::new(self.customer.id, self.tx, epoch, self.acme.id, &key, period)
+                .unwrap();
+        let mut id = [0xac; 16];
+        id[..8].copy_from_slice(&tag.to_be_bytes());
+        let record = sealer
+            .seal(&mut rand::rng(), RecordId(id), b"invoice")
+            .unwrap();
+        let batch =
+            Batch::for_records(self.acme.device.id(), head, std::slice::from_ref(&record)).unwrap();
+        let mut access = self.access(grant, AccessKind::Append, self.tx, period, period, T0);
+        access.epoch = Some(epoch);
+        Op::WriteBatch {
+            batch: SignedBatch::sign(batch, &self.acme.device.signing).encode(),
+            records: vec![record.as_bytes().to_vec()],
+            access: Some(access),
+        }
+    }
+
     pub fn read(&mut self, grant: StatementId, from: Period, created: u64) -> Op {
         let access = self.access(grant, AccessKind::Read, self.tx, from, p(2026, 12), created);
         Op::Read {
