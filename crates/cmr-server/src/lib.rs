@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use cmr_store::Store;
+use cmr_store::Backend;
 
 /// The server's configuration. One struct, filled from flags and the environment by the binary.
 #[derive(Debug, Clone)]
@@ -61,8 +61,8 @@ impl Default for Config {
 
 /// What every handler shares.
 pub struct AppState {
-    /// The store.
-    pub store: Arc<Store>,
+    /// The storage behind the server: sled by default ([`cmr_store::Store`]), or any [`Backend`].
+    pub store: Arc<dyn Backend>,
     /// The configuration.
     pub config: Config,
     /// The nonces seen within the replay window.
@@ -77,7 +77,7 @@ pub struct AppState {
 
 impl AppState {
     /// The state for `store` with `config` and the system clock.
-    pub fn new(store: Arc<Store>, config: Config) -> Self {
+    pub fn new(store: Arc<dyn Backend>, config: Config) -> Self {
         Self::with_clock(
             store,
             config,
@@ -92,7 +92,7 @@ impl AppState {
 
     /// The state with a given clock (tests move it by hand).
     pub fn with_clock(
-        store: Arc<Store>,
+        store: Arc<dyn Backend>,
         config: Config,
         clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     ) -> Self {

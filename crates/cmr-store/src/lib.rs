@@ -9,11 +9,16 @@
 //!
 //! What it does not own: request authentication (the server), cryptographic rules (`cmr-core`), log
 //! formats and proofs (`cmr-log`).
+//!
+//! The server depends on the [`Backend`] trait, not on sled: [`Store`] is its sled implementation, and a
+//! later PostgreSQL backend implements the same trait (see `backend`).
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod layout;
 pub mod store;
 
+pub use backend::Backend;
 pub use store::{
     ACK_MARK, Ack, KeyIndex, MAX_BACKUP, Op, ReadResult, Store, StoreConfig, StoreError,
 };
