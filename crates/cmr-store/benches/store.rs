@@ -2,7 +2,7 @@
 //! - 64 concurrent single-record durable writers (each on its own family) against the same write made
 //!   durable one at a time;
 //! - batched writes (64 records of 1 KiB per batch) against raw sled `apply_batch(64)` + `flush`;
-//! - RSS after 1,000,000 records with the store's cache capacity.
+//! - RSS after 1,000,000 records, in a fresh process with the store's default configuration.
 //!
 //! Run: `cargo bench -p cmr-store --bench store` (CMR_BENCH_RECORDS changes the 1,000,000, CMR_BENCH_ROUNDS
 //! the 3 interleaved rounds of the batched comparison).
@@ -32,6 +32,11 @@ struct Vault {
 }
 
 fn open(path: &std::path::Path) -> Store {
+    open_with(path, Some(256 * 1024 * 1024))
+}
+
+/// A store with `cache` bytes of sled cache, or the store's default (`StoreConfig::new`) for `None`.
+fn open_with(path: &std::path::Path, cache: Option<u64>) -> Store {
     let key = NoteSigner::new(
         "vault.example/log",
         TYPE_ED25519,
@@ -39,7 +44,9 @@ fn open(path: &std::path::Path) -> Store {
     )
     .expect("valid name");
     let mut cfg = StoreConfig::new(path, key);
-    cfg.cache_capacity = 256 * 1024 * 1024;
+    if let Some(cache) = cache {
+        cfg.cache_capacity = cache;
+    }
     let clock = Arc::new(AtomicU64::new(T0));
     cfg.clock = Arc::new(move || clock.load(std::sync::atomic::Ordering::Relaxed));
     Store::open(cfg).expect("opens")
@@ -157,6 +164,9 @@ fn rss_mib() -> f64 {
 }
 
 fn main() {
+    if let Some(total) = std::env::var(RSS_CHILD).ok().and_then(|v| v.parse().ok()) {
+        return rss_child(total);
+    }
     println!("store benchmarks");
     // 1. Durable single-record writes: one at a time, then 64 concurrent writers.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -303,27 +313,63 @@ fn main() {
     );
     drop(store8);
     drop(store);
-    let store = open(dir.path());
+    drop(db);
 
-    // 3. RSS at N records.
+    // 3. RSS at N records, in a fresh process with the store's default configuration (what `cmr serve`
+    // runs with), so that nothing of the phases above counts.
     let total: usize = std::env::var("CMR_BENCH_RECORDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    let per_batch = 1000;
+    let out = std::process::Command::new(std::env::current_exe().expect("this bench"))
+        .env(RSS_CHILD, total.to_string())
+        .output()
+        .expect("the RSS child runs");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Set in the child process that measures RSS: the number of records to write.
+const RSS_CHILD: &str = "CMR_BENCH_RSS_CHILD";
+
+/// The RSS child: writes `total` records of 1 KiB in batches of 1,000 into a store with the default
+/// cache, reopens it (as a restarted server would, rebuilding its state from the log), and reports RSS
+/// after each.
+fn rss_child(total: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_with(dir.path(), None);
+    let v = vault(&store, 1);
+    let mut w = Writer::new(&v, 0);
     let start = Instant::now();
-    let mut written = rounds * batches * 64;
+    let mut written = 0;
     while written < total {
-        let op = w.op(per_batch.min(total - written), 1024);
-        store.execute(op).expect("write");
-        written += per_batch;
+        let n = 1000.min(total - written);
+        store.execute(w.op(n, 1024)).expect("write");
+        written += n;
     }
     println!(
-        "| write up to {total} records of 1 KiB | | {:.1} s |",
+        "| write {total} records of 1 KiB (batches of 1,000) | | {:.1} s |",
+        start.elapsed().as_secs_f64()
+    );
+    let mib = cmr_store::DEFAULT_CACHE / (1024 * 1024);
+    println!(
+        "| RSS with {total} records, default cache_capacity {mib} MiB, after writing | | {:.0} MiB |",
+        rss_mib()
+    );
+    drop(store);
+    let start = Instant::now();
+    let store = open_with(dir.path(), None);
+    println!(
+        "| reopen (replay the log) | | {:.1} s |",
         start.elapsed().as_secs_f64()
     );
     println!(
-        "| RSS with {total} records, cache_capacity 256 MiB | | {:.0} MiB |",
+        "| RSS with {total} records, default cache_capacity {mib} MiB, after a reopen | | {:.0} MiB |",
         rss_mib()
     );
+    drop(store);
 }

@@ -20,5 +20,6 @@ pub mod store;
 
 pub use backend::Backend;
 pub use store::{
-    ACK_MARK, Ack, KeyIndex, MAX_BACKUP, Op, ReadResult, Store, StoreConfig, StoreError,
+    ACK_MARK, Ack, DEFAULT_CACHE, KeyIndex, MAX_BACKUP, Op, ReadResult, Store, StoreConfig,
+    StoreError,
 };

@@ -223,15 +223,17 @@ pub struct StoreConfig {
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
 }
 
+/// sled's cache in a default configuration. sled's own default is 1 GiB. Its cache mostly repeats the OS
+/// page cache, which holds the same files: 16 MiB served reads and appends as fast as 128 MiB, at a
+/// million records too, with over 100 MiB less memory (docs/performance.md).
+pub const DEFAULT_CACHE: u64 = 16 * 1024 * 1024;
+
 impl StoreConfig {
-    /// A configuration with 256 MiB of cache, groups of up to 256 operations and the system clock.
+    /// A configuration with [`DEFAULT_CACHE`], groups of up to 256 operations and the system clock.
     pub fn new(path: impl AsRef<Path>, log_key: NoteSigner) -> Self {
         Self {
             path: path.as_ref().to_path_buf(),
-            // sled's own default is 1 GiB. Its cache mostly repeats the OS page cache, which holds the
-            // same files: 16 MiB served reads and appends as fast as 128 MiB, at a million records too,
-            // with over 100 MiB less memory (docs/performance.md).
-            cache_capacity: 16 * 1024 * 1024,
+            cache_capacity: DEFAULT_CACHE,
             log_key,
             max_group: 256,
             clock: Arc::new(|| {
