@@ -6,7 +6,8 @@
 //! then every log entry as stored (log bodies), every payload by kind (statements, key events, device
 //! certificates, directories, signed batches, access records), the checkpoint note and the C2SP keys,
 //! sealed records, signed RFC 9421 headers, a key file, request bodies for every route, and the
-//! request-body harness's own valid requests (`cmr_fuzz::valid_requests`). Each file is
+//! request-body harness's own valid requests (`cmr_fuzz::valid_requests`) and honest read answers
+//! (`cmr_fuzz::read_proof_seeds`). Each file is
 //! named by the SHA-256 of its content, so writing twice changes nothing.
 #![allow(clippy::unwrap_used)] // A developer tool: a panic names what failed.
 
@@ -286,6 +287,10 @@ async fn main() {
     let valid = std::thread::spawn(cmr_fuzz::valid_requests).join().unwrap();
     for bytes in valid {
         corpus.put("request_body", &bytes);
+    }
+    // Honest read answers, as a reader's SDK gets them.
+    for bytes in cmr_fuzz::read_proof_seeds() {
+        corpus.put("read_proof", &bytes);
     }
     println!(
         "wrote {} seed files under {}",

@@ -6,10 +6,11 @@
 //! (the `fuzz/` folder at the workspace root, outside the workspace, `RUSTC_BOOTSTRAP=1` on stable), and
 //! `tests/replay.rs` runs every corpus and regression file through them as an ordinary test on stable.
 //!
-//! Does not own: the parsers themselves (cmr-core, cmr-log, cmr-server), nor the seed corpus's builder
+//! Does not own: the parsers themselves (cmr-core, cmr-log, cmr-server, and the SDK's read parser in cmr-client), nor the seed corpus's builder
 //! (`examples/write-seeds.rs`, which drives a real flow and keeps the bytes it saw).
 #![forbid(unsafe_code)]
 
+mod read;
 mod server;
 
 use base64::Engine as _;
@@ -30,6 +31,7 @@ use cmr_log::checkpoint::{self, Checkpoint};
 use cmr_log::entry::{AccessRecord, EntryBody};
 use cmr_log::note::{Note, NoteSigner, NoteVerifier, TYPE_ED25519};
 
+pub use read::{read_proof, read_proof_seeds};
 pub use server::{Harness, request_body, valid_requests};
 
 /// What a target made of its input.
@@ -55,7 +57,7 @@ impl Outcome {
 pub type Target = fn(&[u8]) -> Outcome;
 
 /// Every target, by name, as cargo-fuzz and the corpus folders name them.
-pub const TARGETS: [(&str, Target); 9] = [
+pub const TARGETS: [(&str, Target); 10] = [
     ("statement", statement),
     ("record", record),
     ("range_proof", range_proof),
@@ -65,6 +67,7 @@ pub const TARGETS: [(&str, Target); 9] = [
     ("keyfile", key_file),
     ("log_body", log_body),
     ("request_body", request_body),
+    ("read_proof", read_proof),
 ];
 
 /// Signed statements and the other signed identity objects: consent statements, key events, device

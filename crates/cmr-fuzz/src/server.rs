@@ -26,8 +26,8 @@ use cmr_core::epoch::{BundleEntry, EpochSecret, KeyBundle};
 use cmr_core::family::{FamilyId, FamilyName, Period, PseudonymKey, Scope};
 use cmr_core::hash::Digest;
 use cmr_core::httpsig;
-use cmr_core::identity::{DeviceKeys, IdentityId, NewIdentity, Role, create_identity};
-use cmr_core::keys::SigningKey;
+use cmr_core::identity::{DeviceId, DeviceKeys, IdentityId, NewIdentity, Role, create_identity};
+use cmr_core::keys::{SigningKey, VerifyingKey};
 use cmr_core::record::{RecordId, RecordSealer};
 use cmr_server::{AppState, Config};
 use cmr_store::{Store, StoreConfig};
@@ -45,6 +45,8 @@ const T0: u64 = 1_767_225_600;
 const SETUP_SEED: [u8; 32] = [0x5e; 32];
 /// The seed of the keys and nonces inside [`valid_requests`].
 const REQUESTS_SEED: [u8; 32] = [0x5f; 32];
+/// The seed of the records [`read_world`] adds.
+const READS_SEED: [u8; 32] = [0x60; 32];
 
 /// A signed request's signer.
 enum Signer<'a> {
@@ -184,7 +186,7 @@ impl Harness {
             json!({"statement": B64.encode(grant.encode())}),
             "/v1/vaults/{c}/statements",
         );
-        let first = h.batch_body(rng, &h.customer, h.head, 0);
+        let first = h.batch_body(rng, &h.customer, h.head, 0, month(2026, 2));
         let v = h.expect_ok(0, first, "/v1/vaults/{c}/families/{f}/batches");
         h.head = v["head"]
             .as_str()
@@ -318,8 +320,14 @@ impl Harness {
 
     /// A batch of two records by `author` on `head` (an append under the grant when the author is the
     /// company), as a request body.
-    fn batch_body(&self, rng: &mut StdRng, author: &Party, head: Digest, n: u8) -> Value {
-        let period = month(2026, 2);
+    fn batch_body(
+        &self,
+        rng: &mut StdRng,
+        author: &Party,
+        head: Digest,
+        n: u8,
+        period: Period,
+    ) -> Value {
         let key = if author.id == self.customer.id {
             self.secret.read_key(Period::ORIGIN)
         } else {
@@ -422,6 +430,52 @@ impl Default for Harness {
     }
 }
 
+/// What the read-proof target checks against: honest answers to the customer's reads of a family with
+/// records in three periods, by two authors, and the keys of the devices that signed its batches.
+pub(crate) struct ReadWorld {
+    /// The whole family in one page.
+    pub full: Value,
+    /// The first page of three records.
+    pub paged: Value,
+    /// The devices that signed batches, and their keys.
+    pub devices: Vec<(DeviceId, VerifyingKey)>,
+}
+
+/// Grows a fresh harness's family (batches by the customer in 2025-12 and 2026-03, an append by the
+/// company in 2026-03) and reads it back, as the customer. Deterministic, like the harness.
+pub(crate) fn read_world() -> ReadWorld {
+    let mut h = Harness::new();
+    let rng = &mut StdRng::from_seed(READS_SEED);
+    let batches = "/v1/vaults/{c}/families/{f}/batches";
+    for (who, n, period) in [
+        (0, 3, month(2025, 12)),
+        (0, 4, month(2026, 3)),
+        (1, 5, month(2026, 3)),
+    ] {
+        let body = h.batch_body(rng, h.party(who), h.head, n, period);
+        let v = h.expect_ok(who, body, batches);
+        h.head = v["head"]
+            .as_str()
+            .and_then(Digest::from_hex)
+            .expect("a batch's acknowledgement names its head");
+    }
+    let read = "/v1/vaults/{c}/families/{f}/read";
+    let full = h.expect_ok(0, json!({"from": "2025-01", "to": "2026-12"}), read);
+    let paged = h.expect_ok(
+        0,
+        json!({"from": "2025-01", "to": "2026-12", "limit": 3}),
+        read,
+    );
+    let devices = [&h.customer, &h.company]
+        .map(|p| (p.device.id(), p.device.signing.verifying_key()))
+        .to_vec();
+    ReadWorld {
+        full,
+        paged,
+        devices,
+    }
+}
+
 /// A bundle's sealing randomness and entries.
 type BundleSeal<'a> = (&'a mut StdRng, Vec<BundleEntry>);
 
@@ -521,8 +575,16 @@ pub fn valid_requests() -> Vec<Vec<u8>> {
         ));
     }
     // A batch by the customer, and an append by the company under its grant, on the head.
-    out.push((6, customer, h.batch_body(rng, &h.customer, h.head, 1)));
-    out.push((6, company, h.batch_body(rng, &h.company, h.head, 2)));
+    out.push((
+        6,
+        customer,
+        h.batch_body(rng, &h.customer, h.head, 1, month(2026, 2)),
+    ));
+    out.push((
+        6,
+        company,
+        h.batch_body(rng, &h.company, h.head, 2, month(2026, 2)),
+    ));
     // Reads: the company's under its grant, the customer's own.
     out.push((
         7,

@@ -60,7 +60,8 @@ replay_tests!(
     httpsig,
     keyfile,
     log_body,
-    request_body
+    request_body,
+    read_proof
 );
 
 /// The request-body seeds are valid requests of the harness's deterministic identities: each one, sent
