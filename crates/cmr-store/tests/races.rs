@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use cmr_core::batch::Head;
-use cmr_core::consent::{Body, RotationCompletion};
+use cmr_core::consent::{Body, RotationCompletion, StatementId};
 use cmr_core::decision::DenyReason;
 use cmr_core::hash::Digest;
 use cmr_store::{Op, StoreError};
@@ -79,18 +79,7 @@ fn an_append_after_a_revocation_waits_for_the_rotation_and_then_must_use_the_new
         StoreError::Denied(DenyReason::RotationPending(w.tx))
     );
     // The customer's client completes the rotation to epoch 2.
-    let rc = RotationCompletion {
-        family: w.tx,
-        epoch: 2,
-        directory: Digest([0; 32]),
-        keepers: vec![],
-    };
-    store
-        .execute(Op::Statement(
-            w.statement(true, Body::RotationCompletion(rc), None)
-                .encode(),
-        ))
-        .unwrap();
+    rotate(&store, &w, 2, None);
     // An append still sealed to epoch 1 is stale.
     assert_eq!(
         store
@@ -160,33 +149,41 @@ fn a_company_append_racing_a_revocation_is_decided_by_log_order() {
             Err(e) => panic!("round {round}: {e}"),
         }
         // The customer completes the rotation, keeping acme's append grant, then reads the new head.
-        let rc = RotationCompletion {
-            family: w.tx,
-            epoch: 2 + round,
-            directory: Digest([0; 32]),
-            keepers: vec![(g, keeper_bundle(&w, g))],
-        };
-        store
-            .execute(Op::Statement(
-                w.statement(true, Body::RotationCompletion(rc), None)
-                    .encode(),
-            ))
-            .unwrap();
+        rotate(&store, &w, 2 + round, Some(g));
         head = w.head_of(&store, w.tx, (p(2025, 1), p(2026, 12)));
     }
     assert_eq!(before + after, 10);
     println!("appends logged before the revocation: {before}, after it: {after}");
 }
 
-/// The new epoch's keys for a kept grant, sealed to acme (their content does not matter to the store).
-fn keeper_bundle(w: &World, g: cmr_core::consent::StatementId) -> cmr_core::wrap::SealedBytes {
-    cmr_core::epoch::KeyBundle { entries: vec![] }.seal(
-        &mut rand::rng(),
-        w.customer.id,
-        w.acme.id,
-        &w.acme.kem.public_key(),
-        g.0,
-    )
+/// The customer's client completes the rotation of the transactions family to `epoch`, keeping `kept`
+/// (acme's grant) with the new epoch's keys sealed to acme (their content does not matter to the store).
+fn rotate(store: &cmr_store::Store, w: &World, epoch: u64, kept: Option<StatementId>) {
+    let keepers = kept
+        .map(|g| {
+            let bundle = cmr_core::epoch::KeyBundle { entries: vec![] }.seal(
+                &mut rand::rng(),
+                w.customer.id,
+                w.acme.id,
+                &w.acme.kem.public_key(),
+                g.0,
+            );
+            (g, bundle)
+        })
+        .into_iter()
+        .collect();
+    let rc = RotationCompletion {
+        family: w.tx,
+        epoch,
+        directory: Digest([0; 32]),
+        keepers,
+    };
+    store
+        .execute(Op::Statement(
+            w.statement(true, Body::RotationCompletion(rc), None)
+                .encode(),
+        ))
+        .unwrap();
 }
 
 /// After a rotation, a company's append still sealed to the old epoch is `stale-epoch`, and one sealed to
@@ -200,18 +197,7 @@ fn a_company_append_to_the_old_epoch_after_a_rotation_is_stale() {
     let look = w.read_grant("a look", 1);
     store.execute(Op::Statement(look.encode())).unwrap();
     store.execute(w.revoke(look.id())).unwrap();
-    let rc = RotationCompletion {
-        family: w.tx,
-        epoch: 2,
-        directory: Digest([0; 32]),
-        keepers: vec![(g, keeper_bundle(&w, g))],
-    };
-    store
-        .execute(Op::Statement(
-            w.statement(true, Body::RotationCompletion(rc), None)
-                .encode(),
-        ))
-        .unwrap();
+    rotate(&store, &w, 2, Some(g));
     let head = Head::empty(w.customer.id, w.tx).digest();
     let old = w.acme_append(g, head, p(2026, 1), 1, 1);
     assert_eq!(

@@ -218,16 +218,9 @@ impl World {
             append_family: Some(self.tx),
             grantee_kem: self.acme.kem.public_key(),
         };
-        let st = Statement {
-            customer: self.customer.id,
-            author: self.customer.id,
-            device: self.customer.device.id(),
-            issued_at: T0,
-            body: Body::Grant(g.clone()),
-        };
-        let id = SignedStatement::grant_id(&st);
-        let bundle = KeyBundle {
-            entries: vec![
+        self.signed_grant(
+            g,
+            vec![
                 BundleEntry {
                     family: self.tx,
                     epoch: 1,
@@ -239,8 +232,20 @@ impl World {
                     key: self.secret_tx.append_key(&self.acme.id, p(2025, 1)),
                 },
             ],
-        }
-        .seal(
+        )
+    }
+
+    /// The customer's signed grant `g` to acme, its key bundle sealed to acme's device.
+    fn signed_grant(&self, g: Grant, entries: Vec<BundleEntry>) -> SignedStatement {
+        let st = Statement {
+            customer: self.customer.id,
+            author: self.customer.id,
+            device: self.customer.device.id(),
+            issued_at: T0,
+            body: Body::Grant(g.clone()),
+        };
+        let id = SignedStatement::grant_id(&st);
+        let bundle = KeyBundle { entries }.seal(
             &mut rand::rng(),
             self.customer.id,
             self.acme.id,
@@ -427,29 +432,14 @@ impl World {
             append_family: None,
             grantee_kem: self.acme.kem.public_key(),
         };
-        let st = Statement {
-            customer: self.customer.id,
-            author: self.customer.id,
-            device: self.customer.device.id(),
-            issued_at: T0,
-            body: Body::Grant(g.clone()),
-        };
-        let id = SignedStatement::grant_id(&st);
-        let bundle = KeyBundle {
-            entries: vec![BundleEntry {
+        self.signed_grant(
+            g,
+            vec![BundleEntry {
                 family: self.tx,
                 epoch,
                 key: self.secret_tx.read_key(p(2025, 1)),
             }],
-        }
-        .seal(
-            &mut rand::rng(),
-            self.customer.id,
-            self.acme.id,
-            &self.acme.kem.public_key(),
-            id.0,
-        );
-        self.statement(true, Body::Grant(g), Some(bundle))
+        )
     }
 
     /// Acme's append of `n` records in `period` of the transactions family under `grant`, sealed to
