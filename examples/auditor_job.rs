@@ -120,8 +120,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 .open(&key_file)?
                 .write_all(&sealed)?;
             println!(
-                "auditor {} registered; its key is in {key_file}",
-                s.keys.identity
+                "auditor {} registered; its key is in {key_file}; the operator admits it with \
+                 `cmr operator admit-auditor {}`",
+                s.keys.identity, s.keys.identity
             );
             s
         }
@@ -161,6 +162,13 @@ async fn embedded() -> Result<(), Box<dyn Error>> {
     let pinned = key()?.verifier();
     let (auditor, _) =
         Session::register(conn.clone(), Role::Auditor, pinned.clone(), now()).await?;
+    // The operator admits the auditor with the log key; until then it may read no entry body.
+    let admission = cmr_log::admission::Admission {
+        auditor: auditor.keys.identity,
+        admit: true,
+        time: now(),
+    };
+    cmr_client::auditor::submit_admission(&conn, &admission.sign(&key()?)).await?;
     let (cs, _) = Session::register(conn, Role::Customer, pinned.clone(), now()).await?;
     let mut alex = Customer::new(cs, PseudonymKey::generate(&mut rand::rng()));
     let contact = FamilyName::profile(Scope::ProfileContact).ok_or("no contact family")?;

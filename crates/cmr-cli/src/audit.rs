@@ -27,7 +27,8 @@ pub enum AuditCmd {
         #[command(flatten)]
         at: home::ServerArgs,
     },
-    /// Register the auditor with the server (auditors may fetch entry bodies, never records).
+    /// Register the auditor with the server. It reads entry bodies (never records) only once the
+    /// operator admits it (`cmr operator admit-auditor`).
     Register,
     /// Print this auditor's identity; needs no passphrase.
     Id,
@@ -111,6 +112,19 @@ pub async fn run(home: &Home, out: Out, cmd: AuditCmd) -> CliResult {
             Ok(())
         }
         AuditCmd::Verify { full } => {
+            let me = session.keys.identity;
+            if !session.auditors().await?.is_admitted(&me) {
+                return Err(CliError::with_code(
+                    code::REFUSED,
+                    format!(
+                        "this auditor ({}) is not admitted by the operator",
+                        me.to_hex()
+                    ),
+                    Some(
+                        "ask the operator to run `cmr operator admit-auditor <your id>`; `cmr audit id` prints it",
+                    ),
+                ));
+            }
             let pinned = session.log.key().clone();
             let mut auditor = match (&saved.role.snapshot, full) {
                 (Some(s), false) => Auditor::restore(pinned, s).map_err(|e| {

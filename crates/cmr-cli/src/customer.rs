@@ -165,6 +165,10 @@ pub enum CustomerCmd {
     },
     /// Who read or wrote what, when, and under which grant: the verified chain of the vault's entries.
     History,
+    /// The auditors the operator admitted (they may read log entry bodies, never records), and since
+    /// when: each admission checked in the log and signed with the log key.
+    #[command(after_help = "Example:\n  cmr customer auditors")]
+    Auditors,
     /// A consent receipt (Kantara style) for a grant.
     Receipt {
         /// The grant's id.
@@ -959,6 +963,24 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             }
             out.line(format!("{} entries; each included in the checkpoint and linked to the one before; none missing", chain.len()));
             out.value(&json!({"history": rows}));
+        }
+        CustomerCmd::Auditors => {
+            let auditors = c.session.auditors().await?;
+            let mut rows = Vec::new();
+            for (id, st) in auditors.all() {
+                let state = if st.admitted { "admitted" } else { "dismissed" };
+                out.line(format!(
+                    "{}  {state} since {} (log index {})",
+                    id.to_hex(),
+                    crate::out::time(st.time),
+                    st.since
+                ));
+                rows.push(json!({"auditor": id.to_hex(), "admitted": st.admitted, "since_index": st.since, "since_time": st.time}));
+            }
+            if rows.is_empty() {
+                out.line("no auditor was ever admitted");
+            }
+            out.value(&json!({"auditors": rows}));
         }
         CustomerCmd::Receipt { grant } => {
             let gid = StatementId(parse_id(&grant, "grant")?);

@@ -100,12 +100,16 @@ pub async fn run() -> CliResult {
     let dir = tempfile::tempdir()
         .map_err(|e| CliError::local(format!("no temporary folder: {e}"), "check TMPDIR"))?;
     let seed: [u8; 32] = cmr_log::entry::draw_salt(&mut rand::rng());
-    let log_key = NoteSigner::new(
-        "localhost/cmr-demo",
-        TYPE_ED25519,
-        SigningKey::from_seed(&seed),
-    )
-    .map_err(|e| CliError::local(e.to_string(), "report this"))?;
+    let signer = || {
+        NoteSigner::new(
+            "localhost/cmr-demo",
+            TYPE_ED25519,
+            SigningKey::from_seed(&seed),
+        )
+        .map_err(|e| CliError::local(e.to_string(), "report this"))
+    };
+    // The operator keeps a copy of the log key to admit the auditor.
+    let (log_key, log_admit) = (signer()?, signer()?);
     let server = crate::serve::start(
         &dir.path().join("data"),
         log_key,
@@ -122,14 +126,14 @@ pub async fn run() -> CliResult {
     println!("Everyone pins the log key {}", server.log_vkey);
     let pinned = NoteVerifier::from_vkey(&server.log_vkey)
         .map_err(|e| CliError::local(e.to_string(), "report this"))?;
-    let result = story(&server.base, &pinned).await;
+    let result = story(&server.base, &pinned, &log_admit).await;
     server.stop().await?;
     result?;
     println!("\nEvery step behaved as promised.");
     Ok(())
 }
 
-async fn story(base: &str, pinned: &NoteVerifier) -> CliResult {
+async fn story(base: &str, pinned: &NoteVerifier, log_key: &NoteSigner) -> CliResult {
     let mut s = Story { step: 0 };
     let conn = Connection::new(base)?;
     let t = now();
@@ -174,7 +178,16 @@ async fn story(base: &str, pinned: &NoteVerifier) -> CliResult {
         short(&shop.id().to_hex())
     ));
     s.say(format!("each serves its key document at http://DOMAIN{} (plain http: the demo's explicit test mode)", wellknown::PATH));
-    s.say("an auditor registered; it will see log entries, never customer content");
+    let admission = cmr_log::admission::Admission {
+        auditor: as_.keys.identity,
+        admit: true,
+        time: t,
+    };
+    let at = s.ok(
+        "auditor admission",
+        cmr_client::auditor::submit_admission(&conn, &admission.sign(log_key)).await,
+    )?;
+    s.say(format!("an auditor registered, and the operator admitted it with the log key (log index {at}): it will see log entries, never customer content"));
 
     s.step("Alex's profile, preferences and transactions, encrypted on Alex's device");
     let tx = alex.transactions_with(&bank.id());
@@ -465,6 +478,14 @@ async fn story(base: &str, pinned: &NoteVerifier) -> CliResult {
         .filter(|e| e.body.kind == cmr_log::entry::EntryKind::Access)
         .count();
     s.say(format!("Alex's chain: {} entries, every link and inclusion proof checked, nothing acknowledged missing; {accesses} accesses by companies", history.len()));
+    let auditors = s.ok("Alex's list of auditors", alex.session.auditors().await)?;
+    if !auditors.is_admitted(&as_.keys.identity) {
+        return Err(s.fail("Alex does not see the admitted auditor"));
+    }
+    s.say(format!(
+        "Alex sees who may read log entries: {} admitted auditor, each admission signed with the log key",
+        auditors.all().filter(|(_, st)| st.admitted).count()
+    ));
     let mut auditor = Auditor::new(pinned.clone());
     let report = cmr_client::auditor::audit(&mut auditor, &as_)
         .map_err(|e| s.fail(format!("the audit could not run: {e}")))?;

@@ -8,7 +8,8 @@ use cmr_client::ClientError;
 pub mod code {
     /// The server refused the operation (a Problem Details answer): denied, conflict, not found.
     pub const REFUSED: u8 = 1;
-    // 2: bad usage, clap's own code for unknown flags or missing arguments.
+    /// Bad usage: clap's own code for unknown flags or missing arguments, and ours for a malformed value.
+    pub const USAGE: u8 = 2;
     /// Something did not verify: the server is faulty or malicious, or the audit found a violation.
     pub const VERIFICATION: u8 = 3;
     /// A local problem: missing or unsafe key file, wrong passphrase, unreadable input.
@@ -37,6 +38,15 @@ impl CliError {
             message: message.into(),
             hint: Some(hint.into()),
             code: code::LOCAL,
+        }
+    }
+
+    /// A usage mistake (a malformed argument).
+    pub fn usage(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            hint: Some(hint.into()),
+            code: code::USAGE,
         }
     }
 

@@ -15,6 +15,7 @@ mod customer;
 mod demo;
 mod error;
 mod home;
+mod operator;
 mod out;
 mod serve;
 
@@ -121,6 +122,11 @@ A first session:
         #[command(subcommand)]
         cmd: audit::AuditCmd,
     },
+    /// The operator's tools on a running server, with the log key: admit or dismiss auditors.
+    Operator {
+        #[command(subcommand)]
+        cmd: operator::OperatorCmd,
+    },
     /// The load generator: seeds a vault, runs a mix of signed operations, reports throughput, latency,
     /// errors, server memory and same-run reference figures; optionally the revocation race.
     #[command(after_help = "\
@@ -159,6 +165,7 @@ fn main() -> ExitCode {
             Command::Customer { cmd } => customer::run(&home()?, out, cmd).await,
             Command::Company { cmd } => company::run(&home()?, out, cmd).await,
             Command::Audit { cmd } => audit::run(&home()?, out, cmd).await,
+            Command::Operator { cmd } => operator::run(out, cmd).await,
             Command::Demo => demo::run().await,
             Command::Bench(args) => bench::run(out, args).await,
             Command::Serve {

@@ -63,6 +63,7 @@ fn help_texts() {
         (vec!["company", "--help"], "company-help.txt"),
         (vec!["audit", "--help"], "audit-help.txt"),
         (vec!["serve", "--help"], "serve-help.txt"),
+        (vec!["operator", "--help"], "operator-help.txt"),
     ] {
         let (code, stdout, _) = run(cmr().args(&args).env("COLUMNS", "100"));
         assert_eq!(code, 0, "{args:?}");
@@ -576,6 +577,34 @@ fn a_scripted_session_against_a_real_server() {
     // The auditor: a full run, then an incremental one; and a single entry's proof.
     auditor.ok(&["audit", "init"]);
     auditor.ok(&["audit", "register"]);
+    // Registered is not admitted: the operator admits auditors with the log key.
+    let err = auditor.fails(&["audit", "verify"], 1);
+    assert!(err.contains("not admitted"), "{err}");
+    let auditor_id = auditor.ok(&["audit", "id"]).trim().to_string();
+    let dir = server._dir.path();
+    let admit = |verb: &str| {
+        let (code, out, err) = run(cmr()
+            .args([
+                "--json",
+                "operator",
+                verb,
+                &auditor_id,
+                "--server",
+                &server.base,
+            ])
+            .arg("--log-key")
+            .arg(dir.join("log.key"))
+            .arg("--data")
+            .arg(dir.join("data")));
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let admitted = admit("admit-auditor");
+    // The customer sees who is an auditor, and since when.
+    let seen = alex.json(&["customer", "auditors"]);
+    assert_eq!(seen["auditors"][0]["auditor"], auditor_id.as_str());
+    assert_eq!(seen["auditors"][0]["admitted"], true);
+    assert_eq!(seen["auditors"][0]["since_index"], admitted["index"]);
     let v = auditor.json(&["audit", "verify"]);
     assert_eq!(v["violations"].as_array().unwrap().len(), 0);
     assert_eq!(v["from"], 0);
@@ -583,6 +612,12 @@ fn a_scripted_session_against_a_real_server() {
     assert_eq!(v2["from"], v["size"]);
     let v = auditor.json(&["audit", "proof", "0"]);
     assert_eq!(v["kind"], "key-event");
+    // Dismissed, the auditor reads no other party's entry again.
+    admit("dismiss-auditor");
+    let err = auditor.fails(&["audit", "proof", "0"], 1);
+    assert!(err.contains("forbidden"), "{err}");
+    let seen = alex.json(&["customer", "auditors"]);
+    assert_eq!(seen["auditors"][0]["admitted"], false);
 }
 
 /// Sends one raw HTTP/1.1 POST with the given headers and body; returns the status and the body.

@@ -441,6 +441,17 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_under_load() {
     };
     let mut churn = Company::new(session(Role::Company).await);
     let mut auditor_session = session(Role::Auditor).await;
+    // The operator admits the auditor with the log key (kept beside the data folder here).
+    let log_key = std::fs::read_to_string(dir.path().join("log.key")).unwrap();
+    let log_key = cmr_log::note::NoteSigner::from_skey(log_key.trim()).unwrap();
+    let admission = cmr_log::admission::Admission {
+        auditor: auditor_session.keys.identity,
+        admit: true,
+        time: now(),
+    };
+    cmr_client::auditor::submit_admission(&conn, &admission.sign(&log_key))
+        .await
+        .unwrap();
     let mut auditor = Auditor::new(pinned.clone());
     let mut vaults = Vec::new();
     for _ in 0..2 {

@@ -87,3 +87,18 @@ pub fn audit(auditor: &mut Auditor, session: &Session) -> Result<Report, SourceE
     };
     auditor.run(&mut source)
 }
+
+/// Sends the operator's admission statement (signed with the log key, [`cmr_log::admission`]) and
+/// returns the log index it was logged at. The statement is its own authentication: the request is not
+/// signed.
+pub async fn submit_admission(
+    conn: &crate::Connection,
+    statement: &str,
+) -> Result<u64, ClientError> {
+    let v = conn
+        .post_unsigned("/v1/auditors", &json!({ "statement": statement }))
+        .await?;
+    v["index"]
+        .as_u64()
+        .ok_or_else(|| ClientError::Malformed("an admission's answer has no index".into()))
+}

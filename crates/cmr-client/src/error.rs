@@ -98,4 +98,7 @@ pub enum VerifyError {
     /// A company's domain proof failed.
     #[error("company identity refused: {0}")]
     CompanyIdentity(String),
+    /// An auditor admission is not signed by the log key, or breaks the admission rule.
+    #[error("auditor list refused: {0}")]
+    Admission(String),
 }

@@ -295,6 +295,49 @@ impl Session {
         Ok(VerifiedIdentity::replay(id, &events)?)
     }
 
+    /// The auditors the operator admitted: every admission and dismissal the server lists, each checked
+    /// for inclusion in a checkpoint this session trusts, opened under the pinned log key (the operator
+    /// signs admissions with it), and folded by the log's own rule ([`cmr_log::admission::Auditors`]),
+    /// with each auditor's role taken from its verified key events. The list is proven, not complete: a
+    /// server could leave an admission out, which a full audit (which reads every entry) would show.
+    pub async fn auditors(&mut self) -> Result<cmr_log::admission::Auditors, ClientError> {
+        let v = self.conn.get_json("/v1/auditors").await?;
+        let cp = self
+            .observe(v["checkpoint"].as_str().unwrap_or_default())
+            .await?;
+        let entries = v["entries"]
+            .as_array()
+            .ok_or_else(|| ClientError::Malformed("entries is not a list".into()))?
+            .iter()
+            .map(|e| proven_entry(e, &cp))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut auditors = cmr_log::admission::Auditors::default();
+        let mut last = None;
+        for e in entries {
+            let refused = |why: String| {
+                ClientError::Verification(VerifyError::Admission(format!(
+                    "entry {}: {why}",
+                    e.index
+                )))
+            };
+            if e.body.kind != cmr_log::entry::EntryKind::Admission || last >= Some(e.index) {
+                return Err(refused("not an admission, or out of order".into()));
+            }
+            last = Some(e.index);
+            let note = std::str::from_utf8(&e.body.payload).map_err(|x| refused(x.to_string()))?;
+            let a = cmr_log::admission::Admission::open(note, self.log.key())
+                .map_err(|x| refused(x.to_string()))?;
+            if a.auditor != e.body.subject {
+                return Err(refused("the entry's subject is not its auditor".into()));
+            }
+            let role = self.identity(a.auditor).await?.state.keys().role();
+            auditors
+                .apply(&a, Some(role), e.index)
+                .map_err(|x| refused(x.to_string()))?;
+        }
+        Ok(auditors)
+    }
+
     /// Seals `contents` with `sealer` (fresh record ids), signs them as one batch on `head` with this
     /// device, and sends it (under `grant` for a company's append). Returns the answer and the signed
     /// batch's bytes, which the acknowledged entry must carry.

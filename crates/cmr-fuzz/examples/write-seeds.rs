@@ -92,6 +92,14 @@ async fn main() {
     let mut bank = Company::new(register(Role::Company).await);
     let mut reader = Company::new(register(Role::Company).await);
     let auditor = register(Role::Auditor).await;
+    let admission = cmr_log::admission::Admission {
+        auditor: auditor.keys.identity,
+        admit: true,
+        time: t,
+    };
+    cmr_client::auditor::submit_admission(&conn, &admission.sign(&cmr_fuzz::note_signer()))
+        .await
+        .unwrap();
     let mut alex = Customer::new(
         register(Role::Customer).await,
         PseudonymKey::generate(&mut rand::rng()),
@@ -172,6 +180,7 @@ async fn main() {
             EntryKind::KeyEvent | EntryKind::DeviceCertificate | EntryKind::DeviceRevocation => {
                 corpus.put("statement", &entry.payload)
             }
+            EntryKind::Admission => corpus.put("note", &entry.payload),
         }
     }
     let device = DeviceKeys::generate(&mut rand::rng());

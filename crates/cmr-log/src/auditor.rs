@@ -29,6 +29,7 @@ use cmr_core::keys::{Signature, SignedEnvelope, VerifyingKey, verify_many};
 use cmr_core::merkle::CompactRange;
 use thiserror::Error;
 
+use crate::admission::{Admission, Auditors};
 use crate::checkpoint::{self, Checkpoint};
 use crate::entry::{
     AccessRecord, ChainLink, EntryBody, EntryKind, SaltedBody, commitment, commitment_leaf,
@@ -127,6 +128,7 @@ pub struct Auditor {
     chains: HashMap<IdentityId, ChainLink>,
     redacted: HashSet<u64>,
     nonces: HashSet<Digest>,
+    auditors: Auditors,
     /// The entries that built the identity and consent states, to rebuild them from a snapshot.
     journal: Vec<(u64, EntryBody)>,
 }
@@ -144,6 +146,7 @@ impl Auditor {
             chains: HashMap::new(),
             redacted: HashSet::new(),
             nonces: HashSet::new(),
+            auditors: Auditors::default(),
             journal: Vec::new(),
         }
     }
@@ -151,6 +154,11 @@ impl Auditor {
     /// The checkpoint verified last.
     pub fn verified(&self) -> Option<&Checkpoint> {
         self.verified.as_ref().map(|(c, _)| c)
+    }
+
+    /// The auditors the operator admitted, as the log verified so far says.
+    pub fn auditors(&self) -> &Auditors {
+        &self.auditors
     }
 
     /// Fetches the latest checkpoint and checks every entry added since the last run.
@@ -405,6 +413,18 @@ impl Auditor {
                     }
                 }
             }
+            EntryKind::Admission => {
+                let note = std::str::from_utf8(&body.payload)
+                    .map_err(|_| malformed("an admission is text".into()))?;
+                let a = Admission::open(note, &self.log_key).map_err(|e| bad(e.to_string()))?;
+                if a.auditor != body.subject || body.customer.is_some() {
+                    return Err(malformed("an admission's subject is its auditor".into()));
+                }
+                let role = self.identities.get(&a.auditor).map(|s| s.keys().role());
+                self.auditors
+                    .apply(&a, role, index)
+                    .map_err(|e| Violation::RefusedStatement(index, e.to_string()))?;
+            }
             EntryKind::FamilyHead | EntryKind::Statement | EntryKind::Access => {
                 return Err(malformed("not an identity entry".into()));
             }
@@ -567,6 +587,7 @@ fn is_identity_entry(kind: EntryKind) -> bool {
             | EntryKind::DeviceCertificate
             | EntryKind::DeviceRevocation
             | EntryKind::Directory
+            | EntryKind::Admission
     )
 }
 

@@ -38,11 +38,14 @@ pub enum EntryKind {
     Statement = 6,
     /// An access (payload: an [`AccessRecord`]).
     Access = 7,
+    /// An auditor admitted or dismissed by the operator (payload: the statement signed with the log key,
+    /// [`crate::admission`]; subject: the auditor).
+    Admission = 8,
 }
 
 impl EntryKind {
     /// Every kind.
-    pub const ALL: [EntryKind; 7] = [
+    pub const ALL: [EntryKind; 8] = [
         EntryKind::KeyEvent,
         EntryKind::DeviceCertificate,
         EntryKind::DeviceRevocation,
@@ -50,6 +53,7 @@ impl EntryKind {
         EntryKind::FamilyHead,
         EntryKind::Statement,
         EntryKind::Access,
+        EntryKind::Admission,
     ];
 
     fn from_u8(v: u8) -> Result<Self, DecodeError> {
@@ -72,6 +76,7 @@ impl EntryKind {
             EntryKind::FamilyHead => "family-head",
             EntryKind::Statement => "statement",
             EntryKind::Access => "access",
+            EntryKind::Admission => "auditor-admission",
         }
     }
 }

@@ -12,6 +12,7 @@
 //! own atomic writes; fetching checkpoints and proofs is the client's job.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod auditor;
 pub mod checkpoint;
 pub mod entry;

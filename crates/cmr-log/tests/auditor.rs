@@ -917,3 +917,80 @@ fn a_saved_auditor_resumes_where_it_stopped() {
     );
     assert!(Auditor::restore(w.signer.verifier(), "{}").is_err());
 }
+
+#[test]
+fn auditor_admissions_are_checked_against_the_log_key_and_the_rule() {
+    use cmr_log::admission::Admission;
+    let mut w = World::new();
+    let auditor = w.register(Role::Auditor);
+    let admit = |id, admit, time, key: &NoteSigner| {
+        Admission {
+            auditor: id,
+            admit,
+            time,
+        }
+        .sign(key)
+        .into_bytes()
+    };
+    // The operator's admission, signed with the log key: clean.
+    let good = admit(auditor.id, true, T0, &w.signer);
+    w.append(EntryKind::Admission, auditor.id, None, good);
+    let report = w.audit();
+    assert!(report.is_clean(), "{:?}", report.violations);
+    assert_eq!(report.counts["auditor-admission"], 1);
+    let mut a = Auditor::new(w.signer.verifier());
+    a.run(&mut MemorySource {
+        log: &w.log,
+        checkpoint: w.log.checkpoint(&w.signer),
+    })
+    .unwrap();
+    assert!(a.auditors().is_admitted(&auditor.id));
+    // The admission survives a saved and restored auditor.
+    let restored = Auditor::restore(w.signer.verifier(), &a.snapshot()).unwrap();
+    assert!(restored.auditors().is_admitted(&auditor.id));
+
+    // An operator that logs an admission signed with another key, admits a company, or names another
+    // identity as the entry's subject than the statement's is reported.
+    let stranger = NoteSigner::new(
+        "vault.example/log",
+        TYPE_ED25519,
+        SigningKey::from_seed(&[77; 32]),
+    )
+    .unwrap();
+    let second = w.register(Role::Auditor);
+    let forged = w.append(
+        EntryKind::Admission,
+        second.id,
+        None,
+        admit(second.id, true, T0, &stranger),
+    );
+    let company = w.append(
+        EntryKind::Admission,
+        w.other.id,
+        None,
+        admit(w.other.id, true, T0, &w.signer),
+    );
+    let swapped = w.append(
+        EntryKind::Admission,
+        second.id,
+        None,
+        admit(auditor.id, false, T0 + 1, &w.signer),
+    );
+    let report = w.audit();
+    let named: Vec<u64> = report
+        .violations
+        .iter()
+        .filter_map(|v| match v {
+            Violation::BadSignature(i, _)
+            | Violation::RefusedStatement(i, _)
+            | Violation::Malformed(i, _) => Some(*i),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        named,
+        vec![forged, company, swapped],
+        "{:?}",
+        report.violations
+    );
+}

@@ -817,7 +817,7 @@ async fn bad_input_and_other_vaults() {
 }
 
 #[tokio::test]
-async fn log_bodies_only_for_the_parties_involved_and_auditors() {
+async fn log_bodies_only_for_the_parties_involved_and_admitted_auditors() {
     let mut f = flow().await;
     let other = register(&mut f.env, Role::Company).await;
     let auditor = register(&mut f.env, Role::Auditor).await;
@@ -845,6 +845,73 @@ async fn log_bodies_only_for_the_parties_involved_and_auditors() {
         (s, v["type"].as_str().unwrap()),
         (StatusCode::FORBIDDEN, "urn:cmr-vault:problem:forbidden")
     );
+    // Registering as an auditor gives nothing: the operator has not admitted it.
+    let body_of_0 = |env: &mut Env, who: &DeviceKeys| {
+        let req = env.request(
+            "POST",
+            "/v1/log/entries/0",
+            &json!({}),
+            Signer::Device(who),
+            0,
+        );
+        let app = env.app.clone();
+        async move { app.oneshot(req).await.unwrap().status() }
+    };
+    assert_eq!(
+        body_of_0(&mut f.env, &auditor.device).await,
+        StatusCode::FORBIDDEN
+    );
+    // Nor does an admission it signs itself, with any key but the log key.
+    let admission = |admit: bool, time: u64, key: &NoteSigner| json!({"statement": cmr_log::admission::Admission { auditor: auditor.id, admit, time }.sign(key)});
+    let forged = NoteSigner::new(
+        "vault.test/log",
+        TYPE_ED25519,
+        SigningKey::from_seed(&[66; 32]),
+    )
+    .unwrap();
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            "/v1/auditors",
+            admission(true, T0, &forged),
+            Signer::None,
+        )
+        .await;
+    assert_eq!(
+        (s, v["type"].as_str().unwrap()),
+        (
+            StatusCode::UNAUTHORIZED,
+            "urn:cmr-vault:problem:bad-signature"
+        )
+    );
+    // A company cannot be admitted as an auditor.
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            "/v1/auditors",
+            json!({"statement": cmr_log::admission::Admission { auditor: other.id, admit: true, time: T0 }.sign(&log_key())}),
+            Signer::None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(
+        body_of_0(&mut f.env, &auditor.device).await,
+        StatusCode::FORBIDDEN
+    );
+    // The operator admits it with the log key.
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            "/v1/auditors",
+            admission(true, T0, &log_key()),
+            Signer::None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let admitted_at = v["index"].as_u64().unwrap();
     let (s, v) = f
         .env
         .call(
@@ -872,6 +939,71 @@ async fn log_bodies_only_for_the_parties_involved_and_auditors() {
         .call("POST", "/v1/log/entries/0", json!({}), Signer::None)
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Anyone sees who is an auditor and since when: the admission entry, with its inclusion proof.
+    let (s, v) = f
+        .env
+        .call("GET", "/v1/auditors", json!({}), Signer::None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let entries = v["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["index"].as_u64(), Some(admitted_at));
+    // The same admission sent again is answered with its original index, and changes nothing.
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            "/v1/auditors",
+            admission(true, T0, &log_key()),
+            Signer::None,
+        )
+        .await;
+    assert_eq!(
+        (s, v["index"].as_u64()),
+        (StatusCode::OK, Some(admitted_at))
+    );
+    // A dismissal signed before the admission cannot be played after it.
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            "/v1/auditors",
+            admission(false, T0 - 1, &log_key()),
+            Signer::None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body_of_0(&mut f.env, &auditor.device).await, StatusCode::OK);
+    // Dismissed, it reads no body it is not a party to.
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            "/v1/auditors",
+            admission(false, T0 + 1, &log_key()),
+            Signer::None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        body_of_0(&mut f.env, &auditor.device).await,
+        StatusCode::FORBIDDEN
+    );
+    // And replaying the old admission does not bring it back.
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            "/v1/auditors",
+            admission(true, T0, &log_key()),
+            Signer::None,
+        )
+        .await;
+    assert_eq!((s, v["repeated"].as_bool()), (StatusCode::OK, Some(true)));
+    assert_eq!(
+        body_of_0(&mut f.env, &auditor.device).await,
+        StatusCode::FORBIDDEN
+    );
 }
 
 #[tokio::test]

@@ -43,6 +43,10 @@ pub trait Backend: Send + Sync {
     fn signer_key(&self, keyid: &str) -> Option<(IdentityId, VerifyingKey)>;
     /// The role of a registered identity.
     fn role(&self, id: &IdentityId) -> Option<Role>;
+    /// Whether an identity is an auditor the operator admitted, as of the durable log.
+    fn is_admitted_auditor(&self, id: &IdentityId) -> bool;
+    /// The log indices of the durable auditor admission entries, oldest first.
+    fn admissions(&self) -> Result<Vec<u64>, StoreError>;
     /// The log index of a customer's latest durable entry.
     fn customer_head(&self, customer: &IdentityId) -> Result<Option<u64>, StoreError>;
     /// The log indices of an identity's durable key events, oldest first.
@@ -89,6 +93,12 @@ impl Backend for Store {
     }
     fn role(&self, id: &IdentityId) -> Option<Role> {
         Store::role(self, id)
+    }
+    fn is_admitted_auditor(&self, id: &IdentityId) -> bool {
+        Store::is_admitted_auditor(self, id)
+    }
+    fn admissions(&self) -> Result<Vec<u64>, StoreError> {
+        Store::admissions(self)
     }
     fn customer_head(&self, customer: &IdentityId) -> Result<Option<u64>, StoreError> {
         Store::customer_head(self, customer)

@@ -26,6 +26,7 @@ use cmr_core::identity::{
 };
 use cmr_core::merkle::Hash;
 use cmr_core::record::SealedRecord;
+use cmr_log::admission::{Admission, Auditors};
 use cmr_log::checkpoint::Checkpoint;
 use cmr_log::entry::{
     AccessRecord, ChainLink, EntryBody, EntryKind, SaltedBody, commitment, commitment_leaf,
@@ -121,6 +122,9 @@ pub enum Op {
     PublishDirectory(Vec<u8>),
     /// Record a consent statement.
     Statement(Vec<u8>),
+    /// Admit or dismiss an auditor: the operator's statement signed with the log key
+    /// ([`cmr_log::admission`]).
+    Admission(Vec<u8>),
     /// Write a signed batch of records; a company's append carries its access record.
     WriteBatch {
         /// The signed batch.
@@ -164,7 +168,8 @@ impl Op {
             | Op::Rotate(b)
             | Op::Certify(b)
             | Op::RevokeDevice(b)
-            | Op::PublishDirectory(b) => (tagged_hash("op-id", b), b),
+            | Op::PublishDirectory(b)
+            | Op::Admission(b) => (tagged_hash("op-id", b), b),
             Op::Statement(b) => match SignedStatement::decode(b) {
                 Ok(s) => (Digest(s.id().0), b),
                 Err(_) => return None,
@@ -271,6 +276,9 @@ pub struct KeyIndex {
     /// Each identity's key events (inception, rotations, device certificates and revocations), by log
     /// index in order: what a counterparty replays to learn the identity's keys.
     events: HashMap<IdentityId, Vec<u64>>,
+    /// The admitted auditors, and the log indices of every admission entry, oldest first.
+    auditors: Auditors,
+    admissions: Vec<u64>,
 }
 
 type DeviceKeys = Arc<std::sync::RwLock<KeyIndex>>;
@@ -324,6 +332,7 @@ struct State {
     ledgers: HashMap<(IdentityId, FamilyId), FamilyLedger>,
     directories: HashMap<IdentityId, (u64, Digest)>,
     heads: HashMap<IdentityId, ChainLink>,
+    auditors: Auditors,
     /// Which identity each certified device belongs to, to resolve a request's `keyid`.
     device_owner: HashMap<DeviceId, IdentityId>,
     /// A short number for each family, in the order the families were declared (so the same after a
@@ -861,6 +870,30 @@ impl Store {
             .unwrap_or_default())
     }
 
+    /// Whether `id` is an auditor the operator admitted, as of the durable log.
+    pub fn is_admitted_auditor(&self, id: &IdentityId) -> bool {
+        let Ok(size) = self.committed_size() else {
+            return false;
+        };
+        let keys = self.device_keys.read().unwrap_or_else(|p| p.into_inner());
+        keys.auditors
+            .all()
+            .any(|(a, s)| a == id && s.admitted && s.since < size)
+    }
+
+    /// The log indices of the durable admission entries, oldest first: who was admitted or dismissed as
+    /// an auditor, and when.
+    pub fn admissions(&self) -> Result<Vec<u64>, StoreError> {
+        let size = self.committed_size()?;
+        let keys = self.device_keys.read().unwrap_or_else(|p| p.into_inner());
+        Ok(keys
+            .admissions
+            .iter()
+            .copied()
+            .take_while(|i| *i < size)
+            .collect())
+    }
+
     /// The role of a registered identity.
     pub fn role(&self, id: &IdentityId) -> Option<Role> {
         self.device_keys
@@ -1387,6 +1420,18 @@ impl Sequencer {
                 )
                 .map(Self::logged)
             }
+            Op::Admission(bytes) => {
+                let note = std::str::from_utf8(&bytes)
+                    .map_err(|_| StoreError::Malformed("an admission is text".into()))?;
+                let a = Admission::open(note, &self.log_key.verifier()).map_err(|e| match e {
+                    cmr_log::admission::AdmissionError::Malformed(_) => malformed(&e),
+                    cmr_log::admission::AdmissionError::NotSigned => bad(&e),
+                    _ => StoreError::Refused(e.to_string()),
+                })?;
+                self.admit(&a, index)?;
+                self.log(overlay, EntryKind::Admission, time, a.auditor, None, bytes)
+                    .map(Self::logged)
+            }
             Op::WriteBatch {
                 batch,
                 records,
@@ -1444,6 +1489,25 @@ impl Sequencer {
                 access.as_ref(),
             ),
         }
+    }
+
+    /// Applies an opened admission statement logged at `index` (the rule is [`Auditors::apply`]) and
+    /// publishes the result to the server.
+    fn admit(&mut self, a: &Admission, index: u64) -> Result<(), StoreError> {
+        let role = self
+            .state
+            .identities
+            .get(&a.auditor)
+            .map(|s| s.keys().role());
+        self.state
+            .auditors
+            .apply(a, role, index)
+            .map_err(|e| StoreError::Refused(e.to_string()))?;
+        if let Ok(mut keys) = self.device_keys.write() {
+            keys.auditors = self.state.auditors.clone();
+            keys.admissions.push(index);
+        }
+        Ok(())
     }
 
     /// Makes a certified device's key available to submitters (a device id fixes its key).
@@ -1967,6 +2031,11 @@ impl Sequencer {
                     .ok_or_else(|| m(&"unknown customer"))?
                     .apply(&st, index, body.time)
                     .map_err(|e| m(&e))?;
+            }
+            EntryKind::Admission => {
+                let note = std::str::from_utf8(&body.payload).map_err(|e| m(&e))?;
+                let a = Admission::open(note, &self.log_key.verifier()).map_err(|e| m(&e))?;
+                self.admit(&a, index)?;
             }
             EntryKind::FamilyHead => {
                 let signed = SignedBatch::decode(&body.payload).map_err(|e| m(&e))?;

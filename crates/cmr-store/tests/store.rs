@@ -11,7 +11,9 @@ use cmr_core::consent::{Access, AccessRequest, Body, Counterparty, Duration as L
 use cmr_core::decision::{AccessKind, DenyReason};
 use cmr_core::family::Period;
 use cmr_core::family::Scope;
+use cmr_core::identity::Role;
 use cmr_log::auditor::Auditor;
+use cmr_log::note::NoteSigner;
 use cmr_log::verify::verify_inclusion;
 use cmr_store::{Op, Store, StoreConfig, StoreError};
 use common::{T0, World, latest_checkpoint, log_key, open, p};
@@ -786,4 +788,78 @@ fn oversized_values_are_refused_and_change_nothing() {
             access: None,
         })
         .unwrap();
+}
+
+/// An auditor is admitted only by a statement signed with the log key, for a registered auditor; the
+/// admission and a later dismissal are rebuilt at open.
+#[test]
+fn auditor_admissions_follow_the_log_key_and_survive_a_reopen() {
+    use cmr_log::admission::Admission;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let (auditor, inception, _) = common::party(Role::Auditor, 41);
+    let (company, company_inception, _) = common::party(Role::Company, 42);
+    let statement = |id, admit, time| {
+        Op::Admission(
+            Admission {
+                auditor: id,
+                admit,
+                time,
+            }
+            .sign(&log_key())
+            .into_bytes(),
+        )
+    };
+    {
+        let store = open(dir.path(), clock.clone());
+        // Not registered yet: refused.
+        assert!(matches!(
+            store.execute(statement(auditor.id, true, T0)),
+            Err(StoreError::Refused(_))
+        ));
+        store.execute(Op::Register(inception)).unwrap();
+        store.execute(Op::Register(company_inception)).unwrap();
+        assert!(!store.is_admitted_auditor(&auditor.id));
+        assert!(matches!(
+            store.execute(statement(company.id, true, T0)),
+            Err(StoreError::Refused(_))
+        ));
+        let other_key = NoteSigner::new(
+            "vault.test/log",
+            cmr_log::note::TYPE_ED25519,
+            cmr_core::keys::SigningKey::from_seed(&[99; 32]),
+        )
+        .unwrap();
+        let forged = Admission {
+            auditor: auditor.id,
+            admit: true,
+            time: T0,
+        }
+        .sign(&other_key);
+        assert!(matches!(
+            store.execute(Op::Admission(forged.into_bytes())),
+            Err(StoreError::BadSignature(_))
+        ));
+        assert!(!store.is_admitted_auditor(&auditor.id));
+        let at = store
+            .execute(statement(auditor.id, true, T0))
+            .unwrap()
+            .index;
+        assert!(store.is_admitted_auditor(&auditor.id));
+        assert_eq!(store.admissions().unwrap(), vec![at.unwrap()]);
+    }
+    {
+        let store = open(dir.path(), clock.clone());
+        assert!(store.is_admitted_auditor(&auditor.id));
+        store
+            .execute(statement(auditor.id, false, T0 + 10))
+            .unwrap();
+    }
+    let store = open(dir.path(), clock);
+    assert!(!store.is_admitted_auditor(&auditor.id));
+    assert_eq!(store.admissions().unwrap().len(), 2);
+    let mut a = Auditor::new(log_key().verifier());
+    let report = a.run(&mut &store).unwrap();
+    assert!(report.is_clean(), "{:?}", report.violations);
+    assert!(!a.auditors().is_admitted(&auditor.id));
 }

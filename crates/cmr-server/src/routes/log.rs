@@ -25,6 +25,44 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v1/log/proofs/consistency", get(consistency))
         .route("/v1/log/entries/{index}", axum::routing::post(entry))
         .route("/v1/log/cosignatures", axum::routing::post(cosign))
+        .route("/v1/auditors", get(auditors).post(admit))
+}
+
+/// Every auditor admission and dismissal, oldest first, with salt and inclusion proof in the checkpoint
+/// served with them. Public: an admission names only the auditor, and every customer may see who can
+/// read log bodies and since when.
+async fn auditors(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let (checkpoint, size) = super::current_checkpoint(&state)?;
+    let mut entries = Vec::new();
+    for index in state.store.admissions()? {
+        if index >= size {
+            break;
+        }
+        if let Some(stored) = state.store.body(index)? {
+            entries.push(super::entry_json(&state, index, &stored, size)?);
+        }
+    }
+    Ok(Json(
+        json!({ "checkpoint": checkpoint, "entries": entries }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdmitBody {
+    /// The admission statement: a signed note, signed with the log key.
+    statement: String,
+}
+
+/// The operator admits or dismisses an auditor. The statement is signed with the log key, so the request
+/// needs no other signature; the same statement sent again is answered with its original index.
+async fn admit(
+    State(state): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: AdmitBody = super::json_body(&body)?;
+    let ack = super::run(&state, cmr_store::Op::Admission(req.statement.into_bytes())).await?;
+    Ok(Json(super::ack_json(&state, &ack, None)))
 }
 
 /// `ok` while the store takes operations; 503 once it stopped after a failure (a supervisor restarts
@@ -180,7 +218,7 @@ async fn consistency(
 }
 
 /// An entry's body and salt: only for the parties it involves (its customer and its subject) and for
-/// registered auditors. The request is signed (POST so that it carries a body digest like every other).
+/// auditors the operator admitted. The request is signed (POST so that it carries a body digest like every other).
 async fn entry(
     State(state): State<Arc<AppState>>,
     axum::extract::Path(index): axum::extract::Path<u64>,
@@ -202,7 +240,7 @@ async fn entry(
         )
     })?;
     let involved = entry.subject == caller.identity || entry.customer == Some(caller.identity);
-    let auditor = state.store.role(&caller.identity) == Some(cmr_core::identity::Role::Auditor);
+    let auditor = state.store.is_admitted_auditor(&caller.identity);
     if !involved && !auditor {
         return Err(ApiError::forbidden("this entry does not involve you"));
     }

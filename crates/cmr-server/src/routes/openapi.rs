@@ -70,9 +70,23 @@ pub const ROUTES: &[RouteDoc] = &[
     RouteDoc {
         method: "post",
         path: "/v1/log/entries/{index}",
-        summary: "An entry's salt and body, for the parties it involves and auditors",
+        summary: "An entry's salt and body, for the parties it involves and admitted auditors",
         signed: true,
         body: &[],
+    },
+    RouteDoc {
+        method: "get",
+        path: "/v1/auditors",
+        summary: "Every auditor admission and dismissal, with inclusion proofs",
+        signed: false,
+        body: &[],
+    },
+    RouteDoc {
+        method: "post",
+        path: "/v1/auditors",
+        summary: "Admit or dismiss an auditor (a statement signed with the log key)",
+        signed: false,
+        body: &[("statement", "signed note", true)],
     },
     RouteDoc {
         method: "post",

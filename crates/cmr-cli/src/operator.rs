@@ -1,0 +1,84 @@
+//! `cmr operator`: what only the holder of the log key does on a running server (admitting auditors).
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use cmr_core::identity::IdentityId;
+use cmr_log::admission::Admission;
+use serde_json::json;
+
+use crate::error::{CliError, CliResult};
+use crate::out::{Out, now};
+
+/// Where the operator's log key and server are.
+#[derive(clap::Args)]
+pub struct OperatorArgs {
+    /// The log signing key file (the one `cmr serve` uses).
+    #[arg(long, env = "CMR_LOG_KEY", default_value = "cmr-log.key")]
+    log_key: PathBuf,
+    /// The server's data folder (the log key must be outside it).
+    #[arg(long, env = "CMR_DATA", default_value = "cmr-data")]
+    data: PathBuf,
+    /// The vault server.
+    #[arg(long, env = "CMR_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+}
+
+/// The operator's commands.
+#[derive(Subcommand)]
+pub enum OperatorCmd {
+    /// Admit an auditor: it may then read log entry bodies. The admission is signed with the log key and
+    /// logged, so every auditor and customer sees who is one and since when.
+    #[command(
+        after_help = "Example:\n  cmr operator admit-auditor \"$(cmr --home ./audit audit id)\""
+    )]
+    AdmitAuditor {
+        /// The auditor's identity (it registered first with `cmr audit register`).
+        auditor: String,
+        #[command(flatten)]
+        at: OperatorArgs,
+    },
+    /// Dismiss an admitted auditor: from then on it reads no entry body it is not a party to.
+    #[command(after_help = "Example:\n  cmr operator dismiss-auditor 3f1a…")]
+    DismissAuditor {
+        /// The auditor's identity.
+        auditor: String,
+        #[command(flatten)]
+        at: OperatorArgs,
+    },
+}
+
+/// Runs an operator command.
+pub async fn run(out: Out, cmd: OperatorCmd) -> CliResult {
+    let (auditor, at, admit) = match cmd {
+        OperatorCmd::AdmitAuditor { auditor, at } => (auditor, at, true),
+        OperatorCmd::DismissAuditor { auditor, at } => (auditor, at, false),
+    };
+    let auditor = IdentityId::from_hex(auditor.trim()).ok_or_else(|| {
+        CliError::usage(
+            format!("{auditor:?} is not an identity id (64 hex digits)"),
+            "the auditor prints it with `cmr audit id`",
+        )
+    })?;
+    let key = cmr_server::logkey::load(&at.log_key, &at.data).map_err(|e| {
+        CliError::local(
+            format!("log key {}: {e}", at.log_key.display()),
+            "run this where `cmr serve` keeps its log key, or pass --log-key",
+        )
+    })?;
+    let statement = Admission {
+        auditor,
+        admit,
+        time: now(),
+    }
+    .sign(&key);
+    let conn = cmr_client::transport::Connection::new(&at.server)?;
+    let index = cmr_client::auditor::submit_admission(&conn, &statement).await?;
+    let verb = if admit { "admitted" } else { "dismissed" };
+    out.line(format!(
+        "auditor {} {verb} at log index {index}",
+        auditor.to_hex()
+    ));
+    out.value(&json!({"auditor": auditor.to_hex(), "admitted": admit, "index": index}));
+    Ok(())
+}
