@@ -237,15 +237,16 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
                     .iter()
                     .map(|(s, a)| format!("{}:{}", s.name(), access_name(*a)))
                     .collect();
-                let state = if g.revoked { "revoked" } else { "active" };
+                let state = g.status(crate::out::now());
+                let lasting = crate::customer::lasting(b);
                 out.line(format!(
-                    "grant {} from {}: {state}, {}, history from {}",
+                    "grant {} from {}: {state}, {}, {lasting}, history from {}",
                     g.id.to_hex(),
                     short(&g.customer.to_hex()),
                     scopes.join(","),
                     b.lookback_start
                 ));
-                grants.push(json!({"grant": g.id.to_hex(), "customer": g.customer.to_hex(), "status": state, "scopes": scopes, "lookback_start": b.lookback_start.to_string()}));
+                grants.push(json!({"grant": g.id.to_hex(), "customer": g.customer.to_hex(), "status": state, "scopes": scopes, "duration": lasting, "expires": b.expires, "lookback_start": b.lookback_start.to_string()}));
             }
             out.value(&json!({"requests": rows, "grants": grants}));
         }

@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::Subcommand;
+use cmr_client::ClientError;
 use cmr_client::customer::{Approval, Customer};
 use cmr_client::state::{CustomerState, KeyBackup};
 use cmr_client::wellknown::{self, Mode};
 use cmr_core::consent::{Access, Body, StatementId};
+use cmr_core::decision::GrantStatus;
 use cmr_core::family::{FamilyName, Period, PseudonymKey, Scope};
 use cmr_core::identity::{IdentityId, Role};
 use cmr_core::vault::VaultKey;
@@ -165,6 +167,11 @@ pub enum CustomerCmd {
     },
     /// Who read or wrote what, when, and under which grant: the verified chain of the vault's entries.
     History,
+    /// Finish every rotation the log says is owed: after a grant was used up, expired or revoked, or a
+    /// device revoked, its families get fresh keys; until then companies' appends to them wait. Other
+    /// commands do this by themselves when they meet a family that waits.
+    #[command(after_help = "Example:\n  cmr customer rotate")]
+    Rotate,
     /// The auditors the operator admitted (they may read log entry bodies, never records), and since
     /// when: each admission checked in the log and signed with the log key.
     #[command(after_help = "Example:\n  cmr customer auditors")]
@@ -610,7 +617,9 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 .ok_or_else(|| CliError::local("not a section", "see --help"))?;
             let fid = c.family_id(&name);
             c.declare(&[name], t).await?;
-            let acked = c.write(fid, Period::ORIGIN, &[text.as_bytes()]).await?;
+            let acked = c
+                .write_rotating(fid, Period::ORIGIN, &[text.as_bytes()], t)
+                .await?;
             out.line(format!(
                 "{} set (log index {}, durable)",
                 scope.name(),
@@ -672,7 +681,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             let name = c.transactions_with(&company);
             c.declare(&[name], t).await?;
             let acked = c
-                .write(c.family_id(&name), month, &[text.as_bytes()])
+                .write_rotating(c.family_id(&name), month, &[text.as_bytes()], t)
                 .await?;
             out.line(format!(
                 "transaction added to {month} (log index {}, durable)",
@@ -706,7 +715,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             for (month, texts) in by_month {
                 for chunk in texts.chunks(500) {
                     let refs: Vec<&[u8]> = chunk.iter().map(|s| s.as_bytes()).collect();
-                    c.write(fid, month, &refs).await?;
+                    c.write_rotating(fid, month, &refs, t).await?;
                     bar.inc(chunk.len() as u64);
                 }
             }
@@ -828,7 +837,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 proof.name.clone(),
             ));
             out.line(format!(
-                "granted {} to {} ({}) for {:?}, look-back {} months: grant {}",
+                "granted {} to {} ({}) for {:?}, {}, look-back {} months: grant {}",
                 scopes
                     .iter()
                     .map(|(s, a)| format!("{}:{}", s.name(), access_name(*a)))
@@ -837,6 +846,10 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 proof.name,
                 proof.domain,
                 r.purpose,
+                c.grants
+                    .get(&gid)
+                    .and_then(|g| g.grant())
+                    .map_or_else(|| duration(r.duration), lasting),
                 approval.lookback_months,
                 gid.to_hex()
             ));
@@ -888,10 +901,14 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 proof.name.clone(),
             ));
             out.line(format!(
-                "granted to {} ({}, fingerprint {}): grant {}",
+                "granted to {} ({}, fingerprint {}), {}: grant {}",
                 proof.name,
                 proof.domain,
                 proof.fingerprint(),
+                c.grants
+                    .get(&gid)
+                    .and_then(|g| g.grant())
+                    .map_or_else(String::new, lasting),
                 gid.to_hex()
             ));
             out.value(&json!({"grant": gid.to_hex(), "company": company.to_hex()}));
@@ -903,38 +920,50 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             out.value(&json!({"denied": request, "index": acked.index}));
         }
         CustomerCmd::Grants => {
+            // Where each grant stands is the log's word, folded from the verified chain.
+            let consent = c.consent().await?;
             let mut list: Vec<_> = c.grants.values().collect();
             list.sort_by_key(|g| g.index);
             let mut rows = Vec::new();
             for g in list {
                 let Some(b) = g.grant() else { continue };
-                let status = if g.revoked { "revoked" } else { "active" };
+                let id = g.statement.id();
+                let status = consent
+                    .grant_status(&id, t)
+                    .map_or("not-in-log", GrantStatus::word);
                 let scopes: Vec<String> = b
                     .scopes
                     .iter()
                     .map(|(s, a)| format!("{}:{}", s.name(), access_name(*a)))
                     .collect();
+                let lasting = lasting(b);
                 out.line(format!(
-                    "{}  {status:<8} {}  {}  since {}",
-                    g.statement.id().to_hex(),
+                    "{}  {status:<8} {}  {}  {lasting}  look-back from {}",
+                    id.to_hex(),
                     short(&b.grantee.to_hex()),
                     scopes.join(","),
                     b.lookback_start
                 ));
-                rows.push(json!({"grant": g.statement.id().to_hex(), "company": b.grantee.to_hex(), "status": status, "scopes": scopes, "index": g.index}));
+                rows.push(json!({"grant": id.to_hex(), "company": b.grantee.to_hex(), "status": status, "scopes": scopes, "duration": lasting, "expires": b.expires, "index": g.index}));
             }
             out.value(&json!({"grants": rows}));
         }
         CustomerCmd::Revoke { grant, reason } => {
             let gid = StatementId(parse_id(&grant, "grant")?);
-            let (rev, rotations) = c.revoke(gid, &reason, t).await?;
-            out.line(format!(
-                "grant revoked at log index {}; {} famil{} rotated to a fresh epoch",
-                rev.index,
-                rotations.len(),
-                if rotations.len() == 1 { "y" } else { "ies" }
-            ));
+            let (rev, _) = c.revoke_grant(gid, &reason, t).await?;
+            out.line(format!("grant revoked at log index {}", rev.index));
+            // The revocation stands whatever happens next; a rotation that fails stays owed.
+            let rotations = c
+                .finish_rotations(t)
+                .await
+                .map_err(|e| rotation_unfinished(e, rev.index))?;
+            out.line(rotated_words(rotations.len()));
             out.value(&json!({"revoked": grant, "index": rev.index, "rotations": rotations.iter().map(|a| a.index).collect::<Vec<_>>()}));
+        }
+        CustomerCmd::Rotate => {
+            let rotations = c.finish_rotations(t).await?;
+            out.line(rotated_words(rotations.len()));
+            out.value(&json!({"rotations": rotations.iter().map(|a| a.index).collect::<Vec<_>>()}));
         }
         CustomerCmd::Block { company, unblock } => {
             let company = IdentityId(parse_id(&company, "company")?);
@@ -1219,11 +1248,37 @@ pub(crate) fn access_name(a: Access) -> &'static str {
 }
 
 pub(crate) fn duration(d: cmr_core::consent::Duration) -> String {
-    match d {
-        cmr_core::consent::Duration::OneTime => "one read".into(),
-        cmr_core::consent::Duration::Persistent => "until revoked".into(),
-        other => format!("{other:?}"),
+    d.to_string()
+}
+
+/// How long a grant lasts, in words: "one read", "until revoked", "30 days, until 2027-01-04".
+pub(crate) fn lasting(g: &cmr_core::consent::Grant) -> String {
+    match g.expires {
+        Some(e) => format!("{}, until {}", g.duration, crate::out::day(e)),
+        None => g.duration.to_string(),
     }
+}
+
+fn rotated_words(n: usize) -> String {
+    match n {
+        0 => "no rotation was owed".into(),
+        1 => "1 family rotated to a fresh epoch".into(),
+        n => format!("{n} families rotated to fresh epochs"),
+    }
+}
+
+/// A rotation failed after the revocation was logged: say both.
+fn rotation_unfinished(e: ClientError, revoked_at: u64) -> CliError {
+    let mut err = CliError::from(e);
+    err.message = format!(
+        "the revocation is logged (index {revoked_at}), but the rotation did not finish: {}",
+        err.message
+    );
+    err.hint = Some(
+        "run `cmr customer rotate` to finish it; companies' appends to the family wait until then"
+            .into(),
+    );
+    err
 }
 
 fn describe(body: &cmr_log::entry::EntryBody) -> String {

@@ -66,13 +66,16 @@ pub async fn run(out: Out, cmd: OperatorCmd) -> CliResult {
             "run this where `cmr serve` keeps its log key, or pass --log-key",
         )
     })?;
+    let conn = cmr_client::transport::Connection::new(&at.server)?;
+    // A statement must be later than the last one about this auditor: two within one second (admit,
+    // then dismiss at once) take the next second.
+    let last = last_statement_time(&conn, &auditor, &key.verifier()).await?;
     let statement = Admission {
         auditor,
         admit,
-        time: now(),
+        time: now().max(last.map_or(0, |t| t + 1)),
     }
     .sign(&key);
-    let conn = cmr_client::transport::Connection::new(&at.server)?;
     let index = cmr_client::auditor::submit_admission(&conn, &statement).await?;
     let verb = if admit { "admitted" } else { "dismissed" };
     out.line(format!(
@@ -81,4 +84,32 @@ pub async fn run(out: Out, cmd: OperatorCmd) -> CliResult {
     ));
     out.value(&json!({"auditor": auditor.to_hex(), "admitted": admit, "index": index}));
     Ok(())
+}
+
+/// The time of the newest admission statement about `auditor` on the server, if any. The operator reads
+/// its own server here, and opens each statement under its own log key.
+async fn last_statement_time(
+    conn: &cmr_client::transport::Connection,
+    auditor: &IdentityId,
+    log_key: &cmr_log::note::NoteVerifier,
+) -> CliResult<Option<u64>> {
+    use base64::Engine as _;
+    let v = conn.get_json("/v1/auditors").await?;
+    let mut last = None;
+    for e in v["entries"].as_array().cloned().unwrap_or_default() {
+        let body = e["body"]
+            .as_str()
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .and_then(|b| cmr_log::entry::EntryBody::decode(&b).ok());
+        let Some(body) = body else { continue };
+        let Ok(note) = std::str::from_utf8(&body.payload) else {
+            continue;
+        };
+        if let Ok(a) = Admission::open(note, log_key)
+            && a.auditor == *auditor
+        {
+            last = last.max(Some(a.time));
+        }
+    }
+    Ok(last)
 }

@@ -81,10 +81,16 @@ pub fn time(t: u64) -> String {
     )
 }
 
+/// A server time's day, `YYYY-MM-DD` (UTC).
+pub fn day(t: u64) -> String {
+    time(t)[..10].to_string()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn times_are_utc_dates() {
+        assert_eq!(super::day(1_795_835_845), "2026-11-28");
         assert_eq!(super::time(0), "1970-01-01 00:00:00Z");
         assert_eq!(super::time(951_782_400), "2000-02-29 00:00:00Z");
         assert_eq!(super::time(1_795_835_845), "2026-11-28 03:17:25Z");

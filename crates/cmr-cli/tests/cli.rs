@@ -384,6 +384,8 @@ fn a_scripted_session_against_a_real_server() {
         "credit limit review",
         "--lookback",
         "12",
+        "--duration",
+        "30",
     ])["request"]
         .as_str()
         .unwrap()
@@ -392,7 +394,8 @@ fn a_scripted_session_against_a_real_server() {
     assert!(
         listed.contains("credit limit review")
             && listed.contains(&bank_id)
-            && listed.contains("12 months"),
+            && listed.contains("12 months")
+            && listed.contains("30 days"),
         "{listed}"
     );
     // Over https the plain test domain fails: the domain proof needs TLS.
@@ -408,13 +411,23 @@ fn a_scripted_session_against_a_real_server() {
         "--insecure-http-for-tests",
     ]);
     assert!(
-        approved.contains("Acme Bank") && approved.contains("fingerprint"),
+        approved.contains("Acme Bank")
+            && approved.contains("fingerprint")
+            && approved.contains("30 days, until 20"),
         "{approved}"
     );
+    // A time-bound grant is listed as such, in words, by both sides (never as a Rust type).
+    let listed = alex.json(&["customer", "grants"]);
+    assert_eq!(listed["grants"][0]["status"], "active");
+    let lasting = listed["grants"][0]["duration"].as_str().unwrap();
+    assert!(lasting.starts_with("30 days, until 20"), "{lasting}");
 
     // The bank reads what the grant covers, decrypted locally; further back is refused.
     let v = bank.json(&["company", "status"]);
     assert_eq!(v["grants"].as_array().unwrap().len(), 1);
+    let lasting = v["grants"][0]["duration"].as_str().unwrap();
+    assert!(lasting.starts_with("30 days, until 20"), "{lasting}");
+    assert!(!bank.ok(&["company", "status"]).contains("TimeBound"));
     let grant = v["grants"][0]["grant"].as_str().unwrap().to_string();
     let v = bank.json(&["company", "read", &grant]);
     let texts: Vec<&str> = v["records"]
@@ -439,6 +452,8 @@ fn a_scripted_session_against_a_real_server() {
         "profile.contact:read",
         "--purpose",
         "statements by email",
+        "--duration",
+        "7",
         "--insecure-http-for-tests",
     ]);
     let v = bank.json(&["company", "status"]);

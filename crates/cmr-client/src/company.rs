@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use cmr_core::batch::{Head, PageProof, PeriodLeaf, ReadProof, SignedBatch, verify_read};
-use cmr_core::consent::{AccessRequest, Body, SignedStatement, Statement, StatementId};
+use cmr_core::consent::{AccessRequest, Body, Duration, SignedStatement, Statement, StatementId};
 use cmr_core::epoch::{Chain, KeyBundle};
 use cmr_core::family::{FamilyId, Period};
 use cmr_core::hash::Digest;
@@ -32,11 +32,30 @@ pub struct HeldGrant {
     pub keys: KeyBundle,
     /// Whether a revocation of it is logged.
     pub revoked: bool,
+    /// For a one-time grant: the log index of the read that used it up.
+    pub used: Option<u64>,
     /// The sealed bundles of the rotations that kept it (kept to re-open the keys later).
     pub rekeys: Vec<cmr_core::wrap::SealedBytes>,
 }
 
 impl HeldGrant {
+    /// Where the grant stands at server time `now`, in one word: `revoked`, `used`, `expired`,
+    /// `not-yet-valid` or `active` (the same words as the customer's listing).
+    pub fn status(&self, now: u64) -> &'static str {
+        let g = self.grant();
+        if self.revoked {
+            "revoked"
+        } else if self.used.is_some() {
+            "used"
+        } else if g.and_then(|g| g.expires).is_some_and(|e| now >= e) {
+            "expired"
+        } else if g.is_some_and(|g| now < g.not_before) {
+            "not-yet-valid"
+        } else {
+            "active"
+        }
+    }
+
     /// The grant's body.
     pub fn grant(&self) -> Option<&cmr_core::consent::Grant> {
         match &self.statement.statement().body {
@@ -158,6 +177,16 @@ impl Company {
                 ))
                 .into());
             }
+            if p.body.kind == EntryKind::Access && p.body.subject == me {
+                // This company's own read under a one-time grant used it up.
+                if let Ok(rec) = AccessRecord::decode(&p.body.payload)
+                    && rec.kind == cmr_core::decision::AccessKind::Read
+                    && let Some(g) = self.grants.get_mut(&rec.grant)
+                    && g.grant().is_some_and(|b| b.duration == Duration::OneTime)
+                {
+                    g.used.get_or_insert(p.index);
+                }
+            }
             if p.body.kind != EntryKind::Statement {
                 self.synced.insert(customer, p.index);
                 continue;
@@ -205,6 +234,7 @@ impl Company {
                         statement: st.clone(),
                         keys,
                         revoked: false,
+                        used: None,
                         rekeys: Vec::new(),
                     });
                 }

@@ -11,6 +11,7 @@ use cmr_core::consent::{
     Access, AccessRequest, Body, DisputeAction, ErasureTarget, Grant, GrantFamily, Initiator,
     Revocation, RotationCompletion, SignedStatement, Statement, StatementId,
 };
+use cmr_core::decision::{ConsentState, GrantStatus};
 use cmr_core::directory::{
     Directory, DirectoryDevice, DirectoryFamily, DirectoryTracker, Keeper, SignedDirectory,
     rotate_family,
@@ -319,6 +320,25 @@ impl Customer {
         Ok(acked)
     }
 
+    /// [`Customer::write`]; if the server answers `rotation-pending` (a grant on the family was used up,
+    /// expired or revoked, or a device revoked, and the rotation is still owed), completes every owed
+    /// rotation first ([`Customer::finish_rotations`]) and writes again, under the new epoch.
+    pub async fn write_rotating(
+        &mut self,
+        family: FamilyId,
+        period: Period,
+        contents: &[&[u8]],
+        now: u64,
+    ) -> Result<Acked, ClientError> {
+        match self.write(family, period, contents).await {
+            Err(e) if e.code() == Some("rotation-pending") => {
+                self.finish_rotations(now).await?;
+                self.write(family, period, contents).await
+            }
+            other => other,
+        }
+    }
+
     /// The family's current head, from a verified own read of its latest period.
     async fn head(&mut self, family: FamilyId) -> Result<Head, ClientError> {
         let (head, _) = self
@@ -588,7 +608,7 @@ impl Customer {
             purpose: purpose.to_string(),
             duration,
             not_before: now,
-            expires: None,
+            expires: duration.expiry(now),
             lookback_start,
             window_months: None,
             scopes: approval.scopes.clone(),
@@ -902,12 +922,7 @@ impl Customer {
         let gone = devices.to_vec();
         self.next_directory(now, |d| d.devices.retain(|x| !gone.contains(&x.device)))
             .await?;
-        let mut families: Vec<FamilyId> = self.families.keys().copied().collect();
-        families.sort();
-        let mut rotations = Vec::new();
-        for f in families {
-            rotations.push(self.rotate(f, now).await?);
-        }
+        let rotations = self.finish_rotations(now).await?;
         Ok((revocations, rotations))
     }
 
@@ -1030,21 +1045,49 @@ impl Customer {
         .await
     }
 
-    /// Revokes a grant, then rotates every family it could read: a fresh epoch secret, the next
-    /// directory, and one HPKE seal for each remaining grant on the family. Returns the revocation's and
-    /// the rotations' acknowledgements.
+    /// Revokes a grant, then completes every rotation owed (the revoked grant's families, and any owed
+    /// before): a fresh epoch secret, the next directory, and one HPKE seal for each grant that is still
+    /// active on the family. Returns the revocation's and the rotations' acknowledgements.
+    ///
+    /// The revocation is logged before any rotation starts; if a rotation then fails, it stays owed and
+    /// [`Customer::finish_rotations`] completes it later (use [`Customer::revoke_grant`] and that to
+    /// report the two steps apart).
     pub async fn revoke(
         &mut self,
         grant: StatementId,
         reason: &str,
         now: u64,
     ) -> Result<(Acked, Vec<Acked>), ClientError> {
-        let (revoked, families) = self.revoke_grant(grant, reason, now).await?;
-        let mut rotations = Vec::new();
-        for family in families {
-            rotations.push(self.rotate(family, now).await?);
-        }
+        let (revoked, _) = self.revoke_grant(grant, reason, now).await?;
+        let rotations = self.finish_rotations(now).await?;
         Ok((revoked, rotations))
+    }
+
+    /// The vault's consent state as the log says, folded from this customer's verified chain by the
+    /// log's own rule ([`cmr_log::consent::fold`]): which grants are active, used, expired or revoked,
+    /// each family's epoch, and which rotations are owed.
+    pub async fn consent(&mut self) -> Result<ConsentState, ClientError> {
+        let chain = self.history().await?;
+        let mut state = ConsentState::new(self.id());
+        for e in chain.iter().rev() {
+            cmr_log::consent::fold(&mut state, e.index, &e.body)
+                .map_err(|x| VerifyError::Chain(x.to_string()))?;
+        }
+        Ok(state)
+    }
+
+    /// Completes every rotation the log says is owed at `now` (a grant revoked, used up or expired, or a
+    /// device revoked, whose families were not rotated since) for the families this client holds, and
+    /// returns their acknowledgements. Until then the server answers appends to them `rotation-pending`.
+    pub async fn finish_rotations(&mut self, now: u64) -> Result<Vec<Acked>, ClientError> {
+        let consent = self.consent().await?;
+        let mut rotations = Vec::new();
+        for family in consent.pending_rotations(now) {
+            if self.families.contains_key(&family) {
+                rotations.push(self.rotate_with(&consent, family, now).await?);
+            }
+        }
+        Ok(rotations)
     }
 
     /// Logs the revocation of `grant` alone, and returns the families it could read: each must then be
@@ -1086,19 +1129,39 @@ impl Customer {
         Ok((revoked, families))
     }
 
-    /// Rotates `family`: the remaining grants on it keep access with fresh keys.
+    /// Rotates `family`: the grants still active on it keep access with fresh keys.
     pub async fn rotate(&mut self, family: FamilyId, now: u64) -> Result<Acked, ClientError> {
+        let consent = self.consent().await?;
+        self.rotate_with(&consent, family, now).await
+    }
+
+    /// Rotates `family` as `consent` (the log's state, from [`Customer::consent`]) says: the new epoch
+    /// is the one after the family's epoch in the log (a directory that already names it, from a
+    /// rotation whose completion was never logged, is replaced along with its unused secret), and only
+    /// grants active at `now` that hold the family keep it: a used, expired or revoked one does not.
+    async fn rotate_with(
+        &mut self,
+        consent: &ConsentState,
+        family: FamilyId,
+        now: u64,
+    ) -> Result<Acked, ClientError> {
         let current = self
             .directory
             .clone()
             .ok_or_else(|| ClientError::Local("no directory yet".into()))?;
+        let logged_epoch = consent
+            .epoch(&family)
+            .ok_or_else(|| ClientError::Local("the log names no such family".into()))?;
         let mut keepers = Vec::new();
         let mut keeper_grants = Vec::new();
         let grants: Vec<(StatementId, IssuedGrant)> =
             self.grants.iter().map(|(k, v)| (*k, v.clone())).collect();
         for (id, g) in &grants {
             let Some(body) = g.grant() else { continue };
-            if g.revoked {
+            let active = consent
+                .grant_status(id, now)
+                .is_some_and(GrantStatus::is_active);
+            if !active || !consent.holds(id, &family) {
                 continue;
             }
             let Some(gf) = body.families.iter().find(|f| f.family == family) else {
@@ -1139,6 +1202,7 @@ impl Customer {
             &mut rand::rng(),
             &current,
             family,
+            logged_epoch + 1,
             &keepers,
             (device.id(), &device.signing),
             now,

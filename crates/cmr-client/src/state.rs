@@ -289,6 +289,9 @@ pub struct SavedHeldGrant {
     pub rekeys: Vec<String>,
     /// Revoked since.
     pub revoked: bool,
+    /// For a one-time grant: the log index of the read that used it up.
+    #[serde(default)]
+    pub used: Option<u64>,
 }
 
 /// A request a company sent, as saved.
@@ -326,6 +329,7 @@ impl CompanyState {
                 statement: B64.encode(g.statement.encode()),
                 rekeys: g.rekeys.iter().map(|b| B64.encode(b.to_bytes())).collect(),
                 revoked: g.revoked,
+                used: g.used,
             })
             .collect();
         grants.sort_by(|a, b| a.statement.cmp(&b.statement));
@@ -384,6 +388,7 @@ impl CompanyState {
                     statement: st,
                     keys,
                     revoked: g.revoked,
+                    used: g.used,
                     rekeys,
                 },
             );

@@ -110,6 +110,16 @@ impl Duration {
         })
     }
 
+    /// When a consent of this duration that starts at `not_before` expires: `not_before + seconds` for a
+    /// time-bound one, never for the others (a one-time grant ends when used). A grant's `expires` field
+    /// must be exactly this.
+    pub fn expiry(self, not_before: u64) -> Option<u64> {
+        match self {
+            Duration::TimeBound { seconds } => Some(not_before.saturating_add(seconds)),
+            Duration::OneTime | Duration::Persistent => None,
+        }
+    }
+
     /// Whether `self` lasts no longer than `other`.
     pub fn within(self, other: Duration) -> bool {
         match (self, other) {
@@ -117,6 +127,30 @@ impl Duration {
             (Duration::OneTime, _) => true,
             (Duration::TimeBound { seconds: a }, Duration::TimeBound { seconds: b }) => a <= b,
             _ => false,
+        }
+    }
+}
+
+/// In words, for people: "one read", "until revoked", "30 days", "12 hours", "90 seconds".
+impl std::fmt::Display for Duration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plural = |n: u64, unit: &str| {
+            if n == 1 {
+                format!("1 {unit}")
+            } else {
+                format!("{n} {unit}s")
+            }
+        };
+        match *self {
+            Duration::OneTime => f.write_str("one read"),
+            Duration::Persistent => f.write_str("until revoked"),
+            Duration::TimeBound { seconds } if seconds % 86_400 == 0 => {
+                f.write_str(&plural(seconds / 86_400, "day"))
+            }
+            Duration::TimeBound { seconds } if seconds % 3_600 == 0 => {
+                f.write_str(&plural(seconds / 3_600, "hour"))
+            }
+            Duration::TimeBound { seconds } => f.write_str(&plural(seconds, "second")),
         }
     }
 }
@@ -540,16 +574,11 @@ impl Statement {
                 let append_family = r.option_array("append_family")?.map(FamilyId);
                 let grantee_kem = KemPublicKey::from_bytes(&r.array()?)
                     .map_err(|_| invalid("grantee_kem", "low-order X25519 key"))?;
-                match (duration, expires) {
-                    (Duration::TimeBound { .. }, None) => {
-                        return Err(invalid("expires", "a time-bound grant has an expiry"));
-                    }
-                    (Duration::TimeBound { seconds }, Some(e))
-                        if e != not_before.saturating_add(seconds) =>
-                    {
-                        return Err(invalid("expires", "must be not-before plus the duration"));
-                    }
-                    _ => {}
+                if expires != duration.expiry(not_before) {
+                    return Err(invalid(
+                        "expires",
+                        "a time-bound grant expires at not-before plus its duration; no other grant expires",
+                    ));
                 }
                 core_end = Some(r.position());
                 bundle = Some(read_sealed(&mut r, "bundle")?);

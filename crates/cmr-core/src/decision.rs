@@ -260,6 +260,42 @@ pub struct DisputeRecord {
     pub action: crate::consent::DisputeAction,
 }
 
+/// Where a grant stands at a given server time, as the log says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantStatus {
+    /// It may be used.
+    Active,
+    /// Its not-before is still ahead.
+    NotYetValid,
+    /// A one-time grant, used by the read logged at this position.
+    Used(Position),
+    /// A time-bound grant that expired at this server time.
+    Expired(u64),
+    /// Revoked at this position (by the customer, or given up by the company).
+    Revoked(Position),
+    /// Its family or the whole vault was erased at this position.
+    Erased(Position),
+}
+
+impl GrantStatus {
+    /// Whether the grant may still be used.
+    pub fn is_active(self) -> bool {
+        self == GrantStatus::Active
+    }
+
+    /// One word for listings: active, not-yet-valid, used, expired, revoked, erased.
+    pub fn word(self) -> &'static str {
+        match self {
+            GrantStatus::Active => "active",
+            GrantStatus::NotYetValid => "not-yet-valid",
+            GrantStatus::Used(_) => "used",
+            GrantStatus::Expired(_) => "expired",
+            GrantStatus::Revoked(_) => "revoked",
+            GrantStatus::Erased(_) => "erased",
+        }
+    }
+}
+
 /// A customer's consent state, folded in log order.
 #[derive(Debug, Clone)]
 pub struct ConsentState {
@@ -286,6 +322,11 @@ impl ConsentState {
             vault_erased: None,
             disputes: Vec::new(),
         }
+    }
+
+    /// The customer whose vault this is.
+    pub fn customer(&self) -> IdentityId {
+        self.customer
     }
 
     fn check_order(&self, position: Position, time: u64) -> Result<(), ApplyError> {
@@ -334,6 +375,38 @@ impl ConsentState {
     /// The grant, if known.
     pub fn grant(&self, id: &StatementId) -> Option<&Grant> {
         self.grants.get(id).map(|g| &g.grant)
+    }
+
+    /// Where grant `id` stands at server time `time`, after everything folded so far; `None` if the log
+    /// has no such grant.
+    pub fn grant_status(&self, id: &StatementId, time: u64) -> Option<GrantStatus> {
+        let g = self.grants.get(id)?;
+        Some(match (g.ended, g.consumed_at) {
+            (Some((at, EndReason::Revoked)), _) => GrantStatus::Revoked(at),
+            (Some((at, EndReason::Erased)), _) => GrantStatus::Erased(at),
+            (None, Some(at)) => GrantStatus::Used(at),
+            (None, None) => match g.grant.expires {
+                Some(e) if time >= e => GrantStatus::Expired(e),
+                _ if time < g.grant.not_before => GrantStatus::NotYetValid,
+                _ => GrantStatus::Active,
+            },
+        })
+    }
+
+    /// Whether grant `id` holds keys of `family` (granted with it, or delivered since).
+    pub fn holds(&self, id: &StatementId, family: &FamilyId) -> bool {
+        self.grants
+            .get(id)
+            .is_some_and(|g| g.held.contains_key(family))
+    }
+
+    /// Every family whose rotation is pending at server time `time` ([`ConsentState::rotation_pending`]).
+    pub fn pending_rotations(&self, time: u64) -> Vec<FamilyId> {
+        self.families
+            .iter()
+            .filter(|(f, s)| s.erased_at.is_none() && self.rotation_pending(f, time))
+            .map(|(f, _)| *f)
+            .collect()
     }
 
     /// A device of the customer was revoked at `position`: it held the vault key, so every family's

@@ -411,13 +411,19 @@ pub enum RotationError {
     UnknownFamily,
 }
 
-/// Rotates `family`: a fresh epoch secret (never derived from the old one), the next directory with the
-/// new epoch and the keepers that append, and for each keeper one HPKE seal holding exactly the keys its
-/// access needs at its starting periods.
+/// Rotates `family` to `epoch`: a fresh epoch secret (never derived from the old one), the next
+/// directory with the new epoch and the keepers that append, and for each keeper one HPKE seal holding
+/// exactly the keys its access needs at its starting periods.
+///
+/// `epoch` is the one after the family's epoch in the log. The current directory may already name it,
+/// when an earlier rotation published its directory but its completion was never logged: that epoch was
+/// never delivered to anyone nor written to (the log refuses writes while the rotation is owed), so it
+/// is replaced here with a fresh secret.
 pub fn rotate_family<R: CryptoRng + ?Sized>(
     rng: &mut R,
     current: &SignedDirectory,
     family: FamilyId,
+    epoch: u64,
     keepers: &[Keeper],
     signer: (DeviceId, &SigningKey),
     issued_at: u64,
@@ -425,7 +431,6 @@ pub fn rotate_family<R: CryptoRng + ?Sized>(
     let dir = current.directory();
     let old = dir.family(&family).ok_or(RotationError::UnknownFamily)?;
     let secret = EpochSecret::generate(rng);
-    let epoch = old.epoch + 1;
     let mut appenders: Vec<IdentityId> = keepers
         .iter()
         .filter(|k| k.append_from.is_some())

@@ -15,6 +15,7 @@
 pub mod admission;
 pub mod auditor;
 pub mod checkpoint;
+pub mod consent;
 pub mod entry;
 pub mod memlog;
 pub mod note;

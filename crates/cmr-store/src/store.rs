@@ -2003,35 +2003,20 @@ impl Sequencer {
                     .revoke(&r, index)
                     .map_err(|e| m(&e))?;
                 self.unpublish_device_key(&r.body().device);
-                if let Some(c) = self.state.consent.get_mut(&id) {
-                    c.device_revoked(index, body.time).map_err(|e| m(&e))?;
-                }
+                self.fold_consent(index, body)?;
             }
             EntryKind::Directory => {
                 let dir = SignedDirectory::decode(&body.payload).map_err(|e| m(&e))?;
                 let d = dir.directory();
-                if let Some(consent) = self.state.consent.get_mut(&d.customer) {
-                    for f in &d.families {
-                        consent.declare_family(f.family, f.scope, f.epoch);
-                    }
-                    for f in &d.families {
-                        self.state.ensure_family(d.customer, f.family, f.scope);
-                    }
+                self.fold_consent(index, body)?;
+                for f in &d.families {
+                    self.state.ensure_family(d.customer, f.family, f.scope);
                 }
                 self.state
                     .directories
                     .insert(d.customer, (d.version, dir.digest()));
             }
-            EntryKind::Statement => {
-                let st = SignedStatement::decode(&body.payload).map_err(|e| m(&e))?;
-                let c = st.statement().customer;
-                self.state
-                    .consent
-                    .get_mut(&c)
-                    .ok_or_else(|| m(&"unknown customer"))?
-                    .apply(&st, index, body.time)
-                    .map_err(|e| m(&e))?;
-            }
+            EntryKind::Statement => self.fold_consent(index, body)?,
             EntryKind::Admission => {
                 let note = std::str::from_utf8(&body.payload).map_err(|e| m(&e))?;
                 let a = Admission::open(note, &self.log_key.verifier()).map_err(|e| m(&e))?;
@@ -2068,20 +2053,22 @@ impl Sequencer {
                 }
                 ledger.apply(b, &records).map_err(|e| m(&e))?;
             }
-            EntryKind::Access => {
-                let rec = AccessRecord::decode(&body.payload).map_err(|e| m(&e))?;
-                let customer = body
-                    .customer
-                    .ok_or_else(|| m(&"access about no customer"))?;
-                if let (Some(attempt), Some(c)) = (
-                    rec.attempt(body.subject),
-                    self.state.consent.get_mut(&customer),
-                ) {
-                    let _ = c.record_access(&attempt, index, body.time);
-                }
-            }
+            EntryKind::Access => self.fold_consent(index, body)?,
         }
         Ok(None)
+    }
+
+    /// Folds an entry about a customer into that customer's consent state, by the one rule
+    /// ([`cmr_log::consent::fold`]); an entry about no customer, or a company's, changes no consent.
+    fn fold_consent(&mut self, index: u64, body: &EntryBody) -> Result<(), StoreError> {
+        match body.customer.and_then(|c| self.state.consent.get_mut(&c)) {
+            Some(consent) => cmr_log::consent::fold(consent, index, body)
+                .map_err(|e| StoreError::Format(e.to_string())),
+            None if body.kind == EntryKind::Statement || body.kind == EntryKind::Access => Err(
+                StoreError::Format(format!("entry {index} is about no known customer")),
+            ),
+            None => Ok(()),
+        }
     }
 }
 
