@@ -498,10 +498,14 @@ async fn signed_read(
     month: Period,
 ) -> Result<Value, ClientError> {
     let (_, device) = &w.companies[t.company];
-    let target = format!(
-        "/v1/vaults/{}/families/{}/read",
-        t.customer.to_hex(),
-        t.family.to_hex()
+    let target = cmr_log::entry::access_target(
+        &t.customer,
+        &t.family,
+        cmr_core::decision::AccessKind::Read,
+        &grant,
+        None,
+        month,
+        month,
     );
     let m = month.to_string();
     w.conn
@@ -689,10 +693,14 @@ async fn append(w: &World, t: &Target) -> Result<(), ClientError> {
     let batch = Batch::for_records(device.id(), *head, std::slice::from_ref(&rec))
         .map_err(|e| ClientError::Local(e.to_string()))?;
     let bytes = SignedBatch::sign(batch, &device.signing).encode();
-    let target = format!(
-        "/v1/vaults/{}/families/{}/batches",
-        t.customer.to_hex(),
-        t.family.to_hex()
+    let target = cmr_log::entry::access_target(
+        &t.customer,
+        &t.family,
+        cmr_core::decision::AccessKind::Append,
+        &t.grant,
+        Some(*epoch),
+        w.month,
+        w.month,
     );
     let body = json!({"batch": B64.encode(&bytes), "records": [B64.encode(rec.as_bytes())], "grant": t.grant.to_hex()});
     let v = w.conn.post(&target, &body, Signer::Device(device)).await?;

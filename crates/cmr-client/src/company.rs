@@ -290,10 +290,16 @@ impl Company {
             .get(&grant)
             .ok_or_else(|| ClientError::Local("no such grant held".into()))?;
         let customer = held.customer;
-        let target = format!(
-            "/v1/vaults/{}/families/{}/read",
-            customer.to_hex(),
-            family.to_hex()
+        // The signed request names the vault, family, grant and periods, so the logged access is
+        // bound to it (cmr_log::entry::access_target).
+        let target = cmr_log::entry::access_target(
+            &customer,
+            &family,
+            cmr_core::decision::AccessKind::Read,
+            &grant,
+            None,
+            from,
+            to,
         );
         let keyid = self.session.keys.device.id().to_hex();
         // Page by page (each page's access is logged), every page against the same head, each cursor

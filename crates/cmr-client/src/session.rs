@@ -363,14 +363,34 @@ impl Session {
             "batch": B64.encode(&bytes),
             "records": records.iter().map(|r| B64.encode(r.as_bytes())).collect::<Vec<_>>(),
         });
-        if let Some(g) = grant {
-            body["grant"] = json!(g.to_hex());
-        }
-        let target = format!(
-            "/v1/vaults/{}/families/{}/batches",
-            customer.to_hex(),
-            family.to_hex()
-        );
+        let target = match grant {
+            // A company's append: the signed request names the grant, the epoch and the periods, so the
+            // logged access is bound to it (cmr_log::entry::access_target).
+            Some(g) => {
+                body["grant"] = json!(g.to_hex());
+                let periods = records.iter().map(|r| r.header().period);
+                let (from, to) = (periods.clone().min(), periods.max());
+                let (Some(from), Some(to), Some(first)) = (from, to, records.first()) else {
+                    return Err(ClientError::Local(
+                        "a batch holds at least one record".into(),
+                    ));
+                };
+                cmr_log::entry::access_target(
+                    &customer,
+                    &family,
+                    cmr_core::decision::AccessKind::Append,
+                    &g,
+                    Some(first.header().epoch),
+                    from,
+                    to,
+                )
+            }
+            None => format!(
+                "/v1/vaults/{}/families/{}/batches",
+                customer.to_hex(),
+                family.to_hex()
+            ),
+        };
         Ok((self.post(&target, &body).await?, bytes))
     }
 

@@ -21,6 +21,7 @@ use cmr_core::consent::{
     Access, AccessRequest, Body as StBody, Counterparty, Duration, Grant, GrantFamily, Initiator,
     Revocation, SignedStatement, Statement, StatementId,
 };
+use cmr_core::decision::AccessKind;
 use cmr_core::directory::{Directory, DirectoryDevice, DirectoryFamily, SignedDirectory};
 use cmr_core::epoch::{BundleEntry, EpochSecret, KeyBundle};
 use cmr_core::family::{FamilyId, FamilyName, Period, PseudonymKey, Scope};
@@ -223,6 +224,55 @@ impl Harness {
             .replace("{f}", &self.family.to_hex())
     }
 
+    /// The request target for `body` on `route`: a company's read or append (a body naming a grant) is
+    /// sent, as an honest client sends it, to the target that names its grant, epoch and periods
+    /// (`access_target`), so that the access it logs is bound to the signed request. A body that does not
+    /// parse goes to the bare route.
+    fn target_for(&self, route: &str, body: &[u8]) -> String {
+        let target = self.target(route);
+        let Ok(v) = serde_json::from_slice::<Value>(body) else {
+            return target;
+        };
+        let grant = v["grant"]
+            .as_str()
+            .and_then(Digest::from_hex)
+            .map(|d| StatementId(d.0));
+        let Some(grant) = grant else { return target };
+        let period = |k: &str| v[k].as_str().and_then(Period::parse);
+        let (kind, epoch, from, to) = if route.ends_with("/read") {
+            (AccessKind::Read, None, period("from"), period("to"))
+        } else if route.ends_with("/batches") {
+            let records: Vec<cmr_core::record::SealedRecord> = v["records"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.as_str().and_then(|r| B64.decode(r).ok()))
+                .filter_map(|r| cmr_core::record::SealedRecord::decode(r).ok())
+                .collect();
+            let periods = records.iter().map(|r| r.header().period);
+            (
+                AccessKind::Append,
+                records.first().map(|r| r.header().epoch),
+                periods.clone().min(),
+                periods.max(),
+            )
+        } else {
+            return target;
+        };
+        match (from, to) {
+            (Some(from), Some(to)) => cmr_log::entry::access_target(
+                &self.customer.id,
+                &self.family,
+                kind,
+                &grant,
+                epoch,
+                from,
+                to,
+            ),
+            _ => target,
+        }
+    }
+
     /// The signer an input's second byte picks: even the customer's device, odd the company's.
     fn party(&self, who: u8) -> &Party {
         if who.is_multiple_of(2) {
@@ -234,12 +284,9 @@ impl Harness {
 
     /// Sends a setup step, which must succeed; its answer.
     fn expect_ok(&self, who: u8, body: Value, route: &str) -> Value {
-        let target = self.target(route);
-        let (s, answer) = self.send(
-            &target,
-            &serde_json::to_vec(&body).expect("json"),
-            Signer::Device(&self.party(who).device),
-        );
+        let bytes = serde_json::to_vec(&body).expect("json");
+        let target = self.target_for(route, &bytes);
+        let (s, answer) = self.send(&target, &bytes, Signer::Device(&self.party(who).device));
         assert_eq!(
             s,
             StatusCode::OK,
@@ -404,7 +451,7 @@ impl Harness {
             return Outcome::Rejected;
         };
         let body = &data[2..];
-        let target = self.target(ROUTES[usize::from(route) % ROUTES.len()]);
+        let target = self.target_for(ROUTES[usize::from(route) % ROUTES.len()], body);
         let before = self.store.checkpoint().expect("the store answers");
         let (status, answer) = self.send(&target, body, Signer::Device(&self.party(who).device));
         assert!(

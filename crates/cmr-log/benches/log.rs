@@ -246,7 +246,16 @@ fn main() {
     let keyid = acme_device.id().to_hex();
     let access = |log: &mut MemoryLog, i: u64, t: u64| {
         let c = &customers[(i % 100) as usize];
-        let target = format!("/v1/vaults/{}/read", c.id);
+        let to = Period::from_year_month(2026, 11).expect("valid");
+        let target = cmr_log::entry::access_target(
+            &c.id,
+            &c.family,
+            AccessKind::Read,
+            &c.grant,
+            None,
+            Period::ORIGIN,
+            to,
+        );
         let req = Request::new("POST", "https", "vault.example", &target, vec![]);
         let nonce = format!("n{i}");
         let h = httpsig::sign_request(&req, b"{}", &acme_device.signing, &keyid, &nonce, t as i64)
@@ -267,7 +276,7 @@ fn main() {
             families: vec![AccessedFamily {
                 family: c.family,
                 from: Period::ORIGIN,
-                to: Period::from_year_month(2026, 11).expect("valid"),
+                to,
             }],
             records: vec![],
             keyid: keyid.clone(),

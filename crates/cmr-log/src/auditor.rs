@@ -92,6 +92,9 @@ pub enum Violation {
     RefusedStatement(u64, String),
     /// An access that no grant allowed at its position.
     AccessDenied(u64, String),
+    /// An access whose signed request does not say what the access claims (another vault, family,
+    /// route, grant, epoch or periods): it was not caused by such a request.
+    Unbound(u64, String),
     /// A (keyid, nonce) seen before.
     ReplayedNonce(u64, String),
 }
@@ -540,6 +543,8 @@ impl Auditor {
             .ok_or_else(|| malformed("signature base has no @signature-params line".into()))?;
         let parsed = httpsig::parse_signatures(&format!("cmr={params_line}"), "cmr=:AAAA:")
             .map_err(|e| malformed(e.to_string()))?;
+        rec.check_binding(&customer)
+            .map_err(|e| Violation::Unbound(index, e))?;
         let params = &parsed[0].params;
         let nonce = params.nonce().ok().flatten().unwrap_or_default();
         let created = params.created().ok().flatten().unwrap_or_default();

@@ -229,7 +229,70 @@ pub struct AccessRecord {
     pub signature: [u8; 64],
 }
 
+/// The request target (path and query) that the signed request of an access must name, built from what
+/// the access claims: `POST /v1/vaults/{customer}/families/{family}/read?grant=G&from=P&to=Q` for a read,
+/// `…/batches?grant=G&epoch=E&from=P&to=Q` for an append. One function for every party: the SDK sends its
+/// request to it, and [`AccessRecord::check_binding`] (the store before logging, the auditor after)
+/// refuses a record whose signed request names anything else. RFC 9421 covers `@path` and `@query`, so
+/// what a company signed says exactly which vault, family, route, grant, epoch and periods it asked for.
+pub fn access_target(
+    customer: &IdentityId,
+    family: &FamilyId,
+    kind: AccessKind,
+    grant: &StatementId,
+    epoch: Option<u64>,
+    from: Period,
+    to: Period,
+) -> String {
+    let route = match kind {
+        AccessKind::Read => "read",
+        AccessKind::Append => "batches",
+    };
+    let epoch = epoch.map(|e| format!("&epoch={e}")).unwrap_or_default();
+    format!(
+        "/v1/vaults/{}/families/{}/{route}?grant={}{epoch}&from={from}&to={to}",
+        customer.to_hex(),
+        family.to_hex(),
+        grant.to_hex()
+    )
+}
+
 impl AccessRecord {
+    /// Checks that the signed request says exactly what this record claims, for `customer`: a `POST` to
+    /// [`access_target`] of its one family, grant, kind, epoch and periods. A record that fails was not
+    /// caused by such a request (an operator cannot log a company's other request, such as a
+    /// relationship poll, as a read of a family).
+    pub fn check_binding(&self, customer: &IdentityId) -> Result<(), String> {
+        let [f] = self.families.as_slice() else {
+            return Err("an access names exactly one family".into());
+        };
+        let target = access_target(
+            customer,
+            &f.family,
+            self.kind,
+            &self.grant,
+            self.epoch,
+            f.from,
+            f.to,
+        );
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let query = format!("?{query}");
+        for (name, expected) in [("@method", "POST"), ("@path", path), ("@query", &query)] {
+            let prefix = format!("\"{name}\": ");
+            let signed = self
+                .signature_base
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()));
+            if signed != Some(expected) {
+                return Err(format!(
+                    "the signed request's {name} is {}, but the access claims {expected}",
+                    signed.unwrap_or("missing")
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The access this record claims, by `company`, for `evaluate`: its families, and the span of their
     /// periods. `None` if it names no family.
     pub fn attempt(&self, company: IdentityId) -> Option<AccessAttempt> {

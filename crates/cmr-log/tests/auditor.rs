@@ -15,7 +15,7 @@ use cmr_core::httpsig::{self, Request};
 use cmr_core::identity::{DeviceKeys, IdentityId, Role, create_identity, revoke_device};
 use cmr_core::keys::{KemSecretKey, SigningKey};
 use cmr_log::auditor::{Auditor, Violation};
-use cmr_log::entry::{AccessRecord, AccessedFamily, EntryBody, EntryKind};
+use cmr_log::entry::{AccessRecord, AccessedFamily, EntryBody, EntryKind, access_target};
 use cmr_log::memlog::{MemoryLog, MemorySource};
 use cmr_log::note::{NoteSigner, TYPE_ED25519};
 
@@ -241,7 +241,8 @@ impl World {
         gid
     }
 
-    /// An access by acme's device (or `signer`), with a real RFC 9421 signature.
+    /// An access by acme's device (or `signer`), with a real RFC 9421 signature over the request the
+    /// access claims (or over `signed`, another request of the company's).
     fn access_signed_by(
         &mut self,
         grant: StatementId,
@@ -251,10 +252,34 @@ impl World {
         device: &DeviceKeys,
         company: IdentityId,
     ) -> u64 {
+        self.access_of_request(grant, family, from, nonce, device, company, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn access_of_request(
+        &mut self,
+        grant: StatementId,
+        family: FamilyId,
+        from: Period,
+        nonce: Option<String>,
+        device: &DeviceKeys,
+        company: IdentityId,
+        signed: Option<String>,
+    ) -> u64 {
         self.nonce += 1;
         let nonce = nonce.unwrap_or_else(|| format!("n{}", self.nonce));
         let keyid = device.id().to_hex();
-        let target = format!("/v1/vaults/{}/read", self.customer.id);
+        let target = signed.unwrap_or_else(|| {
+            access_target(
+                &self.customer.id,
+                &family,
+                AccessKind::Read,
+                &grant,
+                None,
+                from,
+                p(2026, 11),
+            )
+        });
         let req = Request::new("POST", "https", "vault.example", &target, vec![]);
         let created = (self.time + 1) as i64;
         let h =
@@ -990,6 +1015,60 @@ fn auditor_admissions_are_checked_against_the_log_key_and_the_rule() {
     assert_eq!(
         named,
         vec![forged, company, swapped],
+        "{:?}",
+        report.violations
+    );
+}
+
+#[test]
+fn an_access_not_bound_to_its_signed_request() {
+    // The operator takes requests the company really signed (a relationship poll, a read of another
+    // family, a read of other months) and logs each as a read it claims the company made.
+    let mut w = World::new();
+    let g = w.grant();
+    let device = DeviceKeys {
+        signing: SigningKey::from_seed(&w.acme.device.signing.seed()),
+        kem: w.acme.device.kem.clone(),
+    };
+    let (c, acme) = (w.customer.id, w.acme.id);
+    let poll = format!("/v1/vaults/{}/relationship", c.to_hex());
+    let other_family = access_target(
+        &c,
+        &w.contact,
+        AccessKind::Read,
+        &g,
+        None,
+        p(2025, 6),
+        p(2026, 11),
+    );
+    let other_months = access_target(
+        &c,
+        &w.tx,
+        AccessKind::Read,
+        &g,
+        None,
+        p(2025, 7),
+        p(2026, 11),
+    );
+    let forged: Vec<u64> = [poll, other_family, other_months]
+        .into_iter()
+        .map(|signed| w.access_of_request(g, w.tx, p(2025, 6), None, &device, acme, Some(signed)))
+        .collect();
+    // And one honest read, which stays clean.
+    w.access(g, w.tx, p(2025, 6), None);
+    let report = w.audit();
+    let unbound: Vec<u64> = report
+        .violations
+        .iter()
+        .filter_map(|v| match v {
+            Violation::Unbound(i, _) => Some(*i),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(unbound, forged, "{:?}", report.violations);
+    assert_eq!(
+        report.violations.len(),
+        forged.len(),
         "{:?}",
         report.violations
     );

@@ -14,6 +14,7 @@ use cmr_core::consent::{
     Access, AccessRequest, Body as StBody, Counterparty, Duration, Grant, GrantFamily, Initiator,
     Revocation, SignedStatement, Statement, StatementId,
 };
+use cmr_core::decision::AccessKind;
 use cmr_core::directory::{Directory, DirectoryDevice, DirectoryFamily};
 use cmr_core::epoch::{BundleEntry, EpochSecret, KeyBundle};
 use cmr_core::family::{FamilyId, FamilyName, Period, PseudonymKey, Scope};
@@ -103,7 +104,9 @@ impl Env {
         self.clock.load(Ordering::SeqCst) as i64
     }
 
-    /// Builds a request signed with the CMR profile (or not), with `created` offset from the clock.
+    /// Builds a request signed with the CMR profile (or not), with `created` offset from the clock. A
+    /// company's read or append (a body naming a grant, on a bare route) goes, as the SDK sends it, to the
+    /// target that names its grant, epoch and periods.
     fn request(
         &mut self,
         method: &str,
@@ -112,6 +115,8 @@ impl Env {
         signer: Signer<'_>,
         created_offset: i64,
     ) -> Request<Body> {
+        let bound = bound_target(path, body);
+        let path = bound.as_deref().unwrap_or(path);
         let bytes = serde_json::to_vec(body).unwrap();
         let mut b = Request::builder()
             .method(method)
@@ -163,6 +168,50 @@ impl Env {
         let req = self.request(method, path, &body, signer, 0);
         self.send(req).await
     }
+}
+
+/// The bound target of a company's read or append on a bare `…/families/{f}/read` or `…/batches` path
+/// (`cmr_log::entry::access_target`, from the body's grant, periods and records), or `None`.
+fn bound_target(path: &str, body: &Value) -> Option<String> {
+    let grant = body["grant"].as_str().and_then(Digest::from_hex)?;
+    let mut parts = path.strip_prefix("/v1/vaults/")?.split('/');
+    let (customer, _, family, route) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if path.contains('?') || parts.next().is_some() {
+        return None;
+    }
+    let (customer, family) = (
+        IdentityId::from_hex(customer)?,
+        FamilyId(Digest::from_hex(family)?.0),
+    );
+    let period = |k: &str| body[k].as_str().and_then(Period::parse);
+    let (kind, epoch, from, to) = match route {
+        "read" => (AccessKind::Read, None, period("from")?, period("to")?),
+        "batches" => {
+            let records: Vec<cmr_core::record::SealedRecord> = body["records"]
+                .as_array()?
+                .iter()
+                .filter_map(|r| B64.decode(r.as_str()?).ok())
+                .filter_map(|r| cmr_core::record::SealedRecord::decode(r).ok())
+                .collect();
+            let periods = records.iter().map(|r| r.header().period);
+            (
+                AccessKind::Append,
+                Some(records.first()?.header().epoch),
+                periods.clone().min()?,
+                periods.max()?,
+            )
+        }
+        _ => return None,
+    };
+    Some(cmr_log::entry::access_target(
+        &customer,
+        &family,
+        kind,
+        &StatementId(grant.0),
+        epoch,
+        from,
+        to,
+    ))
 }
 
 struct Party {

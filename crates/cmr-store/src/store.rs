@@ -1688,6 +1688,9 @@ impl Sequencer {
                 .ok_or_else(|| {
                     StoreError::Malformed("the access record does not match the batch".into())
                 })?;
+            access
+                .check_binding(&b.customer)
+                .map_err(StoreError::Malformed)?;
             consent
                 .evaluate(&attempt, index + 1, time)
                 .map_err(StoreError::Denied)?;
@@ -1787,6 +1790,9 @@ impl Sequencer {
                 .ok_or_else(|| {
                     StoreError::Malformed("the access record does not match the read".into())
                 })?;
+            access
+                .check_binding(&customer)
+                .map_err(StoreError::Malformed)?;
             self.state
                 .consent
                 .get(&customer)

@@ -301,6 +301,44 @@ fn a_read_must_match_its_signed_request() {
         store.execute(other),
         Err(StoreError::Malformed(_))
     ));
+    // A request the company really signed, but another one: a relationship poll, presented as this read.
+    let Op::Read {
+        access: Some(mut forged),
+        periods,
+        ..
+    } = w.read(g, p(2025, 6), T0)
+    else {
+        unreachable!()
+    };
+    let poll = format!("/v1/vaults/{}/relationship", customer.to_hex());
+    let req = cmr_core::httpsig::Request::new("POST", "https", "vault.example", &poll, vec![]);
+    let keyid = w.acme.device.id().to_hex();
+    let h = cmr_core::httpsig::sign_request(
+        &req,
+        b"{}",
+        &w.acme.device.signing,
+        &keyid,
+        "poll-1",
+        T0 as i64,
+    )
+    .unwrap();
+    forged.signature_base = h.signature_base;
+    let size = latest_checkpoint(&store).size;
+    let err = store
+        .execute(Op::Read {
+            customer,
+            family,
+            periods,
+            cursor: None,
+            limit: 10,
+            access: Some(forged),
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Malformed(m) if m.contains("@path")),
+        "{err}"
+    );
+    assert_eq!(latest_checkpoint(&store).size, size, "nothing was logged");
 }
 
 #[test]

@@ -363,7 +363,7 @@ impl World {
         }
     }
 
-    /// An access record for a request signed by acme's device.
+    /// An access record for a request signed by acme's device (an append at epoch 1).
     pub fn access(
         &mut self,
         grant: StatementId,
@@ -373,12 +373,30 @@ impl World {
         to: Period,
         created: u64,
     ) -> AccessRecord {
+        let epoch = (kind == AccessKind::Append).then_some(1);
+        self.access_at(grant, kind, family, (from, to), epoch, created)
+    }
+
+    /// An access record for a request signed by acme's device, naming `epoch`.
+    pub fn access_at(
+        &mut self,
+        grant: StatementId,
+        kind: AccessKind,
+        family: FamilyId,
+        (from, to): (Period, Period),
+        epoch: Option<u64>,
+        created: u64,
+    ) -> AccessRecord {
         self.nonce += 1;
         let keyid = self.acme.device.id().to_hex();
-        let target = format!(
-            "/v1/vaults/{}/families/{}",
-            self.customer.id,
-            family.to_hex()
+        let target = cmr_log::entry::access_target(
+            &self.customer.id,
+            &family,
+            kind,
+            &grant,
+            epoch,
+            from,
+            to,
         );
         let req = Request::new("POST", "https", "vault.example", &target, vec![]);
         let h = httpsig::sign_request(
@@ -401,7 +419,7 @@ impl World {
         AccessRecord {
             grant,
             kind,
-            epoch: (kind == AccessKind::Append).then_some(1),
+            epoch,
             families: vec![AccessedFamily { family, from, to }],
             records: vec![],
             keyid,
@@ -463,8 +481,14 @@ impl World {
             .unwrap();
         let batch =
             Batch::for_records(self.acme.device.id(), head, std::slice::from_ref(&record)).unwrap();
-        let mut access = self.access(grant, AccessKind::Append, self.tx, period, period, T0);
-        access.epoch = Some(epoch);
+        let access = self.access_at(
+            grant,
+            AccessKind::Append,
+            self.tx,
+            (period, period),
+            Some(epoch),
+            T0,
+        );
         Op::WriteBatch {
             batch: SignedBatch::sign(batch, &self.acme.device.signing).encode(),
             records: vec![record.as_bytes().to_vec()],
