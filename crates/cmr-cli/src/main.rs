@@ -91,6 +91,11 @@ Examples:
         /// The scheme clients sign: `https` behind a reverse proxy that terminates TLS.
         #[arg(long, env = "CMR_SCHEME", default_value = "http", value_parser = ["http", "https"])]
         scheme: String,
+        /// The authority (host[:port]) clients sign for, such as `vault.example.com` behind a reverse
+        /// proxy; default: the listening address. A request signed for another authority is refused,
+        /// whatever its Host header says.
+        #[arg(long, env = "CMR_AUTHORITY")]
+        authority: Option<String>,
     },
     /// A customer's vault: identity, profile, transactions, requests, grants, history.
     #[command(after_help = "\
@@ -178,6 +183,7 @@ fn main() -> ExitCode {
                 rate_per_identity,
                 burst_per_identity,
                 cache_mib,
+                authority,
             } => {
                 tracing_subscriber::fmt()
                     .with_env_filter(
@@ -192,6 +198,7 @@ fn main() -> ExitCode {
                     witnesses,
                     rate: (rate_per_identity, burst_per_identity),
                     cache_mib,
+                    authority,
                 };
                 serve::run(&data, &log_key, &opts).await
             }

@@ -50,10 +50,12 @@ pub async fn start(
     scheme: &str,
     witnesses: Vec<cmr_log::note::NoteVerifier>,
 ) -> CliResult<Running> {
-    start_in(data, log_key, listen, scheme, witnesses, None, 16).await
+    start_in(data, log_key, listen, scheme, witnesses, None, 16, None).await
 }
 
-/// [`start`], with the per-identity rate limits and sled's page cache (MiB) given.
+/// [`start`], with the per-identity rate limits, sled's page cache (MiB) and the authority clients sign
+/// for (the listening address if `None`) given.
+#[allow(clippy::too_many_arguments)]
 pub async fn start_in(
     data: &Path,
     log_key: NoteSigner,
@@ -62,6 +64,7 @@ pub async fn start_in(
     witnesses: Vec<cmr_log::note::NoteVerifier>,
     rate: Option<(f64, f64)>,
     cache_mib: u64,
+    authority: Option<&str>,
 ) -> CliResult<Running> {
     let log_vkey = log_key.verifier().to_vkey();
     let mut config = StoreConfig::new(data, log_key);
@@ -82,7 +85,7 @@ pub async fn start_in(
         .local_addr()
         .map_err(|e| CliError::local(e.to_string(), "check --listen"))?;
     let mut config = Config {
-        authority: addr.to_string(),
+        authority: authority.map_or_else(|| addr.to_string(), str::to_string),
         scheme: scheme.into(),
         witnesses,
         ..Config::default()
@@ -119,6 +122,9 @@ pub struct Options {
     pub rate: (f64, f64),
     /// sled's page cache, in MiB.
     pub cache_mib: u64,
+    /// The authority clients sign for (`vault.example.com` behind a proxy); the listening address if
+    /// `None`.
+    pub authority: Option<String>,
 }
 
 /// `cmr serve`: runs until Ctrl-C. The log key lives outside the data folder; a new one is created
@@ -159,6 +165,7 @@ pub async fn run(data: &Path, log_key: &Path, opts: &Options) -> CliResult {
         witnesses,
         Some(opts.rate),
         opts.cache_mib,
+        opts.authority.as_deref(),
     )
     .await?;
     let pub_path = log_key.with_extension("pub");

@@ -156,10 +156,9 @@ pub fn authenticate(
             .map_err(|_| ApiError::malformed("a header value is not visible ASCII"))?;
         pairs.push((name.as_str(), value));
     }
-    let authority = headers
-        .get("host")
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or(&state.config.authority);
+    // The authority signed for must be this deployment's, as configured: never the client's Host header,
+    // so that a request signed for one deployment is refused by another (a reverse proxy may rewrite Host).
+    let authority = state.config.authority.as_str();
     let target = uri.path_and_query().map_or("/", |p| p.as_str());
     let request = Request::new(
         method.as_str(),
@@ -188,6 +187,23 @@ pub fn authenticate(
         };
         signer = found.map(|(id, _)| id);
         found.map(|(_, k)| k)
+    })
+    .map_err(|e| {
+        let host = headers.get("host").and_then(|h| h.to_str().ok());
+        match (e, host) {
+            // Say which authority this server verifies for when the client seems to sign for another.
+            (httpsig::HttpSigError::BadSignature, Some(host))
+                if !host.eq_ignore_ascii_case(authority) =>
+            {
+                let mut err = ApiError::from(httpsig::HttpSigError::BadSignature);
+                err.detail = format!(
+                    "the signature does not verify; this server verifies requests signed for \
+                     authority {authority} (the request was sent to {host})"
+                );
+                err
+            }
+            (e, _) => ApiError::from(e),
+        }
     })?;
     let identity = signer.ok_or_else(|| ApiError::from(httpsig::HttpSigError::UnknownKey))?;
     if !state.limits.take(&identity) {

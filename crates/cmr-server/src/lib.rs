@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod extract;
 pub mod logkey;
 pub mod routes;
 
@@ -124,6 +125,17 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::identities::router())
         .merge(routes::vaults::router())
         .merge(routes::openapi::router())
+        // Unknown routes and methods are Problem Details too.
+        .fallback(|| async {
+            error::ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such route")
+        })
+        .method_not_allowed_fallback(|| async {
+            error::ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "this route does not take this method",
+            )
+        })
         .layer(DefaultBodyLimit::max(small))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(max_body))
         .layer(tower_http::trace::TraceLayer::new_for_http())

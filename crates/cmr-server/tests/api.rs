@@ -2278,3 +2278,138 @@ async fn a_write_past_the_timeout_is_in_doubt_and_logged_once_when_sent_again() 
         .collect::<Vec<_>>();
     assert_eq!(logged, vec![index]);
 }
+
+#[tokio::test]
+async fn a_request_signed_for_another_deployment_is_refused_whatever_its_host() {
+    let mut f = flow().await;
+    let path = format!("/v1/vaults/{}/history", f.customer.id.to_hex());
+    let body = serde_json::to_vec(&json!({})).unwrap();
+    // Signed for `other.test`, and sent with Host `other.test`: the server verifies for its own
+    // configured authority, `vault.test`, and refuses, saying which authority it expects.
+    let send = |env: &mut Env, authority: &'static str, host: &'static str| {
+        env.nonce += 1;
+        let req = httpsig::Request::new("POST", "http", authority, &path, vec![]);
+        let h = httpsig::sign_request(
+            &req,
+            &body,
+            &f.customer.device.signing,
+            &f.customer.device.id().to_hex(),
+            &format!("auth{}", env.nonce),
+            env.now(),
+        )
+        .unwrap();
+        Request::builder()
+            .method("POST")
+            .uri(&path)
+            .header("host", host)
+            .header("content-type", "application/json")
+            .header("content-digest", h.content_digest)
+            .header("signature-input", h.signature_input)
+            .header("signature", h.signature)
+            .body(Body::from(body.clone()))
+            .unwrap()
+    };
+    let req = send(&mut f.env, "other.test", "other.test");
+    let (s, v) = f.env.send(req).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("vault.test"), "{v}");
+    // Signed for this deployment, the request passes even if a proxy rewrote its Host.
+    let req = send(&mut f.env, "vault.test", "10.0.0.7:8080");
+    let (s, v) = f.env.send(req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+#[tokio::test]
+async fn malformed_paths_queries_unknown_routes_and_methods_are_problem_details() {
+    let mut f = flow().await;
+    let problem = |v: &Value| v["type"].as_str().unwrap_or_default().to_string();
+    for (method, path, status, code) in [
+        ("GET", "/v1/log/commitments?from=x&to=2", 400, "malformed"),
+        ("GET", "/v1/log/commitments", 400, "malformed"),
+        (
+            "GET",
+            "/v1/log/proofs/inclusion?index=-1&size=2",
+            400,
+            "malformed",
+        ),
+        ("GET", "/v1/log/proofs/consistency?old=1", 400, "malformed"),
+        ("GET", "/v1/no/such/route", 404, "not-found"),
+        ("DELETE", "/v1/log/checkpoint", 405, "method-not-allowed"),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "vault.test")
+            .body(Body::empty())
+            .unwrap();
+        let resp = f.env.app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{method} {path}");
+        assert_eq!(
+            resp.headers()["content-type"],
+            "application/problem+json",
+            "{method} {path}"
+        );
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            problem(&v),
+            format!("urn:cmr-vault:problem:{code}"),
+            "{method} {path}"
+        );
+    }
+    // A signed request to a path whose number does not parse.
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            "/v1/log/entries/seven",
+            json!({}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(problem(&v), "urn:cmr-vault:problem:malformed");
+}
+
+#[tokio::test]
+async fn a_history_page_starts_only_at_the_callers_own_entry() {
+    let mut f = flow().await;
+    let other = register(&mut f.env, Role::Customer).await;
+    let path = format!("/v1/vaults/{}/history", f.customer.id.to_hex());
+    let own = f.env.store.customer_head(&f.customer.id).unwrap().unwrap();
+    let theirs = f.env.store.customer_head(&other.id).unwrap().unwrap();
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            &path,
+            json!({"before": own}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // Another customer's entry, an entry of no one (a company's registration), and an index past the
+    // log all get the same answer: the route says nothing about entries that are not the caller's.
+    let (s0, v0) = f
+        .env
+        .call(
+            "POST",
+            &path,
+            json!({"before": theirs}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    for before in [2u64, 1_000_000] {
+        let (s, v) = f
+            .env
+            .call(
+                "POST",
+                &path,
+                json!({"before": before}),
+                Signer::Device(&f.customer.device),
+            )
+            .await;
+        assert_eq!((s, &v["detail"]), (s0, &v0["detail"]), "before {before}");
+    }
+    assert_eq!(s0, StatusCode::FORBIDDEN);
+}

@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use crate::extract::Path;
+use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use cmr_core::identity::{DeviceCertificate, DeviceRevocation, IdentityId, Signed, SignedKeyEvent};

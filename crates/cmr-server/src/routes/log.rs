@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use crate::extract::{Path, Query};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -221,7 +222,7 @@ async fn consistency(
 /// auditors the operator admitted. The request is signed (POST so that it carries a body digest like every other).
 async fn entry(
     State(state): State<Arc<AppState>>,
-    axum::extract::Path(index): axum::extract::Path<u64>,
+    Path(index): Path<u64>,
     crate::auth::SignedRequest { caller, .. }: crate::auth::SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
     let stored = state.store.body(index)?.ok_or_else(|| {

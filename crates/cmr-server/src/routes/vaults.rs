@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use crate::extract::Path;
+use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
@@ -350,7 +351,23 @@ async fn history(
     let req: HistoryBody = json_body(&body)?;
     let (checkpoint, size) = current_checkpoint(&state)?;
     let start = match req.before {
-        Some(i) => Some(i),
+        // A page starts at one of the customer's own readable entries. Another customer's entry and an
+        // erased one (whose owner the server can no longer tell) get the same answer, so the route says
+        // nothing about entries that are not the caller's.
+        Some(i) => {
+            let own = i < size
+                && state
+                    .store
+                    .body(i)?
+                    .and_then(|b| decode_entry(&b).ok())
+                    .is_some_and(|e| e.customer == Some(customer));
+            if !own {
+                return Err(ApiError::forbidden(
+                    "the entry is not on this customer's chain",
+                ));
+            }
+            Some(i)
+        }
         None => state.store.customer_head(&customer)?,
     };
     let walk = walk_chain(&state, start, size, req.limit.clamp(1, 1000) as usize)?;
