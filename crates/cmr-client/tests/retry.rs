@@ -19,17 +19,29 @@ use common::now;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The proxy's listener, and a server that verifies requests signed for the proxy's address (as a
+/// deployment behind a reverse proxy is configured with its public authority).
+async fn behind_a_proxy(dir: &std::path::Path) -> (TcpListener, common::Server) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front = listener.local_addr().unwrap().to_string();
+    let server = common::serve_configured(dir, "retry.test/log", 9, Arc::new(now), |c| {
+        c.authority = front;
+    })
+    .await;
+    (listener, server)
+}
+
 /// Forwards every connection to `upstream`. While `cut` is above zero, the answer to a request whose first
 /// line names `path_part` is swallowed: the request goes through whole, the server answers (so it has
 /// logged the write), and the client's connection is closed instead of receiving that answer — or, with
 /// `instead`, receives those bytes in its place.
 async fn proxy(
+    listener: TcpListener,
     upstream: String,
     path_part: &'static str,
     cut: Arc<AtomicUsize>,
     instead: Option<Arc<String>>,
 ) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move {
         loop {
@@ -98,10 +110,10 @@ async fn proxy(
 /// must hold the batch exactly once, at the acknowledged index, and it must read back.
 async fn a_batch_whose_first_answer_is_lost(instead: Option<Arc<String>>) {
     let dir = tempfile::tempdir().unwrap();
-    let server = common::serve(dir.path(), "retry.test/log", 9).await;
+    let (listener, server) = behind_a_proxy(dir.path()).await;
     let upstream = server.conn.base().trim_start_matches("http://").to_string();
     let cut = Arc::new(AtomicUsize::new(0));
-    let front = proxy(upstream, "/batches", cut.clone(), instead).await;
+    let front = proxy(listener, upstream, "/batches", cut.clone(), instead).await;
     let conn = Connection::new(&format!("http://{front}")).unwrap();
     let (s, _) = Session::register(conn.clone(), Role::Customer, server.pinned.clone(), now())
         .await
@@ -148,10 +160,10 @@ async fn a_write_whose_answer_was_lost_is_sent_again_and_logged_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_whose_answer_was_lost_is_in_doubt_not_sent_again() {
     let dir = tempfile::tempdir().unwrap();
-    let server = common::serve(dir.path(), "retry.test/log", 9).await;
+    let (listener, server) = behind_a_proxy(dir.path()).await;
     let upstream = server.conn.base().trim_start_matches("http://").to_string();
     let cut = Arc::new(AtomicUsize::new(0));
-    let front = proxy(upstream, "/backup ", cut.clone(), None).await;
+    let front = proxy(listener, upstream, "/backup ", cut.clone(), None).await;
     let conn = Connection::new(&format!("http://{front}")).unwrap();
     let (s, _) = Session::register(conn.clone(), Role::Customer, server.pinned.clone(), now())
         .await

@@ -536,6 +536,25 @@ pub fn verify_request(
     window: TimeWindow,
     lookup: impl FnOnce(&str) -> Option<VerifyingKey>,
 ) -> Result<VerifiedRequest, HttpSigError> {
+    let (chosen, checked) = precheck(request, window)?;
+    let key = lookup(&checked.keyid).ok_or(HttpSigError::UnknownKey)?;
+    verify(request, &chosen, &key)?;
+    let digest = request
+        .header("content-digest")
+        .ok_or_else(|| HttpSigError::MissingHeader("Content-Digest".into()))?;
+    verify_content_digest(&digest, body)?;
+    Ok(checked)
+}
+
+/// What can be checked of a request before its body arrives: the profile's signature is present, covers
+/// the profile's components, and its `created` is within `window`, with a nonce and a key id. Returns
+/// the chosen signature and what it says; [`verify_request`] then checks the signature and the body. A
+/// server refuses early with this, so that a request that can never verify does not hold a slot while
+/// its body trickles in.
+pub fn precheck(
+    request: &Request<'_>,
+    window: TimeWindow,
+) -> Result<(ParsedSignature, VerifiedRequest), HttpSigError> {
     let input = request
         .header("signature-input")
         .ok_or_else(|| HttpSigError::MissingHeader("Signature-Input".into()))?;
@@ -591,15 +610,10 @@ pub fn verify_request(
     let keyid = params
         .keyid()?
         .ok_or(HttpSigError::MissingParameter("keyid"))?;
-    let key = lookup(keyid).ok_or(HttpSigError::UnknownKey)?;
-    verify(request, chosen, &key)?;
-    let digest = request
-        .header("content-digest")
-        .ok_or_else(|| HttpSigError::MissingHeader("Content-Digest".into()))?;
-    verify_content_digest(&digest, body)?;
-    Ok(VerifiedRequest {
+    let checked = VerifiedRequest {
         keyid: keyid.to_string(),
         nonce: nonce.to_string(),
         created,
-    })
+    };
+    Ok((chosen.clone(), checked))
 }

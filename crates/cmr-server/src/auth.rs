@@ -139,6 +139,21 @@ impl RateLimits {
     }
 }
 
+/// The window a request's `created` must fall in now.
+pub(crate) fn window(state: &AppState) -> TimeWindow {
+    TimeWindow {
+        now: (state.clock)() as i64,
+        // Nonces live in memory: after a restart, requests signed before it could be replayed, so only
+        // requests created after the start (plus the allowed skew) are accepted. A store whose log was
+        // empty at start has never accepted a signed request, so it needs no horizon.
+        horizon: if state.store.opened_empty() {
+            i64::MIN
+        } else {
+            state.store.start_time() as i64 + httpsig::MAX_FUTURE
+        },
+    }
+}
+
 /// Verifies a signed request. `registering` supplies the key of an identity that is being registered (the
 /// request is signed by its inception key, which the store does not know yet).
 pub fn authenticate(
@@ -167,18 +182,7 @@ pub fn authenticate(
         target,
         pairs,
     );
-    let now = (state.clock)() as i64;
-    let window = TimeWindow {
-        now,
-        // Nonces live in memory: after a restart, requests signed before it could be replayed, so only
-        // requests created after the start (plus the allowed skew) are accepted. A store whose log was
-        // empty at start has never accepted a signed request, so it needs no horizon.
-        horizon: if state.store.opened_empty() {
-            i64::MIN
-        } else {
-            state.store.start_time() as i64 + httpsig::MAX_FUTURE
-        },
-    };
+    let window = window(state);
     let mut signer = None;
     let verified = httpsig::verify_request(&request, body, window, |keyid| {
         let found = match registering {
@@ -213,10 +217,12 @@ pub fn authenticate(
             "too many requests from this identity; retry later",
         ));
     }
-    if !state
-        .nonces
-        .check(&verified.keyid, &verified.nonce, verified.created, now)
-    {
+    if !state.nonces.check(
+        &verified.keyid,
+        &verified.nonce,
+        verified.created,
+        window.now,
+    ) {
         return Err(ApiError::new(
             axum::http::StatusCode::UNAUTHORIZED,
             "replayed",

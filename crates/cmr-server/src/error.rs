@@ -47,6 +47,12 @@ impl ApiError {
                 "too-large",
                 "the body is larger than this route accepts",
             )
+        } else if too_slow(e) {
+            Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body-too-slow",
+                "the request body did not arrive in time",
+            )
         } else {
             Self::malformed(format!("the body could not be read: {}", e.body_text()))
         }
@@ -184,4 +190,16 @@ impl IntoResponse for ApiError {
         }
         resp
     }
+}
+
+/// Whether a body failed because it missed its deadline ([`crate::backpressure::BodyTooSlow`]).
+fn too_slow(e: &axum::extract::rejection::BytesRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<crate::backpressure::BodyTooSlow>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }

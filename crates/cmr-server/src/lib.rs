@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod backpressure;
 pub mod error;
 pub mod extract;
 pub mod logkey;
@@ -34,8 +35,17 @@ pub struct Config {
     pub max_small_body: usize,
     /// The witnesses whose cosignatures the log accepts (C2SP tlog-cosignature keys).
     pub witnesses: Vec<cmr_log::note::NoteVerifier>,
-    /// Requests in flight at most; more are shed with 503 and Retry-After.
+    /// Requests in flight at most, server-wide; more are shed with 503 and Retry-After.
     pub max_in_flight: usize,
+    /// Requests in flight beyond `max_in_flight` that only a customer's own emergency routes may use
+    /// (a statement such as a revocation, a device revocation).
+    pub max_reserved: usize,
+    /// Requests in flight at most from one source address (the reserved routes excepted).
+    pub max_in_flight_per_source: usize,
+    /// How long any request body may take at least; a body then has `len / min_body_rate` seconds more.
+    pub body_deadline: std::time::Duration,
+    /// The slowest body rate accepted, in bytes per second.
+    pub min_body_rate: usize,
     /// How long a request may take before it is answered 503.
     pub timeout: std::time::Duration,
     /// Requests per second one identity may make (sustained).
@@ -53,6 +63,10 @@ impl Default for Config {
             max_small_body: 256 * 1024,
             witnesses: Vec::new(),
             max_in_flight: 512,
+            max_reserved: 64,
+            max_in_flight_per_source: 256,
+            body_deadline: std::time::Duration::from_secs(5),
+            min_body_rate: 64 * 1024,
             timeout: std::time::Duration::from_secs(30),
             rate_per_identity: 200.0,
             burst_per_identity: 400.0,
@@ -74,6 +88,8 @@ pub struct AppState {
     pub limits: auth::RateLimits,
     /// Witness cosignature lines collected for the checkpoint of that size.
     pub cosignatures: std::sync::Mutex<(u64, Vec<String>)>,
+    /// The server-wide limits on requests in flight.
+    pub gate: backpressure::Gate,
 }
 
 impl AppState {
@@ -102,22 +118,28 @@ impl AppState {
             nonces: auth::NonceCache::default(),
             limits: auth::RateLimits::new(config.rate_per_identity, config.burst_per_identity),
             cosignatures: std::sync::Mutex::new((0, Vec::new())),
+            gate: backpressure::Gate::new(
+                config.max_in_flight,
+                config.max_reserved,
+                config.max_in_flight_per_source,
+            ),
             config,
             clock,
         }
     }
 }
 
-/// Builds the whole application: the routers, the body limit, a timeout, and load shedding past the
-/// concurrency limit (503 with Retry-After).
+/// Builds the whole application: the routers, the body limit, a timeout, and the server-wide gate
+/// ([`backpressure`]: one limit on requests in flight with a share reserved for a customer's emergency
+/// routes, a per-source limit, early refusal of what cannot verify, a body deadline; 503 with
+/// Retry-After past the limits).
 pub fn app(state: Arc<AppState>) -> Router {
     use axum::error_handling::HandleErrorLayer;
     use axum::http::StatusCode;
     use tower::ServiceBuilder;
-    let (max_body, small, in_flight, timeout) = (
+    let (max_body, small, timeout) = (
         state.config.max_body,
         state.config.max_small_body,
-        state.config.max_in_flight,
         state.config.timeout,
     );
     Router::new()
@@ -146,18 +168,20 @@ pub fn app(state: Arc<AppState>) -> Router {
                         // A write may still be queued in the store, and applied after this answer.
                         error::ApiError::in_doubt("the request took too long")
                     } else {
-                        // Shed before the handler ran: nothing was applied.
                         error::ApiError::new(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "unavailable",
-                            "the server is at capacity; retry later",
+                            "the server could not take this request; retry later",
                         )
                     }
                 }))
-                .load_shed()
-                .concurrency_limit(in_flight)
                 .timeout(timeout),
         )
+        // Outermost: the gate runs before anything reads the body.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            backpressure::gate,
+        ))
         .with_state(state)
 }
 
@@ -170,7 +194,10 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     tracing::info!(%local, "cmr-server listening");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

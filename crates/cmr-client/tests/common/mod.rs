@@ -22,6 +22,7 @@ pub fn now() -> u64 {
 
 /// A running test server.
 pub struct Server {
+    pub addr: std::net::SocketAddr,
     pub conn: Connection,
     pub pinned: NoteVerifier,
     pub store: Arc<Store>,
@@ -55,20 +56,33 @@ pub async fn serve_with_clock(
     seed: u8,
     clock: Arc<dyn Fn() -> u64 + Send + Sync>,
 ) -> Server {
+    serve_configured(dir, name, seed, clock, |_| {}).await
+}
+
+/// [`serve_with_clock`], with the server's configuration changed by `configure`.
+pub async fn serve_configured(
+    dir: &std::path::Path,
+    name: &str,
+    seed: u8,
+    clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    configure: impl FnOnce(&mut Config),
+) -> Server {
     let store = Arc::new(Store::open(StoreConfig::new(dir, log_key(name, seed))).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = Config {
+    let mut config = Config {
         authority: addr.to_string(),
         scheme: "http".into(),
         ..Config::default()
     };
+    configure(&mut config);
     tokio::spawn(cmr_server::serve(
         listener,
         Arc::new(AppState::with_clock(store.clone(), config, clock)),
         std::future::pending(),
     ));
     Server {
+        addr,
         conn: Connection::new(&format!("http://{addr}")).unwrap(),
         pinned: log_key(name, seed).verifier(),
         store,
