@@ -713,7 +713,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             for (month, texts) in by_month {
-                for chunk in texts.chunks(500) {
+                for chunk in import_batches(&texts) {
                     let refs: Vec<&[u8]> = chunk.iter().map(|s| s.as_bytes()).collect();
                     c.write_rotating(fid, month, &refs, t).await?;
                     bar.inc(chunk.len() as u64);
@@ -1325,6 +1325,30 @@ fn describe(body: &cmr_log::entry::EntryBody) -> String {
     }
 }
 
+/// The most rows, and the most bytes of text, in one imported batch: a batch's request (records sealed,
+/// then base64 in JSON) stays well under the server's 16 MiB limit for record batches.
+const IMPORT_BATCH_ROWS: usize = 500;
+const IMPORT_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// Splits one month's rows into batches of at most [`IMPORT_BATCH_ROWS`] rows and [`IMPORT_BATCH_BYTES`]
+/// bytes (a single larger row is a batch of its own, which the server judges).
+fn import_batches(rows: &[String]) -> Vec<&[String]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, row) in rows.iter().enumerate() {
+        let full = i - start == IMPORT_BATCH_ROWS || bytes + row.len() > IMPORT_BATCH_BYTES;
+        if full && i > start {
+            out.push(&rows[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += row.len();
+    }
+    if start < rows.len() {
+        out.push(&rows[start..]);
+    }
+    out
+}
+
 fn read_import(file: &std::path::Path) -> CliResult<Vec<(Period, String)>> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| CliError::local(format!("{}: {e}", file.display()), "check the path"))?;
@@ -1733,4 +1757,25 @@ async fn waiting(c: &mut Customer, id: &str) -> CliResult<cmr_client::customer::
                 "list them with `cmr customer requests`",
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imports_are_split_by_rows_and_by_bytes() {
+        let small: Vec<String> = (0..1201).map(|i| format!("row {i}")).collect();
+        let sizes: Vec<usize> = import_batches(&small).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, vec![500, 500, 201]);
+        let big: Vec<String> = (0..10).map(|_| "x".repeat(1024 * 1024)).collect();
+        let batches = import_batches(&big);
+        assert!(
+            batches
+                .iter()
+                .all(|b| b.iter().map(String::len).sum::<usize>() <= IMPORT_BATCH_BYTES)
+        );
+        assert_eq!(batches.iter().map(|b| b.len()).sum::<usize>(), 10);
+        assert_eq!(import_batches(&[]).len(), 0);
+    }
 }

@@ -724,3 +724,97 @@ fn a_request_signed_before_a_restart_is_refused_after_it() {
     // (Within the horizon the SDK signs again and retries once a second until it passes.)
     alex.ok(&["customer", "history"]);
 }
+
+/// The resident memory of a process, in KiB (Linux).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A family of 200 records of a megabyte each reads completely with default settings: pages are bounded
+/// by bytes, the SDK follows the cursor, and the server's memory grows by less than 64 MiB while serving
+/// it (before, a page could hold them all, and the SDK refused the 260 MB answer).
+#[test]
+fn a_family_of_large_records_reads_whole_in_pages_bounded_by_bytes() {
+    use cmr_client::customer::Customer;
+    use cmr_client::session::Session;
+    use cmr_core::family::{FamilyName, Period, PseudonymKey, Scope};
+    let mut first = serve();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let conn = cmr_client::Connection::new(&first.base).unwrap();
+        let pinned = cmr_log::note::NoteVerifier::from_vkey(&first.vkey).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let (s, _) = Session::register(conn, cmr_core::identity::Role::Customer, pinned, now)
+            .await
+            .unwrap();
+        let mut alex = Customer::new(s, PseudonymKey::generate(&mut rand::rng()));
+        let name = FamilyName::profile(Scope::ProfilePreferences).unwrap();
+        alex.declare(&[name], now).await.unwrap();
+        let family = alex.family_id(&name);
+        let record = |i: usize| vec![(i % 251) as u8; 1_000_000];
+        let started = std::time::Instant::now();
+        for batch in 0..20 {
+            let contents: Vec<Vec<u8>> = (batch * 10..batch * 10 + 10).map(record).collect();
+            let refs: Vec<&[u8]> = contents.iter().map(Vec::as_slice).collect();
+            alex.write(family, Period::ORIGIN, &refs).await.unwrap();
+        }
+        // A fresh server process on the same folder, so that the writes' buffers do not hide what the
+        // read costs; then sample its memory while it serves the whole family.
+        println!("written in {:?}", started.elapsed());
+        let _ = first.child.kill();
+        let _ = first.child.wait();
+        let dir = std::mem::replace(&mut first._dir, tempfile::tempdir().unwrap());
+        let server = serve_in(dir, &[]);
+        let pid = server.child.id();
+        alex.session.conn = cmr_client::Connection::new(&server.base).unwrap();
+        let before = rss_kib(pid);
+        println!("restarted at {:?}", started.elapsed());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut peak = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    peak = peak.max(rss_kib(pid));
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                peak
+            })
+        };
+        let records = alex
+            .read(family, Period::ORIGIN, Period::ORIGIN)
+            .await
+            .unwrap();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let peak = sampler.join().unwrap();
+        println!("read at {:?}", started.elapsed());
+        assert_eq!(records.len(), 200);
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(r.content, record(i), "record {i}");
+        }
+        let growth = peak.saturating_sub(before);
+        assert!(
+            growth < 64 * 1024,
+            "the server grew by {} MiB while serving the read ({} MiB before)",
+            growth / 1024,
+            before / 1024
+        );
+        println!(
+            "server RSS {} MiB before the read, peak {} MiB during it",
+            before / 1024,
+            peak / 1024
+        );
+    });
+}

@@ -339,10 +339,11 @@ impl Customer {
         }
     }
 
-    /// The family's current head, from a verified own read of its latest period.
+    /// The family's current head, from a verified own read of one page (one record) of its first period:
+    /// the proof names the head, and the head must not have fewer batches than one seen before.
     async fn head(&mut self, family: FamilyId) -> Result<Head, ClientError> {
         let (head, _) = self
-            .read_raw(family, Period::ORIGIN, Period::ORIGIN)
+            .read_pages(family, Period::ORIGIN, Period::ORIGIN, Some(1))
             .await?;
         Ok(head)
     }
@@ -368,6 +369,17 @@ impl Customer {
         from: Period,
         to: Period,
     ) -> Result<(Head, Vec<SealedRecord>), ClientError> {
+        self.read_pages(family, from, to, None).await
+    }
+
+    /// Reads `from..=to` page by page to the end, or only the first page of at most `first` records.
+    async fn read_pages(
+        &mut self,
+        family: FamilyId,
+        from: Period,
+        to: Period,
+        first: Option<u64>,
+    ) -> Result<(Head, Vec<SealedRecord>), ClientError> {
         let me = self.id();
         let target = format!(
             "/v1/vaults/{}/families/{}/read",
@@ -378,7 +390,8 @@ impl Customer {
         let mut out = Vec::new();
         let mut head: Option<Head> = None;
         loop {
-            let mut body = json!({"from": from.to_string(), "to": to.to_string(), "limit": 1000});
+            let limit = first.unwrap_or(1000);
+            let mut body = json!({"from": from.to_string(), "to": to.to_string(), "limit": limit});
             if let Some((p, i)) = cursor {
                 body["cursor"] = json!([p.to_string(), i]);
             }
@@ -391,6 +404,9 @@ impl Customer {
             }
             out.extend(verified);
             head = Some(page.proof.head);
+            if first.is_some() {
+                break;
+            }
             match page.proof.next {
                 Some(n) if cursor.is_none_or(|c| n > c) => cursor = Some(n),
                 Some(_) => {

@@ -226,7 +226,13 @@ pub struct StoreConfig {
     pub max_group: usize,
     /// The server clock, Unix seconds.
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// The most record bytes one read answer carries ([`MAX_PAGE_BYTES`] by default); the reader
+    /// follows the cursor for the rest.
+    pub max_page_bytes: usize,
 }
+
+/// The most record bytes in one read answer by default: 4 MiB (about 5.4 MB of JSON with base64).
+pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// sled's cache in a default configuration. sled's own default is 1 GiB. Its cache mostly repeats the OS
 /// page cache, which holds the same files: 16 MiB served reads and appends as fast as 128 MiB, at a
@@ -241,6 +247,7 @@ impl StoreConfig {
             cache_capacity: DEFAULT_CACHE,
             log_key,
             max_group: 256,
+            max_page_bytes: MAX_PAGE_BYTES,
             clock: Arc::new(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -314,6 +321,7 @@ struct Sequencer {
     log_key: NoteSigner,
     clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     max_group: usize,
+    max_page_bytes: usize,
     state: State,
     /// Set when the sequencer stopped taking operations after a failure (shared with [`Store`]).
     poisoned: Arc<AtomicBool>,
@@ -651,6 +659,7 @@ impl Store {
             log_key: config.log_key,
             clock: config.clock,
             max_group: config.max_group.max(1),
+            max_page_bytes: config.max_page_bytes.max(1),
             state: State::default(),
             poisoned: Arc::new(AtomicBool::new(false)),
             synced: FileStates::new(),
@@ -1814,18 +1823,21 @@ impl Sequencer {
             .ledgers
             .get(&(customer, family))
             .ok_or_else(|| StoreError::NotFound("family".into()))?;
-        let proof = ledger
-            .prove_read(
-                ledger.head().batches,
-                periods.0,
-                periods.1,
-                cursor,
-                limit.clamp(1, 10_000),
-            )
-            .ok_or_else(|| StoreError::Malformed("bad read".into()))?;
+        let prove = |limit: u64| {
+            ledger
+                .prove_read(ledger.head().batches, periods.0, periods.1, cursor, limit)
+                .ok_or_else(|| StoreError::Malformed("bad read".into()))
+        };
+        let mut proof = prove(limit.clamp(1, 10_000))?;
+        // The page is bounded by bytes as well as by count: records are gathered in order until the next
+        // would pass the byte budget (at least one is always served), and the proof is then made again
+        // for exactly those, so its cursor names where the next page starts. Memory per read is bounded
+        // by the budget, not by the count asked for.
         let mut records = Vec::new();
-        let mut batch_digests = Vec::new();
-        for page in &proof.pages {
+        let mut record_batches = Vec::new();
+        let mut bytes = 0usize;
+        let mut truncated = false;
+        'pages: for page in &proof.pages {
             for (i, id) in page.ids.iter().enumerate() {
                 let n = page.start + i as u64;
                 let value = overlay
@@ -1834,14 +1846,25 @@ impl Sequencer {
                 if value.len() <= 8 {
                     return Err(StoreError::Format("record value".into()));
                 }
-                let d = value[..8].to_vec();
+                if !records.is_empty() && bytes + value.len() - 8 > self.max_page_bytes {
+                    truncated = true;
+                    break 'pages;
+                }
+                bytes += value.len() - 8;
+                record_batches.push(value[..8].to_vec());
                 records.push(
                     SealedRecord::decode(value[8..].to_vec())
                         .map_err(|e| StoreError::Format(e.to_string()))?,
                 );
-                if !batch_digests.contains(&d) {
-                    batch_digests.push(d);
-                }
+            }
+        }
+        if truncated {
+            proof = prove(records.len() as u64)?;
+        }
+        let mut batch_digests: Vec<Vec<u8>> = Vec::new();
+        for d in record_batches {
+            if !batch_digests.contains(&d) {
+                batch_digests.push(d);
             }
         }
         let batches = batch_digests
