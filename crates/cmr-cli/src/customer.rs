@@ -1240,11 +1240,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
 }
 
 pub(crate) fn access_name(a: Access) -> &'static str {
-    match a {
-        Access::Read => "read",
-        Access::Append => "append",
-        Access::ReadAppend => "read+append",
-    }
+    a.name()
 }
 
 pub(crate) fn duration(d: cmr_core::consent::Duration) -> String {

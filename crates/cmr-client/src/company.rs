@@ -151,13 +151,30 @@ impl Company {
     /// checkpoint, signed by a device of the customer valid at its position), and updates the grants held
     /// and the requests' statuses.
     pub async fn sync(&mut self, customer: IdentityId) -> Result<(), ClientError> {
-        let v = self
-            .session
-            .post(
-                &format!("/v1/vaults/{}/relationship", customer.to_hex()),
-                &json!({}),
-            )
-            .await?;
+        // Page by page from the newest entry already taken into account.
+        loop {
+            let mut body = json!({"limit": 1000});
+            if let Some(after) = self.synced.get(&customer) {
+                body["after"] = json!(after);
+            }
+            let v = self
+                .session
+                .post(
+                    &format!("/v1/vaults/{}/relationship", customer.to_hex()),
+                    &body,
+                )
+                .await?;
+            let more = v["next"].as_u64().is_some();
+            let before = self.synced.get(&customer).copied();
+            self.sync_page(customer, &v).await?;
+            if !more || self.synced.get(&customer).copied() == before {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Takes one page of the relationship view into account.
+    async fn sync_page(&mut self, customer: IdentityId, v: &Value) -> Result<(), ClientError> {
         let cp = self
             .session
             .observe(v["checkpoint"].as_str().unwrap_or_default())

@@ -62,6 +62,15 @@ impl Access {
         })
     }
 
+    /// The access's name as people and the command line write it: `read`, `append`, `read+append`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Append => "append",
+            Access::ReadAppend => "read+append",
+        }
+    }
+
     /// Whether this access allows reading.
     pub fn reads(self) -> bool {
         matches!(self, Access::Read | Access::ReadAppend)
@@ -877,43 +886,5 @@ impl Grant {
             }
         }
         Ok(())
-    }
-}
-
-/// Who a vault's statements concern besides their author and the customer: the grantee of a grant and of
-/// everything that follows from it (revocation, rotation, key delivery), the requester of a request that
-/// is denied, the company a block names. Fed the vault's statements in log order, it answers for each one.
-/// The server uses it to hand a company what concerns it, and nothing else.
-#[derive(Debug, Default, Clone)]
-pub struct Involvement {
-    grantees: std::collections::HashMap<StatementId, IdentityId>,
-    requesters: std::collections::HashMap<StatementId, IdentityId>,
-}
-
-impl Involvement {
-    /// Observes the next statement (in log order) and returns whether it concerns `party`.
-    pub fn observe(&mut self, st: &SignedStatement, party: &IdentityId) -> bool {
-        let s = st.statement();
-        let named = match &s.body {
-            Body::Request(_) => {
-                self.requesters.insert(st.id(), s.author);
-                None
-            }
-            Body::Grant(g) => {
-                self.grantees.insert(st.id(), g.grantee);
-                Some(g.grantee == *party)
-            }
-            Body::Denial { request, .. } => Some(self.requesters.get(request) == Some(party)),
-            Body::Revocation(r) => Some(self.grantees.get(&r.grant) == Some(party)),
-            Body::KeyDelivery { grant, .. } => Some(self.grantees.get(grant) == Some(party)),
-            Body::RotationCompletion(rc) => Some(
-                rc.keepers
-                    .iter()
-                    .any(|(g, _)| self.grantees.get(g) == Some(party)),
-            ),
-            Body::Block { company, .. } => Some(company == party),
-            Body::Erasure(_) | Body::Dispute { .. } => None,
-        };
-        s.author == *party || s.customer == *party || named == Some(true)
     }
 }

@@ -166,6 +166,20 @@ pub enum ApplyError {
     /// The company is blocked.
     #[error("the company is blocked")]
     Blocked,
+    /// Too many requests wait for the customer's answer: from this company ([`MAX_PENDING_PER_COMPANY`])
+    /// or in all ([`MAX_PENDING_PER_VAULT`]).
+    #[error(
+        "too many requests wait for this customer's answer ({waiting}, at most {limit}{}); wait for an answer",
+        if *from_company { " from one company" } else { " in all" }
+    )]
+    TooManyRequests {
+        /// How many wait.
+        waiting: u32,
+        /// The limit reached.
+        limit: u32,
+        /// Whether the per-company limit was reached (else the vault's).
+        from_company: bool,
+    },
     /// The vault was erased.
     #[error("the vault was erased")]
     VaultErased,
@@ -296,6 +310,13 @@ impl GrantStatus {
     }
 }
 
+/// The most access requests one company may have waiting for one customer's answer. A request is answered
+/// by a grant or a denial; the customer may also block the company.
+pub const MAX_PENDING_PER_COMPANY: u32 = 5;
+/// The most access requests that may wait for one customer's answer, from every company together, so
+/// that new identities cannot fill a customer's chain and listing with requests.
+pub const MAX_PENDING_PER_VAULT: u32 = 100;
+
 /// A customer's consent state, folded in log order.
 #[derive(Debug, Clone)]
 pub struct ConsentState {
@@ -307,6 +328,8 @@ pub struct ConsentState {
     requests: BTreeMap<StatementId, RequestState>,
     vault_erased: Option<Position>,
     disputes: Vec<DisputeRecord>,
+    /// Requests waiting for an answer, per company.
+    waiting: BTreeMap<IdentityId, u32>,
 }
 
 impl ConsentState {
@@ -321,6 +344,7 @@ impl ConsentState {
             requests: BTreeMap::new(),
             vault_erased: None,
             disputes: Vec::new(),
+            waiting: BTreeMap::new(),
         }
     }
 
@@ -440,6 +464,23 @@ impl ConsentState {
                 if self.blocked.contains(&st.author) {
                     return Err(ApplyError::Blocked);
                 }
+                let from_company = self.waiting.get(&st.author).copied().unwrap_or(0);
+                let total: u32 = self.waiting.values().sum();
+                if from_company >= MAX_PENDING_PER_COMPANY {
+                    return Err(ApplyError::TooManyRequests {
+                        waiting: from_company,
+                        limit: MAX_PENDING_PER_COMPANY,
+                        from_company: true,
+                    });
+                }
+                if total >= MAX_PENDING_PER_VAULT {
+                    return Err(ApplyError::TooManyRequests {
+                        waiting: total,
+                        limit: MAX_PENDING_PER_VAULT,
+                        from_company: false,
+                    });
+                }
+                *self.waiting.entry(st.author).or_insert(0) += 1;
                 self.requests.insert(
                     signed.id(),
                     RequestState {
@@ -459,6 +500,8 @@ impl ConsentState {
                     return Err(ApplyError::RequestAnswered);
                 }
                 r.answered = true;
+                let company = r.company;
+                self.answered(&company);
             }
             Body::Revocation(rev) => {
                 let g = self
@@ -535,6 +578,13 @@ impl ConsentState {
             Body::Block { company, blocked } => {
                 if *blocked {
                     self.blocked.insert(*company);
+                    // Blocking dismisses the company's waiting requests: none can be granted now.
+                    for r in self.requests.values_mut() {
+                        if r.company == *company {
+                            r.answered = true;
+                        }
+                    }
+                    self.waiting.remove(company);
                 } else {
                     self.blocked.remove(company);
                 }
@@ -678,6 +728,8 @@ impl ConsentState {
             && let Some(r) = self.requests.get_mut(&req_id)
         {
             r.answered = true;
+            let company = r.company;
+            self.answered(&company);
         }
         let held = g
             .families
@@ -703,6 +755,57 @@ impl ConsentState {
             },
         );
         Ok(())
+    }
+
+    /// The company that sent request `id`, if the log has it.
+    pub fn requester(&self, id: &StatementId) -> Option<IdentityId> {
+        self.requests.get(id).map(|r| r.company)
+    }
+
+    /// `company`'s requests that still wait for an answer.
+    pub fn waiting_requests(&self, company: &IdentityId) -> Vec<StatementId> {
+        self.requests
+            .iter()
+            .filter(|(_, r)| r.company == *company && !r.answered)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// One of `company`'s waiting requests was answered.
+    fn answered(&mut self, company: &IdentityId) {
+        if let Some(n) = self.waiting.get_mut(company) {
+            *n -= 1;
+            if *n == 0 {
+                self.waiting.remove(company);
+            }
+        }
+    }
+
+    /// The parties besides the customer that a statement concerns, judged against the state before it is
+    /// applied: its author; the grantee of a grant and of what follows from it (its revocation, the
+    /// rotations that keep it, key deliveries to it); the company whose request a denial answers; the
+    /// company a block names. A company is handed exactly these (its relationship view).
+    pub fn concerned(&self, signed: &SignedStatement) -> Vec<IdentityId> {
+        let st = signed.statement();
+        let grantee = |g: &StatementId| self.grants.get(g).map(|g| g.grant.grantee);
+        let mut out = vec![st.author];
+        match &st.body {
+            Body::Grant(g) => out.push(g.grantee),
+            Body::Denial { request, .. } => {
+                out.extend(self.requests.get(request).map(|r| r.company));
+            }
+            Body::Revocation(r) => out.extend(grantee(&r.grant)),
+            Body::KeyDelivery { grant, .. } => out.extend(grantee(grant)),
+            Body::RotationCompletion(rc) => {
+                out.extend(rc.keepers.iter().filter_map(|(g, _)| grantee(g)));
+            }
+            Body::Block { company, .. } => out.push(*company),
+            Body::Request(_) | Body::Erasure(_) | Body::Dispute { .. } => {}
+        }
+        out.retain(|p| *p != self.customer);
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Ends a grant at `position`, exposing the current epochs of the families it reads.

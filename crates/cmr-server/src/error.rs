@@ -117,6 +117,9 @@ impl From<StoreError> for ApiError {
             StoreError::BadSignature(d) => Self::new(StatusCode::UNAUTHORIZED, "bad-signature", d),
             StoreError::Denied(r) => r.into(),
             StoreError::Refused(d) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "refused", d),
+            StoreError::TooManyRequests(d) => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "too-many-requests", d)
+            }
             StoreError::Blocked => Self::new(
                 StatusCode::FORBIDDEN,
                 "company-blocked",

@@ -2413,3 +2413,131 @@ async fn a_history_page_starts_only_at_the_callers_own_entry() {
     }
     assert_eq!(s0, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn new_identities_cannot_flood_a_customer_with_requests() {
+    use cmr_core::decision::{MAX_PENDING_PER_COMPANY, MAX_PENDING_PER_VAULT};
+    let mut f = flow().await;
+    // The identity limit is generous here: the flood is many companies, each within its own budget.
+    let path = format!("/v1/vaults/{}/statements", f.customer.id.to_hex());
+    let request = |p: &Party, i: u32| {
+        statement(
+            p,
+            f.customer.id,
+            StBody::Request(AccessRequest {
+                scopes: vec![(Scope::ProfileContact, Access::Read)],
+                purpose: format!("ask {i}"),
+                duration: Duration::OneTime,
+                lookback_months: 0,
+                counterparty: Counterparty::Any,
+            }),
+            None,
+        )
+    };
+    let mut sent = 0u32;
+    let mut refused = Vec::new();
+    let companies = MAX_PENDING_PER_VAULT / MAX_PENDING_PER_COMPANY + 2;
+    for c in 0..companies {
+        let company = register(&mut f.env, Role::Company).await;
+        for i in 0..=MAX_PENDING_PER_COMPANY {
+            let st = request(&company, c * 100 + i);
+            let (s, v) = f
+                .env
+                .call(
+                    "POST",
+                    &path,
+                    json!({"statement": B64.encode(st.encode())}),
+                    Signer::Device(&company.device),
+                )
+                .await;
+            match s {
+                StatusCode::OK => sent += 1,
+                _ => refused.push((s, v)),
+            }
+            // Keep within this company's own rate budget.
+            f.env.clock.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    assert_eq!(sent, MAX_PENDING_PER_VAULT);
+    // Each company's sixth request, and every request once the vault's share is full, is 429.
+    for (s, v) in &refused {
+        assert_eq!(*s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+        assert_eq!(v["type"], "urn:cmr-vault:problem:too-many-requests");
+    }
+    assert!(
+        refused
+            .iter()
+            .any(|(_, v)| v["detail"].as_str().unwrap().contains("from one company"))
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|(_, v)| v["detail"].as_str().unwrap().contains("in all"))
+    );
+    // The customer's listing holds exactly the waiting ones, every duration and access in words.
+    let listing = format!("/v1/vaults/{}/requests", f.customer.id.to_hex());
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &listing,
+            json!({}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let pending = v["pending"].as_array().unwrap();
+    assert_eq!(pending.len() as u32, MAX_PENDING_PER_VAULT);
+    assert_eq!(pending[0]["duration"], "one read");
+    assert_eq!(pending[0]["scopes"][0]["access"], "read");
+    // Denying one frees a place.
+    let first = StatementId(
+        Digest::from_hex(pending[0]["id"].as_str().unwrap())
+            .unwrap()
+            .0,
+    );
+    let deny = statement(
+        &f.customer,
+        f.customer.id,
+        StBody::Denial {
+            request: first,
+            reason: "no".into(),
+        },
+        None,
+    );
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            &path,
+            json!({"statement": B64.encode(deny.encode())}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, v) = f
+        .env
+        .call(
+            "POST",
+            &listing,
+            json!({}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(
+        v["pending"].as_array().unwrap().len() as u32,
+        MAX_PENDING_PER_VAULT - 1
+    );
+    // A stranger sees nothing of the vault's relationships.
+    let stranger = register(&mut f.env, Role::Company).await;
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            &format!("/v1/vaults/{}/relationship", f.customer.id.to_hex()),
+            json!({}),
+            Signer::Device(&stranger.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}

@@ -45,6 +45,17 @@ pub trait Backend: Send + Sync {
     fn role(&self, id: &IdentityId) -> Option<Role>;
     /// Whether an identity is an auditor the operator admitted, as of the durable log.
     fn is_admitted_auditor(&self, id: &IdentityId) -> bool;
+    /// The durable entries of a customer's chain that concern `party`, oldest first, after `after`, at
+    /// most `limit`, and whether more follow: O(page) from an index kept as entries are applied.
+    fn party_entries(
+        &self,
+        customer: &IdentityId,
+        party: &IdentityId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<u64>, bool), StoreError>;
+    /// The log indices of the requests waiting for a customer's answer, oldest first.
+    fn pending_requests(&self, customer: &IdentityId) -> Result<Vec<u64>, StoreError>;
     /// The log indices of the durable auditor admission entries, oldest first.
     fn admissions(&self) -> Result<Vec<u64>, StoreError>;
     /// The log index of a customer's latest durable entry.
@@ -96,6 +107,18 @@ impl Backend for Store {
     }
     fn is_admitted_auditor(&self, id: &IdentityId) -> bool {
         Store::is_admitted_auditor(self, id)
+    }
+    fn party_entries(
+        &self,
+        customer: &IdentityId,
+        party: &IdentityId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<u64>, bool), StoreError> {
+        Store::party_entries(self, customer, party, after, limit)
+    }
+    fn pending_requests(&self, customer: &IdentityId) -> Result<Vec<u64>, StoreError> {
+        Store::pending_requests(self, customer)
     }
     fn admissions(&self) -> Result<Vec<u64>, StoreError> {
         Store::admissions(self)

@@ -6,7 +6,9 @@
 use cmr_core::family::Period;
 
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The format before the party and pending indexes; opening it adds them (see `Store::open`).
+pub const FORMAT_WITHOUT_INDEXES: u32 = 1;
 
 /// Table tags.
 pub mod tag {
@@ -30,6 +32,22 @@ pub mod tag {
     pub const CUSTOMER_HEAD: u8 = 0x0b;
     /// A customer's key backup: version (u64), then the client-sealed bytes.
     pub const BACKUP: u8 = 0x0c;
+    /// The entries of a customer's chain that concern another party, by (customer, party, log index);
+    /// empty values. A company's relationship view is one range scan.
+    pub const PARTY: u8 = 0x0d;
+    /// The requests waiting for a customer's answer, by (customer, company, request id); the value is
+    /// the request's log index. The customer's pending listing is one range scan.
+    pub const PENDING: u8 = 0x0e;
+}
+
+/// The key of a chain entry that concerns `party`.
+pub fn party(customer: &[u8; 32], party: &[u8; 32], index: u64) -> Vec<u8> {
+    key(tag::PARTY, &[customer, party, &index.to_be_bytes()])
+}
+
+/// The key of a request waiting for `customer`'s answer.
+pub fn pending(customer: &[u8; 32], company: &[u8; 32], request: &[u8; 32]) -> Vec<u8> {
+    key(tag::PENDING, &[customer, company, request])
 }
 
 /// `meta` keys.

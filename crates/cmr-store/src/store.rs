@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use cmr_core::batch::{FamilyLedger, ReadProof, SignedBatch};
-use cmr_core::consent::{Body, ErasureTarget, SignedStatement};
+use cmr_core::consent::{Body, ErasureTarget, SignedStatement, StatementId};
 use cmr_core::decision::{AccessKind, ConsentState, DenyReason};
 use cmr_core::directory::SignedDirectory;
 use cmr_core::family::{FamilyId, Period};
@@ -53,6 +53,9 @@ pub enum StoreError {
     /// Refused by the consent state (a statement that cannot apply).
     #[error("refused: {0}")]
     Refused(String),
+    /// Too many requests wait for the customer's answer.
+    #[error("{0}")]
+    TooManyRequests(String),
     /// The customer blocked this company: its requests (and grants to it) are refused.
     #[error("the company is blocked")]
     Blocked,
@@ -301,6 +304,82 @@ pub struct Store {
     device_keys: DeviceKeys,
     log_verifier: cmr_log::note::NoteVerifier,
     stopped: Arc<AtomicBool>,
+}
+
+/// The index rows an entry adds and removes ([`layout::tag::PARTY`], [`layout::tag::PENDING`]), judged
+/// from the customer's consent state *before* the entry is applied. One function for the sequencer and
+/// for the migration of a store written before the indexes existed.
+#[derive(Default)]
+struct IndexChanges {
+    puts: Vec<(Vec<u8>, Vec<u8>)>,
+    deletes: Vec<Vec<u8>>,
+}
+
+fn index_changes(
+    consent: Option<&ConsentState>,
+    index: u64,
+    kind: EntryKind,
+    subject: IdentityId,
+    customer: Option<IdentityId>,
+    payload: &[u8],
+) -> IndexChanges {
+    let mut out = IndexChanges::default();
+    let Some(c) = customer else { return out };
+    let mut parties = Vec::new();
+    match (kind, consent) {
+        (EntryKind::Statement, Some(consent)) => {
+            let Ok(st) = SignedStatement::decode(payload) else {
+                return out;
+            };
+            parties = consent.concerned(&st);
+            let pending = |company: IdentityId, request: StatementId| {
+                layout::pending(&c.0, &company.0, &request.0)
+            };
+            match &st.statement().body {
+                Body::Request(_) => out.puts.push((
+                    pending(st.statement().author, st.id()),
+                    index.to_be_bytes().to_vec(),
+                )),
+                Body::Grant(g) => {
+                    if let Some(r) = g.request
+                        && let Some(company) = consent.requester(&r)
+                    {
+                        out.deletes.push(pending(company, r));
+                    }
+                }
+                Body::Denial { request, .. } => {
+                    if let Some(company) = consent.requester(request) {
+                        out.deletes.push(pending(company, *request));
+                    }
+                }
+                Body::Block {
+                    company,
+                    blocked: true,
+                } => {
+                    for r in consent.waiting_requests(company) {
+                        out.deletes.push(pending(*company, r));
+                    }
+                }
+                _ => {}
+            }
+        }
+        _ if subject != c => parties.push(subject),
+        _ => {}
+    }
+    for p in parties {
+        out.puts
+            .push((layout::party(&c.0, &p.0, index), Vec::new()));
+    }
+    out
+}
+
+fn apply_index(overlay: &mut Overlay<'_>, changes: IndexChanges) {
+    for k in changes.deletes {
+        overlay.delete(k);
+    }
+    for (k, v) in changes.puts {
+        overlay.put(k, v);
+    }
 }
 
 /// The latest group known to be durable. Readers of the log see only this: sled already holds the
@@ -628,6 +707,7 @@ impl Store {
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
         let db = open_sled(&config)?;
         let tree = db.open_tree("cmr").map_err(io)?;
+        let mut add_indexes = false;
         match tree.get(layout::META_FORMAT).map_err(io)? {
             None => {
                 if tree.iter().next().is_some() {
@@ -641,7 +721,10 @@ impl Store {
                 let version = <[u8; 4]>::try_from(v.as_ref())
                     .map(u32::from_be_bytes)
                     .map_err(|_| StoreError::Format("corrupted format version".into()))?;
-                if version != layout::FORMAT_VERSION {
+                if version == layout::FORMAT_WITHOUT_INDEXES {
+                    // Written before the party and pending indexes: the replay below adds them.
+                    add_indexes = true;
+                } else if version != layout::FORMAT_VERSION {
                     return Err(StoreError::Format(format!(
                         "data folder has format {version}, this build reads {}",
                         layout::FORMAT_VERSION
@@ -667,7 +750,11 @@ impl Store {
         };
         let device_keys = seq.device_keys.clone();
         let log_verifier = seq.log_key.verifier();
-        seq.rebuild()?;
+        seq.rebuild(add_indexes)?;
+        if add_indexes {
+            tree.insert(layout::META_FORMAT, &layout::FORMAT_VERSION.to_be_bytes())
+                .map_err(io)?;
+        }
         if let Some((size, root)) = acknowledged {
             let held = seq.state.size;
             let same = size <= held
@@ -877,6 +964,57 @@ impl Store {
             .get(id)
             .map(|v| v.iter().copied().filter(|i| *i < size).collect())
             .unwrap_or_default())
+    }
+
+    /// The log indices of the durable entries of `customer`'s chain that concern `party` (a company's
+    /// relationship view), oldest first, after `after`, at most `limit`; and whether more follow. One
+    /// range scan of the party index: O(page), whatever the chain's length.
+    pub fn party_entries(
+        &self,
+        customer: &IdentityId,
+        party: &IdentityId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<u64>, bool), StoreError> {
+        let size = self.committed_size()?;
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        let from = layout::party(&customer.0, &party.0, start);
+        let to = layout::party(&customer.0, &party.0, size);
+        let mut out = Vec::new();
+        for kv in self.db.range(from..to) {
+            let (k, _) = kv.map_err(io)?;
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            let index = k
+                .get(65..73)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::Format("party index key".into()))?;
+            out.push(index);
+        }
+        Ok((out, false))
+    }
+
+    /// The log indices of the requests waiting for `customer`'s answer, oldest first (at most
+    /// `cmr_core::decision::MAX_PENDING_PER_VAULT`: one range scan).
+    pub fn pending_requests(&self, customer: &IdentityId) -> Result<Vec<u64>, StoreError> {
+        let size = self.committed_size()?;
+        let mut out = Vec::new();
+        for kv in self
+            .db
+            .scan_prefix(layout::key(layout::tag::PENDING, &[&customer.0]))
+        {
+            let (_, v) = kv.map_err(io)?;
+            let index = <[u8; 8]>::try_from(v.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Format("pending index value".into()))?;
+            if index < size {
+                out.push(index);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
     }
 
     /// Whether `id` is an auditor the operator admitted, as of the durable log.
@@ -1216,6 +1354,11 @@ impl Sequencer {
         }
         self.state.last_time = self.state.last_time.max(time);
         self.note_key_event(kind, subject, index);
+        // A statement's rows are judged before it is applied (the caller writes them).
+        if kind != EntryKind::Statement {
+            let changes = index_changes(None, index, kind, subject, customer, &[]);
+            apply_index(overlay, changes);
+        }
         Ok(index)
     }
 
@@ -1411,23 +1554,35 @@ impl Sequencer {
                     .consent
                     .get_mut(&customer)
                     .ok_or_else(|| StoreError::NotFound("customer".into()))?;
+                let changes = index_changes(
+                    Some(consent),
+                    index,
+                    EntryKind::Statement,
+                    s.author,
+                    Some(customer),
+                    &bytes,
+                );
                 consent.apply(&st, index, time).map_err(|e| match e {
                     cmr_core::decision::ApplyError::Blocked => StoreError::Blocked,
+                    e @ cmr_core::decision::ApplyError::TooManyRequests { .. } => {
+                        StoreError::TooManyRequests(e.to_string())
+                    }
                     other => StoreError::Refused(other.to_string()),
                 })?;
                 if let Body::Erasure(target) = &s.body {
                     self.erase(overlay, customer, *target)?;
                 }
                 let author = s.author;
-                self.log(
+                let logged = self.log(
                     overlay,
                     EntryKind::Statement,
                     time,
                     author,
                     Some(customer),
                     bytes,
-                )
-                .map(Self::logged)
+                )?;
+                apply_index(overlay, changes);
+                Ok(Self::logged(logged))
             }
             Op::Admission(bytes) => {
                 let note = std::str::from_utf8(&bytes)
@@ -1916,7 +2071,10 @@ impl Sequencer {
     }
 
     /// Rebuilds the in-memory state by replaying the stored log (signatures were checked when logged).
-    fn rebuild(&mut self) -> Result<(), StoreError> {
+    /// Rebuilds the in-memory state from the stored log; with `add_indexes`, also writes the index rows
+    /// of every entry (a store from before the indexes), made durable with the rest of the open.
+    fn rebuild(&mut self, add_indexes: bool) -> Result<(), StoreError> {
+        let mut rows = sled::Batch::default();
         let size = self
             .tree
             .get(layout::META_SIZE)
@@ -1950,6 +2108,23 @@ impl Sequencer {
             }
             self.state.last_time = self.state.last_time.max(body.time);
             self.note_key_event(body.kind, body.subject, i);
+            if add_indexes {
+                let consent = body.customer.and_then(|c| self.state.consent.get(&c));
+                let changes = index_changes(
+                    consent,
+                    i,
+                    body.kind,
+                    body.subject,
+                    body.customer,
+                    &body.payload,
+                );
+                for k in changes.deletes {
+                    rows.remove(k);
+                }
+                for (k, v) in changes.puts {
+                    rows.insert(k, v);
+                }
+            }
             let replayed = self
                 .replay(i, &body)
                 .map_err(|e| StoreError::Format(format!("entry {i} does not replay: {e}")))?;
@@ -1971,6 +2146,7 @@ impl Sequencer {
                 )));
             }
         }
+        self.tree.apply_batch(rows).map_err(io)?;
         self.state.heads = heads;
         self.state.size = size;
         let root = Tree::new(Committed(&self.tree, size))

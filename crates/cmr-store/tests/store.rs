@@ -213,7 +213,8 @@ fn a_damaged_store_is_refused_not_silently_rolled_back() {
         let acknowledged = {
             let store = open(dir.path(), Arc::new(AtomicU64::new(T0)));
             let w = World::setup(&store);
-            for i in 0..200 {
+            // 200 entries: requests from acme, each denied by the customer (at most a few may wait).
+            for i in 0..100 {
                 let req = AccessRequest {
                     scopes: vec![(Scope::ProfileContact, Access::Read)],
                     purpose: format!("request {i}"),
@@ -221,10 +222,14 @@ fn a_damaged_store_is_refused_not_silently_rolled_back() {
                     lookback_months: 0,
                     counterparty: Counterparty::Any,
                 };
+                let request = w.statement(false, Body::Request(req), None);
+                store.execute(Op::Statement(request.encode())).unwrap();
+                let denial = Body::Denial {
+                    request: request.id(),
+                    reason: format!("no {i}"),
+                };
                 store
-                    .execute(Op::Statement(
-                        w.statement(false, Body::Request(req), None).encode(),
-                    ))
+                    .execute(Op::Statement(w.statement(true, denial, None).encode()))
                     .unwrap();
             }
             latest_checkpoint(&store).size
@@ -900,4 +905,128 @@ fn auditor_admissions_follow_the_log_key_and_survive_a_reopen() {
     let report = a.run(&mut &store).unwrap();
     assert!(report.is_clean(), "{:?}", report.violations);
     assert!(!a.auditors().is_admitted(&auditor.id));
+}
+
+/// A customer's pending requests and a company's relationship come from indexes kept as entries are
+/// applied: with 100,000 entries on the chain, each listing is one range scan, and a reopened store
+/// answers the same.
+#[test]
+fn listings_come_from_indexes_whatever_the_chains_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let (customer, acme, last) = {
+        let store = open(dir.path(), clock.clone());
+        let w = World::setup(&store);
+        // 50,000 requests from acme, each denied, submitted together (group commit orders them).
+        let mut replies = Vec::new();
+        let mut last = None;
+        for i in 0..50_000u32 {
+            let req = AccessRequest {
+                scopes: vec![(Scope::ProfileContact, Access::Read)],
+                purpose: format!("request {i}"),
+                duration: Lasting::OneTime,
+                lookback_months: 0,
+                counterparty: Counterparty::Any,
+            };
+            let request = w.statement(false, Body::Request(req), None);
+            replies.push(store.submit(Op::Statement(request.encode())));
+            if i == 49_999 {
+                // The last one waits.
+                last = Some(request.id());
+                break;
+            }
+            let denial = Body::Denial {
+                request: request.id(),
+                reason: "no".into(),
+            };
+            replies.push(store.submit(Op::Statement(w.statement(true, denial, None).encode())));
+        }
+        for r in replies {
+            r.blocking_recv().unwrap().unwrap();
+        }
+        (w.customer.id, w.acme.id, last.unwrap())
+    };
+    let store = open(dir.path(), clock);
+    assert!(latest_checkpoint(&store).size > 100_000);
+    let started = std::time::Instant::now();
+    let pending = store.pending_requests(&customer).unwrap();
+    let pending_took = started.elapsed();
+    assert_eq!(pending.len(), 1);
+    let body =
+        cmr_log::entry::EntryBody::decode(&store.body(pending[0]).unwrap().unwrap().body).unwrap();
+    let st = cmr_core::consent::SignedStatement::decode(&body.payload).unwrap();
+    assert_eq!(st.id(), last);
+    let started = std::time::Instant::now();
+    let (page, more) = store.party_entries(&customer, &acme, None, 1000).unwrap();
+    let (next, _) = store
+        .party_entries(&customer, &acme, page.last().copied(), 1000)
+        .unwrap();
+    let party_took = started.elapsed();
+    assert_eq!((page.len(), more), (1000, true));
+    assert!(next[0] > page[999]);
+    println!("pending listing {pending_took:?}, two relationship pages {party_took:?}");
+    assert!(pending_took < std::time::Duration::from_millis(100));
+    assert!(party_took < std::time::Duration::from_millis(100));
+}
+
+/// A data folder written before the party and pending indexes (format 1) opens: the replay adds them, and
+/// the folder is then format 2.
+#[test]
+fn a_store_from_before_the_indexes_gains_them_at_open() {
+    use cmr_store::layout;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let (customer, acme, expected_pending, expected_party) = {
+        let store = open(dir.path(), clock.clone());
+        let mut w = World::setup(&store);
+        let g = w.grant(&store);
+        store.execute(w.read(g, p(2025, 6), T0)).unwrap();
+        let req = AccessRequest {
+            scopes: vec![(Scope::ProfileContact, Access::Read)],
+            purpose: "later".into(),
+            duration: Lasting::OneTime,
+            lookback_months: 0,
+            counterparty: Counterparty::Any,
+        };
+        store
+            .execute(Op::Statement(
+                w.statement(false, Body::Request(req), None).encode(),
+            ))
+            .unwrap();
+        (
+            w.customer.id,
+            w.acme.id,
+            store.pending_requests(&w.customer.id).unwrap(),
+            store
+                .party_entries(&w.customer.id, &w.acme.id, None, 100)
+                .unwrap(),
+        )
+    };
+    assert_eq!(expected_pending.len(), 1);
+    assert!(expected_party.0.len() >= 4, "{expected_party:?}");
+    // Make it a format-1 folder: no index rows, format 1.
+    {
+        let db = common::raw_sled(dir.path());
+        let t = db.open_tree("cmr").unwrap();
+        for tag in [layout::tag::PARTY, layout::tag::PENDING] {
+            for kv in t.scan_prefix([tag]) {
+                t.remove(kv.unwrap().0).unwrap();
+            }
+        }
+        t.insert(layout::META_FORMAT, &1u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let store = open(dir.path(), clock.clone());
+    assert_eq!(store.pending_requests(&customer).unwrap(), expected_pending);
+    assert_eq!(
+        store.party_entries(&customer, &acme, None, 100).unwrap(),
+        expected_party
+    );
+    drop(store);
+    let db = common::raw_sled(dir.path());
+    let t = db.open_tree("cmr").unwrap();
+    assert_eq!(
+        t.get(layout::META_FORMAT).unwrap().unwrap().as_ref(),
+        &layout::FORMAT_VERSION.to_be_bytes()
+    );
 }

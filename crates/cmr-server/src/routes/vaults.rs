@@ -403,9 +403,6 @@ fn decode_entry(
         .map_err(|_| ApiError::malformed("a stored entry does not decode"))
 }
 
-/// The most entries of one vault's chain walked for a company's relationship or the pending requests.
-const MAX_CHAIN_WALK: usize = 100_000;
-
 /// One step of a walk down a customer's chain.
 enum Step {
     /// An entry, with its salt and body.
@@ -455,47 +452,63 @@ fn walk_chain(
     Ok(Walk { steps, next })
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelationshipBody {
+    /// Only entries after this log index (what the caller already has).
+    #[serde(default)]
+    after: Option<u64>,
+    #[serde(default = "default_history")]
+    limit: u64,
+}
+
 /// What of a vault concerns the calling company, oldest first: its requests and their answers, grants to
 /// it with their sealed keys, revocations of them, rotations that re-key it, key deliveries, blocks that
-/// name it, and its own reads and appends. Each entry comes with its salt and inclusion proof. Found by
-/// walking the customer's chain (at most 100,000 entries; a per-party index is later work).
+/// name it, and its own reads and appends. Each entry comes with its salt and inclusion proof. From the
+/// store's party index (kept as entries are applied): O(page), paged with `after`, whatever the length of
+/// the chain. Only a party the vault's chain involves gets an answer.
 async fn relationship(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
-    SignedRequest { caller, .. }: SignedRequest,
+    SignedRequest { caller, body }: SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
+    let req: RelationshipBody = json_body(&body)?;
     let (checkpoint, size) = current_checkpoint(&state)?;
-    let walk = walk_chain(
-        &state,
-        state.store.customer_head(&customer)?,
-        size,
-        MAX_CHAIN_WALK,
+    let (indices, more) = state.store.party_entries(
+        &customer,
+        &caller.identity,
+        req.after,
+        req.limit.clamp(1, 1000) as usize,
     )?;
-    let mut involvement = cmr_core::consent::Involvement::default();
-    let mut entries = Vec::new();
-    for step in walk.steps.iter().rev() {
-        let Step::Entry(index, stored, entry) = step else {
-            continue;
-        };
-        let concerns = match entry.kind {
-            cmr_log::entry::EntryKind::Statement => SignedStatement::decode(&entry.payload)
-                .is_ok_and(|st| involvement.observe(&st, &caller.identity)),
-            _ => entry.subject == caller.identity,
-        };
-        if concerns {
-            let mut e = entry_json(&state, *index, stored, size)?;
+    if indices.is_empty() && req.after.is_none() {
+        return Err(ApiError::forbidden(
+            "nothing in this vault concerns you: send a request first",
+        ));
+    }
+    let mut entries = Vec::with_capacity(indices.len());
+    for index in indices.into_iter().filter(|i| *i < size) {
+        // An erased body is simply not served.
+        if let Some(stored) = state.store.body(index)? {
+            let entry = decode_entry(&stored)?;
+            let mut e = entry_json(&state, index, &stored, size)?;
             e["kind"] = json!(entry.kind.name());
             entries.push(e);
         }
     }
+    let next = if more {
+        entries.last().and_then(|e| e["index"].as_u64())
+    } else {
+        None
+    };
     Ok(Json(
-        json!({ "checkpoint": checkpoint, "entries": entries, "truncated": walk.next.is_some() }),
+        json!({ "checkpoint": checkpoint, "entries": entries, "next": next }),
     ))
 }
 
 /// The access requests the customer has not answered yet, oldest first: who asks, for what, why, for how
-/// long, with which look-back. Found by walking the customer's own chain of entries.
+/// long, with which look-back. From the store's pending index: at most
+/// `cmr_core::decision::MAX_PENDING_PER_VAULT` requests wait, so one answer holds them all.
 async fn pending_requests(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
@@ -509,46 +522,32 @@ async fn pending_requests(
         ));
     }
     let (checkpoint, size) = current_checkpoint(&state)?;
-    let walk = walk_chain(
-        &state,
-        state.store.customer_head(&customer)?,
-        size,
-        MAX_CHAIN_WALK,
-    )?;
-    let mut answered = std::collections::HashSet::new();
     let mut pending = Vec::new();
-    for step in &walk.steps {
-        let Step::Entry(index, stored, entry) = step else {
+    for index in state.store.pending_requests(&customer)? {
+        let Some(stored) = state.store.body(index)? else {
             continue;
         };
-        if entry.kind != cmr_log::entry::EntryKind::Statement {
-            continue;
-        }
+        let entry = decode_entry(&stored)?;
         let Ok(st) = SignedStatement::decode(&entry.payload) else {
             continue;
         };
-        match &st.statement().body {
-            St::Grant(g) => answered.extend(g.request),
-            St::Denial { request, .. } => {
-                answered.insert(*request);
-            }
-            St::Request(r) if !answered.contains(&st.id()) => pending.push(json!({
-                "id": st.id().to_hex(),
-                "index": index,
-                "company": st.statement().author.to_hex(),
-                "purpose": r.purpose,
-                "scopes": r.scopes.iter().map(|(s, a)| json!({"scope": s.name(), "access": format!("{a:?}")})).collect::<Vec<_>>(),
-                "duration": format!("{:?}", r.duration),
-                "lookback_months": r.lookback_months,
-                "statement": B64.encode(&entry.payload),
-                "entry": entry_json(&state, *index, stored, size)?,
-            })),
-            _ => {}
-        }
+        let St::Request(r) = &st.statement().body else {
+            continue;
+        };
+        pending.push(json!({
+            "id": st.id().to_hex(),
+            "index": index,
+            "company": st.statement().author.to_hex(),
+            "purpose": r.purpose,
+            "scopes": r.scopes.iter().map(|(s, a)| json!({"scope": s.name(), "access": a.name()})).collect::<Vec<_>>(),
+            "duration": r.duration.to_string(),
+            "lookback_months": r.lookback_months,
+            "statement": B64.encode(&entry.payload),
+            "entry": entry_json(&state, index, &stored, size)?,
+        }));
     }
-    pending.reverse();
     Ok(Json(
-        json!({ "checkpoint": checkpoint, "pending": pending, "truncated": walk.next.is_some() }),
+        json!({ "checkpoint": checkpoint, "pending": pending, "truncated": false }),
     ))
 }
 
