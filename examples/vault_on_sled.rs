@@ -173,7 +173,16 @@ fn main() -> Result<(), Box<dyn Error>> {
     // 4. The company reads, with a signed request.
     let read = |nonce: &str| -> Result<Op, Box<dyn Error>> {
         let keyid = acme_device.id().to_hex();
-        let target = format!("/v1/vaults/{customer}/families/{}", tx.to_hex());
+        // The request names what it asks for, so the logged access is bound to it.
+        let target = cmr_log::entry::access_target(
+            &customer,
+            &tx,
+            AccessKind::Read,
+            &grant_id,
+            None,
+            g.lookback_start,
+            period,
+        );
         let h = httpsig::sign_request(
             &Request::new("POST", "https", "localhost", &target, vec![]),
             b"{}",
