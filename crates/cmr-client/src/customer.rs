@@ -1193,9 +1193,8 @@ impl Customer {
             // with none keeps nothing.
             let grantee = self.session.identity(body.grantee).await?;
             let still = grantee
-                .devices
-                .iter()
-                .any(|(c, revoked)| !revoked && c.kem_key == body.grantee_kem);
+                .current_devices()
+                .any(|c| c.kem_key == body.grantee_kem);
             let Some(kem_key) = (if still {
                 Some(body.grantee_kem)
             } else {

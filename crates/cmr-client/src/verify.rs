@@ -269,13 +269,20 @@ impl VerifiedIdentity {
         self.state.keys().id()
     }
 
-    /// The KEM key of the newest device still certified: where keys for this party are sealed.
+    /// The devices valid now, newest first: certified under the identity key current now (a device
+    /// certified under a key rotated away since counts only once certified again) and not revoked.
+    pub fn current_devices(&self) -> impl Iterator<Item = &DeviceCertificate> {
+        self.devices.iter().rev().filter_map(|(c, _)| {
+            self.state
+                .device_at(&c.device(), u64::MAX)
+                .ok()
+                .filter(|now| now.kem_key == c.kem_key)
+        })
+    }
+
+    /// The KEM key of the newest device valid now: where keys for this party are sealed.
     pub fn kem_key(&self) -> Option<KemPublicKey> {
-        self.devices
-            .iter()
-            .rev()
-            .find(|(_, revoked)| !revoked)
-            .map(|(c, _)| c.kem_key)
+        self.current_devices().next().map(|c| c.kem_key)
     }
 
     /// Whether `device` is (or was) one of this identity's certified devices.
@@ -288,6 +295,66 @@ impl VerifiedIdentity {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn entry(index: u64, kind: EntryKind, subject: IdentityId, payload: Vec<u8>) -> ProvenEntry {
+        let body = EntryBody {
+            kind,
+            time: 1_800_000_000 + index,
+            subject,
+            customer: None,
+            prev: None,
+            payload,
+        };
+        ProvenEntry {
+            index,
+            salted: SaltedBody {
+                salt: [0; 32],
+                body: body.encode(),
+            },
+            body,
+        }
+    }
+
+    #[test]
+    fn a_device_certified_under_a_rotated_away_key_is_not_sealed_to() {
+        use cmr_core::identity::{DeviceKeys, Role, create_identity, rotate_identity};
+        let rng = &mut rand::rng();
+        let new = create_identity(rng, Role::Company);
+        let id = new.inception.identity();
+        let old_device = DeviceKeys::generate(rng);
+        let mut events = vec![
+            entry(0, EntryKind::KeyEvent, id, new.inception.encode()),
+            entry(
+                1,
+                EntryKind::DeviceCertificate,
+                id,
+                old_device.certify(id, 0, &new.identity_key, 1).encode(),
+            ),
+        ];
+        let before = VerifiedIdentity::replay(id, &events).unwrap();
+        assert_eq!(before.kem_key(), Some(old_device.kem.public_key()));
+        // The identity key rotates (a recovery): the old device no longer counts...
+        let rotated = rotate_identity(rng, before.state.keys(), &new.recovery);
+        events.push(entry(
+            2,
+            EntryKind::KeyEvent,
+            id,
+            rotated.inception.encode(),
+        ));
+        let after = VerifiedIdentity::replay(id, &events).unwrap();
+        assert_eq!(after.kem_key(), None);
+        // ...until a device is certified under the new key.
+        let new_device = DeviceKeys::generate(rng);
+        events.push(entry(
+            3,
+            EntryKind::DeviceCertificate,
+            id,
+            new_device.certify(id, 1, &rotated.identity_key, 2).encode(),
+        ));
+        let recertified = VerifiedIdentity::replay(id, &events).unwrap();
+        assert_eq!(recertified.kem_key(), Some(new_device.kem.public_key()));
+        assert_eq!(recertified.current_devices().count(), 1);
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]

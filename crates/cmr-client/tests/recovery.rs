@@ -70,7 +70,7 @@ async fn recovery_rotates_first_restores_second_and_can_resume() {
             .is_err()
     );
 
-    // The old device stores the backup, its vault key wrapped to the recovery key of event 0.
+    // The old device seals a backup, its vault key wrapped to the recovery key of event 0.
     let vault = VaultKey::generate(&mut rand::rng());
     let events = alex.session.identity(alex.id()).await.unwrap();
     // The inception is the log's first entry; the key record in force just after it is event 0's.
@@ -85,7 +85,18 @@ async fn recovery_rotates_first_restores_second_and_can_resume() {
         &vault,
         alex.id(),
     );
-    alex.put_backup(&backup, 1).await.unwrap();
+    // Since step one, devices certified under the old identity key sign nothing (a thief's device would
+    // be one): the old device's own request is refused.
+    let refused = alex.put_backup(&backup, 1).await.unwrap_err();
+    assert_eq!(refused.code(), Some("unknown-key"), "{refused}");
+    let refused = alex.history().await.unwrap_err();
+    assert_eq!(refused.code(), Some("unknown-key"), "{refused}");
+    // The new device, certified under the new key, stores it.
+    let mut new_device = Customer::new(
+        Session::new(conn.clone(), copy(&kept), pinned.clone()),
+        PseudonymKey::generate(&mut rand::rng()),
+    );
+    new_device.put_backup(&backup, 1).await.unwrap();
 
     // Step two again, on the kept keys: the vault comes back, the old device is revoked.
     let session = Session::new(conn.clone(), kept, pinned.clone());

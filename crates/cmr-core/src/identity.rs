@@ -633,6 +633,11 @@ impl IdentityState {
         Ok(())
     }
 
+    /// Every device ever certified, valid or not.
+    pub fn devices(&self) -> impl Iterator<Item = &DeviceId> {
+        self.devices.keys()
+    }
+
     /// The signing key of a device that was ever certified (a device id fixes its key), whatever its
     /// validity now.
     pub fn device_key(&self, device: &DeviceId) -> Option<VerifyingKey> {

@@ -1454,6 +1454,7 @@ impl Sequencer {
                 let state = self.identity_mut(&id)?;
                 state.rotate(&ev, index).map_err(|e| bad(&e))?;
                 self.publish_identity_key(&id);
+                self.unpublish_superseded(&id, index);
                 let customer = self.state.consent.contains_key(&id).then_some(id);
                 self.log(overlay, EntryKind::KeyEvent, time, id, customer, bytes)
                     .map(Self::logged)
@@ -1672,6 +1673,22 @@ impl Sequencer {
             keys.admissions.push(index);
         }
         Ok(())
+    }
+
+    /// After the identity key rotated at `index`: its devices certified under an earlier key no longer
+    /// sign requests (a thief's device among them) until certified again under the new key.
+    fn unpublish_superseded(&self, identity: &IdentityId, index: u64) {
+        let Some(state) = self.state.identities.get(identity) else {
+            return;
+        };
+        let gone: Vec<DeviceId> = state
+            .devices()
+            .filter(|d| state.device_at(d, index + 1).is_err())
+            .copied()
+            .collect();
+        for d in gone {
+            self.unpublish_device_key(&d);
+        }
     }
 
     /// Makes a certified device's key available to submitters (a device id fixes its key).
@@ -2189,6 +2206,7 @@ impl Sequencer {
                         .rotate(&ev, index)
                         .map_err(|e| m(&e))?;
                     self.publish_identity_key(&ev.identity());
+                    self.unpublish_superseded(&ev.identity(), index);
                 }
             }
             EntryKind::DeviceCertificate => {
