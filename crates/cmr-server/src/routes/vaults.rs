@@ -466,7 +466,8 @@ struct RelationshipBody {
 /// it with their sealed keys, revocations of them, rotations that re-key it, key deliveries, blocks that
 /// name it, and its own reads and appends. Each entry comes with its salt and inclusion proof. From the
 /// store's party index (kept as entries are applied): O(page), paged with `after`, whatever the length of
-/// the chain. Only a party the vault's chain involves gets an answer.
+/// the chain. A party the chain does not involve gets an empty page: a company may poll a customer who
+/// has not answered yet, or granted nothing yet, and learns no more than that nothing concerns it.
 async fn relationship(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
@@ -481,11 +482,6 @@ async fn relationship(
         req.after,
         req.limit.clamp(1, 1000) as usize,
     )?;
-    if indices.is_empty() && req.after.is_none() {
-        return Err(ApiError::forbidden(
-            "nothing in this vault concerns you: send a request first",
-        ));
-    }
     let mut entries = Vec::with_capacity(indices.len());
     for index in indices.into_iter().filter(|i| *i < size) {
         // An erased body is simply not served.
