@@ -616,7 +616,7 @@ fn a_scripted_session_against_a_real_server() {
     };
     let admitted = admit("admit-auditor");
     // The customer sees who is an auditor, and since when.
-    let seen = alex.json(&["customer", "auditors"]);
+    let seen = phone.json(&["customer", "auditors"]);
     assert_eq!(seen["auditors"][0]["auditor"], auditor_id.as_str());
     assert_eq!(seen["auditors"][0]["admitted"], true);
     assert_eq!(seen["auditors"][0]["since_index"], admitted["index"]);
@@ -631,7 +631,7 @@ fn a_scripted_session_against_a_real_server() {
     admit("dismiss-auditor");
     let err = auditor.fails(&["audit", "proof", "0"], 1);
     assert!(err.contains("forbidden"), "{err}");
-    let seen = alex.json(&["customer", "auditors"]);
+    let seen = phone.json(&["customer", "auditors"]);
     assert_eq!(seen["auditors"][0]["admitted"], false);
 }
 

@@ -965,7 +965,21 @@ impl Customer {
             },
             log_key,
         );
-        let history = session.identity(identity).await?.state.keys().clone();
+        // The new device has no registered key yet: it proves the phrase's next identity key instead.
+        let history = session
+            .fetch_key_events(identity, Some(&recovery.identity_key()))
+            .await
+            .map_err(|e| match e {
+                ClientError::Refused { status: 404, .. } => ClientError::Local(
+                    "this recovery phrase does not belong to this identity's current key, or the \
+                     identity does not exist"
+                        .into(),
+                ),
+                e => e,
+            })?
+            .state
+            .keys()
+            .clone();
         if history.current().next_key_digest
             != cmr_core::identity::next_key_digest(&recovery.identity_key().verifying_key())
         {

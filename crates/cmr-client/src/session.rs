@@ -72,6 +72,8 @@ pub struct Session {
     /// The log as verified so far.
     pub log: LogView,
     identities: HashMap<IdentityId, VerifiedIdentity>,
+    /// The newest signed key-event head seen for each identity (evidence for an auditor).
+    key_heads: HashMap<IdentityId, (cmr_log::keyhead::KeyHead, String)>,
     /// Indices of this party's acknowledged entries.
     pub acked: Vec<u64>,
     receipts: Option<Vec<Acked>>,
@@ -85,6 +87,7 @@ impl Session {
             keys,
             log: LogView::new(log_key),
             identities: HashMap::new(),
+            key_heads: HashMap::new(),
             acked: Vec::new(),
             receipts: None,
         }
@@ -279,10 +282,34 @@ impl Session {
     }
 
     async fn fetch_identity(&mut self, id: IdentityId) -> Result<VerifiedIdentity, ClientError> {
-        let v = self
-            .conn
-            .get_json(&format!("/v1/identities/{}/events", id.to_hex()))
-            .await?;
+        self.fetch_key_events(id, None).await
+    }
+
+    /// Fetches `id`'s key events and replays them, after checking each is included in a checkpoint this
+    /// session trusts and that together they are exactly the history the signed key-event head vouches
+    /// for (`cmr_log::keyhead`): an event left out (a device revocation, an identity rotation) is refused
+    /// here, and a head that leaves one out is the operator's signed lie that any auditor can show
+    /// ([`Session::key_heads`]). A head older or shorter than one seen before is refused too. A device
+    /// recovering with its phrase has no registered key yet: it signs with the `reveal`ed next identity
+    /// key.
+    pub(crate) async fn fetch_key_events(
+        &mut self,
+        id: IdentityId,
+        reveal: Option<&SigningKey>,
+    ) -> Result<VerifiedIdentity, ClientError> {
+        let target = format!("/v1/identities/{}/events", id.to_hex());
+        let v = match reveal {
+            None => self.post(&target, &json!({})).await?,
+            Some(key) => {
+                self.conn
+                    .post(
+                        &target,
+                        &json!({"reveal": B64.encode(key.verifying_key().to_bytes())}),
+                        Signer::Identity(id, key),
+                    )
+                    .await?
+            }
+        };
         let cp = self
             .observe(v["checkpoint"].as_str().unwrap_or_default())
             .await?;
@@ -292,7 +319,47 @@ impl Session {
             .iter()
             .map(|e| proven_entry(e, &cp))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(VerifiedIdentity::replay(id, &events)?)
+        let refused = |reason: String| {
+            ClientError::Verification(VerifyError::KeyEvents {
+                identity: id.to_hex(),
+                reason,
+            })
+        };
+        let signed = v["head"].as_str().unwrap_or_default();
+        let head = cmr_log::keyhead::KeyHead::open(signed, self.log.key())
+            .map_err(|e| refused(e.to_string()))?;
+        let hashes: Vec<(u64, cmr_core::hash::Digest)> = events
+            .iter()
+            .map(|e| (e.index, EntryBody::hash(&e.salted.body)))
+            .collect();
+        let served =
+            cmr_log::keyhead::KeyHead::over(id, cp.size, hashes.iter().map(|(i, h)| (*i, h)))
+                .map_err(|e| refused(e.to_string()))?;
+        if head != served {
+            return Err(refused(format!(
+                "the events served are not the history the log's signed head vouches for ({} events \
+                 served, {} in the head at size {})",
+                served.count, head.count, head.size
+            )));
+        }
+        if let Some((seen, _)) = self.key_heads.get(&id)
+            && (head.size < seen.size || head.count < seen.count)
+        {
+            return Err(refused(format!(
+                "the head at size {} has {} events; this client saw {} at size {}",
+                head.size, head.count, seen.count, seen.size
+            )));
+        }
+        let verified = VerifiedIdentity::replay(id, &events)?;
+        self.key_heads.insert(id, (head, signed.to_owned()));
+        Ok(verified)
+    }
+
+    /// The newest signed key-event head this session was served for each identity: what it trusted
+    /// about each counterparty's keys. Hand them to an auditor (`cmr_log::auditor::Auditor::
+    /// check_key_head`) to have them checked against the whole log.
+    pub fn key_heads(&self) -> impl Iterator<Item = &str> {
+        self.key_heads.values().map(|(_, s)| s.as_str())
     }
 
     /// The auditors the operator admitted: every admission and dismissal the server lists, each checked

@@ -21,7 +21,7 @@ use cmr_log::note::{NoteSigner, NoteVerifier, TYPE_ED25519};
 use cmr_server::{AppState, Config};
 use cmr_store::{Store, StoreConfig};
 use http_body_util::BodyExt;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tower::ServiceExt;
 
 /// Rewrites an answer: (path, body as JSON, or as a JSON string for text answers).
@@ -216,8 +216,7 @@ async fn a_substituted_company_key_is_refused() {
         let v = w
             .eve
             .session
-            .conn
-            .get_json(&format!("/v1/identities/{eve}/events"))
+            .post(&format!("/v1/identities/{eve}/events"), &json!({}))
             .await
             .unwrap();
         v["events"].clone()
@@ -242,8 +241,7 @@ async fn a_device_spliced_into_genuine_key_events_is_refused() {
         let v = w
             .eve
             .session
-            .conn
-            .get_json(&format!("/v1/identities/{eve}/events"))
+            .post(&format!("/v1/identities/{eve}/events"), &json!({}))
             .await
             .unwrap();
         v["events"][1].clone()
@@ -258,6 +256,78 @@ async fn a_device_spliced_into_genuine_key_events_is_refused() {
     w.alex.session.forget_identity(&w.bank.id());
     let e = verification(w.alex.session.identity(w.bank.id()).await.map(|_| ()));
     assert!(matches!(e, VerifyError::KeyEvents { .. }), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_history_with_a_revocation_left_out_is_refused() {
+    use base64::Engine as _;
+    let mut w = world().await;
+    let bank = w.bank.id();
+    // The bank certifies a second device, then revokes it (it was lost).
+    let key = SigningKey::from_seed(&w.bank.session.keys.identity().unwrap().1.seed());
+    let lost = cmr_core::identity::DeviceKeys::generate(&mut rand::rng());
+    let cert = lost.certify(bank, 0, &key, now()).encode();
+    w.bank.session.certify(&cert).await.unwrap();
+    let rev = cmr_core::identity::revoke_device(bank, 0, &key, lost.id(), now()).encode();
+    w.bank
+        .session
+        .conn
+        .post(
+            &format!("/v1/identities/{}/devices/revoke", bank.to_hex()),
+            &json!({"revocation": base64::engine::general_purpose::STANDARD.encode(&rev)}),
+            cmr_client::transport::Signer::Identity(bank, &key),
+        )
+        .await
+        .unwrap();
+    // Honestly served, the customer never seals to the lost device.
+    w.alex.session.forget_identity(&bank);
+    let honest = w.alex.session.identity(bank).await.unwrap();
+    assert!(honest.current_devices().all(|c| c.device() != lost.id()));
+    assert!(honest.has_device(&lost.id()));
+    // The server leaves the revocation out: each event left is genuine and included, and the lost device
+    // would be the bank's newest. The signed head counts it, so the history is refused.
+    let path = format!("/v1/identities/{}/events", bank.to_hex());
+    let p = path.clone();
+    w.tamper(move |target, v| {
+        if target == p {
+            v["events"].as_array_mut().unwrap().pop();
+        }
+    });
+    w.alex.session.forget_identity(&bank);
+    let e = verification(w.alex.session.identity(bank).await.map(|_| ()));
+    assert!(
+        matches!(&e, VerifyError::KeyEvents { reason, .. } if reason.contains("head")),
+        "{e}"
+    );
+    // Without its head, or with another identity's genuine head, the events are refused as well.
+    let eve_head = w
+        .eve
+        .session
+        .post(
+            &format!("/v1/identities/{}/events", w.eve.id().to_hex()),
+            &json!({}),
+        )
+        .await
+        .unwrap()["head"]
+        .clone();
+    for head in [Value::Null, eve_head] {
+        let p = path.clone();
+        w.tamper(move |target, v| {
+            if target == p {
+                v["head"] = head.clone();
+            }
+        });
+        w.alex.session.forget_identity(&bank);
+        let e = verification(w.alex.session.identity(bank).await.map(|_| ()));
+        assert!(matches!(e, VerifyError::KeyEvents { .. }), "{e}");
+    }
+    // The head this session trusted is evidence an auditor can check.
+    assert!(
+        w.alex
+            .session
+            .key_heads()
+            .any(|h| h.contains(&format!("identity {}", bank.to_hex())))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,7 +414,7 @@ async fn dropped_injected_or_foreign_records_are_refused() {
                 bo.id().to_hex(),
                 bo_family.to_hex()
             ),
-            &serde_json::json!({"from": w.month.to_string(), "to": w.month.to_string()}),
+            &json!({"from": w.month.to_string(), "to": w.month.to_string()}),
         )
         .await
         .unwrap();
@@ -507,7 +577,7 @@ async fn a_third_partys_statement_in_a_relationship_is_refused() {
         .session
         .post(
             &format!("/v1/vaults/{}/relationship", w.alex.id().to_hex()),
-            &serde_json::json!({}),
+            &json!({}),
         )
         .await
         .unwrap();
@@ -584,7 +654,7 @@ async fn an_acknowledgement_carries_the_consistency_proof_and_a_bad_one_is_not_t
         if path.ends_with(&batches) && v["consistency"].is_object() {
             use base64::Engine as _;
             let bogus = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
-            v["consistency"]["proof"] = serde_json::json!([bogus]);
+            v["consistency"]["proof"] = json!([bogus]);
         }
     });
     seen.lock().unwrap().clear();

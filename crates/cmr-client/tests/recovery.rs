@@ -72,7 +72,9 @@ async fn recovery_rotates_first_restores_second_and_can_resume() {
 
     // The old device seals a backup, its vault key wrapped to the recovery key of event 0.
     let vault = VaultKey::generate(&mut rand::rng());
-    let events = alex.session.identity(alex.id()).await.unwrap();
+    // (Read with the new device: since step one the old one signs nothing, as shown below.)
+    let mut reader = Session::new(conn.clone(), copy(&kept), pinned.clone());
+    let events = reader.identity(alex.id()).await.unwrap();
     // The inception is the log's first entry; the key record in force just after it is event 0's.
     let record0 = events.state.keys().at(1).unwrap().clone();
     assert_eq!(record0.seq, 0);

@@ -97,6 +97,31 @@ pub enum Violation {
     Unbound(u64, String),
     /// A (keyid, nonce) seen before.
     ReplayedNonce(u64, String),
+    /// A key-event head signed with the log key that does not match the identity's key events in the
+    /// log at its size: the operator vouched for an incomplete (or altered) key history. The evidence is
+    /// the signed head.
+    FalseKeyHead {
+        /// The signed head.
+        head: String,
+        /// What the log holds at that size.
+        actual: String,
+    },
+}
+
+/// A key-event head cannot be judged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyHeadCheckError {
+    /// It does not open under the log key: it is no evidence of anything.
+    #[error(transparent)]
+    Unopenable(#[from] crate::keyhead::KeyHeadError),
+    /// It speaks for a size this auditor has not verified yet: run again later.
+    #[error("the head speaks for size {head}, and this auditor has verified up to {verified}")]
+    NotYetVerified {
+        /// The head's size.
+        head: u64,
+        /// The size verified.
+        verified: u64,
+    },
 }
 
 /// The result of a run.
@@ -162,6 +187,39 @@ impl Auditor {
     /// The auditors the operator admitted, as the log verified so far says.
     pub fn auditors(&self) -> &Auditors {
         &self.auditors
+    }
+
+    /// Judges a key-event head a client was served ([`crate::keyhead`]): recomputes the identity's
+    /// key-event chain from the log at the head's size. `Ok(None)` when it is true; a
+    /// [`Violation::FalseKeyHead`] when the operator signed a history that is not the log's.
+    pub fn check_key_head(&self, signed: &str) -> Result<Option<Violation>, KeyHeadCheckError> {
+        let head = crate::keyhead::KeyHead::open(signed, &self.log_key)?;
+        let verified = self.verified().map_or(0, |c| c.size);
+        if head.size > verified {
+            return Err(KeyHeadCheckError::NotYetVerified {
+                head: head.size,
+                verified,
+            });
+        }
+        let hashes: Vec<(u64, Digest)> = self
+            .journal
+            .iter()
+            .filter(|(index, body)| {
+                *index < head.size
+                    && body.subject == head.identity
+                    && crate::keyhead::is_key_event(body.kind)
+            })
+            .map(|(index, body)| (*index, EntryBody::hash(&body.encode())))
+            .collect();
+        let actual = crate::keyhead::KeyHead::over(
+            head.identity,
+            head.size,
+            hashes.iter().map(|(i, h)| (*i, h)),
+        )?;
+        Ok((actual != head).then(|| Violation::FalseKeyHead {
+            head: signed.to_owned(),
+            actual: actual.text(),
+        }))
     }
 
     /// Fetches the latest checkpoint and checks every entry added since the last run.

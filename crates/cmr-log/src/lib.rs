@@ -17,6 +17,7 @@ pub mod auditor;
 pub mod checkpoint;
 pub mod consent;
 pub mod entry;
+pub mod keyhead;
 pub mod memlog;
 pub mod note;
 pub mod tree;

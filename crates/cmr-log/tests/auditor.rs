@@ -1073,3 +1073,82 @@ fn an_access_not_bound_to_its_signed_request() {
         report.violations
     );
 }
+
+/// A key-event head the operator signed is checked against the whole log: a true one passes, one that
+/// leaves out a device revocation is named with the signed head as evidence.
+#[test]
+fn a_key_event_head_that_leaves_out_a_revocation_is_a_violation() {
+    use cmr_log::auditor::KeyHeadCheckError;
+    use cmr_log::keyhead::KeyHead;
+    let mut w = World::new();
+    let acme = w.acme.id;
+    // Acme certifies a second device, then revokes it.
+    let lost = DeviceKeys::generate(&mut rand::rng());
+    let cert = lost.certify(acme, 0, &w.acme.identity_key, T0);
+    w.append(EntryKind::DeviceCertificate, acme, None, cert.encode());
+    let rev = cmr_core::identity::revoke_device(acme, 0, &w.acme.identity_key, lost.id(), T0);
+    let revoked_at = w.append(EntryKind::DeviceRevocation, acme, None, rev.encode());
+    let size = w.log.size();
+    let mut a = Auditor::new(w.signer.verifier());
+    let report = a
+        .run(&mut MemorySource {
+            log: &w.log,
+            checkpoint: w.log.checkpoint(&w.signer),
+        })
+        .unwrap();
+    assert!(report.is_clean(), "{:?}", report.violations);
+    let acme_events: Vec<(u64, Digest)> = (0..size)
+        .filter_map(|i| {
+            let b = w.log.body(i)?;
+            let body = EntryBody::decode(&b.body).ok()?;
+            (body.subject == acme && cmr_log::keyhead::is_key_event(body.kind))
+                .then(|| (i, EntryBody::hash(&b.body)))
+        })
+        .collect();
+    assert_eq!(acme_events.len(), 4);
+    let head = |events: &[(u64, Digest)]| {
+        KeyHead::over(acme, size, events.iter().map(|(i, h)| (*i, h)))
+            .unwrap()
+            .sign(&w.signer)
+    };
+    // The true head, and the true head at an earlier size, pass.
+    assert_eq!(a.check_key_head(&head(&acme_events)).unwrap(), None);
+    let earlier = KeyHead::over(
+        acme,
+        revoked_at,
+        acme_events[..3].iter().map(|(i, h)| (*i, h)),
+    )
+    .unwrap()
+    .sign(&w.signer);
+    assert_eq!(a.check_key_head(&earlier).unwrap(), None);
+    // The revocation left out at the full size: the signed head is the evidence.
+    let lie = head(&acme_events[..3]);
+    match a.check_key_head(&lie).unwrap() {
+        Some(Violation::FalseKeyHead { head, actual }) => {
+            assert_eq!(head, lie);
+            assert!(actual.contains("events 4"), "{actual}");
+        }
+        other => panic!("expected a false head, got {other:?}"),
+    }
+    // A head beyond what the auditor verified waits; one not signed by the log key proves nothing.
+    let ahead = KeyHead::over(acme, size + 5, acme_events.iter().map(|(i, h)| (*i, h)))
+        .unwrap()
+        .sign(&w.signer);
+    assert!(matches!(
+        a.check_key_head(&ahead),
+        Err(KeyHeadCheckError::NotYetVerified { .. })
+    ));
+    let stranger = NoteSigner::new(
+        "vault.example/log",
+        TYPE_ED25519,
+        SigningKey::from_seed(&[9; 32]),
+    )
+    .unwrap();
+    let forged = KeyHead::over(acme, size, acme_events[..3].iter().map(|(i, h)| (*i, h)))
+        .unwrap()
+        .sign(&stranger);
+    assert!(matches!(
+        a.check_key_head(&forged),
+        Err(KeyHeadCheckError::Unopenable(_))
+    ));
+}

@@ -2543,3 +2543,119 @@ async fn new_identities_cannot_flood_a_customer_with_requests() {
     assert!(v["entries"].as_array().unwrap().is_empty(), "{v}");
     assert!(v["next"].is_null());
 }
+
+/// A customer's key events (whose bodies link the customer's chain) go only to the customer, a party its
+/// chain involves, an admitted auditor and a device recovering with the phrase; anyone else is answered
+/// as if the identity did not exist. A company's go to any registered caller. Every answer carries the
+/// key-event head signed with the log key.
+#[tokio::test]
+async fn a_customers_key_events_only_for_those_who_need_them() {
+    let mut f = flow().await;
+    let stranger = register(&mut f.env, Role::Company).await;
+    let auditor = register(&mut f.env, Role::Auditor).await;
+    let events = |id: &IdentityId| format!("/v1/identities/{}/events", id.to_hex());
+    let customer_events = events(&f.customer.id);
+    // The customer itself, and the company it granted to.
+    for device in [&f.customer.device, &f.acme.device] {
+        let (s, v) = call(
+            &mut f.env,
+            &customer_events,
+            json!({}),
+            Signer::Device(device),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let head =
+            cmr_log::keyhead::KeyHead::open(v["head"].as_str().unwrap(), &log_key().verifier())
+                .unwrap();
+        assert_eq!(head.identity, f.customer.id);
+        assert_eq!(head.count as usize, v["events"].as_array().unwrap().len());
+    }
+    // A stranger, an auditor not admitted, and an unsigned caller learn nothing.
+    for device in [&stranger.device, &auditor.device] {
+        let (s, v) = call(
+            &mut f.env,
+            &customer_events,
+            json!({}),
+            Signer::Device(device),
+        )
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+        let unknown = events(&IdentityId([9; 32]));
+        let (s2, v2) = call(&mut f.env, &unknown, json!({}), Signer::Device(device)).await;
+        assert_eq!((s2, v2["detail"].clone()), (s, v["detail"].clone()));
+    }
+    let (s, _) = call(&mut f.env, &customer_events, json!({}), Signer::None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Admitted, the auditor may.
+    let (s, v) = call(
+        &mut f.env,
+        "/v1/auditors",
+        json!({"statement": cmr_log::admission::Admission { auditor: auditor.id, admit: true, time: T0 }.sign(&log_key())}),
+        Signer::None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _) = call(
+        &mut f.env,
+        &customer_events,
+        json!({}),
+        Signer::Device(&auditor.device),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    // A company's events are for any registered caller.
+    let (s, _) = call(
+        &mut f.env,
+        &events(&f.acme.id),
+        json!({}),
+        Signer::Device(&stranger.device),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    // A device recovering with the phrase signs with the next identity key it reveals; a key the
+    // current event does not commit to is answered as if the identity did not exist.
+    let new = create_identity(&mut rand::rng(), Role::Customer);
+    let id = new.inception.identity();
+    let (s, v) = call(
+        &mut f.env,
+        "/v1/identities",
+        json!({"event": B64.encode(new.inception.encode())}),
+        Signer::Identity(&id, &new.identity_key),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let next = new.recovery.identity_key();
+    let reveal = |k: &SigningKey| json!({"reveal": B64.encode(k.verifying_key().to_bytes())});
+    let (s, v) = call(
+        &mut f.env,
+        &events(&id),
+        reveal(&next),
+        Signer::Identity(&id, &next),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["events"].as_array().unwrap().len(), 1);
+    let wrong = SigningKey::generate(&mut rand::rng());
+    let (s, _) = call(
+        &mut f.env,
+        &events(&id),
+        reveal(&wrong),
+        Signer::Identity(&id, &wrong),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Revealing the right key but signing with another is a bad signature.
+    let (s, _) = call(
+        &mut f.env,
+        &events(&id),
+        reveal(&next),
+        Signer::Identity(&id, &wrong),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+async fn call(env: &mut Env, path: &str, body: Value, signer: Signer<'_>) -> (StatusCode, Value) {
+    env.call("POST", path, body, signer).await
+}

@@ -62,6 +62,10 @@ pub trait Backend: Send + Sync {
     fn customer_head(&self, customer: &IdentityId) -> Result<Option<u64>, StoreError>;
     /// The log indices of an identity's durable key events, oldest first.
     fn key_events(&self, id: &IdentityId) -> Result<Vec<u64>, StoreError>;
+    /// Whether `key` is the next identity key that `id`'s current key event commits to.
+    fn is_next_key(&self, id: &IdentityId, key: &cmr_core::keys::VerifyingKey) -> bool;
+    /// A key-event head signed with the log key.
+    fn sign_key_head(&self, head: &cmr_log::keyhead::KeyHead) -> String;
     /// A customer's current signed key directory, as stored.
     fn directory(&self, customer: &IdentityId) -> Result<Option<Vec<u8>>, StoreError>;
     /// A customer's key backup and its version.
@@ -128,6 +132,12 @@ impl Backend for Store {
     }
     fn key_events(&self, id: &IdentityId) -> Result<Vec<u64>, StoreError> {
         Store::key_events(self, id)
+    }
+    fn is_next_key(&self, id: &IdentityId, key: &cmr_core::keys::VerifyingKey) -> bool {
+        Store::is_next_key(self, id, key)
+    }
+    fn sign_key_head(&self, head: &cmr_log::keyhead::KeyHead) -> String {
+        Store::sign_key_head(self, head)
     }
     fn directory(&self, customer: &IdentityId) -> Result<Option<Vec<u8>>, StoreError> {
         Store::directory(self, customer)

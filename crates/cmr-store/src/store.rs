@@ -282,7 +282,9 @@ struct PreparedBatch {
 #[derive(Debug, Default)]
 pub struct KeyIndex {
     devices: HashMap<DeviceId, (IdentityId, cmr_core::keys::VerifyingKey)>,
-    identities: HashMap<IdentityId, (cmr_core::keys::VerifyingKey, Role)>,
+    /// Each identity's current key, its role, and the digest of its next key (which a recovering device
+    /// reveals).
+    identities: HashMap<IdentityId, (cmr_core::keys::VerifyingKey, Role, Digest)>,
     /// Each identity's key events (inception, rotations, device certificates and revocations), by log
     /// index in order: what a counterparty replays to learn the identity's keys.
     events: HashMap<IdentityId, Vec<u64>>,
@@ -303,6 +305,8 @@ pub struct Store {
     opened_empty: bool,
     device_keys: DeviceKeys,
     log_verifier: cmr_log::note::NoteVerifier,
+    /// The log key, shared with the sequencer (which signs checkpoints with it).
+    log_key: Arc<NoteSigner>,
     stopped: Arc<AtomicBool>,
 }
 
@@ -397,7 +401,7 @@ struct Sequencer {
     tree: sled::Tree,
     durable: Arc<RwLock<Durable>>,
     path: PathBuf,
-    log_key: NoteSigner,
+    log_key: Arc<NoteSigner>,
     clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     max_group: usize,
     max_page_bytes: usize,
@@ -739,7 +743,7 @@ impl Store {
             tree: tree.clone(),
             durable: Arc::new(RwLock::new(Durable::default())),
             path: config.path.clone(),
-            log_key: config.log_key,
+            log_key: Arc::new(config.log_key),
             clock: config.clock,
             max_group: config.max_group.max(1),
             max_page_bytes: config.max_page_bytes.max(1),
@@ -750,6 +754,7 @@ impl Store {
         };
         let device_keys = seq.device_keys.clone();
         let log_verifier = seq.log_key.verifier();
+        let log_key = seq.log_key.clone();
         seq.rebuild(add_indexes)?;
         if add_indexes {
             tree.insert(layout::META_FORMAT, &layout::FORMAT_VERSION.to_be_bytes())
@@ -803,6 +808,7 @@ impl Store {
             opened_empty,
             device_keys,
             log_verifier,
+            log_key,
             stopped,
         })
     }
@@ -919,7 +925,7 @@ impl Store {
         match keyid.strip_prefix("id:") {
             Some(id) => {
                 let id = IdentityId::from_hex(id)?;
-                keys.identities.get(&id).map(|(k, _)| (id, *k))
+                keys.identities.get(&id).map(|(k, _, _)| (id, *k))
             }
             None => keys
                 .devices
@@ -1048,7 +1054,24 @@ impl Store {
             .ok()?
             .identities
             .get(id)
-            .map(|(_, r)| *r)
+            .map(|(_, r, _)| *r)
+    }
+
+    /// Whether `key` is the next identity key `id`'s current key event commits to: a device recovering
+    /// with the recovery phrase proves it holds that key before anything else of its identity is
+    /// registered.
+    pub fn is_next_key(&self, id: &IdentityId, key: &cmr_core::keys::VerifyingKey) -> bool {
+        self.device_keys.read().ok().is_some_and(|keys| {
+            keys.identities
+                .get(id)
+                .is_some_and(|(_, _, next)| *next == cmr_core::identity::next_key_digest(key))
+        })
+    }
+
+    /// Signs a key-event head with the log key ([`cmr_log::keyhead`]): the operator's word that it is
+    /// the identity's whole key history at its size.
+    pub fn sign_key_head(&self, head: &cmr_log::keyhead::KeyHead) -> String {
+        head.sign(&self.log_key)
     }
 
     /// A customer's current signed key directory, as stored (`None` before the first).
@@ -1713,11 +1736,14 @@ impl Sequencer {
 
     /// Makes an identity's current key available to submitters.
     fn publish_identity_key(&self, identity: &IdentityId) {
-        let key = self
-            .state
-            .identities
-            .get(identity)
-            .map(|s| (s.keys().current().signing_key, s.keys().role()));
+        let key = self.state.identities.get(identity).map(|s| {
+            let current = s.keys().current();
+            (
+                current.signing_key,
+                s.keys().role(),
+                current.next_key_digest,
+            )
+        });
         if let (Some(key), Ok(mut keys)) = (key, self.device_keys.write()) {
             keys.identities.insert(*identity, key);
         }

@@ -6,9 +6,15 @@ use std::sync::Arc;
 
 use crate::extract::Path;
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
-use cmr_core::identity::{DeviceCertificate, DeviceRevocation, IdentityId, Signed, SignedKeyEvent};
+use cmr_core::identity::{
+    DeviceCertificate, DeviceRevocation, IdentityId, Role, Signed, SignedKeyEvent,
+};
+use cmr_core::keys::VerifyingKey;
+use cmr_log::entry::EntryBody;
+use cmr_log::keyhead::KeyHead;
 use cmr_store::Op;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -25,37 +31,92 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v1/identities/{id}/devices", post(certify))
         .route("/v1/identities/{id}/devices/revoke", post(revoke_device))
         .route("/v1/identities/{id}/rotate", post(rotate))
-        .route("/v1/identities/{id}/events", axum::routing::get(events))
+        .route("/v1/identities/{id}/events", post(events))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EventsBody {
+    /// A recovering device, which has no registered key yet, signs with the next identity key its
+    /// recovery phrase gives and shows it here (base64): the identity's current key event commits to it.
+    #[serde(default)]
+    reveal: Option<String>,
 }
 
 /// An identity's key events (inception, rotations, device certificates and revocations), oldest first,
-/// each with its salt and inclusion proof in the checkpoint returned with them: a counterparty replays
-/// them to learn which device keys the identity had at each log position, trusting only the log key.
-/// They hold public keys only, so they are public like the log itself (a customer's id is a hash known only
-/// to those it shared it with); a customer recovering on a new device reads them before it can sign.
+/// each with its salt and inclusion proof in the checkpoint returned with them, and the key-event head at
+/// that checkpoint's size signed with the log key (`cmr_log::keyhead`): a counterparty replays the events
+/// to learn which device keys the identity had at each log position, trusting only the log key, and
+/// checks that none was left out.
+///
+/// A company's or an auditor's events are for any registered caller. A customer's events name the
+/// customer's chain (each entry links the previous one), so they go only to the customer, to a party
+/// the customer's chain involves, to an admitted auditor, and to a device recovering with the phrase;
+/// anyone else is answered as if the identity did not exist.
 async fn events(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    raw: Unverified,
 ) -> Result<Json<Value>, ApiError> {
     let id = IdentityId(hex_id("identity", &id)?);
+    let req: EventsBody = if raw.body.is_empty() {
+        EventsBody::default()
+    } else {
+        json_body(&raw.body)?
+    };
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such identity");
+    let caller = match &req.reveal {
+        None => raw.authenticate(&state, None)?,
+        Some(key) => {
+            let key: [u8; 32] = b64("reveal", key)?
+                .try_into()
+                .map_err(|_| ApiError::malformed("reveal is a 32-byte key"))?;
+            let key = VerifyingKey::from_bytes(&key)
+                .map_err(|_| ApiError::malformed("reveal is not a valid Ed25519 key"))?;
+            if !state.store.is_next_key(&id, &key) {
+                return Err(not_found());
+            }
+            raw.authenticate(&state, Some((id, key)))?
+        }
+    };
+    let visible = caller.identity == id
+        || match state.store.role(&id) {
+            None => false,
+            Some(Role::Customer) => {
+                state.store.is_admitted_auditor(&caller.identity)
+                    || !state
+                        .store
+                        .party_entries(&id, &caller.identity, None, 1)?
+                        .0
+                        .is_empty()
+            }
+            Some(_) => true,
+        };
+    if !visible {
+        return Err(not_found());
+    }
     let (checkpoint, size) = current_checkpoint(&state)?;
     let mut events = Vec::new();
+    let mut head = KeyHead::start(id, size);
     for index in state.store.key_events(&id)? {
         if index >= size {
             break;
         }
+        // Key events are never erased; a body missing here is a damaged store, and the head says so by
+        // not matching what a client recomputes.
         if let Some(stored) = state.store.body(index)? {
+            head.extend(index, &EntryBody::hash(&stored.body))
+                .map_err(|e| cmr_store::StoreError::Format(e.to_string()))?;
             events.push(entry_json(&state, index, &stored, size)?);
         }
     }
     if events.is_empty() {
-        return Err(ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "not-found",
-            "no such identity",
-        ));
+        return Err(not_found());
     }
-    Ok(Json(json!({ "checkpoint": checkpoint, "events": events })))
+    let head = state.store.sign_key_head(&head);
+    Ok(Json(
+        json!({ "checkpoint": checkpoint, "events": events, "head": head }),
+    ))
 }
 
 #[derive(Deserialize)]

@@ -183,18 +183,19 @@ pub const ROUTES: &[RouteDoc] = &[
         body: &[],
     },
     RouteDoc {
-        method: "get",
+        method: "post",
         path: "/v1/identities/{id}/events",
-        summary: "An identity's key events with inclusion proofs (public keys only)",
-        signed: false,
-        body: &[],
+        summary: "An identity's key events with inclusion proofs and the signed key-event head; a \
+                  customer's only to itself, involved parties, admitted auditors and a recovering device",
+        signed: true,
+        body: &[("reveal", "base64", false)],
     },
     RouteDoc {
         method: "post",
         path: "/v1/vaults/{customer}/relationship",
         summary: "What of this vault concerns the calling company, with inclusion proofs",
         signed: true,
-        body: &[],
+        body: &[("after", "integer", false), ("limit", "integer", false)],
     },
 ];
 
