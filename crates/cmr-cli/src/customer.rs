@@ -165,6 +165,25 @@ pub enum CustomerCmd {
         #[arg(long)]
         unblock: bool,
     },
+    /// Which unsolicited requests this vault accepts, beyond the vault limits (5 waiting from one
+    /// company, 100 in all): show it, or set it (the new policy replaces the old one)
+    #[command(
+        after_help = "Examples:\n  cmr customer policy\n  cmr customer policy --granted-only --daily-cap 10\n  cmr customer policy --anyone --no-cap"
+    )]
+    Policy {
+        /// Accept requests only from companies holding an active grant.
+        #[arg(long, conflicts_with = "anyone")]
+        granted_only: bool,
+        /// Accept requests from any company (the default).
+        #[arg(long)]
+        anyone: bool,
+        /// Accept at most this many requests in any 24 hours.
+        #[arg(long, conflicts_with = "no_cap", value_parser = clap::value_parser!(u32).range(1..))]
+        daily_cap: Option<u32>,
+        /// Remove the daily cap.
+        #[arg(long)]
+        no_cap: bool,
+    },
     /// Who read or wrote what, when, and under which grant: the verified chain of the vault's entries.
     History,
     /// Finish every rotation the log says is owed: after a grant was used up, expired or revoked, or a
@@ -977,6 +996,40 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             out.value(
                 &json!({"company": company.to_hex(), "blocked": !unblock, "index": acked.index}),
             );
+        }
+        CustomerCmd::Policy {
+            granted_only,
+            anyone,
+            daily_cap,
+            no_cap,
+        } => {
+            let current = c.consent().await?.request_policy();
+            let mut next = current;
+            if granted_only || anyone {
+                next.granted_only = granted_only;
+            }
+            if daily_cap.is_some() || no_cap {
+                next.daily_cap = daily_cap;
+            }
+            let index = if next == current {
+                None
+            } else {
+                Some(
+                    c.set_request_policy(next, t)
+                        .await
+                        .map_err(CliError::from)?
+                        .index,
+                )
+            };
+            out.line(match index {
+                Some(i) => format!("requests: {} (set at log index {i})", next.describe()),
+                None => format!("requests: {}", next.describe()),
+            });
+            out.value(&json!({
+                "granted_only": next.granted_only,
+                "daily_cap": next.daily_cap,
+                "index": index,
+            }));
         }
         CustomerCmd::History => {
             let chain = c.history().await?;

@@ -106,6 +106,12 @@ impl From<ClientError> for CliError {
                     }
                     "stale-head" => "someone wrote first; run the command again",
                     "company-blocked" => "this customer blocked your company",
+                    "requests-not-accepted" => {
+                        "this customer accepts requests only from companies it granted access to"
+                    }
+                    "too-many-requests" => {
+                        "the customer's request limits are reached; wait for an answer, or try tomorrow"
+                    }
                     _ => "the server says why; docs/api.md lists every problem code",
                 }),
             ),

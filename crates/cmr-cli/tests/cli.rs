@@ -416,6 +416,47 @@ fn a_scripted_session_against_a_real_server() {
             && approved.contains("30 days, until 20"),
         "{approved}"
     );
+    // Alex accepts requests only from companies it granted to, ten a day: a new shop is refused with the
+    // reason, the bank may ask again; then anyone may ask again.
+    let v = alex.json(&["customer", "policy", "--granted-only", "--daily-cap", "10"]);
+    assert_eq!(
+        (v["granted_only"].as_bool(), v["daily_cap"].as_u64()),
+        (Some(true), Some(10))
+    );
+    assert!(v["index"].is_u64(), "{v}");
+    let shown = alex.ok(&["customer", "policy"]);
+    assert!(
+        shown.contains("only companies with an active grant") && shown.contains("10"),
+        "{shown}"
+    );
+    let shop = user("shop");
+    shop.ok(&["company", "init"]);
+    shop.ok(&["company", "register"]);
+    let ask = |who: &User, code: i32| {
+        let args = [
+            "company",
+            "request",
+            &alex_id,
+            "--scope",
+            "profile.contact:read",
+            "--purpose",
+            "newsletter",
+        ];
+        if code == 0 {
+            who.ok(&args)
+        } else {
+            who.fails(&args, code)
+        }
+    };
+    let err = ask(&shop, 1);
+    assert!(err.contains("requests-not-accepted"), "{err}");
+    ask(&bank, 0);
+    let v = alex.json(&["customer", "policy", "--anyone", "--no-cap"]);
+    assert_eq!(
+        (v["granted_only"].as_bool(), v["daily_cap"].as_u64()),
+        (Some(false), None)
+    );
+    ask(&shop, 0);
     // A time-bound grant is listed as such, in words, by both sides (never as a Rust type).
     let listed = alex.json(&["customer", "grants"]);
     assert_eq!(listed["grants"][0]["status"], "active");

@@ -733,6 +733,17 @@ impl Customer {
         self.say(Body::Block { company, blocked }, now).await
     }
 
+    /// Sets the customer's own limits on unsolicited requests (replacing earlier ones): only companies
+    /// holding an active grant, and or a cap per 24 hours. The server applies them by the log's rule from
+    /// this statement's position on.
+    pub async fn set_request_policy(
+        &mut self,
+        policy: cmr_core::consent::RequestPolicy,
+        now: u64,
+    ) -> Result<Acked, ClientError> {
+        self.say(Body::RequestPolicy(policy), now).await
+    }
+
     /// Certifies a new device from its signed request (this device must hold the identity key) and
     /// publishes the next directory listing it. Returns the certificate, for the new device to check.
     pub async fn add_device(

@@ -333,6 +333,33 @@ pub enum Body {
         /// Reject or annotate.
         action: DisputeAction,
     },
+    /// The customer's own limits on unsolicited requests, replacing any earlier ones.
+    RequestPolicy(RequestPolicy),
+}
+
+/// Which unsolicited requests a customer accepts, on top of the vault limits every vault has
+/// ([`crate::decision::MAX_PENDING_PER_COMPANY`], [`crate::decision::MAX_PENDING_PER_VAULT`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RequestPolicy {
+    /// Only companies holding an active grant may ask (for more); anyone else is refused.
+    pub granted_only: bool,
+    /// At most this many requests in any 24 hours of server time (log entry times).
+    pub daily_cap: Option<u32>,
+}
+
+impl RequestPolicy {
+    /// The policy in words, as shown.
+    pub fn describe(&self) -> String {
+        let who = if self.granted_only {
+            "only companies with an active grant may ask"
+        } else {
+            "any company may ask"
+        };
+        match self.daily_cap {
+            Some(n) => format!("{who}, at most {n} requests a day"),
+            None => format!("{who}, with no daily cap beyond the vault limits"),
+        }
+    }
 }
 
 impl Body {
@@ -347,6 +374,7 @@ impl Body {
             Body::Block { .. } => 7,
             Body::Erasure(_) => 8,
             Body::Dispute { .. } => 9,
+            Body::RequestPolicy(_) => 10,
         }
     }
 
@@ -362,6 +390,7 @@ impl Body {
             Body::Block { .. } => "block",
             Body::Erasure(_) => "erasure",
             Body::Dispute { .. } => "dispute",
+            Body::RequestPolicy(_) => "request-policy",
         }
     }
 }
@@ -528,6 +557,13 @@ impl Statement {
                     }
                 };
             }
+            Body::RequestPolicy(p) => {
+                w.u8(u8::from(p.granted_only));
+                match p.daily_cap {
+                    None => w.u8(0),
+                    Some(n) => w.u8(1).u32(n),
+                };
+            }
         }
         w.finish()
     }
@@ -675,6 +711,22 @@ impl Statement {
                     record,
                     action,
                 }
+            }
+            10 => {
+                let granted_only = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(invalid("granted_only", "must be 0 or 1")),
+                };
+                let daily_cap = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.u32()?),
+                    _ => return Err(invalid("daily_cap", "must be absent (0) or present (1)")),
+                };
+                Body::RequestPolicy(RequestPolicy {
+                    granted_only,
+                    daily_cap,
+                })
             }
             _ => return Err(invalid("statement", "unknown statement type")),
         };

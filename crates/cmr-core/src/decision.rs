@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use crate::consent::{
     AccessRequest, Body, Duration, ErasureTarget, Grant, GrantFamily, Initiator, NarrowError,
-    SignedStatement, StatementId,
+    RequestPolicy, SignedStatement, StatementId,
 };
 use crate::family::{FamilyId, Period, Scope};
 use crate::identity::{IdentityId, Position};
@@ -180,6 +180,15 @@ pub enum ApplyError {
         /// Whether the per-company limit was reached (else the vault's).
         from_company: bool,
     },
+    /// The customer's request policy accepts requests only from companies it granted to.
+    #[error("this customer accepts requests only from companies holding an active grant")]
+    NotAccepted,
+    /// The customer's daily cap on requests is reached.
+    #[error("this customer accepts at most {cap} requests a day; try again tomorrow")]
+    DailyCapReached {
+        /// The cap the customer set.
+        cap: u32,
+    },
     /// The vault was erased.
     #[error("the vault was erased")]
     VaultErased,
@@ -330,7 +339,14 @@ pub struct ConsentState {
     disputes: Vec<DisputeRecord>,
     /// Requests waiting for an answer, per company.
     waiting: BTreeMap<IdentityId, u32>,
+    /// The customer's limits on unsolicited requests.
+    policy: RequestPolicy,
+    /// The server times of the requests logged in the last 24 hours (for the daily cap).
+    recent_requests: std::collections::VecDeque<u64>,
 }
+
+/// The window of a customer's daily cap on requests, seconds.
+pub const REQUEST_CAP_WINDOW: u64 = 24 * 3600;
 
 impl ConsentState {
     /// The empty state of `customer`'s vault.
@@ -345,7 +361,22 @@ impl ConsentState {
             vault_erased: None,
             disputes: Vec::new(),
             waiting: BTreeMap::new(),
+            policy: RequestPolicy::default(),
+            recent_requests: std::collections::VecDeque::new(),
         }
+    }
+
+    /// The customer's limits on unsolicited requests, as the log last set them.
+    pub fn request_policy(&self) -> RequestPolicy {
+        self.policy
+    }
+
+    /// Whether `company` holds a grant active at `time`.
+    pub fn has_active_grant(&self, company: &IdentityId, time: u64) -> bool {
+        self.grants.iter().any(|(id, g)| {
+            g.grant.grantee == *company
+                && matches!(self.grant_status(id, time), Some(GrantStatus::Active))
+        })
     }
 
     /// The customer whose vault this is.
@@ -464,6 +495,19 @@ impl ConsentState {
                 if self.blocked.contains(&st.author) {
                     return Err(ApplyError::Blocked);
                 }
+                if self.policy.granted_only && !self.has_active_grant(&st.author, time) {
+                    return Err(ApplyError::NotAccepted);
+                }
+                let recent = self
+                    .recent_requests
+                    .iter()
+                    .filter(|t| **t + REQUEST_CAP_WINDOW > time)
+                    .count();
+                if let Some(cap) = self.policy.daily_cap
+                    && recent >= cap as usize
+                {
+                    return Err(ApplyError::DailyCapReached { cap });
+                }
                 let from_company = self.waiting.get(&st.author).copied().unwrap_or(0);
                 let total: u32 = self.waiting.values().sum();
                 if from_company >= MAX_PENDING_PER_COMPANY {
@@ -481,6 +525,14 @@ impl ConsentState {
                     });
                 }
                 *self.waiting.entry(st.author).or_insert(0) += 1;
+                while self
+                    .recent_requests
+                    .front()
+                    .is_some_and(|t| t + REQUEST_CAP_WINDOW <= time)
+                {
+                    self.recent_requests.pop_front();
+                }
+                self.recent_requests.push_back(time);
                 self.requests.insert(
                     signed.id(),
                     RequestState {
@@ -589,6 +641,7 @@ impl ConsentState {
                     self.blocked.remove(company);
                 }
             }
+            Body::RequestPolicy(p) => self.policy = *p,
             Body::Erasure(target) => match target {
                 ErasureTarget::Family(f) => {
                     let fam = self.families.get(f).ok_or(ApplyError::UnknownFamily)?;
@@ -800,7 +853,8 @@ impl ConsentState {
                 out.extend(rc.keepers.iter().filter_map(|(g, _)| grantee(g)));
             }
             Body::Block { company, .. } => out.push(*company),
-            Body::Request(_) | Body::Erasure(_) | Body::Dispute { .. } => {}
+            Body::Request(_) | Body::Erasure(_) | Body::Dispute { .. } | Body::RequestPolicy(_) => {
+            }
         }
         out.retain(|p| *p != self.customer);
         out.sort();

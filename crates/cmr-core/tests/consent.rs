@@ -1077,3 +1077,70 @@ fn export_restore_export_is_identical() {
             .is_err()
     );
 }
+
+/// The customer's own request policy: only companies holding an active grant, and a cap per 24 hours of
+/// log time; set and changed by the customer alone, applied from its position on.
+#[test]
+fn a_customers_request_policy_refuses_strangers_and_caps_a_day() {
+    use cmr_core::consent::RequestPolicy;
+    use cmr_core::decision::REQUEST_CAP_WINDOW;
+    let mut w = World::new();
+    let ask = |w: &World, company: &Party| {
+        let req = AccessRequest {
+            scopes: vec![(Scope::ProfileContact, Access::Read)],
+            purpose: "newsletter".into(),
+            duration: Duration::OneTime,
+            lookback_months: 0,
+            counterparty: Counterparty::Any,
+        };
+        w.sign(company, Body::Request(req), None)
+    };
+    // A company cannot set the customer's policy.
+    let st = Statement {
+        customer: w.customer.id,
+        author: w.acme.id,
+        device: w.acme.device.id(),
+        issued_at: T0,
+        body: Body::RequestPolicy(RequestPolicy::default()),
+    };
+    assert!(SignedStatement::sign(st, None, &w.acme.device.signing).is_err());
+    // Only companies with an active grant may ask.
+    let g = w.grant(None, Duration::Persistent, p(2025, 1), None);
+    w.apply(&g, T0).unwrap();
+    let policy = RequestPolicy {
+        granted_only: true,
+        daily_cap: Some(2),
+    };
+    let set = w.sign(&w.customer, Body::RequestPolicy(policy), None);
+    w.apply(&set, T0).unwrap();
+    assert_eq!(w.state.request_policy(), policy);
+    let r = ask(&w, &w.other);
+    assert_eq!(w.apply(&r, T0 + 1).unwrap_err(), ApplyError::NotAccepted);
+    // The grantee may, twice a day.
+    let r = ask(&w, &w.acme);
+    w.apply(&r, T0 + 2).unwrap();
+    let r = ask(&w, &w.acme);
+    w.apply(&r, T0 + 3).unwrap();
+    let r = ask(&w, &w.acme);
+    assert_eq!(
+        w.apply(&r, T0 + 4).unwrap_err(),
+        ApplyError::DailyCapReached { cap: 2 }
+    );
+    // A day after the first, one place is free again.
+    let r = ask(&w, &w.acme);
+    w.apply(&r, T0 + 2 + REQUEST_CAP_WINDOW).unwrap();
+    // Opened to anyone, with no cap, the stranger's request is taken.
+    let open = w.sign(
+        &w.customer,
+        Body::RequestPolicy(RequestPolicy::default()),
+        None,
+    );
+    w.apply(&open, T0 + 3 + REQUEST_CAP_WINDOW).unwrap();
+    let r = ask(&w, &w.other);
+    w.apply(&r, T0 + 4 + REQUEST_CAP_WINDOW).unwrap();
+    // The statement round-trips byte for byte.
+    assert_eq!(
+        SignedStatement::decode(&set.encode()).unwrap().encode(),
+        set.encode()
+    );
+}

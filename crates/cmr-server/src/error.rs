@@ -120,6 +120,9 @@ impl From<StoreError> for ApiError {
             StoreError::TooManyRequests(d) => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "too-many-requests", d)
             }
+            StoreError::NotAccepted(d) => {
+                Self::new(StatusCode::FORBIDDEN, "requests-not-accepted", d)
+            }
             StoreError::Blocked => Self::new(
                 StatusCode::FORBIDDEN,
                 "company-blocked",

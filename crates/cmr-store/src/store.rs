@@ -59,6 +59,9 @@ pub enum StoreError {
     /// The customer blocked this company: its requests (and grants to it) are refused.
     #[error("the company is blocked")]
     Blocked,
+    /// The customer's request policy does not accept requests from this company.
+    #[error("{0}")]
+    NotAccepted(String),
     /// Another body was already written under this operation id.
     #[error("conflict: another body under the same id")]
     Conflict,
@@ -1588,8 +1591,12 @@ impl Sequencer {
                 );
                 consent.apply(&st, index, time).map_err(|e| match e {
                     cmr_core::decision::ApplyError::Blocked => StoreError::Blocked,
-                    e @ cmr_core::decision::ApplyError::TooManyRequests { .. } => {
+                    e @ (cmr_core::decision::ApplyError::TooManyRequests { .. }
+                    | cmr_core::decision::ApplyError::DailyCapReached { .. }) => {
                         StoreError::TooManyRequests(e.to_string())
+                    }
+                    e @ cmr_core::decision::ApplyError::NotAccepted => {
+                        StoreError::NotAccepted(e.to_string())
                     }
                     other => StoreError::Refused(other.to_string()),
                 })?;
