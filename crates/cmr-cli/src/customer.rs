@@ -1111,6 +1111,17 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                     "copy it whole from the new device",
                 )
             })?;
+            // Check where the enrolment goes before anything is certified.
+            let folder = file
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            if !folder.is_dir() {
+                return Err(CliError::local(
+                    format!("the folder {} does not exist", folder.display()),
+                    "give --out a file in an existing folder (a bare name writes in this one)",
+                ));
+            }
             let cert = c.add_device(&req, t).await?;
             let wrapped = l.vault.wrap_to_device(&mut rand::rng(), cert.body());
             let enrolment = Enrolment {

@@ -410,10 +410,13 @@ fn write_private(path: &Path, bytes: &[u8]) -> CliResult {
     f.write_all(bytes).map_err(|e| io_err(&tmp, &e))?;
     f.sync_all().map_err(|e| io_err(&tmp, &e))?;
     std::fs::rename(&tmp, path).map_err(|e| io_err(path, &e))?;
-    if let Some(parent) = path.parent() {
-        std::fs::File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_err(parent, &e))?;
-    }
+    // A bare file name's parent is the empty path: the folder is the current one.
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(parent, &e))?;
     Ok(())
 }

@@ -541,15 +541,23 @@ fn a_scripted_session_against_a_real_server() {
     let v = laptop.json(&["customer", "device", "new", "--identity", &alex_id]);
     let request = v["request"].as_str().unwrap().to_string();
     let laptop_device = v["device"].as_str().unwrap().to_string();
+    // `--out` with a bare file name, exactly as `device new` prints it, writes in the current folder; run
+    // twice, it certifies the device once and writes the same enrolment again.
     let enrol = homes.path().join("enrol.json");
-    alex.ok(&[
-        "customer",
-        "device",
-        "add",
-        &request,
-        "--out",
-        enrol.to_str().unwrap(),
-    ]);
+    for _ in 0..2 {
+        let (code, _, err) = run(alex
+            .cmd(&["customer", "device", "add", &request, "--out", "enrol.json"])
+            .current_dir(homes.path()));
+        assert_eq!(code, 0, "{err}");
+    }
+    let v = alex.json(&["customer", "device", "list"]);
+    let certified = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["device"] == laptop_device.as_str())
+        .count();
+    assert_eq!(certified, 1, "{v}");
     laptop.ok(&["customer", "device", "join", enrol.to_str().unwrap()]);
     let shown = laptop.ok(&["customer", "profile", "show"]);
     assert!(shown.contains("email: alex@example.org"), "{shown}");
@@ -586,6 +594,14 @@ fn a_scripted_session_against_a_real_server() {
         .unwrap();
     assert_eq!(tx_family["company"], bank_id.as_str());
     assert_eq!(tx_family["records"].as_array().unwrap().len(), 4);
+    // The same export to a bare file name, in the current folder.
+    let (code, _, err) = run(alex
+        .cmd(&["customer", "export", "--out", "vault.json"])
+        .current_dir(homes.path()));
+    assert_eq!(code, 0, "{err}");
+    let written: Value =
+        serde_json::from_slice(&std::fs::read(homes.path().join("vault.json")).unwrap()).unwrap();
+    assert_eq!(written["families"], export["families"]);
     alex.fails(
         &[
             "customer",

@@ -757,21 +757,52 @@ impl Customer {
                 "the device asks to join another identity".into(),
             ));
         }
-        let (seq, key) = self.session.keys.identity()?;
-        let cert = request.certify(seq, key, now);
-        self.session.certify(&cert.encode()).await?;
+        // Certifying is idempotent: a device already certified under the current identity key (a run
+        // that stopped after the certificate was logged) gets its certificate again, and is not certified
+        // twice; the directory is published if that run stopped before it.
         self.session.forget_identity(&me);
-        let device = cert.body();
-        self.next_directory(now, |d| {
-            d.devices.push(DirectoryDevice {
-                device: device.device(),
-                signing_key: device.signing_key,
-                kem_key: device.kem_key,
-            });
-            d.devices.sort_by_key(|x| x.device);
-            d.devices.dedup_by_key(|x| x.device);
-        })
-        .await?;
+        let known = self.session.identity(me).await?;
+        let wanted = request.device();
+        let current = known.current_devices().any(|c| c.device() == wanted);
+        let revoked = known
+            .devices
+            .iter()
+            .any(|(c, revoked)| c.device() == wanted && *revoked);
+        let cert = match known.certificates.get(&wanted).filter(|_| current) {
+            Some(bytes) => Signed::<DeviceCertificate>::decode(bytes)
+                .map_err(|e| ClientError::Malformed(e.to_string()))?,
+            None if revoked => {
+                return Err(ClientError::Local(
+                    "this device was revoked, and a revoked device cannot join again: make a new \
+                     one with `cmr customer device new`"
+                        .into(),
+                ));
+            }
+            None => {
+                let (seq, key) = self.session.keys.identity()?;
+                let cert = request.certify(seq, key, now);
+                self.session.certify(&cert.encode()).await?;
+                self.session.forget_identity(&me);
+                cert
+            }
+        };
+        let listed = self
+            .directory
+            .as_ref()
+            .is_some_and(|d| d.directory().devices.iter().any(|x| x.device == wanted));
+        if !listed {
+            let device = cert.body().clone();
+            self.next_directory(now, |d| {
+                d.devices.push(DirectoryDevice {
+                    device: device.device(),
+                    signing_key: device.signing_key,
+                    kem_key: device.kem_key,
+                });
+                d.devices.sort_by_key(|x| x.device);
+                d.devices.dedup_by_key(|x| x.device);
+            })
+            .await?;
+        }
         Ok(cert)
     }
 

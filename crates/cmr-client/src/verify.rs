@@ -4,6 +4,8 @@
 //! checkpoint served with it; an identity's keys come only from its key events, replayed from the
 //! inception whose hash is its id.
 
+use std::collections::HashMap;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use cmr_core::identity::{
@@ -203,6 +205,8 @@ pub struct VerifiedIdentity {
     pub state: IdentityState,
     /// The device certificates, oldest first, with whether each was revoked since.
     pub devices: Vec<(DeviceCertificate, bool)>,
+    /// Each device's newest signed certificate, as logged.
+    pub certificates: HashMap<DeviceId, Vec<u8>>,
 }
 
 impl VerifiedIdentity {
@@ -214,6 +218,7 @@ impl VerifiedIdentity {
         };
         let mut state: Option<IdentityState> = None;
         let mut devices: Vec<(DeviceCertificate, bool)> = Vec::new();
+        let mut certificates = HashMap::new();
         for e in events {
             if e.body.subject != id {
                 return Err(err(format!("entry {} is about another identity", e.index)));
@@ -238,6 +243,7 @@ impl VerifiedIdentity {
                     let c = Signed::<DeviceCertificate>::decode(&e.body.payload)
                         .map_err(|x| err(x.to_string()))?;
                     s.certify(&c, e.index).map_err(|x| err(x.to_string()))?;
+                    certificates.insert(c.body().device(), e.body.payload.clone());
                     devices.push((c.body().clone(), false));
                 }
                 (EntryKind::DeviceRevocation, Some(s)) => {
@@ -261,7 +267,11 @@ impl VerifiedIdentity {
             }
         }
         let state = state.ok_or_else(|| err("no inception".into()))?;
-        Ok(Self { state, devices })
+        Ok(Self {
+            state,
+            devices,
+            certificates,
+        })
     }
 
     /// The identity.
