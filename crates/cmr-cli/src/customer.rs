@@ -1,5 +1,6 @@
 //! `cmr customer`: a customer's vault from the command line.
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use base64::Engine as _;
@@ -13,6 +14,7 @@ use cmr_core::consent::{Access, Body, StatementId};
 use cmr_core::decision::GrantStatus;
 use cmr_core::family::{FamilyName, Period, PseudonymKey, Scope};
 use cmr_core::identity::{IdentityId, Role};
+use cmr_core::record::RecordId;
 use cmr_core::vault::VaultKey;
 use cmr_core::wrap::WrappedKey;
 use serde::{Deserialize, Serialize};
@@ -366,6 +368,21 @@ pub(crate) fn this_month() -> CliResult<Period> {
         .ok_or_else(|| CliError::local("the clock is before 2000", "set the clock"))
 }
 
+/// A transaction's month: not after the current one (in the earliest time zone, UTC+14, so that nobody's
+/// "this month" is refused). A future month is refused at entry, so every stored transaction is listed by
+/// `tx list`, whose range ends at the current month.
+pub(crate) fn transaction_month(m: Period) -> CliResult<Period> {
+    let latest = Period::from_unix(now() as i64 + 14 * 3600)
+        .ok_or_else(|| CliError::local("the clock is before 2000", "set the clock"))?;
+    if m > latest {
+        return Err(CliError::usage(
+            format!("{m} is a future month"),
+            format!("a transaction is recorded in the month it happened, {latest} at the latest"),
+        ));
+    }
+    Ok(m)
+}
+
 pub(crate) fn parse_scope_access(s: &str) -> CliResult<(Scope, Access)> {
     let (scope, access) = s.split_once(':').unwrap_or((s, "read"));
     let scope = Scope::from_name(scope).ok_or_else(|| {
@@ -696,6 +713,8 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 .as_deref()
                 .map(parse_month)
                 .transpose()?
+                .map(transaction_month)
+                .transpose()?
                 .unwrap_or(this_month()?);
             let name = c.transactions_with(&company);
             c.declare(&[name], t).await?;
@@ -716,11 +735,31 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             let name = c.transactions_with(&company);
             c.declare(&[name], t).await?;
             let fid = c.family_id(&name);
-            let mut by_month: std::collections::BTreeMap<Period, Vec<String>> = Default::default();
+            // Each row's record id is derived from the row (its month, text and occurrence among identical
+            // rows of that month), so importing the same file again names the same records: those already
+            // stored are skipped, and an interrupted import is finished by running it again.
+            let mut by_month: std::collections::BTreeMap<Period, Vec<(RecordId, String)>> =
+                Default::default();
+            let mut seen: HashMap<(Period, String), u32> = HashMap::new();
             for (m, text) in rows {
-                by_month.entry(m).or_default().push(text);
+                let n = seen.entry((m, text.clone())).or_insert(0);
+                let id = c.pseudonyms.import_record_id(&fid, m, text.as_bytes(), *n);
+                *n += 1;
+                by_month.entry(m).or_default().push((id, text));
             }
             let total: usize = by_month.values().map(Vec::len).sum();
+            let stored: HashSet<RecordId> = match (
+                by_month.keys().next().copied(),
+                by_month.keys().next_back().copied(),
+            ) {
+                (Some(from), Some(to)) => c
+                    .read(fid, from, to)
+                    .await?
+                    .into_iter()
+                    .map(|r| r.id)
+                    .collect(),
+                _ => HashSet::new(),
+            };
             let bar = indicatif::ProgressBar::new(total as u64);
             if out.json {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -731,18 +770,46 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
-            for (month, texts) in by_month {
+            let mut skipped = 0usize;
+            let mut imported = 0usize;
+            for (month, rows) in by_month {
+                let (old, new): (Vec<_>, Vec<_>) =
+                    rows.into_iter().partition(|(id, _)| stored.contains(id));
+                skipped += old.len();
+                bar.inc(old.len() as u64);
+                let texts: Vec<String> = new.iter().map(|(_, t)| t.clone()).collect();
+                let mut at = 0;
                 for chunk in import_batches(&texts) {
-                    let refs: Vec<&[u8]> = chunk.iter().map(|s| s.as_bytes()).collect();
-                    c.write_rotating(fid, month, &refs, t).await?;
+                    let records: Vec<(RecordId, &[u8])> = new[at..at + chunk.len()]
+                        .iter()
+                        .map(|(id, t)| (*id, t.as_bytes()))
+                        .collect();
+                    at += chunk.len();
+                    if let Err(e) = c.write_records_rotating(fid, month, &records, t).await {
+                        bar.finish_and_clear();
+                        let mut e = CliError::from(e);
+                        e.message = format!(
+                            "{} ({} of {total} rows are stored; running the same import again is safe: \
+                             the rows already stored are skipped)",
+                            e.message,
+                            skipped + imported
+                        );
+                        return Err(e);
+                    }
+                    imported += chunk.len();
                     bar.inc(chunk.len() as u64);
                 }
             }
             bar.finish_and_clear();
-            out.line(format!(
-                "{total} transactions imported, each batch durable and logged"
-            ));
-            out.value(&json!({"imported": total}));
+            out.line(if skipped == 0 {
+                format!("{imported} transactions imported, each batch durable and logged")
+            } else {
+                format!(
+                    "{imported} transactions imported, each batch durable and logged; {skipped} were \
+                     already stored (an earlier run of this import) and were skipped"
+                )
+            });
+            out.value(&json!({"imported": imported, "skipped": skipped}));
         }
         CustomerCmd::Tx {
             cmd: TxCmd::List { company, from, to },
@@ -1431,10 +1498,9 @@ fn read_import(file: &std::path::Path) -> CliResult<Vec<(Period, String)>> {
             .into_iter()
             .enumerate()
             .map(|(i, r)| {
-                Ok((
-                    Period::parse(&r.month).ok_or_else(|| bad(i + 1, "not a month"))?,
-                    r.text,
-                ))
+                let m = Period::parse(&r.month).ok_or_else(|| bad(i + 1, "not a month"))?;
+                transaction_month(m).map_err(|e| bad(i + 1, &e.message))?;
+                Ok((m, r.text))
             })
             .collect();
     }
@@ -1445,10 +1511,9 @@ fn read_import(file: &std::path::Path) -> CliResult<Vec<(Period, String)>> {
         }
         let (m, t) = line.split_once(',').ok_or_else(|| bad(i + 1, "no comma"))?;
         let t = t.trim().trim_matches('"');
-        out.push((
-            Period::parse(m.trim()).ok_or_else(|| bad(i + 1, "not a month"))?,
-            t.to_string(),
-        ));
+        let m = Period::parse(m.trim()).ok_or_else(|| bad(i + 1, "not a month"))?;
+        transaction_month(m).map_err(|e| bad(i + 1, &e.message))?;
+        out.push((m, t.to_string()));
     }
     Ok(out)
 }

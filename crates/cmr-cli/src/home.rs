@@ -344,7 +344,17 @@ pub fn check_server(server: &str, log_vkey: &str) -> CliResult {
 
 /// A session for `keys` against `server`, pinned to `log_vkey`.
 pub fn new_session(server: &str, log_vkey: &str, keys: Keys) -> CliResult<Session> {
-    let conn = Connection::new(server)?;
+    // A lost answer is sent again for 30 s (CMR_RETRY_SECONDS changes it), saying so on stderr.
+    let retry = std::env::var("CMR_RETRY_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(
+            cmr_client::transport::DEFAULT_RETRY,
+            std::time::Duration::from_secs,
+        );
+    let conn = Connection::new(server)?
+        .with_retry(retry)
+        .on_retry(|msg| eprintln!("{msg}"));
     let pinned = NoteVerifier::from_vkey(log_vkey).map_err(|e| {
         CliError::local(
             format!("the log key {log_vkey:?} does not parse: {e}"),

@@ -875,3 +875,163 @@ fn a_family_of_large_records_reads_whole_in_pages_bounded_by_bytes() {
         );
     });
 }
+
+/// An import names its records by their rows, so running it again stores nothing twice: a re-run of the
+/// same file, a longer file that starts with it, and an import cut off by a server killed under it all
+/// end with each row stored exactly once (two identical rows in one month stay two records).
+#[test]
+fn an_import_run_again_stores_each_row_once_even_after_the_server_died_under_it() {
+    let server = serve();
+    let homes = tempfile::tempdir().unwrap();
+    let vkey = server.vkey.clone();
+    let user = |name: &str, base: &str| User {
+        home: homes.path().join(name),
+        server: base.to_string(),
+        vkey: vkey.clone(),
+    };
+    let (alex, bank) = (user("alex", &server.base), user("bank", &server.base));
+    alex.ok(&["customer", "init"]);
+    alex.ok(&["customer", "register"]);
+    let bank_id = bank.json(&["company", "init"])["identity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bank.ok(&["company", "register"]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let this = cmr_core::family::Period::from_unix(now).unwrap();
+    let month = |back: u32| cmr_core::family::Period(this.0 - back).to_string();
+    // Rows over three months, with the same coffee bought three times in one month.
+    let rows = |n: usize| -> String {
+        let mut csv = String::from("month,text\n");
+        for i in 0..n {
+            let text = if i % 100 < 3 {
+                "coffee 3.20".to_string()
+            } else {
+                format!("purchase {i}")
+            };
+            csv.push_str(&format!("{},{text}\n", month((i % 3) as u32)));
+        }
+        csv
+    };
+    let write = |name: &str, n: usize| {
+        let p = homes.path().join(name);
+        std::fs::write(&p, rows(n)).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let import = |who: &User, file: &str| {
+        who.json(&["customer", "tx", "import", "--company", &bank_id, file])
+    };
+    let count = |who: &User| {
+        who.json(&["customer", "tx", "list", "--company", &bank_id])["transactions"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let first = write("first.csv", 1200);
+    let v = import(&alex, &first);
+    assert_eq!(
+        (v["imported"].as_u64(), v["skipped"].as_u64()),
+        (Some(1200), Some(0))
+    );
+    let v = import(&alex, &first);
+    assert_eq!(
+        (v["imported"].as_u64(), v["skipped"].as_u64()),
+        (Some(0), Some(1200))
+    );
+    let longer = write("longer.csv", 1500);
+    let v = import(&alex, &longer);
+    assert_eq!(
+        (v["imported"].as_u64(), v["skipped"].as_u64()),
+        (Some(300), Some(1200))
+    );
+    assert_eq!(count(&alex), 1500);
+
+    // A large import, and the server killed under it.
+    let large = write("large.csv", 60_000);
+    let child = alex
+        .cmd(&["customer", "tx", "import", "--company", &bank_id, &large])
+        .env("CMR_RETRY_SECONDS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed once some of its batches are logged (the public checkpoint's size grows by them).
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let log_size = || -> u64 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "GET /v1/log/checkpoint HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
+        body.lines()
+            .nth(1)
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = log_size();
+    let started = std::time::Instant::now();
+    while log_size() < before + 10 && started.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut server = server;
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("import under a kill: {:?}: {err}", out.status.code());
+    if !out.status.success() {
+        // It says how far it got and that running it again is safe.
+        assert!(
+            err.contains("of 60000 rows are stored") && err.contains("again is safe"),
+            "{err}"
+        );
+    }
+    let dir = std::mem::replace(&mut server._dir, tempfile::tempdir().unwrap());
+    drop(server);
+    let again = serve_in(dir, &[]);
+    let state_path = homes.path().join("alex/customer/state.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    state["server"] = Value::from(again.base.clone());
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let alex = user("alex", &again.base);
+    let v = import(&alex, &large);
+    assert_eq!(
+        v["imported"].as_u64().unwrap() + v["skipped"].as_u64().unwrap(),
+        60_000
+    );
+    assert!(v["skipped"].as_u64().unwrap() >= 1500, "{v}");
+    // Rows 0..1500 of the large file are the longer file's rows: 60,000 rows stored in all, each once.
+    assert_eq!(count(&alex), 60_000);
+    // A future month is refused at entry, with the line.
+    let future = homes.path().join("future.csv");
+    std::fs::write(
+        &future,
+        format!(
+            "month,text\n{},later\n",
+            cmr_core::family::Period(this.0 + 2)
+        ),
+    )
+    .unwrap();
+    let err = alex.fails(
+        &[
+            "customer",
+            "tx",
+            "import",
+            "--company",
+            &bank_id,
+            future.to_str().unwrap(),
+        ],
+        4,
+    );
+    assert!(
+        err.contains("future.csv:2") && err.contains("future month"),
+        "{err}"
+    );
+}

@@ -324,6 +324,7 @@ impl Company {
         let mut cursor: Option<(Period, u64)> = None;
         let mut head: Option<Head> = None;
         let mut records = Vec::new();
+        let mut restarts = 0;
         loop {
             let mut body = json!({"from": from.to_string(), "to": to.to_string(), "grant": grant.to_hex(), "limit": 10000});
             if let Some((p, i)) = cursor {
@@ -348,8 +349,19 @@ impl Company {
             let page = parse_read(&v)?;
             let (h, mut got) =
                 verify_page(&mut self.session, customer, family, &page, cursor).await?;
-            if head.is_some_and(|seen| seen != h) {
-                return Err(VerifyError::Read("the head changed between pages".into()).into());
+            match head {
+                Some(seen)
+                    if seen != h && h.batches > seen.batches && restarts < MAX_READ_RESTARTS =>
+                {
+                    // The customer wrote between two pages: read again from the start, against the newer
+                    // head (each page is logged as an access, so this is bounded).
+                    restarts += 1;
+                    (cursor, head) = (None, None);
+                    records.clear();
+                    continue;
+                }
+                Some(seen) if seen != h => return Err(changed_between_pages(seen, h)),
+                _ => {}
             }
             head = Some(h);
             records.append(&mut got);
@@ -404,9 +416,13 @@ impl Company {
         let customer = held.customer;
         let sealer = RecordSealer::new(customer, family, epoch, me, &key, period)
             .map_err(|e| ClientError::Local(e.to_string()))?;
+        let records: Vec<(RecordId, &[u8])> = contents
+            .iter()
+            .map(|c| (RecordId::generate(&mut rand::rng()), *c))
+            .collect();
         let (v, _) = self
             .session
-            .send_batch(&sealer, customer, family, head, contents, Some(grant))
+            .send_batch(&sealer, customer, family, head, &records, Some(grant))
             .await?;
         // A company's append logs the family head, then its access record; the ack names the access, which
         // must be this append: under this grant, by this device, to this family, at the batch's epoch.
@@ -551,4 +567,24 @@ pub fn parse_read(v: &Value) -> Result<ReadPage, ClientError> {
         records,
         batches,
     })
+}
+
+/// How often a paged read starts again because the family grew between two of its pages.
+pub(crate) const MAX_READ_RESTARTS: u32 = 5;
+
+/// A head that changed between two pages of one read: a family that kept growing is a busy family, not
+/// a faulty server, and the caller may read again; a head that went back is a rollback.
+pub(crate) fn changed_between_pages(seen: Head, now: Head) -> ClientError {
+    if now.batches > seen.batches {
+        ClientError::Local(format!(
+            "the family kept growing while it was read ({} batches, then {}); read it again",
+            seen.batches, now.batches
+        ))
+    } else {
+        VerifyError::Read(format!(
+            "rollback between pages: the head had {} batches, then {}",
+            seen.batches, now.batches
+        ))
+        .into()
+    }
 }

@@ -293,6 +293,21 @@ impl Customer {
         period: Period,
         contents: &[&[u8]],
     ) -> Result<Acked, ClientError> {
+        let records: Vec<(RecordId, &[u8])> = contents
+            .iter()
+            .map(|c| (RecordId::generate(&mut rand::rng()), *c))
+            .collect();
+        self.write_records(family, period, &records).await
+    }
+
+    /// [`Customer::write`] with record ids chosen by the caller (an import derives them, so running it
+    /// again names the same records: [`cmr_core::family::PseudonymKey::import_record_id`]).
+    pub async fn write_records(
+        &mut self,
+        family: FamilyId,
+        period: Period,
+        contents: &[(RecordId, &[u8])],
+    ) -> Result<Acked, ClientError> {
         let me = self.id();
         let head = self.head(family).await?;
         let f = self.family(&family)?;
@@ -330,10 +345,26 @@ impl Customer {
         contents: &[&[u8]],
         now: u64,
     ) -> Result<Acked, ClientError> {
-        match self.write(family, period, contents).await {
+        let records: Vec<(RecordId, &[u8])> = contents
+            .iter()
+            .map(|c| (RecordId::generate(&mut rand::rng()), *c))
+            .collect();
+        self.write_records_rotating(family, period, &records, now)
+            .await
+    }
+
+    /// [`Customer::write_records`], completing owed rotations first when the family waits for one.
+    pub async fn write_records_rotating(
+        &mut self,
+        family: FamilyId,
+        period: Period,
+        contents: &[(RecordId, &[u8])],
+        now: u64,
+    ) -> Result<Acked, ClientError> {
+        match self.write_records(family, period, contents).await {
             Err(e) if e.code() == Some("rotation-pending") => {
                 self.finish_rotations(now).await?;
-                self.write(family, period, contents).await
+                self.write_records(family, period, contents).await
             }
             other => other,
         }
@@ -389,6 +420,7 @@ impl Customer {
         let mut cursor: Option<(Period, u64)> = None;
         let mut out = Vec::new();
         let mut head: Option<Head> = None;
+        let mut restarts = 0;
         loop {
             let limit = first.unwrap_or(1000);
             let mut body = json!({"from": from.to_string(), "to": to.to_string(), "limit": limit});
@@ -399,8 +431,23 @@ impl Customer {
             let page = crate::company::parse_read(&v)?;
             let (h, verified) =
                 crate::company::verify_page(&mut self.session, me, family, &page, cursor).await?;
-            if head.is_some_and(|seen| seen != h) {
-                return Err(VerifyError::Read("the head changed between pages".into()).into());
+            match head {
+                Some(seen)
+                    if seen != h
+                        && h.batches > seen.batches
+                        && restarts < crate::company::MAX_READ_RESTARTS =>
+                {
+                    // A write landed between two pages (the customer's own other device, or a company's
+                    // append): read again from the start, against the newer head.
+                    restarts += 1;
+                    (cursor, head) = (None, None);
+                    out.clear();
+                    continue;
+                }
+                Some(seen) if seen != h => {
+                    return Err(crate::company::changed_between_pages(seen, h));
+                }
+                _ => {}
             }
             out.extend(verified);
             head = Some(page.proof.head);

@@ -405,8 +405,8 @@ impl Session {
         Ok(auditors)
     }
 
-    /// Seals `contents` with `sealer` (fresh record ids), signs them as one batch on `head` with this
-    /// device, and sends it (under `grant` for a company's append). Returns the answer and the signed
+    /// Seals `contents` with `sealer` (each with its record id), signs them as one batch on `head` with
+    /// this device, and sends it (under `grant` for a company's append). Returns the answer and the signed
     /// batch's bytes, which the acknowledged entry must carry.
     pub async fn send_batch(
         &self,
@@ -414,12 +414,12 @@ impl Session {
         customer: IdentityId,
         family: FamilyId,
         head: &Head,
-        contents: &[&[u8]],
+        contents: &[(RecordId, &[u8])],
         grant: Option<StatementId>,
     ) -> Result<(Value, Vec<u8>), ClientError> {
         let records: Vec<SealedRecord> = contents
             .iter()
-            .map(|c| sealer.seal(&mut rand::rng(), RecordId::generate(&mut rand::rng()), c))
+            .map(|(id, c)| sealer.seal(&mut rand::rng(), *id, c))
             .collect::<Result<_, _>>()
             .map_err(|e| ClientError::Local(e.to_string()))?;
         let device = &self.keys.device;

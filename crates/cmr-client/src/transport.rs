@@ -35,6 +35,17 @@ pub struct Connection {
     authority: String,
     retry_for: Duration,
     resent: Arc<AtomicU64>,
+    on_retry: Option<RetryNotice>,
+}
+
+/// What a connection calls when it starts sending a request again after losing its answer.
+#[derive(Clone)]
+struct RetryNotice(Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for RetryNotice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RetryNotice")
+    }
 }
 
 /// Installs the ring provider for rustls once per process (the SDK's only TLS backend).
@@ -73,6 +84,7 @@ impl Connection {
             authority: authority.to_string(),
             retry_for: DEFAULT_RETRY,
             resent: Arc::new(AtomicU64::new(0)),
+            on_retry: None,
         })
     }
 
@@ -85,6 +97,14 @@ impl Connection {
     /// turns retries off. A server that refuses the connection fails at once.
     pub fn with_retry(mut self, retry_for: Duration) -> Self {
         self.retry_for = retry_for;
+        self
+    }
+
+    /// Calls `notice` with a sentence for people each time a request's answer is lost and the request is
+    /// about to be sent again (once per lost answer, not per attempt): a command line prints it, so a wait
+    /// for a restarting server is not silent.
+    pub fn on_retry(mut self, notice: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.on_retry = Some(RetryNotice(Arc::new(notice)));
         self
     }
 
@@ -196,6 +216,14 @@ impl Connection {
                     };
                     if !retry || since.elapsed() >= self.retry_for {
                         return Err(ClientError::InDoubt(error.to_string()));
+                    }
+                    if pause == Duration::from_millis(50)
+                        && let Some(RetryNotice(notice)) = &self.on_retry
+                    {
+                        notice(&format!(
+                            "the server did not answer ({error}); retrying for up to {} s",
+                            self.retry_for.as_secs()
+                        ));
                     }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
