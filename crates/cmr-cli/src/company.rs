@@ -205,6 +205,8 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
         CompanyCmd::Status => {
             let mut customers: Vec<IdentityId> = c.requests.values().copied().collect();
             customers.extend(c.grants.values().map(|g| g.customer));
+            // Customers who granted access without being asked are found too.
+            customers.extend(c.discover().await?);
             customers.sort();
             customers.dedup();
             for cust in customers {

@@ -515,6 +515,39 @@ fn a_scripted_session_against_a_real_server() {
         "profile.contact",
     ]);
     assert_eq!(v["records"][0]["text"], "email: alex@example.org");
+    // A company that never asked anything discovers a grant made to it, and reads under it.
+    let florist = user("florist");
+    let florist_id = florist.json(&["company", "init"])["identity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    florist.ok(&["company", "register"]);
+    let florist_domain = domain(florist.ok(&["company", "key-document", "--name", "Florist"]));
+    alex.ok(&[
+        "customer",
+        "grant",
+        "--company",
+        &florist_id,
+        "--domain",
+        &florist_domain,
+        "--scope",
+        "profile.contact:read",
+        "--purpose",
+        "delivery address book",
+        "--insecure-http-for-tests",
+    ]);
+    let v = florist.json(&["company", "status"]);
+    let found = v["grants"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "{v}");
+    let florist_grant = found[0]["grant"].as_str().unwrap().to_string();
+    let v = florist.json(&[
+        "company",
+        "read",
+        &florist_grant,
+        "--scope",
+        "profile.contact",
+    ]);
+    assert_eq!(v["records"][0]["text"], "email: alex@example.org");
 
     // A receipt; the revocation with its rotation; the refused read; the history shows the read.
     let receipt = alex.ok(&["customer", "receipt", &grant]);

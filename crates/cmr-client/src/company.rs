@@ -147,6 +147,46 @@ impl Company {
         Ok(signed.id())
     }
 
+    /// The customers whose vaults concern this company: every customer it asked, and every one that
+    /// granted it something, with or without a request (the server's vaults-of index, paged). Each is
+    /// then [`Company::sync`]ed, which verifies what it holds: a vault named here that concerns the
+    /// company in no verified entry gives it nothing.
+    pub async fn discover(&mut self) -> Result<Vec<IdentityId>, ClientError> {
+        let me = self.id();
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut body = json!({"limit": 1000});
+            if let Some(a) = &after {
+                body["after"] = json!(a);
+            }
+            let v = self
+                .session
+                .post(&format!("/v1/identities/{}/vaults", me.to_hex()), &body)
+                .await?;
+            let page = v["vaults"]
+                .as_array()
+                .ok_or_else(|| ClientError::Malformed("vaults is not a list".into()))?;
+            for c in page {
+                let id = c
+                    .as_str()
+                    .and_then(IdentityId::from_hex)
+                    .ok_or_else(|| ClientError::Malformed("a vault id is not an id".into()))?;
+                out.push(id);
+            }
+            match v["next"].as_str() {
+                Some(n) if after.as_deref() != Some(n) => after = Some(n.to_string()),
+                Some(_) => {
+                    return Err(ClientError::Malformed(
+                        "the vault cursor did not move".into(),
+                    ));
+                }
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// Fetches what of `customer`'s vault concerns this company, verifies each entry (included in the
     /// checkpoint, signed by a device of the customer valid at its position), and updates the grants held
     /// and the requests' statuses.

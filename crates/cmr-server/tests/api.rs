@@ -2604,6 +2604,33 @@ async fn a_customers_key_events_only_for_those_who_need_them() {
     )
     .await;
     assert_eq!(s, StatusCode::OK);
+    // A company finds the vaults that concern it; nobody else may list them.
+    let vaults = |id: &IdentityId| format!("/v1/identities/{}/vaults", id.to_hex());
+    let (s, v) = call(
+        &mut f.env,
+        &vaults(&f.acme.id),
+        json!({}),
+        Signer::Device(&f.acme.device),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["vaults"], json!([f.customer.id.to_hex()]));
+    let (s, _) = call(
+        &mut f.env,
+        &vaults(&f.acme.id),
+        json!({}),
+        Signer::Device(&stranger.device),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, v) = call(
+        &mut f.env,
+        &vaults(&stranger.id),
+        json!({}),
+        Signer::Device(&stranger.device),
+    )
+    .await;
+    assert_eq!((s, v["vaults"].clone()), (StatusCode::OK, json!([])));
     // A company's events are for any registered caller.
     let (s, _) = call(
         &mut f.env,

@@ -62,6 +62,14 @@ pub trait Backend: Send + Sync {
     fn customer_head(&self, customer: &IdentityId) -> Result<Option<u64>, StoreError>;
     /// The log indices of an identity's durable key events, oldest first.
     fn key_events(&self, id: &IdentityId) -> Result<Vec<u64>, StoreError>;
+    /// The customers whose chains concern `party`, in id order after `after`, at most `limit`, and whether
+    /// more follow.
+    fn vaults_of(
+        &self,
+        party: &IdentityId,
+        after: Option<&IdentityId>,
+        limit: usize,
+    ) -> Result<(Vec<IdentityId>, bool), StoreError>;
     /// Whether `key` is the next identity key that `id`'s current key event commits to.
     fn is_next_key(&self, id: &IdentityId, key: &cmr_core::keys::VerifyingKey) -> bool;
     /// A key-event head signed with the log key.
@@ -135,6 +143,14 @@ impl Backend for Store {
     }
     fn is_next_key(&self, id: &IdentityId, key: &cmr_core::keys::VerifyingKey) -> bool {
         Store::is_next_key(self, id, key)
+    }
+    fn vaults_of(
+        &self,
+        party: &IdentityId,
+        after: Option<&IdentityId>,
+        limit: usize,
+    ) -> Result<(Vec<IdentityId>, bool), StoreError> {
+        Store::vaults_of(self, party, after, limit)
     }
     fn sign_key_head(&self, head: &cmr_log::keyhead::KeyHead) -> String {
         Store::sign_key_head(self, head)

@@ -6,9 +6,10 @@
 use cmr_core::family::Period;
 
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
-/// The format before the party and pending indexes; opening it adds them (see `Store::open`).
-pub const FORMAT_WITHOUT_INDEXES: u32 = 1;
+pub const FORMAT_VERSION: u32 = 3;
+/// Earlier formats whose folders this build opens by adding the index rows they lack (see
+/// `Store::open`): 1 had no party and pending indexes, 2 no vaults-of-a-party index.
+pub const FORMATS_WITHOUT_INDEXES: [u32; 2] = [1, 2];
 
 /// Table tags.
 pub mod tag {
@@ -38,6 +39,14 @@ pub mod tag {
     /// The requests waiting for a customer's answer, by (customer, company, request id); the value is
     /// the request's log index. The customer's pending listing is one range scan.
     pub const PENDING: u8 = 0x0e;
+    /// The vaults whose chains concern a party, by (party, customer); empty values. A company finds the
+    /// customers that granted it something (with or without its request) in one range scan.
+    pub const VAULTS_OF: u8 = 0x0f;
+}
+
+/// The key naming `customer` as a vault whose chain concerns `party`.
+pub fn vault_of(party: &[u8; 32], customer: &[u8; 32]) -> Vec<u8> {
+    key(tag::VAULTS_OF, &[party, customer])
 }
 
 /// The key of a chain entry that concerns `party`.

@@ -376,6 +376,7 @@ fn index_changes(
     for p in parties {
         out.puts
             .push((layout::party(&c.0, &p.0, index), Vec::new()));
+        out.puts.push((layout::vault_of(&p.0, &c.0), Vec::new()));
     }
     out
 }
@@ -728,8 +729,8 @@ impl Store {
                 let version = <[u8; 4]>::try_from(v.as_ref())
                     .map(u32::from_be_bytes)
                     .map_err(|_| StoreError::Format("corrupted format version".into()))?;
-                if version == layout::FORMAT_WITHOUT_INDEXES {
-                    // Written before the party and pending indexes: the replay below adds them.
+                if layout::FORMATS_WITHOUT_INDEXES.contains(&version) {
+                    // Written before some of the indexes: the replay below adds them.
                     add_indexes = true;
                 } else if version != layout::FORMAT_VERSION {
                     return Err(StoreError::Format(format!(
@@ -1001,6 +1002,44 @@ impl Store {
                 .map(u64::from_be_bytes)
                 .ok_or_else(|| StoreError::Format("party index key".into()))?;
             out.push(index);
+        }
+        Ok((out, false))
+    }
+
+    /// The customers whose chains concern `party` (durable entries only), in id order after `after`, at
+    /// most `limit`; and whether more follow. One range scan of the vaults-of index.
+    pub fn vaults_of(
+        &self,
+        party: &IdentityId,
+        after: Option<&IdentityId>,
+        limit: usize,
+    ) -> Result<(Vec<IdentityId>, bool), StoreError> {
+        let from = match after {
+            Some(a) => {
+                let mut k = layout::vault_of(&party.0, &a.0);
+                k.push(0);
+                k
+            }
+            None => layout::vault_of(&party.0, &[0; 32]),
+        };
+        let to = layout::key(tag::VAULTS_OF, &[&party.0, &[0xff; 32], &[0xff]]);
+        let mut out = Vec::new();
+        for kv in self.db.range(from..to) {
+            let (k, _) = kv.map_err(io)?;
+            let customer = k
+                .get(33..65)
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .map(IdentityId)
+                .ok_or_else(|| StoreError::Format("vaults-of index key".into()))?;
+            // A row written by a group still being synced names a vault whose first entry about this
+            // party is not durable yet: answer it only once one is.
+            if self.party_entries(&customer, party, None, 1)?.0.is_empty() {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(customer);
         }
         Ok((out, false))
     }

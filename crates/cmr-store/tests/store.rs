@@ -1008,7 +1008,11 @@ fn a_store_from_before_the_indexes_gains_them_at_open() {
     {
         let db = common::raw_sled(dir.path());
         let t = db.open_tree("cmr").unwrap();
-        for tag in [layout::tag::PARTY, layout::tag::PENDING] {
+        for tag in [
+            layout::tag::PARTY,
+            layout::tag::PENDING,
+            layout::tag::VAULTS_OF,
+        ] {
             for kv in t.scan_prefix([tag]) {
                 t.remove(kv.unwrap().0).unwrap();
             }
@@ -1021,6 +1025,10 @@ fn a_store_from_before_the_indexes_gains_them_at_open() {
     assert_eq!(
         store.party_entries(&customer, &acme, None, 100).unwrap(),
         expected_party
+    );
+    assert_eq!(
+        store.vaults_of(&acme, None, 10).unwrap(),
+        (vec![customer], false)
     );
     drop(store);
     let db = common::raw_sled(dir.path());

@@ -32,6 +32,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v1/identities/{id}/devices/revoke", post(revoke_device))
         .route("/v1/identities/{id}/rotate", post(rotate))
         .route("/v1/identities/{id}/events", post(events))
+        .route("/v1/identities/{id}/vaults", post(vaults))
 }
 
 #[derive(Deserialize, Default)]
@@ -117,6 +118,51 @@ async fn events(
     Ok(Json(
         json!({ "checkpoint": checkpoint, "events": events, "head": head }),
     ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct VaultsBody {
+    /// Only customers after this id (what the caller already has).
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default)]
+    limit: Option<u64>,
+}
+
+/// The customers whose chains concern the caller (a request it sent, a grant to it with or without a
+/// request, a block naming it, …), in id order, paged with `after`: how a company discovers the vaults
+/// that granted it something. From the store's vaults-of index, O(page). Only the identity itself may ask.
+async fn vaults(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    SignedRequest { caller, body }: SignedRequest,
+) -> Result<Json<Value>, ApiError> {
+    let id = IdentityId(hex_id("identity", &id)?);
+    if caller.identity != id {
+        return Err(ApiError::forbidden(
+            "only the identity itself lists its vaults",
+        ));
+    }
+    let req: VaultsBody = if body.is_empty() {
+        VaultsBody::default()
+    } else {
+        json_body(&body)?
+    };
+    let after = req
+        .after
+        .as_deref()
+        .map(|a| hex_id("after", a).map(IdentityId))
+        .transpose()?;
+    let limit = req.limit.unwrap_or(1000).clamp(1, 1000) as usize;
+    let (vaults, more) = state.store.vaults_of(&id, after.as_ref(), limit)?;
+    let next = more
+        .then(|| vaults.last().map(IdentityId::to_hex))
+        .flatten();
+    Ok(Json(json!({
+        "vaults": vaults.iter().map(IdentityId::to_hex).collect::<Vec<_>>(),
+        "next": next,
+    })))
 }
 
 #[derive(Deserialize)]

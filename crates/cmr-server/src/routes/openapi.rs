@@ -192,6 +192,13 @@ pub const ROUTES: &[RouteDoc] = &[
     },
     RouteDoc {
         method: "post",
+        path: "/v1/identities/{id}/vaults",
+        summary: "The customers whose chains concern the calling identity (how a company discovers grants)",
+        signed: true,
+        body: &[("after", "hex id", false), ("limit", "integer", false)],
+    },
+    RouteDoc {
+        method: "post",
         path: "/v1/vaults/{customer}/relationship",
         summary: "What of this vault concerns the calling company, with inclusion proofs",
         signed: true,
