@@ -416,13 +416,16 @@ impl Company {
             }
         }
         let head = head.ok_or_else(|| ClientError::Malformed("no page".into()))?;
-        let held = self
-            .grants
-            .get(&grant)
-            .ok_or_else(|| ClientError::Local("no such grant held".into()))?;
+        if !self.grants.contains_key(&grant) {
+            return Err(ClientError::Local("no such grant held".into()));
+        }
+        // The keys this company holds for the family under any of its grants from this customer: its
+        // own appends under another grant are its to read.
         let mut keys = FamilyKeys::new(customer, family);
-        for e in held.keys.entries.iter().filter(|e| e.family == family) {
-            keys.insert(e.epoch, e.key.clone());
+        for held in self.grants.values().filter(|g| g.customer == customer) {
+            for e in held.keys.entries.iter().filter(|e| e.family == family) {
+                keys.insert(e.epoch, e.key.clone());
+            }
         }
         let opened = OpenedRecord::open_all(&mut keys, &records)?;
         Ok((head, opened))

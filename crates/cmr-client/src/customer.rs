@@ -146,7 +146,19 @@ impl OpenedRecord {
                     epoch: h.epoch,
                     content: keys
                         .open(r)
-                        .map_err(|e| VerifyError::Read(format!("record {}: {e}", h.id.to_hex())))?
+                        .map_err(|e| match e {
+                            // A key this reader was never given is a gap in what it holds, not a sign
+                            // of a faulty server: every record here is proven in the log.
+                            cmr_core::record::RecordOpenError::NoKey => ClientError::Local(format!(
+                                "record {} (epoch {}, written by {}) is sealed under a key this \
+                                 reader does not hold; the customer's client gives readers every \
+                                 author's keys from this version on",
+                                h.id.to_hex(),
+                                h.epoch,
+                                h.author.to_hex()
+                            )),
+                            e => VerifyError::Read(format!("record {}: {e}", h.id.to_hex())).into(),
+                        })?
                         .to_vec(),
                 })
             })
@@ -621,9 +633,10 @@ impl Customer {
                 // The read key of every epoch (PRODUCT.md: K(e, max(look-back start, p0)) for each
                 // epoch it may read): records stay under the epoch they were sealed in, so a grant
                 // issued after a rotation still reads the look-back written before it.
-                // And, as a rotation gives its readers, every other appender's chain: readers of the
-                // family open every author's appends (PRODUCT.md).
-                let appenders = self.appenders(id, company);
+                // And, as a rotation gives its readers, every appender's chain: readers of the family
+                // open every author's appends (PRODUCT.md), the grantee's own included (it may have
+                // appended under another grant).
+                let appenders = self.appenders(id);
                 let mut epochs: Vec<_> = f.secrets.iter().collect();
                 epochs.sort_by_key(|(e, _)| **e);
                 for (e, s) in epochs {
@@ -641,7 +654,14 @@ impl Customer {
                     }
                 }
             }
-            if access.appends() && append_family == Some(id) {
+            if access.appends()
+                && append_family == Some(id)
+                && !entries.iter().any(|e| {
+                    e.family == id
+                        && e.epoch == f.epoch
+                        && e.key.chain() == cmr_core::epoch::Chain::Append(company)
+                })
+            {
                 entries.push(BundleEntry {
                     family: id,
                     epoch: f.epoch,
@@ -710,9 +730,9 @@ impl Customer {
         Ok(gid)
     }
 
-    /// Every company other than `except` that this client ever let append to `family` (revoked grants
-    /// included: their records stay under the epochs they wrote in), and those the directory names.
-    fn appenders(&self, family: FamilyId, except: IdentityId) -> Vec<IdentityId> {
+    /// Every company that this client ever let append to `family` (revoked grants included: their records
+    /// stay under the epochs they wrote in), and those the directory names.
+    fn appenders(&self, family: FamilyId) -> Vec<IdentityId> {
         let mut out: Vec<IdentityId> = self
             .grants
             .values()
@@ -725,7 +745,6 @@ impl Customer {
                     .and_then(|d| d.directory().family(&family).map(|f| f.appenders.clone()))
                     .unwrap_or_default(),
             )
-            .filter(|a| *a != except)
             .collect();
         out.sort();
         out.dedup();

@@ -131,3 +131,98 @@ async fn a_late_grant_reads_earlier_epochs_and_other_companies_appends() {
     );
     assert_eq!(records.iter().filter(|r| r.author == bank.id()).count(), 2);
 }
+
+/// A company that appends under one grant and reads under another, read-only one, opens its own appends
+/// (before, the read-only grant carried every other author's chain but not the grantee's own, and the
+/// read failed as if the server were faulty), before and after a rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_grant_opens_what_its_company_appended_under_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::serve(dir.path(), "grants.test/log", 6).await;
+    let t = now();
+    let month = Period::from_unix(t as i64).unwrap();
+    let proof = |co: &Company| CompanyProof {
+        domain: "grants.invalid".into(),
+        name: "bank".into(),
+        identity: co.id(),
+    };
+    let mut bank = Company::new(server.register(Role::Company).await);
+    let mut alex = Customer::new(
+        server.register(Role::Customer).await,
+        PseudonymKey::generate(&mut rand::rng()),
+    );
+    let tx = alex.transactions_with(&bank.id());
+    alex.declare(&[tx], t).await.unwrap();
+    let fam = alex.family_id(&tx);
+    alex.write(fam, month, &[b"customer"]).await.unwrap();
+    // (An append-only grant cannot yet append: the head an append extends comes from a read, which it
+    // may not make. The appending grant here reads too.)
+    let append_only = Approval {
+        scopes: vec![(Scope::Transactions, Access::ReadAppend)],
+        lookback_months: 1,
+        families: vec![tx],
+        append_family: Some(tx),
+    };
+    let ga = alex
+        .grant(
+            &proof(&bank),
+            "appends",
+            Duration::Persistent,
+            &append_only,
+            t,
+        )
+        .await
+        .unwrap();
+    bank.sync(alex.id()).await.unwrap();
+    let (head, _) = bank.read(ga, fam, month, month).await.unwrap();
+    bank.append(ga, &head, month, &[b"bank"]).await.unwrap();
+    let read_only = Approval {
+        scopes: vec![(Scope::Transactions, Access::Read)],
+        lookback_months: 1,
+        families: vec![tx],
+        append_family: None,
+    };
+    let gr = alex
+        .grant(
+            &proof(&bank),
+            "reads",
+            Duration::Persistent,
+            &read_only,
+            now(),
+        )
+        .await
+        .unwrap();
+    bank.sync(alex.id()).await.unwrap();
+    let opened = |records: &[cmr_client::customer::OpenedRecord]| {
+        let mut v: Vec<String> = records
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.content).into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let (_, records) = bank.read(gr, fam, month, month).await.unwrap();
+    assert_eq!(opened(&records), ["bank", "customer"]);
+    // A rotation (another reader revoked) keeps both grants; the bank appends in the new epoch and still
+    // reads everything under its read-only grant.
+    let other = Company::new(server.register(Role::Company).await);
+    let go = alex
+        .grant(
+            &proof(&other),
+            "other",
+            Duration::Persistent,
+            &read_only,
+            now(),
+        )
+        .await
+        .unwrap();
+    let (_, rotations) = alex.revoke(go, "done", now()).await.unwrap();
+    assert_eq!(rotations.len(), 1);
+    bank.sync(alex.id()).await.unwrap();
+    let (head, _) = bank.read(ga, fam, month, month).await.unwrap();
+    bank.append(ga, &head, month, &[b"bank, epoch 1"])
+        .await
+        .unwrap();
+    let (_, records) = bank.read(gr, fam, month, month).await.unwrap();
+    assert_eq!(opened(&records), ["bank", "bank, epoch 1", "customer"]);
+}

@@ -452,10 +452,14 @@ pub fn rotate_family<R: CryptoRng + ?Sized>(
         .map(|k| {
             let mut entries = Vec::new();
             let entry = |key| BundleEntry { family, epoch, key };
-            // A reader gets the read chain and every appender's chain from its look-back start.
+            // A reader gets the read chain and every appender's chain from its look-back start: its
+            // own too, when it appends under another grant (its own appending grant gets it below).
             if let Some(from) = k.read_from {
                 entries.push(entry(secret.read_key(from)));
-                for a in appenders.iter().filter(|a| **a != k.grantee) {
+                for a in appenders
+                    .iter()
+                    .filter(|a| **a != k.grantee || k.append_from.is_none())
+                {
                     entries.push(entry(secret.append_key(a, from)));
                 }
             }
