@@ -44,7 +44,9 @@ pub enum CompanyCmd {
     Request {
         /// The customer's identity.
         customer: String,
-        /// SCOPE:ACCESS (read, append, read+append); repeatable.
+        /// SCOPE:ACCESS, repeatable. Scopes: profile.identity, profile.contact, profile.address,
+        /// profile.preferences, profile.inferred, transactions. Access: read, or read+append (only for
+        /// one of transactions and profile.inferred).
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
         /// Why, in words the customer reads.

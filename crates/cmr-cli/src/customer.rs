@@ -125,7 +125,9 @@ pub enum CustomerCmd {
         /// The company's domain (its key document must name it).
         #[arg(long)]
         domain: String,
-        /// SCOPE:ACCESS (read, append, read+append); repeatable.
+        /// SCOPE:ACCESS, repeatable. Scopes: profile.identity, profile.contact, profile.address,
+        /// profile.preferences, profile.inferred, transactions. Access: read, or read+append (only for
+        /// one of transactions and profile.inferred).
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
         /// Why, in words (the company and the receipt show it).

@@ -124,6 +124,7 @@ impl Company {
         request: AccessRequest,
         now: u64,
     ) -> Result<StatementId, ClientError> {
+        request.check_approvable().map_err(ClientError::Local)?;
         let st = Statement {
             customer,
             author: self.id(),

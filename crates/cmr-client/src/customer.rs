@@ -597,6 +597,16 @@ impl Customer {
         approval: &Approval,
         now: u64,
     ) -> Result<StatementId, ClientError> {
+        // The same rule a request is held to: one appending family, which the grantee also reads.
+        AccessRequest {
+            scopes: approval.scopes.clone(),
+            purpose: purpose.to_owned(),
+            duration,
+            lookback_months: approval.lookback_months,
+            counterparty: cmr_core::consent::Counterparty::OnlyRequester,
+        }
+        .check_approvable()
+        .map_err(ClientError::Local)?;
         let kem = self
             .session
             .identity(company)

@@ -189,6 +189,46 @@ pub struct AccessRequest {
     pub counterparty: Counterparty,
 }
 
+impl AccessRequest {
+    /// Whether a customer can approve this request as asked: a grant appends to one family only (the
+    /// requester's own transactions, or the attributes it infers), and an append extends the head a read
+    /// proves, so an appending scope reads too. The SDK refuses a request that breaks this before sending
+    /// it; the log itself accepts any well-formed request (a customer may still narrow it).
+    pub fn check_approvable(&self) -> Result<(), String> {
+        let appending: Vec<Scope> = self
+            .scopes
+            .iter()
+            .filter(|(_, a)| a.appends())
+            .map(|(s, _)| *s)
+            .collect();
+        if appending.len() > 1 {
+            return Err(format!(
+                "a grant appends to one family only; this asks to append to {}",
+                appending
+                    .iter()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ));
+        }
+        for (scope, access) in &self.scopes {
+            if access.appends() && !matches!(scope, Scope::Transactions | Scope::ProfileInferred) {
+                return Err(format!(
+                    "a company appends only to transactions or profile.inferred, not {}",
+                    scope.name()
+                ));
+            }
+            if *access == Access::Append {
+                return Err(format!(
+                    "ask for {}:read+append: an append extends the family's head, which a read proves",
+                    scope.name()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A family a grant holds keys for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrantFamily {

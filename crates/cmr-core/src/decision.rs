@@ -69,10 +69,10 @@ pub enum DenyReason {
     #[error("the family was erased at log position {0}")]
     FamilyErased(Position),
     /// The grant holds no keys for a family asked for.
-    #[error("the grant does not cover family {0:?}")]
+    #[error("the grant does not cover family {}", .0.to_hex())]
     FamilyNotGranted(FamilyId),
     /// The grant covers the family, but not for this kind of access.
-    #[error("the grant does not allow this access to family {0:?}")]
+    #[error("the grant does not allow this access to family {}", .0.to_hex())]
     AccessNotGranted(FamilyId),
     /// A period before the look-back start, or outside the sliding window.
     #[error("period {requested} is before the look-back start {start}")]

@@ -1144,3 +1144,44 @@ fn a_customers_request_policy_refuses_strangers_and_caps_a_day() {
         set.encode()
     );
 }
+
+/// A request a customer could not approve as asked is named before it is sent: two appending families,
+/// appending to a profile section, or appending without reading.
+#[test]
+fn requests_that_cannot_be_approved_as_asked_are_named() {
+    let req = |scopes: Vec<(Scope, Access)>| AccessRequest {
+        scopes,
+        purpose: "x".into(),
+        duration: Duration::Persistent,
+        lookback_months: 1,
+        counterparty: Counterparty::OnlyRequester,
+    };
+    assert!(
+        req(vec![(Scope::Transactions, Access::ReadAppend)])
+            .check_approvable()
+            .is_ok()
+    );
+    assert!(
+        req(vec![
+            (Scope::ProfileContact, Access::Read),
+            (Scope::ProfileInferred, Access::ReadAppend)
+        ])
+        .check_approvable()
+        .is_ok()
+    );
+    let two = req(vec![
+        (Scope::ProfileInferred, Access::ReadAppend),
+        (Scope::Transactions, Access::ReadAppend),
+    ])
+    .check_approvable()
+    .unwrap_err();
+    assert!(two.contains("one family"), "{two}");
+    let section = req(vec![(Scope::ProfileContact, Access::ReadAppend)])
+        .check_approvable()
+        .unwrap_err();
+    assert!(section.contains("not profile.contact"), "{section}");
+    let blind = req(vec![(Scope::ProfileInferred, Access::Append)])
+        .check_approvable()
+        .unwrap_err();
+    assert!(blind.contains("profile.inferred:read+append"), "{blind}");
+}
