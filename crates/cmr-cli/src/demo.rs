@@ -32,11 +32,11 @@ struct Story {
 impl Story {
     fn step(&mut self, title: &str) {
         self.step += 1;
-        println!("\n{}. {title}", self.step);
+        crate::out::print(&format!("\n{}. {title}", self.step));
     }
 
     fn say(&self, line: impl AsRef<str>) {
-        println!("   {}", line.as_ref());
+        crate::out::print(&format!("   {}", line.as_ref()));
     }
 
     fn fail(&self, what: impl AsRef<str>) -> CliError {
@@ -118,18 +118,18 @@ pub async fn run() -> CliResult {
         Vec::new(),
     )
     .await?;
-    println!(
+    crate::out::print(&format!(
         "CMR Vault demo: an embedded server on {} with sled in {}",
         server.base,
         dir.path().display()
-    );
-    println!("Everyone pins the log key {}", server.log_vkey);
+    ));
+    crate::out::print(&format!("Everyone pins the log key {}", server.log_vkey));
     let pinned = NoteVerifier::from_vkey(&server.log_vkey)
         .map_err(|e| CliError::local(e.to_string(), "report this"))?;
     let result = story(&server.base, &pinned, &log_admit).await;
     server.stop().await?;
     result?;
-    println!("\nEvery step behaved as promised.");
+    crate::out::print("\nEvery step behaved as promised.");
     Ok(())
 }
 

@@ -186,6 +186,8 @@ fn main() -> ExitCode {
                 authority,
             } => {
                 tracing_subscriber::fmt()
+                    // Colour codes only for a terminal: a log file or a journal gets plain text.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
                     .with_env_filter(
                         tracing_subscriber::EnvFilter::try_from_default_env()
                             .unwrap_or_else(|_| "info".into()),
@@ -203,7 +205,10 @@ fn main() -> ExitCode {
                 serve::run(&data, &log_key, &opts).await
             }
             Command::Completions { shell } => {
-                clap_complete::generate(shell, &mut Cli::command(), "cmr", &mut std::io::stdout());
+                // Into a buffer, then out as one write that ends quietly if the reader went away.
+                let mut script = Vec::new();
+                clap_complete::generate(shell, &mut Cli::command(), "cmr", &mut script);
+                out::print(String::from_utf8_lossy(&script).trim_end());
                 Ok(())
             }
         }

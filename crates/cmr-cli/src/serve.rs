@@ -50,7 +50,36 @@ pub async fn start(
     scheme: &str,
     witnesses: Vec<cmr_log::note::NoteVerifier>,
 ) -> CliResult<Running> {
-    start_in(data, log_key, listen, scheme, witnesses, None, 16, None).await
+    let listener = bind(listen).await?;
+    start_in(data, log_key, listener, scheme, witnesses, None, 16, None).await
+}
+
+/// Binds the listening address: first, so that nothing is created when it fails.
+async fn bind(listen: &str) -> CliResult<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        CliError::local(
+            format!("cannot listen on {listen}: {e}"),
+            "choose another address with --listen (or CMR_LISTEN)",
+        )
+    })
+}
+
+/// Creates the data folder, readable only by its owner (0700), if it does not exist.
+fn create_data_folder(data: &Path) -> CliResult {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if data.exists() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data)
+        .map_err(|e| {
+            CliError::local(
+                format!("cannot create the data folder {}: {e}", data.display()),
+                "check --data (or CMR_DATA) and the parent folder's permissions",
+            )
+        })
 }
 
 /// [`start`], with the per-identity rate limits, sled's page cache (MiB) and the authority clients sign
@@ -59,7 +88,7 @@ pub async fn start(
 pub async fn start_in(
     data: &Path,
     log_key: NoteSigner,
-    listen: &str,
+    listener: tokio::net::TcpListener,
     scheme: &str,
     witnesses: Vec<cmr_log::note::NoteVerifier>,
     rate: Option<(f64, f64)>,
@@ -67,6 +96,7 @@ pub async fn start_in(
     authority: Option<&str>,
 ) -> CliResult<Running> {
     let log_vkey = log_key.verifier().to_vkey();
+    create_data_folder(data)?;
     let mut config = StoreConfig::new(data, log_key);
     config.cache_capacity = cache_mib.max(8) * 1024 * 1024;
     let store = Arc::new(Store::open(config).map_err(|e| {
@@ -75,12 +105,6 @@ pub async fn start_in(
             "check --data (or CMR_DATA); another server may be using it",
         )
     })?);
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
-        CliError::local(
-            format!("cannot listen on {listen}: {e}"),
-            "choose another address with --listen (or CMR_LISTEN)",
-        )
-    })?;
     let addr = listener
         .local_addr()
         .map_err(|e| CliError::local(e.to_string(), "check --listen"))?;
@@ -146,6 +170,8 @@ pub async fn run(data: &Path, log_key: &Path, opts: &Options) -> CliResult {
                 })
         })
         .collect::<CliResult<Vec<_>>>()?;
+    // The address first: when it is taken, no key, folder or file is created.
+    let listener = bind(listen).await?;
     let key = if log_key.exists() {
         cmr_server::logkey::load(log_key, data)
     } else {
@@ -160,7 +186,7 @@ pub async fn run(data: &Path, log_key: &Path, opts: &Options) -> CliResult {
     let running = start_in(
         data,
         key,
-        listen,
+        listener,
         &opts.scheme,
         witnesses,
         Some(opts.rate),
@@ -175,11 +201,39 @@ pub async fn run(data: &Path, log_key: &Path, opts: &Options) -> CliResult {
             "check the folder of --log-key",
         )
     })?;
-    println!("CMR Vault serving {} on {}", data.display(), running.base);
-    println!("log verifier key (clients pin it): {}", running.log_vkey);
-    println!("  also written to {}", pub_path.display());
-    println!("stop with Ctrl-C");
-    let _ = tokio::signal::ctrl_c().await;
-    println!("stopping: finishing requests in flight");
+    // The server keeps running when its standard output goes away: these lines are best effort.
+    let say = |line: String| {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), "{line}");
+    };
+    say(format!(
+        "CMR Vault serving {} on {}",
+        data.display(),
+        running.base
+    ));
+    say(format!(
+        "log verifier key (clients pin it): {}",
+        running.log_vkey
+    ));
+    say(format!("  also written to {}", pub_path.display()));
+    say("stop with Ctrl-C or SIGTERM".into());
+    shutdown_signal().await;
+    say("stopping: finishing requests in flight".into());
     running.stop().await
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM, which a service manager sends: both drain alike.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
 }

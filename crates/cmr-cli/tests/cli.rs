@@ -1068,3 +1068,74 @@ fn an_import_run_again_stores_each_row_once_even_after_the_server_died_under_it(
         "{err}"
     );
 }
+
+/// `cmr serve` as a service manager runs it: nothing is created when its address is taken, the data
+/// folder is its owner's alone, its output to a pipe has no colour codes, and SIGTERM drains it like
+/// Ctrl-C. And a reader that goes away early (`| head`) ends any command's output quietly.
+#[test]
+fn serve_behaves_as_a_service_and_output_survives_a_closed_pipe() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, err) = run(cmr()
+        .args(["serve", "--listen", &addr, "--data"])
+        .arg(dir.path().join("data"))
+        .arg("--log-key")
+        .arg(dir.path().join("log.key")));
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("cannot listen"), "{err}");
+    assert!(!dir.path().join("data").exists() && !dir.path().join("log.key").exists());
+    drop(taken);
+
+    // Served, to a pipe: the folder is 0700 and nothing on standard output is a colour code.
+    let mut child = cmr()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("data"))
+        .arg("--log-key")
+        .arg(dir.path().join("log.key"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.starts_with("stop with")) {
+        seen.push(lines.next().unwrap().unwrap());
+    }
+    let mode = std::fs::metadata(dir.path().join("data"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    seen.extend(rest);
+    let code = child.wait().unwrap().code();
+    assert_eq!(code, Some(0), "{seen:?}");
+    assert!(seen.iter().any(|l| l.contains("stopping")), "{seen:?}");
+    assert!(seen.iter().all(|l| !l.contains('\u{1b}')), "{seen:?}");
+
+    // A reader that stops after one line: no panic, exit 0.
+    for args in [vec!["completions", "bash"], vec!["--help"]] {
+        let mut child = cmr()
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut first = [0u8; 1];
+        out.read_exact(&mut first).unwrap();
+        drop(out);
+        let done = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&done.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(done.status.code(), Some(0), "{args:?}: {err}");
+    }
+}
