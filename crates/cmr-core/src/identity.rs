@@ -713,12 +713,29 @@ impl RecoverySecret {
 
     /// Reads a phrase back. A wrong word or a wrong checksum is an error.
     pub fn from_phrase(phrase: &str) -> Result<Self, RecoveryPhraseError> {
+        let words = phrase.split_whitespace().count();
+        if words != 24 {
+            return Err(RecoveryPhraseError(format!(
+                "a recovery phrase has 24 words; this has {words}"
+            )));
+        }
         let normalized = phrase.split_whitespace().collect::<Vec<_>>().join(" ");
         let mnemonic = bip39::Mnemonic::parse_in_normalized(
             bip39::Language::English,
             &normalized.to_lowercase(),
         )
-        .map_err(|e| RecoveryPhraseError(e.to_string()))?;
+        .map_err(|e| {
+            // Which word, counted from 1 as people count; never the word itself (it is secret).
+            RecoveryPhraseError(match e {
+                bip39::Error::UnknownWord(i) => {
+                    format!("word {} of 24 is not in the recovery word list", i + 1)
+                }
+                bip39::Error::InvalidChecksum => "every word is in the list, but the phrase does \
+                    not check out: a word is mistyped into another list word, or two are swapped"
+                    .to_string(),
+                other => other.to_string(),
+            })
+        })?;
         let entropy = Zeroizing::new(mnemonic.to_entropy());
         let secret: [u8; 32] = entropy
             .as_slice()

@@ -299,6 +299,18 @@ fn recovery_phrase_errors() {
     };
     assert!(cmr_core::identity::RecoverySecret::from_phrase(&words.join(" ")).is_err());
     assert!(cmr_core::identity::RecoverySecret::from_phrase("not a phrase").is_err());
+    // A word not in the list is named by its place, counted from 1, and never echoed.
+    let mut typo = phrase.split_whitespace().collect::<Vec<_>>();
+    typo[6] = "zzzzq";
+    let e = cmr_core::identity::RecoverySecret::from_phrase(&typo.join(" "))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("word 7 of 24") && !e.contains("zzzzq"), "{e}");
+    let short = phrase.split_whitespace().take(23).collect::<Vec<_>>().join(" ");
+    let e = cmr_core::identity::RecoverySecret::from_phrase(&short)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("this has 23"), "{e}");
     // Twelve valid words are a BIP-39 phrase but not a CMR recovery phrase.
     let twelve = "abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon about";
     assert!(cmr_core::identity::RecoverySecret::from_phrase(twelve).is_err());
