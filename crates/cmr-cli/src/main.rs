@@ -151,7 +151,23 @@ Examples:
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `--json` anywhere asks for errors as JSON too, even a usage mistake clap finds before parsing ends.
+    let json = std::env::args().any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if json && e.use_stderr() => {
+            let message = e.kind().to_string();
+            let detail = e.to_string();
+            let detail = detail
+                .lines()
+                .find(|l| l.starts_with("error:"))
+                .unwrap_or(&message)
+                .trim_start_matches("error: ");
+            report_json(&error::CliError::usage(detail, "see `cmr --help`"));
+            return ExitCode::from(error::code::USAGE);
+        }
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -216,8 +232,20 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{e}");
+            if cli.json {
+                report_json(&e);
+            } else {
+                eprintln!("{e}");
+            }
             ExitCode::from(e.code)
         }
     }
+}
+
+/// An error as one JSON object on standard error: `{"error", "hint", "exit_code"}`.
+fn report_json(e: &error::CliError) {
+    eprintln!(
+        "{}",
+        serde_json::json!({"error": e.message, "hint": e.hint, "exit_code": e.code})
+    );
 }

@@ -141,6 +141,17 @@ fn common_mistakes_get_one_line_and_their_exit_code() {
     // An unknown flag is a usage error (clap's code 2).
     let (code, _, _) = run(cmr().args(["customer", "grants", "--frobnicate"]));
     assert_eq!(code, 2);
+    // With --json, errors are JSON too: a usage mistake and a refusal alike, with their exit codes.
+    let (code, _, err) = run(cmr().args(["--json", "customer", "grants", "--frobnicate"]));
+    assert_eq!(code, 2);
+    let v: Value = serde_json::from_str(err.trim()).unwrap();
+    assert_eq!(v["exit_code"], 2);
+    assert!(v["error"].as_str().unwrap().contains("frobnicate"), "{v}");
+    let (code, _, err) = run(cmr().args(["--json", "--home", h, "customer", "revoke", "xyz"]));
+    assert_eq!(code, 4);
+    let v: Value = serde_json::from_str(err.trim()).unwrap();
+    assert_eq!(v["exit_code"], 4);
+    assert!(v["hint"].is_string(), "{v}");
 }
 
 /// A `cmr serve` child on a free port, stopped when dropped.

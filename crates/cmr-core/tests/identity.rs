@@ -306,7 +306,11 @@ fn recovery_phrase_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("word 7 of 24") && !e.contains("zzzzq"), "{e}");
-    let short = phrase.split_whitespace().take(23).collect::<Vec<_>>().join(" ");
+    let short = phrase
+        .split_whitespace()
+        .take(23)
+        .collect::<Vec<_>>()
+        .join(" ");
     let e = cmr_core::identity::RecoverySecret::from_phrase(&short)
         .unwrap_err()
         .to_string();
