@@ -23,18 +23,24 @@ pub struct AuditorRole {
 #[derive(Subcommand)]
 pub enum AuditCmd {
     /// Create an auditor identity, sealed with a passphrase.
+    #[command(
+        after_help = "Example:\n  cmr audit init --server http://127.0.0.1:8080 --log-vkey \"$(cat cmr-log.pub)\""
+    )]
     Init {
         #[command(flatten)]
         at: home::ServerArgs,
     },
     /// Register the auditor with the server. It reads entry bodies (never records) only once the
     /// operator admits it (`cmr operator admit-auditor`).
+    #[command(after_help = "Example:\n  cmr audit register")]
     Register,
     /// Print this auditor's identity; needs no passphrase.
+    #[command(after_help = "Example:\n  cmr operator admit-auditor \"$(cmr audit id)\"")]
     Id,
     /// Verify the log: from the last saved state (incremental), or from the start with --full.
     ///
     /// Prints a report; exits 3 on any violation or fork.
+    #[command(after_help = "Example:\n  cmr audit verify")]
     Verify {
         /// Start from the first entry, ignoring the saved state.
         #[arg(long)]
@@ -42,6 +48,9 @@ pub enum AuditCmd {
     },
     /// Create a witness key (C2SP tlog-cosignature) and print its verifier key for the operator's
     /// `cmr serve --witness`. Witnessing needs no auditor identity.
+    #[command(
+        after_help = "Example:\n  cmr audit witness-init --name witness.example/w1 --log-vkey \"$(cat cmr-log.pub)\""
+    )]
     WitnessInit {
         /// The witness's name, such as witness.example/w1.
         #[arg(long)]
@@ -50,8 +59,10 @@ pub enum AuditCmd {
         at: home::ServerArgs,
     },
     /// Cosign the log's current checkpoint, if it is consistent with the last one this witness cosigned.
+    #[command(after_help = "Example:\n  cmr audit witness")]
     Witness,
     /// Check a single entry: its inclusion in the latest verified checkpoint, and what it records.
+    #[command(after_help = "Example:\n  cmr audit proof 42")]
     Proof {
         /// The log index.
         index: u64,

@@ -28,10 +28,15 @@ pub enum CompanyCmd {
         at: home::ServerArgs,
     },
     /// Register the identity and the device with the server.
+    #[command(after_help = "Example:\n  cmr company register")]
     Register,
     /// Print this company's identity; needs no passphrase.
+    #[command(after_help = "Example:\n  cmr company id")]
     Id,
     /// Print the key document to serve at https://YOUR-DOMAIN/.well-known/cmr-vault.
+    #[command(
+        after_help = "Example:\n  cmr company key-document --name \"Acme Bank\" > cmr-vault   # serve at https://DOMAIN/.well-known/cmr-vault"
+    )]
     KeyDocument {
         /// The name customers see.
         #[arg(long)]
@@ -60,8 +65,10 @@ pub enum CompanyCmd {
         lookback: u32,
     },
     /// What became of the requests sent (granted, denied, pending), and the grants held.
+    #[command(after_help = "Example:\n  cmr company status")]
     Status,
     /// Read a customer's records under a grant; decrypted here, never on the server.
+    #[command(after_help = "Example:\n  cmr company read 8c1d… --from 2026-09 --to 2026-11")]
     Read {
         /// The grant's id.
         grant: String,
@@ -76,6 +83,7 @@ pub enum CompanyCmd {
         to: Option<String>,
     },
     /// Append a transaction or an inferred attribute under a grant that allows appends.
+    #[command(after_help = "Example:\n  cmr company append 8c1d… \"segment: frequent traveller\"")]
     Append {
         /// The grant's id.
         grant: String,
@@ -295,18 +303,21 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
                 (Period::ORIGIN, Period::ORIGIN)
             };
             let (_, records) = c.read(gid, family, from, to).await?;
+            // Profile sections have no months: their records are shown without one.
+            let periodic = scope.is_periodic();
             for r in &records {
-                out.line(format!(
-                    "{}  {}",
-                    r.period,
-                    String::from_utf8_lossy(&r.content)
-                ));
+                let text = String::from_utf8_lossy(&r.content);
+                out.line(if periodic {
+                    format!("{}  {text}", r.period)
+                } else {
+                    text.into_owned()
+                });
             }
             out.line(format!(
                 "{} records; the read was logged, proven complete and decrypted here",
                 records.len()
             ));
-            out.value(&json!({"records": records.iter().map(|r| json!({"month": r.period.to_string(), "text": String::from_utf8_lossy(&r.content), "record": r.id.to_hex(), "author": r.author.to_hex()})).collect::<Vec<_>>()}));
+            out.value(&json!({"records": records.iter().map(|r| json!({"month": periodic.then(|| r.period.to_string()), "text": String::from_utf8_lossy(&r.content), "record": r.id.to_hex(), "author": r.author.to_hex()})).collect::<Vec<_>>()}));
         }
         CompanyCmd::Append { grant, month, text } => {
             let gid = StatementId(parse_id(&grant, "grant")?);

@@ -79,20 +79,27 @@ pub enum CustomerCmd {
         at: home::ServerArgs,
     },
     /// Register the identity and the device, and publish the key directory with the profile sections.
+    #[command(after_help = "Example:\n  cmr customer register")]
     Register,
     /// Print this customer's identity (to give to companies); needs no passphrase.
+    #[command(after_help = "Example:\n  cmr customer id")]
     Id,
     /// The profile: identity, contact, address, preferences.
+    #[command(
+        after_help = "Example:\n  cmr customer profile set contact \"email: alex@example.org\""
+    )]
     Profile {
         #[command(subcommand)]
         cmd: ProfileCmd,
     },
     /// Transactions with one company.
+    #[command(after_help = "Example:\n  cmr customer tx add --company 6f51… \"coffee 3.20\"")]
     Tx {
         #[command(subcommand)]
         cmd: TxCmd,
     },
     /// The access requests not answered yet: who asks, what, why, for how long, with which look-back.
+    #[command(after_help = "Example:\n  cmr customer requests")]
     Requests,
     /// Approve a request, as asked or narrowed, after checking the company's domain.
     #[command(
@@ -144,6 +151,7 @@ pub enum CustomerCmd {
         insecure_http_for_tests: bool,
     },
     /// Deny a request.
+    #[command(after_help = "Example:\n  cmr customer deny 3f2a… --reason \"not now\"")]
     Deny {
         /// The request's id.
         request: String,
@@ -152,8 +160,10 @@ pub enum CustomerCmd {
         reason: String,
     },
     /// The grants issued, and whether each is active.
+    #[command(after_help = "Example:\n  cmr customer grants")]
     Grants,
     /// Revoke a grant, then rotate the families it could read (one new key seal per remaining grantee).
+    #[command(after_help = "Example:\n  cmr customer revoke 8c1d… --reason \"moved banks\"")]
     Revoke {
         /// The grant's id.
         grant: String,
@@ -162,6 +172,7 @@ pub enum CustomerCmd {
         reason: String,
     },
     /// Block a company (its requests are refused), or unblock it.
+    #[command(after_help = "Example:\n  cmr customer block 6f51…")]
     Block {
         /// The company's identity.
         company: String,
@@ -189,6 +200,7 @@ pub enum CustomerCmd {
         no_cap: bool,
     },
     /// Who read or wrote what, when, and under which grant: the verified chain of the vault's entries.
+    #[command(after_help = "Example:\n  cmr customer history")]
     History,
     /// Finish every rotation the log says is owed: after a grant was used up, expired or revoked, or a
     /// device revoked, its families get fresh keys; until then companies' appends to them wait. Other
@@ -200,17 +212,20 @@ pub enum CustomerCmd {
     #[command(after_help = "Example:\n  cmr customer auditors")]
     Auditors,
     /// A consent receipt (Kantara style) for a grant.
+    #[command(after_help = "Example:\n  cmr customer receipt 8c1d…")]
     Receipt {
         /// The grant's id.
         grant: String,
     },
     /// Devices: a new device asks to join, a device with the identity key adds it, and the new device
     /// joins with the file it gets; list and revoke.
+    #[command(after_help = "Example:\n  cmr customer device list")]
     Device {
         #[command(subcommand)]
         cmd: DeviceCmd,
     },
     /// Export the whole vault, decrypted, as JSON (to a file with --out).
+    #[command(after_help = "Example:\n  cmr customer export --out vault.json")]
     Export {
         /// Write here (mode 0600) instead of standard output.
         #[arg(long)]
@@ -240,6 +255,9 @@ pub enum CustomerCmd {
     /// identity key rotates to the one the phrase reveals, this device is certified, the vault key is
     /// opened from the server's key backup, every other device is revoked, every family rotates, and a
     /// new recovery phrase is shown once.
+    #[command(
+        after_help = "Example:\n  cmr --home ./new-phone customer recover --identity 9e78… --log-vkey \"$(cat cmr-log.pub)\""
+    )]
     Recover {
         /// The identity to recover.
         #[arg(long)]
@@ -248,6 +266,7 @@ pub enum CustomerCmd {
         at: home::ServerArgs,
     },
     /// Dispute (reject) an inferred attribute a company appended.
+    #[command(after_help = "Example:\n  cmr customer dispute --company 6f51… 0c4e…")]
     Dispute {
         /// The company that inferred it.
         #[arg(long)]
@@ -272,6 +291,9 @@ pub enum DeviceCmd {
         at: home::ServerArgs,
     },
     /// On the device with the identity key: certify a new device and write its enrolment file.
+    #[command(
+        after_help = "Example:\n  cmr customer device add \"$(cat request.txt)\" --out enrol.json"
+    )]
     Add {
         /// The request printed by `cmr customer device new`.
         request: String,
@@ -280,13 +302,16 @@ pub enum DeviceCmd {
         out: PathBuf,
     },
     /// On the new device: join with the enrolment file.
+    #[command(after_help = "Example:\n  cmr --home ./laptop customer device join enrol.json")]
     Join {
         /// The file from `cmr customer device add`.
         file: PathBuf,
     },
     /// The devices, from the verified key events.
+    #[command(after_help = "Example:\n  cmr customer device list")]
     List,
     /// Revoke a device, then rotate every family (it held the vault key) and replace the vault key.
+    #[command(after_help = "Example:\n  cmr customer device revoke 41b7…")]
     Revoke {
         /// The device's id.
         device: String,
@@ -310,6 +335,9 @@ struct Enrolment {
 #[derive(Subcommand)]
 pub enum ProfileCmd {
     /// Set a section: identity, contact, address or preferences.
+    #[command(
+        after_help = "Example:\n  cmr customer profile set address \"1 Main St, Springfield\""
+    )]
     Set {
         /// The section.
         section: String,
@@ -317,6 +345,7 @@ pub enum ProfileCmd {
         text: String,
     },
     /// Show every section, and the attributes companies inferred.
+    #[command(after_help = "Example:\n  cmr customer profile show")]
     Show,
 }
 
@@ -324,6 +353,9 @@ pub enum ProfileCmd {
 #[derive(Subcommand)]
 pub enum TxCmd {
     /// Add a transaction.
+    #[command(
+        after_help = "Example:\n  cmr customer tx add --company 6f51… --month 2026-11 \"coffee 3.20\""
+    )]
     Add {
         /// The counterparty company.
         #[arg(long)]
@@ -335,6 +367,9 @@ pub enum TxCmd {
         text: String,
     },
     /// Import transactions from CSV (month,text) or JSON ([{"month": "YYYY-MM", "text": "..."}]).
+    #[command(
+        after_help = "Example:\n  cmr customer tx import --company 6f51… statement.csv   # month,text lines; safe to run again"
+    )]
     Import {
         /// The counterparty company.
         #[arg(long)]
@@ -343,6 +378,7 @@ pub enum TxCmd {
         file: PathBuf,
     },
     /// List transactions.
+    #[command(after_help = "Example:\n  cmr customer tx list --company 6f51… --from 2026-01")]
     List {
         /// The counterparty company.
         #[arg(long)]

@@ -32,7 +32,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// CMR Vault: a customer-managed data vault with end-to-end encryption.
 #[derive(Parser)]
 #[command(name = "cmr", version, about, long_about = None, after_help = "\
-Start here:
+Examples, to start here:
   cmr demo                      the whole story on a temporary server, step by step
   cmr serve                     run a vault over sled in ./cmr-data on 127.0.0.1:8080
 
@@ -57,6 +57,7 @@ enum Command {
     /// request approved in narrowed form; a scoped read; an append the customer sees and disputes; a
     /// revocation and the rotation; the refused read; the audit. Exits non-zero if any step does not
     /// behave as promised.
+    #[command(after_help = "Example:\n  cmr demo")]
     Demo,
     /// Run the vault server over sled in a local folder.
     #[command(after_help = "\
@@ -99,7 +100,7 @@ Examples:
     },
     /// A customer's vault: identity, profile, transactions, requests, grants, history.
     #[command(after_help = "\
-A first session (the passphrase comes from a prompt, or CMR_PASSPHRASE in scripts):
+Example, a first session (the passphrase comes from a prompt, or CMR_PASSPHRASE in scripts):
   cmr customer init --log-vkey \"$(cat cmr-log.pub)\"
   cmr customer register
   cmr customer profile set contact \"email: alex@example.org\"
@@ -111,7 +112,7 @@ A first session (the passphrase comes from a prompt, or CMR_PASSPHRASE in script
     },
     /// A company's access: requests, grants, reads decrypted locally, appends.
     #[command(after_help = "\
-A first session:
+Example, a first session:
   cmr company init --log-vkey \"$(cat cmr-log.pub)\"
   cmr company register
   cmr company key-document --name \"Acme Bank\"   # serve it at https://DOMAIN/.well-known/cmr-vault
@@ -123,11 +124,20 @@ A first session:
         cmd: company::CompanyCmd,
     },
     /// Verify the log without trusting the operator, and without seeing customer data.
+    #[command(after_help = "\
+Example, a first run (the operator admits the auditor with the log key):
+  cmr audit init --log-vkey \"$(cat cmr-log.pub)\"
+  cmr audit register
+  cmr operator admit-auditor \"$(cmr audit id)\"
+  cmr audit verify")]
     Audit {
         #[command(subcommand)]
         cmd: audit::AuditCmd,
     },
     /// The operator's tools on a running server, with the log key: admit or dismiss auditors.
+    #[command(
+        after_help = "Example:\n  cmr operator admit-auditor 3f1a… --log-key /etc/cmr/log.key"
+    )]
     Operator {
         #[command(subcommand)]
         cmd: operator::OperatorCmd,

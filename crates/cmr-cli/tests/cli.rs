@@ -526,6 +526,7 @@ fn a_scripted_session_against_a_real_server() {
         "profile.contact",
     ]);
     assert_eq!(v["records"][0]["text"], "email: alex@example.org");
+    assert!(v["records"][0]["month"].is_null(), "{v}");
     // A company that never asked anything discovers a grant made to it, and reads under it.
     let florist = user("florist");
     let florist_id = florist.json(&["company", "init"])["identity"]
@@ -1149,4 +1150,37 @@ fn serve_behaves_as_a_service_and_output_survives_a_closed_pipe() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert_eq!(done.status.code(), Some(0), "{args:?}: {err}");
     }
+}
+
+/// Every command's `--help`, at every level, ends with an example.
+#[test]
+fn every_command_has_an_example() {
+    fn walk(path: Vec<String>, missing: &mut Vec<String>, seen: &mut usize) {
+        let (code, out, err) = run(cmr().args(&path).arg("--help").env("COLUMNS", "200"));
+        assert_eq!(code, 0, "{path:?}: {err}");
+        *seen += 1;
+        if !out.contains("Example") {
+            missing.push(path.join(" "));
+        }
+        let Some(section) = out.split("Commands:\n").nth(1) else {
+            return;
+        };
+        for line in section.lines().take_while(|l| !l.is_empty()) {
+            let Some(name) = line
+                .strip_prefix("  ")
+                .and_then(|l| l.split_whitespace().next())
+            else {
+                continue;
+            };
+            if name != "help" && !line.starts_with("   ") {
+                let mut next = path.clone();
+                next.push(name.to_string());
+                walk(next, missing, seen);
+            }
+        }
+    }
+    let (mut missing, mut seen) = (Vec::new(), 0);
+    walk(Vec::new(), &mut missing, &mut seen);
+    assert!(seen > 50, "only {seen} commands found");
+    assert!(missing.is_empty(), "no example in: {missing:?}");
 }
