@@ -75,7 +75,9 @@ impl From<ClientError> for CliError {
         let (code, hint) = match &e {
             ClientError::Transport(_) => (
                 code::UNREACHABLE,
-                Some("is the server running? check --server (or CMR_SERVER)"),
+                Some(
+                    "is the server running? `cmr config show` says which one this folder uses (CMR_SERVER overrides it)",
+                ),
             ),
             ClientError::InDoubt(_) => (
                 code::UNREACHABLE,
@@ -121,6 +123,16 @@ impl From<ClientError> for CliError {
                     "the company's domain must serve its key document at https://DOMAIN/.well-known/cmr-vault naming the requester",
                 ),
             ),
+            ClientError::Verification(cmr_client::error::VerifyError::Checkpoint(m))
+                if m.contains("this client pinned") =>
+            {
+                (
+                    code::VERIFICATION,
+                    Some(
+                        "if the operator really changed the log key, pin the new one with `cmr config set --log-vkey \"$(cat cmr-log.pub)\"`; otherwise this is not your server",
+                    ),
+                )
+            }
             ClientError::Malformed(_) | ClientError::Verification(_) => (
                 code::VERIFICATION,
                 Some("the server's answer did not verify; do not trust it, and report it"),

@@ -326,8 +326,17 @@ pub fn open_session<T: for<'de> Deserialize<'de>>(
     }
     let saved: Saved<T> = home.read_state(role)?;
     let keys = home.read_key(role, &passphrase(false)?)?;
-    let session = new_session(&saved.server, &saved.log_vkey, keys)?;
+    let session = new_session(&server_for(&saved.server), &saved.log_vkey, keys)?;
     Ok((session, saved))
+}
+
+/// The server a command talks to: `CMR_SERVER` when set, else the one saved at init (or by `cmr
+/// config set --server`).
+pub fn server_for(saved: &str) -> String {
+    std::env::var("CMR_SERVER")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| saved.to_string())
 }
 
 /// Checks a server address and log key before anything is written.

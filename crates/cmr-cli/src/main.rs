@@ -11,6 +11,7 @@
 mod audit;
 mod bench;
 mod company;
+mod config;
 mod customer;
 mod demo;
 mod error;
@@ -134,6 +135,14 @@ Example, a first run (the operator admits the auditor with the log key):
         #[command(subcommand)]
         cmd: audit::AuditCmd,
     },
+    /// Show or change the server and the pinned log key of the identities in the configuration folder.
+    #[command(
+        after_help = "Examples:\n  cmr config show\n  cmr config set --server http://127.0.0.1:9000"
+    )]
+    Config {
+        #[command(subcommand)]
+        cmd: config::ConfigCmd,
+    },
     /// The operator's tools on a running server, with the log key: admit or dismiss auditors.
     #[command(
         after_help = "Example:\n  cmr operator admit-auditor 3f1a… --log-key /etc/cmr/log.key"
@@ -195,6 +204,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Customer { cmd } => customer::run(&home()?, out, cmd).await,
             Command::Company { cmd } => company::run(&home()?, out, cmd).await,
+            Command::Config { cmd } => config::run(&home()?, out, cmd),
             Command::Audit { cmd } => audit::run(&home()?, out, cmd).await,
             Command::Operator { cmd } => operator::run(out, cmd).await,
             Command::Demo => demo::run().await,

@@ -824,6 +824,10 @@ fn a_request_signed_before_a_restart_is_refused_after_it() {
     state["server"] = Value::from(again.base.clone());
     std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
     // (Within the horizon the SDK signs again and retries once a second until it passes.)
+    let alex = User {
+        server: again.base.clone(),
+        ..alex
+    };
     alex.ok(&["customer", "history"]);
 }
 
@@ -1183,4 +1187,64 @@ fn every_command_has_an_example() {
     walk(Vec::new(), &mut missing, &mut seen);
     assert!(seen > 50, "only {seen} commands found");
     assert!(missing.is_empty(), "no example in: {missing:?}");
+}
+
+/// A client that pinned another log key is told both keys and how to pin the right one; `cmr config`
+/// shows and changes the server and the key; `CMR_SERVER` overrides the saved server for every command.
+#[test]
+fn a_wrong_pinned_key_is_named_and_config_fixes_it() {
+    let server = serve();
+    let homes = tempfile::tempdir().unwrap();
+    let home = homes.path().join("alex");
+    let h = home.to_str().unwrap();
+    let wrong = "localhost/cmr-vault+423668a3+ARNvWSEFVkTp3XZpPeVy1WzXX8InvvaBtpc6obNo6NYE";
+    let cmd = |args: &[&str]| {
+        let mut c = cmr();
+        c.arg("--home").arg(h).args(args).env_remove("CMR_SERVER");
+        c
+    };
+    let (code, _, err) = run(&mut cmd(&[
+        "customer",
+        "init",
+        "--server",
+        &server.base,
+        "--log-vkey",
+        wrong,
+    ]));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&mut cmd(&["customer", "register"]));
+    assert_eq!(code, 3, "{err}");
+    one_line_error(&err);
+    let pinned = wrong.rsplit_once('+').unwrap().0;
+    let real = server.vkey.rsplit_once('+').unwrap().0;
+    assert!(
+        err.contains(&format!(
+            "the server's log key is {real}, and this client pinned {pinned}"
+        )) && err.contains("cmr config set --log-vkey"),
+        "{err}"
+    );
+    let (code, _, err) = run(&mut cmd(&["customer", "config-is-not-here"]));
+    assert_eq!(code, 2, "{err}");
+    let (code, out, err) = run(&mut cmd(&[
+        "--json",
+        "config",
+        "set",
+        "--log-vkey",
+        &server.vkey,
+    ]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("customer"), "{out}");
+    let (code, _, err) = run(&mut cmd(&["customer", "register"]));
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run(&mut cmd(&["--json", "config", "show"]));
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["identities"][0]["server"], server.base.as_str());
+    assert_eq!(v["identities"][0]["log_vkey"], server.vkey.as_str());
+    // CMR_SERVER overrides the saved server: a dead address fails, the saved one works again.
+    let (code, _, err) = run(cmd(&["customer", "grants"]).env("CMR_SERVER", "http://127.0.0.1:9"));
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("cmr config show"), "{err}");
+    let (code, _, err) = run(&mut cmd(&["customer", "grants"]));
+    assert_eq!(code, 0, "{err}");
 }

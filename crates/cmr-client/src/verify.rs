@@ -78,7 +78,28 @@ impl LogView {
     /// rollback; the same size with another root is a fork.
     pub fn check(&self, note: &str) -> Result<(Checkpoint, Needs), VerifyError> {
         let cp = cmr_log::checkpoint::open(note, &self.key, &[], 0)
-            .map_err(|e| VerifyError::Checkpoint(e.to_string()))?
+            .map_err(|e| {
+                // Signed, but by another key than the pinned one: name both, so a user can tell a
+                // server whose key changed (or the wrong server) from a forgery.
+                let signers: Vec<String> = cmr_log::note::Note::parse(note)
+                    .map(|n| {
+                        n.signatures
+                            .iter()
+                            .map(|s| format!("{}+{:08x}", s.name, s.id))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let pinned = self.key.to_vkey();
+                let pinned_id = pinned.rsplit_once('+').map_or(pinned.as_str(), |(a, _)| a);
+                if signers.is_empty() || signers.iter().any(|s| s == pinned_id) {
+                    VerifyError::Checkpoint(e.to_string())
+                } else {
+                    VerifyError::Checkpoint(format!(
+                        "the server's log key is {}, and this client pinned {pinned_id}",
+                        signers.join(", ")
+                    ))
+                }
+            })?
             .checkpoint;
         let needs = match &self.latest {
             None => Needs::Nothing,
