@@ -746,7 +746,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                     text,
                 },
         } => {
-            let company = IdentityId(parse_id(&company, "company")?);
+            let company = company_id(c, &l.saved.role.companies, &company).await?;
             let month = month
                 .as_deref()
                 .map(parse_month)
@@ -768,7 +768,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
         CustomerCmd::Tx {
             cmd: TxCmd::Import { company, file },
         } => {
-            let company = IdentityId(parse_id(&company, "company")?);
+            let company = company_id(c, &l.saved.role.companies, &company).await?;
             let rows = read_import(&file)?;
             let name = c.transactions_with(&company);
             c.declare(&[name], t).await?;
@@ -852,7 +852,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
         CustomerCmd::Tx {
             cmd: TxCmd::List { company, from, to },
         } => {
-            let company = IdentityId(parse_id(&company, "company")?);
+            let company = company_id(c, &l.saved.role.companies, &company).await?;
             let from = from
                 .as_deref()
                 .map(parse_month)
@@ -988,7 +988,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             duration,
             insecure_http_for_tests,
         } => {
-            let company = IdentityId(parse_id(&company, "company")?);
+            let company = company_id(c, &l.saved.role.companies, &company).await?;
             let mode = if insecure_http_for_tests {
                 Mode::InsecureTestHttp
             } else {
@@ -1073,7 +1073,11 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             out.value(&json!({"grants": rows}));
         }
         CustomerCmd::Revoke { grant, reason } => {
-            let gid = StatementId(parse_id(&grant, "grant")?);
+            let gid = StatementId(crate::out::resolve_id(
+                &grant,
+                "grant",
+                c.grants.keys().map(|g| g.0),
+            )?);
             let (rev, _) = c.revoke_grant(gid, &reason, t).await?;
             out.line(format!("grant revoked at log index {}", rev.index));
             // The revocation stands whatever happens next; a rotation that fails stays owed.
@@ -1090,7 +1094,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             out.value(&json!({"rotations": rotations.iter().map(|a| a.index).collect::<Vec<_>>()}));
         }
         CustomerCmd::Block { company, unblock } => {
-            let company = IdentityId(parse_id(&company, "company")?);
+            let company = company_id(c, &l.saved.role.companies, &company).await?;
             let acked = c.block(company, !unblock, t).await?;
             out.line(format!(
                 "company {} {} (log index {})",
@@ -1170,7 +1174,11 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             out.value(&json!({"auditors": rows}));
         }
         CustomerCmd::Receipt { grant } => {
-            let gid = StatementId(parse_id(&grant, "grant")?);
+            let gid = StatementId(crate::out::resolve_id(
+                &grant,
+                "grant",
+                c.grants.keys().map(|g| g.0),
+            )?);
             let g = c.grants.get(&gid).ok_or_else(|| {
                 CliError::local("no such grant", "list them with `cmr customer grants`")
             })?;
@@ -1389,7 +1397,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             out.value(&json!({"index": acked.index}));
         }
         CustomerCmd::Dispute { company, record } => {
-            let company = IdentityId(parse_id(&company, "company")?);
+            let company = company_id(c, &l.saved.role.companies, &company).await?;
             let bytes = hex::decode(record.trim())
                 .ok()
                 .and_then(|b| <[u8; 16]>::try_from(b).ok())
@@ -1907,11 +1915,49 @@ pub(crate) fn parse_duration(s: &str) -> CliResult<cmr_core::consent::Duration> 
     })
 }
 
-/// The request `id` among those waiting for an answer (each verified by the SDK).
+/// A company typed on the command line, whole or as a unique prefix of one this customer dealt with
+/// (a checked domain, a grant), checked to be a company registered on the server before anything is
+/// done for it: a typo is refused, not taken for a new counterparty.
+async fn company_id(
+    c: &mut Customer,
+    checked: &[(String, String, String)],
+    typed: &str,
+) -> CliResult<IdentityId> {
+    let known: Vec<[u8; 32]> = checked
+        .iter()
+        .filter_map(|(id, _, _)| IdentityId::from_hex(id).map(|i| i.0))
+        .chain(
+            c.grants
+                .values()
+                .filter_map(|g| g.grant())
+                .map(|g| g.grantee.0),
+        )
+        .collect();
+    let id = IdentityId(crate::out::resolve_id(typed, "company", known)?);
+    let not_a_company = || {
+        CliError::local(
+            format!("no company {} is registered on this server", id.to_hex()),
+            "check the id with the company (`cmr company id` prints it)",
+        )
+    };
+    match c.session.identity(id).await {
+        Ok(v) if v.state.keys().role() == Role::Company => Ok(id),
+        Ok(_) => Err(not_a_company()),
+        Err(cmr_client::ClientError::Refused { status: 404, .. }) => Err(not_a_company()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The request `id` (whole, or a unique prefix) among those waiting for an answer (each verified by the
+/// SDK).
 async fn waiting(c: &mut Customer, id: &str) -> CliResult<cmr_client::customer::PendingRequest> {
-    let rid = StatementId(parse_id(id, "request")?);
-    c.pending()
-        .await?
+    let pending = c.pending().await?;
+    let rid = StatementId(crate::out::resolve_id(
+        id,
+        "request",
+        pending.iter().map(|p| p.statement.id().0),
+    )?);
+    pending
         .into_iter()
         .find(|p| p.statement.id() == rid)
         .ok_or_else(|| {

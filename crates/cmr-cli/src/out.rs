@@ -54,6 +54,42 @@ pub fn parse_id(s: &str, what: &str) -> crate::error::CliResult<[u8; 32]> {
         })
 }
 
+/// An id typed in full (64 hex digits) or as a unique prefix of at least 6 hex digits of one of
+/// `known` (as git takes commit ids). Returns the id, or an error saying what to give instead.
+pub fn resolve_id(
+    s: &str,
+    what: &str,
+    known: impl IntoIterator<Item = [u8; 32]>,
+) -> crate::error::CliResult<[u8; 32]> {
+    let s = s.trim().trim_end_matches('…').to_ascii_lowercase();
+    if let Ok(full) = parse_id(&s, what) {
+        return Ok(full);
+    }
+    if s.len() < 6 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(crate::error::CliError::usage(
+            format!("{what} {s:?} is neither a whole id (64 hex digits) nor a prefix of 6 or more"),
+            "copy the id (or its first digits) from the list",
+        ));
+    }
+    let mut found: Vec<[u8; 32]> = known
+        .into_iter()
+        .filter(|k| hex::encode(k).starts_with(&s))
+        .collect();
+    found.sort();
+    found.dedup();
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(crate::error::CliError::local(
+            format!("no {what} known here starts with {s}"),
+            "give the whole id, or check the list",
+        )),
+        many => Err(crate::error::CliError::usage(
+            format!("{} {what}s start with {s}", many.len()),
+            "give more digits",
+        )),
+    }
+}
+
 /// The first 12 hex digits of an id, for tables.
 pub fn short(hex: &str) -> String {
     format!("{}…", &hex[..12.min(hex.len())])

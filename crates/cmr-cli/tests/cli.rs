@@ -124,9 +124,9 @@ fn common_mistakes_get_one_line_and_their_exit_code() {
     assert_eq!(code, 4);
     one_line_error(&err);
     assert!(err.contains("passphrase"), "{err}");
-    // A malformed id.
+    // A malformed id is a usage mistake.
     let (code, _, err) = run(cmr().args(["--home", h, "customer", "revoke", "xyz"]));
-    assert_eq!(code, 4);
+    assert_eq!(code, 2);
     one_line_error(&err);
     // A key file others can read is refused, with the fix.
     let key = home.path().join("customer/identity.key");
@@ -147,7 +147,8 @@ fn common_mistakes_get_one_line_and_their_exit_code() {
     let v: Value = serde_json::from_str(err.trim()).unwrap();
     assert_eq!(v["exit_code"], 2);
     assert!(v["error"].as_str().unwrap().contains("frobnicate"), "{v}");
-    let (code, _, err) = run(cmr().args(["--json", "--home", h, "customer", "revoke", "xyz"]));
+    // (The key file is still readable by others here: a local problem, exit 4.)
+    let (code, _, err) = run(cmr().args(["--json", "--home", h, "customer", "grants"]));
     assert_eq!(code, 4);
     let v: Value = serde_json::from_str(err.trim()).unwrap();
     assert_eq!(v["exit_code"], 4);
@@ -383,6 +384,13 @@ fn a_scripted_session_against_a_real_server() {
     assert_eq!(v["imported"], 3);
     let v = alex.json(&["customer", "tx", "list", "--company", &bank_id]);
     assert_eq!(v["transactions"].as_array().unwrap().len(), 3);
+    // A typo in a company id is refused before anything is written; an id that is not a company too.
+    let mut typo = bank_id.clone();
+    typo.replace_range(0..1, if typo.starts_with('0') { "1" } else { "0" });
+    let err = alex.fails(&["customer", "tx", "add", "--company", &typo, "lunch"], 4);
+    assert!(err.contains("no company"), "{err}");
+    let err = alex.fails(&["customer", "block", &alex_id], 4);
+    assert!(err.contains("no company"), "{err}");
 
     // The bank asks; Alex sees who asks and why, then approves narrowed to 3 months.
     let req = bank.json(&[
@@ -562,7 +570,8 @@ fn a_scripted_session_against_a_real_server() {
     assert_eq!(v["records"][0]["text"], "email: alex@example.org");
 
     // A receipt; the revocation with its rotation; the refused read; the history shows the read.
-    let receipt = alex.ok(&["customer", "receipt", &grant]);
+    // Ids may be typed as a unique prefix, as git takes commit ids.
+    let receipt = alex.ok(&["customer", "receipt", &grant[..10]]);
     assert!(receipt.contains("credit limit review"), "{receipt}");
     alex.ok(&["customer", "revoke", &grant]);
     let err = bank.fails(&["company", "read", &grant], 1);
