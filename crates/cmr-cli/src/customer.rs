@@ -46,6 +46,9 @@ pub struct CustomerRole {
     /// one only when it changes.
     #[serde(default)]
     pub backup_digest: String,
+    /// The log index of this vault's erasure, once `erase --vault` ran here: nothing more can be done.
+    #[serde(default)]
+    pub vault_erased_at: Option<u64>,
 }
 
 impl CustomerRole {
@@ -60,6 +63,7 @@ impl CustomerRole {
             recovery_seq: 0,
             backup_version: 0,
             backup_digest: String::new(),
+            vault_erased_at: None,
         }
     }
 }
@@ -518,6 +522,7 @@ impl Loaded {
         self.saved.role.sdk = Some(sdk.clone());
         home.write_state(Role::Customer, &self.saved)?;
         if !self.saved.registered
+            || self.saved.role.vault_erased_at.is_some()
             || self.customer.directory.is_none()
             || digest == self.saved.role.backup_digest
         {
@@ -595,6 +600,15 @@ pub async fn run(home: &Home, out: Out, cmd: CustomerCmd) -> CliResult {
     if let CustomerCmd::Recover { identity, at } = &cmd {
         return recover(home, out, identity, &at.server, &at.log_vkey).await;
     }
+    if home.exists(Role::Customer)
+        && let Ok(saved) = home.read_state::<CustomerRole>(Role::Customer)
+        && let Some(at) = saved.role.vault_erased_at
+    {
+        return Err(CliError::local(
+            format!("this vault was erased (log index {at}): its records and keys are gone"),
+            "`cmr customer id` still prints the identity; start over with `cmr customer init` in a new --home",
+        ));
+    }
     let mut l = Loaded::open(home)?;
     let result = step(&mut l, out, cmd).await;
     // Whatever happened, what was verified so far is kept.
@@ -640,6 +654,7 @@ fn init(home: &Home, out: Out, server: &str, log_vkey: &str) -> CliResult {
             recovery_seq: record.seq,
             backup_version: 0,
             backup_digest: String::new(),
+            vault_erased_at: None,
         },
     };
     home.write_state(Role::Customer, &saved)?;
@@ -1355,10 +1370,29 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             yes,
         } => {
             if !yes {
-                return Err(CliError::local(
-                    "erasure cannot be undone",
-                    "add --yes to confirm",
-                ));
+                // On a terminal, the user types what is erased; a script must say --yes.
+                let what = if vault {
+                    "vault".to_string()
+                } else {
+                    scope.clone().unwrap_or_default()
+                };
+                if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                    return Err(CliError::local(
+                        "erasure cannot be undone",
+                        "add --yes to confirm",
+                    ));
+                }
+                eprint!(
+                    "erasure cannot be undone; type {what:?} to erase it (anything else stops): "
+                );
+                let mut typed = String::new();
+                let _ = std::io::stdin().read_line(&mut typed);
+                if typed.trim() != what {
+                    return Err(CliError::local(
+                        "nothing was erased",
+                        "type the name exactly",
+                    ));
+                }
             }
             let family = if vault {
                 None
@@ -1393,6 +1427,9 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 Some(c.family_id(&name))
             };
             let acked = c.erase(family, t).await?;
+            if family.is_none() {
+                l.saved.role.vault_erased_at = Some(acked.index);
+            }
             out.line(format!("erased (log index {}): the records are gone; the log keeps only that an erasure happened", acked.index));
             out.value(&json!({"index": acked.index}));
         }
@@ -1847,6 +1884,7 @@ async fn finish_recovery(
         recovery_seq: record.seq,
         backup_version: version,
         backup_digest: String::new(),
+        vault_erased_at: None,
     };
     Loaded {
         customer,

@@ -744,6 +744,12 @@ fn a_scripted_session_against_a_real_server() {
     assert!(err.contains("forbidden"), "{err}");
     let seen = phone.json(&["customer", "auditors"]);
     assert_eq!(seen["auditors"][0]["admitted"], false);
+
+    // The whole vault erased: every later command says so (not a vanished backup); the id stays.
+    phone.ok(&["customer", "erase", "--vault", "--yes"]);
+    let err = phone.fails(&["customer", "profile", "show"], 4);
+    assert!(err.contains("this vault was erased"), "{err}");
+    assert_eq!(phone.ok(&["customer", "id"]).trim(), alex_id);
 }
 
 /// Sends one raw HTTP/1.1 POST with the given headers and body; returns the status and the body.
