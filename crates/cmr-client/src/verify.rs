@@ -89,9 +89,8 @@ impl LogView {
                             .collect()
                     })
                     .unwrap_or_default();
-                let pinned = self.key.to_vkey();
-                let pinned_id = pinned.rsplit_once('+').map_or(pinned.as_str(), |(a, _)| a);
-                if signers.is_empty() || signers.iter().any(|s| s == pinned_id) {
+                let pinned_id = format!("{}+{:08x}", self.key.name(), self.key.id());
+                if signers.is_empty() || signers.contains(&pinned_id) {
                     VerifyError::Checkpoint(e.to_string())
                 } else {
                     VerifyError::Checkpoint(format!(

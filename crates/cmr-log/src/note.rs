@@ -218,6 +218,11 @@ impl NoteVerifier {
         &self.name
     }
 
+    /// The key id (the hash prefix that names it in signature lines).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
     /// Whether this key is a cosigner (type 0x04).
     pub fn is_cosigner(&self) -> bool {
         self.sig_type == TYPE_COSIGNATURE
