@@ -569,13 +569,56 @@ fn a_scripted_session_against_a_real_server() {
     ]);
     assert_eq!(v["records"][0]["text"], "email: alex@example.org");
 
-    // A receipt; the revocation with its rotation; the refused read; the history shows the read.
+    // A one-time grant on the same transactions, used by one read; its second read is refused.
+    let once = alex.json(&[
+        "customer",
+        "grant",
+        "--company",
+        &bank_id,
+        "--domain",
+        &bank_domain,
+        "--scope",
+        "transactions:read",
+        "--purpose",
+        "one statement",
+        "--lookback",
+        "1",
+        "--duration",
+        "once",
+        "--insecure-http-for-tests",
+    ])["grant"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bank.ok(&["company", "status"]);
+    bank.ok(&["company", "read", &once]);
+    let err = bank.fails(&["company", "read", &once], 1);
+    assert!(err.contains("grant-consumed"), "{err}");
+    let listed = alex.json(&["customer", "grants"]);
+    let used = listed["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["grant"] == once.as_str())
+        .unwrap();
+    assert_eq!(used["status"], "used", "{listed}");
+
+    // A receipt; the revocation with its rotation (which skips the used one-time grant); the refused
+    // read; the family takes writes again; the history shows the read.
     // Ids may be typed as a unique prefix, as git takes commit ids.
     let receipt = alex.ok(&["customer", "receipt", &grant[..10]]);
     assert!(receipt.contains("credit limit review"), "{receipt}");
     alex.ok(&["customer", "revoke", &grant]);
     let err = bank.fails(&["company", "read", &grant], 1);
     assert!(err.contains("grant-revoked"), "{err}");
+    alex.ok(&[
+        "customer",
+        "tx",
+        "add",
+        "--company",
+        &bank_id,
+        "after the rotation",
+    ]);
     let v = bank.json(&["company", "status"]);
     let revoked = v["grants"]
         .as_array()
@@ -647,7 +690,7 @@ fn a_scripted_session_against_a_real_server() {
         .find(|f| f["scope"] == "transactions")
         .unwrap();
     assert_eq!(tx_family["company"], bank_id.as_str());
-    assert_eq!(tx_family["records"].as_array().unwrap().len(), 4);
+    assert_eq!(tx_family["records"].as_array().unwrap().len(), 5);
     // The same export to a bare file name, in the current folder.
     let (code, _, err) = run(alex
         .cmd(&["customer", "export", "--out", "vault.json"])
