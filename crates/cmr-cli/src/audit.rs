@@ -77,7 +77,10 @@ pub async fn run(home: &Home, out: Out, cmd: AuditCmd) -> CliResult {
         home.refuse_existing(Role::Auditor)?;
         let (keys, inception, _) = cmr_client::session::Session::create(Role::Auditor);
         let id = keys.identity;
-        let passphrase = home::passphrase(true)?;
+        let passphrase = home::passphrase(
+            true,
+            &format!("auditor {}", crate::out::short(&id.to_hex())),
+        )?;
         home.write_key(Role::Auditor, &keys, &passphrase)?;
         home.write_state(
             Role::Auditor,

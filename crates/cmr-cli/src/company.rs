@@ -122,7 +122,10 @@ pub async fn run(home: &Home, out: Out, cmd: CompanyCmd) -> CliResult {
         home.refuse_existing(Role::Company)?;
         let (keys, inception, _recovery) = cmr_client::session::Session::create(Role::Company);
         let id = keys.identity;
-        let passphrase = home::passphrase(true)?;
+        let passphrase = home::passphrase(
+            true,
+            &format!("company {}", crate::out::short(&id.to_hex())),
+        )?;
         home.write_key(Role::Company, &keys, &passphrase)?;
         let company = Company::new(home::new_session(server, log_vkey, keys)?);
         let role = CompanyState::save(&company);

@@ -634,7 +634,10 @@ fn init(home: &Home, out: Out, server: &str, log_vkey: &str) -> CliResult {
         .current()
         .clone();
     let recovery_wrap = vault.wrap_to_recovery(&mut rand::rng(), id, &record);
-    let passphrase = home::passphrase(true)?;
+    let passphrase = home::passphrase(
+        true,
+        &format!("customer {}", crate::out::short(&id.to_hex())),
+    )?;
     home.write_key(Role::Customer, &keys, &passphrase)?;
     let session = home::new_session(server, log_vkey, keys)?;
     let customer = Customer::new(session, PseudonymKey::generate(&mut rand::rng()));
@@ -1634,7 +1637,10 @@ fn device_new(home: &Home, out: Out, identity: &str, server: &str, log_vkey: &st
         device,
         identity_key: None,
     };
-    let passphrase = home::passphrase(true)?;
+    let passphrase = home::passphrase(
+        true,
+        &format!("customer {}", crate::out::short(&id.to_hex())),
+    )?;
     home.write_key(Role::Customer, &keys, &passphrase)?;
     let saved = Saved {
         identity: id.to_hex(),
@@ -1775,7 +1781,10 @@ async fn recover(home: &Home, out: Out, identity: &str, server: &str, log_vkey: 
     })?;
     let (session, next) = Customer::recover_identity(conn, pinned, id, &secret, now()).await?;
     // The old phrase rotates nothing any more: keep the new identity key and show the new phrase now.
-    let passphrase = home::passphrase(true)?;
+    let passphrase = home::passphrase(
+        true,
+        &format!("customer {}", crate::out::short(&id.to_hex())),
+    )?;
     home.write_key(Role::Customer, &session.keys, &passphrase)?;
     let saved = Saved {
         identity: id.to_hex(),

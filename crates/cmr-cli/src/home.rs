@@ -288,26 +288,80 @@ impl Home {
     }
 }
 
-/// A passphrase: from `CMR_PASSPHRASE`, else a prompt (twice when `confirm`).
-pub fn passphrase(confirm: bool) -> CliResult<Zeroizing<String>> {
-    if let Ok(p) = std::env::var(PASSPHRASE_ENV) {
-        return Ok(Zeroizing::new(p));
-    }
-    let ask = |prompt: &str| {
-        rpassword::prompt_password(prompt)
-            .map(Zeroizing::new)
-            .map_err(|_| {
-                CliError::local(
-                    "no passphrase: there is no terminal to ask on",
-                    format!("set {PASSPHRASE_ENV} for scripts"),
-                )
-            })
+/// Where scripts keep the passphrase in a file (`--passphrase-file`, or `CMR_PASSPHRASE_FILE`), set once
+/// by `main`.
+pub static PASSPHRASE_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The weakest passphrase accepted for a new key file, on zxcvbn's 0–4 scale: 3 is "safely
+/// unguessable: moderate protection from offline slow-hash scenario", which is what a stolen key file
+/// under Argon2id faces.
+pub const MIN_PASSPHRASE_SCORE: zxcvbn::Score = zxcvbn::Score::Three;
+
+/// A passphrase for `who` (the identity it opens, named in the prompt): from `CMR_PASSPHRASE`, else the
+/// passphrase file, else a prompt. A new one (`confirm`) is asked twice on a terminal and must be
+/// strong enough (zxcvbn score 3 of 4), or it is refused with the estimator's reason.
+pub fn passphrase(confirm: bool, who: &str) -> CliResult<Zeroizing<String>> {
+    let given = if let Ok(p) = std::env::var(PASSPHRASE_ENV) {
+        Some(Zeroizing::new(p))
+    } else if let Some(path) = PASSPHRASE_FILE.get() {
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+            CliError::local(
+                format!("the passphrase file {}: {e}", path.display()),
+                "check --passphrase-file (or CMR_PASSPHRASE_FILE)",
+            )
+        })?);
+        // One line: the trailing newline an editor or `echo` adds is not part of it.
+        Some(Zeroizing::new(
+            text.trim_end_matches(['\n', '\r']).to_string(),
+        ))
+    } else {
+        None
     };
-    let first = ask("passphrase: ")?;
-    if confirm && *ask("passphrase again: ")? != *first {
-        return Err(CliError::local("the passphrases differ", "try again"));
+    let chosen = match given {
+        Some(p) => p,
+        None => {
+            let ask = |prompt: &str| {
+                rpassword::prompt_password(prompt)
+                    .map(Zeroizing::new)
+                    .map_err(|_| {
+                        CliError::local(
+                            "no passphrase: there is no terminal to ask on",
+                            format!("set {PASSPHRASE_ENV}, or give --passphrase-file, for scripts"),
+                        )
+                    })
+            };
+            let first = ask(&format!("passphrase for {who}: "))?;
+            if confirm && *ask(&format!("passphrase for {who}, again: "))? != *first {
+                return Err(CliError::local("the passphrases differ", "try again"));
+            }
+            first
+        }
+    };
+    if confirm {
+        check_strength(&chosen)?;
     }
-    Ok(first)
+    Ok(chosen)
+}
+
+/// Refuses a passphrase an attacker with the key file would guess, saying why.
+fn check_strength(p: &str) -> CliResult {
+    let estimate = zxcvbn::zxcvbn(p, &[]);
+    if estimate.score() >= MIN_PASSPHRASE_SCORE {
+        return Ok(());
+    }
+    let feedback = estimate.feedback();
+    let warning = feedback
+        .and_then(|f| f.warning())
+        .map(|w| w.to_string())
+        .unwrap_or_else(|| "it would be guessed quickly".into());
+    let suggestion = feedback
+        .and_then(|f| f.suggestions().first())
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "use four or more random words".into());
+    Err(CliError::local(
+        format!("this passphrase is too weak: {warning}"),
+        suggestion,
+    ))
 }
 
 /// Opens a session for `role`: the key file with the passphrase, the state file, the pinned log key.
@@ -325,7 +379,8 @@ pub fn open_session<T: for<'de> Deserialize<'de>>(
         ));
     }
     let saved: Saved<T> = home.read_state(role)?;
-    let keys = home.read_key(role, &passphrase(false)?)?;
+    let who = format!("{} {}", role_name(role), crate::out::short(&saved.identity));
+    let keys = home.read_key(role, &passphrase(false, &who)?)?;
     let session = new_session(&server_for(&saved.server), &saved.log_vkey, keys)?;
     Ok((session, saved))
 }

@@ -46,6 +46,9 @@ struct Cli {
     /// Print JSON for scripts instead of lines for people.
     #[arg(long, global = true)]
     json: bool,
+    /// Read the passphrase from this file (its first line), for scripts; a prompt asks otherwise.
+    #[arg(long, global = true, env = "CMR_PASSPHRASE_FILE")]
+    passphrase_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -198,6 +201,9 @@ fn main() -> ExitCode {
         }
     };
     let out = out::Out { json: cli.json };
+    if let Some(path) = cli.passphrase_file.clone() {
+        let _ = home::PASSPHRASE_FILE.set(path);
+    }
     let home = cli.home.clone();
     let result = runtime.block_on(async {
         let home = || home::Home::locate(home.clone());

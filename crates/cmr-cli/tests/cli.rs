@@ -12,7 +12,7 @@ use serde_json::Value;
 
 fn cmr() -> Command {
     let mut c = Command::new(cargo_bin("cmr"));
-    c.env("CMR_PASSPHRASE", "correct horse")
+    c.env("CMR_PASSPHRASE", "amber-quarry-lantern-nimbus-71")
         .env_remove("CMR_HOME")
         .env_remove("CMR_SERVER")
         .env_remove("CMR_LOG_VKEY")
@@ -838,7 +838,7 @@ fn a_request_signed_before_a_restart_is_refused_after_it() {
         .to_string();
     alex.ok(&["customer", "register"]);
     let file = std::fs::read(homes.path().join("alex/customer/identity.key")).unwrap();
-    let keys = cmr_core::keyfile::open(&file, "correct horse").unwrap();
+    let keys = cmr_core::keyfile::open(&file, "amber-quarry-lantern-nimbus-71").unwrap();
     let authority = server.base.trim_start_matches("http://").to_string();
     let path = format!("/v1/vaults/{id}/history");
     let body = br#"{"limit":1}"#;
@@ -1306,4 +1306,50 @@ fn a_wrong_pinned_key_is_named_and_config_fixes_it() {
     assert!(err.contains("cmr config show"), "{err}");
     let (code, _, err) = run(&mut cmd(&["customer", "grants"]));
     assert_eq!(code, 0, "{err}");
+}
+
+/// A weak passphrase is refused with the estimator's reason; scripts may keep the passphrase in a file.
+#[test]
+fn weak_passphrases_are_refused_and_a_passphrase_file_works() {
+    let homes = tempfile::tempdir().unwrap();
+    let h = homes.path().join("alex");
+    let vkey = "localhost/cmr-vault+423668a3+ARNvWSEFVkTp3XZpPeVy1WzXX8InvvaBtpc6obNo6NYE";
+    let init = |c: &mut Command| {
+        c.arg("--home").arg(&h).args([
+            "customer",
+            "init",
+            "--server",
+            "http://127.0.0.1:9",
+            "--log-vkey",
+            vkey,
+        ]);
+        run(c)
+    };
+    let (code, _, err) = init(cmr().env("CMR_PASSPHRASE", "password1"));
+    assert_eq!(code, 4, "{err}");
+    one_line_error(&err);
+    assert!(err.contains("too weak"), "{err}");
+    assert!(!h.join("customer/identity.key").exists());
+    let file = homes.path().join("pass.txt");
+    std::fs::write(&file, "amber-quarry-lantern-nimbus-71\n").unwrap();
+    let (code, _, err) = init(
+        cmr()
+            .env_remove("CMR_PASSPHRASE")
+            .arg("--passphrase-file")
+            .arg(&file),
+    );
+    assert_eq!(code, 0, "{err}");
+    // The same passphrase from the environment opens the key the file sealed (the newline is not in it);
+    // a wrong one in the file is refused.
+    let (code, out, err) = run(cmr().arg("--home").arg(&h).args(["customer", "grants"]));
+    assert_ne!(code, 4, "{err}{out}");
+    std::fs::write(&file, "not it\n").unwrap();
+    let (code, _, err) = run(cmr()
+        .env_remove("CMR_PASSPHRASE")
+        .env("CMR_PASSPHRASE_FILE", &file)
+        .arg("--home")
+        .arg(&h)
+        .args(["customer", "grants"]));
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("passphrase"), "{err}");
 }
