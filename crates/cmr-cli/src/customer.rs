@@ -887,15 +887,22 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
             } else {
                 vec![]
             };
+            let names = Names::new(c.id(), &l.saved.role.companies);
             for r in &records {
+                // Rows a company appended say so; the customer's own need no mark.
+                let by = if r.author == c.id() {
+                    String::new()
+                } else {
+                    format!("   (added by {})", names.of(&r.author))
+                };
                 out.line(format!(
-                    "{}  {}",
+                    "{}  {}{by}",
                     r.period,
                     String::from_utf8_lossy(&r.content)
                 ));
             }
             out.line(format!("{} transactions, proven complete", records.len()));
-            out.value(&json!({"transactions": records.iter().map(|r| json!({"month": r.period.to_string(), "text": String::from_utf8_lossy(&r.content), "record": r.id.to_hex()})).collect::<Vec<_>>()}));
+            out.value(&json!({"transactions": records.iter().map(|r| json!({"month": r.period.to_string(), "text": String::from_utf8_lossy(&r.content), "record": r.id.to_hex(), "author": r.author.to_hex(), "by": names.of(&r.author)})).collect::<Vec<_>>()}));
         }
         CustomerCmd::Requests => {
             let pending = c.pending().await?;
@@ -909,10 +916,16 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                     .map(|(s, a)| format!("{}:{}", s.name(), access_name(*a)))
                     .collect();
                 out.line(format!("request {}", p.statement.id().to_hex()));
+                let known = Names::new(c.id(), &l.saved.role.companies).of(&st.author);
                 out.line(format!(
-                    "  from     company {} (fingerprint {})",
+                    "  from     company {} (fingerprint {}){}",
                     st.author.to_hex(),
-                    wellknown::fingerprint(&st.author)
+                    wellknown::fingerprint(&st.author),
+                    if known.starts_with("company ") {
+                        ", domain not checked yet".to_string()
+                    } else {
+                        format!(", {known}, domain checked before")
+                    }
                 ));
                 out.line(format!("  asks     {}", scopes.join(", ")));
                 out.line(format!("  why      {}", r.purpose));
@@ -1082,7 +1095,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 out.line(format!(
                     "{}  {status:<8} {}  {}  {lasting}  look-back from {}",
                     id.to_hex(),
-                    short(&b.grantee.to_hex()),
+                    Names::new(c.id(), &l.saved.role.companies).of(&b.grantee),
                     scopes.join(","),
                     b.lookback_start
                 ));
@@ -1160,9 +1173,10 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
         }
         CustomerCmd::History => {
             let chain = c.history().await?;
+            let names = Names::new(c.id(), &l.saved.role.companies);
             let mut rows = Vec::new();
             for e in &chain {
-                let what = describe(&e.body);
+                let what = describe(&e.body, &names);
                 out.line(format!(
                     "{:>6}  {}  {what}",
                     e.index,
@@ -1494,7 +1508,31 @@ fn rotation_unfinished(e: ClientError, revoked_at: u64) -> CliError {
     err
 }
 
-fn describe(body: &cmr_log::entry::EntryBody) -> String {
+/// Who an identity is, for people: "you" for this customer, the verified name and domain of a company
+/// whose domain proof this customer checked, else "company" and the short id.
+pub(crate) struct Names<'a> {
+    me: IdentityId,
+    checked: &'a [(String, String, String)],
+}
+
+impl<'a> Names<'a> {
+    pub(crate) fn new(me: IdentityId, checked: &'a [(String, String, String)]) -> Self {
+        Self { me, checked }
+    }
+
+    pub(crate) fn of(&self, id: &IdentityId) -> String {
+        if *id == self.me {
+            return "you".into();
+        }
+        let hex = id.to_hex();
+        match self.checked.iter().find(|(i, _, _)| *i == hex) {
+            Some((_, domain, name)) => format!("{name} ({domain})"),
+            None => format!("company {}", short(&hex)),
+        }
+    }
+}
+
+fn describe(body: &cmr_log::entry::EntryBody, names: &Names<'_>) -> String {
     use cmr_log::entry::{AccessRecord, EntryKind};
     match body.kind {
         EntryKind::Access => match AccessRecord::decode(&body.payload) {
@@ -1504,10 +1542,13 @@ fn describe(body: &cmr_log::entry::EntryBody) -> String {
                     .iter()
                     .map(|f| format!("{}…{}..{}", &f.family.to_hex()[..8], f.from, f.to))
                     .collect();
+                let kind = match a.kind {
+                    cmr_core::decision::AccessKind::Read => "read",
+                    cmr_core::decision::AccessKind::Append => "append",
+                };
                 format!(
-                    "{:?} by company {} under grant {}: {}",
-                    a.kind,
-                    short(&body.subject.to_hex()),
+                    "{kind} by {} under grant {}: {}",
+                    names.of(&body.subject),
                     short(&a.grant.to_hex()),
                     fams.join(", ")
                 )
@@ -1516,24 +1557,22 @@ fn describe(body: &cmr_log::entry::EntryBody) -> String {
         },
         EntryKind::Statement => match cmr_core::consent::SignedStatement::decode(&body.payload) {
             Ok(st) => {
-                let who = if st.statement().author == st.statement().customer {
-                    "you".to_string()
-                } else {
-                    format!("company {}", short(&st.statement().author.to_hex()))
-                };
+                let who = names.of(&st.statement().author);
                 let extra = match &st.statement().body {
-                    Body::Grant(g) => format!(" to {}", short(&g.grantee.to_hex())),
+                    Body::Grant(g) => format!(" to {}", names.of(&g.grantee)),
                     Body::Revocation(r) => format!(" of {}", short(&r.grant.to_hex())),
+                    Body::Block { company, blocked } => format!(
+                        " {} {}",
+                        if *blocked { "of" } else { "lifted for" },
+                        names.of(company)
+                    ),
                     _ => String::new(),
                 };
                 format!("{}{extra} by {who}", st.statement().body.name())
             }
             Err(_) => "statement (undecodable)".into(),
         },
-        EntryKind::FamilyHead => {
-            let who = short(&body.subject.to_hex());
-            format!("records written by {who}")
-        }
+        EntryKind::FamilyHead => format!("records written by {}", names.of(&body.subject)),
         k => k.name().to_string(),
     }
 }

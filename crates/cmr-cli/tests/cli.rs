@@ -629,7 +629,7 @@ fn a_scripted_session_against_a_real_server() {
     assert_eq!(revoked["status"], "revoked");
     let history = alex.ok(&["customer", "history"]);
     assert!(
-        history.contains("Read by company") && history.contains("revocation"),
+        history.contains("read by Acme Bank (") && history.contains("revocation"),
         "{history}"
     );
 
