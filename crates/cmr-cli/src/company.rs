@@ -263,7 +263,16 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
                 ));
                 grants.push(json!({"grant": g.id.to_hex(), "customer": g.customer.to_hex(), "status": state, "scopes": scopes, "duration": lasting, "expires": b.expires, "lookback_start": b.lookback_start.to_string()}));
             }
-            out.value(&json!({"requests": rows, "grants": grants}));
+            for d in &c.disputes {
+                out.line(format!(
+                    "dispute from {}: record {} {} (log index {})",
+                    short(&d.customer),
+                    d.record,
+                    if d.rejected { "rejected" } else { "annotated" },
+                    d.index
+                ));
+            }
+            out.value(&json!({"requests": rows, "grants": grants, "disputes": c.disputes}));
         }
         CompanyCmd::Read {
             grant,

@@ -733,6 +733,13 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                     .filter(|f| f.name.scope() == Scope::ProfileInferred)
                     .map(|f| f.name),
             );
+            // Disputed attributes are marked as such, as the log says.
+            let disputes = if names.iter().any(|n| n.scope() == Scope::ProfileInferred) {
+                c.consent().await?.disputes().to_vec()
+            } else {
+                Vec::new()
+            };
+            let who = Names::new(c.id(), &l.saved.role.companies);
             for name in names {
                 let fid = c.family_id(&name);
                 if !c.families.contains_key(&fid) {
@@ -741,17 +748,23 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 let records = c.read(fid, Period::ORIGIN, Period::ORIGIN).await?;
                 for r in records {
                     let text = String::from_utf8_lossy(&r.content).into_owned();
-                    let by = if r.author == c.id() {
-                        "you".to_string()
-                    } else {
-                        short(&r.author.to_hex())
-                    };
+                    let by = who.of(&r.author);
+                    let disputed =
+                        disputes
+                            .iter()
+                            .rev()
+                            .find(|d| d.record == r.id)
+                            .map(|d| match d.action {
+                                cmr_core::consent::DisputeAction::Reject => "rejected",
+                                cmr_core::consent::DisputeAction::Annotate { .. } => "annotated",
+                            });
+                    let mark = disputed.map_or_else(String::new, |d| format!(", disputed: {d}"));
                     out.line(format!(
-                        "{:<22} {text}   (record {}, by {by})",
+                        "{:<22} {text}   (record {}, by {by}{mark})",
                         name.scope().name(),
                         r.id.to_hex()
                     ));
-                    all.push(json!({"scope": name.scope().name(), "text": text, "record": r.id.to_hex(), "author": r.author.to_hex()}));
+                    all.push(json!({"scope": name.scope().name(), "text": text, "record": r.id.to_hex(), "author": r.author.to_hex(), "disputed": disputed}));
                 }
             }
             out.value(&json!({"profile": all}));

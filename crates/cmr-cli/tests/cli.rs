@@ -569,6 +569,47 @@ fn a_scripted_session_against_a_real_server() {
     ]);
     assert_eq!(v["records"][0]["text"], "email: alex@example.org");
 
+    // The bank may infer attributes: it appends one, the customer sees it by name and disputes it, and
+    // both sides see the dispute.
+    let infer = alex.json(&[
+        "customer",
+        "grant",
+        "--company",
+        &bank_id,
+        "--domain",
+        &bank_domain,
+        "--scope",
+        "profile.inferred:read+append",
+        "--purpose",
+        "segments",
+        "--insecure-http-for-tests",
+    ])["grant"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bank.ok(&["company", "status"]);
+    bank.ok(&["company", "append", &infer, "segment: frequent traveller"]);
+    let v = alex.json(&["customer", "profile", "show"]);
+    let inferred = v["profile"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["scope"] == "profile.inferred")
+        .unwrap()
+        .clone();
+    assert_eq!(inferred["text"], "segment: frequent traveller");
+    assert!(inferred["disputed"].is_null());
+    let record = inferred["record"].as_str().unwrap().to_string();
+    alex.ok(&["customer", "dispute", "--company", &bank_id, &record]);
+    let shown = alex.ok(&["customer", "profile", "show"]);
+    assert!(
+        shown.contains("by Acme Bank (") && shown.contains("disputed: rejected"),
+        "{shown}"
+    );
+    let v = bank.json(&["company", "status"]);
+    assert_eq!(v["disputes"][0]["record"], record.as_str(), "{v}");
+    assert_eq!(v["disputes"][0]["rejected"], true);
+
     // A one-time grant on the same transactions, used by one read; its second read is refused.
     let once = alex.json(&[
         "customer",

@@ -88,6 +88,21 @@ pub struct Company {
     pub requests: HashMap<StatementId, IdentityId>,
     /// Per vault, the newest entry already taken into account by [`Company::sync`].
     pub synced: HashMap<IdentityId, u64>,
+    /// Customers' disputes of attributes this company appended, as logged.
+    pub disputes: Vec<Dispute>,
+}
+
+/// A customer's dispute of an attribute this company appended, as logged.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Dispute {
+    /// The vault, hex.
+    pub customer: String,
+    /// Where it was logged.
+    pub index: u64,
+    /// The disputed record, hex.
+    pub record: String,
+    /// Rejected (`true`) or annotated.
+    pub rejected: bool,
 }
 
 /// A page of a read as parsed from the API.
@@ -109,6 +124,7 @@ impl Company {
             statuses: HashMap::new(),
             requests: HashMap::new(),
             synced: HashMap::new(),
+            disputes: Vec::new(),
         }
     }
 
@@ -303,6 +319,16 @@ impl Company {
                 Body::Revocation(r) => {
                     if let Some(g) = self.grants.get_mut(&r.grant) {
                         g.revoked = true;
+                    }
+                }
+                Body::Dispute { record, action, .. } if by_customer => {
+                    if !self.disputes.iter().any(|d| d.index == p.index) {
+                        self.disputes.push(Dispute {
+                            customer: customer.to_hex(),
+                            index: p.index,
+                            record: record.to_hex(),
+                            rejected: matches!(action, cmr_core::consent::DisputeAction::Reject),
+                        });
                     }
                 }
                 Body::RotationCompletion(rc) if by_customer => {

@@ -316,6 +316,9 @@ pub struct CompanyState {
     pub requests: Vec<SavedRequest>,
     /// Per vault (hex), the newest entry synced.
     pub synced: Vec<(String, u64)>,
+    /// Customers' disputes of what this company appended.
+    #[serde(default)]
+    pub disputes: Vec<crate::company::Dispute>,
 }
 
 impl CompanyState {
@@ -355,6 +358,7 @@ impl CompanyState {
             grants,
             requests,
             synced,
+            disputes: c.disputes.clone(),
         }
     }
 
@@ -410,6 +414,7 @@ impl CompanyState {
         for (k, v) in &self.synced {
             c.synced.insert(id(k)?, *v);
         }
+        c.disputes = self.disputes.clone();
         Ok(c)
     }
 }

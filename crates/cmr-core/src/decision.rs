@@ -837,7 +837,8 @@ impl ConsentState {
     /// The parties besides the customer that a statement concerns, judged against the state before it is
     /// applied: its author; the grantee of a grant and of what follows from it (its revocation, the
     /// rotations that keep it, key deliveries to it); the company whose request a denial answers; the
-    /// company a block names. A company is handed exactly these (its relationship view).
+    /// company a block names; the companies appending to a disputed family. A company is handed exactly
+    /// these (its relationship view).
     pub fn concerned(&self, signed: &SignedStatement) -> Vec<IdentityId> {
         let st = signed.statement();
         let grantee = |g: &StatementId| self.grants.get(g).map(|g| g.grant.grantee);
@@ -853,8 +854,14 @@ impl ConsentState {
                 out.extend(rc.keepers.iter().filter_map(|(g, _)| grantee(g)));
             }
             Body::Block { company, .. } => out.push(*company),
-            Body::Request(_) | Body::Erasure(_) | Body::Dispute { .. } | Body::RequestPolicy(_) => {
-            }
+            // A dispute concerns the companies that append to the disputed family: they wrote it.
+            Body::Dispute { family, .. } => out.extend(
+                self.grants
+                    .values()
+                    .filter(|g| g.grant.append_family == Some(*family))
+                    .map(|g| g.grant.grantee),
+            ),
+            Body::Request(_) | Body::Erasure(_) | Body::RequestPolicy(_) => {}
         }
         out.retain(|p| *p != self.customer);
         out.sort();
