@@ -321,15 +321,15 @@ impl Company {
                         g.revoked = true;
                     }
                 }
-                Body::Dispute { record, action, .. } if by_customer => {
-                    if !self.disputes.iter().any(|d| d.index == p.index) {
-                        self.disputes.push(Dispute {
-                            customer: customer.to_hex(),
-                            index: p.index,
-                            record: record.to_hex(),
-                            rejected: matches!(action, cmr_core::consent::DisputeAction::Reject),
-                        });
-                    }
+                Body::Dispute { record, action, .. }
+                    if by_customer && !self.disputes.iter().any(|d| d.index == p.index) =>
+                {
+                    self.disputes.push(Dispute {
+                        customer: customer.to_hex(),
+                        index: p.index,
+                        record: record.to_hex(),
+                        rejected: matches!(action, cmr_core::consent::DisputeAction::Reject),
+                    });
                 }
                 Body::RotationCompletion(rc) if by_customer => {
                     for (gid, sealed) in &rc.keepers {
