@@ -112,3 +112,51 @@ pub fn run(home: &Home, out: Out, cmd: ConfigCmd) -> CliResult {
     }
     Ok(())
 }
+
+/// `cmr unlock`: opens the key file once and keeps the keys, sealed under a random session key, for
+/// `minutes`; prints the `export` line that names the session for the commands that follow.
+pub fn unlock(home: &Home, out: Out, role: Option<&str>, minutes: u64) -> CliResult {
+    let (role, name) = match role {
+        Some(r) => ROLES.into_iter().find(|(_, n)| *n == r).ok_or_else(|| {
+            CliError::usage(
+                format!("unknown role {r:?}"),
+                "roles: customer, company, auditor",
+            )
+        })?,
+        None => ROLES
+            .into_iter()
+            .find(|(role, _)| home.exists(*role))
+            .ok_or_else(|| {
+                CliError::local(
+                    "no identity in this configuration folder",
+                    "run `cmr customer init` first (or check --home)",
+                )
+            })?,
+    };
+    let saved: Saved<Value> = home.read_state(role)?;
+    let who = format!("{name} {}", crate::out::short(&saved.identity));
+    let until = crate::out::now() + minutes.clamp(1, 24 * 60) * 60;
+    let token = home.unlock(role, &home::passphrase(false, &who)?, until)?;
+    if out.json {
+        out.value(&json!({"session": token, "until": until, "role": name}));
+    } else {
+        crate::out::print(&format!("export {}={token}", home::SESSION_ENV));
+        eprintln!(
+            "{who} unlocked until {}: run the line above (or `eval \"$(cmr unlock)\"`); `cmr lock` ends it",
+            crate::out::time(until)
+        );
+    }
+    Ok(())
+}
+
+/// `cmr lock`: ends every unlocked session in the folder.
+pub fn lock(home: &Home, out: Out) -> CliResult {
+    let any = home.lock()?;
+    out.line(if any {
+        "locked: the next command asks for the passphrase again"
+    } else {
+        "nothing was unlocked"
+    });
+    out.value(&json!({"locked": any}));
+    Ok(())
+}

@@ -202,16 +202,7 @@ impl Home {
                 "use it, or choose another folder with --home",
             ));
         }
-        let copy = |k: &SigningKey| SigningKey::from_seed(&k.seed());
-        let contents = KeyFileContents {
-            role,
-            identity: keys.identity,
-            device: DeviceKeys {
-                signing: copy(&keys.device.signing),
-                kem: keys.device.kem.clone(),
-            },
-            identity_key: keys.identity_key.as_ref().map(|(s, k)| (*s, copy(k))),
-        };
+        let contents = contents_of(keys);
         let sealed = keyfile::seal(&mut rand::rng(), &contents, passphrase, KdfParams::DEFAULT)
             .map_err(|e| {
                 CliError::local(
@@ -223,6 +214,64 @@ impl Home {
     }
 
     /// Opens the key file with `passphrase`.
+    /// The unlocked session's key file for `role`: the same keys sealed under a random session key
+    /// (`cmr unlock`), so commands need no passphrase until it expires or `cmr lock` removes it.
+    fn session_path(&self, role: Role) -> PathBuf {
+        self.dir(role).join("session.key")
+    }
+
+    /// Seals `role`'s keys (opened with `passphrase`) under a fresh session key valid until `until`
+    /// (Unix seconds), and returns the session key to put in `CMR_SESSION`. The expiry is part of what
+    /// opens the file, so editing it breaks the file instead of extending the session.
+    pub fn unlock(&self, role: Role, passphrase: &str, until: u64) -> CliResult<String> {
+        let keys = self.read_key(role, passphrase)?;
+        let mut secret = [0u8; 32];
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut secret);
+        let token = format!("{}.{until}", hex::encode(secret));
+        let sealed = keyfile::seal(
+            &mut rand::rng(),
+            &contents_of(&keys),
+            &token,
+            KdfParams::MINIMUM,
+        )
+        .map_err(|e| CliError::local(e.to_string(), "report this"))?;
+        write_private(&self.session_path(role), &sealed)?;
+        Ok(token)
+    }
+
+    /// Removes every unlocked session in this folder; true if there was one.
+    pub fn lock(&self) -> CliResult<bool> {
+        let mut any = false;
+        for role in [Role::Customer, Role::Company, Role::Auditor] {
+            let path = self.session_path(role);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(|e| io_err(&path, &e))?;
+                any = true;
+            }
+        }
+        Ok(any)
+    }
+
+    /// The keys of an unlocked session named by `CMR_SESSION`, if there is one, it is for this folder and
+    /// it has not expired (an expired one is removed).
+    fn session_keys(&self, role: Role) -> Option<Keys> {
+        let token = std::env::var(SESSION_ENV).ok()?;
+        let until: u64 = token.rsplit_once('.')?.1.parse().ok()?;
+        let path = self.session_path(role);
+        if until <= crate::out::now() {
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
+        let bytes = read_private(&path, role).ok()?;
+        let c = keyfile::open(&bytes, &token).ok()?;
+        (c.role == role).then_some(Keys {
+            identity: c.identity,
+            role,
+            device: c.device,
+            identity_key: c.identity_key,
+        })
+    }
+
     pub fn read_key(&self, role: Role, passphrase: &str) -> CliResult<Keys> {
         let path = self.key_path(role);
         let bytes = read_private(&path, role)?;
@@ -296,6 +345,23 @@ pub static PASSPHRASE_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::
 /// unguessable: moderate protection from offline slow-hash scenario", which is what a stolen key file
 /// under Argon2id faces.
 pub const MIN_PASSPHRASE_SCORE: zxcvbn::Score = zxcvbn::Score::Three;
+
+/// The key file contents of `keys` (a copy: the keys stay usable).
+fn contents_of(keys: &Keys) -> KeyFileContents {
+    let copy = |k: &SigningKey| SigningKey::from_seed(&k.seed());
+    KeyFileContents {
+        role: keys.role,
+        identity: keys.identity,
+        device: DeviceKeys {
+            signing: copy(&keys.device.signing),
+            kem: keys.device.kem.clone(),
+        },
+        identity_key: keys.identity_key.as_ref().map(|(s, k)| (*s, copy(k))),
+    }
+}
+
+/// The environment variable that names an unlocked session (`eval "$(cmr unlock)"` sets it).
+pub const SESSION_ENV: &str = "CMR_SESSION";
 
 /// A passphrase for `who` (the identity it opens, named in the prompt): from `CMR_PASSPHRASE`, else the
 /// passphrase file, else a prompt. A new one (`confirm`) is asked twice on a terminal and must be
@@ -380,7 +446,10 @@ pub fn open_session<T: for<'de> Deserialize<'de>>(
     }
     let saved: Saved<T> = home.read_state(role)?;
     let who = format!("{} {}", role_name(role), crate::out::short(&saved.identity));
-    let keys = home.read_key(role, &passphrase(false, &who)?)?;
+    let keys = match home.session_keys(role) {
+        Some(keys) => keys,
+        None => home.read_key(role, &passphrase(false, &who)?)?,
+    };
     let session = new_session(&server_for(&saved.server), &saved.log_vkey, keys)?;
     Ok((session, saved))
 }

@@ -146,6 +146,22 @@ Example, a first run (the operator admits the auditor with the log key):
         #[command(subcommand)]
         cmd: config::ConfigCmd,
     },
+    /// Type the passphrase once for the commands that follow: keeps the keys unlocked for a while, like
+    /// `ssh-agent` or `bw unlock`, named by the CMR_SESSION it prints.
+    #[command(
+        after_help = "Examples:\n  eval \"$(cmr unlock)\"                 the next 15 minutes need no passphrase\n  eval \"$(cmr unlock --role company --minutes 60)\""
+    )]
+    Unlock {
+        /// Which identity: customer, company or auditor (default: the first here).
+        #[arg(long)]
+        role: Option<String>,
+        /// For how long, in minutes (at most a day).
+        #[arg(long, default_value_t = 15)]
+        minutes: u64,
+    },
+    /// End the unlocked sessions: the passphrase is asked again.
+    #[command(after_help = "Example:\n  cmr lock")]
+    Lock,
     /// The operator's tools on a running server, with the log key: admit or dismiss auditors.
     #[command(
         after_help = "Example:\n  cmr operator admit-auditor 3f1a… --log-key /etc/cmr/log.key"
@@ -211,6 +227,10 @@ fn main() -> ExitCode {
             Command::Customer { cmd } => customer::run(&home()?, out, cmd).await,
             Command::Company { cmd } => company::run(&home()?, out, cmd).await,
             Command::Config { cmd } => config::run(&home()?, out, cmd),
+            Command::Unlock { role, minutes } => {
+                config::unlock(&home()?, out, role.as_deref(), minutes)
+            }
+            Command::Lock => config::lock(&home()?, out),
             Command::Audit { cmd } => audit::run(&home()?, out, cmd).await,
             Command::Operator { cmd } => operator::run(out, cmd).await,
             Command::Demo => demo::run().await,

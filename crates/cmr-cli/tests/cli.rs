@@ -1394,3 +1394,40 @@ fn weak_passphrases_are_refused_and_a_passphrase_file_works() {
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("passphrase"), "{err}");
 }
+
+/// `eval "$(cmr unlock)"`: the passphrase is typed once, later commands need none until `cmr lock` (or the
+/// end of the period); a session token with its expiry changed opens nothing.
+#[test]
+fn an_unlocked_session_needs_no_passphrase_until_locked() {
+    let server = serve();
+    let homes = tempfile::tempdir().unwrap();
+    let alex = User {
+        home: homes.path().join("alex"),
+        server: server.base.clone(),
+        vkey: server.vkey.clone(),
+    };
+    alex.ok(&["customer", "init"]);
+    alex.ok(&["customer", "register"]);
+    let line = alex.ok(&["unlock", "--minutes", "5"]);
+    let token = line
+        .trim()
+        .strip_prefix("export CMR_SESSION=")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    let without_passphrase = |token: &str| {
+        let mut c = alex.cmd(&["customer", "grants"]);
+        c.env_remove("CMR_PASSPHRASE").env("CMR_SESSION", token);
+        run(&mut c)
+    };
+    let (code, _, err) = without_passphrase(&token);
+    assert_eq!(code, 0, "{err}");
+    // A longer expiry written into the token does not open the session file.
+    let (secret, until) = token.rsplit_once('.').unwrap();
+    let forged = format!("{secret}.{}", until.parse::<u64>().unwrap() + 3600);
+    let (code, _, err) = without_passphrase(&forged);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("passphrase"), "{err}");
+    alex.ok(&["lock"]);
+    let (code, _, err) = without_passphrase(&token);
+    assert_eq!(code, 4, "{err}");
+}
