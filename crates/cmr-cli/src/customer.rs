@@ -1333,7 +1333,13 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
         CustomerCmd::Device {
             cmd: DeviceCmd::Revoke { device },
         } => {
-            let d = cmr_core::identity::DeviceId(parse_id(&device, "device")?);
+            let known: Vec<[u8; 32]> = c
+                .devices()
+                .await?
+                .iter()
+                .map(|(cert, _)| cert.device().0)
+                .collect();
+            let d = cmr_core::identity::DeviceId(crate::out::resolve_id(&device, "device", known)?);
             let (rev, rotations) = c.revoke_device(d, t).await?;
             // The revoked device knew the vault key: replace it, wrapped to this device only.
             let cert = c
