@@ -19,7 +19,9 @@ use cmr_store::Op;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ack_json, b64, current_checkpoint, entry_json, hex_id, json_body, run};
+use super::{
+    ack_json, b64, current_checkpoint, entry_json, hex_id, json_body, optional_json_body, run,
+};
 use crate::AppState;
 use crate::auth::{SignedRequest, Unverified};
 use crate::error::ApiError;
@@ -60,11 +62,7 @@ async fn events(
     raw: Unverified,
 ) -> Result<Json<Value>, ApiError> {
     let id = IdentityId(hex_id("identity", &id)?);
-    let req: EventsBody = if raw.body.is_empty() {
-        EventsBody::default()
-    } else {
-        json_body(&raw.body)?
-    };
+    let req: EventsBody = optional_json_body(&raw.body)?;
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such identity");
     let caller = match &req.reveal {
         None => raw.authenticate(&state, None)?,
@@ -144,11 +142,7 @@ async fn vaults(
             "only the identity itself lists its vaults",
         ));
     }
-    let req: VaultsBody = if body.is_empty() {
-        VaultsBody::default()
-    } else {
-        json_body(&body)?
-    };
+    let req: VaultsBody = optional_json_body(&body)?;
     let after = req
         .after
         .as_deref()

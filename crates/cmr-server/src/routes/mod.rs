@@ -29,6 +29,17 @@ pub(crate) fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
     serde_json::from_slice(body).map_err(|e| ApiError::malformed(format!("body: {e}")))
 }
 
+/// [`json_body`] for a body whose fields are all optional: an empty body is the default.
+pub(crate) fn optional_json_body<T: DeserializeOwned + Default>(
+    body: &[u8],
+) -> Result<T, ApiError> {
+    if body.is_empty() {
+        Ok(T::default())
+    } else {
+        json_body(body)
+    }
+}
+
 /// Decodes a base64 field.
 pub(crate) fn b64(field: &str, s: &str) -> Result<Vec<u8>, ApiError> {
     B64.decode(s)
