@@ -137,8 +137,8 @@ pub enum CustomerCmd {
         #[arg(long)]
         domain: String,
         /// SCOPE:ACCESS, repeatable. Scopes: profile.identity, profile.contact, profile.address,
-        /// profile.preferences, profile.inferred, transactions. Access: read, or read+append (only for
-        /// one of transactions and profile.inferred).
+        /// profile.preferences, profile.inferred, transactions. Access: read, append or read+append
+        /// (appending only to one of transactions and profile.inferred).
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
         /// Why, in words (the company and the receipt show it).

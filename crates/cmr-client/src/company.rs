@@ -466,6 +466,52 @@ impl Company {
         period: Period,
         contents: &[&[u8]],
     ) -> Result<Acked, ClientError> {
+        self.append_on(grant, head.digest(), period, contents).await
+    }
+
+    /// Appends records to the grant's append family at `period`, on the family's current head, which the
+    /// server names for an appender (`…/head`): an append-only grant reads nothing. A head that is not
+    /// the real one only gets the append refused (`stale-head`): the server checks the chain.
+    pub async fn append_now(
+        &mut self,
+        grant: StatementId,
+        period: Period,
+        contents: &[&[u8]],
+    ) -> Result<Acked, ClientError> {
+        let held = self
+            .grants
+            .get(&grant)
+            .ok_or_else(|| ClientError::Local("no such grant held".into()))?;
+        let family = held
+            .grant()
+            .and_then(|g| g.append_family)
+            .ok_or_else(|| ClientError::Local("the grant does not allow appends".into()))?;
+        let customer = held.customer;
+        let v = self
+            .session
+            .post(
+                &format!(
+                    "/v1/vaults/{}/families/{}/head",
+                    customer.to_hex(),
+                    family.to_hex()
+                ),
+                &json!({"grant": grant.to_hex()}),
+            )
+            .await?;
+        let head = v["head"]
+            .as_str()
+            .and_then(Digest::from_hex)
+            .ok_or_else(|| ClientError::Malformed("head is not a digest".into()))?;
+        self.append_on(grant, head, period, contents).await
+    }
+
+    async fn append_on(
+        &mut self,
+        grant: StatementId,
+        head: Digest,
+        period: Period,
+        contents: &[&[u8]],
+    ) -> Result<Acked, ClientError> {
         let me = self.id();
         let held = self
             .grants

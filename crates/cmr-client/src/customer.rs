@@ -338,7 +338,7 @@ impl Customer {
         .map_err(|e| ClientError::Local(e.to_string()))?;
         let (v, bytes) = self
             .session
-            .send_batch(&sealer, me, family, &head, contents, None)
+            .send_batch(&sealer, me, family, head.digest(), contents, None)
             .await?;
         let acked = self.session.check_ack(&v, &bytes).await?;
         if let Some(f) = self.families.get_mut(&family) {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use cmr_core::batch::{Batch, Head, SignedBatch};
+use cmr_core::batch::{Batch, SignedBatch};
 use cmr_core::consent::StatementId;
 use cmr_core::family::FamilyId;
 use cmr_core::identity::{
@@ -413,7 +413,7 @@ impl Session {
         sealer: &RecordSealer,
         customer: IdentityId,
         family: FamilyId,
-        head: &Head,
+        head: cmr_core::hash::Digest,
         contents: &[(RecordId, &[u8])],
         grant: Option<StatementId>,
     ) -> Result<(Value, Vec<u8>), ClientError> {
@@ -423,7 +423,7 @@ impl Session {
             .collect::<Result<_, _>>()
             .map_err(|e| ClientError::Local(e.to_string()))?;
         let device = &self.keys.device;
-        let batch = Batch::for_records(device.id(), head.digest(), &records)
+        let batch = Batch::for_records(device.id(), head, &records)
             .map_err(|e| ClientError::Local(e.to_string()))?;
         let bytes = SignedBatch::sign(batch, &device.signing).encode();
         let mut body = json!({

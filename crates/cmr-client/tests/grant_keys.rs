@@ -132,9 +132,10 @@ async fn a_late_grant_reads_earlier_epochs_and_other_companies_appends() {
     assert_eq!(records.iter().filter(|r| r.author == bank.id()).count(), 2);
 }
 
-/// A company that appends under one grant and reads under another, read-only one, opens its own appends
-/// (before, the read-only grant carried every other author's chain but not the grantee's own, and the
-/// read failed as if the server were faulty), before and after a rotation.
+/// A company that appends under an append-only grant (told the head, never the records) and reads under
+/// another, read-only one, opens its own appends (before, the read-only grant carried every other
+/// author's chain but not the grantee's own, and the read failed as if the server were faulty), before
+/// and after a rotation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_grant_opens_what_its_company_appended_under_another() {
     let dir = tempfile::tempdir().unwrap();
@@ -155,10 +156,8 @@ async fn a_read_only_grant_opens_what_its_company_appended_under_another() {
     alex.declare(&[tx], t).await.unwrap();
     let fam = alex.family_id(&tx);
     alex.write(fam, month, &[b"customer"]).await.unwrap();
-    // (An append-only grant cannot yet append: the head an append extends comes from a read, which it
-    // may not make. The appending grant here reads too.)
     let append_only = Approval {
-        scopes: vec![(Scope::Transactions, Access::ReadAppend)],
+        scopes: vec![(Scope::Transactions, Access::Append)],
         lookback_months: 1,
         families: vec![tx],
         append_family: Some(tx),
@@ -174,8 +173,11 @@ async fn a_read_only_grant_opens_what_its_company_appended_under_another() {
         .await
         .unwrap();
     bank.sync(alex.id()).await.unwrap();
-    let (head, _) = bank.read(ga, fam, month, month).await.unwrap();
-    bank.append(ga, &head, month, &[b"bank"]).await.unwrap();
+    // An append-only grant reads nothing: a read under it is refused, and its append goes to the head
+    // the server names for an appender.
+    let refused = bank.read(ga, fam, month, month).await.unwrap_err();
+    assert_eq!(refused.code(), Some("access-not-granted"), "{refused}");
+    bank.append_now(ga, month, &[b"bank"]).await.unwrap();
     let read_only = Approval {
         scopes: vec![(Scope::Transactions, Access::Read)],
         lookback_months: 1,
@@ -219,8 +221,7 @@ async fn a_read_only_grant_opens_what_its_company_appended_under_another() {
     let (_, rotations) = alex.revoke(go, "done", now()).await.unwrap();
     assert_eq!(rotations.len(), 1);
     bank.sync(alex.id()).await.unwrap();
-    let (head, _) = bank.read(ga, fam, month, month).await.unwrap();
-    bank.append(ga, &head, month, &[b"bank, epoch 1"])
+    bank.append_now(ga, month, &[b"bank, epoch 1"])
         .await
         .unwrap();
     let (_, records) = bank.read(gr, fam, month, month).await.unwrap();

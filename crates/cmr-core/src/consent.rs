@@ -191,9 +191,9 @@ pub struct AccessRequest {
 
 impl AccessRequest {
     /// Whether a customer can approve this request as asked: a grant appends to one family only (the
-    /// requester's own transactions, or the attributes it infers), and an append extends the head a read
-    /// proves, so an appending scope reads too. The SDK refuses a request that breaks this before sending
-    /// it; the log itself accepts any well-formed request (a customer may still narrow it).
+    /// requester's own transactions, or the attributes it infers). The SDK refuses a request that breaks
+    /// this before sending it; the log itself accepts any well-formed request (a customer may still
+    /// narrow it).
     pub fn check_approvable(&self) -> Result<(), String> {
         let appending: Vec<Scope> = self
             .scopes
@@ -215,12 +215,6 @@ impl AccessRequest {
             if access.appends() && !matches!(scope, Scope::Transactions | Scope::ProfileInferred) {
                 return Err(format!(
                     "a company appends only to transactions or profile.inferred, not {}",
-                    scope.name()
-                ));
-            }
-            if *access == Access::Append {
-                return Err(format!(
-                    "ask for {}:read+append: an append extends the family's head, which a read proves",
                     scope.name()
                 ));
             }

@@ -911,7 +911,43 @@ impl ConsentState {
         })
     }
 
-    /// Decides an access at `position` and server time `time`, without changing anything.
+    /// Whether `company` may learn `family`'s head to append to it under `grant` now: exactly when an
+    /// append there now would be allowed ([`ConsentState::evaluate`] on that append, at the family's
+    /// current epoch and the current period). An append-only grantee reads nothing, but its batch extends
+    /// the head, so it is told the head's digest.
+    pub fn may_append(
+        &self,
+        company: IdentityId,
+        grant: StatementId,
+        family: FamilyId,
+        position: Position,
+        time: u64,
+    ) -> Decision {
+        let fam = self
+            .families
+            .get(&family)
+            .ok_or(DenyReason::FamilyNotGranted(family))?;
+        let period = if fam.scope.is_periodic() {
+            Period::from_unix(time as i64).unwrap_or(Period::ORIGIN)
+        } else {
+            Period::ORIGIN
+        };
+        self.evaluate(
+            &AccessAttempt {
+                company,
+                grant,
+                kind: AccessKind::Append,
+                families: vec![family],
+                periods: (period, period),
+                epoch: Some(fam.epoch),
+            },
+            position,
+            time,
+        )
+    }
+
+    /// Decides an access at `position` and server `time`, in log order: allowed with exactly the families,
+    /// epochs and periods it may touch, or denied with the reason.
     pub fn evaluate(&self, attempt: &AccessAttempt, position: Position, time: u64) -> Decision {
         if attempt.families.is_empty() {
             return Err(DenyReason::Malformed("no family"));

@@ -2686,3 +2686,67 @@ async fn a_customers_key_events_only_for_those_who_need_them() {
 async fn call(env: &mut Env, path: &str, body: Value, signer: Signer<'_>) -> (StatusCode, Value) {
     env.call("POST", path, body, signer).await
 }
+
+/// A family's head digest goes to the customer and to a company that may append to the family now; a
+/// reader, a stranger with another's grant, and a company without a grant are refused, and nothing is
+/// logged.
+#[tokio::test]
+async fn a_familys_head_only_for_the_customer_and_its_appenders() {
+    let mut f = flow().await;
+    let stranger = register(&mut f.env, Role::Company).await;
+    let path = format!(
+        "/v1/vaults/{}/families/{}/head",
+        f.customer.id.to_hex(),
+        f.tx.to_hex()
+    );
+    let history = format!("/v1/vaults/{}/history", f.customer.id.to_hex());
+    let (_, before) = call(
+        &mut f.env,
+        &history,
+        json!({"limit": 1000}),
+        Signer::Device(&f.customer.device),
+    )
+    .await;
+    let (s, v) = call(
+        &mut f.env,
+        &path,
+        json!({}),
+        Signer::Device(&f.customer.device),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["head"].as_str().unwrap().len(), 64);
+    let grant = json!({"grant": f.grant.to_hex()});
+    // The flow's grant reads only: no head for appending.
+    let (s, v) = call(
+        &mut f.env,
+        &path,
+        grant.clone(),
+        Signer::Device(&f.acme.device),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, v) = call(&mut f.env, &path, grant, Signer::Device(&stranger.device)).await;
+    assert_eq!(
+        (s, v["title"].clone()),
+        (StatusCode::FORBIDDEN, json!("wrong-company")),
+        "{v}"
+    );
+    let (s, _) = call(
+        &mut f.env,
+        &path,
+        json!({}),
+        Signer::Device(&stranger.device),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (_, after) = call(
+        &mut f.env,
+        &history,
+        json!({"limit": 1000}),
+        Signer::Device(&f.customer.device),
+    )
+    .await;
+    assert!(before["entries"].as_array().is_some_and(|e| !e.is_empty()));
+    assert_eq!(before["entries"], after["entries"], "nothing is logged");
+}

@@ -165,6 +165,17 @@ pub enum Op {
         /// The access record of the signed request (company reads); `None` for the customer's own.
         access: Option<AccessRecord>,
     },
+    /// The digest of a family's head, for an appender to extend (not logged: it reveals no record).
+    Head {
+        /// The vault.
+        customer: IdentityId,
+        /// The family.
+        family: FamilyId,
+        /// Who asks: the customer, or a company with `grant`.
+        caller: IdentityId,
+        /// The grant a company appends under.
+        grant: Option<StatementId>,
+    },
 }
 
 impl Op {
@@ -184,7 +195,7 @@ impl Op {
                 Ok(s) => (s.digest(), batch),
                 Err(_) => return None,
             },
-            Op::Read { .. } | Op::PutBackup { .. } => return None,
+            Op::Read { .. } | Op::Head { .. } | Op::PutBackup { .. } => return None,
         };
         Some((id, sha256(body)))
     }
@@ -1702,6 +1713,37 @@ impl Sequencer {
                     read: None,
                     repeated: false,
                     head: None,
+                })
+            }
+            Op::Head {
+                customer,
+                family,
+                caller,
+                grant,
+            } => {
+                if caller != customer {
+                    let grant = grant.ok_or_else(|| {
+                        StoreError::Malformed("a company appends under a grant".into())
+                    })?;
+                    self.state
+                        .consent
+                        .get(&customer)
+                        .ok_or_else(|| StoreError::NotFound("customer".into()))?
+                        .may_append(caller, grant, family, index, time)
+                        .map_err(StoreError::Denied)?;
+                }
+                let head = self
+                    .state
+                    .ledgers
+                    .get(&(customer, family))
+                    .ok_or_else(|| StoreError::NotFound("family".into()))?
+                    .head()
+                    .digest();
+                Ok(Pending {
+                    index: None,
+                    read: None,
+                    repeated: false,
+                    head: Some(head),
                 })
             }
             Op::Read {

@@ -150,6 +150,13 @@ pub const ROUTES: &[RouteDoc] = &[
     },
     RouteDoc {
         method: "post",
+        path: "/v1/vaults/{customer}/families/{family}/head",
+        summary: "The digest of a family's head, for the customer or a company that may append to it",
+        signed: true,
+        body: &[("grant", "hex id", false)],
+    },
+    RouteDoc {
+        method: "post",
         path: "/v1/vaults/{customer}/families/{family}/read",
         summary: "Read records with a completeness proof (a company's read is logged first)",
         signed: true,

@@ -37,6 +37,7 @@ pub fn router() -> Router<Arc<AppState>> {
             post(batch).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/v1/vaults/{customer}/families/{family}/read", post(read))
+        .route("/v1/vaults/{customer}/families/{family}/head", post(head))
         .route("/v1/vaults/{customer}/history", post(history))
         .route("/v1/vaults/{customer}/requests", post(pending_requests))
         .route("/v1/vaults/{customer}/relationship", post(relationship))
@@ -318,6 +319,45 @@ async fn read(
             .collect::<Vec<_>>()
     );
     Ok(Json(out))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct HeadBody {
+    /// The grant a company appends under.
+    #[serde(default)]
+    grant: Option<String>,
+}
+
+/// The digest of a family's current head: what the next batch extends. For the customer, and for a
+/// company that may append to the family under its grant now (the rule is `ConsentState::may_append`):
+/// an append-only grant reads nothing, so this is how its appends learn where to go. Not logged, and it
+/// names no record: a digest, nothing more.
+async fn head(
+    State(state): State<Arc<AppState>>,
+    Path((customer, family)): Path<(String, String)>,
+    SignedRequest { caller, body }: SignedRequest,
+) -> Result<Json<Value>, ApiError> {
+    let customer = IdentityId(hex_id("customer", &customer)?);
+    let family = FamilyId(hex_id("family", &family)?);
+    let req: HeadBody = super::optional_json_body(&body)?;
+    let grant = req
+        .grant
+        .as_deref()
+        .map(|g| hex_id("grant", g).map(StatementId))
+        .transpose()?;
+    let ack = run(
+        &state,
+        Op::Head {
+            customer,
+            family,
+            caller: caller.identity,
+            grant,
+        },
+    )
+    .await?;
+    let head = ack.head.ok_or_else(|| ApiError::malformed("no head"))?;
+    Ok(Json(json!({ "head": head.to_hex() })))
 }
 
 #[derive(Deserialize)]
