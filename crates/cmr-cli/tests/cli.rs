@@ -382,6 +382,19 @@ fn a_scripted_session_against_a_real_server() {
         csv.to_str().unwrap(),
     ]);
     assert_eq!(v["imported"], 3);
+    // Run again (as after an interruption: see the import test that kills the server), nothing doubles.
+    let v = alex.json(&[
+        "customer",
+        "tx",
+        "import",
+        "--company",
+        &bank_id,
+        csv.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        (v["imported"].as_u64(), v["skipped"].as_u64()),
+        (Some(0), Some(3))
+    );
     let v = alex.json(&["customer", "tx", "list", "--company", &bank_id]);
     assert_eq!(v["transactions"].as_array().unwrap().len(), 3);
     // A typo in a company id is refused before anything is written; an id that is not a company too.
