@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::customer::{access_name, parse_month, parse_scope_access, this_month};
 use crate::error::{CliError, CliResult};
 use crate::home::{self, Home, Saved};
-use crate::out::{Out, now, parse_id, short};
+use crate::out::{Out, now, short};
 
 /// The company's commands.
 #[derive(Subcommand)]
@@ -189,7 +189,14 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
             duration,
             lookback,
         } => {
-            let customer = IdentityId(parse_id(&customer, "customer")?);
+            // A customer typed as a prefix of one this company already deals with, or whole.
+            let known: Vec<[u8; 32]> = c
+                .requests
+                .values()
+                .chain(c.grants.values().map(|g| &g.customer))
+                .map(|id| id.0)
+                .collect();
+            let customer = IdentityId(crate::out::resolve_id(&customer, "customer", known)?);
             let scopes = scopes
                 .iter()
                 .map(|s| parse_scope_access(s))
@@ -256,7 +263,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
                 let lasting = crate::customer::lasting(b);
                 out.line(format!(
                     "grant {} from {}: {state}, {}, {lasting}, history from {}",
-                    g.id.to_hex(),
+                    short(&g.id.to_hex()),
                     short(&g.customer.to_hex()),
                     scopes.join(","),
                     b.lookback_start
@@ -280,7 +287,11 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
             from,
             to,
         } => {
-            let gid = StatementId(parse_id(&grant, "grant")?);
+            let gid = StatementId(crate::out::resolve_id(
+                &grant,
+                "grant",
+                c.grants.keys().map(|g| g.0),
+            )?);
             let scope = Scope::from_name(&scope)
                 .ok_or_else(|| CliError::local(format!("unknown scope {scope:?}"), "see --help"))?;
             let held = c.grants.get(&gid).ok_or_else(|| {
@@ -332,7 +343,11 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
             out.value(&json!({"records": records.iter().map(|r| json!({"month": periodic.then(|| r.period.to_string()), "text": String::from_utf8_lossy(&r.content), "record": r.id.to_hex(), "author": r.author.to_hex()})).collect::<Vec<_>>()}));
         }
         CompanyCmd::Append { grant, month, text } => {
-            let gid = StatementId(parse_id(&grant, "grant")?);
+            let gid = StatementId(crate::out::resolve_id(
+                &grant,
+                "grant",
+                c.grants.keys().map(|g| g.0),
+            )?);
             let held = c.grants.get(&gid).ok_or_else(|| {
                 CliError::local("no such grant held", "run `cmr company status` first")
             })?;

@@ -928,7 +928,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                     .iter()
                     .map(|(s, a)| format!("{}:{}", s.name(), access_name(*a)))
                     .collect();
-                out.line(format!("request {}", p.statement.id().to_hex()));
+                out.line(format!("request {}", short(&p.statement.id().to_hex())));
                 let known = Names::new(c.id(), &l.saved.role.companies).of(&st.author);
                 out.line(format!(
                     "  from     company {} (fingerprint {}){}",
@@ -1107,7 +1107,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
                 let lasting = lasting(b);
                 out.line(format!(
                     "{}  {status:<8} {}  {}  {lasting}  look-back from {}",
-                    id.to_hex(),
+                    short(&id.to_hex()),
                     Names::new(c.id(), &l.saved.role.companies).of(&b.grantee),
                     scopes.join(","),
                     b.lookback_start
