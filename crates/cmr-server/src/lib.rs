@@ -6,7 +6,8 @@
 //!
 //! What it owns: routing, request authentication (profile, nonce memory, restart horizon), who may act
 //! on which vault, and mapping results to HTTP. What it does not own: cryptographic rules (`cmr-core`),
-//! ordering and durability (`cmr-store`), log formats (`cmr-log`).
+//! ordering and durability (`cmr-store`), log formats (`cmr-log`), and a process of its own: it is a
+//! library, and `cmr serve` (in `cmr-cli`) is the one entry point that opens a store and serves it.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -22,7 +23,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use cmr_store::Backend;
 
-/// The server's configuration. One struct, filled from flags and the environment by the binary.
+/// The server's configuration. One struct, filled from flags and the environment by `cmr serve`.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The authority clients address (used when a request has no Host header).
