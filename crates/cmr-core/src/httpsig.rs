@@ -526,6 +526,11 @@ pub struct VerifiedRequest {
     pub nonce: String,
     /// The `created` time.
     pub created: i64,
+    /// The signature base that verified (what a logged access keeps), once [`verify_request`] checked it;
+    /// empty after [`precheck`] alone.
+    pub signature_base: String,
+    /// The Ed25519 signature over it.
+    pub signature: [u8; 64],
 }
 
 /// Verifies a request against the CMR profile. `lookup` maps a `keyid` to its key. The caller still must
@@ -536,13 +541,22 @@ pub fn verify_request(
     window: TimeWindow,
     lookup: impl FnOnce(&str) -> Option<VerifyingKey>,
 ) -> Result<VerifiedRequest, HttpSigError> {
-    let (chosen, checked) = precheck(request, window)?;
+    let (chosen, mut checked) = precheck(request, window)?;
     let key = lookup(&checked.keyid).ok_or(HttpSigError::UnknownKey)?;
-    verify(request, &chosen, &key)?;
+    let signature = Signature::from_slice(&chosen.signature).ok_or(HttpSigError::BadSignature)?;
+    let base = signature_base(request, &chosen.params)?;
+    key.verify(base.as_bytes(), &signature)
+        .map_err(|_| HttpSigError::BadSignature)?;
     let digest = request
         .header("content-digest")
         .ok_or_else(|| HttpSigError::MissingHeader("Content-Digest".into()))?;
     verify_content_digest(&digest, body)?;
+    checked.signature = chosen
+        .signature
+        .as_slice()
+        .try_into()
+        .map_err(|_| HttpSigError::BadSignature)?;
+    checked.signature_base = base;
     Ok(checked)
 }
 
@@ -614,6 +628,8 @@ pub fn precheck(
         keyid: keyid.to_string(),
         nonce: nonce.to_string(),
         created,
+        signature_base: String::new(),
+        signature: [0; 64],
     };
     Ok((chosen.clone(), checked))
 }

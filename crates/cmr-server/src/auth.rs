@@ -229,35 +229,17 @@ pub fn authenticate(
             "this (keyid, nonce) was already used",
         ));
     }
-    // Keep the exact signature base and signature for the log's access entries.
-    let input = request.header("signature-input").unwrap_or_default();
-    let sig = request.header("signature").unwrap_or_default();
-    let parsed = httpsig::parse_signatures(&input, &sig)?;
-    let chosen = parsed
-        .iter()
-        .find(|p| p.label == httpsig::PROFILE_LABEL)
-        .or(parsed.first())
-        .ok_or_else(|| {
-            ApiError::from(httpsig::HttpSigError::NoSignature(
-                httpsig::PROFILE_LABEL.into(),
-            ))
-        })?;
-    let signature_base = httpsig::signature_base(&request, &chosen.params)?;
-    let signature: [u8; 64] = chosen
-        .signature
-        .as_slice()
-        .try_into()
-        .map_err(|_| ApiError::from(httpsig::HttpSigError::BadSignature))?;
     let known_size = headers
         .get("cmr-known-size")
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() <= 20)
         .and_then(|v| v.parse().ok());
+    // The exact signature base and signature that verified, for the log's access entries.
     Ok(Caller {
         identity,
         keyid: verified.keyid,
-        signature_base,
-        signature,
+        signature_base: verified.signature_base,
+        signature: verified.signature,
         known_size,
     })
 }
