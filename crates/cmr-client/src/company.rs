@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use cmr_core::batch::{Head, PageProof, PeriodLeaf, ReadProof, SignedBatch, verify_read};
+use cmr_core::batch::{Head, ReadProof, SignedBatch, verify_read};
 use cmr_core::consent::{AccessRequest, Body, Duration, SignedStatement, Statement, StatementId};
 use cmr_core::epoch::{Chain, KeyBundle};
 use cmr_core::family::{FamilyId, Period};
@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use crate::customer::OpenedRecord;
 use crate::error::{ClientError, VerifyError};
 use crate::session::{Acked, Session};
-use crate::verify::{b64, hashes, proven_entry};
+use crate::verify::{b64, proven_entry};
 
 /// What a company holds of one grant: the grant and its opened keys.
 pub struct HeldGrant {
@@ -599,73 +599,9 @@ pub(crate) async fn verify_page(
 /// Rebuilds a read's proof, records and batches from the API's JSON.
 pub fn parse_read(v: &Value) -> Result<ReadPage, ClientError> {
     let bad = |w: &str| ClientError::Malformed(format!("read: {w}"));
-    let h32 = |x: &Value| -> Result<[u8; 32], ClientError> {
-        b64(x, "hash")?.try_into().map_err(|_| bad("hash size"))
-    };
-    let period = |x: &Value| -> Result<Period, ClientError> {
-        let s = x.as_str().ok_or_else(|| bad("period"))?;
-        Period::parse(s).ok_or_else(|| bad(&format!("period {s:?}")))
-    };
-    let u = |x: &Value, w: &str| x.as_u64().ok_or_else(|| bad(w));
-    let p = &v["proof_of_read"];
-    let h = &p["head"];
-    let id32 = |x: &Value| -> Result<[u8; 32], ClientError> {
-        Digest::from_hex(x.as_str().ok_or_else(|| bad("id"))?)
-            .map(|d| d.0)
-            .ok_or_else(|| bad("id"))
-    };
-    let proof = ReadProof {
-        head: Head {
-            customer: IdentityId(id32(&h["customer"])?),
-            family: FamilyId(id32(&h["family"])?),
-            batches: u(&h["batches"], "batches")?,
-            records: u(&h["records"], "records")?,
-            periods: u(&h["periods"], "periods")?,
-            periods_root: h32(&h["periods_root"])?,
-        },
-        from: period(&p["from"])?,
-        to: period(&p["to"])?,
-        periods_lo: u(&p["periods_lo"], "periods_lo")?,
-        periods: p["periods"]
-            .as_array()
-            .ok_or_else(|| bad("periods"))?
-            .iter()
-            .map(|l| {
-                Ok(PeriodLeaf {
-                    period: period(&l["period"])?,
-                    count: u(&l["count"], "count")?,
-                    root: h32(&l["root"])?,
-                })
-            })
-            .collect::<Result<_, ClientError>>()?,
-        periods_proof: hashes(&p["periods_proof"], "periods_proof")?,
-        pages: p["pages"]
-            .as_array()
-            .ok_or_else(|| bad("pages"))?
-            .iter()
-            .map(|pg| {
-                Ok(PageProof {
-                    period: period(&pg["period"])?,
-                    start: u(&pg["start"], "start")?,
-                    ids: pg["ids"]
-                        .as_array()
-                        .ok_or_else(|| bad("ids"))?
-                        .iter()
-                        .map(|i| {
-                            let b = hex::decode(i.as_str().unwrap_or_default())
-                                .map_err(|_| bad("record id"))?;
-                            Ok(RecordId(b.try_into().map_err(|_| bad("record id"))?))
-                        })
-                        .collect::<Result<_, ClientError>>()?,
-                    proof: hashes(&pg["proof"], "page proof")?,
-                })
-            })
-            .collect::<Result<_, ClientError>>()?,
-        next: match &p["next"] {
-            Value::Array(a) if a.len() == 2 => Some((period(&a[0])?, u(&a[1], "next")?)),
-            _ => None,
-        },
-    };
+    let proof: cmr_wire::read::ReadProofJson =
+        serde_json::from_value(v["proof_of_read"].clone()).map_err(|e| bad(&e.to_string()))?;
+    let proof = proof.to_proof().map_err(|e| bad(&e.to_string()))?;
     let records = v["records"]
         .as_array()
         .ok_or_else(|| bad("records"))?

@@ -1899,69 +1899,12 @@ fn parse_read(
     Vec<cmr_core::record::SealedRecord>,
     Vec<SignedBatch>,
 ) {
-    use cmr_core::batch::{PageProof, PeriodLeaf, ReadProof};
+    // The one wire form the server writes and every reader parses (`cmr-wire`).
     let b64 = |x: &Value| B64.decode(x.as_str().unwrap()).unwrap();
-    let h32 = |x: &Value| -> [u8; 32] { b64(x).try_into().unwrap() };
-    let period = |x: &Value| {
-        let (y, m) = x.as_str().unwrap().split_once('-').unwrap();
-        Period::from_year_month(y.parse().unwrap(), m.parse().unwrap()).unwrap()
-    };
-    let p = &v["proof_of_read"];
-    let h = &p["head"];
-    let proof = ReadProof {
-        head: Head {
-            customer: IdentityId::from_hex(h["customer"].as_str().unwrap()).unwrap(),
-            family: FamilyId(Digest::from_hex(h["family"].as_str().unwrap()).unwrap().0),
-            batches: h["batches"].as_u64().unwrap(),
-            records: h["records"].as_u64().unwrap(),
-            periods: h["periods"].as_u64().unwrap(),
-            periods_root: h32(&h["periods_root"]),
-        },
-        from: period(&p["from"]),
-        to: period(&p["to"]),
-        periods_lo: p["periods_lo"].as_u64().unwrap(),
-        periods: p["periods"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| PeriodLeaf {
-                period: period(&l["period"]),
-                count: l["count"].as_u64().unwrap(),
-                root: h32(&l["root"]),
-            })
-            .collect(),
-        periods_proof: p["periods_proof"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(h32)
-            .collect(),
-        pages: p["pages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|pg| PageProof {
-                period: period(&pg["period"]),
-                start: pg["start"].as_u64().unwrap(),
-                ids: pg["ids"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|i| {
-                        RecordId(
-                            hex::decode(i.as_str().unwrap())
-                                .unwrap()
-                                .try_into()
-                                .unwrap(),
-                        )
-                    })
-                    .collect(),
-                proof: pg["proof"].as_array().unwrap().iter().map(h32).collect(),
-            })
-            .collect(),
-        next: None,
-    };
-    assert_eq!(proof.head.digest().to_hex(), h["digest"].as_str().unwrap());
+    let wire: cmr_wire::read::ReadProofJson =
+        serde_json::from_value(v["proof_of_read"].clone()).unwrap();
+    let proof = wire.to_proof().unwrap();
+    assert_eq!(proof.head.digest().to_hex(), wire.head.digest);
     let records = v["records"]
         .as_array()
         .unwrap()

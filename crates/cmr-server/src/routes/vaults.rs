@@ -234,23 +234,8 @@ fn period(s: &str) -> Result<Period, ApiError> {
 }
 
 fn proof_json(p: &ReadProof) -> Value {
-    let h = &p.head;
-    json!({
-        "head": {
-            "customer": h.customer.to_hex(), "family": h.family.to_hex(), "batches": h.batches,
-            "records": h.records, "periods": h.periods, "periods_root": B64.encode(h.periods_root),
-            "digest": h.digest().to_hex(),
-        },
-        "from": p.from.to_string(), "to": p.to.to_string(), "periods_lo": p.periods_lo,
-        "periods": p.periods.iter().map(|l| json!({"period": l.period.to_string(), "count": l.count, "root": B64.encode(l.root)})).collect::<Vec<_>>(),
-        "periods_proof": p.periods_proof.iter().map(|x| B64.encode(x)).collect::<Vec<_>>(),
-        "pages": p.pages.iter().map(|pg| json!({
-            "period": pg.period.to_string(), "start": pg.start,
-            "ids": pg.ids.iter().map(|i| i.to_hex()).collect::<Vec<_>>(),
-            "proof": pg.proof.iter().map(|x| B64.encode(x)).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-        "next": p.next.map(|(per, i)| json!([per.to_string(), i])),
-    })
+    // One wire form, shared with every reader (`cmr-wire`); it always serializes.
+    serde_json::to_value(cmr_wire::read::ReadProofJson::from_proof(p)).unwrap_or(Value::Null)
 }
 
 async fn read(

@@ -1,0 +1,29 @@
+//! # cmr-wire
+//!
+//! The API's JSON shapes, written once and shared by the server (which serializes them), the SDK, the
+//! load generator and the tests (which parse them), so the two sides of a format cannot drift.
+//!
+//! What it owns: the serde types of the answers and their conversion to and from the pure types of
+//! `cmr-core` (hashes in base64, ids in hex, months as `YYYY-MM`). What it does not own: what the values
+//! mean or whether they verify (`cmr-core`, `cmr-log`, the SDK), or HTTP (`cmr-server`).
+//!
+//! Modules: [`read`] (a read's proof).
+#![forbid(unsafe_code)]
+
+pub mod read;
+
+use thiserror::Error;
+
+/// A field of an answer does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{field}: {reason}")]
+pub struct WireError {
+    /// Which field.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+pub(crate) fn err(field: &'static str, reason: &'static str) -> WireError {
+    WireError { field, reason }
+}
