@@ -232,19 +232,25 @@ impl Session {
         v: &Value,
         matches: impl Fn(&EntryBody) -> bool,
     ) -> Result<Acked, ClientError> {
-        let note = v["checkpoint"]
-            .as_str()
-            .ok_or_else(|| ClientError::Malformed("acknowledgement without a checkpoint".into()))?;
-        let cp = self.observe_with(note, &v["consistency"]).await?;
-        let index = v["index"]
-            .as_u64()
+        let ack: cmr_wire::log::AckJson = serde_json::from_value(v.clone())
+            .map_err(|e| ClientError::Malformed(format!("acknowledgement: {e}")))?;
+        let hint = ack
+            .consistency
+            .as_ref()
+            .map_or(Value::Null, |c| json!({"old": c.old, "proof": c.proof}));
+        let cp = self.observe_with(&ack.checkpoint, &hint).await?;
+        let index = ack
+            .index
             .ok_or_else(|| ClientError::Malformed("acknowledgement without an index".into()))?;
         if index >= cp.size {
             return Err(VerifyError::NotCovered(index).into());
         }
-        let entry = &v["entry"];
+        let entry = ack
+            .entry
+            .as_ref()
+            .ok_or_else(|| ClientError::Malformed("acknowledgement without its entry".into()))?;
         let e = proven_entry(
-            &json!({"index": index, "salt": entry["salt"], "body": entry["body"], "proof": v["proof"]}),
+            &json!({"index": index, "salt": entry.salt, "body": entry.body, "proof": ack.proof}),
             &cp,
         )?;
         if !matches(&e.body) {
@@ -256,9 +262,10 @@ impl Session {
             body: e.body,
             salted: e.salted,
             checkpoint: cp,
-            repeated: v["repeated"].as_bool().unwrap_or(false),
-            head: v["head"]
-                .as_str()
+            repeated: ack.repeated,
+            head: ack
+                .head
+                .as_deref()
                 .and_then(cmr_core::hash::Digest::from_hex),
         };
         if let Some(r) = self.receipts.as_mut() {

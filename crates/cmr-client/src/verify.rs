@@ -198,21 +198,20 @@ pub(crate) fn hashes(v: &Value, what: &str) -> Result<Vec<Hash>, ClientError> {
         .collect()
 }
 
-/// Parses `{index, salt, body, proof}` and checks it against `cp`.
+/// Parses `{index, salt, body, proof}` (`cmr_wire::log::EntryJson`) and checks it against `cp`.
 pub(crate) fn proven_entry(v: &Value, cp: &Checkpoint) -> Result<ProvenEntry, ClientError> {
-    let index = v["index"]
-        .as_u64()
-        .ok_or_else(|| ClientError::Malformed("entry without an index".into()))?;
-    let salt: [u8; 32] = b64(&v["salt"], "salt")?
-        .try_into()
-        .map_err(|_| ClientError::Malformed("salt is 32 bytes".into()))?;
+    let wire: cmr_wire::log::EntryJson = serde_json::from_value(v.clone())
+        .map_err(|e| ClientError::Malformed(format!("entry: {e}")))?;
+    let e = wire
+        .decode()
+        .map_err(|e| ClientError::Malformed(format!("entry: {e}")))?;
     let salted = SaltedBody {
-        salt,
-        body: b64(&v["body"], "body")?,
+        salt: e.salt,
+        body: e.body,
     };
-    let body = check_inclusion(cp, index, &salted, &hashes(&v["proof"], "proof")?)?;
+    let body = check_inclusion(cp, e.index, &salted, &e.proof)?;
     Ok(ProvenEntry {
-        index,
+        index: e.index,
         salted,
         body,
     })

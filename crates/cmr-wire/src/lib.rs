@@ -7,9 +7,10 @@
 //! `cmr-core` (hashes in base64, ids in hex, months as `YYYY-MM`). What it does not own: what the values
 //! mean or whether they verify (`cmr-core`, `cmr-log`, the SDK), or HTTP (`cmr-server`).
 //!
-//! Modules: [`read`] (a read's proof).
+//! Modules: [`read`] (a read's proof), [`log`] (proven entries and acknowledgements).
 #![forbid(unsafe_code)]
 
+pub mod log;
 pub mod read;
 
 use thiserror::Error;

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use cmr_store::Ack;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::error::ApiError;
 
@@ -50,26 +50,36 @@ pub(crate) fn b64(field: &str, s: &str) -> Result<Vec<u8>, ApiError> {
 /// entry's salt and body, so that the submitter checks by itself that what it sent is what was logged;
 /// with the consistency proof from the log size the client said it knows, which saves it a round trip.
 pub(crate) fn ack_json(state: &crate::AppState, ack: &Ack, known: Option<u64>) -> Value {
+    use cmr_wire::log::{AckJson, ConsistencyJson, SaltedJson, hashes_b64};
     let entry = ack
         .index
         .and_then(|i| state.store.body(i).ok().flatten())
-        .map(|e| json!({"salt": B64.encode(e.salt), "body": B64.encode(&e.body)}));
-    let consistency = known
-        .filter(|k| *k > 0 && *k < ack.size)
-        .and_then(|k| state.store.consistency_proof(k, ack.size).ok())
-        .map(
-            |p| json!({"old": known, "proof": p.iter().map(|h| B64.encode(h)).collect::<Vec<_>>()}),
-        );
-    json!({
-        "index": ack.index,
-        "size": ack.size,
-        "consistency": consistency,
-        "proof": ack.proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
-        "checkpoint": ack.checkpoint,
-        "repeated": ack.repeated,
-        "entry": entry,
-        "head": ack.head.map(|h| h.to_hex()),
-    })
+        .map(|e| SaltedJson {
+            salt: B64.encode(e.salt),
+            body: B64.encode(&e.body),
+        });
+    let consistency = known.filter(|k| *k > 0 && *k < ack.size).and_then(|k| {
+        state
+            .store
+            .consistency_proof(k, ack.size)
+            .ok()
+            .map(|p| ConsistencyJson {
+                old: k,
+                proof: hashes_b64(&p),
+            })
+    });
+    let wire = AckJson {
+        index: ack.index,
+        size: ack.size,
+        consistency,
+        proof: hashes_b64(&ack.proof),
+        checkpoint: ack.checkpoint.clone(),
+        repeated: ack.repeated,
+        entry,
+        head: ack.head.map(|h| h.to_hex()),
+    };
+    // One wire form (`cmr-wire`); it always serializes.
+    serde_json::to_value(wire).unwrap_or(Value::Null)
 }
 
 /// The checkpoint clients verify against, and its size.
@@ -90,12 +100,8 @@ pub(crate) fn entry_json(
     size: u64,
 ) -> Result<Value, ApiError> {
     let proof = state.store.inclusion_proof(index, size)?;
-    Ok(json!({
-        "index": index,
-        "salt": B64.encode(stored.salt),
-        "body": B64.encode(&stored.body),
-        "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>(),
-    }))
+    let wire = cmr_wire::log::EntryJson::new(index, &stored.salt, &stored.body, &proof);
+    Ok(serde_json::to_value(wire).unwrap_or(Value::Null))
 }
 
 /// Parses a 64-hex-digit id from a path.
