@@ -112,6 +112,9 @@ pub struct Customer {
     tracker: DirectoryTracker,
     /// The grants issued, by id.
     pub grants: HashMap<StatementId, IssuedGrant>,
+    /// The consent state folded from the verified chain so far, and the entry it was folded up to:
+    /// [`Customer::consent`] then reads and folds only the entries after it.
+    folded: Option<(ConsentState, ChainLink)>,
 }
 
 /// A record opened by its reader.
@@ -177,6 +180,7 @@ impl Customer {
             directory: None,
             tracker,
             grants: HashMap::new(),
+            folded: None,
         }
     }
 
@@ -1215,11 +1219,34 @@ impl Customer {
     /// log's own rule ([`cmr_log::consent::fold`]): which grants are active, used, expired or revoked,
     /// each family's epoch, and which rotations are owed.
     pub async fn consent(&mut self) -> Result<ConsentState, ClientError> {
-        let chain = self.history().await?;
-        let mut state = ConsentState::new(self.id());
-        for e in chain.iter().rev() {
+        // Only the entries after the last fold are read and verified: they must link down to it, so the
+        // whole chain stays verified without walking it again (a long chain made every revocation slow).
+        let since = self.folded.as_ref().map(|(_, link)| *link);
+        let (newer, size) = self.chain_walk(since).await?;
+        let seen: std::collections::HashSet<u64> = newer.iter().map(|e| e.index).collect();
+        let floor = since.map_or(0, |l| l.index + 1);
+        for i in &self.session.acked {
+            if *i >= floor && *i < size && !seen.contains(i) {
+                return Err(VerifyError::Chain(format!(
+                    "acknowledged entry {i} is missing from the chain"
+                ))
+                .into());
+            }
+        }
+        let (mut state, mut link) = match self.folded.take() {
+            Some((state, link)) => (state, Some(link)),
+            None => (ConsentState::new(self.id()), None),
+        };
+        for e in newer.iter().rev() {
             cmr_log::consent::fold(&mut state, e.index, &e.body)
                 .map_err(|x| VerifyError::Chain(x.to_string()))?;
+            link = Some(ChainLink {
+                index: e.index,
+                hash: cmr_log::entry::EntryBody::hash(&e.salted.body),
+            });
+        }
+        if let Some(link) = link {
+            self.folded = Some((state.clone(), link));
         }
         Ok(state)
     }
@@ -1452,7 +1479,17 @@ impl Customer {
 
     /// The chain, verified link by link, and the size of the checkpoint it was checked against.
     async fn chain(&mut self) -> Result<(Vec<ProvenEntry>, u64), ClientError> {
+        self.chain_walk(None).await
+    }
+
+    /// The chain's entries after `since` (all of them for `None`), newest first, verified link by link
+    /// down to `since` (which must be on the chain, with the same hash) or to the chain's start.
+    async fn chain_walk(
+        &mut self,
+        since: Option<ChainLink>,
+    ) -> Result<(Vec<ProvenEntry>, u64), ClientError> {
         let me = self.id();
+        let mut reached = false;
         let mut before: Option<u64> = None;
         let mut out: Vec<ProvenEntry> = Vec::new();
         let mut cp = None;
@@ -1485,6 +1522,31 @@ impl Customer {
                     );
                 }
                 let p = proven_entry(e, &this)?;
+                if let Some(base) = since
+                    && p.index <= base.index
+                {
+                    // The walk meets the entry folded last: it must be the same entry, and the newer ones
+                    // link down to it (checked below like every link).
+                    let hash = cmr_log::entry::EntryBody::hash(&p.salted.body);
+                    if p.index != base.index || hash != base.hash {
+                        return Err(VerifyError::Chain(format!(
+                            "the chain no longer holds entry {} as this client verified it",
+                            base.index
+                        ))
+                        .into());
+                    }
+                    if let Some(newer) = out.last()
+                        && newer.body.prev != Some(base)
+                    {
+                        return Err(VerifyError::Chain(format!(
+                            "entry {} does not link to entry {}",
+                            newer.index, base.index
+                        ))
+                        .into());
+                    }
+                    reached = true;
+                    break;
+                }
                 if p.body.customer != Some(me) {
                     return Err(VerifyError::Chain(format!(
                         "entry {} is not on this chain",
@@ -1508,12 +1570,27 @@ impl Customer {
                 }
                 out.push(p);
             }
+            if reached {
+                break;
+            }
             match (v["next"].as_u64(), entries.is_empty()) {
                 (Some(n), false) => before = Some(n),
                 _ => break,
             }
         }
-        if let Some(oldest) = out.last()
+        if let Some(base) = since {
+            if !reached
+                && out
+                    .last()
+                    .is_none_or(|oldest| oldest.body.prev != Some(base))
+            {
+                return Err(VerifyError::Chain(format!(
+                    "the chain no longer reaches entry {}, which this client verified",
+                    base.index
+                ))
+                .into());
+            }
+        } else if let Some(oldest) = out.last()
             && oldest.body.prev.is_some()
         {
             return Err(VerifyError::Chain(format!(
