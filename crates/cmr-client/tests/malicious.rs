@@ -533,6 +533,39 @@ async fn a_hidden_own_entry_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_hidden_after_the_last_fold_are_refused() {
+    let mut w = world().await;
+    // The consent state is folded once; later folds read only what came after, linked down to it.
+    w.alex.consent().await.unwrap();
+    let bank = w.bank.id();
+    w.alex.block(bank, true, now()).await.unwrap();
+    w.alex.block(bank, false, now()).await.unwrap();
+    let history = format!("/v1/vaults/{}/history", w.alex.id().to_hex());
+    // The block is hidden: the unblock no longer links to what was folded.
+    let h = history.clone();
+    w.tamper(move |path, v| {
+        if path == h {
+            v["entries"].as_array_mut().unwrap().remove(1);
+        }
+    });
+    let e = verification(w.alex.consent().await);
+    assert!(matches!(e, VerifyError::Chain(_)), "{e}");
+    // Both hidden: the acknowledged entries are missing.
+    w.tamper(move |path, v| {
+        if path == history {
+            let entries = v["entries"].as_array_mut().unwrap();
+            entries.remove(0);
+            entries.remove(0);
+        }
+    });
+    let e = verification(w.alex.consent().await);
+    assert!(matches!(e, VerifyError::Chain(_)), "{e}");
+    // Served honestly, the fold goes on from where it was.
+    w.honest();
+    assert!(!w.alex.consent().await.unwrap().is_blocked(&bank));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledgement_that_logged_something_else_is_refused() {
     let mut w = world().await;
     let batches = format!("/families/{}/batches", w.tx.to_hex());
