@@ -478,14 +478,7 @@ impl Company {
         period: Period,
         contents: &[&[u8]],
     ) -> Result<Acked, ClientError> {
-        let held = self
-            .grants
-            .get(&grant)
-            .ok_or_else(|| ClientError::Local("no such grant held".into()))?;
-        let family = held
-            .grant()
-            .and_then(|g| g.append_family)
-            .ok_or_else(|| ClientError::Local("the grant does not allow appends".into()))?;
+        let (held, family) = self.appending(&grant)?;
         let customer = held.customer;
         let v = self
             .session
@@ -505,6 +498,19 @@ impl Company {
         self.append_on(grant, head, period, contents).await
     }
 
+    /// A grant held, and the family it appends to.
+    fn appending(&self, grant: &StatementId) -> Result<(&HeldGrant, FamilyId), ClientError> {
+        let held = self
+            .grants
+            .get(grant)
+            .ok_or_else(|| ClientError::Local("no such grant held".into()))?;
+        let family = held
+            .grant()
+            .and_then(|g| g.append_family)
+            .ok_or_else(|| ClientError::Local("the grant does not allow appends".into()))?;
+        Ok((held, family))
+    }
+
     async fn append_on(
         &mut self,
         grant: StatementId,
@@ -513,14 +519,7 @@ impl Company {
         contents: &[&[u8]],
     ) -> Result<Acked, ClientError> {
         let me = self.id();
-        let held = self
-            .grants
-            .get(&grant)
-            .ok_or_else(|| ClientError::Local("no such grant held".into()))?;
-        let family = held
-            .grant()
-            .and_then(|g| g.append_family)
-            .ok_or_else(|| ClientError::Local("the grant does not allow appends".into()))?;
+        let (held, family) = self.appending(&grant)?;
         let (epoch, key) = held
             .keys
             .entries
