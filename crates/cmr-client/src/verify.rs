@@ -8,14 +8,12 @@ use std::collections::HashMap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use cmr_core::identity::{
-    DeviceCertificate, DeviceId, DeviceRevocation, IdentityId, IdentityState, KeyHistory, Signed,
-    SignedKeyEvent,
-};
+use cmr_core::identity::{DeviceCertificate, DeviceId, IdentityId, IdentityState};
 use cmr_core::keys::KemPublicKey;
 use cmr_core::merkle::Hash;
 use cmr_log::checkpoint::Checkpoint;
-use cmr_log::entry::{EntryBody, EntryKind, SaltedBody, commitment, commitment_leaf};
+use cmr_log::entry::{EntryBody, SaltedBody, commitment, commitment_leaf};
+use cmr_log::ledger::{Effect, Header, Ledger, Parsed, Signatures};
 use cmr_log::note::NoteVerifier;
 use serde_json::Value;
 
@@ -235,57 +233,54 @@ impl VerifiedIdentity {
             identity: id.to_hex(),
             reason,
         };
-        let mut state: Option<IdentityState> = None;
+        // The identity's events go through the log's one rule engine, as the store and the auditor
+        // apply them: the id is the hash of the inception (a substituted key cannot carry this id), each
+        // certificate and revocation is signed by the identity key current at its position, and each
+        // entry's header is the one its payload fixes.
+        let mut ledger = Ledger::new();
         let mut devices: Vec<(DeviceCertificate, bool)> = Vec::new();
         let mut certificates = HashMap::new();
         for e in events {
             if e.body.subject != id {
                 return Err(err(format!("entry {} is about another identity", e.index)));
             }
-            match (e.body.kind, state.as_mut()) {
-                (EntryKind::KeyEvent, None) => {
-                    let ev =
-                        SignedKeyEvent::decode(&e.body.payload).map_err(|x| err(x.to_string()))?;
-                    // The id is the hash of the inception: a substituted key cannot carry this id.
-                    let h = KeyHistory::incept(&ev, e.index).map_err(|x| err(x.to_string()))?;
-                    if h.id() != id {
-                        return Err(err("the inception does not hash to the identity".into()));
-                    }
-                    state = Some(IdentityState::new(h));
-                }
-                (EntryKind::KeyEvent, Some(s)) => {
-                    let ev =
-                        SignedKeyEvent::decode(&e.body.payload).map_err(|x| err(x.to_string()))?;
-                    s.rotate(&ev, e.index).map_err(|x| err(x.to_string()))?;
-                }
-                (EntryKind::DeviceCertificate, Some(s)) => {
-                    let c = Signed::<DeviceCertificate>::decode(&e.body.payload)
-                        .map_err(|x| err(x.to_string()))?;
-                    s.certify(&c, e.index).map_err(|x| err(x.to_string()))?;
+            if !cmr_log::keyhead::is_key_event(e.body.kind) {
+                return Err(err(format!(
+                    "entry {} ({}) is not a key event",
+                    e.index,
+                    e.body.kind.name()
+                )));
+            }
+            let parsed = Parsed::decode_signed(e.body.kind, &e.body.payload)
+                .map_err(|x| err(format!("entry {}: {x}", e.index)))?;
+            let (_, effect) = ledger
+                .apply(
+                    &parsed,
+                    e.index,
+                    e.body.time,
+                    Some(Header::of(&e.body)),
+                    Signatures::Verify,
+                )
+                .map_err(|x| err(format!("entry {}: {x}", e.index)))?;
+            match (effect, &parsed) {
+                (Effect::Certified(..), Parsed::Certificate(c)) => {
                     certificates.insert(c.body().device(), e.body.payload.clone());
                     devices.push((c.body().clone(), false));
                 }
-                (EntryKind::DeviceRevocation, Some(s)) => {
-                    let r = Signed::<DeviceRevocation>::decode(&e.body.payload)
-                        .map_err(|x| err(x.to_string()))?;
-                    s.revoke(&r, e.index).map_err(|x| err(x.to_string()))?;
-                    let gone = r.body().device;
+                (Effect::Revoked(_, gone), _) => {
                     for (c, revoked) in &mut devices {
                         if c.device() == gone {
                             *revoked = true;
                         }
                     }
                 }
-                (kind, _) => {
-                    return Err(err(format!(
-                        "entry {} ({}) is not a key event in order",
-                        e.index,
-                        kind.name()
-                    )));
-                }
+                _ => {}
             }
         }
-        let state = state.ok_or_else(|| err("no inception".into()))?;
+        let state = ledger
+            .identity(&id)
+            .cloned()
+            .ok_or_else(|| err("no inception".into()))?;
         Ok(Self {
             state,
             devices,
@@ -323,6 +318,7 @@ impl VerifiedIdentity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cmr_log::entry::EntryKind;
     use proptest::prelude::*;
 
     fn entry(index: u64, kind: EntryKind, subject: IdentityId, payload: Vec<u8>) -> ProvenEntry {

@@ -15,25 +15,19 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use cmr_core::batch::SignedBatch;
-use cmr_core::consent::SignedStatement;
-use cmr_core::decision::ConsentState;
-use cmr_core::directory::SignedDirectory;
 use cmr_core::hash::{Digest, tagged_hash};
 use cmr_core::httpsig;
-use cmr_core::identity::{
-    DeviceCertificate, DeviceId, DeviceRevocation, IdentityId, IdentityState, KeyHistory, Role,
-    Signed, SignedKeyEvent,
-};
-use cmr_core::keys::{Signature, SignedEnvelope, VerifyingKey, verify_many};
+use cmr_core::identity::IdentityId;
+use cmr_core::keys::{SignedEnvelope, VerifyingKey, verify_many};
 use cmr_core::merkle::CompactRange;
 use thiserror::Error;
 
-use crate::admission::{Admission, Auditors};
+use crate::admission::Auditors;
 use crate::checkpoint::{self, Checkpoint};
 use crate::entry::{
     AccessRecord, ChainLink, EntryBody, EntryKind, SaltedBody, commitment, commitment_leaf,
 };
+use crate::ledger::{Effect, Header, Ledger, Parsed, Refusal, Signatures};
 use crate::note::NoteVerifier;
 
 /// Where the auditor reads the log from.
@@ -151,12 +145,10 @@ pub struct Auditor {
     verified: Option<(Checkpoint, String)>,
     range: CompactRange,
     last_time: u64,
-    identities: HashMap<IdentityId, IdentityState>,
-    consent: HashMap<IdentityId, ConsentState>,
+    ledger: Ledger,
     chains: HashMap<IdentityId, ChainLink>,
     redacted: HashSet<u64>,
     nonces: HashSet<Digest>,
-    auditors: Auditors,
     /// The entries that built the identity and consent states, to rebuild them from a snapshot.
     journal: Vec<(u64, EntryBody)>,
 }
@@ -169,12 +161,10 @@ impl Auditor {
             verified: None,
             range: CompactRange::default(),
             last_time: 0,
-            identities: HashMap::new(),
-            consent: HashMap::new(),
+            ledger: Ledger::new(),
             chains: HashMap::new(),
             redacted: HashSet::new(),
             nonces: HashSet::new(),
-            auditors: Auditors::default(),
             journal: Vec::new(),
         }
     }
@@ -186,7 +176,7 @@ impl Auditor {
 
     /// The auditors the operator admitted, as the log verified so far says.
     pub fn auditors(&self) -> &Auditors {
-        &self.auditors
+        self.ledger.auditors()
     }
 
     /// Judges a key-event head a client was served ([`crate::keyhead`]): recomputes the identity's
@@ -298,9 +288,14 @@ impl Auditor {
                     if is_identity_entry(body.kind) {
                         // Identity entries change which keys are valid: verify what came before first.
                         self.flush(&mut segment, &mut report);
-                        match self.apply_identity(index, &body) {
-                            Ok(()) => self.journal.push((index, body)),
-                            Err(v) => report.violations.push(v),
+                        match self.ledger.apply_logged(
+                            index,
+                            &body,
+                            &self.log_key,
+                            Signatures::Verify,
+                        ) {
+                            Ok(_) => self.journal.push((index, body)),
+                            Err(r) => report.violations.push(violation(index, r)),
                         }
                     } else {
                         segment.push((index, body));
@@ -374,7 +369,7 @@ impl Auditor {
         let mut prepared: Vec<(u64, Prepared)> = Vec::with_capacity(segment.len());
         let mut items: Vec<(SignedEnvelope, VerifyingKey)> = Vec::with_capacity(segment.len());
         for (index, body) in segment.drain(..) {
-            match self.prepare(index, &body) {
+            match self.prepare(index, body) {
                 Ok((p, envelope, key)) => {
                     items.push((envelope, key));
                     prepared.push((index, p));
@@ -401,197 +396,55 @@ impl Auditor {
         }
     }
 
-    fn identity(&self, id: &IdentityId, index: u64) -> Result<&IdentityState, Violation> {
-        self.identities
-            .get(id)
-            .ok_or_else(|| Violation::BadSignature(index, format!("unknown identity {id}")))
-    }
-
-    fn apply_identity(&mut self, index: u64, body: &EntryBody) -> Result<(), Violation> {
-        let bad = |e: String| Violation::BadSignature(index, e);
-        let malformed = |e: String| Violation::Malformed(index, e);
-        match body.kind {
-            EntryKind::KeyEvent => {
-                let ev =
-                    SignedKeyEvent::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
-                if ev.identity() != body.subject {
-                    return Err(bad("key event for another identity".into()));
-                }
-                if ev.event().seq == 0 {
-                    if self.identities.contains_key(&body.subject) {
-                        return Err(bad("identity registered twice".into()));
-                    }
-                    let history = KeyHistory::incept(&ev, index).map_err(|e| bad(e.to_string()))?;
-                    if history.role() == Role::Customer {
-                        self.consent
-                            .insert(history.id(), ConsentState::new(history.id()));
-                    }
-                    self.identities
-                        .insert(history.id(), IdentityState::new(history));
-                } else {
-                    let state = self
-                        .identities
-                        .get_mut(&body.subject)
-                        .ok_or_else(|| bad("rotation of an unknown identity".into()))?;
-                    state.rotate(&ev, index).map_err(|e| bad(e.to_string()))?;
-                }
-            }
-            EntryKind::DeviceCertificate => {
-                let cert = Signed::<DeviceCertificate>::decode(&body.payload)
-                    .map_err(|e| malformed(e.to_string()))?;
-                let state = self
-                    .identities
-                    .get_mut(&cert.body().identity)
-                    .ok_or_else(|| bad("certificate for an unknown identity".into()))?;
-                state
-                    .certify(&cert, index)
-                    .map_err(|e| bad(e.to_string()))?;
-            }
-            EntryKind::DeviceRevocation => {
-                let rev = Signed::<DeviceRevocation>::decode(&body.payload)
-                    .map_err(|e| malformed(e.to_string()))?;
-                let id = rev.body().identity;
-                let state = self
-                    .identities
-                    .get_mut(&id)
-                    .ok_or_else(|| bad("revocation for an unknown identity".into()))?;
-                state.revoke(&rev, index).map_err(|e| bad(e.to_string()))?;
-                if let Some(consent) = self.consent.get_mut(&id) {
-                    consent
-                        .device_revoked(index, body.time)
-                        .map_err(|e| Violation::RefusedStatement(index, e.to_string()))?;
-                }
-            }
-            EntryKind::Directory => {
-                let dir =
-                    SignedDirectory::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
-                let customer = dir.directory().customer;
-                dir.verify(self.identity(&customer, index)?, index)
-                    .map_err(|e| bad(e.to_string()))?;
-                if let Some(consent) = self.consent.get_mut(&customer) {
-                    for f in &dir.directory().families {
-                        consent.declare_family(f.family, f.scope, f.epoch);
-                    }
-                }
-            }
-            EntryKind::Admission => {
-                let note = std::str::from_utf8(&body.payload)
-                    .map_err(|_| malformed("an admission is text".into()))?;
-                let a = Admission::open(note, &self.log_key).map_err(|e| bad(e.to_string()))?;
-                if a.auditor != body.subject || body.customer.is_some() {
-                    return Err(malformed("an admission's subject is its auditor".into()));
-                }
-                let role = self.identities.get(&a.auditor).map(|s| s.keys().role());
-                self.auditors
-                    .apply(&a, role, index)
-                    .map_err(|e| Violation::RefusedStatement(index, e.to_string()))?;
-            }
-            EntryKind::FamilyHead | EntryKind::Statement | EntryKind::Access => {
-                return Err(malformed("not an identity entry".into()));
-            }
-        }
-        Ok(())
-    }
-
-    /// Parses a non-identity entry and resolves the key that must have signed it at its position.
+    /// Parses a non-identity entry and resolves, by the ledger's rule, the key that must have signed it
+    /// at its position.
     fn prepare(
         &self,
         index: u64,
-        body: &EntryBody,
+        body: EntryBody,
     ) -> Result<(Prepared, SignedEnvelope, VerifyingKey), Violation> {
-        let malformed = |e: String| Violation::Malformed(index, e);
-        let bad = |e: String| Violation::BadSignature(index, e);
-        match body.kind {
-            EntryKind::FamilyHead => {
-                let batch =
-                    SignedBatch::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
-                let b = batch.batch();
-                let key = self
-                    .identity(&b.author, index)?
-                    .device_at(&b.device, index)
-                    .map_err(|e| bad(e.to_string()))?
-                    .signing_key;
-                Ok((Prepared::Head, batch.envelope().clone(), key))
-            }
-            EntryKind::Statement => {
-                let st =
-                    SignedStatement::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
-                let s = st.statement();
-                if body.customer != Some(s.customer) {
-                    return Err(malformed("statement filed under another customer".into()));
-                }
-                let key = self
-                    .identity(&s.author, index)?
-                    .device_at(&s.device, index)
-                    .map_err(|e| bad(e.to_string()))?
-                    .signing_key;
-                let envelope = st.envelope().clone();
-                Ok((
-                    Prepared::Statement(Box::new(st), Box::new(body.clone())),
-                    envelope,
-                    key,
-                ))
-            }
-            EntryKind::Access => {
-                let rec =
-                    AccessRecord::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
-                let device = Digest::from_hex(&rec.keyid)
-                    .map(|d| DeviceId(d.0))
-                    .ok_or_else(|| malformed("keyid is not a device id".into()))?;
-                let key = self
-                    .identity(&body.subject, index)?
-                    .device_at(&device, index)
-                    .map_err(|e| bad(e.to_string()))?
-                    .signing_key;
-                let envelope = SignedEnvelope {
-                    body: rec.signature_base.clone().into_bytes(),
-                    signature: Signature(rec.signature),
-                };
-                Ok((
-                    Prepared::Access {
-                        rec: Box::new(rec),
-                        body: Box::new(body.clone()),
-                    },
-                    envelope,
-                    key,
-                ))
-            }
-            _ => Err(malformed("an identity entry in a segment".into())),
-        }
+        let parsed = Parsed::decode(body.kind, &body.payload, &self.log_key)
+            .map_err(|r| violation(index, r))?;
+        let (envelope, key) = self
+            .ledger
+            .signing_key(&parsed, index)
+            .map_err(|r| violation(index, r))?
+            .ok_or_else(|| Violation::Malformed(index, "an identity entry in a segment".into()))?;
+        Ok((Prepared { parsed, body }, envelope, key))
     }
 
-    /// Applies a prepared entry; returns it when it changed consent state in a way a snapshot must replay.
+    /// Applies an entry whose signature verified; returns it when it changed the ledger in a way a
+    /// snapshot must replay (statements, and accesses that used up a one-time grant).
     fn apply_prepared(&mut self, index: u64, p: Prepared) -> Result<Option<EntryBody>, Violation> {
-        match p {
-            Prepared::Head => Ok(None),
-            Prepared::Statement(st, body) => {
-                let customer = st.statement().customer;
-                let consent = self.consent.get_mut(&customer).ok_or_else(|| {
-                    Violation::Malformed(index, "statement about an unknown customer".into())
-                })?;
-                consent
-                    .apply(&st, index, body.time)
-                    .map_err(|e| Violation::RefusedStatement(index, e.to_string()))?;
-                Ok(Some(*body))
-            }
-            Prepared::Access { rec, body } => {
-                let consumed = self.check_access(index, &rec, &body)?;
-                Ok(consumed.then_some(*body))
-            }
+        if let Parsed::Access(rec) = &p.parsed {
+            self.check_freshness(index, rec, &p.body)?;
         }
+        let (_, effect) = self
+            .ledger
+            .apply(
+                &p.parsed,
+                index,
+                p.body.time,
+                Some(Header::of(&p.body)),
+                Signatures::Checked,
+            )
+            .map_err(|r| violation(index, r))?;
+        Ok(match effect {
+            Effect::FamilyHead => None,
+            Effect::Access(allowed) if !allowed.consumes => None,
+            _ => Some(p.body),
+        })
     }
 
-    /// Checks an access whose signature verified; returns whether it used up a one-time grant.
-    fn check_access(
+    /// Checks what the ledger leaves to the edges for an access whose signature verified: the signed
+    /// parameters name its keyid, it was created within the window around its server time, and its
+    /// (keyid, nonce) was never seen before.
+    fn check_freshness(
         &mut self,
         index: u64,
         rec: &AccessRecord,
         body: &EntryBody,
-    ) -> Result<bool, Violation> {
-        let (company, time) = (body.subject, body.time);
-        let customer = body
-            .customer
-            .ok_or_else(|| Violation::Malformed(index, "access about no customer".into()))?;
+    ) -> Result<(), Violation> {
         let malformed = |e: String| Violation::Malformed(index, e);
         let params_line = rec
             .signature_base
@@ -601,15 +454,13 @@ impl Auditor {
             .ok_or_else(|| malformed("signature base has no @signature-params line".into()))?;
         let parsed = httpsig::parse_signatures(&format!("cmr={params_line}"), "cmr=:AAAA:")
             .map_err(|e| malformed(e.to_string()))?;
-        rec.check_binding(&customer)
-            .map_err(|e| Violation::Unbound(index, e))?;
         let params = &parsed[0].params;
         let nonce = params.nonce().ok().flatten().unwrap_or_default();
         let created = params.created().ok().flatten().unwrap_or_default();
         if params.keyid().ok().flatten() != Some(rec.keyid.as_str()) {
             return Err(malformed("keyid differs from the signed one".into()));
         }
-        let t = time as i64;
+        let t = body.time as i64;
         if created < t - httpsig::MAX_AGE || created > t + httpsig::MAX_FUTURE {
             return Err(Violation::AccessDenied(
                 index,
@@ -623,19 +474,28 @@ impl Auditor {
                 format!("{} {}", rec.keyid, nonce),
             ));
         }
-        // Replay the decision at this position and time.
-        let consent = self
-            .consent
-            .get_mut(&customer)
-            .ok_or_else(|| malformed("access to an unknown customer".into()))?;
-        let attempt = rec
-            .attempt(company)
-            .ok_or_else(|| malformed("access to no family".into()))?;
-        match consent.record_access(&attempt, index, time) {
-            Ok(Ok(allowed)) => Ok(allowed.consumes),
-            Ok(Err(reason)) => Err(Violation::AccessDenied(index, reason.code().to_string())),
-            Err(e) => Err(Violation::RefusedStatement(index, e.to_string())),
-        }
+        Ok(())
+    }
+}
+
+/// What the ledger's refusal of entry `index` means in a report.
+fn violation(index: u64, r: Refusal) -> Violation {
+    let text = r.to_string();
+    match r {
+        Refusal::Decode(..) | Refusal::Header(_) => Violation::Malformed(index, text),
+        Refusal::Unbound(e) => Violation::Unbound(index, e),
+        Refusal::Denied(reason) => Violation::AccessDenied(index, reason.code().to_string()),
+        Refusal::Consent(_)
+        | Refusal::Admission(_)
+        | Refusal::DirectoryVersion { .. }
+        | Refusal::AlreadyRegistered(_)
+        | Refusal::UnknownCustomer(_)
+        | Refusal::UnknownFamily => Violation::RefusedStatement(index, text),
+        Refusal::Identity(_)
+        | Refusal::Statement(_)
+        | Refusal::Directory(_)
+        | Refusal::BadSignature(_)
+        | Refusal::UnknownIdentity(_) => Violation::BadSignature(index, text),
     }
 }
 
@@ -655,13 +515,9 @@ fn is_identity_entry(kind: EntryKind) -> bool {
 }
 
 /// A parsed entry whose signature is checked with its segment.
-enum Prepared {
-    Head,
-    Statement(Box<SignedStatement>, Box<EntryBody>),
-    Access {
-        rec: Box<AccessRecord>,
-        body: Box<EntryBody>,
-    },
+struct Prepared {
+    parsed: Parsed,
+    body: EntryBody,
 }
 
 /// The indices of the bad signatures among `items`, using both cores for large sets.
@@ -830,39 +686,12 @@ impl Auditor {
         Ok(a)
     }
 
-    /// Re-applies a journal entry without re-checking the signatures of statements and accesses.
+    /// Re-applies a journal entry; the signatures of statements and accesses were checked when it was
+    /// first audited (identity events are always checked again).
     fn replay(&mut self, index: u64, body: &EntryBody) -> Result<(), Violation> {
-        let malformed = |e: String| Violation::Malformed(index, e);
-        match body.kind {
-            EntryKind::Statement => {
-                let st =
-                    SignedStatement::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
-                self.apply_prepared(
-                    index,
-                    Prepared::Statement(Box::new(st), Box::new(body.clone())),
-                )
-                .map(|_| ())
-            }
-            EntryKind::Access => {
-                let rec =
-                    AccessRecord::decode(&body.payload).map_err(|e| malformed(e.to_string()))?;
-                let customer = body
-                    .customer
-                    .ok_or_else(|| malformed("no customer".into()))?;
-                let attempt = rec
-                    .attempt(body.subject)
-                    .ok_or_else(|| malformed("access to no family".into()))?;
-                let consent = self
-                    .consent
-                    .get_mut(&customer)
-                    .ok_or_else(|| malformed("unknown customer".into()))?;
-                match consent.record_access(&attempt, index, body.time) {
-                    Ok(Ok(_)) => Ok(()),
-                    _ => Err(malformed("journal access no longer allowed".into())),
-                }
-            }
-            EntryKind::FamilyHead => Ok(()),
-            _ => self.apply_identity(index, body),
-        }
+        self.ledger
+            .apply_logged(index, body, &self.log_key, Signatures::Checked)
+            .map(|_| ())
+            .map_err(|r| violation(index, r))
     }
 }

@@ -28,6 +28,13 @@ pub enum FoldError {
     Malformed(u64, &'static str),
 }
 
+/// A directory declares its families, at their current epochs, to the customer's consent state.
+pub fn declare(consent: &mut ConsentState, dir: &SignedDirectory) {
+    for f in &dir.directory().families {
+        consent.declare_family(f.family, f.scope, f.epoch);
+    }
+}
+
 /// Folds entry `index` (about this state's customer) into `consent`: a directory declares its families;
 /// a statement is applied; an access is recorded (a one-time grant's first read uses it up); the
 /// revocation of one of the customer's devices exposes every family. Other kinds change no consent.
@@ -43,9 +50,7 @@ pub fn fold(consent: &mut ConsentState, index: u64, body: &EntryBody) -> Result<
     match body.kind {
         EntryKind::Directory => {
             let dir = SignedDirectory::decode(&body.payload).map_err(|e| decode(&e))?;
-            for f in &dir.directory().families {
-                consent.declare_family(f.family, f.scope, f.epoch);
-            }
+            declare(consent, &dir);
         }
         EntryKind::Statement => {
             let st = SignedStatement::decode(&body.payload).map_err(|e| decode(&e))?;

@@ -293,6 +293,17 @@ impl AccessRecord {
         Ok(())
     }
 
+    /// The vault the signed request names (`@path` `/v1/vaults/{customer}/…`), which the record must then
+    /// be bound to ([`AccessRecord::check_binding`]). `None` if it names none.
+    pub fn bound_customer(&self) -> Option<IdentityId> {
+        let path = self
+            .signature_base
+            .lines()
+            .find_map(|l| l.strip_prefix("\"@path\": "))?;
+        let rest = path.strip_prefix("/v1/vaults/")?;
+        IdentityId::from_hex(rest.split('/').next()?)
+    }
+
     /// The access this record claims, by `company`, for `evaluate`: its families, and the span of their
     /// periods. `None` if it names no family.
     pub fn attempt(&self, company: IdentityId) -> Option<AccessAttempt> {

@@ -15,23 +15,21 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use cmr_core::batch::{FamilyLedger, ReadProof, SignedBatch};
-use cmr_core::consent::{Body, ErasureTarget, SignedStatement, StatementId};
-use cmr_core::decision::{AccessKind, ConsentState, DenyReason};
-use cmr_core::directory::SignedDirectory;
+use cmr_core::consent::{Body, ErasureTarget, SignedStatement, StatementError, StatementId};
+use cmr_core::decision::{AccessKind, ApplyError, ConsentState, DenyReason};
+use cmr_core::directory::DirectoryError;
 use cmr_core::family::{FamilyId, Period};
 use cmr_core::hash::{Digest, sha256, tagged_hash};
-use cmr_core::identity::{
-    DeviceCertificate, DeviceId, DeviceRevocation, IdentityId, IdentityState, KeyHistory, Role,
-    Signed, SignedKeyEvent,
-};
+use cmr_core::identity::{DeviceId, IdentityId, Role};
 use cmr_core::merkle::Hash;
 use cmr_core::record::SealedRecord;
-use cmr_log::admission::{Admission, Auditors};
+use cmr_log::admission::{AdmissionError, Auditors};
 use cmr_log::checkpoint::Checkpoint;
 use cmr_log::entry::{
     AccessRecord, ChainLink, EntryBody, EntryKind, SaltedBody, commitment, commitment_leaf,
     draw_salt,
 };
+use cmr_log::ledger::{Effect, Header, Ledger, Parsed, Refusal, Signatures};
 use cmr_log::note::NoteSigner;
 use cmr_log::tree::{NodeStore, Tree};
 use thiserror::Error;
@@ -433,14 +431,10 @@ struct Sequencer {
 struct State {
     size: u64,
     last_time: u64,
-    identities: HashMap<IdentityId, IdentityState>,
-    consent: HashMap<IdentityId, ConsentState>,
+    /// The rules' state: identities, devices, consent, directories, auditors ([`cmr_log::ledger`]).
+    ledger: Ledger,
     ledgers: HashMap<(IdentityId, FamilyId), FamilyLedger>,
-    directories: HashMap<IdentityId, (u64, Digest)>,
     heads: HashMap<IdentityId, ChainLink>,
-    auditors: Auditors,
-    /// Which identity each certified device belongs to, to resolve a request's `keyid`.
-    device_owner: HashMap<DeviceId, IdentityId>,
     /// A short number for each family, in the order the families were declared (so the same after a
     /// replay): record keys carry it instead of two 32-byte ids.
     family_numbers: HashMap<(IdentityId, FamilyId), u64>,
@@ -471,23 +465,43 @@ impl State {
             .ok_or_else(|| StoreError::NotFound("family".into()))
     }
 
-    /// The identity that owns the device named by `keyid` (a device id in hex), if the device is valid
-    /// at `position`.
-    fn signer(&self, keyid: &str, position: u64) -> Result<IdentityId, StoreError> {
-        let device = Digest::from_hex(keyid)
-            .map(|d| DeviceId(d.0))
-            .ok_or_else(|| StoreError::Malformed("keyid is not a device id".into()))?;
-        let owner = self
-            .device_owner
-            .get(&device)
-            .copied()
-            .ok_or_else(|| StoreError::BadSignature("unknown keyid".into()))?;
-        self.identities
-            .get(&owner)
-            .ok_or_else(|| StoreError::BadSignature("unknown keyid".into()))?
-            .device_at(&device, position)
-            .map_err(|e| StoreError::BadSignature(e.to_string()))?;
-        Ok(owner)
+    /// A customer's consent state.
+    fn consent(&self, customer: &IdentityId) -> Result<&ConsentState, StoreError> {
+        self.ledger
+            .consent(customer)
+            .ok_or_else(|| StoreError::NotFound("customer".into()))
+    }
+}
+
+impl From<Refusal> for StoreError {
+    /// The rules' refusals, as the store's callers (and the server's problem codes) know them.
+    fn from(r: Refusal) -> Self {
+        let text = r.to_string();
+        match r {
+            Refusal::Identity(_)
+            | Refusal::BadSignature(_)
+            | Refusal::Statement(StatementError::Signature(_) | StatementError::WrongAuthor)
+            | Refusal::Directory(DirectoryError::Signature(_))
+            | Refusal::Admission(AdmissionError::NotSigned) => StoreError::BadSignature(text),
+            Refusal::Decode(..)
+            | Refusal::Header(_)
+            | Refusal::Unbound(_)
+            | Refusal::Statement(_)
+            | Refusal::Directory(_)
+            | Refusal::Admission(AdmissionError::Malformed(_)) => StoreError::Malformed(text),
+            Refusal::AlreadyRegistered(_) => StoreError::Conflict,
+            Refusal::UnknownIdentity(id) => StoreError::NotFound(format!("identity {id}")),
+            Refusal::UnknownCustomer(_) => StoreError::NotFound("customer".into()),
+            Refusal::UnknownFamily => StoreError::NotFound("family".into()),
+            Refusal::DirectoryVersion { expected } => StoreError::DirectoryConflict { expected },
+            Refusal::Consent(ApplyError::Blocked) => StoreError::Blocked,
+            Refusal::Consent(
+                ApplyError::TooManyRequests { .. } | ApplyError::DailyCapReached { .. },
+            ) => StoreError::TooManyRequests(text),
+            Refusal::Consent(ApplyError::NotAccepted) => StoreError::NotAccepted(text),
+            Refusal::Consent(_) | Refusal::Admission(_) => StoreError::Refused(text),
+            Refusal::Denied(reason) => StoreError::Denied(reason),
+        }
     }
 }
 
@@ -1503,180 +1517,102 @@ impl Sequencer {
         index: u64,
         time: u64,
     ) -> Result<Pending, StoreError> {
-        let malformed = |e: &dyn std::fmt::Display| StoreError::Malformed(e.to_string());
-        let bad = |e: &dyn std::fmt::Display| StoreError::BadSignature(e.to_string());
-        match op {
-            Op::Register(bytes) => {
-                let ev = SignedKeyEvent::decode(&bytes).map_err(|e| malformed(&e))?;
-                let history = KeyHistory::incept(&ev, index).map_err(|e| bad(&e))?;
-                let id = history.id();
-                if self.state.identities.contains_key(&id) {
-                    return Err(StoreError::Conflict);
-                }
-                let customer = (history.role() == Role::Customer).then_some(id);
-                self.state
-                    .identities
-                    .insert(id, IdentityState::new(history));
-                self.publish_identity_key(&id);
-                if customer.is_some() {
-                    self.state.consent.insert(id, ConsentState::new(id));
-                }
-                self.log(overlay, EntryKind::KeyEvent, time, id, customer, bytes)
-                    .map(Self::logged)
-            }
-            Op::Rotate(bytes) => {
-                let ev = SignedKeyEvent::decode(&bytes).map_err(|e| malformed(&e))?;
-                let id = ev.identity();
-                let state = self.identity_mut(&id)?;
-                state.rotate(&ev, index).map_err(|e| bad(&e))?;
-                self.publish_identity_key(&id);
-                self.unpublish_superseded(&id, index);
-                let customer = self.state.consent.contains_key(&id).then_some(id);
-                self.log(overlay, EntryKind::KeyEvent, time, id, customer, bytes)
-                    .map(Self::logged)
-            }
-            Op::Certify(bytes) => {
-                let cert =
-                    Signed::<DeviceCertificate>::decode(&bytes).map_err(|e| malformed(&e))?;
-                let id = cert.body().identity;
-                let device = self
-                    .identity_mut(&id)?
-                    .certify(&cert, index)
-                    .map_err(|e| bad(&e))?;
-                self.state.device_owner.insert(device, id);
-                self.publish_device_key(&id, &device);
-                let customer = self.state.consent.contains_key(&id).then_some(id);
-                self.log(
-                    overlay,
-                    EntryKind::DeviceCertificate,
-                    time,
-                    id,
-                    customer,
-                    bytes,
-                )
-                .map(Self::logged)
-            }
-            Op::RevokeDevice(bytes) => {
-                let rev = Signed::<DeviceRevocation>::decode(&bytes).map_err(|e| malformed(&e))?;
-                let id = rev.body().identity;
-                let mut state = self.identity(&id)?.clone();
-                state.revoke(&rev, index).map_err(|e| bad(&e))?;
-                if let Some(consent) = self.state.consent.get_mut(&id) {
-                    consent
-                        .device_revoked(index, time)
-                        .map_err(|e| StoreError::Refused(e.to_string()))?;
-                }
-                self.state.identities.insert(id, state);
-                self.unpublish_device_key(&rev.body().device);
-                let customer = self.state.consent.contains_key(&id).then_some(id);
-                self.log(
-                    overlay,
-                    EntryKind::DeviceRevocation,
-                    time,
-                    id,
-                    customer,
-                    bytes,
-                )
-                .map(Self::logged)
-            }
-            Op::PublishDirectory(bytes) => {
-                let dir = SignedDirectory::decode(&bytes).map_err(|e| malformed(&e))?;
-                let d = dir.directory();
-                let customer = d.customer;
-                dir.verify(self.identity(&customer)?, index)
-                    .map_err(|e| bad(&e))?;
-                let current = self.state.directories.get(&customer).copied();
-                let ok = match current {
-                    None => d.version == 1,
-                    Some((v, digest)) => d.version == v + 1 && d.prev == digest,
-                };
-                if !ok {
-                    return Err(StoreError::DirectoryConflict {
-                        expected: current.map_or(1, |(v, _)| v + 1),
-                    });
-                }
-                let consent = self
-                    .state
-                    .consent
-                    .get_mut(&customer)
-                    .ok_or_else(|| StoreError::NotFound("customer".into()))?;
-                for f in &d.families {
-                    consent.declare_family(f.family, f.scope, f.epoch);
-                }
-                for f in &d.families {
-                    self.state.ensure_family(customer, f.family, f.scope);
-                }
-                self.state
-                    .directories
-                    .insert(customer, (d.version, dir.digest()));
-                overlay.put(layout::key(tag::DIRECTORY, &[&customer.0]), bytes.clone());
-                self.log(
-                    overlay,
-                    EntryKind::Directory,
-                    time,
-                    customer,
-                    Some(customer),
-                    bytes,
-                )
-                .map(Self::logged)
-            }
-            Op::Statement(bytes) => {
-                let st = SignedStatement::decode(&bytes).map_err(|e| malformed(&e))?;
+        let registering = matches!(op, Op::Register(_));
+        let (kind, bytes) = match op {
+            Op::Register(b) | Op::Rotate(b) => (EntryKind::KeyEvent, b),
+            Op::Certify(b) => (EntryKind::DeviceCertificate, b),
+            Op::RevokeDevice(b) => (EntryKind::DeviceRevocation, b),
+            Op::PublishDirectory(b) => (EntryKind::Directory, b),
+            Op::Statement(b) => (EntryKind::Statement, b),
+            Op::Admission(b) => (EntryKind::Admission, b),
+            other => return self.apply_unlogged(other, pre, overlay, index, time),
+        };
+        let parsed = Parsed::decode(kind, &bytes, &self.log_key.verifier())?;
+        if let Parsed::KeyEvent(ev) = &parsed
+            && (ev.event().seq == 0) != registering
+        {
+            return Err(StoreError::Malformed(
+                "a registration is an inception, a rotation is not".into(),
+            ));
+        }
+        // A statement's index rows are judged from the consent state before it applies.
+        let changes = match &parsed {
+            Parsed::Statement(st) => {
                 let s = st.statement();
-                st.verify(self.identity(&s.author)?, index)
-                    .map_err(|e| bad(&e))?;
-                let customer = s.customer;
-                let consent = self
-                    .state
-                    .consent
-                    .get_mut(&customer)
-                    .ok_or_else(|| StoreError::NotFound("customer".into()))?;
-                let changes = index_changes(
-                    Some(consent),
+                let consent = self.state.ledger.consent(&s.customer);
+                Some(index_changes(
+                    consent,
                     index,
                     EntryKind::Statement,
                     s.author,
-                    Some(customer),
+                    Some(s.customer),
                     &bytes,
-                );
-                consent.apply(&st, index, time).map_err(|e| match e {
-                    cmr_core::decision::ApplyError::Blocked => StoreError::Blocked,
-                    e @ (cmr_core::decision::ApplyError::TooManyRequests { .. }
-                    | cmr_core::decision::ApplyError::DailyCapReached { .. }) => {
-                        StoreError::TooManyRequests(e.to_string())
+                ))
+            }
+            _ => None,
+        };
+        let (header, effect) =
+            self.state
+                .ledger
+                .apply(&parsed, index, time, None, Signatures::Verify)?;
+        self.publish(&parsed, &effect, index);
+        match (&parsed, &effect) {
+            (Parsed::Directory(dir), _) => {
+                let customer = dir.directory().customer;
+                overlay.put(layout::key(tag::DIRECTORY, &[&customer.0]), bytes.clone());
+            }
+            (Parsed::Statement(st), Effect::Statement(Some(target))) => {
+                self.erase(overlay, st.statement().customer, *target)?;
+            }
+            _ => {}
+        }
+        let logged = self.log(overlay, kind, time, header.subject, header.customer, bytes)?;
+        if let Some(changes) = changes {
+            apply_index(overlay, changes);
+        }
+        Ok(Self::logged(logged))
+    }
+
+    /// Applies what the ledger's verdict changes outside it: the keys that sign requests, the family
+    /// ledgers a directory declares, the auditors the server admits. One step for the sequencer and for
+    /// the replay at open.
+    fn publish(&mut self, parsed: &Parsed, effect: &Effect, index: u64) {
+        match effect {
+            Effect::Registered(id) => self.publish_identity_key(id),
+            Effect::Rotated(id) => {
+                self.publish_identity_key(id);
+                self.unpublish_superseded(id, index);
+            }
+            Effect::Certified(id, device) => self.publish_device_key(id, device),
+            Effect::Revoked(_, device) => self.unpublish_device_key(device),
+            Effect::Directory(customer) => {
+                // In the directory's order: family numbers must come out the same at every replay.
+                if let Parsed::Directory(dir) = parsed {
+                    for f in &dir.directory().families {
+                        self.state.ensure_family(*customer, f.family, f.scope);
                     }
-                    e @ cmr_core::decision::ApplyError::NotAccepted => {
-                        StoreError::NotAccepted(e.to_string())
-                    }
-                    other => StoreError::Refused(other.to_string()),
-                })?;
-                if let Body::Erasure(target) = &s.body {
-                    self.erase(overlay, customer, *target)?;
                 }
-                let author = s.author;
-                let logged = self.log(
-                    overlay,
-                    EntryKind::Statement,
-                    time,
-                    author,
-                    Some(customer),
-                    bytes,
-                )?;
-                apply_index(overlay, changes);
-                Ok(Self::logged(logged))
             }
-            Op::Admission(bytes) => {
-                let note = std::str::from_utf8(&bytes)
-                    .map_err(|_| StoreError::Malformed("an admission is text".into()))?;
-                let a = Admission::open(note, &self.log_key.verifier()).map_err(|e| match e {
-                    cmr_log::admission::AdmissionError::Malformed(_) => malformed(&e),
-                    cmr_log::admission::AdmissionError::NotSigned => bad(&e),
-                    _ => StoreError::Refused(e.to_string()),
-                })?;
-                self.admit(&a, index)?;
-                self.log(overlay, EntryKind::Admission, time, a.auditor, None, bytes)
-                    .map(Self::logged)
+            Effect::Admission(_) => {
+                if let Ok(mut keys) = self.device_keys.write() {
+                    keys.auditors = self.state.ledger.auditors().clone();
+                    keys.admissions.push(index);
+                }
             }
+            Effect::Statement(_) | Effect::FamilyHead | Effect::Access(_) => {}
+        }
+    }
+
+    /// The operations that log no statement of their own: batches, reads, backups and head queries.
+    fn apply_unlogged(
+        &mut self,
+        op: Op,
+        pre: Option<PreparedBatch>,
+        overlay: &mut Overlay<'_>,
+        index: u64,
+        time: u64,
+    ) -> Result<Pending, StoreError> {
+        match op {
             Op::WriteBatch {
                 batch,
                 records,
@@ -1692,7 +1628,7 @@ impl Sequencer {
                         "a key backup is at most {MAX_BACKUP} bytes"
                     )));
                 }
-                if !self.state.consent.contains_key(&customer) {
+                if self.state.ledger.consent(&customer).is_none() {
                     return Err(StoreError::NotFound(format!("customer {customer}")));
                 }
                 let key = layout::key(tag::BACKUP, &[&customer.0]);
@@ -1726,9 +1662,7 @@ impl Sequencer {
                         StoreError::Malformed("a company appends under a grant".into())
                     })?;
                     self.state
-                        .consent
-                        .get(&customer)
-                        .ok_or_else(|| StoreError::NotFound("customer".into()))?
+                        .consent(&customer)?
                         .may_append(caller, grant, family, index, time)
                         .map_err(StoreError::Denied)?;
                 }
@@ -1764,32 +1698,22 @@ impl Sequencer {
                 limit,
                 access.as_ref(),
             ),
+            Op::Register(_)
+            | Op::Rotate(_)
+            | Op::Certify(_)
+            | Op::RevokeDevice(_)
+            | Op::PublishDirectory(_)
+            | Op::Statement(_)
+            | Op::Admission(_) => Err(StoreError::Io(
+                "a logged statement reached the unlogged operations".into(),
+            )),
         }
-    }
-
-    /// Applies an opened admission statement logged at `index` (the rule is [`Auditors::apply`]) and
-    /// publishes the result to the server.
-    fn admit(&mut self, a: &Admission, index: u64) -> Result<(), StoreError> {
-        let role = self
-            .state
-            .identities
-            .get(&a.auditor)
-            .map(|s| s.keys().role());
-        self.state
-            .auditors
-            .apply(a, role, index)
-            .map_err(|e| StoreError::Refused(e.to_string()))?;
-        if let Ok(mut keys) = self.device_keys.write() {
-            keys.auditors = self.state.auditors.clone();
-            keys.admissions.push(index);
-        }
-        Ok(())
     }
 
     /// After the identity key rotated at `index`: its devices certified under an earlier key no longer
     /// sign requests (a thief's device among them) until certified again under the new key.
     fn unpublish_superseded(&self, identity: &IdentityId, index: u64) {
-        let Some(state) = self.state.identities.get(identity) else {
+        let Some(state) = self.state.ledger.identity(identity) else {
             return;
         };
         let gone: Vec<DeviceId> = state
@@ -1806,8 +1730,8 @@ impl Sequencer {
     fn publish_device_key(&self, identity: &IdentityId, device: &DeviceId) {
         let key = self
             .state
-            .identities
-            .get(identity)
+            .ledger
+            .identity(identity)
             .and_then(|s| s.device_key(device));
         if let (Some(key), Ok(mut keys)) = (key, self.device_keys.write()) {
             keys.devices.insert(*device, (*identity, key));
@@ -1824,7 +1748,7 @@ impl Sequencer {
 
     /// Makes an identity's current key available to submitters.
     fn publish_identity_key(&self, identity: &IdentityId) {
-        let key = self.state.identities.get(identity).map(|s| {
+        let key = self.state.ledger.identity(identity).map(|s| {
             let current = s.keys().current();
             (
                 current.signing_key,
@@ -1835,20 +1759,6 @@ impl Sequencer {
         if let (Some(key), Ok(mut keys)) = (key, self.device_keys.write()) {
             keys.identities.insert(*identity, key);
         }
-    }
-
-    fn identity(&self, id: &IdentityId) -> Result<&IdentityState, StoreError> {
-        self.state
-            .identities
-            .get(id)
-            .ok_or_else(|| StoreError::NotFound(format!("identity {id}")))
-    }
-
-    fn identity_mut(&mut self, id: &IdentityId) -> Result<&mut IdentityState, StoreError> {
-        self.state
-            .identities
-            .get_mut(id)
-            .ok_or_else(|| StoreError::NotFound(format!("identity {id}")))
     }
 
     fn erase(
@@ -1922,26 +1832,17 @@ impl Sequencer {
             }
         };
         let b = signed.batch().clone();
-        let author = self.identity(&b.author)?;
-        // The device must be valid at this position; its signature may already have been checked.
-        let cert = author
-            .device_at(&b.device, index)
-            .map_err(|e| StoreError::BadSignature(e.to_string()))?;
-        let signature_ok = match checked {
-            Some(ok) => ok,
-            None => signed.verify(&cert.signing_key).is_ok(),
+        // The batch's own rules (signer valid here, a customer's epoch and rotation), by the ledger; a
+        // signature already checked on the submitting thread is not checked again.
+        let signatures = match checked {
+            Some(true) => Signatures::Checked,
+            Some(false) => return Err(StoreError::BadSignature("batch signature".into())),
+            None => Signatures::Verify,
         };
-        if !signature_ok {
-            return Err(StoreError::BadSignature("batch signature".into()));
-        }
-        let consent = self
-            .state
-            .consent
-            .get(&b.customer)
-            .ok_or_else(|| StoreError::NotFound("customer".into()))?;
-        let current = consent
-            .epoch(&b.family)
-            .ok_or_else(|| StoreError::NotFound("family".into()))?;
+        let head = Parsed::FamilyHead(signed);
+        self.state
+            .ledger
+            .apply(&head, index, time, None, signatures)?;
         let periods = records
             .iter()
             .map(|r| r.header().period)
@@ -1950,46 +1851,31 @@ impl Sequencer {
             })
             .ok_or_else(|| StoreError::Malformed("a batch with no records".into()))?;
         let mut append = None;
-        if b.author == b.customer {
-            // Companies meet the erasure in `evaluate`; the customer meets it here.
-            if let Some(at) = consent.erased_at(&b.family) {
-                return Err(StoreError::Denied(DenyReason::FamilyErased(at)));
-            }
-            if consent.rotation_pending(&b.family, time) {
-                return Err(StoreError::Denied(DenyReason::RotationPending(b.family)));
-            }
-            if b.epoch != current {
-                return Err(StoreError::Denied(DenyReason::StaleEpoch { current }));
-            }
-        } else {
-            let access = access.as_ref().ok_or_else(|| {
+        if b.author != b.customer {
+            let access = access.ok_or_else(|| {
                 StoreError::Malformed("a company append carries its access record".into())
             })?;
-            if self.state.signer(&access.keyid, index)? != b.author {
+            // The access is logged right after the batch: decided at that position, by the same rule
+            // that records it below.
+            let (header, attempt, _) = self.state.ledger.decide(&access, index + 1, time)?;
+            // The signed request must name exactly this append: the auditor replays the decision from it.
+            if header.subject != b.author {
                 return Err(StoreError::BadSignature(
                     "the request is signed by another identity than the batch".into(),
                 ));
             }
-            // The signed request must name exactly this append: the auditor replays the decision from it.
-            let attempt = access
-                .attempt(b.author)
-                .filter(|a| {
-                    a.kind == AccessKind::Append
-                        && a.families == [b.family]
-                        && a.epoch == Some(b.epoch)
-                        && a.periods.0 <= periods.0
-                        && periods.1 <= a.periods.1
-                })
-                .ok_or_else(|| {
-                    StoreError::Malformed("the access record does not match the batch".into())
-                })?;
-            access
-                .check_binding(&b.customer)
-                .map_err(StoreError::Malformed)?;
-            consent
-                .evaluate(&attempt, index + 1, time)
-                .map_err(StoreError::Denied)?;
-            append = Some(attempt);
+            if header.customer != Some(b.customer)
+                || attempt.kind != AccessKind::Append
+                || attempt.families != [b.family]
+                || attempt.epoch != Some(b.epoch)
+                || periods.0 < attempt.periods.0
+                || attempt.periods.1 < periods.1
+            {
+                return Err(StoreError::Malformed(
+                    "the access record does not match the batch".into(),
+                ));
+            }
+            append = Some(access);
         }
         let number = self.state.family_number(&b.customer, &b.family)?;
         let ledger = self
@@ -2021,25 +1907,24 @@ impl Sequencer {
             batch_bytes,
         )?;
         debug_assert_eq!(logged, head_index);
-        if let (Some(access), Some(attempt)) = (access, append) {
+        if let Some(access) = append {
             let at = overlay.size;
-            self.state
-                .consent
-                .get_mut(&b.customer)
-                .ok_or_else(|| StoreError::NotFound("customer".into()))?
-                .record_access(&attempt, at, time)
-                // `evaluate` allowed this very attempt: a refusal here, after the batch was applied, is
-                // a bug, and the group is dropped rather than committed half-done.
-                .map_err(|e| StoreError::Io(format!("append allowed, then refused: {e}")))?
+            let payload = access.encode();
+            let (header, _) = self
+                .state
+                .ledger
+                .apply(&Parsed::Access(access), at, time, None, Signatures::Checked)
+                // `decide` allowed this very access: a refusal here, after the batch was applied, is a
+                // bug, and the group is dropped rather than committed half-done.
                 .map_err(|e| StoreError::Io(format!("append allowed, then refused: {e}")))?;
             return self
                 .log(
                     overlay,
                     EntryKind::Access,
                     time,
-                    b.author,
-                    Some(b.customer),
-                    access.encode(),
+                    header.subject,
+                    header.customer,
+                    payload,
                 )
                 .map(|i| Pending {
                     head: Some(new_head.digest()),
@@ -2075,30 +1960,22 @@ impl Sequencer {
         // one-time grant), so that a refused read leaves no trace.
         let mut allowed = None;
         if let Some(access) = access {
-            let company = self.state.signer(&access.keyid, index)?;
+            let (header, attempt, _) = self.state.ledger.decide(access, index, time)?;
             // The signed request must name exactly this read: the auditor replays the decision from it.
-            let attempt = access
-                .attempt(company)
-                .filter(|a| {
-                    a.kind == AccessKind::Read && a.families == [family] && a.periods == periods
-                })
-                .ok_or_else(|| {
-                    StoreError::Malformed("the access record does not match the read".into())
-                })?;
-            access
-                .check_binding(&customer)
-                .map_err(StoreError::Malformed)?;
-            self.state
-                .consent
-                .get(&customer)
-                .ok_or_else(|| StoreError::NotFound("customer".into()))?
-                .evaluate(&attempt, index, time)
-                .map_err(StoreError::Denied)?;
-            allowed = Some((company, attempt, access));
+            if header.customer != Some(customer)
+                || attempt.kind != AccessKind::Read
+                || attempt.families != [family]
+                || attempt.periods != periods
+            {
+                return Err(StoreError::Malformed(
+                    "the access record does not match the read".into(),
+                ));
+            }
+            allowed = Some(access);
         } else if let Some(at) = self
             .state
-            .consent
-            .get(&customer)
+            .ledger
+            .consent(&customer)
             .and_then(|c| c.erased_at(&family))
         {
             return Err(StoreError::Denied(DenyReason::FamilyErased(at)));
@@ -2170,23 +2047,28 @@ impl Sequencer {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut logged = None;
-        if let Some((company, attempt, access)) = allowed {
-            self.state
-                .consent
-                .get_mut(&customer)
-                .ok_or_else(|| StoreError::NotFound("customer".into()))?
-                .record_access(&attempt, index, time)
-                // `evaluate` allowed this very attempt a moment ago: a refusal now is a bug, and the
+        if let Some(access) = allowed {
+            let payload = access.encode();
+            let (header, _) = self
+                .state
+                .ledger
+                .apply(
+                    &Parsed::Access(access.clone()),
+                    index,
+                    time,
+                    None,
+                    Signatures::Checked,
+                )
+                // `decide` allowed this very access a moment ago: a refusal now is a bug, and the
                 // group is dropped rather than committed half-done.
-                .map_err(|e| StoreError::Io(format!("read allowed, then refused: {e}")))?
                 .map_err(|e| StoreError::Io(format!("read allowed, then refused: {e}")))?;
             logged = Some(self.log(
                 overlay,
                 EntryKind::Access,
                 time,
-                company,
-                Some(customer),
-                access.encode(),
+                header.subject,
+                header.customer,
+                payload,
             )?);
         }
         Ok(Pending {
@@ -2240,7 +2122,7 @@ impl Sequencer {
             self.state.last_time = self.state.last_time.max(body.time);
             self.note_key_event(body.kind, body.subject, i);
             if add_indexes {
-                let consent = body.customer.and_then(|c| self.state.consent.get(&c));
+                let consent = body.customer.and_then(|c| self.state.ledger.consent(&c));
                 let changes = index_changes(
                     consent,
                     i,
@@ -2266,8 +2148,8 @@ impl Sequencer {
         for (i, (customer, family)) in without_records {
             let erased = self
                 .state
-                .consent
-                .get(&customer)
+                .ledger
+                .consent(&customer)
                 .and_then(|c| c.erased_at(&family))
                 .is_some();
             if !erased {
@@ -2304,108 +2186,55 @@ impl Sequencer {
         body: &EntryBody,
     ) -> Result<Option<(IdentityId, FamilyId)>, StoreError> {
         let m = |e: &dyn std::fmt::Display| StoreError::Format(e.to_string());
-        match body.kind {
-            EntryKind::KeyEvent => {
-                let ev = SignedKeyEvent::decode(&body.payload).map_err(|e| m(&e))?;
-                if ev.event().seq == 0 {
-                    let h = KeyHistory::incept(&ev, index).map_err(|e| m(&e))?;
-                    let id = h.id();
-                    if h.role() == Role::Customer {
-                        self.state.consent.insert(id, ConsentState::new(id));
-                    }
-                    self.state.identities.insert(id, IdentityState::new(h));
-                    self.publish_identity_key(&id);
-                } else {
-                    self.identity_mut(&ev.identity())?
-                        .rotate(&ev, index)
-                        .map_err(|e| m(&e))?;
-                    self.publish_identity_key(&ev.identity());
-                    self.unpublish_superseded(&ev.identity(), index);
+        let parsed = Parsed::decode(body.kind, &body.payload, &self.log_key.verifier())
+            .map_err(|e| m(&e))?;
+        // Signatures were checked when the entry was logged; the rules are applied again in full.
+        let (_, effect) = self
+            .state
+            .ledger
+            .apply(
+                &parsed,
+                index,
+                body.time,
+                Some(Header::of(body)),
+                Signatures::Checked,
+            )
+            .map_err(|e| m(&e))?;
+        self.publish(&parsed, &effect, index);
+        // The family ledger (the sealed records' chain) is the store's own: the ledger checked who
+        // may write the batch; here the stored records must match it.
+        let Parsed::FamilyHead(signed) = parsed else {
+            return Ok(None);
+        };
+        let b = signed.batch();
+        let number = self.state.family_number(&b.customer, &b.family)?;
+        let ledger = self
+            .state
+            .ledgers
+            .get_mut(&(b.customer, b.family))
+            .ok_or_else(|| m(&"unknown family"))?;
+        // Records of an erased family are gone; its ledger is then not rebuilt.
+        let mut records = Vec::with_capacity(b.entries.len());
+        let mut complete = true;
+        let mut next: HashMap<Period, u64> = HashMap::new();
+        for e in &b.entries {
+            let n = next
+                .entry(e.period)
+                .or_insert_with(|| ledger.period_count(e.period));
+            let key = layout::record(number, e.period, *n);
+            *n += 1;
+            match self.tree.get(key).map_err(io)? {
+                Some(v) if v.len() > 8 => {
+                    records.push(SealedRecord::decode(v[8..].to_vec()).map_err(|e| m(&e))?)
                 }
+                _ => complete = false,
             }
-            EntryKind::DeviceCertificate => {
-                let c = Signed::<DeviceCertificate>::decode(&body.payload).map_err(|e| m(&e))?;
-                let id = c.body().identity;
-                let device = self
-                    .identity_mut(&id)?
-                    .certify(&c, index)
-                    .map_err(|e| m(&e))?;
-                self.state.device_owner.insert(device, id);
-                self.publish_device_key(&id, &device);
-            }
-            EntryKind::DeviceRevocation => {
-                let r = Signed::<DeviceRevocation>::decode(&body.payload).map_err(|e| m(&e))?;
-                let id = r.body().identity;
-                self.identity_mut(&id)?
-                    .revoke(&r, index)
-                    .map_err(|e| m(&e))?;
-                self.unpublish_device_key(&r.body().device);
-                self.fold_consent(index, body)?;
-            }
-            EntryKind::Directory => {
-                let dir = SignedDirectory::decode(&body.payload).map_err(|e| m(&e))?;
-                let d = dir.directory();
-                self.fold_consent(index, body)?;
-                for f in &d.families {
-                    self.state.ensure_family(d.customer, f.family, f.scope);
-                }
-                self.state
-                    .directories
-                    .insert(d.customer, (d.version, dir.digest()));
-            }
-            EntryKind::Statement => self.fold_consent(index, body)?,
-            EntryKind::Admission => {
-                let note = std::str::from_utf8(&body.payload).map_err(|e| m(&e))?;
-                let a = Admission::open(note, &self.log_key.verifier()).map_err(|e| m(&e))?;
-                self.admit(&a, index)?;
-            }
-            EntryKind::FamilyHead => {
-                let signed = SignedBatch::decode(&body.payload).map_err(|e| m(&e))?;
-                let b = signed.batch();
-                let number = self.state.family_number(&b.customer, &b.family)?;
-                let ledger = self
-                    .state
-                    .ledgers
-                    .get_mut(&(b.customer, b.family))
-                    .ok_or_else(|| m(&"unknown family"))?;
-                // Records of an erased family are gone; its ledger is then not rebuilt.
-                let mut records = Vec::with_capacity(b.entries.len());
-                let mut complete = true;
-                let mut next: HashMap<Period, u64> = HashMap::new();
-                for e in &b.entries {
-                    let n = next
-                        .entry(e.period)
-                        .or_insert_with(|| ledger.period_count(e.period));
-                    let key = layout::record(number, e.period, *n);
-                    *n += 1;
-                    match self.tree.get(key).map_err(io)? {
-                        Some(v) if v.len() > 8 => {
-                            records.push(SealedRecord::decode(v[8..].to_vec()).map_err(|e| m(&e))?)
-                        }
-                        _ => complete = false,
-                    }
-                }
-                if !complete {
-                    return Ok(Some((b.customer, b.family)));
-                }
-                ledger.apply(b, &records).map_err(|e| m(&e))?;
-            }
-            EntryKind::Access => self.fold_consent(index, body)?,
         }
+        if !complete {
+            return Ok(Some((b.customer, b.family)));
+        }
+        ledger.apply(b, &records).map_err(|e| m(&e))?;
         Ok(None)
-    }
-
-    /// Folds an entry about a customer into that customer's consent state, by the one rule
-    /// ([`cmr_log::consent::fold`]); an entry about no customer, or a company's, changes no consent.
-    fn fold_consent(&mut self, index: u64, body: &EntryBody) -> Result<(), StoreError> {
-        match body.customer.and_then(|c| self.state.consent.get_mut(&c)) {
-            Some(consent) => cmr_log::consent::fold(consent, index, body)
-                .map_err(|e| StoreError::Format(e.to_string())),
-            None if body.kind == EntryKind::Statement || body.kind == EntryKind::Access => Err(
-                StoreError::Format(format!("entry {index} is about no known customer")),
-            ),
-            None => Ok(()),
-        }
     }
 }
 

@@ -1,0 +1,909 @@
+//! The vault's rules, once: a pure state machine over the log's entries.
+//!
+//! Every party that follows the log applies entries through [`Ledger::apply`]: the store's sequencer
+//! (to decide an operation before it is logged), the store's replay when it opens, the auditor, and the
+//! SDK (an identity's key events, before it trusts a key). The rules for identities, devices, key
+//! directories, consent statements, accesses and auditor admissions live here and nowhere else; a new
+//! statement kind is added to [`Parsed`], to [`Ledger::header`] and to [`Ledger::apply`], with its
+//! tests.
+//!
+//! What it owns: the state those rules need (identities and their devices, each customer's consent
+//! state and directory version, the auditors' standing, which identity owns each device), and the
+//! *header* every entry must carry (its subject and the customer whose chain it joins), derived from
+//! the entry itself so that no caller chooses it.
+//!
+//! What it does not own: the family ledgers of sealed records (the store holds the records; the auditor
+//! never sees them), the Merkle tree, the customer chains' links, and the freshness checks of a request
+//! signature (nonce, `created` window), which the server checks live and the auditor again afterwards.
+//! No I/O, no clock: the caller gives each entry's position and time.
+
+use std::collections::HashMap;
+
+use cmr_core::batch::SignedBatch;
+use cmr_core::consent::{Body, SignedStatement, StatementError};
+use cmr_core::decision::{AccessAttempt, Allowed, ApplyError, ConsentState, DenyReason};
+use cmr_core::directory::{DirectoryError, SignedDirectory};
+use cmr_core::encoding::DecodeError;
+use cmr_core::hash::Digest;
+use cmr_core::identity::{
+    DeviceCertificate, DeviceId, DeviceRevocation, IdentityError, IdentityId, IdentityState,
+    KeyHistory, Role, Signed, SignedKeyEvent,
+};
+use cmr_core::keys::{Signature, SignedEnvelope, VerifyingKey};
+use thiserror::Error;
+
+use crate::admission::{Admission, AdmissionError, Auditors};
+use crate::entry::{AccessRecord, EntryBody, EntryKind};
+use crate::note::NoteVerifier;
+
+/// An entry's payload, decoded once at the edge. Signatures inside it are not checked by decoding
+/// (except an admission's, which is opened under the log key).
+#[derive(Debug, Clone)]
+pub enum Parsed {
+    /// An identity's inception or key rotation.
+    KeyEvent(SignedKeyEvent),
+    /// A device certified by its identity key.
+    Certificate(Signed<DeviceCertificate>),
+    /// A device revoked by its identity key.
+    Revocation(Signed<DeviceRevocation>),
+    /// A customer's key directory.
+    Directory(SignedDirectory),
+    /// A consent statement.
+    Statement(SignedStatement),
+    /// A signed batch: the family-head entry.
+    FamilyHead(SignedBatch),
+    /// A company's read or append, with its signed request.
+    Access(AccessRecord),
+    /// The operator admits or dismisses an auditor.
+    Admission(Admission),
+}
+
+impl Parsed {
+    /// Decodes the payload of an entry of `kind`; an admission is opened under `log_key`.
+    pub fn decode(
+        kind: EntryKind,
+        payload: &[u8],
+        log_key: &NoteVerifier,
+    ) -> Result<Self, Refusal> {
+        match kind {
+            EntryKind::Admission => {
+                let note = std::str::from_utf8(payload)
+                    .map_err(|_| Refusal::Admission(AdmissionError::Malformed("not text")))?;
+                Ok(Parsed::Admission(
+                    Admission::open(note, log_key).map_err(Refusal::Admission)?,
+                ))
+            }
+            _ => Self::decode_signed(kind, payload),
+        }
+    }
+
+    /// Decodes the payload of an entry of any kind but an admission (which needs the log key): what a
+    /// party that follows identities and vaults, not the operator's statements, reads.
+    pub fn decode_signed(kind: EntryKind, payload: &[u8]) -> Result<Self, Refusal> {
+        let d = |e: DecodeError| Refusal::Decode(kind, e);
+        Ok(match kind {
+            EntryKind::KeyEvent => Parsed::KeyEvent(SignedKeyEvent::decode(payload).map_err(d)?),
+            EntryKind::DeviceCertificate => {
+                Parsed::Certificate(Signed::<DeviceCertificate>::decode(payload).map_err(d)?)
+            }
+            EntryKind::DeviceRevocation => {
+                Parsed::Revocation(Signed::<DeviceRevocation>::decode(payload).map_err(d)?)
+            }
+            EntryKind::Directory => Parsed::Directory(SignedDirectory::decode(payload).map_err(d)?),
+            EntryKind::Statement => {
+                Parsed::Statement(SignedStatement::decode(payload).map_err(|e| match e {
+                    StatementError::Decode(e) => d(e),
+                    other => Refusal::Statement(other),
+                })?)
+            }
+            EntryKind::FamilyHead => Parsed::FamilyHead(SignedBatch::decode(payload).map_err(d)?),
+            EntryKind::Access => Parsed::Access(AccessRecord::decode(payload).map_err(d)?),
+            EntryKind::Admission => {
+                return Err(Refusal::Admission(AdmissionError::Malformed(
+                    "an admission is opened with the log key",
+                )));
+            }
+        })
+    }
+
+    /// The entry kind it is logged as.
+    pub fn kind(&self) -> EntryKind {
+        match self {
+            Parsed::KeyEvent(_) => EntryKind::KeyEvent,
+            Parsed::Certificate(_) => EntryKind::DeviceCertificate,
+            Parsed::Revocation(_) => EntryKind::DeviceRevocation,
+            Parsed::Directory(_) => EntryKind::Directory,
+            Parsed::Statement(_) => EntryKind::Statement,
+            Parsed::FamilyHead(_) => EntryKind::FamilyHead,
+            Parsed::Access(_) => EntryKind::Access,
+            Parsed::Admission(_) => EntryKind::Admission,
+        }
+    }
+}
+
+/// The part of an entry body that the rules fix: whose entry it is and which customer's chain it joins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The identity whose statement or access it is.
+    pub subject: IdentityId,
+    /// The customer whose chain it joins, if any.
+    pub customer: Option<IdentityId>,
+}
+
+impl Header {
+    /// The header an entry body claims.
+    pub fn of(body: &EntryBody) -> Self {
+        Self {
+            subject: body.subject,
+            customer: body.customer,
+        }
+    }
+}
+
+/// Whether the caller still needs the ledger to check the signatures of statements, batches and
+/// accesses. Identity events and directories are always checked: they change which keys are valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signatures {
+    /// Check every signature (the sequencer, before logging).
+    Verify,
+    /// The caller checked them already, against [`Ledger::signing_key`] (the auditor, in batches), or
+    /// they were checked when the entry was logged (the store's replay).
+    Checked,
+}
+
+/// Why the rules refuse an entry. The sequencer answers it as a refusal that changes nothing; the store's
+/// replay treats it as damage; the auditor reports it as a violation. Each has a stable code.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Refusal {
+    /// The payload does not decode.
+    #[error("a {kind} does not decode: {error}", kind = .0.name(), error = .1)]
+    Decode(EntryKind, DecodeError),
+    /// The entry's subject or customer is not the one its payload fixes.
+    #[error("the entry's {0} is not the one its payload names")]
+    Header(&'static str),
+    /// An identity is registered twice.
+    #[error("identity {0} is already registered")]
+    AlreadyRegistered(IdentityId),
+    /// An identity (author, signer, customer) the log does not know.
+    #[error("unknown identity {0}")]
+    UnknownIdentity(IdentityId),
+    /// A customer vault the log does not know (or an identity that is not a customer).
+    #[error("unknown customer {0}")]
+    UnknownCustomer(IdentityId),
+    /// A family the customer's directory never declared.
+    #[error("the family is not declared in the customer's directory")]
+    UnknownFamily,
+    /// A key event, certificate or revocation refused, or a signer not valid at the position.
+    #[error("{0}")]
+    Identity(IdentityError),
+    /// A statement refused before its consent rule (wrong author, bundle rules).
+    #[error("{0}")]
+    Statement(StatementError),
+    /// A directory refused (signature, customer).
+    #[error("{0}")]
+    Directory(DirectoryError),
+    /// A directory that does not replace the current one.
+    #[error("directory conflict: expected version {expected}")]
+    DirectoryVersion {
+        /// The version that would be accepted.
+        expected: u64,
+    },
+    /// A signature that does not verify.
+    #[error("the {0} signature does not verify")]
+    BadSignature(&'static str),
+    /// A consent statement the customer's consent state refuses.
+    #[error("{0}")]
+    Consent(ApplyError),
+    /// An access the grants do not allow (or a customer's batch its own state refuses).
+    #[error("denied: {0}")]
+    Denied(DenyReason),
+    /// An access record whose signed request says something else than the record.
+    #[error("the access record is not bound to its request: {0}")]
+    Unbound(String),
+    /// An admission refused.
+    #[error("{0}")]
+    Admission(AdmissionError),
+}
+
+impl Refusal {
+    /// The stable code, as problem details and audit reports name it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::Decode(..) => "malformed",
+            Refusal::Header(_) => "wrong-header",
+            Refusal::AlreadyRegistered(_) => "already-registered",
+            Refusal::UnknownIdentity(_) => "unknown-identity",
+            Refusal::UnknownCustomer(_) => "unknown-customer",
+            Refusal::UnknownFamily => "unknown-family",
+            Refusal::Identity(_) | Refusal::BadSignature(_) => "bad-signature",
+            Refusal::Statement(StatementError::Signature(_) | StatementError::WrongAuthor) => {
+                "bad-signature"
+            }
+            Refusal::Statement(_) => "malformed",
+            Refusal::Directory(DirectoryError::Signature(_)) => "bad-signature",
+            Refusal::Directory(_) => "malformed",
+            Refusal::DirectoryVersion { .. } => "directory-conflict",
+            Refusal::Consent(e) => match e {
+                ApplyError::Blocked => "blocked",
+                ApplyError::TooManyRequests { .. } | ApplyError::DailyCapReached { .. } => {
+                    "too-many-requests"
+                }
+                ApplyError::NotAccepted => "requests-not-accepted",
+                _ => "refused",
+            },
+            Refusal::Denied(d) => d.code(),
+            Refusal::Unbound(_) => "unbound-access",
+            Refusal::Admission(AdmissionError::Malformed(_)) => "malformed",
+            Refusal::Admission(AdmissionError::NotSigned) => "bad-signature",
+            Refusal::Admission(_) => "refused",
+        }
+    }
+}
+
+/// What applying an entry changed, for the caller's own indexes (published keys, family storage).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// An identity was registered.
+    Registered(IdentityId),
+    /// An identity key rotated; devices certified under an earlier key no longer sign.
+    Rotated(IdentityId),
+    /// A device was certified.
+    Certified(IdentityId, DeviceId),
+    /// A device was revoked.
+    Revoked(IdentityId, DeviceId),
+    /// A customer's directory replaced the previous one.
+    Directory(IdentityId),
+    /// A statement was applied; for an erasure, what it erased.
+    Statement(Option<cmr_core::consent::ErasureTarget>),
+    /// A batch was accepted.
+    FamilyHead,
+    /// An access was allowed and recorded.
+    Access(Allowed),
+    /// An auditor's standing changed.
+    Admission(Admission),
+}
+
+/// The state the rules need, built by applying the log in order.
+#[derive(Debug, Clone, Default)]
+pub struct Ledger {
+    identities: HashMap<IdentityId, IdentityState>,
+    consent: HashMap<IdentityId, ConsentState>,
+    directories: HashMap<IdentityId, (u64, Digest)>,
+    auditors: Auditors,
+    device_owner: HashMap<DeviceId, IdentityId>,
+}
+
+impl Ledger {
+    /// A ledger of an empty log.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An identity's state.
+    pub fn identity(&self, id: &IdentityId) -> Option<&IdentityState> {
+        self.identities.get(id)
+    }
+
+    /// Every identity.
+    pub fn identities(&self) -> impl Iterator<Item = (&IdentityId, &IdentityState)> {
+        self.identities.iter()
+    }
+
+    /// A customer's consent state.
+    pub fn consent(&self, customer: &IdentityId) -> Option<&ConsentState> {
+        self.consent.get(customer)
+    }
+
+    /// A customer's directory version and digest.
+    pub fn directory(&self, customer: &IdentityId) -> Option<(u64, Digest)> {
+        self.directories.get(customer).copied()
+    }
+
+    /// The auditors' standing.
+    pub fn auditors(&self) -> &Auditors {
+        &self.auditors
+    }
+
+    /// The identity that owns a device.
+    pub fn device_owner(&self, device: &DeviceId) -> Option<IdentityId> {
+        self.device_owner.get(device).copied()
+    }
+
+    /// The identity that owns the device named by `keyid` (a device id in hex), if that device may sign
+    /// at `position`.
+    pub fn signer(&self, keyid: &str, position: u64) -> Result<IdentityId, Refusal> {
+        let device = Digest::from_hex(keyid)
+            .map(|d| DeviceId(d.0))
+            .ok_or(Refusal::Header("keyid"))?;
+        let owner = self
+            .device_owner
+            .get(&device)
+            .copied()
+            .ok_or(Refusal::Identity(IdentityError::UnknownDevice))?;
+        self.known(&owner)?
+            .device_at(&device, position)
+            .map_err(Refusal::Identity)?;
+        Ok(owner)
+    }
+
+    fn known(&self, id: &IdentityId) -> Result<&IdentityState, Refusal> {
+        self.identities.get(id).ok_or(Refusal::UnknownIdentity(*id))
+    }
+
+    fn customer_state(&self, id: &IdentityId) -> Result<&ConsentState, Refusal> {
+        self.consent.get(id).ok_or(Refusal::UnknownCustomer(*id))
+    }
+
+    /// Whose chain an identity's own entries join: its own, if it is a customer.
+    fn own_chain(&self, id: &IdentityId) -> Option<IdentityId> {
+        self.consent.contains_key(id).then_some(*id)
+    }
+
+    /// The header the rules fix for `parsed` at `position`: every entry's subject and customer follow
+    /// from its payload and the state, never from the caller.
+    pub fn header(&self, parsed: &Parsed, position: u64) -> Result<Header, Refusal> {
+        let h = |subject, customer| Ok(Header { subject, customer });
+        match parsed {
+            Parsed::KeyEvent(ev) => {
+                let id = ev.identity();
+                let customer = if ev.event().seq == 0 {
+                    (ev.event().role == Role::Customer).then_some(id)
+                } else {
+                    self.own_chain(&id)
+                };
+                h(id, customer)
+            }
+            Parsed::Certificate(c) => h(c.body().identity, self.own_chain(&c.body().identity)),
+            Parsed::Revocation(r) => h(r.body().identity, self.own_chain(&r.body().identity)),
+            Parsed::Directory(d) => h(d.directory().customer, Some(d.directory().customer)),
+            Parsed::Statement(s) => h(s.statement().author, Some(s.statement().customer)),
+            Parsed::FamilyHead(b) => h(b.batch().author, Some(b.batch().customer)),
+            Parsed::Access(rec) => {
+                let customer = rec
+                    .bound_customer()
+                    .ok_or_else(|| Refusal::Unbound("the signed request names no vault".into()))?;
+                h(self.signer(&rec.keyid, position)?, Some(customer))
+            }
+            Parsed::Admission(a) => h(a.auditor, None),
+        }
+    }
+
+    /// The key that must have signed a statement, batch or access logged at `position`, and the envelope
+    /// it signed: what a caller verifies in batches before [`Ledger::apply`] with
+    /// [`Signatures::Checked`]. `None` for the kinds whose signatures the ledger always checks itself.
+    pub fn signing_key(
+        &self,
+        parsed: &Parsed,
+        position: u64,
+    ) -> Result<Option<(SignedEnvelope, VerifyingKey)>, Refusal> {
+        let device_key = |author: &IdentityId, device: &DeviceId| {
+            self.known(author)?
+                .device_at(device, position)
+                .map(|c| c.signing_key)
+                .map_err(Refusal::Identity)
+        };
+        Ok(match parsed {
+            Parsed::Statement(st) => {
+                let s = st.statement();
+                Some((st.envelope().clone(), device_key(&s.author, &s.device)?))
+            }
+            Parsed::FamilyHead(b) => {
+                let batch = b.batch();
+                Some((
+                    b.envelope().clone(),
+                    device_key(&batch.author, &batch.device)?,
+                ))
+            }
+            Parsed::Access(rec) => {
+                let device = Digest::from_hex(&rec.keyid)
+                    .map(|d| DeviceId(d.0))
+                    .ok_or(Refusal::Header("keyid"))?;
+                let owner = self.signer(&rec.keyid, position)?;
+                Some((
+                    SignedEnvelope {
+                        body: rec.signature_base.clone().into_bytes(),
+                        signature: Signature(rec.signature),
+                    },
+                    device_key(&owner, &device)?,
+                ))
+            }
+            _ => None,
+        })
+    }
+
+    /// Decides an access logged at `position` without recording it: the check half of applying it, for
+    /// a caller that must gather what it serves before the access is recorded (a one-time grant is used
+    /// up only by an access that is then logged).
+    pub fn decide(
+        &self,
+        rec: &AccessRecord,
+        position: u64,
+        time: u64,
+    ) -> Result<(Header, AccessAttempt, Allowed), Refusal> {
+        let company = self.signer(&rec.keyid, position)?;
+        let customer = rec
+            .bound_customer()
+            .ok_or_else(|| Refusal::Unbound("the signed request names no vault".into()))?;
+        rec.check_binding(&customer).map_err(Refusal::Unbound)?;
+        let header = Header {
+            subject: company,
+            customer: Some(customer),
+        };
+        let attempt = rec
+            .attempt(company)
+            .ok_or(Refusal::Denied(DenyReason::Malformed(
+                "an access to no family",
+            )))?;
+        let allowed = self
+            .customer_state(&customer)?
+            .evaluate(&attempt, position, time)
+            .map_err(Refusal::Denied)?;
+        Ok((header, attempt, allowed))
+    }
+
+    /// Checks a customer's own batch against its consent state: not to an erased family, not while a
+    /// rotation of it is pending, and sealed to its current epoch. A company's batch is decided by the
+    /// access logged right after it ([`Ledger::decide`]).
+    fn check_own_batch(&self, b: &SignedBatch, time: u64) -> Result<(), Refusal> {
+        let b = b.batch();
+        let consent = self.customer_state(&b.customer)?;
+        let current = consent.epoch(&b.family).ok_or(Refusal::UnknownFamily)?;
+        if b.author != b.customer {
+            return Ok(());
+        }
+        if let Some(at) = consent.erased_at(&b.family) {
+            return Err(Refusal::Denied(DenyReason::FamilyErased(at)));
+        }
+        if consent.rotation_pending(&b.family, time) {
+            return Err(Refusal::Denied(DenyReason::RotationPending(b.family)));
+        }
+        if b.epoch != current {
+            return Err(Refusal::Denied(DenyReason::StaleEpoch { current }));
+        }
+        Ok(())
+    }
+
+    /// Checks `parsed` logged at `position` with server time `time` against the rules and applies it.
+    /// `claimed` is the header the entry carries, if it is already logged: it must be the one the rules
+    /// fix. Everything is checked before anything changes: on a refusal the ledger is as it was.
+    pub fn apply(
+        &mut self,
+        parsed: &Parsed,
+        position: u64,
+        time: u64,
+        claimed: Option<Header>,
+        signatures: Signatures,
+    ) -> Result<(Header, Effect), Refusal> {
+        let header = self.header(parsed, position)?;
+        if let Some(c) = claimed {
+            if c.subject != header.subject {
+                return Err(Refusal::Header("subject"));
+            }
+            if c.customer != header.customer {
+                return Err(Refusal::Header("customer"));
+            }
+        }
+        // The signer must be valid at this position even when its signature was checked elsewhere.
+        let signed = self.signing_key(parsed, position)?;
+        if signatures == Signatures::Verify
+            && let Some((envelope, key)) = signed
+            && envelope.verify(&key).is_err()
+        {
+            return Err(Refusal::BadSignature(parsed.kind().name()));
+        }
+        let effect = match parsed {
+            Parsed::KeyEvent(ev) if ev.event().seq == 0 => {
+                let history = KeyHistory::incept(ev, position).map_err(Refusal::Identity)?;
+                let id = history.id();
+                if self.identities.contains_key(&id) {
+                    return Err(Refusal::AlreadyRegistered(id));
+                }
+                if history.role() == Role::Customer {
+                    self.consent.insert(id, ConsentState::new(id));
+                }
+                self.identities.insert(id, IdentityState::new(history));
+                Effect::Registered(id)
+            }
+            Parsed::KeyEvent(ev) => {
+                let id = ev.identity();
+                let state = self
+                    .identities
+                    .get_mut(&id)
+                    .ok_or(Refusal::UnknownIdentity(id))?;
+                state.rotate(ev, position).map_err(Refusal::Identity)?;
+                Effect::Rotated(id)
+            }
+            Parsed::Certificate(cert) => {
+                let id = cert.body().identity;
+                let device = self
+                    .identities
+                    .get_mut(&id)
+                    .ok_or(Refusal::UnknownIdentity(id))?
+                    .certify(cert, position)
+                    .map_err(Refusal::Identity)?;
+                self.device_owner.insert(device, id);
+                Effect::Certified(id, device)
+            }
+            Parsed::Revocation(rev) => {
+                let id = rev.body().identity;
+                let mut state = self.known(&id)?.clone();
+                state.revoke(rev, position).map_err(Refusal::Identity)?;
+                // A customer's device held the vault key: every family is exposed.
+                if let Some(consent) = self.consent.get_mut(&id) {
+                    consent
+                        .device_revoked(position, time)
+                        .map_err(Refusal::Consent)?;
+                }
+                self.identities.insert(id, state);
+                Effect::Revoked(id, rev.body().device)
+            }
+            Parsed::Directory(dir) => {
+                let d = dir.directory();
+                let customer = d.customer;
+                dir.verify(self.known(&customer)?, position)
+                    .map_err(Refusal::Directory)?;
+                self.customer_state(&customer)?;
+                let current = self.directories.get(&customer).copied();
+                let follows = match current {
+                    None => d.version == 1,
+                    Some((v, digest)) => d.version == v + 1 && d.prev == digest,
+                };
+                if !follows {
+                    return Err(Refusal::DirectoryVersion {
+                        expected: current.map_or(1, |(v, _)| v + 1),
+                    });
+                }
+                let consent = self
+                    .consent
+                    .get_mut(&customer)
+                    .ok_or(Refusal::UnknownCustomer(customer))?;
+                crate::consent::declare(consent, dir);
+                self.directories.insert(customer, (d.version, dir.digest()));
+                Effect::Directory(customer)
+            }
+            Parsed::Statement(st) => {
+                let s = st.statement();
+                let consent = self
+                    .consent
+                    .get_mut(&s.customer)
+                    .ok_or(Refusal::UnknownCustomer(s.customer))?;
+                consent
+                    .apply(st, position, time)
+                    .map_err(Refusal::Consent)?;
+                Effect::Statement(match &s.body {
+                    Body::Erasure(target) => Some(*target),
+                    _ => None,
+                })
+            }
+            Parsed::FamilyHead(b) => {
+                self.check_own_batch(b, time)?;
+                Effect::FamilyHead
+            }
+            Parsed::Access(rec) => {
+                let (_, attempt, _) = self.decide(rec, position, time)?;
+                let customer = header.customer.ok_or(Refusal::Header("customer"))?;
+                // `record_access` decides again, at the same position and time: the same answer.
+                let consent = self
+                    .consent
+                    .get_mut(&customer)
+                    .ok_or(Refusal::UnknownCustomer(customer))?;
+                let allowed = consent
+                    .record_access(&attempt, position, time)
+                    .map_err(Refusal::Consent)?
+                    .map_err(Refusal::Denied)?;
+                Effect::Access(allowed)
+            }
+            Parsed::Admission(a) => {
+                let role = self.identities.get(&a.auditor).map(|s| s.keys().role());
+                self.auditors
+                    .apply(a, role, position)
+                    .map_err(Refusal::Admission)?;
+                Effect::Admission(*a)
+            }
+        };
+        Ok((header, effect))
+    }
+
+    /// Decodes and applies a logged entry: its header must be the one the rules fix.
+    pub fn apply_logged(
+        &mut self,
+        index: u64,
+        body: &EntryBody,
+        log_key: &NoteVerifier,
+        signatures: Signatures,
+    ) -> Result<Effect, Refusal> {
+        let parsed = Parsed::decode(body.kind, &body.payload, log_key)?;
+        self.apply(
+            &parsed,
+            index,
+            body.time,
+            Some(Header::of(body)),
+            signatures,
+        )
+        .map(|(_, e)| e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cmr_core::consent::{Body, Statement};
+    use cmr_core::directory::Directory;
+    use cmr_core::identity::{DeviceKeys, NewIdentity, create_identity, revoke_device};
+    use cmr_core::keys::SigningKey;
+
+    use super::*;
+
+    const T: u64 = 1_800_000_000;
+
+    struct Party {
+        id: NewIdentity,
+        device: DeviceKeys,
+    }
+
+    impl Party {
+        fn new(role: Role) -> Self {
+            let mut rng = rand::rng();
+            Self {
+                id: create_identity(&mut rng, role),
+                device: DeviceKeys::generate(&mut rng),
+            }
+        }
+
+        fn identity(&self) -> IdentityId {
+            self.id.inception.identity()
+        }
+
+        fn certificate(&self) -> Parsed {
+            Parsed::Certificate(
+                self.device
+                    .certify(self.identity(), 0, &self.id.identity_key, T),
+            )
+        }
+
+        fn statement(&self, customer: IdentityId, body: Body, key: &SigningKey) -> Parsed {
+            let st = Statement {
+                customer,
+                author: self.identity(),
+                device: self.device.id(),
+                issued_at: T,
+                body,
+            };
+            Parsed::Statement(SignedStatement::sign(st, None, key).expect("a valid statement"))
+        }
+
+        fn directory(&self, version: u64, prev: Digest) -> Parsed {
+            Parsed::Directory(
+                Directory {
+                    customer: self.identity(),
+                    version,
+                    prev,
+                    signer: self.device.id(),
+                    issued_at: T,
+                    devices: vec![],
+                    families: vec![],
+                }
+                .sign(&self.device.signing),
+            )
+        }
+    }
+
+    /// A ledger where a customer (entries 0 and 1) and a company (2 and 3) are registered with a device.
+    fn world() -> (Ledger, Party, Party) {
+        let (customer, company) = (Party::new(Role::Customer), Party::new(Role::Company));
+        let mut l = Ledger::new();
+        let mut at = 0;
+        for p in [&customer, &company] {
+            for parsed in [Parsed::KeyEvent(p.id.inception.clone()), p.certificate()] {
+                l.apply(&parsed, at, T, None, Signatures::Verify)
+                    .expect("a registration applies");
+                at += 1;
+            }
+        }
+        (l, customer, company)
+    }
+
+    fn block(customer: &Party, company: &Party) -> Parsed {
+        customer.statement(
+            customer.identity(),
+            Body::Block {
+                company: company.identity(),
+                blocked: true,
+            },
+            &customer.device.signing,
+        )
+    }
+
+    #[test]
+    fn the_header_follows_from_the_entry_and_the_state() {
+        let (l, customer, company) = world();
+        let c = customer.identity();
+        let of = |p: &Parsed| l.header(p, 10).expect("a header");
+        // A customer's own entries join its chain; a company's key events join none.
+        assert_eq!(of(&customer.certificate()).customer, Some(c));
+        assert_eq!(of(&company.certificate()).customer, None);
+        // A customer's statement joins its own chain, under its own name.
+        assert_eq!(
+            of(&block(&customer, &company)),
+            Header {
+                subject: c,
+                customer: Some(c)
+            }
+        );
+    }
+
+    #[test]
+    fn an_entry_filed_under_another_header_is_refused_and_changes_nothing() {
+        let (mut l, customer, company) = world();
+        let st = block(&customer, &company);
+        for (claimed, what) in [
+            (
+                Header {
+                    subject: company.identity(),
+                    customer: Some(customer.identity()),
+                },
+                "subject",
+            ),
+            (
+                Header {
+                    subject: customer.identity(),
+                    customer: None,
+                },
+                "customer",
+            ),
+        ] {
+            assert_eq!(
+                l.apply(&st, 10, T, Some(claimed), Signatures::Verify)
+                    .unwrap_err(),
+                Refusal::Header(what)
+            );
+        }
+        assert!(
+            !l.consent(&customer.identity())
+                .unwrap()
+                .is_blocked(&company.identity())
+        );
+        // Filed honestly, it applies.
+        let honest = l.header(&st, 10).unwrap();
+        l.apply(&st, 10, T, Some(honest), Signatures::Verify)
+            .unwrap();
+        assert!(
+            l.consent(&customer.identity())
+                .unwrap()
+                .is_blocked(&company.identity())
+        );
+    }
+
+    #[test]
+    fn a_forged_statement_signature_is_refused_when_the_ledger_verifies() {
+        let (mut l, customer, company) = world();
+        // Signed by the company's device but claiming the customer's: the key the ledger resolves is
+        // the customer's device, and the signature does not verify under it.
+        let forged = customer.statement(
+            customer.identity(),
+            Body::Block {
+                company: company.identity(),
+                blocked: true,
+            },
+            &company.device.signing,
+        );
+        assert_eq!(
+            l.apply(&forged, 10, T, None, Signatures::Verify)
+                .unwrap_err(),
+            Refusal::BadSignature("statement")
+        );
+        assert_eq!(
+            l.apply(&forged, 10, T, None, Signatures::Verify)
+                .unwrap_err()
+                .code(),
+            "bad-signature"
+        );
+        assert!(
+            !l.consent(&customer.identity())
+                .unwrap()
+                .is_blocked(&company.identity())
+        );
+    }
+
+    #[test]
+    fn a_statement_by_a_device_not_valid_at_its_position_is_refused_even_when_checked_elsewhere() {
+        let (mut l, customer, company) = world();
+        // At position 1 the customer's device is not certified yet (its certificate is entry 1).
+        let st = block(&customer, &company);
+        assert!(matches!(
+            l.apply(&st, 1, T, None, Signatures::Checked),
+            Err(Refusal::Identity(_)) | Err(Refusal::Consent(_))
+        ));
+        assert!(
+            !l.consent(&customer.identity())
+                .unwrap()
+                .is_blocked(&company.identity())
+        );
+    }
+
+    #[test]
+    fn an_identity_registered_twice_is_refused() {
+        let (mut l, customer, _) = world();
+        let again = Parsed::KeyEvent(customer.id.inception.clone());
+        assert_eq!(
+            l.apply(&again, 10, T, None, Signatures::Verify)
+                .unwrap_err(),
+            Refusal::AlreadyRegistered(customer.identity())
+        );
+    }
+
+    #[test]
+    fn directories_chain_version_by_version() {
+        let (mut l, customer, _) = world();
+        let first = customer.directory(1, Digest([0; 32]));
+        assert_eq!(
+            l.apply(
+                &customer.directory(2, Digest([0; 32])),
+                10,
+                T,
+                None,
+                Signatures::Verify
+            )
+            .unwrap_err(),
+            Refusal::DirectoryVersion { expected: 1 }
+        );
+        l.apply(&first, 10, T, None, Signatures::Verify).unwrap();
+        let (v, digest) = l.directory(&customer.identity()).unwrap();
+        assert_eq!(v, 1);
+        // The same version again, and a next version that names another predecessor, are refused.
+        for wrong in [
+            customer.directory(1, Digest([0; 32])),
+            customer.directory(2, Digest([7; 32])),
+        ] {
+            assert_eq!(
+                l.apply(&wrong, 11, T, None, Signatures::Verify)
+                    .unwrap_err(),
+                Refusal::DirectoryVersion { expected: 2 }
+            );
+        }
+        l.apply(
+            &customer.directory(2, digest),
+            11,
+            T,
+            None,
+            Signatures::Verify,
+        )
+        .unwrap();
+        assert_eq!(l.directory(&customer.identity()).unwrap().0, 2);
+    }
+
+    #[test]
+    fn a_revoked_device_no_longer_signs() {
+        let (mut l, customer, company) = world();
+        let rev = Parsed::Revocation(revoke_device(
+            customer.identity(),
+            0,
+            &customer.id.identity_key,
+            customer.device.id(),
+            T,
+        ));
+        let (_, effect) = l.apply(&rev, 10, T, None, Signatures::Verify).unwrap();
+        assert_eq!(
+            effect,
+            Effect::Revoked(customer.identity(), customer.device.id())
+        );
+        let st = block(&customer, &company);
+        assert!(matches!(
+            l.apply(&st, 11, T, None, Signatures::Verify),
+            Err(Refusal::Identity(IdentityError::DeviceRevoked(10)))
+        ));
+    }
+
+    #[test]
+    fn refusal_codes_are_stable() {
+        assert_eq!(Refusal::UnknownFamily.code(), "unknown-family");
+        assert_eq!(Refusal::Consent(ApplyError::Blocked).code(), "blocked");
+        assert_eq!(
+            Refusal::Denied(DenyReason::NoGrant).code(),
+            DenyReason::NoGrant.code()
+        );
+        assert_eq!(
+            Refusal::DirectoryVersion { expected: 3 }.code(),
+            "directory-conflict"
+        );
+    }
+}
