@@ -232,11 +232,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     let ack = store.execute(read("n1")?)?;
     let result = ack.read.ok_or("no read result")?;
     let customer_key = phone.signing.verifying_key();
+    let (records, batches) = (result.sealed_records()?, result.signed_batches()?);
     let verified = verify_read(
         &result.proof.head.digest(),
         &result.proof,
-        &result.records,
-        &result.batches,
+        &records,
+        &batches,
         |_| Some(customer_key),
         None,
     )?;

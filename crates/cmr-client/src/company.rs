@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use crate::customer::OpenedRecord;
 use crate::error::{ClientError, VerifyError};
 use crate::session::{Acked, Session};
-use crate::verify::{b64, proven_entry};
+use crate::verify::proven_entry;
 
 /// What a company holds of one grant: the grant and its opened keys.
 pub struct HeldGrant {
@@ -597,21 +597,27 @@ pub(crate) async fn verify_page(
 
 /// Rebuilds a read's proof, records and batches from the API's JSON.
 pub fn parse_read(v: &Value) -> Result<ReadPage, ClientError> {
+    use serde::Deserialize as _;
     let bad = |w: &str| ClientError::Malformed(format!("read: {w}"));
-    let proof: cmr_wire::read::ReadProofJson =
-        serde_json::from_value(v["proof_of_read"].clone()).map_err(|e| bad(&e.to_string()))?;
-    let proof = proof.to_proof().map_err(|e| bad(&e.to_string()))?;
-    let records = v["records"]
-        .as_array()
-        .ok_or_else(|| bad("records"))?
+    // One wire form (`cmr-wire`), read straight from the parsed answer.
+    let answer = cmr_wire::read::ReadAnswerJson::deserialize(v).map_err(|e| bad(&e.to_string()))?;
+    let proof = answer
+        .proof_of_read
+        .to_proof()
+        .map_err(|e| bad(&e.to_string()))?;
+    let decode = |s: &str, what: &str| {
+        B64.decode(s)
+            .map_err(|_| bad(&format!("{what} is not base64")))
+    };
+    let records = answer
+        .records
         .iter()
-        .map(|r| SealedRecord::decode(b64(r, "record")?).map_err(|e| bad(&e.to_string())))
+        .map(|r| SealedRecord::decode(decode(r, "a record")?).map_err(|e| bad(&e.to_string())))
         .collect::<Result<_, _>>()?;
-    let batches = v["batches"]
-        .as_array()
-        .ok_or_else(|| bad("batches"))?
+    let batches = answer
+        .batches
         .iter()
-        .map(|b| SignedBatch::decode(&b64(b, "batch")?).map_err(|e| bad(&e.to_string())))
+        .map(|b| SignedBatch::decode(&decode(b, "a batch")?).map_err(|e| bad(&e.to_string())))
         .collect::<Result<_, _>>()?;
     Ok(ReadPage {
         proof,

@@ -199,15 +199,34 @@ impl Op {
     }
 }
 
-/// What a read returns.
+/// What a read returns: the proof, and the records and batches exactly as stored (they were checked
+/// when written; the reader decodes and verifies them, the server only passes them on).
 #[derive(Debug, Clone)]
 pub struct ReadResult {
     /// The completeness proof against the named head.
     pub proof: ReadProof,
-    /// The records of the proof's pages, in order.
-    pub records: Vec<SealedRecord>,
-    /// The signed batches naming them.
-    pub batches: Vec<SignedBatch>,
+    /// The sealed records of the proof's pages, in order, encoded.
+    pub records: Vec<Vec<u8>>,
+    /// The signed batches naming them, encoded.
+    pub batches: Vec<Vec<u8>>,
+}
+
+impl ReadResult {
+    /// The records, decoded.
+    pub fn sealed_records(&self) -> Result<Vec<SealedRecord>, cmr_core::encoding::DecodeError> {
+        self.records
+            .iter()
+            .map(|r| SealedRecord::decode(r.clone()))
+            .collect()
+    }
+
+    /// The batches, decoded.
+    pub fn signed_batches(&self) -> Result<Vec<SignedBatch>, cmr_core::encoding::DecodeError> {
+        self.batches
+            .iter()
+            .map(|b| SignedBatch::decode(b))
+            .collect()
+    }
 }
 
 /// An acknowledgement: the entry's index, its inclusion proof, and the checkpoint that covers it.
@@ -227,6 +246,9 @@ pub struct Ack {
     pub repeated: bool,
     /// After a batch: the digest of the family's head it produced (the next batch extends it).
     pub head: Option<Digest>,
+    /// The salted body of the entry at `index`, when this operation logged it (not for a repeat): the
+    /// answer carries it without reading it back.
+    pub entry: Option<SaltedBody>,
 }
 
 /// How to open a store.
@@ -273,10 +295,13 @@ impl StoreConfig {
     }
 }
 
+/// Where an operation's acknowledgement or refusal goes.
+type Reply = tokio::sync::oneshot::Sender<Result<Ack, StoreError>>;
+
 struct Job {
     op: Op,
     pre: Option<PreparedBatch>,
-    reply: tokio::sync::oneshot::Sender<Result<Ack, StoreError>>,
+    reply: Reply,
 }
 
 /// A batch decoded, its records hashed and its signature checked on the submitting thread, so that the
@@ -424,6 +449,8 @@ struct Sequencer {
     synced: FileStates,
     device_keys: DeviceKeys,
     mark: AckMark,
+    /// Where durable groups go to be acknowledged ([`Acknowledgement`]), once the sequencer runs.
+    acks: Option<mpsc::Sender<Acknowledgement>>,
 }
 
 /// The in-memory state, rebuilt from the log when the store opens.
@@ -510,6 +537,8 @@ struct Overlay<'a> {
     tree: &'a sled::Tree,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     size: u64,
+    /// The bodies the operation in progress logged, by index, for its acknowledgement.
+    logged: HashMap<u64, SaltedBody>,
 }
 
 impl Overlay<'_> {
@@ -780,6 +809,7 @@ impl Store {
             poisoned: Arc::new(AtomicBool::new(false)),
             synced: FileStates::new(),
             device_keys: DeviceKeys::default(),
+            acks: None,
         };
         let device_keys = seq.device_keys.clone();
         let log_verifier = seq.log_key.verifier();
@@ -1258,12 +1288,48 @@ impl Drop for Store {
     }
 }
 
+/// A durable group's replies, to be sent with their inclusion proofs.
+struct Acknowledgement {
+    size: u64,
+    note: String,
+    replies: Vec<(Reply, Result<Pending, StoreError>)>,
+}
+
+impl Acknowledgement {
+    /// Sends each reply, with the inclusion proof of its entry in the group's checkpoint. The tree's
+    /// nodes up to `size` never change, so this may run beside the sequencer's next group.
+    fn send(self, tree: &sled::Tree) {
+        let committed = Tree::new(Committed(tree, self.size));
+        for (reply, result) in self.replies {
+            let ack = result.and_then(|p| {
+                let proof = match p.index {
+                    Some(i) => committed.inclusion_proof(i, self.size).map_err(tree_err)?,
+                    None => Vec::new(),
+                };
+                Ok(Ack {
+                    index: p.index,
+                    proof,
+                    checkpoint: self.note.clone(),
+                    size: self.size,
+                    read: p.read,
+                    repeated: p.repeated,
+                    head: p.head,
+                    entry: p.entry,
+                })
+            });
+            let _ = reply.send(ack);
+        }
+    }
+}
+
 /// The result of one operation inside a group, before the group is durable.
 struct Pending {
     index: Option<u64>,
     read: Option<ReadResult>,
     repeated: bool,
     head: Option<Digest>,
+    /// The salted body logged at `index`, when this operation logged it.
+    entry: Option<SaltedBody>,
 }
 
 impl Sequencer {
@@ -1272,6 +1338,33 @@ impl Sequencer {
     }
 
     fn run(mut self, rx: mpsc::Receiver<Job>) {
+        // Acknowledgements (an inclusion proof each, read from the committed tree) are made on a thread
+        // of their own, in group order, while the sequencer goes on with the next group.
+        let (acks, queue) = mpsc::channel::<Acknowledgement>();
+        let tree = self.tree.clone();
+        let acknowledger = std::thread::Builder::new()
+            .name("cmr-acknowledger".into())
+            .spawn(move || {
+                for a in queue {
+                    a.send(&tree);
+                }
+            });
+        let acknowledger = match acknowledger {
+            Ok(handle) => {
+                self.acks = Some(acks);
+                Some(handle)
+            }
+            // Without the thread, the sequencer acknowledges itself.
+            Err(_) => None,
+        };
+        self.serve(&rx);
+        self.acks = None;
+        if let Some(handle) = acknowledger {
+            let _ = handle.join();
+        }
+    }
+
+    fn serve(&mut self, rx: &mpsc::Receiver<Job>) {
         while let Ok(first) = rx.recv() {
             let mut group = vec![first];
             while group.len() < self.max_group {
@@ -1305,6 +1398,7 @@ impl Sequencer {
             tree: &tree,
             writes: BTreeMap::new(),
             size: self.state.size,
+            logged: HashMap::new(),
         };
         let time = self.now();
         let mut replies = Vec::with_capacity(group.len());
@@ -1379,24 +1473,18 @@ impl Sequencer {
             d.size = size;
             d.checkpoint = Some(note.clone());
         }
-        let committed = Tree::new(Committed(&self.tree, size));
-        for (reply, result) in replies.into_iter().zip(results) {
-            let ack = result.and_then(|p| {
-                let proof = match p.index {
-                    Some(i) => committed.inclusion_proof(i, size).map_err(tree_err)?,
-                    None => Vec::new(),
-                };
-                Ok(Ack {
-                    index: p.index,
-                    proof,
-                    checkpoint: note.clone(),
-                    size,
-                    read: p.read,
-                    repeated: p.repeated,
-                    head: p.head,
-                })
-            });
-            let _ = reply.send(ack);
+        let ack = Acknowledgement {
+            size,
+            note,
+            replies: replies.into_iter().zip(results).collect(),
+        };
+        match &self.acks {
+            Some(acks) => {
+                if let Err(mpsc::SendError(ack)) = acks.send(ack) {
+                    ack.send(&self.tree);
+                }
+            }
+            None => ack.send(&self.tree),
         }
     }
 
@@ -1425,6 +1513,14 @@ impl Sequencer {
         let mut stored = salt.to_vec();
         stored.extend_from_slice(&encoded);
         overlay.put(layout::indexed(tag::BODY, index), stored);
+        let hash = EntryBody::hash(&encoded);
+        overlay.logged.insert(
+            index,
+            SaltedBody {
+                salt,
+                body: encoded,
+            },
+        );
         overlay.put(layout::indexed(tag::LEAF, index), c.0.to_vec());
         Tree::new(&mut *overlay)
             .append(commitment_leaf(&c))
@@ -1434,13 +1530,7 @@ impl Sequencer {
                 layout::key(tag::CUSTOMER_HEAD, &[&c.0]),
                 index.to_be_bytes().to_vec(),
             );
-            self.state.heads.insert(
-                c,
-                ChainLink {
-                    index,
-                    hash: EntryBody::hash(&encoded),
-                },
-            );
+            self.state.heads.insert(c, ChainLink { index, hash });
         }
         self.state.last_time = self.state.last_time.max(time);
         self.note_key_event(kind, subject, index);
@@ -1486,12 +1576,17 @@ impl Sequencer {
                     read: None,
                     repeated: true,
                     head: None,
+                    entry: None,
                 });
             }
             return Err(StoreError::Conflict);
         }
         let index = overlay.size;
-        let pending = self.apply_op(op, pre, overlay, index, time)?;
+        let mut pending = self.apply_op(op, pre, overlay, index, time)?;
+        if let Some(i) = pending.index {
+            pending.entry = overlay.logged.remove(&i);
+        }
+        overlay.logged.clear();
         if let (Some((id, digest)), Some(i)) = (idem, pending.index) {
             let mut v = digest.0.to_vec();
             v.extend_from_slice(&i.to_be_bytes());
@@ -1506,6 +1601,7 @@ impl Sequencer {
             read: None,
             repeated: false,
             head: None,
+            entry: None,
         }
     }
 
@@ -1649,6 +1745,7 @@ impl Sequencer {
                     read: None,
                     repeated: false,
                     head: None,
+                    entry: None,
                 })
             }
             Op::Head {
@@ -1678,6 +1775,7 @@ impl Sequencer {
                     read: None,
                     repeated: false,
                     head: Some(head),
+                    entry: None,
                 })
             }
             Op::Read {
@@ -2015,10 +2113,7 @@ impl Sequencer {
                 }
                 bytes += value.len() - 8;
                 record_batches.push(value[..8].to_vec());
-                records.push(
-                    SealedRecord::decode(value[8..].to_vec())
-                        .map_err(|e| StoreError::Format(e.to_string()))?,
-                );
+                records.push(value[8..].to_vec());
             }
         }
         if truncated {
@@ -2043,7 +2138,7 @@ impl Sequencer {
                     .ok_or_else(|| StoreError::NotFound("batch entry".into()))?;
                 let body = EntryBody::decode(stored.get(32..).unwrap_or_default())
                     .map_err(|e| StoreError::Format(e.to_string()))?;
-                SignedBatch::decode(&body.payload).map_err(|e| StoreError::Format(e.to_string()))
+                Ok::<_, StoreError>(body.payload)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut logged = None;
@@ -2080,6 +2175,7 @@ impl Sequencer {
                 batches,
             }),
             repeated: false,
+            entry: None,
         })
     }
 

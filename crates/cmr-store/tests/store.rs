@@ -47,8 +47,8 @@ fn the_whole_flow_is_logged_proven_and_audited() {
     verify_read(
         &read.proof.head.digest(),
         &read.proof,
-        &read.records,
-        &read.batches,
+        &read.sealed_records().unwrap(),
+        &read.signed_batches().unwrap(),
         |_| Some(cust_key),
         None,
     )

@@ -82,6 +82,21 @@ pub struct ReadProofJson {
     pub next: Option<(String, u64)>,
 }
 
+/// A read's answer: its acknowledgement (the access entry, for a company), the proof, the sealed records
+/// of the proof's pages in order, and the signed batches that name them, all base64.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadAnswerJson {
+    /// Where the access was logged, and the checkpoint that covers it.
+    #[serde(flatten)]
+    pub ack: crate::log::AckJson,
+    /// The completeness proof.
+    pub proof_of_read: ReadProofJson,
+    /// The sealed records, base64.
+    pub records: Vec<String>,
+    /// The signed batches, base64.
+    pub batches: Vec<String>,
+}
+
 fn hash_b64(h: &Hash) -> String {
     B64.encode(h)
 }

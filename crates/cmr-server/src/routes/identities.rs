@@ -25,6 +25,7 @@ use super::{
 use crate::AppState;
 use crate::auth::{SignedRequest, Unverified};
 use crate::error::ApiError;
+use cmr_wire::log::AckJson;
 
 /// The identity routes.
 pub fn router() -> Router<Arc<AppState>> {
@@ -169,7 +170,7 @@ struct RegisterBody {
 async fn register(
     State(state): State<Arc<AppState>>,
     raw: Unverified,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AckJson>, ApiError> {
     let req: RegisterBody = json_body(&raw.body)?;
     let bytes = b64("event", &req.event)?;
     let event = SignedKeyEvent::decode(&bytes).map_err(|e| ApiError::malformed(e.to_string()))?;
@@ -200,7 +201,7 @@ async fn certify(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     SignedRequest { caller, body }: SignedRequest,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AckJson>, ApiError> {
     let id = IdentityId(hex_id("identity", &id)?);
     if caller.identity != id {
         return Err(ApiError::forbidden(
@@ -231,7 +232,7 @@ async fn revoke_device(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     SignedRequest { caller, body }: SignedRequest,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AckJson>, ApiError> {
     let id = IdentityId(hex_id("identity", &id)?);
     if caller.identity != id {
         return Err(ApiError::forbidden(
@@ -264,7 +265,7 @@ async fn rotate(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     raw: Unverified,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AckJson>, ApiError> {
     let id = IdentityId(hex_id("identity", &id)?);
     let req: RotateBody = json_body(&raw.body)?;
     let bytes = b64("event", &req.event)?;

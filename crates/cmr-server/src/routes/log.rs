@@ -60,7 +60,7 @@ struct AdmitBody {
 async fn admit(
     State(state): State<Arc<AppState>>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<cmr_wire::log::AckJson>, ApiError> {
     let req: AdmitBody = super::json_body(&body)?;
     let ack = super::run(&state, cmr_store::Op::Admission(req.statement.into_bytes())).await?;
     Ok(Json(super::ack_json(&state, &ack, None)))

@@ -49,11 +49,17 @@ pub(crate) fn b64(field: &str, s: &str) -> Result<Vec<u8>, ApiError> {
 /// An acknowledgement as JSON: index, inclusion proof, the checkpoint that covers it, and the logged
 /// entry's salt and body, so that the submitter checks by itself that what it sent is what was logged;
 /// with the consistency proof from the log size the client said it knows, which saves it a round trip.
-pub(crate) fn ack_json(state: &crate::AppState, ack: &Ack, known: Option<u64>) -> Value {
+pub(crate) fn ack_json(
+    state: &crate::AppState,
+    ack: &Ack,
+    known: Option<u64>,
+) -> cmr_wire::log::AckJson {
     use cmr_wire::log::{AckJson, ConsistencyJson, SaltedJson, hashes_b64};
+    // The entry the operation logged comes with its acknowledgement; a repeat reads it back.
     let entry = ack
-        .index
-        .and_then(|i| state.store.body(i).ok().flatten())
+        .entry
+        .clone()
+        .or_else(|| ack.index.and_then(|i| state.store.body(i).ok().flatten()))
         .map(|e| SaltedJson {
             salt: B64.encode(e.salt),
             body: B64.encode(&e.body),
@@ -68,7 +74,7 @@ pub(crate) fn ack_json(state: &crate::AppState, ack: &Ack, known: Option<u64>) -
                 proof: hashes_b64(&p),
             })
     });
-    let wire = AckJson {
+    AckJson {
         index: ack.index,
         size: ack.size,
         consistency,
@@ -77,9 +83,7 @@ pub(crate) fn ack_json(state: &crate::AppState, ack: &Ack, known: Option<u64>) -
         repeated: ack.repeated,
         entry,
         head: ack.head.map(|h| h.to_hex()),
-    };
-    // One wire form (`cmr-wire`); it always serializes.
-    serde_json::to_value(wire).unwrap_or(Value::Null)
+    }
 }
 
 /// The checkpoint clients verify against, and its size.

@@ -9,7 +9,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use cmr_core::batch::{ReadProof, SignedBatch};
+use cmr_core::batch::SignedBatch;
 use cmr_core::consent::{SignedStatement, StatementId};
 use cmr_core::decision::AccessKind;
 use cmr_core::directory::SignedDirectory;
@@ -25,6 +25,8 @@ use super::{ack_json, b64, current_checkpoint, entry_json, hex_id, json_body, ru
 use crate::AppState;
 use crate::auth::{Caller, SignedRequest};
 use crate::error::ApiError;
+use cmr_wire::log::AckJson;
+use cmr_wire::read::{ReadAnswerJson, ReadProofJson};
 
 /// The vault routes.
 pub fn router() -> Router<Arc<AppState>> {
@@ -80,7 +82,7 @@ async fn directory(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
     SignedRequest { caller, body }: SignedRequest,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AckJson>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     if caller.identity != customer {
         return Err(ApiError::forbidden(
@@ -107,7 +109,7 @@ async fn statement(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
     SignedRequest { caller, body }: SignedRequest,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AckJson>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     let req: StatementBody = json_body(&body)?;
     let bytes = b64("statement", &req.statement)?;
@@ -136,7 +138,7 @@ async fn batch(
     State(state): State<Arc<AppState>>,
     Path((customer, family)): Path<(String, String)>,
     SignedRequest { caller, body }: SignedRequest,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AckJson>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     let family = FamilyId(hex_id("family", &family)?);
     let req: BatchBody = json_body(&body)?;
@@ -233,16 +235,11 @@ fn period(s: &str) -> Result<Period, ApiError> {
     Period::parse(s).ok_or_else(bad)
 }
 
-fn proof_json(p: &ReadProof) -> Value {
-    // One wire form, shared with every reader (`cmr-wire`); it always serializes.
-    serde_json::to_value(cmr_wire::read::ReadProofJson::from_proof(p)).unwrap_or(Value::Null)
-}
-
 async fn read(
     State(state): State<Arc<AppState>>,
     Path((customer, family)): Path<(String, String)>,
     SignedRequest { caller, body }: SignedRequest,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ReadAnswerJson>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     let family = FamilyId(hex_id("family", &family)?);
     let req: ReadBody = json_body(&body)?;
@@ -287,23 +284,12 @@ async fn read(
         .read
         .as_ref()
         .ok_or_else(|| ApiError::malformed("no read result"))?;
-    let mut out = ack_json(&state, &ack, caller.known_size);
-    out["proof_of_read"] = proof_json(&result.proof);
-    out["records"] = json!(
-        result
-            .records
-            .iter()
-            .map(|r| B64.encode(r.as_bytes()))
-            .collect::<Vec<_>>()
-    );
-    out["batches"] = json!(
-        result
-            .batches
-            .iter()
-            .map(|b| B64.encode(b.encode()))
-            .collect::<Vec<_>>()
-    );
-    Ok(Json(out))
+    Ok(Json(ReadAnswerJson {
+        ack: ack_json(&state, &ack, caller.known_size),
+        proof_of_read: ReadProofJson::from_proof(&result.proof),
+        records: result.records.iter().map(|r| B64.encode(r)).collect(),
+        batches: result.batches.iter().map(|b| B64.encode(b)).collect(),
+    }))
 }
 
 #[derive(Deserialize, Default)]
