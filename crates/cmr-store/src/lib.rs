@@ -15,8 +15,12 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+#[cfg(feature = "testkit")]
+pub mod conformance;
 pub mod layout;
 pub mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use backend::Backend;
 pub use store::{

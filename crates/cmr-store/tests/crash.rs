@@ -37,14 +37,14 @@ fn crash_child() {
     ));
     let fresh = store.checkpoint().unwrap().is_none();
     let mut w = if fresh {
-        World::setup(&store)
+        World::setup(&*store)
     } else {
         World::existing()
     };
-    let g = w.grant_statement(&store).id();
+    let g = w.grant_statement(&*store).id();
     if fresh {
         store
-            .execute(Op::Statement(w.grant_statement(&store).encode()))
+            .execute(Op::Statement(w.grant_statement(&*store).encode()))
             .unwrap();
         store.execute(w.revoke(g)).unwrap();
         println!("revoked {}", hex::encode(g.0));
@@ -83,7 +83,7 @@ fn crash_child() {
         std::thread::spawn(move || {
             for i in 0u64.. {
                 let origin = cmr_core::family::Period::ORIGIN;
-                let head = w.head_of(&store, w.contact, (origin, origin));
+                let head = w.head_of(&*store, w.contact, (origin, origin));
                 let Op::WriteBatch {
                     batch,
                     records,
@@ -112,7 +112,7 @@ fn crash_child() {
         std::thread::spawn(move || {
             let mut last = None;
             loop {
-                let cp = latest_checkpoint(&store);
+                let cp = latest_checkpoint(&*store);
                 if last != Some(cp.size) {
                     last = Some(cp.size);
                     let mut o = out.lock().unwrap();

@@ -17,8 +17,8 @@ use common::{T0, World, open, p};
 fn a_read_racing_a_revocation_is_served_only_if_it_comes_first() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(dir.path(), Arc::new(AtomicU64::new(T0))));
-    let mut w = World::setup(&store);
-    let g = w.grant(&store);
+    let mut w = World::setup(&*store);
+    let g = w.grant(&*store);
     let reads: Vec<_> = (0..40).map(|_| w.read(g, p(2025, 6), T0)).collect();
     // Submit the reads from two threads while the revocation goes in between.
     let (first, second) = reads.split_at(20);
@@ -127,8 +127,8 @@ fn race(store: &Arc<cmr_store::Store>, a: Op, b: Op) -> [Result<cmr_store::Ack, 
 fn a_company_append_racing_a_revocation_is_decided_by_log_order() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(dir.path(), Arc::new(AtomicU64::new(T0))));
-    let mut w = World::setup(&store);
-    let g = w.grant(&store);
+    let mut w = World::setup(&*store);
+    let g = w.grant(&*store);
     let mut head = Head::empty(w.customer.id, w.tx).digest();
     let (mut before, mut after) = (0, 0);
     for round in 0..10u64 {
@@ -150,7 +150,7 @@ fn a_company_append_racing_a_revocation_is_decided_by_log_order() {
         }
         // The customer completes the rotation, keeping acme's append grant, then reads the new head.
         rotate(&store, &w, 2 + round, Some(g));
-        head = w.head_of(&store, w.tx, (p(2025, 1), p(2026, 12)));
+        head = w.head_of(&*store, w.tx, (p(2025, 1), p(2026, 12)));
     }
     assert_eq!(before + after, 10);
     println!("appends logged before the revocation: {before}, after it: {after}");
@@ -214,10 +214,10 @@ fn a_company_append_to_the_old_epoch_after_a_rotation_is_stale() {
 fn two_writers_released_together_on_one_head() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(dir.path(), Arc::new(AtomicU64::new(T0))));
-    let mut w = World::setup(&store);
-    let g = w.grant(&store);
+    let mut w = World::setup(&*store);
+    let g = w.grant(&*store);
     for round in 0..10u64 {
-        let head = w.head_of(&store, w.tx, (p(2025, 1), p(2026, 12)));
+        let head = w.head_of(&*store, w.tx, (p(2025, 1), p(2026, 12)));
         let mine = w.customer_batch(head, p(2026, 2), 1, 100 + round);
         let theirs = w.acme_append(g, head, p(2026, 2), 1, 200 + round);
         let results = race(&store, mine, theirs);

@@ -523,27 +523,27 @@ fn readers_never_see_past_the_latest_durable_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(AtomicU64::new(T0));
     let store = Arc::new(open(dir.path(), clock));
-    let w = World::setup(&store);
+    let w = World::setup(&*store);
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let (store, done, customer) = (store.clone(), done.clone(), w.customer.id);
         std::thread::spawn(move || {
             let mut seen = 0;
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                let cp = latest_checkpoint(&store);
+                let cp = latest_checkpoint(&*store);
                 assert!(cp.size >= seen, "checkpoints never go back");
                 seen = cp.size;
                 // The entry after the checkpoint is served only once a later checkpoint covers it.
                 let body = store.body(cp.size).unwrap().is_some();
                 let leaf = store.commitments(cp.size, cp.size + 1).is_ok();
                 if body || leaf {
-                    let now = latest_checkpoint(&store);
+                    let now = latest_checkpoint(&*store);
                     assert!(now.size > cp.size);
                 }
                 assert_eq!(store.root(cp.size).unwrap(), cp.root);
                 // The customer's chain head is always an entry a checkpoint covers.
                 if let Some(head) = store.customer_head(&customer).unwrap() {
-                    let now = latest_checkpoint(&store);
+                    let now = latest_checkpoint(&*store);
                     assert!(head < now.size);
                 }
             }
@@ -555,7 +555,7 @@ fn readers_never_see_past_the_latest_durable_checkpoint() {
     for tag in 0..40 {
         let ack = store.execute(w.contact_batch(head, 1, tag)).unwrap();
         last = ack.size;
-        head = w.head_of(&store, w.contact, (Period::ORIGIN, Period::ORIGIN));
+        head = w.head_of(&*store, w.contact, (Period::ORIGIN, Period::ORIGIN));
     }
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(reader.join().unwrap() <= last);
