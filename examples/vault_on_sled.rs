@@ -53,14 +53,20 @@ fn main() -> Result<(), Box<dyn Error>> {
     let acme = a.inception.identity();
     let acme_device = DeviceKeys::generate(&mut rng);
     let acme_kem = KemSecretKey::generate(&mut rng);
-    store.execute(Op::Register(c.inception.encode()))?;
-    store.execute(Op::Certify(
-        phone.certify(customer, 0, &c.identity_key, now).encode(),
-    ))?;
-    store.execute(Op::Register(a.inception.encode()))?;
-    store.execute(Op::Certify(
-        acme_device.certify(acme, 0, &a.identity_key, now).encode(),
-    ))?;
+    store.execute(Op::Register(c.inception))?;
+    store.execute(Op::Certify(phone.certify(
+        customer,
+        0,
+        &c.identity_key,
+        now,
+    )))?;
+    store.execute(Op::Register(a.inception))?;
+    store.execute(Op::Certify(acme_device.certify(
+        acme,
+        0,
+        &a.identity_key,
+        now,
+    )))?;
     let pseudonyms = PseudonymKey::generate(&mut rng);
     let tx = FamilyName::Transactions(pseudonyms.counterparty(&acme)).id(&customer);
     let dir = Directory {
@@ -82,7 +88,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         }],
     }
     .sign(&phone.signing);
-    store.execute(Op::PublishDirectory(dir.encode()))?;
+    store.execute(Op::PublishDirectory(dir))?;
     println!("customer {customer}\ncompany  {acme}");
 
     // 2. Request and grant.
@@ -105,7 +111,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         None,
         &acme_device.signing,
     )?;
-    store.execute(Op::Statement(req.encode()))?;
+    store.execute(Op::Statement(req.clone()))?;
     let period = Period::from_unix(now as i64).ok_or("clock before 2000")?;
     let secret = EpochSecret::generate(&mut rng);
     let g = Grant {
@@ -138,7 +144,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
     .seal(&mut rng, customer, acme, &acme_kem.public_key(), grant_id.0);
     let grant = SignedStatement::sign(st, Some(bundle), &phone.signing)?;
-    let ack = store.execute(Op::Statement(grant.encode()))?;
+    let ack = store.execute(Op::Statement(grant.clone()))?;
     println!(
         "grant {} logged at index {}",
         grant_id.to_hex(),
@@ -160,8 +166,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         .collect::<Result<_, _>>()?;
     let batch = Batch::for_records(phone.id(), Head::empty(customer, tx).digest(), &records)?;
     let ack = store.execute(Op::WriteBatch {
-        batch: SignedBatch::sign(batch, &phone.signing).encode(),
-        records: records.iter().map(|r| r.as_bytes().to_vec()).collect(),
+        batch: SignedBatch::sign(batch, &phone.signing),
+        records,
         access: None,
     })?;
     println!(
@@ -274,7 +280,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         None,
         &phone.signing,
     )?;
-    store.execute(Op::Statement(rev.encode()))?;
+    store.execute(Op::Statement(rev))?;
     match store.execute(read("n2")?) {
         Err(e) => println!("after the revocation the company is refused: {e}"),
         Ok(_) => return Err("a read was served after the revocation".into()),

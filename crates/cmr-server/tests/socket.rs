@@ -108,8 +108,8 @@ async fn a_generic_rfc9421_client_in_python_calls_the_api() {
     let customer = create_identity(&mut rng, Role::Customer);
     let id = customer.inception.identity();
     let device = DeviceKeys::generate(&mut rng);
-    let cert = device.certify(id, 0, &customer.identity_key, 0).encode();
-    for op in [Op::Register(customer.inception.encode()), Op::Certify(cert)] {
+    let cert = device.certify(id, 0, &customer.identity_key, 0);
+    for op in [Op::Register(customer.inception), Op::Certify(cert)] {
         store.submit(op).await.unwrap().unwrap();
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

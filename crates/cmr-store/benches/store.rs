@@ -57,13 +57,9 @@ fn vault(store: &Store, families: usize) -> Vault {
     let c = create_identity(&mut rng, Role::Customer);
     let customer = c.inception.identity();
     let device = DeviceKeys::generate(&mut rng);
+    store.execute(Op::Register(c.inception)).expect("register");
     store
-        .execute(Op::Register(c.inception.encode()))
-        .expect("register");
-    store
-        .execute(Op::Certify(
-            device.certify(customer, 0, &c.identity_key, 0).encode(),
-        ))
+        .execute(Op::Certify(device.certify(customer, 0, &c.identity_key, 0)))
         .expect("certify");
     let pk = PseudonymKey::generate(&mut rng);
     let mut fams: Vec<DirectoryFamily> = (0..families)
@@ -90,9 +86,7 @@ fn vault(store: &Store, families: usize) -> Vault {
         families: fams.clone(),
     }
     .sign(&device.signing);
-    store
-        .execute(Op::PublishDirectory(dir.encode()))
-        .expect("directory");
+    store.execute(Op::PublishDirectory(dir)).expect("directory");
     Vault {
         customer,
         device,
@@ -145,8 +139,8 @@ impl<'a> Writer<'a> {
             .expect("batch");
         self.ledger.apply(&batch, &records).expect("local ledger");
         Op::WriteBatch {
-            batch: SignedBatch::sign(batch, &self.v.device.signing).encode(),
-            records: records.iter().map(|r| r.as_bytes().to_vec()).collect(),
+            batch: SignedBatch::sign(batch, &self.v.device.signing),
+            records,
             access: None,
         }
     }

@@ -116,14 +116,14 @@ fn the_same_bytes_are_logged_once_and_another_body_under_their_id_conflicts(h: &
     let b = h.fresh();
     let w = World::setup(&*b);
     let grant = w.grant_statement(&*b);
-    let first = execute(&*b, Op::Statement(grant.encode())).unwrap();
-    let again = execute(&*b, Op::Statement(grant.encode())).unwrap();
+    let first = execute(&*b, Op::Statement(grant.clone())).unwrap();
+    let again = execute(&*b, Op::Statement(grant.clone())).unwrap();
     assert!(again.repeated, "a repeat is marked as one");
     assert_eq!(again.index, first.index, "a repeat names the first index");
     check_ack(&*b, &again, "a repeat");
     let other = w.reseal(&grant);
     assert_eq!(
-        execute(&*b, Op::Statement(other.encode())).unwrap_err(),
+        execute(&*b, Op::Statement(other)).unwrap_err(),
         StoreError::Conflict
     );
     assert_eq!(b.checkpoint().unwrap().unwrap(), first.checkpoint);
@@ -136,17 +136,24 @@ fn a_refusal_changes_nothing(h: &mut dyn Harness) {
     // (Building the grant logs the request it answers.)
     let g = w.grant_statement(&*b);
     let before = b.checkpoint().unwrap();
-    // Malformed, wrongly signed, out of scope: each refused, none logged.
-    let garbage = execute(&*b, Op::Statement(vec![1, 2, 3])).unwrap_err();
-    assert!(matches!(garbage, StoreError::Malformed(_)), "{garbage}");
+    // Wrongly signed, out of scope, out of order: each refused, none logged. (What does not decode
+    // never becomes an operation: the server refuses it at the edge.)
     let mut forged = g.encode();
     let last = forged.len() - 1;
     forged[last] ^= 1;
+    let forged = cmr_core::consent::SignedStatement::decode(&forged).unwrap();
     let e = execute(&*b, Op::Statement(forged)).unwrap_err();
+    assert!(matches!(e, StoreError::BadSignature(_)), "{e}");
+    let (_, inception, _) = crate::testkit::party(cmr_core::identity::Role::Customer, 1);
+    let again = execute(&*b, Op::Register(inception.clone())).unwrap();
     assert!(
-        matches!(e, StoreError::BadSignature(_) | StoreError::Malformed(_)),
-        "{e}"
+        again.repeated && again.index == Some(0),
+        "the same registration again is a repeat of the first"
     );
+    assert!(matches!(
+        execute(&*b, Op::Rotate(inception)).unwrap_err(),
+        StoreError::Malformed(_)
+    ));
     let unknown = cmr_core::consent::StatementId([9; 32]);
     let e = execute(&*b, w.read(unknown, p(2025, 6), T0)).unwrap_err();
     assert_eq!(e, StoreError::Denied(DenyReason::NoGrant));
@@ -226,10 +233,7 @@ fn an_erased_family_is_closed_to_everyone_across_a_reopen(h: &mut dyn Harness) {
     let g = w.grant(&*b);
     execute(&*b, w.read(g, p(2025, 6), T0)).unwrap();
     let erase = w.statement(true, Body::Erasure(ErasureTarget::Family(w.tx)), None);
-    let at = execute(&*b, Op::Statement(erase.encode()))
-        .unwrap()
-        .index
-        .unwrap();
+    let at = execute(&*b, Op::Statement(erase)).unwrap().index.unwrap();
     let own = |w: &World| Op::Read {
         customer: w.customer.id,
         family: w.tx,

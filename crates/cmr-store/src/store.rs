@@ -18,9 +18,12 @@ use cmr_core::batch::{FamilyLedger, ReadProof, SignedBatch};
 use cmr_core::consent::{Body, ErasureTarget, SignedStatement, StatementError, StatementId};
 use cmr_core::decision::{AccessKind, ApplyError, ConsentState, DenyReason};
 use cmr_core::directory::DirectoryError;
+use cmr_core::directory::SignedDirectory;
 use cmr_core::family::{FamilyId, Period};
 use cmr_core::hash::{Digest, sha256, tagged_hash};
-use cmr_core::identity::{DeviceId, IdentityId, Role};
+use cmr_core::identity::{
+    DeviceCertificate, DeviceId, DeviceRevocation, IdentityId, Role, Signed, SignedKeyEvent,
+};
 use cmr_core::merkle::Hash;
 use cmr_core::record::SealedRecord;
 use cmr_log::admission::{AdmissionError, Auditors};
@@ -111,30 +114,32 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 /// The largest key backup a customer may store.
 pub const MAX_BACKUP: usize = 1024 * 1024;
 
-/// A state-changing operation (or a read, which is logged as an access).
+/// A state-changing operation (or a read, which is logged as an access). Its statements arrive decoded
+/// (the server parses each request once, at the edge, and refuses what does not parse); the store checks
+/// them against the rules and logs their exact encoding.
 #[derive(Debug, Clone)]
 pub enum Op {
     /// Register an identity: its signed inception.
-    Register(Vec<u8>),
+    Register(SignedKeyEvent),
     /// Rotate an identity key: the signed rotation.
-    Rotate(Vec<u8>),
+    Rotate(SignedKeyEvent),
     /// Certify a device.
-    Certify(Vec<u8>),
+    Certify(Signed<DeviceCertificate>),
     /// Revoke a device.
-    RevokeDevice(Vec<u8>),
+    RevokeDevice(Signed<DeviceRevocation>),
     /// Publish the next key directory (compare-and-swap on its previous digest).
-    PublishDirectory(Vec<u8>),
+    PublishDirectory(SignedDirectory),
     /// Record a consent statement.
-    Statement(Vec<u8>),
+    Statement(SignedStatement),
     /// Admit or dismiss an auditor: the operator's statement signed with the log key
-    /// ([`cmr_log::admission`]).
+    /// ([`cmr_log::admission`]), opened by the store under its own key.
     Admission(Vec<u8>),
     /// Write a signed batch of records; a company's append carries its access record.
     WriteBatch {
         /// The signed batch.
-        batch: Vec<u8>,
+        batch: SignedBatch,
         /// The sealed records, in batch order.
-        records: Vec<Vec<u8>>,
+        records: Vec<SealedRecord>,
         /// For a company: the access record of its signed request.
         access: Option<AccessRecord>,
     },
@@ -177,25 +182,30 @@ pub enum Op {
 }
 
 impl Op {
-    fn idempotency_id(&self) -> Option<(Digest, Digest)> {
-        let (id, body): (Digest, &[u8]) = match self {
-            Op::Register(b)
-            | Op::Rotate(b)
-            | Op::Certify(b)
-            | Op::RevokeDevice(b)
-            | Op::PublishDirectory(b)
-            | Op::Admission(b) => (tagged_hash("op-id", b), b),
-            Op::Statement(b) => match SignedStatement::decode(b) {
-                Ok(s) => (Digest(s.id().0), b),
-                Err(_) => return None,
-            },
-            Op::WriteBatch { batch, .. } => match SignedBatch::decode(batch) {
-                Ok(s) => (s.digest(), batch),
-                Err(_) => return None,
-            },
+    /// The exact bytes an operation logs as its statement (for a batch, the signed batch), if any.
+    fn payload(&self) -> Option<Vec<u8>> {
+        Some(match self {
+            Op::Register(e) | Op::Rotate(e) => e.encode(),
+            Op::Certify(c) => c.encode(),
+            Op::RevokeDevice(r) => r.encode(),
+            Op::PublishDirectory(d) => d.encode(),
+            Op::Statement(s) => s.encode(),
+            Op::Admission(b) => b.clone(),
+            Op::WriteBatch { batch, .. } => batch.encode(),
             Op::Read { .. } | Op::Head { .. } | Op::PutBackup { .. } => return None,
+        })
+    }
+
+    /// The id an operation is idempotent under, and the digest of its bytes: the same bytes again are a
+    /// repeat, other bytes under the same id a conflict.
+    fn idempotency_id(&self, payload: &[u8]) -> Option<(Digest, Digest)> {
+        let id = match self {
+            Op::Statement(s) => Digest(s.id().0),
+            Op::WriteBatch { batch, .. } => batch.digest(),
+            Op::Read { .. } | Op::Head { .. } | Op::PutBackup { .. } => return None,
+            _ => tagged_hash("op-id", payload),
         };
-        Some((id, sha256(body)))
+        Some((id, sha256(payload)))
     }
 }
 
@@ -304,11 +314,9 @@ struct Job {
     reply: Reply,
 }
 
-/// A batch decoded, its records hashed and its signature checked on the submitting thread, so that the
-/// sequencer only checks what depends on the log position.
+/// What the submitting thread checked of a batch, so that the sequencer only checks what depends on
+/// the log position.
 struct PreparedBatch {
-    signed: SignedBatch,
-    records: Vec<SealedRecord>,
     /// `Some(ok)` if the device's key was known when submitted (a device id fixes its key), else `None`.
     signature: Option<bool>,
 }
@@ -910,70 +918,20 @@ impl Store {
         rx
     }
 
-    /// Decodes a batch, hashes its records and checks its signature here, on the caller's thread, so that
-    /// concurrent writers do this work in parallel. Anything malformed is left for the sequencer to refuse.
+    /// Checks a batch's signature here, on the caller's thread, so that concurrent writers do this work
+    /// in parallel (a device id fixes its key); whether the device may sign at the batch's position is
+    /// checked again when it is sequenced.
     fn prepare(&self, op: Op) -> (Op, Option<PreparedBatch>) {
-        let Op::WriteBatch {
-            batch,
-            records,
-            access,
-        } = op
-        else {
+        let Op::WriteBatch { batch, .. } = &op else {
             return (op, None);
         };
-        let Ok(signed) = SignedBatch::decode(&batch) else {
-            return (
-                Op::WriteBatch {
-                    batch,
-                    records,
-                    access,
-                },
-                None,
-            );
-        };
-        let mut decoded = Vec::with_capacity(records.len());
-        let mut rest = records.into_iter();
-        for r in rest.by_ref() {
-            match SealedRecord::decode(r) {
-                Ok(d) => decoded.push(d),
-                Err(_) => {
-                    // Leave the whole batch to the sequencer, which refuses it with the error.
-                    let mut records: Vec<Vec<u8>> = decoded
-                        .iter()
-                        .map(|d: &SealedRecord| d.as_bytes().to_vec())
-                        .collect();
-                    records.push(Vec::new());
-                    records.extend(rest);
-                    return (
-                        Op::WriteBatch {
-                            batch,
-                            records,
-                            access,
-                        },
-                        None,
-                    );
-                }
-            }
-        }
         let key = self
             .device_keys
             .read()
             .ok()
-            .and_then(|k| k.devices.get(&signed.batch().device).map(|(_, key)| *key));
-        let signature = key.map(|k| signed.verify(&k).is_ok());
-        let pre = PreparedBatch {
-            signed,
-            records: decoded,
-            signature,
-        };
-        (
-            Op::WriteBatch {
-                batch,
-                records: Vec::new(),
-                access,
-            },
-            Some(pre),
-        )
+            .and_then(|k| k.devices.get(&batch.batch().device).map(|(_, key)| *key));
+        let signature = key.map(|k| batch.verify(&k).is_ok());
+        (op, Some(PreparedBatch { signature }))
     }
 
     /// The identity and key a request's `keyid` names: a device id (64 hex digits) or an identity id
@@ -1560,8 +1518,18 @@ impl Sequencer {
         overlay: &mut Overlay<'_>,
         time: u64,
     ) -> Result<Pending, StoreError> {
+        // A registration is an inception, a rotation is not: checked before anything else, so that the
+        // one is never answered as a repeat of the other.
+        if let Op::Register(ev) | Op::Rotate(ev) = &op
+            && (ev.event().seq == 0) != matches!(op, Op::Register(_))
+        {
+            return Err(StoreError::Malformed(
+                "a registration is an inception, a rotation is not".into(),
+            ));
+        }
         // Idempotency: the same body under the same id returns the original index.
-        let idem = op.idempotency_id();
+        let payload = op.payload();
+        let idem = payload.as_deref().and_then(|p| op.idempotency_id(p));
         if let Some((id, digest)) = &idem
             && let Some(v) = overlay.get(&layout::key(tag::IDEMPOTENCY, &[&id.0]))?
         {
@@ -1582,7 +1550,7 @@ impl Sequencer {
             return Err(StoreError::Conflict);
         }
         let index = overlay.size;
-        let mut pending = self.apply_op(op, pre, overlay, index, time)?;
+        let mut pending = self.apply_op(op, payload, pre, overlay, index, time)?;
         if let Some(i) = pending.index {
             pending.entry = overlay.logged.remove(&i);
         }
@@ -1608,29 +1576,24 @@ impl Sequencer {
     fn apply_op(
         &mut self,
         op: Op,
+        payload: Option<Vec<u8>>,
         pre: Option<PreparedBatch>,
         overlay: &mut Overlay<'_>,
         index: u64,
         time: u64,
     ) -> Result<Pending, StoreError> {
-        let registering = matches!(op, Op::Register(_));
-        let (kind, bytes) = match op {
-            Op::Register(b) | Op::Rotate(b) => (EntryKind::KeyEvent, b),
-            Op::Certify(b) => (EntryKind::DeviceCertificate, b),
-            Op::RevokeDevice(b) => (EntryKind::DeviceRevocation, b),
-            Op::PublishDirectory(b) => (EntryKind::Directory, b),
-            Op::Statement(b) => (EntryKind::Statement, b),
-            Op::Admission(b) => (EntryKind::Admission, b),
-            other => return self.apply_unlogged(other, pre, overlay, index, time),
+        let parsed = match op {
+            Op::Register(e) | Op::Rotate(e) => Parsed::KeyEvent(e),
+            Op::Certify(c) => Parsed::Certificate(c),
+            Op::RevokeDevice(r) => Parsed::Revocation(r),
+            Op::PublishDirectory(d) => Parsed::Directory(d),
+            Op::Statement(s) => Parsed::Statement(s),
+            Op::Admission(b) => Parsed::decode(EntryKind::Admission, &b, &self.log_key.verifier())?,
+            other => return self.apply_unlogged(other, payload, pre, overlay, index, time),
         };
-        let parsed = Parsed::decode(kind, &bytes, &self.log_key.verifier())?;
-        if let Parsed::KeyEvent(ev) = &parsed
-            && (ev.event().seq == 0) != registering
-        {
-            return Err(StoreError::Malformed(
-                "a registration is an inception, a rotation is not".into(),
-            ));
-        }
+        let kind = parsed.kind();
+        let bytes =
+            payload.ok_or_else(|| StoreError::Io("a statement without its bytes".into()))?;
         // A statement's index rows are judged from the consent state before it applies.
         let changes = match &parsed {
             Parsed::Statement(st) => {
@@ -1703,6 +1666,7 @@ impl Sequencer {
     fn apply_unlogged(
         &mut self,
         op: Op,
+        payload: Option<Vec<u8>>,
         pre: Option<PreparedBatch>,
         overlay: &mut Overlay<'_>,
         index: u64,
@@ -1713,7 +1677,12 @@ impl Sequencer {
                 batch,
                 records,
                 access,
-            } => self.write_batch(overlay, index, time, batch, records, access, pre),
+            } => {
+                let bytes =
+                    payload.ok_or_else(|| StoreError::Io("a batch without its bytes".into()))?;
+                let checked = pre.and_then(|p| p.signature);
+                self.write_batch(overlay, index, time, batch, bytes, records, access, checked)
+            }
             Op::PutBackup {
                 customer,
                 version,
@@ -1910,25 +1879,12 @@ impl Sequencer {
         overlay: &mut Overlay<'_>,
         index: u64,
         time: u64,
+        signed: SignedBatch,
         batch_bytes: Vec<u8>,
-        record_bytes: Vec<Vec<u8>>,
+        records: Vec<SealedRecord>,
         access: Option<AccessRecord>,
-        pre: Option<PreparedBatch>,
+        checked: Option<bool>,
     ) -> Result<Pending, StoreError> {
-        let (signed, records, checked) = match pre {
-            Some(p) => (p.signed, p.records, p.signature),
-            None => {
-                let signed = SignedBatch::decode(&batch_bytes)
-                    .map_err(|e| StoreError::Malformed(e.to_string()))?;
-                let records = record_bytes
-                    .into_iter()
-                    .map(|r| {
-                        SealedRecord::decode(r).map_err(|e| StoreError::Malformed(e.to_string()))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                (signed, records, None)
-            }
-        };
         let b = signed.batch().clone();
         // The batch's own rules (signer valid here, a customer's epoch and rotation), by the ledger; a
         // signature already checked on the submitting thread is not checked again.

@@ -15,7 +15,9 @@ use cmr_core::epoch::{BundleEntry, EpochSecret, KeyBundle};
 use cmr_core::family::{FamilyId, FamilyName, Period, Scope};
 use cmr_core::hash::Digest;
 use cmr_core::httpsig::{self, Request};
-use cmr_core::identity::{DeviceKeys, IdentityId, Role, create_identity};
+use cmr_core::identity::{
+    DeviceCertificate, DeviceKeys, IdentityId, Role, Signed, SignedKeyEvent, create_identity,
+};
 use cmr_core::keys::{KemSecretKey, SigningKey};
 use cmr_core::record::{RecordId, RecordSealer};
 use cmr_log::entry::{AccessRecord, AccessedFamily};
@@ -65,8 +67,9 @@ pub struct Party {
     pub kem: KemSecretKey,
 }
 
-/// Deterministic keys, so a child process and its parent agree on them.
-pub fn party(role: Role, seed: u8) -> (Party, Vec<u8>, Vec<u8>) {
+/// Deterministic keys, so a child process and its parent agree on them; with the party's signed
+/// inception and device certificate.
+pub fn party(role: Role, seed: u8) -> (Party, SignedKeyEvent, Signed<DeviceCertificate>) {
     use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::from_seed([seed; 32]);
     let n = create_identity(&mut rng, role);
@@ -74,11 +77,7 @@ pub fn party(role: Role, seed: u8) -> (Party, Vec<u8>, Vec<u8>) {
     let device = DeviceKeys::generate(&mut rng);
     let cert = device.certify(id, 0, &n.identity_key, T0);
     let kem = KemSecretKey::generate(&mut rng);
-    (
-        Party { id, device, kem },
-        n.inception.encode(),
-        cert.encode(),
-    )
+    (Party { id, device, kem }, n.inception, cert)
 }
 
 /// A customer with two families (transactions with Acme, and contact details) and a company, Acme.
@@ -158,7 +157,7 @@ impl World {
             families,
         }
         .sign(&customer.device.signing);
-        ops.push(Op::PublishDirectory(dir.encode()));
+        ops.push(Op::PublishDirectory(dir));
         let mut rng = rand::rngs::StdRng::from_seed([4; 32]);
         let w = World {
             customer,
@@ -197,8 +196,9 @@ impl World {
     /// A request from acme and the customer's grant: read + append on acme's transactions family.
     pub fn grant(&self, store: &dyn Backend) -> StatementId {
         let g = self.grant_statement(store);
-        execute(store, Op::Statement(g.encode())).unwrap();
-        g.id()
+        let id = g.id();
+        execute(store, Op::Statement(g)).unwrap();
+        id
     }
 
     /// Logs acme's request and returns the customer's signed grant answering it (not yet logged). Each
@@ -212,7 +212,7 @@ impl World {
             counterparty: Counterparty::OnlyRequester,
         };
         let r = self.statement(false, Body::Request(req), None);
-        execute(store, Op::Statement(r.encode())).unwrap();
+        execute(store, Op::Statement(r.clone())).unwrap();
         let g = Grant {
             grantee: self.acme.id,
             request: Some(r.id()),
@@ -317,18 +317,15 @@ impl World {
 
     /// The customer revokes a grant.
     pub fn revoke(&self, grant: StatementId) -> Op {
-        Op::Statement(
-            self.statement(
-                true,
-                Body::Revocation(Revocation {
-                    grant,
-                    initiator: Initiator::Customer,
-                    reason: "done".into(),
-                }),
-                None,
-            )
-            .encode(),
-        )
+        Op::Statement(self.statement(
+            true,
+            Body::Revocation(Revocation {
+                grant,
+                initiator: Initiator::Customer,
+                reason: "done".into(),
+            }),
+            None,
+        ))
     }
 
     /// A batch of `n` customer records in `period` of the transactions family, extending `head`.
@@ -376,8 +373,8 @@ impl World {
             .collect();
         let batch = Batch::for_records(self.customer.device.id(), head, &records).unwrap();
         Op::WriteBatch {
-            batch: SignedBatch::sign(batch, &self.customer.device.signing).encode(),
-            records: records.iter().map(|r| r.as_bytes().to_vec()).collect(),
+            batch: SignedBatch::sign(batch, &self.customer.device.signing),
+            records,
             access: None,
         }
     }
@@ -509,8 +506,8 @@ impl World {
             T0,
         );
         Op::WriteBatch {
-            batch: SignedBatch::sign(batch, &self.acme.device.signing).encode(),
-            records: vec![record.as_bytes().to_vec()],
+            batch: SignedBatch::sign(batch, &self.acme.device.signing),
+            records: vec![record],
             access: Some(access),
         }
     }

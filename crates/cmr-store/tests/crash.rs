@@ -44,7 +44,7 @@ fn crash_child() {
     let g = w.grant_statement(&*store).id();
     if fresh {
         store
-            .execute(Op::Statement(w.grant_statement(&*store).encode()))
+            .execute(Op::Statement(w.grant_statement(&*store)))
             .unwrap();
         store.execute(w.revoke(g)).unwrap();
         println!("revoked {}", hex::encode(g.0));
@@ -67,7 +67,7 @@ fn crash_child() {
                     };
                     let s = w.statement(false, Body::Request(req), None);
                     let bytes = s.encode();
-                    let ack = store.execute(Op::Statement(bytes.clone())).unwrap();
+                    let ack = store.execute(Op::Statement(s)).unwrap();
                     let mut o = out.lock().unwrap();
                     writeln!(o, "ack {} {}", ack.index.unwrap(), sha256(&bytes).to_hex()).unwrap();
                     o.flush().unwrap();
@@ -100,7 +100,8 @@ fn crash_child() {
                     })
                     .unwrap();
                 let mut o = out.lock().unwrap();
-                writeln!(o, "ack {} {}", ack.index.unwrap(), sha256(&batch).to_hex()).unwrap();
+                let bytes = batch.encode();
+                writeln!(o, "ack {} {}", ack.index.unwrap(), sha256(&bytes).to_hex()).unwrap();
                 o.flush().unwrap();
             }
         })

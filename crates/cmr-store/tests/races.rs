@@ -133,7 +133,7 @@ fn a_company_append_racing_a_revocation_is_decided_by_log_order() {
     let (mut before, mut after) = (0, 0);
     for round in 0..10u64 {
         let look = w.read_grant(&format!("a look {round}"), 1 + round);
-        store.execute(Op::Statement(look.encode())).unwrap();
+        store.execute(Op::Statement(look.clone())).unwrap();
         let append = w.acme_append(g, head, p(2026, 1), 1 + round, round);
         let [rev, app] = race(&store, w.revoke(look.id()), append);
         let rev = rev.unwrap().index.unwrap();
@@ -179,10 +179,11 @@ fn rotate(store: &cmr_store::Store, w: &World, epoch: u64, kept: Option<Statemen
         keepers,
     };
     store
-        .execute(Op::Statement(
-            w.statement(true, Body::RotationCompletion(rc), None)
-                .encode(),
-        ))
+        .execute(Op::Statement(w.statement(
+            true,
+            Body::RotationCompletion(rc),
+            None,
+        )))
         .unwrap();
 }
 
@@ -195,7 +196,7 @@ fn a_company_append_to_the_old_epoch_after_a_rotation_is_stale() {
     let mut w = World::setup(&store);
     let g = w.grant(&store);
     let look = w.read_grant("a look", 1);
-    store.execute(Op::Statement(look.encode())).unwrap();
+    store.execute(Op::Statement(look.clone())).unwrap();
     store.execute(w.revoke(look.id())).unwrap();
     rotate(&store, &w, 2, Some(g));
     let head = Head::empty(w.customer.id, w.tx).digest();

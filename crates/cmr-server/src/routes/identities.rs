@@ -186,7 +186,7 @@ async fn register(
             "registration is signed by the inception key being registered",
         ));
     }
-    let ack = run(&state, Op::Register(bytes)).await?;
+    let ack = run(&state, Op::Register(event)).await?;
     Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
@@ -217,7 +217,7 @@ async fn certify(
             "the certificate is for another identity",
         ));
     }
-    let ack = run(&state, Op::Certify(bytes)).await?;
+    let ack = run(&state, Op::Certify(cert)).await?;
     Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
@@ -248,7 +248,7 @@ async fn revoke_device(
             "the revocation is for another identity",
         ));
     }
-    let ack = run(&state, Op::RevokeDevice(bytes)).await?;
+    let ack = run(&state, Op::RevokeDevice(rev)).await?;
     Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
@@ -279,6 +279,6 @@ async fn rotate(
             "a rotation is signed by the key it reveals",
         ));
     }
-    let ack = run(&state, Op::Rotate(bytes)).await?;
+    let ack = run(&state, Op::Rotate(event)).await?;
     Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }

@@ -95,7 +95,7 @@ async fn directory(
     if dir.directory().customer != customer {
         return Err(ApiError::forbidden("the directory is for another vault"));
     }
-    let ack = run(&state, Op::PublishDirectory(bytes)).await?;
+    let ack = run(&state, Op::PublishDirectory(dir)).await?;
     Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
@@ -120,7 +120,7 @@ async fn statement(
     if st.statement().author != caller.identity {
         return Err(ApiError::forbidden("a statement is sent by its author"));
     }
-    let ack = run(&state, Op::Statement(bytes)).await?;
+    let ack = run(&state, Op::Statement(st)).await?;
     Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
@@ -143,10 +143,13 @@ async fn batch(
     let family = FamilyId(hex_id("family", &family)?);
     let req: BatchBody = json_body(&body)?;
     let batch = b64("batch", &req.batch)?;
+    // Decoded once, here: the store gets the decoded batch and records.
     let records = req
         .records
         .iter()
-        .map(|r| b64("record", r))
+        .map(|r| {
+            SealedRecord::decode(b64("record", r)?).map_err(|e| ApiError::malformed(e.to_string()))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let signed = SignedBatch::decode(&batch).map_err(|e| ApiError::malformed(e.to_string()))?;
     let b = signed.batch();
@@ -167,11 +170,7 @@ async fn batch(
                 .as_deref()
                 .ok_or_else(|| ApiError::malformed("a company appends under a grant"))?,
         )?);
-        let periods: Vec<Period> = records
-            .iter()
-            .map(|r| SealedRecord::decode(r.clone()).map(|r| r.header().period))
-            .collect::<Result<_, _>>()
-            .map_err(|e| ApiError::malformed(e.to_string()))?;
+        let periods: Vec<Period> = records.iter().map(|r| r.header().period).collect();
         let from = periods
             .iter()
             .min()
@@ -191,7 +190,7 @@ async fn batch(
     let ack = match run(
         &state,
         Op::WriteBatch {
-            batch,
+            batch: signed,
             records,
             access,
         },
