@@ -172,12 +172,10 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = serde_json::json!({
-            "type": format!("urn:cmr-vault:problem:{}", self.code),
-            "title": self.code,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
+        // One wire form (`cmr_wire::problem`), plus the extension members.
+        let problem =
+            cmr_wire::problem::ProblemJson::new(self.code, self.status.as_u16(), self.detail);
+        let mut body = serde_json::to_value(problem).unwrap_or_default();
         if let Some(members) = body.as_object_mut() {
             for (k, v) in self.extensions {
                 members.entry(k).or_insert(v);

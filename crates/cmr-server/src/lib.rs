@@ -143,11 +143,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         state.config.max_small_body,
         state.config.timeout,
     );
+    // One registration gives the router and the OpenAPI document (`routes::openapi`).
+    let (routes, _) = routes::openapi::api().split_for_parts();
     Router::new()
-        .merge(routes::log::router())
-        .merge(routes::identities::router())
-        .merge(routes::vaults::router())
-        .merge(routes::openapi::router())
+        .merge(routes)
         // Unknown routes and methods are Problem Details too.
         .fallback(|| async {
             error::ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such route")

@@ -7,10 +7,13 @@
 //! `cmr-core` (hashes in base64, ids in hex, months as `YYYY-MM`). What it does not own: what the values
 //! mean or whether they verify (`cmr-core`, `cmr-log`, the SDK), or HTTP (`cmr-server`).
 //!
-//! Modules: [`read`] (a read's proof), [`log`] (proven entries and acknowledgements).
+//! Modules: [`read`] (a read's answer and proof), [`log`] (proven entries and acknowledgements),
+//! [`problem`] (problem details). With the `openapi` feature each type also describes its own schema,
+//! from which the server's OpenAPI document is generated.
 #![forbid(unsafe_code)]
 
 pub mod log;
+pub mod problem;
 pub mod read;
 
 use thiserror::Error;

@@ -14,18 +14,24 @@ use crate::{WireError, err};
 
 /// A logged entry with its salt, body and inclusion proof.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EntryJson {
     /// Its log index.
     pub index: u64,
     /// The commitment's salt, base64.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9+/]{43}=$"))]
     pub salt: String,
     /// The entry body, base64.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9+/]*={0,2}$"))]
     pub body: String,
     /// The inclusion proof in the checkpoint served with it, base64 hashes.
     pub proof: Vec<String>,
     /// The entry's kind by name, where a listing says it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    /// The entry's server time (Unix seconds), where a listing says it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<u64>,
 }
 
 /// The parts of an [`EntryJson`], decoded.
@@ -68,6 +74,7 @@ impl EntryJson {
             body: B64.encode(body),
             proof: hashes_b64(proof),
             kind: None,
+            time: None,
         }
     }
 
@@ -90,6 +97,7 @@ impl EntryJson {
 
 /// The consistency proof from the size the client said it knows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ConsistencyJson {
     /// The size the client knows.
@@ -102,6 +110,7 @@ pub struct ConsistencyJson {
 /// covers it, the logged entry, and what the store says of it. A read's answer carries more fields
 /// beside these, so unknown fields are not refused here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AckJson {
     /// The log index.
     pub index: Option<u64>,
@@ -123,12 +132,101 @@ pub struct AckJson {
 
 /// A salt and a body, base64.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SaltedJson {
     /// The salt.
     pub salt: String,
     /// The body.
     pub body: String,
+}
+
+/// An entry of a chain whose body was erased: only its place is left.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RedactedJson {
+    /// Its log index.
+    pub index: u64,
+    /// Always true.
+    pub redacted: bool,
+}
+
+/// One step of a customer's chain: an entry, or the place of an erased one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(untagged)]
+pub enum ChainEntryJson {
+    /// The place of an erased entry.
+    Redacted(RedactedJson),
+    /// An entry, with its kind and time.
+    Entry(EntryJson),
+}
+
+/// A page of entries with the checkpoint their proofs lead to, and where the next page starts
+/// (`/v1/vaults/{customer}/history`: newest first, `next` the index to start before;
+/// `/v1/vaults/{customer}/relationship`: oldest first, `next` the index to start after).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PageOfEntriesJson {
+    /// The signed checkpoint.
+    pub checkpoint: String,
+    /// The entries.
+    pub entries: Vec<ChainEntryJson>,
+    /// Where the next page starts, if there is one.
+    pub next: Option<u64>,
+}
+
+/// A proof, base64 hashes (`/v1/log/proofs/inclusion`, `/v1/log/proofs/consistency`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ProofJson {
+    /// The hashes, base64.
+    pub proof: Vec<String>,
+}
+
+/// Leaf commitments, base64 (`/v1/log/commitments`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CommitmentsJson {
+    /// The commitments, in log order, base64.
+    pub commitments: Vec<String>,
+}
+
+/// Entries served with the checkpoint their proofs lead to (`/v1/auditors`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct EntriesJson {
+    /// The signed checkpoint.
+    pub checkpoint: String,
+    /// The entries, oldest first.
+    pub entries: Vec<EntryJson>,
+}
+
+/// A witness whose cosignature is now served with the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CosignerJson {
+    /// The witness key's name.
+    pub name: String,
+    /// When it cosigned, Unix seconds.
+    pub time: u64,
+}
+
+/// The checkpoint's cosigners after a cosignature was handed in (`/v1/log/cosignatures`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CosignedJson {
+    /// The checkpoint's size.
+    pub size: u64,
+    /// Every cosigner verified over it.
+    pub cosigners: Vec<CosignerJson>,
 }
 
 #[cfg(test)]

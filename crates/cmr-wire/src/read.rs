@@ -15,11 +15,14 @@ use crate::{WireError, err};
 /// A family head: ids in hex, the periods root in base64, and its digest (hex; for reading by people,
 /// recomputed by whoever checks it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HeadJson {
     /// The vault, hex.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[0-9a-f]{64}$"))]
     pub customer: String,
     /// The family, hex.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[0-9a-f]{64}$"))]
     pub family: String,
     /// Batches applied so far.
     pub batches: u64,
@@ -28,6 +31,7 @@ pub struct HeadJson {
     /// Periods holding records.
     pub periods: u64,
     /// The root over the period leaves, base64.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9+/]{43}=$"))]
     pub periods_root: String,
     /// The head's digest, hex.
     #[serde(default)]
@@ -36,21 +40,26 @@ pub struct HeadJson {
 
 /// A period leaf.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PeriodLeafJson {
     /// `YYYY-MM`.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[0-9]{4}-(0[1-9]|1[0-2])$"))]
     pub period: String,
     /// Records in it.
     pub count: u64,
     /// The root over their digests, base64.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9+/]{43}=$"))]
     pub root: String,
 }
 
 /// One page of one period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PageJson {
     /// `YYYY-MM`.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[0-9]{4}-(0[1-9]|1[0-2])$"))]
     pub period: String,
     /// Index of the first record in the period.
     pub start: u64,
@@ -62,13 +71,16 @@ pub struct PageJson {
 
 /// A read's proof.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ReadProofJson {
     /// The named head.
     pub head: HeadJson,
     /// First period asked for, `YYYY-MM`.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[0-9]{4}-(0[1-9]|1[0-2])$"))]
     pub from: String,
     /// Last period asked for, `YYYY-MM`.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[0-9]{4}-(0[1-9]|1[0-2])$"))]
     pub to: String,
     /// Index of the first period leaf served.
     pub periods_lo: u64,
@@ -85,6 +97,7 @@ pub struct ReadProofJson {
 /// A read's answer: its acknowledgement (the access entry, for a company), the proof, the sealed records
 /// of the proof's pages in order, and the signed batches that name them, all base64.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReadAnswerJson {
     /// Where the access was logged, and the checkpoint that covers it.
     #[serde(flatten)]

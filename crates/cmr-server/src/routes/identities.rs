@@ -5,10 +5,9 @@
 use std::sync::Arc;
 
 use crate::extract::Path;
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::post;
-use axum::{Json, Router};
 use cmr_core::identity::{
     DeviceCertificate, DeviceRevocation, IdentityId, Role, Signed, SignedKeyEvent,
 };
@@ -26,19 +25,22 @@ use crate::AppState;
 use crate::auth::{SignedRequest, Unverified};
 use crate::error::ApiError;
 use cmr_wire::log::AckJson;
+use cmr_wire::problem::ProblemJson;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-/// The identity routes.
-pub fn router() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v1/identities", post(register))
-        .route("/v1/identities/{id}/devices", post(certify))
-        .route("/v1/identities/{id}/devices/revoke", post(revoke_device))
-        .route("/v1/identities/{id}/rotate", post(rotate))
-        .route("/v1/identities/{id}/events", post(events))
-        .route("/v1/identities/{id}/vaults", post(vaults))
+/// The identity routes, each registered with its OpenAPI description.
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(certify))
+        .routes(routes!(revoke_device))
+        .routes(routes!(rotate))
+        .routes(routes!(events))
+        .routes(routes!(vaults))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct EventsBody {
     /// A recovering device, which has no registered key yet, signs with the next identity key its
@@ -57,6 +59,21 @@ struct EventsBody {
 /// customer's chain (each entry links the previous one), so they go only to the customer, to a party
 /// the customer's chain involves, to an admitted auditor, and to a device recovering with the phrase;
 /// anyone else is answered as if the identity did not exist.
+#[utoipa::path(
+    post,
+    path = "/v1/identities/{id}/events",
+    tag = "identities",
+    summary = "An identity's key events with inclusion proofs and the signed key-event head",
+    params(
+        ("id" = String, Path, description = "The identity, 64 hex digits")
+    ),
+    request_body = EventsBody,
+    responses(
+        (status = 200, description = "Success", body = Object),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn events(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -119,7 +136,7 @@ async fn events(
     ))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct VaultsBody {
     /// Only customers after this id (what the caller already has).
@@ -132,6 +149,21 @@ struct VaultsBody {
 /// The customers whose chains concern the caller (a request it sent, a grant to it with or without a
 /// request, a block naming it, …), in id order, paged with `after`: how a company discovers the vaults
 /// that granted it something. From the store's vaults-of index, O(page). Only the identity itself may ask.
+#[utoipa::path(
+    post,
+    path = "/v1/identities/{id}/vaults",
+    tag = "identities",
+    summary = "The customers whose chains concern the calling identity (how a company discovers grants)",
+    params(
+        ("id" = String, Path, description = "The identity, 64 hex digits")
+    ),
+    request_body = VaultsBody,
+    responses(
+        (status = 200, description = "Success", body = Object),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn vaults(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -160,13 +192,25 @@ async fn vaults(
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RegisterBody {
     /// The signed inception, base64.
     event: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/identities",
+    tag = "identities",
+    summary = "Register an identity (signed by its inception key)",
+    request_body = RegisterBody,
+    responses(
+        (status = 200, description = "Success", body = AckJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn register(
     State(state): State<Arc<AppState>>,
     raw: Unverified,
@@ -190,13 +234,28 @@ async fn register(
     Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CertifyBody {
     /// The signed device certificate, base64.
     certificate: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/identities/{id}/devices",
+    tag = "identities",
+    summary = "Certify a device",
+    params(
+        ("id" = String, Path, description = "The identity, 64 hex digits")
+    ),
+    request_body = CertifyBody,
+    responses(
+        (status = 200, description = "Success", body = AckJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn certify(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -221,13 +280,28 @@ async fn certify(
     Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RevokeBody {
     /// The signed device revocation, base64.
     revocation: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/identities/{id}/devices/revoke",
+    tag = "identities",
+    summary = "Revoke a device",
+    params(
+        ("id" = String, Path, description = "The identity, 64 hex digits")
+    ),
+    request_body = RevokeBody,
+    responses(
+        (status = 200, description = "Success", body = AckJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn revoke_device(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -252,7 +326,7 @@ async fn revoke_device(
     Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RotateBody {
     /// The signed rotation (signed by the newly revealed key), base64.
@@ -261,6 +335,21 @@ struct RotateBody {
 
 /// Recovery: the rotation is signed by the pre-committed key it reveals, so the request is signed by that
 /// key too (`keyid` = `id:<identity>`, verified against the revealed key).
+#[utoipa::path(
+    post,
+    path = "/v1/identities/{id}/rotate",
+    tag = "identities",
+    summary = "Rotate the identity key (recovery: signed by the key it reveals)",
+    params(
+        ("id" = String, Path, description = "The identity, 64 hex digits")
+    ),
+    request_body = RotateBody,
+    responses(
+        (status = 200, description = "Success", body = AckJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn rotate(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,

@@ -3,36 +3,51 @@
 use std::sync::Arc;
 
 use crate::extract::{Path, Query};
+use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use cmr_wire::log::{
+    AckJson, CommitmentsJson, CosignedJson, CosignerJson, EntriesJson, ProofJson, SaltedJson,
+    hashes_b64,
+};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::error::ApiError;
+use cmr_wire::problem::ProblemJson;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-/// The log's routes.
-pub fn router() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/v1/log/checkpoint", get(checkpoint))
-        .route("/v1/log/commitments", get(commitments))
-        .route("/v1/log/proofs/inclusion", get(inclusion))
-        .route("/v1/log/proofs/consistency", get(consistency))
-        .route("/v1/log/entries/{index}", axum::routing::post(entry))
-        .route("/v1/log/cosignatures", axum::routing::post(cosign))
-        .route("/v1/auditors", get(auditors).post(admit))
+/// The log's routes, each registered with its OpenAPI description.
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(checkpoint))
+        .routes(routes!(commitments))
+        .routes(routes!(inclusion))
+        .routes(routes!(consistency))
+        .routes(routes!(entry))
+        .routes(routes!(cosign))
+        .routes(routes!(auditors, admit))
 }
 
 /// Every auditor admission and dismissal, oldest first, with salt and inclusion proof in the checkpoint
 /// served with them. Public: an admission names only the auditor, and every customer may see who can
 /// read log bodies and since when.
-async fn auditors(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/v1/auditors",
+    tag = "log",
+    summary = "Every auditor admission and dismissal, with inclusion proofs",
+    responses(
+        (status = 200, description = "Success", body = EntriesJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+)]
+async fn auditors(State(state): State<Arc<AppState>>) -> Result<Json<EntriesJson>, ApiError> {
     let (checkpoint, size) = super::current_checkpoint(&state)?;
     let mut entries = Vec::new();
     for index in state.store.admissions()? {
@@ -43,12 +58,13 @@ async fn auditors(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Api
             entries.push(super::entry_json(&state, index, &stored, size)?);
         }
     }
-    Ok(Json(
-        json!({ "checkpoint": checkpoint, "entries": entries }),
-    ))
+    Ok(Json(EntriesJson {
+        checkpoint,
+        entries,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AdmitBody {
     /// The admission statement: a signed note, signed with the log key.
@@ -57,6 +73,17 @@ struct AdmitBody {
 
 /// The operator admits or dismisses an auditor. The statement is signed with the log key, so the request
 /// needs no other signature; the same statement sent again is answered with its original index.
+#[utoipa::path(
+    post,
+    path = "/v1/auditors",
+    tag = "log",
+    summary = "Admit or dismiss an auditor (a statement signed with the log key)",
+    request_body = AdmitBody,
+    responses(
+        (status = 200, description = "Success", body = AckJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+)]
 async fn admit(
     State(state): State<Arc<AppState>>,
     body: axum::body::Bytes,
@@ -68,6 +95,16 @@ async fn admit(
 
 /// `ok` while the store takes operations; 503 once it stopped after a failure (a supervisor restarts
 /// the server, and the store reopens from what is durable).
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "log",
+    summary = "Liveness: `ok` while the store takes operations",
+    responses(
+        (status = 200, description = "Success", body = String, content_type = "text/plain"),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+)]
 async fn healthz(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
     if state.store.healthy() {
         Ok("ok")
@@ -80,6 +117,16 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Result<&'static str, Api
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/log/checkpoint",
+    tag = "log",
+    summary = "The latest signed checkpoint (C2SP signed note), with the witness cosignatures collected for it",
+    responses(
+        (status = 200, description = "Success", body = String, content_type = "text/plain"),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+)]
 async fn checkpoint(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
     let mut note = state
         .store
@@ -103,7 +150,7 @@ fn checkpoint_size(note: &str) -> u64 {
         .map_or(0, |c| c.size)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CosignBody {
     /// The witness's signature line over the current checkpoint (C2SP tlog-cosignature).
@@ -112,10 +159,21 @@ struct CosignBody {
 
 /// A configured witness hands in its cosignature of the current checkpoint. The line must verify under
 /// one of the configured witness keys over that checkpoint; it is then served with it.
+#[utoipa::path(
+    post,
+    path = "/v1/log/cosignatures",
+    tag = "log",
+    summary = "A configured witness hands in its cosignature of the current checkpoint",
+    request_body = CosignBody,
+    responses(
+        (status = 200, description = "Success", body = CosignedJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+)]
 async fn cosign(
     State(state): State<Arc<AppState>>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CosignedJson>, ApiError> {
     let req: CosignBody = super::json_body(&body)?;
     let note = state
         .store
@@ -148,12 +206,21 @@ async fn cosign(
     if !cosigned.1.contains(&line) {
         cosigned.1.push(line);
     }
-    Ok(Json(
-        json!({ "size": size, "cosigners": verified.cosigners.iter().map(|(n, t)| json!({"name": n, "time": t})).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(CosignedJson {
+        size,
+        cosigners: verified
+            .cosigners
+            .iter()
+            .map(|(name, time)| CosignerJson {
+                name: name.clone(),
+                time: *time,
+            })
+            .collect(),
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct Range {
     from: u64,
@@ -163,68 +230,123 @@ struct Range {
 /// The most commitments served at once.
 const MAX_COMMITMENTS: u64 = 1000;
 
+#[utoipa::path(
+    get,
+    path = "/v1/log/commitments",
+    tag = "log",
+    summary = "Leaf commitments from..to (at most 1,000)",
+    params(
+        Range
+    ),
+    responses(
+        (status = 200, description = "Success", body = CommitmentsJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+)]
 async fn commitments(
     State(state): State<Arc<AppState>>,
     Query(r): Query<Range>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CommitmentsJson>, ApiError> {
     if r.to < r.from || r.to - r.from > MAX_COMMITMENTS {
         return Err(ApiError::malformed(format!(
             "at most {MAX_COMMITMENTS} commitments, from <= to"
         )));
     }
     let c = state.store.commitments(r.from, r.to)?;
-    Ok(Json(
-        json!({ "commitments": c.iter().map(|d| B64.encode(d.0)).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(CommitmentsJson {
+        commitments: c.iter().map(|d| B64.encode(d.0)).collect(),
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct InclusionQuery {
     index: u64,
     size: u64,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/log/proofs/inclusion",
+    tag = "log",
+    summary = "RFC 9162 inclusion proof (index, size)",
+    params(
+        InclusionQuery
+    ),
+    responses(
+        (status = 200, description = "Success", body = ProofJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+)]
 async fn inclusion(
     State(state): State<Arc<AppState>>,
     Query(q): Query<InclusionQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ProofJson>, ApiError> {
     let proof = state
         .store
         .inclusion_proof(q.index, q.size)
         .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such index or size"))?;
-    Ok(Json(
-        json!({ "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(ProofJson {
+        proof: hashes_b64(&proof),
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ConsistencyQuery {
     old: u64,
     new: u64,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/log/proofs/consistency",
+    tag = "log",
+    summary = "RFC 9162 consistency proof (old, new)",
+    params(
+        ConsistencyQuery
+    ),
+    responses(
+        (status = 200, description = "Success", body = ProofJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+)]
 async fn consistency(
     State(state): State<Arc<AppState>>,
     Query(q): Query<ConsistencyQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ProofJson>, ApiError> {
     let proof = state
         .store
         .consistency_proof(q.old, q.new)
         .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such sizes"))?;
-    Ok(Json(
-        json!({ "proof": proof.iter().map(|h| B64.encode(h)).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(ProofJson {
+        proof: hashes_b64(&proof),
+    }))
 }
 
 /// An entry's body and salt: only for the parties it involves (its customer and its subject) and for
 /// auditors the operator admitted. The request is signed (POST so that it carries a body digest like every other).
+#[utoipa::path(
+    post,
+    path = "/v1/log/entries/{index}",
+    tag = "log",
+    summary = "An entry's salt and body, for the parties it involves and admitted auditors",
+    params(
+        ("index" = String, Path, description = "The log index")
+    ),
+    responses(
+        (status = 200, description = "Success", body = SaltedJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn entry(
     State(state): State<Arc<AppState>>,
     Path(index): Path<u64>,
     crate::auth::SignedRequest { caller, .. }: crate::auth::SignedRequest,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SaltedJson>, ApiError> {
     let stored = state.store.body(index)?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -245,7 +367,8 @@ async fn entry(
     if !involved && !auditor {
         return Err(ApiError::forbidden("this entry does not involve you"));
     }
-    Ok(Json(
-        json!({ "salt": B64.encode(stored.salt), "body": B64.encode(&stored.body) }),
-    ))
+    Ok(Json(SaltedJson {
+        salt: B64.encode(stored.salt),
+        body: B64.encode(&stored.body),
+    }))
 }

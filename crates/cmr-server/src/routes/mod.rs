@@ -9,7 +9,6 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use cmr_store::Ack;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 
 use crate::error::ApiError;
 
@@ -102,10 +101,14 @@ pub(crate) fn entry_json(
     index: u64,
     stored: &cmr_log::entry::SaltedBody,
     size: u64,
-) -> Result<Value, ApiError> {
+) -> Result<cmr_wire::log::EntryJson, ApiError> {
     let proof = state.store.inclusion_proof(index, size)?;
-    let wire = cmr_wire::log::EntryJson::new(index, &stored.salt, &stored.body, &proof);
-    Ok(serde_json::to_value(wire).unwrap_or(Value::Null))
+    Ok(cmr_wire::log::EntryJson::new(
+        index,
+        &stored.salt,
+        &stored.body,
+        &proof,
+    ))
 }
 
 /// Parses a 64-hex-digit id from a path.

@@ -4,9 +4,8 @@
 use std::sync::Arc;
 
 use crate::extract::Path;
+use axum::Json;
 use axum::extract::State;
-use axum::routing::post;
-use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use cmr_core::batch::SignedBatch;
@@ -25,30 +24,27 @@ use super::{ack_json, b64, current_checkpoint, entry_json, hex_id, json_body, ru
 use crate::AppState;
 use crate::auth::{Caller, SignedRequest};
 use crate::error::ApiError;
-use cmr_wire::log::AckJson;
+use cmr_wire::log::{AckJson, ChainEntryJson, PageOfEntriesJson, RedactedJson};
+use cmr_wire::problem::ProblemJson;
 use cmr_wire::read::{ReadAnswerJson, ReadProofJson};
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
-/// The vault routes.
-pub fn router() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v1/vaults/{customer}/directory", post(directory))
-        .route("/v1/vaults/{customer}/statements", post(statement))
+/// The vault routes, each registered with its OpenAPI description.
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(directory))
+        .routes(routes!(statement))
         // Record batches may be large (up to the server's body limit); every other route stays small.
-        .route(
-            "/v1/vaults/{customer}/families/{family}/batches",
-            post(batch).layer(axum::extract::DefaultBodyLimit::disable()),
-        )
-        .route("/v1/vaults/{customer}/families/{family}/read", post(read))
-        .route("/v1/vaults/{customer}/families/{family}/head", post(head))
-        .route("/v1/vaults/{customer}/history", post(history))
-        .route("/v1/vaults/{customer}/requests", post(pending_requests))
-        .route("/v1/vaults/{customer}/relationship", post(relationship))
+        .routes(routes!(batch).layer(axum::extract::DefaultBodyLimit::disable()))
+        .routes(routes!(read))
+        .routes(routes!(head))
+        .routes(routes!(history))
+        .routes(routes!(pending_requests))
+        .routes(routes!(relationship))
         // A key backup is at most 1 MiB of base64 (cmr_store::MAX_BACKUP); not the small-body route.
-        .route(
-            "/v1/vaults/{customer}/backup",
-            post(put_backup).layer(axum::extract::DefaultBodyLimit::max(2 * 1024 * 1024)),
-        )
-        .route("/v1/vaults/{customer}/backup/latest", post(get_backup))
+        .routes(routes!(put_backup).layer(axum::extract::DefaultBodyLimit::max(2 * 1024 * 1024)))
+        .routes(routes!(get_backup))
 }
 
 fn access_record(
@@ -72,12 +68,27 @@ fn access_record(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DirectoryBody {
     directory: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vaults/{customer}/directory",
+    tag = "vaults",
+    summary = "Publish the next key directory (compare-and-swap)",
+    params(
+        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
+    ),
+    request_body = DirectoryBody,
+    responses(
+        (status = 200, description = "Success", body = AckJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn directory(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
@@ -99,12 +110,27 @@ async fn directory(
     Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct StatementBody {
     statement: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vaults/{customer}/statements",
+    tag = "vaults",
+    summary = "Record a consent statement",
+    params(
+        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
+    ),
+    request_body = StatementBody,
+    responses(
+        (status = 200, description = "Success", body = AckJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn statement(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
@@ -124,7 +150,7 @@ async fn statement(
     Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchBody {
     batch: String,
@@ -134,6 +160,22 @@ struct BatchBody {
     grant: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vaults/{customer}/families/{family}/batches",
+    tag = "vaults",
+    summary = "Write a signed batch of records",
+    params(
+        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits"),
+        ("family" = String, Path, description = "The family, 64 hex digits")
+    ),
+    request_body = BatchBody,
+    responses(
+        (status = 200, description = "Success", body = AckJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn batch(
     State(state): State<Arc<AppState>>,
     Path((customer, family)): Path<(String, String)>,
@@ -212,7 +254,7 @@ async fn batch(
     Ok(Json(ack_json(&state, &ack, caller.known_size)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReadBody {
     from: String,
@@ -234,6 +276,22 @@ fn period(s: &str) -> Result<Period, ApiError> {
     Period::parse(s).ok_or_else(bad)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vaults/{customer}/families/{family}/read",
+    tag = "vaults",
+    summary = "Read records with a completeness proof (a company's read is logged first)",
+    params(
+        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits"),
+        ("family" = String, Path, description = "The family, 64 hex digits")
+    ),
+    request_body = ReadBody,
+    responses(
+        (status = 200, description = "Success", body = ReadAnswerJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn read(
     State(state): State<Arc<AppState>>,
     Path((customer, family)): Path<(String, String)>,
@@ -291,7 +349,7 @@ async fn read(
     }))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct HeadBody {
     /// The grant a company appends under.
@@ -303,6 +361,22 @@ struct HeadBody {
 /// company that may append to the family under its grant now (the rule is `ConsentState::may_append`):
 /// an append-only grant reads nothing, so this is how its appends learn where to go. Not logged, and it
 /// names no record: a digest, nothing more.
+#[utoipa::path(
+    post,
+    path = "/v1/vaults/{customer}/families/{family}/head",
+    tag = "vaults",
+    summary = "The digest of a family's head, for the customer or a company that may append to it",
+    params(
+        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits"),
+        ("family" = String, Path, description = "The family, 64 hex digits")
+    ),
+    request_body = HeadBody,
+    responses(
+        (status = 200, description = "Success", body = Object),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn head(
     State(state): State<Arc<AppState>>,
     Path((customer, family)): Path<(String, String)>,
@@ -330,7 +404,7 @@ async fn head(
     Ok(Json(json!({ "head": head.to_hex() })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct HistoryBody {
     /// Start from this entry (newest first); the customer's latest entry if absent.
@@ -347,11 +421,26 @@ fn default_history() -> u64 {
 /// The customer's own chain of entries, newest first: every read and write any company made, every
 /// statement. Each entry comes with its salt (so the customer checks the commitment), its inclusion proof
 /// in the current checkpoint, and the link to the entry before it.
+#[utoipa::path(
+    post,
+    path = "/v1/vaults/{customer}/history",
+    tag = "vaults",
+    summary = "The customer's chain of entries, newest first",
+    params(
+        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
+    ),
+    request_body = HistoryBody,
+    responses(
+        (status = 200, description = "Success", body = PageOfEntriesJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn history(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
     SignedRequest { caller, body }: SignedRequest,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PageOfEntriesJson>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     if caller.identity != customer {
         return Err(ApiError::forbidden(
@@ -387,7 +476,10 @@ async fn history(
             let Step::Redacted(index) = step else {
                 continue;
             };
-            entries.push(json!({"index": index, "redacted": true}));
+            entries.push(ChainEntryJson::Redacted(RedactedJson {
+                index: *index,
+                redacted: true,
+            }));
             continue;
         };
         if entry.customer != Some(customer) {
@@ -396,14 +488,15 @@ async fn history(
             ));
         }
         let mut e = entry_json(&state, *index, stored, size)?;
-        e["kind"] = json!(entry.kind.name());
-        e["time"] = json!(entry.time);
-        entries.push(e);
+        e.kind = Some(entry.kind.name().to_owned());
+        e.time = Some(entry.time);
+        entries.push(ChainEntryJson::Entry(e));
     }
-    let next = walk.next;
-    Ok(Json(
-        json!({ "checkpoint": checkpoint, "entries": entries, "next": next }),
-    ))
+    Ok(Json(PageOfEntriesJson {
+        checkpoint,
+        entries,
+        next: walk.next,
+    }))
 }
 
 fn decode_entry(
@@ -462,7 +555,7 @@ fn walk_chain(
     Ok(Walk { steps, next })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RelationshipBody {
     /// Only entries after this log index (what the caller already has).
@@ -478,11 +571,26 @@ struct RelationshipBody {
 /// store's party index (kept as entries are applied): O(page), paged with `after`, whatever the length of
 /// the chain. A party the chain does not involve gets an empty page: a company may poll a customer who
 /// has not answered yet, or granted nothing yet, and learns no more than that nothing concerns it.
+#[utoipa::path(
+    post,
+    path = "/v1/vaults/{customer}/relationship",
+    tag = "vaults",
+    summary = "What of this vault concerns the calling company, with inclusion proofs",
+    params(
+        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
+    ),
+    request_body = RelationshipBody,
+    responses(
+        (status = 200, description = "Success", body = PageOfEntriesJson),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn relationship(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
     SignedRequest { caller, body }: SignedRequest,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PageOfEntriesJson>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     let req: RelationshipBody = json_body(&body)?;
     let (checkpoint, size) = current_checkpoint(&state)?;
@@ -498,23 +606,39 @@ async fn relationship(
         if let Some(stored) = state.store.body(index)? {
             let entry = decode_entry(&stored)?;
             let mut e = entry_json(&state, index, &stored, size)?;
-            e["kind"] = json!(entry.kind.name());
+            e.kind = Some(entry.kind.name().to_owned());
             entries.push(e);
         }
     }
     let next = if more {
-        entries.last().and_then(|e| e["index"].as_u64())
+        entries.last().map(|e| e.index)
     } else {
         None
     };
-    Ok(Json(
-        json!({ "checkpoint": checkpoint, "entries": entries, "next": next }),
-    ))
+    Ok(Json(PageOfEntriesJson {
+        checkpoint,
+        entries: entries.into_iter().map(ChainEntryJson::Entry).collect(),
+        next,
+    }))
 }
 
 /// The access requests the customer has not answered yet, oldest first: who asks, for what, why, for how
 /// long, with which look-back. From the store's pending index: at most
 /// `cmr_core::decision::MAX_PENDING_PER_VAULT` requests wait, so one answer holds them all.
+#[utoipa::path(
+    post,
+    path = "/v1/vaults/{customer}/requests",
+    tag = "vaults",
+    summary = "The customer's unanswered access requests, oldest first",
+    params(
+        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
+    ),
+    responses(
+        (status = 200, description = "Success", body = Object),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn pending_requests(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
@@ -557,7 +681,7 @@ async fn pending_requests(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BackupBody {
     version: u64,
@@ -567,6 +691,21 @@ struct BackupBody {
 /// Replaces the customer's key backup (compare-and-swap on the version): bytes sealed by the customer's
 /// client (the vault key wrapped to the recovery key, secrets sealed under the vault key), which the
 /// server cannot open. Only the customer, with a device or the identity key, may write or read it.
+#[utoipa::path(
+    post,
+    path = "/v1/vaults/{customer}/backup",
+    tag = "vaults",
+    summary = "Replace the customer's key backup (client-sealed; compare-and-swap on the version)",
+    params(
+        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
+    ),
+    request_body = BackupBody,
+    responses(
+        (status = 200, description = "Success", body = Object),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn put_backup(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
@@ -595,6 +734,20 @@ async fn put_backup(
 }
 
 /// The customer's latest key backup.
+#[utoipa::path(
+    post,
+    path = "/v1/vaults/{customer}/backup/latest",
+    tag = "vaults",
+    summary = "The customer's latest key backup",
+    params(
+        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
+    ),
+    responses(
+        (status = 200, description = "Success", body = Object),
+        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+    ),
+    security(("rfc9421" = []))
+)]
 async fn get_backup(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
