@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use crate::customer::OpenedRecord;
 use crate::error::{ClientError, VerifyError};
 use crate::session::{Acked, Session};
-use crate::verify::proven_entry;
+use crate::verify::{prove, wire};
 
 /// What a company holds of one grant: the grant and its opened keys.
 pub struct HeldGrant {
@@ -181,17 +181,13 @@ impl Company {
                 .session
                 .post(&format!("/v1/identities/{}/vaults", me.to_hex()), &body)
                 .await?;
-            let page = v["vaults"]
-                .as_array()
-                .ok_or_else(|| ClientError::Malformed("vaults is not a list".into()))?;
-            for c in page {
-                let id = c
-                    .as_str()
-                    .and_then(IdentityId::from_hex)
+            let page: cmr_wire::vault::VaultsJson = wire(&v, "vaults")?;
+            for c in &page.vaults {
+                let id = IdentityId::from_hex(c)
                     .ok_or_else(|| ClientError::Malformed("a vault id is not an id".into()))?;
                 out.push(id);
             }
-            match v["next"].as_str() {
+            match page.next.as_deref() {
                 Some(n) if after.as_deref() != Some(n) => after = Some(n.to_string()),
                 Some(_) => {
                     return Err(ClientError::Malformed(
@@ -221,9 +217,10 @@ impl Company {
                     &body,
                 )
                 .await?;
-            let more = v["next"].as_u64().is_some();
+            let page: cmr_wire::log::PageOfEntriesJson = wire(&v, "relationship")?;
+            let more = page.next.is_some();
             let before = self.synced.get(&customer).copied();
-            self.sync_page(customer, &v).await?;
+            self.sync_page(customer, &page).await?;
             if !more || self.synced.get(&customer).copied() == before {
                 return Ok(());
             }
@@ -231,16 +228,20 @@ impl Company {
     }
 
     /// Takes one page of the relationship view into account.
-    async fn sync_page(&mut self, customer: IdentityId, v: &Value) -> Result<(), ClientError> {
-        let cp = self
-            .session
-            .observe(v["checkpoint"].as_str().unwrap_or_default())
-            .await?;
+    async fn sync_page(
+        &mut self,
+        customer: IdentityId,
+        page: &cmr_wire::log::PageOfEntriesJson,
+    ) -> Result<(), ClientError> {
+        let cp = self.session.observe(&page.checkpoint).await?;
         let me = self.id();
         let kem = self.session.keys.device.kem.clone();
-        let entries = v["entries"].as_array().cloned().unwrap_or_default();
-        for e in &entries {
-            let p = proven_entry(e, &cp)?;
+        for e in &page.entries {
+            let cmr_wire::log::ChainEntryJson::Entry(e) = e else {
+                // The relationship view serves no erased entries.
+                continue;
+            };
+            let p = prove(e, &cp)?;
             if self.synced.get(&customer).is_some_and(|s| p.index <= *s) {
                 continue;
             }
@@ -491,9 +492,8 @@ impl Company {
                 &json!({"grant": grant.to_hex()}),
             )
             .await?;
-        let head = v["head"]
-            .as_str()
-            .and_then(Digest::from_hex)
+        let head: cmr_wire::vault::HeadDigestJson = wire(&v, "head")?;
+        let head = Digest::from_hex(&head.head)
             .ok_or_else(|| ClientError::Malformed("head is not a digest".into()))?;
         self.append_on(grant, head, period, contents).await
     }

@@ -28,7 +28,7 @@ use serde_json::json;
 
 use crate::error::{ClientError, VerifyError};
 use crate::session::{Acked, Session};
-use crate::verify::{ProvenEntry, proven_entry};
+use crate::verify::{ProvenEntry, prove, wire};
 use crate::wellknown::CompanyProof;
 
 /// A family the customer keeps: its scope and the secret of each epoch.
@@ -503,15 +503,13 @@ impl Customer {
                 &json!({}),
             )
             .await?;
-        let cp = self
-            .session
-            .observe(v["checkpoint"].as_str().unwrap_or_default())
-            .await?;
+        let answer: cmr_wire::vault::PendingJson = wire(&v, "pending requests")?;
+        let cp = self.session.observe(&answer.checkpoint).await?;
         let mut out = Vec::new();
-        for p in v["pending"].as_array().cloned().unwrap_or_default() {
+        for p in &answer.pending {
             // The request must be the logged entry at its index, proven in the checkpoint: its index is
             // the position its signature is checked at.
-            let entry = proven_entry(&p["entry"], &cp)?;
+            let entry = prove(&p.entry, &cp)?;
             let index = entry.index;
             if entry.body.kind != cmr_log::entry::EntryKind::Statement
                 || entry.body.customer != Some(self.id())
@@ -1018,10 +1016,11 @@ impl Customer {
             Err(ClientError::Refused { status: 404, .. }) => return Ok(None),
             other => other?,
         };
-        let version = v["version"]
-            .as_u64()
-            .ok_or_else(|| ClientError::Malformed("backup without a version".into()))?;
-        let bytes = Session::field(&v["backup"], "backup")?;
+        let answer: cmr_wire::vault::BackupJson = wire(&v, "backup")?;
+        let version = answer.version;
+        let bytes = B64
+            .decode(&answer.backup)
+            .map_err(|_| ClientError::Malformed("the backup is not base64".into()))?;
         let backup = serde_json::from_slice(&bytes)
             .map_err(|e| ClientError::Malformed(format!("the backup does not parse: {e}")))?;
         Ok(Some((version, backup)))
@@ -1502,9 +1501,9 @@ impl Customer {
                 .session
                 .post(&format!("/v1/vaults/{}/history", me.to_hex()), &body)
                 .await?;
+            let page: cmr_wire::log::PageOfEntriesJson = wire(&v, "history")?;
             // One checkpoint for the whole walk: pages after the first must not move it.
-            let note = v["checkpoint"].as_str().unwrap_or_default().to_string();
-            let this = self.session.observe(&note).await?;
+            let this = self.session.observe(&page.checkpoint).await?;
             if cp
                 .as_ref()
                 .is_some_and(|c: &cmr_log::checkpoint::Checkpoint| c.size != this.size)
@@ -1514,14 +1513,16 @@ impl Customer {
                 ));
             }
             cp = Some(this.clone());
-            let entries = v["entries"].as_array().cloned().unwrap_or_default();
-            for e in &entries {
-                if e["redacted"].as_bool() == Some(true) {
-                    return Err(
-                        VerifyError::Chain(format!("entry {} is redacted", e["index"])).into(),
-                    );
-                }
-                let p = proven_entry(e, &this)?;
+            for e in &page.entries {
+                let e = match e {
+                    cmr_wire::log::ChainEntryJson::Redacted(r) => {
+                        return Err(
+                            VerifyError::Chain(format!("entry {} is redacted", r.index)).into()
+                        );
+                    }
+                    cmr_wire::log::ChainEntryJson::Entry(e) => e,
+                };
+                let p = prove(e, &this)?;
                 if let Some(base) = since
                     && p.index <= base.index
                 {
@@ -1573,7 +1574,7 @@ impl Customer {
             if reached {
                 break;
             }
-            match (v["next"].as_u64(), entries.is_empty()) {
+            match (page.next, page.entries.is_empty()) {
                 (Some(n), false) => before = Some(n),
                 _ => break,
             }

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use crate::error::{ClientError, VerifyError};
 use crate::transport::{Connection, Signer};
-use crate::verify::{LogView, Needs, VerifiedIdentity, b64, hashes, proven_entry};
+use crate::verify::{LogView, Needs, VerifiedIdentity, b64, hashes, prove, proven_entry, wire};
 
 impl Keys {
     /// The identity key and its sequence number, if this device holds it.
@@ -317,22 +317,22 @@ impl Session {
                     .await?
             }
         };
-        let cp = self
-            .observe(v["checkpoint"].as_str().unwrap_or_default())
-            .await?;
-        let events = v["events"]
-            .as_array()
-            .ok_or_else(|| ClientError::Malformed("events is not a list".into()))?
-            .iter()
-            .map(|e| proven_entry(e, &cp))
-            .collect::<Result<Vec<_>, _>>()?;
         let refused = |reason: String| {
             ClientError::Verification(VerifyError::KeyEvents {
                 identity: id.to_hex(),
                 reason,
             })
         };
-        let signed = v["head"].as_str().unwrap_or_default();
+        // A history without its signed head (or otherwise not a key history) is refused as one.
+        let answer: cmr_wire::vault::KeyEventsJson = wire(&v, "key events")
+            .map_err(|e| refused(format!("the answer is not a key history: {e}")))?;
+        let cp = self.observe(&answer.checkpoint).await?;
+        let events = answer
+            .events
+            .iter()
+            .map(|e| prove(e, &cp))
+            .collect::<Result<Vec<_>, _>>()?;
+        let signed = answer.head.as_str();
         let head = cmr_log::keyhead::KeyHead::open(signed, self.log.key())
             .map_err(|e| refused(e.to_string()))?;
         let hashes: Vec<(u64, cmr_core::hash::Digest)> = events
@@ -376,14 +376,12 @@ impl Session {
     /// server could leave an admission out, which a full audit (which reads every entry) would show.
     pub async fn auditors(&mut self) -> Result<cmr_log::admission::Auditors, ClientError> {
         let v = self.conn.get_json("/v1/auditors").await?;
-        let cp = self
-            .observe(v["checkpoint"].as_str().unwrap_or_default())
-            .await?;
-        let entries = v["entries"]
-            .as_array()
-            .ok_or_else(|| ClientError::Malformed("entries is not a list".into()))?
+        let answer: cmr_wire::log::EntriesJson = wire(&v, "auditors")?;
+        let cp = self.observe(&answer.checkpoint).await?;
+        let entries = answer
+            .entries
             .iter()
-            .map(|e| proven_entry(e, &cp))
+            .map(|e| prove(e, &cp))
             .collect::<Result<Vec<_>, _>>()?;
         let mut auditors = cmr_log::admission::Auditors::default();
         let mut last = None;

@@ -356,17 +356,18 @@ async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, ClientErro
 
 /// A refusal from its Problem Details (RFC 9457), or from the status alone.
 fn problem(status: u16, body: &[u8]) -> ClientError {
-    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let code = v["type"]
-        .as_str()
-        .and_then(|t| t.rsplit(':').next())
-        .unwrap_or("http-error")
-        .to_string();
-    let detail = v["detail"]
-        .as_str()
-        .or_else(|| v["title"].as_str())
-        .unwrap_or("no details")
-        .to_string();
+    // The one wire form (`cmr_wire::problem`); anything else (a proxy's page) is named by its status.
+    let (code, detail) = match serde_json::from_slice::<cmr_wire::problem::ProblemJson>(body) {
+        Ok(p) => (
+            p.kind
+                .rsplit(':')
+                .next()
+                .unwrap_or("http-error")
+                .to_string(),
+            p.detail,
+        ),
+        Err(_) => ("http-error".to_string(), "no details".to_string()),
+    };
     ClientError::Refused {
         status,
         code,

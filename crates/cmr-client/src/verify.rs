@@ -198,8 +198,22 @@ pub(crate) fn hashes(v: &Value, what: &str) -> Result<Vec<Hash>, ClientError> {
 
 /// Parses `{index, salt, body, proof}` (`cmr_wire::log::EntryJson`) and checks it against `cp`.
 pub(crate) fn proven_entry(v: &Value, cp: &Checkpoint) -> Result<ProvenEntry, ClientError> {
-    let wire: cmr_wire::log::EntryJson = serde_json::from_value(v.clone())
-        .map_err(|e| ClientError::Malformed(format!("entry: {e}")))?;
+    prove(&wire::<cmr_wire::log::EntryJson>(v, "entry")?, cp)
+}
+
+/// An answer read as its wire type (`cmr-wire`): the one definition the server serializes.
+pub(crate) fn wire<T: serde::de::DeserializeOwned>(
+    v: &Value,
+    what: &str,
+) -> Result<T, ClientError> {
+    T::deserialize(v).map_err(|e| ClientError::Malformed(format!("{what}: {e}")))
+}
+
+/// Checks that an entry served on the wire is included in `cp`, and decodes it.
+pub(crate) fn prove(
+    wire: &cmr_wire::log::EntryJson,
+    cp: &Checkpoint,
+) -> Result<ProvenEntry, ClientError> {
     let e = wire
         .decode()
         .map_err(|e| ClientError::Malformed(format!("entry: {e}")))?;

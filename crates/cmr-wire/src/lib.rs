@@ -8,13 +8,14 @@
 //! mean or whether they verify (`cmr-core`, `cmr-log`, the SDK), or HTTP (`cmr-server`).
 //!
 //! Modules: [`read`] (a read's answer and proof), [`log`] (proven entries and acknowledgements),
-//! [`problem`] (problem details). With the `openapi` feature each type also describes its own schema,
+//! [`problem`] (problem details), [`vault`] (key histories, vaults, heads, pending requests, backups). With the `openapi` feature each type also describes its own schema,
 //! from which the server's OpenAPI document is generated.
 #![forbid(unsafe_code)]
 
 pub mod log;
 pub mod problem;
 pub mod read;
+pub mod vault;
 
 use thiserror::Error;
 

@@ -16,7 +16,6 @@ use cmr_log::entry::EntryBody;
 use cmr_log::keyhead::KeyHead;
 use cmr_store::Op;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::{
     ack_json, b64, current_checkpoint, entry_json, hex_id, json_body, optional_json_body, run,
@@ -26,6 +25,7 @@ use crate::auth::{SignedRequest, Unverified};
 use crate::error::ApiError;
 use cmr_wire::log::AckJson;
 use cmr_wire::problem::ProblemJson;
+use cmr_wire::vault::{KeyEventsJson, VaultsJson};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -69,7 +69,7 @@ struct EventsBody {
     ),
     request_body = EventsBody,
     responses(
-        (status = 200, description = "Success", body = Object),
+        (status = 200, description = "Success", body = KeyEventsJson),
         (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
     ),
     security(("rfc9421" = []))
@@ -78,7 +78,7 @@ async fn events(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     raw: Unverified,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyEventsJson>, ApiError> {
     let id = IdentityId(hex_id("identity", &id)?);
     let req: EventsBody = optional_json_body(&raw.body)?;
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such identity");
@@ -131,9 +131,11 @@ async fn events(
         return Err(not_found());
     }
     let head = state.store.sign_key_head(&head);
-    Ok(Json(
-        json!({ "checkpoint": checkpoint, "events": events, "head": head }),
-    ))
+    Ok(Json(KeyEventsJson {
+        checkpoint,
+        events,
+        head,
+    }))
 }
 
 #[derive(Deserialize, Default, utoipa::ToSchema)]
@@ -159,7 +161,7 @@ struct VaultsBody {
     ),
     request_body = VaultsBody,
     responses(
-        (status = 200, description = "Success", body = Object),
+        (status = 200, description = "Success", body = VaultsJson),
         (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
     ),
     security(("rfc9421" = []))
@@ -168,7 +170,7 @@ async fn vaults(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     SignedRequest { caller, body }: SignedRequest,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<VaultsJson>, ApiError> {
     let id = IdentityId(hex_id("identity", &id)?);
     if caller.identity != id {
         return Err(ApiError::forbidden(
@@ -186,10 +188,10 @@ async fn vaults(
     let next = more
         .then(|| vaults.last().map(IdentityId::to_hex))
         .flatten();
-    Ok(Json(json!({
-        "vaults": vaults.iter().map(IdentityId::to_hex).collect::<Vec<_>>(),
-        "next": next,
-    })))
+    Ok(Json(VaultsJson {
+        vaults: vaults.iter().map(IdentityId::to_hex).collect(),
+        next,
+    }))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

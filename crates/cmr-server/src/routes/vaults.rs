@@ -18,7 +18,6 @@ use cmr_core::record::SealedRecord;
 use cmr_log::entry::{AccessRecord, AccessedFamily};
 use cmr_store::Op;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::{ack_json, b64, current_checkpoint, entry_json, hex_id, json_body, run};
 use crate::AppState;
@@ -27,6 +26,9 @@ use crate::error::ApiError;
 use cmr_wire::log::{AckJson, ChainEntryJson, PageOfEntriesJson, RedactedJson};
 use cmr_wire::problem::ProblemJson;
 use cmr_wire::read::{ReadAnswerJson, ReadProofJson};
+use cmr_wire::vault::{
+    BackupJson, BackupStoredJson, HeadDigestJson, PendingJson, PendingRequestJson, ScopeJson,
+};
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
@@ -372,7 +374,7 @@ struct HeadBody {
     ),
     request_body = HeadBody,
     responses(
-        (status = 200, description = "Success", body = Object),
+        (status = 200, description = "Success", body = HeadDigestJson),
         (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
     ),
     security(("rfc9421" = []))
@@ -381,7 +383,7 @@ async fn head(
     State(state): State<Arc<AppState>>,
     Path((customer, family)): Path<(String, String)>,
     SignedRequest { caller, body }: SignedRequest,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<HeadDigestJson>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     let family = FamilyId(hex_id("family", &family)?);
     let req: HeadBody = super::optional_json_body(&body)?;
@@ -401,7 +403,9 @@ async fn head(
     )
     .await?;
     let head = ack.head.ok_or_else(|| ApiError::malformed("no head"))?;
-    Ok(Json(json!({ "head": head.to_hex() })))
+    Ok(Json(HeadDigestJson {
+        head: head.to_hex(),
+    }))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -634,7 +638,7 @@ async fn relationship(
         ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
     ),
     responses(
-        (status = 200, description = "Success", body = Object),
+        (status = 200, description = "Success", body = PendingJson),
         (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
     ),
     security(("rfc9421" = []))
@@ -643,7 +647,7 @@ async fn pending_requests(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
     SignedRequest { caller, .. }: SignedRequest,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PendingJson>, ApiError> {
     use cmr_core::consent::Body as St;
     let customer = IdentityId(hex_id("customer", &customer)?);
     if caller.identity != customer {
@@ -664,21 +668,30 @@ async fn pending_requests(
         let St::Request(r) = &st.statement().body else {
             continue;
         };
-        pending.push(json!({
-            "id": st.id().to_hex(),
-            "index": index,
-            "company": st.statement().author.to_hex(),
-            "purpose": r.purpose,
-            "scopes": r.scopes.iter().map(|(s, a)| json!({"scope": s.name(), "access": a.name()})).collect::<Vec<_>>(),
-            "duration": r.duration.to_string(),
-            "lookback_months": r.lookback_months,
-            "statement": B64.encode(&entry.payload),
-            "entry": entry_json(&state, index, &stored, size)?,
-        }));
+        pending.push(PendingRequestJson {
+            id: st.id().to_hex(),
+            index,
+            company: st.statement().author.to_hex(),
+            purpose: r.purpose.clone(),
+            scopes: r
+                .scopes
+                .iter()
+                .map(|(s, a)| ScopeJson {
+                    scope: s.name().to_owned(),
+                    access: a.name().to_owned(),
+                })
+                .collect(),
+            duration: r.duration.to_string(),
+            lookback_months: r.lookback_months,
+            statement: B64.encode(&entry.payload),
+            entry: entry_json(&state, index, &stored, size)?,
+        });
     }
-    Ok(Json(
-        json!({ "checkpoint": checkpoint, "pending": pending, "truncated": false }),
-    ))
+    Ok(Json(PendingJson {
+        checkpoint,
+        pending,
+        truncated: false,
+    }))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -701,7 +714,7 @@ struct BackupBody {
     ),
     request_body = BackupBody,
     responses(
-        (status = 200, description = "Success", body = Object),
+        (status = 200, description = "Success", body = BackupStoredJson),
         (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
     ),
     security(("rfc9421" = []))
@@ -710,7 +723,7 @@ async fn put_backup(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
     SignedRequest { caller, body }: SignedRequest,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BackupStoredJson>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     if caller.identity != customer {
         return Err(ApiError::forbidden(
@@ -728,9 +741,10 @@ async fn put_backup(
         },
     )
     .await?;
-    Ok(Json(
-        json!({"version": req.version, "checkpoint": ack.checkpoint}),
-    ))
+    Ok(Json(BackupStoredJson {
+        version: req.version,
+        checkpoint: ack.checkpoint,
+    }))
 }
 
 /// The customer's latest key backup.
@@ -743,7 +757,7 @@ async fn put_backup(
         ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
     ),
     responses(
-        (status = 200, description = "Success", body = Object),
+        (status = 200, description = "Success", body = BackupJson),
         (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
     ),
     security(("rfc9421" = []))
@@ -752,7 +766,7 @@ async fn get_backup(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
     SignedRequest { caller, .. }: SignedRequest,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BackupJson>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     if caller.identity != customer {
         return Err(ApiError::forbidden(
@@ -766,7 +780,8 @@ async fn get_backup(
             "no key backup yet",
         )
     })?;
-    Ok(Json(
-        json!({"version": version, "backup": B64.encode(bytes)}),
-    ))
+    Ok(Json(BackupJson {
+        version,
+        backup: B64.encode(bytes),
+    }))
 }
