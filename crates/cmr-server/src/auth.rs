@@ -317,3 +317,88 @@ impl axum::extract::FromRequest<std::sync::Arc<AppState>> for SignedRequest {
         })
     }
 }
+
+/// A signed request whose body is a `T`: the signature is verified first (over the exact bytes), then
+/// the body is parsed, refusing unknown fields; an empty body reads as `{}`, so a body whose fields are
+/// all optional may be left out.
+pub struct Signed<T> {
+    /// Who signed.
+    pub caller: Caller,
+    /// The parsed body.
+    pub body: T,
+}
+
+impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<std::sync::Arc<AppState>>
+    for Signed<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request(
+        req: axum::extract::Request,
+        state: &std::sync::Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        let SignedRequest { caller, body } = SignedRequest::from_request(req, state).await?;
+        Ok(Self {
+            caller,
+            body: parse_body(&body)?,
+        })
+    }
+}
+
+/// A signed request by the owner of the identity its path names (`{customer}` on a vault's routes,
+/// `{id}` on an identity's): a customer acts only on their own vault, an identity only on its own
+/// devices and listings. Anyone else is refused with 403 before the body is parsed.
+pub struct Owner<T> {
+    /// The identity the path names, which signed the request.
+    pub owner: IdentityId,
+    /// The signer's details.
+    pub caller: Caller,
+    /// The parsed body.
+    pub body: T,
+}
+
+impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<std::sync::Arc<AppState>>
+    for Owner<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request(
+        req: axum::extract::Request,
+        state: &std::sync::Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        use axum::extract::FromRequestParts as _;
+        let (mut parts, body) = req.into_parts();
+        let params = axum::extract::RawPathParams::from_request_parts(&mut parts, state)
+            .await
+            .map_err(|e| ApiError::malformed(format!("path: {}", e.body_text())))?;
+        let named = params
+            .iter()
+            .find(|(name, _)| *name == "customer" || *name == "id")
+            .map(|(_, value)| value.to_owned())
+            .ok_or_else(|| ApiError::malformed("the path names no identity"))?;
+        let owner = IdentityId(crate::routes::hex_id("identity", &named)?);
+        let req = axum::extract::Request::from_parts(parts, body);
+        let SignedRequest { caller, body } = SignedRequest::from_request(req, state).await?;
+        if caller.identity != owner {
+            return Err(ApiError::forbidden(
+                "only the identity this path names may do this (a customer acts on their own vault)",
+            ));
+        }
+        Ok(Self {
+            owner,
+            caller,
+            body: parse_body(&body)?,
+        })
+    }
+}
+
+/// A JSON body, refusing unknown fields (by the type); an empty body reads as `{}`.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let body = if body.is_empty() { &b"{}"[..] } else { body };
+    serde_json::from_slice(body).map_err(|e| ApiError::malformed(format!("body: {e}")))
+}
+
+/// The body of a request that takes none: empty, or `{}`.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoBody {}

@@ -21,7 +21,7 @@ use super::{
     ack_json, b64, current_checkpoint, entry_json, hex_id, json_body, optional_json_body, run,
 };
 use crate::AppState;
-use crate::auth::{SignedRequest, Unverified};
+use crate::auth::{Owner, Unverified};
 use crate::error::ApiError;
 use cmr_wire::log::AckJson;
 use cmr_wire::problem::ProblemJson;
@@ -168,16 +168,12 @@ struct VaultsBody {
 )]
 async fn vaults(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    SignedRequest { caller, body }: SignedRequest,
+    Owner {
+        owner: id,
+        caller: _,
+        body: req,
+    }: Owner<VaultsBody>,
 ) -> Result<Json<VaultsJson>, ApiError> {
-    let id = IdentityId(hex_id("identity", &id)?);
-    if caller.identity != id {
-        return Err(ApiError::forbidden(
-            "only the identity itself lists its vaults",
-        ));
-    }
-    let req: VaultsBody = optional_json_body(&body)?;
     let after = req
         .after
         .as_deref()
@@ -260,16 +256,12 @@ struct CertifyBody {
 )]
 async fn certify(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    SignedRequest { caller, body }: SignedRequest,
+    Owner {
+        owner: id,
+        caller,
+        body: req,
+    }: Owner<CertifyBody>,
 ) -> Result<Json<AckJson>, ApiError> {
-    let id = IdentityId(hex_id("identity", &id)?);
-    if caller.identity != id {
-        return Err(ApiError::forbidden(
-            "an identity certifies only its own devices",
-        ));
-    }
-    let req: CertifyBody = json_body(&body)?;
     let bytes = b64("certificate", &req.certificate)?;
     let cert = Signed::<DeviceCertificate>::decode(&bytes)
         .map_err(|e| ApiError::malformed(e.to_string()))?;
@@ -306,16 +298,12 @@ struct RevokeBody {
 )]
 async fn revoke_device(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    SignedRequest { caller, body }: SignedRequest,
+    Owner {
+        owner: id,
+        caller,
+        body: req,
+    }: Owner<RevokeBody>,
 ) -> Result<Json<AckJson>, ApiError> {
-    let id = IdentityId(hex_id("identity", &id)?);
-    if caller.identity != id {
-        return Err(ApiError::forbidden(
-            "an identity revokes only its own devices",
-        ));
-    }
-    let req: RevokeBody = json_body(&body)?;
     let bytes = b64("revocation", &req.revocation)?;
     let rev = Signed::<DeviceRevocation>::decode(&bytes)
         .map_err(|e| ApiError::malformed(e.to_string()))?;

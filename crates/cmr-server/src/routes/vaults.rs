@@ -19,9 +19,9 @@ use cmr_log::entry::{AccessRecord, AccessedFamily};
 use cmr_store::Op;
 use serde::Deserialize;
 
-use super::{ack_json, b64, current_checkpoint, entry_json, hex_id, json_body, run};
+use super::{ack_json, b64, current_checkpoint, entry_json, hex_id, run};
 use crate::AppState;
-use crate::auth::{Caller, SignedRequest};
+use crate::auth::{Caller, NoBody, Owner, Signed as SignedBody};
 use crate::error::ApiError;
 use cmr_wire::log::{AckJson, ChainEntryJson, PageOfEntriesJson, RedactedJson};
 use cmr_wire::problem::ProblemJson;
@@ -93,16 +93,12 @@ struct DirectoryBody {
 )]
 async fn directory(
     State(state): State<Arc<AppState>>,
-    Path(customer): Path<String>,
-    SignedRequest { caller, body }: SignedRequest,
+    Owner {
+        owner: customer,
+        caller,
+        body: req,
+    }: Owner<DirectoryBody>,
 ) -> Result<Json<AckJson>, ApiError> {
-    let customer = IdentityId(hex_id("customer", &customer)?);
-    if caller.identity != customer {
-        return Err(ApiError::forbidden(
-            "a customer acts only on their own vault",
-        ));
-    }
-    let req: DirectoryBody = json_body(&body)?;
     let bytes = b64("directory", &req.directory)?;
     let dir = SignedDirectory::decode(&bytes).map_err(|e| ApiError::malformed(e.to_string()))?;
     if dir.directory().customer != customer {
@@ -136,10 +132,9 @@ struct StatementBody {
 async fn statement(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
-    SignedRequest { caller, body }: SignedRequest,
+    SignedBody { caller, body: req }: SignedBody<StatementBody>,
 ) -> Result<Json<AckJson>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
-    let req: StatementBody = json_body(&body)?;
     let bytes = b64("statement", &req.statement)?;
     let st = SignedStatement::decode(&bytes).map_err(|e| ApiError::malformed(e.to_string()))?;
     if st.statement().customer != customer {
@@ -181,11 +176,10 @@ struct BatchBody {
 async fn batch(
     State(state): State<Arc<AppState>>,
     Path((customer, family)): Path<(String, String)>,
-    SignedRequest { caller, body }: SignedRequest,
+    SignedBody { caller, body: req }: SignedBody<BatchBody>,
 ) -> Result<Json<AckJson>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     let family = FamilyId(hex_id("family", &family)?);
-    let req: BatchBody = json_body(&body)?;
     let batch = b64("batch", &req.batch)?;
     // Decoded once, here: the store gets the decoded batch and records.
     let records = req
@@ -297,11 +291,10 @@ fn period(s: &str) -> Result<Period, ApiError> {
 async fn read(
     State(state): State<Arc<AppState>>,
     Path((customer, family)): Path<(String, String)>,
-    SignedRequest { caller, body }: SignedRequest,
+    SignedBody { caller, body: req }: SignedBody<ReadBody>,
 ) -> Result<Json<ReadAnswerJson>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     let family = FamilyId(hex_id("family", &family)?);
-    let req: ReadBody = json_body(&body)?;
     let periods = (period(&req.from)?, period(&req.to)?);
     let cursor = req
         .cursor
@@ -382,11 +375,10 @@ struct HeadBody {
 async fn head(
     State(state): State<Arc<AppState>>,
     Path((customer, family)): Path<(String, String)>,
-    SignedRequest { caller, body }: SignedRequest,
+    SignedBody { caller, body: req }: SignedBody<HeadBody>,
 ) -> Result<Json<HeadDigestJson>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
     let family = FamilyId(hex_id("family", &family)?);
-    let req: HeadBody = super::optional_json_body(&body)?;
     let grant = req
         .grant
         .as_deref()
@@ -442,16 +434,12 @@ fn default_history() -> u64 {
 )]
 async fn history(
     State(state): State<Arc<AppState>>,
-    Path(customer): Path<String>,
-    SignedRequest { caller, body }: SignedRequest,
+    Owner {
+        owner: customer,
+        caller: _,
+        body: req,
+    }: Owner<HistoryBody>,
 ) -> Result<Json<PageOfEntriesJson>, ApiError> {
-    let customer = IdentityId(hex_id("customer", &customer)?);
-    if caller.identity != customer {
-        return Err(ApiError::forbidden(
-            "a customer reads only their own history",
-        ));
-    }
-    let req: HistoryBody = json_body(&body)?;
     let (checkpoint, size) = current_checkpoint(&state)?;
     let start = match req.before {
         // A page starts at one of the customer's own readable entries. Another customer's entry and an
@@ -593,10 +581,9 @@ struct RelationshipBody {
 async fn relationship(
     State(state): State<Arc<AppState>>,
     Path(customer): Path<String>,
-    SignedRequest { caller, body }: SignedRequest,
+    SignedBody { caller, body: req }: SignedBody<RelationshipBody>,
 ) -> Result<Json<PageOfEntriesJson>, ApiError> {
     let customer = IdentityId(hex_id("customer", &customer)?);
-    let req: RelationshipBody = json_body(&body)?;
     let (checkpoint, size) = current_checkpoint(&state)?;
     let (indices, more) = state.store.party_entries(
         &customer,
@@ -645,16 +632,11 @@ async fn relationship(
 )]
 async fn pending_requests(
     State(state): State<Arc<AppState>>,
-    Path(customer): Path<String>,
-    SignedRequest { caller, .. }: SignedRequest,
+    Owner {
+        owner: customer, ..
+    }: Owner<NoBody>,
 ) -> Result<Json<PendingJson>, ApiError> {
     use cmr_core::consent::Body as St;
-    let customer = IdentityId(hex_id("customer", &customer)?);
-    if caller.identity != customer {
-        return Err(ApiError::forbidden(
-            "a customer reads only their own requests",
-        ));
-    }
     let (checkpoint, size) = current_checkpoint(&state)?;
     let mut pending = Vec::new();
     for index in state.store.pending_requests(&customer)? {
@@ -721,16 +703,12 @@ struct BackupBody {
 )]
 async fn put_backup(
     State(state): State<Arc<AppState>>,
-    Path(customer): Path<String>,
-    SignedRequest { caller, body }: SignedRequest,
+    Owner {
+        owner: customer,
+        caller: _,
+        body: req,
+    }: Owner<BackupBody>,
 ) -> Result<Json<BackupStoredJson>, ApiError> {
-    let customer = IdentityId(hex_id("customer", &customer)?);
-    if caller.identity != customer {
-        return Err(ApiError::forbidden(
-            "a customer backs up only their own keys",
-        ));
-    }
-    let req: BackupBody = json_body(&body)?;
     let bytes = b64("backup", &req.backup)?;
     let ack = run(
         &state,
@@ -764,15 +742,10 @@ async fn put_backup(
 )]
 async fn get_backup(
     State(state): State<Arc<AppState>>,
-    Path(customer): Path<String>,
-    SignedRequest { caller, .. }: SignedRequest,
+    Owner {
+        owner: customer, ..
+    }: Owner<NoBody>,
 ) -> Result<Json<BackupJson>, ApiError> {
-    let customer = IdentityId(hex_id("customer", &customer)?);
-    if caller.identity != customer {
-        return Err(ApiError::forbidden(
-            "a customer reads only their own backup",
-        ));
-    }
     let (version, bytes) = state.store.backup(&customer)?.ok_or_else(|| {
         ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
