@@ -443,10 +443,7 @@ struct Durable {
 
 /// What the sequencer owns.
 struct Sequencer {
-    db: sled::Db,
     tree: sled::Tree,
-    durable: Arc<RwLock<Durable>>,
-    path: PathBuf,
     log_key: Arc<NoteSigner>,
     clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     max_group: usize,
@@ -454,11 +451,11 @@ struct Sequencer {
     state: State,
     /// Set when the sequencer stopped taking operations after a failure (shared with [`Store`]).
     poisoned: Arc<AtomicBool>,
-    synced: FileStates,
     device_keys: DeviceKeys,
-    mark: AckMark,
-    /// Where durable groups go to be acknowledged ([`Acknowledgement`]), once the sequencer runs.
-    acks: Option<mpsc::Sender<Acknowledgement>>,
+    /// What makes groups durable: moved onto its own thread when the sequencer runs.
+    syncer: Option<Syncer>,
+    /// Where written groups go to be made durable and acknowledged, once the sequencer runs.
+    to_syncer: Option<mpsc::SyncSender<Written>>,
 }
 
 /// The in-memory state, rebuilt from the log when the store opens.
@@ -803,21 +800,29 @@ impl Store {
             }
         }
         let (mark, acknowledged) = AckMark::open(&config.path)?;
-        let mut seq = Sequencer {
-            mark,
+        let durable = Arc::new(RwLock::new(Durable::default()));
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let mut syncer = Syncer {
             db,
             tree: tree.clone(),
-            durable: Arc::new(RwLock::new(Durable::default())),
             path: config.path.clone(),
+            synced: FileStates::new(),
+            mark,
+            durable: durable.clone(),
+            poisoned: poisoned.clone(),
+            failed: None,
+        };
+        let mut seq = Sequencer {
+            tree: tree.clone(),
             log_key: Arc::new(config.log_key),
             clock: config.clock,
             max_group: config.max_group.max(1),
             max_page_bytes: config.max_page_bytes.max(1),
             state: State::default(),
-            poisoned: Arc::new(AtomicBool::new(false)),
-            synced: FileStates::new(),
+            poisoned: poisoned.clone(),
             device_keys: DeviceKeys::default(),
-            acks: None,
+            syncer: None,
+            to_syncer: None,
         };
         let device_keys = seq.device_keys.clone();
         let log_verifier = seq.log_key.verifier();
@@ -846,19 +851,19 @@ impl Store {
         }
         // What sled recovered may sit only in the page cache (a kill -9 does not flush it to the disk):
         // make it durable before anything is served from it.
-        seq.db.flush().map_err(io)?;
-        sync_dir(&config.path, &mut seq.synced)?;
+        syncer.db.flush().map_err(io)?;
+        sync_dir(&config.path, &mut syncer.synced)?;
         {
             let checkpoint = tree
                 .get(layout::META_CHECKPOINT)
                 .map_err(io)?
                 .map(|v| String::from_utf8_lossy(&v).into_owned());
-            let mut d = seq.durable.write().unwrap_or_else(|p| p.into_inner());
+            let mut d = durable.write().unwrap_or_else(|p| p.into_inner());
             d.size = seq.state.size;
             d.checkpoint = checkpoint;
         }
-        let durable = seq.durable.clone();
-        let stopped = seq.poisoned.clone();
+        seq.syncer = Some(syncer);
+        let stopped = poisoned;
         let start_time = seq.now();
         let opened_empty = seq.state.size == 0;
         let (tx, rx) = mpsc::channel::<Job>();
@@ -1246,6 +1251,58 @@ impl Drop for Store {
     }
 }
 
+/// A group written to sled, not yet durable.
+struct Written {
+    size: u64,
+    root: Hash,
+    ack: Acknowledgement,
+}
+
+/// Makes written groups durable, in order: sled's flush, then the `fdatasync`s; then the
+/// acknowledgement mark; then the durable view readers see; then the acknowledgements.
+struct Syncer {
+    db: sled::Db,
+    tree: sled::Tree,
+    path: PathBuf,
+    synced: FileStates,
+    mark: AckMark,
+    durable: Arc<RwLock<Durable>>,
+    poisoned: Arc<AtomicBool>,
+    /// Set after a group failed to become durable: every later group is in doubt too.
+    failed: Option<String>,
+}
+
+impl Syncer {
+    fn finish(&mut self, group: Written) {
+        if let Some(why) = &self.failed {
+            group.ack.fail(&StoreError::InDoubt(format!(
+                "an earlier group could not be made durable: {why}"
+            )));
+            return;
+        }
+        let durable = self
+            .db
+            .flush()
+            .map_err(io)
+            .and_then(|_| sync_dir(&self.path, &mut self.synced))
+            // The group is durable, but the store cannot vouch for it at the next open.
+            .and_then(|()| self.mark.write(group.size, &group.root));
+        if let Err(e) = durable {
+            // The in-memory state is ahead of the disk: stop, and let a reopen rebuild it.
+            self.poisoned.store(true, Ordering::SeqCst);
+            self.failed = Some(e.to_string());
+            group.ack.fail(&StoreError::InDoubt(e.to_string()));
+            return;
+        }
+        {
+            let mut d = self.durable.write().unwrap_or_else(|p| p.into_inner());
+            d.size = group.size;
+            d.checkpoint = Some(group.ack.note.clone());
+        }
+        group.ack.send(&self.tree);
+    }
+}
+
 /// A durable group's replies, to be sent with their inclusion proofs.
 struct Acknowledgement {
     size: u64,
@@ -1254,6 +1311,13 @@ struct Acknowledgement {
 }
 
 impl Acknowledgement {
+    /// Answers every operation of the group with `e`.
+    fn fail(self, e: &StoreError) {
+        for (reply, _) in self.replies {
+            let _ = reply.send(Err(e.clone()));
+        }
+    }
+
     /// Sends each reply, with the inclusion proof of its entry in the group's checkpoint. The tree's
     /// nodes up to `size` never change, so this may run beside the sequencer's next group.
     fn send(self, tree: &sled::Tree) {
@@ -1296,28 +1360,30 @@ impl Sequencer {
     }
 
     fn run(mut self, rx: mpsc::Receiver<Job>) {
-        // Acknowledgements (an inclusion proof each, read from the committed tree) are made on a thread
-        // of their own, in group order, while the sequencer goes on with the next group.
-        let (acks, queue) = mpsc::channel::<Acknowledgement>();
-        let tree = self.tree.clone();
-        let acknowledger = std::thread::Builder::new()
-            .name("cmr-acknowledger".into())
-            .spawn(move || {
-                for a in queue {
-                    a.send(&tree);
-                }
-            });
-        let acknowledger = match acknowledger {
-            Ok(handle) => {
-                self.acks = Some(acks);
-                Some(handle)
-            }
-            // Without the thread, the sequencer acknowledges itself.
-            Err(_) => None,
-        };
+        // Groups are made durable and acknowledged on a thread of their own, in order, while the
+        // sequencer decides the next group: its fsync no longer stalls the pipeline. At most one group
+        // waits for durability while the next is prepared (a rendezvous channel).
+        let (to_syncer, queue) = mpsc::sync_channel::<Written>(0);
+        let syncer = self.syncer.take().and_then(|mut syncer| {
+            std::thread::Builder::new()
+                .name("cmr-syncer".into())
+                .spawn(move || {
+                    for group in queue {
+                        syncer.finish(group);
+                    }
+                })
+                .ok()
+        });
+        if syncer.is_some() {
+            self.to_syncer = Some(to_syncer);
+        } else {
+            // Without its syncer nothing can be made durable: report unhealthy, answer Closed.
+            self.poisoned.store(true, Ordering::SeqCst);
+        }
         self.serve(&rx);
-        self.acks = None;
-        if let Some(handle) = acknowledger {
+        // Closing: the groups handed off are made durable and answered before the store lets go.
+        self.to_syncer = None;
+        if let Some(handle) = syncer {
             let _ = handle.join();
         }
     }
@@ -1400,16 +1466,12 @@ impl Sequencer {
                 }
             }
             self.tree.apply_batch(batch).map_err(io)?;
-            // From here on the group is in sled: a failure leaves its fate unknown.
-            let in_doubt = |e: StoreError| StoreError::InDoubt(e.to_string());
-            self.db.flush().map_err(io).map_err(in_doubt)?;
-            sync_dir(&self.path, &mut self.synced).map_err(in_doubt)?;
             Ok((note, root))
         })();
         let (note, root) = match outcome {
             Ok(done) => done,
             Err(e) => {
-                // The in-memory state may now be ahead of the disk: stop, and let a reopen rebuild it.
+                // The in-memory state may now be ahead of sled: stop, and let a reopen rebuild it.
                 self.poisoned.store(true, Ordering::SeqCst);
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
@@ -1417,32 +1479,29 @@ impl Sequencer {
                 return;
             }
         };
+        // The next group builds on this one (in sled, not durable yet); the syncer makes it durable.
         self.state.size = size;
-        if let Err(e) = self.mark.write(size, &root) {
-            // The group is durable, but the store cannot vouch for it at the next open.
-            self.poisoned.store(true, Ordering::SeqCst);
-            for reply in replies {
-                let _ = reply.send(Err(StoreError::InDoubt(e.to_string())));
-            }
-            return;
-        }
-        {
-            let mut d = self.durable.write().unwrap_or_else(|p| p.into_inner());
-            d.size = size;
-            d.checkpoint = Some(note.clone());
-        }
-        let ack = Acknowledgement {
+        let written = Written {
             size,
-            note,
-            replies: replies.into_iter().zip(results).collect(),
+            root,
+            ack: Acknowledgement {
+                size,
+                note,
+                replies: replies.into_iter().zip(results).collect(),
+            },
         };
-        match &self.acks {
-            Some(acks) => {
-                if let Err(mpsc::SendError(ack)) = acks.send(ack) {
-                    ack.send(&self.tree);
+        match (&self.to_syncer, &mut self.syncer) {
+            (Some(to_syncer), _) => {
+                if let Err(mpsc::SendError(written)) = to_syncer.send(written) {
+                    // The syncer is gone (it panicked): nothing can be made durable any more.
+                    self.poisoned.store(true, Ordering::SeqCst);
+                    written.ack.fail(&StoreError::InDoubt(
+                        "the store stopped while making this durable".into(),
+                    ));
                 }
             }
-            None => ack.send(&self.tree),
+            (None, Some(syncer)) => syncer.finish(written),
+            (None, None) => written.ack.fail(&StoreError::Closed),
         }
     }
 
