@@ -178,6 +178,10 @@ Examples:
   cmr bench --clients 8 --duration 3 --race-rounds 3 --json
   cmr bench --server http://127.0.0.1:8080 --log-vkey \"$(cat cmr-log.pub)\"")]
     Bench(bench::BenchArgs),
+    /// Print the server's OpenAPI 3.1 document (the one `cmr serve` serves at /v1/openapi.json), for
+    /// client generators and API checkers.
+    #[command(after_help = "Example:\n  cmr openapi > openapi.json")]
+    Openapi,
     /// Print shell completions.
     #[command(
         after_help = "Example:\n  cmr completions bash > ~/.local/share/bash-completion/completions/cmr"
@@ -265,6 +269,13 @@ fn main() -> ExitCode {
                     authority,
                 };
                 serve::run(&data, &log_key, &opts).await
+            }
+            Command::Openapi => {
+                // A generated document of plain strings and maps always serializes.
+                let doc = serde_json::to_string_pretty(cmr_server::routes::openapi::document())
+                    .unwrap_or_default();
+                out::print(&doc);
+                Ok(())
             }
             Command::Completions { shell } => {
                 // Into a buffer, then out as one write that ends quietly if the reader went away.
