@@ -1,0 +1,907 @@
+//! The store: one sequencer thread over sled, with group commit.
+//!
+//! Every state-changing operation goes through one queue. The sequencer takes a group of operations,
+//! evaluates each against the current state (signatures, `evaluate`, epoch, head, directory), assigns log
+//! indices and salts, writes the whole group in one atomic sled batch together with the tree nodes and a
+//! newly signed checkpoint, makes it durable (sled flush, then `fdatasync` of sled's files), and only then
+//! acknowledges every operation of the group with its index, an inclusion proof and that checkpoint.
+//! An operation that is refused changes nothing.
+//!
+//! This module holds the API ([`Store`], [`Op`], [`Ack`], [`StoreError`]); by concern:
+//! - `sequencer`: the thread that groups, decides (through `cmr_log::ledger`), stages and hands off;
+//! - `durability`: the syncer (flush, `fdatasync`, the acknowledgement mark, acknowledgements), opening
+//!   sled;
+//! - `overlay`: the group in progress over sled, and the tree's node stores;
+//! - `indexes`: the party, pending and vaults-of index rows;
+//! - `replay`: rebuilding the state from the log at open.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use cmr_core::batch::{FamilyLedger, ReadProof, SignedBatch};
+use cmr_core::consent::{Body, ErasureTarget, SignedStatement, StatementError, StatementId};
+use cmr_core::decision::{AccessKind, ApplyError, ConsentState, DenyReason};
+use cmr_core::directory::DirectoryError;
+use cmr_core::directory::SignedDirectory;
+use cmr_core::family::{FamilyId, Period};
+use cmr_core::hash::{Digest, sha256, tagged_hash};
+use cmr_core::identity::{
+    DeviceCertificate, DeviceId, DeviceRevocation, IdentityId, Role, Signed, SignedKeyEvent,
+};
+use cmr_core::merkle::Hash;
+use cmr_core::record::SealedRecord;
+use cmr_log::admission::{AdmissionError, Auditors};
+use cmr_log::checkpoint::Checkpoint;
+use cmr_log::entry::{
+    AccessRecord, ChainLink, EntryBody, EntryKind, SaltedBody, commitment, commitment_leaf,
+    draw_salt,
+};
+use cmr_log::ledger::{Effect, Header, Ledger, Parsed, Refusal, Signatures};
+use cmr_log::note::NoteSigner;
+use cmr_log::tree::{NodeStore, Tree};
+use thiserror::Error;
+
+use crate::layout::{self, tag};
+
+mod durability;
+mod indexes;
+mod overlay;
+mod replay;
+mod sequencer;
+
+pub use durability::ACK_MARK;
+use durability::*;
+use indexes::*;
+use overlay::*;
+use sequencer::*;
+
+/// Why an operation was refused or failed. Refusals change nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum StoreError {
+    /// Malformed input.
+    #[error("malformed: {0}")]
+    Malformed(String),
+    /// A signature or signer is not valid.
+    #[error("bad signature: {0}")]
+    BadSignature(String),
+    /// Refused by the consent rules (`evaluate`).
+    #[error("denied: {0}")]
+    Denied(DenyReason),
+    /// Refused by the consent state (a statement that cannot apply).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Too many requests wait for the customer's answer.
+    #[error("{0}")]
+    TooManyRequests(String),
+    /// The customer blocked this company: its requests (and grants to it) are refused.
+    #[error("the company is blocked")]
+    Blocked,
+    /// The customer's request policy does not accept requests from this company.
+    #[error("{0}")]
+    NotAccepted(String),
+    /// Another body was already written under this operation id.
+    #[error("conflict: another body under the same id")]
+    Conflict,
+    /// The batch does not extend the family's current head.
+    #[error("stale head")]
+    StaleHead,
+    /// The key backup does not replace the current one (compare-and-swap failed).
+    #[error("backup conflict: expected version {expected}")]
+    BackupConflict {
+        /// The version that would have been accepted.
+        expected: u64,
+    },
+    /// The directory does not replace the current one (compare-and-swap failed).
+    #[error("directory conflict: expected version {expected}")]
+    DirectoryConflict {
+        /// The version that would have been accepted.
+        expected: u64,
+    },
+    /// Unknown identity, family or entry.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The data folder is from a newer version, or damaged.
+    #[error("store format: {0}")]
+    Format(String),
+    /// Storage failed; the store stops taking writes until it is reopened.
+    #[error("storage failure: {0}")]
+    Io(String),
+    /// The store is shut down or stopped after a storage failure; the operation was not applied.
+    #[error("the store is not accepting operations")]
+    Closed,
+    /// The group was written, but making it durable (or recording that it was) failed: the operation
+    /// may or may not survive a crash, and the store stops. Sending it again after the restart gives
+    /// exactly one result, since writes are idempotent.
+    #[error("the write may or may not be durable: {0}")]
+    InDoubt(String),
+}
+
+impl StoreError {
+    /// A failure of the store itself (storage, damaged data), not a refusal of the operation.
+    pub fn is_internal(&self) -> bool {
+        matches!(self, StoreError::Io(_) | StoreError::Format(_))
+    }
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// The largest key backup a customer may store.
+pub const MAX_BACKUP: usize = 1024 * 1024;
+
+/// A state-changing operation (or a read, which is logged as an access). Its statements arrive decoded
+/// (the server parses each request once, at the edge, and refuses what does not parse); the store checks
+/// them against the rules and logs their exact encoding.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Register an identity: its signed inception.
+    Register(SignedKeyEvent),
+    /// Rotate an identity key: the signed rotation.
+    Rotate(SignedKeyEvent),
+    /// Certify a device.
+    Certify(Signed<DeviceCertificate>),
+    /// Revoke a device.
+    RevokeDevice(Signed<DeviceRevocation>),
+    /// Publish the next key directory (compare-and-swap on its previous digest).
+    PublishDirectory(SignedDirectory),
+    /// Record a consent statement.
+    Statement(SignedStatement),
+    /// Admit or dismiss an auditor: the operator's statement signed with the log key
+    /// ([`cmr_log::admission`]), opened by the store under its own key.
+    Admission(Vec<u8>),
+    /// Write a signed batch of records; a company's append carries its access record.
+    WriteBatch {
+        /// The signed batch.
+        batch: SignedBatch,
+        /// The sealed records, in batch order.
+        records: Vec<SealedRecord>,
+        /// For a company: the access record of its signed request.
+        access: Option<AccessRecord>,
+    },
+    /// Replace a customer's key backup (compare-and-swap on its version): bytes sealed by the customer's
+    /// client, which the store keeps but cannot open. Not logged; durable like every other operation.
+    PutBackup {
+        /// The vault.
+        customer: IdentityId,
+        /// The new version: the current one plus one (1 for the first).
+        version: u64,
+        /// The sealed backup.
+        bytes: Vec<u8>,
+    },
+    /// A company reads families under a grant; the access is logged before anything is served.
+    Read {
+        /// The vault.
+        customer: IdentityId,
+        /// The family.
+        family: FamilyId,
+        /// First and last period, inclusive.
+        periods: (Period, Period),
+        /// Where the page starts.
+        cursor: Option<(Period, u64)>,
+        /// At most this many records.
+        limit: u64,
+        /// The access record of the signed request (company reads); `None` for the customer's own.
+        access: Option<AccessRecord>,
+    },
+    /// The digest of a family's head, for an appender to extend (not logged: it reveals no record).
+    Head {
+        /// The vault.
+        customer: IdentityId,
+        /// The family.
+        family: FamilyId,
+        /// Who asks: the customer, or a company with `grant`.
+        caller: IdentityId,
+        /// The grant a company appends under.
+        grant: Option<StatementId>,
+    },
+}
+
+impl Op {
+    /// The exact bytes an operation logs as its statement (for a batch, the signed batch), if any.
+    fn payload(&self) -> Option<Vec<u8>> {
+        Some(match self {
+            Op::Register(e) | Op::Rotate(e) => e.encode(),
+            Op::Certify(c) => c.encode(),
+            Op::RevokeDevice(r) => r.encode(),
+            Op::PublishDirectory(d) => d.encode(),
+            Op::Statement(s) => s.encode(),
+            Op::Admission(b) => b.clone(),
+            Op::WriteBatch { batch, .. } => batch.encode(),
+            Op::Read { .. } | Op::Head { .. } | Op::PutBackup { .. } => return None,
+        })
+    }
+
+    /// The id an operation is idempotent under, and the digest of its bytes: the same bytes again are a
+    /// repeat, other bytes under the same id a conflict.
+    fn idempotency_id(&self, payload: &[u8]) -> Option<(Digest, Digest)> {
+        let id = match self {
+            Op::Statement(s) => Digest(s.id().0),
+            Op::WriteBatch { batch, .. } => batch.digest(),
+            Op::Read { .. } | Op::Head { .. } | Op::PutBackup { .. } => return None,
+            _ => tagged_hash("op-id", payload),
+        };
+        Some((id, sha256(payload)))
+    }
+}
+
+/// What a read returns: the proof, and the records and batches exactly as stored (they were checked
+/// when written; the reader decodes and verifies them, the server only passes them on).
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    /// The completeness proof against the named head.
+    pub proof: ReadProof,
+    /// The sealed records of the proof's pages, in order, encoded.
+    pub records: Vec<Vec<u8>>,
+    /// The signed batches naming them, encoded.
+    pub batches: Vec<Vec<u8>>,
+}
+
+impl ReadResult {
+    /// The records, decoded.
+    pub fn sealed_records(&self) -> Result<Vec<SealedRecord>, cmr_core::encoding::DecodeError> {
+        self.records
+            .iter()
+            .map(|r| SealedRecord::decode(r.clone()))
+            .collect()
+    }
+
+    /// The batches, decoded.
+    pub fn signed_batches(&self) -> Result<Vec<SignedBatch>, cmr_core::encoding::DecodeError> {
+        self.batches
+            .iter()
+            .map(|b| SignedBatch::decode(b))
+            .collect()
+    }
+}
+
+/// An acknowledgement: the entry's index, its inclusion proof, and the checkpoint that covers it.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    /// The log index (`None` for a customer's own read, which is not logged).
+    pub index: Option<u64>,
+    /// The inclusion proof of the entry in the checkpoint.
+    pub proof: Vec<Hash>,
+    /// The signed checkpoint, durable before this acknowledgement.
+    pub checkpoint: String,
+    /// The checkpoint's size.
+    pub size: u64,
+    /// For reads.
+    pub read: Option<ReadResult>,
+    /// True when this repeats an operation already logged (idempotent retry).
+    pub repeated: bool,
+    /// After a batch: the digest of the family's head it produced (the next batch extends it).
+    pub head: Option<Digest>,
+    /// The salted body of the entry at `index`, when this operation logged it (not for a repeat): the
+    /// answer carries it without reading it back.
+    pub entry: Option<SaltedBody>,
+}
+
+/// How to open a store.
+pub struct StoreConfig {
+    /// The data folder.
+    pub path: PathBuf,
+    /// sled's page cache, in bytes (sled's default is 1 GiB; this store sets it on purpose).
+    pub cache_capacity: u64,
+    /// The log's signing key (kept outside the data folder by the caller).
+    pub log_key: NoteSigner,
+    /// The most operations in one group commit.
+    pub max_group: usize,
+    /// The server clock, Unix seconds.
+    pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// The most record bytes one read answer carries ([`MAX_PAGE_BYTES`] by default); the reader
+    /// follows the cursor for the rest.
+    pub max_page_bytes: usize,
+}
+
+/// The most record bytes in one read answer by default: 4 MiB (about 5.4 MB of JSON with base64).
+pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// sled's cache in a default configuration. sled's own default is 1 GiB. Its cache mostly repeats the OS
+/// page cache, which holds the same files: 16 MiB served reads and appends as fast as 128 MiB, at a
+/// million records too, with over 100 MiB less memory (docs/performance.md).
+pub const DEFAULT_CACHE: u64 = 16 * 1024 * 1024;
+
+impl StoreConfig {
+    /// A configuration with [`DEFAULT_CACHE`], groups of up to 256 operations and the system clock.
+    pub fn new(path: impl AsRef<Path>, log_key: NoteSigner) -> Self {
+        Self {
+            path: path.as_ref().to_path_buf(),
+            cache_capacity: DEFAULT_CACHE,
+            log_key,
+            max_group: 256,
+            max_page_bytes: MAX_PAGE_BYTES,
+            clock: Arc::new(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            }),
+        }
+    }
+}
+
+/// Where an operation's acknowledgement or refusal goes.
+type Reply = tokio::sync::oneshot::Sender<Result<Ack, StoreError>>;
+
+struct Job {
+    op: Op,
+    pre: Option<PreparedBatch>,
+    reply: Reply,
+}
+
+/// What the submitting thread checked of a batch, so that the sequencer only checks what depends on
+/// the log position.
+struct PreparedBatch {
+    /// `Some(ok)` if the device's key was known when submitted (a device id fixes its key), else `None`.
+    signature: Option<bool>,
+}
+
+/// The keys that may sign requests, shared by the sequencer (which adds them as it logs identities and
+/// devices) and by submitters and the server (which verify). A device id fixes its key; an identity's
+/// entry is its current identity key.
+#[derive(Debug, Default)]
+pub struct KeyIndex {
+    devices: HashMap<DeviceId, (IdentityId, cmr_core::keys::VerifyingKey)>,
+    /// Each identity's current key, its role, and the digest of its next key (which a recovering device
+    /// reveals).
+    identities: HashMap<IdentityId, (cmr_core::keys::VerifyingKey, Role, Digest)>,
+    /// Each identity's key events (inception, rotations, device certificates and revocations), by log
+    /// index in order: what a counterparty replays to learn the identity's keys.
+    events: HashMap<IdentityId, Vec<u64>>,
+    /// The admitted auditors, and the log indices of every admission entry, oldest first.
+    auditors: Auditors,
+    admissions: Vec<u64>,
+}
+
+type DeviceKeys = Arc<std::sync::RwLock<KeyIndex>>;
+
+/// The store. Cloneable handle semantics through `Arc`; drop the last one to stop the sequencer.
+pub struct Store {
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+    db: sled::Tree,
+    durable: Arc<RwLock<Durable>>,
+    start_time: u64,
+    opened_empty: bool,
+    device_keys: DeviceKeys,
+    log_verifier: cmr_log::note::NoteVerifier,
+    /// The log key, shared with the sequencer (which signs checkpoints with it).
+    log_key: Arc<NoteSigner>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl From<Refusal> for StoreError {
+    /// The rules' refusals, as the store's callers (and the server's problem codes) know them.
+    fn from(r: Refusal) -> Self {
+        let text = r.to_string();
+        match r {
+            Refusal::Identity(_)
+            | Refusal::BadSignature(_)
+            | Refusal::Statement(StatementError::Signature(_) | StatementError::WrongAuthor)
+            | Refusal::Directory(DirectoryError::Signature(_))
+            | Refusal::Admission(AdmissionError::NotSigned) => StoreError::BadSignature(text),
+            Refusal::Decode(..)
+            | Refusal::Header(_)
+            | Refusal::Unbound(_)
+            | Refusal::Statement(_)
+            | Refusal::Directory(_)
+            | Refusal::Admission(AdmissionError::Malformed(_)) => StoreError::Malformed(text),
+            Refusal::AlreadyRegistered(_) => StoreError::Conflict,
+            Refusal::UnknownIdentity(id) => StoreError::NotFound(format!("identity {id}")),
+            Refusal::UnknownCustomer(_) => StoreError::NotFound("customer".into()),
+            Refusal::UnknownFamily => StoreError::NotFound("family".into()),
+            Refusal::DirectoryVersion { expected } => StoreError::DirectoryConflict { expected },
+            Refusal::Consent(ApplyError::Blocked) => StoreError::Blocked,
+            Refusal::Consent(
+                ApplyError::TooManyRequests { .. } | ApplyError::DailyCapReached { .. },
+            ) => StoreError::TooManyRequests(text),
+            Refusal::Consent(ApplyError::NotAccepted) => StoreError::NotAccepted(text),
+            Refusal::Consent(_) | Refusal::Admission(_) => StoreError::Refused(text),
+            Refusal::Denied(reason) => StoreError::Denied(reason),
+        }
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store: checks the format version, rebuilds the state from the log, and
+    /// starts the sequencer.
+    pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        let db = open_sled(&config)?;
+        let tree = db.open_tree("cmr").map_err(io)?;
+        let mut add_indexes = false;
+        match tree.get(layout::META_FORMAT).map_err(io)? {
+            None => {
+                if tree.iter().next().is_some() {
+                    return Err(StoreError::Format("data without a format version".into()));
+                }
+                // Made durable with everything else recovered, below, before anything is served.
+                tree.insert(layout::META_FORMAT, &layout::FORMAT_VERSION.to_be_bytes())
+                    .map_err(io)?;
+            }
+            Some(v) => {
+                let version = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Format("corrupted format version".into()))?;
+                if layout::FORMATS_WITHOUT_INDEXES.contains(&version) {
+                    // Written before some of the indexes: the replay below adds them.
+                    add_indexes = true;
+                } else if version != layout::FORMAT_VERSION {
+                    return Err(StoreError::Format(format!(
+                        "data folder has format {version}, this build reads {}",
+                        layout::FORMAT_VERSION
+                    )));
+                }
+            }
+        }
+        let (mark, acknowledged) = AckMark::open(&config.path)?;
+        let durable = Arc::new(RwLock::new(Durable::default()));
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let mut syncer = Syncer {
+            db,
+            tree: tree.clone(),
+            path: config.path.clone(),
+            synced: FileStates::new(),
+            mark,
+            durable: durable.clone(),
+            poisoned: poisoned.clone(),
+            failed: None,
+        };
+        let mut seq = Sequencer {
+            tree: tree.clone(),
+            log_key: Arc::new(config.log_key),
+            clock: config.clock,
+            max_group: config.max_group.max(1),
+            max_page_bytes: config.max_page_bytes.max(1),
+            state: State::default(),
+            poisoned: poisoned.clone(),
+            device_keys: DeviceKeys::default(),
+            syncer: None,
+            to_syncer: None,
+        };
+        let device_keys = seq.device_keys.clone();
+        let log_verifier = seq.log_key.verifier();
+        let log_key = seq.log_key.clone();
+        seq.rebuild(add_indexes)?;
+        if add_indexes {
+            tree.insert(layout::META_FORMAT, &layout::FORMAT_VERSION.to_be_bytes())
+                .map_err(io)?;
+        }
+        if let Some((size, root)) = acknowledged {
+            let held = seq.state.size;
+            let same = size <= held
+                && Tree::new(Committed(&seq.tree, held))
+                    .root(size)
+                    .map_err(tree_err)?
+                    == root;
+            if !same {
+                return Err(StoreError::Format(format!(
+                    "the data folder holds {held} log entries, but this store acknowledged {size} with \
+                     another history: sled's files were damaged or replaced by an older copy. Restore \
+                     a backup of the whole folder (with its `acknowledged` file); to accept the loss \
+                     instead, remove {} and open again",
+                    config.path.join(ACK_MARK).display()
+                )));
+            }
+        }
+        // What sled recovered may sit only in the page cache (a kill -9 does not flush it to the disk):
+        // make it durable before anything is served from it.
+        syncer.db.flush().map_err(io)?;
+        sync_dir(&config.path, &mut syncer.synced)?;
+        {
+            let checkpoint = tree
+                .get(layout::META_CHECKPOINT)
+                .map_err(io)?
+                .map(|v| String::from_utf8_lossy(&v).into_owned());
+            let mut d = durable.write().unwrap_or_else(|p| p.into_inner());
+            d.size = seq.state.size;
+            d.checkpoint = checkpoint;
+        }
+        seq.syncer = Some(syncer);
+        let stopped = poisoned;
+        let start_time = seq.now();
+        let opened_empty = seq.state.size == 0;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let handle = std::thread::Builder::new()
+            .name("cmr-sequencer".into())
+            .spawn(move || seq.run(rx))
+            .map_err(io)?;
+        Ok(Store {
+            tx: Mutex::new(Some(tx)),
+            handle: Mutex::new(Some(handle)),
+            db: tree,
+            durable,
+            start_time,
+            opened_empty,
+            device_keys,
+            log_verifier,
+            log_key,
+            stopped,
+        })
+    }
+
+    /// Whether the store takes operations. After a storage failure, damaged data or a bug in the
+    /// sequencer it stops (every operation is answered [`StoreError::Closed`]) until it is reopened,
+    /// which rebuilds its state from what is durable; a health check reports this.
+    pub fn healthy(&self) -> bool {
+        !self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// The verifier key of the log key that signs this store's checkpoints.
+    pub fn log_verifier(&self) -> &cmr_log::note::NoteVerifier {
+        &self.log_verifier
+    }
+
+    /// The server time when the store opened (the later of the clock and the last time in the log).
+    pub fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    /// Whether the log was empty when the store opened. Such a store has never accepted a signed request
+    /// (registration is the first one, and it is logged), so no request can be replayed across its start.
+    pub fn opened_empty(&self) -> bool {
+        self.opened_empty
+    }
+
+    /// Queues an operation; the receiver gets its acknowledgement once it is durable.
+    pub fn submit(&self, op: Op) -> tokio::sync::oneshot::Receiver<Result<Ack, StoreError>> {
+        let (op, pre) = self.prepare(op);
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = guard.as_ref()
+            && tx.send(Job { op, pre, reply }).is_ok()
+        {
+            return rx;
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let _ = reply.send(Err(StoreError::Closed));
+        rx
+    }
+
+    /// Checks a batch's signature here, on the caller's thread, so that concurrent writers do this work
+    /// in parallel (a device id fixes its key); whether the device may sign at the batch's position is
+    /// checked again when it is sequenced.
+    fn prepare(&self, op: Op) -> (Op, Option<PreparedBatch>) {
+        let Op::WriteBatch { batch, .. } = &op else {
+            return (op, None);
+        };
+        let key = self
+            .device_keys
+            .read()
+            .ok()
+            .and_then(|k| k.devices.get(&batch.batch().device).map(|(_, key)| *key));
+        let signature = key.map(|k| batch.verify(&k).is_ok());
+        (op, Some(PreparedBatch { signature }))
+    }
+
+    /// The identity and key a request's `keyid` names: a device id (64 hex digits) or an identity id
+    /// prefixed `id:` (the identity's current key, for registration and device certification). `None` if
+    /// unknown. Whether a device is still valid is checked again when the operation is sequenced.
+    pub fn signer_key(&self, keyid: &str) -> Option<(IdentityId, cmr_core::keys::VerifyingKey)> {
+        let keys = self.device_keys.read().ok()?;
+        match keyid.strip_prefix("id:") {
+            Some(id) => {
+                let id = IdentityId::from_hex(id)?;
+                keys.identities.get(&id).map(|(k, _, _)| (id, *k))
+            }
+            None => keys
+                .devices
+                .get(&DeviceId(Digest::from_hex(keyid)?.0))
+                .copied(),
+        }
+    }
+
+    /// The log index of a customer's latest durable entry.
+    pub fn customer_head(&self, customer: &IdentityId) -> Result<Option<u64>, StoreError> {
+        let size = self.committed_size()?;
+        let mut head = self
+            .db
+            .get(layout::key(tag::CUSTOMER_HEAD, &[&customer.0]))
+            .map_err(io)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes);
+        // Entries past the durable view belong to a group still being synced: walk back to the newest
+        // durable one (at most one group's worth of steps; each body was written with its head).
+        while let Some(i) = head
+            && i >= size
+        {
+            let Some(v) = self.db.get(layout::indexed(tag::BODY, i)).map_err(io)? else {
+                break;
+            };
+            let body = v
+                .get(32..)
+                .and_then(|b| EntryBody::decode(b).ok())
+                .ok_or_else(|| StoreError::Format(format!("entry {i} does not decode")))?;
+            head = body.prev.map(|p| p.index);
+        }
+        Ok(head)
+    }
+
+    /// The log indices of an identity's durable key events (inception, rotations, device certificates and
+    /// revocations), oldest first. Empty for an unknown identity.
+    pub fn key_events(&self, id: &IdentityId) -> Result<Vec<u64>, StoreError> {
+        let size = self.committed_size()?;
+        let keys = self.device_keys.read().unwrap_or_else(|p| p.into_inner());
+        Ok(keys
+            .events
+            .get(id)
+            .map(|v| v.iter().copied().filter(|i| *i < size).collect())
+            .unwrap_or_default())
+    }
+
+    /// The log indices of the durable entries of `customer`'s chain that concern `party` (a company's
+    /// relationship view), oldest first, after `after`, at most `limit`; and whether more follow. One
+    /// range scan of the party index: O(page), whatever the chain's length.
+    pub fn party_entries(
+        &self,
+        customer: &IdentityId,
+        party: &IdentityId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<u64>, bool), StoreError> {
+        let size = self.committed_size()?;
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        let from = layout::party(&customer.0, &party.0, start);
+        let to = layout::party(&customer.0, &party.0, size);
+        let mut out = Vec::new();
+        for kv in self.db.range(from..to) {
+            let (k, _) = kv.map_err(io)?;
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            let index = k
+                .get(65..73)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::Format("party index key".into()))?;
+            out.push(index);
+        }
+        Ok((out, false))
+    }
+
+    /// The customers whose chains concern `party` (durable entries only), in id order after `after`, at
+    /// most `limit`; and whether more follow. One range scan of the vaults-of index.
+    pub fn vaults_of(
+        &self,
+        party: &IdentityId,
+        after: Option<&IdentityId>,
+        limit: usize,
+    ) -> Result<(Vec<IdentityId>, bool), StoreError> {
+        let from = match after {
+            Some(a) => {
+                let mut k = layout::vault_of(&party.0, &a.0);
+                k.push(0);
+                k
+            }
+            None => layout::vault_of(&party.0, &[0; 32]),
+        };
+        let to = layout::key(tag::VAULTS_OF, &[&party.0, &[0xff; 32], &[0xff]]);
+        let mut out = Vec::new();
+        for kv in self.db.range(from..to) {
+            let (k, _) = kv.map_err(io)?;
+            let customer = k
+                .get(33..65)
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .map(IdentityId)
+                .ok_or_else(|| StoreError::Format("vaults-of index key".into()))?;
+            // A row written by a group still being synced names a vault whose first entry about this
+            // party is not durable yet: answer it only once one is.
+            if self.party_entries(&customer, party, None, 1)?.0.is_empty() {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(customer);
+        }
+        Ok((out, false))
+    }
+
+    /// The log indices of the requests waiting for `customer`'s answer, oldest first (at most
+    /// `cmr_core::decision::MAX_PENDING_PER_VAULT`: one range scan).
+    pub fn pending_requests(&self, customer: &IdentityId) -> Result<Vec<u64>, StoreError> {
+        let size = self.committed_size()?;
+        let mut out = Vec::new();
+        for kv in self
+            .db
+            .scan_prefix(layout::key(layout::tag::PENDING, &[&customer.0]))
+        {
+            let (_, v) = kv.map_err(io)?;
+            let index = <[u8; 8]>::try_from(v.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Format("pending index value".into()))?;
+            if index < size {
+                out.push(index);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Whether `id` is an auditor the operator admitted, as of the durable log.
+    pub fn is_admitted_auditor(&self, id: &IdentityId) -> bool {
+        let Ok(size) = self.committed_size() else {
+            return false;
+        };
+        let keys = self.device_keys.read().unwrap_or_else(|p| p.into_inner());
+        keys.auditors
+            .all()
+            .any(|(a, s)| a == id && s.admitted && s.since < size)
+    }
+
+    /// The log indices of the durable admission entries, oldest first: who was admitted or dismissed as
+    /// an auditor, and when.
+    pub fn admissions(&self) -> Result<Vec<u64>, StoreError> {
+        let size = self.committed_size()?;
+        let keys = self.device_keys.read().unwrap_or_else(|p| p.into_inner());
+        Ok(keys
+            .admissions
+            .iter()
+            .copied()
+            .take_while(|i| *i < size)
+            .collect())
+    }
+
+    /// The role of a registered identity.
+    pub fn role(&self, id: &IdentityId) -> Option<Role> {
+        self.device_keys
+            .read()
+            .ok()?
+            .identities
+            .get(id)
+            .map(|(_, r, _)| *r)
+    }
+
+    /// Whether `key` is the next identity key `id`'s current key event commits to: a device recovering
+    /// with the recovery phrase proves it holds that key before anything else of its identity is
+    /// registered.
+    pub fn is_next_key(&self, id: &IdentityId, key: &cmr_core::keys::VerifyingKey) -> bool {
+        self.device_keys.read().ok().is_some_and(|keys| {
+            keys.identities
+                .get(id)
+                .is_some_and(|(_, _, next)| *next == cmr_core::identity::next_key_digest(key))
+        })
+    }
+
+    /// Signs a key-event head with the log key ([`cmr_log::keyhead`]): the operator's word that it is
+    /// the identity's whole key history at its size.
+    pub fn sign_key_head(&self, head: &cmr_log::keyhead::KeyHead) -> String {
+        head.sign(&self.log_key)
+    }
+
+    /// A customer's current signed key directory, as stored (`None` before the first).
+    pub fn directory(&self, customer: &IdentityId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .db
+            .get(layout::key(tag::DIRECTORY, &[&customer.0]))
+            .map_err(io)?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Runs an operation and waits for its acknowledgement (from a thread that may block).
+    pub fn execute(&self, op: Op) -> Result<Ack, StoreError> {
+        self.submit(op)
+            .blocking_recv()
+            .unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// The latest durable checkpoint.
+    pub fn checkpoint(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.durable().checkpoint.clone())
+    }
+
+    fn durable(&self) -> std::sync::RwLockReadGuard<'_, Durable> {
+        self.durable.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The size of the latest durable checkpoint: nothing past it is served.
+    fn committed_size(&self) -> Result<u64, StoreError> {
+        Ok(self.durable().size)
+    }
+
+    /// The inclusion proof of entry `index` in the tree of `size` entries.
+    pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, StoreError> {
+        let committed = self.committed_size()?;
+        Tree::new(Committed(&self.db, committed))
+            .inclusion_proof(index, size)
+            .map_err(tree_err)
+    }
+
+    /// The consistency proof between two tree sizes.
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, StoreError> {
+        let committed = self.committed_size()?;
+        Tree::new(Committed(&self.db, committed))
+            .consistency_proof(old, new)
+            .map_err(tree_err)
+    }
+
+    /// The root of the first `size` entries.
+    pub fn root(&self, size: u64) -> Result<Hash, StoreError> {
+        let committed = self.committed_size()?;
+        Tree::new(Committed(&self.db, committed))
+            .root(size)
+            .map_err(tree_err)
+    }
+
+    /// The leaf commitments `from..to`.
+    pub fn commitments(&self, from: u64, to: u64) -> Result<Vec<Digest>, StoreError> {
+        let size = self.committed_size()?;
+        if to > size {
+            return Err(StoreError::NotFound(format!("leaf {}", size.max(from))));
+        }
+        (from..to)
+            .map(|i| {
+                self.db
+                    .get(layout::indexed(tag::LEAF, i))
+                    .map_err(io)?
+                    .and_then(|v| <[u8; 32]>::try_from(v.as_ref()).ok())
+                    .map(Digest)
+                    .ok_or_else(|| StoreError::NotFound(format!("leaf {i}")))
+            })
+            .collect()
+    }
+
+    /// A customer's key backup and its version, if any.
+    pub fn backup(&self, customer: &IdentityId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .db
+            .get(layout::key(tag::BACKUP, &[&customer.0]))
+            .map_err(io)?
+            .and_then(|v| {
+                let version = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+                Some((version, v[8..].to_vec()))
+            }))
+    }
+
+    /// The salt and body of an entry, unless erased.
+    pub fn body(&self, index: u64) -> Result<Option<SaltedBody>, StoreError> {
+        if index >= self.committed_size()? {
+            return Ok(None);
+        }
+        Ok(self
+            .db
+            .get(layout::indexed(tag::BODY, index))
+            .map_err(io)?
+            .and_then(|v| {
+                let salt: [u8; 32] = v.get(..32)?.try_into().ok()?;
+                Some(SaltedBody {
+                    salt,
+                    body: v[32..].to_vec(),
+                })
+            }))
+    }
+
+    /// Stops the sequencer after the operations already queued.
+    pub fn close(&self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = self.handle.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl cmr_log::auditor::LogSource for &Store {
+    type Error = StoreError;
+
+    fn checkpoint(&mut self) -> Result<String, StoreError> {
+        Store::checkpoint(self)?.ok_or_else(|| StoreError::NotFound("no checkpoint yet".into()))
+    }
+
+    fn commitments(&mut self, from: u64, to: u64) -> Result<Vec<Digest>, StoreError> {
+        Store::commitments(self, from, to)
+    }
+
+    fn body(&mut self, index: u64) -> Result<Option<SaltedBody>, StoreError> {
+        Store::body(self, index)
+    }
+}

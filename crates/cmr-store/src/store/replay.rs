@@ -1,0 +1,159 @@
+//! Rebuilding the sequencer's state from the stored log when the store opens.
+
+use super::*;
+
+impl Sequencer {
+    /// Rebuilds the in-memory state by replaying the stored log (signatures were checked when logged).
+    /// Rebuilds the in-memory state from the stored log; with `add_indexes`, also writes the index rows
+    /// of every entry (a store from before the indexes), made durable with the rest of the open.
+    pub(super) fn rebuild(&mut self, add_indexes: bool) -> Result<(), StoreError> {
+        let mut rows = sled::Batch::default();
+        let size = self
+            .tree
+            .get(layout::META_SIZE)
+            .map_err(io)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        let mut heads = HashMap::new();
+        // Batches whose records are not all stored: right only for a family erased later in the log.
+        let mut without_records = Vec::new();
+        for i in 0..size {
+            let v = self
+                .tree
+                .get(layout::indexed(tag::BODY, i))
+                .map_err(io)?
+                .ok_or_else(|| {
+                    StoreError::Format(format!(
+                        "log entry {i} has no stored body: the data folder is damaged"
+                    ))
+                })?;
+            let body = EntryBody::decode(v.get(32..).unwrap_or_default())
+                .map_err(|e| StoreError::Format(format!("entry {i}: {e}")))?;
+            if let Some(c) = body.customer {
+                heads.insert(
+                    c,
+                    ChainLink {
+                        index: i,
+                        hash: EntryBody::hash(&v[32..]),
+                    },
+                );
+            }
+            self.state.last_time = self.state.last_time.max(body.time);
+            self.note_key_event(body.kind, body.subject, i);
+            if add_indexes {
+                let consent = body.customer.and_then(|c| self.state.ledger.consent(&c));
+                let changes = index_changes(
+                    consent,
+                    i,
+                    body.kind,
+                    body.subject,
+                    body.customer,
+                    &body.payload,
+                );
+                for k in changes.deletes {
+                    rows.remove(k);
+                }
+                for (k, v) in changes.puts {
+                    rows.insert(k, v);
+                }
+            }
+            let replayed = self
+                .replay(i, &body)
+                .map_err(|e| StoreError::Format(format!("entry {i} does not replay: {e}")))?;
+            if let Some(family) = replayed {
+                without_records.push((i, family));
+            }
+        }
+        for (i, (customer, family)) in without_records {
+            let erased = self
+                .state
+                .ledger
+                .consent(&customer)
+                .and_then(|c| c.erased_at(&family))
+                .is_some();
+            if !erased {
+                return Err(StoreError::Format(format!(
+                    "the records of the batch logged at {i} are missing, and its family was never \
+                     erased: the data folder is damaged"
+                )));
+            }
+        }
+        self.tree.apply_batch(rows).map_err(io)?;
+        self.state.heads = heads;
+        self.state.size = size;
+        let root = Tree::new(Committed(&self.tree, size))
+            .root(size)
+            .map_err(tree_err)?;
+        if let Some(note) = self.tree.get(layout::META_CHECKPOINT).map_err(io)? {
+            let note = String::from_utf8_lossy(&note).into_owned();
+            let cp = cmr_log::checkpoint::open(&note, &self.log_key.verifier(), &[], 0)
+                .map_err(|e| StoreError::Format(format!("stored checkpoint: {e}")))?;
+            if cp.checkpoint.size != size || cp.checkpoint.root != root {
+                return Err(StoreError::Format(
+                    "the stored checkpoint does not match the stored tree".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Replays one log entry into the in-memory state. For a batch whose records are not all stored,
+    /// returns its family, which the caller checks was erased later in the log.
+    pub(super) fn replay(
+        &mut self,
+        index: u64,
+        body: &EntryBody,
+    ) -> Result<Option<(IdentityId, FamilyId)>, StoreError> {
+        let m = |e: &dyn std::fmt::Display| StoreError::Format(e.to_string());
+        let parsed = Parsed::decode(body.kind, &body.payload, &self.log_key.verifier())
+            .map_err(|e| m(&e))?;
+        // Signatures were checked when the entry was logged; the rules are applied again in full.
+        let (_, effect) = self
+            .state
+            .ledger
+            .apply(
+                &parsed,
+                index,
+                body.time,
+                Some(Header::of(body)),
+                Signatures::Checked,
+            )
+            .map_err(|e| m(&e))?;
+        self.publish(&parsed, &effect, index);
+        // The family ledger (the sealed records' chain) is the store's own: the ledger checked who
+        // may write the batch; here the stored records must match it.
+        let Parsed::FamilyHead(signed) = parsed else {
+            return Ok(None);
+        };
+        let b = signed.batch();
+        let number = self.state.family_number(&b.customer, &b.family)?;
+        let ledger = self
+            .state
+            .ledgers
+            .get_mut(&(b.customer, b.family))
+            .ok_or_else(|| m(&"unknown family"))?;
+        // Records of an erased family are gone; its ledger is then not rebuilt.
+        let mut records = Vec::with_capacity(b.entries.len());
+        let mut complete = true;
+        let mut next: HashMap<Period, u64> = HashMap::new();
+        for e in &b.entries {
+            let n = next
+                .entry(e.period)
+                .or_insert_with(|| ledger.period_count(e.period));
+            let key = layout::record(number, e.period, *n);
+            *n += 1;
+            match self.tree.get(key).map_err(io)? {
+                Some(v) if v.len() > 8 => {
+                    records.push(SealedRecord::decode(v[8..].to_vec()).map_err(|e| m(&e))?)
+                }
+                _ => complete = false,
+            }
+        }
+        if !complete {
+            return Ok(Some((b.customer, b.family)));
+        }
+        ledger.apply(b, &records).map_err(|e| m(&e))?;
+        Ok(None)
+    }
+}

@@ -1,0 +1,919 @@
+//! The sequencer: one thread that takes operations in groups, decides each by the rule engine, stages
+//! the group's writes and hands it to the syncer.
+
+use super::*;
+
+/// What the sequencer owns.
+pub(super) struct Sequencer {
+    pub(super) tree: sled::Tree,
+    pub(super) log_key: Arc<NoteSigner>,
+    pub(super) clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    pub(super) max_group: usize,
+    pub(super) max_page_bytes: usize,
+    pub(super) state: State,
+    /// Set when the sequencer stopped taking operations after a failure (shared with [`Store`]).
+    pub(super) poisoned: Arc<AtomicBool>,
+    pub(super) device_keys: DeviceKeys,
+    /// What makes groups durable: moved onto its own thread when the sequencer runs.
+    pub(super) syncer: Option<Syncer>,
+    /// Where written groups go to be made durable and acknowledged, once the sequencer runs.
+    pub(super) to_syncer: Option<mpsc::SyncSender<Written>>,
+}
+/// The in-memory state, rebuilt from the log when the store opens.
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) size: u64,
+    pub(super) last_time: u64,
+    /// The rules' state: identities, devices, consent, directories, auditors ([`cmr_log::ledger`]).
+    pub(super) ledger: Ledger,
+    pub(super) ledgers: HashMap<(IdentityId, FamilyId), FamilyLedger>,
+    pub(super) heads: HashMap<IdentityId, ChainLink>,
+    /// A short number for each family, in the order the families were declared (so the same after a
+    /// replay): record keys carry it instead of two 32-byte ids.
+    pub(super) family_numbers: HashMap<(IdentityId, FamilyId), u64>,
+}
+impl State {
+    /// Declares a family from a directory: its ledger and its number.
+    pub(super) fn ensure_family(
+        &mut self,
+        customer: IdentityId,
+        family: FamilyId,
+        scope: cmr_core::family::Scope,
+    ) {
+        let next = self.family_numbers.len() as u64;
+        self.family_numbers
+            .entry((customer, family))
+            .or_insert(next);
+        self.ledgers
+            .entry((customer, family))
+            .or_insert_with(|| FamilyLedger::new(customer, family, scope));
+    }
+
+    /// The family's number in record keys.
+    pub(super) fn family_number(
+        &self,
+        customer: &IdentityId,
+        family: &FamilyId,
+    ) -> Result<u64, StoreError> {
+        self.family_numbers
+            .get(&(*customer, *family))
+            .copied()
+            .ok_or_else(|| StoreError::NotFound("family".into()))
+    }
+
+    /// A customer's consent state.
+    pub(super) fn consent(&self, customer: &IdentityId) -> Result<&ConsentState, StoreError> {
+        self.ledger
+            .consent(customer)
+            .ok_or_else(|| StoreError::NotFound("customer".into()))
+    }
+}
+/// The result of one operation inside a group, before the group is durable.
+pub(super) struct Pending {
+    pub(super) index: Option<u64>,
+    pub(super) read: Option<ReadResult>,
+    pub(super) repeated: bool,
+    pub(super) head: Option<Digest>,
+    /// The salted body logged at `index`, when this operation logged it.
+    pub(super) entry: Option<SaltedBody>,
+}
+impl Sequencer {
+    pub(super) fn now(&self) -> u64 {
+        (self.clock)().max(self.state.last_time)
+    }
+
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Job>) {
+        // Groups are made durable and acknowledged on a thread of their own, in order, while the
+        // sequencer decides the next group: its fsync no longer stalls the pipeline. At most one group
+        // waits for durability while the next is prepared (a rendezvous channel).
+        let (to_syncer, queue) = mpsc::sync_channel::<Written>(0);
+        let syncer = self.syncer.take().and_then(|mut syncer| {
+            std::thread::Builder::new()
+                .name("cmr-syncer".into())
+                .spawn(move || {
+                    for group in queue {
+                        syncer.finish(group);
+                    }
+                })
+                .ok()
+        });
+        if syncer.is_some() {
+            self.to_syncer = Some(to_syncer);
+        } else {
+            // Without its syncer nothing can be made durable: report unhealthy, answer Closed.
+            self.poisoned.store(true, Ordering::SeqCst);
+        }
+        self.serve(&rx);
+        // Closing: the groups handed off are made durable and answered before the store lets go.
+        self.to_syncer = None;
+        if let Some(handle) = syncer {
+            let _ = handle.join();
+        }
+    }
+
+    pub(super) fn serve(&mut self, rx: &mpsc::Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            while group.len() < self.max_group {
+                match rx.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            // A panic is a bug, but it must not leave the server half alive: the group's replies are
+            // dropped (the server answers them as unavailable), nothing more is taken, and the store
+            // reports itself unhealthy until it is reopened from what is durable.
+            let stopped = self.poisoned.clone();
+            let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.commit_group(group);
+            }));
+            if committed.is_err() {
+                stopped.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    pub(super) fn commit_group(&mut self, group: Vec<Job>) {
+        if self.poisoned.load(Ordering::SeqCst) {
+            for job in group {
+                let _ = job.reply.send(Err(StoreError::Closed));
+            }
+            return;
+        }
+        let tree = self.tree.clone();
+        let mut overlay = Overlay {
+            tree: &tree,
+            writes: BTreeMap::new(),
+            size: self.state.size,
+            logged: HashMap::new(),
+        };
+        let time = self.now();
+        let mut replies = Vec::with_capacity(group.len());
+        let mut results = Vec::with_capacity(group.len());
+        for job in group {
+            results.push(self.process(job.op, job.pre, &mut overlay, time));
+            replies.push(job.reply);
+        }
+        // A storage failure or damaged data met while processing may have left an operation half-done
+        // in the overlay and in memory: commit nothing of this group (nothing of it was acknowledged),
+        // and stop, so that a reopen rebuilds the state from what is durable.
+        if results
+            .iter()
+            .any(|r| r.as_ref().is_err_and(StoreError::is_internal))
+        {
+            self.poisoned.store(true, Ordering::SeqCst);
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(Err(match result {
+                    Err(own) if own.is_internal() => own,
+                    _ => StoreError::Closed,
+                }));
+            }
+            return;
+        }
+        let size = overlay.size;
+        let outcome = (|| -> Result<(String, Hash), StoreError> {
+            let root = Tree::new(&mut overlay).root(size).map_err(tree_err)?;
+            let note = Checkpoint {
+                origin: self.log_key.name().to_string(),
+                size,
+                root,
+                extensions: vec![],
+            }
+            .sign(&self.log_key);
+            overlay.put(layout::META_CHECKPOINT.to_vec(), note.clone().into_bytes());
+            let mut batch = sled::Batch::default();
+            for (k, v) in std::mem::take(&mut overlay.writes) {
+                match v {
+                    Some(v) => batch.insert(k, v),
+                    None => batch.remove(k),
+                }
+            }
+            self.tree.apply_batch(batch).map_err(io)?;
+            Ok((note, root))
+        })();
+        let (note, root) = match outcome {
+            Ok(done) => done,
+            Err(e) => {
+                // The in-memory state may now be ahead of sled: stop, and let a reopen rebuild it.
+                self.poisoned.store(true, Ordering::SeqCst);
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        // The next group builds on this one (in sled, not durable yet); the syncer makes it durable.
+        self.state.size = size;
+        let written = Written {
+            size,
+            root,
+            ack: Acknowledgement {
+                size,
+                note,
+                replies: replies.into_iter().zip(results).collect(),
+            },
+        };
+        match (&self.to_syncer, &mut self.syncer) {
+            (Some(to_syncer), _) => {
+                if let Err(mpsc::SendError(written)) = to_syncer.send(written) {
+                    // The syncer is gone (it panicked): nothing can be made durable any more.
+                    self.poisoned.store(true, Ordering::SeqCst);
+                    written.ack.fail(&StoreError::InDoubt(
+                        "the store stopped while making this durable".into(),
+                    ));
+                }
+            }
+            (None, Some(syncer)) => syncer.finish(written),
+            (None, None) => written.ack.fail(&StoreError::Closed),
+        }
+    }
+
+    /// Appends a log entry to the overlay and the in-memory chain heads.
+    pub(super) fn log(
+        &mut self,
+        overlay: &mut Overlay<'_>,
+        kind: EntryKind,
+        time: u64,
+        subject: IdentityId,
+        customer: Option<IdentityId>,
+        payload: Vec<u8>,
+    ) -> Result<u64, StoreError> {
+        let body = EntryBody {
+            kind,
+            time,
+            subject,
+            customer,
+            prev: customer.and_then(|c| self.state.heads.get(&c).copied()),
+            payload,
+        };
+        let encoded = body.encode();
+        let salt = draw_salt(&mut rand::rng());
+        let c = commitment(&salt, &encoded);
+        let index = overlay.size;
+        let mut stored = salt.to_vec();
+        stored.extend_from_slice(&encoded);
+        overlay.put(layout::indexed(tag::BODY, index), stored);
+        let hash = EntryBody::hash(&encoded);
+        overlay.logged.insert(
+            index,
+            SaltedBody {
+                salt,
+                body: encoded,
+            },
+        );
+        overlay.put(layout::indexed(tag::LEAF, index), c.0.to_vec());
+        Tree::new(&mut *overlay)
+            .append(commitment_leaf(&c))
+            .map_err(tree_err)?;
+        if let Some(c) = customer {
+            overlay.put(
+                layout::key(tag::CUSTOMER_HEAD, &[&c.0]),
+                index.to_be_bytes().to_vec(),
+            );
+            self.state.heads.insert(c, ChainLink { index, hash });
+        }
+        self.state.last_time = self.state.last_time.max(time);
+        self.note_key_event(kind, subject, index);
+        // A statement's rows are judged before it is applied (the caller writes them).
+        if kind != EntryKind::Statement {
+            let changes = index_changes(None, index, kind, subject, customer, &[]);
+            apply_index(overlay, changes);
+        }
+        Ok(index)
+    }
+
+    /// Indexes an identity's key event, so that counterparties can fetch the events and replay them.
+    pub(super) fn note_key_event(&self, kind: EntryKind, subject: IdentityId, index: u64) {
+        if matches!(
+            kind,
+            EntryKind::KeyEvent | EntryKind::DeviceCertificate | EntryKind::DeviceRevocation
+        ) && let Ok(mut keys) = self.device_keys.write()
+        {
+            keys.events.entry(subject).or_default().push(index);
+        }
+    }
+
+    pub(super) fn process(
+        &mut self,
+        op: Op,
+        pre: Option<PreparedBatch>,
+        overlay: &mut Overlay<'_>,
+        time: u64,
+    ) -> Result<Pending, StoreError> {
+        // A registration is an inception, a rotation is not: checked before anything else, so that the
+        // one is never answered as a repeat of the other.
+        if let Op::Register(ev) | Op::Rotate(ev) = &op
+            && (ev.event().seq == 0) != matches!(op, Op::Register(_))
+        {
+            return Err(StoreError::Malformed(
+                "a registration is an inception, a rotation is not".into(),
+            ));
+        }
+        // Idempotency: the same body under the same id returns the original index.
+        let payload = op.payload();
+        let idem = payload.as_deref().and_then(|p| op.idempotency_id(p));
+        if let Some((id, digest)) = &idem
+            && let Some(v) = overlay.get(&layout::key(tag::IDEMPOTENCY, &[&id.0]))?
+        {
+            if v.len() == 40 && v[..32] == digest.0 {
+                let index = u64::from_be_bytes(
+                    v[32..40]
+                        .try_into()
+                        .map_err(|_| StoreError::Format("idempotency record".into()))?,
+                );
+                return Ok(Pending {
+                    index: Some(index),
+                    read: None,
+                    repeated: true,
+                    head: None,
+                    entry: None,
+                });
+            }
+            return Err(StoreError::Conflict);
+        }
+        let index = overlay.size;
+        let mut pending = self.apply_op(op, payload, pre, overlay, index, time)?;
+        if let Some(i) = pending.index {
+            pending.entry = overlay.logged.remove(&i);
+        }
+        overlay.logged.clear();
+        if let (Some((id, digest)), Some(i)) = (idem, pending.index) {
+            let mut v = digest.0.to_vec();
+            v.extend_from_slice(&i.to_be_bytes());
+            overlay.put(layout::key(tag::IDEMPOTENCY, &[&id.0]), v);
+        }
+        Ok(pending)
+    }
+
+    pub(super) fn logged(index: u64) -> Pending {
+        Pending {
+            index: Some(index),
+            read: None,
+            repeated: false,
+            head: None,
+            entry: None,
+        }
+    }
+
+    pub(super) fn apply_op(
+        &mut self,
+        op: Op,
+        payload: Option<Vec<u8>>,
+        pre: Option<PreparedBatch>,
+        overlay: &mut Overlay<'_>,
+        index: u64,
+        time: u64,
+    ) -> Result<Pending, StoreError> {
+        let parsed = match op {
+            Op::Register(e) | Op::Rotate(e) => Parsed::KeyEvent(e),
+            Op::Certify(c) => Parsed::Certificate(c),
+            Op::RevokeDevice(r) => Parsed::Revocation(r),
+            Op::PublishDirectory(d) => Parsed::Directory(d),
+            Op::Statement(s) => Parsed::Statement(s),
+            Op::Admission(b) => Parsed::decode(EntryKind::Admission, &b, &self.log_key.verifier())?,
+            other => return self.apply_unlogged(other, payload, pre, overlay, index, time),
+        };
+        let kind = parsed.kind();
+        let bytes =
+            payload.ok_or_else(|| StoreError::Io("a statement without its bytes".into()))?;
+        // A statement's index rows are judged from the consent state before it applies.
+        let changes = match &parsed {
+            Parsed::Statement(st) => {
+                let s = st.statement();
+                let consent = self.state.ledger.consent(&s.customer);
+                Some(index_changes(
+                    consent,
+                    index,
+                    EntryKind::Statement,
+                    s.author,
+                    Some(s.customer),
+                    &bytes,
+                ))
+            }
+            _ => None,
+        };
+        let (header, effect) =
+            self.state
+                .ledger
+                .apply(&parsed, index, time, None, Signatures::Verify)?;
+        self.publish(&parsed, &effect, index);
+        match (&parsed, &effect) {
+            (Parsed::Directory(dir), _) => {
+                let customer = dir.directory().customer;
+                overlay.put(layout::key(tag::DIRECTORY, &[&customer.0]), bytes.clone());
+            }
+            (Parsed::Statement(st), Effect::Statement(Some(target))) => {
+                self.erase(overlay, st.statement().customer, *target)?;
+            }
+            _ => {}
+        }
+        let logged = self.log(overlay, kind, time, header.subject, header.customer, bytes)?;
+        if let Some(changes) = changes {
+            apply_index(overlay, changes);
+        }
+        Ok(Self::logged(logged))
+    }
+
+    /// Applies what the ledger's verdict changes outside it: the keys that sign requests, the family
+    /// ledgers a directory declares, the auditors the server admits. One step for the sequencer and for
+    /// the replay at open.
+    pub(super) fn publish(&mut self, parsed: &Parsed, effect: &Effect, index: u64) {
+        match effect {
+            Effect::Registered(id) => self.publish_identity_key(id),
+            Effect::Rotated(id) => {
+                self.publish_identity_key(id);
+                self.unpublish_superseded(id, index);
+            }
+            Effect::Certified(id, device) => self.publish_device_key(id, device),
+            Effect::Revoked(_, device) => self.unpublish_device_key(device),
+            Effect::Directory(customer) => {
+                // In the directory's order: family numbers must come out the same at every replay.
+                if let Parsed::Directory(dir) = parsed {
+                    for f in &dir.directory().families {
+                        self.state.ensure_family(*customer, f.family, f.scope);
+                    }
+                }
+            }
+            Effect::Admission(_) => {
+                if let Ok(mut keys) = self.device_keys.write() {
+                    keys.auditors = self.state.ledger.auditors().clone();
+                    keys.admissions.push(index);
+                }
+            }
+            Effect::Statement(_) | Effect::FamilyHead | Effect::Access(_) => {}
+        }
+    }
+
+    /// The operations that log no statement of their own: batches, reads, backups and head queries.
+    pub(super) fn apply_unlogged(
+        &mut self,
+        op: Op,
+        payload: Option<Vec<u8>>,
+        pre: Option<PreparedBatch>,
+        overlay: &mut Overlay<'_>,
+        index: u64,
+        time: u64,
+    ) -> Result<Pending, StoreError> {
+        match op {
+            Op::WriteBatch {
+                batch,
+                records,
+                access,
+            } => {
+                let bytes =
+                    payload.ok_or_else(|| StoreError::Io("a batch without its bytes".into()))?;
+                let checked = pre.and_then(|p| p.signature);
+                self.write_batch(overlay, index, time, batch, bytes, records, access, checked)
+            }
+            Op::PutBackup {
+                customer,
+                version,
+                bytes,
+            } => {
+                if bytes.len() > MAX_BACKUP {
+                    return Err(StoreError::Malformed(format!(
+                        "a key backup is at most {MAX_BACKUP} bytes"
+                    )));
+                }
+                if self.state.ledger.consent(&customer).is_none() {
+                    return Err(StoreError::NotFound(format!("customer {customer}")));
+                }
+                let key = layout::key(tag::BACKUP, &[&customer.0]);
+                let current = overlay
+                    .get(&key)?
+                    .and_then(|v| v.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()))
+                    .map_or(0, u64::from_be_bytes);
+                if version != current + 1 {
+                    return Err(StoreError::BackupConflict {
+                        expected: current + 1,
+                    });
+                }
+                let mut v = version.to_be_bytes().to_vec();
+                v.extend_from_slice(&bytes);
+                overlay.put(key, v);
+                Ok(Pending {
+                    index: None,
+                    read: None,
+                    repeated: false,
+                    head: None,
+                    entry: None,
+                })
+            }
+            Op::Head {
+                customer,
+                family,
+                caller,
+                grant,
+            } => {
+                if caller != customer {
+                    let grant = grant.ok_or_else(|| {
+                        StoreError::Malformed("a company appends under a grant".into())
+                    })?;
+                    self.state
+                        .consent(&customer)?
+                        .may_append(caller, grant, family, index, time)
+                        .map_err(StoreError::Denied)?;
+                }
+                let head = self
+                    .state
+                    .ledgers
+                    .get(&(customer, family))
+                    .ok_or_else(|| StoreError::NotFound("family".into()))?
+                    .head()
+                    .digest();
+                Ok(Pending {
+                    index: None,
+                    read: None,
+                    repeated: false,
+                    head: Some(head),
+                    entry: None,
+                })
+            }
+            Op::Read {
+                customer,
+                family,
+                periods,
+                cursor,
+                limit,
+                access,
+            } => self.read(
+                overlay,
+                index,
+                time,
+                customer,
+                family,
+                periods,
+                cursor,
+                limit,
+                access.as_ref(),
+            ),
+            Op::Register(_)
+            | Op::Rotate(_)
+            | Op::Certify(_)
+            | Op::RevokeDevice(_)
+            | Op::PublishDirectory(_)
+            | Op::Statement(_)
+            | Op::Admission(_) => Err(StoreError::Io(
+                "a logged statement reached the unlogged operations".into(),
+            )),
+        }
+    }
+
+    /// After the identity key rotated at `index`: its devices certified under an earlier key no longer
+    /// sign requests (a thief's device among them) until certified again under the new key.
+    pub(super) fn unpublish_superseded(&self, identity: &IdentityId, index: u64) {
+        let Some(state) = self.state.ledger.identity(identity) else {
+            return;
+        };
+        let gone: Vec<DeviceId> = state
+            .devices()
+            .filter(|d| state.device_at(d, index + 1).is_err())
+            .copied()
+            .collect();
+        for d in gone {
+            self.unpublish_device_key(&d);
+        }
+    }
+
+    /// Makes a certified device's key available to submitters (a device id fixes its key).
+    pub(super) fn publish_device_key(&self, identity: &IdentityId, device: &DeviceId) {
+        let key = self
+            .state
+            .ledger
+            .identity(identity)
+            .and_then(|s| s.device_key(device));
+        if let (Some(key), Ok(mut keys)) = (key, self.device_keys.write()) {
+            keys.devices.insert(*device, (*identity, key));
+        }
+    }
+
+    /// Withdraws a revoked device's key: from then on no request signed by it authenticates. (Logged
+    /// accesses are also checked against the device's validity at their own position when sequenced.)
+    pub(super) fn unpublish_device_key(&self, device: &DeviceId) {
+        if let Ok(mut keys) = self.device_keys.write() {
+            keys.devices.remove(device);
+        }
+    }
+
+    /// Makes an identity's current key available to submitters.
+    pub(super) fn publish_identity_key(&self, identity: &IdentityId) {
+        let key = self.state.ledger.identity(identity).map(|s| {
+            let current = s.keys().current();
+            (
+                current.signing_key,
+                s.keys().role(),
+                current.next_key_digest,
+            )
+        });
+        if let (Some(key), Ok(mut keys)) = (key, self.device_keys.write()) {
+            keys.identities.insert(*identity, key);
+        }
+    }
+
+    pub(super) fn erase(
+        &mut self,
+        overlay: &mut Overlay<'_>,
+        customer: IdentityId,
+        target: ErasureTarget,
+    ) -> Result<(), StoreError> {
+        let numbers: Vec<u64> = match target {
+            // A family that never held a record has nothing stored to delete.
+            ErasureTarget::Family(f) => self
+                .state
+                .family_number(&customer, &f)
+                .ok()
+                .into_iter()
+                .collect(),
+            ErasureTarget::Vault => self
+                .state
+                .family_numbers
+                .iter()
+                .filter(|((c, _), _)| *c == customer)
+                .map(|(_, n)| *n)
+                .collect(),
+        };
+        if target == ErasureTarget::Vault {
+            overlay.delete(layout::key(tag::BACKUP, &[&customer.0]));
+        }
+        for number in numbers {
+            let prefix = layout::family_prefix(number);
+            for kv in self.tree.scan_prefix(&prefix) {
+                let (k, _) = kv.map_err(io)?;
+                overlay.delete(k.to_vec());
+            }
+            // Records written earlier in this same group are not in sled yet.
+            let pending: Vec<Vec<u8>> = overlay
+                .writes
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in pending {
+                overlay.delete(k);
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn write_batch(
+        &mut self,
+        overlay: &mut Overlay<'_>,
+        index: u64,
+        time: u64,
+        signed: SignedBatch,
+        batch_bytes: Vec<u8>,
+        records: Vec<SealedRecord>,
+        access: Option<AccessRecord>,
+        checked: Option<bool>,
+    ) -> Result<Pending, StoreError> {
+        let b = signed.batch().clone();
+        // The batch's own rules (signer valid here, a customer's epoch and rotation), by the ledger; a
+        // signature already checked on the submitting thread is not checked again.
+        let signatures = match checked {
+            Some(true) => Signatures::Checked,
+            Some(false) => return Err(StoreError::BadSignature("batch signature".into())),
+            None => Signatures::Verify,
+        };
+        let head = Parsed::FamilyHead(signed);
+        self.state
+            .ledger
+            .apply(&head, index, time, None, signatures)?;
+        let periods = records
+            .iter()
+            .map(|r| r.header().period)
+            .fold(None, |acc: Option<(Period, Period)>, p| {
+                Some(acc.map_or((p, p), |(a, z)| (a.min(p), z.max(p))))
+            })
+            .ok_or_else(|| StoreError::Malformed("a batch with no records".into()))?;
+        let mut append = None;
+        if b.author != b.customer {
+            let access = access.ok_or_else(|| {
+                StoreError::Malformed("a company append carries its access record".into())
+            })?;
+            // The access is logged right after the batch: decided at that position, by the same rule
+            // that records it below.
+            let (header, attempt, _) = self.state.ledger.decide(&access, index + 1, time)?;
+            // The signed request must name exactly this append: the auditor replays the decision from it.
+            if header.subject != b.author {
+                return Err(StoreError::BadSignature(
+                    "the request is signed by another identity than the batch".into(),
+                ));
+            }
+            if header.customer != Some(b.customer)
+                || attempt.kind != AccessKind::Append
+                || attempt.families != [b.family]
+                || attempt.epoch != Some(b.epoch)
+                || periods.0 < attempt.periods.0
+                || attempt.periods.1 < periods.1
+            {
+                return Err(StoreError::Malformed(
+                    "the access record does not match the batch".into(),
+                ));
+            }
+            append = Some(access);
+        }
+        let number = self.state.family_number(&b.customer, &b.family)?;
+        let ledger = self
+            .state
+            .ledgers
+            .get_mut(&(b.customer, b.family))
+            .ok_or_else(|| StoreError::NotFound("family".into()))?;
+        let placements = ledger.placements(&b);
+        // `apply` checks everything before it changes anything, so a refusal changes nothing.
+        let new_head = ledger.apply(&b, &records).map_err(|e| match e {
+            cmr_core::batch::BatchError::StaleHead { .. } => StoreError::StaleHead,
+            other => StoreError::Refused(other.to_string()),
+        })?;
+        // The batch goes into the log once, as the family-head entry; each record names that entry.
+        let head_index = overlay.size;
+        for (r, (period, n)) in records.iter().zip(placements) {
+            // One key per record: the index of the entry of its batch, then the sealed record.
+            let mut value = Vec::with_capacity(8 + r.as_bytes().len());
+            value.extend_from_slice(&head_index.to_be_bytes());
+            value.extend_from_slice(r.as_bytes());
+            overlay.put(layout::record(number, period, n), value);
+        }
+        let logged = self.log(
+            overlay,
+            EntryKind::FamilyHead,
+            time,
+            b.author,
+            Some(b.customer),
+            batch_bytes,
+        )?;
+        debug_assert_eq!(logged, head_index);
+        if let Some(access) = append {
+            let at = overlay.size;
+            let payload = access.encode();
+            let (header, _) = self
+                .state
+                .ledger
+                .apply(&Parsed::Access(access), at, time, None, Signatures::Checked)
+                // `decide` allowed this very access: a refusal here, after the batch was applied, is a
+                // bug, and the group is dropped rather than committed half-done.
+                .map_err(|e| StoreError::Io(format!("append allowed, then refused: {e}")))?;
+            return self
+                .log(
+                    overlay,
+                    EntryKind::Access,
+                    time,
+                    header.subject,
+                    header.customer,
+                    payload,
+                )
+                .map(|i| Pending {
+                    head: Some(new_head.digest()),
+                    ..Self::logged(i)
+                });
+        }
+        Ok(Pending {
+            head: Some(new_head.digest()),
+            ..Self::logged(head_index)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn read(
+        &mut self,
+        overlay: &mut Overlay<'_>,
+        index: u64,
+        time: u64,
+        customer: IdentityId,
+        family: FamilyId,
+        periods: (Period, Period),
+        cursor: Option<(Period, u64)>,
+        limit: u64,
+        access: Option<&AccessRecord>,
+    ) -> Result<Pending, StoreError> {
+        if periods.0 > periods.1 {
+            return Err(StoreError::Malformed(format!(
+                "the read runs from {} to {}: from is after to",
+                periods.0, periods.1
+            )));
+        }
+        // First decide and gather everything that can fail; only then log the access (and use up a
+        // one-time grant), so that a refused read leaves no trace.
+        let mut allowed = None;
+        if let Some(access) = access {
+            let (header, attempt, _) = self.state.ledger.decide(access, index, time)?;
+            // The signed request must name exactly this read: the auditor replays the decision from it.
+            if header.customer != Some(customer)
+                || attempt.kind != AccessKind::Read
+                || attempt.families != [family]
+                || attempt.periods != periods
+            {
+                return Err(StoreError::Malformed(
+                    "the access record does not match the read".into(),
+                ));
+            }
+            allowed = Some(access);
+        } else if let Some(at) = self
+            .state
+            .ledger
+            .consent(&customer)
+            .and_then(|c| c.erased_at(&family))
+        {
+            return Err(StoreError::Denied(DenyReason::FamilyErased(at)));
+        }
+        let number = self.state.family_number(&customer, &family)?;
+        let ledger = self
+            .state
+            .ledgers
+            .get(&(customer, family))
+            .ok_or_else(|| StoreError::NotFound("family".into()))?;
+        let prove = |limit: u64| {
+            ledger
+                .prove_read(ledger.head().batches, periods.0, periods.1, cursor, limit)
+                .ok_or_else(|| StoreError::Malformed("bad read".into()))
+        };
+        let mut proof = prove(limit.clamp(1, 10_000))?;
+        // The page is bounded by bytes as well as by count: records are gathered in order until the next
+        // would pass the byte budget (at least one is always served), and the proof is then made again
+        // for exactly those, so its cursor names where the next page starts. Memory per read is bounded
+        // by the budget, not by the count asked for.
+        let mut records = Vec::new();
+        let mut record_batches = Vec::new();
+        let mut bytes = 0usize;
+        let mut truncated = false;
+        'pages: for page in &proof.pages {
+            for (i, id) in page.ids.iter().enumerate() {
+                let n = page.start + i as u64;
+                let value = overlay
+                    .get(&layout::record(number, page.period, n))?
+                    .ok_or_else(|| StoreError::NotFound(format!("record {}", id.to_hex())))?;
+                if value.len() <= 8 {
+                    return Err(StoreError::Format("record value".into()));
+                }
+                if !records.is_empty() && bytes + value.len() - 8 > self.max_page_bytes {
+                    truncated = true;
+                    break 'pages;
+                }
+                bytes += value.len() - 8;
+                record_batches.push(value[..8].to_vec());
+                records.push(value[8..].to_vec());
+            }
+        }
+        if truncated {
+            proof = prove(records.len() as u64)?;
+        }
+        let mut batch_digests: Vec<Vec<u8>> = Vec::new();
+        for d in record_batches {
+            if !batch_digests.contains(&d) {
+                batch_digests.push(d);
+            }
+        }
+        let batches = batch_digests
+            .iter()
+            .map(|d| {
+                let index = u64::from_be_bytes(
+                    d.as_slice()
+                        .try_into()
+                        .map_err(|_| StoreError::Format("record value".into()))?,
+                );
+                let stored = overlay
+                    .get(&layout::indexed(tag::BODY, index))?
+                    .ok_or_else(|| StoreError::NotFound("batch entry".into()))?;
+                let body = EntryBody::decode(stored.get(32..).unwrap_or_default())
+                    .map_err(|e| StoreError::Format(e.to_string()))?;
+                Ok::<_, StoreError>(body.payload)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut logged = None;
+        if let Some(access) = allowed {
+            let payload = access.encode();
+            let (header, _) = self
+                .state
+                .ledger
+                .apply(
+                    &Parsed::Access(access.clone()),
+                    index,
+                    time,
+                    None,
+                    Signatures::Checked,
+                )
+                // `decide` allowed this very access a moment ago: a refusal now is a bug, and the
+                // group is dropped rather than committed half-done.
+                .map_err(|e| StoreError::Io(format!("read allowed, then refused: {e}")))?;
+            logged = Some(self.log(
+                overlay,
+                EntryKind::Access,
+                time,
+                header.subject,
+                header.customer,
+                payload,
+            )?);
+        }
+        Ok(Pending {
+            index: logged,
+            head: None,
+            read: Some(ReadResult {
+                proof,
+                records,
+                batches,
+            }),
+            repeated: false,
+            entry: None,
+        })
+    }
+}
