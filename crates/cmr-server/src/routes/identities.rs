@@ -17,6 +17,8 @@ use cmr_log::keyhead::KeyHead;
 use cmr_store::Op;
 use serde::Deserialize;
 
+#[allow(unused_imports)] // Named in the OpenAPI annotations.
+use super::{FamilyPath, IdentityPath, Problem, VaultPath};
 use super::{
     ack_json, b64, current_checkpoint, entry_json, hex_id, json_body, optional_json_body, run,
 };
@@ -24,7 +26,6 @@ use crate::AppState;
 use crate::auth::{Owner, Unverified};
 use crate::error::ApiError;
 use cmr_wire::log::AckJson;
-use cmr_wire::problem::ProblemJson;
 use cmr_wire::vault::{KeyEventsJson, VaultsJson};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -64,13 +65,11 @@ struct EventsBody {
     path = "/v1/identities/{id}/events",
     tag = "identities",
     summary = "An identity's key events with inclusion proofs and the signed key-event head",
-    params(
-        ("id" = String, Path, description = "The identity, 64 hex digits")
-    ),
+    params(IdentityPath),
     request_body = EventsBody,
     responses(
         (status = 200, description = "Success", body = KeyEventsJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]
@@ -156,13 +155,11 @@ struct VaultsBody {
     path = "/v1/identities/{id}/vaults",
     tag = "identities",
     summary = "The customers whose chains concern the calling identity (how a company discovers grants)",
-    params(
-        ("id" = String, Path, description = "The identity, 64 hex digits")
-    ),
+    params(IdentityPath),
     request_body = VaultsBody,
     responses(
         (status = 200, description = "Success", body = VaultsJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]
@@ -205,7 +202,7 @@ struct RegisterBody {
     request_body = RegisterBody,
     responses(
         (status = 200, description = "Success", body = AckJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]
@@ -244,13 +241,11 @@ struct CertifyBody {
     path = "/v1/identities/{id}/devices",
     tag = "identities",
     summary = "Certify a device",
-    params(
-        ("id" = String, Path, description = "The identity, 64 hex digits")
-    ),
+    params(IdentityPath),
     request_body = CertifyBody,
     responses(
         (status = 200, description = "Success", body = AckJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]
@@ -286,13 +281,11 @@ struct RevokeBody {
     path = "/v1/identities/{id}/devices/revoke",
     tag = "identities",
     summary = "Revoke a device",
-    params(
-        ("id" = String, Path, description = "The identity, 64 hex digits")
-    ),
+    params(IdentityPath),
     request_body = RevokeBody,
     responses(
         (status = 200, description = "Success", body = AckJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]
@@ -330,13 +323,11 @@ struct RotateBody {
     path = "/v1/identities/{id}/rotate",
     tag = "identities",
     summary = "Rotate the identity key (recovery: signed by the key it reveals)",
-    params(
-        ("id" = String, Path, description = "The identity, 64 hex digits")
-    ),
+    params(IdentityPath),
     request_body = RotateBody,
     responses(
         (status = 200, description = "Success", body = AckJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]

@@ -15,9 +15,10 @@ use cmr_wire::log::{
 };
 use serde::Deserialize;
 
+#[allow(unused_imports)] // Named in the OpenAPI annotations.
+use super::{FamilyPath, IdentityPath, Problem, VaultPath};
 use crate::AppState;
 use crate::error::ApiError;
-use cmr_wire::problem::ProblemJson;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -44,7 +45,7 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
     summary = "Every auditor admission and dismissal, with inclusion proofs",
     responses(
         (status = 200, description = "Success", body = EntriesJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
 )]
 async fn auditors(State(state): State<Arc<AppState>>) -> Result<Json<EntriesJson>, ApiError> {
@@ -81,7 +82,7 @@ struct AdmitBody {
     request_body = AdmitBody,
     responses(
         (status = 200, description = "Success", body = AckJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
 )]
 async fn admit(
@@ -102,7 +103,7 @@ async fn admit(
     summary = "Liveness: `ok` while the store takes operations",
     responses(
         (status = 200, description = "Success", body = String, content_type = "text/plain"),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
 )]
 async fn healthz(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
@@ -124,7 +125,7 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Result<&'static str, Api
     summary = "The latest signed checkpoint (C2SP signed note), with the witness cosignatures collected for it",
     responses(
         (status = 200, description = "Success", body = String, content_type = "text/plain"),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
 )]
 async fn checkpoint(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
@@ -167,7 +168,7 @@ struct CosignBody {
     request_body = CosignBody,
     responses(
         (status = 200, description = "Success", body = CosignedJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
 )]
 async fn cosign(
@@ -240,7 +241,7 @@ const MAX_COMMITMENTS: u64 = 1000;
     ),
     responses(
         (status = 200, description = "Success", body = CommitmentsJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
 )]
 async fn commitments(
@@ -276,7 +277,7 @@ struct InclusionQuery {
     ),
     responses(
         (status = 200, description = "Success", body = ProofJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
 )]
 async fn inclusion(
@@ -310,7 +311,7 @@ struct ConsistencyQuery {
     ),
     responses(
         (status = 200, description = "Success", body = ProofJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
 )]
 async fn consistency(
@@ -338,7 +339,7 @@ async fn consistency(
     ),
     responses(
         (status = 200, description = "Success", body = SaltedJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]

@@ -121,3 +121,46 @@ pub(crate) fn hex_id(field: &str, s: &str) -> Result<[u8; 32], ApiError> {
         .map_err(|_| ApiError::malformed(format!("{field} is 64 hex digits")))?;
     Ok(out)
 }
+
+/// The problem details any route may answer with (RFC 9457), for the OpenAPI document.
+#[allow(dead_code)] // Described only, for the OpenAPI document; the handlers extract it themselves.
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = "default",
+    description = "A problem (RFC 9457)",
+    content_type = "application/problem+json"
+)]
+pub(crate) struct Problem(cmr_wire::problem::ProblemJson);
+
+/// A vault's path, for the OpenAPI document.
+#[allow(dead_code)] // Described only, for the OpenAPI document; the handlers extract it themselves.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct VaultPath {
+    /// The vault (the customer's identity), 64 hex digits.
+    #[param(pattern = "^[0-9a-f]{64}$")]
+    pub customer: String,
+}
+
+/// A family's path, for the OpenAPI document.
+#[allow(dead_code)] // Described only, for the OpenAPI document; the handlers extract it themselves.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct FamilyPath {
+    /// The vault (the customer's identity), 64 hex digits.
+    #[param(pattern = "^[0-9a-f]{64}$")]
+    pub customer: String,
+    /// The family, 64 hex digits.
+    #[param(pattern = "^[0-9a-f]{64}$")]
+    pub family: String,
+}
+
+/// An identity's path, for the OpenAPI document.
+#[allow(dead_code)] // Described only, for the OpenAPI document; the handlers extract it themselves.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct IdentityPath {
+    /// The identity, 64 hex digits.
+    #[param(pattern = "^[0-9a-f]{64}$")]
+    pub id: String,
+}

@@ -7,12 +7,12 @@
 use std::sync::{Arc, LazyLock};
 
 use axum::Json;
-use cmr_wire::problem::ProblemJson;
 use utoipa::openapi::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::Problem;
 use crate::AppState;
 
 /// Every route, each with its description.
@@ -46,9 +46,13 @@ fn base() -> OpenApi {
     if let ApiKey::Header(v) = &mut scheme {
         v.name = "Signature".into();
     }
-    doc.components
-        .get_or_insert_with(Default::default)
-        .add_security_scheme("rfc9421", SecurityScheme::ApiKey(scheme));
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme("rfc9421", SecurityScheme::ApiKey(scheme));
+    // Every route's default answer refers to it.
+    components.schemas.insert(
+        "ProblemJson".into(),
+        <cmr_wire::problem::ProblemJson as utoipa::PartialSchema>::schema(),
+    );
     doc
 }
 
@@ -65,7 +69,7 @@ pub fn document() -> &'static OpenApi {
     summary = "This document",
     responses(
         (status = 200, description = "The OpenAPI 3.1 document", body = Object),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     )
 )]
 async fn openapi_json() -> Json<&'static OpenApi> {

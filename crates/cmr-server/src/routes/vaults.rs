@@ -19,12 +19,13 @@ use cmr_log::entry::{AccessRecord, AccessedFamily};
 use cmr_store::Op;
 use serde::Deserialize;
 
+#[allow(unused_imports)] // Named in the OpenAPI annotations.
+use super::{FamilyPath, IdentityPath, Problem, VaultPath};
 use super::{ack_json, b64, current_checkpoint, entry_json, hex_id, run};
 use crate::AppState;
 use crate::auth::{Caller, NoBody, Owner, Signed as SignedBody};
 use crate::error::ApiError;
 use cmr_wire::log::{AckJson, ChainEntryJson, PageOfEntriesJson, RedactedJson};
-use cmr_wire::problem::ProblemJson;
 use cmr_wire::read::{ReadAnswerJson, ReadProofJson};
 use cmr_wire::vault::{
     BackupJson, BackupStoredJson, HeadDigestJson, PendingJson, PendingRequestJson, ScopeJson,
@@ -81,13 +82,11 @@ struct DirectoryBody {
     path = "/v1/vaults/{customer}/directory",
     tag = "vaults",
     summary = "Publish the next key directory (compare-and-swap)",
-    params(
-        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
-    ),
+    params(VaultPath),
     request_body = DirectoryBody,
     responses(
         (status = 200, description = "Success", body = AckJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]
@@ -119,13 +118,11 @@ struct StatementBody {
     path = "/v1/vaults/{customer}/statements",
     tag = "vaults",
     summary = "Record a consent statement",
-    params(
-        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
-    ),
+    params(VaultPath),
     request_body = StatementBody,
     responses(
         (status = 200, description = "Success", body = AckJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]
@@ -162,14 +159,11 @@ struct BatchBody {
     path = "/v1/vaults/{customer}/families/{family}/batches",
     tag = "vaults",
     summary = "Write a signed batch of records",
-    params(
-        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits"),
-        ("family" = String, Path, description = "The family, 64 hex digits")
-    ),
+    params(FamilyPath),
     request_body = BatchBody,
     responses(
         (status = 200, description = "Success", body = AckJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]
@@ -277,14 +271,11 @@ fn period(s: &str) -> Result<Period, ApiError> {
     path = "/v1/vaults/{customer}/families/{family}/read",
     tag = "vaults",
     summary = "Read records with a completeness proof (a company's read is logged first)",
-    params(
-        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits"),
-        ("family" = String, Path, description = "The family, 64 hex digits")
-    ),
+    params(FamilyPath),
     request_body = ReadBody,
     responses(
         (status = 200, description = "Success", body = ReadAnswerJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]
@@ -361,14 +352,11 @@ struct HeadBody {
     path = "/v1/vaults/{customer}/families/{family}/head",
     tag = "vaults",
     summary = "The digest of a family's head, for the customer or a company that may append to it",
-    params(
-        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits"),
-        ("family" = String, Path, description = "The family, 64 hex digits")
-    ),
+    params(FamilyPath),
     request_body = HeadBody,
     responses(
         (status = 200, description = "Success", body = HeadDigestJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]
@@ -422,13 +410,11 @@ fn default_history() -> u64 {
     path = "/v1/vaults/{customer}/history",
     tag = "vaults",
     summary = "The customer's chain of entries, newest first",
-    params(
-        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
-    ),
+    params(VaultPath),
     request_body = HistoryBody,
     responses(
         (status = 200, description = "Success", body = PageOfEntriesJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]
@@ -568,13 +554,11 @@ struct RelationshipBody {
     path = "/v1/vaults/{customer}/relationship",
     tag = "vaults",
     summary = "What of this vault concerns the calling company, with inclusion proofs",
-    params(
-        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
-    ),
+    params(VaultPath),
     request_body = RelationshipBody,
     responses(
         (status = 200, description = "Success", body = PageOfEntriesJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]
@@ -621,12 +605,10 @@ async fn relationship(
     path = "/v1/vaults/{customer}/requests",
     tag = "vaults",
     summary = "The customer's unanswered access requests, oldest first",
-    params(
-        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
-    ),
+    params(VaultPath),
     responses(
         (status = 200, description = "Success", body = PendingJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]
@@ -691,13 +673,11 @@ struct BackupBody {
     path = "/v1/vaults/{customer}/backup",
     tag = "vaults",
     summary = "Replace the customer's key backup (client-sealed; compare-and-swap on the version)",
-    params(
-        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
-    ),
+    params(VaultPath),
     request_body = BackupBody,
     responses(
         (status = 200, description = "Success", body = BackupStoredJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]
@@ -731,12 +711,10 @@ async fn put_backup(
     path = "/v1/vaults/{customer}/backup/latest",
     tag = "vaults",
     summary = "The customer's latest key backup",
-    params(
-        ("customer" = String, Path, description = "The vault (the customer's identity), 64 hex digits")
-    ),
+    params(VaultPath),
     responses(
         (status = 200, description = "Success", body = BackupJson),
-        (status = "default", description = "A problem (RFC 9457)", body = ProblemJson, content_type = "application/problem+json")
+        Problem
     ),
     security(("rfc9421" = []))
 )]

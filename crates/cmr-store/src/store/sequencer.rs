@@ -655,6 +655,37 @@ impl Sequencer {
         Ok(())
     }
 
+    /// Records an access the ledger already decided ([`Ledger::decide`]) at the next log position, and
+    /// logs it. A refusal here is a bug (the same rule allowed it a moment ago): the group is then
+    /// dropped rather than committed half-done.
+    pub(super) fn log_access(
+        &mut self,
+        overlay: &mut Overlay<'_>,
+        access: AccessRecord,
+        time: u64,
+    ) -> Result<u64, StoreError> {
+        let payload = access.encode();
+        let (header, _) = self
+            .state
+            .ledger
+            .apply(
+                &Parsed::Access(access),
+                overlay.size,
+                time,
+                None,
+                Signatures::Checked,
+            )
+            .map_err(|e| StoreError::Io(format!("an access allowed, then refused: {e}")))?;
+        self.log(
+            overlay,
+            EntryKind::Access,
+            time,
+            header.subject,
+            header.customer,
+            payload,
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn write_batch(
         &mut self,
@@ -744,28 +775,10 @@ impl Sequencer {
         )?;
         debug_assert_eq!(logged, head_index);
         if let Some(access) = append {
-            let at = overlay.size;
-            let payload = access.encode();
-            let (header, _) = self
-                .state
-                .ledger
-                .apply(&Parsed::Access(access), at, time, None, Signatures::Checked)
-                // `decide` allowed this very access: a refusal here, after the batch was applied, is a
-                // bug, and the group is dropped rather than committed half-done.
-                .map_err(|e| StoreError::Io(format!("append allowed, then refused: {e}")))?;
-            return self
-                .log(
-                    overlay,
-                    EntryKind::Access,
-                    time,
-                    header.subject,
-                    header.customer,
-                    payload,
-                )
-                .map(|i| Pending {
-                    head: Some(new_head.digest()),
-                    ..Self::logged(i)
-                });
+            return self.log_access(overlay, access, time).map(|i| Pending {
+                head: Some(new_head.digest()),
+                ..Self::logged(i)
+            });
         }
         Ok(Pending {
             head: Some(new_head.digest()),
@@ -881,28 +894,7 @@ impl Sequencer {
             .collect::<Result<Vec<_>, _>>()?;
         let mut logged = None;
         if let Some(access) = allowed {
-            let payload = access.encode();
-            let (header, _) = self
-                .state
-                .ledger
-                .apply(
-                    &Parsed::Access(access.clone()),
-                    index,
-                    time,
-                    None,
-                    Signatures::Checked,
-                )
-                // `decide` allowed this very access a moment ago: a refusal now is a bug, and the
-                // group is dropped rather than committed half-done.
-                .map_err(|e| StoreError::Io(format!("read allowed, then refused: {e}")))?;
-            logged = Some(self.log(
-                overlay,
-                EntryKind::Access,
-                time,
-                header.subject,
-                header.customer,
-                payload,
-            )?);
+            logged = Some(self.log_access(overlay, access.clone(), time)?);
         }
         Ok(Pending {
             index: logged,
