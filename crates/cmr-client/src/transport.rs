@@ -192,6 +192,18 @@ impl Connection {
         signer: Signer<'_>,
         known_size: Option<u64>,
     ) -> Result<(Value, String), ClientError> {
+        self.post_as(target, body, signer, known_size).await
+    }
+
+    /// [`Connection::post_known_signed`], with the answer read straight into its wire type (`cmr-wire`)
+    /// instead of a JSON tree: what a client that only needs some fields of a large answer asks for.
+    pub async fn post_as<T: serde::de::DeserializeOwned>(
+        &self,
+        target: &str,
+        body: &Value,
+        signer: Signer<'_>,
+        known_size: Option<u64>,
+    ) -> Result<(T, String), ClientError> {
         let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Local(e.to_string()))?;
         let retry = safe_to_resend(target, body);
         let mut horizon_tries = 0;
@@ -235,13 +247,13 @@ impl Connection {
         }
     }
 
-    async fn post_once(
+    async fn post_once<T: serde::de::DeserializeOwned>(
         &self,
         target: &str,
         bytes: &[u8],
         signer: Signer<'_>,
         known_size: Option<u64>,
-    ) -> Result<(Value, String), Attempt> {
+    ) -> Result<(T, String), Attempt> {
         let (keyid, key) = match signer {
             Signer::Device(d) => (d.id().to_hex(), &d.signing),
             Signer::Identity(id, k) => (format!("id:{}", id.to_hex()), k),

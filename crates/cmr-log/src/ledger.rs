@@ -240,6 +240,34 @@ impl Refusal {
     }
 }
 
+/// An access [`Ledger::decide`] allowed, to be recorded by [`Ledger::record`] once what it serves is
+/// gathered.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    header: Header,
+    attempt: AccessAttempt,
+    allowed: Allowed,
+    position: u64,
+    time: u64,
+}
+
+impl Decided {
+    /// The entry's header: the company that signed, and the vault.
+    pub fn header(&self) -> Header {
+        self.header
+    }
+
+    /// What the signed request asked for.
+    pub fn attempt(&self) -> &AccessAttempt {
+        &self.attempt
+    }
+
+    /// What may be served or written.
+    pub fn allowed(&self) -> &Allowed {
+        &self.allowed
+    }
+}
+
 /// What applying an entry changed, for the caller's own indexes (published keys, family storage).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
@@ -413,13 +441,8 @@ impl Ledger {
 
     /// Decides an access logged at `position` without recording it: the check half of applying it, for
     /// a caller that must gather what it serves before the access is recorded (a one-time grant is used
-    /// up only by an access that is then logged).
-    pub fn decide(
-        &self,
-        rec: &AccessRecord,
-        position: u64,
-        time: u64,
-    ) -> Result<(Header, AccessAttempt, Allowed), Refusal> {
+    /// up only by an access that is then logged). [`Ledger::record`] is the other half.
+    pub fn decide(&self, rec: &AccessRecord, position: u64, time: u64) -> Result<Decided, Refusal> {
         let company = self.signer(&rec.keyid, position)?;
         let customer = rec
             .bound_customer()
@@ -438,7 +461,26 @@ impl Ledger {
             .customer_state(&customer)?
             .evaluate(&attempt, position, time)
             .map_err(Refusal::Denied)?;
-        Ok((header, attempt, allowed))
+        Ok(Decided {
+            header,
+            attempt,
+            allowed,
+            position,
+            time,
+        })
+    }
+
+    /// Records an access [`Ledger::decide`] allowed, at the position and time it was decided for (a
+    /// one-time grant's first read uses it up). The consent state decides once more as it records, so
+    /// a change in between cannot slip through.
+    pub fn record(&mut self, d: Decided) -> Result<Allowed, Refusal> {
+        let customer = d.header.customer.ok_or(Refusal::Header("customer"))?;
+        self.consent
+            .get_mut(&customer)
+            .ok_or(Refusal::UnknownCustomer(customer))?
+            .record_access(&d.attempt, d.position, d.time)
+            .map_err(Refusal::Consent)?
+            .map_err(Refusal::Denied)
     }
 
     /// Checks a customer's own batch against its consent state: not to an erased family, not while a
@@ -580,18 +622,8 @@ impl Ledger {
                 Effect::FamilyHead
             }
             Parsed::Access(rec) => {
-                let (_, attempt, _) = self.decide(rec, position, time)?;
-                let customer = header.customer.ok_or(Refusal::Header("customer"))?;
-                // `record_access` decides again, at the same position and time: the same answer.
-                let consent = self
-                    .consent
-                    .get_mut(&customer)
-                    .ok_or(Refusal::UnknownCustomer(customer))?;
-                let allowed = consent
-                    .record_access(&attempt, position, time)
-                    .map_err(Refusal::Consent)?
-                    .map_err(Refusal::Denied)?;
-                Effect::Access(allowed)
+                let decided = self.decide(rec, position, time)?;
+                Effect::Access(self.record(decided)?)
             }
             Parsed::Admission(a) => {
                 let role = self.identities.get(&a.auditor).map(|s| s.keys().role());

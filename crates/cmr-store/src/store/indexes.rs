@@ -68,11 +68,21 @@ pub(super) fn index_changes(
     }
     out
 }
-pub(super) fn apply_index(overlay: &mut Overlay<'_>, changes: IndexChanges) {
+/// Stages an entry's index rows. A vaults-of row never changes once written (a party stays involved in a
+/// vault), so one already written since the store opened is not written again: every access would
+/// otherwise rewrite its company's row.
+pub(super) fn apply_index(
+    overlay: &mut Overlay<'_>,
+    changes: IndexChanges,
+    vaults_written: &mut std::collections::HashSet<Vec<u8>>,
+) {
     for k in changes.deletes {
         overlay.delete(k);
     }
     for (k, v) in changes.puts {
+        if k.first() == Some(&tag::VAULTS_OF) && !vaults_written.insert(k.clone()) {
+            continue;
+        }
         overlay.put(k, v);
     }
 }

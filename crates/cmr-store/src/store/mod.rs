@@ -40,7 +40,7 @@ use cmr_log::entry::{
     AccessRecord, ChainLink, EntryBody, EntryKind, SaltedBody, commitment, commitment_leaf,
     draw_salt,
 };
-use cmr_log::ledger::{Effect, Header, Ledger, Parsed, Refusal, Signatures};
+use cmr_log::ledger::{Decided, Effect, Header, Ledger, Parsed, Refusal, Signatures};
 use cmr_log::note::NoteSigner;
 use cmr_log::tree::{NodeStore, Tree};
 use thiserror::Error;

@@ -28,6 +28,8 @@ pub(super) struct State {
     pub(super) ledger: Ledger,
     pub(super) ledgers: HashMap<(IdentityId, FamilyId), FamilyLedger>,
     pub(super) heads: HashMap<IdentityId, ChainLink>,
+    /// The vaults-of index rows written since the store opened (see `apply_index`).
+    pub(super) vaults_written: std::collections::HashSet<Vec<u8>>,
     /// A short number for each family, in the order the families were declared (so the same after a
     /// replay): record keys carry it instead of two 32-byte ids.
     pub(super) family_numbers: HashMap<(IdentityId, FamilyId), u64>,
@@ -277,7 +279,7 @@ impl Sequencer {
         // A statement's rows are judged before it is applied (the caller writes them).
         if kind != EntryKind::Statement {
             let changes = index_changes(None, index, kind, subject, customer, &[]);
-            apply_index(overlay, changes);
+            apply_index(overlay, changes, &mut self.state.vaults_written);
         }
         Ok(index)
     }
@@ -409,7 +411,7 @@ impl Sequencer {
         }
         let logged = self.log(overlay, kind, time, header.subject, header.customer, bytes)?;
         if let Some(changes) = changes {
-            apply_index(overlay, changes);
+            apply_index(overlay, changes, &mut self.state.vaults_written);
         }
         Ok(Self::logged(logged))
     }
@@ -661,20 +663,15 @@ impl Sequencer {
     pub(super) fn log_access(
         &mut self,
         overlay: &mut Overlay<'_>,
-        access: AccessRecord,
+        access: &AccessRecord,
+        decided: Decided,
         time: u64,
     ) -> Result<u64, StoreError> {
+        let header = decided.header();
         let payload = access.encode();
-        let (header, _) = self
-            .state
+        self.state
             .ledger
-            .apply(
-                &Parsed::Access(access),
-                overlay.size,
-                time,
-                None,
-                Signatures::Checked,
-            )
+            .record(decided)
             .map_err(|e| StoreError::Io(format!("an access allowed, then refused: {e}")))?;
         self.log(
             overlay,
@@ -724,7 +721,8 @@ impl Sequencer {
             })?;
             // The access is logged right after the batch: decided at that position, by the same rule
             // that records it below.
-            let (header, attempt, _) = self.state.ledger.decide(&access, index + 1, time)?;
+            let decided = self.state.ledger.decide(&access, index + 1, time)?;
+            let (header, attempt) = (decided.header(), decided.attempt());
             // The signed request must name exactly this append: the auditor replays the decision from it.
             if header.subject != b.author {
                 return Err(StoreError::BadSignature(
@@ -742,7 +740,7 @@ impl Sequencer {
                     "the access record does not match the batch".into(),
                 ));
             }
-            append = Some(access);
+            append = Some((access, decided));
         }
         let number = self.state.family_number(&b.customer, &b.family)?;
         let ledger = self
@@ -774,11 +772,13 @@ impl Sequencer {
             batch_bytes,
         )?;
         debug_assert_eq!(logged, head_index);
-        if let Some(access) = append {
-            return self.log_access(overlay, access, time).map(|i| Pending {
-                head: Some(new_head.digest()),
-                ..Self::logged(i)
-            });
+        if let Some((access, decided)) = append {
+            return self
+                .log_access(overlay, &access, decided, time)
+                .map(|i| Pending {
+                    head: Some(new_head.digest()),
+                    ..Self::logged(i)
+                });
         }
         Ok(Pending {
             head: Some(new_head.digest()),
@@ -809,7 +809,8 @@ impl Sequencer {
         // one-time grant), so that a refused read leaves no trace.
         let mut allowed = None;
         if let Some(access) = access {
-            let (header, attempt, _) = self.state.ledger.decide(access, index, time)?;
+            let decided = self.state.ledger.decide(access, index, time)?;
+            let (header, attempt) = (decided.header(), decided.attempt());
             // The signed request must name exactly this read: the auditor replays the decision from it.
             if header.customer != Some(customer)
                 || attempt.kind != AccessKind::Read
@@ -820,7 +821,7 @@ impl Sequencer {
                     "the access record does not match the read".into(),
                 ));
             }
-            allowed = Some(access);
+            allowed = Some((access, decided));
         } else if let Some(at) = self
             .state
             .ledger
@@ -893,8 +894,8 @@ impl Sequencer {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut logged = None;
-        if let Some(access) = allowed {
-            logged = Some(self.log_access(overlay, access.clone(), time)?);
+        if let Some((access, decided)) = allowed {
+            logged = Some(self.log_access(overlay, access, decided, time)?);
         }
         Ok(Pending {
             index: logged,
