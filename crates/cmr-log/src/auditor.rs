@@ -295,7 +295,7 @@ impl Auditor {
                             Signatures::Verify,
                         ) {
                             Ok(_) => self.journal.push((index, body)),
-                            Err(r) => report.violations.push(violation(index, r)),
+                            Err(r) => report.violations.push(violation(index, body.kind, r)),
                         }
                     } else {
                         segment.push((index, body));
@@ -404,11 +404,11 @@ impl Auditor {
         body: EntryBody,
     ) -> Result<(Prepared, SignedEnvelope, VerifyingKey), Violation> {
         let parsed = Parsed::decode(body.kind, &body.payload, &self.log_key)
-            .map_err(|r| violation(index, r))?;
+            .map_err(|r| violation(index, body.kind, r))?;
         let (envelope, key) = self
             .ledger
             .signing_key(&parsed, index)
-            .map_err(|r| violation(index, r))?
+            .map_err(|r| violation(index, body.kind, r))?
             .ok_or_else(|| Violation::Malformed(index, "an identity entry in a segment".into()))?;
         Ok((Prepared { parsed, body }, envelope, key))
     }
@@ -416,19 +416,25 @@ impl Auditor {
     /// Applies an entry whose signature verified; returns it when it changed the ledger in a way a
     /// snapshot must replay (statements, and accesses that used up a one-time grant).
     fn apply_prepared(&mut self, index: u64, p: Prepared) -> Result<Option<EntryBody>, Violation> {
-        if let Parsed::Access(rec) = &p.parsed {
-            self.check_freshness(index, rec, &p.body)?;
+        let nonce = match &p.parsed {
+            Parsed::Access(rec) => Some(self.check_freshness(index, rec, &p.body)?),
+            _ => None,
+        };
+        let applied = self.ledger.apply(
+            &p.parsed,
+            index,
+            p.body.time,
+            Some(Header::of(&p.body)),
+            Signatures::Checked,
+        );
+        // A request's nonce is used up by an access bound to it (allowed or denied by the grants), not by
+        // a malformed or unbound copy logged under another vault: the genuine one is then not a replay.
+        if let Some(nonce) = nonce
+            && matches!(applied, Ok(_) | Err(Refusal::Denied(_)))
+        {
+            self.nonces.insert(nonce);
         }
-        let (_, effect) = self
-            .ledger
-            .apply(
-                &p.parsed,
-                index,
-                p.body.time,
-                Some(Header::of(&p.body)),
-                Signatures::Checked,
-            )
-            .map_err(|r| violation(index, r))?;
+        let (_, effect) = applied.map_err(|r| violation(index, p.parsed.kind(), r))?;
         Ok(match effect {
             Effect::FamilyHead => None,
             Effect::Access(allowed) if !allowed.consumes => None,
@@ -444,7 +450,7 @@ impl Auditor {
         index: u64,
         rec: &AccessRecord,
         body: &EntryBody,
-    ) -> Result<(), Violation> {
+    ) -> Result<Digest, Violation> {
         let malformed = |e: String| Violation::Malformed(index, e);
         let params_line = rec
             .signature_base
@@ -468,33 +474,43 @@ impl Auditor {
             ));
         }
         let key = tagged_hash("nonce", format!("{}\n{}", rec.keyid, nonce).as_bytes());
-        if !self.nonces.insert(key) {
+        if self.nonces.contains(&key) {
             return Err(Violation::ReplayedNonce(
                 index,
                 format!("{} {}", rec.keyid, nonce),
             ));
         }
-        Ok(())
+        Ok(key)
     }
 }
 
-/// What the ledger's refusal of entry `index` means in a report.
-fn violation(index: u64, r: Refusal) -> Violation {
+/// What the ledger's refusal of entry `index` (of `kind`) means in a report.
+fn violation(index: u64, kind: EntryKind, r: Refusal) -> Violation {
+    use crate::admission::AdmissionError;
     let text = r.to_string();
     match r {
+        // An access filed under another vault than the one its signed request names.
+        Refusal::Header("customer") if kind == EntryKind::Access => Violation::Unbound(index, text),
+        // An entry filed under another identity than the one that signed it.
+        Refusal::Header("subject") | Refusal::AlreadyRegistered(_) => {
+            Violation::BadSignature(index, text)
+        }
+        Refusal::Admission(AdmissionError::NotSigned) => Violation::BadSignature(index, text),
+        Refusal::Admission(AdmissionError::Malformed(_)) | Refusal::UnknownCustomer(_) => {
+            Violation::Malformed(index, text)
+        }
         Refusal::Decode(..) | Refusal::Header(_) => Violation::Malformed(index, text),
         Refusal::Unbound(e) => Violation::Unbound(index, e),
         Refusal::Denied(reason) => Violation::AccessDenied(index, reason.code().to_string()),
         Refusal::Consent(_)
         | Refusal::Admission(_)
         | Refusal::DirectoryVersion { .. }
-        | Refusal::AlreadyRegistered(_)
-        | Refusal::UnknownCustomer(_)
         | Refusal::UnknownFamily => Violation::RefusedStatement(index, text),
         Refusal::Identity(_)
         | Refusal::Statement(_)
         | Refusal::Directory(_)
         | Refusal::BadSignature(_)
+        | Refusal::DeviceOwned(_)
         | Refusal::UnknownIdentity(_) => Violation::BadSignature(index, text),
     }
 }
@@ -692,6 +708,6 @@ impl Auditor {
         self.ledger
             .apply_logged(index, body, &self.log_key, Signatures::Checked)
             .map(|_| ())
-            .map_err(|r| violation(index, r))
+            .map_err(|r| violation(index, body.kind, r))
     }
 }

@@ -191,6 +191,9 @@ pub enum Refusal {
     /// A signature that does not verify.
     #[error("the {0} signature does not verify")]
     BadSignature(&'static str),
+    /// A device certificate for a device key another identity already certified.
+    #[error("this device key belongs to identity {0}")]
+    DeviceOwned(IdentityId),
     /// A consent statement the customer's consent state refuses.
     #[error("{0}")]
     Consent(ApplyError),
@@ -215,7 +218,9 @@ impl Refusal {
             Refusal::UnknownIdentity(_) => "unknown-identity",
             Refusal::UnknownCustomer(_) => "unknown-customer",
             Refusal::UnknownFamily => "unknown-family",
-            Refusal::Identity(_) | Refusal::BadSignature(_) => "bad-signature",
+            Refusal::Identity(_) | Refusal::BadSignature(_) | Refusal::DeviceOwned(_) => {
+                "bad-signature"
+            }
             Refusal::Statement(StatementError::Signature(_) | StatementError::WrongAuthor) => {
                 "bad-signature"
             }
@@ -265,6 +270,11 @@ impl Decided {
     /// What may be served or written.
     pub fn allowed(&self) -> &Allowed {
         &self.allowed
+    }
+
+    /// The log position it was decided for: the access must be logged there.
+    pub fn position(&self) -> u64 {
+        self.position
     }
 }
 
@@ -472,7 +482,8 @@ impl Ledger {
 
     /// Records an access [`Ledger::decide`] allowed, at the position and time it was decided for (a
     /// one-time grant's first read uses it up). The consent state decides once more as it records, so
-    /// a change in between cannot slip through.
+    /// a change in between cannot slip through. (`record_access` notes the position even when it denies;
+    /// this stays all-or-nothing because `decide` has just allowed the same attempt on the same state.)
     pub fn record(&mut self, d: Decided) -> Result<Allowed, Refusal> {
         let customer = d.header.customer.ok_or(Refusal::Header("customer"))?;
         self.consent
@@ -557,6 +568,14 @@ impl Ledger {
             }
             Parsed::Certificate(cert) => {
                 let id = cert.body().identity;
+                // A device key belongs to one identity: another's certificate for it would make the
+                // owner's requests authenticate (and be logged and decided) as the claimant's.
+                let device = cert.body().device();
+                if let Some(owner) = self.device_owner.get(&device)
+                    && *owner != id
+                {
+                    return Err(Refusal::DeviceOwned(*owner));
+                }
                 let device = self
                     .identities
                     .get_mut(&id)
@@ -923,6 +942,33 @@ mod tests {
             l.apply(&st, 11, T, None, Signatures::Verify),
             Err(Refusal::Identity(IdentityError::DeviceRevoked(10)))
         ));
+    }
+
+    #[test]
+    fn a_device_key_belongs_to_one_identity() {
+        let (mut l, customer, company) = world();
+        // The company certifies the customer's device key under its own identity: the customer's requests
+        // would then authenticate as the company's.
+        let claim = Parsed::Certificate(customer.device.certify(
+            company.identity(),
+            0,
+            &company.id.identity_key,
+            T,
+        ));
+        assert_eq!(
+            l.apply(&claim, 10, T, None, Signatures::Verify)
+                .unwrap_err(),
+            Refusal::DeviceOwned(customer.identity())
+        );
+        assert_eq!(
+            l.device_owner(&customer.device.id()),
+            Some(customer.identity())
+        );
+        // Its owner may certify it again (after a rotation of its identity key, for one).
+        assert!(
+            l.apply(&customer.certificate(), 11, T, None, Signatures::Verify)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -382,6 +382,7 @@ impl From<Refusal> for StoreError {
         match r {
             Refusal::Identity(_)
             | Refusal::BadSignature(_)
+            | Refusal::DeviceOwned(_)
             | Refusal::Statement(StatementError::Signature(_) | StatementError::WrongAuthor)
             | Refusal::Directory(DirectoryError::Signature(_))
             | Refusal::Admission(AdmissionError::NotSigned) => StoreError::BadSignature(text),

@@ -667,6 +667,13 @@ impl Sequencer {
         decided: Decided,
         time: u64,
     ) -> Result<u64, StoreError> {
+        if decided.position() != overlay.size {
+            return Err(StoreError::Io(format!(
+                "an access decided for position {} would be logged at {}",
+                decided.position(),
+                overlay.size
+            )));
+        }
         let header = decided.header();
         let payload = access.encode();
         self.state
