@@ -1074,6 +1074,45 @@ fn an_access_not_bound_to_its_signed_request() {
     );
 }
 
+#[test]
+fn a_forged_copy_of_a_request_does_not_make_the_genuine_access_a_replay() {
+    // The operator logs, before the genuine read, a copy of the company's signed request claimed as a
+    // read of another family: the copy is the violation, and the genuine read (same keyid and nonce)
+    // stays clean: a nonce is used up only by an access bound to its request.
+    let mut w = World::new();
+    let g = w.grant();
+    let device = DeviceKeys {
+        signing: SigningKey::from_seed(&w.acme.device.signing.seed()),
+        kem: w.acme.device.kem.clone(),
+    };
+    let acme = w.acme.id;
+    let genuine_target = access_target(
+        &w.customer.id,
+        &w.tx,
+        AccessKind::Read,
+        &g,
+        None,
+        p(2025, 6),
+        p(2026, 11),
+    );
+    let copy = w.access_of_request(
+        g,
+        w.contact,
+        p(2025, 6),
+        Some("once".into()),
+        &device,
+        acme,
+        Some(genuine_target),
+    );
+    w.access(g, w.tx, p(2025, 6), Some("once".into()));
+    let report = w.audit();
+    assert!(
+        matches!(&report.violations[..], [Violation::Unbound(i, _)] if *i == copy),
+        "{:?}",
+        report.violations
+    );
+}
+
 /// A key-event head the operator signed is checked against the whole log: a true one passes, one that
 /// leaves out a device revocation is named with the signed head as evidence.
 #[test]
