@@ -6,6 +6,7 @@
 //! before folding ([`crate::consent::SignedStatement::verify`]); this module trusts what it is given to be
 //! authentic and checks only what it means.
 
+use crate::problem::Code;
 use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
@@ -101,22 +102,22 @@ pub enum DenyReason {
 
 impl DenyReason {
     /// The stable problem code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            DenyReason::NoGrant => "no-grant",
-            DenyReason::WrongCompany => "wrong-company",
-            DenyReason::NotYetValid => "not-yet-valid",
-            DenyReason::GrantExpired(_) => "grant-expired",
-            DenyReason::GrantRevoked(_) => "grant-revoked",
-            DenyReason::GrantConsumed(_) => "grant-consumed",
-            DenyReason::FamilyErased(_) => "family-erased",
-            DenyReason::FamilyNotGranted(_) => "family-not-granted",
-            DenyReason::AccessNotGranted(_) => "access-not-granted",
-            DenyReason::OutsideLookback { .. } => "outside-look-back",
-            DenyReason::RotationPending(_) => "rotation-pending",
-            DenyReason::StaleEpoch { .. } => "stale-epoch",
-            DenyReason::NotOwnFamily => "not-own-family",
-            DenyReason::Malformed(_) => "malformed-access",
+            DenyReason::NoGrant => Code::NoGrant,
+            DenyReason::WrongCompany => Code::WrongCompany,
+            DenyReason::NotYetValid => Code::NotYetValid,
+            DenyReason::GrantExpired(_) => Code::GrantExpired,
+            DenyReason::GrantRevoked(_) => Code::GrantRevoked,
+            DenyReason::GrantConsumed(_) => Code::GrantConsumed,
+            DenyReason::FamilyErased(_) => Code::FamilyErased,
+            DenyReason::FamilyNotGranted(_) => Code::FamilyNotGranted,
+            DenyReason::AccessNotGranted(_) => Code::AccessNotGranted,
+            DenyReason::OutsideLookback { .. } => Code::OutsideLookBack,
+            DenyReason::RotationPending(_) => Code::RotationPending,
+            DenyReason::StaleEpoch { .. } => Code::StaleEpoch,
+            DenyReason::NotOwnFamily => Code::NotOwnFamily,
+            DenyReason::Malformed(_) => Code::MalformedAccess,
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod identity;
 pub mod keyfile;
 pub mod keys;
 pub mod merkle;
+pub mod problem;
 pub mod receipt;
 pub mod record;
 pub mod vault;

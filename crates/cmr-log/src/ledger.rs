@@ -17,6 +17,7 @@
 //! signature (nonce, `created` window), which the server checks live and the auditor again afterwards.
 //! No I/O, no clock: the caller gives each entry's position and time.
 
+use cmr_core::problem::Code;
 use std::collections::HashMap;
 
 use cmr_core::batch::SignedBatch;
@@ -210,37 +211,37 @@ pub enum Refusal {
 
 impl Refusal {
     /// The stable code, as problem details and audit reports name it.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Refusal::Decode(..) => "malformed",
-            Refusal::Header(_) => "wrong-header",
-            Refusal::AlreadyRegistered(_) => "already-registered",
-            Refusal::UnknownIdentity(_) => "unknown-identity",
-            Refusal::UnknownCustomer(_) => "unknown-customer",
-            Refusal::UnknownFamily => "unknown-family",
+            Refusal::Decode(..) => Code::Malformed,
+            Refusal::Header(_) => Code::WrongHeader,
+            Refusal::AlreadyRegistered(_) => Code::AlreadyRegistered,
+            Refusal::UnknownIdentity(_) => Code::UnknownIdentity,
+            Refusal::UnknownCustomer(_) => Code::UnknownCustomer,
+            Refusal::UnknownFamily => Code::UnknownFamily,
             Refusal::Identity(_) | Refusal::BadSignature(_) | Refusal::DeviceOwned(_) => {
-                "bad-signature"
+                Code::BadSignature
             }
             Refusal::Statement(StatementError::Signature(_) | StatementError::WrongAuthor) => {
-                "bad-signature"
+                Code::BadSignature
             }
-            Refusal::Statement(_) => "malformed",
-            Refusal::Directory(DirectoryError::Signature(_)) => "bad-signature",
-            Refusal::Directory(_) => "malformed",
-            Refusal::DirectoryVersion { .. } => "directory-conflict",
+            Refusal::Statement(_) => Code::Malformed,
+            Refusal::Directory(DirectoryError::Signature(_)) => Code::BadSignature,
+            Refusal::Directory(_) => Code::Malformed,
+            Refusal::DirectoryVersion { .. } => Code::DirectoryConflict,
             Refusal::Consent(e) => match e {
-                ApplyError::Blocked => "blocked",
+                ApplyError::Blocked => Code::Blocked,
                 ApplyError::TooManyRequests { .. } | ApplyError::DailyCapReached { .. } => {
-                    "too-many-requests"
+                    Code::TooManyRequests
                 }
-                ApplyError::NotAccepted => "requests-not-accepted",
-                _ => "refused",
+                ApplyError::NotAccepted => Code::RequestsNotAccepted,
+                _ => Code::Refused,
             },
             Refusal::Denied(d) => d.code(),
-            Refusal::Unbound(_) => "unbound-access",
-            Refusal::Admission(AdmissionError::Malformed(_)) => "malformed",
-            Refusal::Admission(AdmissionError::NotSigned) => "bad-signature",
-            Refusal::Admission(_) => "refused",
+            Refusal::Unbound(_) => Code::UnboundAccess,
+            Refusal::Admission(AdmissionError::Malformed(_)) => Code::Malformed,
+            Refusal::Admission(AdmissionError::NotSigned) => Code::BadSignature,
+            Refusal::Admission(_) => Code::Refused,
         }
     }
 }
@@ -846,7 +847,7 @@ mod tests {
             l.apply(&forged, 10, T, None, Signatures::Verify)
                 .unwrap_err()
                 .code(),
-            "bad-signature"
+            Code::BadSignature
         );
         assert!(
             !l.consent(&customer.identity())
@@ -973,15 +974,15 @@ mod tests {
 
     #[test]
     fn refusal_codes_are_stable() {
-        assert_eq!(Refusal::UnknownFamily.code(), "unknown-family");
-        assert_eq!(Refusal::Consent(ApplyError::Blocked).code(), "blocked");
+        assert_eq!(Refusal::UnknownFamily.code(), Code::UnknownFamily);
+        assert_eq!(Refusal::Consent(ApplyError::Blocked).code(), Code::Blocked);
         assert_eq!(
             Refusal::Denied(DenyReason::NoGrant).code(),
             DenyReason::NoGrant.code()
         );
         assert_eq!(
             Refusal::DirectoryVersion { expected: 3 }.code(),
-            "directory-conflict"
+            Code::DirectoryConflict
         );
     }
 }

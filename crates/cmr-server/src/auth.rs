@@ -1,6 +1,7 @@
 //! Request authentication: the CMR signing profile (RFC 9421 + RFC 9530, `cmr_core::httpsig`), a nonce
 //! memory for the replay window, and the restart horizon.
 
+use cmr_core::problem::Code;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -213,7 +214,7 @@ pub fn authenticate(
     if !state.limits.take(&identity) {
         return Err(ApiError::new(
             axum::http::StatusCode::TOO_MANY_REQUESTS,
-            "rate-limited",
+            Code::RateLimited,
             "too many requests from this identity; retry later",
         ));
     }
@@ -225,7 +226,7 @@ pub fn authenticate(
     ) {
         return Err(ApiError::new(
             axum::http::StatusCode::UNAUTHORIZED,
-            "replayed",
+            Code::Replayed,
             "this (keyid, nonce) was already used",
         ));
     }

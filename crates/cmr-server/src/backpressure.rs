@@ -8,6 +8,7 @@
 //! - a deadline for the whole body (a base plus a minimum rate), so a body sent one byte a second cannot
 //!   hold a slot.
 
+use cmr_core::problem::Code;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -83,7 +84,7 @@ impl Drop for SourceGuard<'_> {
 fn at_capacity() -> Response {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
+        Code::Unavailable,
         "the server is at capacity; retry later",
     )
     .into_response()

@@ -5,6 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use cmr_core::decision::DenyReason;
 use cmr_core::httpsig::HttpSigError;
+use cmr_core::problem::Code;
 use cmr_store::StoreError;
 
 /// An API error: a status, a stable code and a human detail.
@@ -13,7 +14,7 @@ pub struct ApiError {
     /// The HTTP status.
     pub status: StatusCode,
     /// The stable problem code (the last part of the problem type URI).
-    pub code: &'static str,
+    pub code: Code,
     /// What went wrong, for people. Never internal details on a 5xx.
     pub detail: String,
     /// Members added to the problem object (RFC 9457 extension members), such as the current signed
@@ -23,7 +24,7 @@ pub struct ApiError {
 
 impl ApiError {
     /// A new error.
-    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: Code, detail: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -44,13 +45,13 @@ impl ApiError {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Self::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "too-large",
+                Code::TooLarge,
                 "the body is larger than this route accepts",
             )
         } else if too_slow(e) {
             Self::new(
                 StatusCode::REQUEST_TIMEOUT,
-                "body-too-slow",
+                Code::BodyTooSlow,
                 "the request body did not arrive in time",
             )
         } else {
@@ -60,12 +61,12 @@ impl ApiError {
 
     /// A malformed request: 400 `malformed`.
     pub fn malformed(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "malformed", detail)
+        Self::new(StatusCode::BAD_REQUEST, Code::Malformed, detail)
     }
 
     /// 403 `forbidden`: the caller may not act on this resource.
     pub fn forbidden(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", detail)
+        Self::new(StatusCode::FORBIDDEN, Code::Forbidden, detail)
     }
 
     /// 503 `in-doubt`: the request may or may not have been applied (it timed out while queued, or the
@@ -74,7 +75,7 @@ impl ApiError {
     pub fn in_doubt(detail: &str) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "in-doubt",
+            Code::InDoubt,
             format!("{detail}; it may or may not have been applied: send it again to know"),
         )
     }
@@ -83,17 +84,17 @@ impl ApiError {
 impl From<HttpSigError> for ApiError {
     fn from(e: HttpSigError) -> Self {
         let code = match &e {
-            HttpSigError::MissingHeader(_) | HttpSigError::NoSignature(_) => "missing-signature",
-            HttpSigError::UnknownKey => "unknown-key",
-            HttpSigError::BadSignature => "bad-signature",
+            HttpSigError::MissingHeader(_) | HttpSigError::NoSignature(_) => Code::MissingSignature,
+            HttpSigError::UnknownKey => Code::UnknownKey,
+            HttpSigError::BadSignature => Code::BadSignature,
             HttpSigError::ContentDigestMismatch | HttpSigError::ContentDigestUnsupported => {
-                "content-digest"
+                Code::ContentDigest
             }
             HttpSigError::CreatedTooOld { .. }
             | HttpSigError::CreatedInFuture { .. }
-            | HttpSigError::Expired => "clock-skew",
-            HttpSigError::CreatedBeforeHorizon { .. } => "created-before-start",
-            _ => "bad-signature-input",
+            | HttpSigError::Expired => Code::ClockSkew,
+            HttpSigError::CreatedBeforeHorizon { .. } => Code::CreatedBeforeStart,
+            _ => Code::BadSignatureInput,
         };
         Self::new(StatusCode::UNAUTHORIZED, code, e.to_string())
     }
@@ -114,44 +115,46 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Malformed(d) => Self::malformed(d),
-            StoreError::BadSignature(d) => Self::new(StatusCode::UNAUTHORIZED, "bad-signature", d),
+            StoreError::BadSignature(d) => {
+                Self::new(StatusCode::UNAUTHORIZED, Code::BadSignature, d)
+            }
             StoreError::Denied(r) => r.into(),
-            StoreError::Refused(d) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "refused", d),
+            StoreError::Refused(d) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, Code::Refused, d),
             StoreError::TooManyRequests(d) => {
-                Self::new(StatusCode::TOO_MANY_REQUESTS, "too-many-requests", d)
+                Self::new(StatusCode::TOO_MANY_REQUESTS, Code::TooManyRequests, d)
             }
             StoreError::NotAccepted(d) => {
-                Self::new(StatusCode::FORBIDDEN, "requests-not-accepted", d)
+                Self::new(StatusCode::FORBIDDEN, Code::RequestsNotAccepted, d)
             }
             StoreError::Blocked => Self::new(
                 StatusCode::FORBIDDEN,
-                "company-blocked",
+                Code::CompanyBlocked,
                 "the customer blocked this company",
             ),
             StoreError::Conflict => Self::new(
                 StatusCode::CONFLICT,
-                "conflict",
+                Code::Conflict,
                 "another body was already written under this id",
             ),
             StoreError::StaleHead => Self::new(
                 StatusCode::CONFLICT,
-                "stale-head",
+                Code::StaleHead,
                 "the batch does not extend the family's current head",
             ),
             StoreError::DirectoryConflict { expected } => Self::new(
                 StatusCode::CONFLICT,
-                "directory-conflict",
+                Code::DirectoryConflict,
                 format!("expected version {expected}"),
             ),
             StoreError::BackupConflict { expected } => Self::new(
                 StatusCode::CONFLICT,
-                "backup-conflict",
+                Code::BackupConflict,
                 format!("expected version {expected}"),
             ),
-            StoreError::NotFound(d) => Self::new(StatusCode::NOT_FOUND, "not-found", d),
+            StoreError::NotFound(d) => Self::new(StatusCode::NOT_FOUND, Code::NotFound, d),
             StoreError::Closed => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
+                Code::Unavailable,
                 "the store is not accepting writes; retry later",
             ),
             StoreError::InDoubt(_) => {
@@ -162,7 +165,7 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %e, "storage failure");
                 Self::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
+                    Code::Internal,
                     "internal error",
                 )
             }
@@ -173,8 +176,11 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         // One wire form (`cmr_wire::problem`), plus the extension members.
-        let problem =
-            cmr_wire::problem::ProblemJson::new(self.code, self.status.as_u16(), self.detail);
+        let problem = cmr_wire::problem::ProblemJson::new(
+            self.code.as_str(),
+            self.status.as_u16(),
+            self.detail,
+        );
         let mut body = serde_json::to_value(problem).unwrap_or_default();
         if let Some(members) = body.as_object_mut() {
             for (k, v) in self.extensions {

@@ -17,6 +17,7 @@ pub mod extract;
 pub mod logkey;
 pub mod routes;
 
+use cmr_core::problem::Code;
 use std::sync::Arc;
 
 use axum::Router;
@@ -149,12 +150,12 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes)
         // Unknown routes and methods are Problem Details too.
         .fallback(|| async {
-            error::ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such route")
+            error::ApiError::new(StatusCode::NOT_FOUND, Code::NotFound, "no such route")
         })
         .method_not_allowed_fallback(|| async {
             error::ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method-not-allowed",
+                Code::MethodNotAllowed,
                 "this route does not take this method",
             )
         })
@@ -170,7 +171,7 @@ pub fn app(state: Arc<AppState>) -> Router {
                     } else {
                         error::ApiError::new(
                             StatusCode::SERVICE_UNAVAILABLE,
-                            "unavailable",
+                            Code::Unavailable,
                             "the server could not take this request; retry later",
                         )
                     }

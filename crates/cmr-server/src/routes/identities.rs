@@ -2,6 +2,7 @@
 //! `id:<identity>`); a device is certified by a request signed with the identity key or one of its
 //! devices.
 
+use cmr_core::problem::Code;
 use std::sync::Arc;
 
 use crate::extract::Path;
@@ -80,7 +81,7 @@ async fn events(
 ) -> Result<Json<KeyEventsJson>, ApiError> {
     let id = IdentityId(hex_id("identity", &id)?);
     let req: EventsBody = optional_json_body(&raw.body)?;
-    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such identity");
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, Code::NotFound, "no such identity");
     let caller = match &req.reveal {
         None => raw.authenticate(&state, None)?,
         Some(key) => {

@@ -1,5 +1,6 @@
 //! The public log: checkpoints, commitments and proofs. Unsigned, readable by anyone.
 
+use cmr_core::problem::Code;
 use std::sync::Arc;
 
 use crate::extract::{Path, Query};
@@ -112,7 +113,7 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Result<&'static str, Api
     } else {
         Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            Code::Unavailable,
             "the store stopped after a failure; restart the server to reopen it",
         ))
     }
@@ -132,7 +133,7 @@ async fn checkpoint(State(state): State<Arc<AppState>>) -> Result<impl IntoRespo
     let mut note = state
         .store
         .checkpoint()?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not-found", "the log is empty"))?;
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, Code::NotFound, "the log is empty"))?;
     // Add the witness cosignatures collected for this very checkpoint.
     let size = checkpoint_size(&note);
     let cosigned = state.cosignatures.lock().unwrap_or_else(|p| p.into_inner());
@@ -179,7 +180,7 @@ async fn cosign(
     let note = state
         .store
         .checkpoint()?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not-found", "the log is empty"))?;
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, Code::NotFound, "the log is empty"))?;
     let line = if req.line.ends_with('\n') {
         req.line.clone()
     } else {
@@ -195,7 +196,7 @@ async fn cosign(
     .map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "bad-cosignature",
+            Code::BadCosignature,
             e.to_string(),
         )
     })?;
@@ -284,10 +285,13 @@ async fn inclusion(
     State(state): State<Arc<AppState>>,
     Query(q): Query<InclusionQuery>,
 ) -> Result<Json<ProofJson>, ApiError> {
-    let proof = state
-        .store
-        .inclusion_proof(q.index, q.size)
-        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such index or size"))?;
+    let proof = state.store.inclusion_proof(q.index, q.size).map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            Code::NotFound,
+            "no such index or size",
+        )
+    })?;
     Ok(Json(ProofJson {
         proof: hashes_b64(&proof),
     }))
@@ -321,7 +325,7 @@ async fn consistency(
     let proof = state
         .store
         .consistency_proof(q.old, q.new)
-        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such sizes"))?;
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, Code::NotFound, "no such sizes"))?;
     Ok(Json(ProofJson {
         proof: hashes_b64(&proof),
     }))
@@ -351,7 +355,7 @@ async fn entry(
     let stored = state.store.body(index)?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
-            "not-found",
+            Code::NotFound,
             "no such entry, or it was erased",
         )
     })?;
@@ -359,7 +363,7 @@ async fn entry(
         tracing::error!(index, "stored entry does not decode");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            Code::Internal,
             "internal error",
         )
     })?;

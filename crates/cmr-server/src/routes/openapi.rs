@@ -49,10 +49,20 @@ fn base() -> OpenApi {
     let components = doc.components.get_or_insert_with(Default::default);
     components.add_security_scheme("rfc9421", SecurityScheme::ApiKey(scheme));
     // Every route's default answer refers to it.
-    components.schemas.insert(
-        "ProblemJson".into(),
-        <cmr_wire::problem::ProblemJson as utoipa::PartialSchema>::schema(),
-    );
+    let mut problem = <cmr_wire::problem::ProblemJson as utoipa::PartialSchema>::schema();
+    // The title is one of the stable codes: the one list (`cmr_core::problem::Code`).
+    if let utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::Object(o)) = &mut problem
+        && let Some(utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::Object(title))) =
+            o.properties.get_mut("title")
+    {
+        title.enum_values = Some(
+            cmr_core::problem::Code::ALL
+                .iter()
+                .map(|c| c.as_str().into())
+                .collect(),
+        );
+    }
+    components.schemas.insert("ProblemJson".into(), problem);
     doc
 }
 

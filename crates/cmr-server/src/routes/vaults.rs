@@ -1,6 +1,7 @@
 //! A customer's vault: the key directory, consent statements, record batches and reads. A customer acts
 //! only on their own vault; a company acts through its grants.
 
+use cmr_core::problem::Code;
 use std::sync::Arc;
 
 use crate::extract::Path;
@@ -233,7 +234,7 @@ async fn batch(
         // current signed directory (PRODUCT.md, "Rotation"), to rotate from. A company's does not: the
         // directory names every family and every company appending to each, which would tell one company
         // the customer's other relationships.
-        Err(e) if e.code == "rotation-pending" && caller.identity == customer => {
+        Err(e) if e.code == Code::RotationPending && caller.identity == customer => {
             return Err(match state.store.directory(&customer).ok().flatten() {
                 Some(d) => e.with("directory", serde_json::Value::String(B64.encode(d))),
                 None => e,
@@ -727,7 +728,7 @@ async fn get_backup(
     let (version, bytes) = state.store.backup(&customer)?.ok_or_else(|| {
         ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
-            "not-found",
+            Code::NotFound,
             "no key backup yet",
         )
     })?;
