@@ -12,7 +12,7 @@ use std::time::{Duration as StdDuration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use cmr_client::company::{Company, parse_read};
+use cmr_client::company::{Company, read_page};
 use cmr_client::customer::{Approval, Customer};
 use cmr_client::session::Session;
 use cmr_client::transport::Signer;
@@ -29,6 +29,7 @@ use cmr_core::keys::{SigningKey, VerifyingKey};
 use cmr_core::record::{FamilyKeys, RecordId, RecordSealer};
 use cmr_log::entry::{AccessRecord, EntryKind, SaltedBody};
 use cmr_log::note::NoteVerifier;
+use cmr_wire::read::ReadAnswerJson;
 use serde_json::{Value, json};
 
 use crate::error::{CliError, CliResult, code};
@@ -547,9 +548,9 @@ async fn read(w: &World, t: &Target, view: Option<&mut LogView>) -> Result<(), C
         let answer: RecordsOnly = signed_read(w, t, t.grant, w.month).await?;
         return enough(answer.records.len());
     };
-    let v: Value = signed_read(w, t, t.grant, w.month).await?;
-    enough(v["records"].as_array().map_or(0, Vec::len))?;
-    let note = v["checkpoint"].as_str().unwrap_or_default();
+    let answer: ReadAnswerJson = signed_read(w, t, t.grant, w.month).await?;
+    enough(answer.records.len())?;
+    let note = answer.ack.checkpoint.as_str();
     let (cp, needs) = view.check(note)?;
     match needs {
         Needs::Nothing => view.accept(cp.clone(), note, None)?,
@@ -562,16 +563,8 @@ async fn read(w: &World, t: &Target, view: Option<&mut LogView>) -> Result<(), C
             view.accept(cp.clone(), note, Some(&proof))?;
         }
     }
-    let index = v["index"]
-        .as_u64()
-        .ok_or_else(|| ClientError::Malformed("no index".into()))?;
-    let salted = SaltedBody {
-        salt: b64(&v["entry"]["salt"])?
-            .try_into()
-            .map_err(|_| ClientError::Malformed("salt".into()))?,
-        body: b64(&v["entry"]["body"])?,
-    };
-    let entry = check_inclusion(&cp, index, &salted, &hashes(&v["proof"])?)?;
+    let (index, salted, proof) = logged_entry(&answer.ack)?;
+    let entry = check_inclusion(&cp, index, &salted, &proof)?;
     let keyid = device.id().to_hex();
     let names_this_read = entry.kind == EntryKind::Access
         && entry.subject == *company
@@ -580,7 +573,7 @@ async fn read(w: &World, t: &Target, view: Option<&mut LogView>) -> Result<(), C
     if !names_this_read {
         return Err(cmr_client::error::VerifyError::NotWhatWasSent(index).into());
     }
-    let page = parse_read(&v)?;
+    let page = read_page(&answer)?;
     if page.proof.head.customer != t.customer || page.proof.head.family != t.family {
         return Err(cmr_client::error::VerifyError::Read("another vault or family".into()).into());
     }
@@ -628,39 +621,46 @@ fn hashes(v: &Value) -> Result<Vec<[u8; 32]>, ClientError> {
         .collect()
 }
 
+/// The entry an acknowledgement says was logged: its index, salted body and inclusion proof.
+fn logged_entry(
+    ack: &cmr_wire::log::AckJson,
+) -> Result<(u64, SaltedBody, Vec<cmr_core::merkle::Hash>), ClientError> {
+    let bad = |what: &str| ClientError::Malformed(format!("acknowledgement: {what}"));
+    let index = ack.index.ok_or_else(|| bad("no index"))?;
+    let entry = ack.entry.as_ref().ok_or_else(|| bad("no entry"))?;
+    let salted = SaltedBody {
+        salt: B64
+            .decode(&entry.salt)
+            .ok()
+            .and_then(|s| s.try_into().ok())
+            .ok_or_else(|| bad("salt"))?,
+        body: B64.decode(&entry.body).map_err(|_| bad("body"))?,
+    };
+    let proof =
+        cmr_wire::log::parse_hashes("proof", &ack.proof).map_err(|e| bad(&e.to_string()))?;
+    Ok((index, salted, proof))
+}
+
 /// What one read costs the client in steady state (grant keys and checkpoint cached), from the answer's
 /// bytes: parse, check the access entry's inclusion in the checkpoint, verify completeness and every
 /// batch signature, decrypt the ten records. Returns microseconds per read of `month`.
 async fn client_cost(w: &World, month: Period) -> Result<f64, ClientError> {
     let t = &w.targets[0];
-    let v: Value = signed_read(w, t, t.grant, month).await?;
+    let v: ReadAnswerJson = signed_read(w, t, t.grant, month).await?;
     let bytes = serde_json::to_vec(&v).map_err(|e| ClientError::Local(e.to_string()))?;
-    let cp = cmr_log::checkpoint::open(
-        v["checkpoint"].as_str().unwrap_or_default(),
-        &w.pinned,
-        &[],
-        0,
-    )
-    .map_err(|e| cmr_client::error::VerifyError::Checkpoint(e.to_string()))?
-    .checkpoint;
+    let cp = cmr_log::checkpoint::open(&v.ack.checkpoint, &w.pinned, &[], 0)
+        .map_err(|e| cmr_client::error::VerifyError::Checkpoint(e.to_string()))?
+        .checkpoint;
     let mut keys = FamilyKeys::new(t.customer, t.family);
     for (epoch, k) in &t.keys {
         keys.insert(*epoch, k.clone());
     }
     let one = |keys: &mut FamilyKeys| -> Result<usize, ClientError> {
-        let v: Value =
+        let v: ReadAnswerJson =
             serde_json::from_slice(&bytes).map_err(|e| ClientError::Malformed(e.to_string()))?;
-        let index = v["index"]
-            .as_u64()
-            .ok_or_else(|| ClientError::Malformed("no index".into()))?;
-        let salted = SaltedBody {
-            salt: b64(&v["entry"]["salt"])?
-                .try_into()
-                .map_err(|_| ClientError::Malformed("salt".into()))?,
-            body: b64(&v["entry"]["body"])?,
-        };
-        check_inclusion(&cp, index, &salted, &hashes(&v["proof"])?)?;
-        let page = parse_read(&v)?;
+        let (index, salted, proof) = logged_entry(&v.ack)?;
+        check_inclusion(&cp, index, &salted, &proof)?;
+        let page = read_page(&v)?;
         let verified = cmr_core::batch::verify_read(
             &page.proof.head.digest(),
             &page.proof,

@@ -597,10 +597,12 @@ pub(crate) async fn verify_page(
 
 /// Rebuilds a read's proof, records and batches from the API's JSON.
 pub fn parse_read(v: &Value) -> Result<ReadPage, ClientError> {
-    use serde::Deserialize as _;
+    read_page(&wire::<cmr_wire::read::ReadAnswerJson>(v, "read")?)
+}
+
+/// A read's page from its typed answer (`cmr-wire`): the proof, the records and the batches, decoded.
+pub fn read_page(answer: &cmr_wire::read::ReadAnswerJson) -> Result<ReadPage, ClientError> {
     let bad = |w: &str| ClientError::Malformed(format!("read: {w}"));
-    // One wire form (`cmr-wire`), read straight from the parsed answer.
-    let answer = cmr_wire::read::ReadAnswerJson::deserialize(v).map_err(|e| bad(&e.to_string()))?;
     let proof = answer
         .proof_of_read
         .to_proof()
