@@ -22,6 +22,7 @@ use cmr_core::family::{FamilyId, FamilyName, Period, PseudonymKey, Scope};
 use cmr_core::hash::Digest;
 use cmr_core::identity::IdentityId;
 use cmr_core::identity::{DeviceCertificate, DeviceId, DeviceRequest, Signed};
+use cmr_core::problem::Code;
 use cmr_core::record::{FamilyKeys, RecordId, RecordSealer, SealedRecord};
 use cmr_log::entry::ChainLink;
 use serde_json::json;
@@ -378,7 +379,7 @@ impl Customer {
         now: u64,
     ) -> Result<Acked, ClientError> {
         match self.write_records(family, period, contents).await {
-            Err(e) if e.code() == Some("rotation-pending") => {
+            Err(e) if e.problem() == Some(Code::RotationPending) => {
                 self.finish_rotations(now).await?;
                 self.write_records(family, period, contents).await
             }

@@ -42,6 +42,12 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The refusal's code as one of the stable codes (`cmr_core::problem::Code`); `None` for anything
+    /// else, and for a code this build does not know (a newer server's).
+    pub fn problem(&self) -> Option<cmr_core::problem::Code> {
+        self.code().and_then(cmr_core::problem::Code::parse)
+    }
 }
 
 /// What the SDK refused to believe.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use cmr_core::httpsig;
 use cmr_core::identity::{DeviceKeys, IdentityId};
 use cmr_core::keys::SigningKey;
+use cmr_core::problem::Code;
 use serde_json::Value;
 
 use crate::error::ClientError;
@@ -215,7 +216,7 @@ impl Connection {
         loop {
             match self.post_once(target, &bytes, signer, known_size).await {
                 Err(Attempt::Answered(e))
-                    if e.code() == Some("created-before-start") && horizon_tries < 10 =>
+                    if e.problem() == Some(Code::CreatedBeforeStart) && horizon_tries < 10 =>
                 {
                     horizon_tries += 1;
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -304,7 +305,7 @@ impl Connection {
             // The server itself does not know whether the request was applied (it timed out while
             // queued, or the store failed while making it durable): like a lost answer.
             if status == reqwest::StatusCode::SERVICE_UNAVAILABLE
-                && refusal.code() == Some("in-doubt")
+                && refusal.problem() == Some(Code::InDoubt)
             {
                 return Err(Attempt::Lost {
                     error: refusal,

@@ -547,7 +547,7 @@ impl Loaded {
         );
         let mut version = self.saved.role.backup_version + 1;
         if let Err(e) = self.customer.put_backup(&backup, version).await {
-            if e.code() != Some("backup-conflict") {
+            if e.problem() != Some(cmr_core::problem::Code::BackupConflict) {
                 return Err(CliError::from(e));
             }
             // Another device stored one since: merge what it knows into this device's state, then store
