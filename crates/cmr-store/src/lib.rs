@@ -1,29 +1,35 @@
 //! # cmr-store
 //!
-//! CMR Vault's durable state on sled (0.34): identities, devices and key directories; records and family
-//! heads; consent statements with their wrapped keys; and the log (leaves, bodies, nodes, checkpoints).
+//! CMR Vault's durable state: identities, devices and key directories; records and family heads;
+//! consent statements with their wrapped keys; and the log (leaves, bodies, nodes, checkpoints).
 //!
 //! What it owns: the key layout, the format version, the sequencer that orders every state-changing
-//! operation and commits them in groups, the durability step (flush, then `fdatasync`), idempotency, and
-//! rebuilding the in-memory state from the log when it opens.
+//! operation and commits them in groups, idempotency, the durable view and the acknowledgements, and
+//! rebuilding the in-memory state from the log when it opens ([`Store`]); the boundary to a storage
+//! engine ([`Storage`]: ordered rows, groups of writes applied all or nothing, a sync that makes them
+//! durable) and the embedded engine, sled (0.34) in a local folder with `fdatasync` ([`SledStorage`]).
 //!
-//! What it does not own: request authentication (the server), cryptographic rules (`cmr-core`), log
-//! formats and proofs (`cmr-log`).
+//! What it does not own: request authentication (the server), the vault's rules (`cmr_log::ledger`),
+//! cryptographic rules (`cmr-core`), log formats and proofs (`cmr-log`).
 //!
-//! The server depends on the [`Backend`] trait, not on sled: [`Store`] is its sled implementation, and a
-//! later PostgreSQL backend implements the same trait (see `backend`).
+//! Modules: `backend` (the server's view, [`Backend`]), `storage` (the engine's, [`Storage`]),
+//! `sled_storage`, `store`, `layout` (row keys), and with the `testkit` feature `testkit` and
+//! `conformance` (the suite every backend passes).
 #![forbid(unsafe_code)]
 
 pub mod backend;
 #[cfg(feature = "testkit")]
 pub mod conformance;
 pub mod layout;
+pub mod sled_storage;
+pub mod storage;
 pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
 pub use backend::Backend;
+pub use sled_storage::{ACK_MARK, SledStorage};
+pub use storage::Storage;
 pub use store::{
-    ACK_MARK, Ack, DEFAULT_CACHE, KeyIndex, MAX_BACKUP, Op, ReadResult, Store, StoreConfig,
-    StoreError,
+    Ack, DEFAULT_CACHE, KeyIndex, MAX_BACKUP, Op, ReadResult, Store, StoreConfig, StoreError,
 };

@@ -1,21 +1,20 @@
-//! The store: one sequencer thread over sled, with group commit.
+//! The store: one sequencer thread over a storage engine, with group commit.
 //!
 //! Every state-changing operation goes through one queue. The sequencer takes a group of operations,
 //! evaluates each against the current state (signatures, `evaluate`, epoch, head, directory), assigns log
-//! indices and salts, writes the whole group in one atomic sled batch together with the tree nodes and a
-//! newly signed checkpoint, makes it durable (sled flush, then `fdatasync` of sled's files), and only then
-//! acknowledges every operation of the group with its index, an inclusion proof and that checkpoint.
-//! An operation that is refused changes nothing.
+//! indices and salts, writes the whole group as one atomic group of rows together with the tree nodes and
+//! a newly signed checkpoint ([`Storage::write`]), makes it durable ([`Storage::sync`]: for sled, its
+//! flush and then `fdatasync` of its files), and only then acknowledges every operation of the group
+//! with its index, an inclusion proof and that checkpoint. An operation that is refused changes nothing.
 //!
 //! This module holds the API ([`Store`], [`Op`], [`Ack`], [`StoreError`]); by concern:
 //! - `sequencer`: the thread that groups, decides (through `cmr_log::ledger`), stages and hands off;
-//! - `durability`: the syncer (flush, `fdatasync`, the acknowledgement mark, acknowledgements), opening
-//!   sled;
-//! - `overlay`: the group in progress over sled, and the tree's node stores;
+//! - `durability`: the syncer (the storage's sync, the durable view, the acknowledgements);
+//! - `overlay`: the group in progress over the storage, and the tree's node stores;
 //! - `indexes`: the party, pending and vaults-of index rows;
 //! - `replay`: rebuilding the state from the log at open.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -46,6 +45,7 @@ use cmr_log::tree::{NodeStore, Tree};
 use thiserror::Error;
 
 use crate::layout::{self, tag};
+use crate::storage::{Storage, Writes};
 
 mod durability;
 mod indexes;
@@ -53,7 +53,6 @@ mod overlay;
 mod replay;
 mod sequencer;
 
-pub use durability::ACK_MARK;
 use durability::*;
 use indexes::*;
 use overlay::*;
@@ -364,7 +363,7 @@ type DeviceKeys = Arc<std::sync::RwLock<KeyIndex>>;
 pub struct Store {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     handle: Mutex<Option<JoinHandle<()>>>,
-    db: sled::Tree,
+    db: Arc<dyn Storage>,
     durable: Arc<RwLock<Durable>>,
     start_time: u64,
     opened_empty: bool,
@@ -409,23 +408,27 @@ impl From<Refusal> for StoreError {
 }
 
 impl Store {
-    /// Opens (or creates) the store: checks the format version, rebuilds the state from the log, and
-    /// starts the sequencer.
+    /// Opens (or creates) the store on sled in `config.path` ([`crate::SledStorage`]).
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
-        let db = open_sled(&config)?;
-        let tree = db.open_tree("cmr").map_err(io)?;
+        let storage = crate::SledStorage::open(&config)?;
+        Self::open_on(Arc::new(storage), config)
+    }
+
+    /// Opens (or creates) the store on a storage engine: checks the format version, rebuilds the state
+    /// from the log, makes what the engine recovered durable, and starts the sequencer. `config.path`
+    /// and `config.cache_capacity` are the sled engine's and are not read here.
+    pub fn open_on(rows: Arc<dyn Storage>, config: StoreConfig) -> Result<Store, StoreError> {
         let mut add_indexes = false;
-        match tree.get(layout::META_FORMAT).map_err(io)? {
+        match rows.get(layout::META_FORMAT)? {
             None => {
-                if tree.iter().next().is_some() {
+                if !rows.is_empty()? {
                     return Err(StoreError::Format("data without a format version".into()));
                 }
                 // Made durable with everything else recovered, below, before anything is served.
-                tree.insert(layout::META_FORMAT, &layout::FORMAT_VERSION.to_be_bytes())
-                    .map_err(io)?;
+                rows.write(format_row())?;
             }
             Some(v) => {
-                let version = <[u8; 4]>::try_from(v.as_ref())
+                let version = <[u8; 4]>::try_from(v.as_slice())
                     .map(u32::from_be_bytes)
                     .map_err(|_| StoreError::Format("corrupted format version".into()))?;
                 if layout::FORMATS_WITHOUT_INDEXES.contains(&version) {
@@ -439,21 +442,16 @@ impl Store {
                 }
             }
         }
-        let (mark, acknowledged) = AckMark::open(&config.path)?;
         let durable = Arc::new(RwLock::new(Durable::default()));
         let poisoned = Arc::new(AtomicBool::new(false));
-        let mut syncer = Syncer {
-            db,
-            tree: tree.clone(),
-            path: config.path.clone(),
-            synced: FileStates::new(),
-            mark,
+        let syncer = Syncer {
+            rows: rows.clone(),
             durable: durable.clone(),
             poisoned: poisoned.clone(),
             failed: None,
         };
         let mut seq = Sequencer {
-            tree: tree.clone(),
+            rows: rows.clone(),
             log_key: Arc::new(config.log_key),
             clock: config.clock,
             max_group: config.max_group.max(1),
@@ -469,43 +467,40 @@ impl Store {
         let log_key = seq.log_key.clone();
         seq.rebuild(add_indexes)?;
         if add_indexes {
-            tree.insert(layout::META_FORMAT, &layout::FORMAT_VERSION.to_be_bytes())
-                .map_err(io)?;
+            rows.write(format_row())?;
         }
-        if let Some((size, root)) = acknowledged {
-            let held = seq.state.size;
-            let same = size <= held
-                && Tree::new(Committed(&seq.tree, held))
-                    .root(size)
+        let held = seq.state.size;
+        let root = Tree::new(Committed(&*rows, held))
+            .root(held)
+            .map_err(tree_err)?;
+        if let Some(ack) = rows.acknowledged() {
+            let same = ack.size <= held
+                && Tree::new(Committed(&*rows, held))
+                    .root(ack.size)
                     .map_err(tree_err)?
-                    == root;
+                    == ack.root;
             if !same {
                 return Err(StoreError::Format(format!(
-                    "the data folder holds {held} log entries, but this store acknowledged {size} with \
-                     another history: sled's files were damaged or replaced by an older copy. Restore \
-                     a backup of the whole folder (with its `acknowledged` file); to accept the loss \
-                     instead, remove {} and open again",
-                    config.path.join(ACK_MARK).display()
+                    "the store holds {held} log entries, but it acknowledged {} with another history: {}",
+                    ack.size, ack.remedy
                 )));
             }
         }
-        // What sled recovered may sit only in the page cache (a kill -9 does not flush it to the disk):
-        // make it durable before anything is served from it.
-        syncer.db.flush().map_err(io)?;
-        sync_dir(&config.path, &mut syncer.synced)?;
+        // What the engine recovered may not be durable yet (a kill -9 leaves sled's writes in the page
+        // cache): make it durable before anything is served from it.
+        rows.sync(held, &root)?;
         {
-            let checkpoint = tree
-                .get(layout::META_CHECKPOINT)
-                .map_err(io)?
+            let checkpoint = rows
+                .get(layout::META_CHECKPOINT)?
                 .map(|v| String::from_utf8_lossy(&v).into_owned());
             let mut d = durable.write().unwrap_or_else(|p| p.into_inner());
-            d.size = seq.state.size;
+            d.size = held;
             d.checkpoint = checkpoint;
         }
         seq.syncer = Some(syncer);
         let stopped = poisoned;
         let start_time = seq.now();
-        let opened_empty = seq.state.size == 0;
+        let opened_empty = held == 0;
         let (tx, rx) = mpsc::channel::<Job>();
         let handle = std::thread::Builder::new()
             .name("cmr-sequencer".into())
@@ -514,7 +509,7 @@ impl Store {
         Ok(Store {
             tx: Mutex::new(Some(tx)),
             handle: Mutex::new(Some(handle)),
-            db: tree,
+            db: rows,
             durable,
             start_time,
             opened_empty,
@@ -601,16 +596,15 @@ impl Store {
         let size = self.committed_size()?;
         let mut head = self
             .db
-            .get(layout::key(tag::CUSTOMER_HEAD, &[&customer.0]))
-            .map_err(io)?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .get(&layout::key(tag::CUSTOMER_HEAD, &[&customer.0]))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(u64::from_be_bytes);
         // Entries past the durable view belong to a group still being synced: walk back to the newest
         // durable one (at most one group's worth of steps; each body was written with its head).
         while let Some(i) = head
             && i >= size
         {
-            let Some(v) = self.db.get(layout::indexed(tag::BODY, i)).map_err(io)? else {
+            let Some(v) = self.db.get(&layout::indexed(tag::BODY, i))? else {
                 break;
             };
             let body = v
@@ -649,8 +643,8 @@ impl Store {
         let from = layout::party(&customer.0, &party.0, start);
         let to = layout::party(&customer.0, &party.0, size);
         let mut out = Vec::new();
-        for kv in self.db.range(from..to) {
-            let (k, _) = kv.map_err(io)?;
+        for kv in self.db.range(&from, &to) {
+            let (k, _) = kv?;
             if out.len() == limit {
                 return Ok((out, true));
             }
@@ -682,8 +676,8 @@ impl Store {
         };
         let to = layout::key(tag::VAULTS_OF, &[&party.0, &[0xff; 32], &[0xff]]);
         let mut out = Vec::new();
-        for kv in self.db.range(from..to) {
-            let (k, _) = kv.map_err(io)?;
+        for kv in self.db.range(&from, &to) {
+            let (k, _) = kv?;
             let customer = k
                 .get(33..65)
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
@@ -709,10 +703,10 @@ impl Store {
         let mut out = Vec::new();
         for kv in self
             .db
-            .scan_prefix(layout::key(layout::tag::PENDING, &[&customer.0]))
+            .scan_prefix(&layout::key(layout::tag::PENDING, &[&customer.0]))
         {
-            let (_, v) = kv.map_err(io)?;
-            let index = <[u8; 8]>::try_from(v.as_ref())
+            let (_, v) = kv?;
+            let index = <[u8; 8]>::try_from(v.as_slice())
                 .map(u64::from_be_bytes)
                 .map_err(|_| StoreError::Format("pending index value".into()))?;
             if index < size {
@@ -776,11 +770,7 @@ impl Store {
 
     /// A customer's current signed key directory, as stored (`None` before the first).
     pub fn directory(&self, customer: &IdentityId) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .db
-            .get(layout::key(tag::DIRECTORY, &[&customer.0]))
-            .map_err(io)?
-            .map(|v| v.to_vec()))
+        self.db.get(&layout::key(tag::DIRECTORY, &[&customer.0]))
     }
 
     /// Runs an operation and waits for its acknowledgement (from a thread that may block).
@@ -807,7 +797,7 @@ impl Store {
     /// The inclusion proof of entry `index` in the tree of `size` entries.
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, StoreError> {
         let committed = self.committed_size()?;
-        Tree::new(Committed(&self.db, committed))
+        Tree::new(Committed(&*self.db, committed))
             .inclusion_proof(index, size)
             .map_err(tree_err)
     }
@@ -815,7 +805,7 @@ impl Store {
     /// The consistency proof between two tree sizes.
     pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, StoreError> {
         let committed = self.committed_size()?;
-        Tree::new(Committed(&self.db, committed))
+        Tree::new(Committed(&*self.db, committed))
             .consistency_proof(old, new)
             .map_err(tree_err)
     }
@@ -823,7 +813,7 @@ impl Store {
     /// The root of the first `size` entries.
     pub fn root(&self, size: u64) -> Result<Hash, StoreError> {
         let committed = self.committed_size()?;
-        Tree::new(Committed(&self.db, committed))
+        Tree::new(Committed(&*self.db, committed))
             .root(size)
             .map_err(tree_err)
     }
@@ -837,9 +827,8 @@ impl Store {
         (from..to)
             .map(|i| {
                 self.db
-                    .get(layout::indexed(tag::LEAF, i))
-                    .map_err(io)?
-                    .and_then(|v| <[u8; 32]>::try_from(v.as_ref()).ok())
+                    .get(&layout::indexed(tag::LEAF, i))?
+                    .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
                     .map(Digest)
                     .ok_or_else(|| StoreError::NotFound(format!("leaf {i}")))
             })
@@ -850,8 +839,7 @@ impl Store {
     pub fn backup(&self, customer: &IdentityId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         Ok(self
             .db
-            .get(layout::key(tag::BACKUP, &[&customer.0]))
-            .map_err(io)?
+            .get(&layout::key(tag::BACKUP, &[&customer.0]))?
             .and_then(|v| {
                 let version = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
                 Some((version, v[8..].to_vec()))
@@ -865,8 +853,7 @@ impl Store {
         }
         Ok(self
             .db
-            .get(layout::indexed(tag::BODY, index))
-            .map_err(io)?
+            .get(&layout::indexed(tag::BODY, index))?
             .and_then(|v| {
                 let salt: [u8; 32] = v.get(..32)?.try_into().ok()?;
                 Some(SaltedBody {
@@ -883,6 +870,14 @@ impl Store {
             let _ = h.join();
         }
     }
+}
+
+/// The row that names the format version of the stored data.
+fn format_row() -> Writes {
+    Writes::from([(
+        layout::META_FORMAT.to_vec(),
+        Some(layout::FORMAT_VERSION.to_be_bytes().to_vec()),
+    )])
 }
 
 impl Drop for Store {

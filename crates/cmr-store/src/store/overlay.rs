@@ -1,11 +1,11 @@
-//! The group in progress over sled (the overlay), and read-only node stores for the log's tree.
+//! The group in progress over the storage (the overlay), and read-only node stores for the log's tree.
 
 use super::*;
 
-/// A node store over sled plus the writes of the group in progress.
+/// A node store over the storage plus the writes of the group in progress.
 pub(super) struct Overlay<'a> {
-    pub(super) tree: &'a sled::Tree,
-    pub(super) writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    pub(super) rows: &'a dyn Storage,
+    pub(super) writes: Writes,
     pub(super) size: u64,
     /// The bodies the operation in progress logged, by index, for its acknowledgement.
     pub(super) logged: HashMap<u64, SaltedBody>,
@@ -14,7 +14,7 @@ impl Overlay<'_> {
     pub(super) fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         match self.writes.get(k) {
             Some(v) => Ok(v.clone()),
-            None => Ok(self.tree.get(k).map_err(io)?.map(|v| v.to_vec())),
+            None => self.rows.get(k),
         }
     }
 
@@ -46,16 +46,15 @@ impl NodeStore for &mut Overlay<'_> {
         Ok(())
     }
 }
-/// Read-only node store over the committed sled tree.
-pub(super) struct Committed<'a>(pub(super) &'a sled::Tree, pub(super) u64);
+/// Read-only node store over the stored tree, up to a size.
+pub(super) struct Committed<'a>(pub(super) &'a dyn Storage, pub(super) u64);
 impl NodeStore for Committed<'_> {
     type Error = StoreError;
     fn node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
         Ok(self
             .0
-            .get(layout::node(level, index))
-            .map_err(io)?
-            .and_then(|v| v.as_ref().try_into().ok()))
+            .get(&layout::node(level, index))?
+            .and_then(|v| v.try_into().ok()))
     }
     fn set_node(&mut self, _: u8, _: u64, _: Hash) -> Result<(), StoreError> {
         Err(StoreError::Closed)

@@ -3,16 +3,14 @@
 use super::*;
 
 impl Sequencer {
-    /// Rebuilds the in-memory state by replaying the stored log (signatures were checked when logged).
     /// Rebuilds the in-memory state from the stored log; with `add_indexes`, also writes the index rows
     /// of every entry (a store from before the indexes), made durable with the rest of the open.
     pub(super) fn rebuild(&mut self, add_indexes: bool) -> Result<(), StoreError> {
-        let mut rows = sled::Batch::default();
+        let mut rows = Writes::new();
         let size = self
-            .tree
-            .get(layout::META_SIZE)
-            .map_err(io)?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .rows
+            .get(layout::META_SIZE)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(u64::from_be_bytes)
             .unwrap_or(0);
         let mut heads = HashMap::new();
@@ -20,9 +18,8 @@ impl Sequencer {
         let mut without_records = Vec::new();
         for i in 0..size {
             let v = self
-                .tree
-                .get(layout::indexed(tag::BODY, i))
-                .map_err(io)?
+                .rows
+                .get(&layout::indexed(tag::BODY, i))?
                 .ok_or_else(|| {
                     StoreError::Format(format!(
                         "log entry {i} has no stored body: the data folder is damaged"
@@ -52,10 +49,10 @@ impl Sequencer {
                     &body.payload,
                 );
                 for k in changes.deletes {
-                    rows.remove(k);
+                    rows.insert(k, None);
                 }
                 for (k, v) in changes.puts {
-                    rows.insert(k, v);
+                    rows.insert(k, Some(v));
                 }
             }
             let replayed = self
@@ -79,13 +76,15 @@ impl Sequencer {
                 )));
             }
         }
-        self.tree.apply_batch(rows).map_err(io)?;
+        if !rows.is_empty() {
+            self.rows.write(rows)?;
+        }
         self.state.heads = heads;
         self.state.size = size;
-        let root = Tree::new(Committed(&self.tree, size))
+        let root = Tree::new(Committed(&*self.rows, size))
             .root(size)
             .map_err(tree_err)?;
-        if let Some(note) = self.tree.get(layout::META_CHECKPOINT).map_err(io)? {
+        if let Some(note) = self.rows.get(layout::META_CHECKPOINT)? {
             let note = String::from_utf8_lossy(&note).into_owned();
             let cp = cmr_log::checkpoint::open(&note, &self.log_key.verifier(), &[], 0)
                 .map_err(|e| StoreError::Format(format!("stored checkpoint: {e}")))?;
@@ -143,7 +142,7 @@ impl Sequencer {
                 .or_insert_with(|| ledger.period_count(e.period));
             let key = layout::record(number, e.period, *n);
             *n += 1;
-            match self.tree.get(key).map_err(io)? {
+            match self.rows.get(&key)? {
                 Some(v) if v.len() > 8 => {
                     records.push(SealedRecord::decode(v[8..].to_vec()).map_err(|e| m(&e))?)
                 }

@@ -5,7 +5,7 @@ use super::*;
 
 /// What the sequencer owns.
 pub(super) struct Sequencer {
-    pub(super) tree: sled::Tree,
+    pub(super) rows: Arc<dyn Storage>,
     pub(super) log_key: Arc<NoteSigner>,
     pub(super) clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     pub(super) max_group: usize,
@@ -142,10 +142,10 @@ impl Sequencer {
             }
             return;
         }
-        let tree = self.tree.clone();
+        let rows = self.rows.clone();
         let mut overlay = Overlay {
-            tree: &tree,
-            writes: BTreeMap::new(),
+            rows: &*rows,
+            writes: Writes::new(),
             size: self.state.size,
             logged: HashMap::new(),
         };
@@ -183,20 +183,13 @@ impl Sequencer {
             }
             .sign(&self.log_key);
             overlay.put(layout::META_CHECKPOINT.to_vec(), note.clone().into_bytes());
-            let mut batch = sled::Batch::default();
-            for (k, v) in std::mem::take(&mut overlay.writes) {
-                match v {
-                    Some(v) => batch.insert(k, v),
-                    None => batch.remove(k),
-                }
-            }
-            self.tree.apply_batch(batch).map_err(io)?;
+            self.rows.write(std::mem::take(&mut overlay.writes))?;
             Ok((note, root))
         })();
         let (note, root) = match outcome {
             Ok(done) => done,
             Err(e) => {
-                // The in-memory state may now be ahead of sled: stop, and let a reopen rebuild it.
+                // The in-memory state may now be ahead of the storage: stop, and let a reopen rebuild it.
                 self.poisoned.store(true, Ordering::SeqCst);
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
@@ -204,7 +197,7 @@ impl Sequencer {
                 return;
             }
         };
-        // The next group builds on this one (in sled, not durable yet); the syncer makes it durable.
+        // The next group builds on this one (written, not durable yet); the syncer makes it durable.
         self.state.size = size;
         let written = Written {
             size,
@@ -639,11 +632,11 @@ impl Sequencer {
         }
         for number in numbers {
             let prefix = layout::family_prefix(number);
-            for kv in self.tree.scan_prefix(&prefix) {
-                let (k, _) = kv.map_err(io)?;
-                overlay.delete(k.to_vec());
+            for kv in self.rows.scan_prefix(&prefix) {
+                let (k, _) = kv?;
+                overlay.delete(k);
             }
-            // Records written earlier in this same group are not in sled yet.
+            // Records written earlier in this same group are not in the storage yet.
             let pending: Vec<Vec<u8>> = overlay
                 .writes
                 .range(prefix.clone()..)

@@ -1,0 +1,67 @@
+//! The storage engine under the store: what a database must do for the log, and none of the rules.
+//!
+//! [`crate::Store`] is the server's [`crate::Backend`] over any storage engine: the sequencer, the rule
+//! engine (`cmr_log::ledger`), the log's tree, the indexes, idempotency, the durable view and the
+//! acknowledgements are the same whatever holds the rows. A storage engine holds ordered key-value rows
+//! (their keys are in [`crate::layout`]) and does four things, as a transparency log's storage layer
+//! persists what its one integration step decided:
+//! - apply a group of writes all or nothing, in the order the sequencer hands them over ([`Storage::write`]);
+//!   the rows are then visible to reads, so that the next group builds on them, but not durable yet;
+//! - make every group written so far durable ([`Storage::sync`]), and only then return: the store
+//!   acknowledges a group only after this;
+//! - read a row, and rows by key range in key order;
+//! - remember the newest size and root it made durable, if it can, so that a store which comes back
+//!   with less (damaged or replaced files) is refused at open rather than served
+//!   ([`Storage::acknowledged`]).
+//!
+//! Nothing here decides anything: a storage engine never sees a statement, a signature or a refusal.
+//! [`crate::SledStorage`] (sled in a local folder) is the embedded one.
+
+use std::collections::BTreeMap;
+
+use cmr_core::merkle::Hash;
+
+use crate::StoreError;
+
+/// A row: its key and its value.
+pub type Row = (Vec<u8>, Vec<u8>);
+
+/// Rows in key order, as a storage engine reads them.
+pub type Rows<'a> = Box<dyn Iterator<Item = Result<Row, StoreError>> + 'a>;
+
+/// A group of writes: each key set to a value, or removed (`None`). Applied all or nothing.
+pub type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// What the store needs from a storage engine. Reads may run on any thread beside the writes; writes and
+/// syncs come from the store's own threads, in order.
+pub trait Storage: Send + Sync {
+    /// A row, as last written (durable or not).
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The rows with keys in `from..to`, in key order.
+    fn range(&self, from: &[u8], to: &[u8]) -> Rows<'_>;
+    /// The rows whose keys start with `prefix`, in key order.
+    fn scan_prefix(&self, prefix: &[u8]) -> Rows<'_>;
+    /// Whether no row is stored at all (a new store).
+    fn is_empty(&self) -> Result<bool, StoreError>;
+    /// Applies a group of writes all or nothing; visible to reads on return, durable only after the
+    /// next [`Storage::sync`].
+    fn write(&self, writes: Writes) -> Result<(), StoreError>;
+    /// Makes every group written so far durable. `size` and `root` are what the log then holds: an
+    /// engine that can lose a tail silently records them, after the data, for [`Storage::acknowledged`].
+    fn sync(&self, size: u64, root: &Hash) -> Result<(), StoreError>;
+    /// The log size and root recorded by the last [`Storage::sync`] before this engine was opened, if
+    /// any: the store refuses to open a log that does not contain them.
+    fn acknowledged(&self) -> Option<Acknowledged>;
+}
+
+/// What a storage engine recorded it had made durable, read back when it opens.
+#[derive(Debug, Clone)]
+pub struct Acknowledged {
+    /// The log size.
+    pub size: u64,
+    /// The log's root at that size.
+    pub root: Hash,
+    /// What an operator does when the log came back without it: where the damage is, and how to accept
+    /// the loss instead of restoring a backup.
+    pub remedy: String,
+}
