@@ -8,9 +8,11 @@
 //! tests.
 //!
 //! What it owns: the state those rules need (identities and their devices, each customer's consent
-//! state and directory version, the auditors' standing, which identity owns each device), and the
-//! *header* every entry must carry (its subject and the customer whose chain it joins), derived from
-//! the entry itself so that no caller chooses it.
+//! state and directory version, the auditors' standing, which identity owns each device), read and
+//! changed only through [`LedgerState`] ([`InMemory`] holds it all; a state kept on disk loads the
+//! working set [`Ledger::needs`] names for an entry, and writes back what changed); and the *header*
+//! every entry must carry (its subject and the customer whose chain it joins), derived from the entry
+//! itself so that no caller chooses it.
 //!
 //! What it does not own: the family ledgers of sealed records (the store holds the records; the auditor
 //! never sees them), the Merkle tree, the customer chains' links, and the freshness checks of a request
@@ -302,9 +304,42 @@ pub enum Effect {
     Admission(Admission),
 }
 
-/// The state the rules need, built by applying the log in order.
+/// Where the rules' state lives: the ledger reads and changes it only through this, as the log's tree
+/// is read through its `NodeStore`. The ledger does no I/O: an implementation that keeps the state on
+/// disk loads what an entry needs ([`Ledger::needs`]) into memory before the entry is applied, and writes
+/// back what it changed afterwards; [`InMemory`] holds it all. Every method answers for the working set
+/// the caller prepared; asking for anything else is a bug in [`Ledger::needs`], which the tests check
+/// with a working set that holds nothing more.
+pub trait LedgerState {
+    /// An identity's state.
+    fn identity(&self, id: &IdentityId) -> Option<&IdentityState>;
+    /// An identity's state, to change it.
+    fn identity_mut(&mut self, id: &IdentityId) -> Option<&mut IdentityState>;
+    /// Sets an identity's state.
+    fn put_identity(&mut self, id: IdentityId, state: IdentityState);
+    /// A customer's consent state.
+    fn consent(&self, customer: &IdentityId) -> Option<&ConsentState>;
+    /// A customer's consent state, to change it.
+    fn consent_mut(&mut self, customer: &IdentityId) -> Option<&mut ConsentState>;
+    /// Sets a customer's consent state.
+    fn put_consent(&mut self, customer: IdentityId, state: ConsentState);
+    /// A customer's directory version and digest.
+    fn directory(&self, customer: &IdentityId) -> Option<(u64, Digest)>;
+    /// Sets a customer's directory version and digest.
+    fn put_directory(&mut self, customer: IdentityId, version: u64, digest: Digest);
+    /// The identity that certified a device key.
+    fn device_owner(&self, device: &DeviceId) -> Option<IdentityId>;
+    /// Records the identity that certified a device key.
+    fn put_device_owner(&mut self, device: DeviceId, owner: IdentityId);
+    /// The auditors' standing (one small value for the whole log).
+    fn auditors(&self) -> &Auditors;
+    /// The auditors' standing, to change it.
+    fn auditors_mut(&mut self) -> &mut Auditors;
+}
+
+/// The whole state in memory: what the SDK, the auditor and the embedded store use.
 #[derive(Debug, Clone, Default)]
-pub struct Ledger {
+pub struct InMemory {
     identities: HashMap<IdentityId, IdentityState>,
     consent: HashMap<IdentityId, ConsentState>,
     directories: HashMap<IdentityId, (u64, Digest)>,
@@ -312,40 +347,158 @@ pub struct Ledger {
     device_owner: HashMap<DeviceId, IdentityId>,
 }
 
-impl Ledger {
-    /// A ledger of an empty log.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// An identity's state.
-    pub fn identity(&self, id: &IdentityId) -> Option<&IdentityState> {
-        self.identities.get(id)
-    }
-
+impl InMemory {
     /// Every identity.
     pub fn identities(&self) -> impl Iterator<Item = (&IdentityId, &IdentityState)> {
         self.identities.iter()
     }
+}
+
+impl LedgerState for InMemory {
+    fn identity(&self, id: &IdentityId) -> Option<&IdentityState> {
+        self.identities.get(id)
+    }
+    fn identity_mut(&mut self, id: &IdentityId) -> Option<&mut IdentityState> {
+        self.identities.get_mut(id)
+    }
+    fn put_identity(&mut self, id: IdentityId, state: IdentityState) {
+        self.identities.insert(id, state);
+    }
+    fn consent(&self, customer: &IdentityId) -> Option<&ConsentState> {
+        self.consent.get(customer)
+    }
+    fn consent_mut(&mut self, customer: &IdentityId) -> Option<&mut ConsentState> {
+        self.consent.get_mut(customer)
+    }
+    fn put_consent(&mut self, customer: IdentityId, state: ConsentState) {
+        self.consent.insert(customer, state);
+    }
+    fn directory(&self, customer: &IdentityId) -> Option<(u64, Digest)> {
+        self.directories.get(customer).copied()
+    }
+    fn put_directory(&mut self, customer: IdentityId, version: u64, digest: Digest) {
+        self.directories.insert(customer, (version, digest));
+    }
+    fn device_owner(&self, device: &DeviceId) -> Option<IdentityId> {
+        self.device_owner.get(device).copied()
+    }
+    fn put_device_owner(&mut self, device: DeviceId, owner: IdentityId) {
+        self.device_owner.insert(device, owner);
+    }
+    fn auditors(&self) -> &Auditors {
+        &self.auditors
+    }
+    fn auditors_mut(&mut self) -> &mut Auditors {
+        &mut self.auditors
+    }
+}
+
+/// What applying one entry reads and changes of the state: the working set a caller whose state is not
+/// all in memory loads first. The owners of `devices` are needed too (the caller looks them up, then
+/// loads those identities).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// Identities whose key history and devices are read or changed.
+    pub identities: Vec<IdentityId>,
+    /// Customers whose consent state and directory are read or changed.
+    pub customers: Vec<IdentityId>,
+    /// Device keys whose owner is read, or recorded.
+    pub devices: Vec<DeviceId>,
+}
+
+/// The rules, over their state: built by applying the log in order.
+#[derive(Debug, Clone, Default)]
+pub struct Ledger<S = InMemory> {
+    state: S,
+}
+
+impl Ledger {
+    /// A ledger of an empty log, in memory.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<S: LedgerState> Ledger<S> {
+    /// A ledger over `state` (which holds the state of the log so far).
+    pub fn over(state: S) -> Self {
+        Self { state }
+    }
+
+    /// The state.
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+
+    /// The state, to load or write back a working set.
+    pub fn state_mut(&mut self) -> &mut S {
+        &mut self.state
+    }
+
+    /// An identity's state.
+    pub fn identity(&self, id: &IdentityId) -> Option<&IdentityState> {
+        self.state.identity(id)
+    }
 
     /// A customer's consent state.
     pub fn consent(&self, customer: &IdentityId) -> Option<&ConsentState> {
-        self.consent.get(customer)
+        self.state.consent(customer)
     }
 
     /// A customer's directory version and digest.
     pub fn directory(&self, customer: &IdentityId) -> Option<(u64, Digest)> {
-        self.directories.get(customer).copied()
+        self.state.directory(customer)
     }
 
     /// The auditors' standing.
     pub fn auditors(&self) -> &Auditors {
-        &self.auditors
+        self.state.auditors()
     }
 
     /// The identity that owns a device.
     pub fn device_owner(&self, device: &DeviceId) -> Option<IdentityId> {
-        self.device_owner.get(device).copied()
+        self.state.device_owner(device)
+    }
+
+    /// What applying `parsed` reads and changes of the state (see [`Needs`]).
+    pub fn needs(parsed: &Parsed) -> Needs {
+        let n = |identities: Vec<IdentityId>, customers: Vec<IdentityId>, devices| Needs {
+            identities,
+            customers,
+            devices,
+        };
+        match parsed {
+            Parsed::KeyEvent(ev) => n(vec![ev.identity()], vec![ev.identity()], vec![]),
+            Parsed::Certificate(c) => {
+                let id = c.body().identity;
+                n(vec![id], vec![id], vec![c.body().device()])
+            }
+            Parsed::Revocation(r) => {
+                let id = r.body().identity;
+                n(vec![id], vec![id], vec![])
+            }
+            Parsed::Directory(d) => {
+                let c = d.directory().customer;
+                n(vec![c], vec![c], vec![])
+            }
+            Parsed::Statement(st) => {
+                let s = st.statement();
+                n(vec![s.author], vec![s.customer], vec![])
+            }
+            Parsed::FamilyHead(b) => {
+                let b = b.batch();
+                n(vec![b.author], vec![b.customer], vec![])
+            }
+            Parsed::Access(rec) => n(
+                vec![],
+                rec.bound_customer().into_iter().collect(),
+                Digest::from_hex(&rec.keyid)
+                    .map(|d| DeviceId(d.0))
+                    .into_iter()
+                    .collect(),
+            ),
+            Parsed::Admission(a) => n(vec![a.auditor], vec![], vec![]),
+        }
     }
 
     /// The identity that owns the device named by `keyid` (a device id in hex), if that device may sign
@@ -355,9 +508,8 @@ impl Ledger {
             .map(|d| DeviceId(d.0))
             .ok_or(Refusal::Header("keyid"))?;
         let owner = self
-            .device_owner
-            .get(&device)
-            .copied()
+            .state
+            .device_owner(&device)
             .ok_or(Refusal::Identity(IdentityError::UnknownDevice))?;
         self.known(&owner)?
             .device_at(&device, position)
@@ -366,16 +518,16 @@ impl Ledger {
     }
 
     fn known(&self, id: &IdentityId) -> Result<&IdentityState, Refusal> {
-        self.identities.get(id).ok_or(Refusal::UnknownIdentity(*id))
+        self.state.identity(id).ok_or(Refusal::UnknownIdentity(*id))
     }
 
     fn customer_state(&self, id: &IdentityId) -> Result<&ConsentState, Refusal> {
-        self.consent.get(id).ok_or(Refusal::UnknownCustomer(*id))
+        self.state.consent(id).ok_or(Refusal::UnknownCustomer(*id))
     }
 
     /// Whose chain an identity's own entries join: its own, if it is a customer.
     fn own_chain(&self, id: &IdentityId) -> Option<IdentityId> {
-        self.consent.contains_key(id).then_some(*id)
+        self.state.consent(id).is_some().then_some(*id)
     }
 
     /// The header the rules fix for `parsed` at `position`: every entry's subject and customer follow
@@ -487,8 +639,8 @@ impl Ledger {
     /// this stays all-or-nothing because `decide` has just allowed the same attempt on the same state.)
     pub fn record(&mut self, d: Decided) -> Result<Allowed, Refusal> {
         let customer = d.header.customer.ok_or(Refusal::Header("customer"))?;
-        self.consent
-            .get_mut(&customer)
+        self.state
+            .consent_mut(&customer)
             .ok_or(Refusal::UnknownCustomer(customer))?
             .record_access(&d.attempt, d.position, d.time)
             .map_err(Refusal::Consent)?
@@ -549,20 +701,20 @@ impl Ledger {
             Parsed::KeyEvent(ev) if ev.event().seq == 0 => {
                 let history = KeyHistory::incept(ev, position).map_err(Refusal::Identity)?;
                 let id = history.id();
-                if self.identities.contains_key(&id) {
+                if self.state.identity(&id).is_some() {
                     return Err(Refusal::AlreadyRegistered(id));
                 }
                 if history.role() == Role::Customer {
-                    self.consent.insert(id, ConsentState::new(id));
+                    self.state.put_consent(id, ConsentState::new(id));
                 }
-                self.identities.insert(id, IdentityState::new(history));
+                self.state.put_identity(id, IdentityState::new(history));
                 Effect::Registered(id)
             }
             Parsed::KeyEvent(ev) => {
                 let id = ev.identity();
                 let state = self
-                    .identities
-                    .get_mut(&id)
+                    .state
+                    .identity_mut(&id)
                     .ok_or(Refusal::UnknownIdentity(id))?;
                 state.rotate(ev, position).map_err(Refusal::Identity)?;
                 Effect::Rotated(id)
@@ -572,18 +724,18 @@ impl Ledger {
                 // A device key belongs to one identity: another's certificate for it would make the
                 // owner's requests authenticate (and be logged and decided) as the claimant's.
                 let device = cert.body().device();
-                if let Some(owner) = self.device_owner.get(&device)
-                    && *owner != id
+                if let Some(owner) = self.state.device_owner(&device)
+                    && owner != id
                 {
-                    return Err(Refusal::DeviceOwned(*owner));
+                    return Err(Refusal::DeviceOwned(owner));
                 }
                 let device = self
-                    .identities
-                    .get_mut(&id)
+                    .state
+                    .identity_mut(&id)
                     .ok_or(Refusal::UnknownIdentity(id))?
                     .certify(cert, position)
                     .map_err(Refusal::Identity)?;
-                self.device_owner.insert(device, id);
+                self.state.put_device_owner(device, id);
                 Effect::Certified(id, device)
             }
             Parsed::Revocation(rev) => {
@@ -591,12 +743,12 @@ impl Ledger {
                 let mut state = self.known(&id)?.clone();
                 state.revoke(rev, position).map_err(Refusal::Identity)?;
                 // A customer's device held the vault key: every family is exposed.
-                if let Some(consent) = self.consent.get_mut(&id) {
+                if let Some(consent) = self.state.consent_mut(&id) {
                     consent
                         .device_revoked(position, time)
                         .map_err(Refusal::Consent)?;
                 }
-                self.identities.insert(id, state);
+                self.state.put_identity(id, state);
                 Effect::Revoked(id, rev.body().device)
             }
             Parsed::Directory(dir) => {
@@ -605,7 +757,7 @@ impl Ledger {
                 dir.verify(self.known(&customer)?, position)
                     .map_err(Refusal::Directory)?;
                 self.customer_state(&customer)?;
-                let current = self.directories.get(&customer).copied();
+                let current = self.state.directory(&customer);
                 let follows = match current {
                     None => d.version == 1,
                     Some((v, digest)) => d.version == v + 1 && d.prev == digest,
@@ -616,18 +768,18 @@ impl Ledger {
                     });
                 }
                 let consent = self
-                    .consent
-                    .get_mut(&customer)
+                    .state
+                    .consent_mut(&customer)
                     .ok_or(Refusal::UnknownCustomer(customer))?;
                 crate::consent::declare(consent, dir);
-                self.directories.insert(customer, (d.version, dir.digest()));
+                self.state.put_directory(customer, d.version, dir.digest());
                 Effect::Directory(customer)
             }
             Parsed::Statement(st) => {
                 let s = st.statement();
                 let consent = self
-                    .consent
-                    .get_mut(&s.customer)
+                    .state
+                    .consent_mut(&s.customer)
                     .ok_or(Refusal::UnknownCustomer(s.customer))?;
                 consent
                     .apply(st, position, time)
@@ -646,8 +798,9 @@ impl Ledger {
                 Effect::Access(self.record(decided)?)
             }
             Parsed::Admission(a) => {
-                let role = self.identities.get(&a.auditor).map(|s| s.keys().role());
-                self.auditors
+                let role = self.state.identity(&a.auditor).map(|s| s.keys().role());
+                self.state
+                    .auditors_mut()
                     .apply(a, role, position)
                     .map_err(Refusal::Admission)?;
                 Effect::Admission(*a)

@@ -98,6 +98,11 @@ fn the_whole_flow_is_logged_proven_and_audited() {
     let report = auditor.run(&mut &store).unwrap();
     assert!(report.is_clean(), "{:?}", report.violations);
     assert_eq!(report.counts["access"], 2);
+    // The rules used only the working set they name, entry by entry.
+    assert_eq!(
+        common::replay_with_working_sets(&store),
+        latest_checkpoint(&store).size
+    );
 }
 
 #[test]
@@ -404,6 +409,10 @@ fn a_batch_with_a_bad_signature_or_a_revoked_device_is_refused() {
         }),
         Err(StoreError::BadSignature(_))
     ));
+    assert_eq!(
+        common::replay_with_working_sets(&store),
+        latest_checkpoint(&store).size
+    );
 }
 
 /// The number of stored records (table 0x05) in a closed store.
@@ -498,6 +507,10 @@ fn erasing_a_family_deletes_its_records_and_closes_it_to_everyone() {
     ));
     let mut auditor = Auditor::new(log_key().verifier());
     assert!(auditor.run(&mut &store).unwrap().is_clean());
+    assert_eq!(
+        common::replay_with_working_sets(&store),
+        latest_checkpoint(&store).size
+    );
     store.execute(erasure(&w, ErasureTarget::Vault)).unwrap();
     drop(store);
     assert_eq!(stored_records(dir.path()), 0);
@@ -905,6 +918,7 @@ fn auditor_admissions_follow_the_log_key_and_survive_a_reopen() {
     let report = a.run(&mut &store).unwrap();
     assert!(report.is_clean(), "{:?}", report.violations);
     assert!(!a.auditors().is_admitted(&auditor.id));
+    assert_eq!(common::replay_with_working_sets(&store), 4);
 }
 
 /// A customer's pending requests and a company's relationship come from indexes kept as entries are
