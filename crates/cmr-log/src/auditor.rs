@@ -151,6 +151,9 @@ pub struct Auditor {
     nonces: HashSet<Digest>,
     /// The entries that built the identity and consent states, to rebuild them from a snapshot.
     journal: Vec<(u64, EntryBody)>,
+    /// The company batch applied last, while its signed append has not followed yet: a snapshot carries
+    /// it, so that a restored auditor judges the next entry as this one would.
+    awaiting: Option<(u64, EntryBody)>,
 }
 
 impl Auditor {
@@ -166,6 +169,7 @@ impl Auditor {
             redacted: HashSet::new(),
             nonces: HashSet::new(),
             journal: Vec::new(),
+            awaiting: None,
         }
     }
 
@@ -435,6 +439,8 @@ impl Auditor {
             self.nonces.insert(nonce);
         }
         let (_, effect) = applied.map_err(|r| violation(index, p.parsed.kind(), r))?;
+        self.awaiting =
+            (self.ledger.awaiting_append() == Some(index)).then(|| (index, p.body.clone()));
         Ok(match effect {
             Effect::FamilyHead => None,
             Effect::Access(allowed) if !allowed.consumes => None,
@@ -580,6 +586,9 @@ struct Snapshot {
     redacted: Vec<u64>,
     nonces: Vec<String>,
     journal: Vec<(u64, String)>,
+    /// A company batch whose signed append has not followed yet (see `Auditor::awaiting`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    awaiting: Option<(u64, String)>,
 }
 
 /// A saved auditor state could not be restored.
@@ -640,6 +649,11 @@ impl Auditor {
                 .iter()
                 .map(|(i, b)| (*i, b64.encode(b.encode())))
                 .collect(),
+            awaiting: self
+                .awaiting
+                .as_ref()
+                .filter(|(i, _)| self.ledger.awaiting_append() == Some(*i))
+                .map(|(i, b)| (*i, b64.encode(b.encode()))),
         };
         serde_json::to_string(&snap).expect("a snapshot always serializes")
     }
@@ -698,6 +712,16 @@ impl Auditor {
             a.replay(*index, &body)
                 .map_err(|_| RestoreError::Journal(*index))?;
             a.journal.push((*index, body));
+        }
+        if let Some((index, encoded)) = &snap.awaiting {
+            let body = b64
+                .decode(encoded)
+                .ok()
+                .and_then(|bytes| EntryBody::decode(&bytes).ok())
+                .ok_or(RestoreError::Journal(*index))?;
+            a.replay(*index, &body)
+                .map_err(|_| RestoreError::Journal(*index))?;
+            a.awaiting = Some((*index, body));
         }
         Ok(a)
     }

@@ -24,9 +24,12 @@ use std::collections::HashMap;
 
 use cmr_core::batch::SignedBatch;
 use cmr_core::consent::{Body, SignedStatement, StatementError};
-use cmr_core::decision::{AccessAttempt, Allowed, ApplyError, ConsentState, DenyReason};
+use cmr_core::decision::{
+    AccessAttempt, AccessKind, Allowed, ApplyError, ConsentState, DenyReason,
+};
 use cmr_core::directory::{DirectoryError, SignedDirectory};
 use cmr_core::encoding::DecodeError;
+use cmr_core::family::{FamilyId, Period};
 use cmr_core::hash::Digest;
 use cmr_core::identity::{
     DeviceCertificate, DeviceId, DeviceRevocation, IdentityError, IdentityId, IdentityState,
@@ -406,10 +409,24 @@ pub struct Needs {
     pub devices: Vec<DeviceId>,
 }
 
+/// A company's batch, logged at `position`: the entry right after it must be the signed append that
+/// writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Append {
+    position: u64,
+    author: IdentityId,
+    customer: IdentityId,
+    family: FamilyId,
+    epoch: u64,
+    periods: (Period, Period),
+}
+
 /// The rules, over their state: built by applying the log in order.
 #[derive(Debug, Clone, Default)]
 pub struct Ledger<S = InMemory> {
     state: S,
+    /// The company batch the next entry must write, if the last entry was one.
+    append: Option<Append>,
 }
 
 impl Ledger {
@@ -422,7 +439,10 @@ impl Ledger {
 impl<S: LedgerState> Ledger<S> {
     /// A ledger over `state` (which holds the state of the log so far).
     pub fn over(state: S) -> Self {
-        Self { state }
+        Self {
+            state,
+            append: None,
+        }
     }
 
     /// The state.
@@ -458,6 +478,12 @@ impl<S: LedgerState> Ledger<S> {
     /// The identity that owns a device.
     pub fn device_owner(&self, device: &DeviceId) -> Option<IdentityId> {
         self.state.device_owner(device)
+    }
+
+    /// The position of the company batch the next entry must write (its signed append), if the last
+    /// entry applied was one.
+    pub fn awaiting_append(&self) -> Option<u64> {
+        self.append.as_ref().map(|a| a.position)
     }
 
     /// What applying `parsed` reads and changes of the state (see [`Needs`]).
@@ -620,6 +646,7 @@ impl<S: LedgerState> Ledger<S> {
             .ok_or(Refusal::Denied(DenyReason::Malformed(
                 "an access to no family",
             )))?;
+        self.check_append(&attempt, &header, position)?;
         let allowed = self
             .customer_state(&customer)?
             .evaluate(&attempt, position, time)
@@ -639,17 +666,64 @@ impl<S: LedgerState> Ledger<S> {
     /// this stays all-or-nothing because `decide` has just allowed the same attempt on the same state.)
     pub fn record(&mut self, d: Decided) -> Result<Allowed, Refusal> {
         let customer = d.header.customer.ok_or(Refusal::Header("customer"))?;
-        self.state
+        let allowed = self
+            .state
             .consent_mut(&customer)
             .ok_or(Refusal::UnknownCustomer(customer))?
             .record_access(&d.attempt, d.position, d.time)
             .map_err(Refusal::Consent)?
-            .map_err(Refusal::Denied)
+            .map_err(Refusal::Denied);
+        if allowed.is_ok() {
+            self.append = None;
+        }
+        allowed
+    }
+
+    /// The company batch an entry at `position` must write: the one logged right before it, if any.
+    fn append_before(&self, position: u64) -> Option<&Append> {
+        self.append
+            .as_ref()
+            .filter(|a| a.position.checked_add(1) == Some(position))
+    }
+
+    /// A company writes only through a signed append logged right after its batch, naming it: the same
+    /// company, vault, family and epoch, and periods that cover the batch's. Without this an operator
+    /// could log records no request asked for, or a request's consent could be spent on another batch.
+    fn check_append(
+        &self,
+        attempt: &AccessAttempt,
+        header: &Header,
+        position: u64,
+    ) -> Result<(), Refusal> {
+        let unbound = |why: &str| Err(Refusal::Unbound(why.into()));
+        match (attempt.kind, self.append_before(position)) {
+            (AccessKind::Append, Some(b)) => {
+                if header.subject != b.author {
+                    return unbound("the append is signed by another identity than its batch");
+                }
+                if header.customer != Some(b.customer)
+                    || attempt.families != [b.family]
+                    || attempt.epoch != Some(b.epoch)
+                    || b.periods.0 < attempt.periods.0
+                    || attempt.periods.1 < b.periods.1
+                {
+                    return unbound("the signed append does not name the batch before it");
+                }
+                Ok(())
+            }
+            (AccessKind::Append, None) => {
+                unbound("an append is logged right after the batch it writes")
+            }
+            (_, Some(_)) => {
+                unbound("a company's batch is followed by the signed append that writes it")
+            }
+            (_, None) => Ok(()),
+        }
     }
 
     /// Checks a customer's own batch against its consent state: not to an erased family, not while a
     /// rotation of it is pending, and sealed to its current epoch. A company's batch is decided by the
-    /// access logged right after it ([`Ledger::decide`]).
+    /// signed append that must be logged right after it ([`Ledger::decide`], `check_append`).
     fn check_own_batch(&self, b: &SignedBatch, time: u64) -> Result<(), Refusal> {
         let b = b.batch();
         let consent = self.customer_state(&b.customer)?;
@@ -688,6 +762,11 @@ impl<S: LedgerState> Ledger<S> {
             if c.customer != header.customer {
                 return Err(Refusal::Header("customer"));
             }
+        }
+        if self.append_before(position).is_some() && !matches!(parsed, Parsed::Access(_)) {
+            return Err(Refusal::Unbound(
+                "a company's batch is followed by the signed append that writes it".into(),
+            ));
         }
         // The signer must be valid at this position even when its signature was checked elsewhere.
         let signed = self.signing_key(parsed, position)?;
@@ -791,6 +870,26 @@ impl<S: LedgerState> Ledger<S> {
             }
             Parsed::FamilyHead(b) => {
                 self.check_own_batch(b, time)?;
+                let batch = b.batch();
+                if batch.author != batch.customer {
+                    let periods = batch
+                        .entries
+                        .iter()
+                        .map(|e| e.period)
+                        .fold(None, |acc: Option<(Period, Period)>, p| {
+                            Some(acc.map_or((p, p), |(a, z)| (a.min(p), z.max(p))))
+                        })
+                        .ok_or_else(|| Refusal::Unbound("a company batch of no records".into()))?;
+                    self.append = Some(Append {
+                        position,
+                        author: batch.author,
+                        customer: batch.customer,
+                        family: batch.family,
+                        epoch: batch.epoch,
+                        periods,
+                    });
+                    return Ok((header, Effect::FamilyHead));
+                }
                 Effect::FamilyHead
             }
             Parsed::Access(rec) => {
@@ -806,6 +905,7 @@ impl<S: LedgerState> Ledger<S> {
                 Effect::Admission(*a)
             }
         };
+        self.append = None;
         Ok((header, effect))
     }
 

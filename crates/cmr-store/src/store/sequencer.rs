@@ -707,39 +707,17 @@ impl Sequencer {
         self.state
             .ledger
             .apply(&head, index, time, None, signatures)?;
-        let periods = records
-            .iter()
-            .map(|r| r.header().period)
-            .fold(None, |acc: Option<(Period, Period)>, p| {
-                Some(acc.map_or((p, p), |(a, z)| (a.min(p), z.max(p))))
-            })
-            .ok_or_else(|| StoreError::Malformed("a batch with no records".into()))?;
+        if records.is_empty() {
+            return Err(StoreError::Malformed("a batch with no records".into()));
+        }
         let mut append = None;
         if b.author != b.customer {
             let access = access.ok_or_else(|| {
                 StoreError::Malformed("a company append carries its access record".into())
             })?;
             // The access is logged right after the batch: decided at that position, by the same rule
-            // that records it below.
+            // that records it below and that binds it to the batch (`cmr_log::ledger`).
             let decided = self.state.ledger.decide(&access, index + 1, time)?;
-            let (header, attempt) = (decided.header(), decided.attempt());
-            // The signed request must name exactly this append: the auditor replays the decision from it.
-            if header.subject != b.author {
-                return Err(StoreError::BadSignature(
-                    "the request is signed by another identity than the batch".into(),
-                ));
-            }
-            if header.customer != Some(b.customer)
-                || attempt.kind != AccessKind::Append
-                || attempt.families != [b.family]
-                || attempt.epoch != Some(b.epoch)
-                || periods.0 < attempt.periods.0
-                || attempt.periods.1 < periods.1
-            {
-                return Err(StoreError::Malformed(
-                    "the access record does not match the batch".into(),
-                ));
-            }
             append = Some((access, decided));
         }
         let number = self.state.family_number(&b.customer, &b.family)?;
