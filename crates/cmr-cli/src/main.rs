@@ -63,15 +63,20 @@ enum Command {
     /// behave as promised.
     #[command(after_help = "Example:\n  cmr demo")]
     Demo,
-    /// Run the vault server over sled in a local folder.
+    /// Run the vault server over sled in a local folder (or over PostgreSQL).
     #[command(after_help = "\
 Examples:
   cmr serve
-  cmr serve --data /var/lib/cmr --listen 127.0.0.1:9000 --log-key /etc/cmr/log.key")]
+  cmr serve --data /var/lib/cmr --listen 127.0.0.1:9000 --log-key /etc/cmr/log.key
+  cmr serve --store postgres://cmr@db.internal/cmr --log-key /etc/cmr/log.key")]
     Serve {
         /// The data folder (sled).
         #[arg(long, env = "CMR_DATA", default_value = "cmr-data")]
         data: PathBuf,
+        /// Where the state lives instead of --data: `postgres://USER@HOST/DB` (one server writes at a
+        /// time; it holds a lease in the database) or `sled:PATH`.
+        #[arg(long, env = "CMR_STORE")]
+        store: Option<String>,
         /// The address to listen on.
         #[arg(long, env = "CMR_LISTEN", default_value = "127.0.0.1:8080")]
         listen: String,
@@ -241,6 +246,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(out, args).await,
             Command::Serve {
                 data,
+                store,
                 listen,
                 log_key,
                 origin,
@@ -268,7 +274,8 @@ fn main() -> ExitCode {
                     cache_mib,
                     authority,
                 };
-                serve::run(&data, &log_key, &opts).await
+                let at = serve::Location::parse(store.as_deref(), &data)?;
+                serve::run(&at, &log_key, &opts).await
             }
             Command::Openapi => {
                 // A generated document of plain strings and maps always serializes.

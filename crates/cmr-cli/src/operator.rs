@@ -60,7 +60,7 @@ pub async fn run(out: Out, cmd: OperatorCmd) -> CliResult {
             "the auditor prints it with `cmr audit id`",
         )
     })?;
-    let key = cmr_server::logkey::load(&at.log_key, &at.data).map_err(|e| {
+    let key = cmr_server::logkey::load(&at.log_key, Some(&at.data)).map_err(|e| {
         CliError::local(
             format!("log key {}: {e}", at.log_key.display()),
             "run this where `cmr serve` keeps its log key, or pass --log-key",

@@ -1,6 +1,7 @@
-//! `cmr serve`, and the embedded server the demo starts: the API over sled in a local folder.
+//! `cmr serve`, and the embedded server the demo starts: the API over sled in a local folder (the
+//! default), or over PostgreSQL.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cmr_log::note::NoteSigner;
@@ -8,6 +9,81 @@ use cmr_server::{AppState, Config, serve};
 use cmr_store::{Store, StoreConfig};
 
 use crate::error::{CliError, CliResult, code};
+
+/// Where the vault's state lives.
+#[derive(Debug, Clone)]
+pub enum Location {
+    /// sled in a local folder.
+    Sled(PathBuf),
+    /// A PostgreSQL database (its connection string).
+    Postgres(String),
+}
+
+impl Location {
+    /// `--store`: `postgres://…` (or `postgresql://…`), or `sled:PATH`; without it, sled in `data`.
+    pub fn parse(store: Option<&str>, data: &Path) -> CliResult<Self> {
+        let Some(store) = store else {
+            return Ok(Location::Sled(data.to_path_buf()));
+        };
+        if store.starts_with("postgres://") || store.starts_with("postgresql://") {
+            return Ok(Location::Postgres(store.to_string()));
+        }
+        match store.strip_prefix("sled:") {
+            Some(path) if !path.is_empty() => Ok(Location::Sled(PathBuf::from(path))),
+            _ => Err(CliError::local(
+                format!("{store:?} is not a store this build knows"),
+                "use --store postgres://USER@HOST/DB or --store sled:PATH (or leave it out for --data)",
+            )),
+        }
+    }
+
+    /// The data folder, for a store on sled.
+    fn folder(&self) -> Option<&Path> {
+        match self {
+            Location::Sled(p) => Some(p),
+            Location::Postgres(_) => None,
+        }
+    }
+
+    /// How the operator named it, without a password.
+    fn describe(&self) -> String {
+        match self {
+            Location::Sled(p) => p.display().to_string(),
+            Location::Postgres(url) => match url.split_once('@') {
+                Some((_, host)) => format!("PostgreSQL at {host}"),
+                None => "PostgreSQL".into(),
+            },
+        }
+    }
+
+    /// Opens the store here.
+    fn open(&self, log_key: NoteSigner, cache_mib: u64) -> CliResult<Store> {
+        match self {
+            Location::Sled(data) => {
+                create_data_folder(data)?;
+                let mut config = StoreConfig::new(data, log_key);
+                config.cache_capacity = cache_mib.max(8) * 1024 * 1024;
+                Store::open(config).map_err(|e| {
+                    CliError::local(
+                        format!("cannot open the data folder {}: {e}", data.display()),
+                        "check --data (or CMR_DATA); another server may be using it",
+                    )
+                })
+            }
+            Location::Postgres(url) => {
+                let opened = cmr_postgres::PgStorage::connect(url).and_then(|storage| {
+                    Store::open_on(Arc::new(storage), StoreConfig::new("", log_key))
+                });
+                opened.map_err(|e| {
+                    CliError::local(
+                        format!("cannot open the store in {}: {e}", self.describe()),
+                        "check --store (or CMR_STORE): the database must exist and accept this user",
+                    )
+                })
+            }
+        }
+    }
+}
 
 /// A server running in this process.
 pub struct Running {
@@ -51,7 +127,8 @@ pub async fn start(
     witnesses: Vec<cmr_log::note::NoteVerifier>,
 ) -> CliResult<Running> {
     let listener = bind(listen).await?;
-    start_in(data, log_key, listener, scheme, witnesses, None, 16, None).await
+    let at = Location::Sled(data.to_path_buf());
+    start_in(&at, log_key, listener, scheme, witnesses, None, 16, None).await
 }
 
 /// Binds the listening address: first, so that nothing is created when it fails.
@@ -82,11 +159,11 @@ fn create_data_folder(data: &Path) -> CliResult {
         })
 }
 
-/// [`start`], with the per-identity rate limits, sled's page cache (MiB) and the authority clients sign
-/// for (the listening address if `None`) given.
+/// [`start`] on the store at `at`, with the per-identity rate limits, sled's page cache (MiB) and the
+/// authority clients sign for (the listening address if `None`) given.
 #[allow(clippy::too_many_arguments)]
 pub async fn start_in(
-    data: &Path,
+    at: &Location,
     log_key: NoteSigner,
     listener: tokio::net::TcpListener,
     scheme: &str,
@@ -96,15 +173,7 @@ pub async fn start_in(
     authority: Option<&str>,
 ) -> CliResult<Running> {
     let log_vkey = log_key.verifier().to_vkey();
-    create_data_folder(data)?;
-    let mut config = StoreConfig::new(data, log_key);
-    config.cache_capacity = cache_mib.max(8) * 1024 * 1024;
-    let store = Arc::new(Store::open(config).map_err(|e| {
-        CliError::local(
-            format!("cannot open the data folder {}: {e}", data.display()),
-            "check --data (or CMR_DATA); another server may be using it",
-        )
-    })?);
+    let store = Arc::new(at.open(log_key, cache_mib)?);
     let addr = listener
         .local_addr()
         .map_err(|e| CliError::local(e.to_string(), "check --listen"))?;
@@ -153,7 +222,7 @@ pub struct Options {
 
 /// `cmr serve`: runs until Ctrl-C. The log key lives outside the data folder; a new one is created
 /// (mode 0600) if the path does not exist, and its verifier key is written beside it as `.pub`.
-pub async fn run(data: &Path, log_key: &Path, opts: &Options) -> CliResult {
+pub async fn run(at: &Location, log_key: &Path, opts: &Options) -> CliResult {
     let (listen, origin) = (opts.listen.as_str(), opts.origin.as_str());
     let witnesses = opts
         .witnesses
@@ -173,9 +242,9 @@ pub async fn run(data: &Path, log_key: &Path, opts: &Options) -> CliResult {
     // The address first: when it is taken, no key, folder or file is created.
     let listener = bind(listen).await?;
     let key = if log_key.exists() {
-        cmr_server::logkey::load(log_key, data)
+        cmr_server::logkey::load(log_key, at.folder())
     } else {
-        cmr_server::logkey::create(log_key, data, origin)
+        cmr_server::logkey::create(log_key, at.folder(), origin)
     }
     .map_err(|e| {
         CliError::local(
@@ -184,7 +253,7 @@ pub async fn run(data: &Path, log_key: &Path, opts: &Options) -> CliResult {
         )
     })?;
     let running = start_in(
-        data,
+        at,
         key,
         listener,
         &opts.scheme,
@@ -208,7 +277,7 @@ pub async fn run(data: &Path, log_key: &Path, opts: &Options) -> CliResult {
     };
     say(format!(
         "CMR Vault serving {} on {}",
-        data.display(),
+        at.describe(),
         running.base
     ));
     say(format!(

@@ -322,7 +322,38 @@ impl User {
 
 #[test]
 fn a_scripted_session_against_a_real_server() {
-    let server = serve();
+    scripted_session(&serve());
+}
+
+/// The same session against `cmr serve --store postgres://…`, on a real PostgreSQL (a temporary cluster;
+/// skipped with a note when PostgreSQL is not installed, unless `CMR_REQUIRE_POSTGRES` is set, as in CI).
+#[test]
+fn the_scripted_session_on_postgresql() {
+    let Some(cluster) = cmr_postgres::cluster::Cluster::start().unwrap() else {
+        eprintln!("skipped: PostgreSQL is not installed");
+        return;
+    };
+    cluster.create_database("session").unwrap();
+    let url = format!(
+        "postgresql://cmr@localhost/session?host={}",
+        cluster.socket_dir().display()
+    );
+    let server = serve_in(tempfile::tempdir().unwrap(), &["--store", &url]);
+    scripted_session(&server);
+    // The state is in the database, not in a data folder.
+    assert!(!server._dir.path().join("data").exists());
+    let rows: u64 = cluster
+        .psql("session", "SELECT count(*) FROM cmr_rows")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(rows > 100, "{rows} rows");
+}
+
+/// One customer, a bank and an auditor, through the CLI as a new user would: registration, profile and
+/// transactions, a request and a grant, reads, an append, a dispute, a revocation with its rotation,
+/// recovery, an audit.
+fn scripted_session(server: &Server) {
     let homes = tempfile::tempdir().unwrap();
     let user = |name: &str| User {
         home: homes.path().join(name),

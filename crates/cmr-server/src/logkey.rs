@@ -24,7 +24,11 @@ pub enum LogKeyError {
     Format(String),
 }
 
-fn outside(key: &Path, data: &Path) -> Result<(), LogKeyError> {
+fn outside(key: &Path, data: Option<&Path>) -> Result<(), LogKeyError> {
+    // A store in a database has no data folder to keep the key out of.
+    let Some(data) = data else {
+        return Ok(());
+    };
     let key = std::path::absolute(key)?;
     let data = std::path::absolute(data)?;
     if key.starts_with(&data) {
@@ -33,8 +37,9 @@ fn outside(key: &Path, data: &Path) -> Result<(), LogKeyError> {
     Ok(())
 }
 
-/// Creates a new log key named `name` (the log's origin) at `path`, with mode 0600.
-pub fn create(path: &Path, data: &Path, name: &str) -> Result<NoteSigner, LogKeyError> {
+/// Creates a new log key named `name` (the log's origin) at `path`, with mode 0600; never inside the
+/// data folder `data` (for a store on sled).
+pub fn create(path: &Path, data: Option<&Path>, name: &str) -> Result<NoteSigner, LogKeyError> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;
@@ -52,8 +57,9 @@ pub fn create(path: &Path, data: &Path, name: &str) -> Result<NoteSigner, LogKey
     Ok(signer)
 }
 
-/// Loads the log key from `path`, refusing a file others can read or one inside the data folder.
-pub fn load(path: &Path, data: &Path) -> Result<NoteSigner, LogKeyError> {
+/// Loads the log key from `path`, refusing a file others can read or one inside the data folder `data`
+/// (for a store on sled).
+pub fn load(path: &Path, data: Option<&Path>) -> Result<NoteSigner, LogKeyError> {
     outside(path, data)?;
     #[cfg(unix)]
     {

@@ -65,25 +65,25 @@ fn the_log_key_file_is_private_and_outside_the_data_folder() {
     let data = dir.path().join("cmr-data");
     std::fs::create_dir(&data).unwrap();
     let key_path = dir.path().join("log.key");
-    let created = create(&key_path, &data, "vault.test/log").unwrap();
+    let created = create(&key_path, Some(&data), "vault.test/log").unwrap();
     assert_eq!(
         std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let loaded = load(&key_path, &data).unwrap();
+    let loaded = load(&key_path, Some(&data)).unwrap();
     assert_eq!(loaded.verifier(), created.verifier());
     // Never overwritten, never inside the data folder, never readable by others.
     assert!(matches!(
-        create(&key_path, &data, "vault.test/log"),
+        create(&key_path, Some(&data), "vault.test/log"),
         Err(LogKeyError::Io(_))
     ));
     assert!(matches!(
-        create(&data.join("log.key"), &data, "vault.test/log"),
+        create(&data.join("log.key"), Some(&data), "vault.test/log"),
         Err(LogKeyError::InsideDataFolder)
     ));
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).unwrap();
     assert!(matches!(
-        load(&key_path, &data),
+        load(&key_path, Some(&data)),
         Err(LogKeyError::Permissions(_))
     ));
 }
