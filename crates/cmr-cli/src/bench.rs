@@ -72,6 +72,10 @@ pub struct BenchArgs {
     /// With its own server: sled's page cache for it, in MiB (`cmr serve --cache-mib`).
     #[arg(long)]
     pub cache_mib: Option<u64>,
+    /// With its own server: where it keeps the state (`cmr serve --store`, such as an empty
+    /// PostgreSQL database `postgres://…`); sled in a temporary folder if not given.
+    #[arg(long)]
+    pub store: Option<String>,
     /// Grantees that keep access through each race's rotation.
     #[arg(long, default_value_t = 10)]
     pub keepers: usize,
@@ -193,7 +197,7 @@ impl Drop for Child {
     }
 }
 
-fn spawn_server(cache_mib: Option<u64>) -> CliResult<(Child, String, String)> {
+fn spawn_server(cache_mib: Option<u64>, store: Option<&str>) -> CliResult<(Child, String, String)> {
     use std::io::BufRead as _;
     let dir = tempfile::tempdir().map_err(|e| CliError::local(e.to_string(), "check TMPDIR"))?;
     let exe = std::env::current_exe().map_err(|e| CliError::local(e.to_string(), "report this"))?;
@@ -216,6 +220,11 @@ fn spawn_server(cache_mib: Option<u64>) -> CliResult<(Child, String, String)> {
         .args(
             cache_mib
                 .map(|c| vec!["--cache-mib".to_string(), c.to_string()])
+                .unwrap_or_default(),
+        )
+        .args(
+            store
+                .map(|s| vec!["--store".to_string(), s.to_string()])
                 .unwrap_or_default(),
         )
         .env("RUST_LOG", "warn")
@@ -1155,7 +1164,7 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
             ));
         }
         (None, _) => {
-            let (c, b, k) = spawn_server(args.cache_mib)?;
+            let (c, b, k) = spawn_server(args.cache_mib, args.store.as_deref())?;
             (Some(c), b, k)
         }
     };

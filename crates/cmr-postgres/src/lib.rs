@@ -371,10 +371,6 @@ impl Storage for PgStorage {
             let tx = w.client.transaction().await.map_err(db)?;
             // Visible at once, durable at the next sync: the syncer's synchronous commit flushes the
             // write-ahead log up to here before anything of this group is acknowledged.
-            tx.batch_execute("SET LOCAL synchronous_commit TO OFF")
-                .await
-                .map_err(db)?;
-            fence(&tx, &w.renew, &i.holder).await?;
             let (mut keys, mut values, mut gone) = (Vec::new(), Vec::new(), Vec::new());
             for (k, v) in writes {
                 match v {
@@ -385,12 +381,28 @@ impl Storage for PgStorage {
                     None => gone.push(k),
                 }
             }
-            if !gone.is_empty() {
-                tx.execute(&w.delete, &[&gone]).await.map_err(db)?;
-            }
-            if !keys.is_empty() {
-                tx.execute(&w.upsert, &[&keys, &values]).await.map_err(db)?;
-            }
+            // The statements are sent together (pipelined on the connection) and run in order; the
+            // transaction commits only if the fence held.
+            let (relaxed, fenced, deleted, upserted) = tokio::join!(
+                tx.batch_execute("SET LOCAL synchronous_commit TO OFF"),
+                fence(&tx, &w.renew, &i.holder),
+                async {
+                    if gone.is_empty() {
+                        return Ok(0);
+                    }
+                    tx.execute(&w.delete, &[&gone]).await
+                },
+                async {
+                    if keys.is_empty() {
+                        return Ok(0);
+                    }
+                    tx.execute(&w.upsert, &[&keys, &values]).await
+                },
+            );
+            relaxed.map_err(db)?;
+            fenced?;
+            deleted.map_err(db)?;
+            upserted.map_err(db)?;
             tx.commit().await.map_err(db)
         })
     }
@@ -404,8 +416,13 @@ impl Storage for PgStorage {
             // A synchronous commit (the default): it returns once the write-ahead log is flushed up to
             // its commit record, which is after every group written before it.
             let tx = w.client.transaction().await.map_err(db)?;
-            fence(&tx, &w.renew, &i.holder).await?;
-            tx.execute(&w.mark, &[&size, &root]).await.map_err(db)?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&size, &root];
+            let (fenced, marked) = tokio::join!(
+                fence(&tx, &w.renew, &i.holder),
+                tx.execute(&w.mark, &params)
+            );
+            fenced?;
+            marked.map_err(db)?;
             tx.commit().await.map_err(db)
         })
     }

@@ -87,6 +87,16 @@ pub fn node(level: u8, index: u64) -> Vec<u8> {
     key(tag::NODE, &[&[level], &index.to_be_bytes()])
 }
 
+/// The level and index of a tree node's key.
+pub fn parse_node(key: &[u8]) -> Option<(u8, u64)> {
+    match key {
+        [tag::NODE, level, index @ ..] => {
+            Some((*level, u64::from_be_bytes(index.try_into().ok()?)))
+        }
+        _ => None,
+    }
+}
+
 /// The key of a record: the family's number, the period, and the index within the period.
 pub fn record(family_number: u64, period: Period, n: u64) -> Vec<u8> {
     key(

@@ -21,6 +21,7 @@ pub(super) struct Written {
 /// the acknowledgements.
 pub(super) struct Syncer {
     pub(super) rows: Arc<dyn Storage>,
+    pub(super) nodes: Arc<NodeCache>,
     pub(super) durable: Arc<RwLock<Durable>>,
     pub(super) poisoned: Arc<AtomicBool>,
     /// Set after a group failed to become durable: every later group is in doubt too.
@@ -46,7 +47,7 @@ impl Syncer {
             d.size = group.size;
             d.checkpoint = Some(group.ack.note.clone());
         }
-        group.ack.send(&*self.rows);
+        group.ack.send(&*self.rows, &self.nodes);
     }
 }
 /// A durable group's replies, to be sent with their inclusion proofs.
@@ -65,8 +66,8 @@ impl Acknowledgement {
 
     /// Sends each reply, with the inclusion proof of its entry in the group's checkpoint. The tree's
     /// nodes up to `size` never change, so this may run beside the sequencer's next group.
-    pub(super) fn send(self, rows: &dyn Storage) {
-        let committed = Tree::new(Committed(rows, self.size));
+    pub(super) fn send(self, rows: &dyn Storage, nodes: &NodeCache) {
+        let committed = Tree::new(Committed(rows, nodes, self.size));
         for (reply, result) in self.replies {
             let ack = result.and_then(|p| {
                 let proof = match p.index {

@@ -14,7 +14,7 @@
 //! - `indexes`: the party, pending and vaults-of index rows;
 //! - `replay`: rebuilding the state from the log at open.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -45,7 +45,7 @@ use cmr_log::tree::{NodeStore, Tree};
 use thiserror::Error;
 
 use crate::layout::{self, tag};
-use crate::storage::{Storage, Writes};
+use crate::storage::{Row, Storage, Writes};
 
 mod durability;
 mod indexes;
@@ -364,6 +364,7 @@ pub struct Store {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     handle: Mutex<Option<JoinHandle<()>>>,
     db: Arc<dyn Storage>,
+    nodes: Arc<NodeCache>,
     durable: Arc<RwLock<Durable>>,
     start_time: u64,
     opened_empty: bool,
@@ -444,14 +445,17 @@ impl Store {
         }
         let durable = Arc::new(RwLock::new(Durable::default()));
         let poisoned = Arc::new(AtomicBool::new(false));
+        let nodes = Arc::new(NodeCache::new());
         let syncer = Syncer {
             rows: rows.clone(),
+            nodes: nodes.clone(),
             durable: durable.clone(),
             poisoned: poisoned.clone(),
             failed: None,
         };
         let mut seq = Sequencer {
             rows: rows.clone(),
+            nodes: nodes.clone(),
             log_key: Arc::new(config.log_key),
             clock: config.clock,
             max_group: config.max_group.max(1),
@@ -470,12 +474,12 @@ impl Store {
             rows.write(format_row())?;
         }
         let held = seq.state.size;
-        let root = Tree::new(Committed(&*rows, held))
+        let root = Tree::new(Committed(&*rows, &nodes, held))
             .root(held)
             .map_err(tree_err)?;
         if let Some(ack) = rows.acknowledged() {
             let same = ack.size <= held
-                && Tree::new(Committed(&*rows, held))
+                && Tree::new(Committed(&*rows, &nodes, held))
                     .root(ack.size)
                     .map_err(tree_err)?
                     == ack.root;
@@ -510,6 +514,7 @@ impl Store {
             tx: Mutex::new(Some(tx)),
             handle: Mutex::new(Some(handle)),
             db: rows,
+            nodes,
             durable,
             start_time,
             opened_empty,
@@ -797,7 +802,7 @@ impl Store {
     /// The inclusion proof of entry `index` in the tree of `size` entries.
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, StoreError> {
         let committed = self.committed_size()?;
-        Tree::new(Committed(&*self.db, committed))
+        Tree::new(Committed(&*self.db, &self.nodes, committed))
             .inclusion_proof(index, size)
             .map_err(tree_err)
     }
@@ -805,7 +810,7 @@ impl Store {
     /// The consistency proof between two tree sizes.
     pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, StoreError> {
         let committed = self.committed_size()?;
-        Tree::new(Committed(&*self.db, committed))
+        Tree::new(Committed(&*self.db, &self.nodes, committed))
             .consistency_proof(old, new)
             .map_err(tree_err)
     }
@@ -813,7 +818,7 @@ impl Store {
     /// The root of the first `size` entries.
     pub fn root(&self, size: u64) -> Result<Hash, StoreError> {
         let committed = self.committed_size()?;
-        Tree::new(Committed(&*self.db, committed))
+        Tree::new(Committed(&*self.db, &self.nodes, committed))
             .root(size)
             .map_err(tree_err)
     }

@@ -2,9 +2,81 @@
 
 use super::*;
 
+/// The log tree's nodes written or read lately, shared by the sequencer, the syncer and the readers.
+/// A node never changes once written, and the next appends, the group's root and the inclusion proofs
+/// of recent entries read the same few thousand nodes again and again: on a database each would be a
+/// round trip. Filled only with what the storage holds (after a group is written), oldest out first.
+pub(super) struct NodeCache {
+    inner: Mutex<Nodes>,
+}
+
+/// The cached nodes, and their order of arrival (the oldest leaves first).
+type Nodes = (HashMap<(u8, u64), Hash>, std::collections::VecDeque<(u8, u64)>);
+
+/// How many nodes the cache keeps: about 5 MB, the right edge of any tree and the last groups' nodes.
+const NODE_CACHE: usize = 1 << 16;
+
+impl NodeCache {
+    pub(super) fn new() -> Self {
+        Self {
+            inner: Mutex::new((HashMap::new(), std::collections::VecDeque::new())),
+        }
+    }
+
+    pub(super) fn get(&self, level: u8, index: u64) -> Option<Hash> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.0.get(&(level, index)).copied()
+    }
+
+    pub(super) fn put(&self, level: u8, index: u64, hash: Hash) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, order) = &mut *inner;
+        if map.insert((level, index), hash).is_none() {
+            order.push_back((level, index));
+            if order.len() > NODE_CACHE
+                && let Some(old) = order.pop_front()
+            {
+                map.remove(&old);
+            }
+        }
+    }
+
+    /// The nodes among a group's writes, to keep with [`NodeCache::put`] once the storage holds them.
+    pub(super) fn of(writes: &Writes) -> Vec<(u8, u64, Hash)> {
+        writes
+            .iter()
+            .filter_map(|(k, v)| {
+                let (level, index) = layout::parse_node(k)?;
+                let hash = Hash::try_from(v.as_ref()?.as_slice()).ok()?;
+                Some((level, index, hash))
+            })
+            .collect()
+    }
+
+    /// A node, from the cache or else from the storage (then kept).
+    pub(super) fn read(
+        &self,
+        rows: &dyn Storage,
+        level: u8,
+        index: u64,
+    ) -> Result<Option<Hash>, StoreError> {
+        if let Some(h) = self.get(level, index) {
+            return Ok(Some(h));
+        }
+        let hash = rows
+            .get(&layout::node(level, index))?
+            .and_then(|v| Hash::try_from(v).ok());
+        if let Some(h) = hash {
+            self.put(level, index, h);
+        }
+        Ok(hash)
+    }
+}
+
 /// A node store over the storage plus the writes of the group in progress.
 pub(super) struct Overlay<'a> {
     pub(super) rows: &'a dyn Storage,
+    pub(super) nodes: &'a NodeCache,
     pub(super) writes: Writes,
     pub(super) size: u64,
     /// The bodies the operation in progress logged, by index, for its acknowledgement.
@@ -18,6 +90,23 @@ impl Overlay<'_> {
         }
     }
 
+    /// The rows with keys in `from..to`, as this group sees them (its own writes over the storage's),
+    /// in key order: one range read of the storage instead of a read per key.
+    pub(super) fn range(&self, from: &[u8], to: &[u8]) -> Result<Vec<Row>, StoreError> {
+        let mut rows = BTreeMap::new();
+        for kv in self.rows.range(from, to) {
+            let (k, v) = kv?;
+            rows.insert(k, v);
+        }
+        for (k, v) in self.writes.range(from.to_vec()..to.to_vec()) {
+            match v {
+                Some(v) => rows.insert(k.clone(), v.clone()),
+                None => rows.remove(k),
+            };
+        }
+        Ok(rows.into_iter().collect())
+    }
+
     pub(super) fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
         self.writes.insert(k, Some(v));
     }
@@ -29,9 +118,10 @@ impl Overlay<'_> {
 impl NodeStore for &mut Overlay<'_> {
     type Error = StoreError;
     fn node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
-        Ok(self
-            .get(&layout::node(level, index))?
-            .and_then(|v| v.try_into().ok()))
+        match self.writes.get(&layout::node(level, index)) {
+            Some(v) => Ok(v.as_ref().and_then(|v| v.as_slice().try_into().ok())),
+            None => self.nodes.read(self.rows, level, index),
+        }
     }
     fn set_node(&mut self, level: u8, index: u64, hash: Hash) -> Result<(), StoreError> {
         self.put(layout::node(level, index), hash.to_vec());
@@ -46,21 +136,22 @@ impl NodeStore for &mut Overlay<'_> {
         Ok(())
     }
 }
-/// Read-only node store over the stored tree, up to a size.
-pub(super) struct Committed<'a>(pub(super) &'a dyn Storage, pub(super) u64);
+/// Read-only node store over the stored tree (through the node cache), up to a size.
+pub(super) struct Committed<'a>(
+    pub(super) &'a dyn Storage,
+    pub(super) &'a NodeCache,
+    pub(super) u64,
+);
 impl NodeStore for Committed<'_> {
     type Error = StoreError;
     fn node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
-        Ok(self
-            .0
-            .get(&layout::node(level, index))?
-            .and_then(|v| v.try_into().ok()))
+        self.1.read(self.0, level, index)
     }
     fn set_node(&mut self, _: u8, _: u64, _: Hash) -> Result<(), StoreError> {
         Err(StoreError::Closed)
     }
     fn size(&self) -> Result<u64, StoreError> {
-        Ok(self.1)
+        Ok(self.2)
     }
     fn set_size(&mut self, _: u64) -> Result<(), StoreError> {
         Err(StoreError::Closed)

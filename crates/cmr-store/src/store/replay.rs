@@ -81,7 +81,7 @@ impl Sequencer {
         }
         self.state.heads = heads;
         self.state.size = size;
-        let root = Tree::new(Committed(&*self.rows, size))
+        let root = Tree::new(Committed(&*self.rows, &self.nodes, size))
             .root(size)
             .map_err(tree_err)?;
         if let Some(note) = self.rows.get(layout::META_CHECKPOINT)? {

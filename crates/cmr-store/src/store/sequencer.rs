@@ -3,9 +3,13 @@
 
 use super::*;
 
+/// How many of a page's records one range read fetches at most.
+const RECORDS_PER_RANGE: usize = 64;
+
 /// What the sequencer owns.
 pub(super) struct Sequencer {
     pub(super) rows: Arc<dyn Storage>,
+    pub(super) nodes: Arc<NodeCache>,
     pub(super) log_key: Arc<NoteSigner>,
     pub(super) clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     pub(super) max_group: usize,
@@ -143,8 +147,10 @@ impl Sequencer {
             return;
         }
         let rows = self.rows.clone();
+        let nodes = self.nodes.clone();
         let mut overlay = Overlay {
             rows: &*rows,
+            nodes: &nodes,
             writes: Writes::new(),
             size: self.state.size,
             logged: HashMap::new(),
@@ -183,7 +189,11 @@ impl Sequencer {
             }
             .sign(&self.log_key);
             overlay.put(layout::META_CHECKPOINT.to_vec(), note.clone().into_bytes());
+            let written = NodeCache::of(&overlay.writes);
             self.rows.write(std::mem::take(&mut overlay.writes))?;
+            for (level, index, hash) in written {
+                self.nodes.put(level, index, hash);
+            }
             Ok((note, root))
         })();
         let (note, root) = match outcome {
@@ -829,21 +839,33 @@ impl Sequencer {
         let mut bytes = 0usize;
         let mut truncated = false;
         'pages: for page in &proof.pages {
-            for (i, id) in page.ids.iter().enumerate() {
-                let n = page.start + i as u64;
-                let value = overlay
-                    .get(&layout::record(number, page.period, n))?
-                    .ok_or_else(|| StoreError::NotFound(format!("record {}", id.to_hex())))?;
-                if value.len() <= 8 {
-                    return Err(StoreError::Format("record value".into()));
+            // A page's records have consecutive keys: they are read a chunk at a time, one range read
+            // each (one round trip to a database), and the byte budget bounds what is kept.
+            for (c, chunk) in page.ids.chunks(RECORDS_PER_RANGE).enumerate() {
+                let first = page.start + (c * RECORDS_PER_RANGE) as u64;
+                let end = first + chunk.len() as u64;
+                let rows = overlay.range(
+                    &layout::record(number, page.period, first),
+                    &layout::record(number, page.period, end),
+                )?;
+                for (i, id) in chunk.iter().enumerate() {
+                    let key = layout::record(number, page.period, first + i as u64);
+                    let value = rows
+                        .iter()
+                        .find(|(k, _)| *k == key)
+                        .map(|(_, v)| v.as_slice())
+                        .ok_or_else(|| StoreError::NotFound(format!("record {}", id.to_hex())))?;
+                    if value.len() <= 8 {
+                        return Err(StoreError::Format("record value".into()));
+                    }
+                    if !records.is_empty() && bytes + value.len() - 8 > self.max_page_bytes {
+                        truncated = true;
+                        break 'pages;
+                    }
+                    bytes += value.len() - 8;
+                    record_batches.push(value[..8].to_vec());
+                    records.push(value[8..].to_vec());
                 }
-                if !records.is_empty() && bytes + value.len() - 8 > self.max_page_bytes {
-                    truncated = true;
-                    break 'pages;
-                }
-                bytes += value.len() - 8;
-                record_batches.push(value[..8].to_vec());
-                records.push(value[8..].to_vec());
             }
         }
         if truncated {
