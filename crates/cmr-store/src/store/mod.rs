@@ -456,6 +456,7 @@ impl Store {
         let mut seq = Sequencer {
             rows: rows.clone(),
             nodes: nodes.clone(),
+            batches: BatchCache::default(),
             log_key: Arc::new(config.log_key),
             clock: config.clock,
             max_group: config.max_group.max(1),

@@ -11,7 +11,10 @@ pub(super) struct NodeCache {
 }
 
 /// The cached nodes, and their order of arrival (the oldest leaves first).
-type Nodes = (HashMap<(u8, u64), Hash>, std::collections::VecDeque<(u8, u64)>);
+type Nodes = (
+    HashMap<(u8, u64), Hash>,
+    std::collections::VecDeque<(u8, u64)>,
+);
 
 /// How many nodes the cache keeps: about 5 MB, the right edge of any tree and the last groups' nodes.
 const NODE_CACHE: usize = 1 << 16;

@@ -3,6 +3,42 @@
 
 use super::*;
 
+/// A bounded map of log index to a batch's signed bytes; the oldest leave first.
+#[derive(Default)]
+pub(super) struct BatchCache {
+    map: HashMap<u64, Vec<u8>>,
+    order: std::collections::VecDeque<u64>,
+    bytes: usize,
+}
+
+/// At most this many bytes of batches are kept.
+const BATCH_CACHE_BYTES: usize = 8 * 1024 * 1024;
+
+impl BatchCache {
+    fn get(&self, index: u64) -> Option<Vec<u8>> {
+        self.map.get(&index).cloned()
+    }
+
+    fn put(&mut self, index: u64, payload: Vec<u8>) {
+        if payload.len() > BATCH_CACHE_BYTES / 8 {
+            return;
+        }
+        self.bytes += payload.len();
+        if let Some(old) = self.map.insert(index, payload) {
+            self.bytes -= old.len();
+            return;
+        }
+        self.order.push_back(index);
+        while self.bytes > BATCH_CACHE_BYTES
+            && let Some(oldest) = self.order.pop_front()
+        {
+            if let Some(gone) = self.map.remove(&oldest) {
+                self.bytes -= gone.len();
+            }
+        }
+    }
+}
+
 /// How many of a page's records one range read fetches at most.
 const RECORDS_PER_RANGE: usize = 64;
 
@@ -10,6 +46,9 @@ const RECORDS_PER_RANGE: usize = 64;
 pub(super) struct Sequencer {
     pub(super) rows: Arc<dyn Storage>,
     pub(super) nodes: Arc<NodeCache>,
+    /// Signed batches a read serves, by the log index of their entry (entries never change): each read
+    /// names its records' batches, and a database would be asked for the same few again and again.
+    pub(super) batches: BatchCache,
     pub(super) log_key: Arc<NoteSigner>,
     pub(super) clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     pub(super) max_group: usize,
@@ -885,11 +924,18 @@ impl Sequencer {
                         .try_into()
                         .map_err(|_| StoreError::Format("record value".into()))?,
                 );
+                if let Some(payload) = self.batches.get(index) {
+                    return Ok(payload);
+                }
                 let stored = overlay
                     .get(&layout::indexed(tag::BODY, index))?
                     .ok_or_else(|| StoreError::NotFound("batch entry".into()))?;
                 let body = EntryBody::decode(stored.get(32..).unwrap_or_default())
                     .map_err(|e| StoreError::Format(e.to_string()))?;
+                if body.kind != EntryKind::FamilyHead {
+                    return Err(StoreError::Format(format!("entry {index} is not a batch")));
+                }
+                self.batches.put(index, body.payload.clone());
                 Ok::<_, StoreError>(body.payload)
             })
             .collect::<Result<Vec<_>, _>>()?;
