@@ -16,6 +16,7 @@ mod customer;
 mod demo;
 mod error;
 mod home;
+mod migrate;
 mod operator;
 mod out;
 mod serve;
@@ -183,6 +184,12 @@ Examples:
   cmr bench --clients 8 --duration 3 --race-rounds 3 --json
   cmr bench --server http://127.0.0.1:8080 --log-vkey \"$(cat cmr-log.pub)\"")]
     Bench(bench::BenchArgs),
+    /// Move a vault from its sled data folder into an empty PostgreSQL database, and prove it is the
+    /// same vault there (log size, root and signed checkpoint).
+    #[command(after_help = "\
+Example (with the server stopped):
+  cmr migrate --data /var/lib/cmr --to postgres://cmr@db.internal/cmr --log-key /etc/cmr/log.key")]
+    Migrate(migrate::MigrateArgs),
     /// Print the server's OpenAPI 3.1 document (the one `cmr serve` serves at /v1/openapi.json), for
     /// client generators and API checkers.
     #[command(after_help = "Example:\n  cmr openapi > openapi.json")]
@@ -244,6 +251,7 @@ fn main() -> ExitCode {
             Command::Operator { cmd } => operator::run(out, cmd).await,
             Command::Demo => demo::run().await,
             Command::Bench(args) => bench::run(out, args).await,
+            Command::Migrate(args) => migrate::run(out, args),
             Command::Serve {
                 data,
                 store,

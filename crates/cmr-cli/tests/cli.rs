@@ -1471,3 +1471,113 @@ fn an_unlocked_session_needs_no_passphrase_until_locked() {
     let (code, _, err) = without_passphrase(&token);
     assert_eq!(code, 4, "{err}");
 }
+
+/// A vault served on sled moves into PostgreSQL with `cmr migrate` (which proves the same log there), and
+/// `cmr serve --store` serves it: the customer's profile reads back and the history verifies, under
+/// the same pinned log key. On a real PostgreSQL (skipped with a note when it is not installed, unless
+/// `CMR_REQUIRE_POSTGRES` is set, as in CI).
+#[test]
+fn a_vault_moves_from_sled_into_postgresql() {
+    let Some(cluster) = cmr_postgres::cluster::Cluster::start().unwrap() else {
+        eprintln!("skipped: PostgreSQL is not installed");
+        return;
+    };
+    cluster.create_database("moved").unwrap();
+    let url = format!(
+        "postgresql://cmr@localhost/moved?host={}",
+        cluster.socket_dir().display()
+    );
+    let keep = tempfile::tempdir().unwrap();
+    let homes = tempfile::tempdir().unwrap();
+    let data = keep.path().join("data");
+    let log_key = keep.path().join("log.key");
+    let serve_on = |store: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = cmr()
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(&data)
+            .arg("--log-key")
+            .arg(&log_key)
+            .args(store)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut base, mut vkey) = (String::new(), String::new());
+        while base.is_empty() || vkey.is_empty() {
+            let line = lines.next().unwrap().unwrap();
+            if let Some(rest) = line
+                .split(" on ")
+                .nth(1)
+                .filter(|_| line.starts_with("CMR Vault serving"))
+            {
+                base = rest.trim().to_string();
+            }
+            if let Some(k) = line.strip_prefix("log verifier key (clients pin it): ") {
+                vkey = k.trim().to_string();
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            base,
+            vkey,
+            _dir: dir,
+        }
+    };
+    let on_sled = serve_on(&[]);
+    let alex = User {
+        home: homes.path().join("alex"),
+        server: on_sled.base.clone(),
+        vkey: on_sled.vkey.clone(),
+    };
+    alex.ok(&["customer", "init"]);
+    alex.ok(&["customer", "register"]);
+    alex.ok(&[
+        "customer",
+        "profile",
+        "set",
+        "contact",
+        "email: alex@example.org",
+    ]);
+    let vkey = on_sled.vkey.clone();
+    // Refused while the server holds the folder.
+    let (code, _, err) = run(cmr()
+        .args(["migrate", "--to", &url, "--data"])
+        .arg(&data)
+        .arg("--log-key")
+        .arg(&log_key));
+    assert_ne!(code, 0, "{err}");
+    drop(on_sled);
+
+    let (code, out, err) = run(cmr()
+        .args(["--json", "migrate", "--to", &url, "--data"])
+        .arg(&data)
+        .arg("--log-key")
+        .arg(&log_key));
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(v["rows"].as_u64().unwrap() > 10, "{v}");
+    assert!(v["size"].as_u64().unwrap() >= 4, "{v}");
+
+    let on_postgres = serve_on(&["--store", &url]);
+    assert_eq!(on_postgres.vkey, vkey);
+    let alex = User {
+        server: on_postgres.base.clone(),
+        ..alex
+    };
+    let shown = alex.ok(&["customer", "profile", "show"]);
+    assert!(shown.contains("alex@example.org"), "{shown}");
+    alex.ok(&["customer", "history"]);
+    // A second migration into the same database is refused: it is no longer empty.
+    drop(on_postgres);
+    let (code, _, err) = run(cmr()
+        .args(["migrate", "--to", &url, "--data"])
+        .arg(&data)
+        .arg("--log-key")
+        .arg(&log_key));
+    assert_ne!(code, 0);
+    assert!(err.contains("empty"), "{err}");
+}

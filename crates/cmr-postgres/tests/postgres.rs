@@ -135,3 +135,48 @@ fn a_writer_that_lost_its_lease_writes_nothing() {
         .unwrap();
     assert_eq!(rows_past, 0);
 }
+
+#[test]
+fn a_sled_folder_moves_into_postgresql_with_the_same_log() {
+    let Some((_cluster, url)) = cluster_with("moved") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (note, size, root) = {
+        let mut config = config();
+        config.path = dir.path().to_path_buf();
+        let store = Store::open(config).unwrap();
+        let mut w = World::setup(&store);
+        let g = w.grant(&store);
+        let head = Head::empty(w.customer.id, w.tx).digest();
+        execute(&store, w.customer_batch(head, p(2026, 1), 5, 1)).unwrap();
+        execute(&store, w.read(g, p(2025, 6), T0)).unwrap();
+        execute(&store, w.revoke(g)).unwrap();
+        let note = store.checkpoint().unwrap().unwrap();
+        let cp = latest_checkpoint(&store);
+        store.close();
+        (note, cp.size, cp.root)
+    };
+    let from = cmr_store::SledStorage::open_folder(dir.path(), 16 << 20).unwrap();
+    let to = PgStorage::connect(&url).unwrap();
+    let mut heard = 0;
+    let rows = cmr_store::storage::copy(&from, &to, 4096, |n| heard = n).unwrap();
+    assert_eq!(heard, rows);
+    drop(from);
+    // Copying again is refused: the destination is no longer empty.
+    let again = cmr_store::SledStorage::open_folder(dir.path(), 16 << 20).unwrap();
+    assert!(cmr_store::storage::copy(&again, &to, 4096, |_| {}).is_err());
+    drop(again);
+    // The same log: size, root and the very checkpoint; and it audits clean and goes on.
+    let store = Store::open_on(Arc::new(to), config()).unwrap();
+    assert_eq!(store.checkpoint().unwrap().unwrap(), note);
+    assert_eq!(latest_checkpoint(&store).size, size);
+    assert_eq!(store.root(size).unwrap(), root);
+    let mut auditor = cmr_log::auditor::Auditor::new(log_key().verifier());
+    let report = auditor.run(&mut &store).unwrap();
+    assert!(report.is_clean(), "{:?}", report.violations);
+    let w = World::existing();
+    let contact = Head::empty(w.customer.id, w.contact).digest();
+    let ack = execute(&store, w.contact_batch(contact, 2, 9)).unwrap();
+    assert_eq!(ack.index, Some(size));
+}

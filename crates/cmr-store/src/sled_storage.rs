@@ -35,13 +35,18 @@ impl SledStorage {
     /// Opens (or creates) sled in `config.path` with `config.cache_capacity`, and reads the
     /// acknowledgement mark beside it.
     pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
-        let db = open_sled(config)?;
+        Self::open_folder(&config.path, config.cache_capacity)
+    }
+
+    /// Opens (or creates) sled in `path` with a page cache of `cache_capacity` bytes.
+    pub fn open_folder(path: &Path, cache_capacity: u64) -> Result<Self, StoreError> {
+        let db = open_sled(path, cache_capacity)?;
         let rows = db.open_tree("cmr").map_err(io)?;
-        let (mark, acknowledged) = AckMark::open(&config.path)?;
+        let (mark, acknowledged) = AckMark::open(path)?;
         Ok(Self {
             db,
             rows,
-            path: config.path.clone(),
+            path: path.to_path_buf(),
             sync: Mutex::new((FileStates::new(), mark)),
             acknowledged,
         })
@@ -221,12 +226,12 @@ fn sync_dir(path: &Path, seen: &mut FileStates) -> Result<(), StoreError> {
 /// Opens sled. sled releases its folder lock only when its I/O threads let go of the files, a moment
 /// after the last handle is dropped: a reopen in the same process waits up to two seconds for that,
 /// and a folder still locked after it belongs to another process.
-fn open_sled(config: &StoreConfig) -> Result<sled::Db, StoreError> {
+fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
         match sled::Config::new()
-            .path(&config.path)
-            .cache_capacity(config.cache_capacity)
+            .path(path)
+            .cache_capacity(cache_capacity)
             .open()
         {
             Ok(db) => return Ok(db),

@@ -54,6 +54,41 @@ pub trait Storage: Send + Sync {
     fn acknowledged(&self) -> Option<Acknowledged>;
 }
 
+/// Copies every row of `from` into `to`, which must hold none, in groups of about `group_bytes`, and
+/// makes them durable; `progress` hears the rows copied so far. The rows are the whole state, the
+/// same on every engine, so the copy is the whole vault: a store opened on `to` rebuilds the same log,
+/// root and checkpoint (the caller checks that by opening both). `size` and `root` are the log's, for
+/// the engine's acknowledgement mark. Returns the number of rows.
+pub fn copy(
+    from: &dyn Storage,
+    to: &dyn Storage,
+    group_bytes: usize,
+    mut progress: impl FnMut(u64),
+) -> Result<u64, StoreError> {
+    if !to.is_empty()? {
+        return Err(StoreError::Format(
+            "the destination already holds data: copy into an empty one".into(),
+        ));
+    }
+    let (mut group, mut bytes, mut rows) = (Writes::new(), 0usize, 0u64);
+    for row in from.scan_prefix(&[]) {
+        let (k, v) = row?;
+        bytes += k.len() + v.len();
+        group.insert(k, Some(v));
+        rows += 1;
+        if bytes >= group_bytes {
+            to.write(std::mem::take(&mut group))?;
+            bytes = 0;
+            progress(rows);
+        }
+    }
+    if !group.is_empty() {
+        to.write(group)?;
+    }
+    progress(rows);
+    Ok(rows)
+}
+
 /// What a storage engine recorded it had made durable, read back when it opens.
 #[derive(Debug, Clone)]
 pub struct Acknowledged {
