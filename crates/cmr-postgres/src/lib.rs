@@ -5,14 +5,14 @@
 //! unchanged: `cmr_store::Store::open_on(Arc::new(PgStorage::connect(url)?), config)`.
 //!
 //! What it owns: the schema and its migrations ([`schema`]), the rows (one table of ordered key-value
-//! rows, the same keys as on sled), the write lease with its fencing token (one writer at a time; every
-//! group's transaction checks the token, so a writer that lost the lease cannot write), durability (a
-//! group is committed asynchronously, then made durable by the synchronous commit of the acknowledgement
-//! mark, which flushes the write-ahead log up to it), and the mark itself (the newest size and root made
-//! durable, which the store checks at open).
+//! rows, the same keys as on sled), the log's write lock (a row every group's transaction locks first,
+//! so that any number of servers on one database take turns, each catching up on the others' entries
+//! before it decides), durability (a group is committed asynchronously, then made durable by the
+//! synchronous commit of the acknowledgement mark, which flushes the write-ahead log past it), and the
+//! mark itself (the newest size, root and checkpoint made durable by any server).
 //!
 //! What it does not own: anything the store decides; TLS to the database (loopback or a Unix socket for
-//! now); several servers writing at once (one holds the lease; docs/design/0007-postgres.md).
+//! now). Design: docs/design/0007-postgres.md.
 //!
 //! The SQL is kept to what the distributed PostgreSQL-compatible engines also run (no advisory locks, no
 //! LISTEN/NOTIFY, no sequences); the design note lists each feature used.
@@ -25,22 +25,18 @@ pub mod schema;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use cmr_core::merkle::Hash;
 use cmr_store::StoreError;
 use cmr_store::storage::{Acknowledged, Row, Rows, Storage, Writes};
 use tokio_postgres::{Client, NoTls, Statement};
 
-/// How long the write lease lasts without renewal. Every group and sync renews it, and a heartbeat does
-/// every [`HEARTBEAT`] while idle; after a crash, the next writer waits at most this long.
-pub const LEASE_SECONDS: u64 = 10;
-
-/// How often an idle writer renews its lease.
-pub const HEARTBEAT: Duration = Duration::from_secs(2);
-
 /// Rows read per round trip when scanning a range.
 const PAGE: i64 = 512;
+
+/// How long the database lets a server sit inside a group's transaction (holding the log's write lock)
+/// before it ends the transaction: a server that hangs or is cut off cannot stop the others for longer.
+const GROUP_TIMEOUT: &str = "10s";
 
 fn db(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
@@ -55,24 +51,31 @@ struct Reads {
     range: Statement,
     range_open: Statement,
     any: Statement,
-    renew: Statement,
+    durable: Statement,
 }
 
-/// The statements prepared on the connection that writes.
-struct Writer {
+/// The connection the sequencer's groups run on: a group's transaction spans [`Storage::begin`] to
+/// [`Storage::write`], holding the log's write lock.
+struct Sequencer {
     client: Client,
-    renew: Statement,
     upsert: Statement,
     delete: Statement,
+    size: Statement,
+    /// Whether a group's transaction is open.
+    open: bool,
+}
+
+/// The connection the syncer makes groups durable on.
+struct Syncer {
+    client: Client,
     mark: Statement,
 }
 
 struct Inner {
     reads: Client,
     r: Reads,
-    writer: tokio::sync::Mutex<Writer>,
-    /// This process's lease holder token: random, so that a restarted process is another holder.
-    holder: Vec<u8>,
+    sequencer: tokio::sync::Mutex<Sequencer>,
+    syncer: tokio::sync::Mutex<Syncer>,
 }
 
 /// The store's rows in PostgreSQL, as a `cmr_store::Storage`.
@@ -82,19 +85,11 @@ pub struct PgStorage {
     acknowledged: Option<(u64, Hash)>,
 }
 
-const RENEW: &str = "UPDATE cmr_lease SET expires = now() + interval '10 seconds' \
-                     WHERE id = 1 AND holder = $1";
-
 impl PgStorage {
     /// Connects to the database named by `url` (a `postgres://` URL or `key=value` pairs; a `host` that
-    /// starts with `/` is the folder of a Unix socket), applies the schema's migrations, and takes the
-    /// write lease, waiting up to [`LEASE_SECONDS`] and a little more for one a crashed writer left.
+    /// starts with `/` is the folder of a Unix socket) and applies the schema's migrations. Any number
+    /// of stores may connect to one database: their groups take turns on the log's write lock.
     pub fn connect(url: &str) -> Result<Self, StoreError> {
-        Self::connect_waiting(url, Duration::from_secs(LEASE_SECONDS + 2))
-    }
-
-    /// [`PgStorage::connect`], waiting at most `wait` for the write lease.
-    pub fn connect_waiting(url: &str, wait: Duration) -> Result<Self, StoreError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("cmr-postgres")
@@ -105,30 +100,46 @@ impl PgStorage {
         let (inner, acknowledged) = run_on(&rt, async move {
             let reads = open_client(&url).await?;
             schema::migrate(&reads).await?;
-            let holder = rand::random::<[u8; 16]>().to_vec();
-            take_lease(&reads, &holder, wait).await?;
-            let writes = open_client(&url).await?;
-            let writer = Writer {
-                renew: writes.prepare(RENEW).await.map_err(db)?,
-                upsert: writes
+            let seq = open_client(&url).await?;
+            seq.batch_execute(&format!(
+                "SET idle_in_transaction_session_timeout = '{GROUP_TIMEOUT}'"
+            ))
+            .await
+            .map_err(db)?;
+            let sequencer = Sequencer {
+                upsert: seq
                     .prepare(
                         "INSERT INTO cmr_rows (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
                          ON CONFLICT (k) DO UPDATE SET v = excluded.v",
                     )
                     .await
                     .map_err(db)?,
-                delete: writes
+                delete: seq
                     .prepare("DELETE FROM cmr_rows WHERE k = ANY($1::bytea[])")
                     .await
                     .map_err(db)?,
-                mark: writes
+                size: seq
+                    .prepare("SELECT v FROM cmr_rows WHERE k = $1")
+                    .await
+                    .map_err(db)?,
+                client: seq,
+                open: false,
+            };
+            let sync = open_client(&url).await?;
+            let syncer = Syncer {
+                // Every sync writes the row (so that its commit is a write the log must flush), and
+                // keeps the newest size, root and checkpoint whichever store syncs last.
+                mark: sync
                     .prepare(
-                        "INSERT INTO cmr_mark (id, size, root) VALUES (1, $1, $2) \
-                         ON CONFLICT (id) DO UPDATE SET size = excluded.size, root = excluded.root",
+                        "INSERT INTO cmr_mark (id, size, root, note) VALUES (1, $1, $2, $3) \
+                         ON CONFLICT (id) DO UPDATE SET \
+                         root = CASE WHEN cmr_mark.size < excluded.size THEN excluded.root ELSE cmr_mark.root END, \
+                         note = CASE WHEN cmr_mark.size < excluded.size THEN excluded.note ELSE cmr_mark.note END, \
+                         size = GREATEST(cmr_mark.size, excluded.size)",
                     )
                     .await
                     .map_err(db)?,
-                client: writes,
+                client: sync,
             };
             let r = Reads {
                 get: reads
@@ -149,7 +160,10 @@ impl PgStorage {
                     .prepare("SELECT EXISTS (SELECT 1 FROM cmr_rows)")
                     .await
                     .map_err(db)?,
-                renew: reads.prepare(RENEW).await.map_err(db)?,
+                durable: reads
+                    .prepare("SELECT size, note FROM cmr_mark WHERE id = 1")
+                    .await
+                    .map_err(db)?,
             };
             let acknowledged = reads
                 .query_opt("SELECT size, root FROM cmr_mark WHERE id = 1", &[])
@@ -164,21 +178,12 @@ impl PgStorage {
                 Arc::new(Inner {
                     reads,
                     r,
-                    writer: tokio::sync::Mutex::new(writer),
-                    holder,
+                    sequencer: tokio::sync::Mutex::new(sequencer),
+                    syncer: tokio::sync::Mutex::new(syncer),
                 }),
                 acknowledged,
             ))
         })?;
-        // While idle, the lease is kept by a heartbeat; a lost lease shows at the next write.
-        let beat = Arc::downgrade(&inner);
-        rt.spawn(async move {
-            loop {
-                tokio::time::sleep(HEARTBEAT).await;
-                let Some(inner) = beat.upgrade() else { return };
-                let _ = inner.reads.execute(&inner.r.renew, &[&inner.holder]).await;
-            }
-        });
         Ok(Self {
             rt: Some(rt),
             inner,
@@ -226,35 +231,6 @@ async fn open_client(url: &str) -> Result<Client, StoreError> {
     Ok(client)
 }
 
-/// Takes the write lease for `holder`, waiting for one that another holder lets expire.
-async fn take_lease(client: &Client, holder: &Vec<u8>, wait: Duration) -> Result<(), StoreError> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let taken = client
-            .query_opt(
-                "INSERT INTO cmr_lease (id, holder, expires) \
-                 VALUES (1, $1, now() + interval '10 seconds') \
-                 ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, expires = excluded.expires \
-                 WHERE cmr_lease.expires < now() OR cmr_lease.holder = excluded.holder \
-                 RETURNING holder",
-                &[holder],
-            )
-            .await
-            .map_err(db)?;
-        if taken.is_some() {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(StoreError::Format(
-                "another server holds this database's write lease and keeps renewing it: one server \
-                 writes to a database at a time"
-                    .into(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// Waits on `rt` for `fut` from a thread outside it.
 fn run_on<T: Send + 'static>(
     rt: &tokio::runtime::Runtime,
@@ -268,18 +244,28 @@ fn run_on<T: Send + 'static>(
         .map_err(|_| StoreError::Io("the database connection stopped".into()))?
 }
 
-/// Checks, inside a group's transaction, that this process still holds the lease, and renews it.
-async fn fence(
-    tx: &tokio_postgres::Transaction<'_>,
-    renew: &Statement,
-    holder: &Vec<u8>,
-) -> Result<(), StoreError> {
-    match tx.execute(renew, &[holder]).await.map_err(db)? {
-        1 => Ok(()),
-        _ => Err(StoreError::Io(
-            "this server lost the database's write lease: another server writes now".into(),
-        )),
+/// Opens a group's transaction: the log's write lock, then the log's size as the database holds it.
+async fn begin(s: &mut Sequencer) -> Result<u64, StoreError> {
+    if !s.open {
+        // Visible at once, durable at the next sync: a syncer's synchronous commit flushes the
+        // write-ahead log past this group's commit before anything of it is acknowledged.
+        s.client
+            .batch_execute(
+                "BEGIN; SET LOCAL synchronous_commit TO OFF; \
+                 SELECT id FROM cmr_head WHERE id = 1 FOR UPDATE",
+            )
+            .await
+            .map_err(db)?;
+        s.open = true;
     }
+    let size = s
+        .client
+        .query_opt(&s.size, &[&cmr_store::layout::META_SIZE])
+        .await
+        .map_err(db)?
+        .and_then(|row| <[u8; 8]>::try_from(row.get::<_, Vec<u8>>(0)).ok())
+        .map_or(0, u64::from_be_bytes);
+    Ok(size)
 }
 
 /// The first key after every key that starts with `prefix`, if there is one.
@@ -366,11 +352,10 @@ impl Storage for PgStorage {
 
     fn write(&self, writes: Writes) -> Result<(), StoreError> {
         self.call(move |i| async move {
-            let mut w = i.writer.lock().await;
-            let w = &mut *w;
-            let tx = w.client.transaction().await.map_err(db)?;
-            // Visible at once, durable at the next sync: the syncer's synchronous commit flushes the
-            // write-ahead log up to here before anything of this group is acknowledged.
+            let mut guard = i.sequencer.lock().await;
+            let s = &mut *guard;
+            // A write outside a group (the format row at open) is a group of its own.
+            begin(s).await?;
             let (mut keys, mut values, mut gone) = (Vec::new(), Vec::new(), Vec::new());
             for (k, v) in writes {
                 match v {
@@ -381,49 +366,82 @@ impl Storage for PgStorage {
                     None => gone.push(k),
                 }
             }
-            // The statements are sent together (pipelined on the connection) and run in order; the
-            // transaction commits only if the fence held.
-            let (relaxed, fenced, deleted, upserted) = tokio::join!(
-                tx.batch_execute("SET LOCAL synchronous_commit TO OFF"),
-                fence(&tx, &w.renew, &i.holder),
+            // Sent together (pipelined on the connection), run in order.
+            let (deleted, upserted) = tokio::join!(
                 async {
                     if gone.is_empty() {
                         return Ok(0);
                     }
-                    tx.execute(&w.delete, &[&gone]).await
+                    s.client.execute(&s.delete, &[&gone]).await
                 },
                 async {
                     if keys.is_empty() {
                         return Ok(0);
                     }
-                    tx.execute(&w.upsert, &[&keys, &values]).await
+                    s.client.execute(&s.upsert, &[&keys, &values]).await
                 },
             );
-            relaxed.map_err(db)?;
-            fenced?;
+            let end = match (&deleted, &upserted) {
+                (Ok(_), Ok(_)) => "COMMIT",
+                _ => "ROLLBACK",
+            };
+            let ended = s.client.batch_execute(end).await.map_err(db);
+            s.open = false;
             deleted.map_err(db)?;
             upserted.map_err(db)?;
-            tx.commit().await.map_err(db)
+            ended
         })
     }
 
-    fn sync(&self, size: u64, root: &Hash) -> Result<(), StoreError> {
+    fn sync(&self, size: u64, root: &Hash, checkpoint: &str) -> Result<(), StoreError> {
         let size = i64::try_from(size).map_err(|_| StoreError::Io("log size".into()))?;
         let root = root.to_vec();
+        let note = checkpoint.to_string();
         self.call(move |i| async move {
-            let mut w = i.writer.lock().await;
-            let w = &mut *w;
+            let s = i.syncer.lock().await;
             // A synchronous commit (the default): it returns once the write-ahead log is flushed up to
-            // its commit record, which is after every group written before it.
-            let tx = w.client.transaction().await.map_err(db)?;
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&size, &root];
-            let (fenced, marked) = tokio::join!(
-                fence(&tx, &w.renew, &i.holder),
-                tx.execute(&w.mark, &params)
-            );
-            fenced?;
-            marked.map_err(db)?;
-            tx.commit().await.map_err(db)
+            // its commit record, which lies after every group committed before it, by any store.
+            s.client
+                .execute(&s.mark, &[&size, &root, &note])
+                .await
+                .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn begin(&self) -> Result<Option<u64>, StoreError> {
+        self.call(|i| async move {
+            let mut s = i.sequencer.lock().await;
+            begin(&mut s).await.map(Some)
+        })
+    }
+
+    fn abandon(&self) {
+        let _ = self.call(|i| async move {
+            let mut s = i.sequencer.lock().await;
+            if s.open {
+                s.open = false;
+                s.client.batch_execute("ROLLBACK").await.map_err(db)?;
+            }
+            Ok(())
+        });
+    }
+
+    fn durable(&self) -> Result<Option<(u64, String)>, StoreError> {
+        self.call(|i| async move {
+            Ok(i.reads
+                .query_opt(&i.r.durable, &[])
+                .await
+                .map_err(db)?
+                .and_then(|row| {
+                    let size: i64 = row.get(0);
+                    let note: Option<String> = row.get(1);
+                    Some((u64::try_from(size).ok()?, note?))
+                }))
         })
     }
 
@@ -441,19 +459,9 @@ impl Storage for PgStorage {
 
 impl Drop for PgStorage {
     fn drop(&mut self) {
-        // Let the lease go, so that the next writer need not wait for it to expire.
-        let _ = self.call(|i| async move {
-            i.reads
-                .execute(
-                    "UPDATE cmr_lease SET expires = now() - interval '1 second' \
-                     WHERE id = 1 AND holder = $1",
-                    &[&i.holder],
-                )
-                .await
-                .map_err(db)
-        });
         if let Some(rt) = self.rt.take() {
-            // Never blocks, so dropping the storage is safe from inside another runtime.
+            // Never blocks, so dropping the storage is safe from inside another runtime; an open
+            // group's transaction ends with its connection.
             rt.shutdown_background();
         }
     }

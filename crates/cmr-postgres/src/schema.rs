@@ -12,6 +12,12 @@ pub const MIGRATIONS: &[&str] = &[
     "CREATE TABLE cmr_rows (k BYTEA PRIMARY KEY, v BYTEA NOT NULL);
      CREATE TABLE cmr_mark (id INT PRIMARY KEY, size BIGINT NOT NULL, root BYTEA NOT NULL);
      CREATE TABLE cmr_lease (id INT PRIMARY KEY, holder BYTEA NOT NULL, expires TIMESTAMPTZ NOT NULL);",
+    // 2: several servers on one database: the log's write lock (one row every group locks) replaces the
+    // one-writer lease, and the mark keeps the checkpoint it was made durable with.
+    "CREATE TABLE cmr_head (id INT PRIMARY KEY);
+     INSERT INTO cmr_head (id) VALUES (1);
+     ALTER TABLE cmr_mark ADD COLUMN note TEXT;
+     DROP TABLE cmr_lease;",
 ];
 
 /// The schema version this build writes.

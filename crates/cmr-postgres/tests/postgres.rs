@@ -67,73 +67,105 @@ fn nothing_acknowledged_is_lost_when_the_database_crashes() {
     execute(&store, next).unwrap();
 }
 
-#[test]
-fn one_server_writes_to_a_database_at_a_time() {
-    let Some((_cluster, url)) = cluster_with("lease") else {
-        return;
-    };
-    let first = open(&url);
-    World::setup(&first);
-    // A second writer waits for the lease, which the first keeps renewing, and gives up.
-    let second = PgStorage::connect_waiting(&url, Duration::from_secs(3));
-    assert!(
-        matches!(&second, Err(StoreError::Format(why)) if why.contains("write lease")),
-        "{:?}",
-        second.err()
+/// The checkpoint a store serves, opened.
+fn served(store: &Store) -> cmr_log::checkpoint::Checkpoint {
+    latest_checkpoint(store)
+}
+
+/// Waits until `store`'s durable view reaches `size` (an idle store follows what others made durable).
+fn until_durable(store: &Store, size: u64) {
+    for _ in 0..100 {
+        if served(store).size >= size {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "the store's durable view stayed at {} below {size}",
+        served(store).size
     );
-    // Once the first lets go, the next one opens at once, on everything the first acknowledged.
-    let size = latest_checkpoint(&first).size;
-    first.close();
-    drop(first);
-    let storage = PgStorage::connect_waiting(&url, Duration::from_secs(1)).unwrap();
-    let store = Store::open_on(Arc::new(storage), config()).unwrap();
-    assert_eq!(latest_checkpoint(&store).size, size);
 }
 
 #[test]
-fn a_writer_that_lost_its_lease_writes_nothing() {
-    let Some((cluster, url)) = cluster_with("fenced") else {
+fn two_servers_share_one_log() {
+    let Some((_cluster, url)) = cluster_with("shared") else {
         return;
     };
-    let store = open(&url);
-    let w = World::setup(&store);
-    let size = latest_checkpoint(&store).size;
-    // Another holder takes the lease (as after a partition that outlasted it).
-    cluster
-        .psql(
-            "fenced",
-            "UPDATE cmr_lease SET holder = '\\x00', expires = now() + interval '1 hour'",
-        )
-        .unwrap();
+    let (a, b) = (open(&url), open(&url));
+    // Registered through one, granted through the other, written through the first, read through the
+    // second: each decides on everything the other logged.
+    let mut w = World::setup(&a);
+    let g = w.grant(&b);
     let head = Head::empty(w.customer.id, w.tx).digest();
-    let refused = execute(&store, w.customer_batch(head, p(2026, 1), 2, 1));
-    assert!(
-        matches!(&refused, Err(StoreError::Io(why)) if why.contains("lease")),
-        "{refused:?}"
+    execute(&a, w.customer_batch(head, p(2026, 1), 3, 1)).unwrap();
+    let read = execute(&b, w.read(g, p(2025, 6), T0)).unwrap();
+    assert_eq!(read.read.unwrap().records.len(), 3);
+    // The revocation race across servers: revoked through one, no read served by the other after it.
+    let revoked = execute(&a, w.revoke(g)).unwrap().index.unwrap();
+    let refused = execute(&b, w.read(g, p(2025, 6), T0));
+    assert_eq!(
+        refused.unwrap_err(),
+        StoreError::Denied(cmr_core::decision::DenyReason::GrantRevoked(revoked))
     );
-    assert!(!store.healthy());
-    // Nothing of the refused group reached the database.
-    let stored: u64 = cluster
-        .psql("fenced", "SELECT size FROM cmr_mark WHERE id = 1")
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(stored, size);
-    let rows_past: u64 = cluster
-        .psql(
-            "fenced",
-            &format!(
-                "SELECT count(*) FROM cmr_rows WHERE k = '\\x{}'::bytea",
-                hex::encode(cmr_store::layout::indexed(
-                    cmr_store::layout::tag::BODY,
-                    size
-                ))
-            ),
-        )
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(rows_past, 0);
+    // One log: both serve the same tree, and an idle one catches up with what the other made durable.
+    let size = served(&a).size.max(served(&b).size);
+    until_durable(&a, size);
+    until_durable(&b, size);
+    assert_eq!(a.root(size).unwrap(), b.root(size).unwrap());
+    let mut auditor = cmr_log::auditor::Auditor::new(log_key().verifier());
+    let report = auditor.run(&mut &b).unwrap();
+    assert!(report.is_clean(), "{:?}", report.violations);
+}
+
+#[test]
+fn concurrent_writers_on_two_servers_log_every_write_once() {
+    let Some((_cluster, url)) = cluster_with("busy") else {
+        return;
+    };
+    let (a, b) = (Arc::new(open(&url)), Arc::new(open(&url)));
+    let mut w = World::setup(&*a);
+    let g = w.grant(&*a);
+    let head = Head::empty(w.customer.id, w.tx).digest();
+    execute(&*a, w.customer_batch(head, p(2026, 1), 2, 1)).unwrap();
+    let start = served(&a).size;
+    // Reads (each logged) through both servers at once, from four threads.
+    let reads: Vec<_> = (0..160u64)
+        .map(|n| (n, w.read(g, p(2025, 6), T0)))
+        .collect();
+    let mut indices: Vec<u64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = reads
+            .chunks(40)
+            .enumerate()
+            .map(|(t, chunk)| {
+                let store = if t % 2 == 0 { a.clone() } else { b.clone() };
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|(_, op)| execute(&*store, op.clone()).unwrap().index.unwrap())
+                        .collect::<Vec<u64>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    indices.sort_unstable();
+    indices.dedup();
+    assert_eq!(
+        indices.len(),
+        160,
+        "every read logged once, at its own index"
+    );
+    assert_eq!(indices, (start..start + 160).collect::<Vec<_>>());
+    let size = start + 160;
+    until_durable(&a, size);
+    until_durable(&b, size);
+    assert_eq!(a.root(size).unwrap(), b.root(size).unwrap());
+    let mut auditor = cmr_log::auditor::Auditor::new(log_key().verifier());
+    let report = auditor.run(&mut &*a).unwrap();
+    assert!(report.is_clean(), "{:?}", report.violations);
 }
 
 #[test]

@@ -85,7 +85,7 @@ impl Storage for SledStorage {
         self.rows.apply_batch(batch).map_err(io)
     }
 
-    fn sync(&self, size: u64, root: &Hash) -> Result<(), StoreError> {
+    fn sync(&self, size: u64, root: &Hash, _checkpoint: &str) -> Result<(), StoreError> {
         let mut guard = self.sync.lock().unwrap_or_else(|p| p.into_inner());
         let (seen, mark) = &mut *guard;
         self.db.flush().map_err(io)?;

@@ -10,6 +10,9 @@
 //! - make every group written so far durable ([`Storage::sync`]), and only then return: the store
 //!   acknowledges a group only after this;
 //! - read a row, and rows by key range in key order;
+//! - when several stores share the engine (several servers on one database), serialize their groups:
+//!   a group begins by taking the log's write lock and learning the log's size, so that a store applies
+//!   what the others logged before it decides ([`Storage::begin`]);
 //! - remember the newest size and root it made durable, if it can, so that a store which comes back
 //!   with less (damaged or replaced files) is refused at open rather than served
 //!   ([`Storage::acknowledged`]).
@@ -46,9 +49,29 @@ pub trait Storage: Send + Sync {
     /// Applies a group of writes all or nothing; visible to reads on return, durable only after the
     /// next [`Storage::sync`].
     fn write(&self, writes: Writes) -> Result<(), StoreError>;
-    /// Makes every group written so far durable. `size` and `root` are what the log then holds: an
-    /// engine that can lose a tail silently records them, after the data, for [`Storage::acknowledged`].
-    fn sync(&self, size: u64, root: &Hash) -> Result<(), StoreError>;
+    /// Makes every group written so far durable. `size`, `root` and `checkpoint` are what the log then
+    /// holds: an engine that can lose a tail silently records them, after the data, for
+    /// [`Storage::acknowledged`]; an engine several stores share records the newest for
+    /// [`Storage::durable`].
+    fn sync(&self, size: u64, root: &Hash, checkpoint: &str) -> Result<(), StoreError>;
+    /// Whether several stores may write to this engine at once (several servers on one database).
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Starts a group. An engine several stores write to at once takes the log's write lock here (held
+    /// until [`Storage::write`] or [`Storage::abandon`]) and returns the log size it holds, which is past
+    /// this store's when another store logged since: the store then applies those entries before it
+    /// decides anything. An engine only this store writes to returns `None`.
+    fn begin(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+    /// Ends a group begun and not written: nothing of it is kept, and the write lock is released.
+    fn abandon(&self) {}
+    /// For an engine several stores share: the newest log size and signed checkpoint any of them made
+    /// durable, so that a store that logged nothing lately still serves them. `None` otherwise.
+    fn durable(&self) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(None)
+    }
     /// The log size and root recorded by the last [`Storage::sync`] before this engine was opened, if
     /// any: the store refuses to open a log that does not contain them.
     fn acknowledged(&self) -> Option<Acknowledged>;

@@ -11,6 +11,16 @@ pub(super) struct Durable {
     pub(super) size: u64,
     pub(super) checkpoint: Option<String>,
 }
+/// Moves the durable view up to `size` and its checkpoint, never down: this store's syncer and the
+/// following of other stores' groups may report out of order.
+pub(super) fn raise(view: &RwLock<Durable>, size: u64, checkpoint: &str) {
+    let mut d = view.write().unwrap_or_else(|p| p.into_inner());
+    if size >= d.size {
+        d.size = size;
+        d.checkpoint = Some(checkpoint.to_string());
+    }
+}
+
 /// A group written to the storage, not yet durable.
 pub(super) struct Written {
     pub(super) size: u64,
@@ -35,18 +45,14 @@ impl Syncer {
             )));
             return;
         }
-        if let Err(e) = self.rows.sync(group.size, &group.root) {
+        if let Err(e) = self.rows.sync(group.size, &group.root, &group.ack.note) {
             // The in-memory state is ahead of the disk: stop, and let a reopen rebuild it.
             self.poisoned.store(true, Ordering::SeqCst);
             self.failed = Some(e.to_string());
             group.ack.fail(&StoreError::InDoubt(e.to_string()));
             return;
         }
-        {
-            let mut d = self.durable.write().unwrap_or_else(|p| p.into_inner());
-            d.size = group.size;
-            d.checkpoint = Some(group.ack.note.clone());
-        }
+        raise(&self.durable, group.size, &group.ack.note);
         group.ack.send(&*self.rows, &self.nodes);
     }
 }

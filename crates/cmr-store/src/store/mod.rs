@@ -454,6 +454,7 @@ impl Store {
             failed: None,
         };
         let mut seq = Sequencer {
+            durable: durable.clone(),
             rows: rows.clone(),
             nodes: nodes.clone(),
             batches: BatchCache::default(),
@@ -470,7 +471,11 @@ impl Store {
         let device_keys = seq.device_keys.clone();
         let log_verifier = seq.log_key.verifier();
         let log_key = seq.log_key.clone();
-        seq.rebuild(add_indexes)?;
+        // On an engine several stores share, the log holds still while it is read: the write lock.
+        rows.begin()?;
+        let rebuilt = seq.rebuild(add_indexes);
+        rows.abandon();
+        rebuilt?;
         if add_indexes {
             rows.write(format_row())?;
         }
@@ -493,11 +498,11 @@ impl Store {
         }
         // What the engine recovered may not be durable yet (a kill -9 leaves sled's writes in the page
         // cache): make it durable before anything is served from it.
-        rows.sync(held, &root)?;
+        let checkpoint = rows
+            .get(layout::META_CHECKPOINT)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        rows.sync(held, &root, checkpoint.as_deref().unwrap_or_default())?;
         {
-            let checkpoint = rows
-                .get(layout::META_CHECKPOINT)?
-                .map(|v| String::from_utf8_lossy(&v).into_owned());
             let mut d = durable.write().unwrap_or_else(|p| p.into_inner());
             d.size = held;
             d.checkpoint = checkpoint;

@@ -6,29 +6,64 @@ impl Sequencer {
     /// Rebuilds the in-memory state from the stored log; with `add_indexes`, also writes the index rows
     /// of every entry (a store from before the indexes), made durable with the rest of the open.
     pub(super) fn rebuild(&mut self, add_indexes: bool) -> Result<(), StoreError> {
-        let mut rows = Writes::new();
         let size = self
             .rows
             .get(layout::META_SIZE)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(u64::from_be_bytes)
             .unwrap_or(0);
-        let mut heads = HashMap::new();
+        self.follow(size, add_indexes)?;
+        let root = Tree::new(Committed(&*self.rows, &self.nodes, size))
+            .root(size)
+            .map_err(tree_err)?;
+        if let Some(note) = self.rows.get(layout::META_CHECKPOINT)? {
+            let note = String::from_utf8_lossy(&note).into_owned();
+            let cp = cmr_log::checkpoint::open(&note, &self.log_key.verifier(), &[], 0)
+                .map_err(|e| StoreError::Format(format!("stored checkpoint: {e}")))?;
+            if cp.checkpoint.size != size || cp.checkpoint.root != root {
+                return Err(StoreError::Format(
+                    "the stored checkpoint does not match the stored tree".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the stored log's entries from this store's size up to `to`: all of them at open, and
+    /// those other stores logged since (on an engine several share) before a group is decided. Their
+    /// bodies are read by range; each goes through the rule engine and into the chains, the published
+    /// keys and the family ledgers, exactly as when it was logged. With `add_indexes`, also writes the
+    /// index rows of every entry (a store from before the indexes).
+    pub(super) fn follow(&mut self, to: u64, add_indexes: bool) -> Result<(), StoreError> {
+        let from = self.state.size;
+        let mut index_rows = Writes::new();
         // Batches whose records are not all stored: right only for a family erased later in the log.
         let mut without_records = Vec::new();
-        for i in 0..size {
-            let v = self
-                .rows
-                .get(&layout::indexed(tag::BODY, i))?
-                .ok_or_else(|| {
-                    StoreError::Format(format!(
-                        "log entry {i} has no stored body: the data folder is damaged"
-                    ))
-                })?;
+        let rows = self.rows.clone();
+        let mut next = from;
+        let missing = |i: u64| {
+            StoreError::Format(format!(
+                "log entry {i} has no stored body: the stored data is damaged"
+            ))
+        };
+        for kv in rows.range(
+            &layout::indexed(tag::BODY, from),
+            &layout::indexed(tag::BODY, to),
+        ) {
+            let (k, v) = kv?;
+            let i = k
+                .get(1..9)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::Format("entry body key".into()))?;
+            if i != next {
+                return Err(missing(next));
+            }
+            next += 1;
             let body = EntryBody::decode(v.get(32..).unwrap_or_default())
                 .map_err(|e| StoreError::Format(format!("entry {i}: {e}")))?;
             if let Some(c) = body.customer {
-                heads.insert(
+                self.state.heads.insert(
                     c,
                     ChainLink {
                         index: i,
@@ -49,10 +84,10 @@ impl Sequencer {
                     &body.payload,
                 );
                 for k in changes.deletes {
-                    rows.insert(k, None);
+                    index_rows.insert(k, None);
                 }
                 for (k, v) in changes.puts {
-                    rows.insert(k, Some(v));
+                    index_rows.insert(k, Some(v));
                 }
             }
             let replayed = self
@@ -61,6 +96,9 @@ impl Sequencer {
             if let Some(family) = replayed {
                 without_records.push((i, family));
             }
+        }
+        if next != to {
+            return Err(missing(next));
         }
         for (i, (customer, family)) in without_records {
             let erased = self
@@ -72,28 +110,14 @@ impl Sequencer {
             if !erased {
                 return Err(StoreError::Format(format!(
                     "the records of the batch logged at {i} are missing, and its family was never \
-                     erased: the data folder is damaged"
+                     erased: the stored data is damaged"
                 )));
             }
         }
-        if !rows.is_empty() {
-            self.rows.write(rows)?;
+        if !index_rows.is_empty() {
+            self.rows.write(index_rows)?;
         }
-        self.state.heads = heads;
-        self.state.size = size;
-        let root = Tree::new(Committed(&*self.rows, &self.nodes, size))
-            .root(size)
-            .map_err(tree_err)?;
-        if let Some(note) = self.rows.get(layout::META_CHECKPOINT)? {
-            let note = String::from_utf8_lossy(&note).into_owned();
-            let cp = cmr_log::checkpoint::open(&note, &self.log_key.verifier(), &[], 0)
-                .map_err(|e| StoreError::Format(format!("stored checkpoint: {e}")))?;
-            if cp.checkpoint.size != size || cp.checkpoint.root != root {
-                return Err(StoreError::Format(
-                    "the stored checkpoint does not match the stored tree".into(),
-                ));
-            }
-        }
+        self.state.size = to;
         Ok(())
     }
 

@@ -39,11 +39,17 @@ impl BatchCache {
     }
 }
 
+/// How often an idle store on a shared engine looks for what other stores made durable.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// How many of a page's records one range read fetches at most.
 const RECORDS_PER_RANGE: usize = 64;
 
 /// What the sequencer owns.
 pub(super) struct Sequencer {
+    /// The durable view readers see: raised by the syncer for this store's groups, and by the
+    /// sequencer for what other stores sharing the engine made durable.
+    pub(super) durable: Arc<RwLock<Durable>>,
     pub(super) rows: Arc<dyn Storage>,
     pub(super) nodes: Arc<NodeCache>,
     /// Signed batches a read serves, by the log index of their entry (entries never change): each read
@@ -157,7 +163,20 @@ impl Sequencer {
     }
 
     pub(super) fn serve(&mut self, rx: &mpsc::Receiver<Job>) {
-        while let Ok(first) = rx.recv() {
+        let shared = self.rows.shared();
+        loop {
+            let first = match rx.recv_timeout(FOLLOW_EVERY) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Idle on an engine other stores write to: follow what they made durable, so that
+                    // this store's readers see it too.
+                    if shared && !self.poisoned.load(Ordering::SeqCst) {
+                        self.follow_durable();
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             let mut group = vec![first];
             while group.len() < self.max_group {
                 match rx.try_recv() {
@@ -178,10 +197,72 @@ impl Sequencer {
         }
     }
 
+    /// While idle on a shared engine: catches up on the log other stores made durable, and shows it to
+    /// this store's readers. A failure here is left to the next group, which meets it again.
+    pub(super) fn follow_durable(&mut self) {
+        let Ok(Some((size, note))) = self.rows.durable() else {
+            return;
+        };
+        let seen = self.durable.read().map(|d| d.size).unwrap_or(0);
+        if size <= seen {
+            return;
+        }
+        if size > self.state.size {
+            let caught = match self.rows.begin() {
+                Ok(Some(held)) if held >= size => self.follow(held, false),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+            self.rows.abandon();
+            if caught.is_err() {
+                // The state may be half caught up: stop, and let a reopen rebuild it.
+                self.poisoned.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
+        if self.state.size >= size {
+            raise(&self.durable, size, &note);
+        }
+    }
+
     pub(super) fn commit_group(&mut self, group: Vec<Job>) {
         if self.poisoned.load(Ordering::SeqCst) {
             for job in group {
                 let _ = job.reply.send(Err(StoreError::Closed));
+            }
+            return;
+        }
+        // On an engine several stores share: take the log's write lock, and apply first what the others
+        // logged since this store's last group.
+        let begun = match self.rows.begin() {
+            Ok(Some(held)) if held > self.state.size => {
+                self.follow(held, false).inspect_err(|_| {
+                    // Half caught up: stop, and let a reopen rebuild the state.
+                    self.poisoned.store(true, Ordering::SeqCst);
+                })
+            }
+            Ok(Some(held)) if held < self.state.size => {
+                // The database lost a group this store wrote (it crashed before the group was
+                // durable, so nothing of it was acknowledged): the state here is ahead of it.
+                self.poisoned.store(true, Ordering::SeqCst);
+                Err(StoreError::InDoubt(format!(
+                    "the database holds {held} log entries, fewer than this server wrote ({}): \
+                     restart the server to rebuild from it",
+                    self.state.size
+                )))
+            }
+            Ok(_) => Ok(()),
+            // Nothing was written; but an engine that cannot start a group (its database went away)
+            // may have lost what this store wrote last: stop, and let a reopen rebuild from it.
+            Err(e) => {
+                self.poisoned.store(true, Ordering::SeqCst);
+                Err(e)
+            }
+        };
+        if let Err(e) = begun {
+            self.rows.abandon();
+            for job in group {
+                let _ = job.reply.send(Err(e.clone()));
             }
             return;
         }
@@ -208,6 +289,7 @@ impl Sequencer {
             .iter()
             .any(|r| r.as_ref().is_err_and(StoreError::is_internal))
         {
+            self.rows.abandon();
             self.poisoned.store(true, Ordering::SeqCst);
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(Err(match result {
@@ -239,6 +321,7 @@ impl Sequencer {
             Ok(done) => done,
             Err(e) => {
                 // The in-memory state may now be ahead of the storage: stop, and let a reopen rebuild it.
+                self.rows.abandon();
                 self.poisoned.store(true, Ordering::SeqCst);
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
