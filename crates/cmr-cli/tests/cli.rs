@@ -1472,6 +1472,91 @@ fn an_unlocked_session_needs_no_passphrase_until_locked() {
     assert_eq!(code, 4, "{err}");
 }
 
+/// `cmr serve` over `data` (or the store in `extra`) with the log key at `log_key`, kept by the caller.
+fn serve_with(data: &std::path::Path, log_key: &std::path::Path, extra: &[&str]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = cmr()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .arg("--log-key")
+        .arg(log_key)
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut base, mut vkey) = (String::new(), String::new());
+    while base.is_empty() || vkey.is_empty() {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(rest) = line
+            .split(" on ")
+            .nth(1)
+            .filter(|_| line.starts_with("CMR Vault serving"))
+        {
+            base = rest.trim().to_string();
+        }
+        if let Some(k) = line.strip_prefix("log verifier key (clients pin it): ") {
+            vkey = k.trim().to_string();
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Server {
+        child,
+        base,
+        vkey,
+        _dir: dir,
+    }
+}
+
+/// Two `cmr serve` processes on one PostgreSQL database serve one vault: a customer who writes through
+/// one and reads through the other finds everything, and every checkpoint either serves is consistent
+/// with those the other served (the client checks each against all it has seen). On a real PostgreSQL
+/// (skipped with a note when it is not installed, unless `CMR_REQUIRE_POSTGRES` is set, as in CI).
+#[test]
+fn two_servers_on_one_database_serve_one_vault() {
+    let Some(cluster) = cmr_postgres::cluster::Cluster::start().unwrap() else {
+        eprintln!("skipped: PostgreSQL is not installed");
+        return;
+    };
+    cluster.create_database("two").unwrap();
+    let url = format!(
+        "postgresql://cmr@localhost/two?host={}",
+        cluster.socket_dir().display()
+    );
+    let keep = tempfile::tempdir().unwrap();
+    let log_key = keep.path().join("log.key");
+    let first = serve_with(&keep.path().join("a"), &log_key, &["--store", &url]);
+    let second = serve_with(&keep.path().join("b"), &log_key, &["--store", &url]);
+    assert_eq!(first.vkey, second.vkey);
+    let homes = tempfile::tempdir().unwrap();
+    let through = |server: &Server| User {
+        home: homes.path().join("alex"),
+        server: server.base.clone(),
+        vkey: server.vkey.clone(),
+    };
+    let (one, two) = (through(&first), through(&second));
+    one.ok(&["customer", "init"]);
+    one.ok(&["customer", "register"]);
+    one.ok(&[
+        "customer",
+        "profile",
+        "set",
+        "contact",
+        "email: alex@example.org",
+    ]);
+    // Read back through the other server, then written through it and read through the first.
+    let shown = two.ok(&["customer", "profile", "show"]);
+    assert!(shown.contains("alex@example.org"), "{shown}");
+    two.ok(&["customer", "profile", "set", "preferences", "language: en"]);
+    let shown = one.ok(&["customer", "profile", "show"]);
+    assert!(shown.contains("language: en"), "{shown}");
+    for user in [&one, &two, &one] {
+        user.ok(&["customer", "history"]);
+    }
+}
+
 /// A vault served on sled moves into PostgreSQL with `cmr migrate` (which proves the same log there), and
 /// `cmr serve --store` serves it: the customer's profile reads back and the history verifies, under
 /// the same pinned log key. On a real PostgreSQL (skipped with a note when it is not installed, unless
@@ -1491,42 +1576,7 @@ fn a_vault_moves_from_sled_into_postgresql() {
     let homes = tempfile::tempdir().unwrap();
     let data = keep.path().join("data");
     let log_key = keep.path().join("log.key");
-    let serve_on = |store: &[&str]| {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = cmr()
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(&data)
-            .arg("--log-key")
-            .arg(&log_key)
-            .args(store)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut base, mut vkey) = (String::new(), String::new());
-        while base.is_empty() || vkey.is_empty() {
-            let line = lines.next().unwrap().unwrap();
-            if let Some(rest) = line
-                .split(" on ")
-                .nth(1)
-                .filter(|_| line.starts_with("CMR Vault serving"))
-            {
-                base = rest.trim().to_string();
-            }
-            if let Some(k) = line.strip_prefix("log verifier key (clients pin it): ") {
-                vkey = k.trim().to_string();
-            }
-        }
-        std::thread::spawn(move || for _ in lines {});
-        Server {
-            child,
-            base,
-            vkey,
-            _dir: dir,
-        }
-    };
+    let serve_on = |store: &[&str]| serve_with(&data, &log_key, store);
     let on_sled = serve_on(&[]);
     let alex = User {
         home: homes.path().join("alex"),

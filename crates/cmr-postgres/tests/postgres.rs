@@ -95,6 +95,12 @@ fn two_servers_share_one_log() {
     // Registered through one, granted through the other, written through the first, read through the
     // second: each decides on everything the other logged.
     let mut w = World::setup(&a);
+    // A key registered through one is known to the other at once (it follows the log on demand).
+    let acme_device = w.acme.device.id().to_hex();
+    assert_eq!(
+        b.signer_key(&acme_device).map(|(id, _)| id),
+        Some(w.acme.id)
+    );
     let g = w.grant(&b);
     let head = Head::empty(w.customer.id, w.tx).digest();
     execute(&a, w.customer_batch(head, p(2026, 1), 3, 1)).unwrap();

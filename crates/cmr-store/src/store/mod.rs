@@ -324,8 +324,19 @@ impl StoreConfig {
     }
 }
 
+/// How often a store on a shared engine follows the others on demand at most (a request naming a key
+/// it does not know yet).
+const FOLLOW_AT_MOST: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Where an operation's acknowledgement or refusal goes.
 type Reply = tokio::sync::oneshot::Sender<Result<Ack, StoreError>>;
+
+/// What the sequencer is sent: an operation, or a request to follow what other stores sharing the
+/// engine made durable (answered once done).
+enum Work {
+    Op(Job),
+    Follow(mpsc::SyncSender<()>),
+}
 
 struct Job {
     op: Op,
@@ -361,7 +372,10 @@ type DeviceKeys = Arc<std::sync::RwLock<KeyIndex>>;
 
 /// The store. Cloneable handle semantics through `Arc`; drop the last one to stop the sequencer.
 pub struct Store {
-    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    tx: Mutex<Option<mpsc::Sender<Work>>>,
+    /// Whether other stores write to the same engine, and when this one last asked to follow them.
+    shared: bool,
+    followed: Mutex<std::time::Instant>,
     handle: Mutex<Option<JoinHandle<()>>>,
     db: Arc<dyn Storage>,
     nodes: Arc<NodeCache>,
@@ -511,13 +525,19 @@ impl Store {
         let stopped = poisoned;
         let start_time = seq.now();
         let opened_empty = held == 0;
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Work>();
         let handle = std::thread::Builder::new()
             .name("cmr-sequencer".into())
             .spawn(move || seq.run(rx))
             .map_err(io)?;
         Ok(Store {
             tx: Mutex::new(Some(tx)),
+            shared: rows.shared(),
+            followed: Mutex::new(
+                std::time::Instant::now()
+                    .checked_sub(FOLLOW_AT_MOST)
+                    .unwrap_or_else(std::time::Instant::now),
+            ),
             handle: Mutex::new(Some(handle)),
             db: rows,
             nodes,
@@ -560,7 +580,7 @@ impl Store {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = guard.as_ref()
-            && tx.send(Job { op, pre, reply }).is_ok()
+            && tx.send(Work::Op(Job { op, pre, reply })).is_ok()
         {
             return rx;
         }
@@ -589,6 +609,38 @@ impl Store {
     /// prefixed `id:` (the identity's current key, for registration and device certification). `None` if
     /// unknown. Whether a device is still valid is checked again when the operation is sequenced.
     pub fn signer_key(&self, keyid: &str) -> Option<(IdentityId, cmr_core::keys::VerifyingKey)> {
+        if let Some(found) = self.key_of(keyid) {
+            return Some(found);
+        }
+        // A key another server registered a moment ago: follow the shared log, then look again.
+        if self.shared && self.follow_others() {
+            return self.key_of(keyid);
+        }
+        None
+    }
+
+    /// Asks the sequencer to follow what other stores on the shared engine made durable, and waits for
+    /// it (at most a second). At most once per [`FOLLOW_AT_MOST`], so that requests naming unknown keys
+    /// cannot make the store ask the database on each. Whether it followed.
+    fn follow_others(&self) -> bool {
+        {
+            let mut last = self.followed.lock().unwrap_or_else(|p| p.into_inner());
+            if last.elapsed() < FOLLOW_AT_MOST {
+                return false;
+            }
+            *last = std::time::Instant::now();
+        }
+        let (done, wait) = mpsc::sync_channel(1);
+        let sent = self
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|tx| tx.send(Work::Follow(done)).is_ok());
+        sent && wait.recv_timeout(std::time::Duration::from_secs(1)).is_ok()
+    }
+
+    fn key_of(&self, keyid: &str) -> Option<(IdentityId, cmr_core::keys::VerifyingKey)> {
         let keys = self.device_keys.read().ok()?;
         match keyid.strip_prefix("id:") {
             Some(id) => {

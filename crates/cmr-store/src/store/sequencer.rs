@@ -133,7 +133,7 @@ impl Sequencer {
         (self.clock)().max(self.state.last_time)
     }
 
-    pub(super) fn run(mut self, rx: mpsc::Receiver<Job>) {
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Work>) {
         // Groups are made durable and acknowledged on a thread of their own, in order, while the
         // sequencer decides the next group: its fsync no longer stalls the pipeline. At most one group
         // waits for durability while the next is prepared (a rendezvous channel).
@@ -162,11 +162,18 @@ impl Sequencer {
         }
     }
 
-    pub(super) fn serve(&mut self, rx: &mpsc::Receiver<Job>) {
+    pub(super) fn serve(&mut self, rx: &mpsc::Receiver<Work>) {
         let shared = self.rows.shared();
         loop {
             let first = match rx.recv_timeout(FOLLOW_EVERY) {
-                Ok(job) => job,
+                Ok(Work::Op(job)) => job,
+                Ok(Work::Follow(done)) => {
+                    if shared && !self.poisoned.load(Ordering::SeqCst) {
+                        self.follow_durable();
+                    }
+                    let _ = done.send(());
+                    continue;
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // Idle on an engine other stores write to: follow what they made durable, so that
                     // this store's readers see it too.
@@ -178,9 +185,13 @@ impl Sequencer {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
             let mut group = vec![first];
+            // Who asked to follow while this group formed: the group's start follows the others'
+            // entries anyway, so they are answered once it is committed.
+            let mut followers = Vec::new();
             while group.len() < self.max_group {
                 match rx.try_recv() {
-                    Ok(job) => group.push(job),
+                    Ok(Work::Op(job)) => group.push(job),
+                    Ok(Work::Follow(done)) => followers.push(done),
                     Err(_) => break,
                 }
             }
@@ -193,6 +204,9 @@ impl Sequencer {
             }));
             if committed.is_err() {
                 stopped.store(true, Ordering::SeqCst);
+            }
+            for done in followers {
+                let _ = done.send(());
             }
         }
     }
