@@ -334,7 +334,7 @@ type Reply = tokio::sync::oneshot::Sender<Result<Ack, StoreError>>;
 /// What the sequencer is sent: an operation, or a request to follow what other stores sharing the
 /// engine made durable (answered once done).
 enum Work {
-    Op(Job),
+    Op(Box<Job>),
     Follow(mpsc::SyncSender<()>),
 }
 
@@ -580,7 +580,7 @@ impl Store {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = guard.as_ref()
-            && tx.send(Work::Op(Job { op, pre, reply })).is_ok()
+            && tx.send(Work::Op(Box::new(Job { op, pre, reply }))).is_ok()
         {
             return rx;
         }

@@ -166,7 +166,7 @@ impl Sequencer {
         let shared = self.rows.shared();
         loop {
             let first = match rx.recv_timeout(FOLLOW_EVERY) {
-                Ok(Work::Op(job)) => job,
+                Ok(Work::Op(job)) => *job,
                 Ok(Work::Follow(done)) => {
                     if shared && !self.poisoned.load(Ordering::SeqCst) {
                         self.follow_durable();
@@ -190,7 +190,7 @@ impl Sequencer {
             let mut followers = Vec::new();
             while group.len() < self.max_group {
                 match rx.try_recv() {
-                    Ok(Work::Op(job)) => group.push(job),
+                    Ok(Work::Op(job)) => group.push(*job),
                     Ok(Work::Follow(done)) => followers.push(done),
                     Err(_) => break,
                 }
