@@ -74,8 +74,8 @@ Examples:
         /// The data folder (sled).
         #[arg(long, env = "CMR_DATA", default_value = "cmr-data")]
         data: PathBuf,
-        /// Where the state lives instead of --data: `postgres://USER@HOST/DB` (one server writes at a
-        /// time; it holds a lease in the database) or `sled:PATH`.
+        /// Where the state lives instead of --data: `postgres://USER@HOST/DB` (several servers may share
+        /// one database, each with its own --authority) or `sled:PATH`.
         #[arg(long, env = "CMR_STORE")]
         store: Option<String>,
         /// The address to listen on.
