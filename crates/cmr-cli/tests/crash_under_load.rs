@@ -56,11 +56,13 @@ impl Drop for Server {
 
 impl Server {
     /// Starts `cmr serve` on `dir` and `port` (retrying while the port is still held by the process
-    /// just killed). Returns the server and its log verifier key.
-    fn start(dir: &Path, port: u16) -> (Server, String) {
+    /// just killed), over the data folder in `dir` or the database `store`. Returns the server and its
+    /// log verifier key.
+    fn start(dir: &Path, port: u16, store: Option<&str>) -> (Server, String) {
         for _ in 0..100 {
             let mut child = Command::new(env!("CARGO_BIN_EXE_cmr"))
                 .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+                .args(store.map(|s| vec!["--store", s]).unwrap_or_default())
                 // The load is a few very busy identities on purpose.
                 .args([
                     "--rate-per-identity",
@@ -161,6 +163,9 @@ struct Tally {
     unexpected: Vec<String>,
     /// The last outcome was "unreachable": the server is down, so the load waits a little.
     down: bool,
+    /// The database was crashed on purpose: servers answer "unavailable" until they are restarted, and
+    /// a read whose answer was lost is in doubt.
+    database_down: bool,
 }
 
 impl Tally {
@@ -172,7 +177,9 @@ impl Tally {
                 let kind = kind(&e);
                 // A request made while the server is down never reaches it (the SDK fails at once
                 // when it cannot connect, and sends again only what may have arrived).
-                if expected.contains(&kind.as_str()) || kind == "unreachable" {
+                let database = self.database_down
+                    && matches!(kind.as_str(), "unavailable" | "in-doubt" | "internal");
+                if expected.contains(&kind.as_str()) || kind == "unreachable" || database {
                     *self.expected.entry(format!("{op}: {kind}")).or_default() += 1;
                 } else {
                     self.unexpected.push(format!("{op}: {e}"));
@@ -394,6 +401,7 @@ async fn fetch_commitments(conn: &Connection, size: u64) -> Vec<cmr_core::hash::
 #[derive(Default)]
 struct Run {
     kills: usize,
+    database_crashes: usize,
     acknowledged: usize,
     repeated: usize,
     resent_again: usize,
@@ -404,6 +412,29 @@ struct Run {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nothing_acknowledged_is_lost_when_the_server_is_killed_under_load() {
+    crash_under_load(None, 1).await;
+}
+
+/// The same on PostgreSQL with two `cmr serve` processes on one database, the clients spread over both:
+/// one of them is killed at random each round, and every fourth round the database itself crashes
+/// (`pg_ctl stop -m immediate`) under the load, after which both servers are restarted. On a real
+/// PostgreSQL (skipped with a note when it is not installed, unless `CMR_REQUIRE_POSTGRES` is set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_acknowledged_is_lost_when_servers_or_the_database_crash_under_load() {
+    let Some(cluster) = cmr_postgres::cluster::Cluster::start().unwrap() else {
+        eprintln!("skipped: PostgreSQL is not installed");
+        return;
+    };
+    cluster.create_database("crash").unwrap();
+    crash_under_load(Some(cluster), 2).await;
+}
+
+/// The servers of a run: their ports, and the running processes.
+struct Fleet {
+    servers: Vec<(Option<Server>, u16)>,
+}
+
+async fn crash_under_load(cluster: Option<cmr_postgres::cluster::Cluster>, servers: usize) {
     let kills: usize = std::env::var("CMR_SERVER_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -412,23 +443,49 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_under_load() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| now() ^ u64::from(std::process::id()) << 32);
-    println!("crash under load: {kills} kills, CMR_CRASH_SEED={seed}");
+    println!("crash under load: {kills} kills, {servers} server(s), CMR_CRASH_SEED={seed}");
     let mut dice = Dice(seed | 1);
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let (mut server, vkey) = Server::start(dir.path(), port);
+    let store = cluster.as_ref().map(|c| {
+        format!(
+            "postgresql://cmr@localhost/crash?host={}",
+            c.socket_dir().display()
+        )
+    });
+    let mut fleet = Fleet {
+        servers: Vec::new(),
+    };
+    let mut vkey = String::new();
+    for _ in 0..servers {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (server, key) = Server::start(dir.path(), port, store.as_deref());
+        vkey = key;
+        fleet.servers.push((Some(server), port));
+    }
     let pinned = NoteVerifier::from_vkey(&vkey).unwrap();
-    let conn = Connection::new(&format!("http://127.0.0.1:{port}")).unwrap();
+    // One connection per server; the parties are spread over them.
+    let conns: Vec<Connection> = fleet
+        .servers
+        .iter()
+        .map(|(_, port)| Connection::new(&format!("http://127.0.0.1:{port}")).unwrap())
+        .collect();
+    let conn = conns[0].clone();
+    let every_conn = conns.clone();
+    let mut next_conn = 0;
+    let mut spread = move || {
+        next_conn += 1;
+        conns[next_conn % conns.len()].clone()
+    };
     let t = now();
 
     // The parties: two customers, a bank granted read and append on each one's transactions with it, a
     // company whose grants the customers issue and revoke under load, and an auditor.
-    let session = |role| {
-        let (conn, pinned) = (conn.clone(), pinned.clone());
+    let session = |role, conn: Connection| {
+        let pinned = pinned.clone();
         async move {
             let (mut s, _) = Session::register(conn, role, pinned, now()).await.unwrap();
             s.keep_receipts();
@@ -436,11 +493,11 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_under_load() {
         }
     };
     let mut bank = Bank {
-        co: Company::new(session(Role::Company).await),
+        co: Company::new(session(Role::Company, spread()).await),
         grants: Vec::new(),
     };
-    let mut churn = Company::new(session(Role::Company).await);
-    let mut auditor_session = session(Role::Auditor).await;
+    let mut churn = Company::new(session(Role::Company, spread()).await);
+    let mut auditor_session = session(Role::Auditor, conn.clone()).await;
     // The operator admits the auditor with the log key (kept beside the data folder here).
     let log_key = std::fs::read_to_string(dir.path().join("log.key")).unwrap();
     let log_key = cmr_log::note::NoteSigner::from_skey(log_key.trim()).unwrap();
@@ -456,7 +513,7 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_under_load() {
     let mut vaults = Vec::new();
     for _ in 0..2 {
         let mut c = Customer::new(
-            session(Role::Customer).await,
+            session(Role::Customer, spread()).await,
             PseudonymKey::generate(&mut rand::rng()),
         );
         let tx_name = c.transactions_with(&bank.co.id());
@@ -477,7 +534,16 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_under_load() {
             )
             .await
             .unwrap();
-        let pending = c.pending().await.unwrap();
+        // Through another server than the bank's, the request shows once that server has followed the
+        // shared log (within 100 ms).
+        let mut pending = c.pending().await.unwrap();
+        for _ in 0..50 {
+            if pending.iter().any(|p| p.statement.id() == req) {
+                break;
+            }
+            tokio::time::sleep(StdDuration::from_millis(20)).await;
+            pending = c.pending().await.unwrap();
+        }
         let p = pending.iter().find(|p| p.statement.id() == req).unwrap();
         let proof = CompanyProof {
             domain: "crash.invalid".into(),
@@ -527,11 +593,27 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_under_load() {
             tally.clone(),
         ));
         tokio::time::sleep(StdDuration::from_millis(200 + dice.below(1300))).await;
-        server.kill_9();
-        run.kills += 1;
-        let (restarted, again) = Server::start(dir.path(), port);
-        server = restarted;
-        assert_eq!(again, vkey, "the log key changed across a restart");
+        let database_crash = cluster.is_some() && round % 4 == 3;
+        let victims: Vec<usize> = if database_crash {
+            // The database stops like a crash under the load; the servers stop taking writes (their
+            // store is ahead of nothing it acknowledged) and are restarted on it.
+            tally.lock().unwrap().database_down = true;
+            cluster.as_ref().unwrap().crash_and_restart().unwrap();
+            run.database_crashes += 1;
+            (0..fleet.servers.len()).collect()
+        } else {
+            vec![dice.below(fleet.servers.len() as u64) as usize]
+        };
+        for &i in &victims {
+            fleet.servers[i].0.take().unwrap().kill_9();
+            run.kills += 1;
+        }
+        for &i in &victims {
+            let port = fleet.servers[i].1;
+            let (restarted, again) = Server::start(dir.path(), port, store.as_deref());
+            fleet.servers[i].0 = Some(restarted);
+            assert_eq!(again, vkey, "the log key changed across a restart");
+        }
         tokio::time::sleep(StdDuration::from_millis(dice.below(300))).await;
         stop.store(true, Ordering::Relaxed);
         for task in customer_tasks {
@@ -539,6 +621,7 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_under_load() {
         }
         bank = bank_task.await.unwrap();
         churn = churn_task.await.unwrap();
+        tally.lock().unwrap().database_down = false;
         {
             let t = tally.lock().unwrap();
             assert!(
@@ -557,7 +640,17 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_under_load() {
         churn.session.refresh().await.unwrap();
         receipts.take(&mut bank.co.session);
         receipts.take(&mut churn.session);
-        let latest = auditor_session.refresh().await.unwrap();
+        // Another server than the auditor's acknowledged some of them: its server shows them once it has
+        // followed the shared log (within 100 ms).
+        let acknowledged = receipts.0.iter().map(|r| r.checkpoint.size).max();
+        let mut latest = auditor_session.refresh().await.unwrap();
+        for _ in 0..50 {
+            if Some(latest.size) >= acknowledged {
+                break;
+            }
+            tokio::time::sleep(StdDuration::from_millis(20)).await;
+            latest = auditor_session.refresh().await.unwrap();
+        }
 
         // Every acknowledged write is where it was acknowledged, under a checkpoint that is a prefix of
         // today's log: the roots are recomputed from the public commitments.
@@ -696,18 +789,19 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_under_load() {
         run.audited = report.size;
     }
     let t = tally.lock().unwrap();
-    let resent = conn.resent();
+    let resent: u64 = every_conn.iter().map(Connection::resent).sum();
     // With four clients busy, some request is in flight at almost every kill: the retry path ran.
     assert!(
         kills < 3 || resent > 0,
         "no request was ever in flight at a kill"
     );
     println!(
-        "crash under load: {} kills in {:.1} s; {} writes acknowledged ({} answered as repeats of a \
+        "crash under load: {} kills ({} database crashes) in {:.1} s; {} writes acknowledged ({} answered as repeats of a \
          write logged before the kill), {} requests sent again after a lost answer, {} statements \
          re-sent for their original index, {} reads under revoked grants refused, {} appends refused \
          while a rotation was owed, auditor clean at {} entries",
         run.kills,
+        run.database_crashes,
         started.elapsed().as_secs_f64(),
         run.acknowledged,
         run.repeated,

@@ -215,7 +215,11 @@ impl Session {
 
     /// Fetches and verifies the latest checkpoint.
     pub async fn refresh(&mut self) -> Result<Checkpoint, ClientError> {
-        let note = self.conn.get_text("/v1/log/checkpoint").await?;
+        let known = self.log.latest().map(|c| c.size);
+        let note = self
+            .conn
+            .get_text_known("/v1/log/checkpoint", known)
+            .await?;
         self.observe(&note).await
     }
 

@@ -121,9 +121,21 @@ impl Connection {
 
     /// A public GET, answered as text.
     pub async fn get_text(&self, target: &str) -> Result<String, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{}{target}", self.base()))
+        self.get_text_known(target, None).await
+    }
+
+    /// [`Connection::get_text`], telling the server the log size this client verified last
+    /// (`CMR-Known-Size`): a server that shares its database with others catches up to it first.
+    pub async fn get_text_known(
+        &self,
+        target: &str,
+        known_size: Option<u64>,
+    ) -> Result<String, ClientError> {
+        let mut req = self.http.get(format!("{}{target}", self.base()));
+        if let Some(k) = known_size {
+            req = req.header("cmr-known-size", k.to_string());
+        }
+        let resp = req
             .send()
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;

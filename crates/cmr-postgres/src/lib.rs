@@ -385,11 +385,12 @@ impl Storage for PgStorage {
                 (Ok(_), Ok(_)) => "COMMIT",
                 _ => "ROLLBACK",
             };
-            let ended = s.client.batch_execute(end).await.map_err(db);
+            let ended = s.client.batch_execute(end).await;
             s.open = false;
             deleted.map_err(db)?;
             upserted.map_err(db)?;
-            ended
+            // A commit whose answer was lost may or may not have happened.
+            ended.map_err(|e| StoreError::InDoubt(format!("PostgreSQL: {e}")))
         })
     }
 

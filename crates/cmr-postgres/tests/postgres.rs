@@ -52,7 +52,10 @@ fn nothing_acknowledged_is_lost_when_the_database_crashes() {
     cluster.crash_and_restart().unwrap();
     let after = execute(&store, w.customer_batch(head, p(2026, 1), 2, 99));
     assert!(
-        matches!(after, Err(StoreError::Io(_) | StoreError::InDoubt(_))),
+        matches!(
+            after,
+            Err(StoreError::Io(_) | StoreError::InDoubt(_) | StoreError::Closed)
+        ),
         "{after:?}"
     );
     assert!(!store.healthy());

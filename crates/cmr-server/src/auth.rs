@@ -235,6 +235,11 @@ pub fn authenticate(
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() <= 20)
         .and_then(|v| v.parse().ok());
+    // A client that saw more of the log through another server sharing the database: this one catches
+    // up first, so it never answers with less (the client would take it for a rollback).
+    if let Some(size) = known_size {
+        state.store.follow_to(size);
+    }
     // The exact signature base and signature that verified, for the log's access entries.
     Ok(Caller {
         identity,

@@ -80,6 +80,10 @@ pub trait Backend: Send + Sync {
     fn backup(&self, customer: &IdentityId) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
     /// The latest durable checkpoint (a signed note).
     fn checkpoint(&self) -> Result<Option<String>, StoreError>;
+    /// A client has verified the log up to `size`: on a backend several servers share, catch up with
+    /// what the others made durable first, so that this server never answers with less than the client
+    /// saw elsewhere. Blocks for at most a database round trip or two.
+    fn follow_to(&self, size: u64);
     /// The inclusion proof of entry `index` in the tree of `size` entries.
     fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, StoreError>;
     /// The consistency proof between two tree sizes.
@@ -163,6 +167,9 @@ impl Backend for Store {
     }
     fn checkpoint(&self) -> Result<Option<String>, StoreError> {
         Store::checkpoint(self)
+    }
+    fn follow_to(&self, size: u64) {
+        Store::follow_to(self, size)
     }
     fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, StoreError> {
         Store::inclusion_proof(self, index, size)

@@ -124,12 +124,28 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Result<&'static str, Api
     path = "/v1/log/checkpoint",
     tag = "log",
     summary = "The latest signed checkpoint (C2SP signed note), with the witness cosignatures collected for it",
+    params(
+        ("cmr-known-size" = Option<u64>, Header, description = "The log size the client verified last, perhaps through another server on the same database: this one catches up to it first")
+    ),
     responses(
         (status = 200, description = "Success", body = String, content_type = "text/plain"),
         Problem
     ),
 )]
-async fn checkpoint(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
+async fn checkpoint(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    // A client that saw more of the log through another server sharing the database says so: this
+    // one catches up first (a rollback would be the only other explanation).
+    if let Some(size) = headers
+        .get("cmr-known-size")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 20)
+        .and_then(|v| v.parse().ok())
+    {
+        state.store.follow_to(size);
+    }
     let mut note = state
         .store
         .checkpoint()?

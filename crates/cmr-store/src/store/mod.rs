@@ -326,7 +326,7 @@ impl StoreConfig {
 
 /// How often a store on a shared engine follows the others on demand at most (a request naming a key
 /// it does not know yet).
-const FOLLOW_AT_MOST: std::time::Duration = std::time::Duration::from_millis(50);
+const FOLLOW_AT_MOST: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Where an operation's acknowledgement or refusal goes.
 type Reply = tokio::sync::oneshot::Sender<Result<Ack, StoreError>>;
@@ -613,22 +613,40 @@ impl Store {
             return Some(found);
         }
         // A key another server registered a moment ago: follow the shared log, then look again.
-        if self.shared && self.follow_others() {
+        if self.shared && self.follow_others(None) {
             return self.key_of(keyid);
         }
         None
     }
 
+    /// A client has verified the log up to `size`: on a shared engine, follow what other stores made
+    /// durable before answering it, so that it never gets less from this store than it saw elsewhere.
+    pub fn follow_to(&self, size: u64) {
+        if self.shared && self.durable().size < size {
+            self.follow_others(Some(size));
+        }
+    }
+
     /// Asks the sequencer to follow what other stores on the shared engine made durable, and waits for
-    /// it (at most a second). At most once per [`FOLLOW_AT_MOST`], so that requests naming unknown keys
-    /// cannot make the store ask the database on each. Whether it followed.
-    fn follow_others(&self) -> bool {
-        {
+    /// it (at most a second). At most once per [`FOLLOW_AT_MOST`], so that requests cannot make the
+    /// store ask the database on each: a caller that needs the log up to `until` waits for the next
+    /// turn (a few milliseconds), one that does not gives up. Whether it followed.
+    fn follow_others(&self, until: Option<u64>) -> bool {
+        loop {
             let mut last = self.followed.lock().unwrap_or_else(|p| p.into_inner());
-            if last.elapsed() < FOLLOW_AT_MOST {
-                return false;
+            let since = last.elapsed();
+            if since >= FOLLOW_AT_MOST {
+                *last = std::time::Instant::now();
+                break;
             }
-            *last = std::time::Instant::now();
+            drop(last);
+            let Some(size) = until else {
+                return false;
+            };
+            std::thread::sleep(FOLLOW_AT_MOST - since);
+            if self.durable().size >= size {
+                return true;
+            }
         }
         let (done, wait) = mpsc::sync_channel(1);
         let sent = self

@@ -266,11 +266,12 @@ impl Sequencer {
                 )))
             }
             Ok(_) => Ok(()),
-            // Nothing was written; but an engine that cannot start a group (its database went away)
-            // may have lost what this store wrote last: stop, and let a reopen rebuild from it.
-            Err(e) => {
+            // Nothing was written (so the operations are answered as not taken: retry later); but an
+            // engine that cannot start a group (its database went away) may have lost what this store
+            // wrote last: stop, and let a reopen rebuild from it.
+            Err(_) => {
                 self.poisoned.store(true, Ordering::SeqCst);
-                Err(e)
+                Err(StoreError::Closed)
             }
         };
         if let Err(e) = begun {
