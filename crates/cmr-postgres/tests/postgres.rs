@@ -221,3 +221,26 @@ fn a_sled_folder_moves_into_postgresql_with_the_same_log() {
     let ack = execute(&store, w.contact_batch(contact, 2, 9)).unwrap();
     assert_eq!(ack.index, Some(size));
 }
+
+#[test]
+fn a_server_with_another_log_key_is_refused() {
+    let Some((_cluster, url)) = cluster_with("keys") else {
+        return;
+    };
+    let first = open(&url);
+    World::setup(&first);
+    let other = cmr_log::note::NoteSigner::new(
+        "vault.test/log",
+        cmr_log::note::TYPE_ED25519,
+        cmr_core::keys::SigningKey::from_seed(&[42; 32]),
+    )
+    .unwrap();
+    let mut config = config();
+    config.log_key = other;
+    let refused = Store::open_on(Arc::new(PgStorage::connect(&url).unwrap()), config);
+    assert!(
+        matches!(&refused, Err(StoreError::Format(why)) if why.contains("log key")),
+        "{:?}",
+        refused.err()
+    );
+}

@@ -65,6 +65,8 @@ pub const META_FORMAT: &[u8] = &[tag::META, b'f'];
 pub const META_SIZE: &[u8] = &[tag::META, b's'];
 /// The latest signed checkpoint.
 pub const META_CHECKPOINT: &[u8] = &[tag::META, b'c'];
+/// The verifier key of the log key that signs the checkpoints (written by the first store to open).
+pub const META_LOG_KEY: &[u8] = &[tag::META, b'k'];
 
 /// A key of `tag` followed by `parts`.
 pub fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {

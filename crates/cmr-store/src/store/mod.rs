@@ -457,6 +457,23 @@ impl Store {
                 }
             }
         }
+        // One log, one key: a store (on sled, or one of several servers on a database) opened with
+        // another log key than the one the log is signed with is refused, before it signs anything.
+        let vkey = config.log_key.verifier().to_vkey();
+        match rows.get(layout::META_LOG_KEY)? {
+            Some(stored) if stored != vkey.as_bytes() => {
+                return Err(StoreError::Format(format!(
+                    "this log is signed with the log key {}, not with {vkey}: give the server the \
+                     log key file the log was started with",
+                    String::from_utf8_lossy(&stored)
+                )));
+            }
+            Some(_) => {}
+            None => rows.write(Writes::from([(
+                layout::META_LOG_KEY.to_vec(),
+                Some(vkey.into_bytes()),
+            )]))?,
+        }
         let durable = Arc::new(RwLock::new(Durable::default()));
         let poisoned = Arc::new(AtomicBool::new(false));
         let nodes = Arc::new(NodeCache::new());
