@@ -29,7 +29,8 @@ pub fn version() -> i32 {
 pub async fn migrate(client: &Client) -> Result<(), StoreError> {
     client
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS cmr_schema (id INT PRIMARY KEY, version INT NOT NULL);
+            "SET client_min_messages = warning;
+             CREATE TABLE IF NOT EXISTS cmr_schema (id INT PRIMARY KEY, version INT NOT NULL);
              INSERT INTO cmr_schema (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;",
         )
         .await
