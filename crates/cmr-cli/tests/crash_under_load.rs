@@ -415,7 +415,8 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_under_load() {
     crash_under_load(None, 1).await;
 }
 
-/// The same on PostgreSQL with two `cmr serve` processes on one database, the clients spread over both:
+/// The same on PostgreSQL with two `cmr serve` processes on one database (`CMR_CRASH_SERVERS` for
+/// another number), the clients spread over them:
 /// one of them is killed at random each round, and every fourth round the database itself crashes
 /// (`pg_ctl stop -m immediate`) under the load, after which both servers are restarted. On a real
 /// PostgreSQL (skipped with a note when it is not installed, unless `CMR_REQUIRE_POSTGRES` is set).
@@ -426,7 +427,11 @@ async fn nothing_acknowledged_is_lost_when_servers_or_the_database_crash_under_l
         return;
     };
     cluster.create_database("crash").unwrap();
-    crash_under_load(Some(cluster), 2).await;
+    let servers = std::env::var("CMR_CRASH_SERVERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    crash_under_load(Some(cluster), servers).await;
 }
 
 /// The servers of a run: their ports, and the running processes.

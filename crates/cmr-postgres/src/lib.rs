@@ -34,10 +34,6 @@ use tokio_postgres::{Client, NoTls, Statement};
 /// Rows read per round trip when scanning a range.
 const PAGE: i64 = 512;
 
-/// How long the database lets a server sit inside a group's transaction (holding the log's write lock)
-/// before it ends the transaction: a server that hangs or is cut off cannot stop the others for longer.
-const GROUP_TIMEOUT: &str = "10s";
-
 fn db(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
         Some(d) => StoreError::Io(format!("PostgreSQL: {}", d.message())),
@@ -101,11 +97,12 @@ impl PgStorage {
             let reads = open_client(&url).await?;
             schema::migrate(&reads).await?;
             let seq = open_client(&url).await?;
-            seq.batch_execute(&format!(
-                "SET idle_in_transaction_session_timeout = '{GROUP_TIMEOUT}'"
-            ))
-            .await
-            .map_err(db)?;
+            // How long the database lets this server sit inside a group's transaction (holding the log's
+            // write lock) before it ends it: a server that hangs or is cut off holds the others up for
+            // at most that long.
+            seq.batch_execute("SET idle_in_transaction_session_timeout = '10s'")
+                .await
+                .map_err(db)?;
             let sequencer = Sequencer {
                 upsert: seq
                     .prepare(

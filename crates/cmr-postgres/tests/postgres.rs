@@ -11,7 +11,7 @@ use cmr_core::batch::Head;
 use cmr_postgres::PgStorage;
 use cmr_postgres::cluster::Cluster;
 use cmr_store::testkit::{T0, World, execute, latest_checkpoint, log_key, p};
-use cmr_store::{Store, StoreConfig, StoreError};
+use cmr_store::{Op, Store, StoreConfig, StoreError};
 
 fn config() -> StoreConfig {
     let mut config = StoreConfig::new("", log_key());
@@ -116,6 +116,20 @@ fn two_servers_share_one_log() {
         refused.unwrap_err(),
         StoreError::Denied(cmr_core::decision::DenyReason::GrantRevoked(revoked))
     );
+    // A write sent again through the other server (as a client does when its first server dies) gets
+    // its original result: idempotency is in the shared log.
+    let block = w.statement(
+        true,
+        cmr_core::consent::Body::Block {
+            company: w.acme.id,
+            blocked: true,
+        },
+        None,
+    );
+    let first = execute(&a, Op::Statement(block.clone())).unwrap();
+    let again = execute(&b, Op::Statement(block)).unwrap();
+    assert_eq!(again.index, first.index);
+    assert!(again.repeated);
     // One log: both serve the same tree, and an idle one catches up with what the other made durable.
     let size = served(&a).size.max(served(&b).size);
     until_durable(&a, size);
@@ -220,6 +234,23 @@ fn a_sled_folder_moves_into_postgresql_with_the_same_log() {
     let contact = Head::empty(w.customer.id, w.contact).digest();
     let ack = execute(&store, w.contact_batch(contact, 2, 9)).unwrap();
     assert_eq!(ack.index, Some(size));
+}
+
+#[test]
+fn a_database_with_a_newer_schema_is_refused() {
+    let Some((cluster, url)) = cluster_with("newer") else {
+        return;
+    };
+    drop(open(&url));
+    cluster
+        .psql("newer", "UPDATE cmr_schema SET version = version + 1")
+        .unwrap();
+    let refused = PgStorage::connect(&url);
+    assert!(
+        matches!(&refused, Err(StoreError::Format(why)) if why.contains("newer build")),
+        "{:?}",
+        refused.err()
+    );
 }
 
 #[test]

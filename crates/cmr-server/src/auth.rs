@@ -230,11 +230,7 @@ pub fn authenticate(
             "this (keyid, nonce) was already used",
         ));
     }
-    let known_size = headers
-        .get("cmr-known-size")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() <= 20)
-        .and_then(|v| v.parse().ok());
+    let known_size = known_size(headers)?;
     // A client that saw more of the log through another server sharing the database: this one catches
     // up first, so it never answers with less (the client would take it for a rollback).
     if let Some(size) = known_size {
@@ -248,6 +244,29 @@ pub fn authenticate(
         signature: verified.signature,
         known_size,
     })
+}
+
+/// The log size the client verified last (`CMR-Known-Size`), if it says: a decimal number, or the
+/// request is refused as malformed.
+pub fn known_size(headers: &axum::http::HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get("cmr-known-size") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .filter(|v| !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()))
+        // As documented (an int64): a log is never that large anyway.
+        .and_then(|v| v.parse::<i64>().ok())
+        .and_then(|n| u64::try_from(n).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                Code::Malformed,
+                "CMR-Known-Size is the log size the client verified, a decimal number",
+            )
+        })
 }
 
 /// A request as it arrived, before its signature is checked: what [`authenticate`] needs. Handlers that

@@ -138,12 +138,7 @@ async fn checkpoint(
 ) -> Result<impl IntoResponse, ApiError> {
     // A client that saw more of the log through another server sharing the database says so: this
     // one catches up first (a rollback would be the only other explanation).
-    if let Some(size) = headers
-        .get("cmr-known-size")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() <= 20)
-        .and_then(|v| v.parse().ok())
-    {
+    if let Some(size) = crate::auth::known_size(&headers)? {
         state.store.follow_to(size);
     }
     let mut note = state
