@@ -322,7 +322,7 @@ fn recovery_phrase_errors() {
     // "act" say, so the check is on the phrase, not on single words.)
     let shown = format!("{:?}", new.recovery);
     assert_eq!(shown, "RecoverySecret([redacted])");
-    assert!(!shown.contains(&phrase));
+    assert!(!shown.contains(phrase.as_str()));
 }
 
 #[test]
