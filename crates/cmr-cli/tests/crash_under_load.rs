@@ -197,6 +197,12 @@ fn kind(e: &ClientError) -> String {
         ClientError::Verification(VerifyError::Read(m)) if m.starts_with("record ") => {
             "keys-not-synced".into()
         }
+        // The same, said by the SDK when the reader was never given the key: with several servers, the
+        // sync before the read may have come from a server that had not yet followed the customer's
+        // newest key bundle (it does within 100 ms), while the read itself, logged, followed first.
+        ClientError::Local(m) if m.contains("sealed under a key this reader does not hold") => {
+            "keys-not-synced".into()
+        }
         ClientError::Transport(_) => "unreachable".into(),
         // A company's read under a grant is logged, so the SDK does not send it again when its answer is
         // lost. A write in doubt would be a failure of the retry: it is not expected anywhere.
