@@ -152,3 +152,14 @@ impl From<ClientError> for CliError {
 
 /// The result of a command.
 pub type CliResult<T = ()> = Result<T, CliError>;
+
+/// `cmr bench`'s errors, with the exit codes of the rest of the command line.
+pub fn from_bench(e: cmr_bench::BenchError) -> CliError {
+    match e {
+        cmr_bench::BenchError::Local { message, hint } => CliError::local(message, hint),
+        cmr_bench::BenchError::Verification { message, hint } => {
+            CliError::with_code(code::VERIFICATION, message, hint.as_deref())
+        }
+        cmr_bench::BenchError::Client(e) => e.into(),
+    }
+}

@@ -9,7 +9,6 @@
 #![forbid(unsafe_code)]
 
 mod audit;
-mod bench;
 mod company;
 mod config;
 mod customer;
@@ -183,7 +182,7 @@ Examples:
   cmr bench                                   its own server in a temporary folder, 64 clients, 10 s
   cmr bench --clients 8 --duration 3 --race-rounds 3 --json
   cmr bench --server http://127.0.0.1:8080 --log-vkey \"$(cat cmr-log.pub)\"")]
-    Bench(bench::BenchArgs),
+    Bench(cmr_bench::BenchArgs),
     /// Move a vault from its sled data folder into an empty PostgreSQL database, and prove it is the
     /// same vault there (log size, root and signed checkpoint).
     #[command(after_help = "\
@@ -250,7 +249,9 @@ fn main() -> ExitCode {
             Command::Audit { cmd } => audit::run(&home()?, out, cmd).await,
             Command::Operator { cmd } => operator::run(out, cmd).await,
             Command::Demo => demo::run().await,
-            Command::Bench(args) => bench::run(out, args).await,
+            Command::Bench(args) => cmr_bench::run(cmr_bench::Out { json: out.json }, args)
+                .await
+                .map_err(error::from_bench),
             Command::Migrate(args) => migrate::run(out, args),
             Command::Serve {
                 data,

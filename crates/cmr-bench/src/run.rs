@@ -1,9 +1,4 @@
-//! `cmr bench`: the load generator. It seeds customers, companies and grants through the SDK, then runs
-//! a bounded mix of signed operations with concurrent clients against a server on 127.0.0.1 (its own
-//! `cmr serve` child in a temporary folder, or one already running), and reports throughput, latency
-//! percentiles, errors by kind (expected refusals apart), the server's memory, and reference figures
-//! measured in the same run. `--race-rounds` adds the revocation race: readers hammer a grant while the
-//! customer revokes it, and no read may be served at a log position after the revocation.
+//! The load generator's runs: seeding, the workers, the race, the report.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -32,8 +27,7 @@ use cmr_log::note::NoteVerifier;
 use cmr_wire::read::ReadAnswerJson;
 use serde_json::{Value, json};
 
-use crate::error::{CliError, CliResult, code};
-use crate::out::{Out, now};
+use crate::{BenchError, Out, Result, now};
 
 /// What `cmr bench` is told.
 #[derive(clap::Args, Clone)]
@@ -150,11 +144,11 @@ impl Pick {
     }
 }
 
-fn parse_mix(s: &str) -> CliResult<Vec<(usize, u64)>> {
+fn parse_mix(s: &str) -> Result<Vec<(usize, u64)>> {
     let mut out = Vec::new();
     for part in s.split(',') {
         let (k, v) = part.split_once('=').ok_or_else(|| {
-            CliError::local(
+            BenchError::local(
                 format!("bad mix part {part:?}"),
                 "write kind=parts, e.g. reads=90,appends=10",
             )
@@ -166,7 +160,7 @@ fn parse_mix(s: &str) -> CliResult<Vec<(usize, u64)>> {
             "churn" => 3,
             "proofs" => 5,
             other => {
-                return Err(CliError::local(
+                return Err(BenchError::local(
                     format!("unknown kind {other:?}"),
                     "kinds: reads, appends, writes, churn, proofs",
                 ));
@@ -175,11 +169,11 @@ fn parse_mix(s: &str) -> CliResult<Vec<(usize, u64)>> {
         let parts: u64 = v
             .trim()
             .parse()
-            .map_err(|_| CliError::local(format!("bad parts {v:?}"), "a whole number"))?;
+            .map_err(|_| BenchError::local(format!("bad parts {v:?}"), "a whole number"))?;
         out.push((kind, parts));
     }
     if out.iter().map(|(_, p)| p).sum::<u64>() == 0 {
-        return Err(CliError::local("the mix is empty", "give some parts"));
+        return Err(BenchError::local("the mix is empty", "give some parts"));
     }
     Ok(out)
 }
@@ -197,10 +191,11 @@ impl Drop for Child {
     }
 }
 
-fn spawn_server(cache_mib: Option<u64>, store: Option<&str>) -> CliResult<(Child, String, String)> {
+fn spawn_server(cache_mib: Option<u64>, store: Option<&str>) -> Result<(Child, String, String)> {
     use std::io::BufRead as _;
-    let dir = tempfile::tempdir().map_err(|e| CliError::local(e.to_string(), "check TMPDIR"))?;
-    let exe = std::env::current_exe().map_err(|e| CliError::local(e.to_string(), "report this"))?;
+    let dir = tempfile::tempdir().map_err(|e| BenchError::local(e.to_string(), "check TMPDIR"))?;
+    let exe =
+        std::env::current_exe().map_err(|e| BenchError::local(e.to_string(), "report this"))?;
     let mut child = std::process::Command::new(exe)
         // The per-identity rate limit protects a real vault from one noisy company; the load generator's
         // few companies are that noisy on purpose.
@@ -231,16 +226,16 @@ fn spawn_server(cache_mib: Option<u64>, store: Option<&str>) -> CliResult<(Child
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
         .spawn()
-        .map_err(|e| CliError::local(format!("cannot start the server: {e}"), "report this"))?;
+        .map_err(|e| BenchError::local(format!("cannot start the server: {e}"), "report this"))?;
     let stdout = child
         .stdout
         .take()
-        .ok_or_else(|| CliError::local("no server output", "report this"))?;
+        .ok_or_else(|| BenchError::local("no server output", "report this"))?;
     let mut lines = std::io::BufReader::new(stdout).lines();
     let (mut base, mut vkey) = (String::new(), String::new());
     while base.is_empty() || vkey.is_empty() {
         let line = lines.next().and_then(Result::ok).ok_or_else(|| {
-            CliError::local(
+            BenchError::local(
                 "the server stopped while starting",
                 "run `cmr serve` to see why",
             )
@@ -1153,12 +1148,12 @@ fn folder_bytes(path: &std::path::Path) -> u64 {
 }
 
 /// Runs `cmr bench`.
-pub async fn run(out: Out, args: BenchArgs) -> CliResult {
+pub async fn run(out: Out, args: BenchArgs) -> Result {
     let mix = Arc::new(parse_mix(&args.mix)?);
     let (child, base, vkey) = match (&args.server, &args.log_vkey) {
         (Some(s), Some(k)) => (None, s.clone(), k.clone()),
         (Some(_), None) => {
-            return Err(CliError::local(
+            return Err(BenchError::local(
                 "--server needs --log-vkey",
                 "give the server's log verifier key",
             ));
@@ -1171,37 +1166,27 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
     let pid = child.as_ref().map(|c| c.child.id());
     let conn = Connection::new(&base)?;
     let pinned = NoteVerifier::from_vkey(&vkey)
-        .map_err(|e| CliError::local(e.to_string(), "check --log-vkey"))?;
+        .map_err(|e| BenchError::local(e.to_string(), "check --log-vkey"))?;
     out.line(format!(
         "seeding {} customers (ten 1 KiB transactions each) and {} companies on {base}",
         args.customers, args.companies
     ));
     let seeded = Instant::now();
-    let w = Arc::new(seed(&conn, &pinned, &args).await.map_err(|e| {
-        CliError::with_code(code::VERIFICATION, format!("seeding failed: {e}"), None)
-    })?);
+    let w = Arc::new(
+        seed(&conn, &pinned, &args)
+            .await
+            .map_err(|e| BenchError::verification(format!("seeding failed: {e}"), None))?,
+    );
     seed_scale(&w, args.stored, out).await.map_err(|e| {
-        CliError::with_code(
-            code::VERIFICATION,
-            format!("seeding the scale records failed: {e}"),
-            None,
-        )
+        BenchError::verification(format!("seeding the scale records failed: {e}"), None)
     })?;
     let seed_secs = seeded.elapsed().as_secs_f64();
-    let probed = probe(&w, 2.0).await.map_err(|e| {
-        CliError::with_code(
-            code::VERIFICATION,
-            format!("the latency probe failed: {e}"),
-            None,
-        )
-    })?;
-    let (proof_bytes, proof_at) = proof_size(&w).await.map_err(|e| {
-        CliError::with_code(
-            code::VERIFICATION,
-            format!("the proof-size probe failed: {e}"),
-            None,
-        )
-    })?;
+    let probed = probe(&w, 2.0)
+        .await
+        .map_err(|e| BenchError::verification(format!("the latency probe failed: {e}"), None))?;
+    let (proof_bytes, proof_at) = proof_size(&w)
+        .await
+        .map_err(|e| BenchError::verification(format!("the proof-size probe failed: {e}"), None))?;
     let data_dir = child.as_ref().map(|c| c._dir.path().join("data"));
     let size_before = log_size(&conn, &pinned).await?;
     let bytes_before = data_dir.as_deref().map(folder_bytes);
@@ -1214,11 +1199,7 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
         healthz: healthz_reference(&conn, args.clients).await,
     };
     let cost = |e: ClientError| {
-        CliError::with_code(
-            code::VERIFICATION,
-            format!("the client-cost reference failed: {e}"),
-            None,
-        )
+        BenchError::verification(format!("the client-cost reference failed: {e}"), None)
     };
     let cost_one = client_cost(&w, w.month).await.map_err(cost)?;
     let cost_ten = client_cost(&w, Period(w.month.0 - 1)).await.map_err(cost)?;
@@ -1243,7 +1224,7 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
     for t in tasks {
         tally.merge(
             t.await
-                .map_err(|e| CliError::local(e.to_string(), "report this"))?,
+                .map_err(|e| BenchError::local(e.to_string(), "report this"))?,
         );
     }
     let secs = started.elapsed().as_secs_f64();
@@ -1256,11 +1237,7 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
     };
     let race = if args.race_rounds > 0 {
         Some(race(&w, &args, &conn, &pinned).await.map_err(|e| {
-            CliError::with_code(
-                code::VERIFICATION,
-                format!("the revocation race failed: {e}"),
-                None,
-            )
+            BenchError::verification(format!("the revocation race failed: {e}"), None)
         })?)
     } else {
         None
@@ -1363,8 +1340,7 @@ pub async fn run(out: Out, args: BenchArgs) -> CliResult {
         .and_then(|r| r["reads_served_after_revocation"].as_u64())
         .unwrap_or(0);
     if !tally.errors.is_empty() || violations > 0 {
-        return Err(CliError::with_code(
-            code::VERIFICATION,
+        return Err(BenchError::verification(
             format!(
                 "{} unexpected errors, {violations} reads served after a revocation",
                 tally.errors.values().sum::<u64>()
