@@ -246,13 +246,18 @@ async fn begin(s: &mut Sequencer) -> Result<u64, StoreError> {
     if !s.open {
         // Visible at once, durable at the next sync: a syncer's synchronous commit flushes the
         // write-ahead log past this group's commit before anything of it is acknowledged.
-        s.client
+        let begun = s
+            .client
             .batch_execute(
                 "BEGIN; SET LOCAL synchronous_commit TO OFF; \
                  SELECT id FROM cmr_head WHERE id = 1 FOR UPDATE",
             )
-            .await
-            .map_err(db)?;
+            .await;
+        if let Err(e) = begun {
+            // A transaction half begun (the lock not taken) must not outlive the failure.
+            let _ = s.client.batch_execute("ROLLBACK").await;
+            return Err(db(e));
+        }
         s.open = true;
     }
     let size = s
