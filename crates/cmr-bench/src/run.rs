@@ -24,6 +24,7 @@ use cmr_core::keys::{SigningKey, VerifyingKey};
 use cmr_core::record::{FamilyKeys, RecordId, RecordSealer};
 use cmr_log::entry::{AccessRecord, EntryKind, SaltedBody};
 use cmr_log::note::NoteVerifier;
+use cmr_wire::log::{AckJson, CommitmentsJson, ProofJson};
 use cmr_wire::read::ReadAnswerJson;
 use serde_json::{Value, json};
 
@@ -559,11 +560,12 @@ async fn read(w: &World, t: &Target, view: Option<&mut LogView>) -> Result<(), C
     match needs {
         Needs::Nothing => view.accept(cp.clone(), note, None)?,
         Needs::Consistency { old, new } => {
-            let p = w
-                .conn
-                .get_json(&format!("/v1/log/proofs/consistency?old={old}&new={new}"))
-                .await?;
-            let proof = hashes(&p["proof"])?;
+            let p: ProofJson = typed(
+                w.conn
+                    .get_json(&format!("/v1/log/proofs/consistency?old={old}&new={new}"))
+                    .await?,
+            )?;
+            let proof = hashes("proof", &p.proof)?;
             view.accept(cp.clone(), note, Some(&proof))?;
         }
     }
@@ -607,22 +609,14 @@ async fn read(w: &World, t: &Target, view: Option<&mut LogView>) -> Result<(), C
     Ok(())
 }
 
-fn b64(v: &Value) -> Result<Vec<u8>, ClientError> {
-    v.as_str()
-        .and_then(|s| B64.decode(s).ok())
-        .ok_or_else(|| ClientError::Malformed("base64".into()))
+/// An answer read into its wire type (`cmr-wire`).
+fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ClientError> {
+    serde_json::from_value(v).map_err(|e| ClientError::Malformed(e.to_string()))
 }
 
-fn hashes(v: &Value) -> Result<Vec<[u8; 32]>, ClientError> {
-    v.as_array()
-        .ok_or_else(|| ClientError::Malformed("proof".into()))?
-        .iter()
-        .map(|h| {
-            b64(h)?
-                .try_into()
-                .map_err(|_| ClientError::Malformed("hash".into()))
-        })
-        .collect()
+/// Base64 hashes of an answer's `field`.
+fn hashes(field: &'static str, v: &[String]) -> Result<Vec<[u8; 32]>, ClientError> {
+    cmr_wire::log::parse_hashes(field, v).map_err(|e| ClientError::Malformed(e.to_string()))
 }
 
 /// The entry an acknowledgement says was logged: its index, salted body and inclusion proof.
@@ -725,9 +719,10 @@ async fn append(w: &World, t: &Target) -> Result<(), ClientError> {
         w.month,
     );
     let body = json!({"batch": B64.encode(&bytes), "records": [B64.encode(rec.as_bytes())], "grant": t.grant.to_hex()});
-    let v = w.conn.post(&target, &body, Signer::Device(device)).await?;
-    *head = v["head"]
-        .as_str()
+    let ack: AckJson = typed(w.conn.post(&target, &body, Signer::Device(device)).await?)?;
+    *head = ack
+        .head
+        .as_deref()
         .and_then(Digest::from_hex)
         .ok_or_else(|| ClientError::Malformed("no head".into()))?;
     Ok(())
@@ -740,22 +735,24 @@ async fn proof(w: &World, pick: &mut Pick) -> Result<(), ClientError> {
         .map_err(|e| cmr_client::error::VerifyError::Checkpoint(e.to_string()))?
         .checkpoint;
     let i = pick.next() % cp.size.max(1);
-    let c = w
-        .conn
-        .get_json(&format!("/v1/log/commitments?from={i}&to={}", i + 1))
-        .await?;
-    let leaf: [u8; 32] = b64(&c["commitments"][0])?
-        .try_into()
-        .map_err(|_| ClientError::Malformed("commitment".into()))?;
-    let p = w
-        .conn
-        .get_json(&format!(
-            "/v1/log/proofs/inclusion?index={i}&size={}",
-            cp.size
-        ))
-        .await?;
+    let c: CommitmentsJson = typed(
+        w.conn
+            .get_json(&format!("/v1/log/commitments?from={i}&to={}", i + 1))
+            .await?,
+    )?;
+    let leaf = *hashes("commitments", &c.commitments)?
+        .first()
+        .ok_or_else(|| ClientError::Malformed("no commitment".into()))?;
+    let p: ProofJson = typed(
+        w.conn
+            .get_json(&format!(
+                "/v1/log/proofs/inclusion?index={i}&size={}",
+                cp.size
+            ))
+            .await?,
+    )?;
     let leaf = cmr_log::entry::commitment_leaf(&Digest(leaf));
-    cmr_log::verify::verify_inclusion(i, cp.size, &leaf, &hashes(&p["proof"])?, &cp.root)
+    cmr_log::verify::verify_inclusion(i, cp.size, &leaf, &hashes("proof", &p.proof)?, &cp.root)
         .map_err(|_| cmr_client::error::VerifyError::NotIncluded(i).into())
 }
 
@@ -1000,7 +997,7 @@ async fn race(
                 while !stop.load(Ordering::Relaxed) {
                     let r = signed_read(&w, &w.targets[0], grant, w.month).await;
                     seen.push(
-                        r.map(|v: Value| v["index"].as_u64().unwrap_or(u64::MAX))
+                        r.map(|a: ReadAnswerJson| a.ack.index.unwrap_or(u64::MAX))
                             .map_err(|e| e.code().unwrap_or("other").to_string()),
                     );
                 }
@@ -1102,11 +1099,8 @@ async fn seed_scale(w: &World, total: usize, out: Out) -> Result<(), ClientError
 /// The inclusion proof of one read's access entry: its size in bytes, and the log size it is for.
 async fn proof_size(w: &World) -> Result<(usize, u64), ClientError> {
     let t = &w.targets[0];
-    let v: Value = signed_read(w, t, t.grant, w.month).await?;
-    Ok((
-        hashes(&v["proof"])?.len() * 32,
-        v["size"].as_u64().unwrap_or(0),
-    ))
+    let answer: ReadAnswerJson = signed_read(w, t, t.grant, w.month).await?;
+    Ok((answer.ack.proof.len() * 32, answer.ack.size))
 }
 
 /// Unloaded latency of one client's reads of the probe family's ten records (a scale-curve point).
