@@ -65,8 +65,7 @@ impl Cluster {
         if as_postgres {
             cluster.run("chown", &["-R", "postgres:", cluster.path_str()], false)?;
         }
-        let data = cluster.dir.path().join("data");
-        let data = data.to_str().ok_or("temporary path")?.to_string();
+        let data = cluster.data()?;
         cluster.run(
             "initdb",
             &[
@@ -80,25 +79,7 @@ impl Cluster {
             ],
             true,
         )?;
-        let options = format!(
-            "-c listen_addresses='' -k {} -c fsync=on -c max_connections=100",
-            cluster.path_str()
-        );
-        let log = cluster.dir.path().join("server.log");
-        cluster.run(
-            "pg_ctl",
-            &[
-                "-D",
-                &data,
-                "-l",
-                log.to_str().ok_or("temporary path")?,
-                "-o",
-                &options,
-                "-w",
-                "start",
-            ],
-            true,
-        )?;
+        cluster.pg_ctl(&["-w", "start"])?;
         Ok(Some(cluster))
     }
 
@@ -187,40 +168,39 @@ impl Cluster {
     /// Stops the server at once (`pg_ctl stop -m immediate`: no checkpoint, like a crash) and starts it
     /// again; what was committed synchronously must be there.
     pub fn crash_and_restart(&self) -> Result<(), String> {
+        self.pg_ctl(&["-m", "immediate", "-w", "stop"])?;
+        self.pg_ctl(&["-w", "start"])
+    }
+
+    /// The data folder's path.
+    fn data(&self) -> Result<String, String> {
         let data = self.dir.path().join("data");
-        let data = data.to_str().ok_or("temporary path")?;
-        self.run(
-            "pg_ctl",
-            &["-D", data, "-m", "immediate", "-w", "stop"],
-            true,
-        )?;
+        Ok(data.to_str().ok_or("temporary path")?.to_string())
+    }
+
+    /// `pg_ctl` on this cluster (its data folder, log file and server options), with `args`.
+    fn pg_ctl(&self, args: &[&str]) -> Result<(), String> {
+        let data = self.data()?;
+        let log = self.dir.path().join("server.log");
         let options = format!(
             "-c listen_addresses='' -k {} -c fsync=on -c max_connections=100",
             self.path_str()
         );
-        let log = self.dir.path().join("server.log");
-        self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                data,
-                "-l",
-                log.to_str().ok_or("temporary path")?,
-                "-o",
-                &options,
-                "-w",
-                "start",
-            ],
-            true,
-        )
+        let mut all = vec![
+            "-D",
+            &data,
+            "-l",
+            log.to_str().ok_or("temporary path")?,
+            "-o",
+            &options,
+        ];
+        all.extend_from_slice(args);
+        self.run("pg_ctl", &all, true)
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let data = self.dir.path().join("data");
-        if let Some(data) = data.to_str() {
-            let _ = self.run("pg_ctl", &["-D", data, "-m", "fast", "-w", "stop"], true);
-        }
+        let _ = self.pg_ctl(&["-m", "fast", "-w", "stop"]);
     }
 }
