@@ -176,40 +176,8 @@ fn serve() -> Server {
 
 /// `cmr serve` over the data and log key in `dir`, with `extra` arguments.
 fn serve_in(dir: tempfile::TempDir, extra: &[&str]) -> Server {
-    let mut child = cmr()
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path().join("data"))
-        .arg("--log-key")
-        .arg(dir.path().join("log.key"))
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut base = String::new();
-    let mut vkey = String::new();
-    while base.is_empty() || vkey.is_empty() {
-        let line = lines.next().unwrap().unwrap();
-        if let Some(rest) = line
-            .split(" on ")
-            .nth(1)
-            .filter(|_| line.starts_with("CMR Vault serving"))
-        {
-            base = rest.trim().to_string();
-        }
-        if let Some(k) = line.strip_prefix("log verifier key (clients pin it): ") {
-            vkey = k.trim().to_string();
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    Server {
-        child,
-        base,
-        vkey,
-        _dir: dir,
-    }
+    let (data, log_key) = (dir.path().join("data"), dir.path().join("log.key"));
+    spawn(&data, &log_key, extra, dir)
 }
 
 #[test]
@@ -1474,7 +1442,17 @@ fn an_unlocked_session_needs_no_passphrase_until_locked() {
 
 /// `cmr serve` over `data` (or the store in `extra`) with the log key at `log_key`, kept by the caller.
 fn serve_with(data: &std::path::Path, log_key: &std::path::Path, extra: &[&str]) -> Server {
-    let dir = tempfile::tempdir().unwrap();
+    spawn(data, log_key, extra, tempfile::tempdir().unwrap())
+}
+
+/// Starts `cmr serve` and reads its address and log verifier key from what it prints; `dir` lives as
+/// long as the server.
+fn spawn(
+    data: &std::path::Path,
+    log_key: &std::path::Path,
+    extra: &[&str],
+    dir: tempfile::TempDir,
+) -> Server {
     let mut child = cmr()
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(data)
