@@ -326,6 +326,29 @@ impl World {
         self.access_signed_by(grant, family, from, nonce, &device, id)
     }
 
+    /// Logs a batch of one record that acme's device signed (`n` tells batches apart), as the operator
+    /// could, with nothing after it.
+    fn acme_batch(&mut self, n: u8) -> u64 {
+        let batch = cmr_core::batch::SignedBatch::sign(
+            cmr_core::batch::Batch {
+                customer: self.customer.id,
+                family: self.tx,
+                epoch: 1,
+                author: self.acme.id,
+                device: self.acme.device.id(),
+                prev_head: Digest([n; 32]),
+                entries: vec![cmr_core::batch::BatchEntry {
+                    id: cmr_core::record::RecordId([n; 16]),
+                    period: p(2026, 2),
+                    digest: Digest([n; 32]),
+                }],
+            },
+            &self.acme.device.signing,
+        );
+        let (acme, c) = (self.acme.id, self.customer.id);
+        self.append(EntryKind::FamilyHead, acme, Some(c), batch.encode())
+    }
+
     fn audit(&self) -> cmr_log::auditor::Report {
         let mut a = Auditor::new(self.signer.verifier());
         a.run(&mut MemorySource {
@@ -1198,28 +1221,8 @@ fn a_company_batch_without_its_signed_append() {
     // signed append after it, or followed by a request acme signed for something else (a read).
     let mut w = World::new();
     let g = w.grant();
-    let (c, acme) = (w.customer.id, w.acme.id);
-    let batch = |w: &World, n: u8| {
-        cmr_core::batch::SignedBatch::sign(
-            cmr_core::batch::Batch {
-                customer: c,
-                family: w.tx,
-                epoch: 1,
-                author: acme,
-                device: w.acme.device.id(),
-                prev_head: Digest([n; 32]),
-                entries: vec![cmr_core::batch::BatchEntry {
-                    id: cmr_core::record::RecordId([n; 16]),
-                    period: p(2026, 2),
-                    digest: Digest([n; 32]),
-                }],
-            },
-            &w.acme.device.signing,
-        )
-    };
     // A batch, then a statement by the customer where the append should be.
-    let b1 = batch(&w, 1).encode();
-    w.append(EntryKind::FamilyHead, acme, Some(c), b1);
+    w.acme_batch(1);
     let (after_first, _) = w.statement(
         "customer",
         Body::Block {
@@ -1229,13 +1232,11 @@ fn a_company_batch_without_its_signed_append() {
         None,
     );
     // A batch, then a read acme really signed.
-    let b2 = batch(&w, 2).encode();
-    w.append(EntryKind::FamilyHead, acme, Some(c), b2);
+    w.acme_batch(2);
     let after_second = w.access(g, w.tx, p(2025, 6), None);
     // A batch as the last entry: nothing follows it yet, which is not a violation until something
     // other than its append does.
-    let b3 = batch(&w, 3).encode();
-    w.append(EntryKind::FamilyHead, acme, Some(c), b3);
+    w.acme_batch(3);
     let report = w.audit();
     let unbound: Vec<u64> = report
         .violations
@@ -1260,24 +1261,7 @@ fn a_saved_auditor_judges_the_entry_after_a_company_batch_as_before() {
     // auditor must not depend on it): the auditor saved there still requires the signed append next.
     let mut w = World::new();
     w.grant();
-    let (c, acme) = (w.customer.id, w.acme.id);
-    let batch = cmr_core::batch::SignedBatch::sign(
-        cmr_core::batch::Batch {
-            customer: c,
-            family: w.tx,
-            epoch: 1,
-            author: acme,
-            device: w.acme.device.id(),
-            prev_head: Digest([1; 32]),
-            entries: vec![cmr_core::batch::BatchEntry {
-                id: cmr_core::record::RecordId([1; 16]),
-                period: p(2026, 2),
-                digest: Digest([1; 32]),
-            }],
-        },
-        &w.acme.device.signing,
-    );
-    w.append(EntryKind::FamilyHead, acme, Some(c), batch.encode());
+    w.acme_batch(1);
     let mut first = Auditor::new(w.signer.verifier());
     let report = first
         .run(&mut MemorySource {
