@@ -350,13 +350,6 @@ pub struct InMemory {
     device_owner: HashMap<DeviceId, IdentityId>,
 }
 
-impl InMemory {
-    /// Every identity.
-    pub fn identities(&self) -> impl Iterator<Item = (&IdentityId, &IdentityState)> {
-        self.identities.iter()
-    }
-}
-
 impl LedgerState for InMemory {
     fn identity(&self, id: &IdentityId) -> Option<&IdentityState> {
         self.identities.get(id)
@@ -443,11 +436,6 @@ impl<S: LedgerState> Ledger<S> {
             state,
             append: None,
         }
-    }
-
-    /// The state.
-    pub fn state(&self) -> &S {
-        &self.state
     }
 
     /// The state, to load or write back a working set.
