@@ -45,6 +45,11 @@ const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// How many of a page's records one range read fetches at most.
 const RECORDS_PER_RANGE: usize = 64;
 
+/// How many records the first range read of an answer fetches, before their sizes are known: later reads
+/// fetch as many as the byte budget left holds at the largest size seen, so that what one range read
+/// holds in memory stays near the budget even when records are large.
+const FIRST_RANGE: usize = 4;
+
 /// What the sequencer owns.
 pub(super) struct Sequencer {
     /// The durable view readers see: raised by the syncer for this store's groups, and by the
@@ -975,12 +980,22 @@ impl Sequencer {
         let mut record_batches = Vec::new();
         let mut bytes = 0usize;
         let mut truncated = false;
+        let mut largest = 0usize;
         'pages: for page in &proof.pages {
             // A page's records have consecutive keys: they are read a chunk at a time, one range read
-            // each (one round trip to a database), and the byte budget bounds what is kept.
-            for (c, chunk) in page.ids.chunks(RECORDS_PER_RANGE).enumerate() {
-                let first = page.start + (c * RECORDS_PER_RANGE) as u64;
+            // each (one round trip to a database), each chunk sized by the byte budget left.
+            let mut at = 0;
+            while at < page.ids.len() {
+                let room = self.max_page_bytes.saturating_sub(bytes);
+                let want = match largest {
+                    0 => FIRST_RANGE,
+                    size => room / size + 1,
+                };
+                let chunk =
+                    &page.ids[at..(at + want.clamp(1, RECORDS_PER_RANGE)).min(page.ids.len())];
+                let first = page.start + at as u64;
                 let end = first + chunk.len() as u64;
+                at += chunk.len();
                 let rows = overlay.range(
                     &layout::record(number, page.period, first),
                     &layout::record(number, page.period, end),
@@ -995,6 +1010,7 @@ impl Sequencer {
                     if value.len() <= 8 {
                         return Err(StoreError::Format("record value".into()));
                     }
+                    largest = largest.max(value.len() - 8);
                     if !records.is_empty() && bytes + value.len() - 8 > self.max_page_bytes {
                         truncated = true;
                         break 'pages;
