@@ -1307,7 +1307,17 @@ impl Customer {
     /// Rotates `family`: the grants still active on it keep access with fresh keys.
     pub async fn rotate(&mut self, family: FamilyId, now: u64) -> Result<Acked, ClientError> {
         let consent = self.consent().await?;
-        self.rotate_with(&consent, family, now).await
+        match self.rotate_with(&consent, family, now).await {
+            // An earlier rotation's directory was logged but its answer was lost (the server died
+            // under it): this client's directory is behind the log's. Take the logged one (verified on
+            // the chain) and rotate again from it; its epoch's unused secret is replaced.
+            Err(e) if e.code() == Some("directory-conflict") => {
+                self.directory = Some(self.check_directory().await?);
+                let consent = self.consent().await?;
+                self.rotate_with(&consent, family, now).await
+            }
+            done => done,
+        }
     }
 
     /// Rotates `family` as `consent` (the log's state, from [`Customer::consent`]) says: the new epoch

@@ -201,7 +201,10 @@ impl Session {
                     .get_json(&format!("/v1/log/proofs/consistency?old={old}&new={new}"))
                     .await
                 {
-                    Err(ClientError::Refused { .. }) => {
+                    // The server signed `new` and says it has no such sizes: it cannot prove the
+                    // new checkpoint extends the old one. Any other failure (the server or its
+                    // database out of reach) proves nothing either way, and is reported as such.
+                    Err(ClientError::Refused { status: 404, .. }) => {
                         return Err(VerifyError::Inconsistent { old, new }.into());
                     }
                     other => other?,

@@ -36,7 +36,18 @@ const PAGE: i64 = 512;
 
 fn db(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
+        // The connection exceptions (class 08) and the server shutting down or starting up: out of
+        // reach for now, not damaged.
+        Some(d) if d.code().code().starts_with("08") || d.code().code().starts_with("57P") => {
+            StoreError::Unavailable(format!("PostgreSQL: {}", d.message()))
+        }
         Some(d) => StoreError::Io(format!("PostgreSQL: {}", d.message())),
+        // No answer from the server at all: the connection closed or could not be made.
+        None if e.is_closed()
+            || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()) =>
+        {
+            StoreError::Unavailable(format!("PostgreSQL: {e}"))
+        }
         None => StoreError::Io(format!("PostgreSQL: {e}")),
     }
 }
@@ -77,7 +88,9 @@ struct Inner {
 /// The store's rows in PostgreSQL, as a `cmr_store::Storage`.
 pub struct PgStorage {
     rt: Option<tokio::runtime::Runtime>,
-    inner: Arc<Inner>,
+    /// The connections; replaced whole by [`Storage::reconnect`].
+    inner: std::sync::RwLock<Arc<Inner>>,
+    url: String,
     acknowledged: Option<(u64, Hash)>,
 }
 
@@ -92,98 +105,11 @@ impl PgStorage {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Io(e.to_string()))?;
-        let url = url.to_string();
-        let (inner, acknowledged) = run_on(&rt, async move {
-            let reads = open_client(&url).await?;
-            schema::migrate(&reads).await?;
-            let seq = open_client(&url).await?;
-            // How long the database lets this server sit inside a group's transaction (holding the log's
-            // write lock) before it ends it: a server that hangs or is cut off holds the others up for
-            // at most that long.
-            seq.batch_execute("SET idle_in_transaction_session_timeout = '10s'")
-                .await
-                .map_err(db)?;
-            let sequencer = Sequencer {
-                upsert: seq
-                    .prepare(
-                        "INSERT INTO cmr_rows (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
-                         ON CONFLICT (k) DO UPDATE SET v = excluded.v",
-                    )
-                    .await
-                    .map_err(db)?,
-                delete: seq
-                    .prepare("DELETE FROM cmr_rows WHERE k = ANY($1::bytea[])")
-                    .await
-                    .map_err(db)?,
-                size: seq
-                    .prepare("SELECT v FROM cmr_rows WHERE k = $1")
-                    .await
-                    .map_err(db)?,
-                client: seq,
-                open: false,
-            };
-            let sync = open_client(&url).await?;
-            let syncer = Syncer {
-                // Every sync writes the row (so that its commit is a write the log must flush), and
-                // keeps the newest size, root and checkpoint whichever store syncs last.
-                mark: sync
-                    .prepare(
-                        "INSERT INTO cmr_mark (id, size, root, note) VALUES (1, $1, $2, $3) \
-                         ON CONFLICT (id) DO UPDATE SET \
-                         root = CASE WHEN cmr_mark.size < excluded.size THEN excluded.root ELSE cmr_mark.root END, \
-                         note = CASE WHEN cmr_mark.size < excluded.size THEN excluded.note ELSE cmr_mark.note END, \
-                         size = GREATEST(cmr_mark.size, excluded.size)",
-                    )
-                    .await
-                    .map_err(db)?,
-                client: sync,
-            };
-            let r = Reads {
-                get: reads
-                    .prepare("SELECT v FROM cmr_rows WHERE k = $1")
-                    .await
-                    .map_err(db)?,
-                range: reads
-                    .prepare(
-                        "SELECT k, v FROM cmr_rows WHERE k >= $1 AND k < $2 ORDER BY k LIMIT $3",
-                    )
-                    .await
-                    .map_err(db)?,
-                range_open: reads
-                    .prepare("SELECT k, v FROM cmr_rows WHERE k >= $1 ORDER BY k LIMIT $2")
-                    .await
-                    .map_err(db)?,
-                any: reads
-                    .prepare("SELECT EXISTS (SELECT 1 FROM cmr_rows)")
-                    .await
-                    .map_err(db)?,
-                durable: reads
-                    .prepare("SELECT size, note FROM cmr_mark WHERE id = 1")
-                    .await
-                    .map_err(db)?,
-            };
-            let acknowledged = reads
-                .query_opt("SELECT size, root FROM cmr_mark WHERE id = 1", &[])
-                .await
-                .map_err(db)?
-                .and_then(|row| {
-                    let size: i64 = row.get(0);
-                    let root: Vec<u8> = row.get(1);
-                    Some((u64::try_from(size).ok()?, Hash::try_from(root).ok()?))
-                });
-            Ok((
-                Arc::new(Inner {
-                    reads,
-                    r,
-                    sequencer: tokio::sync::Mutex::new(sequencer),
-                    syncer: tokio::sync::Mutex::new(syncer),
-                }),
-                acknowledged,
-            ))
-        })?;
+        let (inner, acknowledged) = run_on(&rt, connect(url.to_string()))?;
         Ok(Self {
             rt: Some(rt),
-            inner,
+            inner: std::sync::RwLock::new(inner),
+            url: url.to_string(),
             acknowledged,
         })
     }
@@ -196,7 +122,8 @@ impl PgStorage {
         F: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let rt = self.rt.as_ref().ok_or(StoreError::Closed)?;
-        let fut = f(self.inner.clone());
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let fut = f(inner);
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         rt.spawn(async move {
             let _ = tx.send(fut.await);
@@ -216,6 +143,95 @@ impl PgStorage {
             Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
         })
     }
+}
+
+/// Opens the three connections (reads, the sequencer's groups, the syncer's marks), brings the schema up
+/// to date and prepares the statements; with the mark as the database holds it.
+async fn connect(url: String) -> Result<(Arc<Inner>, Option<(u64, Hash)>), StoreError> {
+    let reads = open_client(&url).await?;
+    schema::migrate(&reads).await?;
+    let seq = open_client(&url).await?;
+    // How long the database lets this server sit inside a group's transaction (holding the log's
+    // write lock) before it ends it: a server that hangs or is cut off holds the others up for
+    // at most that long.
+    seq.batch_execute("SET idle_in_transaction_session_timeout = '10s'")
+        .await
+        .map_err(db)?;
+    let sequencer = Sequencer {
+        upsert: seq
+            .prepare(
+                "INSERT INTO cmr_rows (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
+                     ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+            )
+            .await
+            .map_err(db)?,
+        delete: seq
+            .prepare("DELETE FROM cmr_rows WHERE k = ANY($1::bytea[])")
+            .await
+            .map_err(db)?,
+        size: seq
+            .prepare("SELECT v FROM cmr_rows WHERE k = $1")
+            .await
+            .map_err(db)?,
+        client: seq,
+        open: false,
+    };
+    let sync = open_client(&url).await?;
+    let syncer = Syncer {
+            // Every sync writes the row (so that its commit is a write the log must flush), and
+            // keeps the newest size, root and checkpoint whichever store syncs last.
+            mark: sync
+                .prepare(
+                    "INSERT INTO cmr_mark (id, size, root, note) VALUES (1, $1, $2, $3) \
+                     ON CONFLICT (id) DO UPDATE SET \
+                     root = CASE WHEN cmr_mark.size < excluded.size THEN excluded.root ELSE cmr_mark.root END, \
+                     note = CASE WHEN cmr_mark.size < excluded.size THEN excluded.note ELSE cmr_mark.note END, \
+                     size = GREATEST(cmr_mark.size, excluded.size)",
+                )
+                .await
+                .map_err(db)?,
+            client: sync,
+        };
+    let r = Reads {
+        get: reads
+            .prepare("SELECT v FROM cmr_rows WHERE k = $1")
+            .await
+            .map_err(db)?,
+        range: reads
+            .prepare("SELECT k, v FROM cmr_rows WHERE k >= $1 AND k < $2 ORDER BY k LIMIT $3")
+            .await
+            .map_err(db)?,
+        range_open: reads
+            .prepare("SELECT k, v FROM cmr_rows WHERE k >= $1 ORDER BY k LIMIT $2")
+            .await
+            .map_err(db)?,
+        any: reads
+            .prepare("SELECT EXISTS (SELECT 1 FROM cmr_rows)")
+            .await
+            .map_err(db)?,
+        durable: reads
+            .prepare("SELECT size, note FROM cmr_mark WHERE id = 1")
+            .await
+            .map_err(db)?,
+    };
+    let acknowledged = reads
+        .query_opt("SELECT size, root FROM cmr_mark WHERE id = 1", &[])
+        .await
+        .map_err(db)?
+        .and_then(|row| {
+            let size: i64 = row.get(0);
+            let root: Vec<u8> = row.get(1);
+            Some((u64::try_from(size).ok()?, Hash::try_from(root).ok()?))
+        });
+    Ok((
+        Arc::new(Inner {
+            reads,
+            r,
+            sequencer: tokio::sync::Mutex::new(sequencer),
+            syncer: tokio::sync::Mutex::new(syncer),
+        }),
+        acknowledged,
+    ))
 }
 
 async fn open_client(url: &str) -> Result<Client, StoreError> {
@@ -414,6 +430,13 @@ impl Storage for PgStorage {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn reconnect(&self) -> Result<(), StoreError> {
+        let rt = self.rt.as_ref().ok_or(StoreError::Closed)?;
+        let (inner, _) = run_on(rt, connect(self.url.clone()))?;
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = inner;
+        Ok(())
     }
 
     fn begin(&self) -> Result<Option<u64>, StoreError> {

@@ -157,6 +157,14 @@ impl From<StoreError> for ApiError {
                 Code::Unavailable,
                 "the store is not accepting writes; retry later",
             ),
+            StoreError::Unavailable(_) => {
+                tracing::warn!(error = %e, "storage out of reach");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Code::Unavailable,
+                    "the store's database is out of reach; retry later",
+                )
+            }
             StoreError::InDoubt(_) => {
                 tracing::error!(error = %e, "storage failure after a group was written");
                 Self::in_doubt("the store failed while making this write durable")

@@ -54,6 +54,12 @@ pub trait Storage: Send + Sync {
     /// [`Storage::acknowledged`]; an engine several stores share records the newest for
     /// [`Storage::durable`].
     fn sync(&self, size: u64, root: &Hash, checkpoint: &str) -> Result<(), StoreError>;
+    /// Opens the engine's connections afresh after they broke (a database that restarted): what was
+    /// written and not synced may be gone, so the store rebuilds its state from the engine afterwards.
+    /// An engine in this process's own files cannot lose its connection and does not support it.
+    fn reconnect(&self) -> Result<(), StoreError> {
+        Err(StoreError::Closed)
+    }
     /// Whether several stores may write to this engine at once (several servers on one database).
     fn shared(&self) -> bool {
         false

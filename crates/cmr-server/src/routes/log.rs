@@ -114,7 +114,8 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Result<&'static str, Api
         Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Code::Unavailable,
-            "the store stopped after a failure; restart the server to reopen it",
+            "the store stopped after a storage failure: on PostgreSQL it reconnects by itself once \
+             the database answers again; on sled, restart the server to reopen it",
         ))
     }
 }
@@ -296,13 +297,11 @@ async fn inclusion(
     State(state): State<Arc<AppState>>,
     Query(q): Query<InclusionQuery>,
 ) -> Result<Json<ProofJson>, ApiError> {
-    let proof = state.store.inclusion_proof(q.index, q.size).map_err(|_| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            Code::NotFound,
-            "no such index or size",
-        )
-    })?;
+    // A size this server has not seen yet may be durable through another server on the same
+    // database: catch up first. Past that, a size or index outside the durable log is not found (and
+    // the storage out of reach is not that).
+    state.store.follow_to(q.size);
+    let proof = state.store.inclusion_proof(q.index, q.size)?;
     Ok(Json(ProofJson {
         proof: hashes_b64(&proof),
     }))
@@ -333,10 +332,9 @@ async fn consistency(
     State(state): State<Arc<AppState>>,
     Query(q): Query<ConsistencyQuery>,
 ) -> Result<Json<ProofJson>, ApiError> {
-    let proof = state
-        .store
-        .consistency_proof(q.old, q.new)
-        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, Code::NotFound, "no such sizes"))?;
+    // As for inclusion proofs: catch up to a size another server made durable, then prove.
+    state.store.follow_to(q.new);
+    let proof = state.store.consistency_proof(q.old, q.new)?;
     Ok(Json(ProofJson {
         proof: hashes_b64(&proof),
     }))

@@ -21,6 +21,15 @@ pub(super) fn raise(view: &RwLock<Durable>, size: u64, checkpoint: &str) {
     }
 }
 
+/// What the sequencer hands the syncer, in order.
+pub(super) enum ToSyncer {
+    /// A group to make durable and acknowledge.
+    Group(Written),
+    /// After the store recovered from a failure: every group before this one was answered; start
+    /// afresh (forget the failure), and say so.
+    Reset(mpsc::SyncSender<()>),
+}
+
 /// A group written to the storage, not yet durable.
 pub(super) struct Written {
     pub(super) size: u64,

@@ -109,6 +109,11 @@ pub enum StoreError {
     /// Storage failed; the store stops taking writes until it is reopened.
     #[error("storage failure: {0}")]
     Io(String),
+    /// The storage engine is out of reach (its database is down or restarting, a connection broke):
+    /// the operation was not applied. A store on such an engine stops, reconnects and rebuilds from
+    /// what the engine holds, by itself; clients retry.
+    #[error("the storage is out of reach: {0}")]
+    Unavailable(String),
     /// The store is shut down or stopped after a storage failure; the operation was not applied.
     #[error("the store is not accepting operations")]
     Closed,
@@ -122,7 +127,10 @@ pub enum StoreError {
 impl StoreError {
     /// A failure of the store itself (storage, damaged data), not a refusal of the operation.
     pub fn is_internal(&self) -> bool {
-        matches!(self, StoreError::Io(_) | StoreError::Format(_))
+        matches!(
+            self,
+            StoreError::Io(_) | StoreError::Format(_) | StoreError::Unavailable(_)
+        )
     }
 }
 
@@ -498,6 +506,7 @@ impl Store {
             device_keys: DeviceKeys::default(),
             syncer: None,
             to_syncer: None,
+            last_recovery: None,
         };
         let device_keys = seq.device_keys.clone();
         let log_verifier = seq.log_key.verifier();
@@ -897,7 +906,7 @@ impl Store {
         let committed = self.committed_size()?;
         Tree::new(Committed(&*self.db, &self.nodes, committed))
             .inclusion_proof(index, size)
-            .map_err(tree_err)
+            .map_err(asked_err)
     }
 
     /// The consistency proof between two tree sizes.
@@ -905,7 +914,7 @@ impl Store {
         let committed = self.committed_size()?;
         Tree::new(Committed(&*self.db, &self.nodes, committed))
             .consistency_proof(old, new)
-            .map_err(tree_err)
+            .map_err(asked_err)
     }
 
     /// The root of the first `size` entries.
@@ -913,7 +922,7 @@ impl Store {
         let committed = self.committed_size()?;
         Tree::new(Committed(&*self.db, &self.nodes, committed))
             .root(size)
-            .map_err(tree_err)
+            .map_err(asked_err)
     }
 
     /// The leaf commitments `from..to`.

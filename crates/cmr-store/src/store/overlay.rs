@@ -26,6 +26,13 @@ impl NodeCache {
         }
     }
 
+    /// Forgets every node (after a recovery, the nodes of groups the storage lost would be wrong).
+    pub(super) fn clear(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.0.clear();
+        inner.1.clear();
+    }
+
     pub(super) fn get(&self, level: u8, index: u64) -> Option<Hash> {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.0.get(&(level, index)).copied()
@@ -158,6 +165,16 @@ impl NodeStore for Committed<'_> {
     }
     fn set_size(&mut self, _: u64) -> Result<(), StoreError> {
         Err(StoreError::Closed)
+    }
+}
+/// For what a caller asked of the durable log (a proof, a root): a size or index outside it is not
+/// found; a storage failure stays what it is.
+pub(super) fn asked_err(e: cmr_log::tree::TreeError<StoreError>) -> StoreError {
+    match e {
+        cmr_log::tree::TreeError::OutOfRange(n) => {
+            StoreError::NotFound(format!("{n} is outside the durable log"))
+        }
+        other => tree_err(other),
     }
 }
 pub(super) fn tree_err(e: cmr_log::tree::TreeError<StoreError>) -> StoreError {

@@ -42,6 +42,9 @@ impl BatchCache {
 /// How often an idle store on a shared engine looks for what other stores made durable.
 const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// How often a store stopped by a failure of a shared engine tries to reconnect and rebuild.
+const RECOVER_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// How many of a page's records one range read fetches at most.
 const RECORDS_PER_RANGE: usize = 64;
 
@@ -71,7 +74,9 @@ pub(super) struct Sequencer {
     /// What makes groups durable: moved onto its own thread when the sequencer runs.
     pub(super) syncer: Option<Syncer>,
     /// Where written groups go to be made durable and acknowledged, once the sequencer runs.
-    pub(super) to_syncer: Option<mpsc::SyncSender<Written>>,
+    pub(super) to_syncer: Option<mpsc::SyncSender<ToSyncer>>,
+    /// When this store last tried to come back after a failure of a shared engine.
+    pub(super) last_recovery: Option<std::time::Instant>,
 }
 /// The in-memory state, rebuilt from the log when the store opens.
 #[derive(Default)]
@@ -142,13 +147,19 @@ impl Sequencer {
         // Groups are made durable and acknowledged on a thread of their own, in order, while the
         // sequencer decides the next group: its fsync no longer stalls the pipeline. At most one group
         // waits for durability while the next is prepared (a rendezvous channel).
-        let (to_syncer, queue) = mpsc::sync_channel::<Written>(0);
+        let (to_syncer, queue) = mpsc::sync_channel::<ToSyncer>(0);
         let syncer = self.syncer.take().and_then(|mut syncer| {
             std::thread::Builder::new()
                 .name("cmr-syncer".into())
                 .spawn(move || {
-                    for group in queue {
-                        syncer.finish(group);
+                    for work in queue {
+                        match work {
+                            ToSyncer::Group(group) => syncer.finish(group),
+                            ToSyncer::Reset(done) => {
+                                syncer.failed = None;
+                                let _ = done.send(());
+                            }
+                        }
                     }
                 })
                 .ok()
@@ -170,6 +181,8 @@ impl Sequencer {
     pub(super) fn serve(&mut self, rx: &mpsc::Receiver<Work>) {
         let shared = self.rows.shared();
         loop {
+            // Stopped by a failure of a shared engine: come back once it is reachable again.
+            self.recover_when_due();
             let first = match rx.recv_timeout(FOLLOW_EVERY) {
                 Ok(Work::Op(job)) => *job,
                 Ok(Work::Follow(done)) => {
@@ -214,6 +227,79 @@ impl Sequencer {
                 let _ = done.send(());
             }
         }
+    }
+
+    /// On a shared engine, a stopped store tries to come back at most this often.
+    pub(super) fn recover_when_due(&mut self) {
+        if !self.rows.shared() || !self.poisoned.load(Ordering::SeqCst) {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if self
+            .last_recovery
+            .is_some_and(|at| now.duration_since(at) < RECOVER_EVERY)
+        {
+            return;
+        }
+        self.last_recovery = Some(now);
+        // A failure leaves the store stopped; the next attempt comes after RECOVER_EVERY.
+        let _ = self.recover();
+    }
+
+    /// After a failure on a shared engine (its database restarted, a connection broke): opens the
+    /// connections afresh and rebuilds the whole state from what the database holds, as a restart
+    /// would, then takes operations again. What was written and not made durable may be gone; nothing
+    /// of it was acknowledged (those operations were answered in doubt, and their clients resend).
+    pub(super) fn recover(&mut self) -> Result<(), StoreError> {
+        // First the syncer answers every group handed to it before this, on the connections that
+        // broke (so in doubt): a group written before the failure must never be made "durable" by a
+        // sync on the new connections, since the database may have lost it. Then it starts afresh.
+        if let Some(to_syncer) = &self.to_syncer {
+            let (done, wait) = mpsc::sync_channel(1);
+            to_syncer
+                .send(ToSyncer::Reset(done))
+                .map_err(|_| StoreError::Closed)?;
+            wait.recv().map_err(|_| StoreError::Closed)?;
+        }
+        self.rows.reconnect()?;
+        // Everything derived from the log is rebuilt from the database: the caches too, since nodes
+        // and batches of groups the database lost may sit in them. The published keys are rebuilt
+        // aside and swapped in whole, so that requests keep being authenticated meanwhile.
+        self.nodes.clear();
+        self.batches = BatchCache::default();
+        self.state = State::default();
+        let published = std::mem::take(&mut self.device_keys);
+        self.rows.begin()?;
+        let rebuilt = self.rebuild(false);
+        self.rows.abandon();
+        let fresh = std::mem::replace(&mut self.device_keys, published);
+        rebuilt?;
+        // The database must still hold everything this store showed as durable (not, say, a replica
+        // that was behind): else stay stopped, and a restart names the loss.
+        let shown = self
+            .durable
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .checkpoint
+            .clone();
+        if let Some(note) = shown {
+            let cp = cmr_log::checkpoint::open(&note, &self.log_key.verifier(), &[], 0)
+                .map_err(|e| StoreError::Format(format!("durable checkpoint: {e}")))?;
+            let (size, root) = (cp.checkpoint.size, cp.checkpoint.root);
+            let held = (size <= self.state.size)
+                .then(|| Tree::new(Committed(&*self.rows, &self.nodes, self.state.size)).root(size))
+                .transpose()
+                .map_err(tree_err)?;
+            if held != Some(root) {
+                return Err(StoreError::Format(format!(
+                    "the database no longer holds the {size} log entries this server showed as durable"
+                )));
+            }
+        }
+        let fresh = std::mem::take(&mut *fresh.write().unwrap_or_else(|p| p.into_inner()));
+        *self.device_keys.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        self.poisoned.store(false, Ordering::SeqCst);
+        Ok(())
     }
 
     /// While idle on a shared engine: catches up on the log other stores made durable, and shows it to
@@ -362,7 +448,9 @@ impl Sequencer {
         };
         match (&self.to_syncer, &mut self.syncer) {
             (Some(to_syncer), _) => {
-                if let Err(mpsc::SendError(written)) = to_syncer.send(written) {
+                if let Err(mpsc::SendError(ToSyncer::Group(written))) =
+                    to_syncer.send(ToSyncer::Group(written))
+                {
                     // The syncer is gone (it panicked): nothing can be made durable any more.
                     self.poisoned.store(true, Ordering::SeqCst);
                     written.ack.fail(&StoreError::InDoubt(
