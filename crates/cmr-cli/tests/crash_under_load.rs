@@ -15,7 +15,8 @@
 //! - revoked grants stay revoked, and an append to a family whose rotation is pending is still refused;
 //! - an auditor following the log since the start finds no violation.
 //!
-//! Kills: `CMR_SERVER_KILLS` (5 by default; the full run in docs/reliability.md uses 50). Seed:
+//! Rounds: `CMR_SERVER_KILLS` (5 by default on sled, 28 on PostgreSQL, where every fourth round restarts
+//! the database instead of killing a server; the full runs in docs/reliability.md use 50). Seed:
 //! `CMR_CRASH_SEED` (printed).
 #![allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
 
@@ -182,8 +183,8 @@ impl Tally {
                 let kind = kind(&e);
                 // A request made while the server is down never reaches it (the SDK fails at once
                 // when it cannot connect, and sends again only what may have arrived).
-                let database = self.database_down
-                    && matches!(kind.as_str(), "unavailable" | "in-doubt");
+                let database =
+                    self.database_down && matches!(kind.as_str(), "unavailable" | "in-doubt");
                 if expected.contains(&kind.as_str()) || kind == "unreachable" || database {
                     *self.expected.entry(format!("{op}: {kind}")).or_default() += 1;
                 } else {
@@ -428,8 +429,9 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed_under_load() {
 
 /// The same on PostgreSQL with two `cmr serve` processes on one database (`CMR_CRASH_SERVERS` for
 /// another number), the clients spread over them:
-/// one of them is killed at random each round, and every fourth round the database itself crashes
-/// (`pg_ctl stop -m immediate`) under the load, and the servers come back by themselves. On a real
+/// one of them is killed at random each round, and every fourth round the database itself restarts
+/// under the load, alternately crashing (`pg_ctl stop -m immediate`) and as an operator restarts it
+/// (`-m fast`); the servers stay up and come back by themselves. On a real
 /// PostgreSQL (skipped with a note when it is not installed, unless `CMR_REQUIRE_POSTGRES` is set).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nothing_acknowledged_is_lost_when_servers_or_the_database_crash_under_load() {
@@ -451,15 +453,16 @@ struct Fleet {
 }
 
 async fn crash_under_load(cluster: Option<cmr_postgres::cluster::Cluster>, servers: usize) {
+    // On PostgreSQL, enough rounds by default for 21 server kills and 7 database restarts.
     let kills: usize = std::env::var("CMR_SERVER_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(if cluster.is_some() { 28 } else { 5 });
     let seed: u64 = std::env::var("CMR_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| now() ^ u64::from(std::process::id()) << 32);
-    println!("crash under load: {kills} kills, {servers} server(s), CMR_CRASH_SEED={seed}");
+    println!("crash under load: {kills} rounds, {servers} server(s), CMR_CRASH_SEED={seed}");
     let mut dice = Dice(seed | 1);
     let dir = tempfile::tempdir().unwrap();
     let store = cluster.as_ref().map(|c| {
@@ -614,8 +617,14 @@ async fn crash_under_load(cluster: Option<cmr_postgres::cluster::Cluster>, serve
             // The database stops like a crash under the load: the servers stop taking writes (what
             // they wrote and had not made durable may be gone; none of it was acknowledged), then
             // reconnect and rebuild from the database by themselves, while the clients retry.
+            // Every other time, an operator's restart instead (`pg_ctl stop -m fast`).
             tally.lock().unwrap().database_down = true;
-            cluster.as_ref().unwrap().crash_and_restart().unwrap();
+            let cluster = cluster.as_ref().unwrap();
+            if run.database_crashes % 2 == 0 {
+                cluster.crash_and_restart().unwrap();
+            } else {
+                cluster.fast_restart().unwrap();
+            }
             run.database_crashes += 1;
             Vec::new()
         } else {
@@ -660,7 +669,10 @@ async fn crash_under_load(cluster: Option<cmr_postgres::cluster::Cluster>, serve
                     }
                     tokio::time::sleep(StdDuration::from_millis(100)).await;
                 }
-                assert!(healthy, "round {round}: a server did not come back after the database did");
+                assert!(
+                    healthy,
+                    "round {round}: a server did not come back after the database did"
+                );
             }
         }
         // Every client's view is consistent with the restarted server's checkpoint.
@@ -828,7 +840,7 @@ async fn crash_under_load(cluster: Option<cmr_postgres::cluster::Cluster>, serve
         "no request was ever in flight at a kill"
     );
     println!(
-        "crash under load: {} kills ({} database crashes) in {:.1} s; {} writes acknowledged ({} answered as repeats of a \
+        "crash under load: {} server kills and {} database restarts (every other one a crash) in {:.1} s; {} writes acknowledged ({} answered as repeats of a \
          write logged before the kill), {} requests sent again after a lost answer, {} statements \
          re-sent for their original index, {} reads under revoked grants refused, {} appends refused \
          while a rotation was owed, auditor clean at {} entries",

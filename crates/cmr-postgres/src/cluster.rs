@@ -172,6 +172,13 @@ impl Cluster {
         self.pg_ctl(&["-w", "start"])
     }
 
+    /// Stops the database as an operator restarting it would (`pg_ctl stop -m fast`: sessions are
+    /// ended, a shutdown checkpoint is written) and starts it again.
+    pub fn fast_restart(&self) -> Result<(), String> {
+        self.pg_ctl(&["-m", "fast", "-w", "stop"])?;
+        self.pg_ctl(&["-w", "start"])
+    }
+
     /// The data folder's path.
     fn data(&self) -> Result<String, String> {
         let data = self.dir.path().join("data");

@@ -55,7 +55,10 @@ fn nothing_acknowledged_is_lost_when_the_database_crashes_and_the_store_comes_ba
     assert!(
         matches!(
             after,
-            Err(StoreError::Io(_) | StoreError::InDoubt(_) | StoreError::Closed)
+            Err(StoreError::Io(_)
+                | StoreError::Unavailable(_)
+                | StoreError::InDoubt(_)
+                | StoreError::Closed)
         ),
         "{after:?}"
     );

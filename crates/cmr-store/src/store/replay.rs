@@ -90,13 +90,11 @@ impl Sequencer {
                     index_rows.insert(k, Some(v));
                 }
             }
-            let replayed = self
-                .replay(i, &body)
-                .map_err(|e| match e {
-                    // The storage failing under the replay says nothing of the entry.
-                    StoreError::Unavailable(_) | StoreError::Io(_) => e,
-                    e => StoreError::Format(format!("entry {i} does not replay: {e}")),
-                })?;
+            let replayed = self.replay(i, &body).map_err(|e| match e {
+                // The storage failing under the replay says nothing of the entry.
+                StoreError::Unavailable(_) | StoreError::Io(_) => e,
+                e => StoreError::Format(format!("entry {i} does not replay: {e}")),
+            })?;
             if let Some(family) = replayed {
                 without_records.push((i, family));
             }
