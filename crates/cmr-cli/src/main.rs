@@ -106,6 +106,10 @@ Examples:
         /// whatever its Host header says.
         #[arg(long, env = "CMR_AUTHORITY")]
         authority: Option<String>,
+        /// The log's format on standard output: `text` for people, `json` (one object a line) for a
+        /// log collector. The level comes from RUST_LOG (default `info`).
+        #[arg(long, env = "CMR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
     },
     /// A customer's vault: identity, profile, transactions, requests, grants, history.
     #[command(after_help = "\
@@ -265,15 +269,22 @@ fn main() -> ExitCode {
                 burst_per_identity,
                 cache_mib,
                 authority,
+                log_format,
             } => {
-                tracing_subscriber::fmt()
-                    // Colour codes only for a terminal: a log file or a journal gets plain text.
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-                    .with_env_filter(
-                        tracing_subscriber::EnvFilter::try_from_default_env()
-                            .unwrap_or_else(|_| "info".into()),
-                    )
-                    .init();
+                let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info".into());
+                if log_format == "json" {
+                    tracing_subscriber::fmt()
+                        .json()
+                        .with_env_filter(filter)
+                        .init();
+                } else {
+                    tracing_subscriber::fmt()
+                        // Colour codes only for a terminal: a log file or a journal gets plain text.
+                        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+                        .with_env_filter(filter)
+                        .init();
+                }
                 let opts = serve::Options {
                     listen,
                     origin,

@@ -659,11 +659,11 @@ async fn crash_under_load(cluster: Option<cmr_postgres::cluster::Cluster>, serve
 
         if database_crash {
             // The servers stay up across the database's crash: each reconnects and rebuilds by
-            // itself once the database answers again, and says so on /healthz.
+            // itself once the database answers again, and says so on /readyz.
             for c in &every_conn {
                 let mut healthy = false;
                 for _ in 0..300 {
-                    if c.get_text("/healthz").await.is_ok() {
+                    if c.get_text("/readyz").await.is_ok() {
                         healthy = true;
                         break;
                     }

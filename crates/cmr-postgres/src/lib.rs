@@ -432,6 +432,22 @@ impl Storage for PgStorage {
         true
     }
 
+    fn size_on_disk(&self) -> Result<Option<u64>, StoreError> {
+        // The rows' table with its indexes and TOAST. A PostgreSQL function: an engine without it
+        // (the distributed ones) cannot tell, which is not an error.
+        self.call(|i| async move {
+            match i
+                .reads
+                .query_one("SELECT pg_total_relation_size('cmr_rows')", &[])
+                .await
+            {
+                Ok(row) => Ok(u64::try_from(row.get::<_, i64>(0)).ok()),
+                Err(e) if e.as_db_error().is_some() => Ok(None),
+                Err(e) => Err(db(e)),
+            }
+        })
+    }
+
     fn reconnect(&self) -> Result<(), StoreError> {
         let rt = self.rt.as_ref().ok_or(StoreError::Closed)?;
         let (inner, _) = run_on(rt, connect(self.url.clone()))?;

@@ -196,6 +196,8 @@ impl IntoResponse for ApiError {
             }
         }
         let mut resp = (self.status, body.to_string()).into_response();
+        resp.extensions_mut()
+            .insert(crate::metrics::ProblemCode(self.code.as_str()));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),

@@ -15,6 +15,7 @@ pub mod backpressure;
 pub mod error;
 pub mod extract;
 pub mod logkey;
+pub mod metrics;
 pub mod routes;
 
 use cmr_core::problem::Code;
@@ -92,6 +93,8 @@ pub struct AppState {
     pub cosignatures: std::sync::Mutex<(u64, Vec<String>)>,
     /// The server-wide limits on requests in flight.
     pub gate: backpressure::Gate,
+    /// What the server measures, for `/metrics`.
+    pub metrics: metrics::Metrics,
 }
 
 impl AppState {
@@ -116,6 +119,7 @@ impl AppState {
         clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     ) -> Self {
         Self {
+            metrics: metrics::Metrics::new(store.metrics()),
             store,
             nonces: auth::NonceCache::default(),
             limits: auth::RateLimits::new(config.rate_per_identity, config.burst_per_identity),
@@ -148,6 +152,11 @@ pub fn app(state: Arc<AppState>) -> Router {
     let (routes, _) = routes::openapi::api().split_for_parts();
     Router::new()
         .merge(routes)
+        // Every matched route is counted and timed (`/metrics`).
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         // Unknown routes and methods are Problem Details too.
         .fallback(|| async {
             error::ApiError::new(StatusCode::NOT_FOUND, Code::NotFound, "no such route")

@@ -94,9 +94,19 @@ pub trait Backend: Send + Sync {
     fn commitments(&self, from: u64, to: u64) -> Result<Vec<Digest>, StoreError>;
     /// The salt and body of an entry, unless erased.
     fn body(&self, index: u64) -> Result<Option<SaltedBody>, StoreError>;
+    /// What the store measures of itself, for `/metrics`.
+    fn metrics(&self) -> &crate::metrics::StoreMetrics;
+    /// The bytes the storage takes on disk, if it can tell.
+    fn size_on_disk(&self) -> Result<Option<u64>, StoreError>;
 }
 
 impl Backend for Store {
+    fn metrics(&self) -> &crate::metrics::StoreMetrics {
+        Store::metrics(self)
+    }
+    fn size_on_disk(&self) -> Result<Option<u64>, StoreError> {
+        Store::size_on_disk(self)
+    }
     fn submit(&self, op: Op) -> tokio::sync::oneshot::Receiver<Result<Ack, StoreError>> {
         Store::submit(self, op)
     }

@@ -21,6 +21,7 @@ pub mod backend;
 #[cfg(feature = "testkit")]
 pub mod conformance;
 pub mod layout;
+pub mod metrics;
 pub mod sled_storage;
 pub mod storage;
 pub mod store;

@@ -58,6 +58,13 @@ fn rows<'a>(iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> +
 }
 
 impl Storage for SledStorage {
+    fn size_on_disk(&self) -> Result<Option<u64>, StoreError> {
+        self.db
+            .size_on_disk()
+            .map(Some)
+            .map_err(|e| StoreError::Io(e.to_string()))
+    }
+
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.rows.get(key).map_err(io)?.map(|v| v.to_vec()))
     }

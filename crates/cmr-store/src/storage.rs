@@ -60,6 +60,10 @@ pub trait Storage: Send + Sync {
     fn reconnect(&self) -> Result<(), StoreError> {
         Err(StoreError::Closed)
     }
+    /// The bytes the engine's data takes on disk, if it can tell (for monitoring).
+    fn size_on_disk(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
     /// Whether several stores may write to this engine at once (several servers on one database).
     fn shared(&self) -> bool {
         false

@@ -27,6 +27,8 @@ use utoipa_axum::routes;
 pub fn router() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
         .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
         .routes(routes!(checkpoint))
         .routes(routes!(commitments))
         .routes(routes!(inclusion))
@@ -101,13 +103,27 @@ async fn admit(
     get,
     path = "/healthz",
     tag = "log",
-    summary = "Liveness: `ok` while the store takes operations",
+    summary = "Liveness: `ok` while the process answers (see `/readyz` for whether it takes operations)",
     responses(
         (status = 200, description = "Success", body = String, content_type = "text/plain"),
         Problem
     ),
 )]
-async fn healthz(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "log",
+    summary = "Readiness: `ok` while the store takes operations; 503 while it is stopped after a storage failure",
+    responses(
+        (status = 200, description = "Success", body = String, content_type = "text/plain"),
+        Problem
+    ),
+)]
+async fn readyz(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
     if state.store.healthy() {
         Ok("ok")
     } else {
@@ -118,6 +134,34 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Result<&'static str, Api
              the database answers again; on sled, restart the server to reopen it",
         ))
     }
+}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "log",
+    summary = "Metrics in the Prometheus text format (OpenMetrics): requests by route and status, latency, refusals by code, group commits, syncs, log and store size",
+    responses(
+        (status = 200, description = "Success", body = String, content_type = "application/openmetrics-text"),
+        Problem
+    ),
+)]
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let size = state
+        .store
+        .checkpoint()
+        .ok()
+        .flatten()
+        .map_or(0, |note| checkpoint_size(&note));
+    // A storage out of reach leaves the size unknown; the rest is still worth serving.
+    let bytes = state.store.size_on_disk().ok().flatten();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(size, bytes),
+    )
 }
 
 #[utoipa::path(

@@ -107,7 +107,7 @@ async fn a_backwards_read_gets_400_and_the_server_carries_on() {
         .env
         .app
         .clone()
-        .oneshot(Request::get("/healthz").body(Body::empty()).unwrap())
+        .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -256,4 +256,88 @@ async fn malformed_paths_queries_unknown_routes_and_methods_are_problem_details(
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(problem(&v), "urn:cmr-vault:problem:malformed");
+}
+
+/// `/metrics` counts what an operator monitors — requests by route template and status, refusals by
+/// code, group commits and syncs, the log's size — in the Prometheus text format, and names no party.
+/// `/healthz` (liveness) and `/readyz` (the store takes operations) both say ok.
+#[tokio::test]
+async fn metrics_count_requests_refusals_and_commits_and_name_no_party() {
+    let mut f = flow().await;
+    let w = customer_writes_one(&mut f, 41).await;
+    assert_eq!(w.0, StatusCode::OK, "{}", w.1);
+    // A refused read (months backwards): counted under its code.
+    let path = format!(
+        "/v1/vaults/{}/families/{}/read",
+        f.customer.id.to_hex(),
+        f.tx.to_hex()
+    );
+    let (s, _) = f
+        .env
+        .call(
+            "POST",
+            &path,
+            json!({"from": "2026-12", "to": "2025-01"}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    for route in ["/healthz", "/readyz"] {
+        let resp = f
+            .env
+            .app
+            .clone()
+            .oneshot(Request::get(route).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{route}");
+    }
+    let resp = f
+        .env
+        .app
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers()[axum::http::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {line_start} in:\n{text}"))
+    };
+    assert_eq!(
+        value(
+            "cmr_http_requests_total{route=\"/v1/vaults/{customer}/families/{family}/read\",method=\"POST\",status=\"400\"}"
+        ),
+        1.0
+    );
+    assert_eq!(value("cmr_refusals_total{code=\"malformed\"}"), 1.0);
+    assert!(value("cmr_store_group_operations_count") >= 1.0);
+    assert!(value("cmr_store_sync_seconds_count") >= 1.0);
+    assert_eq!(value("cmr_store_stopped_total"), 0.0);
+    let size = cmr_log::checkpoint::Checkpoint::parse_text(
+        &cmr_log::note::Note::parse(&f.env.store.checkpoint().unwrap().unwrap())
+            .unwrap()
+            .text,
+    )
+    .unwrap()
+    .size;
+    assert_eq!(value("cmr_log_entries "), size as f64);
+    assert!(value("cmr_store_size_bytes ") > 0.0);
+    // Routes by template, never by id.
+    for id in [f.customer.id.to_hex(), f.acme.id.to_hex(), f.tx.to_hex()] {
+        assert!(!text.contains(&id), "a party's id in /metrics");
+    }
 }

@@ -45,6 +45,7 @@ pub(super) struct Syncer {
     pub(super) poisoned: Arc<AtomicBool>,
     /// Set after a group failed to become durable: every later group is in doubt too.
     pub(super) failed: Option<String>,
+    pub(super) metrics: crate::metrics::StoreMetrics,
 }
 impl Syncer {
     pub(super) fn finish(&mut self, group: Written) {
@@ -54,7 +55,12 @@ impl Syncer {
             )));
             return;
         }
-        if let Err(e) = self.rows.sync(group.size, &group.root, &group.ack.note) {
+        let started = std::time::Instant::now();
+        let synced = self.rows.sync(group.size, &group.root, &group.ack.note);
+        self.metrics
+            .sync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = synced {
             // The in-memory state is ahead of the disk: stop, and let a reopen rebuild it.
             self.poisoned.store(true, Ordering::SeqCst);
             self.failed = Some(e.to_string());

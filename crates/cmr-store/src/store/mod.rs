@@ -395,6 +395,7 @@ pub struct Store {
     /// The log key, shared with the sequencer (which signs checkpoints with it).
     log_key: Arc<NoteSigner>,
     stopped: Arc<AtomicBool>,
+    metrics: crate::metrics::StoreMetrics,
 }
 
 impl From<Refusal> for StoreError {
@@ -485,12 +486,14 @@ impl Store {
         let durable = Arc::new(RwLock::new(Durable::default()));
         let poisoned = Arc::new(AtomicBool::new(false));
         let nodes = Arc::new(NodeCache::new());
+        let metrics = crate::metrics::StoreMetrics::default();
         let syncer = Syncer {
             rows: rows.clone(),
             nodes: nodes.clone(),
             durable: durable.clone(),
             poisoned: poisoned.clone(),
             failed: None,
+            metrics: metrics.clone(),
         };
         let mut seq = Sequencer {
             durable: durable.clone(),
@@ -507,6 +510,8 @@ impl Store {
             syncer: None,
             to_syncer: None,
             last_recovery: None,
+            was_stopped: false,
+            metrics: metrics.clone(),
         };
         let device_keys = seq.device_keys.clone();
         let log_verifier = seq.log_key.verifier();
@@ -574,12 +579,24 @@ impl Store {
             log_verifier,
             log_key,
             stopped,
+            metrics,
         })
+    }
+
+    /// What the store measures of itself (group commits, syncs, stops and recoveries).
+    pub fn metrics(&self) -> &crate::metrics::StoreMetrics {
+        &self.metrics
+    }
+
+    /// The bytes the storage engine takes on disk, if it can tell.
+    pub fn size_on_disk(&self) -> Result<Option<u64>, StoreError> {
+        self.db.size_on_disk()
     }
 
     /// Whether the store takes operations. After a storage failure, damaged data or a bug in the
     /// sequencer it stops (every operation is answered [`StoreError::Closed`]) until it is reopened,
-    /// which rebuilds its state from what is durable; a health check reports this.
+    /// which rebuilds its state from what is durable, or, on an engine several servers share, until it
+    /// has reconnected and rebuilt by itself; a readiness check reports this.
     pub fn healthy(&self) -> bool {
         !self.stopped.load(Ordering::SeqCst)
     }

@@ -77,6 +77,9 @@ pub(super) struct Sequencer {
     pub(super) to_syncer: Option<mpsc::SyncSender<ToSyncer>>,
     /// When this store last tried to come back after a failure of a shared engine.
     pub(super) last_recovery: Option<std::time::Instant>,
+    /// Whether the store was stopped when last looked at (to count each stop once).
+    pub(super) was_stopped: bool,
+    pub(super) metrics: crate::metrics::StoreMetrics,
 }
 /// The in-memory state, rebuilt from the log when the store opens.
 #[derive(Default)]
@@ -182,6 +185,11 @@ impl Sequencer {
         let shared = self.rows.shared();
         loop {
             // Stopped by a failure of a shared engine: come back once it is reachable again.
+            let stopped = self.poisoned.load(Ordering::SeqCst);
+            if stopped && !self.was_stopped {
+                self.metrics.stopped.inc();
+            }
+            self.was_stopped = stopped;
             self.recover_when_due();
             let first = match rx.recv_timeout(FOLLOW_EVERY) {
                 Ok(Work::Op(job)) => *job,
@@ -243,7 +251,10 @@ impl Sequencer {
         }
         self.last_recovery = Some(now);
         // A failure leaves the store stopped; the next attempt comes after RECOVER_EVERY.
-        let _ = self.recover();
+        if self.recover().is_ok() {
+            self.metrics.recovered.inc();
+            self.was_stopped = false;
+        }
     }
 
     /// After a failure on a shared engine (its database restarted, a connection broke): opens the
@@ -372,6 +383,8 @@ impl Sequencer {
             }
             return;
         }
+        let started = std::time::Instant::now();
+        self.metrics.group_operations.observe(group.len() as f64);
         let rows = self.rows.clone();
         let nodes = self.nodes.clone();
         let mut overlay = Overlay {
@@ -435,6 +448,9 @@ impl Sequencer {
                 return;
             }
         };
+        self.metrics
+            .group_seconds
+            .observe(started.elapsed().as_secs_f64());
         // The next group builds on this one (written, not durable yet); the syncer makes it durable.
         self.state.size = size;
         let written = Written {
