@@ -1,11 +1,11 @@
 //! # cmr-server
 //!
-//! CMR Vault's HTTP API on axum: every request but the public log and `/healthz` is signed (RFC 9421 with
-//! RFC 9530 Content-Digest), every state-changing request goes through the store's sequencer, and errors
-//! are Problem Details (RFC 9457) with stable codes.
+//! CMR Vault's HTTP API on axum: every request but the public log, `/healthz`, `/readyz` and `/metrics`
+//! is signed (RFC 9421 with RFC 9530 Content-Digest), every state-changing request goes through the
+//! store's sequencer, and errors are Problem Details (RFC 9457) with stable codes.
 //!
 //! What it owns: routing, request authentication (profile, nonce memory, restart horizon), who may act
-//! on which vault, and mapping results to HTTP. What it does not own: cryptographic rules (`cmr-core`),
+//! on which vault, mapping results to HTTP, and what it measures of itself (`metrics`). What it does not own: cryptographic rules (`cmr-core`),
 //! ordering and durability (`cmr-store`), log formats (`cmr-log`), and a process of its own: it is a
 //! library, and `cmr serve` (in `cmr-cli`) is the one entry point that opens a store and serves it.
 #![forbid(unsafe_code)]

@@ -13,7 +13,8 @@
 //! cryptographic rules (`cmr-core`), log formats and proofs (`cmr-log`).
 //!
 //! Modules: `backend` (the server's view, [`Backend`]), `storage` (the engine's, [`Storage`]),
-//! `sled_storage`, `store`, `layout` (row keys), and with the `testkit` feature `testkit` and
+//! `sled_storage`, `store`, `layout` (row keys), `metrics` (what the store measures of itself), and
+//! with the `testkit` feature `testkit` and
 //! `conformance` (the suite every backend passes).
 #![forbid(unsafe_code)]
 
