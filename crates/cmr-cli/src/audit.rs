@@ -308,7 +308,7 @@ async fn witness(home: &Home, out: Out) -> CliResult {
         None => cmr_log::witness::Witness::new(signer, log_key),
     }
     .map_err(|e| CliError::local(e.to_string(), "check the witness state"))?;
-    let conn = cmr_client::Connection::new(&crate::home::server_for(&state.server))?;
+    let conn = crate::home::connection(&crate::home::server_for(&state.server))?;
     let note = conn.get_text("/v1/log/checkpoint").await?;
     let bad = |e: String| {
         CliError::with_code(

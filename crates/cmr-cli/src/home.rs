@@ -463,9 +463,37 @@ pub fn server_for(saved: &str) -> String {
         .unwrap_or_else(|| saved.to_string())
 }
 
+/// The certificate authorities `--ca-file` names, if any: set once at start.
+static CA_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Trusts only the CAs in `pem_file` for https servers (`--ca-file`, `CMR_CA_FILE`).
+pub fn trust_only(pem_file: PathBuf) {
+    let _ = CA_FILE.set(pem_file);
+}
+
+/// A connection to `server`: for https, verified against the system's roots, or against `--ca-file`.
+pub fn connection(server: &str) -> CliResult<Connection> {
+    let conn = Connection::new(server)?;
+    let Some(path) = CA_FILE.get() else {
+        return Ok(conn);
+    };
+    let pem = std::fs::read(path).map_err(|e| {
+        CliError::local(
+            format!("cannot read the CA file {}: {e}", path.display()),
+            "check --ca-file (or CMR_CA_FILE)",
+        )
+    })?;
+    conn.with_ca_pem(&pem).map_err(|e| {
+        CliError::local(
+            format!("the CA file {}: {e}", path.display()),
+            "give --ca-file a PEM file of CA certificates",
+        )
+    })
+}
+
 /// Checks a server address and log key before anything is written.
 pub fn check_server(server: &str, log_vkey: &str) -> CliResult {
-    Connection::new(server)?;
+    connection(server)?;
     NoteVerifier::from_vkey(log_vkey).map_err(|e| {
         CliError::local(
             format!("the log key {log_vkey:?} does not parse: {e}"),
@@ -485,7 +513,7 @@ pub fn new_session(server: &str, log_vkey: &str, keys: Keys) -> CliResult<Sessio
             cmr_client::transport::DEFAULT_RETRY,
             std::time::Duration::from_secs,
         );
-    let conn = Connection::new(server)?
+    let conn = connection(server)?
         .with_retry(retry)
         .on_retry(|msg| eprintln!("{msg}"));
     let pinned = NoteVerifier::from_vkey(log_vkey).map_err(|e| {

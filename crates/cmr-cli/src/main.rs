@@ -49,6 +49,10 @@ struct Cli {
     /// Read the passphrase from this file (its first line), for scripts; a prompt asks otherwise.
     #[arg(long, global = true, env = "CMR_PASSPHRASE_FILE")]
     passphrase_file: Option<PathBuf>,
+    /// Trust only the certificate authorities in this PEM file for an https server (a private or a
+    /// pinned CA), instead of the system's roots.
+    #[arg(long, global = true, env = "CMR_CA_FILE")]
+    ca_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -110,6 +114,13 @@ Examples:
         /// log collector. The level comes from RUST_LOG (default `info`).
         #[arg(long, env = "CMR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
+        /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key. SIGHUP reads
+        /// both files again (a renewed certificate) without dropping connections.
+        #[arg(long, env = "CMR_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert (PEM).
+        #[arg(long, env = "CMR_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// A customer's vault: identity, profile, transactions, requests, grants, history.
     #[command(after_help = "\
@@ -225,6 +236,9 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
+    if let Some(ca) = &cli.ca_file {
+        home::trust_only(ca.clone());
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -270,6 +284,8 @@ fn main() -> ExitCode {
                 cache_mib,
                 authority,
                 log_format,
+                tls_cert,
+                tls_key,
             } => {
                 let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                     .unwrap_or_else(|_| "info".into());
@@ -293,6 +309,7 @@ fn main() -> ExitCode {
                     rate: (rate_per_identity, burst_per_identity),
                     cache_mib,
                     authority,
+                    tls: tls_cert.zip(tls_key),
                 };
                 let at = serve::Location::parse(store.as_deref(), &data)?;
                 serve::run(&at, &log_key, &opts).await

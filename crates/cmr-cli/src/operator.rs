@@ -66,7 +66,7 @@ pub async fn run(out: Out, cmd: OperatorCmd) -> CliResult {
             "run this where `cmr serve` keeps its log key, or pass --log-key",
         )
     })?;
-    let conn = cmr_client::transport::Connection::new(&at.server)?;
+    let conn = crate::home::connection(&at.server)?;
     // A statement must be later than the last one about this auditor: two within one second (admit,
     // then dismiss at once) take the next second.
     let last = last_statement_time(&conn, &auditor, &key.verifier()).await?;

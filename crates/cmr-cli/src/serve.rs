@@ -128,7 +128,10 @@ pub async fn start(
 ) -> CliResult<Running> {
     let listener = bind(listen).await?;
     let at = Location::Sled(data.to_path_buf());
-    start_in(&at, log_key, listener, scheme, witnesses, None, 16, None).await
+    start_in(
+        &at, log_key, listener, scheme, witnesses, None, 16, None, None,
+    )
+    .await
 }
 
 /// Binds the listening address: first, so that nothing is created when it fails.
@@ -171,12 +174,15 @@ pub async fn start_in(
     rate: Option<(f64, f64)>,
     cache_mib: u64,
     authority: Option<&str>,
+    tls: Option<cmr_server::tls::Tls>,
 ) -> CliResult<Running> {
     let log_vkey = log_key.verifier().to_vkey();
     let store = Arc::new(at.open(log_key, cache_mib)?);
     let addr = listener
         .local_addr()
         .map_err(|e| CliError::local(e.to_string(), "check --listen"))?;
+    // Serving HTTPS itself, the server is what clients sign for: `https`.
+    let scheme = if tls.is_some() { "https" } else { scheme };
     let mut config = Config {
         authority: authority.map_or_else(|| addr.to_string(), str::to_string),
         scheme: scheme.into(),
@@ -189,11 +195,18 @@ pub async fn start_in(
     }
     let state = Arc::new(AppState::new(store.clone(), config));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, state, async {
+    let stopped = async {
         let _ = stopped.await;
-    }));
+    };
+    let task = match &tls {
+        Some(tls) => {
+            let tls = tls.clone();
+            tokio::spawn(async move { cmr_server::serve_tls(listener, state, &tls, stopped).await })
+        }
+        None => tokio::spawn(serve(listener, state, stopped)),
+    };
     Ok(Running {
-        base: format!("http://{addr}"),
+        base: format!("{scheme}://{addr}"),
         log_vkey,
         stop,
         task,
@@ -218,6 +231,8 @@ pub struct Options {
     /// The authority clients sign for (`vault.example.com` behind a proxy); the listening address if
     /// `None`.
     pub authority: Option<String>,
+    /// The certificate chain and key (PEM files) to serve HTTPS with, if any.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// `cmr serve`: runs until Ctrl-C. The log key lives outside the data folder; a new one is created
@@ -239,7 +254,16 @@ pub async fn run(at: &Location, log_key: &Path, opts: &Options) -> CliResult {
                 })
         })
         .collect::<CliResult<Vec<_>>>()?;
-    // The address first: when it is taken, no key, folder or file is created.
+    // The certificate, then the address: when either fails, no key, folder or file is created.
+    let tls = match &opts.tls {
+        Some((cert, key)) => Some(cmr_server::tls::Tls::load(cert, key).map_err(|e| {
+            CliError::local(
+                format!("cannot serve HTTPS: {e}"),
+                "give --tls-cert a PEM certificate chain (leaf first) and --tls-key its PEM private key",
+            )
+        })?),
+        None => None,
+    };
     let listener = bind(listen).await?;
     let key = if log_key.exists() {
         cmr_server::logkey::load(log_key, at.folder())
@@ -261,6 +285,7 @@ pub async fn run(at: &Location, log_key: &Path, opts: &Options) -> CliResult {
         Some(opts.rate),
         opts.cache_mib,
         opts.authority.as_deref(),
+        tls.clone(),
     )
     .await?;
     let pub_path = log_key.with_extension("pub");
@@ -286,9 +311,28 @@ pub async fn run(at: &Location, log_key: &Path, opts: &Options) -> CliResult {
     ));
     say(format!("  also written to {}", pub_path.display()));
     say("stop with Ctrl-C or SIGTERM".into());
+    if let Some(tls) = tls {
+        // SIGHUP reads the certificate and key again (a renewed certificate), keeping connections.
+        tokio::spawn(reload_on_hangup(tls));
+    }
     shutdown_signal().await;
     say("stopping: finishing requests in flight".into());
     running.stop().await
+}
+
+/// On each SIGHUP, reads the certificate and key files again; a failure is logged and the certificate
+/// served so far stays.
+async fn reload_on_hangup(tls: cmr_server::tls::Tls) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: the TLS certificate and key were read again"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: the TLS certificate was not reloaded"),
+        }
+    }
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM, which a service manager sends: both drain alike.

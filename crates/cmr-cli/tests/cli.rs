@@ -160,6 +160,8 @@ struct Server {
     child: Child,
     base: String,
     vkey: String,
+    /// The CA file clients trust for an https server.
+    ca: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -194,6 +196,7 @@ fn a_witness_cosigns_the_checkpoint_and_the_server_serves_it() {
         home: homes.path().join("witness"),
         server: "http://127.0.0.1:9".into(),
         vkey: vkey.clone(),
+        ca: None,
     };
     let v = witness.json(&["audit", "witness-init", "--name", "witness.test/w1"]);
     let wkey = v["witness_vkey"].as_str().unwrap().to_string();
@@ -213,6 +216,7 @@ fn a_witness_cosigns_the_checkpoint_and_the_server_serves_it() {
         home: homes.path().join("alex"),
         server: server.base.clone(),
         vkey: vkey.clone(),
+        ca: None,
     };
     alex.ok(&["customer", "init"]);
     alex.ok(&["customer", "register"]);
@@ -245,6 +249,7 @@ struct User {
     home: PathBuf,
     server: String,
     vkey: String,
+    ca: Option<PathBuf>,
 }
 
 impl User {
@@ -255,6 +260,9 @@ impl User {
             .env("CMR_SERVER", &self.server)
             .env("CMR_LOG_VKEY", &self.vkey)
             .args(args);
+        if let Some(ca) = &self.ca {
+            c.env("CMR_CA_FILE", ca);
+        }
         c
     }
 
@@ -327,6 +335,7 @@ fn scripted_session(server: &Server) {
         home: homes.path().join(name),
         server: server.base.clone(),
         vkey: server.vkey.clone(),
+        ca: server.ca.clone(),
     };
     let (alex, bank, auditor) = (user("alex"), user("bank"), user("auditor"));
 
@@ -801,19 +810,23 @@ fn scripted_session(server: &Server) {
     let auditor_id = auditor.ok(&["audit", "id"]).trim().to_string();
     let dir = server._dir.path();
     let admit = |verb: &str| {
-        let (code, out, err) = run(cmr()
-            .args([
-                "--json",
-                "operator",
-                verb,
-                &auditor_id,
-                "--server",
-                &server.base,
-            ])
-            .arg("--log-key")
-            .arg(dir.join("log.key"))
-            .arg("--data")
-            .arg(dir.join("data")));
+        let mut c = cmr();
+        c.args([
+            "--json",
+            "operator",
+            verb,
+            &auditor_id,
+            "--server",
+            &server.base,
+        ])
+        .arg("--log-key")
+        .arg(dir.join("log.key"))
+        .arg("--data")
+        .arg(dir.join("data"));
+        if let Some(ca) = &server.ca {
+            c.env("CMR_CA_FILE", ca);
+        }
+        let (code, out, err) = run(&mut c);
         assert_eq!(code, 0, "{err}");
         serde_json::from_str::<Value>(&out).unwrap()
     };
@@ -880,6 +893,7 @@ fn a_request_signed_before_a_restart_is_refused_after_it() {
         home: homes.path().join("alex"),
         server: server.base.clone(),
         vkey: server.vkey.clone(),
+        ca: None,
     };
     let id = alex.json(&["customer", "init"])["identity"]
         .as_str()
@@ -1044,6 +1058,7 @@ fn an_import_run_again_stores_each_row_once_even_after_the_server_died_under_it(
         home: homes.path().join(name),
         server: base.to_string(),
         vkey: vkey.clone(),
+        ca: None,
     };
     let (alex, bank) = (user("alex", &server.base), user("bank", &server.base));
     alex.ok(&["customer", "init"]);
@@ -1413,6 +1428,7 @@ fn an_unlocked_session_needs_no_passphrase_until_locked() {
         home: homes.path().join("alex"),
         server: server.base.clone(),
         vkey: server.vkey.clone(),
+        ca: None,
     };
     alex.ok(&["customer", "init"]);
     alex.ok(&["customer", "register"]);
@@ -1484,6 +1500,7 @@ fn spawn(
         child,
         base,
         vkey,
+        ca: None,
         _dir: dir,
     }
 }
@@ -1513,6 +1530,7 @@ fn two_servers_on_one_database_serve_one_vault() {
         home: homes.path().join("alex"),
         server: server.base.clone(),
         vkey: server.vkey.clone(),
+        ca: None,
     };
     let (one, two) = (through(&first), through(&second));
     one.ok(&["customer", "init"]);
@@ -1560,6 +1578,7 @@ fn a_vault_moves_from_sled_into_postgresql() {
         home: homes.path().join("alex"),
         server: on_sled.base.clone(),
         vkey: on_sled.vkey.clone(),
+        ca: None,
     };
     alex.ok(&["customer", "init"]);
     alex.ok(&["customer", "register"]);
@@ -1608,4 +1627,116 @@ fn a_vault_moves_from_sled_into_postgresql() {
         .arg(&log_key));
     assert_ne!(code, 0);
     assert!(err.contains("empty"), "{err}");
+}
+
+/// A CA of its own and a certificate it issues for the loopback server (`127.0.0.1` and `localhost`),
+/// as PEM files in `dir`: (the CA's certificate, the server's, the server's key).
+fn test_ca(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, format!("test CA {name}"));
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    leaf.distinguished_name
+        .push(DnType::CommonName, format!("vault {name}"));
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf = leaf.signed_by(&key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}-cert.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, leaf.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// `cmr serve --tls-cert --tls-key` serves HTTPS: the whole scripted session runs over it with the
+/// private CA pinned (`CMR_CA_FILE`); without the CA the CLI names the unknown certificate; and SIGHUP
+/// serves a renewed certificate from the next handshake on, while a connection opened before keeps
+/// working.
+#[test]
+fn the_session_over_https_with_a_pinned_ca_and_a_certificate_renewed_on_sighup() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca1, cert1, key1) = test_ca(certs.path(), "one");
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::copy(&cert1, &cert).unwrap();
+    std::fs::copy(&key1, &key).unwrap();
+    let mut server = serve_in(
+        tempfile::tempdir().unwrap(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        server.base.starts_with("https://127.0.0.1:"),
+        "{}",
+        server.base
+    );
+    server.ca = Some(ca1.clone());
+
+    // Without the CA: the system's roots do not know it, and the error says why.
+    let homes = tempfile::tempdir().unwrap();
+    let stranger = User {
+        home: homes.path().join("stranger"),
+        server: server.base.clone(),
+        vkey: server.vkey.clone(),
+        ca: None,
+    };
+    stranger.ok(&["customer", "init"]);
+    let err = stranger.fails(&["customer", "register"], 5);
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+
+    scripted_session(&server);
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pem = |p: &PathBuf| std::fs::read(p).unwrap();
+    let trusting = |ca: &PathBuf| {
+        cmr_client::Connection::new(&server.base)
+            .unwrap()
+            .with_ca_pem(&pem(ca))
+            .unwrap()
+    };
+    runtime.block_on(async {
+        let before = trusting(&ca1);
+        assert_eq!(before.get_text("/healthz").await.unwrap(), "ok");
+        // A renewed certificate from another CA, read on SIGHUP.
+        let (ca2, cert2, key2) = test_ca(certs.path(), "two");
+        std::fs::copy(&cert2, &cert).unwrap();
+        std::fs::copy(&key2, &key).unwrap();
+        let hup = Command::new("kill")
+            .args(["-HUP", &server.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(hup.success());
+        let mut renewed = false;
+        for _ in 0..100 {
+            if trusting(&ca2).get_text("/healthz").await.is_ok() {
+                renewed = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(
+            renewed,
+            "the renewed certificate is not served after SIGHUP"
+        );
+        // New handshakes get the new certificate; the connection opened before goes on.
+        assert!(trusting(&ca1).get_text("/healthz").await.is_err());
+        assert_eq!(before.get_text("/healthz").await.unwrap(), "ok");
+    });
 }

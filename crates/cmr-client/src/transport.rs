@@ -49,6 +49,33 @@ impl std::fmt::Debug for RetryNotice {
     }
 }
 
+/// A transport failure with its causes ("error sending request" alone does not say that the server's
+/// certificate is unknown, or that the connection was refused).
+fn transport_error(e: &reqwest::Error) -> ClientError {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    ClientError::Transport(text)
+}
+
+/// The HTTP client: TLS by rustls, verifying servers against the platform's roots, or only against
+/// `roots` when given.
+fn http_client(roots: Option<Vec<reqwest::Certificate>>) -> Result<reqwest::Client, ClientError> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .connect_timeout(std::time::Duration::from_secs(10))
+        // A signed request goes to the server it was signed for, never on to another.
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(roots) = roots {
+        builder = builder.tls_certs_only(roots);
+    }
+    builder.build().map_err(|e| transport_error(&e))
+}
+
 /// Installs the ring provider for rustls once per process (the SDK's only TLS backend).
 pub(crate) fn tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -72,21 +99,28 @@ impl Connection {
                 "server address {base:?} has a path; give only scheme and host"
             )));
         }
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(60))
-            .connect_timeout(std::time::Duration::from_secs(10))
-            // A signed request goes to the server it was signed for, never on to another.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
         Ok(Self {
-            http,
+            http: http_client(None)?,
             scheme: scheme.to_string(),
             authority: authority.to_string(),
             retry_for: DEFAULT_RETRY,
             resent: Arc::new(AtomicU64::new(0)),
             on_retry: None,
         })
+    }
+
+    /// Trusts only the certificate authorities in `pem` (one or more PEM certificates) for an `https`
+    /// server, instead of the platform's roots: a vault behind a private CA, or a pinned one.
+    pub fn with_ca_pem(mut self, pem: &[u8]) -> Result<Self, ClientError> {
+        let roots = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| ClientError::Local(format!("the CA certificates: {e}")))?;
+        if roots.is_empty() {
+            return Err(ClientError::Local(
+                "the CA file holds no PEM certificate".into(),
+            ));
+        }
+        self.http = http_client(Some(roots))?;
+        Ok(self)
     }
 
     /// Sets how long a signed request whose answer was lost (the connection broke after the request may
@@ -135,10 +169,7 @@ impl Connection {
         if let Some(k) = known_size {
             req = req.header("cmr-known-size", k.to_string());
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let resp = req.send().await.map_err(|e| transport_error(&e))?;
         let status = resp.status();
         let bytes = read_limited(resp).await?;
         if !status.is_success() {
@@ -295,7 +326,7 @@ impl Connection {
             .await
             .map_err(|e| Attempt::Lost {
                 sent: !e.is_connect(),
-                error: ClientError::Transport(e.to_string()),
+                error: transport_error(&e),
             })?;
         let status = resp.status();
         let bytes = read_limited(resp).await.map_err(|error| match error {
@@ -355,7 +386,7 @@ enum Attempt {
 
 /// A JSON answer, or the refusal its Problem Details describe.
 async fn json_answer(resp: reqwest::Result<reqwest::Response>) -> Result<Value, ClientError> {
-    let resp = resp.map_err(|e| ClientError::Transport(e.to_string()))?;
+    let resp = resp.map_err(|e| transport_error(&e))?;
     let status = resp.status();
     let bytes = read_limited(resp).await?;
     if !status.is_success() {
@@ -366,11 +397,7 @@ async fn json_answer(resp: reqwest::Result<reqwest::Response>) -> Result<Value, 
 
 async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, ClientError> {
     let mut out = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| ClientError::Transport(e.to_string()))?
-    {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| transport_error(&e))? {
         if out.len() + chunk.len() > MAX_ANSWER {
             return Err(ClientError::Malformed("answer larger than 64 MiB".into()));
         }

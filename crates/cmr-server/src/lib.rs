@@ -17,6 +17,7 @@ pub mod extract;
 pub mod logkey;
 pub mod metrics;
 pub mod routes;
+pub mod tls;
 
 use cmr_core::problem::Code;
 use std::sync::Arc;
@@ -210,4 +211,26 @@ pub async fn serve(
     )
     .with_graceful_shutdown(shutdown)
     .await
+}
+
+/// [`serve`] over HTTPS with `tls` (its certificate can be reloaded while serving, [`tls::Tls::reload`]).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    tls: &tls::Tls,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    tracing::info!(%local, "cmr-server listening (https)");
+    let handle = axum_server::Handle::new();
+    let stopping = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        // Stop taking connections; those open finish their requests.
+        stopping.graceful_shutdown(None);
+    });
+    axum_server::from_tcp_rustls(listener.into_std()?, tls.rustls())
+        .handle(handle)
+        .serve(app(state).into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .await
 }

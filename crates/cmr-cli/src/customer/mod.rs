@@ -1058,7 +1058,7 @@ async fn recover(home: &Home, out: Out, identity: &str, server: &str, log_vkey: 
     }
     home::check_server(server, log_vkey)?;
     let secret = recovery_secret("recovery phrase: ")?;
-    let conn = cmr_client::Connection::new(server)?;
+    let conn = crate::home::connection(server)?;
     let pinned = cmr_log::note::NoteVerifier::from_vkey(log_vkey).map_err(|e| {
         CliError::local(
             format!("the log key does not parse: {e}"),
