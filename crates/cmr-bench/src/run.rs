@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// Rounds of the revocation race (0: none).
     #[arg(long, default_value_t = 0)]
     pub race_rounds: usize,
+    /// A soak: fail if the server's open file descriptors or threads grow over the load's second half
+    /// (more than 5 descriptors or 1 thread a minute); its memory's slope is reported either way.
+    #[arg(long)]
+    pub soak: bool,
     /// Records stored in all before the load, for the scale curves (a tenth of them, at most 100,000, in
     /// the family the latency probe reads).
     #[arg(long, default_value_t = 0)]
@@ -253,6 +257,66 @@ fn spawn_server(cache_mib: Option<u64>, store: Option<&str>) -> Result<(Child, S
     }
     std::thread::spawn(move || for _ in lines {});
     Ok((Child { child, _dir: dir }, base, vkey))
+}
+
+/// One look at the server process during a soak: seconds since the load began, resident memory (MiB),
+/// open file descriptors, threads.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    at: f64,
+    rss_mib: f64,
+    fds: f64,
+    threads: f64,
+}
+
+/// The server process's resources now, from /proc.
+fn sample(pid: u32, at: f64) -> Option<Sample> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse::<f64>()
+            .ok()
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as f64;
+    Some(Sample {
+        at,
+        rss_mib: field("VmRSS:")? / 1024.0,
+        fds,
+        threads: field("Threads:")?,
+    })
+}
+
+/// The least-squares slope of `value` against time, per minute.
+fn slope_per_minute(samples: &[Sample], value: impl Fn(&Sample) -> f64) -> f64 {
+    let n = samples.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let mean_t = samples.iter().map(|s| s.at).sum::<f64>() / n;
+    let mean_v = samples.iter().map(&value).sum::<f64>() / n;
+    let (mut num, mut den) = (0.0, 0.0);
+    for s in samples {
+        num += (s.at - mean_t) * (value(s) - mean_v);
+        den += (s.at - mean_t) * (s.at - mean_t);
+    }
+    if den == 0.0 { 0.0 } else { num / den * 60.0 }
+}
+
+/// What a soak found: the resources at the start and end of the load, and their slopes over its second
+/// half (after the caches and the replay window have filled).
+fn soak_report(samples: &[Sample]) -> Option<Value> {
+    let (first, last) = (samples.first()?, samples.last()?);
+    let half = &samples[samples.len() / 2..];
+    Some(json!({
+        "samples": samples.len(),
+        "rss_mib": {"start": first.rss_mib, "end": last.rss_mib, "slope_per_min": slope_per_minute(half, |s| s.rss_mib)},
+        "fds": {"start": first.fds, "end": last.fds, "slope_per_min": slope_per_minute(half, |s| s.fds)},
+        "threads": {"start": first.threads, "end": last.threads, "slope_per_min": slope_per_minute(half, |s| s.threads)},
+    }))
 }
 
 /// Resident and peak memory of a process, in MiB, from /proc.
@@ -518,7 +582,9 @@ async fn signed_read<T: serde::de::DeserializeOwned>(
     w.conn
         .post_as(
             &target,
-            &json!({"from": m, "to": m, "grant": grant.to_hex()}),
+            // The first ten records of the month, however many appends added since: a read costs the
+            // same at the end of a long run as at its start.
+            &json!({"from": m, "to": m, "grant": grant.to_hex(), "limit": RECORDS_PER_READ}),
             Signer::Device(device),
             None,
         )
@@ -1214,6 +1280,20 @@ pub async fn run(out: Out, args: BenchArgs) -> Result {
             args.sample,
         )));
     }
+    // The server's memory, descriptors and threads, once a second while the load runs (a soak reads
+    // their slopes).
+    let sampler = pid.map(|pid| {
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while Instant::now() < deadline {
+                if let Some(s) = sample(pid, started.elapsed().as_secs_f64()) {
+                    samples.push(s);
+                }
+                tokio::time::sleep(StdDuration::from_secs(1)).await;
+            }
+            samples
+        })
+    });
     let mut tally = Tally::new();
     for t in tasks {
         tally.merge(
@@ -1222,6 +1302,10 @@ pub async fn run(out: Out, args: BenchArgs) -> Result {
         );
     }
     let secs = started.elapsed().as_secs_f64();
+    let soak = match sampler {
+        Some(task) => soak_report(&task.await.unwrap_or_default()),
+        None => None,
+    };
     let rss_after = pid.and_then(rss);
     let size_after = log_size(&conn, &pinned).await?;
     let entries = size_after.saturating_sub(size_before);
@@ -1303,6 +1387,23 @@ pub async fn run(out: Out, args: BenchArgs) -> Result {
             g * entries as f64 / secs * 86_400.0 / 1e9
         ));
     }
+    if let Some(s) = &soak {
+        let part = |name: &str, unit: &str| {
+            format!(
+                "{name} {:.0} → {:.0}{unit} (slope over the second half {:+.2}{unit}/min)",
+                s[name]["start"].as_f64().unwrap_or_default(),
+                s[name]["end"].as_f64().unwrap_or_default(),
+                s[name]["slope_per_min"].as_f64().unwrap_or_default(),
+            )
+        };
+        out.line(format!(
+            "server over the load ({} samples): {}; {}; {}",
+            s["samples"],
+            part("rss_mib", " MiB"),
+            part("fds", ""),
+            part("threads", "")
+        ));
+    }
     if let Some(r) = &race {
         out.line(format!("\nrevocation race: {r}"));
     }
@@ -1326,6 +1427,7 @@ pub async fn run(out: Out, args: BenchArgs) -> Result {
         "client_cost_us": {"one_batch": cost_one, "ten_batches": cost_ten, "verify_strict": verify_us},
         "race": race,
         "seed_s": seed_secs,
+        "server_over_load": soak,
     });
     out.value(&report);
     drop(child);
@@ -1333,6 +1435,22 @@ pub async fn run(out: Out, args: BenchArgs) -> Result {
         .as_ref()
         .and_then(|r| r["reads_served_after_revocation"].as_u64())
         .unwrap_or(0);
+    if args.soak {
+        let slope = |what: &str| {
+            soak.as_ref()
+                .and_then(|s| s[what]["slope_per_min"].as_f64())
+                .unwrap_or(0.0)
+        };
+        let (fds, threads) = (slope("fds"), slope("threads"));
+        if soak.is_none() || fds > 5.0 || threads > 1.0 {
+            return Err(BenchError::verification(
+                format!(
+                    "soak: the server's descriptors grew {fds:+.2}/min and threads {threads:+.2}/min over the second half"
+                ),
+                Some("a leak of connections, files or threads: see the report above"),
+            ));
+        }
+    }
     if !tally.errors.is_empty() || violations > 0 {
         return Err(BenchError::verification(
             format!(
