@@ -42,6 +42,27 @@ pub trait Storage: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// The rows with keys in `from..to`, in key order.
     fn range(&self, from: &[u8], to: &[u8]) -> Rows<'_>;
+    /// The rows with keys in `from..to`, in key order, up to and including the one whose value brings
+    /// their total past `max_bytes`: one read (one round trip to a database) whose memory the budget
+    /// bounds, however large the values.
+    fn range_within(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        max_bytes: usize,
+    ) -> Result<Vec<Row>, StoreError> {
+        let mut rows = Vec::new();
+        let mut total = 0usize;
+        for kv in self.range(from, to) {
+            let (k, v) = kv?;
+            total = total.saturating_add(v.len());
+            rows.push((k, v));
+            if total > max_bytes {
+                break;
+            }
+        }
+        Ok(rows)
+    }
     /// The rows whose keys start with `prefix`, in key order.
     fn scan_prefix(&self, prefix: &[u8]) -> Rows<'_>;
     /// Whether no row is stored at all (a new store).

@@ -117,6 +117,34 @@ impl Overlay<'_> {
         Ok(rows.into_iter().collect())
     }
 
+    /// [`Overlay::range`] up to and including the row that brings the values' total past `max_bytes`
+    /// ([`Storage::range_within`]): one bounded read of the storage when this group wrote nothing there.
+    pub(super) fn range_within(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        max_bytes: usize,
+    ) -> Result<Vec<Row>, StoreError> {
+        if self
+            .writes
+            .range(from.to_vec()..to.to_vec())
+            .next()
+            .is_none()
+        {
+            return self.rows.range_within(from, to, max_bytes);
+        }
+        let mut rows = Vec::new();
+        let mut total = 0usize;
+        for (k, v) in self.range(from, to)? {
+            total = total.saturating_add(v.len());
+            rows.push((k, v));
+            if total > max_bytes {
+                break;
+            }
+        }
+        Ok(rows)
+    }
+
     pub(super) fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
         self.writes.insert(k, Some(v));
     }

@@ -45,14 +45,6 @@ const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// How often a store stopped by a failure of a shared engine tries to reconnect and rebuild.
 const RECOVER_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// How many of a page's records one range read fetches at most.
-const RECORDS_PER_RANGE: usize = 64;
-
-/// How many records the first range read of an answer fetches, before their sizes are known: later reads
-/// fetch as many as the byte budget left holds at the largest size seen, so that what one range read
-/// holds in memory stays near the budget even when records are large.
-const FIRST_RANGE: usize = 4;
-
 /// What the sequencer owns.
 pub(super) struct Sequencer {
     /// The durable view readers see: raised by the syncer for this store's groups, and by the
@@ -1084,45 +1076,41 @@ impl Sequencer {
         let mut record_batches = Vec::new();
         let mut bytes = 0usize;
         let mut truncated = false;
-        let mut largest = 0usize;
         'pages: for page in &proof.pages {
-            // A page's records have consecutive keys: they are read a chunk at a time, one range read
-            // each (one round trip to a database), each chunk sized by the byte budget left.
-            let mut at = 0;
-            while at < page.ids.len() {
-                let room = self.max_page_bytes.saturating_sub(bytes);
-                let want = match largest {
-                    0 => FIRST_RANGE,
-                    size => room / size + 1,
-                };
-                let chunk =
-                    &page.ids[at..(at + want.clamp(1, RECORDS_PER_RANGE)).min(page.ids.len())];
-                let first = page.start + at as u64;
-                let end = first + chunk.len() as u64;
-                at += chunk.len();
-                let rows = overlay.range(
-                    &layout::record(number, page.period, first),
-                    &layout::record(number, page.period, end),
-                )?;
-                for (i, id) in chunk.iter().enumerate() {
-                    let key = layout::record(number, page.period, first + i as u64);
-                    let value = rows
-                        .iter()
-                        .find(|(k, _)| *k == key)
-                        .map(|(_, v)| v.as_slice())
-                        .ok_or_else(|| StoreError::NotFound(format!("record {}", id.to_hex())))?;
-                    if value.len() <= 8 {
-                        return Err(StoreError::Format("record value".into()));
-                    }
-                    largest = largest.max(value.len() - 8);
-                    if !records.is_empty() && bytes + value.len() - 8 > self.max_page_bytes {
+            // A page's records have consecutive keys: one range read (one round trip to a database)
+            // fetches them, stopping once past the byte budget left, so that what it holds in memory
+            // stays near the budget however large the records.
+            let room = self.max_page_bytes.saturating_sub(bytes);
+            let end = page.start + page.ids.len() as u64;
+            let rows = overlay.range_within(
+                &layout::record(number, page.period, page.start),
+                &layout::record(number, page.period, end),
+                room,
+            )?;
+            // Whether the read stopped at the budget (rather than at the page's end).
+            let stopped = rows.iter().map(|(_, v)| v.len()).sum::<usize>() > room;
+            let mut rows = rows.into_iter();
+            for (i, id) in page.ids.iter().enumerate() {
+                let key = layout::record(number, page.period, page.start + i as u64);
+                let value = match rows.next() {
+                    Some((k, v)) if k == key => v,
+                    // The read stopped at the budget: the page ends here.
+                    None if stopped => {
                         truncated = true;
                         break 'pages;
                     }
-                    bytes += value.len() - 8;
-                    record_batches.push(value[..8].to_vec());
-                    records.push(value[8..].to_vec());
+                    _ => return Err(StoreError::NotFound(format!("record {}", id.to_hex()))),
+                };
+                if value.len() <= 8 {
+                    return Err(StoreError::Format("record value".into()));
                 }
+                if !records.is_empty() && bytes + value.len() - 8 > self.max_page_bytes {
+                    truncated = true;
+                    break 'pages;
+                }
+                bytes += value.len() - 8;
+                record_batches.push(value[..8].to_vec());
+                records.push(value[8..].to_vec());
             }
         }
         if truncated {
