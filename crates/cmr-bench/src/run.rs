@@ -1224,6 +1224,12 @@ pub async fn run(out: Out, args: BenchArgs) -> Result {
         }
     };
     let pid = child.as_ref().map(|c| c.child.id());
+    if args.soak && pid.is_none() {
+        return Err(BenchError::local(
+            "--soak samples the server's process, so it needs the bench's own server",
+            "leave out --server (the bench starts `cmr serve` itself, on --store if given)",
+        ));
+    }
     let conn = Connection::new(&base)?;
     let pinned = NoteVerifier::from_vkey(&vkey)
         .map_err(|e| BenchError::local(e.to_string(), "check --log-vkey"))?;
