@@ -68,6 +68,8 @@ fn http_client(roots: Option<Vec<reqwest::Certificate>>) -> Result<reqwest::Clie
     let mut builder = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(60))
         .connect_timeout(std::time::Duration::from_secs(10))
+        // The server closes a connection idle for 10 s: stop reusing one well before.
+        .pool_idle_timeout(std::time::Duration::from_secs(5))
         // A signed request goes to the server it was signed for, never on to another.
         .redirect(reqwest::redirect::Policy::none());
     if let Some(roots) = roots {

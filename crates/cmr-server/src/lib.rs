@@ -196,6 +196,14 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// How long a client may take to send a request's headers: a connection that trickles them (slowloris)
+/// is closed after this, so idle half-requests cannot pile up and hold the server's descriptors.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The most bytes a request's head (request line and headers) may take; past it the answer is 431.
+/// Signed requests need a few kilobytes.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// Serves the application on `listener` until `shutdown` resolves, then stops taking connections and
 /// lets in-flight requests finish (their durable writes are acknowledged before the process ends).
 pub async fn serve(
@@ -205,12 +213,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     tracing::info!(%local, "cmr-server listening");
-    axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let mut server = axum_server::from_tcp(listener.into_std()?);
+    limit(server.http_builder());
+    server
+        .handle(drain_on(shutdown))
+        .serve(app(state).into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .await
 }
 
 /// [`serve`] over HTTPS with `tls` (its certificate can be reloaded while serving, [`tls::Tls::reload`]).
@@ -222,15 +230,37 @@ pub async fn serve_tls(
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     tracing::info!(%local, "cmr-server listening (https)");
+    let mut server = axum_server::from_tcp_rustls(listener.into_std()?, tls.rustls());
+    limit(server.http_builder());
+    server
+        .handle(drain_on(shutdown))
+        .serve(app(state).into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .await
+}
+
+/// The connection limits: [`HEADER_READ_TIMEOUT`] and [`MAX_HEAD_BYTES`], on HTTP/1 and HTTP/2.
+fn limit(builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>) {
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32);
+}
+
+/// A handle that, once `shutdown` resolves, stops the server taking connections and lets those open
+/// finish their requests.
+fn drain_on(
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> axum_server::Handle {
     let handle = axum_server::Handle::new();
     let stopping = handle.clone();
     tokio::spawn(async move {
         shutdown.await;
-        // Stop taking connections; those open finish their requests.
         stopping.graceful_shutdown(None);
     });
-    axum_server::from_tcp_rustls(listener.into_std()?, tls.rustls())
-        .handle(handle)
-        .serve(app(state).into_make_service_with_connect_info::<std::net::SocketAddr>())
-        .await
+    handle
 }

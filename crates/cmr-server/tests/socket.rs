@@ -154,3 +154,72 @@ async fn a_generic_rfc9421_client_in_python_calls_the_api() {
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+/// Exhaustion at the connection: a request head past the limit gets 431 and the connection closes; a
+/// client that trickles its headers (slowloris) is cut off after the header deadline; a keep-alive
+/// connection left idle is closed after it too. Other clients are served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_heads_get_431_and_slow_or_idle_connections_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = NoteSigner::new(
+        "vault.test/log",
+        TYPE_ED25519,
+        SigningKey::from_seed(&[1; 32]),
+    )
+    .unwrap();
+    let mut cfg = StoreConfig::new(dir.path(), key);
+    cfg.cache_capacity = 16 * 1024 * 1024;
+    let store = Arc::new(Store::open(cfg).unwrap());
+    let state = Arc::new(AppState::new(store, Config::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    let checks = tokio::task::spawn_blocking(move || {
+        let big = format!(
+            "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(cmr_server::MAX_HEAD_BYTES * 2)
+        );
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(big.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+
+        // Until it is closed, how long a connection stays open after `sent`.
+        let open_for = |sent: &[u8]| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(sent).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+                .unwrap();
+            let started = std::time::Instant::now();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            (
+                started.elapsed(),
+                String::from_utf8_lossy(&buf).into_owned(),
+            )
+        };
+        let limit = cmr_server::HEADER_READ_TIMEOUT;
+        let (slow, _) = open_for(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+        assert!(
+            slow >= limit - std::time::Duration::from_secs(1)
+                && slow < limit + std::time::Duration::from_secs(5),
+            "a trickled head was cut off after {slow:?}"
+        );
+        let (idle, answered) = open_for(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+        assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+        assert!(
+            idle < limit + std::time::Duration::from_secs(5),
+            "an idle keep-alive connection stayed open {idle:?}"
+        );
+        get(addr, "/healthz")
+    })
+    .await
+    .unwrap();
+    assert!(checks.starts_with("HTTP/1.1 200"), "{checks}");
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
