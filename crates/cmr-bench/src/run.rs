@@ -271,23 +271,36 @@ struct Sample {
 
 /// The server process's resources now, from /proc.
 fn sample(pid: u32, at: f64) -> Option<Sample> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
+    let status = ProcStatus::read(pid)?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as f64;
+    Some(Sample {
+        at,
+        rss_mib: status.field("VmRSS:")? / 1024.0,
+        fds,
+        threads: status.field("Threads:")?,
+    })
+}
+
+/// A process's `/proc/PID/status`.
+struct ProcStatus(String);
+
+impl ProcStatus {
+    fn read(pid: u32) -> Option<Self> {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .map(Self)
+    }
+
+    /// The number on the line that starts with `name` (`VmRSS:` is in KiB).
+    fn field(&self, name: &str) -> Option<f64> {
+        self.0
             .lines()
             .find(|l| l.starts_with(name))?
             .split_whitespace()
             .nth(1)?
             .parse::<f64>()
             .ok()
-    };
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as f64;
-    Some(Sample {
-        at,
-        rss_mib: field("VmRSS:")? / 1024.0,
-        fds,
-        threads: field("Threads:")?,
-    })
+    }
 }
 
 /// The least-squares slope of `value` against time, per minute.
@@ -321,18 +334,11 @@ fn soak_report(samples: &[Sample]) -> Option<Value> {
 
 /// Resident and peak memory of a process, in MiB, from /proc.
 fn rss(pid: u32) -> Option<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))?
-            .split_whitespace()
-            .nth(1)?
-            .parse::<f64>()
-            .ok()
-            .map(|kb| kb / 1024.0)
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
+    let status = ProcStatus::read(pid)?;
+    Some((
+        status.field("VmRSS:")? / 1024.0,
+        status.field("VmHWM:")? / 1024.0,
+    ))
 }
 
 async fn seed(

@@ -21,8 +21,14 @@ fn get(addr: std::net::SocketAddr, path: &str) -> String {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serves_over_a_socket_and_shuts_down_gracefully() {
+/// A server on a store in a new folder (kept while the server runs), on a free port: its address, the
+/// sender that stops it, and its task.
+async fn start() -> (
+    tempfile::TempDir,
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let key = NoteSigner::new(
         "vault.test/log",
@@ -40,6 +46,12 @@ async fn serves_over_a_socket_and_shuts_down_gracefully() {
     let server = tokio::spawn(serve(listener, state, async {
         let _ = stopped.await;
     }));
+    (dir, addr, stop, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_over_a_socket_and_shuts_down_gracefully() {
+    let (_dir, addr, stop, server) = start().await;
     let health = tokio::task::spawn_blocking(move || get(addr, "/healthz"))
         .await
         .unwrap();
@@ -160,23 +172,7 @@ async fn a_generic_rfc9421_client_in_python_calls_the_api() {
 /// connection left idle is closed after it too. Other clients are served throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_heads_get_431_and_slow_or_idle_connections_are_closed() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = NoteSigner::new(
-        "vault.test/log",
-        TYPE_ED25519,
-        SigningKey::from_seed(&[1; 32]),
-    )
-    .unwrap();
-    let mut cfg = StoreConfig::new(dir.path(), key);
-    cfg.cache_capacity = 16 * 1024 * 1024;
-    let store = Arc::new(Store::open(cfg).unwrap());
-    let state = Arc::new(AppState::new(store, Config::default()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, state, async {
-        let _ = stopped.await;
-    }));
+    let (_dir, addr, stop, server) = start().await;
     let checks = tokio::task::spawn_blocking(move || {
         let big = format!(
             "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {}\r\n\r\n",
