@@ -604,6 +604,23 @@ struct RecordsOnly {
     records: Vec<serde::de::IgnoredAny>,
 }
 
+/// A read page checked against its own head: complete, every record in a batch signed by its author's
+/// device (known from the seeding).
+fn verify_page<'a>(
+    w: &World,
+    page: &'a cmr_client::company::ReadPage,
+) -> Result<cmr_core::batch::VerifiedRead<'a>, ClientError> {
+    cmr_core::batch::verify_read(
+        &page.proof.head.digest(),
+        &page.proof,
+        &page.records,
+        &page.batches,
+        |b| w.device_keys.get(&b.device).copied(),
+        None,
+    )
+    .map_err(|e| cmr_client::error::VerifyError::Read(e.to_string()).into())
+}
+
 /// A company's signed read of a target's ten records this month. A sampled one is verified in full: the
 /// checkpoint under the pinned key and consistent with the worker's view, the access entry included and
 /// naming this read, the read complete against its head, every batch signed by its author's device, and
@@ -655,15 +672,7 @@ async fn read(w: &World, t: &Target, view: Option<&mut LogView>) -> Result<(), C
     if page.proof.head.customer != t.customer || page.proof.head.family != t.family {
         return Err(cmr_client::error::VerifyError::Read("another vault or family".into()).into());
     }
-    let verified = cmr_core::batch::verify_read(
-        &page.proof.head.digest(),
-        &page.proof,
-        &page.records,
-        &page.batches,
-        |b| w.device_keys.get(&b.device).copied(),
-        None,
-    )
-    .map_err(|e| cmr_client::error::VerifyError::Read(e.to_string()))?;
+    let verified = verify_page(w, &page)?;
     let mut keys = FamilyKeys::new(t.customer, t.family);
     for (epoch, k) in &t.keys {
         keys.insert(*epoch, k.clone());
@@ -731,15 +740,7 @@ async fn client_cost(w: &World, month: Period) -> Result<f64, ClientError> {
         let (index, salted, proof) = logged_entry(&v.ack)?;
         check_inclusion(&cp, index, &salted, &proof)?;
         let page = read_page(&v)?;
-        let verified = cmr_core::batch::verify_read(
-            &page.proof.head.digest(),
-            &page.proof,
-            &page.records,
-            &page.batches,
-            |b| w.device_keys.get(&b.device).copied(),
-            None,
-        )
-        .map_err(|e| cmr_client::error::VerifyError::Read(e.to_string()))?;
+        let verified = verify_page(w, &page)?;
         let mut n = 0;
         for r in verified.records {
             n += keys
