@@ -67,6 +67,9 @@ pub const META_SIZE: &[u8] = &[tag::META, b's'];
 pub const META_CHECKPOINT: &[u8] = &[tag::META, b'c'];
 /// The verifier key of the log key that signs the checkpoints (written by the first store to open).
 pub const META_LOG_KEY: &[u8] = &[tag::META, b'k'];
+/// The note, signed with the log key, that says the store was restored from a snapshot and to which
+/// log size (written by a restore).
+pub const META_RESTORED: &[u8] = &[tag::META, b'r'];
 
 /// A key of `tag` followed by `parts`.
 pub fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {

@@ -52,6 +52,7 @@ mod indexes;
 mod overlay;
 mod replay;
 mod sequencer;
+pub mod snapshot;
 
 use durability::*;
 use indexes::*;
@@ -442,7 +443,16 @@ impl Store {
     /// from the log, makes what the engine recovered durable, and starts the sequencer. `config.path`
     /// and `config.cache_capacity` are the sled engine's and are not read here.
     pub fn open_on(rows: Arc<dyn Storage>, config: StoreConfig) -> Result<Store, StoreError> {
-        let mut add_indexes = false;
+        Self::open_with(rows, config, false)
+    }
+
+    /// [`Store::open_on`]; with `add_indexes`, the replay also writes every entry's index rows (a
+    /// store from before the indexes, or a restore).
+    fn open_with(
+        rows: Arc<dyn Storage>,
+        config: StoreConfig,
+        mut add_indexes: bool,
+    ) -> Result<Store, StoreError> {
         match rows.get(layout::META_FORMAT)? {
             None => {
                 if !rows.is_empty()? {
