@@ -180,7 +180,7 @@ fn first_row(snapshot: &[u8], tag: u8) -> (usize, usize) {
 }
 
 /// Re-seals the snapshot's end (row count and digest) after a change, as a forger would.
-fn reseal(snapshot: &mut Vec<u8>) {
+fn reseal(snapshot: &mut [u8]) {
     let end = snapshot.len() - (5 + 8 + 32);
     let digest = cmr_core::hash::sha256(&snapshot[..end]);
     snapshot[end + 13..].copy_from_slice(&digest.0);
