@@ -38,7 +38,7 @@ impl Location {
     }
 
     /// The data folder, for a store on sled.
-    fn folder(&self) -> Option<&Path> {
+    pub fn folder(&self) -> Option<&Path> {
         match self {
             Location::Sled(p) => Some(p),
             Location::Postgres(_) => None,
@@ -53,6 +53,47 @@ impl Location {
                 Some((_, host)) => format!("PostgreSQL at {host}"),
                 None => "PostgreSQL".into(),
             },
+        }
+    }
+
+    /// Opens the store here if it holds a vault already (nothing is created).
+    pub fn open_existing(&self, log_key: NoteSigner, cache_mib: u64) -> CliResult<Store> {
+        if let Some(folder) = self.folder()
+            && !folder.join("db").exists()
+        {
+            return Err(CliError::local(
+                format!("{} holds no vault", folder.display()),
+                "check --data (or CMR_DATA)",
+            ));
+        }
+        self.open(log_key, cache_mib)
+    }
+
+    /// Restores a snapshot here (an empty folder or database) and opens the store on it: see
+    /// [`Store::restore`].
+    pub fn restore(
+        &self,
+        snapshot: impl std::io::Read,
+        log_key: NoteSigner,
+    ) -> CliResult<(Store, cmr_store::store::snapshot::SnapshotSummary)> {
+        let refused = |e: cmr_store::StoreError| {
+            CliError::local(
+                format!("restore refused: {e}"),
+                "nothing is served from it; check the snapshot file and --log-key",
+            )
+        };
+        match self {
+            Location::Sled(data) => {
+                create_data_folder(data)?;
+                let config = StoreConfig::new(data, log_key);
+                let rows = cmr_store::SledStorage::open(&config).map_err(refused)?;
+                Store::restore(Arc::new(rows), snapshot, config).map_err(refused)
+            }
+            Location::Postgres(url) => {
+                let rows = cmr_postgres::PgStorage::connect(url).map_err(refused)?;
+                Store::restore(Arc::new(rows), snapshot, StoreConfig::new("", log_key))
+                    .map_err(refused)
+            }
         }
     }
 
@@ -94,6 +135,8 @@ pub struct Running {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     store: Arc<Store>,
+    /// The control socket in a sled data folder (`cmr backup` asks it for snapshots).
+    control: Option<crate::backup::Control>,
 }
 
 impl Running {
@@ -101,6 +144,7 @@ impl Running {
     pub async fn stop(self) -> CliResult {
         let _ = self.stop.send(());
         let served = self.task.await;
+        drop(self.control);
         self.store.close();
         match served {
             Ok(Ok(())) => Ok(()),
@@ -178,6 +222,10 @@ pub async fn start_in(
 ) -> CliResult<Running> {
     let log_vkey = log_key.verifier().to_vkey();
     let store = Arc::new(at.open(log_key, cache_mib)?);
+    let control = match at.folder() {
+        Some(folder) => Some(crate::backup::Control::listen(folder, store.clone())?),
+        None => None,
+    };
     let addr = listener
         .local_addr()
         .map_err(|e| CliError::local(e.to_string(), "check --listen"))?;
@@ -211,6 +259,7 @@ pub async fn start_in(
         stop,
         task,
         store,
+        control,
     })
 }
 

@@ -1740,3 +1740,105 @@ fn the_session_over_https_with_a_pinned_ca_and_a_certificate_renewed_on_sighup()
         assert_eq!(before.get_text("/healthz").await.unwrap(), "ok");
     });
 }
+
+/// An operator backs up a running server, the vault goes on, the server is lost and its backup
+/// restored: the restore checks the snapshot (a damaged one is refused and leaves nothing), the
+/// restored server serves the vault as it was, and the customer's client, which saw the later log,
+/// refuses it and says the vault was restored from a backup.
+#[test]
+fn a_backup_taken_while_serving_restores_and_clients_that_saw_more_are_told() {
+    let keep = tempfile::tempdir().unwrap();
+    let homes = tempfile::tempdir().unwrap();
+    let (data, log_key) = (keep.path().join("data"), keep.path().join("log.key"));
+    let snap = keep.path().join("vault.cmrsnap");
+    let live = serve_with(&data, &log_key, &[]);
+    let alex = User {
+        home: homes.path().join("alex"),
+        server: live.base.clone(),
+        vkey: live.vkey.clone(),
+        ca: None,
+    };
+    alex.ok(&["customer", "init"]);
+    alex.ok(&["customer", "register"]);
+    alex.ok(&[
+        "customer",
+        "profile",
+        "set",
+        "contact",
+        "email: alex@example.org",
+    ]);
+
+    // Online: the server keeps its folder; the snapshot comes through its control socket.
+    let (code, out, err) = run(cmr()
+        .args(["--json", "backup"])
+        .arg(&snap)
+        .arg("--data")
+        .arg(&data));
+    assert_eq!(code, 0, "{err}");
+    let backed: Value = serde_json::from_str(&out).unwrap();
+    let size = backed["size"].as_u64().unwrap();
+    assert!(size >= 4, "{backed}");
+    assert_eq!(
+        std::fs::metadata(&snap).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // A backup never overwrites another.
+    let (code, _, err) = run(cmr().arg("backup").arg(&snap).arg("--data").arg(&data));
+    assert_ne!(code, 0);
+    assert!(err.contains("exists"), "{err}");
+
+    // The vault goes on after the backup; then the server and its folder are lost.
+    alex.ok(&[
+        "customer",
+        "profile",
+        "set",
+        "contact",
+        "email: alex@new.example",
+    ]);
+    drop(live);
+    std::fs::remove_dir_all(&data).unwrap();
+
+    // A damaged copy is refused, and leaves no folder a server would open.
+    let mut damaged = std::fs::read(&snap).unwrap();
+    let at = damaged.len() / 2;
+    damaged[at] ^= 1;
+    let bad = keep.path().join("damaged.cmrsnap");
+    std::fs::write(&bad, &damaged).unwrap();
+    let (code, _, err) = run(cmr()
+        .arg("restore")
+        .arg(&bad)
+        .arg("--data")
+        .arg(&data)
+        .arg("--log-key")
+        .arg(&log_key));
+    assert_ne!(code, 0);
+    assert!(err.contains("restore refused"), "{err}");
+    assert!(!data.join("db").exists());
+
+    let (code, out, err) = run(cmr()
+        .args(["--json", "restore"])
+        .arg(&snap)
+        .arg("--data")
+        .arg(&data)
+        .arg("--log-key")
+        .arg(&log_key));
+    assert_eq!(code, 0, "{err}");
+    let restored: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(restored["size"], backed["size"]);
+    assert_eq!(restored["root"], backed["root"]);
+
+    let again = serve_with(&data, &log_key, &[]);
+    assert_eq!(again.vkey, alex.vkey);
+    let alex = User {
+        server: again.base.clone(),
+        ..alex
+    };
+    // The client saw the profile change the restore lost: it refuses the log and says why.
+    let err = alex.fails(&["customer", "profile", "show"], 3);
+    assert!(err.contains("restored from a backup"), "{err}");
+    assert!(err.contains(&format!("size {size}")), "{err}");
+    // The restore note is part of the documented API.
+    let (code, out, _) = run(cmr().arg("openapi"));
+    assert_eq!(code, 0);
+    assert!(out.contains("/v1/log/restore"));
+}

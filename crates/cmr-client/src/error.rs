@@ -72,6 +72,23 @@ pub enum VerifyError {
         /// The later size.
         new: u64,
     },
+    /// The log is shorter than this client saw, or forked from it, and the log says, in a note signed
+    /// with its key, that it was restored from a backup taken at a smaller size: what this client saw
+    /// past that size is gone. Still a refusal: accepting the restored log is the user's decision
+    /// ([`crate::session::Session::accept_restore`]).
+    #[error(
+        "the vault was restored from a backup: its log went back to size {restored} (restored at \
+         Unix time {time}) and this client had seen size {seen}, so what it saw past size \
+         {restored} is gone; the log is refused until the restore is accepted"
+    )]
+    Restored {
+        /// The largest size this client saw.
+        seen: u64,
+        /// The size the log was restored to.
+        restored: u64,
+        /// When the restore ran, Unix seconds.
+        time: u64,
+    },
     /// An entry is not in the checkpoint it was served with.
     #[error("entry {0} is not included in the checkpoint")]
     NotIncluded(u64),

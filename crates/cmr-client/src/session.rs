@@ -187,6 +187,81 @@ impl Session {
         note: &str,
         hint: &Value,
     ) -> Result<Checkpoint, ClientError> {
+        match self.observe_checked(note, hint).await {
+            Err(ClientError::Verification(
+                e @ (VerifyError::StaleCheckpoint { .. } | VerifyError::Inconsistent { .. }),
+            )) => Err(self.explain_rollback(e).await.into()),
+            other => other,
+        }
+    }
+
+    /// The restore the log went through, if it says it went through one: its signed note, opened
+    /// under the pinned key.
+    async fn restore_note(
+        &self,
+    ) -> Result<Option<(cmr_log::restore::Restored, String)>, ClientError> {
+        match self.conn.get_text("/v1/log/restore").await {
+            Ok(note) => {
+                let r = cmr_log::restore::Restored::open(&note, self.log.key())
+                    .map_err(|e| VerifyError::Checkpoint(format!("the log's restore note: {e}")))?;
+                Ok(Some((r, note)))
+            }
+            Err(ClientError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A rollback or fork, explained by the log's restore note when it names a size below what this
+    /// client saw (anything else leaves the refusal as it was).
+    async fn explain_rollback(&self, refusal: VerifyError) -> VerifyError {
+        let Some(seen) = self.log.latest().map(|c| c.size) else {
+            return refusal;
+        };
+        match self.restore_note().await {
+            Ok(Some((r, _))) if r.size < seen => VerifyError::Restored {
+                seen,
+                restored: r.size,
+                time: r.time,
+            },
+            _ => refusal,
+        }
+    }
+
+    /// Accepts the log after a restore from a backup, once the user decided to: the log's restore
+    /// note must verify under the pinned key, and the current checkpoint must extend the restored
+    /// log (the note's size and root). What this client saw past the restored size is forgotten.
+    /// Returns the note's size.
+    pub async fn accept_restore(&mut self) -> Result<u64, ClientError> {
+        let (r, _) = self.restore_note().await?.ok_or_else(|| {
+            ClientError::Local("the server says this log was never restored from a backup".into())
+        })?;
+        let note = self.conn.get_text("/v1/log/checkpoint").await?;
+        let mut view = LogView::new(self.log.key().clone());
+        view.accept_trusted(
+            Checkpoint {
+                origin: self.log.key().name().to_string(),
+                size: r.size,
+                root: r.root,
+                extensions: Vec::new(),
+            },
+            String::new(),
+        );
+        let log = std::mem::replace(&mut self.log, view);
+        match self.observe_checked(&note, &Value::Null).await {
+            Ok(_) => Ok(r.size),
+            Err(e) => {
+                self.log = log;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Session::observe_with`], without explaining a refusal.
+    async fn observe_checked(
+        &mut self,
+        note: &str,
+        hint: &Value,
+    ) -> Result<Checkpoint, ClientError> {
         let (cp, needs) = self.log.check(note)?;
         match needs {
             Needs::Nothing => self.log.accept(cp.clone(), note, None)?,

@@ -98,6 +98,9 @@ pub trait Backend: Send + Sync {
     fn metrics(&self) -> &crate::metrics::StoreMetrics;
     /// The bytes the storage takes on disk, if it can tell.
     fn size_on_disk(&self) -> Result<Option<u64>, StoreError>;
+    /// The note, signed with the log key, saying the store was restored from a snapshot (and to which
+    /// log size), if it was.
+    fn restored(&self) -> Result<Option<String>, StoreError>;
 }
 
 impl Backend for Store {
@@ -106,6 +109,9 @@ impl Backend for Store {
     }
     fn size_on_disk(&self) -> Result<Option<u64>, StoreError> {
         Store::size_on_disk(self)
+    }
+    fn restored(&self) -> Result<Option<String>, StoreError> {
+        Store::restored(self)
     }
     fn submit(&self, op: Op) -> tokio::sync::oneshot::Receiver<Result<Ack, StoreError>> {
         Store::submit(self, op)

@@ -190,6 +190,10 @@ fn sync_dir(path: &Path, seen: &mut FileStates) -> Result<(), StoreError> {
                     }
                     return Ok(());
                 }
+                // Only files hold data: a socket (the server's control socket) cannot be opened.
+                if !meta.is_file() {
+                    return Ok(());
+                }
                 // The acknowledgement mark is written, never synced, after each group (see
                 // `AckMark`): syncing it would double the cost of every group.
                 if path.file_name() == Some(std::ffi::OsStr::new(ACK_MARK)) {

@@ -11,7 +11,8 @@ use cmr_core::batch::Head;
 use cmr_core::consent::{Body, ErasureTarget};
 use cmr_core::family::Period;
 use cmr_log::auditor::Auditor;
-use cmr_store::store::snapshot::{Restored, SnapshotSummary};
+use cmr_log::restore::Restored;
+use cmr_store::store::snapshot::SnapshotSummary;
 use cmr_store::{Op, SledStorage, Store, StoreConfig, StoreError};
 use common::{T0, World, latest_checkpoint, log_key, open, p};
 

@@ -30,6 +30,7 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(readyz))
         .routes(routes!(metrics))
         .routes(routes!(checkpoint))
+        .routes(routes!(restore_note))
         .routes(routes!(commitments))
         .routes(routes!(inclusion))
         .routes(routes!(consistency))
@@ -198,6 +199,30 @@ async fn checkpoint(
             note.push_str(line);
         }
     }
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], note))
+}
+
+/// The note a restore from a snapshot signed with the log key: the log went back to the size it names,
+/// and entries a client saw past it are gone. A client that finds the log shorter than it saw, or
+/// forked from it, reads this to tell its user why (it still refuses the log).
+#[utoipa::path(
+    get,
+    path = "/v1/log/restore",
+    tag = "log",
+    summary = "The signed note of the restore from a backup this log went through, if any",
+    responses(
+        (status = 200, description = "Success", body = String, content_type = "text/plain"),
+        Problem
+    ),
+)]
+async fn restore_note(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
+    let note = state.store.restored()?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            Code::NotFound,
+            "this log was never restored from a backup",
+        )
+    })?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], note))
 }
 

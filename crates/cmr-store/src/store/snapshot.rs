@@ -14,6 +14,8 @@
 
 use std::io::{Read, Write};
 
+use cmr_log::restore::Restored;
+
 use super::*;
 
 /// The first bytes of a snapshot.
@@ -26,9 +28,6 @@ const ROW: u8 = b'r';
 const END: u8 = b'e';
 /// How many bytes of rows a restore writes per group.
 const GROUP_BYTES: usize = 8 << 20;
-
-/// The first line of the note a restore signs: not a log origin, so it never opens as a checkpoint.
-pub const RESTORE_NOTE: &str = "cmr-vault restore";
 
 /// What a snapshot or a restore held.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,58 +46,6 @@ pub struct SnapshotSummary {
     pub backups: u64,
     /// The snapshot's length in bytes.
     pub bytes: u64,
-}
-
-/// A restore, as the restored store states it to clients (`GET /v1/log/restore`): a note signed with
-/// the log key naming the size the log went back to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Restored {
-    /// The size of the log the snapshot held.
-    pub size: u64,
-    /// Its root.
-    pub root: Hash,
-    /// When the restore ran, Unix seconds.
-    pub time: u64,
-}
-
-impl Restored {
-    /// The note's text.
-    pub fn text(&self, origin: &str) -> String {
-        format!(
-            "{RESTORE_NOTE}\norigin {origin}\nsize {}\nroot {}\ntime {}\n",
-            self.size,
-            hex::encode(self.root),
-            self.time
-        )
-    }
-
-    /// Opens a restore note signed by `log`.
-    pub fn open(note: &str, log: &cmr_log::note::NoteVerifier) -> Result<Self, String> {
-        let parsed = cmr_log::note::Note::parse(note).map_err(|e| e.to_string())?;
-        parsed.verify(std::slice::from_ref(log)).map_err(|e| e.to_string())?;
-        let mut lines = parsed.text.lines();
-        let mut field = |name: &str| {
-            lines
-                .next()
-                .and_then(|l| l.strip_prefix(name))
-                .map(str::to_owned)
-                .ok_or_else(|| format!("a restore note names its {}", name.trim()))
-        };
-        if !field(RESTORE_NOTE)?.is_empty() {
-            return Err("not a restore note".into());
-        }
-        if field("origin ")? != log.name() {
-            return Err("a restore note of another log".into());
-        }
-        let number = |s: String| s.parse::<u64>().map_err(|e| e.to_string());
-        let size = number(field("size ")?)?;
-        let root = hex::decode(field("root ")?)
-            .ok()
-            .and_then(|r| Hash::try_from(r).ok())
-            .ok_or("a restore note's root")?;
-        let time = number(field("time ")?)?;
-        Ok(Restored { size, root, time })
-    }
 }
 
 /// Writes frames and hashes everything written.
@@ -275,22 +222,8 @@ impl Store {
                     .into(),
             ));
         }
-        let mut r = Reader {
-            input: std::io::BufReader::new(snapshot),
-            hash: ring::digest::Context::new(&ring::digest::SHA256),
-            bytes: 0,
-        };
+        let (mut r, note) = Reader::open(snapshot)?;
         let bad = |what: &str| StoreError::Format(format!("not a whole snapshot: {what}"));
-        let mut magic = vec![0; MAGIC.len()];
-        r.exact(&mut magic)?;
-        if magic != MAGIC {
-            return Err(bad("it does not start as one"));
-        }
-        let (kind, note) = r.frame()?;
-        if kind != CHECKPOINT {
-            return Err(bad("no checkpoint first"));
-        }
-        let note = String::from_utf8(note).map_err(|_| bad("the checkpoint is not text"))?;
         let verifier = config.log_key.verifier();
         let cp = cmr_log::checkpoint::open(&note, &verifier, &[], 0)
             .map_err(|e| {
@@ -320,35 +253,8 @@ impl Store {
             backups: 0,
             bytes: 0,
         };
-        loop {
-            let before = r.hash.clone().finish();
-            let (kind, data) = r.frame()?;
-            match kind {
-                ROW => {}
-                END => {
-                    let (count, digest) = data
-                        .split_first_chunk::<8>()
-                        .ok_or_else(|| bad("the end frame"))?;
-                    if u64::from_be_bytes(*count) != summary.rows || digest != before.as_ref() {
-                        return Err(bad("its digest or row count does not match its content"));
-                    }
-                    let mut trailing = [0u8; 1];
-                    if r.input.read(&mut trailing).map_err(io)? != 0 {
-                        return Err(bad("bytes after its end"));
-                    }
-                    break;
-                }
-                _ => return Err(bad("an unknown frame")),
-            }
-            let (klen, rest) = data
-                .split_first_chunk::<4>()
-                .ok_or_else(|| bad("a row frame"))?;
-            let klen = u32::from_be_bytes(*klen) as usize;
-            if klen > rest.len() {
-                return Err(bad("a row frame"));
-            }
-            let (key, value) = rest.split_at(klen);
-            summary.rows += 1;
+        while let Some(data) = r.next_row()? {
+            let (key, value) = split_row(&data)?;
             pending_bytes += data.len();
             match key.first().copied() {
                 Some(tag::BODY) => {
@@ -412,7 +318,7 @@ impl Store {
                 pending_bytes = 0;
             }
         }
-        summary.bytes = r.bytes;
+        (summary.rows, summary.bytes) = (r.rows, r.bytes);
         if overlay.size != cp.size {
             return Err(StoreError::Format(format!(
                 "the snapshot holds {} entries, its checkpoint {}",
@@ -472,14 +378,87 @@ impl Store {
     }
 }
 
+/// Checks a snapshot's structure without restoring it: whole (its end, row count and digest match
+/// what precedes them) and made of frames a restore knows. Returns its checkpoint (not verified: a
+/// restore verifies it under the log key), its rows and its length.
+pub fn check(snapshot: impl Read) -> Result<(String, u64, u64), StoreError> {
+    let (mut r, note) = Reader::open(snapshot)?;
+    while let Some(row) = r.next_row()? {
+        split_row(&row)?;
+    }
+    Ok((note, r.rows, r.bytes))
+}
+
+/// A row frame's key and value.
+fn split_row(data: &[u8]) -> Result<(&[u8], &[u8]), StoreError> {
+    let bad = || StoreError::Format("not a whole snapshot: a row frame".into());
+    let (klen, rest) = data.split_first_chunk::<4>().ok_or_else(bad)?;
+    let klen = u32::from_be_bytes(*klen) as usize;
+    if klen > rest.len() {
+        return Err(bad());
+    }
+    Ok(rest.split_at(klen))
+}
+
 /// Reads frames and hashes everything read.
 struct Reader<R> {
     input: std::io::BufReader<R>,
     hash: ring::digest::Context,
     bytes: u64,
+    rows: u64,
 }
 
 impl<R: Read> Reader<R> {
+    /// Reads the start of a snapshot: its magic and its checkpoint.
+    fn open(input: R) -> Result<(Self, String), StoreError> {
+        let mut r = Reader {
+            input: std::io::BufReader::with_capacity(1 << 20, input),
+            hash: ring::digest::Context::new(&ring::digest::SHA256),
+            bytes: 0,
+            rows: 0,
+        };
+        let bad = |what: &str| StoreError::Format(format!("not a whole snapshot: {what}"));
+        let mut magic = vec![0; MAGIC.len()];
+        r.exact(&mut magic)?;
+        if magic != MAGIC {
+            return Err(bad("it does not start as one"));
+        }
+        let (kind, note) = r.frame()?;
+        if kind != CHECKPOINT {
+            return Err(bad("no checkpoint first"));
+        }
+        let note = String::from_utf8(note).map_err(|_| bad("the checkpoint is not text"))?;
+        Ok((r, note))
+    }
+
+    /// The next row frame's content, or `None` at the end, once the end's row count and digest
+    /// match what was read and nothing follows it.
+    fn next_row(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
+        let bad = |what: &str| StoreError::Format(format!("not a whole snapshot: {what}"));
+        let before = self.hash.clone().finish();
+        let (kind, data) = self.frame()?;
+        match kind {
+            ROW => {
+                self.rows += 1;
+                Ok(Some(data))
+            }
+            END => {
+                let (count, digest) = data
+                    .split_first_chunk::<8>()
+                    .ok_or_else(|| bad("the end frame"))?;
+                if u64::from_be_bytes(*count) != self.rows || digest != before.as_ref() {
+                    return Err(bad("its digest or row count does not match its content"));
+                }
+                let mut trailing = [0u8; 1];
+                if self.input.read(&mut trailing).map_err(io)? != 0 {
+                    return Err(bad("bytes after its end"));
+                }
+                Ok(None)
+            }
+            _ => Err(bad("an unknown frame")),
+        }
+    }
+
     fn exact(&mut self, buf: &mut [u8]) -> Result<(), StoreError> {
         self.input.read_exact(buf).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
