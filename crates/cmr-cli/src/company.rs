@@ -67,6 +67,10 @@ pub enum CompanyCmd {
     /// What became of the requests sent (granted, denied, pending), and the grants held.
     #[command(after_help = "Example:\n  cmr company status")]
     Status,
+    /// Accept the vault's log after the operator restored it from a backup (the client refuses a
+    /// shorter log than it saw until then): what happened after the backup is gone.
+    #[command(after_help = "Example:\n  cmr company accept-restore")]
+    AcceptRestore,
     /// Read a customer's records under a grant; decrypted here, never on the server.
     #[command(after_help = "Example:\n  cmr company read 8c1d… --from 2026-09 --to 2026-11")]
     Read {
@@ -221,6 +225,14 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
                 customer.to_hex()
             ));
             out.value(&json!({"request": rid.to_hex()}));
+        }
+        CompanyCmd::AcceptRestore => {
+            let size = c.accept_restore().await?;
+            out.line(format!(
+                "accepted the log restored from a backup at size {size}: what happened after it is \
+                 gone; check the grants held (cmr company status)"
+            ));
+            out.value(&json!({"restored_size": size}));
         }
         CompanyCmd::Status => {
             let mut customers: Vec<IdentityId> = c.requests.values().copied().collect();

@@ -245,6 +245,7 @@ fn domain(doc: String) -> String {
     addr
 }
 
+#[derive(Clone)]
 struct User {
     home: PathBuf,
     server: String,
@@ -1758,8 +1759,14 @@ fn a_backup_taken_while_serving_restores_and_clients_that_saw_more_are_told() {
         vkey: live.vkey.clone(),
         ca: None,
     };
+    let bank = User {
+        home: homes.path().join("bank"),
+        ..alex.clone()
+    };
     alex.ok(&["customer", "init"]);
     alex.ok(&["customer", "register"]);
+    bank.ok(&["company", "init"]);
+    bank.ok(&["company", "register"]);
     alex.ok(&[
         "customer",
         "profile",
@@ -1833,12 +1840,108 @@ fn a_backup_taken_while_serving_restores_and_clients_that_saw_more_are_told() {
         server: again.base.clone(),
         ..alex
     };
+    let bank = User {
+        server: again.base.clone(),
+        ..bank
+    };
     // The client saw the profile change the restore lost: it refuses the log and says why.
     let err = alex.fails(&["customer", "profile", "show"], 3);
     assert!(err.contains("restored from a backup"), "{err}");
     assert!(err.contains(&format!("size {size}")), "{err}");
+    // The customer accepts the restore: the vault is as it was at the backup, and goes on from there.
+    let said = alex.json(&["customer", "accept-restore"]);
+    assert_eq!(said["restored_size"].as_u64(), Some(size));
+    let shown = alex.ok(&["customer", "profile", "show"]);
+    assert!(shown.contains("alex@example.org"), "{shown}");
+    assert!(!shown.contains("alex@new.example"), "{shown}");
+    alex.ok(&[
+        "customer",
+        "profile",
+        "set",
+        "contact",
+        "email: alex@again.example",
+    ]);
+    let shown = alex.ok(&["customer", "profile", "show"]);
+    assert!(shown.contains("alex@again.example"), "{shown}");
+    alex.ok(&["customer", "history"]);
+    // The company, registered before the backup, saw nothing the restore took back; accepting it
+    // anyway checks the log extends the restored one.
+    bank.ok(&["company", "status"]);
+    let said = bank.json(&["company", "accept-restore"]);
+    assert_eq!(said["restored_size"].as_u64(), Some(size));
+    bank.ok(&["company", "status"]);
     // The restore note is part of the documented API.
     let (code, out, _) = run(cmr().arg("openapi"));
     assert_eq!(code, 0);
     assert!(out.contains("/v1/log/restore"));
+}
+
+/// A vault on PostgreSQL is backed up from the database while its server runs, and restored into
+/// another, empty database (a database that holds data is refused); the restored one serves the vault.
+#[test]
+fn a_vault_on_postgresql_is_backed_up_while_served_and_restored_into_an_empty_database() {
+    let Some(cluster) = cmr_postgres::cluster::Cluster::start().unwrap() else {
+        eprintln!("skipped: PostgreSQL is not installed");
+        return;
+    };
+    let url = |db: &str| {
+        cluster.create_database(db).unwrap();
+        format!(
+            "postgresql://cmr@localhost/{db}?host={}",
+            cluster.socket_dir().display()
+        )
+    };
+    let (live_url, restored_url) = (url("live"), url("restored"));
+    let keep = tempfile::tempdir().unwrap();
+    let homes = tempfile::tempdir().unwrap();
+    let (data, log_key) = (keep.path().join("unused"), keep.path().join("log.key"));
+    let snap = keep.path().join("vault.cmrsnap");
+    let live = serve_with(&data, &log_key, &["--store", &live_url]);
+    let alex = User {
+        home: homes.path().join("alex"),
+        server: live.base.clone(),
+        vkey: live.vkey.clone(),
+        ca: None,
+    };
+    alex.ok(&["customer", "init"]);
+    alex.ok(&["customer", "register"]);
+    alex.ok(&[
+        "customer",
+        "profile",
+        "set",
+        "contact",
+        "email: alex@example.org",
+    ]);
+    let (code, out, err) = run(cmr()
+        .args(["--json", "backup"])
+        .arg(&snap)
+        .args(["--store", &live_url, "--log-key"])
+        .arg(&log_key));
+    assert_eq!(code, 0, "{err}");
+    let backed: Value = serde_json::from_str(&out).unwrap();
+    // The server served on during the backup.
+    alex.ok(&["customer", "profile", "show"]);
+
+    let restore = |to: &str| {
+        run(cmr()
+            .args(["--json", "restore"])
+            .arg(&snap)
+            .args(["--store", to, "--log-key"])
+            .arg(&log_key))
+    };
+    let (code, _, err) = restore(&live_url);
+    assert_ne!(code, 0);
+    assert!(err.contains("already holds data"), "{err}");
+    let (code, out, err) = restore(&restored_url);
+    assert_eq!(code, 0, "{err}");
+    let restored: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(restored["root"], backed["root"]);
+    drop(live);
+    let again = serve_with(&data, &log_key, &["--store", &restored_url]);
+    let alex = User {
+        server: again.base.clone(),
+        ..alex
+    };
+    let shown = alex.ok(&["customer", "profile", "show"]);
+    assert!(shown.contains("alex@example.org"), "{shown}");
 }

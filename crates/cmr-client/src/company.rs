@@ -200,6 +200,21 @@ impl Company {
         Ok(out)
     }
 
+    /// Accepts the log after a restore from a backup, once the company decided to
+    /// ([`Session::accept_restore`]): what was synced past the restored size is learned again from the
+    /// restored log, and a one-time grant used past it is unused again. Returns the restored size.
+    pub async fn accept_restore(&mut self) -> Result<u64, ClientError> {
+        let size = self.session.accept_restore().await?;
+        self.synced.retain(|_, i| *i < size);
+        for g in self.grants.values_mut() {
+            if g.used.is_some_and(|i| i >= size) {
+                g.used = None;
+            }
+        }
+        self.disputes.retain(|d| d.index < size);
+        Ok(size)
+    }
+
     /// Fetches what of `customer`'s vault concerns this company, verifies each entry (included in the
     /// checkpoint, signed by a device of the customer valid at its position), and updates the grants held
     /// and the requests' statuses.

@@ -1441,6 +1441,23 @@ impl Customer {
         Ok(())
     }
 
+    /// Accepts the vault's log after a restore from a backup, once the customer decided to
+    /// ([`Session::accept_restore`]), and forgets what the restore took back: grants issued past the
+    /// restored size, the families' batch counts and the directory seen since (learned again from the
+    /// verified chain). Returns the restored size.
+    pub async fn accept_restore(&mut self) -> Result<u64, ClientError> {
+        let size = self.session.accept_restore().await?;
+        self.grants.retain(|_, g| g.index < size);
+        for f in self.families.values_mut() {
+            f.batches_seen = 0;
+        }
+        self.folded = None;
+        self.tracker = DirectoryTracker::new(self.id());
+        let dir = self.check_directory().await?;
+        self.directory = Some(dir);
+        Ok(size)
+    }
+
     /// Checks the server's view of the key directory: the newest directory on the customer's verified
     /// chain must be signed by a device of the customer valid at its position, and be no older than (and
     /// chain to) the newest this client has seen. Another device learns the directory this way.

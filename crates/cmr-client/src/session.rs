@@ -248,7 +248,11 @@ impl Session {
         );
         let log = std::mem::replace(&mut self.log, view);
         match self.observe_checked(&note, &Value::Null).await {
-            Ok(_) => Ok(r.size),
+            Ok(_) => {
+                // Entries acknowledged past the restored size are gone with it.
+                self.acked.retain(|i| *i < r.size);
+                Ok(r.size)
+            }
             Err(e) => {
                 self.log = log;
                 Err(e)

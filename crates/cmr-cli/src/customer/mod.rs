@@ -216,6 +216,12 @@ pub enum CustomerCmd {
     /// Who read or wrote what, when, and under which grant: the verified chain of the vault's entries.
     #[command(after_help = "Example:\n  cmr customer history")]
     History,
+    /// Accept the vault's log after the operator restored it from a backup. The client refuses a log
+    /// shorter than the one it saw; when the log says it was restored, and you accept that what
+    /// happened after the backup is gone (grants, records, changes), this takes the restored log as
+    /// the one to check from now on.
+    #[command(after_help = "Example:\n  cmr customer accept-restore")]
+    AcceptRestore,
     /// Finish every rotation the log says is owed: after a grant was used up, expired or revoked, or a
     /// device revoked, its families get fresh keys; until then companies' appends to them wait. Other
     /// commands do this by themselves when they meet a family that waits.
@@ -713,6 +719,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
         | CustomerCmd::Erase { .. }
         | CustomerCmd::Export { .. }
         | CustomerCmd::History
+        | CustomerCmd::AcceptRestore
         | CustomerCmd::Register) => vault::step(l, out, cmd).await,
     }
 }

@@ -36,6 +36,14 @@ pub(super) async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResul
             out.line(format!("{} entries; each included in the checkpoint and linked to the one before; none missing", chain.len()));
             out.value(&json!({"history": rows}));
         }
+        CustomerCmd::AcceptRestore => {
+            let size = c.accept_restore().await?;
+            out.line(format!(
+                "accepted the log restored from a backup at size {size}: what happened after it is \
+                 gone; check your grants and records (cmr customer grants, cmr customer history)"
+            ));
+            out.value(&json!({"restored_size": size}));
+        }
         CustomerCmd::Auditors => {
             let auditors = c.session.auditors().await?;
             let mut rows = Vec::new();
