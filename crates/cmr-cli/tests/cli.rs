@@ -245,6 +245,33 @@ fn domain(doc: String) -> String {
     addr
 }
 
+/// Alex on `server`: a customer initialised in `homes/alex`, registered, with a contact email.
+fn alex_on(server: &Server, homes: &Path) -> User {
+    let alex = User {
+        home: homes.join("alex"),
+        server: server.base.clone(),
+        vkey: server.vkey.clone(),
+        ca: None,
+    };
+    alex.ok(&["customer", "init"]);
+    alex.ok(&["customer", "register"]);
+    alex.ok(&[
+        "customer",
+        "profile",
+        "set",
+        "contact",
+        "email: alex@example.org",
+    ]);
+    alex
+}
+
+/// Runs `cmr --json ARGS…`, which must succeed, and parses what it prints.
+fn json_of(c: &mut Command) -> Value {
+    let (code, out, err) = run(c);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
 #[derive(Clone)]
 struct User {
     home: PathBuf,
@@ -1575,21 +1602,7 @@ fn a_vault_moves_from_sled_into_postgresql() {
     let log_key = keep.path().join("log.key");
     let serve_on = |store: &[&str]| serve_with(&data, &log_key, store);
     let on_sled = serve_on(&[]);
-    let alex = User {
-        home: homes.path().join("alex"),
-        server: on_sled.base.clone(),
-        vkey: on_sled.vkey.clone(),
-        ca: None,
-    };
-    alex.ok(&["customer", "init"]);
-    alex.ok(&["customer", "register"]);
-    alex.ok(&[
-        "customer",
-        "profile",
-        "set",
-        "contact",
-        "email: alex@example.org",
-    ]);
+    let alex = alex_on(&on_sled, homes.path());
     let vkey = on_sled.vkey.clone();
     // Refused while the server holds the folder.
     let (code, _, err) = run(cmr()
@@ -1753,36 +1766,22 @@ fn a_backup_taken_while_serving_restores_and_clients_that_saw_more_are_told() {
     let (data, log_key) = (keep.path().join("data"), keep.path().join("log.key"));
     let snap = keep.path().join("vault.cmrsnap");
     let live = serve_with(&data, &log_key, &[]);
-    let alex = User {
-        home: homes.path().join("alex"),
-        server: live.base.clone(),
-        vkey: live.vkey.clone(),
-        ca: None,
-    };
+    let alex = alex_on(&live, homes.path());
     let bank = User {
         home: homes.path().join("bank"),
         ..alex.clone()
     };
-    alex.ok(&["customer", "init"]);
-    alex.ok(&["customer", "register"]);
     bank.ok(&["company", "init"]);
     bank.ok(&["company", "register"]);
-    alex.ok(&[
-        "customer",
-        "profile",
-        "set",
-        "contact",
-        "email: alex@example.org",
-    ]);
 
     // Online: the server keeps its folder; the snapshot comes through its control socket.
-    let (code, out, err) = run(cmr()
-        .args(["--json", "backup"])
-        .arg(&snap)
-        .arg("--data")
-        .arg(&data));
-    assert_eq!(code, 0, "{err}");
-    let backed: Value = serde_json::from_str(&out).unwrap();
+    let backed = json_of(
+        cmr()
+            .args(["--json", "backup"])
+            .arg(&snap)
+            .arg("--data")
+            .arg(&data),
+    );
     let size = backed["size"].as_u64().unwrap();
     assert!(size >= 4, "{backed}");
     assert_eq!(
@@ -1897,28 +1896,14 @@ fn a_vault_on_postgresql_is_backed_up_while_served_and_restored_into_an_empty_da
     let (data, log_key) = (keep.path().join("unused"), keep.path().join("log.key"));
     let snap = keep.path().join("vault.cmrsnap");
     let live = serve_with(&data, &log_key, &["--store", &live_url]);
-    let alex = User {
-        home: homes.path().join("alex"),
-        server: live.base.clone(),
-        vkey: live.vkey.clone(),
-        ca: None,
-    };
-    alex.ok(&["customer", "init"]);
-    alex.ok(&["customer", "register"]);
-    alex.ok(&[
-        "customer",
-        "profile",
-        "set",
-        "contact",
-        "email: alex@example.org",
-    ]);
-    let (code, out, err) = run(cmr()
-        .args(["--json", "backup"])
-        .arg(&snap)
-        .args(["--store", &live_url, "--log-key"])
-        .arg(&log_key));
-    assert_eq!(code, 0, "{err}");
-    let backed: Value = serde_json::from_str(&out).unwrap();
+    let alex = alex_on(&live, homes.path());
+    let backed = json_of(
+        cmr()
+            .args(["--json", "backup"])
+            .arg(&snap)
+            .args(["--store", &live_url, "--log-key"])
+            .arg(&log_key),
+    );
     // The server served on during the backup.
     alex.ok(&["customer", "profile", "show"]);
 

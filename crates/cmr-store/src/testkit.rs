@@ -512,6 +512,18 @@ impl World {
         }
     }
 
+    /// The customer reads one of its own families over `periods` (no grant, nothing logged).
+    pub fn own_read(&self, family: FamilyId, periods: (Period, Period)) -> Op {
+        Op::Read {
+            customer: self.customer.id,
+            family,
+            periods,
+            cursor: None,
+            limit: 100,
+            access: None,
+        }
+    }
+
     /// Acme reads `tx` from `from` to 2026-12 under `grant`, with a request signed at `created`.
     pub fn read(&mut self, grant: StatementId, from: Period, created: u64) -> Op {
         let access = self.access(grant, AccessKind::Read, self.tx, from, p(2026, 12), created);

@@ -29,20 +29,14 @@ fn restore_into(path: &Path, snapshot: &[u8]) -> Result<(Store, SnapshotSummary)
     Store::restore(rows, snapshot, cfg)
 }
 
+/// The customer's own read of a whole family.
 fn own_read(w: &World, family: cmr_core::family::FamilyId) -> Op {
     let periods = if family == w.contact {
         (Period::ORIGIN, Period::ORIGIN)
     } else {
         (p(2025, 1), p(2026, 12))
     };
-    Op::Read {
-        customer: w.customer.id,
-        family,
-        periods,
-        cursor: None,
-        limit: 100,
-        access: None,
-    }
+    w.own_read(family, periods)
 }
 
 /// A vault with records in two families, a grant used by a read, a key backup, and one family erased.

@@ -86,7 +86,7 @@ fn the_whole_flow_is_logged_proven_and_audited() {
     );
     // The customer's own writes wait too: the revoked company holds the current epoch's keys.
     let current = store
-        .execute(own_read(&w, w.tx, (p(2025, 1), p(2026, 12))))
+        .execute(w.own_read(w.tx, (p(2025, 1), p(2026, 12))))
         .unwrap();
     let err = store
         .execute(w.customer_batch(current.read.unwrap().proof.head.digest(), p(2026, 3), 1, 2))
@@ -147,7 +147,7 @@ fn reopening_rebuilds_the_state() {
     let mut w = World::existing();
     // The family's records and head came back: the customer's own read finds all four.
     let own = store
-        .execute(own_read(&w, w.tx, (p(2025, 1), p(2026, 12))))
+        .execute(w.own_read(w.tx, (p(2025, 1), p(2026, 12))))
         .unwrap();
     assert_eq!(own.read.unwrap().records.len(), 4);
     // The revoked grant stays revoked, and the stored checkpoint matches the stored tree.
@@ -424,21 +424,6 @@ fn stored_records(path: &std::path::Path) -> usize {
         .count()
 }
 
-fn own_read(
-    w: &common::World,
-    family: cmr_core::family::FamilyId,
-    periods: (Period, Period),
-) -> Op {
-    Op::Read {
-        customer: w.customer.id,
-        family,
-        periods,
-        cursor: None,
-        limit: 100,
-        access: None,
-    }
-}
-
 fn erasure(w: &common::World, target: cmr_core::consent::ErasureTarget) -> Op {
     Op::Statement(w.statement(true, cmr_core::consent::Body::Erasure(target), None))
 }
@@ -469,7 +454,7 @@ fn erasing_a_family_deletes_its_records_and_closes_it_to_everyone() {
         let erased = StoreError::Denied(DenyReason::FamilyErased(at));
         assert_eq!(
             store
-                .execute(own_read(&w, w.tx, (p(2025, 1), p(2026, 12))))
+                .execute(w.own_read(w.tx, (p(2025, 1), p(2026, 12))))
                 .unwrap_err(),
             erased
         );
@@ -485,7 +470,7 @@ fn erasing_a_family_deletes_its_records_and_closes_it_to_everyone() {
         ));
         // The other family is untouched.
         let contact = store
-            .execute(own_read(&w, w.contact, (Period::ORIGIN, Period::ORIGIN)))
+            .execute(w.own_read(w.contact, (Period::ORIGIN, Period::ORIGIN)))
             .unwrap();
         assert_eq!(contact.read.unwrap().records.len(), 2);
         (g, at)
@@ -497,7 +482,7 @@ fn erasing_a_family_deletes_its_records_and_closes_it_to_everyone() {
     let mut w = World::existing();
     assert_eq!(
         store
-            .execute(own_read(&w, w.tx, (p(2025, 1), p(2026, 12))))
+            .execute(w.own_read(w.tx, (p(2025, 1), p(2026, 12))))
             .unwrap_err(),
         StoreError::Denied(DenyReason::FamilyErased(erased_at))
     );
@@ -680,7 +665,7 @@ fn a_read_from_after_to_is_refused_and_the_store_carries_on() {
     for periods in [(p(2026, 12), p(2026, 1)), (p(2026, 4), p(2026, 2))] {
         assert!(
             matches!(
-                store.execute(own_read(&w, w.tx, periods)),
+                store.execute(w.own_read(w.tx, periods)),
                 Err(StoreError::Malformed(_))
             ),
             "{periods:?}"
@@ -690,7 +675,7 @@ fn a_read_from_after_to_is_refused_and_the_store_carries_on() {
     assert!(store.healthy());
     // Still serving reads and writes.
     let read = store
-        .execute(own_read(&w, w.tx, (p(2026, 1), p(2026, 12))))
+        .execute(w.own_read(w.tx, (p(2026, 1), p(2026, 12))))
         .unwrap();
     assert_eq!(read.read.unwrap().records.len(), 2);
     store.execute(w.read(g, p(2025, 6), T0)).unwrap();
@@ -713,7 +698,7 @@ fn erasing_a_family_that_never_held_a_record() {
             .unwrap();
         assert_eq!(
             store
-                .execute(own_read(&w, w.contact, (Period::ORIGIN, Period::ORIGIN)))
+                .execute(w.own_read(w.contact, (Period::ORIGIN, Period::ORIGIN)))
                 .unwrap_err(),
             StoreError::Denied(DenyReason::FamilyErased(at))
         );
@@ -723,7 +708,7 @@ fn erasing_a_family_that_never_held_a_record() {
     let w = World::existing();
     assert_eq!(
         store
-            .execute(own_read(&w, w.contact, (Period::ORIGIN, Period::ORIGIN)))
+            .execute(w.own_read(w.contact, (Period::ORIGIN, Period::ORIGIN)))
             .unwrap_err(),
         StoreError::Denied(DenyReason::FamilyErased(at))
     );
