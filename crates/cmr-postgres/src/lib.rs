@@ -481,6 +481,10 @@ impl Storage for PgStorage {
         })
     }
 
+    fn reconnects(&self) -> bool {
+        true
+    }
+
     fn reconnect(&self) -> Result<(), StoreError> {
         let rt = self.rt.as_ref().ok_or(StoreError::Closed)?;
         let (inner, _) = run_on(rt, connect(self.url.clone()))?;

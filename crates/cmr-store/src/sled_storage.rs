@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use cmr_core::hash::sha256;
 use cmr_core::merkle::Hash;
@@ -17,15 +17,44 @@ use cmr_core::merkle::Hash;
 use crate::storage::{Acknowledged, Rows, Storage, Writes};
 use crate::{StoreConfig, StoreError};
 
-fn io(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Io(e.to_string())
+fn io(e: std::io::Error) -> StoreError {
+    disk(&e)
+}
+
+/// An I/O error of the data folder's disk: one that ends when the operator acts (a full disk, a file
+/// system remounted read-only, a quota) is `Unavailable`, so the store stops, clients are told to retry,
+/// and the store reopens by itself once it passes; anything else is a failure of the storage.
+fn disk(e: &std::io::Error) -> StoreError {
+    use std::io::ErrorKind;
+    // By kind: sled hands on a copy of the error it met, without the OS code.
+    match e.kind() {
+        ErrorKind::StorageFull => {
+            StoreError::Unavailable(format!("the data folder's disk is full ({e})"))
+        }
+        ErrorKind::ReadOnlyFilesystem => {
+            StoreError::Unavailable(format!("the data folder is read-only ({e})"))
+        }
+        ErrorKind::QuotaExceeded => {
+            StoreError::Unavailable(format!("the data folder's quota is used up ({e})"))
+        }
+        _ => StoreError::Io(e.to_string()),
+    }
+}
+
+/// A sled error, as [`disk`] classes the I/O ones.
+fn sled_err(e: sled::Error) -> StoreError {
+    match &e {
+        sled::Error::Io(io) => disk(io),
+        _ => StoreError::Io(e.to_string()),
+    }
 }
 
 /// sled in a local folder, as a [`Storage`].
 pub struct SledStorage {
-    db: sled::Db,
-    rows: sled::Tree,
+    /// sled and its tree; `None` only while [`Storage::reconnect`] reopens them.
+    open: RwLock<Option<(sled::Db, sled::Tree)>>,
     path: PathBuf,
+    cache_capacity: u64,
     /// What the last sync saw of sled's files, and the mark: only the syncer syncs, one at a time.
     sync: Mutex<(FileStates, AckMark)>,
     acknowledged: Option<(u64, Hash)>,
@@ -41,44 +70,95 @@ impl SledStorage {
     /// Opens (or creates) sled in `path` with a page cache of `cache_capacity` bytes.
     pub fn open_folder(path: &Path, cache_capacity: u64) -> Result<Self, StoreError> {
         let db = open_sled(path, cache_capacity)?;
-        let rows = db.open_tree("cmr").map_err(io)?;
+        let rows = db.open_tree("cmr").map_err(sled_err)?;
         let (mark, acknowledged) = AckMark::open(path)?;
         Ok(Self {
-            db,
-            rows,
+            open: RwLock::new(Some((db, rows))),
             path: path.to_path_buf(),
+            cache_capacity,
             sync: Mutex::new((FileStates::new(), mark)),
             acknowledged,
         })
     }
+
+    /// sled's tree (a cheap handle), unless it is being reopened.
+    fn tree(&self) -> Result<sled::Tree, StoreError> {
+        self.open
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(_, t)| t.clone())
+            .ok_or_else(|| StoreError::Unavailable("the data folder is being reopened".into()))
+    }
+
+    /// sled itself, unless it is being reopened.
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        self.open
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(db, _)| db.clone())
+            .ok_or_else(|| StoreError::Unavailable("the data folder is being reopened".into()))
+    }
 }
 
 fn rows<'a>(iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a) -> Rows<'a> {
-    Box::new(iter.map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io)))
+    Box::new(iter.map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(sled_err)))
+}
+
+/// The rows of `f(tree)`, or the one error of a store being reopened.
+fn rows_of<'a, I>(
+    tree: Result<sled::Tree, StoreError>,
+    f: impl FnOnce(&sled::Tree) -> I,
+) -> Rows<'a>
+where
+    I: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a,
+{
+    match tree {
+        Ok(t) => rows(f(&t)),
+        Err(e) => Box::new(std::iter::once(Err(e))),
+    }
 }
 
 impl Storage for SledStorage {
     fn size_on_disk(&self) -> Result<Option<u64>, StoreError> {
-        self.db
-            .size_on_disk()
-            .map(Some)
-            .map_err(|e| StoreError::Io(e.to_string()))
+        self.db()?.size_on_disk().map(Some).map_err(sled_err)
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.rows.get(key).map_err(io)?.map(|v| v.to_vec()))
+        Ok(self.tree()?.get(key).map_err(sled_err)?.map(|v| v.to_vec()))
     }
 
     fn range(&self, from: &[u8], to: &[u8]) -> Rows<'_> {
-        rows(self.rows.range(from..to))
+        rows_of(self.tree(), |t| t.range(from.to_vec()..to.to_vec()))
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Rows<'_> {
-        rows(self.rows.scan_prefix(prefix))
+        rows_of(self.tree(), |t| t.scan_prefix(prefix))
     }
 
     fn is_empty(&self) -> Result<bool, StoreError> {
-        Ok(self.rows.iter().next().is_none())
+        Ok(self.tree()?.iter().next().is_none())
+    }
+
+    fn reconnects(&self) -> bool {
+        true
+    }
+
+    /// Reopens sled after a failure (a full disk, a file system remounted read-only): sled refuses
+    /// every operation once one write failed, and only a reopen reads its files again. What was
+    /// written and not synced may be gone; the store rebuilds from what sled recovers.
+    fn reconnect(&self) -> Result<(), StoreError> {
+        let mut sync = self.sync.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = self.open.write().unwrap_or_else(|p| p.into_inner());
+        // The old handles go first: sled lets go of its folder lock only when they are all dropped.
+        open.take();
+        let db = open_sled(&self.path, self.cache_capacity)?;
+        let rows = db.open_tree("cmr").map_err(sled_err)?;
+        let (mark, _) = AckMark::open(&self.path)?;
+        *sync = (FileStates::new(), mark);
+        *open = Some((db, rows));
+        Ok(())
     }
 
     fn write(&self, writes: Writes) -> Result<(), StoreError> {
@@ -89,13 +169,13 @@ impl Storage for SledStorage {
                 None => batch.remove(k),
             }
         }
-        self.rows.apply_batch(batch).map_err(io)
+        self.tree()?.apply_batch(batch).map_err(sled_err)
     }
 
     fn sync(&self, size: u64, root: &Hash, _checkpoint: &str) -> Result<(), StoreError> {
         let mut guard = self.sync.lock().unwrap_or_else(|p| p.into_inner());
         let (seen, mark) = &mut *guard;
-        self.db.flush().map_err(io)?;
+        self.db()?.flush().map_err(sled_err)?;
         sync_dir(&self.path, seen)?;
         // The group is durable; without the mark the store could not vouch for it at the next open.
         mark.write(size, root)

@@ -75,11 +75,16 @@ pub trait Storage: Send + Sync {
     /// [`Storage::acknowledged`]; an engine several stores share records the newest for
     /// [`Storage::durable`].
     fn sync(&self, size: u64, root: &Hash, checkpoint: &str) -> Result<(), StoreError>;
-    /// Opens the engine's connections afresh after they broke (a database that restarted): what was
-    /// written and not synced may be gone, so the store rebuilds its state from the engine afterwards.
-    /// An engine in this process's own files cannot lose its connection and does not support it.
+    /// Opens the engine afresh after a failure (a database that restarted, a disk that was full):
+    /// what was written and not synced may be gone, so the store rebuilds its state from the engine
+    /// afterwards.
     fn reconnect(&self) -> Result<(), StoreError> {
         Err(StoreError::Closed)
+    }
+    /// Whether [`Storage::reconnect`] is worth trying: a store stopped by a failure then tries to
+    /// come back by itself.
+    fn reconnects(&self) -> bool {
+        false
     }
     /// The bytes the engine's data takes on disk, if it can tell (for monitoring).
     fn size_on_disk(&self) -> Result<Option<u64>, StoreError> {

@@ -229,9 +229,9 @@ impl Sequencer {
         }
     }
 
-    /// On a shared engine, a stopped store tries to come back at most this often.
+    /// On an engine that reopens, a stopped store tries to come back at most this often.
     pub(super) fn recover_when_due(&mut self) {
-        if !self.rows.shared() || !self.poisoned.load(Ordering::SeqCst) {
+        if !self.rows.reconnects() || !self.poisoned.load(Ordering::SeqCst) {
             return;
         }
         let now = std::time::Instant::now();
