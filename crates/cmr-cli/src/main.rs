@@ -122,6 +122,10 @@ Examples:
         /// The private key of --tls-cert (PEM).
         #[arg(long, env = "CMR_TLS_KEY", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// The most connections open at once; past it a new connection is answered 503 and closed.
+        /// Default: what the descriptor limit leaves room for (raised to its hard limit at start).
+        #[arg(long, env = "CMR_MAX_CONNECTIONS")]
+        max_connections: Option<usize>,
     },
     /// A customer's vault: identity, profile, transactions, requests, grants, history.
     #[command(after_help = "\
@@ -302,6 +306,7 @@ fn main() -> ExitCode {
                 log_format,
                 tls_cert,
                 tls_key,
+                max_connections,
             } => {
                 let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                     .unwrap_or_else(|_| "info".into());
@@ -326,6 +331,7 @@ fn main() -> ExitCode {
                     cache_mib,
                     authority,
                     tls: tls_cert.zip(tls_key),
+                    max_connections,
                 };
                 let at = serve::Location::parse(store.as_deref(), &data)?;
                 serve::run(&at, &log_key, &opts).await

@@ -173,19 +173,35 @@ pub async fn start(
     let listener = bind(listen).await?;
     let at = Location::Sled(data.to_path_buf());
     start_in(
-        &at, log_key, listener, scheme, witnesses, None, 16, None, None,
+        &at, log_key, listener, scheme, witnesses, None, 16, None, None, None,
     )
     .await
 }
 
-/// Binds the listening address: first, so that nothing is created when it fails.
+/// Binds the listening address: first, so that nothing is created when it fails. The queue of
+/// connections not yet accepted holds 4,096 (the kernel may cap it lower, `net.core.somaxconn`), so a
+/// burst of clients reconnecting after a restart waits instead of being dropped.
 async fn bind(listen: &str) -> CliResult<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+    let fail = |e: std::io::Error| {
         CliError::local(
             format!("cannot listen on {listen}: {e}"),
             "choose another address with --listen (or CMR_LISTEN)",
         )
-    })
+    };
+    let addr = tokio::net::lookup_host(listen)
+        .await
+        .map_err(fail)?
+        .next()
+        .ok_or_else(|| fail(std::io::Error::other("the address resolves to nothing")))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(fail)?;
+    socket.set_reuseaddr(true).map_err(fail)?;
+    socket.bind(addr).map_err(fail)?;
+    socket.listen(4096).map_err(fail)
 }
 
 /// Creates the data folder, readable only by its owner (0700), if it does not exist.
@@ -219,6 +235,7 @@ pub async fn start_in(
     cache_mib: u64,
     authority: Option<&str>,
     tls: Option<cmr_server::tls::Tls>,
+    max_connections: Option<usize>,
 ) -> CliResult<Running> {
     let log_vkey = log_key.verifier().to_vkey();
     let store = Arc::new(at.open(log_key, cache_mib)?);
@@ -241,6 +258,7 @@ pub async fn start_in(
         config.rate_per_identity = rate;
         config.burst_per_identity = burst;
     }
+    config.max_connections = max_connections.unwrap_or_else(connection_cap);
     let state = Arc::new(AppState::new(store.clone(), config));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let stopped = async {
@@ -263,6 +281,15 @@ pub async fn start_in(
     })
 }
 
+/// Raises this process's descriptor limit to its hard limit, and says how many connections fit under
+/// it: all but 256 descriptors, kept for the store's files, its database connections and the rest.
+fn connection_cap() -> usize {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+    usize::try_from(limit.saturating_sub(256))
+        .unwrap_or(usize::MAX)
+        .clamp(64, 1 << 20)
+}
+
 /// What `cmr serve` is told besides its folders.
 pub struct Options {
     /// The address to listen on.
@@ -282,6 +309,8 @@ pub struct Options {
     pub authority: Option<String>,
     /// The certificate chain and key (PEM files) to serve HTTPS with, if any.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// The most connections open at once; by default what the descriptor limit leaves room for.
+    pub max_connections: Option<usize>,
 }
 
 /// `cmr serve`: runs until Ctrl-C. The log key lives outside the data folder; a new one is created
@@ -335,6 +364,7 @@ pub async fn run(at: &Location, log_key: &Path, opts: &Options) -> CliResult {
         opts.cache_mib,
         opts.authority.as_deref(),
         tls.clone(),
+        opts.max_connections,
     )
     .await?;
     let pub_path = log_key.with_extension("pub");

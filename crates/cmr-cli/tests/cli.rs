@@ -1930,3 +1930,122 @@ fn a_vault_on_postgresql_is_backed_up_while_served_and_restored_into_an_empty_da
     let shown = alex.ok(&["customer", "profile", "show"]);
     assert!(shown.contains("alex@example.org"), "{shown}");
 }
+
+/// Ten thousand connections held open without a word: `cmr serve` raises its descriptor limit at start,
+/// holds them all while answering others, and closes every one after the header deadline.
+#[test]
+fn ten_thousand_idle_connections_are_held_then_closed_while_others_are_served() {
+    // The test's own side of the connections needs the descriptors too.
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap();
+    if limit < 10_500 {
+        eprintln!("skipped: this process may open only {limit} descriptors");
+        return;
+    }
+    let server = serve();
+    let pid = server.child.id();
+    let addr: std::net::SocketAddr = server.base.trim_start_matches("http://").parse().unwrap();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let (fds_before, rss_before) = (fds(), rss_kib(pid));
+    // Eight clients at once: a connect on this machine's loopback takes about 2 ms.
+    let idle: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                (0..1_250)
+                    .map(|_| std::net::TcpStream::connect(addr).unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    // Held: the server has accepted them all, and serves a request meanwhile.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fds() < fds_before + 10_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} descriptors",
+            fds()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let rss_held = rss_kib(pid);
+    let answer = get_health(addr);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Closed by the server after the header deadline (10 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while fds() > fds_before + 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} descriptors still open",
+            fds()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!(
+        "10,000 idle connections: server RSS {rss_before} KiB before, {rss_held} KiB while held \
+         ({} bytes a connection)",
+        (rss_held.saturating_sub(rss_before) * 1024) / 10_000
+    );
+    drop(idle);
+}
+
+/// The server's descriptors run out (its limit lowered under it, below what its connection cap
+/// assumed): new connections wait in the queue instead of failing, the store does not lose what it
+/// acknowledged, and once idle connections are closed (after the header deadline) the server serves
+/// again by itself.
+#[test]
+fn when_the_descriptors_run_out_the_server_waits_and_comes_back_by_itself() {
+    let server = serve();
+    let homes = tempfile::tempdir().unwrap();
+    let alex = alex_on(&server, homes.path());
+    let pid = server.child.id();
+    let addr: std::net::SocketAddr = server.base.trim_start_matches("http://").parse().unwrap();
+    let lowered = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg("--nofile=256:256")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !lowered {
+        eprintln!("skipped: prlimit is not available");
+        return;
+    }
+    // More idle connections than descriptors left.
+    let idle: Vec<std::net::TcpStream> = (0..400)
+        .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+        .collect();
+    // A customer's write meanwhile waits for a descriptor, then is served (its client retries what
+    // it must); nothing acknowledged is lost.
+    let started = std::time::Instant::now();
+    alex.ok(&[
+        "customer",
+        "profile",
+        "set",
+        "contact",
+        "email: alex@later.example",
+    ]);
+    let waited = started.elapsed();
+    drop(idle);
+    let shown = alex.ok(&["customer", "profile", "show"]);
+    assert!(shown.contains("alex@later.example"), "{shown}");
+    let health = get_health(addr);
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    eprintln!("a write under descriptor exhaustion waited {waited:?}");
+}
+
+/// `GET /readyz` on a connection of its own.
+fn get_health(addr: std::net::SocketAddr) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer
+}

@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod backpressure;
+pub mod conn;
 pub mod error;
 pub mod extract;
 pub mod logkey;
@@ -56,6 +57,9 @@ pub struct Config {
     pub rate_per_identity: f64,
     /// How many requests one identity may make in a burst.
     pub burst_per_identity: f64,
+    /// The most connections open at once; past it a new one is answered 503 and closed. `cmr serve`
+    /// sets it from the process's descriptor limit, keeping room for the store's own files.
+    pub max_connections: usize,
 }
 
 impl Default for Config {
@@ -74,6 +78,7 @@ impl Default for Config {
             timeout: std::time::Duration::from_secs(30),
             rate_per_identity: 200.0,
             burst_per_identity: 400.0,
+            max_connections: 4096,
         }
     }
 }
@@ -96,6 +101,8 @@ pub struct AppState {
     pub gate: backpressure::Gate,
     /// What the server measures, for `/metrics`.
     pub metrics: metrics::Metrics,
+    /// The connections open now (capped at [`Config::max_connections`]).
+    pub connections: conn::Connections,
 }
 
 impl AppState {
@@ -121,6 +128,7 @@ impl AppState {
     ) -> Self {
         Self {
             metrics: metrics::Metrics::new(store.metrics()),
+            connections: conn::Connections::default(),
             store,
             nonces: auth::NonceCache::default(),
             limits: auth::RateLimits::new(config.rate_per_identity, config.burst_per_identity),
@@ -213,7 +221,13 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     tracing::info!(%local, "cmr-server listening");
-    let mut server = axum_server::from_tcp(listener.into_std()?);
+    let guard = conn::Guarded::new(
+        axum_server::accept::DefaultAcceptor,
+        state.connections.clone(),
+        state.config.max_connections,
+        true,
+    );
+    let mut server = axum_server::from_tcp(listener.into_std()?).acceptor(guard);
     limit(server.http_builder());
     server
         .handle(drain_on(shutdown))
@@ -230,7 +244,14 @@ pub async fn serve_tls(
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     tracing::info!(%local, "cmr-server listening (https)");
-    let mut server = axum_server::from_tcp_rustls(listener.into_std()?, tls.rustls());
+    let guard = conn::Guarded::new(
+        axum_server::accept::DefaultAcceptor,
+        state.connections.clone(),
+        state.config.max_connections,
+        false,
+    );
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls.rustls()).acceptor(guard);
+    let mut server = axum_server::from_tcp(listener.into_std()?).acceptor(acceptor);
     limit(server.http_builder());
     server
         .handle(drain_on(shutdown))

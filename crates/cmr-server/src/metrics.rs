@@ -55,6 +55,7 @@ pub struct Metrics {
     refusals: Family<CodeLabels, Counter>,
     log_entries: Gauge,
     store_bytes: Gauge,
+    connections: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -71,6 +72,7 @@ impl Metrics {
         let latency: Latency = Family::new_with_constructor(latency_buckets);
         let refusals = Family::<CodeLabels, Counter>::default();
         let (log_entries, store_bytes) = (Gauge::default(), Gauge::default());
+        let connections = Gauge::default();
         registry.register(
             "http_requests",
             "HTTP requests answered, by route, method and status",
@@ -98,6 +100,11 @@ impl Metrics {
             Unit::Bytes,
             store_bytes.clone(),
         );
+        registry.register(
+            "http_connections",
+            "Connections open now (capped; past the cap new ones are answered 503)",
+            connections.clone(),
+        );
         store.register(&mut registry);
         Self {
             registry,
@@ -106,6 +113,7 @@ impl Metrics {
             refusals,
             log_entries,
             store_bytes,
+            connections,
         }
     }
 
@@ -140,7 +148,9 @@ impl Metrics {
     }
 
     /// The text exposition, with the log's size and the storage's size read now.
-    pub fn encode(&self, log_entries: u64, store_bytes: Option<u64>) -> String {
+    pub fn encode(&self, log_entries: u64, store_bytes: Option<u64>, connections: usize) -> String {
+        self.connections
+            .set(i64::try_from(connections).unwrap_or(i64::MAX));
         self.log_entries
             .set(i64::try_from(log_entries).unwrap_or(i64::MAX));
         self.store_bytes.set(

@@ -29,6 +29,18 @@ async fn start() -> (
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<std::io::Result<()>>,
 ) {
+    start_with(Config::default()).await
+}
+
+/// [`start`] with `config`.
+async fn start_with(
+    config: Config,
+) -> (
+    tempfile::TempDir,
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let key = NoteSigner::new(
         "vault.test/log",
@@ -39,7 +51,7 @@ async fn start() -> (
     let mut cfg = StoreConfig::new(dir.path(), key);
     cfg.cache_capacity = 16 * 1024 * 1024;
     let store = Arc::new(Store::open(cfg).unwrap());
-    let state = Arc::new(AppState::new(store, Config::default()));
+    let state = Arc::new(AppState::new(store, config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -169,7 +181,8 @@ async fn a_generic_rfc9421_client_in_python_calls_the_api() {
 
 /// Exhaustion at the connection: a request head past the limit gets 431 and the connection closes; a
 /// client that trickles its headers (slowloris) is cut off after the header deadline; a keep-alive
-/// connection left idle is closed after it too. Other clients are served throughout.
+/// connection left idle, or one that never sends a byte, is closed after it too. Other clients are
+/// served throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_heads_get_431_and_slow_or_idle_connections_are_closed() {
     let (_dir, addr, stop, server) = start().await;
@@ -185,7 +198,7 @@ async fn huge_heads_get_431_and_slow_or_idle_connections_are_closed() {
         assert!(out.starts_with("HTTP/1.1 431"), "{out}");
 
         // Until it is closed, how long a connection stays open after `sent`.
-        let open_for = |sent: &[u8]| {
+        let open_for = move |sent: &[u8]| {
             let mut s = std::net::TcpStream::connect(addr).unwrap();
             s.write_all(sent).unwrap();
             s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
@@ -199,6 +212,8 @@ async fn huge_heads_get_431_and_slow_or_idle_connections_are_closed() {
             )
         };
         let limit = cmr_server::HEADER_READ_TIMEOUT;
+        // Meanwhile, a connection that sends nothing at all.
+        let silent = std::thread::spawn(move || open_for(b"").0);
         let (slow, _) = open_for(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n");
         assert!(
             slow >= limit - std::time::Duration::from_secs(1)
@@ -211,7 +226,62 @@ async fn huge_heads_get_431_and_slow_or_idle_connections_are_closed() {
             idle < limit + std::time::Duration::from_secs(5),
             "an idle keep-alive connection stayed open {idle:?}"
         );
+        let silent = silent.join().unwrap();
+        assert!(
+            silent >= limit - std::time::Duration::from_secs(1)
+                && silent < limit + std::time::Duration::from_secs(5),
+            "a connection that sent nothing was closed after {silent:?}"
+        );
         get(addr, "/healthz")
+    })
+    .await
+    .unwrap();
+    assert!(checks.starts_with("HTTP/1.1 200"), "{checks}");
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+/// Past the cap on open connections a new one is answered 503 `unavailable` at once and closed, while
+/// those open are served; once they close there is room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_cap_a_new_connection_gets_503_and_room_comes_back() {
+    let config = Config {
+        max_connections: 16,
+        ..Config::default()
+    };
+    let (_dir, addr, stop, server) = start_with(config).await;
+    let checks = tokio::task::spawn_blocking(move || {
+        // Sixteen keep-alive connections, each having been served once.
+        let mut held: Vec<std::net::TcpStream> = (0..16)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                write!(s, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+                let mut buf = [0u8; 512];
+                let n = s.read(&mut buf).unwrap();
+                assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+                s
+            })
+            .collect();
+        let refused = get(addr, "/healthz");
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+        assert!(refused.contains("retry-after: 1"), "{refused}");
+        assert!(refused.contains("unavailable"), "{refused}");
+        // Those open are still served.
+        write!(held[0], "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        let mut buf = [0u8; 512];
+        let n = held[0].read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.clear();
+        // The server sees them close a moment later.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let answer = get(addr, "/healthz");
+            if answer.starts_with("HTTP/1.1 200") {
+                return answer;
+            }
+            assert!(std::time::Instant::now() < deadline, "{answer}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     })
     .await
     .unwrap();

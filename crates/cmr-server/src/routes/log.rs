@@ -161,7 +161,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.encode(size, bytes),
+        state.metrics.encode(size, bytes, state.connections.open()),
     )
 }
 
