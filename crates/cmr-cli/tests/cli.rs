@@ -2049,3 +2049,72 @@ fn get_health(addr: std::net::SocketAddr) -> String {
     s.read_to_string(&mut answer).unwrap();
     answer
 }
+
+/// A data folder on a file system mounted read-only: `cmr serve` refuses to start with one line that
+/// says so (exit 4), and starts with everything intact once it is writable again. Root only (it mounts
+/// a tmpfs); skipped with a note otherwise, unless `CMR_REQUIRE_MOUNT` is set, as in CI.
+#[test]
+fn a_read_only_data_folder_is_refused_clearly_and_served_once_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mount = |opts: &str| {
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(&mnt)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !mount("size=64m") {
+        assert!(
+            std::env::var_os("CMR_REQUIRE_MOUNT").is_none(),
+            "cannot mount a tmpfs (CMR_REQUIRE_MOUNT is set)"
+        );
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let (data, log_key) = (mnt.join("data"), dir.path().join("log.key"));
+    let homes = tempfile::tempdir().unwrap();
+    let first = serve_with(&data, &log_key, &[]);
+    let alex = alex_on(&first, homes.path());
+    drop(first);
+    let remount = |opts: &str| {
+        // sled lets go of its files a moment after the process ends.
+        for _ in 0..50 {
+            if Command::new("mount")
+                .args(["-o", &format!("remount,{opts}")])
+                .arg(&mnt)
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("cannot remount {opts}");
+    };
+    remount("ro");
+    let (code, _, err) = run(cmr()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .arg("--log-key")
+        .arg(&log_key));
+    assert_eq!(code, 4, "{err}");
+    one_line_error(&err);
+    assert!(err.to_lowercase().contains("read-only"), "{err}");
+    remount("rw");
+    let again = serve_with(&data, &log_key, &[]);
+    let alex = User {
+        server: again.base.clone(),
+        ..alex
+    };
+    let shown = alex.ok(&["customer", "profile", "show"]);
+    assert!(shown.contains("alex@example.org"), "{shown}");
+}
