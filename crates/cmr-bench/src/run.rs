@@ -1200,6 +1200,31 @@ async fn log_size(conn: &Connection, pinned: &NoteVerifier) -> Result<u64, Clien
 }
 
 /// The bytes in a folder, recursively.
+/// The stored rows of the stopped server's folder, by table: rows and bytes (keys and values) per log
+/// entry, over the whole log of `entries` entries. Logical bytes: what the store writes, before sled's
+/// own overhead (which the folder's growth shows).
+fn table_sizes(data: &std::path::Path, entries: u64) -> Option<Value> {
+    let rows = cmr_store::SledStorage::open_folder(data, 16 << 20).ok()?;
+    let sizes = cmr_store::layout::table_sizes(&rows).ok()?;
+    let per = |n: u64| n as f64 / entries.max(1) as f64;
+    let mut tables = serde_json::Map::new();
+    for t in &sizes {
+        tables.insert(
+            cmr_store::layout::table_name(t.tag).to_string(),
+            json!({
+                "rows_per_entry": per(t.rows),
+                "bytes_per_entry": per(t.key_bytes + t.value_bytes),
+            }),
+        );
+    }
+    let total: u64 = sizes.iter().map(|t| t.key_bytes + t.value_bytes).sum();
+    tables.insert(
+        "all".into(),
+        json!({"bytes_per_entry": per(total), "entries": entries}),
+    );
+    Some(Value::Object(tables))
+}
+
 fn folder_bytes(path: &std::path::Path) -> u64 {
     std::fs::read_dir(path)
         .map(|d| {
@@ -1217,7 +1242,7 @@ fn folder_bytes(path: &std::path::Path) -> u64 {
 /// Runs `cmr bench`.
 pub async fn run(out: Out, args: BenchArgs) -> Result {
     let mix = Arc::new(parse_mix(&args.mix)?);
-    let (child, base, vkey) = match (&args.server, &args.log_vkey) {
+    let (mut child, base, vkey) = match (&args.server, &args.log_vkey) {
         (Some(s), Some(k)) => (None, s.clone(), k.clone()),
         (Some(_), None) => {
             return Err(BenchError::local(
@@ -1333,6 +1358,16 @@ pub async fn run(out: Out, args: BenchArgs) -> Result {
     } else {
         None
     };
+    // Where the bytes go: the bench's own server on sled is stopped, and its folder's tables counted.
+    let log_size_end = log_size(&conn, &pinned).await?;
+    let tables = match (child.as_mut(), data_dir.as_deref()) {
+        (Some(c), Some(data)) if args.store.is_none() => {
+            let _ = c.child.kill();
+            let _ = c.child.wait();
+            table_sizes(data, log_size_end)
+        }
+        _ => None,
+    };
     let mut kinds = serde_json::Map::new();
     out.line(format!(
         "\n{:<13} {:>9} {:>10} {:>9} {:>9} {:>9}",
@@ -1400,6 +1435,29 @@ pub async fn run(out: Out, args: BenchArgs) -> Result {
             g * entries as f64 / secs * 86_400.0 / 1e9
         ));
     }
+    if let Some(t) = tables.as_ref().and_then(Value::as_object) {
+        let mut parts: Vec<(f64, String)> = t
+            .iter()
+            .filter(|(name, _)| name.as_str() != "all")
+            .map(|(name, v)| {
+                let b = v["bytes_per_entry"].as_f64().unwrap_or_default();
+                (
+                    b,
+                    format!(
+                        "{name} {b:.0} ({:.2} rows)",
+                        v["rows_per_entry"].as_f64().unwrap_or_default()
+                    ),
+                )
+            })
+            .collect();
+        parts.sort_by(|a, b| b.0.total_cmp(&a.0));
+        out.line(format!(
+            "stored per log entry (logical bytes, keys and values, over all {} entries): {:.0} in all: {}",
+            t["all"]["entries"],
+            t["all"]["bytes_per_entry"].as_f64().unwrap_or_default(),
+            parts.into_iter().map(|p| p.1).collect::<Vec<_>>().join(", ")
+        ));
+    }
     if let Some(s) = &soak {
         let part = |name: &str, unit: &str| {
             format!(
@@ -1436,7 +1494,7 @@ pub async fn run(out: Out, args: BenchArgs) -> Result {
         "references": {"aead_1k_per_s": refs.aead_ops, "aead_1k_mb_s": refs.aead_mb, "verify_strict_per_s": refs.verify_strict, "healthz_per_s": refs.healthz},
         "reads_per_verify_strict": reads_per_s / refs.verify_strict,
         "probe": {"stored": args.stored, "p50_ms": probed.0, "p99_ms": probed.1, "reads": probed.2},
-        "log": {"entries": entries, "bytes_per_entry": growth, "inclusion_proof_bytes": proof_bytes, "at_size": proof_at},
+        "log": {"entries": entries, "bytes_per_entry": growth, "inclusion_proof_bytes": proof_bytes, "at_size": proof_at, "tables": tables},
         "client_cost_us": {"one_batch": cost_one, "ten_batches": cost_ten, "verify_strict": verify_us},
         "race": race,
         "seed_s": seed_secs,

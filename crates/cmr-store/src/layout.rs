@@ -118,3 +118,58 @@ pub fn record(family_number: u64, period: Period, n: u64) -> Vec<u8> {
 pub fn family_prefix(family_number: u64) -> Vec<u8> {
     key(tag::RECORD, &[&family_number.to_be_bytes()])
 }
+
+/// A table's name, by its tag (for reports).
+pub fn table_name(t: u8) -> &'static str {
+    match t {
+        tag::META => "meta",
+        tag::LEAF => "leaves",
+        tag::NODE => "tree nodes",
+        tag::BODY => "entry bodies",
+        tag::RECORD => "records",
+        tag::IDEMPOTENCY => "idempotency",
+        tag::DIRECTORY => "directories",
+        tag::CUSTOMER_HEAD => "chain heads",
+        tag::BACKUP => "key backups",
+        tag::PARTY => "party index",
+        tag::PENDING => "pending requests",
+        tag::VAULTS_OF => "vaults of a party",
+        _ => "other",
+    }
+}
+
+/// What one table holds: rows, and the bytes of their keys and values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableSize {
+    /// The table's tag.
+    pub tag: u8,
+    /// Rows.
+    pub rows: u64,
+    /// Bytes of keys.
+    pub key_bytes: u64,
+    /// Bytes of values.
+    pub value_bytes: u64,
+}
+
+/// Counts every table's rows and bytes (a full scan: for reports, not for serving).
+pub fn table_sizes(rows: &dyn crate::Storage) -> Result<Vec<TableSize>, crate::StoreError> {
+    let mut out: Vec<TableSize> = Vec::new();
+    for kv in rows.range(&[0], &[0xff]) {
+        let (k, v) = kv?;
+        let t = k.first().copied().unwrap_or(0);
+        let i = match out.iter().position(|s| s.tag == t) {
+            Some(i) => i,
+            None => {
+                out.push(TableSize {
+                    tag: t,
+                    ..TableSize::default()
+                });
+                out.len() - 1
+            }
+        };
+        out[i].rows += 1;
+        out[i].key_bytes += k.len() as u64;
+        out[i].value_bytes += v.len() as u64;
+    }
+    Ok(out)
+}
