@@ -8,7 +8,10 @@
 //! - `statement`, `batch`: decode, and are signed by the device of the file's `device-certificate`;
 //! - `record`: decodes (header, nonce, wrapped key, bounded content);
 //! - `entry-body`: decodes (known kind, canonical framing, nothing trailing);
-//! - `checkpoint`: a C2SP signed note that opens under the file's `log_vkey`.
+//! - `checkpoint`: a C2SP signed note that opens under the file's `log_vkey`;
+//! - `access-record`: decodes (compact, its signature base rebuilt from its fields, or in full), its
+//!   signature verifies over that base under the file's device key, and the signed request is bound
+//!   to what the record claims for the vault its path names.
 //!
 //! `CMR_UPDATE_VECTORS=1 cargo test -p cmr-tests --test format_vectors` writes the file again (new keys
 //! and salts: every byte changes, every verdict stays).
@@ -26,7 +29,7 @@ use cmr_core::identity::{
 use cmr_core::keys::SigningKey;
 use cmr_core::record::{RecordId, RecordSealer, SealedRecord};
 use cmr_log::checkpoint::Checkpoint;
-use cmr_log::entry::{EntryBody, EntryKind};
+use cmr_log::entry::{AccessRecord, AccessedFamily, EntryBody, EntryKind, access_target};
 use cmr_log::note::{NoteSigner, NoteVerifier, TYPE_ED25519};
 use serde_json::{Value, json};
 
@@ -69,6 +72,17 @@ fn judge(kind: &str, bytes: &[u8], keys: &Keys) -> Result<(), String> {
             .map(|_| ())
             .map_err(|x| e(&x)),
         "entry-body" => EntryBody::decode(bytes).map(|_| ()).map_err(|x| e(&x)),
+        "access-record" => {
+            let r = AccessRecord::decode(bytes).map_err(|x| e(&x))?;
+            keys.device
+                .verify(
+                    r.signature_base.as_bytes(),
+                    &cmr_core::keys::Signature(r.signature),
+                )
+                .map_err(|_| "signature".to_string())?;
+            let customer = r.bound_customer().ok_or("no vault in the signed path")?;
+            r.check_binding(&customer)
+        }
         "checkpoint" => {
             let note = std::str::from_utf8(bytes).map_err(|x| e(&x))?;
             cmr_log::checkpoint::open(note, &keys.log, &[], 0)
@@ -164,6 +178,51 @@ fn generate() -> Value {
         extensions: vec![],
     };
     let note = cp.sign(&log);
+    // A company's read as its client signs it (compact), and as a generic client with one more
+    // parameter signs it (in full).
+    let access = |extra: &str| {
+        let (from, to) = (
+            Period::from_year_month(2025, 6).unwrap(),
+            Period::from_year_month(2026, 11).unwrap(),
+        );
+        let grant = cmr_core::consent::StatementId([5; 32]);
+        let target = access_target(
+            &id,
+            &family,
+            cmr_core::decision::AccessKind::Read,
+            &grant,
+            None,
+            from,
+            to,
+        );
+        let digest = cmr_core::httpsig::content_digest(b"{}");
+        let req = cmr_core::httpsig::Request::new(
+            "POST",
+            "https",
+            "vault.example",
+            &target,
+            vec![("content-digest", digest.as_str())],
+        );
+        let keyid = device.id().to_hex();
+        let params =
+            cmr_core::httpsig::SignatureParams::profile(1_800_000_000, &keyid, "vector-nonce")
+                .unwrap();
+        let base = cmr_core::httpsig::signature_base(&req, &params)
+            .unwrap()
+            .replace(";nonce=", &format!("{extra};nonce="));
+        AccessRecord {
+            grant,
+            kind: cmr_core::decision::AccessKind::Read,
+            epoch: None,
+            families: vec![AccessedFamily { family, from, to }],
+            records: vec![RecordId([7; 16])],
+            keyid,
+            signature: device.signing.sign(base.as_bytes()).0,
+            signature_base: base,
+        }
+        .encode()
+    };
+    let (compact, full) = (access(""), access(";alg=\"ed25519\""));
 
     let mut cases = Vec::new();
     let mut case = |kind: &str, name: &str, bytes: &[u8], accept: bool| {
@@ -171,13 +230,15 @@ fn generate() -> Value {
             "kind": kind, "name": name, "hex": hex::encode(bytes), "accept": accept
         }));
     };
-    let binary: [(&str, Vec<u8>, bool); 6] = [
+    let binary: [(&str, Vec<u8>, bool); 8] = [
         ("key-event", customer.inception.encode(), true),
         ("device-certificate", cert.encode(), true),
         ("statement", statement.encode(), true),
         ("batch", batch.encode(), true),
         ("record", record.as_bytes().to_vec(), false),
         ("entry-body", entry.clone(), false),
+        ("access-record", compact.clone(), true),
+        ("access-record", full.clone(), true),
     ];
     for (kind, valid, signed) in &binary {
         case(kind, "valid", valid, true);
@@ -217,6 +278,19 @@ fn generate() -> Value {
         "record",
         "a content length past the limit",
         &long_content,
+        false,
+    );
+    // A compact record whose signed authority was changed: the rebuilt base no longer verifies.
+    let authority = compact
+        .windows(b"vault.example".len())
+        .position(|w| w == b"vault.example")
+        .unwrap();
+    let mut moved = compact.clone();
+    moved[authority] = b'V';
+    case(
+        "access-record",
+        "compact, the authority changed",
+        &moved,
         false,
     );
     case("checkpoint", "valid", note.as_bytes(), true);
@@ -308,6 +382,7 @@ fn our_readers_agree_with_every_format_vector() {
                 .as_bytes()
                 .to_vec(),
             "entry-body" => EntryBody::decode(&bytes).unwrap().encode(),
+            "access-record" => AccessRecord::decode(&bytes).unwrap().encode(),
             _ => continue,
         };
         assert_eq!(again, bytes, "{} does not round-trip", c["kind"]);

@@ -54,6 +54,9 @@ pub enum Kind {
     AccessRecord = 0x11,
     /// A new device's request to be certified, signed by the device itself.
     DeviceRequest = 0x12,
+    /// An access record whose signed request followed the signing profile exactly, stored as the
+    /// fields its signature base is rebuilt from.
+    AccessRecordCompact = 0x13,
 }
 
 impl Kind {
@@ -77,6 +80,7 @@ impl Kind {
             0x10 => Kind::LogEntry,
             0x11 => Kind::AccessRecord,
             0x12 => Kind::DeviceRequest,
+            0x13 => Kind::AccessRecordCompact,
             _ => return None,
         })
     }

@@ -5,6 +5,7 @@
 //! body)` with a fresh 32-byte salt drawn by the sequencer. The salt is stored with the body and released
 //! only with it; erasing both leaves the leaf unopenable, and the auditor reports the entry as redacted.
 
+use base64::Engine as _;
 use cmr_core::consent::StatementId;
 use cmr_core::decision::{AccessAttempt, AccessKind};
 use cmr_core::encoding::{DecodeError, Kind, Reader, Writer};
@@ -196,6 +197,23 @@ pub fn commitment_leaf(commitment: &Digest) -> Hash {
     leaf_hash(&commitment.0)
 }
 
+/// What a compact access record stores besides the access itself: the fields its signature base is
+/// rebuilt from.
+struct ProfileFields {
+    /// The vault named in the request's path.
+    customer: IdentityId,
+    /// The `@authority` signed.
+    authority: String,
+    /// The SHA-256 of the request body (its `content-digest`).
+    digest: [u8; 32],
+    /// `created`, Unix seconds.
+    created: u64,
+    /// `nonce`.
+    nonce: String,
+    /// The device whose key signed (`keyid`, in hex).
+    device: [u8; 32],
+}
+
 /// One family served or written by an access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AccessedFamily {
@@ -319,9 +337,85 @@ impl AccessRecord {
         })
     }
 
-    /// The canonical encoding.
+    /// The canonical encoding: compact ([`Kind::AccessRecordCompact`]) when the signed request
+    /// followed the signing profile exactly, so that its signature base is rebuilt from a few fields;
+    /// else in full, with the signature base as signed.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::with_capacity(Kind::AccessRecord, 256 + self.signature_base.len());
+        match self.profile_fields() {
+            Some(p) => self.encode_compact(&p),
+            None => self.encode_full(),
+        }
+    }
+
+    /// The fields the signature base is rebuilt from, if it is exactly the signing profile's over
+    /// this record's request: a `POST` to [`access_target`], covering the profile's components,
+    /// with `created`, `keyid` (this record's device id) and `nonce`, and nothing else.
+    fn profile_fields(&self) -> Option<ProfileFields> {
+        let line = |name: &str| {
+            let prefix = format!("\"{name}\": ");
+            self.signature_base
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+        };
+        let digest = line("content-digest")?
+            .strip_prefix("sha-256=:")?
+            .strip_suffix(':')?;
+        let digest: [u8; 32] = base64::engine::general_purpose::STANDARD
+            .decode(digest)
+            .ok()?
+            .try_into()
+            .ok()?;
+        let params = line("@signature-params")?;
+        let after = |key: &str| params.split_once(key).map(|(_, rest)| rest);
+        let created = after(";created=")?.split(';').next()?.parse::<u64>().ok()?;
+        let nonce = after(";nonce=\"")?.split('"').next()?.to_string();
+        let mut device = [0u8; 32];
+        hex::decode_to_slice(&self.keyid, &mut device).ok()?;
+        let fields = ProfileFields {
+            customer: self.bound_customer()?,
+            authority: line("@authority")?.to_string(),
+            digest,
+            created,
+            nonce,
+            device,
+        };
+        // Compact only if the rebuilt base is byte for byte the one signed.
+        (self.profile_base(&fields)? == self.signature_base && hex::encode(device) == self.keyid)
+            .then_some(fields)
+    }
+
+    /// The signature base of a request that followed the signing profile, from `p` and this record.
+    fn profile_base(&self, p: &ProfileFields) -> Option<String> {
+        let [f] = self.families.as_slice() else {
+            return None;
+        };
+        let target = access_target(
+            &p.customer,
+            &f.family,
+            self.kind,
+            &self.grant,
+            self.epoch,
+            f.from,
+            f.to,
+        );
+        let (path, query) = target.split_once('?')?;
+        let keyid = hex::encode(p.device);
+        let created = i64::try_from(p.created).ok()?;
+        let params = cmr_core::httpsig::SignatureParams::profile(created, &keyid, &p.nonce).ok()?;
+        if p.authority.contains(['\n', '\r']) {
+            return None;
+        }
+        Some(format!(
+            "\"@method\": POST\n\"@authority\": {}\n\"@path\": {path}\n\"@query\": ?{query}\n\
+             \"content-digest\": sha-256=:{}:\n\"@signature-params\": {}",
+            p.authority,
+            base64::engine::general_purpose::STANDARD.encode(p.digest),
+            params.serialize()
+        ))
+    }
+
+    /// The access part both encodings share: grant, kind, epoch, families, records.
+    fn write_access(&self, w: &mut Writer) {
         w.array(&self.grant.0)
             .u8(match self.kind {
                 AccessKind::Read => 1,
@@ -336,15 +430,41 @@ impl AccessRecord {
         for r in &self.records {
             w.array(&r.0);
         }
+    }
+
+    fn encode_compact(&self, p: &ProfileFields) -> Vec<u8> {
+        let mut w = Writer::with_capacity(Kind::AccessRecordCompact, 320 + 16 * self.records.len());
+        self.write_access(&mut w);
+        w.array(&p.customer.0)
+            .bytes(p.authority.as_bytes())
+            .array(&p.digest)
+            .u64(p.created)
+            .bytes(p.nonce.as_bytes())
+            .array(&p.device)
+            .array(&self.signature);
+        w.finish()
+    }
+
+    fn encode_full(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(Kind::AccessRecord, 256 + self.signature_base.len());
+        self.write_access(&mut w);
         w.bytes(self.keyid.as_bytes())
             .bytes(self.signature_base.as_bytes())
             .array(&self.signature);
         w.finish()
     }
 
-    /// Parses the canonical encoding.
+    /// Parses the canonical encoding (compact or full).
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader::new(bytes, Kind::AccessRecord)?;
+        let compact = bytes.get(5) == Some(&(Kind::AccessRecordCompact as u8));
+        let mut r = Reader::new(
+            bytes,
+            if compact {
+                Kind::AccessRecordCompact
+            } else {
+                Kind::AccessRecord
+            },
+        )?;
         let grant = StatementId(r.array()?);
         let kind = match r.u8()? {
             1 => AccessKind::Read,
@@ -382,19 +502,38 @@ impl AccessRecord {
         for _ in 0..n {
             records.push(RecordId(r.array()?));
         }
-        let keyid = r.string("keyid", 256)?.to_string();
-        let signature_base = r.string("signature_base", 8192)?.to_string();
-        let signature = r.array()?;
-        r.finish()?;
-        Ok(Self {
+        let mut record = Self {
             grant,
             kind,
             epoch,
             families,
             records,
-            keyid,
-            signature_base,
-            signature,
-        })
+            keyid: String::new(),
+            signature_base: String::new(),
+            signature: [0; 64],
+        };
+        if compact {
+            let p = ProfileFields {
+                customer: IdentityId(r.array()?),
+                authority: r.string("authority", 255)?.to_string(),
+                digest: r.array()?,
+                created: r.u64()?,
+                nonce: r
+                    .string("nonce", cmr_core::httpsig::MAX_NONCE_LEN)?
+                    .to_string(),
+                device: r.array()?,
+            };
+            record.signature_base = record.profile_base(&p).ok_or(DecodeError::Invalid {
+                field: "access",
+                reason: "a compact access record names exactly one family and a valid request",
+            })?;
+            record.keyid = hex::encode(p.device);
+        } else {
+            record.keyid = r.string("keyid", 256)?.to_string();
+            record.signature_base = r.string("signature_base", 8192)?.to_string();
+        }
+        record.signature = r.array()?;
+        r.finish()?;
+        Ok(record)
     }
 }
