@@ -6,7 +6,10 @@
 use cmr_core::family::Period;
 
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
+/// An earlier format this build reads as it is: 3 stored the level-0 tree nodes, which 4 derives from
+/// the leaves (the rows stay, unread).
+pub const FORMATS_READ_AS_IS: [u32; 1] = [3];
 /// Earlier formats whose folders this build opens by adding the index rows they lack (see
 /// `Store::open`): 1 had no party and pending indexes, 2 no vaults-of-a-party index.
 pub const FORMATS_WITHOUT_INDEXES: [u32; 2] = [1, 2];
@@ -17,7 +20,8 @@ pub mod tag {
     pub const META: u8 = 0x01;
     /// Log leaf commitments by index.
     pub const LEAF: u8 = 0x02;
-    /// Log tree nodes by (level, index).
+    /// Log tree nodes by (level, index), from level 1: a level-0 node is the leaf hash of the
+    /// commitment in `LEAF` (format 4; format 3 stored them too, and they are ignored).
     pub const NODE: u8 = 0x03;
     /// Log bodies (salt || body) by index.
     pub const BODY: u8 = 0x04;
@@ -98,6 +102,14 @@ pub fn parse_node(key: &[u8]) -> Option<(u8, u64)> {
         [tag::NODE, level, index @ ..] => {
             Some((*level, u64::from_be_bytes(index.try_into().ok()?)))
         }
+        _ => None,
+    }
+}
+
+/// The index of a leaf row's key.
+pub fn parse_leaf(key: &[u8]) -> Option<u64> {
+    match key {
+        [tag::LEAF, index @ ..] => Some(u64::from_be_bytes(index.try_into().ok()?)),
         _ => None,
     }
 }

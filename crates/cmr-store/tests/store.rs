@@ -222,6 +222,50 @@ fn a_newer_or_damaged_store_is_refused() {
     ));
 }
 
+/// A format-3 folder (which stored the level-0 tree nodes too) opens as it is: those rows are no longer
+/// read (a level-0 node is the leaf hash of the stored commitment), the proofs and the root are the same,
+/// and the folder is then format 4.
+#[test]
+fn a_format_3_folder_opens_and_its_level_0_nodes_are_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let (size, root) = {
+        let store = open(dir.path(), clock.clone());
+        let mut w = World::setup(&store);
+        let g = w.grant(&store);
+        store.execute(w.read(g, p(2025, 6), T0)).unwrap();
+        let cp = latest_checkpoint(&store);
+        (cp.size, cp.root)
+    };
+    {
+        let db = common::raw_sled(dir.path());
+        let t = db.open_tree("cmr").unwrap();
+        t.insert(cmr_store::layout::META_FORMAT, &3u32.to_be_bytes())
+            .unwrap();
+        // A level-0 node row as format 3 wrote them, here wrong: it must not be what is read.
+        t.insert(cmr_store::layout::node(0, 0), &[0xee; 32])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = open(dir.path(), clock);
+    let cp = latest_checkpoint(&store);
+    assert_eq!((cp.size, cp.root), (size, root));
+    assert_eq!(store.root(size).unwrap(), root);
+    let proof = store.inclusion_proof(0, size).unwrap();
+    let leaf = cmr_log::entry::commitment_leaf(&store.commitments(0, 1).unwrap()[0]);
+    verify_inclusion(0, size, &leaf, &proof, &root).unwrap();
+    drop(store);
+    let db = common::raw_sled(dir.path());
+    let t = db.open_tree("cmr").unwrap();
+    assert_eq!(
+        t.get(cmr_store::layout::META_FORMAT)
+            .unwrap()
+            .unwrap()
+            .as_ref(),
+        &cmr_store::layout::FORMAT_VERSION.to_be_bytes()
+    );
+}
+
 /// sled takes damage in its files for a torn tail and opens an older state; the store refuses that (its
 /// acknowledgement mark is ahead), names the cause, and opens again only once the operator removes the
 /// mark to accept the loss.

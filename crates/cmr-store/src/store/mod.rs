@@ -468,6 +468,8 @@ impl Store {
                 if layout::FORMATS_WITHOUT_INDEXES.contains(&version) {
                     // Written before some of the indexes: the replay below adds them.
                     add_indexes = true;
+                } else if layout::FORMATS_READ_AS_IS.contains(&version) {
+                    rows.write(format_row())?;
                 } else if version != layout::FORMAT_VERSION {
                     return Err(StoreError::Format(format!(
                         "data folder has format {version}, this build reads {}",

@@ -51,19 +51,25 @@ impl NodeCache {
         }
     }
 
-    /// The nodes among a group's writes, to keep with [`NodeCache::put`] once the storage holds them.
+    /// The nodes among a group's writes (the level-0 ones from its leaves), to keep with
+    /// [`NodeCache::put`] once the storage holds them.
     pub(super) fn of(writes: &Writes) -> Vec<(u8, u64, Hash)> {
         writes
             .iter()
             .filter_map(|(k, v)| {
+                let v = v.as_ref()?;
+                if let Some(index) = layout::parse_leaf(k) {
+                    return Some((0, index, leaf_node(v)?));
+                }
                 let (level, index) = layout::parse_node(k)?;
-                let hash = Hash::try_from(v.as_ref()?.as_slice()).ok()?;
+                let hash = Hash::try_from(v.as_slice()).ok()?;
                 Some((level, index, hash))
             })
             .collect()
     }
 
-    /// A node, from the cache or else from the storage (then kept).
+    /// A node, from the cache or else from the storage (then kept). A level-0 node is not stored: it
+    /// is the leaf hash of the entry's commitment, which is.
     pub(super) fn read(
         &self,
         rows: &dyn Storage,
@@ -73,9 +79,13 @@ impl NodeCache {
         if let Some(h) = self.get(level, index) {
             return Ok(Some(h));
         }
-        let hash = rows
-            .get(&layout::node(level, index))?
-            .and_then(|v| Hash::try_from(v).ok());
+        let hash = if level == 0 {
+            rows.get(&layout::indexed(tag::LEAF, index))?
+                .and_then(|v| leaf_node(&v))
+        } else {
+            rows.get(&layout::node(level, index))?
+                .and_then(|v| Hash::try_from(v).ok())
+        };
         if let Some(h) = hash {
             self.put(level, index, h);
         }
@@ -153,16 +163,31 @@ impl Overlay<'_> {
         self.writes.insert(k, None);
     }
 }
+/// The level-0 node of a stored commitment (a leaf row's value).
+fn leaf_node(commitment: &[u8]) -> Option<Hash> {
+    let c = <[u8; 32]>::try_from(commitment).ok()?;
+    Some(commitment_leaf(&Digest(c)))
+}
+
 impl NodeStore for &mut Overlay<'_> {
     type Error = StoreError;
     fn node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
-        match self.writes.get(&layout::node(level, index)) {
+        let key = if level == 0 {
+            layout::indexed(tag::LEAF, index)
+        } else {
+            layout::node(level, index)
+        };
+        match self.writes.get(&key) {
+            Some(Some(v)) if level == 0 => Ok(leaf_node(v)),
             Some(v) => Ok(v.as_ref().and_then(|v| v.as_slice().try_into().ok())),
             None => self.nodes.read(self.rows, level, index),
         }
     }
+    /// Level-0 nodes are not stored: the leaf row, written before the append, stands for them.
     fn set_node(&mut self, level: u8, index: u64, hash: Hash) -> Result<(), StoreError> {
-        self.put(layout::node(level, index), hash.to_vec());
+        if level > 0 {
+            self.put(layout::node(level, index), hash.to_vec());
+        }
         Ok(())
     }
     fn size(&self) -> Result<u64, StoreError> {
