@@ -56,6 +56,7 @@ pub struct Metrics {
     log_entries: Gauge,
     store_bytes: Gauge,
     connections: Gauge,
+    resident: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -72,7 +73,7 @@ impl Metrics {
         let latency: Latency = Family::new_with_constructor(latency_buckets);
         let refusals = Family::<CodeLabels, Counter>::default();
         let (log_entries, store_bytes) = (Gauge::default(), Gauge::default());
-        let connections = Gauge::default();
+        let (connections, resident) = (Gauge::default(), Gauge::default());
         registry.register(
             "http_requests",
             "HTTP requests answered, by route, method and status",
@@ -105,6 +106,12 @@ impl Metrics {
             "Connections open now (capped; past the cap new ones are answered 503)",
             connections.clone(),
         );
+        registry.register_with_unit(
+            "process_resident_memory",
+            "The server process's resident memory (VmRSS; -1 where /proc cannot tell)",
+            Unit::Bytes,
+            resident.clone(),
+        );
         store.register(&mut registry);
         Self {
             registry,
@@ -114,6 +121,7 @@ impl Metrics {
             log_entries,
             store_bytes,
             connections,
+            resident,
         }
     }
 
@@ -151,6 +159,7 @@ impl Metrics {
     pub fn encode(&self, log_entries: u64, store_bytes: Option<u64>, connections: usize) -> String {
         self.connections
             .set(i64::try_from(connections).unwrap_or(i64::MAX));
+        self.resident.set(resident_bytes().unwrap_or(-1));
         self.log_entries
             .set(i64::try_from(log_entries).unwrap_or(i64::MAX));
         self.store_bytes.set(
@@ -163,6 +172,20 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// This process's resident memory, from `/proc/self/status` (Linux).
+fn resident_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: i64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 /// Middleware on the matched routes: counts each request by its route's template, method and status,

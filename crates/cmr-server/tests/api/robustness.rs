@@ -336,6 +336,9 @@ async fn metrics_count_requests_refusals_and_commits_and_name_no_party() {
     .size;
     assert_eq!(value("cmr_log_entries "), size as f64);
     assert!(value("cmr_store_size_bytes ") > 0.0);
+    assert!(value("cmr_process_resident_memory_bytes ") > 1e6);
+    // A oneshot test serves no connection.
+    assert_eq!(value("cmr_http_connections "), 0.0);
     // Routes by template, never by id.
     for id in [f.customer.id.to_hex(), f.acme.id.to_hex(), f.tx.to_hex()] {
         assert!(!text.contains(&id), "a party's id in /metrics");
