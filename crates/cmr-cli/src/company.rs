@@ -9,6 +9,7 @@ use cmr_client::wellknown::KeyDocument;
 use cmr_core::consent::{AccessRequest, Counterparty, StatementId};
 use cmr_core::family::{Period, Scope};
 use cmr_core::identity::{IdentityId, Role};
+use cmr_wire::gateway::{GrantHeld, RecordRead, RequestSent};
 use serde_json::json;
 
 use crate::customer::{access_name, parse_month, parse_scope_access, this_month};
@@ -67,6 +68,14 @@ pub enum CompanyCmd {
     /// What became of the requests sent (granted, denied, pending), and the grants held.
     #[command(after_help = "Example:\n  cmr company status")]
     Status,
+    /// Serve this company's access to its backend as plain JSON on loopback (any language, no
+    /// cryptography there): grants, requests, verified reads, appends. The keys and every
+    /// verification stay in this process; the backend sends the bearer token it wrote.
+    #[command(after_help = "\
+Example:
+  CMR_PASSPHRASE_FILE=/etc/acme/passphrase cmr company gateway --listen 127.0.0.1:7070
+  curl -H \"Authorization: Bearer $(cat ~/.config/cmr/gateway.token)\" http://127.0.0.1:7070/v1/grants")]
+    Gateway(crate::gateway::GatewayArgs),
     /// Accept the vault's log after the operator restored it from a backup (the client refuses a
     /// shorter log than it saw until then): what happened after the backup is gone.
     #[command(after_help = "Example:\n  cmr company accept-restore")]
@@ -99,19 +108,19 @@ pub enum CompanyCmd {
     },
 }
 
-struct Loaded {
-    company: Company,
+pub(crate) struct Loaded {
+    pub(crate) company: Company,
     saved: Saved<CompanyState>,
 }
 
 impl Loaded {
-    fn open(home: &Home) -> CliResult<Self> {
+    pub(crate) fn open(home: &Home) -> CliResult<Self> {
         let (session, saved) = home::open_session::<CompanyState>(home, Role::Company)?;
         let company = saved.role.restore(session)?;
         Ok(Self { company, saved })
     }
 
-    fn save(mut self, home: &Home) -> CliResult {
+    pub(crate) fn save(&mut self, home: &Home) -> CliResult {
         self.saved.role = CompanyState::save(&self.company);
         self.saved.session = self.saved.role.session.clone();
         home.write_state(Role::Company, &self.saved)
@@ -155,6 +164,9 @@ pub async fn run(home: &Home, out: Out, cmd: CompanyCmd) -> CliResult {
     if let CompanyCmd::Id = cmd {
         return crate::customer::print_id(home, out, Role::Company);
     }
+    if let CompanyCmd::Gateway(args) = cmd {
+        return crate::gateway::run(home, args).await;
+    }
     let mut l = Loaded::open(home)?;
     let result = step(&mut l, out, cmd).await;
     l.save(home)?;
@@ -165,7 +177,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
     let t = now();
     let c = &mut l.company;
     match cmd {
-        CompanyCmd::Init { .. } | CompanyCmd::Id => {
+        CompanyCmd::Init { .. } | CompanyCmd::Id | CompanyCmd::Gateway(_) => {
             return Err(CliError::local(
                 "this command runs on its own",
                 "report this",
@@ -201,24 +213,8 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
                 .map(|id| id.0)
                 .collect();
             let customer = IdentityId(crate::out::resolve_id(&customer, "customer", known)?);
-            let scopes = scopes
-                .iter()
-                .map(|s| parse_scope_access(s))
-                .collect::<CliResult<Vec<_>>>()?;
-            let duration = crate::customer::parse_duration(&duration)?;
-            let rid = c
-                .request(
-                    customer,
-                    AccessRequest {
-                        scopes,
-                        purpose,
-                        duration,
-                        lookback_months: lookback,
-                        counterparty: Counterparty::OnlyRequester,
-                    },
-                    t,
-                )
-                .await?;
+            let asked = access_request(&scopes, purpose, &duration, lookback)?;
+            let rid = c.request(customer, asked, t).await?;
             out.line(format!(
                 "request {} sent to {}; the customer answers with `cmr customer approve`",
                 rid.to_hex(),
@@ -235,52 +231,27 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
             out.value(&json!({"restored_size": size}));
         }
         CompanyCmd::Status => {
-            let mut customers: Vec<IdentityId> = c.requests.values().copied().collect();
-            customers.extend(c.grants.values().map(|g| g.customer));
-            // Customers who granted access without being asked are found too.
-            customers.extend(c.discover().await?);
-            customers.sort();
-            customers.dedup();
-            for cust in customers {
-                c.sync(cust).await?;
-            }
-            let mut rows = Vec::new();
-            let mut reqs: Vec<(StatementId, IdentityId)> =
-                c.requests.iter().map(|(r, cu)| (*r, *cu)).collect();
-            reqs.sort();
-            for (rid, cust) in reqs {
-                let status = match c.status(&rid) {
-                    RequestStatus::Pending => "pending".to_string(),
-                    RequestStatus::Granted(g) => format!("granted: grant {}", g.to_hex()),
-                    RequestStatus::Denied(r) => format!("denied: {r}"),
-                };
+            sync_all(c).await?;
+            let requests = request_rows(c);
+            for r in &requests {
                 out.line(format!(
-                    "request {} to {}: {status}",
-                    short(&rid.to_hex()),
-                    short(&cust.to_hex())
+                    "request {} to {}: {}",
+                    short(&r.request),
+                    short(&r.customer),
+                    r.status
                 ));
-                rows.push(
-                    json!({"request": rid.to_hex(), "customer": cust.to_hex(), "status": status}),
-                );
             }
-            let mut grants = Vec::new();
-            for g in c.grants.values() {
-                let Some(b) = g.grant() else { continue };
-                let scopes: Vec<String> = b
-                    .scopes
-                    .iter()
-                    .map(|(s, a)| format!("{}:{}", s.name(), access_name(*a)))
-                    .collect();
-                let state = g.status(crate::out::now());
-                let lasting = crate::customer::lasting(b);
+            let grants = grant_rows(c);
+            for g in &grants {
                 out.line(format!(
-                    "grant {} from {}: {state}, {}, {lasting}, history from {}",
-                    short(&g.id.to_hex()),
-                    short(&g.customer.to_hex()),
-                    scopes.join(","),
-                    b.lookback_start
+                    "grant {} from {}: {}, {}, {}, history from {}",
+                    short(&g.grant),
+                    short(&g.customer),
+                    g.status,
+                    g.scopes.join(","),
+                    g.duration,
+                    g.lookback_start
                 ));
-                grants.push(json!({"grant": g.id.to_hex(), "customer": g.customer.to_hex(), "status": state, "scopes": scopes, "duration": lasting, "expires": b.expires, "lookback_start": b.lookback_start.to_string()}));
             }
             for d in &c.disputes {
                 out.line(format!(
@@ -291,7 +262,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
                     d.index
                 ));
             }
-            out.value(&json!({"requests": rows, "grants": grants, "disputes": c.disputes}));
+            out.value(&json!({"requests": requests, "grants": grants, "disputes": c.disputes}));
         }
         CompanyCmd::Read {
             grant,
@@ -304,45 +275,12 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
                 "grant",
                 c.grants.keys().map(|g| g.0),
             )?);
-            let scope = Scope::from_name(&scope)
-                .ok_or_else(|| CliError::local(format!("unknown scope {scope:?}"), "see --help"))?;
-            let held = c.grants.get(&gid).ok_or_else(|| {
-                CliError::local("no such grant held", "run `cmr company status` first")
-            })?;
-            let g = held
-                .grant()
-                .ok_or_else(|| CliError::local("not a grant", "check the id"))?;
-            let family = g
-                .families
-                .iter()
-                .find(|f| f.scope == scope)
-                .map(|f| f.family)
-                .ok_or_else(|| {
-                    CliError::local(
-                        format!("the grant does not cover {}", scope.name()),
-                        "see `cmr company status`",
-                    )
-                })?;
-            let (from, to) = if scope.is_periodic() {
-                (
-                    from.as_deref()
-                        .map(parse_month)
-                        .transpose()?
-                        .unwrap_or(g.lookback_start),
-                    to.as_deref()
-                        .map(parse_month)
-                        .transpose()?
-                        .unwrap_or(this_month()?),
-                )
-            } else {
-                (Period::ORIGIN, Period::ORIGIN)
-            };
-            let (_, records) = c.read(gid, family, from, to).await?;
+            let t = read_target(c, gid, &scope, from.as_deref(), to.as_deref())?;
+            let (_, records) = c.read(gid, t.family, t.from, t.to).await?;
             // Profile sections have no months: their records are shown without one.
-            let periodic = scope.is_periodic();
             for r in &records {
                 let text = String::from_utf8_lossy(&r.content);
-                out.line(if periodic {
+                out.line(if t.periodic {
                     format!("{}  {text}", r.period)
                 } else {
                     text.into_owned()
@@ -352,7 +290,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
                 "{} records; the read was logged, proven complete and decrypted here",
                 records.len()
             ));
-            out.value(&json!({"records": records.iter().map(|r| json!({"month": periodic.then(|| r.period.to_string()), "text": String::from_utf8_lossy(&r.content), "record": r.id.to_hex(), "author": r.author.to_hex()})).collect::<Vec<_>>()}));
+            out.value(&json!({"records": record_rows(&records, t.periodic)}));
         }
         CompanyCmd::Append { grant, month, text } => {
             let gid = StatementId(crate::out::resolve_id(
@@ -360,35 +298,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
                 "grant",
                 c.grants.keys().map(|g| g.0),
             )?);
-            let held = c.grants.get(&gid).ok_or_else(|| {
-                CliError::local("no such grant held", "run `cmr company status` first")
-            })?;
-            let g = held
-                .grant()
-                .ok_or_else(|| CliError::local("not a grant", "check the id"))?;
-            let family = g.append_family.ok_or_else(|| {
-                CliError::local(
-                    "the grant does not allow appends",
-                    "ask for an append scope",
-                )
-            })?;
-            let scope = g
-                .families
-                .iter()
-                .find(|f| f.family == family)
-                .map(|f| f.scope)
-                .ok_or_else(|| {
-                    CliError::local("the append family is not in the grant", "report this")
-                })?;
-            let period = if scope.is_periodic() {
-                month
-                    .as_deref()
-                    .map(parse_month)
-                    .transpose()?
-                    .unwrap_or(this_month()?)
-            } else {
-                Period::ORIGIN
-            };
+            let (scope, period) = append_target(c, gid, month.as_deref())?;
             // The append extends the family's current head, which the server names for an appender.
             let acked = c.append_now(gid, period, &[text.as_bytes()]).await?;
             out.line(format!(
@@ -400,4 +310,194 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
         }
     }
     Ok(())
+}
+
+/// Brings every vault this company deals with up to date (the customers it asked, those whose grants
+/// it holds, and those that granted it something unasked): grants, revocations, answers, disputes.
+pub(crate) async fn sync_all(c: &mut Company) -> Result<(), cmr_client::ClientError> {
+    let mut customers: Vec<IdentityId> = c.requests.values().copied().collect();
+    customers.extend(c.grants.values().map(|g| g.customer));
+    // Customers who granted access without being asked are found too.
+    customers.extend(c.discover().await?);
+    customers.sort();
+    customers.dedup();
+    for cust in customers {
+        c.sync(cust).await?;
+    }
+    Ok(())
+}
+
+/// The requests sent, by id.
+pub(crate) fn request_rows(c: &Company) -> Vec<RequestSent> {
+    let mut reqs: Vec<(StatementId, IdentityId)> =
+        c.requests.iter().map(|(r, cu)| (*r, *cu)).collect();
+    reqs.sort();
+    reqs.into_iter()
+        .map(|(rid, cust)| {
+            let status = match c.status(&rid) {
+                RequestStatus::Pending => "pending".to_string(),
+                RequestStatus::Granted(g) => format!("granted: grant {}", g.to_hex()),
+                RequestStatus::Denied(r) => format!("denied: {r}"),
+            };
+            RequestSent {
+                request: rid.to_hex(),
+                customer: cust.to_hex(),
+                status,
+            }
+        })
+        .collect()
+}
+
+/// The grants held, by id.
+pub(crate) fn grant_rows(c: &Company) -> Vec<GrantHeld> {
+    let mut out: Vec<GrantHeld> = c
+        .grants
+        .values()
+        .filter_map(|g| {
+            let b = g.grant()?;
+            let scopes: Vec<String> = b
+                .scopes
+                .iter()
+                .map(|(s, a)| format!("{}:{}", s.name(), access_name(*a)))
+                .collect();
+            Some(GrantHeld {
+                grant: g.id.to_hex(),
+                customer: g.customer.to_hex(),
+                status: g.status(now()).to_string(),
+                scopes,
+                duration: crate::customer::lasting(b),
+                expires: b.expires,
+                lookback_start: b.lookback_start.to_string(),
+                purpose: b.purpose.clone(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.grant.cmp(&b.grant));
+    out
+}
+
+/// What a read under a grant reads: the family of `scope`, and the months (from the grant's look-back
+/// start to this month unless given; none for a profile section).
+pub(crate) struct ReadTarget {
+    pub family: cmr_core::family::FamilyId,
+    pub from: Period,
+    pub to: Period,
+    pub periodic: bool,
+}
+
+/// The [`ReadTarget`] of `scope` under grant `gid`, which this company must hold.
+pub(crate) fn read_target(
+    c: &Company,
+    gid: StatementId,
+    scope: &str,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> CliResult<ReadTarget> {
+    let scope = Scope::from_name(scope)
+        .ok_or_else(|| CliError::local(format!("unknown scope {scope:?}"), "see --help"))?;
+    let held = c
+        .grants
+        .get(&gid)
+        .ok_or_else(|| CliError::local("no such grant held", "run `cmr company status` first"))?;
+    let g = held
+        .grant()
+        .ok_or_else(|| CliError::local("not a grant", "check the id"))?;
+    let family = g
+        .families
+        .iter()
+        .find(|f| f.scope == scope)
+        .map(|f| f.family)
+        .ok_or_else(|| {
+            CliError::local(
+                format!("the grant does not cover {}", scope.name()),
+                "see `cmr company status`",
+            )
+        })?;
+    let periodic = scope.is_periodic();
+    let (from, to) = if periodic {
+        (
+            from.map(parse_month)
+                .transpose()?
+                .unwrap_or(g.lookback_start),
+            to.map(parse_month).transpose()?.unwrap_or(this_month()?),
+        )
+    } else {
+        (Period::ORIGIN, Period::ORIGIN)
+    };
+    Ok(ReadTarget {
+        family,
+        from,
+        to,
+        periodic,
+    })
+}
+
+/// Where an append under grant `gid` goes: its append family's scope, and the month (this month unless
+/// given; none for a profile section).
+pub(crate) fn append_target(
+    c: &Company,
+    gid: StatementId,
+    month: Option<&str>,
+) -> CliResult<(Scope, Period)> {
+    let held = c
+        .grants
+        .get(&gid)
+        .ok_or_else(|| CliError::local("no such grant held", "run `cmr company status` first"))?;
+    let g = held
+        .grant()
+        .ok_or_else(|| CliError::local("not a grant", "check the id"))?;
+    let family = g.append_family.ok_or_else(|| {
+        CliError::local(
+            "the grant does not allow appends",
+            "ask for an append scope",
+        )
+    })?;
+    let scope = g
+        .families
+        .iter()
+        .find(|f| f.family == family)
+        .map(|f| f.scope)
+        .ok_or_else(|| CliError::local("the append family is not in the grant", "report this"))?;
+    let period = if scope.is_periodic() {
+        month.map(parse_month).transpose()?.unwrap_or(this_month()?)
+    } else {
+        Period::ORIGIN
+    };
+    Ok((scope, period))
+}
+
+/// Records read and decrypted here, in the wire's shape.
+pub(crate) fn record_rows(
+    records: &[cmr_client::customer::OpenedRecord],
+    periodic: bool,
+) -> Vec<RecordRead> {
+    records
+        .iter()
+        .map(|r| RecordRead {
+            record: r.id.to_hex(),
+            month: periodic.then(|| r.period.to_string()),
+            author: r.author.to_hex(),
+            text: String::from_utf8_lossy(&r.content).into_owned(),
+        })
+        .collect()
+}
+
+/// An access request from what a person or a backend typed: `SCOPE:ACCESS` scopes, a purpose, a
+/// duration (`once`, `persistent` or days) and months of history.
+pub(crate) fn access_request(
+    scopes: &[String],
+    purpose: String,
+    duration: &str,
+    lookback_months: u32,
+) -> CliResult<AccessRequest> {
+    Ok(AccessRequest {
+        scopes: scopes
+            .iter()
+            .map(|s| parse_scope_access(s))
+            .collect::<CliResult<Vec<_>>>()?,
+        purpose,
+        duration: crate::customer::parse_duration(duration)?,
+        lookback_months,
+        counterparty: Counterparty::OnlyRequester,
+    })
 }

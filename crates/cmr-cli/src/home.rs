@@ -21,6 +21,7 @@ use crate::error::{CliError, CliResult};
 pub const PASSPHRASE_ENV: &str = "CMR_PASSPHRASE";
 
 /// Where a user's files are.
+#[derive(Clone)]
 pub struct Home {
     root: PathBuf,
 }
@@ -111,6 +112,11 @@ impl Home {
 
     fn state_path(&self, role: Role) -> PathBuf {
         self.dir(role).join("state.json")
+    }
+
+    /// A file of this configuration folder (its own, not a role's).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.root.join(name)
     }
 
     /// The witness's key file.

@@ -15,6 +15,7 @@ mod config;
 mod customer;
 mod demo;
 mod error;
+mod gateway;
 mod home;
 mod migrate;
 mod operator;

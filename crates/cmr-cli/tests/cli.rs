@@ -2118,3 +2118,212 @@ fn a_read_only_data_folder_is_refused_clearly_and_served_once_writable() {
     let shown = alex.ok(&["customer", "profile", "show"]);
     assert!(shown.contains("alex@example.org"), "{shown}");
 }
+
+/// `POST`/`GET` to the gateway with an optional bearer token: the status and the JSON answer.
+fn gateway_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let status = answer[9..12].parse().unwrap();
+    let json = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| serde_json::from_str(b).unwrap_or(Value::Null))
+        .unwrap_or(Value::Null);
+    (status, json)
+}
+
+/// A company's backend integrates through the gateway with plain JSON: it asks, the customer
+/// approves, the grant shows, the read returns verified and decrypted records, an append lands in the
+/// vault, and after the revocation the next read is refused with the vault's stable code. Without the
+/// token nothing is served; beyond loopback the gateway refuses to listen.
+#[test]
+fn a_company_backend_uses_the_gateway_with_plain_json() {
+    let server = serve();
+    let homes = tempfile::tempdir().unwrap();
+    let alex = alex_on(&server, homes.path());
+    let alex_id = alex.ok(&["customer", "id"]).trim().to_string();
+    let bank = User {
+        home: homes.path().join("bank"),
+        ..alex.clone()
+    };
+    let bank_id = bank.json(&["company", "init"])["identity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bank.ok(&["company", "register"]);
+    let bank_domain = domain(bank.ok(&["company", "key-document", "--name", "Acme Bank"]));
+    alex.ok(&[
+        "customer",
+        "tx",
+        "add",
+        "--company",
+        &bank_id,
+        "coffee 3.20",
+    ]);
+
+    // Beyond loopback only when told.
+    let (code, _, err) = run(&mut bank.cmd(&["company", "gateway", "--listen", "0.0.0.0:0"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("loopback"), "{err}");
+
+    let mut child = bank
+        .cmd(&["company", "gateway", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let _gateway = Kill(child);
+    let first = lines.next().unwrap().unwrap();
+    let addr = first
+        .rsplit_once("http://")
+        .map(|(_, a)| a.trim().to_string())
+        .unwrap();
+    let token = std::fs::read_to_string(bank.home.join("gateway.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let t = Some(token.as_str());
+
+    // No token, a wrong token: 401, nothing served. The document is public.
+    assert_eq!(gateway_call(&addr, "GET", "/v1/grants", None, None).0, 401);
+    let (status, problem) = gateway_call(
+        &addr,
+        "GET",
+        "/v1/grants",
+        Some("wrong-token-wrong-token-wrong-token"),
+        None,
+    );
+    assert_eq!(
+        (status, problem["title"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (status, doc) = gateway_call(&addr, "GET", "/v1/openapi.json", None, None);
+    assert_eq!(status, 200);
+    assert!(doc["paths"]["/v1/grants/{grant}/read"].is_object(), "{doc}");
+
+    // The backend asks; the customer approves, narrowed to three months.
+    let (status, sent) = gateway_call(
+        &addr,
+        "POST",
+        "/v1/requests",
+        t,
+        Some(serde_json::json!({
+            "customer": alex_id,
+            "scopes": ["transactions:read+append"],
+            "purpose": "spending insights",
+            "lookback_months": 12
+        })),
+    );
+    assert_eq!(status, 200, "{sent}");
+    let request = sent["request"].as_str().unwrap().to_string();
+    let (_, listed) = gateway_call(&addr, "GET", "/v1/requests", t, None);
+    assert_eq!(listed["requests"][0]["status"], "pending", "{listed}");
+    alex.ok(&[
+        "customer",
+        "approve",
+        &request,
+        "--domain",
+        &bank_domain,
+        "--lookback",
+        "3",
+        "--insecure-http-for-tests",
+    ]);
+    let (status, held) = gateway_call(&addr, "GET", "/v1/grants", t, None);
+    assert_eq!(status, 200, "{held}");
+    let g = &held["grants"][0];
+    assert_eq!(g["status"], "active", "{held}");
+    assert_eq!(g["purpose"], "spending insights");
+    assert_eq!(g["customer"], alex_id.as_str());
+    let grant = g["grant"].as_str().unwrap().to_string();
+
+    // A verified, decrypted read; an append that the customer then sees.
+    let (status, read) = gateway_call(
+        &addr,
+        "POST",
+        &format!("/v1/grants/{grant}/read"),
+        t,
+        Some(serde_json::json!({"scope": "transactions"})),
+    );
+    assert_eq!(status, 200, "{read}");
+    let texts: Vec<&str> = read["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["text"].as_str())
+        .collect();
+    assert_eq!(texts, ["coffee 3.20"], "{read}");
+    let (status, appended) = gateway_call(
+        &addr,
+        "POST",
+        &format!("/v1/grants/{grant}/append"),
+        t,
+        Some(serde_json::json!({"text": "category: coffee lover"})),
+    );
+    assert_eq!(status, 200, "{appended}");
+    assert!(appended["index"].is_u64());
+    let listed = alex.ok(&["customer", "tx", "list", "--company", &bank_id]);
+    assert!(listed.contains("category: coffee lover"), "{listed}");
+
+    // Bad input: a clear refusal, never a 500.
+    let (status, problem) = gateway_call(
+        &addr,
+        "POST",
+        &format!("/v1/grants/{grant}/read"),
+        t,
+        Some(serde_json::json!({"scope": "no-such-scope"})),
+    );
+    assert_eq!(
+        (status, problem["title"].as_str()),
+        (400, Some("bad-request")),
+        "{problem}"
+    );
+    let (status, _) = gateway_call(
+        &addr,
+        "POST",
+        "/v1/grants/zz/read",
+        t,
+        Some(serde_json::json!({"scope": "transactions"})),
+    );
+    assert_eq!(status, 400);
+
+    // Revoked: the next read is refused with the vault's stable code.
+    alex.ok(&["customer", "revoke", &grant]);
+    let (status, problem) = gateway_call(
+        &addr,
+        "POST",
+        &format!("/v1/grants/{grant}/read"),
+        t,
+        Some(serde_json::json!({"scope": "transactions"})),
+    );
+    assert_eq!(
+        (status, problem["title"].as_str()),
+        (403, Some("grant-revoked")),
+        "{problem}"
+    );
+    let (_, held) = gateway_call(&addr, "GET", "/v1/grants", t, None);
+    assert_eq!(held["grants"][0]["status"], "revoked", "{held}");
+}

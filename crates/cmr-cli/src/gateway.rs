@@ -1,0 +1,441 @@
+//! `cmr company gateway`: the company's keys and every verification in a process the company runs,
+//! behind a plain JSON API its backend calls in any language (docs/companies.md, design note 0008).
+//!
+//! What it owns: the gateway's HTTP edge (routes, the bearer token, problem details, its OpenAPI
+//! document). What it does not own: what a request, a read or an append is (the SDK, through the same
+//! functions as `cmr company`), or the JSON shapes (`cmr_wire::gateway`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use cmr_client::ClientError;
+use cmr_core::consent::StatementId;
+use cmr_core::hash::sha256;
+use cmr_core::identity::IdentityId;
+use cmr_wire::gateway::{
+    AppendRequest, Appended, GrantsJson, NewRequest, ReadRequest, RecordsJson, RequestCreated,
+    RequestsJson,
+};
+use cmr_wire::problem::ProblemJson;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::company::{
+    Loaded, access_request, append_target, grant_rows, read_target, record_rows, request_rows,
+    sync_all,
+};
+use crate::error::{CliError, CliResult};
+use crate::home::Home;
+use crate::out::now;
+
+/// The token file, in the configuration folder.
+pub const TOKEN_FILE: &str = "gateway.token";
+
+/// `cmr company gateway`'s arguments.
+#[derive(clap::Args)]
+pub struct GatewayArgs {
+    /// The address to listen on: loopback only, unless --allow-remote.
+    #[arg(long, env = "CMR_GATEWAY_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: String,
+    /// Listen on an address beyond loopback (put TLS and a firewall in front of it).
+    #[arg(long)]
+    allow_remote: bool,
+    /// Print the gateway's OpenAPI 3.1 document and exit (for client generators).
+    #[arg(long)]
+    openapi: bool,
+}
+
+/// What every handler shares: the company (one operation at a time, as its state is one), where it is
+/// saved, and the digest of the bearer token.
+struct Gateway {
+    company: tokio::sync::Mutex<Loaded>,
+    home: Home,
+    token: [u8; 32],
+}
+
+type Shared = Arc<Gateway>;
+
+/// An answer refused, as problem details: the gateway's own codes (`unauthorized`, `bad-request`,
+/// `verification-failed`, `unreachable`, `in-doubt`) or the vault's, passed through with its status.
+#[derive(Debug)]
+struct GatewayError {
+    status: StatusCode,
+    code: String,
+    detail: String,
+}
+
+impl GatewayError {
+    fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            code: code.to_string(),
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<ClientError> for GatewayError {
+    fn from(e: ClientError) -> Self {
+        let detail = e.to_string();
+        match e {
+            ClientError::Refused { status, code, .. } => Self {
+                status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                code,
+                detail,
+            },
+            // The vault's answer did not verify: never data, always this.
+            ClientError::Verification(_) | ClientError::Malformed(_) => {
+                Self::new(StatusCode::BAD_GATEWAY, "verification-failed", detail)
+            }
+            ClientError::Transport(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "unreachable", detail)
+            }
+            ClientError::InDoubt(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "in-doubt", detail)
+            }
+            ClientError::Local(_) => Self::new(StatusCode::BAD_REQUEST, "bad-request", detail),
+        }
+    }
+}
+
+impl From<CliError> for GatewayError {
+    fn from(e: CliError) -> Self {
+        let detail = match e.hint {
+            Some(h) => format!("{} ({h})", e.message),
+            None => e.message,
+        };
+        Self::new(StatusCode::BAD_REQUEST, "bad-request", detail)
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let problem = ProblemJson::new(&self.code, self.status.as_u16(), self.detail);
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            Json(problem),
+        )
+            .into_response()
+    }
+}
+
+type Answer<T> = Result<Json<T>, GatewayError>;
+
+fn hex_id(what: &str, s: &str) -> Result<[u8; 32], GatewayError> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s, &mut out).map_err(|_| {
+        GatewayError::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!("{what} {s:?} is not an id (64 hex digits)"),
+        )
+    })?;
+    Ok(out)
+}
+
+/// Saves the company's state after an operation changed it.
+fn save(g: &Gateway, l: &mut Loaded) -> Result<(), GatewayError> {
+    l.save(&g.home).map_err(GatewayError::from)
+}
+
+/// The grants this company holds, brought up to date from every vault it deals with.
+#[utoipa::path(get, path = "/v1/grants", tag = "gateway",
+    responses((status = 200, description = "Success", body = GrantsJson), (status = "default", description = "Refused: the gateway's code or the vault's", body = ProblemJson, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn grants(State(g): State<Shared>) -> Answer<GrantsJson> {
+    let mut l = g.company.lock().await;
+    sync_all(&mut l.company).await?;
+    let grants = grant_rows(&l.company);
+    save(&g, &mut l)?;
+    Ok(Json(GrantsJson { grants }))
+}
+
+/// The requests this company sent, and what became of each.
+#[utoipa::path(get, path = "/v1/requests", tag = "gateway",
+    responses((status = 200, description = "Success", body = RequestsJson), (status = "default", description = "Refused: the gateway's code or the vault's", body = ProblemJson, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn requests(State(g): State<Shared>) -> Answer<RequestsJson> {
+    let mut l = g.company.lock().await;
+    sync_all(&mut l.company).await?;
+    let requests = request_rows(&l.company);
+    save(&g, &mut l)?;
+    Ok(Json(RequestsJson { requests }))
+}
+
+/// Asks a customer for access: logged in the customer's vault, answered there.
+#[utoipa::path(post, path = "/v1/requests", tag = "gateway", request_body = NewRequest,
+    responses((status = 200, description = "Success", body = RequestCreated), (status = "default", description = "Refused: the gateway's code or the vault's", body = ProblemJson, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn new_request(
+    State(g): State<Shared>,
+    Json(req): Json<NewRequest>,
+) -> Answer<RequestCreated> {
+    let customer = IdentityId(hex_id("customer", &req.customer)?);
+    let asked = access_request(
+        &req.scopes,
+        req.purpose,
+        req.duration.as_deref().unwrap_or("persistent"),
+        req.lookback_months.unwrap_or(12),
+    )?;
+    let mut l = g.company.lock().await;
+    let id = l.company.request(customer, asked, now()).await?;
+    save(&g, &mut l)?;
+    Ok(Json(RequestCreated {
+        request: id.to_hex(),
+    }))
+}
+
+/// The grant `gid`, learned from the vaults first if this gateway does not hold it yet (a new grant).
+async fn held(g: &Gateway, l: &mut Loaded, gid: StatementId) -> Result<(), GatewayError> {
+    if !l.company.grants.contains_key(&gid) {
+        sync_all(&mut l.company).await?;
+        save(g, l)?;
+    }
+    if l.company.grants.contains_key(&gid) {
+        Ok(())
+    } else {
+        Err(GatewayError::new(
+            StatusCode::NOT_FOUND,
+            "no-grant",
+            "this company holds no such grant",
+        ))
+    }
+}
+
+/// Reads a customer's records under a grant: the access is logged in the vault first, the answer is
+/// proven complete against the family's head in the log, and decrypted here.
+#[utoipa::path(post, path = "/v1/grants/{grant}/read", tag = "gateway", request_body = ReadRequest,
+    params(("grant" = String, Path, description = "The grant's id (64 hex digits)")),
+    responses((status = 200, description = "Success", body = RecordsJson), (status = "default", description = "Refused: the gateway's code or the vault's", body = ProblemJson, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn read(
+    State(g): State<Shared>,
+    Path(grant): Path<String>,
+    Json(req): Json<ReadRequest>,
+) -> Answer<RecordsJson> {
+    let gid = StatementId(hex_id("grant", &grant)?);
+    let mut l = g.company.lock().await;
+    held(&g, &mut l, gid).await?;
+    let t = read_target(
+        &l.company,
+        gid,
+        &req.scope,
+        req.from.as_deref(),
+        req.to.as_deref(),
+    )?;
+    let (_, records) = l.company.read(gid, t.family, t.from, t.to).await?;
+    save(&g, &mut l)?;
+    Ok(Json(RecordsJson {
+        records: record_rows(&records, t.periodic),
+    }))
+}
+
+/// Appends a record under a grant that allows it (to transactions, or to the inferred profile).
+#[utoipa::path(post, path = "/v1/grants/{grant}/append", tag = "gateway", request_body = AppendRequest,
+    params(("grant" = String, Path, description = "The grant's id (64 hex digits)")),
+    responses((status = 200, description = "Success", body = Appended), (status = "default", description = "Refused: the gateway's code or the vault's", body = ProblemJson, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn append(
+    State(g): State<Shared>,
+    Path(grant): Path<String>,
+    Json(req): Json<AppendRequest>,
+) -> Answer<Appended> {
+    let gid = StatementId(hex_id("grant", &grant)?);
+    let mut l = g.company.lock().await;
+    held(&g, &mut l, gid).await?;
+    let (_, period) = append_target(&l.company, gid, req.month.as_deref())?;
+    let acked = l
+        .company
+        .append_now(gid, period, &[req.text.as_bytes()])
+        .await?;
+    save(&g, &mut l)?;
+    Ok(Json(Appended { index: acked.index }))
+}
+
+/// The routes and their document.
+fn api() -> OpenApiRouter<Shared> {
+    let mut doc = utoipa::openapi::OpenApiBuilder::new()
+        .info(
+            utoipa::openapi::InfoBuilder::new()
+                .title("CMR Vault company gateway")
+                .version(env!("CARGO_PKG_VERSION"))
+                .description(Some(
+                    "A company's access to its customers' vaults, as plain JSON: every answer has \
+                     passed the SDK's verifications in the gateway, and a verification failure is \
+                     an error (`verification-failed`), never data. See docs/companies.md.",
+                ))
+                .build(),
+        )
+        .build();
+    doc.components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+            "bearer",
+            utoipa::openapi::security::SecurityScheme::Http(
+                utoipa::openapi::security::HttpBuilder::new()
+                    .scheme(utoipa::openapi::security::HttpAuthScheme::Bearer)
+                    .description(Some(format!(
+                        "The token in the company's configuration folder ({TOKEN_FILE})"
+                    )))
+                    .build(),
+            ),
+        );
+    OpenApiRouter::with_openapi(doc)
+        .routes(routes!(grants))
+        .routes(routes!(requests, new_request))
+        .routes(routes!(read))
+        .routes(routes!(append))
+}
+
+/// The gateway's OpenAPI document (`cmr company gateway --openapi`, and `GET /v1/openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().split_for_parts().1
+}
+
+/// Every route but the document needs `Authorization: Bearer <token>`.
+async fn bearer(State(g): State<Shared>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Digests compared, so the comparison's time says nothing of the token.
+    match given {
+        Some(t) if sha256(t.trim().as_bytes()).0 == g.token => next.run(req).await,
+        _ => GatewayError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("send Authorization: Bearer <the token in {TOKEN_FILE}>"),
+        )
+        .into_response(),
+    }
+}
+
+/// The bearer token: read from the configuration folder, or made (32 random bytes) and written there
+/// with mode 0600 on the first start.
+fn token(home: &Home) -> CliResult<String> {
+    let path = home.file(TOKEN_FILE);
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_string();
+        if t.len() >= 32 {
+            return Ok(t);
+        }
+    }
+    let mut raw = [0u8; 32];
+    rand::Rng::fill_bytes(&mut rand::rng(), &mut raw);
+    let t = B64URL.encode(raw);
+    crate::home::write_private_file(&path, format!("{t}\n").as_bytes())?;
+    Ok(t)
+}
+
+/// Runs the gateway until Ctrl-C or SIGTERM.
+pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
+    if args.openapi {
+        crate::out::print(&serde_json::to_string_pretty(&openapi()).unwrap_or_default());
+        return Ok(());
+    }
+    let addr: SocketAddr = tokio::net::lookup_host(&args.listen)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            CliError::usage(
+                format!("{:?} is not an address to listen on", args.listen),
+                "use HOST:PORT, such as 127.0.0.1:7070",
+            )
+        })?;
+    if !addr.ip().is_loopback() && !args.allow_remote {
+        return Err(CliError::usage(
+            format!("{addr} is not a loopback address"),
+            "the gateway holds the company's keys: keep it on 127.0.0.1, or say --allow-remote",
+        ));
+    }
+    let loaded = Loaded::open(home)?;
+    let id = loaded.company.id();
+    let token = token(home)?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        CliError::local(
+            format!("cannot listen on {addr}: {e}"),
+            "choose another address with --listen",
+        )
+    })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| CliError::local(e.to_string(), "check --listen"))?;
+    let state = Arc::new(Gateway {
+        company: tokio::sync::Mutex::new(loaded),
+        home: home.clone(),
+        token: sha256(token.as_bytes()).0,
+    });
+    let (router, doc) = api().split_for_parts();
+    let doc = Arc::new(doc);
+    let app = router
+        .layer(axum::middleware::from_fn_with_state(state.clone(), bearer))
+        .route(
+            "/v1/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { Json((*doc).clone()) }
+            }),
+        )
+        .with_state(state);
+    let say = |line: String| {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), "{line}");
+    };
+    say(format!(
+        "company gateway for {} listening on http://{bound}",
+        id.to_hex()
+    ));
+    say(format!(
+        "  bearer token in {} (send Authorization: Bearer <token>)",
+        home.file(TOKEN_FILE).display()
+    ));
+    say("  API document: GET /v1/openapi.json".into());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let term = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                () = term => {}
+            }
+        })
+        .await
+        .map_err(|e| CliError::local(format!("gateway: {e}"), "see the log"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_route_is_documented_and_needs_the_token() {
+        let doc = serde_json::to_value(super::openapi()).unwrap_or_default();
+        let paths = doc["paths"].as_object().cloned().unwrap_or_default();
+        for p in [
+            "/v1/grants",
+            "/v1/requests",
+            "/v1/grants/{grant}/read",
+            "/v1/grants/{grant}/append",
+        ] {
+            let item = &paths[p];
+            assert!(item.is_object(), "{p} undocumented");
+            for (_, op) in item.as_object().cloned().unwrap_or_default() {
+                assert!(op["security"].is_array(), "{p} without its token");
+            }
+        }
+    }
+}
