@@ -2182,30 +2182,7 @@ fn a_company_backend_uses_the_gateway_with_plain_json() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("loopback"), "{err}");
 
-    let mut child = bank
-        .cmd(&["company", "gateway", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let _gateway = Kill(child);
-    let first = lines.next().unwrap().unwrap();
-    let addr = first
-        .rsplit_once("http://")
-        .map(|(_, a)| a.trim().to_string())
-        .unwrap();
-    let token = std::fs::read_to_string(bank.home.join("gateway.token"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let (_gateway, addr, token) = start_gateway(&bank);
     let t = Some(token.as_str());
 
     // No token, a wrong token: 401, nothing served. The document is public.
@@ -2326,4 +2303,136 @@ fn a_company_backend_uses_the_gateway_with_plain_json() {
     );
     let (_, held) = gateway_call(&addr, "GET", "/v1/grants", t, None);
     assert_eq!(held["grants"][0]["status"], "revoked", "{held}");
+}
+
+/// A child process killed when dropped.
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `cmr company gateway` for `company` on a free loopback port: the process, its address, its token.
+fn start_gateway(company: &User) -> (Kill, String, String) {
+    let mut child = company
+        .cmd(&["company", "gateway", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    std::thread::spawn(move || for _ in lines {});
+    let addr = first
+        .rsplit_once("http://")
+        .map(|(_, a)| a.trim().to_string())
+        .unwrap();
+    let token = std::fs::read_to_string(company.home.join("gateway.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    (Kill(child), addr, token)
+}
+
+/// The example backends (Python with the standard library, JavaScript on Node 20 with `fetch`), each
+/// run as a company's developer would: it reacts to the customer's grant by reading the transactions
+/// and appending a computed attribute the customer then sees, and stops using the data (and exits)
+/// once the customer revokes. Neither contains any cryptography.
+#[test]
+fn the_python_and_node_example_backends_react_to_a_grant_and_to_its_revocation() {
+    let server = serve();
+    let homes = tempfile::tempdir().unwrap();
+    let alex = alex_on(&server, homes.path());
+    let alex_id = alex.ok(&["customer", "id"]).trim().to_string();
+    let bank = User {
+        home: homes.path().join("bank"),
+        ..alex.clone()
+    };
+    let bank_id = bank.json(&["company", "init"])["identity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bank.ok(&["company", "register"]);
+    let bank_domain = domain(bank.ok(&["company", "key-document", "--name", "Acme Bank"]));
+    alex.ok(&[
+        "customer",
+        "tx",
+        "add",
+        "--company",
+        &bank_id,
+        "coffee 3.20",
+    ]);
+    alex.ok(&[
+        "customer",
+        "tx",
+        "add",
+        "--company",
+        &bank_id,
+        "groceries 41.75",
+    ]);
+    let (_gateway, addr, token) = start_gateway(&bank);
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/gateway");
+    for (program, script) in [("python3", "backend.py"), ("node", "backend.mjs")] {
+        let mut child = Command::new(program)
+            .arg(format!("{examples}/{script}"))
+            .args(["--until-revoked", "--timeout", "90"])
+            .env("CMR_GATEWAY", format!("http://{addr}"))
+            .env("CMR_GATEWAY_TOKEN", &token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, said) = std::sync::mpsc::channel::<String>();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (_, sent) = gateway_call(
+            &addr,
+            "POST",
+            "/v1/requests",
+            Some(&token),
+            Some(serde_json::json!({
+                "customer": alex_id,
+                "scopes": ["transactions:read+append"],
+                "purpose": format!("insights ({script})"),
+            })),
+        );
+        let request = sent["request"].as_str().unwrap().to_string();
+        let granted = alex.json(&[
+            "customer",
+            "approve",
+            &request,
+            "--domain",
+            &bank_domain,
+            "--insecure-http-for-tests",
+        ]);
+        let grant = granted["grant"].as_str().unwrap().to_string();
+        let wait_for = |what: &str| loop {
+            let line = said
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("{script} never said {what:?}"));
+            if line.contains(what) {
+                return line;
+            }
+        };
+        let line = wait_for("appended");
+        assert!(line.contains("44.95"), "{line}");
+        let listed = alex.ok(&["customer", "tx", "list", "--company", &bank_id]);
+        assert!(
+            listed.contains("insight: spends about 44.95 a month"),
+            "{listed}"
+        );
+        alex.ok(&["customer", "revoke", &grant]);
+        wait_for("revoked; its data deleted here");
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+        assert!(status.success(), "{script}: {err}");
+    }
 }
