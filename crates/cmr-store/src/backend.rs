@@ -101,6 +101,14 @@ pub trait Backend: Send + Sync {
     /// The note, signed with the log key, saying the store was restored from a snapshot (and to which
     /// log size), if it was.
     fn restored(&self) -> Result<Option<String>, StoreError>;
+    /// The consent statements that concern `party` across every vault, after `after`: see
+    /// [`Store::feed`].
+    fn feed(
+        &self,
+        party: &IdentityId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<(u64, IdentityId)>, bool), StoreError>;
 }
 
 impl Backend for Store {
@@ -112,6 +120,14 @@ impl Backend for Store {
     }
     fn restored(&self) -> Result<Option<String>, StoreError> {
         Store::restored(self)
+    }
+    fn feed(
+        &self,
+        party: &IdentityId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<(u64, IdentityId)>, bool), StoreError> {
+        Store::feed(self, party, after, limit)
     }
     fn submit(&self, op: Op) -> tokio::sync::oneshot::Receiver<Result<Ack, StoreError>> {
         Store::submit(self, op)

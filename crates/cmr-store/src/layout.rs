@@ -6,13 +6,12 @@
 use cmr_core::family::Period;
 
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 4;
-/// An earlier format this build reads as it is: 3 stored the level-0 tree nodes, which 4 derives from
-/// the leaves (the rows stay, unread).
-pub const FORMATS_READ_AS_IS: [u32; 1] = [3];
+pub const FORMAT_VERSION: u32 = 5;
 /// Earlier formats whose folders this build opens by adding the index rows they lack (see
-/// `Store::open`): 1 had no party and pending indexes, 2 no vaults-of-a-party index.
-pub const FORMATS_WITHOUT_INDEXES: [u32; 2] = [1, 2];
+/// `Store::open`): 1 had no party and pending indexes, 2 no vaults-of-a-party index, 3 and 4 no feed.
+/// (Format 3 also stored the level-0 tree nodes, which later formats derive from the leaves; those
+/// rows stay, unread.)
+pub const FORMATS_WITHOUT_INDEXES: [u32; 4] = [1, 2, 3, 4];
 
 /// Table tags.
 pub mod tag {
@@ -46,6 +45,15 @@ pub mod tag {
     /// The vaults whose chains concern a party, by (party, customer); empty values. A company finds the
     /// customers that granted it something (with or without its request) in one range scan.
     pub const VAULTS_OF: u8 = 0x0f;
+    /// The consent statements that concern a party, across every vault, by (party, log index); the
+    /// value is the customer. A company learns what changed for it (a grant, a revocation, a denial, a
+    /// key delivery, a dispute) in one range scan from where it last looked. Accesses are not in it.
+    pub const FEED: u8 = 0x10;
+}
+
+/// The key of a statement at `index` that concerns `party`, in its feed.
+pub fn feed(party: &[u8; 32], index: u64) -> Vec<u8> {
+    key(tag::FEED, &[party, &index.to_be_bytes()])
 }
 
 /// The key naming `customer` as a vault whose chain concerns `party`.
@@ -146,6 +154,7 @@ pub fn table_name(t: u8) -> &'static str {
         tag::PARTY => "party index",
         tag::PENDING => "pending requests",
         tag::VAULTS_OF => "vaults of a party",
+        tag::FEED => "party feeds",
         _ => "other",
     }
 }

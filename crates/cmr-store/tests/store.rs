@@ -1079,3 +1079,44 @@ fn a_store_from_before_the_indexes_gains_them_at_open() {
         &layout::FORMAT_VERSION.to_be_bytes()
     );
 }
+
+/// A company's feed lists the consent statements that concern it, across vaults and in log order
+/// (the grant, then its revocation), not its own accesses; it reads on from where it last looked, and
+/// holds after a reopen.
+#[test]
+fn a_company_feed_lists_its_statements_in_log_order_and_not_its_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let (grant_at, revoked_at) = {
+        let store = open(dir.path(), clock.clone());
+        let mut w = World::setup(&store);
+        let g = w.grant(&store);
+        // The grant (and what came with it, the grant's key delivery) concern the company.
+        let (feed, more) = store.feed(&w.acme.id, None, 100).unwrap();
+        assert!(!more);
+        assert!(!feed.is_empty());
+        assert!(feed.iter().all(|(_, c)| *c == w.customer.id), "{feed:?}");
+        let grant_at = feed.last().unwrap().0;
+        let read_at = store
+            .execute(w.read(g, p(2025, 6), T0))
+            .unwrap()
+            .index
+            .unwrap();
+        let revoked_at = store.execute(w.revoke(g)).unwrap().index.unwrap();
+        let (feed, _) = store.feed(&w.acme.id, Some(grant_at), 100).unwrap();
+        let indices: Vec<u64> = feed.iter().map(|(i, _)| *i).collect();
+        assert!(indices.contains(&revoked_at), "{indices:?}");
+        assert!(!indices.contains(&read_at), "a read in the feed: {indices:?}");
+        assert!(indices.windows(2).all(|w| w[0] < w[1]));
+        // Another party's feed is its own.
+        assert!(store.feed(&w.customer.id, None, 100).unwrap().0.is_empty());
+        (grant_at, revoked_at)
+    };
+    let store = open(dir.path(), clock);
+    let w = World::existing();
+    let (feed, _) = store.feed(&w.acme.id, None, 100).unwrap();
+    let indices: Vec<u64> = feed.iter().map(|(i, _)| *i).collect();
+    assert!(indices.contains(&grant_at) && indices.contains(&revoked_at), "{indices:?}");
+    let (first, more) = store.feed(&w.acme.id, None, 1).unwrap();
+    assert_eq!((first.len(), more), (1, true));
+}

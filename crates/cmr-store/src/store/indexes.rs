@@ -21,6 +21,7 @@ pub(super) fn index_changes(
     let mut out = IndexChanges::default();
     let Some(c) = customer else { return out };
     let mut parties = Vec::new();
+    let statement = kind == EntryKind::Statement;
     match (kind, consent) {
         (EntryKind::Statement, Some(consent)) => {
             let Ok(st) = SignedStatement::decode(payload) else {
@@ -65,6 +66,9 @@ pub(super) fn index_changes(
         out.puts
             .push((layout::party(&c.0, &p.0, index), Vec::new()));
         out.puts.push((layout::vault_of(&p.0, &c.0), Vec::new()));
+        if statement {
+            out.puts.push((layout::feed(&p.0, index), c.0.to_vec()));
+        }
     }
     out
 }

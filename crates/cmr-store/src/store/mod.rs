@@ -468,8 +468,6 @@ impl Store {
                 if layout::FORMATS_WITHOUT_INDEXES.contains(&version) {
                     // Written before some of the indexes: the replay below adds them.
                     add_indexes = true;
-                } else if layout::FORMATS_READ_AS_IS.contains(&version) {
-                    rows.write(format_row())?;
                 } else if version != layout::FORMAT_VERSION {
                     return Err(StoreError::Format(format!(
                         "data folder has format {version}, this build reads {}",
@@ -790,6 +788,39 @@ impl Store {
                 .map(u64::from_be_bytes)
                 .ok_or_else(|| StoreError::Format("party index key".into()))?;
             out.push(index);
+        }
+        Ok((out, false))
+    }
+
+    /// The consent statements that concern `party` across every vault (durable entries only), after log
+    /// index `after`, at most `limit`: (index, customer) in log order; and whether more follow. One
+    /// range scan of the feed index.
+    pub fn feed(
+        &self,
+        party: &IdentityId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<(u64, IdentityId)>, bool), StoreError> {
+        let size = self.committed_size()?;
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        let mut out = Vec::new();
+        for kv in self.db.range(
+            &layout::feed(&party.0, start),
+            &layout::feed(&party.0, size),
+        ) {
+            let (k, v) = kv?;
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            let index = k
+                .get(33..41)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::Format("feed key".into()))?;
+            let customer = <[u8; 32]>::try_from(v.as_slice())
+                .map(IdentityId)
+                .map_err(|_| StoreError::Format("feed row".into()))?;
+            out.push((index, customer));
         }
         Ok((out, false))
     }
