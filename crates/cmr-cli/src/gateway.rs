@@ -20,8 +20,8 @@ use cmr_core::consent::StatementId;
 use cmr_core::hash::sha256;
 use cmr_core::identity::IdentityId;
 use cmr_wire::gateway::{
-    AppendRequest, Appended, GrantsJson, NewRequest, ReadRequest, RecordsJson, RequestCreated,
-    RequestsJson,
+    AppendRequest, Appended, GatewayEvent, GrantsJson, NewRequest, ReadRequest, RecordsJson,
+    RequestCreated, RequestsJson,
 };
 use cmr_wire::problem::ProblemJson;
 use utoipa_axum::router::OpenApiRouter;
@@ -53,11 +53,181 @@ pub struct GatewayArgs {
 }
 
 /// What every handler shares: the company (one operation at a time, as its state is one), where it is
-/// saved, and the digest of the bearer token.
+/// saved, the digest of the bearer token, and the events.
 struct Gateway {
     company: tokio::sync::Mutex<Loaded>,
     home: Home,
     token: [u8; 32],
+    events: Events,
+}
+
+/// How many past events the gateway keeps for clients that resume (`Last-Event-ID`).
+const KEPT_EVENTS: usize = 4096;
+/// How often the gateway asks the vault server's feed what changed.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The events of this run: the last ones kept (for resuming), and the live channel.
+struct Events {
+    kept: std::sync::Mutex<std::collections::VecDeque<GatewayEvent>>,
+    live: tokio::sync::broadcast::Sender<GatewayEvent>,
+}
+
+impl Events {
+    fn new() -> Self {
+        Self {
+            kept: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            live: tokio::sync::broadcast::channel(1024).0,
+        }
+    }
+
+    fn emit(&self, kind: &str, customer: String, grant: Option<String>, record: Option<String>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let id = kept.back().map_or(1, |e| e.id + 1);
+        let event = GatewayEvent {
+            id,
+            kind: kind.to_string(),
+            customer,
+            grant,
+            record,
+        };
+        kept.push_back(event.clone());
+        if kept.len() > KEPT_EVENTS {
+            kept.pop_front();
+        }
+        // Nobody listening is fine: the event is kept for the next one.
+        let _ = self.live.send(event);
+    }
+
+    /// The kept events after `id`.
+    fn after(&self, id: u64) -> Vec<GatewayEvent> {
+        let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.iter().filter(|e| e.id > id).cloned().collect()
+    }
+}
+
+/// What the watcher knew at its last look: each grant's status, and the disputes seen.
+#[derive(Default)]
+struct Known {
+    grants: std::collections::HashMap<String, (String, String)>,
+    disputes: usize,
+}
+
+impl Known {
+    fn of(c: &cmr_client::company::Company) -> Self {
+        Self {
+            grants: grant_rows(c)
+                .into_iter()
+                .map(|g| (g.grant, (g.status, g.customer)))
+                .collect(),
+            disputes: c.disputes.len(),
+        }
+    }
+}
+
+/// Watches the vault server's feed for this company and turns what changed into events: the vaults
+/// the feed names are synced (verified, as every sync is), and every grant's status compared with the
+/// last look (expiry needs no entry: time alone ends a grant). Every minute, every vault is synced
+/// whatever the feed says, so that a server that leaves a statement out of the feed only delays it.
+async fn watch(g: Shared, start: (Option<u64>, Known)) {
+    let (mut cursor, mut known) = start;
+    let mut last_full = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let mut l = g.company.lock().await;
+        let full = last_full.elapsed() > std::time::Duration::from_secs(60);
+        let synced = async {
+            if full {
+                sync_all(&mut l.company).await?;
+                let (_, next) = l.company.changed_since(cursor).await?;
+                cursor = next.or(cursor);
+                return Ok(true);
+            }
+            let (changed, next) = l.company.changed_since(cursor).await?;
+            for customer in &changed {
+                l.company.sync(*customer).await?;
+            }
+            cursor = next.or(cursor);
+            Ok::<bool, ClientError>(!changed.is_empty())
+        }
+        .await;
+        let touched = match synced {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "the gateway could not read what changed; trying again");
+                continue;
+            }
+        };
+        if full {
+            last_full = std::time::Instant::now();
+        }
+        let now_known = Known::of(&l.company);
+        {
+            let before = &known;
+            for (grant, (status, customer)) in &now_known.grants {
+                let was = before.grants.get(grant).map(|(s, _)| s.as_str());
+                if was == Some(status.as_str()) {
+                    continue;
+                }
+                let kind = match status.as_str() {
+                    "active" if was.is_none() => "grant-new",
+                    "revoked" => "grant-revoked",
+                    "expired" => "grant-expired",
+                    "used" => "grant-used",
+                    _ if was.is_none() => "grant-new",
+                    _ => continue,
+                };
+                g.events
+                    .emit(kind, customer.clone(), Some(grant.clone()), None);
+            }
+            for d in l.company.disputes.iter().skip(before.disputes) {
+                g.events
+                    .emit("dispute", d.customer.clone(), None, Some(d.record.clone()));
+            }
+        }
+        known = now_known;
+        if touched && let Err(e) = l.save(&g.home) {
+            tracing::warn!(error = %e.message, "the gateway could not save the company's state");
+        }
+    }
+}
+
+/// What changed for the company, as server-sent events (event name = `kind`, data = the event as
+/// JSON, id = its `id`); with `Last-Event-ID`, the kept events after it come first.
+#[utoipa::path(get, path = "/v1/events", tag = "gateway",
+    params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event")),
+    responses((status = 200, description = "A stream of events (text/event-stream); each data is a GatewayEvent", body = GatewayEvent, content_type = "text/event-stream"), (status = "default", description = "Refused: the gateway's code or the vault's", body = ProblemJson, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn events(
+    State(g): State<Shared>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::sse::Sse<
+    impl tokio_stream::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use tokio_stream::StreamExt as _;
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    // Subscribed before the kept events are read: nothing falls between the two.
+    let live = tokio_stream::wrappers::BroadcastStream::new(g.events.live.subscribe());
+    let past = if after == u64::MAX {
+        Vec::new()
+    } else {
+        g.events.after(after)
+    };
+    let last_past = past.last().map_or(0, |e| e.id);
+    let sse = |e: GatewayEvent| {
+        Ok(axum::response::sse::Event::default()
+            .id(e.id.to_string())
+            .event(e.kind.clone())
+            .data(serde_json::to_string(&e).unwrap_or_default()))
+    };
+    let stream = tokio_stream::iter(past).map(sse).chain(
+        live.filter_map(move |e| e.ok().filter(|e| e.id > last_past))
+            .map(sse),
+    );
+    axum::response::sse::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default())
 }
 
 type Shared = Arc<Gateway>;
@@ -293,6 +463,7 @@ fn api() -> OpenApiRouter<Shared> {
         .routes(routes!(requests, new_request))
         .routes(routes!(read))
         .routes(routes!(append))
+        .routes(routes!(events))
 }
 
 /// The gateway's OpenAPI document (`cmr company gateway --openapi`, and `GET /v1/openapi.json`).
@@ -358,8 +529,14 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
             "the gateway holds the company's keys: keep it on 127.0.0.1, or say --allow-remote",
         ));
     }
-    let loaded = Loaded::open(home)?;
+    let mut loaded = Loaded::open(home)?;
     let id = loaded.company.id();
+    // What holds before the gateway listens is where events start from: whatever changes after it
+    // is an event, however soon.
+    sync_all(&mut loaded.company).await?;
+    let (_, cursor) = loaded.company.changed_since(None).await?;
+    let start = (cursor, Known::of(&loaded.company));
+    loaded.save(home)?;
     let token = token(home)?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         CliError::local(
@@ -374,7 +551,9 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
         company: tokio::sync::Mutex::new(loaded),
         home: home.clone(),
         token: sha256(token.as_bytes()).0,
+        events: Events::new(),
     });
+    tokio::spawn(watch(state.clone(), start));
     let (router, doc) = api().split_for_parts();
     let doc = Arc::new(doc);
     let app = router
@@ -430,6 +609,7 @@ mod tests {
             "/v1/requests",
             "/v1/grants/{grant}/read",
             "/v1/grants/{grant}/append",
+            "/v1/events",
         ] {
             let item = &paths[p];
             assert!(item.is_object(), "{p} undocumented");

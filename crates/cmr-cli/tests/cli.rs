@@ -2202,6 +2202,8 @@ fn a_company_backend_uses_the_gateway_with_plain_json() {
     assert_eq!(status, 200);
     assert!(doc["paths"]["/v1/grants/{grant}/read"].is_object(), "{doc}");
 
+    // Events: the backend listens before anything happens.
+    let events = gateway_events(&addr, &token);
     // The backend asks; the customer approves, narrowed to three months.
     let (status, sent) = gateway_call(
         &addr,
@@ -2236,6 +2238,14 @@ fn a_company_backend_uses_the_gateway_with_plain_json() {
     assert_eq!(g["purpose"], "spending insights");
     assert_eq!(g["customer"], alex_id.as_str());
     let grant = g["grant"].as_str().unwrap().to_string();
+    let event = events
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("no grant-new event");
+    assert_eq!(
+        (event["kind"].as_str(), event["grant"].as_str()),
+        (Some("grant-new"), Some(grant.as_str())),
+        "{event}"
+    );
 
     // A verified, decrypted read; an append that the customer then sees.
     let (status, read) = gateway_call(
@@ -2287,8 +2297,19 @@ fn a_company_backend_uses_the_gateway_with_plain_json() {
     );
     assert_eq!(status, 400);
 
-    // Revoked: the next read is refused with the vault's stable code.
+    // Revoked: an event within a second, and the next read is refused with the vault's stable code.
     alex.ok(&["customer", "revoke", &grant]);
+    let revoked = std::time::Instant::now();
+    let event = events
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("no grant-revoked event");
+    let took = revoked.elapsed();
+    assert_eq!(event["kind"], "grant-revoked", "{event}");
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "the revocation's event took {took:?}"
+    );
+    eprintln!("grant-revoked event {took:?} after the revocation was acknowledged");
     let (status, problem) = gateway_call(
         &addr,
         "POST",
@@ -2303,6 +2324,28 @@ fn a_company_backend_uses_the_gateway_with_plain_json() {
     );
     let (_, held) = gateway_call(&addr, "GET", "/v1/grants", t, None);
     assert_eq!(held["grants"][0]["status"], "revoked", "{held}");
+}
+
+/// The gateway's server-sent events, parsed, as they arrive.
+fn gateway_events(addr: &str, token: &str) -> std::sync::mpsc::Receiver<Value> {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(s).lines().map_while(Result::ok) {
+            if let Some(data) = line.strip_prefix("data: ")
+                && let Ok(v) = serde_json::from_str::<Value>(data)
+                && tx.send(v).is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// A child process killed when dropped.

@@ -200,6 +200,43 @@ impl Company {
         Ok(out)
     }
 
+    /// The vaults in which a consent statement concerning this company was logged after log index
+    /// `after` (the server's feed: grants, revocations, answers, key deliveries, disputes), and the
+    /// index to ask after next time. A hint of where to [`Company::sync`], which verifies: a server
+    /// that leaves a statement out of the feed only delays what a full sync of every vault finds.
+    pub async fn changed_since(
+        &mut self,
+        after: Option<u64>,
+    ) -> Result<(Vec<IdentityId>, Option<u64>), ClientError> {
+        let mut out = Vec::new();
+        let mut cursor = after;
+        loop {
+            let mut body = json!({"limit": 1000});
+            if let Some(a) = cursor {
+                body["after"] = json!(a);
+            }
+            let v = self.session.post("/v1/feed", &body).await?;
+            let page: cmr_wire::vault::FeedJson = wire(&v, "feed")?;
+            self.session.observe(&page.checkpoint).await?;
+            for e in &page.entries {
+                if cursor.is_some_and(|c| e.index <= c) {
+                    return Err(ClientError::Malformed("the feed went backwards".into()));
+                }
+                cursor = Some(e.index);
+                let id = IdentityId::from_hex(&e.customer).ok_or_else(|| {
+                    ClientError::Malformed("a feed entry's vault is not an id".into())
+                })?;
+                if !out.contains(&id) {
+                    out.push(id);
+                }
+            }
+            if page.next.is_none() || page.entries.is_empty() {
+                break;
+            }
+        }
+        Ok((out, cursor))
+    }
+
     /// Accepts the log after a restore from a backup, once the company decided to
     /// ([`Session::accept_restore`]): what was synced past the restored size is learned again from the
     /// restored log, and a one-time grant used past it is unused again. Returns the restored size.

@@ -1106,7 +1106,10 @@ fn a_company_feed_lists_its_statements_in_log_order_and_not_its_reads() {
         let (feed, _) = store.feed(&w.acme.id, Some(grant_at), 100).unwrap();
         let indices: Vec<u64> = feed.iter().map(|(i, _)| *i).collect();
         assert!(indices.contains(&revoked_at), "{indices:?}");
-        assert!(!indices.contains(&read_at), "a read in the feed: {indices:?}");
+        assert!(
+            !indices.contains(&read_at),
+            "a read in the feed: {indices:?}"
+        );
         assert!(indices.windows(2).all(|w| w[0] < w[1]));
         // Another party's feed is its own.
         assert!(store.feed(&w.customer.id, None, 100).unwrap().0.is_empty());
@@ -1116,7 +1119,10 @@ fn a_company_feed_lists_its_statements_in_log_order_and_not_its_reads() {
     let w = World::existing();
     let (feed, _) = store.feed(&w.acme.id, None, 100).unwrap();
     let indices: Vec<u64> = feed.iter().map(|(i, _)| *i).collect();
-    assert!(indices.contains(&grant_at) && indices.contains(&revoked_at), "{indices:?}");
+    assert!(
+        indices.contains(&grant_at) && indices.contains(&revoked_at),
+        "{indices:?}"
+    );
     let (first, more) = store.feed(&w.acme.id, None, 1).unwrap();
     assert_eq!((first.len(), more), (1, true));
 }

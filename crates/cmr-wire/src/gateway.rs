@@ -156,3 +156,22 @@ pub struct Appended {
     /// The log index of the append's entry.
     pub index: u64,
 }
+
+/// Something that changed for the company (`GET /v1/events`, server-sent events; the event's `id` is
+/// the SSE id, and `kind` its event name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct GatewayEvent {
+    /// Increasing within one run of the gateway; send it back as `Last-Event-ID` to resume.
+    pub id: u64,
+    /// `grant-new`, `grant-revoked`, `grant-expired`, `grant-used`, or `dispute`.
+    pub kind: String,
+    /// The customer.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[0-9a-f]{64}$"))]
+    pub customer: String,
+    /// The grant, for a grant's event.
+    pub grant: Option<String>,
+    /// The disputed record, for a dispute.
+    pub record: Option<String>,
+}

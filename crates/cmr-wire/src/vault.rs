@@ -113,3 +113,29 @@ pub struct BackupJson {
     /// The sealed backup, base64.
     pub backup: String,
 }
+
+/// A statement in a party's feed: where it is in the log, and whose vault it is in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FeedEntryJson {
+    /// The entry's log index.
+    pub index: u64,
+    /// The customer whose vault it is in.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[0-9a-f]{64}$"))]
+    pub customer: String,
+}
+
+/// The consent statements that concern the caller across every vault, in log order (`/v1/feed`): a
+/// hint of which vaults to read again, each then verified through that vault's chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FeedJson {
+    /// The checkpoint the entries are within.
+    pub checkpoint: String,
+    /// The statements, oldest first.
+    pub entries: Vec<FeedEntryJson>,
+    /// Where the next page starts (`after`), if more follow.
+    pub next: Option<u64>,
+}

@@ -46,6 +46,7 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(history))
         .routes(routes!(pending_requests))
         .routes(routes!(relationship))
+        .routes(routes!(feed))
         // A key backup is at most 1 MiB of base64 (cmr_store::MAX_BACKUP); not the small-body route.
         .routes(routes!(put_backup).layer(axum::extract::DefaultBodyLimit::max(2 * 1024 * 1024)))
         .routes(routes!(get_backup))
@@ -594,6 +595,52 @@ async fn relationship(
     Ok(Json(PageOfEntriesJson {
         checkpoint,
         entries: entries.into_iter().map(ChainEntryJson::Entry).collect(),
+        next,
+    }))
+}
+
+/// The consent statements that concern the caller across every vault, oldest first, after `after`:
+/// grants to it, their revocations, answers to its requests, key deliveries, disputes of what it wrote
+/// (not its own reads and appends). One page of the store's feed index: a company learns which vaults
+/// changed for it without asking each one; it then reads each through its verified relationship view.
+#[utoipa::path(
+    post,
+    path = "/v1/feed",
+    tag = "vaults",
+    summary = "The consent statements that concern the caller, across every vault",
+    request_body = RelationshipBody,
+    responses(
+        (status = 200, description = "Success", body = cmr_wire::vault::FeedJson),
+        Problem
+    ),
+    security(("rfc9421" = []))
+)]
+async fn feed(
+    State(state): State<Arc<AppState>>,
+    SignedBody { caller, body: req }: SignedBody<RelationshipBody>,
+) -> Result<Json<cmr_wire::vault::FeedJson>, ApiError> {
+    let (checkpoint, size) = current_checkpoint(&state)?;
+    let (entries, more) = state.store.feed(
+        &caller.identity,
+        req.after,
+        req.limit.clamp(1, 1000) as usize,
+    )?;
+    let entries: Vec<cmr_wire::vault::FeedEntryJson> = entries
+        .into_iter()
+        .filter(|(i, _)| *i < size)
+        .map(|(index, customer)| cmr_wire::vault::FeedEntryJson {
+            index,
+            customer: customer.to_hex(),
+        })
+        .collect();
+    let next = if more {
+        entries.last().map(|e| e.index)
+    } else {
+        None
+    };
+    Ok(Json(cmr_wire::vault::FeedJson {
+        checkpoint,
+        entries,
         next,
     }))
 }
