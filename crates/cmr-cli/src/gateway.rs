@@ -50,6 +50,99 @@ pub struct GatewayArgs {
     /// Print the gateway's OpenAPI 3.1 document and exit (for client generators).
     #[arg(long)]
     openapi: bool,
+    /// Also deliver every event to this URL of the company's backend: a POST of the event as JSON,
+    /// signed by the gateway (RFC 9421), retried until it is answered 2xx.
+    #[arg(long, env = "CMR_GATEWAY_WEBHOOK")]
+    webhook: Option<String>,
+}
+
+/// The longest wait between two tries of a webhook.
+const WEBHOOK_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where and how the gateway signs its webhooks: the URL, and the company device's key.
+struct Webhook {
+    url: reqwest::Url,
+    key: cmr_core::keys::SigningKey,
+    keyid: String,
+}
+
+impl Webhook {
+    /// One delivery of `e`: the event as JSON, signed over the profile's components with
+    /// `Cmr-Event-Id`. The backend's status, or why there was none.
+    async fn post(&self, client: &reqwest::Client, e: &GatewayEvent) -> Result<StatusCode, String> {
+        let body = serde_json::to_vec(e).map_err(|e| e.to_string())?;
+        let authority = match self.url.port() {
+            Some(p) => format!("{}:{p}", self.url.host_str().unwrap_or_default()),
+            None => self.url.host_str().unwrap_or_default().to_string(),
+        };
+        let target = match self.url.query() {
+            Some(q) => format!("{}?{q}", self.url.path()),
+            None => self.url.path().to_string(),
+        };
+        let request =
+            cmr_core::httpsig::Request::new("POST", self.url.scheme(), &authority, &target, vec![]);
+        let mut nonce = [0u8; 16];
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut nonce);
+        let created = i64::try_from(now()).unwrap_or(i64::MAX);
+        let signed = cmr_core::httpsig::sign_request(
+            &request,
+            &body,
+            &self.key,
+            &self.keyid,
+            &B64URL.encode(nonce),
+            created,
+        )
+        .map_err(|e| e.to_string())?;
+        let answer = client
+            .post(self.url.clone())
+            .header("content-type", "application/json")
+            .header("content-digest", signed.content_digest)
+            .header("signature-input", signed.signature_input)
+            .header("signature", signed.signature)
+            .header("cmr-event-id", e.id.to_string())
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        StatusCode::from_u16(answer.status().as_u16()).map_err(|e| e.to_string())
+    }
+}
+
+/// Delivers every event of this run, in order, to the backend's webhook: each is tried again, with
+/// back-off up to [`WEBHOOK_BACKOFF_MAX`], until the backend answers 2xx, and only then the next. At
+/// least once: a try whose answer was lost delivers the same `Cmr-Event-Id` again.
+async fn deliver(g: Shared, hook: Webhook) {
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+    else {
+        tracing::error!("the webhook client could not be built");
+        return;
+    };
+    let mut live = g.events.live.subscribe();
+    let mut delivered = 0u64;
+    loop {
+        let pending = g.events.after(delivered);
+        if pending.is_empty() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), live.recv()).await;
+            continue;
+        }
+        for e in pending {
+            let mut wait = std::time::Duration::from_millis(200);
+            loop {
+                match hook.post(&client, &e).await {
+                    Ok(status) if status.is_success() => break,
+                    outcome => {
+                        tracing::warn!(event = e.id, ?outcome, "webhook not taken; trying again");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(WEBHOOK_BACKOFF_MAX);
+                    }
+                }
+            }
+            delivered = e.id;
+        }
+    }
 }
 
 /// What every handler shares: the company (one operation at a time, as its state is one), where it is
@@ -529,8 +622,31 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
             "the gateway holds the company's keys: keep it on 127.0.0.1, or say --allow-remote",
         ));
     }
+    let webhook_url = args
+        .webhook
+        .as_deref()
+        .map(|u| {
+            reqwest::Url::parse(u)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+                .ok_or_else(|| {
+                    CliError::usage(
+                        format!("{u:?} is not a webhook URL"),
+                        "use http(s)://HOST[:PORT]/PATH",
+                    )
+                })
+        })
+        .transpose()?;
     let mut loaded = Loaded::open(home)?;
     let id = loaded.company.id();
+    let webhook = webhook_url.map(|url| {
+        let keys = &loaded.company.session.keys;
+        Webhook {
+            url,
+            key: cmr_core::keys::SigningKey::from_seed(&keys.device.signing.seed()),
+            keyid: keys.device.id().to_hex(),
+        }
+    });
     // What holds before the gateway listens is where events start from: whatever changes after it
     // is an event, however soon.
     sync_all(&mut loaded.company).await?;
@@ -554,6 +670,9 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
         events: Events::new(),
     });
     tokio::spawn(watch(state.clone(), start));
+    if let Some(hook) = webhook {
+        tokio::spawn(deliver(state.clone(), hook));
+    }
     let (router, doc) = api().split_for_parts();
     let doc = Arc::new(doc);
     let app = router
@@ -579,6 +698,9 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
         home.file(TOKEN_FILE).display()
     ));
     say("  API document: GET /v1/openapi.json".into());
+    if let Some(url) = &args.webhook {
+        say(format!("  events also delivered to {url}"));
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let term = async {

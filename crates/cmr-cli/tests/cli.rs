@@ -2360,8 +2360,15 @@ impl Drop for Kill {
 
 /// `cmr company gateway` for `company` on a free loopback port: the process, its address, its token.
 fn start_gateway(company: &User) -> (Kill, String, String) {
+    start_gateway_with(company, &[])
+}
+
+/// [`start_gateway`] with more arguments.
+fn start_gateway_with(company: &User, extra: &[&str]) -> (Kill, String, String) {
+    let mut args = vec!["company", "gateway", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
     let mut child = company
-        .cmd(&["company", "gateway", "--listen", "127.0.0.1:0"])
+        .cmd(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -2478,4 +2485,120 @@ fn the_python_and_node_example_backends_react_to_a_grant_and_to_its_revocation()
         let _ = child.stderr.take().unwrap().read_to_string(&mut err);
         assert!(status.success(), "{script}: {err}");
     }
+}
+
+/// The gateway's webhooks while the company's backend is down for a while: every event is delivered
+/// once it is back, in order, signed (RFC 9421 headers), and an event whose first delivery failed comes
+/// again with the same event id.
+#[test]
+fn webhooks_reach_a_backend_that_was_down_in_order_and_with_stable_ids() {
+    let server = serve();
+    let homes = tempfile::tempdir().unwrap();
+    let alex = alex_on(&server, homes.path());
+    let bank = User {
+        home: homes.path().join("bank"),
+        ..alex.clone()
+    };
+    let bank_id = bank.json(&["company", "init"])["identity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bank.ok(&["company", "register"]);
+    let bank_domain = domain(bank.ok(&["company", "key-document", "--name", "Acme Bank"]));
+    // The backend's port, not listening yet: the backend is down.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let hook = format!("http://127.0.0.1:{port}/cmr-events");
+    let (_gateway, _, _) = start_gateway_with(&bank, &["--webhook", &hook]);
+    let grant = alex.json(&[
+        "customer",
+        "grant",
+        "--company",
+        &bank_id,
+        "--domain",
+        &bank_domain,
+        "--scope",
+        "transactions:read",
+        "--purpose",
+        "statements",
+        "--insecure-http-for-tests",
+    ])["grant"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    alex.ok(&["customer", "revoke", &grant]);
+    // Down a while longer: deliveries fail and are tried again.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let (tx, got) = std::sync::mpsc::channel::<(u16, String, Value)>();
+    std::thread::spawn(move || {
+        let mut n = 0;
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 4096];
+            // The head, then the body by its length.
+            let (head, body) = loop {
+                let k = s.read(&mut buf).unwrap_or(0);
+                if k == 0 {
+                    break (String::new(), Vec::new());
+                }
+                raw.extend_from_slice(&buf[..k]);
+                if let Some(at) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&raw[..at]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while raw.len() < at + 4 + len {
+                        let k = s.read(&mut buf).unwrap_or(0);
+                        if k == 0 {
+                            break;
+                        }
+                        raw.extend_from_slice(&buf[..k]);
+                    }
+                    break (head, raw[at + 4..].to_vec());
+                }
+            };
+            // The first delivery after the backend is back fails too.
+            let status = if n == 0 { 503 } else { 200 };
+            n += 1;
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+            let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            if tx.send((status, head, event)).is_err() {
+                return;
+            }
+        }
+    });
+    let mut taken = Vec::new();
+    let mut first_failed = None;
+    while taken.len() < 2 {
+        let (status, head, event) = got
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the webhooks never came");
+        assert!(
+            head.contains("signature-input: cmr=") && head.contains("content-digest: sha-256="),
+            "{head}"
+        );
+        let id = event["id"].as_u64().unwrap();
+        assert!(head.contains(&format!("cmr-event-id: {id}")), "{head}");
+        if status == 503 {
+            first_failed = Some(id);
+        } else {
+            taken.push((id, event["kind"].as_str().unwrap().to_string()));
+        }
+    }
+    let kinds: Vec<&str> = taken.iter().map(|(_, k)| k.as_str()).collect();
+    assert_eq!(kinds, ["grant-new", "grant-revoked"], "{taken:?}");
+    assert!(taken[0].0 < taken[1].0);
+    // The one refused came again with the same id.
+    assert_eq!(first_failed, Some(taken[0].0));
 }
