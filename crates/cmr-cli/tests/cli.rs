@@ -2610,7 +2610,8 @@ fn webhooks_reach_a_backend_that_was_down_in_order_and_with_stable_ids() {
 
 /// An HTTP/1.1 proxy on 127.0.0.1 in front of `upstream`, one request per connection; while `tamper`
 /// holds a function, every JSON answer to a path containing `/read` goes through it first.
-type ReadTamper = std::sync::Arc<std::sync::Mutex<Option<Box<dyn Fn(&mut Value) + Send>>>>;
+type Rewrite = Box<dyn Fn(&mut Value) + Send>;
+type ReadTamper = std::sync::Arc<std::sync::Mutex<Option<Rewrite>>>;
 
 fn tampering_proxy(listener: std::net::TcpListener, upstream: String, tamper: ReadTamper) {
     std::thread::spawn(move || {
@@ -2762,7 +2763,7 @@ fn through_a_tampering_server_the_gateway_serves_no_bad_data() {
     let (status, honest) = read();
     assert_eq!(status, 200, "{honest}");
     assert_eq!(honest["records"].as_array().unwrap().len(), 2);
-    let attacks: Vec<(&str, Box<dyn Fn(&mut Value) + Send>)> = vec![
+    let attacks: Vec<(&str, Rewrite)> = vec![
         (
             "a record dropped",
             Box::new(|v: &mut Value| {
