@@ -225,6 +225,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 .clone()
                 .try_into()
                 .map_err(|_| "signature length")?,
+            head: None,
         };
         Ok(Op::Read {
             customer,

@@ -219,6 +219,7 @@ fn generate() -> Value {
             keyid,
             signature: device.signing.sign(base.as_bytes()).0,
             signature_base: base,
+            head: None,
         }
         .encode()
     };

@@ -2703,8 +2703,8 @@ fn read_http(s: &mut std::net::TcpStream) -> Option<(String, Vec<u8>)> {
 
 /// A malicious vault server (a proxy rewriting its read answers) cannot get dropped, injected or
 /// altered records to the company's backend as data: the gateway answers `verification-failed`, and
-/// serves the honest answer again once the server behaves. (Not covered, and not caught today: a server
-/// presenting an older head of the family; see docs/threat-model.md, "Known gaps".)
+/// serves the honest answer again once the server behaves. A head other than the one the log recorded
+/// with the access (an older one, to leave the newest records out) is refused too.
 #[test]
 fn through_a_tampering_server_the_gateway_serves_no_bad_data() {
     use base64::Engine as _;
@@ -2785,6 +2785,12 @@ fn through_a_tampering_server_the_gateway_serves_no_bad_data() {
                 let last = bytes.len() - 1;
                 bytes[last] ^= 1;
                 v["records"][0] = Value::String(B64.encode(bytes));
+            }),
+        ),
+        (
+            "another head than the one logged with the access",
+            Box::new(|v: &mut Value| {
+                v["proof_of_read"]["head"]["batches"] = serde_json::json!(0);
             }),
         ),
     ];

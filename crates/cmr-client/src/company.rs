@@ -453,6 +453,10 @@ impl Company {
             // The logged access must be this very request's (its signature base names our nonce and
             // time): an earlier read's answer, replayed, would show an older head without logging.
             let (v, sent) = self.session.post_signed(&target, &body).await?;
+            let page = parse_read(&v)?;
+            // The logged access names the head this answer is proven against: a server that answers
+            // with an older head must log that it did.
+            let served = page.proof.head.digest();
             self.session
                 .check_ack_with(&v, |body| {
                     body.kind == EntryKind::Access
@@ -460,13 +464,13 @@ impl Company {
                             a.grant == grant
                                 && a.signature_base == sent
                                 && a.keyid == keyid
+                                && a.head == Some(served)
                                 && a.families
                                     .iter()
                                     .any(|f| f.family == family && f.from == from && f.to == to)
                         })
                 })
                 .await?;
-            let page = parse_read(&v)?;
             let (h, mut got) =
                 verify_page(&mut self.session, customer, family, &page, cursor).await?;
             match head {

@@ -295,6 +295,11 @@ impl<'a> Reader<'a> {
         })
     }
 
+    /// How many bytes are left to read.
+    pub fn remaining(&self) -> usize {
+        self.data.len() - self.pos
+    }
+
     /// Ends the read: every byte must have been consumed.
     pub fn finish(self) -> Result<(), DecodeError> {
         match self.data.len() - self.pos {

@@ -282,6 +282,7 @@ fn main() {
             keyid: keyid.clone(),
             signature_base: httpsig::signature_base(&with_digest, &parsed[0].params).expect("base"),
             signature: parsed[0].signature.clone().try_into().expect("64 bytes"),
+            head: None,
         };
         log.append(
             &mut rand::rng(),

@@ -245,6 +245,11 @@ pub struct AccessRecord {
     pub signature_base: String,
     /// The Ed25519 signature over it.
     pub signature: [u8; 64],
+    /// For a read: the digest of the family's head the read was served against, as the store held it
+    /// at this entry's log position. A company's client checks it is the head of the answer it got, so
+    /// a server cannot answer with an older head without saying so in the log. Written after the
+    /// signature, and only when present (records logged before it had none).
+    pub head: Option<Digest>,
 }
 
 /// The request target (path and query) that the signed request of an access must name, built from what
@@ -442,7 +447,15 @@ impl AccessRecord {
             .bytes(p.nonce.as_bytes())
             .array(&p.device)
             .array(&self.signature);
+        self.write_head(&mut w);
         w.finish()
+    }
+
+    /// The head, after the signature, only if there is one.
+    fn write_head(&self, w: &mut Writer) {
+        if let Some(h) = &self.head {
+            w.option_array(Some(&h.0));
+        }
     }
 
     fn encode_full(&self) -> Vec<u8> {
@@ -451,6 +464,7 @@ impl AccessRecord {
         w.bytes(self.keyid.as_bytes())
             .bytes(self.signature_base.as_bytes())
             .array(&self.signature);
+        self.write_head(&mut w);
         w.finish()
     }
 
@@ -511,6 +525,7 @@ impl AccessRecord {
             keyid: String::new(),
             signature_base: String::new(),
             signature: [0; 64],
+            head: None,
         };
         if compact {
             let p = ProfileFields {
@@ -533,6 +548,15 @@ impl AccessRecord {
             record.signature_base = r.string("signature_base", 8192)?.to_string();
         }
         record.signature = r.array()?;
+        if r.remaining() > 0 {
+            // Present only when there is a head: an absent marker here would not be canonical.
+            record.head = Some(Digest(r.option_array::<32>("head")?.ok_or(
+                DecodeError::Invalid {
+                    field: "head",
+                    reason: "an absent head is not written",
+                },
+            )?));
+        }
         r.finish()?;
         Ok(record)
     }

@@ -72,6 +72,7 @@ fn record(p: &Parts, records: usize) -> AccessRecord {
         keyid: p.keyid.clone(),
         signature: p.key.sign(base.as_bytes()).0,
         signature_base: base,
+        head: None,
     }
 }
 
@@ -141,4 +142,26 @@ fn a_compact_record_naming_two_families_does_not_decode() {
     let family = bytes[at + 4..at + 4 + 40].to_vec();
     bytes.splice(at + 4..at + 4, family);
     assert!(AccessRecord::decode(&bytes).is_err());
+}
+
+#[test]
+fn a_read_logs_the_head_it_was_served_against_after_the_signature_in_both_forms() {
+    let p = parts();
+    let mut rec = record(&p, 3);
+    rec.head = Some(cmr_core::hash::Digest([9; 32]));
+    let compact = rec.encode();
+    assert_eq!(compact[5], COMPACT);
+    assert_eq!(AccessRecord::decode(&compact).unwrap(), rec);
+    let mut full = rec.clone();
+    full.signature_base.push(' ');
+    let bytes = full.encode();
+    assert_eq!(bytes[5], FULL);
+    assert_eq!(AccessRecord::decode(&bytes).unwrap(), full);
+    // Without a head nothing follows the signature: a record logged before heads were decodes as it
+    // was, and an explicit "no head" marker is refused (one encoding per record).
+    let without = record(&p, 3).encode();
+    assert_eq!(without.len() + 33, compact.len());
+    let mut marked = without.clone();
+    marked.push(0);
+    assert!(AccessRecord::decode(&marked).is_err());
 }

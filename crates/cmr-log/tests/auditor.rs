@@ -306,6 +306,7 @@ impl World {
             keyid,
             signature_base: base,
             signature: parsed[0].signature.clone().try_into().unwrap(),
+            head: None,
         };
         let c = self.customer.id;
         self.append(EntryKind::Access, company, Some(c), rec.encode())

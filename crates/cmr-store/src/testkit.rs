@@ -441,6 +441,7 @@ impl World {
             keyid,
             signature_base: httpsig::signature_base(&with_digest, &parsed[0].params).unwrap(),
             signature: parsed[0].signature.clone().try_into().unwrap(),
+            head: None,
         }
     }
 

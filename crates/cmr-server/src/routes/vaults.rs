@@ -70,6 +70,7 @@ fn access_record(
         keyid: caller.keyid.clone(),
         signature_base: caller.signature_base.clone(),
         signature: caller.signature,
+        head: None,
     }
 }
 

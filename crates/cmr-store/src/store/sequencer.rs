@@ -1147,7 +1147,11 @@ impl Sequencer {
             .collect::<Result<Vec<_>, _>>()?;
         let mut logged = None;
         if let Some((access, decided)) = allowed {
-            logged = Some(self.log_access(overlay, access, decided, time)?);
+            // The head the answer is proven against goes into the log with the access: the company's
+            // client checks it is this answer's, so an older head would have to be logged as such.
+            let mut access = access.clone();
+            access.head = Some(proof.head.digest());
+            logged = Some(self.log_access(overlay, &access, decided, time)?);
         }
         Ok(Pending {
             index: logged,
