@@ -305,29 +305,50 @@ impl ProcStatus {
 
 /// The least-squares slope of `value` against time, per minute.
 fn slope_per_minute(samples: &[Sample], value: impl Fn(&Sample) -> f64) -> f64 {
-    let n = samples.len() as f64;
+    let points: Vec<(f64, f64)> = samples.iter().map(|s| (s.at, value(s))).collect();
+    slope_of(&points)
+}
+
+/// The least-squares slope of `(seconds, value)` points, per minute.
+fn slope_of(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
     if n < 2.0 {
         return 0.0;
     }
-    let mean_t = samples.iter().map(|s| s.at).sum::<f64>() / n;
-    let mean_v = samples.iter().map(&value).sum::<f64>() / n;
+    let mean_t = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_v = points.iter().map(|p| p.1).sum::<f64>() / n;
     let (mut num, mut den) = (0.0, 0.0);
-    for s in samples {
-        num += (s.at - mean_t) * (value(s) - mean_v);
-        den += (s.at - mean_t) * (s.at - mean_t);
+    for (t, v) in points {
+        num += (t - mean_t) * (v - mean_v);
+        den += (t - mean_t) * (t - mean_t);
     }
     if den == 0.0 { 0.0 } else { num / den * 60.0 }
 }
 
+/// The slope of the floor of `value`: its least value in each run of ten samples. Open connections
+/// make a process's descriptors swing by dozens from one second to the next; a leak raises the floor.
+fn floor_slope_per_minute(samples: &[Sample], value: impl Fn(&Sample) -> f64) -> f64 {
+    let floors: Vec<(f64, f64)> = samples
+        .chunks(10)
+        .filter(|c| c.len() == 10)
+        .map(|c| {
+            let at = c.iter().map(|s| s.at).sum::<f64>() / c.len() as f64;
+            (at, c.iter().map(&value).fold(f64::INFINITY, f64::min))
+        })
+        .collect();
+    slope_of(&floors)
+}
+
 /// What a soak found: the resources at the start and end of the load, and their slopes over its second
-/// half (after the caches and the replay window have filled).
+/// half (after the caches and the replay window have filled); for descriptors, the slope of their floor.
 fn soak_report(samples: &[Sample]) -> Option<Value> {
     let (first, last) = (samples.first()?, samples.last()?);
     let half = &samples[samples.len() / 2..];
     Some(json!({
         "samples": samples.len(),
         "rss_mib": {"start": first.rss_mib, "end": last.rss_mib, "slope_per_min": slope_per_minute(half, |s| s.rss_mib)},
-        "fds": {"start": first.fds, "end": last.fds, "slope_per_min": slope_per_minute(half, |s| s.fds)},
+        // Descriptors by their floor (connections come and go); threads and memory as they are.
+        "fds": {"start": first.fds, "end": last.fds, "slope_per_min": floor_slope_per_minute(half, |s| s.fds)},
         "threads": {"start": first.threads, "end": last.threads, "slope_per_min": slope_per_minute(half, |s| s.threads)},
     }))
 }
@@ -1532,4 +1553,37 @@ pub async fn run(out: Out, args: BenchArgs) -> Result {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(fds: impl Fn(usize) -> f64) -> Vec<Sample> {
+        (0..60)
+            .map(|i| Sample {
+                at: i as f64,
+                rss_mib: 0.0,
+                fds: fds(i),
+                threads: 0.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn descriptors_that_swing_with_connections_are_flat_and_a_leak_is_not() {
+        // Connections come and go: dozens up and down, the floor flat.
+        let swinging = samples(|i| {
+            if i % 7 < 3 {
+                80.0
+            } else {
+                80.0 + (i % 5) as f64 * 6.0
+            }
+        });
+        assert!(floor_slope_per_minute(&swinging, |s| s.fds).abs() < 1.0);
+        // One descriptor lost every six seconds: ten a minute, under the same swings.
+        let leaking = samples(|i| 80.0 + (i / 6) as f64 + if i % 7 < 3 { 0.0 } else { 20.0 });
+        let slope = floor_slope_per_minute(&leaking, |s| s.fds);
+        assert!((8.0..12.0).contains(&slope), "{slope}");
+    }
 }
