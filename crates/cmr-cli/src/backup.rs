@@ -91,6 +91,8 @@ impl Drop for Control {
 /// Answers one request on the control socket.
 fn answer(conn: UnixStream, store: &Store) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    // A client that stops reading must not hold the socket (and the server's shutdown) forever.
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(30)));
     let mut line = String::new();
     let mut reader = std::io::BufReader::new((&conn).take(64));
     if reader.read_line(&mut line).is_err() || line != ASK_SNAPSHOT {

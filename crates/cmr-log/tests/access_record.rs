@@ -165,3 +165,15 @@ fn a_read_logs_the_head_it_was_served_against_after_the_signature_in_both_forms(
     marked.push(0);
     assert!(AccessRecord::decode(&marked).is_err());
 }
+
+#[test]
+fn an_authority_longer_than_the_compact_form_takes_is_stored_in_full() {
+    let p = parts();
+    let mut rec = record(&p, 1);
+    let long = "a".repeat(250) + ":65535";
+    rec.signature_base = rec.signature_base.replace("vault.example:8443", &long);
+    rec.signature = p.key.sign(rec.signature_base.as_bytes()).0;
+    let bytes = rec.encode();
+    assert_eq!(bytes[5], FULL);
+    assert_eq!(AccessRecord::decode(&bytes).unwrap(), rec);
+}
