@@ -702,20 +702,7 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
         say(format!("  events also delivered to {url}"));
     }
     axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let term = async {
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                () = term => {}
-            }
-        })
+        .with_graceful_shutdown(crate::serve::shutdown_signal())
         .await
         .map_err(|e| CliError::local(format!("gateway: {e}"), "see the log"))
 }

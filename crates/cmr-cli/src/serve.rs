@@ -415,7 +415,7 @@ async fn reload_on_hangup(tls: cmr_server::tls::Tls) {
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM, which a service manager sends: both drain alike.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
