@@ -114,6 +114,42 @@ impl Home {
         self.dir(role).join("state.json")
     }
 
+    /// Holds `role`'s state in this folder against every other `cmr` process until the file returned
+    /// is dropped: a command reads the state file, talks to the server and writes the file back, and two
+    /// at once would each overwrite what the other learnt. Waits up to `wait` for another holder (a
+    /// command finishing) before it says who holds it.
+    pub fn hold(&self, role: Role, wait: std::time::Duration) -> CliResult<std::fs::File> {
+        self.ensure(role)?;
+        let path = self.dir(role).join("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io_err(&path, &e))?;
+        let until = std::time::Instant::now() + wait;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(file),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(CliError::local(
+                        format!(
+                            "another cmr process is using this {} state (the web app, `cmr {} ui`, or a command still running)",
+                            role_name(role),
+                            role_name(role)
+                        ),
+                        "use the web app while it runs, or stop it first (Ctrl-C)",
+                    ));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&path, &e)),
+            }
+        }
+    }
+
     /// A file of this configuration folder (its own, not a role's).
     pub fn file(&self, name: &str) -> PathBuf {
         self.root.join(name)

@@ -12,6 +12,12 @@ pub struct Out {
 impl Out {
     /// A line for people (nothing in JSON mode).
     pub fn line(&self, s: impl AsRef<str>) {
+        if CAPTURE
+            .try_with(|c| c.borrow_mut().lines.push(s.as_ref().to_string()))
+            .is_ok()
+        {
+            return;
+        }
         if !self.json {
             print(s.as_ref());
         }
@@ -19,15 +25,59 @@ impl Out {
 
     /// The JSON result (nothing for people, who got lines).
     pub fn value(&self, v: &Value) {
+        if CAPTURE
+            .try_with(|c| c.borrow_mut().value = Some(v.clone()))
+            .is_ok()
+        {
+            return;
+        }
         if self.json {
             print(&serde_json::to_string_pretty(v).unwrap_or_default());
         }
     }
 }
 
+/// What a command said while it ran under [`capture`], instead of printing it: its lines for people,
+/// its JSON result, and what it printed as is (a receipt, an export).
+#[derive(Default, Debug)]
+pub struct Captured {
+    /// The lines for people.
+    pub lines: Vec<String>,
+    /// The JSON result.
+    pub value: Option<Value>,
+    /// Text printed as is.
+    pub printed: String,
+}
+
+tokio::task_local! {
+    static CAPTURE: std::cell::RefCell<Captured>;
+}
+
+/// Runs `f` (a command) with its output kept instead of printed: the local web app runs the same
+/// commands as the command line, and shows what they said.
+pub async fn capture<T>(f: impl std::future::Future<Output = T>) -> (T, Captured) {
+    CAPTURE
+        .scope(std::cell::RefCell::new(Captured::default()), async {
+            let t = f.await;
+            let captured = CAPTURE.with(|c| std::mem::take(&mut *c.borrow_mut()));
+            (t, captured)
+        })
+        .await
+}
+
 /// Prints a line on standard output. A reader that went away (`cmr ... | head`) ends the output quietly
 /// instead of a panic.
 pub fn print(s: &str) {
+    if CAPTURE
+        .try_with(|c| {
+            let mut c = c.borrow_mut();
+            c.printed.push_str(s);
+            c.printed.push('\n');
+        })
+        .is_ok()
+    {
+        return;
+    }
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     if writeln!(out, "{s}").is_err() {

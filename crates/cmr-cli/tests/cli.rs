@@ -2806,3 +2806,124 @@ fn through_a_tampering_server_the_gateway_serves_no_bad_data() {
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["records"].as_array().unwrap().len(), 2);
 }
+
+/// Where the browser tests live: their Node project (playwright-core, axe-core, with a lock file).
+fn browser_tests() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    let ready = Path::new("/usr/bin/chromium").exists()
+        && dir.join("node_modules/playwright-core").exists()
+        && dir.join("node_modules/axe-core").exists();
+    if ready {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("CMR_REQUIRE_BROWSER").is_none(),
+        "CMR_REQUIRE_BROWSER is set, but Chromium (/usr/bin/chromium) or the browser tests' npm packages \
+         are missing: tests/run installs both"
+    );
+    eprintln!(
+        "skipped: the browser test needs Debian's chromium and `npm ci` in {} (tests/run does both)",
+        dir.display()
+    );
+    None
+}
+
+/// The consent dashboard in Debian's Chromium: a company's request appears without a reload; the
+/// customer approves it narrowed; the company reads only what was granted; the customer revokes with
+/// one click and a confirmation; the company's next read is refused; the history shows both reads; the
+/// audit is green. A cross-site post, a post without the CSRF token and a wrong Host header are refused;
+/// axe-core finds no serious violation. The screenshots of docs/guide.md are taken here.
+#[test]
+fn the_consent_dashboard_in_a_real_browser() {
+    let Some(browser) = browser_tests() else {
+        return;
+    };
+    let server = serve();
+    let homes = tempfile::tempdir().unwrap();
+    let alex = alex_on(&server, homes.path());
+    alex.ok(&[
+        "customer",
+        "profile",
+        "set",
+        "address",
+        "1 Main St, Springfield",
+    ]);
+    let alex_id = alex.ok(&["customer", "id"]).trim().to_string();
+    let bank = User {
+        home: homes.path().join("bank"),
+        ..alex.clone()
+    };
+    let bank_id = bank.json(&["company", "init"])["identity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bank.ok(&["company", "register"]);
+    let bank_domain = domain(bank.ok(&["company", "key-document", "--name", "Acme Bank"]));
+    alex.ok(&[
+        "customer",
+        "tx",
+        "add",
+        "--company",
+        &bank_id,
+        "coffee 3.20",
+    ]);
+
+    // Beyond loopback only when told.
+    let (code, _, err) = run(&mut alex.cmd(&["customer", "ui", "--listen", "0.0.0.0:0"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("loopback"), "{err}");
+
+    let mut child = alex
+        .cmd(&[
+            "customer",
+            "ui",
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure-http-for-tests",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    std::thread::spawn(move || for _ in lines {});
+    let _ui = Kill(child);
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
+
+    // While the app holds the customer's state, a command says so instead of overwriting it.
+    let err = alex.fails(&["customer", "grants"], 4);
+    assert!(err.contains("another cmr process"), "{err}");
+
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/images");
+    std::fs::create_dir_all(&shots).unwrap();
+    let out = Command::new("node")
+        .arg(browser.join("dashboard.mjs"))
+        .current_dir(&browser)
+        .env("UI_URL", &url)
+        .env("CMR_BIN", cargo_bin("cmr"))
+        .env("BANK_HOME", &bank.home)
+        .env("CMR_SERVER", &server.base)
+        .env("CMR_LOG_VKEY", &server.vkey)
+        .env("CMR_PASSPHRASE", "amber-quarry-lantern-nimbus-71")
+        .env_remove("CMR_HOME")
+        .env("ALEX_ID", &alex_id)
+        .env("BANK_DOMAIN", &bank_domain)
+        .env("SHOTS", &shots)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("dashboard: every step behaved as promised"),
+        "{said}"
+    );
+}

@@ -548,6 +548,20 @@ impl Customer {
         approval: &Approval,
         now: u64,
     ) -> Result<StatementId, ClientError> {
+        self.approve_for(request, proof, approval, None, now).await
+    }
+
+    /// [`Customer::approve`], lasting `duration` instead of what was asked when it is given: a shorter
+    /// one (one read instead of thirty days, thirty days instead of until revoked). A longer one is
+    /// refused here, as the log would refuse it.
+    pub async fn approve_for(
+        &mut self,
+        request: &PendingRequest,
+        proof: &CompanyProof,
+        approval: &Approval,
+        duration: Option<cmr_core::consent::Duration>,
+        now: u64,
+    ) -> Result<StatementId, ClientError> {
         let company = request.statement.statement().author;
         if proof.identity != company {
             return Err(VerifyError::CompanyIdentity(format!(
@@ -566,11 +580,18 @@ impl Customer {
             lookback_months: approval.lookback_months.min(asked.lookback_months),
             ..approval.clone()
         };
+        let duration = duration.unwrap_or(asked.duration);
+        if !duration.within(asked.duration) {
+            return Err(ClientError::Local(format!(
+                "the company asked for {}; a grant may last as long or shorter, not {duration}",
+                asked.duration
+            )));
+        }
         self.issue_grant(
             company,
             Some(request.statement.id()),
             &asked.purpose,
-            asked.duration,
+            duration,
             &narrowed,
             now,
         )

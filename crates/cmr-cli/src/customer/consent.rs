@@ -46,8 +46,10 @@ pub(super) async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResul
             domain,
             lookback,
             only,
+            duration: shorter,
             insecure_http_for_tests,
         } => {
+            let shorter = shorter.as_deref().map(parse_duration).transpose()?;
             let p = &waiting(c, &request).await?;
             let r = p
                 .request()
@@ -84,7 +86,7 @@ pub(super) async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResul
                 t,
             )
             .await?;
-            let gid = c.approve(p, &proof, &approval, t).await?;
+            let gid = c.approve_for(p, &proof, &approval, shorter, t).await?;
             l.saved
                 .role
                 .companies
@@ -202,9 +204,63 @@ pub(super) async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResul
                     scopes.join(","),
                     b.lookback_start
                 ));
-                rows.push(json!({"grant": id.to_hex(), "company": b.grantee.to_hex(), "status": status, "scopes": scopes, "duration": lasting, "expires": b.expires, "index": g.index}));
+                rows.push(json!({"grant": id.to_hex(), "company": b.grantee.to_hex(), "status": status, "scopes": scopes, "duration": lasting, "expires": b.expires, "index": g.index, "time": g.time, "purpose": b.purpose, "lookback_start": b.lookback_start.to_string(), "request": b.request.map(|r| r.to_hex())}));
             }
             out.value(&json!({"grants": rows}));
+        }
+        CustomerCmd::Companies => {
+            let consent = c.consent().await?;
+            let names = Names::new(c.id(), &l.saved.role.companies);
+            let mut ids: Vec<IdentityId> = l
+                .saved
+                .role
+                .companies
+                .iter()
+                .filter_map(|(i, _, _)| IdentityId::from_hex(i))
+                .chain(
+                    c.grants
+                        .values()
+                        .filter_map(|g| g.grant().map(|b| b.grantee)),
+                )
+                .collect();
+            ids.sort();
+            ids.dedup();
+            let mut rows = Vec::new();
+            for id in ids {
+                let hex = id.to_hex();
+                let checked = l.saved.role.companies.iter().find(|(i, _, _)| *i == hex);
+                let active = c
+                    .grants
+                    .iter()
+                    .filter(|(gid, g)| {
+                        g.grant().is_some_and(|b| b.grantee == id)
+                            && consent
+                                .grant_status(gid, t)
+                                .is_some_and(GrantStatus::is_active)
+                    })
+                    .count();
+                let blocked = consent.is_blocked(&id);
+                out.line(format!(
+                    "{}  fingerprint {}  {} active grant{}{}",
+                    names.of(&id),
+                    wellknown::fingerprint(&id),
+                    active,
+                    if active == 1 { "" } else { "s" },
+                    if blocked { ", blocked" } else { "" }
+                ));
+                rows.push(json!({
+                    "company": hex,
+                    "fingerprint": wellknown::fingerprint(&id),
+                    "domain": checked.map(|(_, d, _)| d),
+                    "name": checked.map(|(_, _, n)| n),
+                    "active_grants": active,
+                    "blocked": blocked,
+                }));
+            }
+            if rows.is_empty() {
+                out.line("no company yet: they appear once you grant them or check their domain");
+            }
+            out.value(&json!({"companies": rows}));
         }
         CustomerCmd::Revoke { grant, reason } => {
             let gid = StatementId(crate::out::resolve_id(

@@ -32,6 +32,7 @@ use crate::out::{Out, now, parse_id, short};
 mod consent;
 mod devices;
 mod records;
+mod ui;
 mod vault;
 
 /// The customer's part of the state file.
@@ -117,7 +118,7 @@ pub enum CustomerCmd {
     Requests,
     /// Approve a request, as asked or narrowed, after checking the company's domain.
     #[command(
-        after_help = "Examples:\n  cmr customer approve 3f2a… --domain bank.example\n  cmr customer approve 3f2a… --domain bank.example --lookback 3 --only transactions:read"
+        after_help = "Examples:\n  cmr customer approve 3f2a… --domain bank.example\n  cmr customer approve 3f2a… --domain bank.example --lookback 3 --only transactions:read --duration 30"
     )]
     Approve {
         /// The request's id (from `cmr customer requests`).
@@ -131,6 +132,9 @@ pub enum CustomerCmd {
         /// Grant only these scopes, as SCOPE:ACCESS (read, append, read+append); repeatable.
         #[arg(long = "only")]
         only: Vec<String>,
+        /// Last shorter than asked: once, a number of days, or persistent (no longer than asked).
+        #[arg(long)]
+        duration: Option<String>,
         /// Fetch the key document over plain http (tests only; proves nothing about a real domain).
         #[arg(long)]
         insecure_http_for_tests: bool,
@@ -213,6 +217,14 @@ pub enum CustomerCmd {
         #[arg(long)]
         no_cap: bool,
     },
+    /// The companies this vault knows (it granted, or whose domain it checked): each one's verified
+    /// domain and fingerprint, its active grants, and whether it is blocked.
+    #[command(after_help = "Example:\n  cmr customer companies")]
+    Companies,
+    /// What this client verified: the newest log checkpoint (consistent with every one it saw before),
+    /// and this vault's own chain, complete and linked, with every entry it acknowledged on it.
+    #[command(after_help = "Example:\n  cmr customer status")]
+    Status,
     /// Who read or wrote what, when, and under which grant: the verified chain of the vault's entries.
     #[command(after_help = "Example:\n  cmr customer history")]
     History,
@@ -285,6 +297,10 @@ pub enum CustomerCmd {
         #[command(flatten)]
         at: home::ServerArgs,
     },
+    /// Open the consent dashboard: a web app on this machine (127.0.0.1) that does what these commands
+    /// do, with the key unlocked here. It prints a link with a one-session token; open it in a browser.
+    #[command(after_help = "Example:\n  cmr customer ui            # then open the link it prints")]
+    Ui(ui::UiArgs),
     /// Dispute (reject) an inferred attribute a company appended.
     #[command(after_help = "Example:\n  cmr customer dispute --company 6f51… 0c4e…")]
     Dispute {
@@ -531,7 +547,7 @@ impl Loaded {
 
     /// Saves the state file, then keeps the server's key backup up to date: a new version whenever the
     /// families, their epochs, the directory or the grants changed (so recovery finds every secret).
-    async fn save(mut self, home: &Home) -> CliResult {
+    async fn save(&mut self, home: &Home) -> CliResult {
         let sdk = CustomerState::save(&self.customer, &self.vault);
         self.saved.session = sdk.session.clone();
         let digest = backup_digest(&sdk);
@@ -613,6 +629,9 @@ pub async fn run(home: &Home, out: Out, cmd: CustomerCmd) -> CliResult {
     {
         return device_join(home, out, file).await;
     }
+    if let CustomerCmd::Ui(args) = cmd {
+        return ui::run(home, args).await;
+    }
     if let CustomerCmd::Recover { identity, at } = &cmd {
         return recover(home, out, identity, &at.server, &at.log_vkey).await;
     }
@@ -625,6 +644,7 @@ pub async fn run(home: &Home, out: Out, cmd: CustomerCmd) -> CliResult {
             "`cmr customer id` still prints the identity; start over with `cmr customer init` in a new --home",
         ));
     }
+    let _held = home.hold(Role::Customer, std::time::Duration::from_secs(10))?;
     let mut l = Loaded::open(home)?;
     let result = step(&mut l, out, cmd).await;
     // Whatever happened, what was verified so far is kept.
@@ -693,6 +713,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
     match cmd {
         CustomerCmd::Init { .. }
         | CustomerCmd::Id
+        | CustomerCmd::Ui(_)
         | CustomerCmd::Recover { .. }
         | CustomerCmd::Device {
             cmd: DeviceCmd::New { .. } | DeviceCmd::Join { .. },
@@ -705,6 +726,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
         }
         cmd @ (CustomerCmd::Approve { .. }
         | CustomerCmd::Block { .. }
+        | CustomerCmd::Companies
         | CustomerCmd::Deny { .. }
         | CustomerCmd::Dispute { .. }
         | CustomerCmd::Grant { .. }
@@ -719,6 +741,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
         | CustomerCmd::Erase { .. }
         | CustomerCmd::Export { .. }
         | CustomerCmd::History
+        | CustomerCmd::Status
         | CustomerCmd::AcceptRestore
         | CustomerCmd::Register) => vault::step(l, out, cmd).await,
     }

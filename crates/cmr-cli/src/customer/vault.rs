@@ -31,10 +31,73 @@ pub(super) async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResul
                     e.index,
                     crate::out::time(e.body.time)
                 ));
-                rows.push(json!({"index": e.index, "time": e.body.time, "kind": e.body.kind.name(), "what": what}));
+                let mut row = json!({"index": e.index, "time": e.body.time, "kind": e.body.kind.name(), "what": what, "by": e.body.subject.to_hex()});
+                if e.body.kind == cmr_log::entry::EntryKind::Access
+                    && let Ok(a) = cmr_log::entry::AccessRecord::decode(&e.body.payload)
+                {
+                    let scopes: Vec<&str> = a
+                        .families
+                        .iter()
+                        .map(|f| {
+                            c.families
+                                .get(&f.family)
+                                .map_or("a family erased or unknown here", |s| {
+                                    s.name.scope().name()
+                                })
+                        })
+                        .collect();
+                    row["access"] = json!({
+                        "kind": match a.kind {
+                            cmr_core::decision::AccessKind::Read => "read",
+                            cmr_core::decision::AccessKind::Append => "append",
+                        },
+                        "grant": a.grant.to_hex(),
+                        "company": names.of(&e.body.subject),
+                        "scopes": scopes,
+                        "periods": a.families.iter().map(|f| format!("{}..{}", f.from, f.to)).collect::<Vec<_>>(),
+                        "records": a.records.len(),
+                    });
+                }
+                rows.push(row);
             }
             out.line(format!("{} entries; each included in the checkpoint and linked to the one before; none missing", chain.len()));
             out.value(&json!({"history": rows}));
+        }
+        CustomerCmd::Status => {
+            let before = c.session.log.latest().map(|cp| cp.size);
+            // The newest checkpoint, proven consistent with the one verified before; then the chain,
+            // linked and complete, in a checkpoint at least as new.
+            let cp = c.session.refresh().await?;
+            let chain = c.history().await?;
+            let owed = c.consent().await?.pending_rotations(t).len();
+            out.line(format!(
+                "log checkpoint verified: size {}, root {}",
+                cp.size,
+                hex::encode(cp.root)
+            ));
+            out.line(match before {
+                Some(b) => format!(
+                    "  consistent with the checkpoint this client verified before (size {b})"
+                ),
+                None => "  the first checkpoint this client verified".to_string(),
+            });
+            out.line(format!(
+                "this vault's chain: {} entries, each in the checkpoint and linked to the one before; every entry this client acknowledged is on it",
+                chain.len()
+            ));
+            if owed > 0 {
+                out.line(format!(
+                    "{owed} rotation(s) owed: run `cmr customer rotate`"
+                ));
+            }
+            out.value(&json!({
+                "checkpoint": {"origin": cp.origin, "size": cp.size, "root": hex::encode(cp.root)},
+                "previous_size": before,
+                "consistent": true,
+                "chain_entries": chain.len(),
+                "chain_complete": true,
+                "rotations_owed": owed,
+            }));
         }
         CustomerCmd::AcceptRestore => {
             let size = c.accept_restore().await?;
