@@ -2927,3 +2927,69 @@ fn the_consent_dashboard_in_a_real_browser() {
         "{said}"
     );
 }
+
+/// `cmr customer watch` prints a company's request as it is logged (pushed by the server's event
+/// stream, not polled), and a server with a watcher attached still stops at once when told to.
+#[test]
+fn watch_follows_the_chain_as_it_grows_and_does_not_hold_the_server() {
+    let mut server = serve();
+    let homes = tempfile::tempdir().unwrap();
+    let alex = alex_on(&server, homes.path());
+    let alex_id = alex.ok(&["customer", "id"]).trim().to_string();
+    let bank = User {
+        home: homes.path().join("bank"),
+        ..alex.clone()
+    };
+    bank.ok(&["company", "init"]);
+    bank.ok(&["company", "register"]);
+    let mut child = alex
+        .cmd(&["--json", "customer", "watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let _watch = Kill(child);
+    // The watch is running once it printed nothing for a moment and its stream is open.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    bank.ok(&[
+        "company",
+        "request",
+        &alex_id,
+        "--scope",
+        "profile.contact:read",
+        "--purpose",
+        "newsletter",
+    ]);
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(15))
+        .expect("the request reaches the watch");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["kind"], "statement", "{v}");
+    assert!(v["what"].as_str().unwrap().contains("request"), "{v}");
+    // SIGTERM: the open stream ends, so the server drains and exits promptly.
+    let started = std::time::Instant::now();
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the server took {:?} to stop with a watcher attached",
+        started.elapsed()
+    );
+}

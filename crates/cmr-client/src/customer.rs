@@ -1502,6 +1502,26 @@ impl Customer {
         Ok(dir)
     }
 
+    /// Opens the stream of this customer's chain as it grows (`/v1/vaults/{me}/events`): each
+    /// [`ChainEvents::next`] waits for the next change of the chain's newest entry. `after` is the
+    /// newest entry this client knows (an event comes at once if the chain's is another). An event is a
+    /// hint to look: [`Customer::history`] (or any call) then verifies what changed.
+    pub async fn watch(&self, after: Option<u64>) -> Result<ChainEvents, ClientError> {
+        let resp = self
+            .session
+            .conn
+            .post_stream(
+                &format!("/v1/vaults/{}/events", self.id().to_hex()),
+                &json!({ "after": after }),
+                crate::transport::Signer::Device(&self.session.keys.device),
+            )
+            .await?;
+        Ok(ChainEvents {
+            resp,
+            buf: Vec::new(),
+        })
+    }
+
     /// Walks the customer's own chain from its newest entry and checks it: every entry included in the
     /// checkpoint, each linked to the one before by hash, and every entry this client had acknowledged
     /// present. Returns the entries, newest first.
@@ -1670,4 +1690,59 @@ fn family_keys(
         }
     }
     keys
+}
+
+/// The stream of a customer's chain as it grows (see [`Customer::watch`]).
+pub struct ChainEvents {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+}
+
+/// The longest event the stream accepts (a `head` event is a few dozen bytes).
+const MAX_EVENT: usize = 4096;
+
+impl ChainEvents {
+    /// The index of the chain's newest entry the next time it changes; `None` once the server ended
+    /// the stream (it stopped; open it again).
+    pub async fn next(&mut self) -> Result<Option<u64>, ClientError> {
+        loop {
+            if let Some(head) = self.take_event()? {
+                return Ok(Some(head));
+            }
+            match self.resp.chunk().await {
+                Ok(Some(bytes)) => self.buf.extend_from_slice(&bytes),
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(ClientError::Transport(e.to_string())),
+            }
+            if self.buf.len() > MAX_EVENT && !self.buf.windows(2).any(|w| w == b"\n\n") {
+                return Err(ClientError::Malformed(
+                    "an event stream line is too long".into(),
+                ));
+            }
+        }
+    }
+
+    /// The first complete `head` event in the buffer, if any (comments and other events are skipped).
+    fn take_event(&mut self) -> Result<Option<u64>, ClientError> {
+        while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+            let frame: Vec<u8> = self.buf.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&frame);
+            let mut name = "message";
+            let mut data = String::new();
+            for line in text.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim());
+                }
+            }
+            if name != "head" {
+                continue;
+            }
+            let ev: cmr_wire::vault::ChainHeadJson = serde_json::from_str(&data)
+                .map_err(|e| ClientError::Malformed(format!("an event: {e}")))?;
+            return Ok(Some(ev.head));
+        }
+        Ok(None)
+    }
 }

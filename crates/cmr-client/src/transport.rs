@@ -293,13 +293,38 @@ impl Connection {
         }
     }
 
-    async fn post_once<T: serde::de::DeserializeOwned>(
+    /// A signed POST whose answer is a stream (server-sent events): the response once its status
+    /// says success, to be read as it arrives. Never sent again on its own: a lost stream is opened
+    /// again by its reader.
+    pub async fn post_stream(
+        &self,
+        target: &str,
+        body: &Value,
+        signer: Signer<'_>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Local(e.to_string()))?;
+        let (resp, _) = self
+            .send_signed(target, &bytes, signer, None)
+            .await
+            .map_err(|a| match a {
+                Attempt::Answered(e) | Attempt::Lost { error: e, .. } => e,
+            })?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let bytes = read_limited(resp).await?;
+            return Err(problem(status, &bytes));
+        }
+        Ok(resp)
+    }
+
+    /// Signs and sends a POST; the response as it arrives, and the request's signature base.
+    async fn send_signed(
         &self,
         target: &str,
         bytes: &[u8],
         signer: Signer<'_>,
         known_size: Option<u64>,
-    ) -> Result<(T, String), Attempt> {
+    ) -> Result<(reqwest::Response, String), Attempt> {
         let (keyid, key) = match signer {
             Signer::Device(d) => (d.id().to_hex(), &d.signing),
             Signer::Identity(id, k) => (format!("id:{}", id.to_hex()), k),
@@ -330,6 +355,17 @@ impl Connection {
                 sent: !e.is_connect(),
                 error: transport_error(&e),
             })?;
+        Ok((resp, base))
+    }
+
+    async fn post_once<T: serde::de::DeserializeOwned>(
+        &self,
+        target: &str,
+        bytes: &[u8],
+        signer: Signer<'_>,
+        known_size: Option<u64>,
+    ) -> Result<(T, String), Attempt> {
+        let (resp, base) = self.send_signed(target, bytes, signer, known_size).await?;
         let status = resp.status();
         let bytes = read_limited(resp).await.map_err(|error| match error {
             ClientError::Transport(_) => Attempt::Lost { error, sent: true },

@@ -103,7 +103,15 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// The connections open now (capped at [`Config::max_connections`]).
     pub connections: conn::Connections,
+    /// Set once the server stops taking requests: open event streams end then, so that draining
+    /// does not wait for them.
+    pub closing: tokio::sync::watch::Sender<bool>,
+    /// The event streams open per identity (capped at [`MAX_STREAMS_PER_IDENTITY`]).
+    pub streams: std::sync::Mutex<std::collections::HashMap<cmr_core::identity::IdentityId, u32>>,
 }
+
+/// The most event streams one identity may hold open at once (a customer's devices and apps).
+pub const MAX_STREAMS_PER_IDENTITY: u32 = 8;
 
 impl AppState {
     /// The state for `store` with `config` and the system clock.
@@ -129,6 +137,8 @@ impl AppState {
         Self {
             metrics: metrics::Metrics::new(store.metrics()),
             connections: conn::Connections::default(),
+            closing: tokio::sync::watch::channel(false).0,
+            streams: std::sync::Mutex::default(),
             store,
             nonces: auth::NonceCache::default(),
             limits: auth::RateLimits::new(config.rate_per_identity, config.burst_per_identity),
@@ -230,7 +240,7 @@ pub async fn serve(
     let mut server = axum_server::from_tcp(listener.into_std()?).acceptor(guard);
     limit(server.http_builder());
     server
-        .handle(drain_on(shutdown))
+        .handle(drain_on(closing(&state, shutdown)))
         .serve(app(state).into_make_service_with_connect_info::<std::net::SocketAddr>())
         .await
 }
@@ -254,7 +264,7 @@ pub async fn serve_tls(
     let mut server = axum_server::from_tcp(listener.into_std()?).acceptor(acceptor);
     limit(server.http_builder());
     server
-        .handle(drain_on(shutdown))
+        .handle(drain_on(closing(&state, shutdown)))
         .serve(app(state).into_make_service_with_connect_info::<std::net::SocketAddr>())
         .await
 }
@@ -270,6 +280,18 @@ fn limit(builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::T
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .max_header_list_size(MAX_HEAD_BYTES as u32);
+}
+
+/// `shutdown`, then telling the open event streams to end ([`AppState::closing`]).
+fn closing(
+    state: &Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let state = state.clone();
+    async move {
+        shutdown.await;
+        state.closing.send_replace(true);
+    }
 }
 
 /// A handle that, once `shutdown` resolves, stops the server taking connections and lets those open

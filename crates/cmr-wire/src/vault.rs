@@ -139,3 +139,14 @@ pub struct FeedJson {
     /// Where the next page starts (`after`), if more follow.
     pub next: Option<u64>,
 }
+
+/// One event of a customer's chain stream (`/v1/vaults/{customer}/events`, server-sent events named
+/// `head`): the newest entry on the chain changed. A hint to read the chain again, which the client then
+/// verifies as always; never evidence on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ChainHeadJson {
+    /// The log index of the newest entry on the customer's chain.
+    pub head: u64,
+}

@@ -228,6 +228,11 @@ pub enum CustomerCmd {
     /// Who read or wrote what, when, and under which grant: the verified chain of the vault's entries.
     #[command(after_help = "Example:\n  cmr customer history")]
     History,
+    /// Follow the vault as it changes: each new entry on your chain (a request, a company's read or
+    /// append, a consent statement) is printed as it is logged, after the same checks as `history`.
+    /// Runs until Ctrl-C; with --json, one JSON object a line.
+    #[command(after_help = "Example:\n  cmr customer watch")]
+    Watch,
     /// Accept the vault's log after the operator restored it from a backup. The client refuses a log
     /// shorter than the one it saw; when the log says it was restored, and you accept that what
     /// happened after the backup is gone (grants, records, changes), this takes the restored log as
@@ -741,6 +746,7 @@ async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResult {
         | CustomerCmd::Erase { .. }
         | CustomerCmd::Export { .. }
         | CustomerCmd::History
+        | CustomerCmd::Watch
         | CustomerCmd::Status
         | CustomerCmd::AcceptRestore
         | CustomerCmd::Register) => vault::step(l, out, cmd).await,

@@ -63,6 +63,47 @@ pub(super) async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResul
             out.line(format!("{} entries; each included in the checkpoint and linked to the one before; none missing", chain.len()));
             out.value(&json!({"history": rows}));
         }
+        CustomerCmd::Watch => {
+            // What is there now is the start; from then on each change of the chain's newest entry
+            // (pushed by the server) is read and verified like `history`, and the new entries printed.
+            let mut seen = c.history().await?.first().map(|e| e.index);
+            out.line(format!(
+                "watching the vault of {} (Ctrl-C stops)",
+                c.id().to_hex()
+            ));
+            loop {
+                let mut events = match c.watch(seen).await {
+                    Ok(ev) => ev,
+                    Err(e @ cmr_client::ClientError::Refused { .. }) => return Err(e.into()),
+                    Err(_) => {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                while let Ok(Some(_)) = events.next().await {
+                    let chain = c.history().await?;
+                    let names = Names::new(c.id(), &l.saved.role.companies);
+                    for e in chain.iter().rev().filter(|e| Some(e.index) > seen) {
+                        let what = describe(&e.body, &names);
+                        if out.json {
+                            crate::out::print(
+                                &json!({"index": e.index, "time": e.body.time, "kind": e.body.kind.name(), "what": what})
+                                    .to_string(),
+                            );
+                        } else {
+                            out.line(format!(
+                                "{:>6}  {}  {what}",
+                                e.index,
+                                crate::out::time(e.body.time)
+                            ));
+                        }
+                    }
+                    seen = chain.first().map(|e| e.index).or(seen);
+                }
+                // The stream ended (the server stopped or the connection dropped): open it again.
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
         CustomerCmd::Status => {
             let before = c.session.log.latest().map(|cp| cp.size);
             // The newest checkpoint, proven consistent with the one verified before; then the chain,

@@ -47,6 +47,7 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(pending_requests))
         .routes(routes!(relationship))
         .routes(routes!(feed))
+        .routes(routes!(events))
         // A key backup is at most 1 MiB of base64 (cmr_store::MAX_BACKUP); not the small-body route.
         .routes(routes!(put_backup).layer(axum::extract::DefaultBodyLimit::max(2 * 1024 * 1024)))
         .routes(routes!(get_backup))
@@ -598,6 +599,129 @@ async fn relationship(
         entries: entries.into_iter().map(ChainEntryJson::Entry).collect(),
         next,
     }))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct EventsBody {
+    /// The newest entry of the chain the client knows; an event comes at once if the chain's is
+    /// another.
+    #[serde(default)]
+    after: Option<u64>,
+}
+
+/// How often an event stream looks at the customer's chain (an index lookup in this process).
+const EVENTS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// One open event stream of an identity, counted while it lives.
+struct StreamSlot {
+    state: Arc<AppState>,
+    identity: cmr_core::identity::IdentityId,
+}
+
+impl StreamSlot {
+    fn take(state: &Arc<AppState>, identity: cmr_core::identity::IdentityId) -> Option<Self> {
+        let mut open = state.streams.lock().ok()?;
+        let n = open.entry(identity).or_insert(0);
+        if *n >= crate::MAX_STREAMS_PER_IDENTITY {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            state: state.clone(),
+            identity,
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.state.streams.lock()
+            && let Some(n) = open.get_mut(&self.identity)
+        {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.identity);
+            }
+        }
+    }
+}
+
+/// The customer's chain as it grows, as server-sent events: an event `head` (its `id` the index) each
+/// time the newest entry on the chain changes — a request arrived, a company read or appended, a
+/// statement was logged. A hint for the customer's client to read its chain again (which it verifies as
+/// always), so that a dashboard shows what happens without asking every few seconds. At most
+/// `MAX_STREAMS_PER_IDENTITY` streams per identity; every stream ends when the server stops.
+#[utoipa::path(
+    post,
+    path = "/v1/vaults/{customer}/events",
+    tag = "vaults",
+    summary = "The customer's chain as it grows (server-sent events)",
+    params(VaultPath),
+    request_body = EventsBody,
+    responses(
+        (status = 200, description = "A stream of `head` events", content_type = "text/event-stream", body = cmr_wire::vault::ChainHeadJson),
+        Problem
+    ),
+    security(("rfc9421" = []))
+)]
+async fn events(
+    State(state): State<Arc<AppState>>,
+    Owner {
+        owner: customer,
+        caller: _,
+        body: req,
+    }: Owner<EventsBody>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse as _;
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let slot = StreamSlot::take(&state, customer).ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            Code::RateLimited,
+            "too many event streams open for this identity; close one",
+        )
+    })?;
+    // A first look now, so a store that fails says so in the answer rather than in a silent stream.
+    let mut known = req.after;
+    let first = state.store.customer_head(&customer)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, std::convert::Infallible>>(8);
+    let mut closing = state.closing.subscribe();
+    let store = state.store.clone();
+    tokio::spawn(async move {
+        let _slot = slot;
+        let mut head = first;
+        let mut tick = tokio::time::interval(EVENTS_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if let Some(h) = head
+                && known != Some(h)
+            {
+                known = Some(h);
+                let data = serde_json::to_string(&cmr_wire::vault::ChainHeadJson { head: h })
+                    .unwrap_or_default();
+                let event = Event::default().event("head").id(h.to_string()).data(data);
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = closing.changed() => return,
+                () = tx.closed() => return,
+            }
+            if *closing.borrow() {
+                return;
+            }
+            // A failing store is retried on the next tick; the stream's keep-alive goes on meanwhile.
+            if let Ok(h) = store.customer_head(&customer) {
+                head = h;
+            }
+        }
+    });
+    Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 /// The consent statements that concern the caller across every vault, oldest first, after `after`:

@@ -665,3 +665,120 @@ async fn a_familys_head_only_for_the_customer_and_its_appenders() {
     assert!(before["entries"].as_array().is_some_and(|e| !e.is_empty()));
     assert_eq!(before["entries"], after["entries"], "nothing is logged");
 }
+
+/// The customer's chain as events: the first event says where the chain is, a company's request is
+/// pushed as the next one; another party may not follow the chain; an identity holds at most
+/// `MAX_STREAMS_PER_IDENTITY` streams, and a closed one frees its place.
+#[tokio::test]
+async fn the_customers_chain_is_pushed_as_events_to_the_customer_only() {
+    let mut f = flow().await;
+    let path = format!("/v1/vaults/{}/events", f.customer.id.to_hex());
+    let head = f.env.store.customer_head(&f.customer.id).unwrap().unwrap();
+    let req = f.env.request(
+        "POST",
+        &path,
+        &json!({}),
+        Signer::Device(&f.customer.device),
+        0,
+    );
+    let resp = f.env.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let mut body = resp.into_body();
+    let mut next_event = async || {
+        let mut text = String::new();
+        while !text.contains("\n\n") {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+                .await
+                .expect("an event within 10 s")
+                .unwrap()
+                .unwrap();
+            if let Ok(data) = frame.into_data() {
+                text.push_str(std::str::from_utf8(&data).unwrap());
+            }
+        }
+        text
+    };
+    let first = next_event().await;
+    assert!(
+        first.contains("event: head") && first.contains(&format!("id: {head}")),
+        "{first}"
+    );
+    // A company's request lands on the chain: the next event names it.
+    let req = statement(
+        &f.acme,
+        f.customer.id,
+        StBody::Request(AccessRequest {
+            scopes: vec![(Scope::ProfileContact, Access::Read)],
+            purpose: "newsletter".into(),
+            duration: Duration::Persistent,
+            lookback_months: 0,
+            counterparty: Counterparty::Any,
+        }),
+        None,
+    );
+    let (s, v) = call(
+        &mut f.env,
+        &format!("/v1/vaults/{}/statements", f.customer.id.to_hex()),
+        json!({"statement": B64.encode(req.encode())}),
+        Signer::Device(&f.acme.device),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let now_head = f.env.store.customer_head(&f.customer.id).unwrap().unwrap();
+    assert!(now_head > head);
+    let second = next_event().await;
+    assert!(
+        second.contains(&format!("data: {{\"head\":{now_head}}}")),
+        "{second}"
+    );
+
+    // The company may not follow the customer's chain.
+    let (s, _) = call(&mut f.env, &path, json!({}), Signer::Device(&f.acme.device)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // Seven more streams fit beside the first one; the ninth is refused until one closes.
+    let mut open = Vec::new();
+    for _ in 1..cmr_server::MAX_STREAMS_PER_IDENTITY {
+        let req = f.env.request(
+            "POST",
+            &path,
+            &json!({"after": now_head}),
+            Signer::Device(&f.customer.device),
+            0,
+        );
+        let resp = f.env.app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        open.push(resp);
+    }
+    let (s, v) = call(
+        &mut f.env,
+        &path,
+        json!({}),
+        Signer::Device(&f.customer.device),
+    )
+    .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    drop(open.pop());
+    // The stream's task notices its reader is gone on its next look (every 500 ms).
+    let mut freed = false;
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let req = f.env.request(
+            "POST",
+            &path,
+            &json!({"after": now_head}),
+            Signer::Device(&f.customer.device),
+            0,
+        );
+        let resp = f.env.app.clone().oneshot(req).await.unwrap();
+        if resp.status() == StatusCode::OK {
+            freed = true;
+            break;
+        }
+    }
+    assert!(freed, "a closed stream's place was not freed");
+}

@@ -50,8 +50,8 @@ pub struct UiArgs {
 const COOKIE: &str = "cmr_ui";
 /// The largest form accepted (a profile section's text is the largest field).
 const MAX_FORM: usize = 256 * 1024;
-/// How often the app asks the vault whether the customer's chain grew.
-const LIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the app waits before opening the vault's event stream again after it ended.
+const RETRY_WATCH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A message for the next page: what an action did, or why it failed.
 #[derive(Clone)]
@@ -457,44 +457,29 @@ fn router(ui: App) -> Router {
         .with_state(ui)
 }
 
-/// Asks the vault every [`LIVE_EVERY`] for the newest entry on the customer's chain, and tells the
-/// open pages when it changed (a request arrived, a company read or appended). The pages then fetch
-/// themselves again, which verifies everything as usual: this is a hint to look, never evidence.
+/// Follows the customer's chain on the vault server's event stream (`Customer::watch`) and tells the
+/// open pages when its newest entry changed (a request arrived, a company read or appended). The pages
+/// then fetch themselves again, which verifies everything as usual: an event is a hint to look, never
+/// evidence. A stream that ends (the server restarted) is opened again.
 async fn watch(ui: App) {
-    let mut last: Option<(u64, String)> = None;
+    let mut known: Option<u64> = None;
     loop {
-        tokio::time::sleep(LIVE_EVERY).await;
-        if ui.live.receiver_count() == 0 && last.is_some() {
-            continue;
-        }
-        let newest = {
+        let opened = {
             let l = ui.loaded.lock().await;
-            let me = l.customer.id().to_hex();
-            l.customer
-                .session
-                .post(
-                    &format!("/v1/vaults/{me}/history"),
-                    &serde_json::json!({"limit": 1}),
-                )
-                .await
+            l.customer.watch(known).await
         };
-        let Ok(v) = newest else { continue };
-        let Ok(page) = serde_json::from_value::<cmr_wire::log::PageOfEntriesJson>(v) else {
-            continue;
-        };
-        let head = page.entries.first().map(|e| match e {
-            cmr_wire::log::ChainEntryJson::Entry(e) => {
-                (e.index, e.kind.clone().unwrap_or_default())
+        if let Ok(mut events) = opened {
+            while let Ok(Some(head)) = events.next().await {
+                // The first event says where the chain is; only later ones are news.
+                if known.is_some() {
+                    let _ = ui
+                        .live
+                        .send(serde_json::json!({ "index": head }).to_string());
+                }
+                known = Some(head);
             }
-            cmr_wire::log::ChainEntryJson::Redacted(r) => (r.index, "erased".into()),
-        });
-        let Some(head) = head else { continue };
-        if last.as_ref().is_some_and(|l| *l != head) {
-            let _ = ui
-                .live
-                .send(serde_json::json!({"index": head.0, "kind": head.1}).to_string());
         }
-        last = Some(head);
+        tokio::time::sleep(RETRY_WATCH).await;
     }
 }
 

@@ -1,13 +1,13 @@
-// The consent dashboard's one script: live updates. The app says when something new is on the
-// customer's chain (a request, a read, an append); the page then fetches itself again from the app,
-// which verifies everything as usual. A form being filled in is never replaced: a notice says instead.
+// The consent dashboard's one script: live updates. The app relays the vault server's word that
+// something new is on the customer's chain (a request, a read, an append); the page then fetches
+// itself again from the app, which verifies everything as usual. A form being filled in is never
+// replaced: a notice says instead.
 "use strict";
 (function () {
   const live = document.getElementById("live");
   let dirty = false;
   document.addEventListener("input", () => { dirty = true; });
   const say = (text) => { live.textContent = text; setTimeout(() => { live.textContent = ""; }, 8000); };
-  const words = { "access": "a company read or added something", "statement": "a request or a consent change", "family-head": "records were written" };
   async function refresh(what) {
     const main = document.getElementById("main");
     if (dirty || main.dataset.live !== "true") { say("Something new in your vault (" + what + "): reload the page to see it."); return; }
@@ -20,10 +20,6 @@
   }
   if (window.EventSource) {
     const events = new EventSource("/events");
-    events.addEventListener("change", (e) => {
-      let kind = "";
-      try { kind = JSON.parse(e.data).kind; } catch (_) { /* a hint only */ }
-      refresh(words[kind] || "a new entry").catch(() => {});
-    });
+    events.addEventListener("change", () => { refresh("a new entry in your vault").catch(() => {}); });
   }
 })();
