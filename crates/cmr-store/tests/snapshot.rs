@@ -159,6 +159,88 @@ fn an_erased_family_stays_erased_in_a_snapshot() {
     );
 }
 
+/// Every row frame of `tag` in the snapshot, whole.
+fn row_frames(snapshot: &[u8], tag: u8) -> Vec<Vec<u8>> {
+    let mut at = cmr_store::store::snapshot::MAGIC.len();
+    let mut out = Vec::new();
+    while at < snapshot.len() {
+        let len = u32::from_be_bytes(snapshot[at + 1..at + 5].try_into().unwrap()) as usize;
+        if snapshot[at] == b'r' && snapshot[at + 9] == tag {
+            out.push(snapshot[at..at + 5 + len].to_vec());
+        }
+        at += 5 + len;
+    }
+    out
+}
+
+/// Adds row frames before the snapshot's end, counts them, and re-seals it, as a forger would.
+fn smuggle(snapshot: &[u8], frames: &[Vec<u8>]) -> Vec<u8> {
+    let end = snapshot.len() - (5 + 8 + 32);
+    let mut out = snapshot[..end].to_vec();
+    for f in frames {
+        out.extend_from_slice(f);
+    }
+    out.extend_from_slice(&snapshot[end..]);
+    let end = out.len() - (5 + 8 + 32);
+    let rows = u64::from_be_bytes(out[end + 5..end + 13].try_into().unwrap()) + frames.len() as u64;
+    out[end + 5..end + 13].copy_from_slice(&rows.to_be_bytes());
+    reseal(&mut out);
+    out
+}
+
+/// Records nothing in the log accounts for are refused: an erased family's records from an older
+/// snapshot (erased data would come back), a record at a place no batch wrote, and a record that
+/// names another batch than the one that wrote its place.
+#[test]
+fn records_no_batch_accounts_for_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("live"), Arc::new(AtomicU64::new(T0)));
+    let w = vault(&store);
+    let mut before = Vec::new();
+    store.snapshot(&mut before).unwrap();
+    store
+        .execute(Op::Statement(w.statement(
+            true,
+            Body::Erasure(ErasureTarget::Family(w.tx)),
+            None,
+        )))
+        .unwrap();
+    let mut after = Vec::new();
+    store.snapshot(&mut after).unwrap();
+    let tag = cmr_store::layout::tag::RECORD;
+    let kept = row_frames(&after, tag);
+    let erased: Vec<Vec<u8>> = row_frames(&before, tag)
+        .into_iter()
+        .filter(|f| !kept.contains(f))
+        .collect();
+    assert_eq!(erased.len(), 4, "the transactions' records");
+    let mut n = 0;
+    let mut refused = |bytes: &[u8], says: &str| {
+        n += 1;
+        let err = restore_into(&dir.path().join(format!("r{n}")), bytes)
+            .err()
+            .unwrap_or_else(|| panic!("restored a snapshot whose records {says}"));
+        assert!(
+            err.to_string().contains(says),
+            "expected {says:?} in: {err}"
+        );
+    };
+    refused(&smuggle(&after, &erased), "erased data back");
+    // A copy of a kept record at a place past what its family's batches wrote (its last key byte).
+    let mut extra = kept[0].clone();
+    let klen = u32::from_be_bytes(extra[5..9].try_into().unwrap()) as usize;
+    extra[9 + klen - 1] = 99;
+    refused(&smuggle(&after, &[extra]), "no batch in the log wrote");
+    // A kept record whose value names another batch (its first 8 bytes).
+    let mut others = after.clone();
+    let (_, value) = first_row(&others, tag);
+    others[value + 7] ^= 1;
+    reseal(&mut others);
+    refused(&others, "names the batch at");
+    // The honest snapshot still restores.
+    restore_into(&dir.path().join("honest"), &after).unwrap();
+}
+
 /// Where in the snapshot a row of `tag` starts (the first one), and its value's offset in the frame.
 fn first_row(snapshot: &[u8], tag: u8) -> (usize, usize) {
     let mut at = cmr_store::store::snapshot::MAGIC.len();

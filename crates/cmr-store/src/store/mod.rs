@@ -528,7 +528,15 @@ impl Store {
         let log_key = seq.log_key.clone();
         // On an engine several stores share, the log holds still while it is read: the write lock.
         rows.begin()?;
-        let rebuilt = seq.rebuild(add_indexes);
+        // Rows that came from outside this store (a restore, an upgrade) are also checked for records
+        // no batch accounts for.
+        let rebuilt = seq.rebuild(add_indexes).and_then(|()| {
+            if add_indexes {
+                seq.check_records()
+            } else {
+                Ok(())
+            }
+        });
         rows.abandon();
         rebuilt?;
         if add_indexes {

@@ -123,6 +123,65 @@ impl Sequencer {
         Ok(())
     }
 
+    /// Checks that every stored record is one a batch in the log wrote and that no erasure removed:
+    /// its family is known, its place (period, number) is within what the family's batches wrote, and
+    /// its family was not erased after its batch. Run after a restore (and an upgrade), whose rows came
+    /// from outside this store: a record nothing accounts for would be served, and one of an erased
+    /// family would bring erased data back. (Each record a batch accounts for was checked against it
+    /// during the replay.)
+    pub(super) fn check_records(&self) -> Result<(), StoreError> {
+        let owner: HashMap<u64, (IdentityId, FamilyId)> = self
+            .state
+            .family_numbers
+            .iter()
+            .map(|(k, n)| (*n, *k))
+            .collect();
+        let bad = |what: String| StoreError::Format(format!("a stored record {what}"));
+        for kv in self.rows.scan_prefix(&[tag::RECORD]) {
+            let (k, v) = kv?;
+            let place = (k.len() == 1 + 8 + 4 + 8)
+                .then(|| {
+                    let number = u64::from_be_bytes(k[1..9].try_into().ok()?);
+                    let period = Period(u32::from_be_bytes(k[9..13].try_into().ok()?));
+                    let n = u64::from_be_bytes(k[13..21].try_into().ok()?);
+                    Some((number, period, n))
+                })
+                .flatten();
+            let Some((number, period, n)) = place else {
+                return Err(bad("has a malformed key".into()));
+            };
+            let batch = v
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| bad("names no batch".into()))?;
+            let (customer, family) = owner
+                .get(&number)
+                .ok_or_else(|| bad(format!("of family number {number} the log never declared")))?;
+            let erased = self
+                .state
+                .ledger
+                .consent(customer)
+                .and_then(|c| c.erased_at(family));
+            if erased.is_some_and(|at| batch < at) {
+                return Err(bad(format!(
+                    "of a family the log erased (written at {batch}): restoring it would bring erased data back"
+                )));
+            }
+            let written = self
+                .state
+                .ledgers
+                .get(&(*customer, *family))
+                .map_or(0, |l| l.period_count(period));
+            if n >= written {
+                return Err(bad(format!(
+                    "({period}, number {n}) that no batch in the log wrote"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Replays one log entry into the in-memory state. For a batch whose records are not all stored,
     /// returns its family, which the caller checks was erased later in the log.
     pub(super) fn replay(
@@ -169,8 +228,15 @@ impl Sequencer {
             let key = layout::record(number, e.period, *n);
             *n += 1;
             match self.rows.get(&key)? {
-                Some(v) if v.len() > 8 => {
+                // A record names the batch that wrote it: this one, or it is not this batch's.
+                Some(v) if v.len() > 8 && v[..8] == index.to_be_bytes() => {
                     records.push(SealedRecord::decode(v[8..].to_vec()).map_err(|e| m(&e))?)
+                }
+                Some(v) if v.len() > 8 => {
+                    return Err(m(&format_args!(
+                        "a record of the batch logged at {index} names the batch at {}",
+                        u64::from_be_bytes(v[..8].try_into().unwrap_or_default())
+                    )));
                 }
                 _ => complete = false,
             }
