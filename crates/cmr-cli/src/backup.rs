@@ -33,25 +33,62 @@ const ATTEMPTS: usize = 3;
 /// The control socket of a running server; closed (and its file removed) on drop.
 pub struct Control {
     path: PathBuf,
+    /// The address it is reached at (see [`Address`]).
+    at: Address,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The longest path a Unix socket address holds here (108 bytes with its NUL on Linux), with room.
+const MAX_SOCKET_PATH: usize = 100;
+
+/// An address for `folder/control.sock` that fits a Unix socket address: the path itself, or, for a
+/// folder deeper than that allows (a long data-folder path made `cmr serve` refuse to start), the same
+/// file reached through this process's open handle on the folder, `/proc/self/fd/N/control.sock`
+/// (Linux). The handle lives as long as the address.
+struct Address {
+    path: PathBuf,
+    _folder: Option<std::fs::File>,
+}
+
+impl Address {
+    fn of(folder: &Path) -> std::io::Result<Address> {
+        let path = folder.join(SOCKET);
+        if path.as_os_str().len() <= MAX_SOCKET_PATH {
+            return Ok(Address {
+                path,
+                _folder: None,
+            });
+        }
+        let dir = std::fs::File::open(folder)?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
+        Ok(Address {
+            path: PathBuf::from(format!("/proc/self/fd/{fd}/{SOCKET}")),
+            _folder: Some(dir),
+        })
+    }
+
+    fn connect(&self) -> std::io::Result<UnixStream> {
+        UnixStream::connect(&self.path)
+    }
 }
 
 impl Control {
     /// Listens on `folder/control.sock` and answers snapshot requests from `store`, one at a time.
     pub fn listen(folder: &Path, store: Arc<Store>) -> CliResult<Control> {
         let path = folder.join(SOCKET);
-        // A socket left by a server that was killed: nobody answers on it.
-        if path.exists() && UnixStream::connect(&path).is_err() {
-            let _ = std::fs::remove_file(&path);
-        }
         let fail = |e: std::io::Error| {
             CliError::local(
                 format!("cannot open the control socket {}: {e}", path.display()),
                 "another server may be using this data folder",
             )
         };
-        let listener = UnixListener::bind(&path).map_err(fail)?;
+        let at = Address::of(folder).map_err(fail)?;
+        // A socket left by a server that was killed: nobody answers on it.
+        if path.exists() && at.connect().is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        let listener = UnixListener::bind(&at.path).map_err(fail)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
@@ -70,6 +107,7 @@ impl Control {
             .map_err(fail)?;
         Ok(Control {
             path,
+            at,
             stop,
             thread: Some(thread),
         })
@@ -80,7 +118,7 @@ impl Drop for Control {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wakes the thread blocked in accept, which then sees the flag.
-        let _ = UnixStream::connect(&self.path);
+        let _ = self.at.connect();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -158,7 +196,7 @@ fn key(path: &Path, data: Option<&Path>) -> CliResult<cmr_log::note::NoteSigner>
 fn take(at: &Location, args: &BackupArgs, file: &mut std::fs::File) -> CliResult {
     let local = |what: String| CliError::local(what, "check --data or --store, and --log-key");
     if let Location::Sled(folder) = at {
-        match UnixStream::connect(folder.join(SOCKET)) {
+        match Address::of(folder).and_then(|a| a.connect()) {
             Ok(mut conn) => {
                 conn.write_all(ASK_SNAPSHOT.as_bytes())
                     .map_err(|e| local(format!("the server's control socket: {e}")))?;

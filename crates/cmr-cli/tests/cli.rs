@@ -2993,3 +2993,28 @@ fn watch_follows_the_chain_as_it_grows_and_does_not_hold_the_server() {
         started.elapsed()
     );
 }
+
+/// A data folder deeper than a Unix socket address holds (108 bytes) still serves, and `cmr backup`
+/// still reaches its control socket (through the folder's handle); before, `cmr serve` refused to start.
+#[test]
+fn a_deep_data_folder_serves_and_is_backed_up_while_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = dir
+        .path()
+        .join("a-rather-long-folder-name-for-the-operators-vault-data")
+        .join("another-level-of-folders-as-deployments-have")
+        .join("cmr-data");
+    assert!(deep.join("control.sock").as_os_str().len() > 110);
+    let server = serve_with(&deep, &dir.path().join("log.key"), &[]);
+    let homes = tempfile::tempdir().unwrap();
+    alex_on(&server, homes.path());
+    let snap = dir.path().join("vault.snapshot");
+    let backed = json_of(
+        cmr()
+            .args(["--json", "backup"])
+            .arg(&snap)
+            .arg("--data")
+            .arg(&deep),
+    );
+    assert!(backed["size"].as_u64().unwrap() >= 4, "{backed}");
+}
