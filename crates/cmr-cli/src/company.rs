@@ -167,6 +167,7 @@ pub async fn run(home: &Home, out: Out, cmd: CompanyCmd) -> CliResult {
     if let CompanyCmd::Gateway(args) = cmd {
         return crate::gateway::run(home, args).await;
     }
+    let _held = home.hold(Role::Company, std::time::Duration::from_secs(10))?;
     let mut l = Loaded::open(home)?;
     let result = step(&mut l, out, cmd).await;
     l.save(home)?;

@@ -121,9 +121,15 @@ async fn deliver(g: Shared, hook: Webhook) {
         return;
     };
     let mut live = g.events.live.subscribe();
-    let mut delivered = 0u64;
+    let mut delivered = g.events.lock().delivered;
     loop {
-        let pending = g.events.after(delivered);
+        let (pending, lost) = g.events.after(delivered);
+        if lost {
+            tracing::error!(
+                after = delivered,
+                "events the webhook backend had not taken were dropped (over {MAX_UNDELIVERED} waited)"
+            );
+        }
         if pending.is_empty() {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), live.recv()).await;
             continue;
@@ -141,6 +147,7 @@ async fn deliver(g: Shared, hook: Webhook) {
                 }
             }
             delivered = e.id;
+            g.events.delivered(delivered);
         }
     }
 }
@@ -154,47 +161,135 @@ struct Gateway {
     events: Events,
 }
 
-/// How many past events the gateway keeps for clients that resume (`Last-Event-ID`).
+/// How many past events the gateway keeps for clients that resume (`Last-Event-ID`), at least.
 const KEPT_EVENTS: usize = 4096;
+/// The most events kept for a webhook backend that has not taken them (it is down): past this, the
+/// oldest are dropped and the backend is told (`events-lost`).
+const MAX_UNDELIVERED: usize = 65_536;
 /// How often the gateway asks the vault server's feed what changed.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// The journal's file, in the configuration folder.
+pub const JOURNAL_FILE: &str = "gateway.events.json";
 
-/// The events of this run: the last ones kept (for resuming), and the live channel.
+/// What the gateway keeps between runs, in [`JOURNAL_FILE`] (mode 0600): the recent events, the id
+/// the next one gets, how far the webhook backend took them, and what the company's grants looked like
+/// at the last look. Event ids therefore increase across runs (a backend that keeps the last id it saw
+/// never mistakes a new event for an old one), a restart resumes delivery where it stopped, and what
+/// changed while the gateway was down becomes events when it starts.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Journal {
+    events: std::collections::VecDeque<GatewayEvent>,
+    next_id: u64,
+    delivered: u64,
+    /// Each grant's (status, customer) at the last look; `None` before the first look.
+    grants: Option<std::collections::HashMap<String, (String, String)>>,
+    disputes: usize,
+}
+
+/// The events: the journal, saved on every change, and a wake-up for the streams and the webhook.
 struct Events {
-    kept: std::sync::Mutex<std::collections::VecDeque<GatewayEvent>>,
-    live: tokio::sync::broadcast::Sender<GatewayEvent>,
+    journal: std::sync::Mutex<Journal>,
+    path: std::path::PathBuf,
+    /// Whether a webhook backend takes the events (then undelivered ones are kept).
+    webhook: bool,
+    live: tokio::sync::broadcast::Sender<u64>,
 }
 
 impl Events {
-    fn new() -> Self {
-        Self {
-            kept: std::sync::Mutex::new(std::collections::VecDeque::new()),
-            live: tokio::sync::broadcast::channel(1024).0,
+    fn open(home: &Home, webhook: bool) -> CliResult<Self> {
+        let path = home.file(JOURNAL_FILE);
+        let journal = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                CliError::local(
+                    format!("{} is damaged: {e}", path.display()),
+                    "remove it (event ids then start again at 1)",
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Journal {
+                next_id: 1,
+                ..Journal::default()
+            },
+            Err(e) => {
+                return Err(CliError::local(
+                    format!("{}: {e}", path.display()),
+                    "check the configuration folder",
+                ));
+            }
+        };
+        Ok(Self {
+            journal: std::sync::Mutex::new(journal),
+            path,
+            webhook,
+            live: tokio::sync::broadcast::channel(64).0,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the journal (atomically); a failure is logged, the events stay in memory.
+    fn save(&self, j: &Journal) {
+        let saved = serde_json::to_vec(j)
+            .map_err(|e| e.to_string())
+            .and_then(|b| crate::home::write_private_file(&self.path, &b).map_err(|e| e.message));
+        if let Err(e) = saved {
+            tracing::warn!(error = %e, "the gateway could not save its events");
         }
     }
 
     fn emit(&self, kind: &str, customer: String, grant: Option<String>, record: Option<String>) {
-        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        let id = kept.back().map_or(1, |e| e.id + 1);
-        let event = GatewayEvent {
+        let mut j = self.lock();
+        let id = j.next_id.max(1);
+        j.next_id = id + 1;
+        j.events.push_back(GatewayEvent {
             id,
             kind: kind.to_string(),
             customer,
             grant,
             record,
-        };
-        kept.push_back(event.clone());
-        if kept.len() > KEPT_EVENTS {
-            kept.pop_front();
+        });
+        while let Some(front) = j.events.front() {
+            let taken = !self.webhook || front.id <= j.delivered;
+            if (j.events.len() > KEPT_EVENTS && taken) || j.events.len() > MAX_UNDELIVERED {
+                j.events.pop_front();
+            } else {
+                break;
+            }
         }
+        self.save(&j);
+        drop(j);
         // Nobody listening is fine: the event is kept for the next one.
-        let _ = self.live.send(event);
+        let _ = self.live.send(id);
     }
 
-    /// The kept events after `id`.
-    fn after(&self, id: u64) -> Vec<GatewayEvent> {
-        let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        kept.iter().filter(|e| e.id > id).cloned().collect()
+    /// The kept events after `id`, and whether some after it were dropped already.
+    fn after(&self, id: u64) -> (Vec<GatewayEvent>, bool) {
+        let j = self.lock();
+        let lost = j.events.front().is_some_and(|e| e.id > id + 1) && id + 1 < j.next_id;
+        (
+            j.events.iter().filter(|e| e.id > id).cloned().collect(),
+            lost,
+        )
+    }
+
+    /// The id of the newest event (0 if none yet).
+    fn newest(&self) -> u64 {
+        self.lock().next_id.saturating_sub(1)
+    }
+
+    /// What the watcher saw at its last look, for the next run to compare with.
+    fn remember(&self, k: &Known) {
+        let mut j = self.lock();
+        j.grants = Some(k.grants.clone());
+        j.disputes = k.disputes;
+        self.save(&j);
+    }
+
+    fn delivered(&self, id: u64) {
+        let mut j = self.lock();
+        j.delivered = id;
+        self.save(&j);
     }
 }
 
@@ -214,6 +309,15 @@ impl Known {
                 .collect(),
             disputes: c.disputes.len(),
         }
+    }
+
+    /// What the journal says the last run saw, if it saw anything.
+    fn journaled(events: &Events) -> Option<Self> {
+        let j = events.lock();
+        j.grants.clone().map(|grants| Self {
+            grants,
+            disputes: j.disputes,
+        })
     }
 }
 
@@ -277,6 +381,9 @@ async fn watch(g: Shared, start: (Option<u64>, Known)) {
                     .emit("dispute", d.customer.clone(), None, Some(d.record.clone()));
             }
         }
+        if now_known.grants != known.grants || now_known.disputes != known.disputes {
+            g.events.remember(&now_known);
+        }
         known = now_known;
         if touched && let Err(e) = l.save(&g.home) {
             tracing::warn!(error = %e.message, "the gateway could not save the company's state");
@@ -296,31 +403,53 @@ async fn events(
 ) -> axum::response::sse::Sse<
     impl tokio_stream::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
 > {
-    use tokio_stream::StreamExt as _;
     let after = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(u64::MAX);
-    // Subscribed before the kept events are read: nothing falls between the two.
-    let live = tokio_stream::wrappers::BroadcastStream::new(g.events.live.subscribe());
-    let past = if after == u64::MAX {
-        Vec::new()
-    } else {
-        g.events.after(after)
-    };
-    let last_past = past.last().map_or(0, |e| e.id);
-    let sse = |e: GatewayEvent| {
-        Ok(axum::response::sse::Event::default()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    // Subscribed before the kept events are read: nothing falls between the two. The broadcast only
+    // wakes the stream; the journal is what it sends from, so a slow reader that lagged behind the
+    // broadcast still gets every kept event, in order.
+    let mut live = g.events.live.subscribe();
+    let mut cursor = after.unwrap_or_else(|| g.events.newest());
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let sse = |e: &GatewayEvent| {
+        axum::response::sse::Event::default()
             .id(e.id.to_string())
             .event(e.kind.clone())
-            .data(serde_json::to_string(&e).unwrap_or_default()))
+            .data(serde_json::to_string(e).unwrap_or_default())
     };
-    let stream = tokio_stream::iter(past).map(sse).chain(
-        live.filter_map(move |e| e.ok().filter(|e| e.id > last_past))
-            .map(sse),
-    );
-    axum::response::sse::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default())
+    tokio::spawn(async move {
+        loop {
+            let (pending, lost) = g.events.after(cursor);
+            if lost {
+                // Events after the client's last one were dropped: it must resynchronise (list the
+                // grants) rather than believe it saw everything.
+                let said = axum::response::sse::Event::default()
+                    .event("events-lost")
+                    .data(format!("{{\"after\":{cursor}}}"));
+                if tx.send(Ok(said)).await.is_err() {
+                    return;
+                }
+            }
+            for e in &pending {
+                if tx.send(Ok(sse(e))).await.is_err() {
+                    return;
+                }
+                cursor = e.id;
+            }
+            tokio::select! {
+                woke = live.recv() => {
+                    if matches!(woke, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                        return;
+                    }
+                }
+                () = tx.closed() => return,
+            }
+        }
+    });
+    axum::response::sse::Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(axum::response::sse::KeepAlive::default())
 }
 
 type Shared = Arc<Gateway>;
@@ -637,6 +766,9 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
                 })
         })
         .transpose()?;
+    // The state is this process's while it runs: a `cmr company` command started meanwhile says so
+    // instead of overwriting what the gateway learnt (or the gateway what the command did).
+    let _held = home.hold(cmr_core::identity::Role::Company, std::time::Duration::ZERO)?;
     let mut loaded = Loaded::open(home)?;
     let id = loaded.company.id();
     let webhook = webhook_url.map(|url| {
@@ -647,11 +779,18 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
             keyid: keys.device.id().to_hex(),
         }
     });
-    // What holds before the gateway listens is where events start from: whatever changes after it
-    // is an event, however soon.
+    // The company's state brought up to date before the gateway listens.
     sync_all(&mut loaded.company).await?;
     let (_, cursor) = loaded.company.changed_since(None).await?;
-    let start = (cursor, Known::of(&loaded.company));
+    // What the last run saw is where events start from (what changed while the gateway was down
+    // becomes events now); on a first run, what holds before the gateway listens.
+    let events = Events::open(home, webhook.is_some())?;
+    let known = Known::journaled(&events).unwrap_or_else(|| {
+        let k = Known::of(&loaded.company);
+        events.remember(&k);
+        k
+    });
+    let start = (cursor, known);
     loaded.save(home)?;
     let token = token(home)?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -667,7 +806,7 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
         company: tokio::sync::Mutex::new(loaded),
         home: home.clone(),
         token: sha256(token.as_bytes()).0,
-        events: Events::new(),
+        events,
     });
     tokio::spawn(watch(state.clone(), start));
     if let Some(hook) = webhook {

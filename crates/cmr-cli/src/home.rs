@@ -138,11 +138,10 @@ impl Home {
                 Err(std::fs::TryLockError::WouldBlock) => {
                     return Err(CliError::local(
                         format!(
-                            "another cmr process is using this {} state (the web app, `cmr {} ui`, or a command still running)",
-                            role_name(role),
+                            "another cmr process is using this {} state (the web app, the gateway, or a command still running)",
                             role_name(role)
                         ),
-                        "use the web app while it runs, or stop it first (Ctrl-C)",
+                        "use the web app or the gateway while it runs, or stop it first (Ctrl-C)",
                     ));
                 }
                 Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&path, &e)),

@@ -163,7 +163,8 @@ pub struct Appended {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GatewayEvent {
-    /// Increasing within one run of the gateway; send it back as `Last-Event-ID` to resume.
+    /// Increasing, across the gateway's runs too (it keeps its events in the company's configuration
+    /// folder); send it back as `Last-Event-ID` to resume.
     pub id: u64,
     /// `grant-new`, `grant-revoked`, `grant-expired`, `grant-used`, or `dispute`.
     pub kind: String,
