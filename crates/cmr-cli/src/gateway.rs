@@ -5,7 +5,6 @@
 //! document). What it does not own: what a request, a read or an append is (the SDK, through the same
 //! functions as `cmr company`), or the JSON shapes (`cmr_wire::gateway`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
@@ -735,22 +734,13 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
         crate::out::print(&serde_json::to_string_pretty(&openapi()).unwrap_or_default());
         return Ok(());
     }
-    let addr: SocketAddr = tokio::net::lookup_host(&args.listen)
-        .await
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| {
-            CliError::usage(
-                format!("{:?} is not an address to listen on", args.listen),
-                "use HOST:PORT, such as 127.0.0.1:7070",
-            )
-        })?;
-    if !addr.ip().is_loopback() && !args.allow_remote {
-        return Err(CliError::usage(
-            format!("{addr} is not a loopback address"),
-            "the gateway holds the company's keys: keep it on 127.0.0.1, or say --allow-remote",
-        ));
-    }
+    let addr = crate::serve::local_address(
+        &args.listen,
+        args.allow_remote,
+        "127.0.0.1:7070",
+        "the gateway holds the company's keys",
+    )
+    .await?;
     let webhook_url = args
         .webhook
         .as_deref()

@@ -414,6 +414,33 @@ async fn reload_on_hangup(tls: cmr_server::tls::Tls) {
     }
 }
 
+/// The address a local process that holds unlocked keys (the dashboard, the company gateway) listens
+/// on: `listen` resolved, and refused unless it is loopback or `allow_remote` says otherwise.
+pub(crate) async fn local_address(
+    listen: &str,
+    allow_remote: bool,
+    example: &str,
+    why: &str,
+) -> CliResult<std::net::SocketAddr> {
+    let addr = tokio::net::lookup_host(listen)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            CliError::usage(
+                format!("{listen:?} is not an address to listen on"),
+                format!("use HOST:PORT, such as {example}"),
+            )
+        })?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        return Err(CliError::usage(
+            format!("{addr} is not a loopback address"),
+            format!("{why}: keep it on 127.0.0.1, or say --allow-remote"),
+        ));
+    }
+    Ok(addr)
+}
+
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM, which a service manager sends: both drain alike.
 pub(crate) async fn shutdown_signal() {
     let term = async {

@@ -270,6 +270,22 @@ fn alex_at(base: &str, vkey: &str, homes: &Path) -> User {
     alex
 }
 
+/// Acme Bank beside `alex` (same server): a company initialised in `homes/bank`, registered, with its
+/// key document served as its domain (test mode). Returns it, its id and its domain.
+fn acme_bank(alex: &User, homes: &Path) -> (User, String, String) {
+    let bank = User {
+        home: homes.join("bank"),
+        ..alex.clone()
+    };
+    let bank_id = bank.json(&["company", "init"])["identity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bank.ok(&["company", "register"]);
+    let bank_domain = domain(bank.ok(&["company", "key-document", "--name", "Acme Bank"]));
+    (bank, bank_id, bank_domain)
+}
+
 /// Runs `cmr --json ARGS…`, which must succeed, and parses what it prints.
 fn json_of(c: &mut Command) -> Value {
     let (code, out, err) = run(c);
@@ -2163,16 +2179,7 @@ fn a_company_backend_uses_the_gateway_with_plain_json() {
     let homes = tempfile::tempdir().unwrap();
     let alex = alex_on(&server, homes.path());
     let alex_id = alex.ok(&["customer", "id"]).trim().to_string();
-    let bank = User {
-        home: homes.path().join("bank"),
-        ..alex.clone()
-    };
-    let bank_id = bank.json(&["company", "init"])["identity"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    bank.ok(&["company", "register"]);
-    let bank_domain = domain(bank.ok(&["company", "key-document", "--name", "Acme Bank"]));
+    let (bank, bank_id, bank_domain) = acme_bank(&alex, homes.path());
     alex.ok(&[
         "customer",
         "tx",
@@ -2402,16 +2409,7 @@ fn the_python_and_node_example_backends_react_to_a_grant_and_to_its_revocation()
     let homes = tempfile::tempdir().unwrap();
     let alex = alex_on(&server, homes.path());
     let alex_id = alex.ok(&["customer", "id"]).trim().to_string();
-    let bank = User {
-        home: homes.path().join("bank"),
-        ..alex.clone()
-    };
-    let bank_id = bank.json(&["company", "init"])["identity"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    bank.ok(&["company", "register"]);
-    let bank_domain = domain(bank.ok(&["company", "key-document", "--name", "Acme Bank"]));
+    let (bank, bank_id, bank_domain) = acme_bank(&alex, homes.path());
     alex.ok(&[
         "customer",
         "tx",
@@ -2500,16 +2498,7 @@ fn webhooks_reach_a_backend_that_was_down_in_order_and_with_stable_ids() {
     let server = serve();
     let homes = tempfile::tempdir().unwrap();
     let alex = alex_on(&server, homes.path());
-    let bank = User {
-        home: homes.path().join("bank"),
-        ..alex.clone()
-    };
-    let bank_id = bank.json(&["company", "init"])["identity"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    bank.ok(&["company", "register"]);
-    let bank_domain = domain(bank.ok(&["company", "key-document", "--name", "Acme Bank"]));
+    let (bank, bank_id, bank_domain) = acme_bank(&alex, homes.path());
     // The backend's port, not listening yet: the backend is down.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -2754,16 +2743,7 @@ fn through_a_tampering_server_the_gateway_serves_no_bad_data() {
     );
     let homes = tempfile::tempdir().unwrap();
     let alex = alex_at(&format!("http://{proxy_addr}"), &server.vkey, homes.path());
-    let bank = User {
-        home: homes.path().join("bank"),
-        ..alex.clone()
-    };
-    let bank_id = bank.json(&["company", "init"])["identity"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    bank.ok(&["company", "register"]);
-    let bank_domain = domain(bank.ok(&["company", "key-document", "--name", "Acme Bank"]));
+    let (bank, bank_id, bank_domain) = acme_bank(&alex, homes.path());
     for t in ["coffee 3.20", "groceries 41.75"] {
         alex.ok(&["customer", "tx", "add", "--company", &bank_id, t]);
     }
@@ -2882,16 +2862,7 @@ fn the_consent_dashboard_in_a_real_browser() {
         "1 Main St, Springfield",
     ]);
     let alex_id = alex.ok(&["customer", "id"]).trim().to_string();
-    let bank = User {
-        home: homes.path().join("bank"),
-        ..alex.clone()
-    };
-    let bank_id = bank.json(&["company", "init"])["identity"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    bank.ok(&["company", "register"]);
-    let bank_domain = domain(bank.ok(&["company", "key-document", "--name", "Acme Bank"]));
+    let (bank, bank_id, bank_domain) = acme_bank(&alex, homes.path());
     alex.ok(&[
         "customer",
         "tx",

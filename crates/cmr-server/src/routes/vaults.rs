@@ -47,7 +47,7 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(pending_requests))
         .routes(routes!(relationship))
         .routes(routes!(feed))
-        .routes(routes!(events))
+        .routes(routes!(chain_events))
         // A key backup is at most 1 MiB of base64 (cmr_store::MAX_BACKUP); not the small-body route.
         .routes(routes!(put_backup).layer(axum::extract::DefaultBodyLimit::max(2 * 1024 * 1024)))
         .routes(routes!(get_backup))
@@ -665,7 +665,7 @@ impl Drop for StreamSlot {
     ),
     security(("rfc9421" = []))
 )]
-async fn events(
+async fn chain_events(
     State(state): State<Arc<AppState>>,
     Owner {
         owner: customer,

@@ -8,7 +8,6 @@
 //! does, and both verify the same way. The keys and the plaintext stay in this process; the browser
 //! talks only to it (design note 0009).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -336,22 +335,13 @@ async fn guard(State(ui): State<App>, req: Request, next: Next) -> Response {
 
 /// Runs the app until Ctrl-C or SIGTERM.
 pub async fn run(home: &Home, args: UiArgs) -> CliResult {
-    let addr: SocketAddr = tokio::net::lookup_host(&args.listen)
-        .await
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| {
-            CliError::usage(
-                format!("{:?} is not an address to listen on", args.listen),
-                "use HOST:PORT, such as 127.0.0.1:7171",
-            )
-        })?;
-    if !addr.ip().is_loopback() && !args.allow_remote {
-        return Err(CliError::usage(
-            format!("{addr} is not a loopback address"),
-            "the app holds your unlocked key: keep it on 127.0.0.1, or say --allow-remote",
-        ));
-    }
+    let addr = crate::serve::local_address(
+        &args.listen,
+        args.allow_remote,
+        "127.0.0.1:7171",
+        "the app holds your unlocked key",
+    )
+    .await?;
     // The state is this process's while it runs: a command started meanwhile says so and waits.
     let _held = home.hold(
         cmr_core::identity::Role::Customer,
