@@ -68,6 +68,14 @@ pub enum CompanyCmd {
     /// What became of the requests sent (granted, denied, pending), and the grants held.
     #[command(after_help = "Example:\n  cmr company status")]
     Status,
+    /// This company's own reads and appends, as the customers' chains logged them (verified), oldest
+    /// first.
+    #[command(after_help = "Example:\n  cmr company history --customer 9e78…")]
+    History {
+        /// Only the accesses to this customer's vault.
+        #[arg(long)]
+        customer: Option<String>,
+    },
     /// Serve this company's access to its backend as plain JSON on loopback (any language, no
     /// cryptography there): grants, requests, verified reads, appends. The keys and every
     /// verification stay in this process; the backend sends the bearer token it wrote.
@@ -231,6 +239,29 @@ async fn step(l: &mut Loaded, out: Out, cmd: CompanyCmd) -> CliResult {
             ));
             out.value(&json!({"restored_size": size}));
         }
+        CompanyCmd::History { customer } => {
+            sync_all(c).await?;
+            let accesses = access_rows(c, customer.as_deref())?;
+            for a in &accesses {
+                out.line(format!(
+                    "{:>6}  {}  {} of {} under grant {}: {}",
+                    a.index,
+                    crate::out::time(a.time),
+                    a.kind,
+                    short(&a.customer),
+                    short(&a.grant),
+                    a.families
+                        .iter()
+                        .map(|f| f.split_once(':').map_or(f.as_str(), |(_, p)| p))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if accesses.is_empty() {
+                out.line("no read or append yet");
+            }
+            out.value(&json!(cmr_wire::gateway::AccessesJson { accesses }));
+        }
         CompanyCmd::Status => {
             sync_all(c).await?;
             let requests = request_rows(c);
@@ -350,6 +381,24 @@ pub(crate) fn request_rows(c: &Company) -> Vec<RequestSent> {
 }
 
 /// The grants held, by id.
+/// This company's own accesses, oldest first; only those to `customer` (an id, whole) when given.
+pub(crate) fn access_rows(
+    c: &Company,
+    customer: Option<&str>,
+) -> CliResult<Vec<cmr_wire::gateway::AccessJson>> {
+    let only = customer
+        .map(|id| crate::out::parse_id(id, "customer").map(hex::encode))
+        .transpose()?;
+    let mut rows: Vec<_> = c
+        .accesses
+        .iter()
+        .filter(|a| only.as_ref().is_none_or(|o| *o == a.customer))
+        .cloned()
+        .collect();
+    rows.sort_by_key(|a| a.index);
+    Ok(rows)
+}
+
 pub(crate) fn grant_rows(c: &Company) -> Vec<GrantHeld> {
     let mut out: Vec<GrantHeld> = c
         .grants
@@ -370,6 +419,7 @@ pub(crate) fn grant_rows(c: &Company) -> Vec<GrantHeld> {
                 expires: b.expires,
                 lookback_start: b.lookback_start.to_string(),
                 purpose: b.purpose.clone(),
+                narrowed: c.narrowed(&g.id),
             })
         })
         .collect();

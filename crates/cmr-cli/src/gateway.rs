@@ -19,16 +19,16 @@ use cmr_core::consent::StatementId;
 use cmr_core::hash::sha256;
 use cmr_core::identity::IdentityId;
 use cmr_wire::gateway::{
-    AppendRequest, Appended, GatewayEvent, GrantsJson, NewRequest, ReadRequest, RecordsJson,
-    RequestCreated, RequestsJson,
+    AccessesJson, AppendRequest, Appended, GatewayEvent, GrantsJson, NewRequest, ReadRequest,
+    RecordsJson, RequestCreated, RequestsJson,
 };
 use cmr_wire::problem::ProblemJson;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::company::{
-    Loaded, access_request, append_target, grant_rows, read_target, record_rows, request_rows,
-    sync_all,
+    Loaded, access_request, access_rows, append_target, grant_rows, read_target, record_rows,
+    request_rows, sync_all,
 };
 use crate::error::{CliError, CliResult};
 use crate::home::Home;
@@ -46,6 +46,10 @@ pub struct GatewayArgs {
     /// Listen on an address beyond loopback (put TLS and a firewall in front of it).
     #[arg(long)]
     allow_remote: bool,
+    /// Listen on this Unix socket instead (created with mode 0600: only this user's processes reach
+    /// it; the bearer token is still required).
+    #[arg(long, env = "CMR_GATEWAY_SOCKET", conflicts_with_all = ["listen", "allow_remote"])]
+    socket: Option<std::path::PathBuf>,
     /// Print the gateway's OpenAPI 3.1 document and exit (for client generators).
     #[arg(long)]
     openapi: bool,
@@ -183,6 +187,9 @@ struct Journal {
     /// Each grant's (status, customer) at the last look; `None` before the first look.
     grants: Option<std::collections::HashMap<String, (String, String)>>,
     disputes: usize,
+    /// How many rotated keys each grant had received at the last look.
+    #[serde(default)]
+    rekeys: std::collections::HashMap<String, usize>,
 }
 
 /// The events: the journal, saved on every change, and a wake-up for the streams and the webhook.
@@ -281,6 +288,7 @@ impl Events {
     fn remember(&self, k: &Known) {
         let mut j = self.lock();
         j.grants = Some(k.grants.clone());
+        j.rekeys = k.rekeys.clone();
         j.disputes = k.disputes;
         self.save(&j);
     }
@@ -292,10 +300,12 @@ impl Events {
     }
 }
 
-/// What the watcher knew at its last look: each grant's status, and the disputes seen.
-#[derive(Default)]
+/// What the watcher knew at its last look: each grant's status, the rotated keys each received, and
+/// the disputes seen.
+#[derive(Default, PartialEq)]
 struct Known {
     grants: std::collections::HashMap<String, (String, String)>,
+    rekeys: std::collections::HashMap<String, usize>,
     disputes: usize,
 }
 
@@ -306,6 +316,11 @@ impl Known {
                 .into_iter()
                 .map(|g| (g.grant, (g.status, g.customer)))
                 .collect(),
+            rekeys: c
+                .grants
+                .values()
+                .map(|g| (g.id.to_hex(), g.rekeys.len()))
+                .collect(),
             disputes: c.disputes.len(),
         }
     }
@@ -315,6 +330,7 @@ impl Known {
         let j = events.lock();
         j.grants.clone().map(|grants| Self {
             grants,
+            rekeys: j.rekeys.clone(),
             disputes: j.disputes,
         })
     }
@@ -374,13 +390,36 @@ async fn watch(g: Shared, start: (Option<u64>, Known)) {
                 };
                 g.events
                     .emit(kind, customer.clone(), Some(grant.clone()), None);
+                let narrowed = cmr_core::hash::Digest::from_hex(grant)
+                    .and_then(|d| l.company.narrowed(&StatementId(d.0)))
+                    .unwrap_or(false);
+                if kind == "grant-new" && narrowed {
+                    g.events.emit(
+                        "grant-narrowed",
+                        customer.clone(),
+                        Some(grant.clone()),
+                        None,
+                    );
+                }
+            }
+            for (grant, n) in &now_known.rekeys {
+                if *n > before.rekeys.get(grant).copied().unwrap_or(0)
+                    && let Some((_, customer)) = now_known.grants.get(grant)
+                {
+                    g.events.emit(
+                        "rotation-delivered",
+                        customer.clone(),
+                        Some(grant.clone()),
+                        None,
+                    );
+                }
             }
             for d in l.company.disputes.iter().skip(before.disputes) {
                 g.events
                     .emit("dispute", d.customer.clone(), None, Some(d.record.clone()));
             }
         }
-        if now_known.grants != known.grants || now_known.disputes != known.disputes {
+        if now_known != known {
             g.events.remember(&now_known);
         }
         known = now_known;
@@ -549,6 +588,29 @@ async fn grants(State(g): State<Shared>) -> Answer<GrantsJson> {
     Ok(Json(GrantsJson { grants }))
 }
 
+/// Which accesses to list.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+struct AccessesQuery {
+    /// Only those to this customer's vault (64 hex digits).
+    customer: Option<String>,
+}
+
+/// This company's own reads and appends, as the customers' chains logged them (verified), oldest
+/// first: what the company can show an auditor or a customer of what it did.
+#[utoipa::path(get, path = "/v1/accesses", tag = "gateway", params(AccessesQuery),
+    responses((status = 200, description = "Success", body = AccessesJson), (status = "default", description = "Refused: the gateway's code or the vault's", body = ProblemJson, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+async fn accesses(
+    State(g): State<Shared>,
+    axum::extract::Query(q): axum::extract::Query<AccessesQuery>,
+) -> Answer<AccessesJson> {
+    let mut l = g.company.lock().await;
+    sync_all(&mut l.company).await?;
+    let accesses = access_rows(&l.company, q.customer.as_deref())?;
+    save(&g, &mut l)?;
+    Ok(Json(AccessesJson { accesses }))
+}
+
 /// The requests this company sent, and what became of each.
 #[utoipa::path(get, path = "/v1/requests", tag = "gateway",
     responses((status = 200, description = "Success", body = RequestsJson), (status = "default", description = "Refused: the gateway's code or the vault's", body = ProblemJson, content_type = "application/problem+json")),
@@ -623,6 +685,14 @@ async fn read(
         req.to.as_deref(),
     )?;
     let (_, records) = l.company.read(gid, t.family, t.from, t.to).await?;
+    // The read is on the customer's chain now: synced (verified), so the company's own history has it
+    // and a one-time grant it used up is seen as used (the feed names statements, not the company's
+    // own accesses). A failure here leaves it to the next sync; the read stands.
+    if let Some(customer) = l.company.grants.get(&gid).map(|h| h.customer)
+        && let Err(e) = l.company.sync(customer).await
+    {
+        tracing::warn!(error = %e, "the gateway could not sync after a read");
+    }
     save(&g, &mut l)?;
     Ok(Json(RecordsJson {
         records: record_rows(&records, t.periodic),
@@ -681,6 +751,7 @@ fn api() -> OpenApiRouter<Shared> {
         );
     OpenApiRouter::with_openapi(doc)
         .routes(routes!(grants))
+        .routes(routes!(accesses))
         .routes(routes!(requests, new_request))
         .routes(routes!(read))
         .routes(routes!(append))
@@ -783,15 +854,24 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
     let start = (cursor, known);
     loaded.save(home)?;
     let token = token(home)?;
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        CliError::local(
-            format!("cannot listen on {addr}: {e}"),
-            "choose another address with --listen",
-        )
-    })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| CliError::local(e.to_string(), "check --listen"))?;
+    let listener = match &args.socket {
+        Some(path) => Listener::Unix(unix_listener(path)?),
+        None => Listener::Tcp(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            CliError::local(
+                format!("cannot listen on {addr}: {e}"),
+                "choose another address with --listen",
+            )
+        })?),
+    };
+    let bound = match (&listener, &args.socket) {
+        (Listener::Tcp(l), _) => format!(
+            "http://{}",
+            l.local_addr()
+                .map_err(|e| CliError::local(e.to_string(), "check --listen"))?
+        ),
+        (Listener::Unix(_), Some(path)) => format!("the Unix socket {}", path.display()),
+        (Listener::Unix(_), None) => String::new(),
+    };
     let state = Arc::new(Gateway {
         company: tokio::sync::Mutex::new(loaded),
         home: home.clone(),
@@ -819,7 +899,7 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
         let _ = writeln!(std::io::stdout(), "{line}");
     };
     say(format!(
-        "company gateway for {} listening on http://{bound}",
+        "company gateway for {} listening on {bound}",
         id.to_hex()
     ));
     say(format!(
@@ -830,10 +910,60 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
     if let Some(url) = &args.webhook {
         say(format!("  events also delivered to {url}"));
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(crate::serve::shutdown_signal())
-        .await
-        .map_err(|e| CliError::local(format!("gateway: {e}"), "see the log"))
+    let served = match listener {
+        Listener::Tcp(l) => {
+            axum::serve(l, app)
+                .with_graceful_shutdown(crate::serve::shutdown_signal())
+                .await
+        }
+        Listener::Unix(l) => {
+            axum::serve(l, app)
+                .with_graceful_shutdown(crate::serve::shutdown_signal())
+                .await
+        }
+    };
+    if let Some(path) = &args.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    served.map_err(|e| CliError::local(format!("gateway: {e}"), "see the log"))
+}
+
+/// Where the gateway listens.
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// A Unix socket at `path`, then set to mode 0600 (connecting needs write permission, which the
+/// usual umask already withholds from others between the two). A socket left by a gateway that was
+/// killed is replaced; a live one, or any other file there, is refused.
+fn unix_listener(path: &std::path::Path) -> CliResult<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let fail = |e: std::io::Error| {
+        CliError::local(
+            format!("cannot listen on {}: {e}", path.display()),
+            "choose another path with --socket",
+        )
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(CliError::local(
+                format!("{} exists and is not a socket", path.display()),
+                "choose another path with --socket",
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(CliError::local(
+                format!("a gateway already listens on {}", path.display()),
+                "stop it first, or choose another path with --socket",
+            ));
+        }
+        std::fs::remove_file(path).map_err(fail)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(fail)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(fail)?;
+    Ok(listener)
 }
 
 #[cfg(test)]

@@ -2258,6 +2258,16 @@ fn a_company_backend_uses_the_gateway_with_plain_json() {
         (Some("grant-new"), Some(grant.as_str())),
         "{event}"
     );
+    // Three months of the twelve asked: narrowed, said by the grant and by an event.
+    assert_eq!(g["narrowed"], true, "{held}");
+    let event = events
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("no grant-narrowed event");
+    assert_eq!(
+        (event["kind"].as_str(), event["grant"].as_str()),
+        (Some("grant-narrowed"), Some(grant.as_str())),
+        "{event}"
+    );
 
     // A verified, decrypted read; an append that the customer then sees.
     let (status, read) = gateway_call(
@@ -2286,6 +2296,73 @@ fn a_company_backend_uses_the_gateway_with_plain_json() {
     assert!(appended["index"].is_u64());
     let listed = alex.ok(&["customer", "tx", "list", "--company", &bank_id]);
     assert!(listed.contains("category: coffee lover"), "{listed}");
+    // The company's own history: the read, then the append, as the customer's chain logged them.
+    let (status, own) = gateway_call(
+        &addr,
+        "GET",
+        &format!("/v1/accesses?customer={alex_id}"),
+        t,
+        None,
+    );
+    assert_eq!(status, 200, "{own}");
+    let kinds: Vec<&str> = own["accesses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["read", "append"], "{own}");
+    assert_eq!(own["accesses"][0]["grant"], grant.as_str(), "{own}");
+
+    // A one-time grant on the same family, used by a read: the customer's rotation then seals the
+    // family's new key to the grant that stays, and the gateway says it was delivered.
+    let once = alex.json(&[
+        "customer",
+        "grant",
+        "--company",
+        &bank_id,
+        "--domain",
+        &bank_domain,
+        "--scope",
+        "transactions:read",
+        "--purpose",
+        "one statement",
+        "--duration",
+        "once",
+        "--insecure-http-for-tests",
+    ])["grant"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let event = events
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("no grant-new event for the one-time grant");
+    assert_eq!(
+        (event["kind"].as_str(), event["grant"].as_str()),
+        (Some("grant-new"), Some(once.as_str())),
+        "{event}"
+    );
+    let (status, read) = gateway_call(
+        &addr,
+        "POST",
+        &format!("/v1/grants/{once}/read"),
+        t,
+        Some(serde_json::json!({"scope": "transactions"})),
+    );
+    assert_eq!(status, 200, "{read}");
+    let event = events
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("no grant-used event");
+    assert_eq!(event["kind"], "grant-used", "{event}");
+    alex.ok(&["customer", "rotate"]);
+    let event = events
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("no rotation-delivered event");
+    assert_eq!(
+        (event["kind"].as_str(), event["grant"].as_str()),
+        (Some("rotation-delivered"), Some(grant.as_str())),
+        "{event}"
+    );
 
     // Bad input: a clear refusal, never a 500.
     let (status, problem) = gateway_call(
@@ -2335,7 +2412,16 @@ fn a_company_backend_uses_the_gateway_with_plain_json() {
         "{problem}"
     );
     let (_, held) = gateway_call(&addr, "GET", "/v1/grants", t, None);
-    assert_eq!(held["grants"][0]["status"], "revoked", "{held}");
+    let status_of = |id: &str| {
+        held["grants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["grant"] == id)
+            .map(|g| g["status"].as_str().unwrap().to_string())
+    };
+    assert_eq!(status_of(&grant).as_deref(), Some("revoked"), "{held}");
+    assert_eq!(status_of(&once).as_deref(), Some("used"), "{held}");
 }
 
 /// The gateway's server-sent events, parsed, as they arrive.
@@ -3021,4 +3107,50 @@ fn a_deep_data_folder_serves_and_is_backed_up_while_serving() {
             .arg(&deep),
     );
     assert!(backed["size"].as_u64().unwrap() >= 4, "{backed}");
+}
+
+/// `cmr company gateway --socket PATH`: only this user's processes reach it (mode 0600), and the
+/// bearer token is still required there.
+#[test]
+fn the_gateway_listens_on_a_unix_socket_only_its_owner_reaches() {
+    let server = serve();
+    let homes = tempfile::tempdir().unwrap();
+    let alex = alex_on(&server, homes.path());
+    let (bank, _, _) = acme_bank(&alex, homes.path());
+    let socket = homes.path().join("gateway.sock");
+    let mut child = bank
+        .cmd(&["company", "gateway", "--socket", socket.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    std::thread::spawn(move || for _ in lines {});
+    let _gateway = Kill(child);
+    assert!(first.contains("Unix socket"), "{first}");
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let token = std::fs::read_to_string(bank.home.join("gateway.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let get = |auth: Option<&str>| {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        let auth = auth.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+        write!(
+            s,
+            "GET /v1/grants HTTP/1.1\r\nhost: localhost\r\n{auth}connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert!(get(None).starts_with("HTTP/1.1 401"), "{}", get(None));
+    let ok = get(Some(&token));
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.contains("\"grants\":[]"), "{ok}");
 }

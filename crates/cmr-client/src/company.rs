@@ -86,10 +86,15 @@ pub struct Company {
     pub statuses: HashMap<StatementId, RequestStatus>,
     /// The vault each request was sent to.
     pub requests: HashMap<StatementId, IdentityId>,
+    /// The requests as sent (signed), to tell whether the grant answering one is narrower.
+    pub asked: HashMap<StatementId, SignedStatement>,
     /// Per vault, the newest entry already taken into account by [`Company::sync`].
     pub synced: HashMap<IdentityId, u64>,
     /// Customers' disputes of attributes this company appended, as logged.
     pub disputes: Vec<Dispute>,
+    /// This company's own reads and appends, as the customers' chains logged them (verified in the
+    /// relationship view, as everything there), in the order they were synced.
+    pub accesses: Vec<cmr_wire::gateway::AccessJson>,
 }
 
 /// A customer's dispute of an attribute this company appended, as logged.
@@ -123,8 +128,10 @@ impl Company {
             grants: HashMap::new(),
             statuses: HashMap::new(),
             requests: HashMap::new(),
+            asked: HashMap::new(),
             synced: HashMap::new(),
             disputes: Vec::new(),
+            accesses: Vec::new(),
         }
     }
 
@@ -161,6 +168,7 @@ impl Company {
         self.session.check_ack(&v, &bytes).await?;
         self.statuses.insert(signed.id(), RequestStatus::Pending);
         self.requests.insert(signed.id(), customer);
+        self.asked.insert(signed.id(), signed.clone());
         Ok(signed.id())
     }
 
@@ -304,14 +312,38 @@ impl Company {
                 ))
                 .into());
             }
-            if p.body.kind == EntryKind::Access && p.body.subject == me {
+            if p.body.kind == EntryKind::Access
+                && p.body.subject == me
+                && let Ok(rec) = AccessRecord::decode(&p.body.payload)
+            {
                 // This company's own read under a one-time grant used it up.
-                if let Ok(rec) = AccessRecord::decode(&p.body.payload)
-                    && rec.kind == cmr_core::decision::AccessKind::Read
+                if rec.kind == cmr_core::decision::AccessKind::Read
                     && let Some(g) = self.grants.get_mut(&rec.grant)
                     && g.grant().is_some_and(|b| b.duration == Duration::OneTime)
                 {
                     g.used.get_or_insert(p.index);
+                }
+                if !self
+                    .accesses
+                    .iter()
+                    .any(|a| a.index == p.index && a.customer == customer.to_hex())
+                {
+                    self.accesses.push(cmr_wire::gateway::AccessJson {
+                        customer: customer.to_hex(),
+                        index: p.index,
+                        time: p.body.time,
+                        kind: match rec.kind {
+                            cmr_core::decision::AccessKind::Read => "read",
+                            cmr_core::decision::AccessKind::Append => "append",
+                        }
+                        .into(),
+                        grant: rec.grant.to_hex(),
+                        families: rec
+                            .families
+                            .iter()
+                            .map(|f| format!("{}:{}..{}", f.family.to_hex(), f.from, f.to))
+                            .collect(),
+                    });
                 }
             }
             if p.body.kind != EntryKind::Statement {
@@ -402,6 +434,28 @@ impl Company {
             self.synced.insert(customer, p.index);
         }
         Ok(())
+    }
+
+    /// Whether grant `id` gives less than the request it answers asked for: fewer scopes or less
+    /// access, a shorter duration, or a shorter look-back. `None` when it answers no request this
+    /// company kept (an unsolicited grant, or a request sent before requests were kept).
+    pub fn narrowed(&self, id: &StatementId) -> Option<bool> {
+        let held = self.grants.get(id)?;
+        let g = held.grant()?;
+        let asked = self.asked.get(&g.request?)?;
+        let Body::Request(r) = &asked.statement().body else {
+            return None;
+        };
+        let fewer = r
+            .scopes
+            .iter()
+            .any(|(s, a)| !g.scopes.iter().any(|(gs, ga)| gs == s && ga == a));
+        let shorter = g.duration != r.duration;
+        let widest =
+            cmr_core::family::Period::from_unix(held.statement.statement().issued_at as i64)
+                .map(|p| cmr_core::family::Period(p.0.saturating_sub(r.lookback_months)));
+        let less_history = widest.is_some_and(|w| g.lookback_start > w);
+        Some(fewer || shorter || less_history)
     }
 
     /// What a request became (after [`Company::sync`]).

@@ -303,6 +303,9 @@ pub struct SavedRequest {
     pub customer: String,
     /// `pending`, `granted:<grant id>` or `denied:<reason>`.
     pub status: String,
+    /// The request as sent (the signed statement, base64), if it was kept.
+    #[serde(default)]
+    pub asked: Option<String>,
 }
 
 /// A company's state.
@@ -319,6 +322,10 @@ pub struct CompanyState {
     /// Customers' disputes of what this company appended.
     #[serde(default)]
     pub disputes: Vec<crate::company::Dispute>,
+    /// This company's own accesses, as synced (a state saved before they were kept has none: the
+    /// history then starts at the next sync).
+    #[serde(default)]
+    pub accesses: Vec<cmr_wire::gateway::AccessJson>,
 }
 
 impl CompanyState {
@@ -347,6 +354,7 @@ impl CompanyState {
                     RequestStatus::Granted(g) => format!("granted:{}", g.to_hex()),
                     RequestStatus::Denied(r) => format!("denied:{r}"),
                 },
+                asked: c.asked.get(rid).map(|st| B64.encode(st.encode())),
             })
             .collect();
         requests.sort_by(|a, b| a.id.cmp(&b.id));
@@ -359,6 +367,7 @@ impl CompanyState {
             requests,
             synced,
             disputes: c.disputes.clone(),
+            accesses: c.accesses.clone(),
         }
     }
 
@@ -400,6 +409,15 @@ impl CompanyState {
         for r in &self.requests {
             let rid = statement_id(&r.id)?;
             c.requests.insert(rid, id(&r.customer)?);
+            if let Some(asked) = &r.asked {
+                let st = B64
+                    .decode(asked)
+                    .ok()
+                    .and_then(|b| SignedStatement::decode(&b).ok())
+                    .filter(|st| st.id() == rid)
+                    .ok_or_else(|| bad("request as sent"))?;
+                c.asked.insert(rid, st);
+            }
             let status = if r.status == "pending" {
                 RequestStatus::Pending
             } else if let Some(g) = r.status.strip_prefix("granted:") {
@@ -415,6 +433,7 @@ impl CompanyState {
             c.synced.insert(id(k)?, *v);
         }
         c.disputes = self.disputes.clone();
+        c.accesses = self.accesses.clone();
         Ok(c)
     }
 }

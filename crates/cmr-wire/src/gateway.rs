@@ -27,6 +27,9 @@ pub struct GrantHeld {
     pub lookback_start: String,
     /// The purpose the customer agreed to.
     pub purpose: String,
+    /// Whether the customer granted less than the request asked for (fewer scopes or less access, a
+    /// shorter duration or look-back); `null` for a grant that answers no request this company kept.
+    pub narrowed: Option<bool>,
 }
 
 /// A request this company sent.
@@ -51,6 +54,37 @@ pub struct RequestSent {
 pub struct GrantsJson {
     /// Every grant held, ended ones included.
     pub grants: Vec<GrantHeld>,
+}
+
+/// One of the company's own accesses, as the customer's chain logged it (`GET /v1/accesses`, `cmr
+/// company history --json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AccessJson {
+    /// The customer whose vault was read or written.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[0-9a-f]{64}$"))]
+    pub customer: String,
+    /// The access's log index.
+    pub index: u64,
+    /// Its server time (Unix seconds).
+    pub time: u64,
+    /// `read` or `append`.
+    pub kind: String,
+    /// The grant it was made under.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[0-9a-f]{64}$"))]
+    pub grant: String,
+    /// The families and periods, as `FAMILY:FROM..TO` (family hex, months YYYY-MM).
+    pub families: Vec<String>,
+}
+
+/// The company's own accesses, oldest first (`GET /v1/accesses`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AccessesJson {
+    /// The accesses.
+    pub accesses: Vec<AccessJson>,
 }
 
 /// The requests sent (`GET /v1/requests`).
@@ -166,7 +200,9 @@ pub struct GatewayEvent {
     /// Increasing, across the gateway's runs too (it keeps its events in the company's configuration
     /// folder); send it back as `Last-Event-ID` to resume.
     pub id: u64,
-    /// `grant-new`, `grant-revoked`, `grant-expired`, `grant-used`, or `dispute`.
+    /// `grant-new`, `grant-narrowed` (after `grant-new`, for a grant narrower than the request it
+    /// answers), `grant-revoked`, `grant-expired`, `grant-used`, `rotation-delivered` (the customer
+    /// rotated a family the grant reads and sealed its new key to the company), or `dispute`.
     pub kind: String,
     /// The customer.
     #[cfg_attr(feature = "openapi", schema(pattern = "^[0-9a-f]{64}$"))]

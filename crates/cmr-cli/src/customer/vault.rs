@@ -55,7 +55,6 @@ pub(super) async fn step(l: &mut Loaded, out: Out, cmd: CustomerCmd) -> CliResul
                         "company": names.of(&e.body.subject),
                         "scopes": scopes,
                         "periods": a.families.iter().map(|f| format!("{}..{}", f.from, f.to)).collect::<Vec<_>>(),
-                        "records": a.records.len(),
                     });
                 }
                 rows.push(row);

@@ -237,7 +237,7 @@ fn access_table<'a>(rows: impl Iterator<Item = &'a Value>) -> Markup {
 }
 
 /// Which months an access covered, in words: "2026-06 to 2026-12", "all" for a profile section (one
-/// period), and how many records an append wrote.
+/// period). (The log keeps an access's families and periods, not a count of records.)
 fn months(a: &Value) -> String {
     let mut spans: Vec<String> = list(a, "periods")
         .iter()
@@ -250,12 +250,7 @@ fn months(a: &Value) -> String {
         })
         .collect();
     spans.dedup();
-    let records = a["records"].as_u64().unwrap_or_default();
-    match records {
-        0 => spans.join(", "),
-        1 => format!("{} (1 record)", spans.join(", ")),
-        n => format!("{} ({n} records)", spans.join(", ")),
-    }
+    spans.join(", ")
 }
 
 /// Reads and appends per company over the last 14 days, drawn here as SVG (no external service): one
