@@ -162,6 +162,8 @@ struct Gateway {
     home: Home,
     token: [u8; 32],
     events: Events,
+    /// A read changed the state and it is not saved yet (the watcher saves it).
+    unsaved: std::sync::atomic::AtomicBool,
 }
 
 /// How many past events the gateway keeps for clients that resume (`Last-Event-ID`), at least.
@@ -423,7 +425,10 @@ async fn watch(g: Shared, start: (Option<u64>, Known)) {
             g.events.remember(&now_known);
         }
         known = now_known;
-        if touched && let Err(e) = l.save(&g.home) {
+        let unsaved = g.unsaved.swap(false, std::sync::atomic::Ordering::SeqCst);
+        if (touched || unsaved)
+            && let Err(e) = l.save(&g.home)
+        {
             tracing::warn!(error = %e.message, "the gateway could not save the company's state");
         }
     }
@@ -685,15 +690,10 @@ async fn read(
         req.to.as_deref(),
     )?;
     let (_, records) = l.company.read(gid, t.family, t.from, t.to).await?;
-    // The read is on the customer's chain now: synced (verified), so the company's own history has it
-    // and a one-time grant it used up is seen as used (the feed names statements, not the company's
-    // own accesses). A failure here leaves it to the next sync; the read stands.
-    if let Some(customer) = l.company.grants.get(&gid).map(|h| h.customer)
-        && let Err(e) = l.company.sync(customer).await
-    {
-        tracing::warn!(error = %e, "the gateway could not sync after a read");
-    }
-    save(&g, &mut l)?;
+    // What a read changes in the state (the checkpoint seen, the access, a one-time grant used up) is
+    // saved by the watcher within WATCH_EVERY, not here: a read's answer does not wait for a file's
+    // fsync. A crash before then loses nothing the log does not hold; the next sync finds it again.
+    g.unsaved.store(true, std::sync::atomic::Ordering::SeqCst);
     Ok(Json(RecordsJson {
         records: record_rows(&records, t.periodic),
     }))
@@ -877,6 +877,7 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
         home: home.clone(),
         token: sha256(token.as_bytes()).0,
         events,
+        unsaved: std::sync::atomic::AtomicBool::new(false),
     });
     tokio::spawn(watch(state.clone(), start));
     if let Some(hook) = webhook {
@@ -893,7 +894,7 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
                 async move { Json((*doc).clone()) }
             }),
         )
-        .with_state(state);
+        .with_state(state.clone());
     let say = |line: String| {
         use std::io::Write as _;
         let _ = writeln!(std::io::stdout(), "{line}");
@@ -924,6 +925,9 @@ pub async fn run(home: &Home, args: GatewayArgs) -> CliResult {
     };
     if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);
+    }
+    if state.unsaved.load(std::sync::atomic::Ordering::SeqCst) {
+        state.company.lock().await.save(home)?;
     }
     served.map_err(|e| CliError::local(format!("gateway: {e}"), "see the log"))
 }

@@ -323,27 +323,14 @@ impl Company {
                 {
                     g.used.get_or_insert(p.index);
                 }
+                let hex = customer.to_hex();
                 if !self
                     .accesses
                     .iter()
-                    .any(|a| a.index == p.index && a.customer == customer.to_hex())
+                    .any(|a| a.index == p.index && a.customer == hex)
                 {
-                    self.accesses.push(cmr_wire::gateway::AccessJson {
-                        customer: customer.to_hex(),
-                        index: p.index,
-                        time: p.body.time,
-                        kind: match rec.kind {
-                            cmr_core::decision::AccessKind::Read => "read",
-                            cmr_core::decision::AccessKind::Append => "append",
-                        }
-                        .into(),
-                        grant: rec.grant.to_hex(),
-                        families: rec
-                            .families
-                            .iter()
-                            .map(|f| format!("{}:{}..{}", f.family.to_hex(), f.from, f.to))
-                            .collect(),
-                    });
+                    self.accesses
+                        .push(own_access(&hex, p.index, p.body.time, &rec));
                 }
             }
             if p.body.kind != EntryKind::Statement {
@@ -436,6 +423,29 @@ impl Company {
         Ok(())
     }
 
+    /// Takes this company's own read, verified in the log (its acknowledgement), into account at once:
+    /// its access history, and a one-time grant it used up. (A sync finds the same entry later and
+    /// takes it only once.)
+    fn note_own_read(&mut self, customer: IdentityId, grant: StatementId, logged: &Acked) {
+        let Ok(rec) = AccessRecord::decode(&logged.body.payload) else {
+            return;
+        };
+        if let Some(g) = self.grants.get_mut(&grant)
+            && g.grant().is_some_and(|b| b.duration == Duration::OneTime)
+        {
+            g.used.get_or_insert(logged.index);
+        }
+        let hex = customer.to_hex();
+        if !self
+            .accesses
+            .iter()
+            .any(|a| a.index == logged.index && a.customer == hex)
+        {
+            self.accesses
+                .push(own_access(&hex, logged.index, logged.body.time, &rec));
+        }
+    }
+
     /// Whether grant `id` gives less than the request it answers asked for: fewer scopes or less
     /// access, a shorter duration, or a shorter look-back. `None` when it answers no request this
     /// company kept (an unsolicited grant, or a request sent before requests were kept).
@@ -511,7 +521,8 @@ impl Company {
             // The logged access names the head this answer is proven against: a server that answers
             // with an older head must log that it did.
             let served = page.proof.head.digest();
-            self.session
+            let logged = self
+                .session
                 .check_ack_with(&v, |body| {
                     body.kind == EntryKind::Access
                         && AccessRecord::decode(&body.payload).is_ok_and(|a| {
@@ -525,6 +536,7 @@ impl Company {
                         })
                 })
                 .await?;
+            self.note_own_read(customer, grant, &logged);
             let (h, mut got) =
                 verify_page(&mut self.session, customer, family, &page, cursor).await?;
             match head {
@@ -755,5 +767,30 @@ pub(crate) fn changed_between_pages(seen: Head, now: Head) -> ClientError {
             seen.batches, now.batches
         ))
         .into()
+    }
+}
+
+/// One of this company's accesses in the wire's shape (the gateway's and `cmr company history`'s).
+fn own_access(
+    customer: &str,
+    index: u64,
+    time: u64,
+    rec: &AccessRecord,
+) -> cmr_wire::gateway::AccessJson {
+    cmr_wire::gateway::AccessJson {
+        customer: customer.to_string(),
+        index,
+        time,
+        kind: match rec.kind {
+            cmr_core::decision::AccessKind::Read => "read",
+            cmr_core::decision::AccessKind::Append => "append",
+        }
+        .into(),
+        grant: rec.grant.to_hex(),
+        families: rec
+            .families
+            .iter()
+            .map(|f| format!("{}:{}..{}", f.family.to_hex(), f.from, f.to))
+            .collect(),
     }
 }
