@@ -304,7 +304,14 @@ pub struct StoreConfig {
     /// The most record bytes one read answer carries ([`MAX_PAGE_BYTES`] by default); the reader
     /// follows the cursor for the rest.
     pub max_page_bytes: usize,
+    /// How many index rows an open that adds the indexes (an upgrade, a restore) holds before it
+    /// writes them ([`INDEX_CHUNK_ROWS`] by default), so that a large log's indexes are never all in
+    /// memory at once.
+    pub index_chunk_rows: usize,
 }
+
+/// Index rows held by an open that adds the indexes before they are written, by default.
+pub const INDEX_CHUNK_ROWS: usize = 50_000;
 
 /// The most record bytes in one read answer by default: 4 MiB (about 5.4 MB of JSON with base64).
 pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -323,6 +330,7 @@ impl StoreConfig {
             log_key,
             max_group: 256,
             max_page_bytes: MAX_PAGE_BYTES,
+            index_chunk_rows: INDEX_CHUNK_ROWS,
             clock: Arc::new(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -514,6 +522,7 @@ impl Store {
             clock: config.clock,
             max_group: config.max_group.max(1),
             max_page_bytes: config.max_page_bytes.max(1),
+            index_chunk_rows: config.index_chunk_rows.max(1),
             state: State::default(),
             poisoned: poisoned.clone(),
             device_keys: DeviceKeys::default(),

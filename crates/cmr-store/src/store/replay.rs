@@ -89,6 +89,13 @@ impl Sequencer {
                 for (k, v) in changes.puts {
                     index_rows.insert(k, Some(v));
                 }
+                // Written as they come, in chunks, so that adding the indexes of a large log does not
+                // hold them all in memory. Safe to cut anywhere: until the format row is written (after
+                // the whole replay) the next open adds them all again, and puts and deletes applied in
+                // log order again give the same rows.
+                if index_rows.len() >= self.index_chunk_rows {
+                    self.rows.write(std::mem::take(&mut index_rows))?;
+                }
             }
             let replayed = self.replay(i, &body).map_err(|e| match e {
                 // The storage failing under the replay says nothing of the entry.

@@ -59,6 +59,7 @@ pub(super) struct Sequencer {
     pub(super) clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     pub(super) max_group: usize,
     pub(super) max_page_bytes: usize,
+    pub(super) index_chunk_rows: usize,
     pub(super) state: State,
     /// Set when the sequencer stopped taking operations after a failure (shared with [`Store`]).
     pub(super) poisoned: Arc<AtomicBool>,
