@@ -149,15 +149,19 @@ impl Storage for SledStorage {
     /// every operation once one write failed, and only a reopen reads its files again. What was
     /// written and not synced may be gone; the store rebuilds from what sled recovers.
     fn reconnect(&self) -> Result<(), StoreError> {
+        // No sync runs on a store being reopened.
         let mut sync = self.sync.lock().unwrap_or_else(|p| p.into_inner());
-        let mut open = self.open.write().unwrap_or_else(|p| p.into_inner());
-        // The old handles go first: sled lets go of its folder lock only when they are all dropped.
-        open.take();
+        // The old handles go first, under the write lock only while they are taken: readers then get
+        // `unavailable` at once instead of waiting on the lock for the reopen. sled lets go of its
+        // folder lock only once every handle is dropped (a reader's iterator still running holds one);
+        // the open below waits for that, up to 2 s, without holding anything readers need.
+        let old = self.open.write().unwrap_or_else(|p| p.into_inner()).take();
+        drop(old);
         let db = open_sled(&self.path, self.cache_capacity)?;
         let rows = db.open_tree("cmr").map_err(sled_err)?;
         let (mark, _) = AckMark::open(&self.path)?;
         *sync = (FileStates::new(), mark);
-        *open = Some((db, rows));
+        *self.open.write().unwrap_or_else(|p| p.into_inner()) = Some((db, rows));
         Ok(())
     }
 
