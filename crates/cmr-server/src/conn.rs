@@ -1,10 +1,14 @@
 //! What a connection must do before it holds anything: say something within [`HEADER_READ_TIMEOUT`]
 //! (a connection that sends nothing is closed, so idle sockets cannot pile up), and fit under the
 //! server's cap on open connections (past it a new connection is answered 503 and closed at once, so
-//! the process never runs out of descriptors for its own files or its database).
+//! the process never runs out of descriptors for its own files or its database). Once open, a
+//! connection on which nothing moves either way for [`IDLE_TIMEOUT`] is closed, whatever its protocol
+//! (an HTTP/2 connection with no stream open would otherwise stay forever; an event stream is never
+//! idle, its keep-alive comments move every 15 s).
 //!
 //! [`HEADER_READ_TIMEOUT`]: crate::HEADER_READ_TIMEOUT
 
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,10 +19,20 @@ use axum_server::accept::Accept;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 
+/// How long an open connection may stay with nothing read or written before it is closed, by default
+/// ([`crate::Config::idle_timeout`]).
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The most connections past the cap answered 503 at once (each is held up to a second to deliver its
+/// answer); past that they are closed without one, so a flood of them holds few descriptors.
+const MAX_ANSWERING: usize = 64;
+
 /// The open connections, shared by every acceptor of one server.
 #[derive(Clone, Debug, Default)]
 pub struct Connections {
     open: Arc<AtomicUsize>,
+    /// Connections past the cap being answered 503 now.
+    answering: Arc<AtomicUsize>,
 }
 
 impl Connections {
@@ -28,10 +42,21 @@ impl Connections {
     }
 }
 
-/// A connection counted in [`Connections`] for as long as it lives.
+/// A connection counted in [`Connections`] for as long as it lives, and closed after [`IDLE_TIMEOUT`]
+/// with nothing read or written.
 pub struct Counted<S> {
     inner: S,
     open: Arc<AtomicUsize>,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_for: std::time::Duration,
+}
+
+impl<S> Counted<S> {
+    /// Something moved: the idle deadline starts again.
+    fn moved(&mut self) {
+        let at = tokio::time::Instant::now() + self.idle_for;
+        self.idle.as_mut().reset(at);
+    }
 }
 
 impl<S> Drop for Counted<S> {
@@ -46,7 +71,24 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.moved();
+                }
+                Poll::Ready(r)
+            }
+            // Waiting for the peer: past the idle deadline the connection ends (the timer wakes
+            // this task then).
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the connection was idle too long",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }
 
@@ -56,7 +98,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved();
+        }
+        written
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -69,7 +115,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved();
+        }
+        written
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -105,6 +155,7 @@ pub struct Guarded<A> {
     connections: Connections,
     max: usize,
     plain: bool,
+    idle: std::time::Duration,
 }
 
 impl<A> Guarded<A> {
@@ -116,7 +167,14 @@ impl<A> Guarded<A> {
             connections,
             max: max.max(1),
             plain,
+            idle: IDLE_TIMEOUT,
         }
+    }
+
+    /// Closes a connection idle for `idle` (nothing read or written) instead of [`IDLE_TIMEOUT`].
+    pub fn idle_after(mut self, idle: std::time::Duration) -> Self {
+        self.idle = idle;
+        self
     }
 }
 
@@ -138,9 +196,13 @@ where
             let mut stream = Counted {
                 inner: stream,
                 open: this.connections.open.clone(),
+                idle: Box::pin(tokio::time::sleep(this.idle)),
+                idle_for: this.idle,
             };
             if open > this.max {
-                if this.plain {
+                let answering = &this.connections.answering;
+                let answer = answering.fetch_add(1, Ordering::SeqCst) < MAX_ANSWERING;
+                if this.plain && answer {
                     // Answer, end the sending side, and read what the client sent (a close with
                     // unread bytes would reset the connection and lose the answer): one second.
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
@@ -160,6 +222,7 @@ where
                     })
                     .await;
                 }
+                answering.fetch_sub(1, Ordering::SeqCst);
                 return Err(io::Error::other("too many open connections"));
             }
             let mut first = [0u8; 1];

@@ -60,6 +60,9 @@ pub struct Config {
     /// The most connections open at once; past it a new one is answered 503 and closed. `cmr serve`
     /// sets it from the process's descriptor limit, keeping room for the store's own files.
     pub max_connections: usize,
+    /// A connection with nothing read or written for this long is closed ([`conn::IDLE_TIMEOUT`] by
+    /// default), whatever its protocol.
+    pub idle_timeout: std::time::Duration,
 }
 
 impl Default for Config {
@@ -79,6 +82,7 @@ impl Default for Config {
             rate_per_identity: 200.0,
             burst_per_identity: 400.0,
             max_connections: 4096,
+            idle_timeout: conn::IDLE_TIMEOUT,
         }
     }
 }
@@ -236,7 +240,8 @@ pub async fn serve(
         state.connections.clone(),
         state.config.max_connections,
         true,
-    );
+    )
+    .idle_after(state.config.idle_timeout);
     let mut server = axum_server::from_tcp(listener.into_std()?).acceptor(guard);
     limit(server.http_builder());
     server
@@ -259,7 +264,8 @@ pub async fn serve_tls(
         state.connections.clone(),
         state.config.max_connections,
         false,
-    );
+    )
+    .idle_after(state.config.idle_timeout);
     let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls.rustls()).acceptor(guard);
     let mut server = axum_server::from_tcp(listener.into_std()?).acceptor(acceptor);
     limit(server.http_builder());

@@ -289,3 +289,37 @@ async fn past_the_connection_cap_a_new_connection_gets_503_and_room_comes_back()
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+/// An HTTP/2 connection with no stream open has no request head to time out: it is closed once
+/// nothing moved on it for the idle timeout (here 1 s), so such connections cannot pile up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
+    let config = Config {
+        idle_timeout: std::time::Duration::from_secs(1),
+        ..Config::default()
+    };
+    let (_dir, addr, stop, server) = start_with(config).await;
+    let lasted = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        // The HTTP/2 preface and an empty SETTINGS frame, then nothing.
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+        s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        // The server spoke HTTP/2 (its own SETTINGS frame, type 4), then closed.
+        assert!(buf.len() >= 9 && buf[3] == 4, "{buf:?}");
+        started.elapsed()
+    })
+    .await
+    .unwrap();
+    assert!(
+        lasted >= std::time::Duration::from_millis(900)
+            && lasted < std::time::Duration::from_secs(5),
+        "an idle HTTP/2 connection stayed open {lasted:?}"
+    );
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
