@@ -2250,24 +2250,10 @@ fn a_company_backend_uses_the_gateway_with_plain_json() {
     assert_eq!(g["purpose"], "spending insights");
     assert_eq!(g["customer"], alex_id.as_str());
     let grant = g["grant"].as_str().unwrap().to_string();
-    let event = events
-        .recv_timeout(std::time::Duration::from_secs(10))
-        .expect("no grant-new event");
-    assert_eq!(
-        (event["kind"].as_str(), event["grant"].as_str()),
-        (Some("grant-new"), Some(grant.as_str())),
-        "{event}"
-    );
+    expect_event(&events, "grant-new", Some(&grant));
     // Three months of the twelve asked: narrowed, said by the grant and by an event.
     assert_eq!(g["narrowed"], true, "{held}");
-    let event = events
-        .recv_timeout(std::time::Duration::from_secs(10))
-        .expect("no grant-narrowed event");
-    assert_eq!(
-        (event["kind"].as_str(), event["grant"].as_str()),
-        (Some("grant-narrowed"), Some(grant.as_str())),
-        "{event}"
-    );
+    expect_event(&events, "grant-narrowed", Some(&grant));
 
     // A verified, decrypted read; an append that the customer then sees.
     let (status, read) = gateway_call(
@@ -2334,14 +2320,7 @@ fn a_company_backend_uses_the_gateway_with_plain_json() {
         .as_str()
         .unwrap()
         .to_string();
-    let event = events
-        .recv_timeout(std::time::Duration::from_secs(10))
-        .expect("no grant-new event for the one-time grant");
-    assert_eq!(
-        (event["kind"].as_str(), event["grant"].as_str()),
-        (Some("grant-new"), Some(once.as_str())),
-        "{event}"
-    );
+    expect_event(&events, "grant-new", Some(&once));
     let (status, read) = gateway_call(
         &addr,
         "POST",
@@ -2350,19 +2329,9 @@ fn a_company_backend_uses_the_gateway_with_plain_json() {
         Some(serde_json::json!({"scope": "transactions"})),
     );
     assert_eq!(status, 200, "{read}");
-    let event = events
-        .recv_timeout(std::time::Duration::from_secs(10))
-        .expect("no grant-used event");
-    assert_eq!(event["kind"], "grant-used", "{event}");
+    expect_event(&events, "grant-used", None);
     alex.ok(&["customer", "rotate"]);
-    let event = events
-        .recv_timeout(std::time::Duration::from_secs(10))
-        .expect("no rotation-delivered event");
-    assert_eq!(
-        (event["kind"].as_str(), event["grant"].as_str()),
-        (Some("rotation-delivered"), Some(grant.as_str())),
-        "{event}"
-    );
+    expect_event(&events, "rotation-delivered", Some(&grant));
 
     // Bad input: a clear refusal, never a 500.
     let (status, problem) = gateway_call(
@@ -2453,6 +2422,17 @@ impl Drop for Kill {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// The gateway's next event (within 10 s) must be of `kind`, for `grant` when given.
+fn expect_event(events: &std::sync::mpsc::Receiver<Value>, kind: &str, grant: Option<&str>) {
+    let event = events
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("no {kind} event"));
+    assert_eq!(event["kind"], kind, "{event}");
+    if let Some(g) = grant {
+        assert_eq!(event["grant"], g, "{event}");
     }
 }
 
