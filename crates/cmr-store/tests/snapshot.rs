@@ -159,6 +159,17 @@ fn an_erased_family_stays_erased_in_a_snapshot() {
     );
 }
 
+/// Restoring `snapshot` into `path` must be refused with an error that says `says`.
+fn refused_into(path: &Path, snapshot: &[u8], says: &str) {
+    let err = restore_into(path, snapshot)
+        .err()
+        .unwrap_or_else(|| panic!("restored a snapshot that should fail with {says:?}"));
+    assert!(
+        err.to_string().contains(says),
+        "expected {says:?} in: {err}"
+    );
+}
+
 /// Every row frame of `tag` in the snapshot, whole.
 fn row_frames(snapshot: &[u8], tag: u8) -> Vec<Vec<u8>> {
     let mut at = cmr_store::store::snapshot::MAGIC.len();
@@ -217,13 +228,7 @@ fn records_no_batch_accounts_for_are_refused() {
     let mut n = 0;
     let mut refused = |bytes: &[u8], says: &str| {
         n += 1;
-        let err = restore_into(&dir.path().join(format!("r{n}")), bytes)
-            .err()
-            .unwrap_or_else(|| panic!("restored a snapshot whose records {says}"));
-        assert!(
-            err.to_string().contains(says),
-            "expected {says:?} in: {err}"
-        );
+        refused_into(&dir.path().join(format!("r{n}")), bytes, says);
     };
     refused(&smuggle(&after, &erased), "erased data back");
     // A copy of a kept record at a place past what its family's batches wrote (its last key byte).
@@ -273,13 +278,7 @@ fn a_damaged_cut_forged_or_foreign_snapshot_is_refused() {
     let mut n = 0;
     let mut refused = |bytes: &[u8], says: &str| {
         n += 1;
-        let err = restore_into(&dir.path().join(format!("r{n}")), bytes)
-            .err()
-            .unwrap_or_else(|| panic!("restored a snapshot that {says}"));
-        assert!(
-            err.to_string().contains(says),
-            "expected {says:?} in: {err}"
-        );
+        refused_into(&dir.path().join(format!("r{n}")), bytes, says);
     };
     // Cut short, or one byte flipped anywhere: the digest at the end.
     refused(&good[..good.len() - 1], "cut short");
