@@ -6,24 +6,32 @@
 use cmr_core::family::Period;
 
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 /// Earlier formats whose folders this build opens by adding the index rows they lack (see
 /// `Store::open`): 1 had no party and pending indexes, 2 no vaults-of-a-party index, 3 and 4 no feed.
-/// (Format 3 also stored the level-0 tree nodes, which later formats derive from the leaves; those
-/// rows stay, unread.)
 pub const FORMATS_WITHOUT_INDEXES: [u32; 4] = [1, 2, 3, 4];
+/// Earlier formats that kept a row per entry, per leaf and per tree node (`BODY`, `LEAF`, `NODE`):
+/// the open moves them into pieces (`ENTRIES`, `NODES`) first. Format 3 also stored the level-0
+/// nodes; the move drops them.
+pub const FORMATS_WITHOUT_PIECES: [u32; 5] = [1, 2, 3, 4, 5];
 
 /// Table tags.
 pub mod tag {
     /// `meta/…`: format version, last server time.
     pub const META: u8 = 0x01;
-    /// Log leaf commitments by index.
+    /// Formats up to 5: log leaf commitments by index (moved into `ENTRIES` at open).
     pub const LEAF: u8 = 0x02;
-    /// Log tree nodes by (level, index), from level 1: a level-0 node is the leaf hash of the
-    /// commitment in `LEAF` (format 4; format 3 stored them too, and they are ignored).
+    /// Formats up to 5: log tree nodes by (level, index) (moved into `NODES` at open).
     pub const NODE: u8 = 0x03;
-    /// Log bodies (salt || body) by index.
+    /// An entry's salted body (salt || body) by index: the rows of a snapshot file, and of a data
+    /// folder up to format 5 (moved into `ENTRIES` at open).
     pub const BODY: u8 = 0x04;
+    /// Pieces of consecutive entries by the first one's index: each a 4-byte length and the salted
+    /// body, in order. No piece crosses a multiple of 64 entries (`store::pieces`).
+    pub const ENTRIES: u8 = 0x11;
+    /// Pieces of tree nodes above level 0, by the first leaf of the entries whose appends completed
+    /// them: 32-byte hashes in the order the appends completed them, lowest level first.
+    pub const NODES: u8 = 0x12;
     /// Records by (family number, period, index in period); the value is the log index (u64) of the
     /// family-head entry whose signed batch wrote the record, then the sealed record. Family numbers
     /// follow the order in which directories declared the families, so a replay gives the same ones.
@@ -104,22 +112,33 @@ pub fn node(level: u8, index: u64) -> Vec<u8> {
     key(tag::NODE, &[&[level], &index.to_be_bytes()])
 }
 
-/// The level and index of a tree node's key.
-pub fn parse_node(key: &[u8]) -> Option<(u8, u64)> {
-    match key {
-        [tag::NODE, level, index @ ..] => {
-            Some((*level, u64::from_be_bytes(index.try_into().ok()?)))
-        }
-        _ => None,
-    }
+/// Adds a salted body to the value of an entries piece (`tag::ENTRIES`).
+pub fn push_piece_entry(piece: &mut Vec<u8>, salted: &[u8]) {
+    piece.extend_from_slice(
+        &u32::try_from(salted.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    piece.extend_from_slice(salted);
 }
 
-/// The index of a leaf row's key.
-pub fn parse_leaf(key: &[u8]) -> Option<u64> {
-    match key {
-        [tag::LEAF, index @ ..] => Some(u64::from_be_bytes(index.try_into().ok()?)),
-        _ => None,
+/// The salted bodies in the value of an entries piece (`tag::ENTRIES`), in order.
+pub fn piece_entries(value: &[u8]) -> Result<Vec<&[u8]>, crate::StoreError> {
+    let bad = || crate::StoreError::Format("a stored piece of entries does not decode".into());
+    let mut out = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(bad)?;
+        let len = usize::try_from(u32::from_be_bytes(*len)).map_err(|_| bad())?;
+        // A salted body is at least its 32-byte salt.
+        if tail.len() < len || len < 32 {
+            return Err(bad());
+        }
+        let (body, tail) = tail.split_at(len);
+        out.push(body);
+        rest = tail;
     }
+    Ok(out)
 }
 
 /// The key of a record: the family's number, the period, and the index within the period.
@@ -143,9 +162,11 @@ pub fn family_prefix(family_number: u64) -> Vec<u8> {
 pub fn table_name(t: u8) -> &'static str {
     match t {
         tag::META => "meta",
-        tag::LEAF => "leaves",
-        tag::NODE => "tree nodes",
-        tag::BODY => "entry bodies",
+        tag::LEAF => "leaves (format 5)",
+        tag::NODE => "tree nodes (format 5)",
+        tag::BODY => "entry bodies (format 5)",
+        tag::ENTRIES => "entries",
+        tag::NODES => "tree nodes",
         tag::RECORD => "records",
         tag::IDEMPOTENCY => "idempotency",
         tag::DIRECTORY => "directories",
@@ -193,4 +214,25 @@ pub fn table_sizes(rows: &dyn crate::Storage) -> Result<Vec<TableSize>, crate::S
         out[i].value_bytes += v.len() as u64;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_piece_round_trips_and_a_damaged_one_is_an_error_not_a_panic() {
+        let mut piece = Vec::new();
+        push_piece_entry(&mut piece, &[7; 40]);
+        push_piece_entry(&mut piece, &[8; 32]);
+        assert_eq!(piece_entries(&piece).unwrap(), [&[7u8; 40][..], &[8; 32]]);
+        for bad in [
+            &[0u8, 0, 0][..],
+            &[0, 0, 0, 40, 1],
+            &[0, 0, 0, 1, 7],
+            &piece[..70],
+        ] {
+            assert!(piece_entries(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -1,13 +1,15 @@
 //! # cmr-store
 //!
 //! CMR Vault's durable state: identities, devices and key directories; records and family heads;
-//! consent statements with their wrapped keys; and the log (leaves, bodies, nodes, checkpoints).
+//! consent statements with their wrapped keys; and the log (entries and tree nodes in pieces,
+//! checkpoints).
 //!
 //! What it owns: the key layout, the format version, the sequencer that orders every state-changing
 //! operation and commits them in groups, idempotency, the durable view and the acknowledgements, and
 //! rebuilding the in-memory state from the log when it opens ([`Store`]); the boundary to a storage
 //! engine ([`Storage`]: ordered rows, groups of writes applied all or nothing, a sync that makes them
-//! durable) and the embedded engine, sled (0.34) in a local folder with `fdatasync` ([`SledStorage`]).
+//! durable) and the embedded engine, sled (0.34) in a local folder with `fdatasync`, the log's entries
+//! in an append-only file beside it ([`SledStorage`]).
 //!
 //! What it does not own: request authentication (the server), the vault's rules (`cmr_log::ledger`),
 //! cryptographic rules (`cmr-core`), log formats and proofs (`cmr-log`).

@@ -5,17 +5,28 @@
 //! changed, since sled's own flush does not survive power loss), and the acknowledgement mark beside
 //! sled's files, which turns sled's silent recovery of an older state into a clear error at open.
 //!
+//! It also keeps the log's entries (the `ENTRIES` pieces, written once and never changed) out of sled,
+//! in an append-only file beside it ([`ENTRIES_FILE`]): sled holds a short pointer for each piece.
+//! sled rewrites its pages as rows are added and keeps memory for every page it holds, so the log's
+//! bodies, most of what a vault stores, made sled's files and the server's memory grow several times
+//! faster than the log (docs/durability.md, "How the log is stored").
+//!
 //! What it does not own: anything the store decides (the sequencer, the rules, the tree, the indexes).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Mutex, RwLock};
 
 use cmr_core::hash::sha256;
 use cmr_core::merkle::Hash;
 
+use crate::layout::tag;
 use crate::storage::{Acknowledged, Rows, Storage, Writes};
 use crate::{StoreConfig, StoreError};
+
+/// The file, beside sled's, that holds the log's entries (see [`EntriesFile`]).
+pub const ENTRIES_FILE: &str = "entries";
 
 fn io(e: std::io::Error) -> StoreError {
     disk(&e)
@@ -58,6 +69,8 @@ pub struct SledStorage {
     /// What the last sync saw of sled's files, and the mark: only the syncer syncs, one at a time.
     sync: Mutex<(FileStates, AckMark)>,
     acknowledged: Option<(u64, Hash)>,
+    /// The log's entries, outside sled.
+    entries: EntriesFile,
 }
 
 impl SledStorage {
@@ -72,12 +85,14 @@ impl SledStorage {
         let db = open_sled(path, cache_capacity)?;
         let rows = db.open_tree("cmr").map_err(sled_err)?;
         let (mark, acknowledged) = AckMark::open(path)?;
+        let entries = EntriesFile::open(path)?;
         Ok(Self {
             open: RwLock::new(Some((db, rows))),
             path: path.to_path_buf(),
             cache_capacity,
             sync: Mutex::new((FileStates::new(), mark)),
             acknowledged,
+            entries,
         })
     }
 
@@ -102,39 +117,50 @@ impl SledStorage {
     }
 }
 
-fn rows<'a>(iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a) -> Rows<'a> {
-    Box::new(iter.map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(sled_err)))
+/// sled's rows, with each entries piece read from the entries file in place of its pointer.
+fn rows<'a>(
+    iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a,
+    entries: &'a EntriesFile,
+) -> Rows<'a> {
+    Box::new(iter.map(move |kv| {
+        let (k, v) = kv.map_err(sled_err)?;
+        let v = entries.resolve(&k, v.to_vec())?;
+        Ok((k.to_vec(), v))
+    }))
 }
 
-/// The rows of `f(tree)`, or the one error of a store being reopened.
-fn rows_of<'a, I>(
-    tree: Result<sled::Tree, StoreError>,
-    f: impl FnOnce(&sled::Tree) -> I,
-) -> Rows<'a>
-where
-    I: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a,
-{
-    match tree {
-        Ok(t) => rows(f(&t)),
-        Err(e) => Box::new(std::iter::once(Err(e))),
+impl SledStorage {
+    /// The rows of `f(tree)`, or the one error of a store being reopened.
+    fn rows_of<'a, I>(&'a self, f: impl FnOnce(&sled::Tree) -> I) -> Rows<'a>
+    where
+        I: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a,
+    {
+        match self.tree() {
+            Ok(t) => rows(f(&t), &self.entries),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        }
     }
 }
 
 impl Storage for SledStorage {
     fn size_on_disk(&self) -> Result<Option<u64>, StoreError> {
-        self.db()?.size_on_disk().map(Some).map_err(sled_err)
+        let sled = self.db()?.size_on_disk().map_err(sled_err)?;
+        Ok(Some(sled + self.entries.len()))
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree()?.get(key).map_err(sled_err)?.map(|v| v.to_vec()))
+        match self.tree()?.get(key).map_err(sled_err)? {
+            Some(v) => Ok(Some(self.entries.resolve(key, v.to_vec())?)),
+            None => Ok(None),
+        }
     }
 
     fn range(&self, from: &[u8], to: &[u8]) -> Rows<'_> {
-        rows_of(self.tree(), |t| t.range(from.to_vec()..to.to_vec()))
+        self.rows_of(|t| t.range(from.to_vec()..to.to_vec()))
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Rows<'_> {
-        rows_of(self.tree(), |t| t.scan_prefix(prefix))
+        self.rows_of(|t| t.scan_prefix(prefix))
     }
 
     fn is_empty(&self) -> Result<bool, StoreError> {
@@ -160,25 +186,34 @@ impl Storage for SledStorage {
         let db = open_sled(&self.path, self.cache_capacity)?;
         let rows = db.open_tree("cmr").map_err(sled_err)?;
         let (mark, _) = AckMark::open(&self.path)?;
+        self.entries.reopen(&self.path)?;
         *sync = (FileStates::new(), mark);
         *self.open.write().unwrap_or_else(|p| p.into_inner()) = Some((db, rows));
         Ok(())
     }
 
     fn write(&self, writes: Writes) -> Result<(), StoreError> {
+        let tree = self.tree()?;
         let mut batch = sled::Batch::default();
         for (k, v) in writes {
             match v {
+                // The entries go to their file first: the pointer sled keeps is to bytes written.
+                Some(v) if k.first() == Some(&tag::ENTRIES) => {
+                    batch.insert(k, self.entries.append(&v)?);
+                }
                 Some(v) => batch.insert(k, v),
                 None => batch.remove(k),
             }
         }
-        self.tree()?.apply_batch(batch).map_err(sled_err)
+        tree.apply_batch(batch).map_err(sled_err)
     }
 
     fn sync(&self, size: u64, root: &Hash, _checkpoint: &str) -> Result<(), StoreError> {
         let mut guard = self.sync.lock().unwrap_or_else(|p| p.into_inner());
         let (seen, mark) = &mut *guard;
+        // The entries before sled's rows that point to them: sled flushes only here (its own flusher
+        // is off), so its rows never reach the disk ahead of the bytes they point to through a flush.
+        self.entries.sync()?;
         self.db()?.flush().map_err(sled_err)?;
         sync_dir(&self.path, seen)?;
         // The group is durable; without the mark the store could not vouch for it at the next open.
@@ -216,23 +251,9 @@ const MARK_LEN: usize = 4 + 8 + 32 + 32;
 const MARK_MAGIC: &[u8; 4] = b"CMRa";
 impl AckMark {
     fn open(dir: &Path) -> Result<(Self, Option<(u64, Hash)>), StoreError> {
-        let path = dir.join(ACK_MARK);
-        let existed = path.exists();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io)?;
+        let file = open_beside(dir, ACK_MARK)?;
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut &file, &mut bytes).map_err(io)?;
-        if !existed {
-            file.sync_all().map_err(io)?;
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io)?;
-        }
         let mark = (bytes.len() == MARK_LEN
             && &bytes[..4] == MARK_MAGIC
             && sha256(&bytes[..44]).0[..] == bytes[44..])
@@ -283,6 +304,10 @@ fn sync_dir(path: &Path, seen: &mut FileStates) -> Result<(), StoreError> {
                 if path.file_name() == Some(std::ffi::OsStr::new(ACK_MARK)) {
                     return Ok(());
                 }
+                // The entries file is synced on its own, before sled's flush.
+                if path.file_name() == Some(std::ffi::OsStr::new(ENTRIES_FILE)) {
+                    return Ok(());
+                }
                 present.push(path.clone());
                 let state = (meta.len(), meta.modified()?);
                 // sled rewrites its main file in place, often at the same length, and a modification
@@ -327,6 +352,8 @@ fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
         match sled::Config::new()
             .path(path)
             .cache_capacity(cache_capacity)
+            // Only the store's sync flushes, after the entries file (see `Storage::sync`).
+            .flush_every_ms(None)
             .open()
         {
             Ok(db) => return Ok(db),
@@ -348,4 +375,136 @@ fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
             }
         }
     }
+}
+
+/// The log's entries outside sled: an append-only file of entries pieces, each written once, at its
+/// end. sled keeps, as the piece's value, a pointer ([`POINTER_LEN`] bytes: offset, length, and the
+/// first 8 bytes of the piece's SHA-256), and [`SledStorage`] hands the piece itself to every read, so
+/// the store above sees rows as on any other engine.
+///
+/// Bytes past the last pointer (a group written and then lost with sled's unsynced tail, or one
+/// abandoned) are never read; a group logged again is appended again. A pointer whose bytes are missing
+/// or differ (the file damaged, truncated or replaced) is an error that names the file: the store then
+/// refuses to open rather than serve a log it cannot vouch for.
+struct EntriesFile {
+    /// The file (replaced only by a reconnect). Reads and appends use positioned I/O on a shared handle.
+    file: RwLock<std::sync::Arc<std::fs::File>>,
+    /// Where the next piece goes: the file's length. Only the sequencer appends.
+    end: std::sync::atomic::AtomicU64,
+    /// Whether bytes were appended since the last sync.
+    dirty: std::sync::atomic::AtomicBool,
+}
+
+/// Offset (8), length (4), first 8 bytes of the SHA-256 of the piece (8).
+const POINTER_LEN: usize = 20;
+
+impl EntriesFile {
+    fn open(dir: &Path) -> Result<Self, StoreError> {
+        let (file, end) = open_entries(dir)?;
+        Ok(Self {
+            file: RwLock::new(std::sync::Arc::new(file)),
+            end: end.into(),
+            dirty: false.into(),
+        })
+    }
+
+    fn reopen(&self, dir: &Path) -> Result<(), StoreError> {
+        let (file, end) = open_entries(dir)?;
+        *self.file.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(file);
+        self.end.store(end, Ordering::SeqCst);
+        self.dirty.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn file(&self) -> std::sync::Arc<std::fs::File> {
+        self.file.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn len(&self) -> u64 {
+        self.end.load(Ordering::SeqCst)
+    }
+
+    /// Appends a piece; returns its pointer.
+    fn append(&self, piece: &[u8]) -> Result<Vec<u8>, StoreError> {
+        use std::os::unix::fs::FileExt as _;
+        let len = u32::try_from(piece.len())
+            .map_err(|_| StoreError::Format("a piece of entries past 4 GiB".into()))?;
+        // A failed write leaves a hole no pointer names; the store stops and reopens (which reads the
+        // file's length again).
+        let at = self.end.fetch_add(u64::from(len), Ordering::SeqCst);
+        self.file().write_all_at(piece, at).map_err(io)?;
+        self.dirty.store(true, Ordering::SeqCst);
+        let mut pointer = Vec::with_capacity(POINTER_LEN);
+        pointer.extend_from_slice(&at.to_be_bytes());
+        pointer.extend_from_slice(&len.to_be_bytes());
+        pointer.extend_from_slice(&sha256(piece).0[..8]);
+        Ok(pointer)
+    }
+
+    /// The value of a row: for an entries piece, the piece its pointer names.
+    fn resolve(&self, key: &[u8], value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        use std::os::unix::fs::FileExt as _;
+        if key.first() != Some(&tag::ENTRIES) {
+            return Ok(value);
+        }
+        let damaged = |what: &str| {
+            StoreError::Format(format!(
+                "the piece of entries at {key:02x?} {what} in the `{ENTRIES_FILE}` file: the stored \
+                 data is damaged"
+            ))
+        };
+        let Ok(pointer) = <[u8; POINTER_LEN]>::try_from(value.as_slice()) else {
+            return Err(damaged("has no pointer"));
+        };
+        let offset = u64::from_be_bytes(pointer[..8].try_into().unwrap_or_default());
+        let len = u32::from_be_bytes(pointer[8..12].try_into().unwrap_or_default());
+        if offset.saturating_add(u64::from(len)) > self.len() {
+            return Err(damaged("is past the end"));
+        }
+        let mut piece = vec![0; len as usize];
+        self.file().read_exact_at(&mut piece, offset).map_err(io)?;
+        if sha256(&piece).0[..8] != pointer[12..] {
+            return Err(damaged("does not match its checksum"));
+        }
+        Ok(piece)
+    }
+
+    /// Makes every appended piece durable.
+    fn sync(&self) -> Result<(), StoreError> {
+        if self.dirty.swap(false, Ordering::SeqCst)
+            && let Err(e) = self.file().sync_data()
+        {
+            self.dirty.store(true, Ordering::SeqCst);
+            return Err(io(e));
+        }
+        Ok(())
+    }
+}
+
+/// Opens (or creates) the entries file in `dir`; returns it and its length.
+fn open_entries(dir: &Path) -> Result<(std::fs::File, u64), StoreError> {
+    let file = open_beside(dir, ENTRIES_FILE)?;
+    let end = file.metadata().map_err(io)?.len();
+    Ok((file, end))
+}
+
+/// Opens file `name` in the data folder `dir` for reading and writing; a file it creates is made
+/// durable with its folder entry before it is used.
+fn open_beside(dir: &Path, name: &str) -> Result<std::fs::File, StoreError> {
+    let path = dir.join(name);
+    let existed = path.exists();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    if !existed {
+        file.sync_all().map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(file)
 }

@@ -256,11 +256,15 @@ fn nothing_acknowledged_is_lost_after_kill_9() {
 /// entry's batch has each of its records stored (the load erases nothing).
 fn records_match_their_entries(path: &std::path::Path, round: usize) {
     use cmr_store::layout::tag;
-    let db = common::raw_sled(path);
-    let tree = db.open_tree("cmr").unwrap();
+    // Through the storage engine: the entries pieces live in their own file beside sled.
+    let engine = cmr_store::SledStorage::open_folder(path, 16 << 20).unwrap();
+    let rows = |t: u8| -> Vec<(Vec<u8>, Vec<u8>)> {
+        cmr_store::Storage::scan_prefix(&engine, &[t])
+            .map(Result::unwrap)
+            .collect()
+    };
     let mut by_entry: HashMap<u64, Vec<RecordId>> = HashMap::new();
-    for kv in tree.scan_prefix([tag::RECORD]) {
-        let (k, v) = kv.unwrap();
+    for (k, v) in rows(tag::RECORD) {
         assert!(
             v.len() > 8,
             "round {round}: record {k:?} has no entry index"
@@ -270,9 +274,16 @@ fn records_match_their_entries(path: &std::path::Path, round: usize) {
         by_entry.entry(entry).or_default().push(record.header().id);
     }
     let mut batches = 0;
-    for kv in tree.scan_prefix([tag::BODY]) {
-        let (k, v) = kv.unwrap();
-        let index = u64::from_be_bytes(k[1..9].try_into().unwrap());
+    let entries = rows(tag::ENTRIES).into_iter().flat_map(|(k, v)| {
+        let first = u64::from_be_bytes(k[1..9].try_into().unwrap());
+        let bodies: Vec<Vec<u8>> = cmr_store::layout::piece_entries(&v)
+            .unwrap()
+            .into_iter()
+            .map(<[u8]>::to_vec)
+            .collect();
+        (first..).zip(bodies)
+    });
+    for (index, v) in entries {
         let body = EntryBody::decode(&v[32..]).unwrap();
         if body.kind != EntryKind::FamilyHead {
             continue;

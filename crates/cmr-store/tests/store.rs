@@ -222,48 +222,106 @@ fn a_newer_or_damaged_store_is_refused() {
     ));
 }
 
-/// A format-3 folder (which stored the level-0 tree nodes too) opens as it is: those rows are no longer
-/// read (a level-0 node is the leaf hash of the stored commitment), the proofs and the root are the same,
-/// and the folder is then format 4.
+/// Rewrites a store's entries from index `from` on as formats 3 to 5 kept them (a row per body, per
+/// leaf commitment and per tree node, level 0 included as format 3 wrote it), and marks the folder
+/// `format`: with `from` past 0, the state of a move into pieces that was cut after its first chunks.
+fn to_rows_per_entry(path: &std::path::Path, from: u64, format: u32) {
+    use cmr_log::entry::{commitment, commitment_leaf};
+    use cmr_log::tree::{MemoryNodes, NodeStore, Tree};
+    use cmr_store::Storage as _;
+    use cmr_store::layout::{self, tag};
+    // Through the storage engine: the entries pieces live in their own file beside sled.
+    let engine = cmr_store::SledStorage::open_folder(path, 16 << 20).unwrap();
+    let mut writes = cmr_store::storage::Writes::new();
+    let mut tree = Tree::new(MemoryNodes::default());
+    for table in [tag::ENTRIES, tag::NODES] {
+        for kv in engine.scan_prefix(&[table]) {
+            let (k, v) = kv.unwrap();
+            let first = u64::from_be_bytes(k[1..9].try_into().unwrap());
+            if table == tag::ENTRIES {
+                for (i, salted) in (first..).zip(layout::piece_entries(&v).unwrap()) {
+                    let c = commitment(salted[..32].try_into().unwrap(), &salted[32..]);
+                    tree.append(commitment_leaf(&c)).unwrap();
+                    if i >= from {
+                        writes.insert(layout::indexed(tag::BODY, i), Some(salted.to_vec()));
+                        writes.insert(layout::indexed(tag::LEAF, i), Some(c.0.to_vec()));
+                    }
+                }
+            }
+            if first >= from {
+                writes.insert(k, None);
+            }
+        }
+    }
+    let size = tree.size().unwrap();
+    for level in 0..64u8 {
+        for index in 0..size >> level {
+            let last = ((index + 1) << level) - 1;
+            if last >= from {
+                let h = tree.store().node(level, index).unwrap().unwrap();
+                writes.insert(layout::node(level, index), Some(h.to_vec()));
+            }
+        }
+    }
+    writes.insert(
+        layout::META_FORMAT.to_vec(),
+        Some(format.to_be_bytes().to_vec()),
+    );
+    engine.write(writes).unwrap();
+    engine.sync(size, &tree.root(size).unwrap(), "").unwrap();
+}
+
+/// A folder of an earlier format, which kept a row per entry, per leaf and per tree node, opens: its
+/// rows are moved into pieces (also when an earlier move was cut short), the log, its root, its
+/// proofs and its bodies are the same, and nothing of the old rows is left.
 #[test]
-fn a_format_3_folder_opens_and_its_level_0_nodes_are_not_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(AtomicU64::new(T0));
-    let (size, root) = {
+fn a_folder_with_a_row_per_entry_is_moved_into_pieces() {
+    use cmr_store::layout::{self, tag};
+    for (from, format) in [(0u64, 5u32), (0, 3), (64, 5)] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(AtomicU64::new(T0));
+        let (size, root, bodies) = {
+            let store = open(dir.path(), clock.clone());
+            let mut w = World::setup(&store);
+            let g = w.grant(&store);
+            // Enough entries for several pieces and chunks.
+            for _ in 0..150 {
+                store.execute(w.read(g, p(2025, 6), T0)).unwrap();
+            }
+            let cp = latest_checkpoint(&store);
+            let bodies: Vec<_> = (0..cp.size).map(|i| store.body(i).unwrap()).collect();
+            (cp.size, cp.root, bodies)
+        };
+        assert!(size > 150);
+        to_rows_per_entry(dir.path(), from, format);
         let store = open(dir.path(), clock.clone());
-        let mut w = World::setup(&store);
-        let g = w.grant(&store);
-        store.execute(w.read(g, p(2025, 6), T0)).unwrap();
         let cp = latest_checkpoint(&store);
-        (cp.size, cp.root)
-    };
-    {
+        assert_eq!(
+            (cp.size, cp.root),
+            (size, root),
+            "from {from}, format {format}"
+        );
+        assert_eq!(store.root(size).unwrap(), root);
+        for i in [0, 1, 63, 64, 65, 127, 128, size - 1] {
+            assert_eq!(store.body(i).unwrap(), bodies[i as usize], "entry {i}");
+            let proof = store.inclusion_proof(i, size).unwrap();
+            let leaf = cmr_log::entry::commitment_leaf(&store.commitments(i, i + 1).unwrap()[0]);
+            verify_inclusion(i, size, &leaf, &proof, &root).unwrap();
+        }
+        let mut auditor = Auditor::new(log_key().verifier());
+        let report = auditor.run(&mut &store).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        drop(store);
         let db = common::raw_sled(dir.path());
         let t = db.open_tree("cmr").unwrap();
-        t.insert(cmr_store::layout::META_FORMAT, &3u32.to_be_bytes())
-            .unwrap();
-        // A level-0 node row as format 3 wrote them, here wrong: it must not be what is read.
-        t.insert(cmr_store::layout::node(0, 0), &[0xee; 32])
-            .unwrap();
-        db.flush().unwrap();
+        for old in [tag::BODY, tag::LEAF, tag::NODE] {
+            assert_eq!(t.scan_prefix([old]).count(), 0, "table {old} left behind");
+        }
+        assert_eq!(
+            t.get(layout::META_FORMAT).unwrap().unwrap().as_ref(),
+            &layout::FORMAT_VERSION.to_be_bytes()
+        );
     }
-    let store = open(dir.path(), clock);
-    let cp = latest_checkpoint(&store);
-    assert_eq!((cp.size, cp.root), (size, root));
-    assert_eq!(store.root(size).unwrap(), root);
-    let proof = store.inclusion_proof(0, size).unwrap();
-    let leaf = cmr_log::entry::commitment_leaf(&store.commitments(0, 1).unwrap()[0]);
-    verify_inclusion(0, size, &leaf, &proof, &root).unwrap();
-    drop(store);
-    let db = common::raw_sled(dir.path());
-    let t = db.open_tree("cmr").unwrap();
-    assert_eq!(
-        t.get(cmr_store::layout::META_FORMAT)
-            .unwrap()
-            .unwrap()
-            .as_ref(),
-        &cmr_store::layout::FORMAT_VERSION.to_be_bytes()
-    );
 }
 
 /// sled takes damage in its files for a torn tail and opens an older state; the store refuses that (its
@@ -760,11 +818,77 @@ fn erasing_a_family_that_never_held_a_record() {
     assert!(auditor.run(&mut &store).unwrap().is_clean());
 }
 
+/// The log's entries live in their own append-only file beside sled. A file cut short, or with a
+/// byte changed, is refused at open with an error that names it; bytes appended past what sled points
+/// to (a group lost with sled's unsynced tail) are ignored, and the log goes on after them.
+#[test]
+fn a_damaged_entries_file_is_refused_and_a_stray_tail_is_ignored() {
+    use std::io::Write as _;
+    let file = |dir: &std::path::Path| dir.join(cmr_store::sled_storage::ENTRIES_FILE);
+    let logged = |dir: &std::path::Path, clock: &Arc<AtomicU64>| {
+        let store = open(dir, clock.clone());
+        let mut w = World::setup(&store);
+        let g = w.grant(&store);
+        for _ in 0..20 {
+            store.execute(w.read(g, p(2025, 6), T0)).unwrap();
+        }
+        latest_checkpoint(&store)
+    };
+    for damage in ["cut", "flip"] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(AtomicU64::new(T0));
+        logged(dir.path(), &clock);
+        let bytes = std::fs::read(file(dir.path())).unwrap();
+        let damaged = match damage {
+            "cut" => bytes[..bytes.len() - 10].to_vec(),
+            _ => {
+                let mut b = bytes.clone();
+                b[bytes.len() / 2] ^= 1;
+                b
+            }
+        };
+        std::fs::write(file(dir.path()), damaged).unwrap();
+        let mut cfg = StoreConfig::new(dir.path(), log_key());
+        cfg.clock = Arc::new(move || clock.load(std::sync::atomic::Ordering::SeqCst));
+        match Store::open(cfg) {
+            Err(StoreError::Format(e)) => {
+                assert!(e.contains("`entries` file") && e.contains("damaged"), "{e}")
+            }
+            Err(other) => panic!("{damage}: {other}"),
+            Ok(_) => panic!("{damage}: a store with a damaged entries file opened"),
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let before = logged(dir.path(), &clock);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(file(dir.path()))
+        .unwrap()
+        .write_all(&[0xee; 1000])
+        .unwrap();
+    let store = open(dir.path(), clock.clone());
+    assert_eq!(latest_checkpoint(&store), before);
+    let w = World::existing();
+    let tx0 = cmr_core::batch::Head::empty(w.customer.id, w.tx).digest();
+    store
+        .execute(w.customer_batch(tx0, p(2026, 1), 3, 1))
+        .unwrap();
+    assert_eq!(latest_checkpoint(&store).size, before.size + 1);
+    drop(store);
+    let store = open(dir.path(), clock.clone());
+    let mut auditor = Auditor::new(log_key().verifier());
+    assert!(auditor.run(&mut &store).unwrap().is_clean());
+}
+
 /// A stored record or log body that went missing (damage, or a hand edit) is refused at open, not
 /// replayed as if its family had been erased.
 #[test]
 fn a_missing_record_or_body_is_refused_at_open() {
-    for victim in [cmr_store::layout::tag::RECORD, cmr_store::layout::tag::BODY] {
+    for victim in [
+        cmr_store::layout::tag::RECORD,
+        cmr_store::layout::tag::ENTRIES,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(AtomicU64::new(T0));
         {

@@ -11,6 +11,7 @@
 //! - `sequencer`: the thread that groups, decides (through `cmr_log::ledger`), stages and hands off;
 //! - `durability`: the syncer (the storage's sync, the durable view, the acknowledgements);
 //! - `overlay`: the group in progress over the storage, and the tree's node stores;
+//! - `pieces`: the log's entries and tree nodes, stored a group's worth to a row;
 //! - `indexes`: the party, pending and vaults-of index rows;
 //! - `replay`: rebuilding the state from the log at open.
 
@@ -50,6 +51,7 @@ use crate::storage::{Row, Storage, Writes};
 mod durability;
 mod indexes;
 mod overlay;
+mod pieces;
 mod replay;
 mod sequencer;
 pub mod snapshot;
@@ -473,9 +475,16 @@ impl Store {
                 let version = <[u8; 4]>::try_from(v.as_slice())
                     .map(u32::from_be_bytes)
                     .map_err(|_| StoreError::Format("corrupted format version".into()))?;
+                if layout::FORMATS_WITHOUT_PIECES.contains(&version) {
+                    // A row per entry, leaf and node: moved into pieces first (resumes if cut).
+                    pieces::migrate(&*rows)?;
+                }
                 if layout::FORMATS_WITHOUT_INDEXES.contains(&version) {
                     // Written before some of the indexes: the replay below adds them.
                     add_indexes = true;
+                } else if layout::FORMATS_WITHOUT_PIECES.contains(&version) {
+                    rows.begin()?;
+                    rows.write(format_row())?;
                 } else if version != layout::FORMAT_VERSION {
                     return Err(StoreError::Format(format!(
                         "data folder has format {version}, this build reads {}",
@@ -755,7 +764,7 @@ impl Store {
         while let Some(i) = head
             && i >= size
         {
-            let Some(v) = self.db.get(&layout::indexed(tag::BODY, i))? else {
+            let Some(v) = pieces::entry(&*self.db, i)? else {
                 break;
             };
             let body = v
@@ -1008,15 +1017,24 @@ impl Store {
         if to > size {
             return Err(StoreError::NotFound(format!("leaf {}", size.max(from))));
         }
-        (from..to)
-            .map(|i| {
-                self.db
-                    .get(&layout::indexed(tag::LEAF, i))?
-                    .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
-                    .map(Digest)
-                    .ok_or_else(|| StoreError::NotFound(format!("leaf {i}")))
-            })
-            .collect()
+        let mut out = Vec::with_capacity(usize::try_from(to.saturating_sub(from)).unwrap_or(0));
+        for kv in pieces::entries(&*self.db, from, to) {
+            let (i, salted) = kv?;
+            if i != from + out.len() as u64 {
+                break;
+            }
+            let (salt, body) = salted
+                .split_first_chunk::<32>()
+                .ok_or_else(|| StoreError::Format(format!("entry {i} has no salt")))?;
+            out.push(commitment(salt, body));
+        }
+        if out.len() as u64 != to.saturating_sub(from) {
+            return Err(StoreError::NotFound(format!(
+                "leaf {}",
+                from + out.len() as u64
+            )));
+        }
+        Ok(out)
     }
 
     /// A customer's key backup and its version, if any.
@@ -1035,16 +1053,13 @@ impl Store {
         if index >= self.committed_size()? {
             return Ok(None);
         }
-        Ok(self
-            .db
-            .get(&layout::indexed(tag::BODY, index))?
-            .and_then(|v| {
-                let salt: [u8; 32] = v.get(..32)?.try_into().ok()?;
-                Some(SaltedBody {
-                    salt,
-                    body: v[32..].to_vec(),
-                })
-            }))
+        Ok(pieces::entry(&*self.db, index)?.and_then(|v| {
+            let salt: [u8; 32] = v.get(..32)?.try_into().ok()?;
+            Some(SaltedBody {
+                salt,
+                body: v[32..].to_vec(),
+            })
+        }))
     }
 
     /// Stops the sequencer after the operations already queued.

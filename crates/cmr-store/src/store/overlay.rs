@@ -51,25 +51,7 @@ impl NodeCache {
         }
     }
 
-    /// The nodes among a group's writes (the level-0 ones from its leaves), to keep with
-    /// [`NodeCache::put`] once the storage holds them.
-    pub(super) fn of(writes: &Writes) -> Vec<(u8, u64, Hash)> {
-        writes
-            .iter()
-            .filter_map(|(k, v)| {
-                let v = v.as_ref()?;
-                if let Some(index) = layout::parse_leaf(k) {
-                    return Some((0, index, leaf_node(v)?));
-                }
-                let (level, index) = layout::parse_node(k)?;
-                let hash = Hash::try_from(v.as_slice()).ok()?;
-                Some((level, index, hash))
-            })
-            .collect()
-    }
-
-    /// A node, from the cache or else from the storage (then kept). A level-0 node is not stored: it
-    /// is the leaf hash of the entry's commitment, which is.
+    /// A node, from the cache or else from the storage (then kept): see [`pieces::node`].
     pub(super) fn read(
         &self,
         rows: &dyn Storage,
@@ -79,13 +61,7 @@ impl NodeCache {
         if let Some(h) = self.get(level, index) {
             return Ok(Some(h));
         }
-        let hash = if level == 0 {
-            rows.get(&layout::indexed(tag::LEAF, index))?
-                .and_then(|v| leaf_node(&v))
-        } else {
-            rows.get(&layout::node(level, index))?
-                .and_then(|v| Hash::try_from(v).ok())
-        };
+        let hash = pieces::node(rows, level, index)?;
         if let Some(h) = hash {
             self.put(level, index, h);
         }
@@ -101,8 +77,44 @@ pub(super) struct Overlay<'a> {
     pub(super) size: u64,
     /// The bodies the operation in progress logged, by index, for its acknowledgement.
     pub(super) logged: HashMap<u64, SaltedBody>,
+    /// The entries and tree nodes logged and not yet among `writes` (as pieces).
+    pub(super) pending: pieces::Pending,
 }
-impl Overlay<'_> {
+impl<'a> Overlay<'a> {
+    /// An overlay over `rows` holding a log of `size` entries, with nothing written yet.
+    pub(super) fn new(rows: &'a dyn Storage, nodes: &'a NodeCache, size: u64) -> Self {
+        Overlay {
+            rows,
+            nodes,
+            writes: Writes::new(),
+            size,
+            logged: HashMap::new(),
+            pending: pieces::Pending::default(),
+        }
+    }
+
+    /// Appends an entry to the log: its salted body to the pending pieces, and `leaf` (the leaf hash
+    /// of its commitment) to the tree.
+    pub(super) fn append_entry(&mut self, salted: Vec<u8>, leaf: Hash) -> Result<u64, StoreError> {
+        self.pending.push(self.size, salted);
+        Tree::new(&mut *self).append(leaf).map_err(tree_err)
+    }
+
+    /// An entry's salted body, logged by this overlay or stored.
+    pub(super) fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.pending.entry(index) {
+            Some(e) => Ok(Some(e.to_vec())),
+            None => pieces::entry(self.rows, index),
+        }
+    }
+
+    /// The writes to hand to the storage: the pending entries and nodes become pieces among them.
+    /// Returns the tree nodes written, for the node cache once the storage holds them.
+    pub(super) fn take_writes(&mut self) -> (Writes, Vec<(u8, u64, Hash)>) {
+        let nodes = self.pending.write_into(&mut self.writes);
+        (std::mem::take(&mut self.writes), nodes)
+    }
+
     pub(super) fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         match self.writes.get(k) {
             Some(v) => Ok(v.clone()),
@@ -163,31 +175,16 @@ impl Overlay<'_> {
         self.writes.insert(k, None);
     }
 }
-/// The level-0 node of a stored commitment (a leaf row's value).
-fn leaf_node(commitment: &[u8]) -> Option<Hash> {
-    let c = <[u8; 32]>::try_from(commitment).ok()?;
-    Some(commitment_leaf(&Digest(c)))
-}
-
 impl NodeStore for &mut Overlay<'_> {
     type Error = StoreError;
     fn node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
-        let key = if level == 0 {
-            layout::indexed(tag::LEAF, index)
-        } else {
-            layout::node(level, index)
-        };
-        match self.writes.get(&key) {
-            Some(Some(v)) if level == 0 => Ok(leaf_node(v)),
-            Some(v) => Ok(v.as_ref().and_then(|v| v.as_slice().try_into().ok())),
+        match self.pending.node(level, index) {
+            Some(h) => Ok(Some(h)),
             None => self.nodes.read(self.rows, level, index),
         }
     }
-    /// Level-0 nodes are not stored: the leaf row, written before the append, stands for them.
     fn set_node(&mut self, level: u8, index: u64, hash: Hash) -> Result<(), StoreError> {
-        if level > 0 {
-            self.put(layout::node(level, index), hash.to_vec());
-        }
+        self.pending.set_node(level, index, hash);
         Ok(())
     }
     fn size(&self) -> Result<u64, StoreError> {

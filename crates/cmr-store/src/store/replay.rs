@@ -46,16 +46,8 @@ impl Sequencer {
                 "log entry {i} has no stored body: the stored data is damaged"
             ))
         };
-        for kv in rows.range(
-            &layout::indexed(tag::BODY, from),
-            &layout::indexed(tag::BODY, to),
-        ) {
-            let (k, v) = kv?;
-            let i = k
-                .get(1..9)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| StoreError::Format("entry body key".into()))?;
+        for kv in pieces::entries(&*rows, from, to) {
+            let (i, v) = kv?;
             if i != next {
                 return Err(missing(next));
             }

@@ -380,13 +380,7 @@ impl Sequencer {
         self.metrics.group_operations.observe(group.len() as f64);
         let rows = self.rows.clone();
         let nodes = self.nodes.clone();
-        let mut overlay = Overlay {
-            rows: &*rows,
-            nodes: &nodes,
-            writes: Writes::new(),
-            size: self.state.size,
-            logged: HashMap::new(),
-        };
+        let mut overlay = Overlay::new(&*rows, &nodes, self.state.size);
         let time = self.now();
         let mut replies = Vec::with_capacity(group.len());
         let mut results = Vec::with_capacity(group.len());
@@ -422,8 +416,8 @@ impl Sequencer {
             }
             .sign(&self.log_key);
             overlay.put(layout::META_CHECKPOINT.to_vec(), note.clone().into_bytes());
-            let written = NodeCache::of(&overlay.writes);
-            self.rows.write(std::mem::take(&mut overlay.writes))?;
+            let (writes, written) = overlay.take_writes();
+            self.rows.write(writes)?;
             for (level, index, hash) in written {
                 self.nodes.put(level, index, hash);
             }
@@ -493,10 +487,9 @@ impl Sequencer {
         let encoded = body.encode();
         let salt = draw_salt(&mut rand::rng());
         let c = commitment(&salt, &encoded);
-        let index = overlay.size;
         let mut stored = salt.to_vec();
         stored.extend_from_slice(&encoded);
-        overlay.put(layout::indexed(tag::BODY, index), stored);
+        let index = overlay.append_entry(stored, commitment_leaf(&c))?;
         let hash = EntryBody::hash(&encoded);
         overlay.logged.insert(
             index,
@@ -505,10 +498,6 @@ impl Sequencer {
                 body: encoded,
             },
         );
-        overlay.put(layout::indexed(tag::LEAF, index), c.0.to_vec());
-        Tree::new(&mut *overlay)
-            .append(commitment_leaf(&c))
-            .map_err(tree_err)?;
         if let Some(c) = customer {
             overlay.put(
                 layout::key(tag::CUSTOMER_HEAD, &[&c.0]),
@@ -1135,7 +1124,7 @@ impl Sequencer {
                     return Ok(payload);
                 }
                 let stored = overlay
-                    .get(&layout::indexed(tag::BODY, index))?
+                    .entry(index)?
                     .ok_or_else(|| StoreError::NotFound("batch entry".into()))?;
                 let body = EntryBody::decode(stored.get(32..).unwrap_or_default())
                     .map_err(|e| StoreError::Format(e.to_string()))?;

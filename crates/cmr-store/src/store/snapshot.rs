@@ -118,10 +118,7 @@ impl Store {
     /// Whether an entry logged from `from` on erased records.
     fn erased_since(&self, from: u64) -> Result<bool, StoreError> {
         let now = self.committed_size()?;
-        for kv in self.db.range(
-            &layout::indexed(tag::BODY, from),
-            &layout::indexed(tag::BODY, now),
-        ) {
+        for kv in pieces::entries(&*self.db, from, now) {
             let (_, v) = kv?;
             if erases(v.get(32..).unwrap_or_default()) {
                 return Ok(true);
@@ -158,19 +155,18 @@ impl Store {
             f.row(layout::META_LOG_KEY, &v)?;
             summary.rows += 1;
         }
+        // Entries go into the snapshot a row each, whatever pieces they are stored in
+        // (docs/formats.md: the snapshot file).
         let mut next = 0;
-        for kv in self.db.range(
-            &layout::indexed(tag::BODY, 0),
-            &layout::indexed(tag::BODY, size),
-        ) {
-            let (k, v) = kv?;
-            if k != layout::indexed(tag::BODY, next) {
+        for kv in pieces::entries(&*self.db, 0, size) {
+            let (i, v) = kv?;
+            if i != next {
                 return Err(StoreError::Format(format!(
                     "log entry {next} has no stored body: the stored data is damaged"
                 )));
             }
             next += 1;
-            f.row(&k, &v)?;
+            f.row(&layout::indexed(tag::BODY, i), &v)?;
             summary.rows += 1;
         }
         if next != size {
@@ -234,13 +230,7 @@ impl Store {
             })?
             .checkpoint;
         let nodes = NodeCache::new();
-        let mut overlay = Overlay {
-            rows: &*rows,
-            nodes: &nodes,
-            writes: Writes::new(),
-            size: 0,
-            logged: HashMap::new(),
-        };
+        let mut overlay = Overlay::new(&*rows, &nodes, 0);
         let mut pending_bytes = 0usize;
         let mut heads: HashMap<IdentityId, u64> = HashMap::new();
         let mut directories: HashMap<IdentityId, u64> = HashMap::new();
@@ -278,12 +268,8 @@ impl Store {
                             directories.insert(c, i);
                         }
                     }
-                    let c = commitment(salt, body);
-                    overlay.put(layout::indexed(tag::LEAF, i), c.0.to_vec());
-                    overlay.put(key.to_vec(), value.to_vec());
-                    Tree::new(&mut overlay)
-                        .append(commitment_leaf(&c))
-                        .map_err(tree_err)?;
+                    let leaf = commitment_leaf(&commitment(salt, body));
+                    overlay.append_entry(value.to_vec(), leaf)?;
                 }
                 Some(tag::RECORD | tag::IDEMPOTENCY) => {
                     match referred_index(key, value) {
@@ -314,7 +300,11 @@ impl Store {
                 _ => return Err(bad("a row of a kind snapshots do not hold")),
             }
             if pending_bytes >= GROUP_BYTES {
-                rows.write(std::mem::take(&mut overlay.writes))?;
+                let (writes, written) = overlay.take_writes();
+                rows.write(writes)?;
+                for (level, index, hash) in written {
+                    nodes.put(level, index, hash);
+                }
                 pending_bytes = 0;
             }
         }
@@ -340,7 +330,7 @@ impl Store {
         }
         for (c, i) in directories {
             let body = overlay
-                .get(&layout::indexed(tag::BODY, i))?
+                .entry(i)?
                 .and_then(|v| EntryBody::decode(v.get(32..)?).ok())
                 .ok_or_else(|| StoreError::Format(format!("entry {i}")))?;
             overlay.put(layout::key(tag::DIRECTORY, &[&c.0]), body.payload);
@@ -362,7 +352,7 @@ impl Store {
             layout::META_FORMAT.to_vec(),
             layout::FORMAT_VERSION.to_be_bytes().to_vec(),
         );
-        rows.write(overlay.writes)?;
+        rows.write(overlay.take_writes().0)?;
         // The open replays every entry through the rules, checks every record against its batch,
         // writes the party and pending indexes, and makes it all durable before serving.
         let store = Store::open_with(rows, config, true)?;
