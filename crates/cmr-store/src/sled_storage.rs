@@ -22,7 +22,7 @@ use cmr_core::hash::sha256;
 use cmr_core::merkle::Hash;
 
 use crate::layout::tag;
-use crate::storage::{Acknowledged, Rows, Storage, Writes};
+use crate::storage::{Acknowledged, Row, Rows, Storage, Writes};
 use crate::{StoreConfig, StoreError};
 
 /// The file, beside sled's, that holds the log's entries (see [`EntriesFile`]).
@@ -161,6 +161,20 @@ impl Storage for SledStorage {
 
     fn scan_prefix(&self, prefix: &[u8]) -> Rows<'_> {
         self.rows_of(|t| t.scan_prefix(prefix))
+    }
+
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Row>, StoreError> {
+        if from >= to {
+            return Ok(None);
+        }
+        match self.tree()?.range(from.to_vec()..to.to_vec()).next_back() {
+            Some(kv) => {
+                let (k, v) = kv.map_err(sled_err)?;
+                let v = self.entries.resolve(&k, v.to_vec())?;
+                Ok(Some((k.to_vec(), v)))
+            }
+            None => Ok(None),
+        }
     }
 
     fn is_empty(&self) -> Result<bool, StoreError> {

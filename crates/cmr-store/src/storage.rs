@@ -63,6 +63,15 @@ pub trait Storage: Send + Sync {
         }
         Ok(rows)
     }
+    /// The row with the greatest key in `from..to`, if any (where a piece of the log that holds an
+    /// index starts). An engine that can read a range backwards reads just that row.
+    fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Row>, StoreError> {
+        let mut last = None;
+        for kv in self.range(from, to) {
+            last = Some(kv?);
+        }
+        Ok(last)
+    }
     /// The rows whose keys start with `prefix`, in key order.
     fn scan_prefix(&self, prefix: &[u8]) -> Rows<'_>;
     /// Whether no row is stored at all (a new store).

@@ -73,15 +73,16 @@ fn first_of(key: &[u8]) -> Result<u64, StoreError> {
 
 /// The row of the piece of table `t` that holds index `i`, if any.
 fn piece(rows: &dyn Storage, t: u8, i: u64) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-    let mut found = None;
-    for kv in rows.range(
+    let Some(end) = i.checked_add(1) else {
+        return Ok(None);
+    };
+    match rows.last(
         &layout::indexed(t, chunk_start(i)),
-        &layout::indexed(t, i + 1),
-    ) {
-        let (k, v) = kv?;
-        found = Some((first_of(&k)?, v));
+        &layout::indexed(t, end),
+    )? {
+        Some((k, v)) => Ok(Some((first_of(&k)?, v))),
+        None => Ok(None),
     }
-    Ok(found)
 }
 
 /// The salted body of entry `i` (salt, then the encoded body), if stored.
