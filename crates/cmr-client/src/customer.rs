@@ -325,6 +325,44 @@ impl Customer {
         period: Period,
         contents: &[(RecordId, &[u8])],
     ) -> Result<Acked, ClientError> {
+        match self.write_under_epoch(family, period, contents).await {
+            Err(e) if e.problem() == Some(Code::StaleEpoch) => {
+                if !self.follow_logged_epoch(family).await? {
+                    return Err(e);
+                }
+                self.write_under_epoch(family, period, contents).await
+            }
+            other => other,
+        }
+    }
+
+    /// Moves `family` to the epoch the log names, if this client holds that epoch's secret: returns
+    /// whether it moved. A rotation's completion can be logged while its answer is lost (the server or
+    /// its database crashed under it and the retries ran out): the directory naming the new epoch was
+    /// published and its secret kept before the completion was sent, so the secret is here, but this
+    /// client still writes under the old epoch and is refused `stale-epoch`. The epoch is taken from the
+    /// customer's verified chain ([`Customer::consent`]), never from the refusal.
+    async fn follow_logged_epoch(&mut self, family: FamilyId) -> Result<bool, ClientError> {
+        let logged = self.consent().await?.epoch(&family);
+        let Some(f) = self.families.get_mut(&family) else {
+            return Ok(false);
+        };
+        match logged {
+            Some(epoch) if epoch > f.epoch && f.secrets.contains_key(&epoch) => {
+                f.epoch = epoch;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// One attempt at [`Customer::write_records`], under the epoch this client holds for the family.
+    async fn write_under_epoch(
+        &mut self,
+        family: FamilyId,
+        period: Period,
+        contents: &[(RecordId, &[u8])],
+    ) -> Result<Acked, ClientError> {
         let me = self.id();
         let head = self.head(family).await?;
         let f = self.family(&family)?;

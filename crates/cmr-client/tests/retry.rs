@@ -202,3 +202,60 @@ async fn a_write_answered_in_doubt_is_sent_again_and_logged_once() {
     );
     a_batch_whose_first_answer_is_lost(Some(Arc::new(answer))).await;
 }
+
+/// A rotation whose completion is logged while its answer is lost, and the SDK gives up on it (retries
+/// off here; under load, a database that stays down past the retry budget): the client still writes
+/// under the old epoch. The next write is refused `stale-epoch`; the SDK reads the family's epoch from the
+/// customer's verified chain, holds that epoch's secret (kept before the directory naming it was
+/// published), moves to it and writes again. The record lands under the new epoch and reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_whose_answer_was_lost_is_followed_at_the_next_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (listener, server) = behind_a_proxy(dir.path()).await;
+    let upstream = server.conn.base().trim_start_matches("http://").to_string();
+    let cut = Arc::new(AtomicUsize::new(0));
+    let front = proxy(listener, upstream, "/statements", cut.clone(), None).await;
+    let conn = Connection::new(&format!("http://{front}"))
+        .unwrap()
+        .with_retry(std::time::Duration::ZERO);
+    let (s, _) = Session::register(conn.clone(), Role::Customer, server.pinned.clone(), now())
+        .await
+        .unwrap();
+    let mut alex = Customer::new(s, PseudonymKey::generate(&mut rand::rng()));
+    let contact = FamilyName::profile(Scope::ProfileContact).unwrap();
+    alex.declare(&[contact], now()).await.unwrap();
+    let fam = alex.family_id(&contact);
+    alex.write(fam, Period::ORIGIN, &[b"before the rotation"])
+        .await
+        .unwrap();
+    let before = alex.consent().await.unwrap().epoch(&fam).unwrap();
+
+    // The completion reaches the server and is logged; its answer never comes back.
+    cut.store(1, Ordering::SeqCst);
+    let e = alex.rotate(fam, now()).await.unwrap_err();
+    assert!(matches!(e, cmr_client::ClientError::InDoubt(_)), "{e}");
+    assert_eq!(cut.load(Ordering::SeqCst), 0, "the answer was not cut");
+    let logged = alex.consent().await.unwrap().epoch(&fam).unwrap();
+    assert_eq!(logged, before + 1, "the rotation was not logged");
+
+    // The next write follows the logged epoch, and both records open.
+    alex.write(fam, Period::ORIGIN, &[b"after the rotation"])
+        .await
+        .unwrap();
+    let records = alex
+        .read(fam, Period::ORIGIN, Period::ORIGIN)
+        .await
+        .unwrap();
+    let mut opened: Vec<(&[u8], u64)> = records
+        .iter()
+        .map(|r| (r.content.as_slice(), r.epoch))
+        .collect();
+    opened.sort();
+    assert_eq!(
+        opened,
+        vec![
+            (&b"after the rotation"[..], logged),
+            (&b"before the rotation"[..], before)
+        ]
+    );
+}
