@@ -2,14 +2,18 @@
 //!
 //! Owns:
 //! - [`Batch`]: the statement an author signs for the records it writes;
-//! - [`FamilyLedger`]: a family's record digests per period, its head, and the rules a batch must meet to
-//!   be applied (previous head current, ids new, periods allowed);
+//! - [`FamilyState`]: a family's head and each period's tree as its perfect subtrees, and the rules a
+//!   batch must meet to be applied (previous head current, ids new, periods allowed); what grows with the
+//!   records (leaves, tree nodes, ids) it reads through a [`RecordIndex`], which a store keeps in its rows;
+//! - [`FamilyLedger`]: the same state with its records' index in memory, and each batch's additions, so it
+//!   also proves reads against earlier heads (a client's export, tests);
 //! - [`ReadProof`] and [`verify_read`]: what a reader receives and checks, so that a dropped, injected,
 //!   reordered, moved or stale record is detected.
 //!
 //! It is pure: the store persists what the ledger holds, and decides who may write (grants, epochs).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::convert::Infallible;
 
 use thiserror::Error;
 
@@ -302,43 +306,59 @@ impl Head {
     }
 }
 
-#[derive(Debug, Clone, Default)]
-struct PeriodState {
-    /// Leaf hashes of the record digests, in append order.
-    leaves: Vec<Hash>,
-    /// The record ids, in the same order.
-    ids: Vec<RecordId>,
-    frontier: merkle::CompactRange,
+/// Where the part of a family ledger that grows with its records lives: each period's tree (the record
+/// leaves and the perfect subtrees above them) and the ids in use. [`FamilyState`] keeps the rest (each
+/// period's tree as its perfect subtrees, the head), so a store keeps this in its rows, read through
+/// its cache, and a client in memory ([`FamilyLedger`]). The errors are the storage's own.
+pub trait RecordIndex {
+    /// The storage's error.
+    type Error;
+    /// The root of `period`'s perfect subtree of 2^`level` records from record `index`·2^`level`; at
+    /// level 0, the record's leaf hash (`merkle::leaf_hash` of its digest).
+    fn node(&self, period: Period, level: u8, index: u64) -> Result<Hash, Self::Error>;
+    /// The ids of `period`'s records `start..end`, in order.
+    fn ids(&self, period: Period, start: u64, end: u64) -> Result<Vec<RecordId>, Self::Error>;
+    /// Whether the family holds a record with this id.
+    fn contains(&self, id: &RecordId) -> Result<bool, Self::Error>;
 }
 
-fn id_key(id: &RecordId) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&id.0[..8]);
-    u64::from_le_bytes(b)
+/// What applying a batch adds to the [`RecordIndex`], for its owner to store with the records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The new head.
+    pub head: Head,
+    /// Where each record of the batch went, in batch order: its period and its index in the period.
+    pub placements: Vec<(Period, u64)>,
+    /// The perfect subtrees of two records or more that the batch completed, as (period, level, index,
+    /// root): see [`RecordIndex::node`].
+    pub nodes: Vec<(Period, u8, u64, Hash)>,
 }
 
-/// A family's records as digests per period, and its head. The store persists it; readers never need it.
+fn infallible<T>(r: Result<T, Infallible>) -> T {
+    match r {
+        Ok(t) => t,
+        Err(never) => match never {},
+    }
+}
+
+/// The part of a family ledger that does not grow with its records: each period's tree as its perfect
+/// subtrees (O(log n) hashes, [`merkle::CompactRange`]), and the current head with its period leaves.
+/// With a [`RecordIndex`] it checks and applies batches and proves reads against the current head: the
+/// one set of rules for the store (over its rows) and for [`FamilyLedger`] (in memory).
 #[derive(Debug, Clone)]
-pub struct FamilyLedger {
+pub struct FamilyState {
     customer: IdentityId,
     family: FamilyId,
     scope: Scope,
     batches: u64,
-    periods: BTreeMap<Period, PeriodState>,
-    /// The first 8 bytes of every record id, to refuse a repeated id: 8 bytes a record instead of a map
-    /// of full ids and positions (a repeated id always matches; a new id whose first 8 bytes match an
-    /// existing one's, one chance in 2^64 per record present, is refused and written again by its client).
-    ids: HashSet<u64>,
-    /// For each applied batch, how many records it added to each period (for reads against older heads).
-    history: Vec<Vec<(Period, u64)>>,
-    /// The current head's period leaves, in period order, kept up to date by `apply`: reads against the
-    /// current head (nearly all of them) then cost nothing per period.
+    periods: BTreeMap<Period, merkle::CompactRange>,
+    /// The current head's period leaves, in period order, kept up to date by `advance`: reads against
+    /// the current head then cost nothing per period.
     current: Vec<PeriodLeaf>,
-    /// The current head.
     current_head: Head,
 }
 
-impl FamilyLedger {
+impl FamilyState {
     /// An empty family.
     pub fn new(customer: IdentityId, family: FamilyId, scope: Scope) -> Self {
         Self {
@@ -347,10 +367,8 @@ impl FamilyLedger {
             scope,
             batches: 0,
             periods: BTreeMap::new(),
-            ids: HashSet::new(),
             current: Vec::new(),
             current_head: Head::empty(customer, family),
-            history: Vec::new(),
         }
     }
 
@@ -363,7 +381,7 @@ impl FamilyLedger {
     pub fn period_count(&self, period: Period) -> u64 {
         self.periods
             .get(&period)
-            .map_or(0, |s| s.leaves.len() as u64)
+            .map_or(0, merkle::CompactRange::size)
     }
 
     /// Where each record of `batch` goes when it is applied, in batch order: its period and its index in
@@ -384,15 +402,311 @@ impl FamilyLedger {
             .collect()
     }
 
+    /// Checks `batch` and the records it names, without applying them; `index` says which ids the family
+    /// already holds. The signature and the author's right to write are the caller's to check. The outer
+    /// error is the index's.
+    pub fn check<R: RecordIndex>(
+        &self,
+        index: &R,
+        batch: &Batch,
+        records: &[SealedRecord],
+    ) -> Result<Result<(), BatchError>, R::Error> {
+        self.check_with(batch, records, |id| index.contains(id))
+    }
+
+    /// The checks of a batch the log already holds (a replay): all of [`FamilyState::check`] but
+    /// whether its ids were new, which was settled when it was logged.
+    pub fn check_logged(&self, batch: &Batch, records: &[SealedRecord]) -> Result<(), BatchError> {
+        infallible(self.check_with(batch, records, |_| Ok(false)))
+    }
+
+    fn check_with<E>(
+        &self,
+        batch: &Batch,
+        records: &[SealedRecord],
+        mut held: impl FnMut(&RecordId) -> Result<bool, E>,
+    ) -> Result<Result<(), BatchError>, E> {
+        if batch.customer != self.customer || batch.family != self.family {
+            return Ok(Err(BatchError::WrongFamily));
+        }
+        let current = self.head().digest();
+        if batch.prev_head != current {
+            return Ok(Err(BatchError::StaleHead {
+                claimed: batch.prev_head,
+                current,
+            }));
+        }
+        if batch.entries.is_empty() {
+            return Ok(Err(BatchError::Empty));
+        }
+        if records.len() != batch.entries.len() {
+            return Ok(Err(BatchError::RecordMismatch(batch.entries[0].id)));
+        }
+        let mut seen = HashSet::with_capacity(batch.entries.len());
+        for (e, r) in batch.entries.iter().zip(records) {
+            if !seen.insert(e.id) || held(&e.id)? {
+                return Ok(Err(BatchError::DuplicateRecord(e.id)));
+            }
+            let periodic_ok = if self.scope.is_periodic() {
+                e.period >= Period::ORIGIN
+            } else {
+                e.period == Period::ORIGIN
+            };
+            if !periodic_ok {
+                return Ok(Err(BatchError::BadPeriod(e.period)));
+            }
+            let h = r.header();
+            let matches = h.customer == batch.customer
+                && h.family == batch.family
+                && h.epoch == batch.epoch
+                && h.author == batch.author
+                && h.id == e.id
+                && h.period == e.period
+                && r.digest() == e.digest;
+            if !matches {
+                return Ok(Err(BatchError::RecordMismatch(e.id)));
+            }
+            let chain_ok = match h.chain {
+                Chain::Read => batch.author == batch.customer,
+                Chain::Append(c) => c == batch.author,
+            };
+            if !chain_ok {
+                return Ok(Err(BatchError::WrongChain(e.id)));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Checks and applies `batch`: what it adds to the index, for the caller to store. A refusal
+    /// changes nothing. The outer error is the index's.
+    pub fn apply<R: RecordIndex>(
+        &mut self,
+        index: &R,
+        batch: &Batch,
+        records: &[SealedRecord],
+    ) -> Result<Result<Applied, BatchError>, R::Error> {
+        if let Err(e) = self.check(index, batch, records)? {
+            return Ok(Err(e));
+        }
+        Ok(Ok(self.advance(batch)))
+    }
+
+    /// Applies a batch already checked (by [`FamilyState::apply`], or when it was logged): the periods'
+    /// trees and the head move on.
+    pub fn advance(&mut self, batch: &Batch) -> Applied {
+        let placements = self.placements(batch);
+        let mut nodes = Vec::new();
+        let mut added = BTreeSet::new();
+        for e in &batch.entries {
+            let tree = self.periods.entry(e.period).or_default();
+            tree.push_completing(merkle::leaf_hash(&e.digest.0), |level, i, root| {
+                nodes.push((e.period, level, i, root));
+            });
+            added.insert(e.period);
+        }
+        for p in added {
+            let tree = &self.periods[&p];
+            let leaf = PeriodLeaf {
+                period: p,
+                count: tree.size(),
+                root: tree.root(),
+            };
+            match self.current.binary_search_by(|l| l.period.cmp(&p)) {
+                Ok(i) => self.current[i] = leaf,
+                Err(i) => self.current.insert(i, leaf),
+            }
+        }
+        self.batches += 1;
+        let hashes: Vec<Hash> = self.current.iter().map(PeriodLeaf::hash).collect();
+        self.current_head = Head {
+            customer: self.customer,
+            family: self.family,
+            batches: self.batches,
+            records: self.current.iter().map(|l| l.count).sum(),
+            periods: self.current.len() as u64,
+            periods_root: merkle::root(&hashes),
+        };
+        Applied {
+            head: self.current_head,
+            placements,
+            nodes,
+        }
+    }
+
+    /// The proof for a read of periods `from..=to` against the current head, paged: at most `limit`
+    /// records, starting at `cursor` (a period and an index within it). `None` if `from` is after `to`.
+    /// The outer error is the index's.
+    pub fn prove_read<R: RecordIndex>(
+        &self,
+        index: &R,
+        from: Period,
+        to: Period,
+        cursor: Option<(Period, u64)>,
+        limit: u64,
+    ) -> Result<Option<ReadProof>, R::Error> {
+        prove(
+            index,
+            self.current_head,
+            &self.current,
+            (from, to),
+            cursor,
+            limit,
+        )
+    }
+}
+
+/// The proof for a read of `periods` against `head`, whose period leaves are `leaves`: the period
+/// leaves around the range with their proof, then pages of records with their proofs against their
+/// period roots, read from `index` (O(log n) nodes a page, whatever the period's size).
+fn prove<R: RecordIndex>(
+    index: &R,
+    head: Head,
+    leaves: &[PeriodLeaf],
+    (from, to): (Period, Period),
+    cursor: Option<(Period, u64)>,
+    limit: u64,
+) -> Result<Option<ReadProof>, R::Error> {
+    if from > to {
+        return Ok(None);
+    }
+    let hashes: Vec<Hash> = leaves.iter().map(PeriodLeaf::hash).collect();
+    // The run of leaves inside [from, to], widened by one neighbour on each side.
+    let first_in = leaves.partition_point(|l| l.period < from);
+    let end_in = leaves.partition_point(|l| l.period <= to);
+    let lo = first_in.saturating_sub(1);
+    let hi = (end_in + 1).min(leaves.len());
+    let (run, proof) = if lo < hi {
+        (
+            leaves[lo..hi].to_vec(),
+            merkle::range_proof(&hashes, lo, hi).expect("lo < hi <= len"),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let mut pages = Vec::new();
+    let mut budget = limit.max(1);
+    let mut next = None;
+    for leaf in &leaves[first_in..end_in] {
+        let start = match cursor {
+            Some((p, _)) if leaf.period < p => continue,
+            Some((p, i)) if leaf.period == p => i.min(leaf.count),
+            _ => 0,
+        };
+        if start == leaf.count {
+            continue;
+        }
+        if budget == 0 {
+            next = Some((leaf.period, start));
+            break;
+        }
+        let end = (start + budget).min(leaf.count);
+        let mut node = |level: u8, i: u64| index.node(leaf.period, level, i);
+        let proof = merkle::range_proof_over(leaf.count, start, end, |offset, len| {
+            merkle::subtree_root(offset, len, &mut node)
+        })?
+        .expect("start < end <= count");
+        pages.push(PageProof {
+            period: leaf.period,
+            start,
+            ids: index.ids(leaf.period, start, end)?,
+            proof,
+        });
+        budget -= end - start;
+        if end < leaf.count {
+            next = Some((leaf.period, end));
+            break;
+        }
+    }
+    Ok(Some(ReadProof {
+        head,
+        from,
+        to,
+        periods_lo: lo as u64,
+        periods: run,
+        periods_proof: proof,
+        pages,
+        next,
+    }))
+}
+
+/// A family's records held in memory: each period's leaves and ids, and every id.
+#[derive(Debug, Clone, Default)]
+struct MemoryIndex {
+    periods: BTreeMap<Period, (Vec<Hash>, Vec<RecordId>)>,
+    ids: HashSet<RecordId>,
+}
+
+impl MemoryIndex {
+    fn leaves(&self, period: Period) -> &[Hash] {
+        self.periods.get(&period).map_or(&[], |(l, _)| l)
+    }
+}
+
+impl RecordIndex for MemoryIndex {
+    type Error = Infallible;
+    fn node(&self, period: Period, level: u8, index: u64) -> Result<Hash, Infallible> {
+        let n = 1usize << level;
+        let start = index as usize * n;
+        Ok(merkle::root(&self.leaves(period)[start..start + n]))
+    }
+    fn ids(&self, period: Period, start: u64, end: u64) -> Result<Vec<RecordId>, Infallible> {
+        Ok(self
+            .periods
+            .get(&period)
+            .map(|(_, ids)| ids[start as usize..end as usize].to_vec())
+            .unwrap_or_default())
+    }
+    fn contains(&self, id: &RecordId) -> Result<bool, Infallible> {
+        Ok(self.ids.contains(id))
+    }
+}
+
+/// A family ledger held in memory, for a client (an export) and for tests: [`FamilyState`] with its
+/// records' leaves and ids beside it, and each batch's additions, so that it also proves reads
+/// against earlier heads. The store keeps the same [`FamilyState`] over its rows instead.
+#[derive(Debug, Clone)]
+pub struct FamilyLedger {
+    state: FamilyState,
+    records: MemoryIndex,
+    /// For each applied batch, how many records it added to each period (for reads against older heads).
+    history: Vec<Vec<(Period, u64)>>,
+}
+
+impl FamilyLedger {
+    /// An empty family.
+    pub fn new(customer: IdentityId, family: FamilyId, scope: Scope) -> Self {
+        Self {
+            state: FamilyState::new(customer, family, scope),
+            records: MemoryIndex::default(),
+            history: Vec::new(),
+        }
+    }
+
+    /// The current head.
+    pub fn head(&self) -> Head {
+        self.state.head()
+    }
+
+    /// How many records `period` holds now.
+    pub fn period_count(&self, period: Period) -> u64 {
+        self.state.period_count(period)
+    }
+
+    /// Where each record of `batch` goes when it is applied ([`FamilyState::placements`]).
+    pub fn placements(&self, batch: &Batch) -> Vec<(Period, u64)> {
+        self.state.placements(batch)
+    }
+
     /// Period counts as they were after `batches` batches.
     fn counts_at(&self, batches: u64) -> Option<BTreeMap<Period, u64>> {
-        if batches > self.batches {
+        if batches > self.state.batches {
             return None;
         }
         let mut counts: BTreeMap<Period, u64> = self
+            .state
             .periods
             .iter()
-            .map(|(p, s)| (*p, s.leaves.len() as u64))
+            .map(|(p, t)| (*p, t.size()))
             .collect();
         for later in &self.history[batches as usize..] {
             for (p, n) in later {
@@ -409,33 +723,25 @@ impl FamilyLedger {
     fn leaves_at(&self, counts: &BTreeMap<Period, u64>) -> Vec<PeriodLeaf> {
         counts
             .iter()
-            .map(|(p, c)| {
-                let state = &self.periods[p];
-                let root = if *c as usize == state.leaves.len() {
-                    state.frontier.root()
-                } else {
-                    merkle::root(&state.leaves[..*c as usize])
-                };
-                PeriodLeaf {
-                    period: *p,
-                    count: *c,
-                    root,
-                }
+            .map(|(p, c)| PeriodLeaf {
+                period: *p,
+                count: *c,
+                root: merkle::root(&self.records.leaves(*p)[..*c as usize]),
             })
             .collect()
     }
 
     /// The head as it was after `batches` batches.
     pub fn head_at(&self, batches: u64) -> Option<Head> {
-        if batches == self.batches {
-            return Some(self.current_head);
+        if batches == self.state.batches {
+            return Some(self.head());
         }
         let counts = self.counts_at(batches)?;
         let leaves = self.leaves_at(&counts);
         let hashes: Vec<Hash> = leaves.iter().map(PeriodLeaf::hash).collect();
         Some(Head {
-            customer: self.customer,
-            family: self.family,
+            customer: self.state.customer,
+            family: self.state.family,
             batches,
             records: counts.values().sum(),
             periods: leaves.len() as u64,
@@ -443,97 +749,24 @@ impl FamilyLedger {
         })
     }
 
-    /// Checks `batch` and the records it names, without applying them. The signature and the author's
-    /// right to write are the caller's to check.
+    /// Checks `batch` and the records it names, without applying them ([`FamilyState::check`]).
     pub fn check(&self, batch: &Batch, records: &[SealedRecord]) -> Result<(), BatchError> {
-        if batch.customer != self.customer || batch.family != self.family {
-            return Err(BatchError::WrongFamily);
-        }
-        let current = self.head().digest();
-        if batch.prev_head != current {
-            return Err(BatchError::StaleHead {
-                claimed: batch.prev_head,
-                current,
-            });
-        }
-        if batch.entries.is_empty() {
-            return Err(BatchError::Empty);
-        }
-        if records.len() != batch.entries.len() {
-            return Err(BatchError::RecordMismatch(batch.entries[0].id));
-        }
-        let mut seen = HashSet::with_capacity(batch.entries.len());
-        for (e, r) in batch.entries.iter().zip(records) {
-            if self.ids.contains(&id_key(&e.id)) || !seen.insert(e.id) {
-                return Err(BatchError::DuplicateRecord(e.id));
-            }
-            let periodic_ok = if self.scope.is_periodic() {
-                e.period >= Period::ORIGIN
-            } else {
-                e.period == Period::ORIGIN
-            };
-            if !periodic_ok {
-                return Err(BatchError::BadPeriod(e.period));
-            }
-            let h = r.header();
-            let matches = h.customer == batch.customer
-                && h.family == batch.family
-                && h.epoch == batch.epoch
-                && h.author == batch.author
-                && h.id == e.id
-                && h.period == e.period
-                && r.digest() == e.digest;
-            if !matches {
-                return Err(BatchError::RecordMismatch(e.id));
-            }
-            let chain_ok = match h.chain {
-                Chain::Read => batch.author == batch.customer,
-                Chain::Append(c) => c == batch.author,
-            };
-            if !chain_ok {
-                return Err(BatchError::WrongChain(e.id));
-            }
-        }
-        Ok(())
+        infallible(self.state.check(&self.records, batch, records))
     }
 
     /// Checks and applies `batch`; returns the new head.
     pub fn apply(&mut self, batch: &Batch, records: &[SealedRecord]) -> Result<Head, BatchError> {
-        self.check(batch, records)?;
+        let applied = infallible(self.state.apply(&self.records, batch, records))?;
         let mut added: BTreeMap<Period, u64> = BTreeMap::new();
         for e in &batch.entries {
-            let state = self.periods.entry(e.period).or_default();
-            let leaf = merkle::leaf_hash(&e.digest.0);
-            self.ids.insert(id_key(&e.id));
-            state.leaves.push(leaf);
-            state.ids.push(e.id);
-            state.frontier.push(leaf);
+            let (leaves, ids) = self.records.periods.entry(e.period).or_default();
+            leaves.push(merkle::leaf_hash(&e.digest.0));
+            ids.push(e.id);
+            self.records.ids.insert(e.id);
             *added.entry(e.period).or_default() += 1;
         }
-        for p in added.keys() {
-            let state = &self.periods[p];
-            let leaf = PeriodLeaf {
-                period: *p,
-                count: state.leaves.len() as u64,
-                root: state.frontier.root(),
-            };
-            match self.current.binary_search_by(|l| l.period.cmp(p)) {
-                Ok(i) => self.current[i] = leaf,
-                Err(i) => self.current.insert(i, leaf),
-            }
-        }
         self.history.push(added.into_iter().collect());
-        self.batches += 1;
-        let hashes: Vec<Hash> = self.current.iter().map(PeriodLeaf::hash).collect();
-        self.current_head = Head {
-            customer: self.customer,
-            family: self.family,
-            batches: self.batches,
-            records: self.current.iter().map(|l| l.count).sum(),
-            periods: self.current.len() as u64,
-            periods_root: merkle::root(&hashes),
-        };
-        Ok(self.current_head)
+        Ok(applied.head)
     }
 
     /// The proof for a read of periods `from..=to` against the head after `batches` batches (the named
@@ -547,73 +780,23 @@ impl FamilyLedger {
         cursor: Option<(Period, u64)>,
         limit: u64,
     ) -> Option<ReadProof> {
-        if from > to {
-            return None;
+        if batches == self.state.batches {
+            return infallible(
+                self.state
+                    .prove_read(&self.records, from, to, cursor, limit),
+            );
         }
-        let (head, leaves) = if batches == self.batches {
-            (self.current_head, self.current.clone())
-        } else {
-            let counts = self.counts_at(batches)?;
-            (self.head_at(batches)?, self.leaves_at(&counts))
-        };
-        let hashes: Vec<Hash> = leaves.iter().map(PeriodLeaf::hash).collect();
-        // The run of leaves inside [from, to], widened by one neighbour on each side.
-        let first_in = leaves.partition_point(|l| l.period < from);
-        let end_in = leaves.partition_point(|l| l.period <= to);
-        let lo = first_in.saturating_sub(1);
-        let hi = (end_in + 1).min(leaves.len());
-        let (run, proof) = if lo < hi {
-            (
-                leaves[lo..hi].to_vec(),
-                merkle::range_proof(&hashes, lo, hi).expect("lo < hi <= len"),
-            )
-        } else {
-            (Vec::new(), Vec::new())
-        };
-        let mut pages = Vec::new();
-        let mut budget = limit.max(1);
-        let mut next = None;
-        for leaf in &leaves[first_in..end_in] {
-            let start = match cursor {
-                Some((p, _)) if leaf.period < p => continue,
-                Some((p, i)) if leaf.period == p => i.min(leaf.count),
-                _ => 0,
-            };
-            if start == leaf.count {
-                continue;
-            }
-            if budget == 0 {
-                next = Some((leaf.period, start));
-                break;
-            }
-            let end = (start + budget).min(leaf.count);
-            let state = &self.periods[&leaf.period];
-            let period_leaves = &state.leaves[..leaf.count as usize];
-            let proof = merkle::range_proof(period_leaves, start as usize, end as usize)
-                .expect("start < end <= count");
-            let ids = state.ids[start as usize..end as usize].to_vec();
-            pages.push(PageProof {
-                period: leaf.period,
-                start,
-                ids,
-                proof,
-            });
-            budget -= end - start;
-            if end < leaf.count {
-                next = Some((leaf.period, end));
-                break;
-            }
-        }
-        Some(ReadProof {
+        let counts = self.counts_at(batches)?;
+        let leaves = self.leaves_at(&counts);
+        let head = self.head_at(batches)?;
+        infallible(prove(
+            &self.records,
             head,
-            from,
-            to,
-            periods_lo: lo as u64,
-            periods: run,
-            periods_proof: proof,
-            pages,
-            next,
-        })
+            &leaves,
+            (from, to),
+            cursor,
+            limit,
+        ))
     }
 }
 

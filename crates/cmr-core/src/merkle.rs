@@ -82,29 +82,77 @@ pub enum RangeProofError {
 /// The proof for leaves `lo..hi` of `leaves`: the roots of the maximal subtrees outside the range, left to
 /// right, in the order [`root_from_range`] consumes them.
 pub fn range_proof(leaves: &[Hash], lo: usize, hi: usize) -> Result<Vec<Hash>, RangeProofError> {
-    if lo >= hi || hi > leaves.len() {
-        return Err(RangeProofError::BadRange {
-            lo,
-            hi,
-            size: leaves.len(),
-        });
+    let outside = |offset: u64, len: u64| {
+        Ok::<_, std::convert::Infallible>(root(&leaves[offset as usize..(offset + len) as usize]))
+    };
+    match range_proof_over(leaves.len() as u64, lo as u64, hi as u64, outside) {
+        Ok(proof) => proof,
+        Err(never) => match never {},
     }
-    let mut proof = Vec::new();
-    collect(leaves, 0, lo, hi, &mut proof);
-    Ok(proof)
 }
 
-fn collect(leaves: &[Hash], offset: usize, lo: usize, hi: usize, proof: &mut Vec<Hash>) {
-    let end = offset + leaves.len();
+/// [`range_proof`] for a tree of `size` leaves that are not in memory: `subtree(offset, len)` gives the
+/// root of the subtree over leaves `offset..offset + len`. It is asked only for the O(log size) maximal
+/// subtrees outside the range, each of which is either perfect (a power of two, aligned) or on the
+/// tree's right edge. The outer error is `subtree`'s.
+pub fn range_proof_over<E>(
+    size: u64,
+    lo: u64,
+    hi: u64,
+    mut subtree: impl FnMut(u64, u64) -> Result<Hash, E>,
+) -> Result<Result<Vec<Hash>, RangeProofError>, E> {
+    if lo >= hi || hi > size {
+        return Ok(Err(RangeProofError::BadRange {
+            lo: lo as usize,
+            hi: hi as usize,
+            size: size as usize,
+        }));
+    }
+    let mut proof = Vec::new();
+    collect(size, 0, lo, hi, &mut subtree, &mut proof)?;
+    Ok(Ok(proof))
+}
+
+fn collect<E>(
+    len: u64,
+    offset: u64,
+    lo: u64,
+    hi: u64,
+    subtree: &mut impl FnMut(u64, u64) -> Result<Hash, E>,
+    proof: &mut Vec<Hash>,
+) -> Result<(), E> {
+    let end = offset + len;
     if end <= lo || offset >= hi {
-        proof.push(root(leaves));
+        proof.push(subtree(offset, len)?);
     } else if lo <= offset && end <= hi {
         // Inside the range: the verifier recomputes it from the leaves it has.
     } else {
-        let k = split(leaves.len());
-        collect(&leaves[..k], offset, lo, hi, proof);
-        collect(&leaves[k..], offset + k, lo, hi, proof);
+        let k = split(len as usize) as u64;
+        collect(k, offset, lo, hi, subtree, proof)?;
+        collect(len - k, offset + k, lo, hi, subtree, proof)?;
     }
+    Ok(())
+}
+
+/// The root over leaves `offset..offset + len` of a tree whose leaves are not in memory, from its
+/// perfect subtrees: `perfect(level, index)` is the root of the 2^level leaves from index·2^level
+/// (level 0: the leaf hash). A perfect, aligned run is one call; any other run (the right edge of a
+/// tree) is split as RFC 6962 splits it, O(log len) calls in all.
+pub fn subtree_root<E>(
+    offset: u64,
+    len: u64,
+    perfect: &mut impl FnMut(u8, u64) -> Result<Hash, E>,
+) -> Result<Hash, E> {
+    if len == 0 {
+        return Ok(empty_root());
+    }
+    if len.is_power_of_two() && offset.is_multiple_of(len) {
+        return perfect(len.trailing_zeros() as u8, offset / len);
+    }
+    let k = split(len as usize) as u64;
+    let left = subtree_root(offset, k, perfect)?;
+    let right = subtree_root(offset + k, len - k, perfect)?;
+    Ok(node_hash(&left, &right))
 }
 
 /// Recomputes the root of a tree of `size` leaves from the leaves `lo..lo + range.len()` and their proof.
@@ -193,6 +241,13 @@ impl CompactRange {
 
     /// Appends a leaf hash.
     pub fn push(&mut self, leaf: Hash) {
+        self.push_completing(leaf, |_, _, _| {});
+    }
+
+    /// Appends a leaf hash, and tells `completed` each perfect subtree of two leaves or more that the
+    /// leaf completes, as (level, index, root): the 2^level leaves from index·2^level. A store that keeps
+    /// these beside the leaves can prove any range later without holding the leaves in memory.
+    pub fn push_completing(&mut self, leaf: Hash, mut completed: impl FnMut(u8, u64, Hash)) {
         let mut node = (1u64, leaf);
         while let Some(&(size, left)) = self.subtrees.last() {
             if size != node.0 {
@@ -200,6 +255,8 @@ impl CompactRange {
             }
             self.subtrees.pop();
             node = (size * 2, node_hash(&left, &node.1));
+            let level = node.0.trailing_zeros() as u8;
+            completed(level, (self.size + 1) / node.0 - 1, node.1);
         }
         self.subtrees.push(node);
         self.size += 1;
@@ -314,6 +371,37 @@ mod tests {
     }
 
     proptest! {
+        /// A tree kept as the nodes `push_completing` reports (and its leaves) gives every root and
+        /// range proof that the leaves in memory give, at every size it passes through.
+        #[test]
+        fn stored_nodes_prove_what_the_leaves_prove(n in 1usize..80, a in any::<prop::sample::Index>(), b in any::<prop::sample::Index>()) {
+            let l = leaves(n);
+            let mut reported = Vec::new();
+            let mut c = CompactRange::default();
+            for leaf in &l {
+                c.push_completing(*leaf, |level, index, hash| reported.push(((level, index), hash)));
+            }
+            let nodes: std::collections::HashMap<(u8, u64), Hash> = reported.iter().copied().collect();
+            // Each node once, and one fewer than the leaves in all (a tree's internal nodes).
+            prop_assert_eq!(nodes.len(), reported.len());
+            prop_assert_eq!(reported.len() + c.subtrees().len(), n);
+            let mut perfect = |level: u8, index: u64| -> Result<Hash, ()> {
+                if level == 0 {
+                    return Ok(l[index as usize]);
+                }
+                nodes.get(&(level, index)).copied().ok_or(())
+            };
+            for size in 1..=n {
+                prop_assert_eq!(subtree_root(0, size as u64, &mut perfect), Ok(root(&l[..size])));
+            }
+            let (x, y) = (a.index(n), b.index(n));
+            let (lo, hi) = (x.min(y), x.max(y) + 1);
+            let over = range_proof_over(n as u64, lo as u64, hi as u64, |o, len| {
+                subtree_root(o, len, &mut perfect)
+            });
+            prop_assert_eq!(over, Ok(Ok(range_proof(&l, lo, hi).unwrap())));
+        }
+
         #[test]
         fn any_one_bit_change_fails(n in 1usize..40, a in any::<prop::sample::Index>(), b in any::<prop::sample::Index>(), bit in 0usize..256, which in any::<bool>()) {
             let l = leaves(n);

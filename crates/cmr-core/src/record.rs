@@ -185,6 +185,12 @@ impl SealedRecord {
     pub fn digest(&self) -> Digest {
         self.digest
     }
+
+    /// The digest of a sealed record's bytes, without decoding them ([`SealedRecord::digest`]): what a
+    /// store that keeps the bytes needs to rebuild a record's leaf.
+    pub fn digest_of(bytes: &[u8]) -> Digest {
+        record_digest(bytes)
+    }
 }
 
 fn record_digest(bytes: &[u8]) -> Digest {

@@ -1250,3 +1250,138 @@ fn a_company_feed_lists_its_statements_in_log_order_and_not_its_reads() {
     let (first, more) = store.feed(&w.acme.id, None, 1).unwrap();
     assert_eq!((first.len(), more), (1, true));
 }
+
+/// Pages the customer's own read of `period` in pages of `limit`, verifying each against the family's
+/// head; returns every record's content, in order.
+fn read_all_verified(store: &Store, w: &World, period: Period, limit: u64) -> Vec<Vec<u8>> {
+    let key = w.customer.device.signing.verifying_key();
+    let mut cursor = None;
+    let mut ids = Vec::new();
+    loop {
+        let op = Op::Read {
+            customer: w.customer.id,
+            family: w.tx,
+            periods: (period, period),
+            cursor,
+            limit,
+            access: None,
+        };
+        let read = store.execute(op).unwrap().read.unwrap();
+        let records = read.sealed_records().unwrap();
+        let verified = verify_read(
+            &read.proof.head.digest(),
+            &read.proof,
+            &records,
+            &read.signed_batches().unwrap(),
+            |_| Some(key),
+            cursor,
+        )
+        .unwrap();
+        ids.extend(verified.records.iter().map(|r| r.header().id.0.to_vec()));
+        match verified.next {
+            Some(next) => cursor = Some(next),
+            None => return ids,
+        }
+    }
+}
+
+/// What grows with a family's records lives in the store's rows, not in memory: after a reopen, a
+/// batch that repeats a record id from long before is still refused (and changes nothing), and a period
+/// written by many batches of uneven sizes is read in pages of every size, each proven against the
+/// head from the stored tree nodes.
+#[test]
+fn the_family_ledgers_records_live_in_the_rows_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let month = p(2026, 3);
+    let written = {
+        let store = open(dir.path(), clock.clone());
+        let w = World::setup(&store);
+        let mut head = cmr_core::batch::Head::empty(w.customer.id, w.tx).digest();
+        let mut written = 0;
+        for (tag, n) in [(1, 37), (2, 1), (3, 64), (4, 5), (5, 100)] {
+            let ack = store
+                .execute(w.customer_batch(head, month, n, tag))
+                .unwrap();
+            head = ack.head.unwrap();
+            written += n;
+        }
+        written
+    };
+    let store = open(dir.path(), clock);
+    let w = World::existing();
+    let head = w.head_of(&store, w.tx, (month, month));
+    let before = store.checkpoint().unwrap();
+    // Tag 1's first record again, among new ones: refused, nothing logged.
+    let repeat = w.customer_batch(head, month, 3, 1);
+    assert!(
+        matches!(store.execute(repeat), Err(StoreError::Refused(ref m)) if m.contains("already exists")),
+    );
+    assert_eq!(store.checkpoint().unwrap(), before);
+    for limit in [1, 7, 64, 100, 1000] {
+        let ids = read_all_verified(&store, &w, month, limit);
+        assert_eq!(ids.len(), written, "pages of {limit}");
+    }
+    // And the family goes on growing from the stored state.
+    store.execute(w.customer_batch(head, month, 9, 6)).unwrap();
+    assert_eq!(read_all_verified(&store, &w, month, 50).len(), written + 9);
+}
+
+/// A folder written before the record index (format 6: the family ledgers were rebuilt in memory at
+/// each open) gains its id and tree-node rows at open, the same rows the sequencer writes.
+#[test]
+fn a_folder_from_before_the_record_index_gains_it_at_open() {
+    use cmr_store::layout;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let month = p(2026, 4);
+    let index_rows = |db: &sled::Tree| -> Vec<(Vec<u8>, Vec<u8>)> {
+        [layout::tag::RECORD_ID, layout::tag::RECORD_NODE]
+            .iter()
+            .flat_map(|t| db.scan_prefix([*t]))
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                (k.to_vec(), v.to_vec())
+            })
+            .collect()
+    };
+    {
+        let store = open(dir.path(), clock.clone());
+        let w = World::setup(&store);
+        let mut head = cmr_core::batch::Head::empty(w.customer.id, w.tx).digest();
+        for (tag, n) in [(1, 20), (2, 13)] {
+            head = store
+                .execute(w.customer_batch(head, month, n, tag))
+                .unwrap()
+                .head
+                .unwrap();
+        }
+    }
+    let expected = {
+        let db = common::raw_sled(dir.path());
+        let t = db.open_tree("cmr").unwrap();
+        let rows = index_rows(&t);
+        // 33 ids, and the 33 − popcount(33) = 31 nodes of the period's tree above its leaves.
+        assert_eq!(rows.len(), 33 + 31);
+        for (k, _) in &rows {
+            t.remove(k).unwrap();
+        }
+        t.insert(layout::META_FORMAT, &6u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+        rows
+    };
+    {
+        let store = open(dir.path(), clock.clone());
+        let w = World::existing();
+        assert_eq!(read_all_verified(&store, &w, month, 5).len(), 33);
+        let head = w.head_of(&store, w.tx, (month, month));
+        assert!(store.execute(w.customer_batch(head, month, 1, 2)).is_err());
+    }
+    let db = common::raw_sled(dir.path());
+    let t = db.open_tree("cmr").unwrap();
+    assert_eq!(index_rows(&t), expected);
+    assert_eq!(
+        t.get(layout::META_FORMAT).unwrap().unwrap().as_ref(),
+        &layout::FORMAT_VERSION.to_be_bytes()
+    );
+}

@@ -13,6 +13,7 @@
 //! - `overlay`: the group in progress over the storage, and the tree's node stores;
 //! - `pieces`: the log's entries and tree nodes, stored a group's worth to a row;
 //! - `indexes`: the party, pending and vaults-of index rows;
+//! - `records`: the family ledgers' record index (ids, tree nodes) over the rows;
 //! - `replay`: rebuilding the state from the log at open.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,7 +23,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
-use cmr_core::batch::{FamilyLedger, ReadProof, SignedBatch};
+use cmr_core::batch::{FamilyState, ReadProof, SignedBatch};
 use cmr_core::consent::{Body, ErasureTarget, SignedStatement, StatementError, StatementId};
 use cmr_core::decision::{AccessKind, ApplyError, ConsentState, DenyReason};
 use cmr_core::directory::DirectoryError;
@@ -52,6 +53,7 @@ mod durability;
 mod indexes;
 mod overlay;
 mod pieces;
+mod records;
 mod replay;
 mod sequencer;
 pub mod snapshot;
@@ -59,6 +61,7 @@ pub mod snapshot;
 use durability::*;
 use indexes::*;
 use overlay::*;
+use records::*;
 use sequencer::*;
 
 /// Why an operation was refused or failed. Refusals change nothing.

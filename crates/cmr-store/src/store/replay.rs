@@ -89,11 +89,13 @@ impl Sequencer {
                     self.rows.write(std::mem::take(&mut index_rows))?;
                 }
             }
-            let replayed = self.replay(i, &body).map_err(|e| match e {
-                // The storage failing under the replay says nothing of the entry.
-                StoreError::Unavailable(_) | StoreError::Io(_) => e,
-                e => StoreError::Format(format!("entry {i} does not replay: {e}")),
-            })?;
+            let replayed = self
+                .replay(i, &body, add_indexes.then_some(&mut index_rows))
+                .map_err(|e| match e {
+                    // The storage failing under the replay says nothing of the entry.
+                    StoreError::Unavailable(_) | StoreError::Io(_) => e,
+                    e => StoreError::Format(format!("entry {i} does not replay: {e}")),
+                })?;
             if let Some(family) = replayed {
                 without_records.push((i, family));
             }
@@ -181,12 +183,14 @@ impl Sequencer {
         Ok(())
     }
 
-    /// Replays one log entry into the in-memory state. For a batch whose records are not all stored,
-    /// returns its family, which the caller checks was erased later in the log.
+    /// Replays one log entry into the in-memory state; with `add_to`, adds there the record index
+    /// rows of a batch (a folder written before the record index). For a batch whose records are not
+    /// all stored, returns its family, which the caller checks was erased later in the log.
     pub(super) fn replay(
         &mut self,
         index: u64,
         body: &EntryBody,
+        add_to: Option<&mut Writes>,
     ) -> Result<Option<(IdentityId, FamilyId)>, StoreError> {
         let m = |e: &dyn std::fmt::Display| StoreError::Format(e.to_string());
         let parsed = Parsed::decode(body.kind, &body.payload, &self.log_key.verifier())
@@ -243,7 +247,14 @@ impl Sequencer {
         if !complete {
             return Ok(Some((b.customer, b.family)));
         }
-        ledger.apply(b, &records).map_err(|e| m(&e))?;
+        // The ids were found new when the batch was logged; the rest is checked again.
+        ledger.check_logged(b, &records).map_err(|e| m(&e))?;
+        let applied = ledger.advance(b);
+        if let Some(rows) = add_to {
+            for (k, v) in index_rows(number, b, &applied) {
+                rows.insert(k, Some(v));
+            }
+        }
         Ok(None)
     }
 }

@@ -81,7 +81,8 @@ pub(super) struct State {
     pub(super) last_time: u64,
     /// The rules' state: identities, devices, consent, directories, auditors ([`cmr_log::ledger`]).
     pub(super) ledger: Ledger,
-    pub(super) ledgers: HashMap<(IdentityId, FamilyId), FamilyLedger>,
+    /// Each family's ledger state; what grows with its records is in the rows ([`FamilyRows`]).
+    pub(super) ledgers: HashMap<(IdentityId, FamilyId), FamilyState>,
     pub(super) heads: HashMap<IdentityId, ChainLink>,
     /// The vaults-of index rows written since the store opened (see `apply_index`).
     pub(super) vaults_written: std::collections::HashSet<Vec<u8>>,
@@ -103,7 +104,7 @@ impl State {
             .or_insert(next);
         self.ledgers
             .entry((customer, family))
-            .or_insert_with(|| FamilyLedger::new(customer, family, scope));
+            .or_insert_with(|| FamilyState::new(customer, family, scope));
     }
 
     /// The family's number in record keys.
@@ -868,8 +869,7 @@ impl Sequencer {
         if target == ErasureTarget::Vault {
             overlay.delete(layout::key(tag::BACKUP, &[&customer.0]));
         }
-        for number in numbers {
-            let prefix = layout::family_prefix(number);
+        for prefix in numbers.into_iter().flat_map(layout::family_prefixes) {
             for kv in self.rows.scan_prefix(&prefix) {
                 let (k, _) = kv?;
                 overlay.delete(k);
@@ -964,20 +964,27 @@ impl Sequencer {
             .ledgers
             .get_mut(&(b.customer, b.family))
             .ok_or_else(|| StoreError::NotFound("family".into()))?;
-        let placements = ledger.placements(&b);
         // `apply` checks everything before it changes anything, so a refusal changes nothing.
-        let new_head = ledger.apply(&b, &records).map_err(|e| match e {
+        let rows = FamilyRows {
+            overlay: &*overlay,
+            number,
+        };
+        let applied = ledger.apply(&rows, &b, &records)?.map_err(|e| match e {
             cmr_core::batch::BatchError::StaleHead { .. } => StoreError::StaleHead,
             other => StoreError::Refused(other.to_string()),
         })?;
+        let new_head = applied.head;
         // The batch goes into the log once, as the family-head entry; each record names that entry.
         let head_index = overlay.size;
-        for (r, (period, n)) in records.iter().zip(placements) {
+        for (r, (period, n)) in records.iter().zip(&applied.placements) {
             // One key per record: the index of the entry of its batch, then the sealed record.
             let mut value = Vec::with_capacity(8 + r.as_bytes().len());
             value.extend_from_slice(&head_index.to_be_bytes());
             value.extend_from_slice(r.as_bytes());
-            overlay.put(layout::record(number, period, n), value);
+            overlay.put(layout::record(number, *period, *n), value);
+        }
+        for (k, v) in index_rows(number, &b, &applied) {
+            overlay.put(k, v);
         }
         let logged = self.log(
             overlay,
@@ -1052,12 +1059,13 @@ impl Sequencer {
             .ledgers
             .get(&(customer, family))
             .ok_or_else(|| StoreError::NotFound("family".into()))?;
-        let prove = |limit: u64| {
+        let prove = |overlay: &Overlay<'_>, limit: u64| {
+            let rows = FamilyRows { overlay, number };
             ledger
-                .prove_read(ledger.head().batches, periods.0, periods.1, cursor, limit)
+                .prove_read(&rows, periods.0, periods.1, cursor, limit)?
                 .ok_or_else(|| StoreError::Malformed("bad read".into()))
         };
-        let mut proof = prove(limit.clamp(1, 10_000))?;
+        let mut proof = prove(&*overlay, limit.clamp(1, 10_000))?;
         // The page is bounded by bytes as well as by count: records are gathered in order until the next
         // would pass the byte budget (at least one is always served), and the proof is then made again
         // for exactly those, so its cursor names where the next page starts. Memory per read is bounded
@@ -1104,7 +1112,7 @@ impl Sequencer {
             }
         }
         if truncated {
-            proof = prove(records.len() as u64)?;
+            proof = prove(&*overlay, records.len() as u64)?;
         }
         let mut batch_digests: Vec<Vec<u8>> = Vec::new();
         for d in record_batches {
