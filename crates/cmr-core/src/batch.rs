@@ -318,7 +318,7 @@ pub trait RecordIndex {
     fn node(&self, period: Period, level: u8, index: u64) -> Result<Hash, Self::Error>;
     /// The ids of `period`'s records `start..end`, in order.
     fn ids(&self, period: Period, start: u64, end: u64) -> Result<Vec<RecordId>, Self::Error>;
-    /// Whether the family holds a record with this id.
+    /// Whether the family holds a record with this id (as [`IdSet`] answers it).
     fn contains(&self, id: &RecordId) -> Result<bool, Self::Error>;
 }
 
@@ -629,11 +629,71 @@ fn prove<R: RecordIndex>(
     }))
 }
 
+/// The ids a family holds, as their first 8 bytes: 8 bytes a record, in a sorted vector with a small
+/// set of the newest beside it (merged into the vector once it passes a sixteenth of it). A repeated
+/// id always matches; a new id whose first 8 bytes match a held one's (one chance in 2^64 per record
+/// held) is refused, and its client writes it again under another id. The store and [`FamilyLedger`]
+/// both answer [`RecordIndex::contains`] from one.
+#[derive(Debug, Clone, Default)]
+pub struct IdSet {
+    sorted: Vec<u64>,
+    newest: HashSet<u64>,
+}
+
+impl IdSet {
+    fn key(id: &RecordId) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&id.0[..8]);
+        u64::from_be_bytes(b)
+    }
+
+    /// Whether an id with the same first 8 bytes is held.
+    pub fn contains(&self, id: &RecordId) -> bool {
+        let k = Self::key(id);
+        self.newest.contains(&k) || self.sorted.binary_search(&k).is_ok()
+    }
+
+    /// Holds `id`.
+    pub fn insert(&mut self, id: &RecordId) {
+        let k = Self::key(id);
+        if self.sorted.binary_search(&k).is_ok() || !self.newest.insert(k) {
+            return;
+        }
+        if self.newest.len() > (self.sorted.len() / 16).max(1024) {
+            let mut newest: Vec<u64> = self.newest.drain().collect();
+            newest.sort_unstable();
+            // One merge of two sorted runs: O(n), every n/16 inserts.
+            let mut merged = Vec::with_capacity(self.sorted.len() + newest.len());
+            let (mut a, mut b) = (self.sorted.iter().peekable(), newest.iter().peekable());
+            while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
+                if x <= y {
+                    merged.push(*a.next().expect("peeked"));
+                } else {
+                    merged.push(*b.next().expect("peeked"));
+                }
+            }
+            merged.extend(a);
+            merged.extend(b);
+            self.sorted = merged;
+        }
+    }
+
+    /// How many ids are held.
+    pub fn len(&self) -> usize {
+        self.sorted.len() + self.newest.len()
+    }
+
+    /// Whether no id is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A family's records held in memory: each period's leaves and ids, and every id.
 #[derive(Debug, Clone, Default)]
 struct MemoryIndex {
     periods: BTreeMap<Period, (Vec<Hash>, Vec<RecordId>)>,
-    ids: HashSet<RecordId>,
+    ids: IdSet,
 }
 
 impl MemoryIndex {
@@ -762,7 +822,7 @@ impl FamilyLedger {
             let (leaves, ids) = self.records.periods.entry(e.period).or_default();
             leaves.push(merkle::leaf_hash(&e.digest.0));
             ids.push(e.id);
-            self.records.ids.insert(e.id);
+            self.records.ids.insert(&e.id);
             *added.entry(e.period).or_default() += 1;
         }
         self.history.push(added.into_iter().collect());
@@ -1017,5 +1077,36 @@ pub fn verify_batch_signatures<'b>(
     match crate::keys::verify_many(&envelopes) {
         Ok(()) => Ok(()),
         Err(i) => Err(BatchError::BadBatchSignature(items[i].0.batch().device)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The id set answers as a set of the ids' first 8 bytes would, across its merges.
+        #[test]
+        fn the_id_set_is_a_set_of_prefixes(ids in prop::collection::vec(any::<[u8; 16]>(), 0..3000), probe in any::<[u8; 16]>()) {
+            let mut set = IdSet::default();
+            let mut model = HashSet::new();
+            for (i, id) in ids.iter().enumerate() {
+                set.insert(&RecordId(*id));
+                // Every third id is inserted again: held once.
+                if i % 3 == 0 {
+                    set.insert(&RecordId(*id));
+                }
+                model.insert(id[..8].to_vec());
+                prop_assert!(set.contains(&RecordId(*id)));
+            }
+            prop_assert_eq!(set.len(), model.len());
+            prop_assert_eq!(set.contains(&RecordId(probe)), model.contains(&probe[..8]));
+            for id in &ids {
+                let mut other = *id;
+                other[15] ^= 1;
+                prop_assert!(set.contains(&RecordId(other)));
+            }
+        }
     }
 }

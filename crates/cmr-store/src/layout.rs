@@ -9,7 +9,7 @@ use cmr_core::family::Period;
 pub const FORMAT_VERSION: u32 = 7;
 /// Earlier formats whose folders this build opens by adding the index rows they lack (see
 /// `Store::open`): 1 had no party and pending indexes, 2 no vaults-of-a-party index, 3 and 4 no feed,
-/// 1 to 6 no record index (`RECORD_ID`, `RECORD_NODE`: the family ledgers were rebuilt in memory).
+/// 1 to 6 no family ledger pieces (`LEDGER`: the ledgers were rebuilt in memory).
 pub const FORMATS_WITHOUT_INDEXES: [u32; 6] = [1, 2, 3, 4, 5, 6];
 /// Earlier formats that kept a row per entry, per leaf and per tree node (`BODY`, `LEAF`, `NODE`):
 /// the open moves them into pieces (`ENTRIES`, `NODES`) first. Format 3 also stored the level-0
@@ -58,13 +58,10 @@ pub mod tag {
     /// value is the customer. A company learns what changed for it (a grant, a revocation, a denial, a
     /// key delivery, a dispute) in one range scan from where it last looked. Accesses are not in it.
     pub const FEED: u8 = 0x10;
-    /// The ids a family holds, by (family number, record id); the value is the record's place (period,
-    /// index in period). A batch naming an id already held is refused with one read.
-    pub const RECORD_ID: u8 = 0x13;
-    /// The family ledgers' tree nodes: by (family number, period, level ≥ 1, index), the root of the
-    /// period's perfect subtree of 2^level records from index·2^level (level 0 is the record's own
-    /// leaf, rebuilt from the record row). A page's proof reads O(log n) of them.
-    pub const RECORD_NODE: u8 = 0x14;
+    /// Pieces of a family ledger, by (family number, period, first record): for consecutive records
+    /// of the period, each one's id and leaf hash, then the tree nodes above level 0 their appends
+    /// completed. No piece crosses a multiple of 64 records (`store::records`).
+    pub const LEDGER: u8 = 0x13;
 }
 
 /// The key of a statement at `index` that concerns `party`, in its feed.
@@ -166,39 +163,21 @@ pub fn family_prefix(family_number: u64) -> Vec<u8> {
     key(tag::RECORD, &[&family_number.to_be_bytes()])
 }
 
-/// The prefixes of every row a family's records make: the records, their ids, their tree nodes. An
-/// erasure deletes them all.
-pub fn family_prefixes(family_number: u64) -> [Vec<u8>; 3] {
+/// The prefixes of every row a family's records make: the records and the ledger's pieces. An erasure
+/// deletes them all.
+pub fn family_prefixes(family_number: u64) -> [Vec<u8>; 2] {
     let n = family_number.to_be_bytes();
-    [
-        key(tag::RECORD, &[&n]),
-        key(tag::RECORD_ID, &[&n]),
-        key(tag::RECORD_NODE, &[&n]),
-    ]
+    [key(tag::RECORD, &[&n]), key(tag::LEDGER, &[&n])]
 }
 
-/// The key of a record id a family holds.
-pub fn record_id(family_number: u64, id: &[u8; 16]) -> Vec<u8> {
-    key(tag::RECORD_ID, &[&family_number.to_be_bytes(), id])
-}
-
-/// A record's place, as the value of its id's row: the period and the index within it.
-pub fn record_place(period: Period, n: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(12);
-    v.extend_from_slice(&period.0.to_be_bytes());
-    v.extend_from_slice(&n.to_be_bytes());
-    v
-}
-
-/// The key of a family ledger's tree node (level ≥ 1).
-pub fn record_node(family_number: u64, period: Period, level: u8, index: u64) -> Vec<u8> {
+/// The key of a family ledger's piece that starts at record `first` of `period`.
+pub fn ledger_piece(family_number: u64, period: Period, first: u64) -> Vec<u8> {
     key(
-        tag::RECORD_NODE,
+        tag::LEDGER,
         &[
             &family_number.to_be_bytes(),
             &period.0.to_be_bytes(),
-            &[level],
-            &index.to_be_bytes(),
+            &first.to_be_bytes(),
         ],
     )
 }
@@ -221,8 +200,7 @@ pub fn table_name(t: u8) -> &'static str {
         tag::PENDING => "pending requests",
         tag::VAULTS_OF => "vaults of a party",
         tag::FEED => "party feeds",
-        tag::RECORD_ID => "record ids",
-        tag::RECORD_NODE => "record tree nodes",
+        tag::LEDGER => "family ledgers",
         _ => "other",
     }
 }

@@ -31,24 +31,24 @@ pub(crate) const CHUNK: u64 = 64;
 const PIECE_BYTES: usize = 32 * 1024;
 
 /// The first index of the chunk that holds `i`.
-fn chunk_start(i: u64) -> u64 {
+pub(crate) fn chunk_start(i: u64) -> u64 {
     i - i % CHUNK
 }
 
 /// How many tree nodes above level 0 the first `leaves` leaves complete: the sum over `m` in
 /// `1..=leaves` of the trailing zeros of `m`, which is `leaves` minus its number of set bits.
-fn completed(leaves: u64) -> u64 {
+pub(crate) fn completed(leaves: u64) -> u64 {
     leaves - u64::from(leaves.count_ones())
 }
 
 /// The nodes above level 0 that appending leaf `j` completes, lowest first: the order of a nodes piece.
-fn completed_by(j: u64) -> impl Iterator<Item = (u8, u64)> {
+pub(crate) fn completed_by(j: u64) -> impl Iterator<Item = (u8, u64)> {
     let n = j + 1;
     (1..=n.trailing_zeros() as u8).map(move |level| (level, (n >> level) - 1))
 }
 
 /// The leaf whose append completed node (`level`, `index`), `level` > 0.
-fn completing_leaf(level: u8, index: u64) -> Option<u64> {
+pub(crate) fn completing_leaf(level: u8, index: u64) -> Option<u64> {
     index
         .checked_add(1)?
         .checked_mul(1u64.checked_shl(u32::from(level))?)?
@@ -56,7 +56,7 @@ fn completing_leaf(level: u8, index: u64) -> Option<u64> {
 }
 
 /// A node's offset among the nodes of a piece that starts at leaf `first`.
-fn place(level: u8, index: u64, first: u64) -> Option<u64> {
+pub(crate) fn place(level: u8, index: u64, first: u64) -> Option<u64> {
     let last = completing_leaf(level, index)?;
     (completed(last) + u64::from(level))
         .checked_sub(completed(first))?

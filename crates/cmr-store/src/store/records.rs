@@ -1,23 +1,170 @@
-//! The family ledgers' record index over the store's rows: what grows with a family's records (its ids,
-//! its periods' tree nodes) is read from the rows as a group sees them, so the sequencer keeps only each
-//! family's [`FamilyState`] in memory, whatever the number of records.
+//! The family ledgers over the store's rows. What grows with a family's records is kept out of memory,
+//! and out of sled's page table too: sled 0.34 keeps about 45 bytes of memory for every row it holds,
+//! so a row per record id and per tree node would cost more than the ledger it replaces. Each period's
+//! ids, leaves and tree nodes go into ledger pieces instead (`LEDGER` rows), as the log's own entries
+//! and nodes do (`store::pieces`):
+//!
+//! - a piece holds consecutive records of one period, from `first` on: a 2-byte count `m`, then for each
+//!   record its id (16 bytes) and leaf hash (32), then the tree nodes above level 0 those records'
+//!   appends completed (32 bytes each), in completion order;
+//! - no piece crosses a multiple of [`CHUNK`] records, so the piece that holds record `j` is the last one
+//!   starting in `[j − j mod 64, j]`: one short range read;
+//! - a batch's records extend the period's open piece (rewritten, at most 64 records and their nodes)
+//!   and start a new one at each multiple of 64: about one row per 64 records, however they are batched.
+//!
+//! Node (`l`, `k`) is completed by record `(k + 1)·2^l − 1` and sits at place `c(j) − c(f) + l − 1`
+//! among the nodes of the piece starting at `f` that holds it (`pieces::place`). The ids a family holds
+//! are answered from memory ([`IdSet`], 8 bytes a record), rebuilt at open from the batches in the log.
 
-use cmr_core::batch::{Applied, Batch, RecordIndex};
-use cmr_core::merkle;
+use cmr_core::batch::{Applied, Batch, FamilyState, IdSet, RecordIndex};
 use cmr_core::record::RecordId;
 
+use super::pieces::{CHUNK, chunk_start, completed, completed_by, completing_leaf, place};
 use super::*;
 
-/// One family's [`RecordIndex`] over a group's overlay: level-0 nodes are rebuilt from the record rows
-/// (the leaf hash of the record's digest), the nodes above from `RECORD_NODE` rows, ids from
-/// `RECORD_ID` rows.
-pub(super) struct FamilyRows<'a, 'o> {
-    pub(super) overlay: &'a Overlay<'o>,
-    pub(super) number: u64,
+/// A family as the sequencer holds it: its ledger state, and the ids it holds.
+pub(super) struct Family {
+    pub(super) state: FamilyState,
+    pub(super) ids: IdSet,
+}
+
+impl Family {
+    pub(super) fn new(state: FamilyState) -> Self {
+        Family {
+            state,
+            ids: IdSet::default(),
+        }
+    }
 }
 
 fn damaged(what: String) -> StoreError {
     StoreError::Format(format!("{what}: the stored data is damaged"))
+}
+
+/// Bytes per record in a piece: id and leaf hash.
+const RECORD: usize = 16 + 32;
+
+/// A ledger piece, parsed: its first record, its records (id, leaf) and its nodes.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Piece {
+    first: u64,
+    records: Vec<(RecordId, Hash)>,
+    nodes: Vec<Hash>,
+}
+
+impl Piece {
+    fn decode(first: u64, v: &[u8]) -> Result<Self, StoreError> {
+        let bad = || damaged(format!("the ledger piece at record {first}"));
+        let (m, rest) = v.split_first_chunk::<2>().ok_or_else(bad)?;
+        let m = u64::from(u16::from_be_bytes(*m));
+        let nodes = completed(first + m) - completed(first);
+        let expected = m as usize * RECORD + nodes as usize * 32;
+        if m == 0 || rest.len() != expected || chunk_start(first) != chunk_start(first + m - 1) {
+            return Err(bad());
+        }
+        let (records, nodes) = rest.split_at(m as usize * RECORD);
+        let hash = |b: &[u8]| Hash::try_from(b).map_err(|_| bad());
+        Ok(Piece {
+            first,
+            records: records
+                .chunks_exact(RECORD)
+                .map(|r| {
+                    let id = <[u8; 16]>::try_from(&r[..16]).map_err(|_| bad())?;
+                    Ok((RecordId(id), hash(&r[16..])?))
+                })
+                .collect::<Result<_, StoreError>>()?,
+            nodes: nodes.chunks_exact(32).map(hash).collect::<Result<_, _>>()?,
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(2 + self.records.len() * RECORD + self.nodes.len() * 32);
+        v.extend_from_slice(&(self.records.len() as u16).to_be_bytes());
+        for (id, leaf) in &self.records {
+            v.extend_from_slice(&id.0);
+            v.extend_from_slice(leaf);
+        }
+        for n in &self.nodes {
+            v.extend_from_slice(n);
+        }
+        v
+    }
+
+    fn end(&self) -> u64 {
+        self.first + self.records.len() as u64
+    }
+}
+
+/// The first record of a ledger piece's key.
+fn first_of(key: &[u8]) -> Result<u64, StoreError> {
+    key.get(13..21)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| damaged("a ledger piece's key".into()))
+}
+
+/// The last row with a key in `from..to`, as `writes` over `rows` show it.
+fn last_in(
+    writes: &Writes,
+    rows: &dyn Storage,
+    from: &[u8],
+    to: &[u8],
+) -> Result<Option<Row>, StoreError> {
+    let mut pending = writes.range(from.to_vec()..to.to_vec()).peekable();
+    if pending.peek().is_none() {
+        return rows.last(from, to);
+    }
+    // This group (or this replay) wrote here: merge, newest last. At most a chunk's worth of pieces.
+    let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = rows.range(from, to).collect::<Result<_, _>>()?;
+    for (k, v) in pending {
+        match v {
+            Some(v) => merged.insert(k.clone(), v.clone()),
+            None => merged.remove(k),
+        };
+    }
+    Ok(merged.pop_last())
+}
+
+/// The piece of family `number`'s `period` that holds record `j`, if any.
+fn piece_holding(
+    writes: &Writes,
+    rows: &dyn Storage,
+    number: u64,
+    period: Period,
+    j: u64,
+) -> Result<Option<Piece>, StoreError> {
+    let Some(end) = j.checked_add(1) else {
+        return Ok(None);
+    };
+    let from = layout::ledger_piece(number, period, chunk_start(j));
+    let to = layout::ledger_piece(number, period, end);
+    match last_in(writes, rows, &from, &to)? {
+        Some((k, v)) => {
+            let piece = Piece::decode(first_of(&k)?, &v)?;
+            Ok((j < piece.end()).then_some(piece))
+        }
+        None => Ok(None),
+    }
+}
+
+/// One family's [`RecordIndex`] over a group's overlay.
+pub(super) struct FamilyRows<'a, 'o> {
+    pub(super) overlay: &'a Overlay<'o>,
+    pub(super) number: u64,
+    pub(super) ids: &'a IdSet,
+}
+
+impl FamilyRows<'_, '_> {
+    fn holding(&self, period: Period, j: u64) -> Result<Piece, StoreError> {
+        piece_holding(
+            &self.overlay.writes,
+            self.overlay.rows,
+            self.number,
+            period,
+            j,
+        )?
+        .ok_or_else(|| damaged(format!("the ledger piece holding record {j} of {period}")))
+    }
 }
 
 impl RecordIndex for FamilyRows<'_, '_> {
@@ -25,76 +172,208 @@ impl RecordIndex for FamilyRows<'_, '_> {
 
     fn node(&self, period: Period, level: u8, index: u64) -> Result<Hash, StoreError> {
         if level == 0 {
-            let v = self
-                .overlay
-                .get(&layout::record(self.number, period, index))?
-                .ok_or_else(|| damaged(format!("record {index} of {period} is missing")))?;
-            let bytes = v
-                .get(8..)
-                .ok_or_else(|| damaged(format!("record {index} of {period} is cut short")))?;
-            return Ok(merkle::leaf_hash(&SealedRecord::digest_of(bytes).0));
+            let piece = self.holding(period, index)?;
+            return Ok(piece.records[(index - piece.first) as usize].1);
         }
-        let v = self
-            .overlay
-            .get(&layout::record_node(self.number, period, level, index))?
-            .ok_or_else(|| {
-                damaged(format!(
-                    "the tree node ({level}, {index}) of {period} is missing"
-                ))
-            })?;
-        Hash::try_from(v.as_slice())
-            .map_err(|_| damaged(format!("the tree node ({level}, {index}) of {period}")))
+        let missing = || damaged(format!("the tree node ({level}, {index}) of {period}"));
+        let j = completing_leaf(level, index).ok_or_else(missing)?;
+        let piece = self.holding(period, j)?;
+        let at = place(level, index, piece.first).ok_or_else(missing)?;
+        piece.nodes.get(at as usize).copied().ok_or_else(missing)
     }
 
     fn ids(&self, period: Period, start: u64, end: u64) -> Result<Vec<RecordId>, StoreError> {
-        let rows = self.overlay.range(
-            &layout::record(self.number, period, start),
-            &layout::record(self.number, period, end),
-        )?;
-        if rows.len() as u64 != end - start {
-            return Err(damaged(format!(
-                "records {start}..{end} of {period} are not all stored"
-            )));
+        let mut out = Vec::with_capacity((end - start) as usize);
+        let mut j = start;
+        while j < end {
+            let piece = self.holding(period, j)?;
+            let upto = piece.end().min(end);
+            out.extend(
+                piece.records[(j - piece.first) as usize..(upto - piece.first) as usize]
+                    .iter()
+                    .map(|(id, _)| *id),
+            );
+            j = upto;
         }
-        rows.into_iter()
-            .map(|(_, v)| {
-                let record = SealedRecord::decode(v.get(8..).unwrap_or_default().to_vec())
-                    .map_err(|e| damaged(format!("a record of {period}: {e}")))?;
-                Ok(record.header().id)
-            })
-            .collect()
+        Ok(out)
     }
 
     fn contains(&self, id: &RecordId) -> Result<bool, StoreError> {
-        Ok(self
-            .overlay
-            .get(&layout::record_id(self.number, &id.0))?
-            .is_some())
+        Ok(self.ids.contains(id))
     }
 }
 
-/// The index rows a batch applied as `applied` adds to family `number`: each record's id (valued with
-/// its place) and the tree nodes it completed. One function for the sequencer and for a replay that
-/// adds the index to a folder written before it.
-pub(super) fn index_rows(number: u64, batch: &Batch, applied: &Applied) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let ids = batch
-        .entries
-        .iter()
-        .zip(&applied.placements)
-        .map(move |(e, (period, n))| {
-            (
-                layout::record_id(number, &e.id.0),
-                layout::record_place(*period, *n),
-            )
-        });
-    let nodes = applied
-        .nodes
-        .iter()
-        .map(move |(period, level, index, hash)| {
-            (
-                layout::record_node(number, *period, *level, *index),
-                hash.to_vec(),
-            )
-        });
-    ids.chain(nodes).collect()
+/// Adds a batch applied as `applied` to family `number`'s ledger pieces in `writes` (over `rows`): each
+/// record extends its period's open piece or starts one at a multiple of [`CHUNK`], with the nodes its
+/// append completed. One function for the sequencer and for a replay that adds the pieces to a folder
+/// written before them.
+pub(super) fn stage_ledger(
+    writes: &mut Writes,
+    rows: &dyn Storage,
+    number: u64,
+    batch: &Batch,
+    applied: &Applied,
+) -> Result<(), StoreError> {
+    // The nodes each period's appends completed, in order.
+    let mut nodes: HashMap<Period, std::collections::VecDeque<Hash>> = HashMap::new();
+    for (period, _, _, hash) in &applied.nodes {
+        nodes.entry(*period).or_default().push_back(*hash);
+    }
+    let mut open: HashMap<Period, Piece> = HashMap::new();
+    for (e, (period, j)) in batch.entries.iter().zip(&applied.placements) {
+        let (period, j) = (*period, *j);
+        let piece = match open.remove(&period) {
+            Some(p) if p.end() == j && j % CHUNK != 0 => p,
+            Some(p) => {
+                writes.insert(
+                    layout::ledger_piece(number, period, p.first),
+                    Some(p.encode()),
+                );
+                Piece {
+                    first: j,
+                    ..Piece::default()
+                }
+            }
+            None if j % CHUNK != 0 => match piece_holding(writes, rows, number, period, j - 1)? {
+                Some(p) if p.end() == j => p,
+                _ => return Err(damaged(format!("the ledger piece before record {j}"))),
+            },
+            None => Piece {
+                first: j,
+                ..Piece::default()
+            },
+        };
+        let mut piece = piece;
+        piece
+            .records
+            .push((e.id, cmr_core::merkle::leaf_hash(&e.digest.0)));
+        let queue = nodes.entry(period).or_default();
+        for _ in completed_by(j) {
+            let h = queue
+                .pop_front()
+                .ok_or_else(|| StoreError::Format("a batch's tree nodes".into()))?;
+            piece.nodes.push(h);
+        }
+        open.insert(period, piece);
+    }
+    for (period, p) in open {
+        writes.insert(
+            layout::ledger_piece(number, period, p.first),
+            Some(p.encode()),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
+mod tests {
+    use super::*;
+    use cmr_core::batch::BatchEntry;
+    use cmr_core::family::{FamilyId, Scope};
+    use cmr_core::hash::Digest;
+    use cmr_core::identity::{DeviceId, IdentityId};
+
+    fn batch(state: &FamilyState, period: Period, n: usize, tag: u64) -> Batch {
+        Batch {
+            customer: IdentityId([1; 32]),
+            family: FamilyId([2; 32]),
+            epoch: 1,
+            author: IdentityId([1; 32]),
+            device: DeviceId([3; 32]),
+            prev_head: state.head().digest(),
+            entries: (0..n as u64)
+                .map(|i| {
+                    let mut id = [0u8; 16];
+                    id[..8].copy_from_slice(&tag.to_be_bytes());
+                    id[8..].copy_from_slice(&i.to_be_bytes());
+                    BatchEntry {
+                        id: RecordId(id),
+                        period,
+                        digest: Digest(cmr_core::hash::sha256(&id).0),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Batches of every size, into two periods, staged as pieces: every piece stays inside its chunk,
+    /// and the pieces answer every node and id the way the leaves in memory do.
+    #[test]
+    fn pieces_answer_every_node_and_id_the_leaves_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = crate::SledStorage::open_folder(dir.path(), 1 << 20).unwrap();
+        let mut writes = Writes::new();
+        let mut state =
+            FamilyState::new(IdentityId([1; 32]), FamilyId([2; 32]), Scope::Transactions);
+        let (a, b) = (Period(202_601), Period(202_602));
+        let mut leaves: HashMap<Period, Vec<(RecordId, Hash)>> = HashMap::new();
+        for (tag, (period, n)) in [
+            (a, 1),
+            (a, 62),
+            (b, 3),
+            (a, 1),
+            (a, 1),
+            (a, 130),
+            (b, 64),
+            (b, 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let batch = batch(&state, period, n, tag as u64);
+            let applied = state.advance(&batch);
+            stage_ledger(&mut writes, &rows, 7, &batch, &applied).unwrap();
+            for e in &batch.entries {
+                leaves
+                    .entry(period)
+                    .or_default()
+                    .push((e.id, cmr_core::merkle::leaf_hash(&e.digest.0)));
+            }
+            // Half the time the group is written before the next batch.
+            if tag % 2 == 0 {
+                rows.write(std::mem::take(&mut writes)).unwrap();
+            }
+        }
+        rows.write(std::mem::take(&mut writes)).unwrap();
+        let cache = NodeCache::new();
+        let overlay = Overlay::new(&rows, &cache, 0);
+        let ids = IdSet::default();
+        let index = FamilyRows {
+            overlay: &overlay,
+            number: 7,
+            ids: &ids,
+        };
+        for (period, held) in &leaves {
+            let hashes: Vec<Hash> = held.iter().map(|(_, h)| *h).collect();
+            let n = held.len() as u64;
+            for level in 0..8u8 {
+                for k in 0..(n >> level) {
+                    let w = 1usize << level;
+                    let expected =
+                        cmr_core::merkle::root(&hashes[k as usize * w..(k as usize + 1) * w]);
+                    assert_eq!(
+                        index.node(*period, level, k).unwrap(),
+                        expected,
+                        "{period} ({level}, {k})"
+                    );
+                }
+            }
+            let all: Vec<RecordId> = held.iter().map(|(id, _)| *id).collect();
+            assert_eq!(index.ids(*period, 0, n).unwrap(), all);
+            assert_eq!(
+                index.ids(*period, 60, 70.min(n)).unwrap(),
+                all[60..70.min(n) as usize]
+            );
+        }
+        let mut pieces = 0;
+        for kv in rows.range(&[tag::LEDGER], &[tag::LEDGER + 1]) {
+            let (k, v) = kv.unwrap();
+            let piece = Piece::decode(first_of(&k).unwrap(), &v).unwrap();
+            assert_eq!(chunk_start(piece.first), chunk_start(piece.end() - 1));
+            pieces += 1;
+        }
+        // 196 records in a and 68 in b: one piece a chunk, however the batches and groups fell.
+        assert_eq!(pieces, 4 + 2);
+    }
 }

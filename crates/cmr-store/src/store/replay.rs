@@ -173,7 +173,7 @@ impl Sequencer {
                 .state
                 .ledgers
                 .get(&(*customer, *family))
-                .map_or(0, |l| l.period_count(period));
+                .map_or(0, |l| l.state.period_count(period));
             if n >= written {
                 return Err(bad(format!(
                     "({period}, number {n}) that no batch in the log wrote"
@@ -227,7 +227,7 @@ impl Sequencer {
         for e in &b.entries {
             let n = next
                 .entry(e.period)
-                .or_insert_with(|| ledger.period_count(e.period));
+                .or_insert_with(|| ledger.state.period_count(e.period));
             let key = layout::record(number, e.period, *n);
             *n += 1;
             match self.rows.get(&key)? {
@@ -248,12 +248,13 @@ impl Sequencer {
             return Ok(Some((b.customer, b.family)));
         }
         // The ids were found new when the batch was logged; the rest is checked again.
-        ledger.check_logged(b, &records).map_err(|e| m(&e))?;
-        let applied = ledger.advance(b);
-        if let Some(rows) = add_to {
-            for (k, v) in index_rows(number, b, &applied) {
-                rows.insert(k, Some(v));
-            }
+        ledger.state.check_logged(b, &records).map_err(|e| m(&e))?;
+        let applied = ledger.state.advance(b);
+        for e in &b.entries {
+            ledger.ids.insert(&e.id);
+        }
+        if let Some(writes) = add_to {
+            stage_ledger(writes, &*self.rows, number, b, &applied)?;
         }
         Ok(None)
     }

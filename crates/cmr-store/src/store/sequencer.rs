@@ -81,8 +81,9 @@ pub(super) struct State {
     pub(super) last_time: u64,
     /// The rules' state: identities, devices, consent, directories, auditors ([`cmr_log::ledger`]).
     pub(super) ledger: Ledger,
-    /// Each family's ledger state; what grows with its records is in the rows ([`FamilyRows`]).
-    pub(super) ledgers: HashMap<(IdentityId, FamilyId), FamilyState>,
+    /// Each family's ledger state and ids; the rest of what grows with its records is in the rows
+    /// ([`FamilyRows`]).
+    pub(super) ledgers: HashMap<(IdentityId, FamilyId), Family>,
     pub(super) heads: HashMap<IdentityId, ChainLink>,
     /// The vaults-of index rows written since the store opened (see `apply_index`).
     pub(super) vaults_written: std::collections::HashSet<Vec<u8>>,
@@ -104,7 +105,7 @@ impl State {
             .or_insert(next);
         self.ledgers
             .entry((customer, family))
-            .or_insert_with(|| FamilyState::new(customer, family, scope));
+            .or_insert_with(|| Family::new(FamilyState::new(customer, family, scope)));
     }
 
     /// The family's number in record keys.
@@ -753,6 +754,7 @@ impl Sequencer {
                     .ledgers
                     .get(&(customer, family))
                     .ok_or_else(|| StoreError::NotFound("family".into()))?
+                    .state
                     .head()
                     .digest();
                 Ok(Pending {
@@ -959,7 +961,7 @@ impl Sequencer {
             append = Some((access, decided));
         }
         let number = self.state.family_number(&b.customer, &b.family)?;
-        let ledger = self
+        let Family { state, ids } = self
             .state
             .ledgers
             .get_mut(&(b.customer, b.family))
@@ -968,8 +970,9 @@ impl Sequencer {
         let rows = FamilyRows {
             overlay: &*overlay,
             number,
+            ids,
         };
-        let applied = ledger.apply(&rows, &b, &records)?.map_err(|e| match e {
+        let applied = state.apply(&rows, &b, &records)?.map_err(|e| match e {
             cmr_core::batch::BatchError::StaleHead { .. } => StoreError::StaleHead,
             other => StoreError::Refused(other.to_string()),
         })?;
@@ -983,9 +986,10 @@ impl Sequencer {
             value.extend_from_slice(r.as_bytes());
             overlay.put(layout::record(number, *period, *n), value);
         }
-        for (k, v) in index_rows(number, &b, &applied) {
-            overlay.put(k, v);
+        for e in &b.entries {
+            ids.insert(&e.id);
         }
+        stage_ledger(&mut overlay.writes, overlay.rows, number, &b, &applied)?;
         let logged = self.log(
             overlay,
             EntryKind::FamilyHead,
@@ -1060,8 +1064,13 @@ impl Sequencer {
             .get(&(customer, family))
             .ok_or_else(|| StoreError::NotFound("family".into()))?;
         let prove = |overlay: &Overlay<'_>, limit: u64| {
-            let rows = FamilyRows { overlay, number };
+            let rows = FamilyRows {
+                overlay,
+                number,
+                ids: &ledger.ids,
+            };
             ledger
+                .state
                 .prove_read(&rows, periods.0, periods.1, cursor, limit)?
                 .ok_or_else(|| StoreError::Malformed("bad read".into()))
         };
