@@ -211,7 +211,10 @@ fn take(at: &Location, args: &BackupArgs, file: &mut std::fs::File) -> CliResult
             Err(_) => {}
         }
     }
-    let store = at.open_existing(key(&args.log_key, at.folder())?, 16)?;
+    let store = at.open_existing(
+        key(&args.log_key, at.folder())?,
+        crate::serve::Opening::default(),
+    )?;
     store
         .snapshot(std::io::BufWriter::new(&mut *file))
         .map_err(|e| local(format!("snapshot: {e}")))?;

@@ -104,6 +104,10 @@ Examples:
         /// sled's page cache, in MiB (its own default would be 1 GiB; the OS page cache holds the files).
         #[arg(long, env = "CMR_CACHE_MIB", default_value_t = 16)]
         cache_mib: u64,
+        /// Read every stored record back at start and check it against the batch that wrote it (a
+        /// plain start reads only the log, and trusts the records written with it).
+        #[arg(long)]
+        verify_on_open: bool,
         /// The scheme clients sign: `https` behind a reverse proxy that terminates TLS.
         #[arg(long, env = "CMR_SCHEME", default_value = "http", value_parser = ["http", "https"])]
         scheme: String,
@@ -303,6 +307,7 @@ fn main() -> ExitCode {
                 rate_per_identity,
                 burst_per_identity,
                 cache_mib,
+                verify_on_open,
                 authority,
                 log_format,
                 tls_cert,
@@ -329,7 +334,10 @@ fn main() -> ExitCode {
                     scheme,
                     witnesses,
                     rate: (rate_per_identity, burst_per_identity),
-                    cache_mib,
+                    opening: serve::Opening {
+                        cache_mib,
+                        verify: verify_on_open,
+                    },
                     authority,
                     tls: tls_cert.zip(tls_key),
                     max_connections,

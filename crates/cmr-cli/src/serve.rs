@@ -57,7 +57,7 @@ impl Location {
     }
 
     /// Opens the store here if it holds a vault already (nothing is created).
-    pub fn open_existing(&self, log_key: NoteSigner, cache_mib: u64) -> CliResult<Store> {
+    pub fn open_existing(&self, log_key: NoteSigner, opening: Opening) -> CliResult<Store> {
         if let Some(folder) = self.folder()
             && !folder.join("db").exists()
         {
@@ -66,7 +66,7 @@ impl Location {
                 "check --data (or CMR_DATA)",
             ));
         }
-        self.open(log_key, cache_mib)
+        self.open(log_key, opening)
     }
 
     /// Restores a snapshot here (an empty folder or database) and opens the store on it: see
@@ -98,12 +98,13 @@ impl Location {
     }
 
     /// Opens the store here.
-    fn open(&self, log_key: NoteSigner, cache_mib: u64) -> CliResult<Store> {
+    fn open(&self, log_key: NoteSigner, opening: Opening) -> CliResult<Store> {
         match self {
             Location::Sled(data) => {
                 create_data_folder(data)?;
                 let mut config = StoreConfig::new(data, log_key);
-                config.cache_capacity = cache_mib.max(8) * 1024 * 1024;
+                config.cache_capacity = opening.cache_mib.max(8) * 1024 * 1024;
+                config.verify_on_open = opening.verify;
                 Store::open(config).map_err(|e| {
                     CliError::local(
                         format!("cannot open the data folder {}: {e}", data.display()),
@@ -112,9 +113,10 @@ impl Location {
                 })
             }
             Location::Postgres(url) => {
-                let opened = cmr_postgres::PgStorage::connect(url).and_then(|storage| {
-                    Store::open_on(Arc::new(storage), StoreConfig::new("", log_key))
-                });
+                let mut config = StoreConfig::new("", log_key);
+                config.verify_on_open = opening.verify;
+                let opened = cmr_postgres::PgStorage::connect(url)
+                    .and_then(|storage| Store::open_on(Arc::new(storage), config));
                 opened.map_err(|e| {
                     CliError::local(
                         format!("cannot open the store in {}: {e}", self.describe()),
@@ -122,6 +124,25 @@ impl Location {
                     )
                 })
             }
+        }
+    }
+}
+
+/// How the store is opened: sled's page cache, and whether every stored record is read back and
+/// checked against its batch (`--verify-on-open`; a plain open reads only the log).
+#[derive(Debug, Clone, Copy)]
+pub struct Opening {
+    /// sled's page cache, in MiB.
+    pub cache_mib: u64,
+    /// Check every stored record at open.
+    pub verify: bool,
+}
+
+impl Default for Opening {
+    fn default() -> Self {
+        Opening {
+            cache_mib: 16,
+            verify: false,
         }
     }
 }
@@ -173,7 +194,16 @@ pub async fn start(
     let listener = bind(listen).await?;
     let at = Location::Sled(data.to_path_buf());
     start_in(
-        &at, log_key, listener, scheme, witnesses, None, 16, None, None, None,
+        &at,
+        log_key,
+        listener,
+        scheme,
+        witnesses,
+        None,
+        Opening::default(),
+        None,
+        None,
+        None,
     )
     .await
 }
@@ -232,13 +262,13 @@ pub async fn start_in(
     scheme: &str,
     witnesses: Vec<cmr_log::note::NoteVerifier>,
     rate: Option<(f64, f64)>,
-    cache_mib: u64,
+    opening: Opening,
     authority: Option<&str>,
     tls: Option<cmr_server::tls::Tls>,
     max_connections: Option<usize>,
 ) -> CliResult<Running> {
     let log_vkey = log_key.verifier().to_vkey();
-    let store = Arc::new(at.open(log_key, cache_mib)?);
+    let store = Arc::new(at.open(log_key, opening)?);
     let control = match at.folder() {
         Some(folder) => Some(crate::backup::Control::listen(folder, store.clone())?),
         None => None,
@@ -302,8 +332,8 @@ pub struct Options {
     pub witnesses: Vec<String>,
     /// Requests per second per identity, sustained and in a burst.
     pub rate: (f64, f64),
-    /// sled's page cache, in MiB.
-    pub cache_mib: u64,
+    /// How the store is opened (sled's page cache, `--verify-on-open`).
+    pub opening: Opening,
     /// The authority clients sign for (`vault.example.com` behind a proxy); the listening address if
     /// `None`.
     pub authority: Option<String>,
@@ -361,7 +391,7 @@ pub async fn run(at: &Location, log_key: &Path, opts: &Options) -> CliResult {
         &opts.scheme,
         witnesses,
         Some(opts.rate),
-        opts.cache_mib,
+        opts.opening,
         opts.authority.as_deref(),
         tls.clone(),
         opts.max_connections,

@@ -1047,12 +1047,13 @@ fn a_family_of_large_records_reads_whole_in_pages_bounded_by_bytes() {
             alex.write(family, Period::ORIGIN, &refs).await.unwrap();
         }
         // A fresh server process on the same folder, so that the writes' buffers do not hide what the
-        // read costs; then sample its memory while it serves the whole family.
+        // read costs; then sample its memory while it serves the whole family. It starts by reading
+        // every record back against its batch (`--verify-on-open`), 200 MB of them.
         println!("written in {:?}", started.elapsed());
         let _ = first.child.kill();
         let _ = first.child.wait();
         let dir = std::mem::replace(&mut first._dir, tempfile::tempdir().unwrap());
-        let server = serve_in(dir, &[]);
+        let server = serve_in(dir, &["--verify-on-open"]);
         let pid = server.child.id();
         alex.session.conn = cmr_client::Connection::new(&server.base).unwrap();
         let before = rss_kib(pid);

@@ -192,9 +192,10 @@ fn nothing_acknowledged_is_lost_after_kill_9() {
                 _ => {}
             }
         }
-        // Reopen: the stored checkpoint must match the stored tree (checked by open), every
-        // acknowledged entry must be there with the same bytes, and the auditor must find nothing wrong.
-        let store = open(dir.path(), Arc::new(AtomicU64::new(T0)));
+        // Reopen, reading every record back against its batch: the stored checkpoint must match the
+        // stored tree (checked by open), every acknowledged entry must be there with the same bytes,
+        // and the auditor must find nothing wrong.
+        let store = common::open_checked(dir.path(), Arc::new(AtomicU64::new(T0)), true);
         for (index, hash) in &acked {
             let body = store
                 .body(*index)

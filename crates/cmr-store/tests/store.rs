@@ -881,8 +881,9 @@ fn a_damaged_entries_file_is_refused_and_a_stray_tail_is_ignored() {
     assert!(auditor.run(&mut &store).unwrap().is_clean());
 }
 
-/// A stored record or log body that went missing (damage, or a hand edit) is refused at open, not
-/// replayed as if its family had been erased.
+/// A stored record or log body that went missing (damage, or a hand edit) is refused at an open that
+/// verifies, not replayed as if its family had been erased. A plain open reads only the log: it refuses
+/// a missing body, and a missing record fails the read that needs it, with an error, not a wrong answer.
 #[test]
 fn a_missing_record_or_body_is_refused_at_open() {
     for victim in [
@@ -906,13 +907,31 @@ fn a_missing_record_or_body_is_refused_at_open() {
             tree.remove(k).unwrap();
             db.flush().unwrap();
         }
-        let mut cfg = StoreConfig::new(dir.path(), log_key());
-        cfg.clock = Arc::new(move || clock.load(std::sync::atomic::Ordering::SeqCst));
-        match Store::open(cfg) {
+        let config = |verify: bool| {
+            let clock = clock.clone();
+            let mut cfg = StoreConfig::new(dir.path(), log_key());
+            cfg.clock = Arc::new(move || clock.load(std::sync::atomic::Ordering::SeqCst));
+            cfg.verify_on_open = verify;
+            cfg
+        };
+        match Store::open(config(true)) {
             Err(StoreError::Format(e)) => assert!(e.contains("damaged"), "{e}"),
             Err(other) => panic!("table {victim}: {other}"),
             Ok(_) => panic!("table {victim}: a store with a missing entry opened"),
         }
+        if victim == cmr_store::layout::tag::ENTRIES {
+            assert!(matches!(
+                Store::open(config(false)),
+                Err(StoreError::Format(_))
+            ));
+            continue;
+        }
+        let store = Store::open(config(false)).unwrap();
+        let w = World::existing();
+        let read = store.execute(w.own_read(w.tx, (p(2026, 1), p(2026, 1))));
+        assert!(read.is_err(), "a read served without its missing record");
+        let mut auditor = Auditor::new(log_key().verifier());
+        assert!(auditor.run(&mut &store).unwrap().is_clean());
     }
 }
 

@@ -313,6 +313,12 @@ pub struct StoreConfig {
     /// writes them ([`INDEX_CHUNK_ROWS`] by default), so that a large log's indexes are never all in
     /// memory at once.
     pub index_chunk_rows: usize,
+    /// Whether the open reads every stored record back and checks it against the batch that wrote it
+    /// (`cmr serve --verify-on-open`). Without it the open trusts the record rows, which were written in
+    /// the same atomic group as their batch's entry, and reads only the log: its time then grows with
+    /// the log's entries, not with the records stored. An open that adds rows from outside (an
+    /// upgrade, a restore) always checks.
+    pub verify_on_open: bool,
 }
 
 /// Index rows held by an open that adds the indexes before they are written, by default.
@@ -336,6 +342,7 @@ impl StoreConfig {
             max_group: 256,
             max_page_bytes: MAX_PAGE_BYTES,
             index_chunk_rows: INDEX_CHUNK_ROWS,
+            verify_on_open: false,
             clock: Arc::new(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -535,6 +542,7 @@ impl Store {
             max_group: config.max_group.max(1),
             max_page_bytes: config.max_page_bytes.max(1),
             index_chunk_rows: config.index_chunk_rows.max(1),
+            verify_records: config.verify_on_open || add_indexes,
             state: State::default(),
             poisoned: poisoned.clone(),
             device_keys: DeviceKeys::default(),
@@ -591,6 +599,8 @@ impl Store {
             d.size = held;
             d.checkpoint = checkpoint;
         }
+        // Following other stores' groups later trusts their records, as a plain open does.
+        seq.verify_records = false;
         seq.syncer = Some(syncer);
         let stopped = poisoned;
         let start_time = seq.now();

@@ -60,6 +60,9 @@ pub(super) struct Sequencer {
     pub(super) max_group: usize,
     pub(super) max_page_bytes: usize,
     pub(super) index_chunk_rows: usize,
+    /// Whether the replay reads each batch's records back and checks them against it
+    /// ([`StoreConfig::verify_on_open`]).
+    pub(super) verify_records: bool,
     pub(super) state: State,
     /// Set when the sequencer stopped taking operations after a failure (shared with [`Store`]).
     pub(super) poisoned: Arc<AtomicBool>,

@@ -10,9 +10,15 @@ use cmr_store::{Store, StoreConfig};
 
 /// Opens a store whose clock starts at T0 and moves only when the test says so.
 pub fn open(path: &Path, clock: Arc<AtomicU64>) -> Store {
+    open_checked(path, clock, false)
+}
+
+/// [`open`], with `verify_on_open`: every stored record is read back and checked against its batch.
+pub fn open_checked(path: &Path, clock: Arc<AtomicU64>, verify_on_open: bool) -> Store {
     let mut cfg = StoreConfig::new(path, log_key());
     cfg.cache_capacity = 32 * 1024 * 1024;
     cfg.clock = Arc::new(move || clock.load(Ordering::SeqCst));
+    cfg.verify_on_open = verify_on_open;
     Store::open(cfg).unwrap()
 }
 
