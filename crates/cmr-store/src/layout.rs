@@ -33,10 +33,16 @@ pub mod tag {
     /// Pieces of tree nodes above level 0, by the first leaf of the entries whose appends completed
     /// them: 32-byte hashes in the order the appends completed them, lowest level first.
     pub const NODES: u8 = 0x12;
-    /// Records by (family number, period, index in period); the value is the log index (u64) of the
-    /// family-head entry whose signed batch wrote the record, then the sealed record. Family numbers
-    /// follow the order in which directories declared the families, so a replay gives the same ones.
+    /// A record by (family number, period, index in period); the value is the log index (u64) of the
+    /// family-head entry whose signed batch wrote the record, then the sealed record: the rows of a
+    /// snapshot file, and of a data folder up to format 6 (moved into `RECORDS` at open). Family
+    /// numbers follow the order in which directories declared the families, so a replay gives the
+    /// same ones.
     pub const RECORD: u8 = 0x05;
+    /// Pieces of consecutive records of a period, by (family number, period, first index): each a
+    /// 4-byte length and what a `RECORD` row's value holds. No piece crosses a multiple of 64 records,
+    /// and one is closed past 32 KiB (`store::records`).
+    pub const RECORDS: u8 = 0x15;
     /// Idempotency: (body digest, log index) by client operation id.
     pub const IDEMPOTENCY: u8 = 0x09;
     /// The latest directory of a customer.
@@ -129,21 +135,60 @@ pub fn push_piece_entry(piece: &mut Vec<u8>, salted: &[u8]) {
 
 /// The salted bodies in the value of an entries piece (`tag::ENTRIES`), in order.
 pub fn piece_entries(value: &[u8]) -> Result<Vec<&[u8]>, crate::StoreError> {
-    let bad = || crate::StoreError::Format("a stored piece of entries does not decode".into());
+    // A salted body is at least its 32-byte salt.
+    split_piece(value, 32, "entries")
+}
+
+/// The records in the value of a records piece (`tag::RECORDS`), in order: each what a `RECORD`
+/// row's value holds (the batch's log index, then the sealed record).
+pub fn piece_records(value: &[u8]) -> Result<Vec<&[u8]>, crate::StoreError> {
+    split_piece(value, 9, "records")
+}
+
+/// The parts of a piece: each a 4-byte length and at least `min` bytes.
+fn split_piece<'a>(
+    value: &'a [u8],
+    min: usize,
+    what: &str,
+) -> Result<Vec<&'a [u8]>, crate::StoreError> {
+    let bad = || crate::StoreError::Format(format!("a stored piece of {what} does not decode"));
     let mut out = Vec::new();
     let mut rest = value;
     while !rest.is_empty() {
         let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(bad)?;
         let len = usize::try_from(u32::from_be_bytes(*len)).map_err(|_| bad())?;
-        // A salted body is at least its 32-byte salt.
-        if tail.len() < len || len < 32 {
+        if tail.len() < len || len < min {
             return Err(bad());
         }
-        let (body, tail) = tail.split_at(len);
-        out.push(body);
+        let (part, tail) = tail.split_at(len);
+        out.push(part);
         rest = tail;
     }
     Ok(out)
+}
+
+/// The key of a records piece that starts at record `first` of `period`.
+pub fn records_piece(family_number: u64, period: Period, first: u64) -> Vec<u8> {
+    key(
+        tag::RECORDS,
+        &[
+            &family_number.to_be_bytes(),
+            &period.0.to_be_bytes(),
+            &first.to_be_bytes(),
+        ],
+    )
+}
+
+/// A piece key's (family number, period, first index), for `RECORDS` and `LEDGER` keys alike.
+pub fn family_piece_of(key: &[u8]) -> Option<(u64, Period, u64)> {
+    if key.len() != 21 {
+        return None;
+    }
+    Some((
+        u64::from_be_bytes(key[1..9].try_into().ok()?),
+        Period(u32::from_be_bytes(key[9..13].try_into().ok()?)),
+        u64::from_be_bytes(key[13..21].try_into().ok()?),
+    ))
 }
 
 /// The key of a record: the family's number, the period, and the index within the period.
@@ -158,16 +203,15 @@ pub fn record(family_number: u64, period: Period, n: u64) -> Vec<u8> {
     )
 }
 
-/// The prefix of every record of a family.
-pub fn family_prefix(family_number: u64) -> Vec<u8> {
-    key(tag::RECORD, &[&family_number.to_be_bytes()])
-}
-
-/// The prefixes of every row a family's records make: the records and the ledger's pieces. An erasure
-/// deletes them all.
-pub fn family_prefixes(family_number: u64) -> [Vec<u8>; 2] {
+/// The prefixes of every row a family's records make: the records' and the ledger's pieces (and the
+/// records' rows of an earlier format). An erasure deletes them all.
+pub fn family_prefixes(family_number: u64) -> [Vec<u8>; 3] {
     let n = family_number.to_be_bytes();
-    [key(tag::RECORD, &[&n]), key(tag::LEDGER, &[&n])]
+    [
+        key(tag::RECORDS, &[&n]),
+        key(tag::LEDGER, &[&n]),
+        key(tag::RECORD, &[&n]),
+    ]
 }
 
 /// The key of a family ledger's piece that starts at record `first` of `period`.
@@ -191,7 +235,8 @@ pub fn table_name(t: u8) -> &'static str {
         tag::BODY => "entry bodies (format 5)",
         tag::ENTRIES => "entries",
         tag::NODES => "tree nodes",
-        tag::RECORD => "records",
+        tag::RECORD => "records (format 6)",
+        tag::RECORDS => "records",
         tag::IDEMPOTENCY => "idempotency",
         tag::DIRECTORY => "directories",
         tag::CUSTOMER_HEAD => "chain heads",

@@ -265,14 +265,16 @@ fn records_match_their_entries(path: &std::path::Path, round: usize) {
             .collect()
     };
     let mut by_entry: HashMap<u64, Vec<RecordId>> = HashMap::new();
-    for (k, v) in rows(tag::RECORD) {
-        assert!(
-            v.len() > 8,
-            "round {round}: record {k:?} has no entry index"
-        );
-        let entry = u64::from_be_bytes(v[..8].try_into().unwrap());
-        let record = SealedRecord::decode(v[8..].to_vec()).unwrap();
-        by_entry.entry(entry).or_default().push(record.header().id);
+    for (k, piece) in rows(tag::RECORDS) {
+        for v in cmr_store::layout::piece_records(&piece).unwrap() {
+            assert!(
+                v.len() > 8,
+                "round {round}: a record in {k:?} has no entry index"
+            );
+            let entry = u64::from_be_bytes(v[..8].try_into().unwrap());
+            let record = SealedRecord::decode(v[8..].to_vec()).unwrap();
+            by_entry.entry(entry).or_default().push(record.header().id);
+        }
     }
     let mut batches = 0;
     let entries = rows(tag::ENTRIES).into_iter().flat_map(|(k, v)| {

@@ -517,13 +517,18 @@ fn a_batch_with_a_bad_signature_or_a_revoked_device_is_refused() {
     );
 }
 
-/// The number of stored records (table 0x05) in a closed store.
+/// The number of stored records (in the records pieces) in a closed store.
 fn stored_records(path: &std::path::Path) -> usize {
     common::raw_sled(path)
         .open_tree("cmr")
         .unwrap()
-        .scan_prefix([0x05])
-        .count()
+        .scan_prefix([cmr_store::layout::tag::RECORDS])
+        .map(|kv| {
+            cmr_store::layout::piece_records(&kv.unwrap().1)
+                .unwrap()
+                .len()
+        })
+        .sum()
 }
 
 fn erasure(w: &common::World, target: cmr_core::consent::ErasureTarget) -> Op {
@@ -887,7 +892,7 @@ fn a_damaged_entries_file_is_refused_and_a_stray_tail_is_ignored() {
 #[test]
 fn a_missing_record_or_body_is_refused_at_open() {
     for victim in [
-        cmr_store::layout::tag::RECORD,
+        cmr_store::layout::tag::RECORDS,
         cmr_store::layout::tag::ENTRIES,
     ] {
         let dir = tempfile::tempdir().unwrap();
@@ -1346,8 +1351,9 @@ fn the_family_ledgers_records_live_in_the_rows_across_a_reopen() {
     assert_eq!(read_all_verified(&store, &w, month, 50).len(), written + 9);
 }
 
-/// A folder written before the family ledger pieces (format 6: the ledgers were rebuilt in memory at
-/// each open) gains them at open, the same rows the sequencer writes.
+/// A folder of format 6 (a row per record, and the family ledgers rebuilt in memory at each open) has
+/// its records moved into pieces and gains its ledger pieces at open: the same rows the sequencer
+/// writes.
 #[test]
 fn a_folder_from_before_the_ledger_pieces_gains_them_at_open() {
     use cmr_store::layout;
@@ -1377,7 +1383,22 @@ fn a_folder_from_before_the_ledger_pieces_gains_them_at_open() {
     let expected = {
         let db = common::raw_sled(dir.path());
         let t = db.open_tree("cmr").unwrap();
-        let rows = index_rows(&t);
+        // Format 6 kept a row per record: unpack the records' pieces.
+        let pieces: Vec<(Vec<u8>, Vec<u8>)> = t
+            .scan_prefix([layout::tag::RECORDS])
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                (k.to_vec(), v.to_vec())
+            })
+            .collect();
+        for (k, v) in &pieces {
+            let (number, period, first) = layout::family_piece_of(k).unwrap();
+            for (n, record) in (first..).zip(layout::piece_records(v).unwrap()) {
+                t.insert(layout::record(number, period, n), record).unwrap();
+            }
+            t.remove(k).unwrap();
+        }
+        let mut rows = index_rows(&t);
         // One piece: the 33 records' ids and leaves, and the 33 − popcount(33) = 31 nodes of the
         // period's tree above them.
         assert_eq!(rows.len(), 1);
@@ -1385,6 +1406,8 @@ fn a_folder_from_before_the_ledger_pieces_gains_them_at_open() {
         for (k, _) in &rows {
             t.remove(k).unwrap();
         }
+        rows.extend(pieces);
+        rows.sort();
         t.insert(layout::META_FORMAT, &6u32.to_be_bytes()).unwrap();
         db.flush().unwrap();
         rows
@@ -1398,7 +1421,14 @@ fn a_folder_from_before_the_ledger_pieces_gains_them_at_open() {
     }
     let db = common::raw_sled(dir.path());
     let t = db.open_tree("cmr").unwrap();
-    assert_eq!(index_rows(&t), expected);
+    let mut pieces = index_rows(&t);
+    pieces.extend(t.scan_prefix([layout::tag::RECORDS]).map(|kv| {
+        let (k, v) = kv.unwrap();
+        (k.to_vec(), v.to_vec())
+    }));
+    pieces.sort();
+    assert_eq!(pieces, expected);
+    assert_eq!(t.scan_prefix([layout::tag::RECORD]).count(), 0);
     assert_eq!(
         t.get(layout::META_FORMAT).unwrap().unwrap().as_ref(),
         &layout::FORMAT_VERSION.to_be_bytes()

@@ -503,6 +503,11 @@ impl Store {
                 }
             }
         }
+        if add_indexes {
+            // A row per record (format 6 or earlier, or a restored snapshot): moved into pieces first
+            // (resumes if cut), so the replay below reads and checks them where they now are.
+            records::migrate(&*rows)?;
+        }
         // One log, one key: a store (on sled, or one of several servers on a database) opened with
         // another log key than the one the log is signed with is refused, before it signs anything.
         let vkey = config.log_key.verifier().to_vkey();

@@ -97,9 +97,8 @@ impl Piece {
 
 /// The first record of a ledger piece's key.
 fn first_of(key: &[u8]) -> Result<u64, StoreError> {
-    key.get(13..21)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_be_bytes)
+    layout::family_piece_of(key)
+        .map(|(_, _, first)| first)
         .ok_or_else(|| damaged("a ledger piece's key".into()))
 }
 
@@ -265,6 +264,199 @@ pub(super) fn stage_ledger(
     Ok(())
 }
 
+/// A records piece is closed once its records pass this many bytes (a record larger than this is a
+/// piece by itself).
+const RECORD_PIECE_BYTES: usize = 32 * 1024;
+
+/// A records piece being built: its first index and its value so far.
+struct RecordsPiece {
+    first: u64,
+    count: u64,
+    value: Vec<u8>,
+}
+
+impl RecordsPiece {
+    fn new(first: u64) -> Self {
+        RecordsPiece {
+            first,
+            count: 0,
+            value: Vec::new(),
+        }
+    }
+
+    fn decode(first: u64, value: Vec<u8>) -> Result<Self, StoreError> {
+        let count = layout::piece_records(&value)?.len() as u64;
+        Ok(RecordsPiece {
+            first,
+            count,
+            value,
+        })
+    }
+
+    fn end(&self) -> u64 {
+        self.first + self.count
+    }
+
+    /// Whether record `n` may join this piece: it comes next, in the same chunk, and the piece is
+    /// not full.
+    fn takes(&self, n: u64) -> bool {
+        n == self.end()
+            && (self.count == 0 || !n.is_multiple_of(CHUNK))
+            && self.value.len() < RECORD_PIECE_BYTES
+    }
+
+    fn push(&mut self, record: &[u8]) {
+        layout::push_piece_entry(&mut self.value, record);
+        self.count += 1;
+    }
+}
+
+/// Adds records to family `number`'s pieces in `writes` (over `rows`): `records` are (period, index,
+/// value) in the order they were placed, each value what a `RECORD` row holds (the batch's log index,
+/// then the sealed record). A record extends its period's open piece, or starts one at a multiple of
+/// [`CHUNK`] or once the open one is full. One function for the sequencer, an upgrade and a restore.
+pub(super) fn stage_records<'r>(
+    writes: &mut Writes,
+    rows: &dyn Storage,
+    number: u64,
+    records: impl IntoIterator<Item = (Period, u64, &'r [u8])>,
+) -> Result<(), StoreError> {
+    let mut open: HashMap<Period, RecordsPiece> = HashMap::new();
+    for (period, n, value) in records {
+        let mut piece = match open.remove(&period) {
+            Some(p) if p.takes(n) => p,
+            Some(p) => {
+                writes.insert(
+                    layout::records_piece(number, period, p.first),
+                    Some(p.value),
+                );
+                RecordsPiece::new(n)
+            }
+            None => match n.checked_sub(1) {
+                Some(before) if n % CHUNK != 0 => {
+                    let from = layout::records_piece(number, period, chunk_start(before));
+                    let to = layout::records_piece(number, period, n);
+                    match last_in(writes, rows, &from, &to)? {
+                        Some((k, v)) => {
+                            let (_, _, first) = layout::family_piece_of(&k)
+                                .ok_or_else(|| damaged("a records piece's key".into()))?;
+                            let p = RecordsPiece::decode(first, v)?;
+                            if p.end() != n {
+                                return Err(damaged(format!(
+                                    "the records of {period} before record {n}"
+                                )));
+                            }
+                            if p.takes(n) { p } else { RecordsPiece::new(n) }
+                        }
+                        None => RecordsPiece::new(n),
+                    }
+                }
+                _ => RecordsPiece::new(n),
+            },
+        };
+        piece.push(value);
+        open.insert(period, piece);
+    }
+    for (period, p) in open {
+        writes.insert(
+            layout::records_piece(number, period, p.first),
+            Some(p.value),
+        );
+    }
+    Ok(())
+}
+
+/// A record's index in its period, and what a `RECORD` row holds for it.
+pub(super) type Numbered = (u64, Vec<u8>);
+
+/// Records `start..end` of family `number`'s `period` as `overlay` shows them, in order, as (index,
+/// value), each value what a `RECORD` row holds: read from their pieces, stopping after the record
+/// that brings the values' total past `max_bytes`; and whether it stopped there. A record that is not
+/// stored is left out: the caller, which knows how many there must be, tells damage from the budget.
+pub(super) fn read_records(
+    overlay: &Overlay<'_>,
+    number: u64,
+    period: Period,
+    (start, end): (u64, u64),
+    max_bytes: usize,
+) -> Result<(Vec<Numbered>, bool), StoreError> {
+    let mut out = Vec::new();
+    if start >= end {
+        return Ok((out, false));
+    }
+    let from = layout::records_piece(number, period, chunk_start(start));
+    let to = layout::records_piece(number, period, start + 1);
+    let Some((k, _)) = last_in(&overlay.writes, overlay.rows, &from, &to)? else {
+        return Ok((out, false));
+    };
+    let to = layout::records_piece(number, period, end);
+    let (mut total, mut stopped) = (0usize, false);
+    'pieces: for (k, v) in overlay.range_within(&k, &to, max_bytes)? {
+        let (_, _, first) =
+            layout::family_piece_of(&k).ok_or_else(|| damaged("a records piece's key".into()))?;
+        for (n, record) in (first..).zip(layout::piece_records(&v)?) {
+            if n < start {
+                continue;
+            }
+            if n >= end {
+                break 'pieces;
+            }
+            out.push((n, record.to_vec()));
+            total = total.saturating_add(record.len());
+            if total > max_bytes {
+                stopped = true;
+                break 'pieces;
+            }
+        }
+    }
+    Ok((out, stopped))
+}
+
+/// Records moved per atomic write when a folder of format 6 or earlier (a row per record) is moved
+/// into pieces.
+const MIGRATE_RECORDS: usize = 1024;
+
+/// Moves the records kept a row each (`RECORD`: a folder of format 6 or earlier, or a restored
+/// snapshot) into pieces, a bounded number per atomic write (each write adds the pieces and deletes
+/// the rows they hold), so a move that is cut short resumes where it stopped. Returns how many moved.
+pub(super) fn migrate(rows: &dyn Storage) -> Result<u64, StoreError> {
+    let mut moved = 0u64;
+    loop {
+        let mut batch: Vec<(u64, Period, u64, Vec<u8>)> = Vec::new();
+        let mut deletes = Vec::new();
+        for kv in rows.scan_prefix(&[tag::RECORD]).take(MIGRATE_RECORDS) {
+            let (k, v) = kv?;
+            let (number, period, n) =
+                layout::family_piece_of(&k).ok_or_else(|| damaged("a record's key".into()))?;
+            batch.push((number, period, n, v));
+            deletes.push(k);
+        }
+        if batch.is_empty() {
+            return Ok(moved);
+        }
+        let mut writes = Writes::new();
+        let mut i = 0;
+        while i < batch.len() {
+            let number = batch[i].0;
+            let j = i + batch[i..].iter().take_while(|r| r.0 == number).count();
+            stage_records(
+                &mut writes,
+                rows,
+                number,
+                batch[i..j]
+                    .iter()
+                    .map(|(_, p, n, v)| (*p, *n, v.as_slice())),
+            )?;
+            i = j;
+        }
+        for k in deletes {
+            writes.insert(k, None);
+        }
+        moved += batch.len() as u64;
+        rows.write(writes)?;
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // Test code: a panic is a failed test.
 mod tests {
@@ -375,5 +567,70 @@ mod tests {
         }
         // 196 records in a and 68 in b: one piece a chunk, however the batches and groups fell.
         assert_eq!(pieces, 4 + 2);
+    }
+
+    /// Records of every size staged batch by batch (and some as the rows of an earlier format, moved
+    /// by `migrate`) read back whole, in any range, in pieces that never cross a chunk and close past
+    /// their bytes; a byte budget stops a read after the record that passes it.
+    #[test]
+    fn records_pieces_read_back_in_any_range_within_a_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = crate::SledStorage::open_folder(dir.path(), 1 << 20).unwrap();
+        let period = Period(202_603);
+        let value = |n: u64| -> Vec<u8> {
+            // A batch index, then a "record" of 1 KiB, or 40 KiB for every 37th.
+            let len = if n % 37 == 5 { 40 * 1024 } else { 1024 };
+            let mut v = (n / 10).to_be_bytes().to_vec();
+            v.extend(std::iter::repeat_n((n % 251) as u8, len));
+            v
+        };
+        let mut n = 0;
+        for size in [1, 3, 60, 1, 1, 200, 7] {
+            let batch: Vec<(u64, Vec<u8>)> = (n..n + size).map(|i| (i, value(i))).collect();
+            let mut writes = Writes::new();
+            stage_records(
+                &mut writes,
+                &rows,
+                9,
+                batch.iter().map(|(i, v)| (period, *i, v.as_slice())),
+            )
+            .unwrap();
+            rows.write(writes).unwrap();
+            n += size;
+        }
+        // Then 30 more as a row each (a folder of format 6), moved into pieces.
+        let mut writes = Writes::new();
+        for i in n..n + 30 {
+            writes.insert(layout::record(9, period, i), Some(value(i)));
+        }
+        rows.write(writes).unwrap();
+        assert_eq!(migrate(&rows).unwrap(), 30);
+        assert_eq!(migrate(&rows).unwrap(), 0);
+        n += 30;
+        let cache = NodeCache::new();
+        let overlay = Overlay::new(&rows, &cache, 0);
+        for (start, end) in [(0, n), (5, 6), (63, 65), (100, 190), (n - 1, n)] {
+            let (got, stopped) =
+                read_records(&overlay, 9, period, (start, end), usize::MAX).unwrap();
+            assert!(!stopped);
+            let expected: Vec<(u64, Vec<u8>)> = (start..end).map(|i| (i, value(i))).collect();
+            assert_eq!(got, expected, "{start}..{end}");
+        }
+        // A budget of 10 KiB from record 0: ten records of 1 KiB and some bytes, then one more that
+        // passes it, and the read says it stopped.
+        let (got, stopped) = read_records(&overlay, 9, period, (0, n), 10 * 1024).unwrap();
+        assert!(stopped);
+        assert_eq!(got.len(), 6, "record 5 is 40 KiB");
+        for kv in rows.range(&[tag::RECORDS], &[tag::RECORDS + 1]) {
+            let (k, v) = kv.unwrap();
+            let (_, _, first) = layout::family_piece_of(&k).unwrap();
+            let count = layout::piece_records(&v).unwrap().len() as u64;
+            assert_eq!(chunk_start(first), chunk_start(first + count - 1));
+            assert!(
+                count == 1 || v.len() < RECORD_PIECE_BYTES + 42 * 1024,
+                "{first}: {}",
+                v.len()
+            );
+        }
     }
 }

@@ -138,46 +138,40 @@ impl Sequencer {
             .map(|(k, n)| (*n, *k))
             .collect();
         let bad = |what: String| StoreError::Format(format!("a stored record {what}"));
-        for kv in self.rows.scan_prefix(&[tag::RECORD]) {
+        for kv in self.rows.scan_prefix(&[tag::RECORDS]) {
             let (k, v) = kv?;
-            let place = (k.len() == 1 + 8 + 4 + 8)
-                .then(|| {
-                    let number = u64::from_be_bytes(k[1..9].try_into().ok()?);
-                    let period = Period(u32::from_be_bytes(k[9..13].try_into().ok()?));
-                    let n = u64::from_be_bytes(k[13..21].try_into().ok()?);
-                    Some((number, period, n))
-                })
-                .flatten();
-            let Some((number, period, n)) = place else {
-                return Err(bad("has a malformed key".into()));
+            let Some((number, period, first)) = layout::family_piece_of(&k) else {
+                return Err(bad("piece has a malformed key".into()));
             };
-            let batch = v
-                .get(..8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| bad("names no batch".into()))?;
-            let (customer, family) = owner
-                .get(&number)
-                .ok_or_else(|| bad(format!("of family number {number} the log never declared")))?;
-            let erased = self
-                .state
-                .ledger
-                .consent(customer)
-                .and_then(|c| c.erased_at(family));
-            if erased.is_some_and(|at| batch < at) {
-                return Err(bad(format!(
-                    "of a family the log erased (written at {batch}): restoring it would bring erased data back"
-                )));
-            }
-            let written = self
-                .state
-                .ledgers
-                .get(&(*customer, *family))
-                .map_or(0, |l| l.state.period_count(period));
-            if n >= written {
-                return Err(bad(format!(
-                    "({period}, number {n}) that no batch in the log wrote"
-                )));
+            for (n, value) in (first..).zip(layout::piece_records(&v)?) {
+                let batch = value
+                    .get(..8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| bad("names no batch".into()))?;
+                let (customer, family) = owner.get(&number).ok_or_else(|| {
+                    bad(format!("of family number {number} the log never declared"))
+                })?;
+                let erased = self
+                    .state
+                    .ledger
+                    .consent(customer)
+                    .and_then(|c| c.erased_at(family));
+                if erased.is_some_and(|at| batch < at) {
+                    return Err(bad(format!(
+                        "of a family the log erased (written at {batch}): restoring it would bring erased data back"
+                    )));
+                }
+                let written = self
+                    .state
+                    .ledgers
+                    .get(&(*customer, *family))
+                    .map_or(0, |l| l.state.period_count(period));
+                if n >= written {
+                    return Err(bad(format!(
+                        "({period}, number {n}) that no batch in the log wrote"
+                    )));
+                }
             }
         }
         Ok(())
@@ -232,16 +226,22 @@ impl Sequencer {
             return Ok(None);
         }
         // Records of an erased family are gone; its ledger is then not rebuilt.
+        let placements = ledger.state.placements(b);
+        let mut runs: BTreeMap<Period, (u64, u64)> = BTreeMap::new();
+        for (period, n) in &placements {
+            let run = runs.entry(*period).or_insert((*n, *n));
+            run.1 = *n + 1;
+        }
+        let view = Overlay::new(&*self.rows, &self.nodes, self.state.size);
+        let mut stored: HashMap<(Period, u64), Vec<u8>> = HashMap::new();
+        for (period, run) in runs {
+            let (found, _) = read_records(&view, number, period, run, usize::MAX)?;
+            stored.extend(found.into_iter().map(|(n, v)| ((period, n), v)));
+        }
         let mut records = Vec::with_capacity(b.entries.len());
         let mut complete = true;
-        let mut next: HashMap<Period, u64> = HashMap::new();
-        for e in &b.entries {
-            let n = next
-                .entry(e.period)
-                .or_insert_with(|| ledger.state.period_count(e.period));
-            let key = layout::record(number, e.period, *n);
-            *n += 1;
-            match self.rows.get(&key)? {
+        for place in &placements {
+            match stored.remove(place) {
                 // A record names the batch that wrote it: this one, or it is not this batch's.
                 Some(v) if v.len() > 8 && v[..8] == index.to_be_bytes() => {
                     records.push(SealedRecord::decode(v[8..].to_vec()).map_err(|e| m(&e))?)

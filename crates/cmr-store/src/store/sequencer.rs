@@ -982,13 +982,21 @@ impl Sequencer {
         let new_head = applied.head;
         // The batch goes into the log once, as the family-head entry; each record names that entry.
         let head_index = overlay.size;
-        for (r, (period, n)) in records.iter().zip(&applied.placements) {
-            // One key per record: the index of the entry of its batch, then the sealed record.
-            let mut value = Vec::with_capacity(8 + r.as_bytes().len());
-            value.extend_from_slice(&head_index.to_be_bytes());
-            value.extend_from_slice(r.as_bytes());
-            overlay.put(layout::record(number, *period, *n), value);
-        }
+        // Each record is stored with the index of the entry of its batch, then its sealed bytes.
+        let values: Vec<Vec<u8>> = records
+            .iter()
+            .map(|r| [&head_index.to_be_bytes()[..], r.as_bytes()].concat())
+            .collect();
+        stage_records(
+            &mut overlay.writes,
+            overlay.rows,
+            number,
+            applied
+                .placements
+                .iter()
+                .zip(&values)
+                .map(|((period, n), v)| (*period, *n, v.as_slice())),
+        )?;
         for e in &b.entries {
             ids.insert(&e.id);
         }
@@ -1087,23 +1095,18 @@ impl Sequencer {
         let mut bytes = 0usize;
         let mut truncated = false;
         'pages: for page in &proof.pages {
-            // A page's records have consecutive keys: one range read (one round trip to a database)
-            // fetches them, stopping once past the byte budget left, so that what it holds in memory
-            // stays near the budget however large the records.
+            // A page's records are in consecutive pieces: one range read (one round trip to a
+            // database) fetches them, stopping once past the byte budget left, so that what it holds
+            // in memory stays near the budget however large the records.
             let room = self.max_page_bytes.saturating_sub(bytes);
             let end = page.start + page.ids.len() as u64;
-            let rows = overlay.range_within(
-                &layout::record(number, page.period, page.start),
-                &layout::record(number, page.period, end),
-                room,
-            )?;
             // Whether the read stopped at the budget (rather than at the page's end).
-            let stopped = rows.iter().map(|(_, v)| v.len()).sum::<usize>() > room;
+            let (rows, stopped) =
+                read_records(overlay, number, page.period, (page.start, end), room)?;
             let mut rows = rows.into_iter();
             for (i, id) in page.ids.iter().enumerate() {
-                let key = layout::record(number, page.period, page.start + i as u64);
                 let value = match rows.next() {
-                    Some((k, v)) if k == key => v,
+                    Some((n, v)) if n == page.start + i as u64 => v,
                     // The read stopped at the budget: the page ends here.
                     None if stopped => {
                         truncated = true;

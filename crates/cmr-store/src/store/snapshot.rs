@@ -174,7 +174,22 @@ impl Store {
                 "log entry {next} has no stored body: the stored data is damaged"
             )));
         }
-        for t in [tag::RECORD, tag::IDEMPOTENCY, tag::BACKUP] {
+        // Records, a row each as the file keeps them, whatever pieces the store keeps them in.
+        for kv in self.db.scan_prefix(&[tag::RECORDS]) {
+            let (k, v) = kv?;
+            let (number, period, first) = layout::family_piece_of(&k)
+                .ok_or_else(|| StoreError::Format("a records piece's key".into()))?;
+            for (n, value) in (first..).zip(layout::piece_records(&v)?) {
+                let key = layout::record(number, period, n);
+                if referred_index(&key, value).is_some_and(|i| i >= size) {
+                    continue;
+                }
+                f.row(&key, value)?;
+                summary.rows += 1;
+                summary.records += 1;
+            }
+        }
+        for t in [tag::IDEMPOTENCY, tag::BACKUP] {
             for kv in self.db.scan_prefix(&[t]) {
                 let (k, v) = kv?;
                 // Rows of entries past the checkpoint are not part of this prefix.
@@ -183,7 +198,6 @@ impl Store {
                 }
                 f.row(&k, &v)?;
                 summary.rows += 1;
-                summary.records += u64::from(t == tag::RECORD);
                 summary.backups += u64::from(t == tag::BACKUP);
             }
         }
