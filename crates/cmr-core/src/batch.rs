@@ -630,7 +630,7 @@ fn prove<R: RecordIndex>(
 }
 
 /// The ids a family holds, as their first 8 bytes: 8 bytes a record, in a sorted vector with a small
-/// set of the newest beside it (merged into the vector once it passes a sixteenth of it). A repeated
+/// set of the newest beside it (merged into the vector once it passes an eighth of it). A repeated
 /// id always matches; a new id whose first 8 bytes match a held one's (one chance in 2^64 per record
 /// held) is refused, and its client writes it again under another id. The store and [`FamilyLedger`]
 /// both answer [`RecordIndex::contains`] from one.
@@ -655,32 +655,42 @@ impl IdSet {
 
     /// Holds `id`.
     pub fn insert(&mut self, id: &RecordId) {
-        let k = Self::key(id);
-        if self.sorted.binary_search(&k).is_ok() || !self.newest.insert(k) {
+        if !self.newest.insert(Self::key(id)) {
             return;
         }
-        if self.newest.len() > (self.sorted.len() / 16).max(1024) {
+        if self.newest.len() > (self.sorted.len() / 8).max(1024) {
             let mut newest: Vec<u64> = self.newest.drain().collect();
             newest.sort_unstable();
-            // One merge of two sorted runs: O(n), every n/16 inserts.
-            let mut merged = Vec::with_capacity(self.sorted.len() + newest.len());
-            let (mut a, mut b) = (self.sorted.iter().peekable(), newest.iter().peekable());
-            while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
-                if x <= y {
-                    merged.push(*a.next().expect("peeked"));
+            // Merged in place from the back (O(n), every n/8 inserts), then any id inserted again
+            // after it was merged is dropped; the vector grows by exactly what it takes.
+            let old = self.sorted.len();
+            self.sorted.reserve_exact(newest.len());
+            self.sorted.resize(old + newest.len(), 0);
+            let (mut i, mut j) = (old, newest.len());
+            for w in (0..self.sorted.len()).rev() {
+                if j == 0 {
+                    break;
+                }
+                if i > 0 && self.sorted[i - 1] > newest[j - 1] {
+                    self.sorted[w] = self.sorted[i - 1];
+                    i -= 1;
                 } else {
-                    merged.push(*b.next().expect("peeked"));
+                    self.sorted[w] = newest[j - 1];
+                    j -= 1;
                 }
             }
-            merged.extend(a);
-            merged.extend(b);
-            self.sorted = merged;
+            self.sorted.dedup();
         }
     }
 
     /// How many ids are held.
     pub fn len(&self) -> usize {
-        self.sorted.len() + self.newest.len()
+        let newer = self
+            .newest
+            .iter()
+            .filter(|k| self.sorted.binary_search(k).is_err())
+            .count();
+        self.sorted.len() + newer
     }
 
     /// Whether no id is held.

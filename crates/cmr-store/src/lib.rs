@@ -1,8 +1,8 @@
 //! # cmr-store
 //!
-//! CMR Vault's durable state: identities, devices and key directories; records and family heads;
-//! consent statements with their wrapped keys; and the log (entries and tree nodes in pieces,
-//! checkpoints).
+//! CMR Vault's durable state: identities, devices and key directories; records and their family
+//! ledgers (in pieces, so that memory does not grow with the records); consent statements with their
+//! wrapped keys; and the log (entries and tree nodes in pieces, checkpoints).
 //!
 //! What it owns: the key layout, the format version, the sequencer that orders every state-changing
 //! operation and commits them in groups, idempotency, the durable view and the acknowledgements, and
