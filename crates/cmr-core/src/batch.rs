@@ -356,6 +356,8 @@ pub struct FamilyState {
     /// the current head then cost nothing per period.
     current: Vec<PeriodLeaf>,
     current_head: Head,
+    /// Records counted by [`FamilyState::skip`] and not yet in their periods' trees, by period.
+    unhashed: BTreeMap<Period, u64>,
 }
 
 impl FamilyState {
@@ -369,11 +371,18 @@ impl FamilyState {
             periods: BTreeMap::new(),
             current: Vec::new(),
             current_head: Head::empty(customer, family),
+            unhashed: BTreeMap::new(),
         }
+    }
+
+    /// The family's scope.
+    pub fn scope(&self) -> Scope {
+        self.scope
     }
 
     /// The current head.
     pub fn head(&self) -> Head {
+        debug_assert!(self.unhashed.is_empty(), "a head asked for before catch_up");
         self.current_head
     }
 
@@ -382,6 +391,7 @@ impl FamilyState {
         self.periods
             .get(&period)
             .map_or(0, merkle::CompactRange::size)
+            + self.unhashed.get(&period).copied().unwrap_or(0)
     }
 
     /// Where each record of `batch` goes when it is applied, in batch order: its period and its index in
@@ -494,6 +504,7 @@ impl FamilyState {
     /// Applies a batch already checked (by [`FamilyState::apply`], or when it was logged): the periods'
     /// trees and the head move on.
     pub fn advance(&mut self, batch: &Batch) -> Applied {
+        debug_assert!(self.unhashed.is_empty(), "advance before catch_up");
         let placements = self.placements(batch);
         let mut nodes = Vec::new();
         let mut added = BTreeSet::new();
@@ -505,18 +516,32 @@ impl FamilyState {
             added.insert(e.period);
         }
         for p in added {
-            let tree = &self.periods[&p];
-            let leaf = PeriodLeaf {
-                period: p,
-                count: tree.size(),
-                root: tree.root(),
-            };
-            match self.current.binary_search_by(|l| l.period.cmp(&p)) {
-                Ok(i) => self.current[i] = leaf,
-                Err(i) => self.current.insert(i, leaf),
-            }
+            self.refresh_period(p);
         }
         self.batches += 1;
+        self.refresh_head();
+        Applied {
+            head: self.current_head,
+            placements,
+            nodes,
+        }
+    }
+
+    /// Sets a period's leaf in the current head from its tree.
+    fn refresh_period(&mut self, p: Period) {
+        let tree = &self.periods[&p];
+        let leaf = PeriodLeaf {
+            period: p,
+            count: tree.size(),
+            root: tree.root(),
+        };
+        match self.current.binary_search_by(|l| l.period.cmp(&p)) {
+            Ok(i) => self.current[i] = leaf,
+            Err(i) => self.current.insert(i, leaf),
+        }
+    }
+
+    fn refresh_head(&mut self) {
         let hashes: Vec<Hash> = self.current.iter().map(PeriodLeaf::hash).collect();
         self.current_head = Head {
             customer: self.customer,
@@ -526,11 +551,41 @@ impl FamilyState {
             periods: self.current.len() as u64,
             periods_root: merkle::root(&hashes),
         };
-        Applied {
-            head: self.current_head,
-            placements,
-            nodes,
+    }
+
+    /// Counts a batch the log already holds without hashing its records into the periods' trees: an
+    /// open that replays a long log does this for every batch, then [`FamilyState::catch_up`] once,
+    /// instead of two hashes a record. Until then only [`FamilyState::period_count`] and
+    /// [`FamilyState::placements`] may be asked.
+    pub fn skip(&mut self, batch: &Batch) {
+        for e in &batch.entries {
+            *self.unhashed.entry(e.period).or_default() += 1;
         }
+        self.batches += 1;
+    }
+
+    /// Brings the periods' trees up to the records [`FamilyState::skip`] counted, from the index's
+    /// stored nodes: each period's tree is its perfect subtrees, O(log n) nodes, however many records
+    /// were skipped. The outer error is the index's.
+    pub fn catch_up<R: RecordIndex>(&mut self, index: &R) -> Result<(), R::Error> {
+        for (period, extra) in std::mem::take(&mut self.unhashed) {
+            let n = self.period_count(period) + extra;
+            let mut subtrees = Vec::new();
+            let mut offset = 0;
+            for level in (0..u64::BITS as u8).rev() {
+                let size = 1u64 << level;
+                if n & size != 0 {
+                    subtrees.push((size, index.node(period, level, offset / size)?));
+                    offset += size;
+                }
+            }
+            let tree = merkle::CompactRange::from_parts(n, subtrees)
+                .expect("the binary decomposition of n adds up to n");
+            self.periods.insert(period, tree);
+            self.refresh_period(period);
+        }
+        self.refresh_head();
+        Ok(())
     }
 
     /// The proof for a read of periods `from..=to` against the current head, paged: at most `limit`
@@ -1094,6 +1149,70 @@ pub fn verify_batch_signatures<'b>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Batches skipped and caught up from the index give the same head and the same proofs as
+    /// batches advanced one by one, and the family goes on from there alike.
+    #[test]
+    fn skipped_batches_caught_up_from_the_index_are_as_if_advanced() {
+        let (customer, family) = (IdentityId([1; 32]), FamilyId([2; 32]));
+        let batch = |state: &FamilyState, tag: u64, sizes: &[(u32, u64)]| Batch {
+            customer,
+            family,
+            epoch: 1,
+            author: customer,
+            device: DeviceId([3; 32]),
+            prev_head: state.current_head.digest(),
+            entries: sizes
+                .iter()
+                .flat_map(|(m, n)| (0..*n).map(move |i| (Period(202_600 + m), i)))
+                .map(|(period, i)| {
+                    let mut id = [0u8; 16];
+                    id[..8].copy_from_slice(&tag.to_be_bytes());
+                    id[8..].copy_from_slice(&(u64::from(period.0) << 20 | i).to_be_bytes());
+                    BatchEntry {
+                        id: RecordId(id),
+                        period,
+                        digest: crate::hash::sha256(&id),
+                    }
+                })
+                .collect(),
+        };
+        let mut advanced = FamilyLedger::new(customer, family, Scope::Transactions);
+        let mut skipped = FamilyState::new(customer, family, Scope::Transactions);
+        let shapes: [&[(u32, u64)]; 5] = [
+            &[(1, 5)],
+            &[(1, 64), (2, 3)],
+            &[(3, 1)],
+            &[(1, 100)],
+            &[(2, 29), (3, 2)],
+        ];
+        for (tag, shape) in shapes.iter().enumerate() {
+            let b = batch(&advanced.state, tag as u64, shape);
+            let applied = advanced.state.advance(&b);
+            for e in &b.entries {
+                let (leaves, ids) = advanced.records.periods.entry(e.period).or_default();
+                leaves.push(merkle::leaf_hash(&e.digest.0));
+                ids.push(e.id);
+                advanced.records.ids.insert(&e.id);
+            }
+            assert_eq!(skipped.placements(&b), applied.placements);
+            skipped.skip(&b);
+        }
+        infallible(skipped.catch_up(&advanced.records));
+        assert_eq!(skipped.head(), advanced.head());
+        assert_eq!(skipped.current, advanced.state.current);
+        let (from, to) = (Period(202_601), Period(202_603));
+        assert_eq!(
+            infallible(skipped.prove_read(&advanced.records, from, to, None, 50)),
+            infallible(
+                advanced
+                    .state
+                    .prove_read(&advanced.records, from, to, None, 50)
+            ),
+        );
+        let next = batch(&advanced.state, 9, &[(1, 7), (4, 1)]);
+        assert_eq!(skipped.advance(&next), advanced.state.advance(&next));
+    }
 
     proptest! {
         /// The id set answers as a set of the ids' first 8 bytes would, across its merges.

@@ -548,6 +548,7 @@ impl Store {
             max_page_bytes: config.max_page_bytes.max(1),
             index_chunk_rows: config.index_chunk_rows.max(1),
             verify_records: config.verify_on_open || add_indexes,
+            skipping: false,
             state: State::default(),
             poisoned: poisoned.clone(),
             device_keys: DeviceKeys::default(),

@@ -63,6 +63,9 @@ pub(super) struct Sequencer {
     /// Whether the replay reads each batch's records back and checks them against it
     /// ([`StoreConfig::verify_on_open`]).
     pub(super) verify_records: bool,
+    /// Set while the open replays the log without reading records: batches are counted
+    /// ([`FamilyState::skip`]) and the families caught up at the end.
+    pub(super) skipping: bool,
     pub(super) state: State,
     /// Set when the sequencer stopped taking operations after a failure (shared with [`Store`]).
     pub(super) poisoned: Arc<AtomicBool>,
