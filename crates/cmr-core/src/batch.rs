@@ -564,23 +564,27 @@ impl FamilyState {
         self.batches += 1;
     }
 
-    /// Brings the periods' trees up to the records [`FamilyState::skip`] counted, from the index's
-    /// stored nodes: each period's tree is its perfect subtrees, O(log n) nodes, however many records
-    /// were skipped. The outer error is the index's.
-    pub fn catch_up<R: RecordIndex>(&mut self, index: &R) -> Result<(), R::Error> {
+    /// Every period's tree, in period order.
+    pub fn trees(&self) -> impl Iterator<Item = (Period, &merkle::CompactRange)> {
+        self.periods.iter().map(|(p, t)| (*p, t))
+    }
+
+    /// A period's tree (its perfect subtrees), for its owner to save after each batch that touches it
+    /// and give back to [`FamilyState::catch_up`].
+    pub fn tree(&self, period: Period) -> Option<&merkle::CompactRange> {
+        self.periods.get(&period)
+    }
+
+    /// Brings the periods' trees up to the records [`FamilyState::skip`] counted, from each period's
+    /// tree as its owner saved it after its last batch (`saved`). A saved tree that is missing, or
+    /// whose size is not the count the log gives, is refused: the period is returned.
+    pub fn catch_up(
+        &mut self,
+        mut saved: impl FnMut(Period) -> Option<merkle::CompactRange>,
+    ) -> Result<(), Period> {
         for (period, extra) in std::mem::take(&mut self.unhashed) {
             let n = self.period_count(period) + extra;
-            let mut subtrees = Vec::new();
-            let mut offset = 0;
-            for level in (0..u64::BITS as u8).rev() {
-                let size = 1u64 << level;
-                if n & size != 0 {
-                    subtrees.push((size, index.node(period, level, offset / size)?));
-                    offset += size;
-                }
-            }
-            let tree = merkle::CompactRange::from_parts(n, subtrees)
-                .expect("the binary decomposition of n adds up to n");
+            let tree = saved(period).filter(|t| t.size() == n).ok_or(period)?;
             self.periods.insert(period, tree);
             self.refresh_period(period);
         }
@@ -1150,7 +1154,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Batches skipped and caught up from the index give the same head and the same proofs as
+    /// Batches skipped and caught up from saved trees give the same head and the same proofs as
     /// batches advanced one by one, and the family goes on from there alike.
     #[test]
     fn skipped_batches_caught_up_from_the_index_are_as_if_advanced() {
@@ -1198,7 +1202,17 @@ mod tests {
             assert_eq!(skipped.placements(&b), applied.placements);
             skipped.skip(&b);
         }
-        infallible(skipped.catch_up(&advanced.records));
+        // A saved tree of the wrong size is refused; the right ones catch up.
+        let mut wrong = skipped.clone();
+        let short = |p: Period| {
+            let mut t = advanced.state.tree(p).cloned()?;
+            t.push(Hash::default());
+            Some(t)
+        };
+        assert!(wrong.catch_up(short).is_err());
+        skipped
+            .catch_up(|p| advanced.state.tree(p).cloned())
+            .unwrap();
         assert_eq!(skipped.head(), advanced.head());
         assert_eq!(skipped.current, advanced.state.current);
         let (from, to) = (Period(202_601), Period(202_603));

@@ -43,6 +43,10 @@ pub mod tag {
     /// 4-byte length and what a `RECORD` row's value holds. No piece crosses a multiple of 64 records,
     /// and one is closed past 32 KiB (`store::records`).
     pub const RECORDS: u8 = 0x15;
+    /// Each period's tree as its perfect subtrees, by (family number, period): count u64, then (leaves
+    /// u64, root) for each subtree, largest first; rewritten by each batch that adds to the period. An
+    /// open takes the family ledgers from these instead of hashing every record again.
+    pub const FRONTIER: u8 = 0x16;
     /// Idempotency: (body digest, log index) by client operation id.
     pub const IDEMPOTENCY: u8 = 0x09;
     /// The latest directory of a customer.
@@ -205,13 +209,22 @@ pub fn record(family_number: u64, period: Period, n: u64) -> Vec<u8> {
 
 /// The prefixes of every row a family's records make: the records' and the ledger's pieces (and the
 /// records' rows of an earlier format). An erasure deletes them all.
-pub fn family_prefixes(family_number: u64) -> [Vec<u8>; 3] {
+pub fn family_prefixes(family_number: u64) -> [Vec<u8>; 4] {
     let n = family_number.to_be_bytes();
     [
         key(tag::RECORDS, &[&n]),
         key(tag::LEDGER, &[&n]),
+        key(tag::FRONTIER, &[&n]),
         key(tag::RECORD, &[&n]),
     ]
+}
+
+/// The key of a period's saved tree.
+pub fn frontier(family_number: u64, period: Period) -> Vec<u8> {
+    key(
+        tag::FRONTIER,
+        &[&family_number.to_be_bytes(), &period.0.to_be_bytes()],
+    )
 }
 
 /// The key of a family ledger's piece that starts at record `first` of `period`.
@@ -246,6 +259,7 @@ pub fn table_name(t: u8) -> &'static str {
         tag::VAULTS_OF => "vaults of a party",
         tag::FEED => "party feeds",
         tag::LEDGER => "family ledgers",
+        tag::FRONTIER => "family ledger trees",
         _ => "other",
     }
 }

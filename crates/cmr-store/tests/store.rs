@@ -1362,6 +1362,7 @@ fn a_folder_from_before_the_ledger_pieces_gains_them_at_open() {
     let month = p(2026, 4);
     let index_rows = |db: &sled::Tree| -> Vec<(Vec<u8>, Vec<u8>)> {
         db.scan_prefix([layout::tag::LEDGER])
+            .chain(db.scan_prefix([layout::tag::FRONTIER]))
             .map(|kv| {
                 let (k, v) = kv.unwrap();
                 (k.to_vec(), v.to_vec())
@@ -1400,9 +1401,10 @@ fn a_folder_from_before_the_ledger_pieces_gains_them_at_open() {
         }
         let mut rows = index_rows(&t);
         // One piece: the 33 records' ids and leaves, and the 33 − popcount(33) = 31 nodes of the
-        // period's tree above them.
-        assert_eq!(rows.len(), 1);
+        // period's tree above them; and the period's saved tree: 33 = 32 + 1.
+        assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].1.len(), 2 + 33 * (16 + 32) + 31 * 32);
+        assert_eq!(rows[1].1.len(), 8 + 2 * 40);
         for (k, _) in &rows {
             t.remove(k).unwrap();
         }
@@ -1433,4 +1435,68 @@ fn a_folder_from_before_the_ledger_pieces_gains_them_at_open() {
         t.get(layout::META_FORMAT).unwrap().unwrap().as_ref(),
         &layout::FORMAT_VERSION.to_be_bytes()
     );
+}
+
+/// An open takes each period's tree from where it was saved, checked against the count the log gives:
+/// a saved tree that does not match refuses the open with an error that names the way out; an open
+/// that verifies (`verify_on_open`) rebuilds the trees from the records and saves them again, and the
+/// next plain open is served as before.
+#[test]
+fn a_damaged_saved_tree_is_refused_and_a_verifying_open_repairs_it() {
+    use cmr_store::layout;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let month = p(2026, 5);
+    let head = {
+        let store = open(dir.path(), clock.clone());
+        let w = World::setup(&store);
+        let head0 = cmr_core::batch::Head::empty(w.customer.id, w.tx).digest();
+        store
+            .execute(w.customer_batch(head0, month, 12, 1))
+            .unwrap()
+            .head
+            .unwrap()
+    };
+    let saved = {
+        let db = common::raw_sled(dir.path());
+        let t = db.open_tree("cmr").unwrap();
+        let (k, v) = t
+            .scan_prefix([layout::tag::FRONTIER])
+            .next()
+            .unwrap()
+            .unwrap();
+        // One record fewer: 11 = 8 + 2 + 1, under the same roots' bytes.
+        let mut forged = v.to_vec();
+        forged[..8].copy_from_slice(&11u64.to_be_bytes());
+        t.insert(&k, forged).unwrap();
+        db.flush().unwrap();
+        v.to_vec()
+    };
+    let config = |verify: bool| {
+        let clock = clock.clone();
+        let mut cfg = StoreConfig::new(dir.path(), log_key());
+        cfg.clock = Arc::new(move || clock.load(std::sync::atomic::Ordering::SeqCst));
+        cfg.verify_on_open = verify;
+        cfg
+    };
+    match Store::open(config(false)) {
+        Err(StoreError::Format(e)) => assert!(e.contains("--verify-on-open"), "{e}"),
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("a store with a damaged saved tree opened"),
+    }
+    drop(Store::open(config(true)).unwrap());
+    {
+        let db = common::raw_sled(dir.path());
+        let t = db.open_tree("cmr").unwrap();
+        let (_, v) = t
+            .scan_prefix([layout::tag::FRONTIER])
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.to_vec(), saved);
+    }
+    let store = Store::open(config(false)).unwrap();
+    let w = World::existing();
+    assert_eq!(w.head_of(&store, w.tx, (month, month)), head);
+    assert_eq!(read_all_verified(&store, &w, month, 5).len(), 12);
 }

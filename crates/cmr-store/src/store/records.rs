@@ -264,6 +264,51 @@ pub(super) fn stage_ledger(
     Ok(())
 }
 
+/// A period's tree saved as a `FRONTIER` row: its size, then (leaves, root) for each perfect subtree.
+pub(super) fn encode_tree(tree: &cmr_core::merkle::CompactRange) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + tree.subtrees().len() * 40);
+    v.extend_from_slice(&tree.size().to_be_bytes());
+    for (leaves, root) in tree.subtrees() {
+        v.extend_from_slice(&leaves.to_be_bytes());
+        v.extend_from_slice(root);
+    }
+    v
+}
+
+/// A `FRONTIER` row's tree; `None` if it does not decode to a valid one.
+pub(super) fn decode_tree(v: &[u8]) -> Option<cmr_core::merkle::CompactRange> {
+    let (size, rest) = v.split_first_chunk::<8>()?;
+    if rest.len() % 40 != 0 {
+        return None;
+    }
+    let subtrees = rest
+        .chunks_exact(40)
+        .map(|c| {
+            Some((
+                u64::from_be_bytes(c[..8].try_into().ok()?),
+                Hash::try_from(&c[8..]).ok()?,
+            ))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    cmr_core::merkle::CompactRange::from_parts(u64::from_be_bytes(*size), subtrees)
+}
+
+/// The saved trees of the periods `applied` added to, as `FRONTIER` rows of family `number`.
+pub(super) fn tree_rows(
+    number: u64,
+    state: &FamilyState,
+    applied: &Applied,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut periods: Vec<Period> = applied.placements.iter().map(|(p, _)| *p).collect();
+    periods.dedup();
+    periods.sort_unstable();
+    periods.dedup();
+    periods
+        .into_iter()
+        .filter_map(|p| Some((layout::frontier(number, p), encode_tree(state.tree(p)?))))
+        .collect()
+}
+
 /// A records piece is closed once its records pass this many bytes (a record larger than this is a
 /// piece by itself). Small on purpose: sled 0.34 splits a leaf page past 16 rows, whatever their size,
 /// and writes a page past 128 KiB (a quarter of its segment) to a file of its own, which made pieces

@@ -131,11 +131,14 @@ impl Sequencer {
     }
 
     /// Brings every family's trees up to the batches the open skipped ([`FamilyState::catch_up`]),
-    /// from the ledger pieces. An erased family has none: it starts empty again, as nothing of it is
-    /// served or written any more.
+    /// from the trees saved after each batch (`FRONTIER` rows, one range read a family): a saved tree
+    /// whose size is not what the log counts refuses the open. An erased family has none: it starts
+    /// empty again, as nothing of it is served or written any more.
     fn catch_up_families(&mut self) -> Result<(), StoreError> {
-        let view = Overlay::new(&*self.rows, &self.nodes, self.state.size);
-        for (&(customer, family), Family { state, ids }) in &mut self.state.ledgers {
+        // An open that hashed every record (`verify_on_open`) saves every tree again: a damaged
+        // saved tree is then repaired.
+        let mut resaved = Writes::new();
+        for (&(customer, family), Family { state, .. }) in &mut self.state.ledgers {
             let erased = self
                 .state
                 .ledger
@@ -152,11 +155,34 @@ impl Sequencer {
                 .get(&(customer, family))
                 .copied()
                 .ok_or_else(|| StoreError::NotFound("family".into()))?;
-            state.catch_up(&FamilyRows {
-                overlay: &view,
-                number,
-                ids,
+            if self.verify_records {
+                for (p, tree) in state.trees() {
+                    resaved.insert(layout::frontier(number, p), Some(encode_tree(tree)));
+                }
+                continue;
+            }
+            let prefix = layout::key(tag::FRONTIER, &[&number.to_be_bytes()]);
+            let mut saved: HashMap<Period, cmr_core::merkle::CompactRange> = HashMap::new();
+            for kv in self.rows.scan_prefix(&prefix) {
+                let (k, v) = kv?;
+                let period = k
+                    .get(9..13)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(|b| Period(u32::from_be_bytes(b)));
+                if let (Some(period), Some(tree)) = (period, decode_tree(&v)) {
+                    saved.insert(period, tree);
+                }
+            }
+            state.catch_up(|p| saved.remove(&p)).map_err(|p| {
+                StoreError::Format(format!(
+                    "the saved tree of family {number}'s {p} does not match the log: the stored \
+                     data is damaged (`cmr serve --verify-on-open` opens it from the records, and \
+                     saves the trees again)"
+                ))
             })?;
+        }
+        if !resaved.is_empty() {
+            self.rows.write(resaved)?;
         }
         Ok(())
     }
@@ -307,6 +333,9 @@ impl Sequencer {
         }
         if let Some(writes) = add_to {
             stage_ledger(writes, &*self.rows, number, b, &applied)?;
+            for (k, v) in tree_rows(number, &ledger.state, &applied) {
+                writes.insert(k, Some(v));
+            }
         }
         Ok(None)
     }

@@ -1004,6 +1004,9 @@ impl Sequencer {
             ids.insert(&e.id);
         }
         stage_ledger(&mut overlay.writes, overlay.rows, number, &b, &applied)?;
+        for (k, v) in tree_rows(number, state, &applied) {
+            overlay.put(k, v);
+        }
         let logged = self.log(
             overlay,
             EntryKind::FamilyHead,
