@@ -362,12 +362,16 @@ impl RecordsPiece {
 /// Adds records to family `number`'s pieces in `writes` (over `rows`): `records` are (period, index,
 /// value) in the order they were placed, each value what a `RECORD` row holds (the batch's log index,
 /// then the sealed record). A record extends its period's open piece, or starts one at a multiple of
-/// [`CHUNK`] or once the open one is full. One function for the sequencer, an upgrade and a restore.
+/// [`CHUNK`] or once the open one is full. With `reopen`, the first record of a period may extend a
+/// piece an earlier call wrote (a move of many rows, done in parts); the sequencer does not, so that
+/// an append of one record never rewrites the records before it. One function for the sequencer, an
+/// upgrade and a restore.
 pub(super) fn stage_records<'r>(
     writes: &mut Writes,
     rows: &dyn Storage,
     number: u64,
     records: impl IntoIterator<Item = (Period, u64, &'r [u8])>,
+    reopen: bool,
 ) -> Result<(), StoreError> {
     let mut open: HashMap<Period, RecordsPiece> = HashMap::new();
     for (period, n, value) in records {
@@ -381,7 +385,7 @@ pub(super) fn stage_records<'r>(
                 RecordsPiece::new(n)
             }
             None => match n.checked_sub(1) {
-                Some(before) if n % CHUNK != 0 => {
+                Some(before) if reopen && n % CHUNK != 0 => {
                     let from = layout::records_piece(number, period, chunk_start(before));
                     let to = layout::records_piece(number, period, n);
                     match last_in(writes, rows, &from, &to)? {
@@ -494,6 +498,7 @@ pub(super) fn migrate(rows: &dyn Storage) -> Result<u64, StoreError> {
                 batch[i..j]
                     .iter()
                     .map(|(_, p, n, v)| (*p, *n, v.as_slice())),
+                true,
             )?;
             i = j;
         }
@@ -641,6 +646,7 @@ mod tests {
                 &rows,
                 9,
                 batch.iter().map(|(i, v)| (period, *i, v.as_slice())),
+                true,
             )
             .unwrap();
             rows.write(writes).unwrap();

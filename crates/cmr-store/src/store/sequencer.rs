@@ -999,6 +999,7 @@ impl Sequencer {
                 .iter()
                 .zip(&values)
                 .map(|((period, n), v)| (*period, *n, v.as_slice())),
+            false,
         )?;
         for e in &b.entries {
             ids.insert(&e.id);
