@@ -105,15 +105,26 @@ async fn proxy(
     addr
 }
 
+/// A real server behind a proxy that cuts the answers to requests naming `path_part` while the
+/// returned counter is above zero: the server, the proxy's address and the counter.
+async fn cutting_proxy(
+    dir: &std::path::Path,
+    path_part: &'static str,
+    instead: Option<Arc<String>>,
+) -> (common::Server, String, Arc<AtomicUsize>) {
+    let (listener, server) = behind_a_proxy(dir).await;
+    let upstream = server.conn.base().trim_start_matches("http://").to_string();
+    let cut = Arc::new(AtomicUsize::new(0));
+    let front = proxy(listener, upstream, path_part, cut.clone(), instead).await;
+    (server, front, cut)
+}
+
 /// Alex writes a batch through a proxy that cuts its first answer (or, with `instead`, puts those bytes in
 /// its place). The SDK must send the batch again, once; the server must recognise the repeat; the chain
 /// must hold the batch exactly once, at the acknowledged index, and it must read back.
 async fn a_batch_whose_first_answer_is_lost(instead: Option<Arc<String>>) {
     let dir = tempfile::tempdir().unwrap();
-    let (listener, server) = behind_a_proxy(dir.path()).await;
-    let upstream = server.conn.base().trim_start_matches("http://").to_string();
-    let cut = Arc::new(AtomicUsize::new(0));
-    let front = proxy(listener, upstream, "/batches", cut.clone(), instead).await;
+    let (server, front, cut) = cutting_proxy(dir.path(), "/batches", instead).await;
     let conn = Connection::new(&format!("http://{front}")).unwrap();
     let (s, _) = Session::register(conn.clone(), Role::Customer, server.pinned.clone(), now())
         .await
@@ -160,10 +171,7 @@ async fn a_write_whose_answer_was_lost_is_sent_again_and_logged_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_whose_answer_was_lost_is_in_doubt_not_sent_again() {
     let dir = tempfile::tempdir().unwrap();
-    let (listener, server) = behind_a_proxy(dir.path()).await;
-    let upstream = server.conn.base().trim_start_matches("http://").to_string();
-    let cut = Arc::new(AtomicUsize::new(0));
-    let front = proxy(listener, upstream, "/backup ", cut.clone(), None).await;
+    let (server, front, cut) = cutting_proxy(dir.path(), "/backup ", None).await;
     let conn = Connection::new(&format!("http://{front}")).unwrap();
     let (s, _) = Session::register(conn.clone(), Role::Customer, server.pinned.clone(), now())
         .await
@@ -211,10 +219,7 @@ async fn a_write_answered_in_doubt_is_sent_again_and_logged_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_whose_answer_was_lost_is_followed_at_the_next_write() {
     let dir = tempfile::tempdir().unwrap();
-    let (listener, server) = behind_a_proxy(dir.path()).await;
-    let upstream = server.conn.base().trim_start_matches("http://").to_string();
-    let cut = Arc::new(AtomicUsize::new(0));
-    let front = proxy(listener, upstream, "/statements", cut.clone(), None).await;
+    let (server, front, cut) = cutting_proxy(dir.path(), "/statements", None).await;
     let conn = Connection::new(&format!("http://{front}"))
         .unwrap()
         .with_retry(std::time::Duration::ZERO);

@@ -1222,10 +1222,7 @@ fn a_store_from_before_the_indexes_gains_them_at_open() {
     drop(store);
     let db = common::raw_sled(dir.path());
     let t = db.open_tree("cmr").unwrap();
-    assert_eq!(
-        t.get(layout::META_FORMAT).unwrap().unwrap().as_ref(),
-        &layout::FORMAT_VERSION.to_be_bytes()
-    );
+    assert_current_format(&t);
 }
 
 /// A company's feed lists the consent statements that concern it, across vaults and in log order
@@ -1448,10 +1445,7 @@ fn a_folder_from_before_the_ledger_pieces_gains_them_at_open() {
     rows.sort();
     assert_eq!(rows, expected);
     assert_eq!(t.scan_prefix([layout::tag::RECORD]).count(), 0);
-    assert_eq!(
-        t.get(layout::META_FORMAT).unwrap().unwrap().as_ref(),
-        &layout::FORMAT_VERSION.to_be_bytes()
-    );
+    assert_current_format(&t);
 }
 
 /// An open takes each period's tree from where it was saved, checked against the count the log gives:
@@ -1516,4 +1510,15 @@ fn a_damaged_saved_tree_is_refused_and_a_verifying_open_repairs_it() {
     let w = World::existing();
     assert_eq!(w.head_of(&store, w.tx, (month, month)), head);
     assert_eq!(read_all_verified(&store, &w, month, 5).len(), 12);
+}
+
+/// The closed store's folder says it is of this build's format.
+fn assert_current_format(t: &sled::Tree) {
+    assert_eq!(
+        t.get(cmr_store::layout::META_FORMAT)
+            .unwrap()
+            .unwrap()
+            .as_ref(),
+        &cmr_store::layout::FORMAT_VERSION.to_be_bytes()
+    );
 }

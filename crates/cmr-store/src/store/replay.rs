@@ -2,6 +2,14 @@
 
 use super::*;
 
+/// Whether the log erased `customer`'s `family` (or the whole vault).
+fn erased(ledger: &Ledger, customer: &IdentityId, family: &FamilyId) -> bool {
+    ledger
+        .consent(customer)
+        .and_then(|c| c.erased_at(family))
+        .is_some()
+}
+
 impl Sequencer {
     /// Rebuilds the in-memory state from the stored log; with `add_indexes`, also writes the index rows
     /// of every entry (a store from before the indexes), made durable with the rest of the open.
@@ -110,13 +118,7 @@ impl Sequencer {
             return Err(missing(next));
         }
         for (i, (customer, family)) in without_records {
-            let erased = self
-                .state
-                .ledger
-                .consent(&customer)
-                .and_then(|c| c.erased_at(&family))
-                .is_some();
-            if !erased {
+            if !erased(&self.state.ledger, &customer, &family) {
                 return Err(StoreError::Format(format!(
                     "the records of the batch logged at {i} are missing, and its family was never \
                      erased: the stored data is damaged"
@@ -139,13 +141,7 @@ impl Sequencer {
         // saved tree is then repaired.
         let mut resaved = Writes::new();
         for (&(customer, family), Family { state, .. }) in &mut self.state.ledgers {
-            let erased = self
-                .state
-                .ledger
-                .consent(&customer)
-                .and_then(|c| c.erased_at(&family))
-                .is_some();
-            if erased {
+            if erased(&self.state.ledger, &customer, &family) {
                 *state = FamilyState::new(customer, family, state.scope());
                 continue;
             }
