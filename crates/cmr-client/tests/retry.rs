@@ -119,13 +119,11 @@ async fn cutting_proxy(
     (server, front, cut)
 }
 
-/// Alex writes a batch through a proxy that cuts its first answer (or, with `instead`, puts those bytes in
-/// its place). The SDK must send the batch again, once; the server must recognise the repeat; the chain
-/// must hold the batch exactly once, at the acknowledged index, and it must read back.
-async fn a_batch_whose_first_answer_is_lost(instead: Option<Arc<String>>) {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, front, cut) = cutting_proxy(dir.path(), "/batches", instead).await;
-    let conn = Connection::new(&format!("http://{front}")).unwrap();
+/// Alex, registered through `conn`, with the contact family declared.
+async fn alex_with_contact(
+    conn: &Connection,
+    server: &common::Server,
+) -> (Customer, cmr_core::family::FamilyId) {
     let (s, _) = Session::register(conn.clone(), Role::Customer, server.pinned.clone(), now())
         .await
         .unwrap();
@@ -133,6 +131,17 @@ async fn a_batch_whose_first_answer_is_lost(instead: Option<Arc<String>>) {
     let contact = FamilyName::profile(Scope::ProfileContact).unwrap();
     alex.declare(&[contact], now()).await.unwrap();
     let fam = alex.family_id(&contact);
+    (alex, fam)
+}
+
+/// Alex writes a batch through a proxy that cuts its first answer (or, with `instead`, puts those bytes in
+/// its place). The SDK must send the batch again, once; the server must recognise the repeat; the chain
+/// must hold the batch exactly once, at the acknowledged index, and it must read back.
+async fn a_batch_whose_first_answer_is_lost(instead: Option<Arc<String>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, front, cut) = cutting_proxy(dir.path(), "/batches", instead).await;
+    let conn = Connection::new(&format!("http://{front}")).unwrap();
+    let (mut alex, fam) = alex_with_contact(&conn, &server).await;
     let before = server.store.checkpoint().unwrap();
 
     // The batch reaches the server, is logged, and its answer is lost once.
@@ -223,13 +232,7 @@ async fn a_rotation_whose_answer_was_lost_is_followed_at_the_next_write() {
     let conn = Connection::new(&format!("http://{front}"))
         .unwrap()
         .with_retry(std::time::Duration::ZERO);
-    let (s, _) = Session::register(conn.clone(), Role::Customer, server.pinned.clone(), now())
-        .await
-        .unwrap();
-    let mut alex = Customer::new(s, PseudonymKey::generate(&mut rand::rng()));
-    let contact = FamilyName::profile(Scope::ProfileContact).unwrap();
-    alex.declare(&[contact], now()).await.unwrap();
-    let fam = alex.family_id(&contact);
+    let (mut alex, fam) = alex_with_contact(&conn, &server).await;
     alex.write(fam, Period::ORIGIN, &[b"before the rotation"])
         .await
         .unwrap();

@@ -912,13 +912,7 @@ fn a_missing_record_or_body_is_refused_at_open() {
             tree.remove(k).unwrap();
             db.flush().unwrap();
         }
-        let config = |verify: bool| {
-            let clock = clock.clone();
-            let mut cfg = StoreConfig::new(dir.path(), log_key());
-            cfg.clock = Arc::new(move || clock.load(std::sync::atomic::Ordering::SeqCst));
-            cfg.verify_on_open = verify;
-            cfg
-        };
+        let config = |verify: bool| common::config(dir.path(), clock.clone(), verify);
         match Store::open(config(true)) {
             Err(StoreError::Format(e)) => assert!(e.contains("damaged"), "{e}"),
             Err(other) => panic!("table {victim}: {other}"),
@@ -1483,13 +1477,7 @@ fn a_damaged_saved_tree_is_refused_and_a_verifying_open_repairs_it() {
         db.flush().unwrap();
         v.to_vec()
     };
-    let config = |verify: bool| {
-        let clock = clock.clone();
-        let mut cfg = StoreConfig::new(dir.path(), log_key());
-        cfg.clock = Arc::new(move || clock.load(std::sync::atomic::Ordering::SeqCst));
-        cfg.verify_on_open = verify;
-        cfg
-    };
+    let config = |verify: bool| common::config(dir.path(), clock.clone(), verify);
     match Store::open(config(false)) {
         Err(StoreError::Format(e)) => assert!(e.contains("--verify-on-open"), "{e}"),
         Err(other) => panic!("{other}"),

@@ -15,11 +15,16 @@ pub fn open(path: &Path, clock: Arc<AtomicU64>) -> Store {
 
 /// [`open`], with `verify_on_open`: every stored record is read back and checked against its batch.
 pub fn open_checked(path: &Path, clock: Arc<AtomicU64>, verify_on_open: bool) -> Store {
+    Store::open(config(path, clock, verify_on_open)).unwrap()
+}
+
+/// The configuration [`open_checked`] opens with.
+pub fn config(path: &Path, clock: Arc<AtomicU64>, verify_on_open: bool) -> StoreConfig {
     let mut cfg = StoreConfig::new(path, log_key());
     cfg.cache_capacity = 32 * 1024 * 1024;
     cfg.clock = Arc::new(move || clock.load(Ordering::SeqCst));
     cfg.verify_on_open = verify_on_open;
-    Store::open(cfg).unwrap()
+    cfg
 }
 
 /// sled itself, on the folder of a closed store. sled lets go of its folder lock a moment after the store
