@@ -300,7 +300,6 @@ pub(super) fn tree_rows(
     applied: &Applied,
 ) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut periods: Vec<Period> = applied.placements.iter().map(|(p, _)| *p).collect();
-    periods.dedup();
     periods.sort_unstable();
     periods.dedup();
     periods
