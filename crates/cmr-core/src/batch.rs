@@ -692,11 +692,14 @@ fn prove<R: RecordIndex>(
 /// set of the newest beside it (merged into the vector once it passes an eighth of it). A repeated
 /// id always matches; a new id whose first 8 bytes match a held one's (one chance in 2^64 per record
 /// held) is refused, and its client writes it again under another id. The store and [`FamilyLedger`]
-/// both answer [`RecordIndex::contains`] from one.
+/// both answer [`RecordIndex::contains`] from one. A replay of logged batches takes their ids in bulk
+/// ([`IdSet::insert_logged`], then [`IdSet::settle`]: one sort instead of a set insert each).
 #[derive(Debug, Clone, Default)]
 pub struct IdSet {
     sorted: Vec<u64>,
     newest: HashSet<u64>,
+    /// Ids taken in bulk, unsorted until [`IdSet::settle`].
+    logged: Vec<u64>,
 }
 
 impl IdSet {
@@ -706,10 +709,13 @@ impl IdSet {
         u64::from_be_bytes(b)
     }
 
-    /// Whether an id with the same first 8 bytes is held.
+    /// Whether an id with the same first 8 bytes is held. (Ids taken in bulk and not settled yet are
+    /// searched one by one: a replay settles before the set is asked.)
     pub fn contains(&self, id: &RecordId) -> bool {
         let k = Self::key(id);
-        self.newest.contains(&k) || self.sorted.binary_search(&k).is_ok()
+        self.newest.contains(&k)
+            || self.sorted.binary_search(&k).is_ok()
+            || self.logged.contains(&k)
     }
 
     /// Holds `id`.
@@ -720,36 +726,62 @@ impl IdSet {
         if self.newest.len() > (self.sorted.len() / 8).max(1024) {
             let mut newest: Vec<u64> = self.newest.drain().collect();
             newest.sort_unstable();
-            // Merged in place from the back (O(n), every n/8 inserts), then any id inserted again
-            // after it was merged is dropped; the vector grows by exactly what it takes.
-            let old = self.sorted.len();
-            self.sorted.reserve_exact(newest.len());
-            self.sorted.resize(old + newest.len(), 0);
-            let (mut i, mut j) = (old, newest.len());
-            for w in (0..self.sorted.len()).rev() {
-                if j == 0 {
-                    break;
-                }
-                if i > 0 && self.sorted[i - 1] > newest[j - 1] {
-                    self.sorted[w] = self.sorted[i - 1];
-                    i -= 1;
-                } else {
-                    self.sorted[w] = newest[j - 1];
-                    j -= 1;
-                }
-            }
-            self.sorted.dedup();
+            self.merge(&newest);
         }
     }
 
-    /// How many ids are held.
+    /// Holds `id`, an id of a batch the log holds, without looking whether it is held: the ids of a
+    /// replay are taken this way, then [`IdSet::settle`]d once.
+    pub fn insert_logged(&mut self, id: &RecordId) {
+        self.logged.push(Self::key(id));
+    }
+
+    /// Sorts the ids taken by [`IdSet::insert_logged`] into the set.
+    pub fn settle(&mut self) {
+        if self.logged.is_empty() {
+            return;
+        }
+        let mut logged = std::mem::take(&mut self.logged);
+        logged.sort_unstable();
+        if self.sorted.is_empty() {
+            logged.dedup();
+            logged.shrink_to_fit();
+            self.sorted = logged;
+        } else {
+            self.merge(&logged);
+        }
+    }
+
+    /// Merges sorted ids into the vector in place, from the back (O(n)), then drops any id held
+    /// twice; the vector grows by exactly what it takes.
+    fn merge(&mut self, newer: &[u64]) {
+        let old = self.sorted.len();
+        self.sorted.reserve_exact(newer.len());
+        self.sorted.resize(old + newer.len(), 0);
+        let (mut i, mut j) = (old, newer.len());
+        for w in (0..self.sorted.len()).rev() {
+            if j == 0 {
+                break;
+            }
+            if i > 0 && self.sorted[i - 1] > newer[j - 1] {
+                self.sorted[w] = self.sorted[i - 1];
+                i -= 1;
+            } else {
+                self.sorted[w] = newer[j - 1];
+                j -= 1;
+            }
+        }
+        self.sorted.dedup();
+    }
+
+    /// How many ids are held (ids taken in bulk count once settled).
     pub fn len(&self) -> usize {
         let newer = self
             .newest
             .iter()
             .filter(|k| self.sorted.binary_search(k).is_err())
             .count();
-        self.sorted.len() + newer
+        self.sorted.len() + newer + self.logged.len()
     }
 
     /// Whether no id is held.
@@ -1229,20 +1261,33 @@ mod tests {
     }
 
     proptest! {
-        /// The id set answers as a set of the ids' first 8 bytes would, across its merges.
+        /// The id set answers as a set of the ids' first 8 bytes would, across its merges, with ids
+        /// taken one by one and in bulk (as a replay takes them), settled at any point.
         #[test]
-        fn the_id_set_is_a_set_of_prefixes(ids in prop::collection::vec(any::<[u8; 16]>(), 0..3000), probe in any::<[u8; 16]>()) {
+        fn the_id_set_is_a_set_of_prefixes(
+            ids in prop::collection::vec(any::<[u8; 16]>(), 0..3000),
+            probe in any::<[u8; 16]>(),
+            settle_every in 1usize..2000,
+        ) {
             let mut set = IdSet::default();
             let mut model = HashSet::new();
             for (i, id) in ids.iter().enumerate() {
-                set.insert(&RecordId(*id));
+                if i % 5 < 2 {
+                    set.insert_logged(&RecordId(*id));
+                } else {
+                    set.insert(&RecordId(*id));
+                }
                 // Every third id is inserted again: held once.
                 if i % 3 == 0 {
                     set.insert(&RecordId(*id));
                 }
+                if i % settle_every == 0 {
+                    set.settle();
+                }
                 model.insert(id[..8].to_vec());
                 prop_assert!(set.contains(&RecordId(*id)));
             }
+            set.settle();
             prop_assert_eq!(set.len(), model.len());
             prop_assert_eq!(set.contains(&RecordId(probe)), model.contains(&probe[..8]));
             for id in &ids {

@@ -6,7 +6,7 @@
 use cmr_core::family::Period;
 
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 7;
+pub const FORMAT_VERSION: u32 = 8;
 /// Earlier formats whose folders this build opens by adding the index rows they lack (see
 /// `Store::open`): 1 had no party and pending indexes, 2 no vaults-of-a-party index, 3 and 4 no feed,
 /// 1 to 6 no family ledger pieces (`LEDGER`: the ledgers were rebuilt in memory).
@@ -15,6 +15,9 @@ pub const FORMATS_WITHOUT_INDEXES: [u32; 6] = [1, 2, 3, 4, 5, 6];
 /// the open moves them into pieces (`ENTRIES`, `NODES`) first. Format 3 also stored the level-0
 /// nodes; the move drops them.
 pub const FORMATS_WITHOUT_PIECES: [u32; 5] = [1, 2, 3, 4, 5];
+/// Earlier formats whose engine kept some pieces its own way (format 7 kept the records pieces in
+/// sled's rows, later ones in the file beside it): [`crate::Storage::upgrade`] moves them.
+pub const FORMATS_BEFORE_ENGINE_PIECES: [u32; 7] = [1, 2, 3, 4, 5, 6, 7];
 
 /// Table tags.
 pub mod tag {
@@ -41,7 +44,7 @@ pub mod tag {
     pub const RECORD: u8 = 0x05;
     /// Pieces of consecutive records of a period, by (family number, period, first index): each a
     /// 4-byte length and what a `RECORD` row's value holds. No piece crosses a multiple of 64 records,
-    /// and one is closed past 32 KiB (`store::records`).
+    /// and one is closed past 16 KiB (`store::records`).
     pub const RECORDS: u8 = 0x15;
     /// Each period's tree as its perfect subtrees, by (family number, period): count u64, then (leaves
     /// u64, root) for each subtree, largest first; rewritten by each batch that adds to the period. An

@@ -5,11 +5,13 @@
 //! changed, since sled's own flush does not survive power loss), and the acknowledgement mark beside
 //! sled's files, which turns sled's silent recovery of an older state into a clear error at open.
 //!
-//! It also keeps the log's entries (the `ENTRIES` pieces, written once and never changed) out of sled,
-//! in an append-only file beside it ([`ENTRIES_FILE`]): sled holds a short pointer for each piece.
-//! sled rewrites its pages as rows are added and keeps memory for every page it holds, so the log's
-//! bodies, most of what a vault stores, made sled's files and the server's memory grow several times
-//! faster than the log (docs/durability.md, "How the log is stored").
+//! It also keeps the log's entries and the sealed records (the `ENTRIES` and `RECORDS` pieces, each
+//! written once) out of sled, in append-only files beside it ([`ENTRIES_FILE`], [`RECORDS_FILE`]):
+//! sled holds a short pointer for each piece. sled rewrites its pages as rows are added and keeps
+//! memory for every page it holds, so the log's bodies and the records, most of what a vault stores,
+//! made sled's files and the server's memory grow several times faster than what they hold
+//! (docs/durability.md, "How the log is stored" and "Records and family ledgers in pieces"). The bytes
+//! of an erased records piece are overwritten with zeros once its deletion is durable.
 //!
 //! What it does not own: anything the store decides (the sequencer, the rules, the tree, the indexes).
 
@@ -25,8 +27,10 @@ use crate::layout::tag;
 use crate::storage::{Acknowledged, Row, Rows, Storage, Writes};
 use crate::{StoreConfig, StoreError};
 
-/// The file, beside sled's, that holds the log's entries (see [`EntriesFile`]).
+/// The file, beside sled's, that holds the log's entries (see [`PieceFile`]).
 pub const ENTRIES_FILE: &str = "entries";
+/// The file, beside sled's, that holds the sealed records (see [`PieceFile`]).
+pub const RECORDS_FILE: &str = "records";
 
 fn io(e: std::io::Error) -> StoreError {
     disk(&e)
@@ -70,7 +74,9 @@ pub struct SledStorage {
     sync: Mutex<(FileStates, AckMark)>,
     acknowledged: Option<(u64, Hash)>,
     /// The log's entries, outside sled.
-    entries: EntriesFile,
+    entries: PieceFile,
+    /// The sealed records, outside sled.
+    records: PieceFile,
 }
 
 impl SledStorage {
@@ -85,15 +91,32 @@ impl SledStorage {
         let db = open_sled(path, cache_capacity)?;
         let rows = db.open_tree("cmr").map_err(sled_err)?;
         let (mark, acknowledged) = AckMark::open(path)?;
-        let entries = EntriesFile::open(path)?;
         Ok(Self {
             open: RwLock::new(Some((db, rows))),
             path: path.to_path_buf(),
             cache_capacity,
             sync: Mutex::new((FileStates::new(), mark)),
             acknowledged,
-            entries,
+            entries: PieceFile::open(path, ENTRIES_FILE, tag::ENTRIES)?,
+            records: PieceFile::open(path, RECORDS_FILE, tag::RECORDS)?,
         })
+    }
+
+    /// The file that holds the pieces of the table `key` belongs to, if they are kept outside sled.
+    fn file_of(&self, key: &[u8]) -> Option<&PieceFile> {
+        match key.first() {
+            Some(&tag::ENTRIES) => Some(&self.entries),
+            Some(&tag::RECORDS) => Some(&self.records),
+            _ => None,
+        }
+    }
+
+    /// The value of a row as the store sees it: a piece kept outside sled in place of its pointer.
+    fn resolve(&self, key: &[u8], value: sled::IVec) -> Result<Vec<u8>, StoreError> {
+        match self.file_of(key) {
+            Some(file) => file.resolve(key, value.to_vec()),
+            None => Ok(value.to_vec()),
+        }
     }
 
     /// sled's tree (a cheap handle), unless it is being reopened.
@@ -117,14 +140,14 @@ impl SledStorage {
     }
 }
 
-/// sled's rows, with each entries piece read from the entries file in place of its pointer.
+/// sled's rows, with each piece kept outside sled read from its file in place of its pointer.
 fn rows<'a>(
     iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a,
-    entries: &'a EntriesFile,
+    storage: &'a SledStorage,
 ) -> Rows<'a> {
     Box::new(iter.map(move |kv| {
         let (k, v) = kv.map_err(sled_err)?;
-        let v = entries.resolve(&k, v.to_vec())?;
+        let v = storage.resolve(&k, v)?;
         Ok((k.to_vec(), v))
     }))
 }
@@ -136,7 +159,7 @@ impl SledStorage {
         I: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a,
     {
         match self.tree() {
-            Ok(t) => rows(f(&t), &self.entries),
+            Ok(t) => rows(f(&t), self),
             Err(e) => Box::new(std::iter::once(Err(e))),
         }
     }
@@ -145,12 +168,12 @@ impl SledStorage {
 impl Storage for SledStorage {
     fn size_on_disk(&self) -> Result<Option<u64>, StoreError> {
         let sled = self.db()?.size_on_disk().map_err(sled_err)?;
-        Ok(Some(sled + self.entries.len()))
+        Ok(Some(sled + self.entries.len() + self.records.len()))
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         match self.tree()?.get(key).map_err(sled_err)? {
-            Some(v) => Ok(Some(self.entries.resolve(key, v.to_vec())?)),
+            Some(v) => Ok(Some(self.resolve(key, v)?)),
             None => Ok(None),
         }
     }
@@ -170,7 +193,7 @@ impl Storage for SledStorage {
         match self.tree()?.range(from.to_vec()..to.to_vec()).next_back() {
             Some(kv) => {
                 let (k, v) = kv.map_err(sled_err)?;
-                let v = self.entries.resolve(&k, v.to_vec())?;
+                let v = self.resolve(&k, v)?;
                 Ok(Some((k.to_vec(), v)))
             }
             None => Ok(None),
@@ -201,6 +224,8 @@ impl Storage for SledStorage {
         let rows = db.open_tree("cmr").map_err(sled_err)?;
         let (mark, _) = AckMark::open(&self.path)?;
         self.entries.reopen(&self.path)?;
+        // Deletions not yet known durable are not scrubbed: they may be gone with sled's tail.
+        self.records.reopen(&self.path)?;
         *sync = (FileStates::new(), mark);
         *self.open.write().unwrap_or_else(|p| p.into_inner()) = Some((db, rows));
         Ok(())
@@ -209,27 +234,71 @@ impl Storage for SledStorage {
     fn write(&self, writes: Writes) -> Result<(), StoreError> {
         let tree = self.tree()?;
         let mut batch = sled::Batch::default();
+        let mut deleted = Vec::new();
         for (k, v) in writes {
-            match v {
-                // The entries go to their file first: the pointer sled keeps is to bytes written.
-                Some(v) if k.first() == Some(&tag::ENTRIES) => {
-                    batch.insert(k, self.entries.append(&v)?);
+            match (v, self.file_of(&k)) {
+                // A piece goes to its file first: the pointer sled keeps is to bytes written.
+                (Some(v), Some(file)) => batch.insert(k, file.append(&v)?),
+                (Some(v), None) => batch.insert(k, v),
+                (None, file) => {
+                    // A deleted records piece (an erasure) is scrubbed once its deletion is durable.
+                    if file.is_some_and(|f| f.scrubs)
+                        && let Some(old) = tree.get(&k).map_err(sled_err)?
+                        && let Some(place) = pointed(&old)
+                    {
+                        deleted.push(place);
+                    }
+                    batch.remove(k)
                 }
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
             }
         }
-        tree.apply_batch(batch).map_err(sled_err)
+        tree.apply_batch(batch).map_err(sled_err)?;
+        self.records.deleted(deleted);
+        Ok(())
+    }
+
+    fn upgrade(&self, from: u32) -> Result<(), StoreError> {
+        // Format 7 kept the records pieces in sled's rows: each is moved into the records file, a
+        // thousand a write (an upgrade cut short goes on from where it was: a moved piece's row is a
+        // pointer).
+        if from > 7 {
+            return Ok(());
+        }
+        let tree = self.tree()?;
+        let mut moving = Writes::new();
+        for kv in tree.scan_prefix([tag::RECORDS]) {
+            let (k, v) = kv.map_err(sled_err)?;
+            if pointed(&v).is_none() {
+                moving.insert(k.to_vec(), Some(v.to_vec()));
+            }
+            if moving.len() >= 1024 {
+                self.write(std::mem::take(&mut moving))?;
+            }
+        }
+        if !moving.is_empty() {
+            self.write(moving)?;
+        }
+        // Made durable here, before the store writes its new format: a pointer never reaches the
+        // disk ahead of the bytes it names.
+        self.records.sync()?;
+        self.db()?.flush().map_err(sled_err)?;
+        Ok(())
     }
 
     fn sync(&self, size: u64, root: &Hash, _checkpoint: &str) -> Result<(), StoreError> {
         let mut guard = self.sync.lock().unwrap_or_else(|p| p.into_inner());
         let (seen, mark) = &mut *guard;
-        // The entries before sled's rows that point to them: sled flushes only here (its own flusher
+        // Deletions this flush makes durable: every one noted so far was applied to sled before it.
+        let deleted = self.records.take_deleted();
+        // The pieces before sled's rows that point to them: sled flushes only here (its own flusher
         // is off), so its rows never reach the disk ahead of the bytes they point to through a flush.
         self.entries.sync()?;
+        self.records.sync()?;
         self.db()?.flush().map_err(sled_err)?;
         sync_dir(&self.path, seen)?;
+        // No pointer names these bytes any more, durably: they are overwritten with zeros (made
+        // durable with the next group's sync).
+        self.records.scrub(deleted);
         // The group is durable; without the mark the store could not vouch for it at the next open.
         mark.write(size, root)
     }
@@ -318,8 +387,11 @@ fn sync_dir(path: &Path, seen: &mut FileStates) -> Result<(), StoreError> {
                 if path.file_name() == Some(std::ffi::OsStr::new(ACK_MARK)) {
                     return Ok(());
                 }
-                // The entries file is synced on its own, before sled's flush.
-                if path.file_name() == Some(std::ffi::OsStr::new(ENTRIES_FILE)) {
+                // The files of pieces are synced on their own, before sled's flush.
+                if [ENTRIES_FILE, RECORDS_FILE]
+                    .iter()
+                    .any(|f| path.file_name() == Some(std::ffi::OsStr::new(f)))
+                {
                     return Ok(());
                 }
                 present.push(path.clone());
@@ -366,7 +438,7 @@ fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
         match sled::Config::new()
             .path(path)
             .cache_capacity(cache_capacity)
-            // Only the store's sync flushes, after the entries file (see `Storage::sync`).
+            // Only the store's sync flushes, after the files of pieces (see `Storage::sync`).
             .flush_every_ms(None)
             .open()
         {
@@ -391,42 +463,71 @@ fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
     }
 }
 
-/// The log's entries outside sled: an append-only file of entries pieces, each written once, at its
-/// end. sled keeps, as the piece's value, a pointer ([`POINTER_LEN`] bytes: offset, length, and the
-/// first 8 bytes of the piece's SHA-256), and [`SledStorage`] hands the piece itself to every read, so
-/// the store above sees rows as on any other engine.
+/// Pieces outside sled: an append-only file of pieces (the log's entries, or the sealed records), each
+/// written once, at its end. sled keeps, as the piece's value, a pointer ([`POINTER_LEN`] bytes:
+/// offset, length, and the first 8 bytes of the piece's SHA-256), and [`SledStorage`] hands the piece
+/// itself to every read, so the store above sees rows as on any other engine.
 ///
 /// Bytes past the last pointer (a group written and then lost with sled's unsynced tail, or one
 /// abandoned) are never read; a group logged again is appended again. A pointer whose bytes are missing
 /// or differ (the file damaged, truncated or replaced) is an error that names the file: the store then
-/// refuses to open rather than serve a log it cannot vouch for.
-struct EntriesFile {
+/// refuses to open rather than serve data it cannot vouch for.
+///
+/// The records file also forgets: the bytes of a records piece whose row was deleted (an erasure) are
+/// overwritten with zeros once the deletion is durable. (A deletion a crash cuts short of that leaves
+/// bytes no pointer names, as sled's own files keep the old versions of its pages until it reuses
+/// them; docs/durability.md.)
+struct PieceFile {
+    /// The file's name in the data folder.
+    name: &'static str,
+    /// The table whose pieces it holds.
+    tag: u8,
+    /// Whether a deleted piece's bytes are overwritten (the records).
+    scrubs: bool,
     /// The file (replaced only by a reconnect). Reads and appends use positioned I/O on a shared handle.
     file: RwLock<std::sync::Arc<std::fs::File>>,
     /// Where the next piece goes: the file's length. Only the sequencer appends.
     end: std::sync::atomic::AtomicU64,
-    /// Whether bytes were appended since the last sync.
+    /// Whether bytes were written since the last sync.
     dirty: std::sync::atomic::AtomicBool,
+    /// Deleted pieces (offset, length) whose deletion is not known durable yet.
+    deleted: Mutex<Vec<(u64, u32)>>,
 }
 
 /// Offset (8), length (4), first 8 bytes of the SHA-256 of the piece (8).
 const POINTER_LEN: usize = 20;
 
-impl EntriesFile {
-    fn open(dir: &Path) -> Result<Self, StoreError> {
-        let (file, end) = open_entries(dir)?;
+/// Where the pointer `value` says its piece is, if it is a pointer. No piece is [`POINTER_LEN`] bytes
+/// long (an entries piece holds a 4-byte length, a 32-byte salt and a body; a records piece a 4-byte
+/// length, an 8-byte log index and a sealed record of at least 52 bytes), so a value of that length is
+/// a pointer, and any other a piece kept in sled's row itself (a records piece of format 7).
+fn pointed(value: &[u8]) -> Option<(u64, u32)> {
+    let pointer = <[u8; POINTER_LEN]>::try_from(value).ok()?;
+    let offset = u64::from_be_bytes(pointer[..8].try_into().unwrap_or_default());
+    let len = u32::from_be_bytes(pointer[8..12].try_into().unwrap_or_default());
+    Some((offset, len))
+}
+
+impl PieceFile {
+    fn open(dir: &Path, name: &'static str, tag: u8) -> Result<Self, StoreError> {
+        let (file, end) = open_pieces(dir, name)?;
         Ok(Self {
+            name,
+            tag,
+            scrubs: tag == tag::RECORDS,
             file: RwLock::new(std::sync::Arc::new(file)),
             end: end.into(),
             dirty: false.into(),
+            deleted: Mutex::new(Vec::new()),
         })
     }
 
     fn reopen(&self, dir: &Path) -> Result<(), StoreError> {
-        let (file, end) = open_entries(dir)?;
+        let (file, end) = open_pieces(dir, self.name)?;
         *self.file.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(file);
         self.end.store(end, Ordering::SeqCst);
         self.dirty.store(false, Ordering::SeqCst);
+        self.take_deleted();
         Ok(())
     }
 
@@ -442,7 +543,7 @@ impl EntriesFile {
     fn append(&self, piece: &[u8]) -> Result<Vec<u8>, StoreError> {
         use std::os::unix::fs::FileExt as _;
         let len = u32::try_from(piece.len())
-            .map_err(|_| StoreError::Format("a piece of entries past 4 GiB".into()))?;
+            .map_err(|_| StoreError::Format(format!("a piece of {} past 4 GiB", self.name)))?;
         // A failed write leaves a hole no pointer names; the store stops and reopens (which reads the
         // file's length again).
         let at = self.end.fetch_add(u64::from(len), Ordering::SeqCst);
@@ -455,29 +556,30 @@ impl EntriesFile {
         Ok(pointer)
     }
 
-    /// The value of a row: for an entries piece, the piece its pointer names.
+    /// The value of one of this file's rows: the piece its pointer names. (A records piece that is
+    /// not a pointer was written by format 7 into sled's row itself, and is the piece.)
     fn resolve(&self, key: &[u8], value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         use std::os::unix::fs::FileExt as _;
-        if key.first() != Some(&tag::ENTRIES) {
-            return Ok(value);
-        }
+        debug_assert_eq!(key.first(), Some(&self.tag));
         let damaged = |what: &str| {
             StoreError::Format(format!(
-                "the piece of entries at {key:02x?} {what} in the `{ENTRIES_FILE}` file: the stored \
-                 data is damaged"
+                "the piece of {} at {key:02x?} {what} in the `{}` file: the stored data is damaged",
+                self.name, self.name
             ))
         };
-        let Ok(pointer) = <[u8; POINTER_LEN]>::try_from(value.as_slice()) else {
-            return Err(damaged("has no pointer"));
+        let Some((offset, len)) = pointed(&value) else {
+            return if self.tag == tag::RECORDS {
+                Ok(value)
+            } else {
+                Err(damaged("has no pointer"))
+            };
         };
-        let offset = u64::from_be_bytes(pointer[..8].try_into().unwrap_or_default());
-        let len = u32::from_be_bytes(pointer[8..12].try_into().unwrap_or_default());
         if offset.saturating_add(u64::from(len)) > self.len() {
             return Err(damaged("is past the end"));
         }
         let mut piece = vec![0; len as usize];
         self.file().read_exact_at(&mut piece, offset).map_err(io)?;
-        if sha256(&piece).0[..8] != pointer[12..] {
+        if sha256(&piece).0[..8] != value[12..] {
             return Err(damaged("does not match its checksum"));
         }
         Ok(piece)
@@ -493,11 +595,46 @@ impl EntriesFile {
         }
         Ok(())
     }
+
+    /// Notes pieces whose rows a write applied to sled has deleted.
+    fn deleted(&self, places: Vec<(u64, u32)>) {
+        if !places.is_empty() {
+            let mut deleted = self.deleted.lock().unwrap_or_else(|p| p.into_inner());
+            deleted.extend(places);
+        }
+    }
+
+    /// The deleted pieces noted so far.
+    fn take_deleted(&self) -> Vec<(u64, u32)> {
+        std::mem::take(&mut *self.deleted.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Overwrites with zeros the bytes of pieces whose deletion is durable. A failure is logged and
+    /// the pieces are tried again at the next sync: the deletion itself stands either way.
+    fn scrub(&self, places: Vec<(u64, u32)>) {
+        use std::os::unix::fs::FileExt as _;
+        let file = self.file();
+        let mut failed = Vec::new();
+        for (offset, len) in places {
+            let end = offset.saturating_add(u64::from(len));
+            if end > self.len() {
+                continue;
+            }
+            match file.write_all_at(&vec![0; len as usize], offset) {
+                Ok(()) => self.dirty.store(true, Ordering::SeqCst),
+                Err(e) => {
+                    tracing::warn!(error = %e, file = self.name, "an erased piece is not overwritten yet");
+                    failed.push((offset, len));
+                }
+            }
+        }
+        self.deleted(failed);
+    }
 }
 
-/// Opens (or creates) the entries file in `dir`; returns it and its length.
-fn open_entries(dir: &Path) -> Result<(std::fs::File, u64), StoreError> {
-    let file = open_beside(dir, ENTRIES_FILE)?;
+/// Opens (or creates) the file of pieces `name` in `dir`; returns it and its length.
+fn open_pieces(dir: &Path, name: &str) -> Result<(std::fs::File, u64), StoreError> {
+    let file = open_beside(dir, name)?;
     let end = file.metadata().map_err(io)?.len();
     Ok((file, end))
 }

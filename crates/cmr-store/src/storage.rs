@@ -84,6 +84,12 @@ pub trait Storage: Send + Sync {
     /// [`Storage::acknowledged`]; an engine several stores share records the newest for
     /// [`Storage::durable`].
     fn sync(&self, size: u64, root: &Hash, checkpoint: &str) -> Result<(), StoreError>;
+    /// Moves what the engine itself keeps differently since the data format `from` (the store's open
+    /// calls it on an older folder, before anything else, and then writes the new format): durable
+    /// on return, and safe to cut and run again.
+    fn upgrade(&self, _from: u32) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Opens the engine afresh after a failure (a database that restarted, a disk that was full):
     /// what was written and not synced may be gone, so the store rebuilds its state from the engine
     /// afterwards.

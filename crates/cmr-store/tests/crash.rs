@@ -257,13 +257,8 @@ fn nothing_acknowledged_is_lost_after_kill_9() {
 /// entry's batch has each of its records stored (the load erases nothing).
 fn records_match_their_entries(path: &std::path::Path, round: usize) {
     use cmr_store::layout::tag;
-    // Through the storage engine: the entries pieces live in their own file beside sled.
-    let engine = cmr_store::SledStorage::open_folder(path, 16 << 20).unwrap();
-    let rows = |t: u8| -> Vec<(Vec<u8>, Vec<u8>)> {
-        cmr_store::Storage::scan_prefix(&engine, &[t])
-            .map(Result::unwrap)
-            .collect()
-    };
+    // Through the storage engine: the entries and records pieces live in files beside sled.
+    let rows = |t: u8| common::engine_rows(path, t);
     let mut by_entry: HashMap<u64, Vec<RecordId>> = HashMap::new();
     for (k, piece) in rows(tag::RECORDS) {
         for v in cmr_store::layout::piece_records(&piece).unwrap() {

@@ -519,15 +519,9 @@ fn a_batch_with_a_bad_signature_or_a_revoked_device_is_refused() {
 
 /// The number of stored records (in the records pieces) in a closed store.
 fn stored_records(path: &std::path::Path) -> usize {
-    common::raw_sled(path)
-        .open_tree("cmr")
-        .unwrap()
-        .scan_prefix([cmr_store::layout::tag::RECORDS])
-        .map(|kv| {
-            cmr_store::layout::piece_records(&kv.unwrap().1)
-                .unwrap()
-                .len()
-        })
+    common::engine_rows(path, cmr_store::layout::tag::RECORDS)
+        .iter()
+        .map(|(_, v)| cmr_store::layout::piece_records(v).unwrap().len())
         .sum()
 }
 
@@ -583,6 +577,7 @@ fn erasing_a_family_deletes_its_records_and_closes_it_to_everyone() {
         (g, at)
     };
     assert_eq!(stored_records(dir.path()), 2);
+    assert_eq!(erased_bytes_left(dir.path()), 0);
 
     // After a reopen the erasure still holds, and the log still audits clean.
     let store = open(dir.path(), clock);
@@ -606,6 +601,32 @@ fn erasing_a_family_deletes_its_records_and_closes_it_to_everyone() {
     store.execute(erasure(&w, ErasureTarget::Vault)).unwrap();
     drop(store);
     assert_eq!(stored_records(dir.path()), 0);
+    assert_eq!(erased_bytes_left(dir.path()), 0);
+    let file = dir.path().join(cmr_store::sled_storage::RECORDS_FILE);
+    assert!(std::fs::metadata(file).unwrap().len() > 0);
+}
+
+/// The bytes of the records file (beside sled's) that no stored records piece names and that are not
+/// zero: an erased piece is overwritten once its deletion is durable.
+fn erased_bytes_left(path: &std::path::Path) -> usize {
+    let bytes = std::fs::read(path.join(cmr_store::sled_storage::RECORDS_FILE)).unwrap();
+    let mut named = vec![false; bytes.len()];
+    for kv in common::raw_sled(path)
+        .open_tree("cmr")
+        .unwrap()
+        .scan_prefix([cmr_store::layout::tag::RECORDS])
+    {
+        let v = kv.unwrap().1;
+        assert_eq!(v.len(), 20, "a pointer: offset, length, checksum");
+        let at = u64::from_be_bytes(v[..8].try_into().unwrap()) as usize;
+        let len = u32::from_be_bytes(v[8..12].try_into().unwrap()) as usize;
+        named[at..at + len].fill(true);
+    }
+    bytes
+        .iter()
+        .zip(named)
+        .filter(|(b, named)| **b != 0 && !named)
+        .count()
 }
 
 #[test]
@@ -1355,6 +1376,67 @@ fn unpacked(pieces: &[(Vec<u8>, Vec<u8>)]) -> Vec<(Vec<u8>, Vec<u8>)> {
     out
 }
 
+/// A folder of format 7 kept its records pieces in sled's rows: the open moves each into the records
+/// file beside sled's (sled then holds a pointer), and serves the same records. Here half the pieces
+/// are still in their rows, as an upgrade cut short leaves them: the open moves what is left.
+#[test]
+fn a_folder_of_format_7_moves_its_records_out_of_sled_at_open() {
+    use cmr_store::layout;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let month = p(2026, 4);
+    let file = dir.path().join(cmr_store::sled_storage::RECORDS_FILE);
+    {
+        let store = open(dir.path(), clock.clone());
+        let w = World::setup(&store);
+        let mut head = cmr_core::batch::Head::empty(w.customer.id, w.tx).digest();
+        for (tag, n) in [(1, 20), (2, 13)] {
+            head = store
+                .execute(w.customer_batch(head, month, n, tag))
+                .unwrap()
+                .head
+                .unwrap();
+        }
+    }
+    let pieces = common::engine_rows(dir.path(), layout::tag::RECORDS);
+    assert!(pieces.len() >= 2);
+    let before = std::fs::metadata(&file).unwrap().len();
+    let inline = &pieces[..pieces.len() / 2];
+    {
+        // As format 7 wrote them: each piece in its row.
+        let db = common::raw_sled(dir.path());
+        let t = db.open_tree("cmr").unwrap();
+        for (k, v) in inline {
+            t.insert(k, v.as_slice()).unwrap();
+        }
+        t.insert(layout::META_FORMAT, &7u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    for _ in 0..2 {
+        let store = open(dir.path(), clock.clone());
+        let w = World::existing();
+        assert_eq!(read_all_verified(&store, &w, month, 5).len(), 33);
+    }
+    assert_eq!(
+        common::engine_rows(dir.path(), layout::tag::RECORDS),
+        pieces
+    );
+    let db = common::raw_sled(dir.path());
+    let t = db.open_tree("cmr").unwrap();
+    for kv in t.scan_prefix([layout::tag::RECORDS]) {
+        assert_eq!(kv.unwrap().1.len(), 20, "a pointer into the records file");
+    }
+    assert_eq!(
+        t.get(layout::META_FORMAT).unwrap().unwrap().as_ref(),
+        layout::FORMAT_VERSION.to_be_bytes()
+    );
+    let moved: usize = inline.iter().map(|(_, v)| v.len()).sum();
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().len(),
+        before + moved as u64
+    );
+}
+
 /// A folder of format 6 (a row per record, and the family ledgers rebuilt in memory at each open) has
 /// its records moved into pieces and gains its ledger pieces at open: the same rows the sequencer
 /// writes.
@@ -1386,16 +1468,10 @@ fn a_folder_from_before_the_ledger_pieces_gains_them_at_open() {
         }
     }
     let expected = {
+        // Format 6 kept a row per record: unpack the records' pieces.
+        let pieces = common::engine_rows(dir.path(), layout::tag::RECORDS);
         let db = common::raw_sled(dir.path());
         let t = db.open_tree("cmr").unwrap();
-        // Format 6 kept a row per record: unpack the records' pieces.
-        let pieces: Vec<(Vec<u8>, Vec<u8>)> = t
-            .scan_prefix([layout::tag::RECORDS])
-            .map(|kv| {
-                let (k, v) = kv.unwrap();
-                (k.to_vec(), v.to_vec())
-            })
-            .collect();
         for (k, v) in unpacked(&pieces) {
             t.insert(k, v).unwrap();
         }
@@ -1424,16 +1500,10 @@ fn a_folder_from_before_the_ledger_pieces_gains_them_at_open() {
         let head = w.head_of(&store, w.tx, (month, month));
         assert!(store.execute(w.customer_batch(head, month, 1, 2)).is_err());
     }
+    let pieces = common::engine_rows(dir.path(), layout::tag::RECORDS);
     let db = common::raw_sled(dir.path());
     let t = db.open_tree("cmr").unwrap();
     let mut rows = index_rows(&t);
-    let pieces: Vec<(Vec<u8>, Vec<u8>)> = t
-        .scan_prefix([layout::tag::RECORDS])
-        .map(|kv| {
-            let (k, v) = kv.unwrap();
-            (k.to_vec(), v.to_vec())
-        })
-        .collect();
     // The move may pack the records otherwise than the batches did: the same records, in order.
     rows.extend(unpacked(&pieces));
     rows.sort();

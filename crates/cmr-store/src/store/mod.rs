@@ -485,6 +485,10 @@ impl Store {
                 let version = <[u8; 4]>::try_from(v.as_slice())
                     .map(u32::from_be_bytes)
                     .map_err(|_| StoreError::Format("corrupted format version".into()))?;
+                if layout::FORMATS_BEFORE_ENGINE_PIECES.contains(&version) {
+                    // What the engine keeps its own way (resumes if cut).
+                    rows.upgrade(version)?;
+                }
                 if layout::FORMATS_WITHOUT_PIECES.contains(&version) {
                     // A row per entry, leaf and node: moved into pieces first (resumes if cut).
                     pieces::migrate(&*rows)?;
@@ -492,7 +496,7 @@ impl Store {
                 if layout::FORMATS_WITHOUT_INDEXES.contains(&version) {
                     // Written before some of the indexes: the replay below adds them.
                     add_indexes = true;
-                } else if layout::FORMATS_WITHOUT_PIECES.contains(&version) {
+                } else if layout::FORMATS_BEFORE_ENGINE_PIECES.contains(&version) {
                     rows.begin()?;
                     rows.write(format_row())?;
                 } else if version != layout::FORMAT_VERSION {

@@ -309,11 +309,13 @@ pub(super) fn tree_rows(
 }
 
 /// A records piece is closed once its records pass this many bytes (a record larger than this is a
-/// piece by itself). Small on purpose: sled 0.34 splits a leaf page past 16 rows, whatever their size,
-/// and writes a page past 128 KiB (a quarter of its segment) to a file of its own, which made pieces
-/// of 32 KiB seed a million records eight times slower and read them thirty times slower than a row
-/// each. At 4 KiB a page stays near 80 KiB at most, and a piece holds four records of 1 KiB.
-const RECORD_PIECE_BYTES: usize = 4 * 1024;
+/// piece by itself). A read checks whole pieces (the engine's checksum, then each record against its
+/// leaf), so a piece stays near the size of a read's page of records; fewer, larger pieces are fewer
+/// rows for the engine to index (sled keeps memory for every page of rows it holds, and keeps a
+/// 20-byte pointer a piece, the piece itself in a file beside it). At 16 KiB a piece holds about
+/// fourteen records of 1 KiB. (Format 7 kept pieces in sled's rows, at 4 KiB: sled writes a page past
+/// 128 KiB to a file of its own, which made pieces of 32 KiB there seed eight times slower.)
+const RECORD_PIECE_BYTES: usize = 16 * 1024;
 
 /// A records piece being built: its first index and its value so far.
 struct RecordsPiece {

@@ -10,6 +10,10 @@ fn erased(ledger: &Ledger, customer: &IdentityId, family: &FamilyId) -> bool {
         .is_some()
 }
 
+/// A replayed entry's body longer than this is hashed (for its customer's chain head) only if it is
+/// the customer's last entry.
+const DEFERRED_HASH_BYTES: usize = 4096;
+
 impl Sequencer {
     /// Rebuilds the in-memory state from the stored log; with `add_indexes`, also writes the index rows
     /// of every entry (a store from before the indexes), made durable with the rest of the open.
@@ -60,6 +64,9 @@ impl Sequencer {
                 "log entry {i} has no stored body: the stored data is damaged"
             ))
         };
+        // A chain head's hash is needed only for each customer's last entry: a large body (a batch of
+        // records) is hashed once the replay knows it is the last.
+        let mut unhashed: HashMap<IdentityId, u64> = HashMap::new();
         for kv in pieces::entries(&*rows, from, to) {
             let (i, v) = kv?;
             if i != next {
@@ -69,13 +76,18 @@ impl Sequencer {
             let body = EntryBody::decode(v.get(32..).unwrap_or_default())
                 .map_err(|e| StoreError::Format(format!("entry {i}: {e}")))?;
             if let Some(c) = body.customer {
-                self.state.heads.insert(
-                    c,
-                    ChainLink {
-                        index: i,
-                        hash: EntryBody::hash(&v[32..]),
-                    },
-                );
+                if v.len() > DEFERRED_HASH_BYTES {
+                    unhashed.insert(c, i);
+                } else {
+                    unhashed.remove(&c);
+                    self.state.heads.insert(
+                        c,
+                        ChainLink {
+                            index: i,
+                            hash: EntryBody::hash(&v[32..]),
+                        },
+                    );
+                }
             }
             self.state.last_time = self.state.last_time.max(body.time);
             self.note_key_event(body.kind, body.subject, i);
@@ -116,6 +128,20 @@ impl Sequencer {
         }
         if next != to {
             return Err(missing(next));
+        }
+        for (customer, i) in unhashed {
+            let (_, v) = pieces::entries(&*rows, i, i + 1)
+                .next()
+                .ok_or_else(|| missing(i))??;
+            let hash = EntryBody::hash(v.get(32..).unwrap_or_default());
+            self.state
+                .heads
+                .insert(customer, ChainLink { index: i, hash });
+        }
+        if next > from {
+            for family in self.state.ledgers.values_mut() {
+                family.ids.settle();
+            }
         }
         for (i, (customer, family)) in without_records {
             if !erased(&self.state.ledger, &customer, &family) {
@@ -284,7 +310,7 @@ impl Sequencer {
                 ledger.state.advance(b);
             }
             for e in &b.entries {
-                ledger.ids.insert(&e.id);
+                ledger.ids.insert_logged(&e.id);
             }
             return Ok(None);
         }
@@ -325,7 +351,7 @@ impl Sequencer {
         ledger.state.check_logged(b, &records).map_err(|e| m(&e))?;
         let applied = ledger.state.advance(b);
         for e in &b.entries {
-            ledger.ids.insert(&e.id);
+            ledger.ids.insert_logged(&e.id);
         }
         if let Some(writes) = add_to {
             stage_ledger(writes, &*self.rows, number, b, &applied)?;

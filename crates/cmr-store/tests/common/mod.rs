@@ -29,6 +29,15 @@ pub fn config(path: &Path, clock: Arc<AtomicU64>, verify_on_open: bool) -> Store
 
 /// sled itself, on the folder of a closed store. sled lets go of its folder lock a moment after the store
 /// is dropped (its I/O threads still hold the files): wait for it, as `Store::open` does.
+/// The rows of table `tag` in a closed store's folder as the store sees them, through the storage
+/// engine (the entries and records pieces live in files beside sled's, its rows only point to them).
+pub fn engine_rows(path: &std::path::Path, tag: u8) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let engine = cmr_store::SledStorage::open_folder(path, 16 << 20).unwrap();
+    cmr_store::Storage::scan_prefix(&engine, &[tag])
+        .map(Result::unwrap)
+        .collect()
+}
+
 pub fn raw_sled(path: &std::path::Path) -> sled::Db {
     let mut tries = 0;
     loop {
