@@ -6,7 +6,7 @@
 use cmr_core::family::Period;
 
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 8;
+pub const FORMAT_VERSION: u32 = 9;
 /// Earlier formats whose folders this build opens by adding the index rows they lack (see
 /// `Store::open`): 1 had no party and pending indexes, 2 no vaults-of-a-party index, 3 and 4 no feed,
 /// 1 to 6 no family ledger pieces (`LEDGER`: the ledgers were rebuilt in memory).
@@ -18,6 +18,9 @@ pub const FORMATS_WITHOUT_PIECES: [u32; 5] = [1, 2, 3, 4, 5];
 /// Earlier formats whose engine kept some pieces its own way (format 7 kept the records pieces in
 /// sled's rows, later ones in the file beside it): [`crate::Storage::upgrade`] moves them.
 pub const FORMATS_BEFORE_ENGINE_PIECES: [u32; 7] = [1, 2, 3, 4, 5, 6, 7];
+/// Earlier formats that wrote a party index row for every posting and have no party mark: their
+/// open sets the mark to the log's size (every posting is in rows), and the rows read as runs of one.
+pub const FORMATS_WITHOUT_PARTY_RUNS: [u32; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
 
 /// Table tags.
 pub mod tag {
@@ -58,8 +61,10 @@ pub mod tag {
     pub const CUSTOMER_HEAD: u8 = 0x0b;
     /// A customer's key backup: version (u64), then the client-sealed bytes.
     pub const BACKUP: u8 = 0x0c;
-    /// The entries of a customer's chain that concern another party, by (customer, party, log index);
-    /// empty values. A company's relationship view is one range scan.
+    /// The entries of a customer's chain that concern another party, in runs by (customer, party,
+    /// first log index); the value holds the rest of the run (`party_run`; empty: a run of one). A
+    /// company's relationship view is one range scan, and the newest postings are in memory
+    /// (`store::party`).
     pub const PARTY: u8 = 0x0d;
     /// The requests waiting for a customer's answer, by (customer, company, request id); the value is
     /// the request's log index. The customer's pending listing is one range scan.
@@ -87,9 +92,65 @@ pub fn vault_of(party: &[u8; 32], customer: &[u8; 32]) -> Vec<u8> {
     key(tag::VAULTS_OF, &[party, customer])
 }
 
-/// The key of a chain entry that concerns `party`.
+/// The key of a chain entry that concerns `party`: the first of a run (`store::party`).
 pub fn party(customer: &[u8; 32], party: &[u8; 32], index: u64) -> Vec<u8> {
     key(tag::PARTY, &[customer, party, &index.to_be_bytes()])
+}
+
+/// The customer, party and first index of a party index key.
+pub fn party_of(key: &[u8]) -> Option<([u8; 32], [u8; 32], u64)> {
+    if key.len() != 73 || key[0] != tag::PARTY {
+        return None;
+    }
+    Some((
+        key[1..33].try_into().ok()?,
+        key[33..65].try_into().ok()?,
+        u64::from_be_bytes(key[65..73].try_into().ok()?),
+    ))
+}
+
+/// The value of a party index row holding the increasing indices `run` (its key holds the first):
+/// each later index as its gap from the one before, in LEB128. A run of one is an empty value, as
+/// every row was up to format 8.
+pub fn party_run(run: &[u64]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for w in run.windows(2) {
+        let mut gap = w[1] - w[0];
+        loop {
+            let byte = (gap & 0x7f) as u8;
+            gap >>= 7;
+            if gap == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    out
+}
+
+/// The indices of a party index row whose key names `first`; `None` if the value is malformed (a gap
+/// of zero, a cut or overlong number, an index past u64).
+pub fn party_run_indices(first: u64, value: &[u8]) -> Option<Vec<u64>> {
+    let mut out = vec![first];
+    let (mut gap, mut shift) = (0u64, 0u32);
+    for &b in value {
+        if shift > 63 || (shift == 63 && b & 0x7e != 0) {
+            return None;
+        }
+        gap |= u64::from(b & 0x7f).checked_shl(shift)?;
+        if b & 0x80 != 0 {
+            shift += 7;
+            continue;
+        }
+        let last = *out.last()?;
+        if gap == 0 {
+            return None;
+        }
+        out.push(last.checked_add(gap)?);
+        (gap, shift) = (0, 0);
+    }
+    (shift == 0).then_some(out)
 }
 
 /// The key of a request waiting for `customer`'s answer.
@@ -108,6 +169,9 @@ pub const META_LOG_KEY: &[u8] = &[tag::META, b'k'];
 /// The note, signed with the log key, that says the store was restored from a snapshot and to which
 /// log size (written by a restore).
 pub const META_RESTORED: &[u8] = &[tag::META, b'r'];
+/// Where the party index's postings in memory start: those of entries before it are in rows (u64;
+/// none: 0).
+pub const META_PARTY_FROM: &[u8] = &[tag::META, b'p'];
 
 /// A key of `tag` followed by `parts`.
 pub fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {

@@ -11,6 +11,7 @@ use cmr_core::consent::{Access, AccessRequest, Body, Counterparty, Duration as L
 use cmr_core::decision::{AccessKind, DenyReason};
 use cmr_core::family::Period;
 use cmr_core::family::Scope;
+use cmr_core::identity::IdentityId;
 use cmr_core::identity::Role;
 use cmr_log::auditor::Auditor;
 use cmr_log::note::NoteSigner;
@@ -1579,4 +1580,107 @@ fn assert_current_format(t: &sled::Tree) {
             .as_ref(),
         &cmr_store::layout::FORMAT_VERSION.to_be_bytes()
     );
+}
+
+/// A company's relationship view, page by page (three entries a page).
+fn party_pages(store: &Store, customer: &IdentityId, party: &IdentityId) -> Vec<u64> {
+    let (mut all, mut after) = (Vec::new(), None);
+    loop {
+        let (page, more) = store.party_entries(customer, party, after, 3).unwrap();
+        assert!(page.len() <= 3);
+        all.extend(&page);
+        after = page.last().copied();
+        if !more {
+            break;
+        }
+        assert_eq!(page.len(), 3, "a full page before more");
+    }
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "{all:?}");
+    assert_eq!(
+        store.party_entries(customer, party, None, 10_000).unwrap(),
+        (all.clone(), false)
+    );
+    all
+}
+
+/// The party index holds its newest postings in memory and writes them as runs once there are
+/// `party_tail` of them. A company's relationship view reads the same, page by page, before and after
+/// the runs are written, across reopens (the postings after the mark are taken again from the log, with
+/// the tail larger or smaller than they are), and after an upgrade from format 8, whose rows held one
+/// posting each.
+#[test]
+fn the_party_index_reads_the_same_across_runs_reopens_and_an_upgrade() {
+    use cmr_store::layout;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let opened = |tail: usize| {
+        let mut cfg = common::config(dir.path(), clock.clone(), false);
+        cfg.party_tail = tail;
+        Store::open(cfg).unwrap()
+    };
+    let (customer, acme, grant, mut expected) = {
+        let store = opened(1000);
+        let mut w = World::setup(&store);
+        let g = w.grant(&store);
+        store.execute(w.read(g, p(2025, 6), T0)).unwrap();
+        let before = party_pages(&store, &w.customer.id, &w.acme.id);
+        assert!(before.len() >= 2, "the grant and the read: {before:?}");
+        (w.customer.id, w.acme.id, g, before)
+    };
+    {
+        let store = opened(5);
+        assert_eq!(party_pages(&store, &customer, &acme), expected);
+        let mut w = World::existing();
+        for i in 0..23 {
+            let logged = store.execute(w.read(grant, p(2025, 6), T0)).unwrap();
+            expected.push(logged.index.unwrap());
+            if i % 4 == 0 {
+                assert_eq!(party_pages(&store, &customer, &acme), expected);
+            }
+        }
+        assert_eq!(party_pages(&store, &customer, &acme), expected);
+    }
+    {
+        // Runs of several postings, and a mark.
+        let db = common::raw_sled(dir.path());
+        let t = db.open_tree("cmr").unwrap();
+        assert!(
+            t.scan_prefix([layout::tag::PARTY])
+                .any(|kv| !kv.unwrap().1.is_empty())
+        );
+        let mark = t.get(layout::META_PARTY_FROM).unwrap().unwrap();
+        assert!(u64::from_be_bytes(mark.as_ref().try_into().unwrap()) > expected[1]);
+    }
+    for tail in [5, 1000, 2] {
+        let store = opened(tail);
+        assert_eq!(
+            party_pages(&store, &customer, &acme),
+            expected,
+            "tail {tail}"
+        );
+    }
+    // As format 8 wrote them: a row per posting, no mark.
+    {
+        let db = common::raw_sled(dir.path());
+        let t = db.open_tree("cmr").unwrap();
+        for kv in t.scan_prefix([layout::tag::PARTY]) {
+            t.remove(kv.unwrap().0).unwrap();
+        }
+        for i in &expected {
+            t.insert(layout::party(&customer.0, &acme.0, *i), &[])
+                .unwrap();
+        }
+        t.remove(layout::META_PARTY_FROM).unwrap();
+        t.insert(layout::META_FORMAT, &8u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    {
+        let store = opened(1000);
+        assert_eq!(party_pages(&store, &customer, &acme), expected);
+    }
+    let db = common::raw_sled(dir.path());
+    let t = db.open_tree("cmr").unwrap();
+    assert_current_format(&t);
+    let size = t.get(layout::META_SIZE).unwrap().unwrap();
+    assert_eq!(t.get(layout::META_PARTY_FROM).unwrap().unwrap(), size);
 }

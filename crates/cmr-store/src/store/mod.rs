@@ -52,6 +52,7 @@ use crate::storage::{Row, Storage, Writes};
 mod durability;
 mod indexes;
 mod overlay;
+mod party;
 mod pieces;
 mod records;
 mod replay;
@@ -319,7 +320,14 @@ pub struct StoreConfig {
     /// the log's entries, not with the records stored. An open that adds rows from outside (an
     /// upgrade, a restore) always checks.
     pub verify_on_open: bool,
+    /// How many party index postings (about one a log entry) are held in memory before a group writes
+    /// them as runs ([`PARTY_TAIL`] by default); an open replays that many entries at most to hold them
+    /// again.
+    pub party_tail: usize,
 }
+
+/// Party index postings held in memory before they are written as runs, by default: about 3 MB.
+pub const PARTY_TAIL: usize = 65_536;
 
 /// Index rows held by an open that adds the indexes before they are written, by default.
 pub const INDEX_CHUNK_ROWS: usize = 50_000;
@@ -343,6 +351,7 @@ impl StoreConfig {
             max_page_bytes: MAX_PAGE_BYTES,
             index_chunk_rows: INDEX_CHUNK_ROWS,
             verify_on_open: false,
+            party_tail: PARTY_TAIL,
             clock: Arc::new(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -412,6 +421,8 @@ pub struct Store {
     start_time: u64,
     opened_empty: bool,
     device_keys: DeviceKeys,
+    /// The party index's newest postings (see `store::party`).
+    party: party::SharedTail,
     log_verifier: cmr_log::note::NoteVerifier,
     /// The log key, shared with the sequencer (which signs checkpoints with it).
     log_key: Arc<NoteSigner>,
@@ -496,9 +507,20 @@ impl Store {
                 if layout::FORMATS_WITHOUT_INDEXES.contains(&version) {
                     // Written before some of the indexes: the replay below adds them.
                     add_indexes = true;
-                } else if layout::FORMATS_BEFORE_ENGINE_PIECES.contains(&version) {
+                } else if layout::FORMATS_WITHOUT_PARTY_RUNS.contains(&version) {
+                    // Every posting of the party index is a row of its own: the postings in memory
+                    // start at the log's end.
                     rows.begin()?;
-                    rows.write(format_row())?;
+                    let size = rows
+                        .get(layout::META_SIZE)?
+                        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                        .map_or(0, u64::from_be_bytes);
+                    let mut upgraded = format_row();
+                    upgraded.insert(
+                        layout::META_PARTY_FROM.to_vec(),
+                        Some(size.to_be_bytes().to_vec()),
+                    );
+                    rows.write(upgraded)?;
                 } else if version != layout::FORMAT_VERSION {
                     return Err(StoreError::Format(format!(
                         "data folder has format {version}, this build reads {}",
@@ -556,6 +578,8 @@ impl Store {
             state: State::default(),
             poisoned: poisoned.clone(),
             device_keys: DeviceKeys::default(),
+            party: party::SharedTail::default(),
+            party_tail: config.party_tail,
             syncer: None,
             to_syncer: None,
             last_recovery: None,
@@ -563,6 +587,7 @@ impl Store {
             metrics: metrics.clone(),
         };
         let device_keys = seq.device_keys.clone();
+        let party = seq.party.clone();
         let log_verifier = seq.log_key.verifier();
         let log_key = seq.log_key.clone();
         // On an engine several stores share, the log holds still while it is read: the write lock.
@@ -579,7 +604,17 @@ impl Store {
         rows.abandon();
         rebuilt?;
         if add_indexes {
-            rows.write(format_row())?;
+            // The replay wrote a party index row for every posting: the postings in memory start at
+            // the log's end.
+            let size = seq.state.size;
+            let mut upgraded = format_row();
+            upgraded.insert(
+                layout::META_PARTY_FROM.to_vec(),
+                Some(size.to_be_bytes().to_vec()),
+            );
+            rows.write(upgraded)?;
+            *seq.party.write().unwrap_or_else(|p| p.into_inner()) =
+                party::PartyTail::starting_at(size);
         }
         let held = seq.state.size;
         let root = Tree::new(Committed(&*rows, &nodes, held))
@@ -635,6 +670,7 @@ impl Store {
             start_time,
             opened_empty,
             device_keys,
+            party,
             log_verifier,
             log_key,
             stopped,
@@ -813,7 +849,8 @@ impl Store {
 
     /// The log indices of the durable entries of `customer`'s chain that concern `party` (a company's
     /// relationship view), oldest first, after `after`, at most `limit`; and whether more follow. One
-    /// range scan of the party index: O(page), whatever the chain's length.
+    /// range scan of the party index's runs and the postings in memory: O(page), whatever the chain's
+    /// length.
     pub fn party_entries(
         &self,
         customer: &IdentityId,
@@ -823,22 +860,13 @@ impl Store {
     ) -> Result<(Vec<u64>, bool), StoreError> {
         let size = self.committed_size()?;
         let start = after.map_or(0, |a| a.saturating_add(1));
-        let from = layout::party(&customer.0, &party.0, start);
-        let to = layout::party(&customer.0, &party.0, size);
-        let mut out = Vec::new();
-        for kv in self.db.range(&from, &to) {
-            let (k, _) = kv?;
-            if out.len() == limit {
-                return Ok((out, true));
-            }
-            let index = k
-                .get(65..73)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| StoreError::Format("party index key".into()))?;
-            out.push(index);
-        }
-        Ok((out, false))
+        party::entries(
+            &*self.db,
+            &self.party,
+            (&customer.0, &party.0),
+            (start, size),
+            limit,
+        )
     }
 
     /// The consent statements that concern `party` across every vault (durable entries only), after log

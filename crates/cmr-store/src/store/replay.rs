@@ -27,6 +27,9 @@ impl Sequencer {
         // The families' trees are caught up once at the end from their stored nodes, rather than two
         // hashes a record as the batches replay (unless every record is read back and checked).
         self.skipping = !self.verify_records;
+        // The party index's postings from its mark on are held in memory, taken again from the log.
+        *self.party.write().unwrap_or_else(|p| p.into_inner()) =
+            party::PartyTail::starting_at(party::stored_mark(&*self.rows)?);
         let followed = self.follow(size, add_indexes);
         self.skipping = false;
         followed?;
@@ -54,6 +57,13 @@ impl Sequencer {
     /// index rows of every entry (a store from before the indexes).
     pub(super) fn follow(&mut self, to: u64, add_indexes: bool) -> Result<(), StoreError> {
         let from = self.state.size;
+        // Another store sharing the engine may have written the postings in memory as runs.
+        let mark = party::stored_mark(&*self.rows)?;
+        let mut tail = self.party.write().unwrap_or_else(|p| p.into_inner());
+        tail.advance_to(mark);
+        let tail_from = tail.from();
+        drop(tail);
+        let mut postings = Vec::new();
         let mut index_rows = Writes::new();
         // Batches whose records are not all stored: right only for a family erased later in the log.
         let mut without_records = Vec::new();
@@ -114,6 +124,18 @@ impl Sequencer {
                 if index_rows.len() >= self.index_chunk_rows {
                     self.rows.write(std::mem::take(&mut index_rows))?;
                 }
+            } else if i >= tail_from {
+                // Past the party mark: the entry's postings go back into memory.
+                let consent = body.customer.and_then(|c| self.state.ledger.consent(&c));
+                let changes = index_changes(
+                    consent,
+                    i,
+                    body.kind,
+                    body.subject,
+                    body.customer,
+                    &body.payload,
+                );
+                postings.extend(changes.puts.iter().filter_map(|(k, _)| layout::party_of(k)));
             }
             let replayed = self
                 .replay(i, &body, add_indexes.then_some(&mut index_rows))
@@ -129,6 +151,11 @@ impl Sequencer {
         if next != to {
             return Err(missing(next));
         }
+        let mut tail = self.party.write().unwrap_or_else(|p| p.into_inner());
+        for (customer, party, i) in postings {
+            tail.add(customer, party, i);
+        }
+        drop(tail);
         for (customer, i) in unhashed {
             let (_, v) = pieces::entries(&*rows, i, i + 1)
                 .next()

@@ -70,6 +70,10 @@ pub(super) struct Sequencer {
     /// Set when the sequencer stopped taking operations after a failure (shared with [`Store`]).
     pub(super) poisoned: Arc<AtomicBool>,
     pub(super) device_keys: DeviceKeys,
+    /// The party index's newest postings (shared with [`Store`]'s readers), and how many it holds
+    /// before a group writes them as runs.
+    pub(super) party: party::SharedTail,
+    pub(super) party_tail: usize,
     /// What makes groups durable: moved onto its own thread when the sequencer runs.
     pub(super) syncer: Option<Syncer>,
     /// Where written groups go to be made durable and acknowledged, once the sequencer runs.
@@ -424,8 +428,10 @@ impl Sequencer {
             }
             .sign(&self.log_key);
             overlay.put(layout::META_CHECKPOINT.to_vec(), note.clone().into_bytes());
-            let (writes, written) = overlay.take_writes();
+            let (mut writes, written) = overlay.take_writes();
+            let postings = party::stage(&self.party, &mut writes, size, self.party_tail);
             self.rows.write(writes)?;
+            postings.apply(&self.party);
             for (level, index, hash) in written {
                 self.nodes.put(level, index, hash);
             }
