@@ -13,6 +13,7 @@
 //! - `overlay`: the group in progress over the storage, and the tree's node stores;
 //! - `pieces`: the log's entries and tree nodes, stored a group's worth to a row;
 //! - `indexes`: the party, pending and vaults-of index rows;
+//! - `party`: the party index in runs, its newest postings in memory;
 //! - `records`: the family ledgers' record index (ids, tree nodes) over the rows;
 //! - `replay`: rebuilding the state from the log at open.
 
