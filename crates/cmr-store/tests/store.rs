@@ -1480,11 +1480,14 @@ fn a_folder_from_before_the_ledger_pieces_gains_them_at_open() {
             t.remove(k).unwrap();
         }
         let mut rows = index_rows(&t);
-        // One piece: the 33 records' ids and leaves, and the 33 − popcount(33) = 31 nodes of the
-        // period's tree above them; and the period's saved tree: 33 = 32 + 1.
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].1.len(), 2 + 33 * (16 + 32) + 31 * 32);
-        assert_eq!(rows[1].1.len(), 8 + 2 * 40);
+        // Two pieces, as the two batches wrote them (the second does not extend a piece of 16 records
+        // or more): the first 20 records' ids and leaves and the 20 − popcount(20) = 18 nodes above
+        // them, then the last 13 and the 31 − 18 = 13 nodes they completed; and the period's saved
+        // tree: 33 = 32 + 1.
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].1.len(), 2 + 20 * (16 + 32) + 18 * 32);
+        assert_eq!(rows[1].1.len(), 2 + 13 * (16 + 32) + 13 * 32);
+        assert_eq!(rows[2].1.len(), 8 + 2 * 40);
         for (k, _) in &rows {
             t.remove(k).unwrap();
         }

@@ -202,10 +202,16 @@ impl RecordIndex for FamilyRows<'_, '_> {
     }
 }
 
+/// A batch extends the ledger piece an earlier batch left open only while it holds fewer records than
+/// this, and otherwise starts one: an append of one record then rewrites at most this many records'
+/// ids, leaves and nodes (about 1.3 KiB) instead of up to 64 (5 KiB). A batch of many records still
+/// fills its own pieces up to a multiple of [`CHUNK`], so bulk writes keep few rows.
+const EXTEND_AT_MOST: usize = 16;
+
 /// Adds a batch applied as `applied` to family `number`'s ledger pieces in `writes` (over `rows`): each
-/// record extends its period's open piece or starts one at a multiple of [`CHUNK`], with the nodes its
-/// append completed. One function for the sequencer and for a replay that adds the pieces to a folder
-/// written before them.
+/// record extends its period's open piece or starts one at a multiple of [`CHUNK`] (or once an earlier
+/// batch's piece holds [`EXTEND_AT_MOST`] records), with the nodes its append completed. One function
+/// for the sequencer and for a replay that adds the pieces to a folder written before them.
 pub(super) fn stage_ledger(
     writes: &mut Writes,
     rows: &dyn Storage,
@@ -234,7 +240,11 @@ pub(super) fn stage_ledger(
                 }
             }
             None if j % CHUNK != 0 => match piece_holding(writes, rows, number, period, j - 1)? {
-                Some(p) if p.end() == j => p,
+                Some(p) if p.end() == j && p.records.len() < EXTEND_AT_MOST => p,
+                Some(p) if p.end() == j => Piece {
+                    first: j,
+                    ..Piece::default()
+                },
                 _ => return Err(damaged(format!("the ledger piece before record {j}"))),
             },
             None => Piece {
@@ -619,8 +629,12 @@ mod tests {
             assert_eq!(chunk_start(piece.first), chunk_start(piece.end() - 1));
             pieces += 1;
         }
-        // 196 records in a and 68 in b: one piece a chunk, however the batches and groups fell.
-        assert_eq!(pieces, 4 + 2);
+        // 195 records in a: one piece a chunk, except that the fourth batch (one record, at 63)
+        // starts its own instead of extending the 63 records before it; 68 in b: one a chunk,
+        // however the batches and groups fell.
+        assert_eq!(pieces, 5 + 2);
+        let first_of_63 = layout::ledger_piece(7, a, 63);
+        assert!(rows.get(&first_of_63).unwrap().is_some());
     }
 
     /// Records of every size staged batch by batch (and some as the rows of an earlier format, moved
