@@ -1377,6 +1377,21 @@ fn unpacked(pieces: &[(Vec<u8>, Vec<u8>)]) -> Vec<(Vec<u8>, Vec<u8>)> {
     out
 }
 
+/// A new store in `path` with two batches of the customer's transactions in `month`: 20 records, then
+/// 13.
+fn two_batches(path: &std::path::Path, clock: &Arc<AtomicU64>, month: Period) {
+    let store = open(path, clock.clone());
+    let w = World::setup(&store);
+    let mut head = cmr_core::batch::Head::empty(w.customer.id, w.tx).digest();
+    for (tag, n) in [(1, 20), (2, 13)] {
+        head = store
+            .execute(w.customer_batch(head, month, n, tag))
+            .unwrap()
+            .head
+            .unwrap();
+    }
+}
+
 /// A folder of format 7 kept its records pieces in sled's rows: the open moves each into the records
 /// file beside sled's (sled then holds a pointer), and serves the same records. Here half the pieces
 /// are still in their rows, as an upgrade cut short leaves them: the open moves what is left.
@@ -1387,18 +1402,7 @@ fn a_folder_of_format_7_moves_its_records_out_of_sled_at_open() {
     let clock = Arc::new(AtomicU64::new(T0));
     let month = p(2026, 4);
     let file = dir.path().join(cmr_store::sled_storage::RECORDS_FILE);
-    {
-        let store = open(dir.path(), clock.clone());
-        let w = World::setup(&store);
-        let mut head = cmr_core::batch::Head::empty(w.customer.id, w.tx).digest();
-        for (tag, n) in [(1, 20), (2, 13)] {
-            head = store
-                .execute(w.customer_batch(head, month, n, tag))
-                .unwrap()
-                .head
-                .unwrap();
-        }
-    }
+    two_batches(dir.path(), &clock, month);
     let pieces = common::engine_rows(dir.path(), layout::tag::RECORDS);
     assert!(pieces.len() >= 2);
     let before = std::fs::metadata(&file).unwrap().len();
@@ -1456,18 +1460,7 @@ fn a_folder_from_before_the_ledger_pieces_gains_them_at_open() {
             })
             .collect()
     };
-    {
-        let store = open(dir.path(), clock.clone());
-        let w = World::setup(&store);
-        let mut head = cmr_core::batch::Head::empty(w.customer.id, w.tx).digest();
-        for (tag, n) in [(1, 20), (2, 13)] {
-            head = store
-                .execute(w.customer_batch(head, month, n, tag))
-                .unwrap()
-                .head
-                .unwrap();
-        }
-    }
+    two_batches(dir.path(), &clock, month);
     let expected = {
         // Format 6 kept a row per record: unpack the records' pieces.
         let pieces = common::engine_rows(dir.path(), layout::tag::RECORDS);

@@ -101,7 +101,9 @@ impl Sequencer {
             }
             self.state.last_time = self.state.last_time.max(body.time);
             self.note_key_event(body.kind, body.subject, i);
-            if add_indexes {
+            // The index rows from the consent state before the entry applies: all of them when the
+            // open adds the indexes, else the party postings past the mark, which go back into memory.
+            if add_indexes || i >= tail_from {
                 let consent = body.customer.and_then(|c| self.state.ledger.consent(&c));
                 let changes = index_changes(
                     consent,
@@ -111,31 +113,23 @@ impl Sequencer {
                     body.customer,
                     &body.payload,
                 );
-                for k in changes.deletes {
-                    index_rows.insert(k, None);
+                if add_indexes {
+                    for k in changes.deletes {
+                        index_rows.insert(k, None);
+                    }
+                    for (k, v) in changes.puts {
+                        index_rows.insert(k, Some(v));
+                    }
+                    // Written as they come, in chunks, so that adding the indexes of a large log does
+                    // not hold them all in memory. Safe to cut anywhere: until the format row is
+                    // written (after the whole replay) the next open adds them all again, and puts and
+                    // deletes applied in log order again give the same rows.
+                    if index_rows.len() >= self.index_chunk_rows {
+                        self.rows.write(std::mem::take(&mut index_rows))?;
+                    }
+                } else {
+                    postings.extend(changes.puts.iter().filter_map(|(k, _)| layout::party_of(k)));
                 }
-                for (k, v) in changes.puts {
-                    index_rows.insert(k, Some(v));
-                }
-                // Written as they come, in chunks, so that adding the indexes of a large log does not
-                // hold them all in memory. Safe to cut anywhere: until the format row is written (after
-                // the whole replay) the next open adds them all again, and puts and deletes applied in
-                // log order again give the same rows.
-                if index_rows.len() >= self.index_chunk_rows {
-                    self.rows.write(std::mem::take(&mut index_rows))?;
-                }
-            } else if i >= tail_from {
-                // Past the party mark: the entry's postings go back into memory.
-                let consent = body.customer.and_then(|c| self.state.ledger.consent(&c));
-                let changes = index_changes(
-                    consent,
-                    i,
-                    body.kind,
-                    body.subject,
-                    body.customer,
-                    &body.payload,
-                );
-                postings.extend(changes.puts.iter().filter_map(|(k, _)| layout::party_of(k)));
             }
             let replayed = self
                 .replay(i, &body, add_indexes.then_some(&mut index_rows))

@@ -285,10 +285,13 @@ impl Sequencer {
         self.batches = BatchCache::default();
         self.state = State::default();
         let published = std::mem::take(&mut self.device_keys);
+        // The party index's postings in memory too: listings keep reading the old ones meanwhile.
+        let listed = std::mem::take(&mut self.party);
         self.rows.begin()?;
         let rebuilt = self.rebuild(false);
         self.rows.abandon();
         let fresh = std::mem::replace(&mut self.device_keys, published);
+        let fresh_party = std::mem::replace(&mut self.party, listed);
         rebuilt?;
         // The database must still hold everything this store showed as durable (not, say, a replica
         // that was behind): else stay stopped, and a restart names the loss.
@@ -314,6 +317,9 @@ impl Sequencer {
         }
         let fresh = std::mem::take(&mut *fresh.write().unwrap_or_else(|p| p.into_inner()));
         *self.device_keys.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        let fresh_party =
+            std::mem::take(&mut *fresh_party.write().unwrap_or_else(|p| p.into_inner()));
+        *self.party.write().unwrap_or_else(|p| p.into_inner()) = fresh_party;
         self.poisoned.store(false, Ordering::SeqCst);
         Ok(())
     }
