@@ -1680,3 +1680,58 @@ fn the_party_index_reads_the_same_across_runs_reopens_and_an_upgrade() {
     let size = t.get(layout::META_SIZE).unwrap().unwrap();
     assert_eq!(t.get(layout::META_PARTY_FROM).unwrap().unwrap(), size);
 }
+
+/// A records file changed under the store (a byte flipped, or cut short) is never served: a read of
+/// the damaged records fails with an error that names the file, and an open that verifies the records
+/// refuses. Bytes appended after the last piece (a group lost with sled's tail) are ignored.
+#[test]
+fn a_damaged_records_file_is_never_served() {
+    use std::io::Write as _;
+    let month = p(2026, 4);
+    let damaged_read = |store: &Store, w: &World| match store
+        .execute(w.own_read(w.tx, (month, month)))
+        .map(|a| a.read.map(|r| r.records.len()))
+    {
+        Err(StoreError::Format(e)) => {
+            assert!(e.contains("`records` file") && e.contains("damaged"), "{e}")
+        }
+        other => panic!("a damaged records file was served: {other:?}"),
+    };
+    for damage in ["flip", "cut"] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(AtomicU64::new(T0));
+        two_batches(dir.path(), &clock, month);
+        let file = dir.path().join(cmr_store::sled_storage::RECORDS_FILE);
+        let mut bytes = std::fs::read(&file).unwrap();
+        match damage {
+            "flip" => bytes[100] ^= 1,
+            _ => bytes.truncate(bytes.len() - 10),
+        }
+        std::fs::write(&file, bytes).unwrap();
+        // A plain open reads the log only, and opens; the read that needs the records fails.
+        {
+            let store = open(dir.path(), clock.clone());
+            damaged_read(&store, &World::existing());
+        }
+        match Store::open(common::config(dir.path(), clock.clone(), true)) {
+            Err(StoreError::Format(e)) => {
+                assert!(e.contains("`records` file") && e.contains("damaged"), "{e}")
+            }
+            Err(other) => panic!("{damage}: {other}"),
+            Ok(_) => panic!("{damage}: a verifying open accepted a damaged records file"),
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    two_batches(dir.path(), &clock, month);
+    let file = dir.path().join(cmr_store::sled_storage::RECORDS_FILE);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap()
+        .write_all(&[0xee; 1000])
+        .unwrap();
+    let store = common::open_checked(dir.path(), clock.clone(), true);
+    let w = World::existing();
+    assert_eq!(read_all_verified(&store, &w, month, 5).len(), 33);
+}
