@@ -512,16 +512,8 @@ impl Store {
                     // Every posting of the party index is a row of its own: the postings in memory
                     // start at the log's end.
                     rows.begin()?;
-                    let size = rows
-                        .get(layout::META_SIZE)?
-                        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-                        .map_or(0, u64::from_be_bytes);
-                    let mut upgraded = format_row();
-                    upgraded.insert(
-                        layout::META_PARTY_FROM.to_vec(),
-                        Some(size.to_be_bytes().to_vec()),
-                    );
-                    rows.write(upgraded)?;
+                    let size = meta_u64(&*rows, layout::META_SIZE)?;
+                    rows.write(upgraded_format_row(size))?;
                 } else if version != layout::FORMAT_VERSION {
                     return Err(StoreError::Format(format!(
                         "data folder has format {version}, this build reads {}",
@@ -608,12 +600,7 @@ impl Store {
             // The replay wrote a party index row for every posting: the postings in memory start at
             // the log's end.
             let size = seq.state.size;
-            let mut upgraded = format_row();
-            upgraded.insert(
-                layout::META_PARTY_FROM.to_vec(),
-                Some(size.to_be_bytes().to_vec()),
-            );
-            rows.write(upgraded)?;
+            rows.write(upgraded_format_row(size))?;
             *seq.party.write().unwrap_or_else(|p| p.into_inner()) =
                 party::PartyTail::starting_at(size);
         }
@@ -1129,6 +1116,25 @@ fn format_row() -> Writes {
         layout::META_FORMAT.to_vec(),
         Some(layout::FORMAT_VERSION.to_be_bytes().to_vec()),
     )])
+}
+
+/// The format row of a folder upgraded from a format that wrote a party index row for every posting,
+/// with the party mark at `size`, the log's end: every posting before it is in rows.
+fn upgraded_format_row(size: u64) -> Writes {
+    let mut rows = format_row();
+    rows.insert(
+        layout::META_PARTY_FROM.to_vec(),
+        Some(size.to_be_bytes().to_vec()),
+    );
+    rows
+}
+
+/// A `meta` row holding a u64 (the tree size, the party mark); 0 if there is none.
+fn meta_u64(rows: &dyn Storage, key: &[u8]) -> Result<u64, StoreError> {
+    Ok(rows
+        .get(key)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes))
 }
 
 impl Drop for Store {

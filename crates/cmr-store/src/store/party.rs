@@ -170,10 +170,7 @@ impl AfterWrite {
 
 /// The mark stored in the rows (0 if none: a store that never flushed).
 pub(super) fn stored_mark(rows: &dyn Storage) -> Result<u64, StoreError> {
-    Ok(rows
-        .get(layout::META_PARTY_FROM)?
-        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-        .map_or(0, u64::from_be_bytes))
+    meta_u64(rows, layout::META_PARTY_FROM)
 }
 
 /// The log indices of the entries of `customer`'s chain that concern `party`, from `start` and before

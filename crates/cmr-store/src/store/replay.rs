@@ -18,12 +18,7 @@ impl Sequencer {
     /// Rebuilds the in-memory state from the stored log; with `add_indexes`, also writes the index rows
     /// of every entry (a store from before the indexes), made durable with the rest of the open.
     pub(super) fn rebuild(&mut self, add_indexes: bool) -> Result<(), StoreError> {
-        let size = self
-            .rows
-            .get(layout::META_SIZE)?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0);
+        let size = meta_u64(&*self.rows, layout::META_SIZE)?;
         // The families' trees are caught up once at the end from their stored nodes, rather than two
         // hashes a record as the batches replay (unless every record is read back and checked).
         self.skipping = !self.verify_records;
