@@ -256,19 +256,70 @@ enum EndReason {
     Erased,
 }
 
+/// A grant as the rules hold it. Once it ended (revoked, or its family or vault erased) it keeps only
+/// what the rules still ask of it: whose it was (an access under it by another company is refused as
+/// such, a statement naming it concerns its grantee), the family its grantee appended to (a dispute of
+/// that family concerns the grantee), and when and why it ended. The grant itself and the keys it held
+/// are dropped then: nothing reads them after, and a vault that churns grants would otherwise keep each
+/// one whole for ever (about 1.2 KB of memory each, docs/performance.md).
 #[derive(Debug, Clone)]
-struct GrantState {
+enum GrantState {
+    Live(Box<LiveGrant>),
+    Ended(EndedGrant),
+}
+
+#[derive(Debug, Clone)]
+struct LiveGrant {
     grant: Grant,
     held: BTreeMap<FamilyId, Held>,
-    ended: Option<(Position, EndReason)>,
+    /// A one-time grant's read, at this position.
     consumed_at: Option<Position>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct EndedGrant {
+    grantee: IdentityId,
+    append_family: Option<FamilyId>,
+    at: Position,
+    reason: EndReason,
+}
+
+impl GrantState {
+    fn grantee(&self) -> IdentityId {
+        match self {
+            Self::Live(l) => l.grant.grantee,
+            Self::Ended(e) => e.grantee,
+        }
+    }
+
+    fn append_family(&self) -> Option<FamilyId> {
+        match self {
+            Self::Live(l) => l.grant.append_family,
+            Self::Ended(e) => e.append_family,
+        }
+    }
+
+    fn live(&self) -> Option<&LiveGrant> {
+        match self {
+            Self::Live(l) => Some(l),
+            Self::Ended(_) => None,
+        }
+    }
+
+    fn live_mut(&mut self) -> Option<&mut LiveGrant> {
+        match self {
+            Self::Live(l) => Some(l),
+            Self::Ended(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 struct RequestState {
     company: IdentityId,
-    request: AccessRequest,
-    answered: bool,
+    /// What was asked, while it waits for an answer. Dropped once it is answered (granted, denied, or
+    /// dismissed by a block): the rules then ask only whose it was, as they do of an ended grant.
+    waiting: Option<Box<AccessRequest>>,
 }
 
 /// A dispute the company that wrote the attribute can see.
@@ -375,7 +426,7 @@ impl ConsentState {
     /// Whether `company` holds a grant active at `time`.
     pub fn has_active_grant(&self, company: &IdentityId, time: u64) -> bool {
         self.grants.iter().any(|(id, g)| {
-            g.grant.grantee == *company
+            g.grantee() == *company
                 && matches!(self.grant_status(id, time), Some(GrantStatus::Active))
         })
     }
@@ -428,22 +479,24 @@ impl ConsentState {
         &self.disputes
     }
 
-    /// The grant, if known.
+    /// The grant, if the log has it and it has not ended (an ended grant keeps only its standing:
+    /// [`ConsentState::grant_status`]).
     pub fn grant(&self, id: &StatementId) -> Option<&Grant> {
-        self.grants.get(id).map(|g| &g.grant)
+        self.grants.get(id)?.live().map(|l| &l.grant)
     }
 
     /// Where grant `id` stands at server time `time`, after everything folded so far; `None` if the log
     /// has no such grant.
     pub fn grant_status(&self, id: &StatementId, time: u64) -> Option<GrantStatus> {
-        let g = self.grants.get(id)?;
-        Some(match (g.ended, g.consumed_at) {
-            (Some((at, EndReason::Revoked)), _) => GrantStatus::Revoked(at),
-            (Some((at, EndReason::Erased)), _) => GrantStatus::Erased(at),
-            (None, Some(at)) => GrantStatus::Used(at),
-            (None, None) => match g.grant.expires {
-                Some(e) if time >= e => GrantStatus::Expired(e),
-                _ if time < g.grant.not_before => GrantStatus::NotYetValid,
+        Some(match self.grants.get(id)? {
+            GrantState::Ended(e) => match e.reason {
+                EndReason::Revoked => GrantStatus::Revoked(e.at),
+                EndReason::Erased => GrantStatus::Erased(e.at),
+            },
+            GrantState::Live(l) => match (l.consumed_at, l.grant.expires) {
+                (Some(at), _) => GrantStatus::Used(at),
+                (None, Some(e)) if time >= e => GrantStatus::Expired(e),
+                _ if time < l.grant.not_before => GrantStatus::NotYetValid,
                 _ => GrantStatus::Active,
             },
         })
@@ -453,7 +506,8 @@ impl ConsentState {
     pub fn holds(&self, id: &StatementId, family: &FamilyId) -> bool {
         self.grants
             .get(id)
-            .is_some_and(|g| g.held.contains_key(family))
+            .and_then(GrantState::live)
+            .is_some_and(|l| l.held.contains_key(family))
     }
 
     /// Every family whose rotation is pending at server time `time` ([`ConsentState::rotation_pending`]).
@@ -538,8 +592,7 @@ impl ConsentState {
                     signed.id(),
                     RequestState {
                         company: st.author,
-                        request: req.clone(),
-                        answered: false,
+                        waiting: Some(Box::new(req.clone())),
                     },
                 );
             }
@@ -549,10 +602,9 @@ impl ConsentState {
                     .requests
                     .get_mut(request)
                     .ok_or(ApplyError::UnknownRequest)?;
-                if r.answered {
+                if r.waiting.take().is_none() {
                     return Err(ApplyError::RequestAnswered);
                 }
-                r.answered = true;
                 let company = r.company;
                 self.answered(&company);
             }
@@ -561,10 +613,10 @@ impl ConsentState {
                     .grants
                     .get(&rev.grant)
                     .ok_or(ApplyError::UnknownGrant)?;
-                if rev.initiator == Initiator::Grantee && st.author != g.grant.grantee {
+                if rev.initiator == Initiator::Grantee && st.author != g.grantee() {
                     return Err(ApplyError::NotGrantee);
                 }
-                if g.ended.is_some() {
+                if g.live().is_none() {
                     return Err(ApplyError::GrantEnded);
                 }
                 self.end_grant(rev.grant, position, EndReason::Revoked);
@@ -581,11 +633,7 @@ impl ConsentState {
                     return Err(ApplyError::StaleEpoch { current: fam.epoch });
                 }
                 for (grant, _) in &rc.keepers {
-                    let g = self.grants.get(grant).ok_or(ApplyError::UnknownGrant)?;
-                    if g.ended.is_some() || g.consumed_at.is_some() || expired(&g.grant, time) {
-                        return Err(ApplyError::GrantEnded);
-                    }
-                    if !g.held.contains_key(&rc.family) {
+                    if !self.usable(grant, time)?.held.contains_key(&rc.family) {
                         return Err(ApplyError::NotCovered);
                     }
                 }
@@ -593,7 +641,8 @@ impl ConsentState {
                     if let Some(h) = self
                         .grants
                         .get_mut(grant)
-                        .and_then(|g| g.held.get_mut(&rc.family))
+                        .and_then(GrantState::live_mut)
+                        .and_then(|l| l.held.get_mut(&rc.family))
                     {
                         h.epoch = rc.epoch;
                     }
@@ -603,10 +652,7 @@ impl ConsentState {
                 }
             }
             Body::KeyDelivery { grant, family, .. } => {
-                let g = self.grants.get(grant).ok_or(ApplyError::UnknownGrant)?;
-                if g.ended.is_some() || g.consumed_at.is_some() || expired(&g.grant, time) {
-                    return Err(ApplyError::GrantEnded);
-                }
+                let g = self.usable(grant, time)?;
                 let covered = g
                     .grant
                     .scopes
@@ -617,7 +663,7 @@ impl ConsentState {
                 }
                 self.check_family(family)?;
                 self.declare_family(family.family, family.scope, family.epoch);
-                if let Some(g) = self.grants.get_mut(grant) {
+                if let Some(g) = self.grants.get_mut(grant).and_then(GrantState::live_mut) {
                     g.held.insert(
                         family.family,
                         Held {
@@ -634,7 +680,7 @@ impl ConsentState {
                     // Blocking dismisses the company's waiting requests: none can be granted now.
                     for r in self.requests.values_mut() {
                         if r.company == *company {
-                            r.answered = true;
+                            r.waiting = None;
                         }
                     }
                     self.waiting.remove(company);
@@ -652,7 +698,7 @@ impl ConsentState {
                     let on_it: Vec<StatementId> = self
                         .grants
                         .iter()
-                        .filter(|(_, g)| g.ended.is_none() && g.held.contains_key(f))
+                        .filter(|(_, g)| g.live().is_some_and(|l| l.held.contains_key(f)))
                         .map(|(id, _)| *id)
                         .collect();
                     for id in on_it {
@@ -666,7 +712,7 @@ impl ConsentState {
                     let live: Vec<StatementId> = self
                         .grants
                         .iter()
-                        .filter(|(_, g)| g.ended.is_none())
+                        .filter(|(_, g)| g.live().is_some())
                         .map(|(id, _)| *id)
                         .collect();
                     for id in live {
@@ -723,14 +769,14 @@ impl ConsentState {
                 .requests
                 .get(&req_id)
                 .ok_or(ApplyError::UnknownRequest)?;
-            if req.answered {
+            let Some(asked) = &req.waiting else {
                 return Err(ApplyError::RequestAnswered);
-            }
+            };
             if req.company != g.grantee {
                 return Err(ApplyError::WrongGrantee);
             }
             let now = Period::from_unix(time as i64).unwrap_or(Period::ORIGIN);
-            g.check_narrows(req_id, &req.request, now)
+            g.check_narrows(req_id, asked, now)
                 .map_err(ApplyError::Widened)?;
         }
         match (g.duration, g.expires) {
@@ -781,7 +827,7 @@ impl ConsentState {
         if let Some(req_id) = g.request
             && let Some(r) = self.requests.get_mut(&req_id)
         {
-            r.answered = true;
+            r.waiting = None;
             let company = r.company;
             self.answered(&company);
         }
@@ -801,12 +847,11 @@ impl ConsentState {
             .collect();
         self.grants.insert(
             id,
-            GrantState {
+            GrantState::Live(Box::new(LiveGrant {
                 grant: g.clone(),
                 held,
-                ended: None,
                 consumed_at: None,
-            },
+            })),
         );
         Ok(())
     }
@@ -820,7 +865,7 @@ impl ConsentState {
     pub fn waiting_requests(&self, company: &IdentityId) -> Vec<StatementId> {
         self.requests
             .iter()
-            .filter(|(_, r)| r.company == *company && !r.answered)
+            .filter(|(_, r)| r.company == *company && r.waiting.is_some())
             .map(|(id, _)| *id)
             .collect()
     }
@@ -842,7 +887,7 @@ impl ConsentState {
     /// these (its relationship view).
     pub fn concerned(&self, signed: &SignedStatement) -> Vec<IdentityId> {
         let st = signed.statement();
-        let grantee = |g: &StatementId| self.grants.get(g).map(|g| g.grant.grantee);
+        let grantee = |g: &StatementId| self.grants.get(g).map(GrantState::grantee);
         let mut out = vec![st.author];
         match &st.body {
             Body::Grant(g) => out.push(g.grantee),
@@ -859,8 +904,8 @@ impl ConsentState {
             Body::Dispute { family, .. } => out.extend(
                 self.grants
                     .values()
-                    .filter(|g| g.grant.append_family == Some(*family))
-                    .map(|g| g.grant.grantee),
+                    .filter(|g| g.append_family() == Some(*family))
+                    .map(GrantState::grantee),
             ),
             Body::Request(_) | Body::Erasure(_) | Body::RequestPolicy(_) => {}
         }
@@ -872,17 +917,32 @@ impl ConsentState {
 
     /// Ends a grant at `position`, exposing the current epochs of the families it reads.
     fn end_grant(&mut self, id: StatementId, position: Position, reason: EndReason) {
-        let Some(g) = self.grants.get_mut(&id) else {
+        let Some(GrantState::Live(l)) = self.grants.get(&id) else {
             return;
         };
-        g.ended = Some((position, reason));
-        let exposed: Vec<(FamilyId, u64)> = g
+        let exposed: Vec<(FamilyId, u64)> = l
             .held
             .iter()
             .filter(|(_, h)| h.access.reads())
             .map(|(f, h)| (*f, h.epoch))
             .collect();
+        let ended = EndedGrant {
+            grantee: l.grant.grantee,
+            append_family: l.grant.append_family,
+            at: position,
+            reason,
+        };
+        self.grants.insert(id, GrantState::Ended(ended));
         self.expose(&exposed);
+    }
+
+    /// A grant that may still be used at server time `time` (not ended, consumed or expired), for the
+    /// statements that name one: a rotation keeping it, a key delivered to it.
+    fn usable(&self, id: &StatementId, time: u64) -> Result<&LiveGrant, ApplyError> {
+        match self.grants.get(id).ok_or(ApplyError::UnknownGrant)? {
+            GrantState::Live(l) if l.consumed_at.is_none() && !expired(&l.grant, time) => Ok(l),
+            _ => Err(ApplyError::GrantEnded),
+        }
     }
 
     fn expose(&mut self, held: &[(FamilyId, u64)]) {
@@ -904,7 +964,7 @@ impl ConsentState {
         if fam.exposed.is_some_and(|e| e >= fam.epoch) {
             return true;
         }
-        self.grants.values().any(|g| {
+        self.grants.values().filter_map(GrantState::live).any(|g| {
             g.held
                 .get(family)
                 .is_some_and(|h| h.access.reads() && h.epoch == fam.epoch)
@@ -962,18 +1022,21 @@ impl ConsentState {
             return Err(DenyReason::FamilyErased(at));
         }
         let g = self.grants.get(&attempt.grant).ok_or(DenyReason::NoGrant)?;
-        let grant = &g.grant;
-        if grant.grantee != attempt.company {
+        if g.grantee() != attempt.company {
             return Err(DenyReason::WrongCompany);
         }
-        if let Some((at, reason)) = g.ended
-            && at < position
-        {
-            return Err(match reason {
-                EndReason::Revoked => DenyReason::GrantRevoked(at),
-                EndReason::Erased => DenyReason::FamilyErased(at),
-            });
-        }
+        // Accesses are decided in log order, after everything before them was folded: a grant that
+        // ended did so before this position.
+        let g = match g {
+            GrantState::Ended(e) => {
+                return Err(match e.reason {
+                    EndReason::Revoked => DenyReason::GrantRevoked(e.at),
+                    EndReason::Erased => DenyReason::FamilyErased(e.at),
+                });
+            }
+            GrantState::Live(l) => l,
+        };
+        let grant = &g.grant;
         if time < grant.not_before {
             return Err(DenyReason::NotYetValid);
         }
@@ -1066,7 +1129,10 @@ impl ConsentState {
         let decision = self.evaluate(attempt, position, time);
         if let Ok(allowed) = &decision
             && allowed.consumes
-            && let Some(g) = self.grants.get_mut(&attempt.grant)
+            && let Some(g) = self
+                .grants
+                .get_mut(&attempt.grant)
+                .and_then(GrantState::live_mut)
         {
             g.consumed_at = Some(position);
             let held: Vec<(FamilyId, u64)> = g
@@ -1084,4 +1150,15 @@ impl ConsentState {
 
 fn expired(g: &Grant, time: u64) -> bool {
     g.expires.is_some_and(|e| time >= e)
+}
+
+#[cfg(test)]
+mod tests {
+    /// An ended grant stays in its vault's state for good: it must stay a few dozen bytes, not the
+    /// kilobyte a live grant with its scopes, families and keys takes.
+    #[test]
+    fn an_ended_grant_is_small() {
+        assert!(std::mem::size_of::<super::GrantState>() <= 88);
+        assert!(std::mem::size_of::<super::EndedGrant>() <= 80);
+    }
 }

@@ -7,7 +7,9 @@ use cmr_core::consent::{
     Initiator, Revocation, RotationCompletion, SignedStatement, Statement, StatementError,
     StatementId,
 };
-use cmr_core::decision::{AccessAttempt, AccessKind, ApplyError, ConsentState, DenyReason};
+use cmr_core::decision::{
+    AccessAttempt, AccessKind, ApplyError, ConsentState, DenyReason, GrantStatus,
+};
 use cmr_core::epoch::{BundleEntry, EpochSecret, KeyBundle};
 use cmr_core::family::{FamilyId, FamilyName, Period, PseudonymKey, Scope};
 use cmr_core::hash::Digest;
@@ -430,17 +432,64 @@ fn an_expired_grant_at_the_exact_boundary() {
 fn a_revoked_grant() {
     let mut w = World::new();
     let g = persistent_grant(&mut w);
-    let before = w.next();
-    let rev = w.revoke(g, true, T0 + 10).unwrap();
     let a = w.read(g, vec![w.acme_tx], p(2026, 1), p(2026, 1));
-    // Validity follows log order: before the revocation's position, allowed; after, never.
+    // Validity follows log order: before the revocation is logged, allowed; after, never.
+    let before = w.next();
     w.state.evaluate(&a, before, T0 + 10).unwrap();
+    let rev = w.revoke(g, true, T0 + 10).unwrap();
     assert_eq!(
         w.state.evaluate(&a, rev + 1, T0 + 10),
         Err(DenyReason::GrantRevoked(rev))
     );
     assert_eq!(
         w.revoke(g, true, T0 + 11).unwrap_err(),
+        ApplyError::GrantEnded
+    );
+}
+
+#[test]
+fn an_ended_grant_keeps_its_standing_and_nothing_else() {
+    let mut w = World::new();
+    let g = persistent_grant(&mut w);
+    assert!(w.state.grant(&g).is_some());
+    assert!(w.state.holds(&g, &w.acme_tx));
+    let rev = w.revoke(g, true, T0 + 10).unwrap();
+    // The grant itself and its keys are gone from the state; its standing, company and end are not.
+    assert_eq!(w.state.grant(&g), None);
+    assert!(!w.state.holds(&g, &w.acme_tx));
+    assert!(!w.state.has_active_grant(&w.acme.id, T0 + 10));
+    assert_eq!(
+        w.state.grant_status(&g, T0 + 10),
+        Some(GrantStatus::Revoked(rev))
+    );
+    // What it read is exposed: the families it read wait for a rotation.
+    assert!(w.state.rotation_pending(&w.acme_tx, T0 + 10));
+    assert!(w.state.rotation_pending(&w.contact, T0 + 10));
+    // Another company using it is refused as another company; its own company as revoked.
+    let mut a = w.read(g, vec![w.acme_tx], p(2026, 1), p(2026, 1));
+    let pos = w.next();
+    assert_eq!(
+        w.state.evaluate(&a, pos, T0 + 10),
+        Err(DenyReason::GrantRevoked(rev))
+    );
+    a.company = w.other.id;
+    assert_eq!(
+        w.state.evaluate(&a, pos, T0 + 10),
+        Err(DenyReason::WrongCompany)
+    );
+    // A company cannot give up a grant that was another's, ended or not.
+    let body = Body::Revocation(Revocation {
+        grant: g,
+        initiator: Initiator::Grantee,
+        reason: "x".into(),
+    });
+    let forged = w.sign(&w.other, body, None);
+    assert_eq!(
+        w.apply(&forged, T0 + 11).unwrap_err(),
+        ApplyError::NotGrantee
+    );
+    assert_eq!(
+        w.revoke(g, false, T0 + 11).unwrap_err(),
         ApplyError::GrantEnded
     );
 }
@@ -519,7 +568,9 @@ fn a_revocation_forged_or_backdated() {
         Err(StatementError::WrongAuthor)
     );
     // Backdated: it claims an issue time before an access, but takes effect at its log position only.
+    let a = w.read(g, vec![w.acme_tx], p(2026, 1), p(2026, 1));
     let access_pos = w.next();
+    w.state.record_access(&a, access_pos, T0).unwrap().unwrap();
     let st = Statement {
         customer: w.customer.id,
         author: w.customer.id,
@@ -533,8 +584,6 @@ fn a_revocation_forged_or_backdated() {
     };
     let backdated = SignedStatement::sign(st, None, &w.customer.device.signing).unwrap();
     let rev = w.apply(&backdated, T0 + 5).unwrap();
-    let a = w.read(g, vec![w.acme_tx], p(2026, 1), p(2026, 1));
-    w.state.evaluate(&a, access_pos, T0).unwrap();
     assert_eq!(
         w.state.evaluate(&a, rev + 1, T0 + 5),
         Err(DenyReason::GrantRevoked(rev))
