@@ -68,7 +68,7 @@ fn layout(f: &Frame, title: &str, body: Markup) -> Markup {
 
 fn flash_box(flash: &Flash) -> Markup {
     html! {
-        div class=(if flash.ok { "flash ok" } else { "flash error" }) role=(if flash.ok { "status" } else { "alert" }) {
+        div class=(if flash.ok { "flash ok" } else { "flash error" }) role=(if flash.ok { "status" } else { "alert" }) data-message="action" {
             @for line in &flash.lines { p { (line) } }
         }
     }

@@ -19,9 +19,10 @@
     const doc = new DOMParser().parseFromString(await res.text(), "text/html");
     const fresh = doc.getElementById("main");
     if (fresh) {
-      const shown = main.querySelector(":scope > h1 + .flash");
+      // Only an action's message: a page that could not be shown is replaced with its error.
+      const shown = main.querySelector(':scope > h1 + [data-message="action"]');
       const title = fresh.querySelector(":scope > h1");
-      if (shown && title && !fresh.querySelector(":scope > h1 + .flash")) { title.after(shown); }
+      if (shown && title && !fresh.querySelector('[data-message="action"]')) { title.after(shown); }
       main.replaceWith(fresh);
     }
     say("Updated: " + what + ".");
