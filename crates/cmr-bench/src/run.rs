@@ -75,6 +75,10 @@ pub struct BenchArgs {
     /// PostgreSQL database `postgres://…`); sled in a temporary folder if not given.
     #[arg(long)]
     pub store: Option<String>,
+    /// With its own server: its log key file (created if missing; a temporary one if not given). With
+    /// `--store sled:PATH`, it lets `cmr serve --data PATH --log-key FILE` serve that folder again.
+    #[arg(long)]
+    pub log_key: Option<std::path::PathBuf>,
     /// Grantees that keep access through each race's rotation.
     #[arg(long, default_value_t = 10)]
     pub keepers: usize,
@@ -196,7 +200,11 @@ impl Drop for Child {
     }
 }
 
-fn spawn_server(cache_mib: Option<u64>, store: Option<&str>) -> Result<(Child, String, String)> {
+fn spawn_server(
+    cache_mib: Option<u64>,
+    store: Option<&str>,
+    log_key: Option<&std::path::Path>,
+) -> Result<(Child, String, String)> {
     use std::io::BufRead as _;
     let dir = tempfile::tempdir().map_err(|e| BenchError::local(e.to_string(), "check TMPDIR"))?;
     let exe =
@@ -216,7 +224,7 @@ fn spawn_server(cache_mib: Option<u64>, store: Option<&str>) -> Result<(Child, S
         ])
         .arg(dir.path().join("data"))
         .arg("--log-key")
-        .arg(dir.path().join("log.key"))
+        .arg(log_key.map_or_else(|| dir.path().join("log.key"), std::path::Path::to_path_buf))
         .args(
             cache_mib
                 .map(|c| vec!["--cache-mib".to_string(), c.to_string()])
@@ -1272,7 +1280,11 @@ pub async fn run(out: Out, args: BenchArgs) -> Result {
             ));
         }
         (None, _) => {
-            let (c, b, k) = spawn_server(args.cache_mib, args.store.as_deref())?;
+            let (c, b, k) = spawn_server(
+                args.cache_mib,
+                args.store.as_deref(),
+                args.log_key.as_deref(),
+            )?;
             (Some(c), b, k)
         }
     };
