@@ -649,8 +649,40 @@ impl Customer {
             .await
     }
 
-    /// Signs and sends a grant, its keys sealed to the newest certified device of `company`.
+    /// Signs and sends a grant, its keys sealed to the newest certified device of `company`. A grant names
+    /// each family's epoch; if one was moved by a rotation whose answer was lost, the grant is refused
+    /// `stale-epoch`, and is made again under the logged epochs (as [`Customer::write_records`] does).
     async fn issue_grant(
+        &mut self,
+        company: IdentityId,
+        request: Option<StatementId>,
+        purpose: &str,
+        duration: cmr_core::consent::Duration,
+        approval: &Approval,
+        now: u64,
+    ) -> Result<StatementId, ClientError> {
+        match self
+            .issue_grant_once(company, request, purpose, duration, approval, now)
+            .await
+        {
+            Err(e) if e.problem() == Some(Code::StaleEpoch) => {
+                let mut moved = false;
+                for name in &approval.families {
+                    let id = self.family_id(name);
+                    moved |= self.follow_logged_epoch(id).await?;
+                }
+                if !moved {
+                    return Err(e);
+                }
+                self.issue_grant_once(company, request, purpose, duration, approval, now)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// One attempt at [`Customer::issue_grant`], under the epochs this client holds.
+    async fn issue_grant_once(
         &mut self,
         company: IdentityId,
         request: Option<StatementId>,

@@ -10,8 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use cmr_client::Connection;
-use cmr_client::customer::Customer;
+use cmr_client::company::Company;
+use cmr_client::customer::{Approval, Customer};
 use cmr_client::session::Session;
+use cmr_client::wellknown::CompanyProof;
+use cmr_core::consent::{Access, Duration};
 use cmr_core::family::{FamilyName, Period, PseudonymKey, Scope};
 use cmr_core::identity::Role;
 use cmr_log::entry::EntryKind;
@@ -266,4 +269,72 @@ async fn a_rotation_whose_answer_was_lost_is_followed_at_the_next_write() {
             (&b"before the rotation"[..], before)
         ]
     );
+}
+
+/// The same lost rotation, met by a grant rather than a write: the grant names the family's epoch, so it
+/// is refused `stale-epoch` (seen under load in the crash harness, a database crash round); the SDK moves
+/// to the logged epoch and grants again. The company then opens the records of both epochs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_whose_answer_was_lost_is_followed_at_the_next_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, front, cut) = cutting_proxy(dir.path(), "/statements", None).await;
+    let conn = Connection::new(&format!("http://{front}"))
+        .unwrap()
+        .with_retry(std::time::Duration::ZERO);
+    let (mut alex, fam) = alex_with_contact(&conn, &server).await;
+    alex.write(fam, Period::ORIGIN, &[b"before the rotation"])
+        .await
+        .unwrap();
+    let before = alex.consent().await.unwrap().epoch(&fam).unwrap();
+
+    cut.store(1, Ordering::SeqCst);
+    let e = alex.rotate(fam, now()).await.unwrap_err();
+    assert!(matches!(e, cmr_client::ClientError::InDoubt(_)), "{e}");
+    assert_eq!(cut.load(Ordering::SeqCst), 0, "the answer was not cut");
+    let logged = alex.consent().await.unwrap().epoch(&fam).unwrap();
+    assert_eq!(logged, before + 1, "the rotation was not logged");
+
+    // The grant follows the logged epoch; the company reads what was written before the rotation.
+    let (s, _) = Session::register(conn.clone(), Role::Company, server.pinned.clone(), now())
+        .await
+        .unwrap();
+    let mut shop = Company::new(s);
+    let contact = FamilyName::profile(Scope::ProfileContact).unwrap();
+    let grant = alex
+        .grant(
+            &CompanyProof {
+                domain: "retry.invalid".into(),
+                name: "shop".into(),
+                identity: shop.id(),
+            },
+            "deliveries",
+            Duration::Persistent,
+            &Approval {
+                scopes: vec![(Scope::ProfileContact, Access::Read)],
+                lookback_months: 0,
+                families: vec![contact],
+                append_family: None,
+            },
+            now(),
+        )
+        .await
+        .unwrap();
+    let consent = alex.consent().await.unwrap();
+    let families = &consent.grant(&grant).expect("the grant is live").families;
+    assert_eq!(
+        families[0].epoch, logged,
+        "the grant names the logged epoch"
+    );
+
+    alex.write(fam, Period::ORIGIN, &[b"after the rotation"])
+        .await
+        .unwrap();
+    shop.sync(alex.id()).await.unwrap();
+    let (_, records) = shop
+        .read(grant, fam, Period::ORIGIN, Period::ORIGIN)
+        .await
+        .unwrap();
+    let mut opened: Vec<&[u8]> = records.iter().map(|r| r.content.as_slice()).collect();
+    opened.sort();
+    assert_eq!(opened, [&b"after the rotation"[..], b"before the rotation"]);
 }

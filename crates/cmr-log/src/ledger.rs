@@ -240,6 +240,7 @@ impl Refusal {
                     Code::TooManyRequests
                 }
                 ApplyError::NotAccepted => Code::RequestsNotAccepted,
+                ApplyError::StaleEpoch { .. } => Code::StaleEpoch,
                 _ => Code::Refused,
             },
             Refusal::Denied(d) => d.code(),
@@ -1217,6 +1218,11 @@ mod tests {
     fn refusal_codes_are_stable() {
         assert_eq!(Refusal::UnknownFamily.code(), Code::UnknownFamily);
         assert_eq!(Refusal::Consent(ApplyError::Blocked).code(), Code::Blocked);
+        // A statement on a rotated-away epoch is the conflict a batch on one is: the client follows.
+        assert_eq!(
+            Refusal::Consent(ApplyError::StaleEpoch { current: 2 }).code(),
+            Code::StaleEpoch
+        );
         assert_eq!(
             Refusal::Denied(DenyReason::NoGrant).code(),
             DenyReason::NoGrant.code()

@@ -458,6 +458,11 @@ impl From<Refusal> for StoreError {
                 ApplyError::TooManyRequests { .. } | ApplyError::DailyCapReached { .. },
             ) => StoreError::TooManyRequests(text),
             Refusal::Consent(ApplyError::NotAccepted) => StoreError::NotAccepted(text),
+            // A statement naming an epoch a rotation has left is the same conflict as a batch naming
+            // one: the client follows the logged epoch and sends it again.
+            Refusal::Consent(ApplyError::StaleEpoch { current }) => {
+                StoreError::Denied(DenyReason::StaleEpoch { current })
+            }
             Refusal::Consent(_) | Refusal::Admission(_) => StoreError::Refused(text),
             Refusal::Denied(reason) => StoreError::Denied(reason),
         }
