@@ -6,7 +6,7 @@
 use cmr_core::family::Period;
 
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 9;
+pub const FORMAT_VERSION: u32 = 10;
 /// Earlier formats whose folders this build opens by adding the index rows they lack (see
 /// `Store::open`): 1 had no party and pending indexes, 2 no vaults-of-a-party index, 3 and 4 no feed,
 /// 1 to 6 no family ledger pieces (`LEDGER`: the ledgers were rebuilt in memory).
@@ -21,6 +21,10 @@ pub const FORMATS_BEFORE_ENGINE_PIECES: [u32; 7] = [1, 2, 3, 4, 5, 6, 7];
 /// Earlier formats that wrote a party index row for every posting and have no party mark: their
 /// open sets the mark to the log's size (every posting is in rows), and the rows read as runs of one.
 pub const FORMATS_WITHOUT_PARTY_RUNS: [u32; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
+/// Earlier formats that stored an entries piece as its bytes, not compressed: such a piece reads as
+/// it is (and is the prefix of a compressed one after it), so their open only writes the new format.
+/// A build of one of them refuses a folder of this format, whose compressed pieces it cannot read.
+pub const FORMATS_WITH_PLAIN_ENTRIES: [u32; 9] = [1, 2, 3, 4, 5, 6, 7, 8, 9];
 
 /// Table tags.
 pub mod tag {
@@ -208,6 +212,21 @@ pub fn push_piece_entry(piece: &mut Vec<u8>, salted: &[u8]) {
 pub fn piece_entries(value: &[u8]) -> Result<Vec<&[u8]>, crate::StoreError> {
     // A salted body is at least its 32-byte salt.
     split_piece(value, 32, "entries")
+}
+
+/// The salted bodies held by entries pieces (`tag::ENTRIES` rows, in key order, each chunk from its
+/// start), with their log indices: each piece opened against its chunk's earlier pieces (a compressed
+/// piece does not read alone; see `store/pieces.rs`).
+pub fn entries_of_pieces(
+    pieces: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+) -> Result<Vec<(u64, Vec<u8>)>, crate::StoreError> {
+    let mut chunk = crate::store::pieces::ChunkReader::default();
+    let mut out = Vec::new();
+    for (k, v) in pieces {
+        let (first, opened) = chunk.open(&k, &v)?;
+        out.extend((first..).zip(piece_entries(opened)?.into_iter().map(<[u8]>::to_vec)));
+    }
+    Ok(out)
 }
 
 /// The records in the value of a records piece (`tag::RECORDS`), in order: each what a `RECORD`

@@ -272,15 +272,7 @@ fn records_match_their_entries(path: &std::path::Path, round: usize) {
         }
     }
     let mut batches = 0;
-    let entries = rows(tag::ENTRIES).into_iter().flat_map(|(k, v)| {
-        let first = u64::from_be_bytes(k[1..9].try_into().unwrap());
-        let bodies: Vec<Vec<u8>> = cmr_store::layout::piece_entries(&v)
-            .unwrap()
-            .into_iter()
-            .map(<[u8]>::to_vec)
-            .collect();
-        (first..).zip(bodies)
-    });
+    let entries = cmr_store::layout::entries_of_pieces(rows(tag::ENTRIES)).unwrap();
     for (index, v) in entries {
         let body = EntryBody::decode(&v[32..]).unwrap();
         if body.kind != EntryKind::FamilyHead {

@@ -235,21 +235,19 @@ fn to_rows_per_entry(path: &std::path::Path, from: u64, format: u32) {
     let engine = cmr_store::SledStorage::open_folder(path, 16 << 20).unwrap();
     let mut writes = cmr_store::storage::Writes::new();
     let mut tree = Tree::new(MemoryNodes::default());
+    let pieces = engine.scan_prefix(&[tag::ENTRIES]).map(Result::unwrap);
+    for (i, salted) in layout::entries_of_pieces(pieces).unwrap() {
+        let c = commitment(salted[..32].try_into().unwrap(), &salted[32..]);
+        tree.append(commitment_leaf(&c)).unwrap();
+        if i >= from {
+            writes.insert(layout::indexed(tag::BODY, i), Some(salted.to_vec()));
+            writes.insert(layout::indexed(tag::LEAF, i), Some(c.0.to_vec()));
+        }
+    }
     for table in [tag::ENTRIES, tag::NODES] {
         for kv in engine.scan_prefix(&[table]) {
-            let (k, v) = kv.unwrap();
-            let first = u64::from_be_bytes(k[1..9].try_into().unwrap());
-            if table == tag::ENTRIES {
-                for (i, salted) in (first..).zip(layout::piece_entries(&v).unwrap()) {
-                    let c = commitment(salted[..32].try_into().unwrap(), &salted[32..]);
-                    tree.append(commitment_leaf(&c)).unwrap();
-                    if i >= from {
-                        writes.insert(layout::indexed(tag::BODY, i), Some(salted.to_vec()));
-                        writes.insert(layout::indexed(tag::LEAF, i), Some(c.0.to_vec()));
-                    }
-                }
-            }
-            if first >= from {
+            let (k, _) = kv.unwrap();
+            if u64::from_be_bytes(k[1..9].try_into().unwrap()) >= from {
                 writes.insert(k, None);
             }
         }

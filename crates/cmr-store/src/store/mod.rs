@@ -54,7 +54,7 @@ mod durability;
 mod indexes;
 mod overlay;
 mod party;
-mod pieces;
+pub(crate) mod pieces;
 mod records;
 mod replay;
 mod sequencer;
@@ -519,6 +519,10 @@ impl Store {
                     rows.begin()?;
                     let size = meta_u64(&*rows, layout::META_SIZE)?;
                     rows.write(upgraded_format_row(size))?;
+                } else if layout::FORMATS_WITH_PLAIN_ENTRIES.contains(&version) {
+                    // Pieces written from now on are compressed; the plain ones read as they are.
+                    rows.begin()?;
+                    rows.write(format_row())?;
                 } else if version != layout::FORMAT_VERSION {
                     return Err(StoreError::Format(format!(
                         "data folder has format {version}, this build reads {}",

@@ -116,9 +116,9 @@ impl<'a> Overlay<'a> {
 
     /// The writes to hand to the storage: the pending entries and nodes become pieces among them.
     /// Returns the tree nodes written, for the node cache once the storage holds them.
-    pub(super) fn take_writes(&mut self) -> (Writes, Vec<(u8, u64, Hash)>) {
-        let nodes = self.pending.write_into(&mut self.writes);
-        (std::mem::take(&mut self.writes), nodes)
+    pub(super) fn take_writes(&mut self) -> Result<(Writes, pieces::WrittenNodes), StoreError> {
+        let nodes = self.pending.write_into(self.rows, &mut self.writes)?;
+        Ok((std::mem::take(&mut self.writes), nodes))
     }
 
     pub(super) fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {

@@ -13,6 +13,14 @@
 //! No piece crosses a multiple of [`CHUNK`], so the piece holding entry `i` is the last one that starts
 //! between `i - i % CHUNK` and `i`: one short range read. Pieces are written once and never change
 //! (a storage failure that loses a group loses its pieces with it, and the group is logged again).
+//!
+//! An entries piece is stored compressed (format 10): a zstd frame (RFC 8878) of its bytes, compressed
+//! against the bytes of the pieces before it in its chunk (zstd's raw-content prefix). Entries repeat
+//! much of one another (the same company, device, customer, grant and family, the same request's
+//! shape), but a group's piece alone is too small for that to show; against its chunk's earlier pieces
+//! a logged access stores about 60 % of its bytes (docs/durability.md, "Entries compressed"). Reading
+//! an entry therefore reads its chunk up to its piece. A piece of an earlier format (its bytes as they
+//! are) is read as before and serves as the prefix of a compressed one all the same.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -29,6 +37,125 @@ pub(crate) const CHUNK: u64 = 64;
 /// An entries piece is closed once its bodies pass this many bytes (sled stores a value past about
 /// 128 KiB in a file of its own; a body larger than this is a piece by itself).
 const PIECE_BYTES: usize = 32 * 1024;
+
+/// A compressed piece is a zstd frame: it starts with zstd's magic number (little-endian). An entries
+/// piece of an earlier format starts with its first salted body's length (big-endian), which would have
+/// to be 683 MB to read as that.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
+
+/// How much of a chunk's earlier bytes a piece is compressed against: its last this many bytes (the
+/// same rule when reading, so the prefix is the same).
+const PREFIX_BYTES: usize = 64 * 1024;
+
+/// zstd's level for entries pieces: its default, which costs a few microseconds per entry.
+const LEVEL: i32 = 3;
+
+/// The most bytes a compressed entries piece may open to: a full piece and one more body of the largest
+/// kind. A frame that claims more is damaged data, refused before anything is allocated.
+const MAX_PIECE_BYTES: u64 = (PIECE_BYTES + 2 * cmr_log::entry::MAX_PAYLOAD + 64 * 1024) as u64;
+
+/// The part of a chunk's earlier bytes a piece is compressed against.
+fn prefix(earlier: &[u8]) -> &[u8] {
+    &earlier[earlier.len().saturating_sub(PREFIX_BYTES)..]
+}
+
+fn zstd_error(what: &str, code: usize) -> StoreError {
+    StoreError::Format(format!("{what}: {}", zstd::zstd_safe::get_error_name(code)))
+}
+
+/// An entries piece as stored: `plain` compressed against `earlier` (the chunk's bytes before it), or
+/// `plain` itself if that is not smaller.
+pub(crate) fn seal(plain: &[u8], earlier: &[u8]) -> Result<Vec<u8>, StoreError> {
+    use zstd::zstd_safe::{CCtx, CParameter};
+    let mut cctx = CCtx::create();
+    cctx.set_parameter(CParameter::CompressionLevel(LEVEL))
+        .map_err(|c| zstd_error("compressing a piece", c))?;
+    cctx.set_parameter(CParameter::ContentSizeFlag(true))
+        .map_err(|c| zstd_error("compressing a piece", c))?;
+    // Four bytes a piece: a piece damaged on a database (which, unlike the entries file, keeps no
+    // digest of it) fails to open instead of opening as other bytes.
+    cctx.set_parameter(CParameter::ChecksumFlag(true))
+        .map_err(|c| zstd_error("compressing a piece", c))?;
+    cctx.ref_prefix(prefix(earlier))
+        .map_err(|c| zstd_error("compressing a piece", c))?;
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(plain.len()));
+    cctx.compress2(&mut out, plain)
+        .map_err(|c| zstd_error("compressing a piece", c))?;
+    Ok(if out.len() < plain.len() {
+        out
+    } else {
+        plain.to_vec()
+    })
+}
+
+/// The bytes of a stored entries piece, given its chunk's bytes before it.
+pub(crate) fn open(value: &[u8], earlier: &[u8]) -> Result<Vec<u8>, StoreError> {
+    use zstd::zstd_safe::DCtx;
+    if !value.starts_with(&ZSTD_MAGIC) {
+        return Ok(value.to_vec());
+    }
+    let damaged =
+        || StoreError::Format("a compressed piece of the log's entries does not open".into());
+    let size = match zstd::zstd_safe::get_frame_content_size(value) {
+        Ok(Some(n)) if n <= MAX_PIECE_BYTES => n,
+        _ => return Err(damaged()),
+    };
+    let mut dctx = DCtx::create();
+    dctx.ref_prefix(prefix(earlier)).map_err(|_| damaged())?;
+    let mut out = Vec::with_capacity(usize::try_from(size).map_err(|_| damaged())?);
+    let n = dctx.decompress(&mut out, value).map_err(|_| damaged())?;
+    if n as u64 != size {
+        return Err(damaged());
+    }
+    Ok(out)
+}
+
+/// Reads a chunk's entries pieces in order: each is opened against the bytes of the ones before it in
+/// its chunk, which it keeps.
+#[derive(Default)]
+pub(crate) struct ChunkReader {
+    /// The chunk being read, and its bytes so far.
+    chunk: Option<(u64, Vec<u8>)>,
+}
+
+impl ChunkReader {
+    /// Opens the piece of row (`key`, `value`), the next one of its chunk (or the first of another
+    /// chunk): its first index, and its bytes.
+    pub(crate) fn open(&mut self, key: &[u8], value: &[u8]) -> Result<(u64, &[u8]), StoreError> {
+        let first = first_of(key)?;
+        let start = chunk_start(first);
+        if self.chunk.as_ref().is_some_and(|(c, _)| *c != start) {
+            self.chunk = None;
+        }
+        let (_, bytes) = self.chunk.get_or_insert_with(|| (start, Vec::new()));
+        let at = bytes.len();
+        let opened = open(value, bytes)?;
+        bytes.extend(opened);
+        Ok((first, &bytes[at..]))
+    }
+
+    /// The chunk's bytes read so far.
+    fn bytes(self) -> Vec<u8> {
+        self.chunk.map(|(_, b)| b).unwrap_or_default()
+    }
+}
+
+/// The bytes of the entries pieces of the chunk that holds `i`, before `i` (what a piece that starts
+/// at `i` is compressed against).
+fn chunk_before(rows: &dyn Storage, i: u64) -> Result<Vec<u8>, StoreError> {
+    let mut reader = ChunkReader::default();
+    for kv in rows.range(
+        &layout::indexed(tag::ENTRIES, chunk_start(i)),
+        &layout::indexed(tag::ENTRIES, i),
+    ) {
+        let (k, v) = kv?;
+        reader.open(&k, &v)?;
+    }
+    Ok(reader.bytes())
+}
+
+/// The tree nodes a group wrote, as (level, index, hash), for the node cache.
+pub(crate) type WrittenNodes = Vec<(u8, u64, Hash)>;
 
 /// The first index of the chunk that holds `i`.
 pub(crate) fn chunk_start(i: u64) -> u64 {
@@ -85,15 +212,29 @@ fn piece(rows: &dyn Storage, t: u8, i: u64) -> Result<Option<(u64, Vec<u8>)>, St
     }
 }
 
-/// The salted body of entry `i` (salt, then the encoded body), if stored.
+/// The salted body of entry `i` (salt, then the encoded body), if stored: its chunk read up to its
+/// piece.
 pub(crate) fn entry(rows: &dyn Storage, i: u64) -> Result<Option<Vec<u8>>, StoreError> {
-    let Some((first, value)) = piece(rows, tag::ENTRIES, i)? else {
+    let Some(end) = i.checked_add(1) else {
         return Ok(None);
     };
-    let offset = usize::try_from(i - first).unwrap_or(usize::MAX);
-    Ok(layout::piece_entries(&value)?
-        .get(offset)
-        .map(|b| b.to_vec()))
+    let mut reader = ChunkReader::default();
+    let mut found = None;
+    for kv in rows.range(
+        &layout::indexed(tag::ENTRIES, chunk_start(i)),
+        &layout::indexed(tag::ENTRIES, end),
+    ) {
+        let (k, v) = kv?;
+        let (first, piece) = reader.open(&k, &v)?;
+        // The last piece read is the one that holds `i`, if any does.
+        found = usize::try_from(i - first).ok().and_then(|offset| {
+            layout::piece_entries(piece)
+                .ok()?
+                .get(offset)
+                .map(|b| b.to_vec())
+        });
+    }
+    Ok(found)
 }
 
 /// The level-0 node of a salted body: the leaf hash of its commitment.
@@ -130,6 +271,7 @@ pub(crate) fn entries(rows: &dyn Storage, from: u64, to: u64) -> Entries<'_> {
             &layout::indexed(tag::ENTRIES, to),
         ),
         buffered: VecDeque::new(),
+        chunk: ChunkReader::default(),
         from,
         to,
     }
@@ -139,6 +281,8 @@ pub(crate) fn entries(rows: &dyn Storage, from: u64, to: u64) -> Entries<'_> {
 pub(crate) struct Entries<'a> {
     rows: Rows<'a>,
     buffered: VecDeque<(u64, Vec<u8>)>,
+    /// The chunk being read.
+    chunk: ChunkReader,
     from: u64,
     to: u64,
 }
@@ -155,11 +299,11 @@ impl Iterator for Entries<'_> {
                 Ok(kv) => kv,
                 Err(e) => return Some(Err(e)),
             };
-            let first = match first_of(&k) {
-                Ok(f) => f,
+            let (first, opened) = match self.chunk.open(&k, &v) {
+                Ok(o) => o,
                 Err(e) => return Some(Err(e)),
             };
-            match layout::piece_entries(&v) {
+            match layout::piece_entries(opened) {
                 Ok(bodies) => self.buffered.extend(
                     (first..)
                         .zip(bodies)
@@ -210,8 +354,20 @@ impl Pending {
     }
 
     /// Moves the pending entries and nodes into `writes` as pieces, and returns every node (for the
-    /// node cache, once the storage holds them).
-    pub(crate) fn write_into(&mut self, writes: &mut Writes) -> Vec<(u8, u64, Hash)> {
+    /// node cache, once the storage holds them). `rows` holds the log before them: an entries piece is
+    /// compressed against its chunk's earlier pieces, read back from there when the first pending
+    /// entry is not at a chunk's start (the storage is the one truth: another server on the same
+    /// database may have written them).
+    pub(crate) fn write_into(
+        &mut self,
+        rows: &dyn Storage,
+        writes: &mut Writes,
+    ) -> Result<WrittenNodes, StoreError> {
+        let mut earlier = if self.entries.is_empty() || self.first.is_multiple_of(CHUNK) {
+            Vec::new()
+        } else {
+            chunk_before(rows, self.first)?
+        };
         let entries = std::mem::take(&mut self.entries);
         let nodes = std::mem::take(&mut self.nodes);
         let (first, end) = (self.first, self.first + entries.len() as u64);
@@ -219,18 +375,25 @@ impl Pending {
         // Entries: cut at every chunk boundary and when a piece grows past its bytes.
         let mut piece: Vec<u8> = Vec::new();
         let mut start = first;
+        let mut close = |start: u64, piece: Vec<u8>, earlier: &mut Vec<u8>| {
+            let sealed = seal(&piece, earlier)?;
+            if (start + count(&piece)).is_multiple_of(CHUNK) {
+                earlier.clear();
+            } else {
+                earlier.extend_from_slice(&piece);
+            }
+            writes.insert(layout::indexed(tag::ENTRIES, start), Some(sealed));
+            Ok::<_, StoreError>(())
+        };
         for (i, salted) in (first..).zip(&entries) {
             if !piece.is_empty() && (i % CHUNK == 0 || piece.len() >= PIECE_BYTES) {
-                writes.insert(
-                    layout::indexed(tag::ENTRIES, start),
-                    Some(std::mem::take(&mut piece)),
-                );
+                close(start, std::mem::take(&mut piece), &mut earlier)?;
                 start = i;
             }
             layout::push_piece_entry(&mut piece, salted);
         }
         if !piece.is_empty() {
-            writes.insert(layout::indexed(tag::ENTRIES, start), Some(piece));
+            close(start, piece, &mut earlier)?;
         }
         // Nodes: the ones each leaf completed, in order, cut at every chunk boundary.
         let mut piece: Vec<u8> = Vec::new();
@@ -256,8 +419,13 @@ impl Pending {
         if !piece.is_empty() {
             writes.insert(layout::indexed(tag::NODES, start), Some(piece));
         }
-        nodes.into_iter().map(|((l, i), h)| (l, i, h)).collect()
+        Ok(nodes.into_iter().map(|((l, i), h)| (l, i, h)).collect())
     }
+}
+
+/// How many entries the bytes of an entries piece hold (a piece being made: well formed).
+fn count(piece: &[u8]) -> u64 {
+    layout::piece_entries(piece).map_or(0, |e| e.len() as u64)
 }
 
 /// How many entries of a folder written before pieces are moved into pieces in one write.
@@ -315,7 +483,7 @@ pub(crate) fn migrate(rows: &dyn Storage) -> Result<u64, StoreError> {
             }
         }
         moved += next - first;
-        pending.write_into(&mut writes);
+        pending.write_into(rows, &mut writes)?;
         rows.begin()?;
         rows.write(writes)?;
     }
@@ -360,31 +528,164 @@ mod tests {
         assert_eq!(place(60, u64::MAX, 0), None);
     }
 
+    /// A storage on sled in a folder of its own (the entries pieces then go to its file, as in use).
+    fn storage() -> (tempfile::TempDir, crate::SledStorage) {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = crate::SledStorage::open_folder(dir.path(), 8 << 20).unwrap();
+        (dir, rows)
+    }
+
+    /// Logs `bodies` from `first` on as one group does: pending, then written as pieces.
+    fn log_group(rows: &dyn Storage, first: u64, bodies: &[Vec<u8>]) -> Writes {
+        let mut p = Pending::default();
+        for (i, b) in (first..).zip(bodies) {
+            p.push(i, b.clone());
+        }
+        let mut w = Writes::new();
+        p.write_into(rows, &mut w).unwrap();
+        rows.write(w.clone()).unwrap();
+        w
+    }
+
+    /// The pieces of `w` opened, in order, each against its chunk's earlier pieces among them.
+    fn opened(w: &Writes) -> Vec<(u64, Vec<u8>)> {
+        let mut reader = ChunkReader::default();
+        w.iter()
+            .filter(|(k, _)| k[0] == tag::ENTRIES)
+            .map(|(k, v)| {
+                let (first, piece) = reader.open(k, v.as_ref().unwrap()).unwrap();
+                (first, piece.to_vec())
+            })
+            .collect()
+    }
+
+    /// A salted body shaped like a logged access: a fresh salt and signature, the rest shared by the
+    /// company's other accesses.
+    fn access_like(i: u64) -> Vec<u8> {
+        let mut b: Vec<u8> = (0..32).map(|k| (i * 31 + k) as u8 ^ 0x5a).collect();
+        b.extend_from_slice(b"company 0123456789abcdef grant 0123456789abcdef family 0123456789");
+        b.extend((0..64).map(|k| ((i * 7919 + k * 104_729) % 251) as u8));
+        b.extend_from_slice(&i.to_be_bytes());
+        b
+    }
+
     #[test]
     fn pieces_never_cross_a_chunk_and_close_when_full() {
-        let mut p = Pending::default();
-        for i in 60..200u64 {
-            p.push(i, vec![i as u8; 40]);
-        }
-        let mut w = Writes::new();
-        p.write_into(&mut w);
-        let starts: Vec<u64> = w
-            .keys()
-            .filter(|k| k[0] == tag::ENTRIES)
-            .map(|k| first_of(k).unwrap())
-            .collect();
+        let (_d, rows) = storage();
+        let bodies: Vec<Vec<u8>> = (60..200u64).map(|i| vec![i as u8; 40]).collect();
+        let w = log_group(&rows, 60, &bodies);
+        let starts: Vec<u64> = opened(&w).iter().map(|(f, _)| *f).collect();
         assert_eq!(starts, [60, 64, 128, 192]);
-        let mut big = Pending::default();
-        for i in 0..10u64 {
-            big.push(i, vec![1; PIECE_BYTES / 3]);
-        }
-        let mut w = Writes::new();
-        big.write_into(&mut w);
-        let sizes: Vec<usize> = w
+        let (_d, rows) = storage();
+        let w = log_group(&rows, 0, &vec![vec![1; PIECE_BYTES / 3]; 10]);
+        let sizes: Vec<usize> = opened(&w)
             .iter()
-            .filter(|(k, _)| k[0] == tag::ENTRIES)
-            .map(|(_, v)| layout::piece_entries(v.as_ref().unwrap()).unwrap().len())
+            .map(|(_, p)| layout::piece_entries(p).unwrap().len())
             .collect();
         assert_eq!(sizes, [3, 3, 3, 1], "closed once past {PIECE_BYTES} bytes");
+    }
+
+    #[test]
+    fn entries_are_compressed_against_their_chunk_and_read_back() {
+        let (_d, rows) = storage();
+        let all: Vec<Vec<u8>> = (0..300u64).map(access_like).collect();
+        // Groups of every size, most of them starting inside a chunk.
+        let mut stored = 0usize;
+        let mut at = 0usize;
+        for size in [1usize, 5, 17, 40, 3, 64, 100, 70] {
+            let w = log_group(&rows, at as u64, &all[at..at + size]);
+            stored += w
+                .iter()
+                .filter(|(k, _)| k[0] == tag::ENTRIES)
+                .map(|(_, v)| v.as_ref().unwrap().len())
+                .sum::<usize>();
+            at += size;
+        }
+        assert_eq!(at, all.len());
+        for (i, body) in all.iter().enumerate() {
+            assert_eq!(entry(&rows, i as u64).unwrap().as_ref(), Some(body), "{i}");
+        }
+        assert_eq!(entry(&rows, 300).unwrap(), None);
+        for (from, to) in [(0, 300), (63, 65), (100, 101), (130, 299)] {
+            let read: Vec<(u64, Vec<u8>)> =
+                entries(&rows, from, to).collect::<Result<_, _>>().unwrap();
+            let expected: Vec<(u64, Vec<u8>)> =
+                (from..to).map(|i| (i, all[i as usize].clone())).collect();
+            assert_eq!(read, expected, "{from}..{to}");
+        }
+        // The shared part of each body goes; the salt, signature and index stay.
+        let plain: usize = all.iter().map(|b| b.len() + 4).sum();
+        assert!(stored * 10 < plain * 7, "{stored} bytes stored for {plain}");
+        // A group alone in its chunk's tail is compressed against the pieces before it: the same
+        // bodies again cost a fraction of a first copy.
+        let (_d, rows) = storage();
+        let first = log_group(&rows, 0, &all[..8]);
+        let again = log_group(&rows, 8, &all[..8]);
+        let size = |w: &Writes| {
+            w.values()
+                .map(|v| v.as_ref().map_or(0, Vec::len))
+                .sum::<usize>()
+        };
+        assert!(
+            size(&again) * 4 < size(&first),
+            "{} {}",
+            size(&again),
+            size(&first)
+        );
+    }
+
+    #[test]
+    fn a_plain_piece_of_an_earlier_format_reads_and_prefixes_the_next() {
+        let (_d, rows) = storage();
+        let all: Vec<Vec<u8>> = (0..20u64).map(access_like).collect();
+        // Format 9 wrote a piece as its bytes.
+        let mut plain = Vec::new();
+        for b in &all[..10] {
+            layout::push_piece_entry(&mut plain, b);
+        }
+        rows.write(Writes::from([(
+            layout::indexed(tag::ENTRIES, 0),
+            Some(plain),
+        )]))
+        .unwrap();
+        let w = log_group(&rows, 10, &all[10..]);
+        assert!(w.values().flatten().any(|v| v.starts_with(&ZSTD_MAGIC)));
+        for (i, body) in all.iter().enumerate() {
+            assert_eq!(entry(&rows, i as u64).unwrap().as_ref(), Some(body), "{i}");
+        }
+    }
+
+    #[test]
+    fn a_damaged_compressed_piece_is_an_error() {
+        let all: Vec<Vec<u8>> = (0..10u64).map(access_like).collect();
+        let sealed = {
+            let mut plain = Vec::new();
+            for b in &all {
+                layout::push_piece_entry(&mut plain, b);
+            }
+            seal(&plain, &[]).unwrap()
+        };
+        assert!(sealed.starts_with(&ZSTD_MAGIC));
+        let mut flipped = sealed.clone();
+        let last = flipped.len() - 3;
+        flipped[last] ^= 0x40;
+        let mut cut = sealed.clone();
+        cut.truncate(sealed.len() / 2);
+        // A frame that claims more bytes than any piece holds is refused before anything is allocated.
+        let mut huge = ZSTD_MAGIC.to_vec();
+        huge.extend_from_slice(&[0xe0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+        for bad in [flipped, cut, huge, ZSTD_MAGIC.to_vec()] {
+            match open(&bad, &[]) {
+                Err(StoreError::Format(m)) => assert!(m.contains("does not open"), "{m}"),
+                other => panic!("a damaged piece gave {other:?}"),
+            }
+        }
+        // Against another prefix than its own, a piece does not open either.
+        let (_d, rows) = storage();
+        log_group(&rows, 0, &all[..5]);
+        let w = log_group(&rows, 5, &all[5..]);
+        let (_, v) = w.iter().find(|(k, _)| k[0] == tag::ENTRIES).unwrap();
+        assert!(open(v.as_ref().unwrap(), &[]).is_err());
+        assert!(open(v.as_ref().unwrap(), b"other bytes").is_err());
     }
 }

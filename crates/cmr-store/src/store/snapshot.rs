@@ -314,7 +314,7 @@ impl Store {
                 _ => return Err(bad("a row of a kind snapshots do not hold")),
             }
             if pending_bytes >= GROUP_BYTES {
-                let (writes, written) = overlay.take_writes();
+                let (writes, written) = overlay.take_writes()?;
                 rows.write(writes)?;
                 for (level, index, hash) in written {
                     nodes.put(level, index, hash);
@@ -366,7 +366,7 @@ impl Store {
             layout::META_FORMAT.to_vec(),
             layout::FORMAT_VERSION.to_be_bytes().to_vec(),
         );
-        rows.write(overlay.take_writes().0)?;
+        rows.write(overlay.take_writes()?.0)?;
         // The open replays every entry through the rules, checks every record against its batch,
         // writes the party and pending indexes, and makes it all durable before serving.
         let store = Store::open_with(rows, config, true)?;
