@@ -323,6 +323,101 @@ fn a_folder_with_a_row_per_entry_is_moved_into_pieces() {
     }
 }
 
+/// A folder of format 9 kept its entries pieces as their bytes. Format 10 reads them as they are, and
+/// compresses the pieces it writes after them, in the same chunk too (against the plain ones): every
+/// entry reads back, proofs and the audit hold, and the folder is marked with the new format.
+#[test]
+fn a_folder_of_format_9_keeps_its_plain_pieces_and_compresses_the_next() {
+    use cmr_store::Storage as _;
+    use cmr_store::layout::{self, tag};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let (size, root, g) = {
+        let store = open(dir.path(), clock.clone());
+        let mut w = World::setup(&store);
+        let g = w.grant(&store);
+        for _ in 0..150 {
+            store.execute(w.read(g, p(2025, 6), T0)).unwrap();
+        }
+        let cp = latest_checkpoint(&store);
+        (cp.size, cp.root, g)
+    };
+    let bodies_before: Vec<_> = {
+        let store = open(dir.path(), clock.clone());
+        (0..size).map(|i| store.body(i).unwrap()).collect()
+    };
+    {
+        // As format 9 wrote them: each piece its bytes, under the same key.
+        let engine = cmr_store::SledStorage::open_folder(dir.path(), 16 << 20).unwrap();
+        let pieces: Vec<_> = engine
+            .scan_prefix(&[tag::ENTRIES])
+            .map(Result::unwrap)
+            .collect();
+        assert!(pieces.len() > 3);
+        let firsts: Vec<u64> = pieces
+            .iter()
+            .map(|(k, _)| u64::from_be_bytes(k[1..9].try_into().unwrap()))
+            .collect();
+        let entries = layout::entries_of_pieces(pieces).unwrap();
+        let mut writes = cmr_store::storage::Writes::new();
+        for (n, first) in firsts.iter().enumerate() {
+            let end = firsts.get(n + 1).copied().unwrap_or(u64::MAX);
+            let mut plain = Vec::new();
+            for (_, salted) in entries.iter().filter(|(i, _)| (*first..end).contains(i)) {
+                layout::push_piece_entry(&mut plain, salted);
+            }
+            writes.insert(layout::indexed(tag::ENTRIES, *first), Some(plain));
+        }
+        writes.insert(
+            layout::META_FORMAT.to_vec(),
+            Some(9u32.to_be_bytes().to_vec()),
+        );
+        engine.write(writes).unwrap();
+        engine.sync(size, &root, "").unwrap();
+    }
+    let store = open(dir.path(), clock.clone());
+    assert_eq!(latest_checkpoint(&store).root, root);
+    for i in 0..size {
+        assert_eq!(
+            store.body(i).unwrap(),
+            bodies_before[i as usize],
+            "entry {i}"
+        );
+    }
+    // New entries after the plain ones, the first of them inside a chunk the plain pieces began.
+    assert_ne!(size % 64, 0);
+    let mut w = World::existing();
+    // Fresh nonces: the auditor flags a request signed again.
+    w.nonce = 1_000;
+    for _ in 0..100 {
+        store.execute(w.read(g, p(2025, 6), T0)).unwrap();
+    }
+    let cp = latest_checkpoint(&store);
+    for i in (0..cp.size).step_by(7).chain([size, size + 1, cp.size - 1]) {
+        let body = store.body(i).unwrap().unwrap();
+        let proof = store.inclusion_proof(i, cp.size).unwrap();
+        let leaf =
+            cmr_log::entry::commitment_leaf(&cmr_log::entry::commitment(&body.salt, &body.body));
+        verify_inclusion(i, cp.size, &leaf, &proof, &cp.root).unwrap();
+    }
+    let mut auditor = Auditor::new(log_key().verifier());
+    let report = auditor.run(&mut &store).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    drop(store);
+    let values: Vec<Vec<u8>> = common::engine_rows(dir.path(), tag::ENTRIES)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let framed = |v: &Vec<u8>| v.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]);
+    assert!(values.iter().any(framed), "nothing compressed");
+    assert!(
+        !values.iter().all(framed),
+        "the plain pieces were rewritten"
+    );
+    let db = common::raw_sled(dir.path());
+    assert_current_format(&db.open_tree("cmr").unwrap());
+}
+
 /// sled takes damage in its files for a torn tail and opens an older state; the store refuses that (its
 /// acknowledgement mark is ahead), names the cause, and opens again only once the operator removes the
 /// mark to accept the loss.

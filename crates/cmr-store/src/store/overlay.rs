@@ -8,6 +8,9 @@ use super::*;
 /// round trip. Filled only with what the storage holds (after a group is written), oldest out first.
 pub(super) struct NodeCache {
     inner: Mutex<Nodes>,
+    /// The log's end as the last group wrote it, and its chunk's last bytes (see [`pieces::Tail`]):
+    /// what the next group compresses its first piece against, without reading it back.
+    tail: Mutex<Option<pieces::Tail>>,
 }
 
 /// The cached nodes, and their order of arrival (the oldest leaves first).
@@ -26,7 +29,21 @@ impl NodeCache {
     pub(super) fn new() -> Self {
         Self {
             inner: Mutex::new((HashMap::new(), std::collections::VecDeque::new())),
+            tail: Mutex::new(None),
         }
+    }
+
+    /// Keeps what a group wrote, once the storage holds it.
+    pub(super) fn remember(&self, logged: pieces::Logged) {
+        for (level, index, hash) in logged.nodes {
+            self.put(level, index, hash);
+        }
+        *self.tail.lock().unwrap_or_else(|p| p.into_inner()) = Some(logged.tail);
+    }
+
+    /// The last group's tail (a copy: at most 64 KiB).
+    pub(super) fn tail(&self) -> Option<pieces::Tail> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Forgets every node (after a recovery, the nodes of groups the storage lost would be wrong).
@@ -34,6 +51,7 @@ impl NodeCache {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.0.clear();
         inner.1.clear();
+        *self.tail.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     pub(super) fn get(&self, level: u8, index: u64) -> Option<Hash> {
@@ -116,9 +134,11 @@ impl<'a> Overlay<'a> {
 
     /// The writes to hand to the storage: the pending entries and nodes become pieces among them.
     /// Returns the tree nodes written, for the node cache once the storage holds them.
-    pub(super) fn take_writes(&mut self) -> Result<(Writes, pieces::WrittenNodes), StoreError> {
-        let nodes = self.pending.write_into(self.rows, &mut self.writes)?;
-        Ok((std::mem::take(&mut self.writes), nodes))
+    pub(super) fn take_writes(&mut self) -> Result<(Writes, pieces::Logged), StoreError> {
+        let logged = self
+            .pending
+            .write_into(self.rows, self.nodes.tail(), &mut self.writes)?;
+        Ok((std::mem::take(&mut self.writes), logged))
     }
 
     pub(super) fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {

@@ -434,13 +434,11 @@ impl Sequencer {
             }
             .sign(&self.log_key);
             overlay.put(layout::META_CHECKPOINT.to_vec(), note.clone().into_bytes());
-            let (mut writes, written) = overlay.take_writes()?;
+            let (mut writes, logged) = overlay.take_writes()?;
             let postings = party::stage(&self.party, &mut writes, size, self.party_tail);
             self.rows.write(writes)?;
             postings.apply(&self.party);
-            for (level, index, hash) in written {
-                self.nodes.put(level, index, hash);
-            }
+            self.nodes.remember(logged);
             Ok((note, root))
         })();
         let (note, root) = match outcome {

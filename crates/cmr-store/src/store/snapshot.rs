@@ -314,11 +314,9 @@ impl Store {
                 _ => return Err(bad("a row of a kind snapshots do not hold")),
             }
             if pending_bytes >= GROUP_BYTES {
-                let (writes, written) = overlay.take_writes()?;
+                let (writes, logged) = overlay.take_writes()?;
                 rows.write(writes)?;
-                for (level, index, hash) in written {
-                    nodes.put(level, index, hash);
-                }
+                nodes.remember(logged);
                 pending_bytes = 0;
             }
         }
