@@ -41,9 +41,10 @@ impl NodeCache {
         *self.tail.lock().unwrap_or_else(|p| p.into_inner()) = Some(logged.tail);
     }
 
-    /// The last group's tail (a copy: at most 64 KiB).
-    pub(super) fn tail(&self) -> Option<pieces::Tail> {
-        self.tail.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The last group's tail, taken: only the next group uses it, and leaves its own (a group that
+    /// fails leaves none, and the next one reads its chunk back).
+    pub(super) fn take_tail(&self) -> Option<pieces::Tail> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Forgets every node (after a recovery, the nodes of groups the storage lost would be wrong).
@@ -135,9 +136,9 @@ impl<'a> Overlay<'a> {
     /// The writes to hand to the storage: the pending entries and nodes become pieces among them.
     /// Returns the tree nodes written, for the node cache once the storage holds them.
     pub(super) fn take_writes(&mut self) -> Result<(Writes, pieces::Logged), StoreError> {
-        let logged = self
-            .pending
-            .write_into(self.rows, self.nodes.tail(), &mut self.writes)?;
+        let logged =
+            self.pending
+                .write_into(self.rows, self.nodes.take_tail(), &mut self.writes)?;
         Ok((std::mem::take(&mut self.writes), logged))
     }
 

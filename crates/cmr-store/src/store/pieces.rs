@@ -207,12 +207,14 @@ pub(crate) struct Logged {
     pub(crate) tail: Tail,
 }
 
-/// The log's end, and the last [`PREFIX_BYTES`] (or fewer) of its chunk's bytes before it.
+/// The log's end, and the last bytes of its chunk before it (at least the last [`PREFIX_BYTES`] of
+/// them, or all).
 pub(crate) type Tail = (u64, Vec<u8>);
 
-/// Keeps only what a dictionary uses of a chunk's bytes.
+/// Keeps at most twice what a dictionary uses of a chunk's bytes (the last [`PREFIX_BYTES`] are
+/// what it uses; cutting only past twice that moves the bytes once per [`PREFIX_BYTES`] added).
 fn trim(bytes: &mut Vec<u8>) {
-    if bytes.len() > PREFIX_BYTES {
+    if bytes.len() > 2 * PREFIX_BYTES {
         bytes.drain(..bytes.len() - PREFIX_BYTES);
     }
 }
@@ -732,7 +734,7 @@ mod tests {
         let logged = first.write_into(&rows, None, &mut w).unwrap();
         rows.write(w).unwrap();
         assert_eq!(logged.tail.0, 100);
-        assert!(logged.tail.1.len() <= PREFIX_BYTES);
+        assert!(logged.tail.1.len() <= 2 * PREFIX_BYTES);
         let next = |tail: Option<Tail>| {
             let mut p = Pending::default();
             for (i, b) in (100..).zip(&all[100..]) {
