@@ -711,7 +711,7 @@ fn erased_bytes_left(path: &std::path::Path) -> usize {
         .scan_prefix([cmr_store::layout::tag::RECORDS])
     {
         let v = kv.unwrap().1;
-        assert_eq!(v.len(), 20, "a pointer: offset, length, checksum");
+        assert_eq!(v.len(), 16, "a pointer: offset, length, checksum");
         let at = u64::from_be_bytes(v[..8].try_into().unwrap()) as usize;
         let len = u32::from_be_bytes(v[8..12].try_into().unwrap()) as usize;
         named[at..at + len].fill(true);
@@ -1522,7 +1522,7 @@ fn a_folder_of_format_7_moves_its_records_out_of_sled_at_open() {
     let db = common::raw_sled(dir.path());
     let t = db.open_tree("cmr").unwrap();
     for kv in t.scan_prefix([layout::tag::RECORDS]) {
-        assert_eq!(kv.unwrap().1.len(), 20, "a pointer into the records file");
+        assert_eq!(kv.unwrap().1.len(), 16, "a pointer into the records file");
     }
     assert_eq!(
         t.get(layout::META_FORMAT).unwrap().unwrap().as_ref(),
@@ -1533,6 +1533,73 @@ fn a_folder_of_format_7_moves_its_records_out_of_sled_at_open() {
         std::fs::metadata(&file).unwrap().len(),
         before + moved as u64
     );
+}
+
+/// Formats 6 to 9 wrote a pointer into the pieces files with the first 8 bytes of the piece's SHA-256;
+/// format 10 writes a CRC-32 instead. Both read, and a piece damaged behind either is refused.
+#[test]
+fn pointers_of_either_check_read_and_refuse_a_damaged_piece() {
+    use cmr_store::layout;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let month = p(2026, 4);
+    two_batches(dir.path(), &clock, month);
+    let file = dir.path().join(cmr_store::sled_storage::RECORDS_FILE);
+    let bytes = std::fs::read(&file).unwrap();
+    let pointers: Vec<(Vec<u8>, Vec<u8>)> = {
+        let db = common::raw_sled(dir.path());
+        let t = db.open_tree("cmr").unwrap();
+        let rows: Vec<_> = t
+            .scan_prefix([layout::tag::RECORDS])
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                (k.to_vec(), v.to_vec())
+            })
+            .collect();
+        // Half of them as format 9 wrote them.
+        for (k, v) in rows.iter().step_by(2) {
+            assert_eq!(v.len(), 16);
+            let at = u64::from_be_bytes(v[..8].try_into().unwrap()) as usize;
+            let len = u32::from_be_bytes(v[8..12].try_into().unwrap()) as usize;
+            let mut old = v[..12].to_vec();
+            old.extend_from_slice(&cmr_core::hash::sha256(&bytes[at..at + len]).0[..8]);
+            t.insert(k, old).unwrap();
+        }
+        db.flush().unwrap();
+        rows
+    };
+    assert!(pointers.len() >= 2);
+    {
+        let store = open(dir.path(), clock.clone());
+        let w = World::existing();
+        assert_eq!(read_all_verified(&store, &w, month, 5).len(), 33);
+    }
+    // One byte flipped inside a piece of each kind of pointer.
+    for (n, (_, v)) in pointers.iter().take(2).enumerate() {
+        let at = u64::from_be_bytes(v[..8].try_into().unwrap()) as usize;
+        let mut damaged = bytes.clone();
+        damaged[at + 20] ^= 1;
+        std::fs::write(&file, &damaged).unwrap();
+        let store = open(dir.path(), clock.clone());
+        let w = World::existing();
+        let op = Op::Read {
+            customer: w.customer.id,
+            family: w.tx,
+            periods: (month, month),
+            cursor: None,
+            limit: 100,
+            access: None,
+        };
+        match store.execute(op) {
+            Err(StoreError::Format(e)) => assert!(
+                e.contains("`records` file") && e.contains("checksum"),
+                "pointer {n}: {e}"
+            ),
+            Err(e) => panic!("pointer {n}: {e}"),
+            Ok(_) => panic!("pointer {n}: a damaged piece was read"),
+        }
+        std::fs::write(&file, &bytes).unwrap();
+    }
 }
 
 /// A folder of format 6 (a row per record, and the family ledgers rebuilt in memory at each open) has

@@ -322,7 +322,7 @@ pub(super) fn tree_rows(
 /// piece by itself). A read checks whole pieces (the engine's checksum, then each record against its
 /// leaf), so a piece stays near the size of a read's page of records; fewer, larger pieces are fewer
 /// rows for the engine to index (sled keeps memory for every page of rows it holds, and keeps a
-/// 20-byte pointer a piece, the piece itself in a file beside it). At 16 KiB a piece holds about
+/// 16-byte pointer a piece, the piece itself in a file beside it). At 16 KiB a piece holds about
 /// fourteen records of 1 KiB. (Format 7 kept pieces in sled's rows, at 4 KiB: sled writes a page past
 /// 128 KiB to a file of its own, which made pieces of 32 KiB there seed eight times slower.)
 const RECORD_PIECE_BYTES: usize = 16 * 1024;
