@@ -241,18 +241,34 @@ fn split_piece<'a>(
     min: usize,
     what: &str,
 ) -> Result<Vec<&'a [u8]>, crate::StoreError> {
+    Ok(piece_spans(value, min, what)?
+        .into_iter()
+        .map(|r| &value[r])
+        .collect())
+}
+
+/// Where the parts of a piece are in it: each a 4-byte length and at least `min` bytes.
+pub(crate) fn piece_spans(
+    value: &[u8],
+    min: usize,
+    what: &str,
+) -> Result<Vec<std::ops::Range<usize>>, crate::StoreError> {
     let bad = || crate::StoreError::Format(format!("a stored piece of {what} does not decode"));
     let mut out = Vec::new();
-    let mut rest = value;
-    while !rest.is_empty() {
-        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(bad)?;
-        let len = usize::try_from(u32::from_be_bytes(*len)).map_err(|_| bad())?;
-        if tail.len() < len || len < min {
+    let mut at = 0usize;
+    while at < value.len() {
+        let len = value
+            .get(at..at + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_be_bytes)
+            .ok_or_else(bad)?;
+        let len = usize::try_from(len).map_err(|_| bad())?;
+        let start = at + 4;
+        if value.len() - start < len || len < min {
             return Err(bad());
         }
-        let (part, tail) = tail.split_at(len);
-        out.push(part);
-        rest = tail;
+        out.push(start..start + len);
+        at = start + len;
     }
     Ok(out)
 }

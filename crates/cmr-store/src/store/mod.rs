@@ -820,7 +820,7 @@ impl Store {
         while let Some(i) = head
             && i >= size
         {
-            let Some(v) = pieces::entry(&*self.db, i)? else {
+            let Some(v) = self.nodes.entry(&*self.db, i)? else {
                 break;
             };
             let body = v
@@ -1101,7 +1101,7 @@ impl Store {
         if index >= self.committed_size()? {
             return Ok(None);
         }
-        Ok(pieces::entry(&*self.db, index)?.and_then(|v| {
+        Ok(self.nodes.entry(&*self.db, index)?.and_then(|v| {
             let salt: [u8; 32] = v.get(..32)?.try_into().ok()?;
             Some(SaltedBody {
                 salt,

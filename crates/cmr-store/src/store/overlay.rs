@@ -11,7 +11,16 @@ pub(super) struct NodeCache {
     /// The log's end as the last group wrote it, and its chunk's last bytes (see [`pieces::Tail`]):
     /// what the next group compresses its first piece against, without reading it back.
     tail: Mutex<Option<pieces::Tail>>,
+    /// The chunks of entries read lately, opened (oldest first out).
+    chunks: Mutex<std::collections::VecDeque<pieces::OpenChunk>>,
 }
+
+/// How many opened chunks the cache keeps: the log's last few (the next groups' proofs, the recent
+/// entries clients fetch) and some others.
+const OPEN_CHUNKS: usize = 16;
+
+/// A chunk larger than this is opened for its read and not kept (its entries are large bodies).
+const OPEN_CHUNK_BYTES: usize = 256 * 1024;
 
 /// The cached nodes, and their order of arrival (the oldest leaves first).
 type Nodes = (
@@ -30,7 +39,42 @@ impl NodeCache {
         Self {
             inner: Mutex::new((HashMap::new(), std::collections::VecDeque::new())),
             tail: Mutex::new(None),
+            chunks: Mutex::new(std::collections::VecDeque::new()),
         }
+    }
+
+    /// Entry `index`'s salted body from the storage, through the opened chunks: only the pieces
+    /// written since its chunk was last opened are read and opened.
+    pub(super) fn entry(
+        &self,
+        rows: &dyn Storage,
+        index: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let start = pieces::chunk_start(index);
+        // Taken out while it is extended (a concurrent reader of the same chunk opens its own).
+        let cached = {
+            let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = chunks.iter().find(|c| c.start() == start)
+                && let Some(body) = c.body(index)
+            {
+                return Ok(Some(body));
+            }
+            let at = chunks.iter().position(|c| c.start() == start);
+            at.and_then(|at| chunks.remove(at))
+        };
+        let mut chunk = cached.unwrap_or_else(|| pieces::OpenChunk::new(index));
+        chunk.extend(rows, index)?;
+        let body = chunk.body(index);
+        if chunk.size() <= OPEN_CHUNK_BYTES {
+            let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+            if !chunks.iter().any(|c| c.start() == start) {
+                if chunks.len() >= OPEN_CHUNKS {
+                    chunks.pop_front();
+                }
+                chunks.push_back(chunk);
+            }
+        }
+        Ok(body)
     }
 
     /// Keeps what a group wrote, once the storage holds it.
@@ -53,6 +97,10 @@ impl NodeCache {
         inner.0.clear();
         inner.1.clear();
         *self.tail.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.chunks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     pub(super) fn get(&self, level: u8, index: u64) -> Option<Hash> {
@@ -86,7 +134,13 @@ impl NodeCache {
         if let Some(h) = self.get(level, index) {
             return Ok(Some(h));
         }
-        let hash = pieces::node(rows, level, index)?;
+        let hash = if level == 0 {
+            self.entry(rows, index)?
+                .as_deref()
+                .and_then(pieces::leaf_of)
+        } else {
+            pieces::node(rows, level, index)?
+        };
         if let Some(h) = hash {
             self.put(level, index, h);
         }
@@ -129,7 +183,7 @@ impl<'a> Overlay<'a> {
     pub(super) fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
         match self.pending.entry(index) {
             Some(e) => Ok(Some(e.to_vec())),
-            None => pieces::entry(self.rows, index),
+            None => self.nodes.entry(self.rows, index),
         }
     }
 

@@ -181,6 +181,78 @@ impl ChunkReader {
     fn bytes(self) -> Vec<u8> {
         self.chunk.map(|(_, b)| b).unwrap_or_default()
     }
+
+    /// The chunk's bytes read so far, borrowed.
+    fn all(&self) -> &[u8] {
+        self.chunk.as_ref().map_or(&[], |(_, b)| b)
+    }
+}
+
+/// A chunk of the log's entries opened for reading them one by one: the pieces from its start up to
+/// `end`, and where each entry's salted body is. Reading entry `i` from the storage means opening its
+/// chunk up to its piece; the node cache keeps the chunks read lately ([`OpenChunk::extend`] then
+/// opens only the pieces written since), so a proof that needs many leaves of one chunk, or a history
+/// page of its entries, opens each piece once.
+pub(crate) struct OpenChunk {
+    start: u64,
+    end: u64,
+    reader: ChunkReader,
+    bodies: Vec<std::ops::Range<usize>>,
+}
+
+impl OpenChunk {
+    /// The chunk that holds entry `i`, nothing of it opened yet.
+    pub(crate) fn new(i: u64) -> Self {
+        Self {
+            start: chunk_start(i),
+            end: chunk_start(i),
+            reader: ChunkReader::default(),
+            bodies: Vec::new(),
+        }
+    }
+
+    /// Its first entry.
+    pub(crate) fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// The bytes it holds (what a cache counts).
+    pub(crate) fn size(&self) -> usize {
+        self.reader.all().len()
+    }
+
+    /// Opens its pieces from `rows` until entry `i` is held (or no piece holds it).
+    pub(crate) fn extend(&mut self, rows: &dyn Storage, i: u64) -> Result<(), StoreError> {
+        if i < self.end || chunk_start(i) != self.start {
+            return Ok(());
+        }
+        for kv in rows.range(
+            &layout::indexed(tag::ENTRIES, self.end),
+            &layout::indexed(tag::ENTRIES, i.saturating_add(1)),
+        ) {
+            let (k, v) = kv?;
+            let base = self.reader.all().len();
+            let (first, piece) = self.reader.open(&k, &v)?;
+            if first != self.end {
+                return Err(StoreError::Format(format!(
+                    "the log's entries pieces leave a gap before entry {first}: the stored data \
+                     is damaged"
+                )));
+            }
+            let spans = layout::piece_spans(piece, 32, "entries")?;
+            self.end += spans.len() as u64;
+            self.bodies
+                .extend(spans.into_iter().map(|r| base + r.start..base + r.end));
+        }
+        Ok(())
+    }
+
+    /// Entry `i`'s salted body, if held.
+    pub(crate) fn body(&self, i: u64) -> Option<Vec<u8>> {
+        let at = usize::try_from(i.checked_sub(self.start)?).ok()?;
+        let span = self.bodies.get(at)?.clone();
+        self.reader.all().get(span).map(<[u8]>::to_vec)
+    }
 }
 
 /// The bytes of the entries pieces of the chunk that holds `i`, before `i` (what a piece that starts
@@ -275,28 +347,11 @@ fn piece(rows: &dyn Storage, t: u8, i: u64) -> Result<Option<(u64, Vec<u8>)>, St
 }
 
 /// The salted body of entry `i` (salt, then the encoded body), if stored: its chunk read up to its
-/// piece.
+/// piece (without the node cache's open chunks: see [`super::overlay::NodeCache::entry`]).
 pub(crate) fn entry(rows: &dyn Storage, i: u64) -> Result<Option<Vec<u8>>, StoreError> {
-    let Some(end) = i.checked_add(1) else {
-        return Ok(None);
-    };
-    let mut reader = ChunkReader::default();
-    let mut found = None;
-    for kv in rows.range(
-        &layout::indexed(tag::ENTRIES, chunk_start(i)),
-        &layout::indexed(tag::ENTRIES, end),
-    ) {
-        let (k, v) = kv?;
-        let (first, piece) = reader.open(&k, &v)?;
-        // The last piece read is the one that holds `i`, if any does.
-        found = usize::try_from(i - first).ok().and_then(|offset| {
-            layout::piece_entries(piece)
-                .ok()?
-                .get(offset)
-                .map(|b| b.to_vec())
-        });
-    }
-    Ok(found)
+    let mut chunk = OpenChunk::new(i);
+    chunk.extend(rows, i)?;
+    Ok(chunk.body(i))
 }
 
 /// The level-0 node of a salted body: the leaf hash of its commitment.
@@ -699,6 +754,28 @@ mod tests {
             size(&again),
             size(&first)
         );
+    }
+
+    #[test]
+    fn an_open_chunk_grows_with_its_pieces() {
+        let (_d, rows) = storage();
+        let all: Vec<Vec<u8>> = (0..150u64).map(access_like).collect();
+        let mut chunk = OpenChunk::new(70);
+        assert_eq!(chunk.start(), 64);
+        let mut at = 0;
+        for size in [10usize, 60, 3, 20, 57] {
+            log_group(&rows, at as u64, &all[at..at + size]);
+            at += size;
+            // Opened as far as asked, then further as the chunk's later pieces are written.
+            for i in 64..(at as u64).min(128) {
+                chunk.extend(&rows, i).unwrap();
+                assert_eq!(chunk.body(i).as_ref(), Some(&all[i as usize]), "{i}");
+            }
+        }
+        // Nothing past the chunk, nor before it.
+        chunk.extend(&rows, 140).unwrap();
+        assert_eq!(chunk.body(140), None);
+        assert_eq!(chunk.body(63), None);
     }
 
     #[test]
