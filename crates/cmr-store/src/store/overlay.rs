@@ -17,7 +17,7 @@ pub(super) struct NodeCache {
 
 /// How many opened chunks the cache keeps: the log's last few (the next groups' proofs, the recent
 /// entries clients fetch) and some others.
-const OPEN_CHUNKS: usize = 16;
+const OPEN_CHUNKS: usize = 64;
 
 /// A chunk larger than this is opened for its read and not kept (its entries are large bodies).
 const OPEN_CHUNK_BYTES: usize = 256 * 1024;

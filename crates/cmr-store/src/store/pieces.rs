@@ -67,6 +67,15 @@ fn dictionary(earlier: &[u8]) -> Vec<u8> {
     dict
 }
 
+/// [`dictionary`] of a chunk's bytes kept after a zero byte (as [`ChunkReader`] keeps them): the
+/// bytes themselves while they fit, so reading a chunk does not copy its bytes for every piece.
+fn dictionary_after_zero(kept: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    match kept.get(1..) {
+        Some(earlier) if earlier.len() > PREFIX_BYTES => dictionary(earlier).into(),
+        _ => kept.into(),
+    }
+}
+
 fn zstd_error(what: &str, code: usize) -> StoreError {
     StoreError::Format(format!("{what}: {}", zstd::zstd_safe::get_error_name(code)))
 }
@@ -118,7 +127,13 @@ pub(crate) fn seal(plain: &[u8], earlier: &[u8]) -> Result<Vec<u8>, StoreError> 
 }
 
 /// The bytes of a stored entries piece, given its chunk's bytes before it.
-pub(crate) fn open(value: &[u8], earlier: &[u8]) -> Result<Vec<u8>, StoreError> {
+#[cfg(test)]
+fn open(value: &[u8], earlier: &[u8]) -> Result<Vec<u8>, StoreError> {
+    open_with(value, &dictionary(earlier))
+}
+
+/// The bytes of a stored entries piece, given the [`dictionary`] of its chunk's bytes before it.
+fn open_with(value: &[u8], dictionary: &[u8]) -> Result<Vec<u8>, StoreError> {
     use zstd::zstd_safe::DCtx;
     if !value.starts_with(&ZSTD_MAGIC) {
         return Ok(value.to_vec());
@@ -144,7 +159,7 @@ pub(crate) fn open(value: &[u8], earlier: &[u8]) -> Result<Vec<u8>, StoreError> 
         };
         let mut out = Vec::with_capacity(usize::try_from(size).map_err(|_| damaged())?);
         let n = dctx
-            .decompress_using_dict(&mut out, value, &dictionary(earlier))
+            .decompress_using_dict(&mut out, value, dictionary)
             .map_err(|_| damaged())?;
         if n as u64 != size {
             return Err(damaged());
@@ -157,7 +172,8 @@ pub(crate) fn open(value: &[u8], earlier: &[u8]) -> Result<Vec<u8>, StoreError> 
 /// its chunk, which it keeps.
 #[derive(Default)]
 pub(crate) struct ChunkReader {
-    /// The chunk being read, and its bytes so far.
+    /// The chunk being read, and a zero byte followed by its bytes so far (see
+    /// [`dictionary_after_zero`]).
     chunk: Option<(u64, Vec<u8>)>,
 }
 
@@ -170,21 +186,30 @@ impl ChunkReader {
         if self.chunk.as_ref().is_some_and(|(c, _)| *c != start) {
             self.chunk = None;
         }
-        let (_, bytes) = self.chunk.get_or_insert_with(|| (start, Vec::new()));
-        let at = bytes.len();
-        let opened = open(value, bytes)?;
-        bytes.extend(opened);
-        Ok((first, &bytes[at..]))
+        let (_, kept) = self.chunk.get_or_insert_with(|| (start, vec![0]));
+        let at = kept.len();
+        let opened = if value.starts_with(&ZSTD_MAGIC) {
+            open_with(value, &dictionary_after_zero(kept))?
+        } else {
+            value.to_vec()
+        };
+        kept.extend(opened);
+        Ok((first, &kept[at..]))
     }
 
     /// The chunk's bytes read so far.
     fn bytes(self) -> Vec<u8> {
-        self.chunk.map(|(_, b)| b).unwrap_or_default()
+        self.chunk
+            .and_then(|(_, b)| b.get(1..).map(<[u8]>::to_vec))
+            .unwrap_or_default()
     }
 
     /// The chunk's bytes read so far, borrowed.
     fn all(&self) -> &[u8] {
-        self.chunk.as_ref().map_or(&[], |(_, b)| b)
+        self.chunk
+            .as_ref()
+            .and_then(|(_, b)| b.get(1..))
+            .unwrap_or_default()
     }
 }
 
