@@ -273,24 +273,35 @@ fn to_rows_per_entry(path: &std::path::Path, from: u64, format: u32) {
 /// A folder of an earlier format, which kept a row per entry, per leaf and per tree node, opens: its
 /// rows are moved into pieces (also when an earlier move was cut short), the log, its root, its
 /// proofs and its bodies are the same, and nothing of the old rows is left.
+/// A store in `path` where the customer granted Acme and Acme read 150 times (enough entries for
+/// several pieces and chunks), closed: its size, root, the grant, and every entry's body.
+fn granted_and_read(
+    path: &std::path::Path,
+    clock: &Arc<AtomicU64>,
+) -> (
+    u64,
+    cmr_core::merkle::Hash,
+    cmr_core::consent::StatementId,
+    Vec<Option<cmr_log::entry::SaltedBody>>,
+) {
+    let store = open(path, clock.clone());
+    let mut w = World::setup(&store);
+    let g = w.grant(&store);
+    for _ in 0..150 {
+        store.execute(w.read(g, p(2025, 6), T0)).unwrap();
+    }
+    let cp = latest_checkpoint(&store);
+    let bodies = (0..cp.size).map(|i| store.body(i).unwrap()).collect();
+    (cp.size, cp.root, g, bodies)
+}
+
 #[test]
 fn a_folder_with_a_row_per_entry_is_moved_into_pieces() {
     use cmr_store::layout::{self, tag};
     for (from, format) in [(0u64, 5u32), (0, 3), (64, 5)] {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(AtomicU64::new(T0));
-        let (size, root, bodies) = {
-            let store = open(dir.path(), clock.clone());
-            let mut w = World::setup(&store);
-            let g = w.grant(&store);
-            // Enough entries for several pieces and chunks.
-            for _ in 0..150 {
-                store.execute(w.read(g, p(2025, 6), T0)).unwrap();
-            }
-            let cp = latest_checkpoint(&store);
-            let bodies: Vec<_> = (0..cp.size).map(|i| store.body(i).unwrap()).collect();
-            (cp.size, cp.root, bodies)
-        };
+        let (size, root, _, bodies) = granted_and_read(dir.path(), &clock);
         assert!(size > 150);
         to_rows_per_entry(dir.path(), from, format);
         let store = open(dir.path(), clock.clone());
@@ -332,20 +343,7 @@ fn a_folder_of_format_9_keeps_its_plain_pieces_and_compresses_the_next() {
     use cmr_store::layout::{self, tag};
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(AtomicU64::new(T0));
-    let (size, root, g) = {
-        let store = open(dir.path(), clock.clone());
-        let mut w = World::setup(&store);
-        let g = w.grant(&store);
-        for _ in 0..150 {
-            store.execute(w.read(g, p(2025, 6), T0)).unwrap();
-        }
-        let cp = latest_checkpoint(&store);
-        (cp.size, cp.root, g)
-    };
-    let bodies_before: Vec<_> = {
-        let store = open(dir.path(), clock.clone());
-        (0..size).map(|i| store.body(i).unwrap()).collect()
-    };
+    let (size, root, g, bodies_before) = granted_and_read(dir.path(), &clock);
     {
         // As format 9 wrote them: each piece its bytes, under the same key.
         let engine = cmr_store::SledStorage::open_folder(dir.path(), 16 << 20).unwrap();

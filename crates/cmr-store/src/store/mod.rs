@@ -11,7 +11,8 @@
 //! - `sequencer`: the thread that groups, decides (through `cmr_log::ledger`), stages and hands off;
 //! - `durability`: the syncer (the storage's sync, the durable view, the acknowledgements);
 //! - `overlay`: the group in progress over the storage, and the tree's node stores;
-//! - `pieces`: the log's entries and tree nodes, stored a group's worth to a row;
+//! - `pieces`: the log's entries and tree nodes, stored a group's worth to a row, the entries compressed
+//!   against their chunk;
 //! - `indexes`: the party, pending and vaults-of index rows;
 //! - `party`: the party index in runs, its newest postings in memory;
 //! - `records`: the family ledgers' record index (ids, tree nodes) over the rows;
