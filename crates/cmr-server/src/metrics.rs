@@ -19,6 +19,13 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::AppState;
 
+/// `cmr_store_size_bytes` is given in whole MiB. The log's entries are stored compressed against the
+/// entries before them (docs/durability.md), so the exact bytes one entry adds say whether it repeated
+/// what came just before it: read before and after an entry of one's own, that would let anyone who can
+/// log one guess at another party's entry (docs/threat-model.md, "The store's size"). Disk space is
+/// watched in MiB anyway.
+pub const STORE_BYTES_UNIT: u64 = 1 << 20;
+
 /// The problem code of a refusal, left on the response for [`track`] to count.
 #[derive(Clone, Copy, Debug)]
 pub struct ProblemCode(pub &'static str);
@@ -155,7 +162,8 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with the log's size and the storage's size read now.
+    /// The text exposition, with the log's size and the storage's size read now (in whole
+    /// [`STORE_BYTES_UNIT`]s).
     pub fn encode(&self, log_entries: u64, store_bytes: Option<u64>, connections: usize) -> String {
         self.connections
             .set(i64::try_from(connections).unwrap_or(i64::MAX));
@@ -164,6 +172,7 @@ impl Metrics {
             .set(i64::try_from(log_entries).unwrap_or(i64::MAX));
         self.store_bytes.set(
             store_bytes
+                .map(|b| b - b % STORE_BYTES_UNIT)
                 .and_then(|b| i64::try_from(b).ok())
                 .unwrap_or(-1),
         );
