@@ -223,13 +223,20 @@ async fn a_write_answered_in_doubt_is_sent_again_and_logged_once() {
     a_batch_whose_first_answer_is_lost(Some(Arc::new(answer))).await;
 }
 
-/// A rotation whose completion is logged while its answer is lost, and the SDK gives up on it (retries
-/// off here; under load, a database that stays down past the retry budget): the client still writes
-/// under the old epoch. The next write is refused `stale-epoch`; the SDK reads the family's epoch from the
-/// customer's verified chain, holds that epoch's secret (kept before the directory naming it was
-/// published), moves to it and writes again. The record lands under the new epoch and reads back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotation_whose_answer_was_lost_is_followed_at_the_next_write() {
+/// Alex, with a record written, rotates the family; the completion reaches the server and is logged,
+/// and its answer never comes back (the SDK's retries are off).
+struct LostRotation {
+    _dir: tempfile::TempDir,
+    server: common::Server,
+    conn: Connection,
+    alex: Customer,
+    fam: cmr_core::family::FamilyId,
+    /// The epoch before the rotation, and the one the log holds after it.
+    before: u64,
+    logged: u64,
+}
+
+async fn a_rotation_whose_answer_is_lost() -> LostRotation {
     let dir = tempfile::tempdir().unwrap();
     let (server, front, cut) = cutting_proxy(dir.path(), "/statements", None).await;
     let conn = Connection::new(&format!("http://{front}"))
@@ -248,6 +255,33 @@ async fn a_rotation_whose_answer_was_lost_is_followed_at_the_next_write() {
     assert_eq!(cut.load(Ordering::SeqCst), 0, "the answer was not cut");
     let logged = alex.consent().await.unwrap().epoch(&fam).unwrap();
     assert_eq!(logged, before + 1, "the rotation was not logged");
+    LostRotation {
+        _dir: dir,
+        server,
+        conn,
+        alex,
+        fam,
+        before,
+        logged,
+    }
+}
+
+/// A rotation whose completion is logged while its answer is lost, and the SDK gives up on it (retries
+/// off here; under load, a database that stays down past the retry budget): the client still writes
+/// under the old epoch. The next write is refused `stale-epoch`; the SDK reads the family's epoch from the
+/// customer's verified chain, holds that epoch's secret (kept before the directory naming it was
+/// published), moves to it and writes again. The record lands under the new epoch and reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_whose_answer_was_lost_is_followed_at_the_next_write() {
+    let LostRotation {
+        _dir,
+        server: _server,
+        conn: _conn,
+        mut alex,
+        fam,
+        before,
+        logged,
+    } = a_rotation_whose_answer_is_lost().await;
 
     // The next write follows the logged epoch, and both records open.
     alex.write(fam, Period::ORIGIN, &[b"after the rotation"])
@@ -276,23 +310,15 @@ async fn a_rotation_whose_answer_was_lost_is_followed_at_the_next_write() {
 /// to the logged epoch and grants again. The company then opens the records of both epochs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_whose_answer_was_lost_is_followed_at_the_next_grant() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, front, cut) = cutting_proxy(dir.path(), "/statements", None).await;
-    let conn = Connection::new(&format!("http://{front}"))
-        .unwrap()
-        .with_retry(std::time::Duration::ZERO);
-    let (mut alex, fam) = alex_with_contact(&conn, &server).await;
-    alex.write(fam, Period::ORIGIN, &[b"before the rotation"])
-        .await
-        .unwrap();
-    let before = alex.consent().await.unwrap().epoch(&fam).unwrap();
-
-    cut.store(1, Ordering::SeqCst);
-    let e = alex.rotate(fam, now()).await.unwrap_err();
-    assert!(matches!(e, cmr_client::ClientError::InDoubt(_)), "{e}");
-    assert_eq!(cut.load(Ordering::SeqCst), 0, "the answer was not cut");
-    let logged = alex.consent().await.unwrap().epoch(&fam).unwrap();
-    assert_eq!(logged, before + 1, "the rotation was not logged");
+    let LostRotation {
+        _dir,
+        server,
+        conn,
+        mut alex,
+        fam,
+        before: _,
+        logged,
+    } = a_rotation_whose_answer_is_lost().await;
 
     // The grant follows the logged epoch; the company reads what was written before the rotation.
     let (s, _) = Session::register(conn.clone(), Role::Company, server.pinned.clone(), now())
