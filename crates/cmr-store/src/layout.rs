@@ -6,7 +6,7 @@
 use cmr_core::family::Period;
 
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 10;
+pub const FORMAT_VERSION: u32 = 11;
 /// Earlier formats whose folders this build opens by adding the index rows they lack (see
 /// `Store::open`): 1 had no party and pending indexes, 2 no vaults-of-a-party index, 3 and 4 no feed,
 /// 1 to 6 no family ledger pieces (`LEDGER`: the ledgers were rebuilt in memory).
@@ -25,6 +25,12 @@ pub const FORMATS_WITHOUT_PARTY_RUNS: [u32; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
 /// it is (and is the prefix of a compressed one after it), so their open only writes the new format.
 /// A build of one of them refuses a folder of this format, whose compressed pieces it cannot read.
 pub const FORMATS_WITH_PLAIN_ENTRIES: [u32; 9] = [1, 2, 3, 4, 5, 6, 7, 8, 9];
+/// Earlier formats in which, on sled, every piece had a row of its own (the pointers of the entries
+/// and records pieces, and the tree nodes pieces themselves): those rows read as they are, and the
+/// pieces written from now on have their pointers in bundles, a row for 64 pieces' keys, with the
+/// tree nodes in a file beside sled's (`sled_storage`). Their open only writes the new format; a build
+/// of one of them refuses a folder of this format, whose bundles it cannot read.
+pub const FORMATS_WITH_A_ROW_PER_PIECE: [u32; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
 
 /// Table tags.
 pub mod tag {

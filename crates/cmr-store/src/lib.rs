@@ -9,7 +9,8 @@
 //! rebuilding the in-memory state from the log when it opens ([`Store`]); the boundary to a storage
 //! engine ([`Storage`]: ordered rows, groups of writes applied all or nothing, a sync that makes them
 //! durable) and the embedded engine, sled (0.34) in a local folder with `fdatasync`, the log's entries
-//! in an append-only file beside it ([`SledStorage`]).
+//! and tree nodes and the sealed records in append-only files beside it, their pointers bundled 64 to a
+//! row of sled's ([`SledStorage`]).
 //!
 //! What it does not own: request authentication (the server), the vault's rules (`cmr_log::ledger`),
 //! cryptographic rules (`cmr-core`), log formats and proofs (`cmr-log`).

@@ -520,8 +520,9 @@ impl Store {
                     rows.begin()?;
                     let size = meta_u64(&*rows, layout::META_SIZE)?;
                     rows.write(upgraded_format_row(size))?;
-                } else if layout::FORMATS_WITH_PLAIN_ENTRIES.contains(&version) {
-                    // Pieces written from now on are compressed; the plain ones read as they are.
+                } else if layout::FORMATS_WITH_A_ROW_PER_PIECE.contains(&version) {
+                    // Pieces written from now on are compressed (formats up to 9 did not), and on
+                    // sled bundled; the plain ones and the rows of a piece each read as they are.
                     rows.begin()?;
                     rows.write(format_row())?;
                 } else if version != layout::FORMAT_VERSION {

@@ -38,6 +38,15 @@ pub fn engine_rows(path: &std::path::Path, tag: u8) -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
+/// Keeps every piece of the folder in a row of sled's of its own, as format 10 did (no bundles), so a
+/// test can turn the folder into an earlier format's row by row.
+pub fn unbundle(path: &std::path::Path) {
+    cmr_store::SledStorage::open_folder(path, 16 << 20)
+        .unwrap()
+        .unbundle()
+        .unwrap();
+}
+
 pub fn raw_sled(path: &std::path::Path) -> sled::Db {
     let mut tries = 0;
     loop {

@@ -11,11 +11,17 @@
 //! memory for every page it holds, so the log's bodies and the records, most of what a vault stores,
 //! made sled's files and the server's memory grow several times faster than what they hold
 //! (docs/durability.md, "How the log is stored" and "Records and family ledgers in pieces"). The bytes
-//! of an erased records piece are overwritten with zeros once its deletion is durable.
+//! of an erased records piece are overwritten with zeros once its deletion is durable. Since format 11
+//! the log's tree nodes are in a file too ([`NODES_FILE`]), and the pointers of 64 consecutive pieces
+//! share one row of sled's, a bundle (`bundle`): sled's memory follows its number of rows.
 //!
 //! What it does not own: anything the store decides (the sequencer, the rules, the tree, the indexes).
 
-use std::collections::HashMap;
+mod bundle;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, RwLock};
@@ -31,6 +37,8 @@ use crate::{StoreConfig, StoreError};
 pub const ENTRIES_FILE: &str = "entries";
 /// The file, beside sled's, that holds the sealed records (see [`PieceFile`]).
 pub const RECORDS_FILE: &str = "records";
+/// The file, beside sled's, that holds the log's tree nodes since format 11 (see [`PieceFile`]).
+pub const NODES_FILE: &str = "nodes";
 
 fn io(e: std::io::Error) -> StoreError {
     disk(&e)
@@ -77,6 +85,10 @@ pub struct SledStorage {
     entries: PieceFile,
     /// The sealed records, outside sled.
     records: PieceFile,
+    /// The log's tree nodes, outside sled (format 11; earlier ones are in sled's rows).
+    nodes: PieceFile,
+    /// Held by a write: a bundle is read, changed and written back.
+    writing: Mutex<()>,
 }
 
 impl SledStorage {
@@ -99,15 +111,41 @@ impl SledStorage {
             acknowledged,
             entries: PieceFile::open(path, ENTRIES_FILE, tag::ENTRIES)?,
             records: PieceFile::open(path, RECORDS_FILE, tag::RECORDS)?,
+            nodes: PieceFile::open(path, NODES_FILE, tag::NODES)?,
+            writing: Mutex::new(()),
         })
     }
 
-    /// The file that holds the pieces of the table `key` belongs to, if they are kept outside sled.
+    /// The file that holds the pieces of the table `key` belongs to, if a row of sled's of that table
+    /// (not a bundle) holds a pointer: the entries and records of formats 6 to 10. (The tree nodes of
+    /// those formats are in their rows.)
     fn file_of(&self, key: &[u8]) -> Option<&PieceFile> {
         match key.first() {
             Some(&tag::ENTRIES) => Some(&self.entries),
             Some(&tag::RECORDS) => Some(&self.records),
             _ => None,
+        }
+    }
+
+    /// The file of the pieces whose pointers the bundles of table `table` hold.
+    fn bundled_file(&self, table: u8) -> Result<&PieceFile, StoreError> {
+        match table {
+            tag::ENTRIES => Ok(&self.entries),
+            tag::RECORDS => Ok(&self.records),
+            tag::NODES => Ok(&self.nodes),
+            _ => Err(StoreError::Format(format!(
+                "no file holds the pieces of table {table:#04x}"
+            ))),
+        }
+    }
+
+    /// The value of a logical row not read yet.
+    fn read_held(&self, key: &[u8], held: Held) -> Result<Vec<u8>, StoreError> {
+        match held {
+            Held::Row(v) => self.resolve(key, v),
+            Held::Piece(p) => self
+                .bundled_file(key.first().copied().unwrap_or_default())?
+                .resolve(key, p.to_vec()),
         }
     }
 
@@ -140,26 +178,115 @@ impl SledStorage {
     }
 }
 
-/// sled's rows, with each piece kept outside sled read from its file in place of its pointer.
-fn rows<'a>(
-    iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a,
+/// A logical row not read yet: a row of sled's (of any table but a bundle: a piece of formats 6 to
+/// 10 has a row of its own), or a piece a bundle points to.
+enum Held {
+    Row(sled::IVec),
+    Piece(bundle::Pointer),
+}
+
+type Physical = sled::Result<(sled::IVec, sled::IVec)>;
+/// A piece's write, as a bundle takes it: its place in the bundle, its key, its new value (or none).
+type PieceWrite = (u8, Vec<u8>, Option<Vec<u8>>);
+type HeldRow = (Vec<u8>, Held);
+
+/// The next physical row of `rows` as logical rows in key order: a row of another table as it is, or
+/// every row of one chunk (the pieces' own rows of formats 6 to 10 and the chunk's bundle, which are
+/// next to each other in key order, whichever way `rows` goes), their pieces sorted by key.
+fn next_chunk(
+    rows: &mut std::iter::Peekable<impl Iterator<Item = Physical>>,
+) -> Option<Result<Vec<HeldRow>, StoreError>> {
+    let (k, v) = match rows.next()? {
+        Ok(kv) => kv,
+        Err(e) => return Some(Err(sled_err(e))),
+    };
+    let Some(chunk) = bundle::chunk_of(&k) else {
+        return Some(Ok(vec![(k.to_vec(), Held::Row(v))]));
+    };
+    let mut held = Vec::new();
+    let mut row = Some((k, v));
+    while let Some((k, v)) = row.take() {
+        if bundle::is_bundle(&k) {
+            match bundle::Bundle::decode(&k, &v) {
+                Ok(b) => held.extend(
+                    b.pieces
+                        .into_iter()
+                        .map(|(place, p)| (bundle::piece_key(&k, place), Held::Piece(p))),
+                ),
+                Err(e) => return Some(Err(e)),
+            }
+        } else {
+            held.push((k.to_vec(), Held::Row(v)));
+        }
+        // An error is left for the next call to report.
+        if let Some(Ok((next, _))) = rows.peek()
+            && bundle::chunk_of(next).as_ref() == Some(&chunk)
+        {
+            row = rows.next().and_then(Result::ok);
+        }
+    }
+    held.sort_by(|a, b| a.0.cmp(&b.0));
+    Some(Ok(held))
+}
+
+/// Which logical keys a scan wants.
+enum Wanted {
+    /// `from <= key < to`.
+    Range(Vec<u8>, Vec<u8>),
+    /// Keys that start with the prefix.
+    Prefix(Vec<u8>),
+}
+
+impl Wanted {
+    fn holds(&self, key: &[u8]) -> bool {
+        match self {
+            Wanted::Range(from, to) => from.as_slice() <= key && key < to.as_slice(),
+            Wanted::Prefix(p) => key.starts_with(p),
+        }
+    }
+}
+
+/// The logical rows of a physical scan, in key order, each read (from its file, for a piece) only
+/// when it is reached.
+struct Logical<'a, I: Iterator<Item = Physical>> {
     storage: &'a SledStorage,
-) -> Rows<'a> {
-    Box::new(iter.map(move |kv| {
-        let (k, v) = kv.map_err(sled_err)?;
-        let v = storage.resolve(&k, v)?;
-        Ok((k.to_vec(), v))
-    }))
+    rows: std::iter::Peekable<I>,
+    wanted: Wanted,
+    ready: std::collections::VecDeque<HeldRow>,
+}
+
+impl<I: Iterator<Item = Physical>> Iterator for Logical<'_, I> {
+    type Item = Result<Row, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some((k, held)) = self.ready.pop_front() {
+                return Some(self.storage.read_held(&k, held).map(|v| (k, v)));
+            }
+            match next_chunk(&mut self.rows)? {
+                Ok(held) => self
+                    .ready
+                    .extend(held.into_iter().filter(|(k, _)| self.wanted.holds(k))),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
 }
 
 impl SledStorage {
-    /// The rows of `f(tree)`, or the one error of a store being reopened.
-    fn rows_of<'a, I>(&'a self, f: impl FnOnce(&sled::Tree) -> I) -> Rows<'a>
+    /// The logical rows `wanted` of the physical rows `f(tree)`, or the one error of a store being
+    /// reopened.
+    fn rows_of<'a, I>(&'a self, wanted: Wanted, f: impl FnOnce(&sled::Tree) -> I) -> Rows<'a>
     where
-        I: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a,
+        I: Iterator<Item = Physical> + 'a,
     {
         match self.tree() {
-            Ok(t) => rows(f(&t), self),
+            Ok(t) => Box::new(Logical {
+                storage: self,
+                rows: f(&t).peekable(),
+                wanted,
+                ready: Default::default(),
+            }),
             Err(e) => Box::new(std::iter::once(Err(e))),
         }
     }
@@ -168,36 +295,60 @@ impl SledStorage {
 impl Storage for SledStorage {
     fn size_on_disk(&self) -> Result<Option<u64>, StoreError> {
         let sled = self.db()?.size_on_disk().map_err(sled_err)?;
-        Ok(Some(sled + self.entries.len() + self.records.len()))
+        Ok(Some(
+            sled + self.entries.len() + self.records.len() + self.nodes.len(),
+        ))
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.tree()?.get(key).map_err(sled_err)? {
+        let tree = self.tree()?;
+        if let Some((b, place)) = bundle::bundle_of(key)
+            && let Some(v) = tree.get(&b).map_err(sled_err)?
+            && let Some(p) = bundle::Bundle::decode(&b, &v)?.pieces.remove(&place)
+        {
+            return self.read_held(key, Held::Piece(p)).map(Some);
+        }
+        // Any other table's row, or a piece's own row (formats 6 to 10).
+        match tree.get(key).map_err(sled_err)? {
             Some(v) => Ok(Some(self.resolve(key, v)?)),
             None => Ok(None),
         }
     }
 
     fn range(&self, from: &[u8], to: &[u8]) -> Rows<'_> {
-        self.rows_of(|t| t.range(from.to_vec()..to.to_vec()))
+        let scan = bundle::scan_from(from)..bundle::scan_to(to);
+        self.rows_of(Wanted::Range(from.to_vec(), to.to_vec()), |t| t.range(scan))
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Rows<'_> {
-        self.rows_of(|t| t.scan_prefix(prefix))
+        // A bundle shares all but the last byte of its pieces' keys: a prefix shorter than a piece's
+        // key finds the bundles of the pieces it finds. A piece's whole key finds only that piece.
+        if bundle::is_piece(prefix) {
+            let key = prefix.to_vec();
+            return Box::new(
+                self.get(prefix)
+                    .map(|v| v.map(|v| (key, v)))
+                    .transpose()
+                    .into_iter(),
+            );
+        }
+        self.rows_of(Wanted::Prefix(prefix.to_vec()), |t| t.scan_prefix(prefix))
     }
 
     fn last(&self, from: &[u8], to: &[u8]) -> Result<Option<Row>, StoreError> {
         if from >= to {
             return Ok(None);
         }
-        match self.tree()?.range(from.to_vec()..to.to_vec()).next_back() {
-            Some(kv) => {
-                let (k, v) = kv.map_err(sled_err)?;
-                let v = self.resolve(&k, v)?;
-                Ok(Some((k.to_vec(), v)))
+        let wanted = Wanted::Range(from.to_vec(), to.to_vec());
+        let scan = bundle::scan_from(from)..bundle::scan_to(to);
+        let mut rows = self.tree()?.range(scan).rev().peekable();
+        while let Some(held) = next_chunk(&mut rows) {
+            if let Some((k, held)) = held?.into_iter().rev().find(|(k, _)| wanted.holds(k)) {
+                let v = self.read_held(&k, held)?;
+                return Ok(Some((k, v)));
             }
-            None => Ok(None),
         }
+        Ok(None)
     }
 
     fn is_empty(&self) -> Result<bool, StoreError> {
@@ -224,6 +375,7 @@ impl Storage for SledStorage {
         let rows = db.open_tree("cmr").map_err(sled_err)?;
         let (mark, _) = AckMark::open(&self.path)?;
         self.entries.reopen(&self.path)?;
+        self.nodes.reopen(&self.path)?;
         // Deletions not yet known durable are not scrubbed: they may be gone with sled's tail.
         self.records.reopen(&self.path)?;
         *sync = (FileStates::new(), mark);
@@ -232,13 +384,20 @@ impl Storage for SledStorage {
     }
 
     fn write(&self, writes: Writes) -> Result<(), StoreError> {
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let tree = self.tree()?;
         let mut batch = sled::Batch::default();
         let mut deleted = Vec::new();
+        // The pieces' writes, by the bundle that holds their pointers.
+        let mut bundled: BTreeMap<Vec<u8>, Vec<PieceWrite>> = BTreeMap::new();
         for (k, v) in writes {
+            if let Some((b, place)) = bundle::bundle_of(&k) {
+                bundled.entry(b).or_default().push((place, k, v));
+                continue;
+            }
             match (v, self.file_of(&k)) {
                 // A piece goes to its file first: the pointer sled keeps is to bytes written.
-                (Some(v), Some(file)) => batch.insert(k, file.append(&v)?),
+                (Some(v), Some(file)) => batch.insert(k, &file.append(&v)?[..]),
                 (Some(v), None) => batch.insert(k, v),
                 (None, file) => {
                     // A deleted records piece (an erasure) is scrubbed once its deletion is durable.
@@ -250,6 +409,54 @@ impl Storage for SledStorage {
                     }
                     batch.remove(k)
                 }
+            }
+        }
+        for (b, changes) in bundled {
+            let file = self.bundled_file(b[0])?;
+            // The chunk as it is: its bundle, and the pieces' own rows of formats 6 to 10.
+            let chunk = bundle::chunk_of(&b).unwrap_or_default();
+            let mut pieces = bundle::Bundle::default();
+            let mut own_rows = BTreeMap::new();
+            for kv in tree.range(chunk..=b.clone()) {
+                let (k, v) = kv.map_err(sled_err)?;
+                if k == b {
+                    pieces = bundle::Bundle::decode(&b, &v)?;
+                } else {
+                    own_rows.insert(k.to_vec(), v);
+                }
+            }
+            for (place, k, v) in changes {
+                // A piece of an earlier format written again or deleted: its own row goes.
+                if let Some(old) = own_rows.remove(&k) {
+                    batch.remove(k);
+                    if v.is_none()
+                        && file.scrubs
+                        && let Some((offset, len, _)) = pointed(&old)
+                    {
+                        deleted.push((offset, len));
+                    }
+                }
+                match v {
+                    // A piece goes to its file first: the pointer sled keeps is to bytes written.
+                    Some(v) => {
+                        let pointer = file.append(&v)?;
+                        pieces.pieces.insert(place, pointer);
+                    }
+                    None => {
+                        // A deleted records piece (an erasure) is scrubbed once its deletion is durable.
+                        if let Some(p) = pieces.pieces.remove(&place)
+                            && file.scrubs
+                            && let Some((offset, len, _)) = pointed(&p)
+                        {
+                            deleted.push((offset, len));
+                        }
+                    }
+                }
+            }
+            if pieces.pieces.is_empty() {
+                batch.remove(b);
+            } else {
+                batch.insert(b, pieces.encode());
             }
         }
         tree.apply_batch(batch).map_err(sled_err)?;
@@ -268,7 +475,7 @@ impl Storage for SledStorage {
         let mut moving = Writes::new();
         for kv in tree.scan_prefix([tag::RECORDS]) {
             let (k, v) = kv.map_err(sled_err)?;
-            if pointed(&v).is_none() {
+            if bundle::is_piece(&k) && pointed(&v).is_none() {
                 moving.insert(k.to_vec(), Some(v.to_vec()));
             }
             if moving.len() >= 1024 {
@@ -294,6 +501,7 @@ impl Storage for SledStorage {
         // is off), so its rows never reach the disk ahead of the bytes they point to through a flush.
         self.entries.sync()?;
         self.records.sync()?;
+        self.nodes.sync()?;
         self.db()?.flush().map_err(sled_err)?;
         sync_dir(&self.path, seen)?;
         // No pointer names these bytes any more, durably: they are overwritten with zeros (made
@@ -313,6 +521,35 @@ impl Storage for SledStorage {
                 self.path.join(ACK_MARK).display()
             ),
         })
+    }
+}
+
+#[cfg(feature = "testkit")]
+impl SledStorage {
+    /// Test support: keeps every piece as format 10 kept it, in a row of sled's of its own (a pointer
+    /// for the entries and records, the tree nodes themselves), in place of the bundles, and flushes:
+    /// a test builds the folder of an earlier format from a new store this way.
+    pub fn unbundle(&self) -> Result<(), StoreError> {
+        let tree = self.tree()?;
+        let mut batch = sled::Batch::default();
+        for kv in tree.iter() {
+            let (k, v) = kv.map_err(sled_err)?;
+            if !bundle::is_bundle(&k) {
+                continue;
+            }
+            for (place, p) in bundle::Bundle::decode(&k, &v)?.pieces {
+                let key = bundle::piece_key(&k, place);
+                let row = match k.first() {
+                    Some(&tag::NODES) => self.nodes.resolve(&key, p.to_vec())?,
+                    _ => p.to_vec(),
+                };
+                batch.insert(key, row);
+            }
+            batch.remove(k);
+        }
+        tree.apply_batch(batch).map_err(sled_err)?;
+        self.db()?.flush().map_err(sled_err)?;
+        Ok(())
     }
 }
 
@@ -495,7 +732,7 @@ struct PieceFile {
 }
 
 /// A pointer since format 10: offset (8), length (4), the piece's CRC-32 (4).
-const POINTER_LEN: usize = 16;
+use bundle::POINTER_LEN;
 
 /// A pointer of formats 6 to 9: offset (8), length (4), the first 8 bytes of the piece's SHA-256 (8).
 /// A profile under `cmr bench` found a tenth of the sequencer's time in those digests (every read
@@ -575,7 +812,7 @@ impl PieceFile {
     }
 
     /// Appends a piece; returns its pointer.
-    fn append(&self, piece: &[u8]) -> Result<Vec<u8>, StoreError> {
+    fn append(&self, piece: &[u8]) -> Result<bundle::Pointer, StoreError> {
         use std::os::unix::fs::FileExt as _;
         let len = u32::try_from(piece.len())
             .map_err(|_| StoreError::Format(format!("a piece of {} past 4 GiB", self.name)))?;
@@ -584,10 +821,10 @@ impl PieceFile {
         let at = self.end.fetch_add(u64::from(len), Ordering::SeqCst);
         self.file().write_all_at(piece, at).map_err(io)?;
         self.dirty.store(true, Ordering::SeqCst);
-        let mut pointer = Vec::with_capacity(POINTER_LEN);
-        pointer.extend_from_slice(&at.to_be_bytes());
-        pointer.extend_from_slice(&len.to_be_bytes());
-        pointer.extend_from_slice(&Check::of(piece).to_be_bytes());
+        let mut pointer = [0; POINTER_LEN];
+        pointer[..8].copy_from_slice(&at.to_be_bytes());
+        pointer[8..12].copy_from_slice(&len.to_be_bytes());
+        pointer[12..].copy_from_slice(&Check::of(piece).to_be_bytes());
         Ok(pointer)
     }
 
