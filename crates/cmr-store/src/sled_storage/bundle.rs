@@ -95,21 +95,31 @@ pub fn chunk_of(key: &[u8]) -> Option<Vec<u8>> {
     Some(c)
 }
 
-/// Where a physical scan for the logical range that starts at `from` starts: at the chunk of `from`
-/// if `from` is a piece's key (the chunk's bundle may hold pieces from `from` on), or at `from`.
+/// The piece key a bound falls on or just after: its first bytes, if it is at least a piece key's
+/// length in a bundled table (a piece's key, a bundle's, or a longer key).
+fn piece_part(bound: &[u8]) -> Option<&[u8]> {
+    let w = width(*bound.first()?)?;
+    bound.get(..w)
+}
+
+/// Where a physical scan for the logical range that starts at `from` starts: at the chunk of the
+/// piece key `from` falls on (the chunk's bundle may hold pieces from `from` on), or at `from`. A
+/// shorter `from` (a table's or a period's start) sorts before every row of the chunks after it.
 pub fn scan_from(from: &[u8]) -> Vec<u8> {
-    match chunk_of(from) {
-        Some(c) if is_piece(from) => c,
-        _ => from.to_vec(),
+    match piece_part(from).and_then(chunk_of) {
+        Some(c) => c,
+        None => from.to_vec(),
     }
 }
 
 /// Where a physical scan for the logical range that ends before `to` ends (exclusive): past the
-/// bundle of `to`'s chunk if `to` is a piece's key (it may hold pieces before `to`), or at `to`. A
-/// shorter `to` (a table's or a period's end) already sorts after the bundles of the pieces before it:
-/// a bundle shares all but the last byte of its pieces' keys.
+/// bundle of the chunk of the piece key `to` falls on, which may hold pieces before `to`, unless `to`
+/// is the first key of its chunk (then nothing in the chunk is before it); or at `to`. A shorter `to`
+/// (a table's or a period's end) already sorts after the bundles of the pieces before it: a bundle
+/// shares all but the last byte of its pieces' keys.
 pub fn scan_to(to: &[u8]) -> Vec<u8> {
-    match bundle_of(to) {
+    match piece_part(to).and_then(bundle_of) {
+        Some((_, 0)) if is_piece(to) => to.to_vec(),
         Some((mut b, _)) => {
             b.push(0);
             b
@@ -188,7 +198,17 @@ mod tests {
                 assert!(b < entries(next));
             }
             assert!(scan_from(&entries(i)) <= entries(start));
-            assert!(scan_to(&entries(i)) > b);
+            if i % 64 == 0 {
+                // Nothing of the chunk is before its first key: the scan stops there.
+                assert_eq!(scan_to(&entries(i)), entries(i));
+            } else {
+                assert!(scan_to(&entries(i)) > b);
+            }
+            // A bound past a piece key (a bundle's own key, or longer) still covers the bundle.
+            let mut longer = entries(i);
+            longer.push(0);
+            assert!(scan_to(&longer) > b && scan_to(&b) > b);
+            assert!(scan_from(&longer) <= entries(start) && scan_from(&b) <= entries(start));
         }
         // A record piece's key is 21 bytes; other tables are not bundled.
         let r = crate::layout::records_piece(7, cmr_core::family::Period(3), 130);

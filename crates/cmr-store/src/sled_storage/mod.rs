@@ -301,6 +301,10 @@ impl Storage for SledStorage {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if bundle::is_bundle(key) {
+            // Not a row the store wrote.
+            return Ok(None);
+        }
         let tree = self.tree()?;
         if let Some((b, place)) = bundle::bundle_of(key)
             && let Some(v) = tree.get(&b).map_err(sled_err)?
@@ -411,9 +415,11 @@ impl Storage for SledStorage {
                 }
             }
         }
+        // Every chunk as it is, its bundle and the pieces' own rows of formats 6 to 10, read before
+        // anything is appended: a damaged bundle fails the group with nothing written.
+        let mut chunks = Vec::with_capacity(bundled.len());
         for (b, changes) in bundled {
             let file = self.bundled_file(b[0])?;
-            // The chunk as it is: its bundle, and the pieces' own rows of formats 6 to 10.
             let chunk = bundle::chunk_of(&b).unwrap_or_default();
             let mut pieces = bundle::Bundle::default();
             let mut own_rows = BTreeMap::new();
@@ -425,6 +431,9 @@ impl Storage for SledStorage {
                     own_rows.insert(k.to_vec(), v);
                 }
             }
+            chunks.push((b, file, pieces, own_rows, changes));
+        }
+        for (b, file, mut pieces, mut own_rows, changes) in chunks {
             for (place, k, v) in changes {
                 // A piece of an earlier format written again or deleted: its own row goes.
                 if let Some(old) = own_rows.remove(&k) {
@@ -625,7 +634,7 @@ fn sync_dir(path: &Path, seen: &mut FileStates) -> Result<(), StoreError> {
                     return Ok(());
                 }
                 // The files of pieces are synced on their own, before sled's flush.
-                if [ENTRIES_FILE, RECORDS_FILE]
+                if [ENTRIES_FILE, RECORDS_FILE, NODES_FILE]
                     .iter()
                     .any(|f| path.file_name() == Some(std::ffi::OsStr::new(f)))
                 {
@@ -700,10 +709,11 @@ fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
     }
 }
 
-/// Pieces outside sled: an append-only file of pieces (the log's entries, or the sealed records), each
-/// written once, at its end. sled keeps, as the piece's value, a pointer ([`POINTER_LEN`] bytes:
-/// offset, length, and the piece's CRC-32), and [`SledStorage`] hands the piece
-/// itself to every read, so the store above sees rows as on any other engine.
+/// Pieces outside sled: an append-only file of pieces (the log's entries or tree nodes, or the sealed
+/// records), each written once, at its end. sled keeps a pointer to each piece ([`POINTER_LEN`] bytes:
+/// offset, length, and the piece's CRC-32), in its chunk's bundle since format 11 (the piece's own row
+/// before), and [`SledStorage`] hands the piece itself to every read, so the store above sees rows as
+/// on any other engine.
 ///
 /// Bytes past the last pointer (a group written and then lost with sled's unsynced tail, or one
 /// abandoned) are never read; a group logged again is appended again. A pointer whose bytes are missing

@@ -21,10 +21,16 @@ fn key() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-/// Where a scan starts or ends: a key, a table's or a period's prefix, or past a table.
+/// Where a scan starts or ends: a key, a table's or a period's prefix, past a table, or a key past a
+/// piece's (a bundle's own, or longer).
 fn bound() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         3 => key(),
+        1 => key().prop_map(|mut k| {
+            k.push(0);
+            k
+        }),
+        1 => key().prop_map(|k| bundle::bundle_of(&k).map_or(k, |(b, _)| b)),
         1 => prop_oneof![
             Just(vec![tag::ENTRIES]),
             Just(vec![tag::NODES]),
@@ -177,9 +183,13 @@ fn an_erased_piece_leaves_its_bundle_and_is_scrubbed_once_durable() {
 fn a_damaged_bundle_is_refused_by_every_read() {
     let dir = tempfile::tempdir().unwrap();
     let s = SledStorage::open_folder(dir.path(), 1 << 20).unwrap();
-    let k = crate::layout::key(tag::ENTRIES, &[&3u64.to_be_bytes()]);
-    s.write(Writes::from([(k.clone(), Some(vec![1; 50]))]))
-        .unwrap();
+    let entries = |i: u64| crate::layout::key(tag::ENTRIES, &[&i.to_be_bytes()]);
+    let k = entries(70);
+    s.write(Writes::from([
+        (entries(63), Some(vec![9; 20])),
+        (k.clone(), Some(vec![1; 50])),
+    ]))
+    .unwrap();
     let (b, _) = bundle::bundle_of(&k).unwrap();
     s.tree()
         .unwrap()
@@ -194,12 +204,22 @@ fn a_damaged_bundle_is_refused_by_every_read() {
         s.scan_prefix(&[tag::ENTRIES])
             .any(|r| matches!(r, Err(StoreError::Format(_))))
     );
-    // A write into that chunk is refused too, and changes nothing.
-    let next = crate::layout::key(tag::ENTRIES, &[&4u64.to_be_bytes()]);
-    assert!(
-        s.write(Writes::from([(next.clone(), Some(vec![2; 5]))]))
-            .is_err()
+    // The chunk before it still reads, up to its last piece.
+    assert_eq!(
+        s.last(&entries(0), &entries(64)).unwrap(),
+        Some((entries(63), vec![9; 20]))
     );
+    // A write into that chunk is refused too, and changes nothing, not even in the files.
+    let before = s.entries.len();
+    assert!(
+        s.write(Writes::from([
+            (entries(5), Some(vec![3; 5])),
+            (entries(71), Some(vec![2; 5])),
+        ]))
+        .is_err()
+    );
+    assert_eq!(s.entries.len(), before);
+    assert_eq!(s.get(&entries(5)).unwrap(), None);
     assert_eq!(
         s.tree().unwrap().get(&b).unwrap().unwrap(),
         &[bundle::VERSION, 3][..]
