@@ -333,12 +333,18 @@ fn slope_of(points: &[(f64, f64)]) -> f64 {
     if den == 0.0 { 0.0 } else { num / den * 60.0 }
 }
 
-/// The slope of the floor of `value`: its least value in each run of ten samples. Open connections
-/// make a process's descriptors swing by dozens from one second to the next; a leak raises the floor.
-fn floor_slope_per_minute(samples: &[Sample], value: impl Fn(&Sample) -> f64) -> f64 {
+/// The slope of the floor of `value`: its least value in each run of `window` samples. Open
+/// connections make a process's descriptors swing by dozens from one second to the next, and answers
+/// in flight (a history page, a read of large records) its memory by tens of MiB over a minute; a
+/// leak raises the floor.
+fn floor_slope_per_minute(
+    samples: &[Sample],
+    window: usize,
+    value: impl Fn(&Sample) -> f64,
+) -> f64 {
     let floors: Vec<(f64, f64)> = samples
-        .chunks(10)
-        .filter(|c| c.len() == 10)
+        .chunks(window)
+        .filter(|c| c.len() == window)
         .map(|c| {
             let at = c.iter().map(|s| s.at).sum::<f64>() / c.len() as f64;
             (at, c.iter().map(&value).fold(f64::INFINITY, f64::min))
@@ -348,15 +354,21 @@ fn floor_slope_per_minute(samples: &[Sample], value: impl Fn(&Sample) -> f64) ->
 }
 
 /// What a soak found: the resources at the start and end of the load, and their slopes over its second
-/// half (after the caches and the replay window have filled); for descriptors, the slope of their floor.
+/// half (after the caches and the replay window have filled); for descriptors, the slope of their floor
+/// (its least value in each 10 s); for memory, both its slope and that of its floor (each minute's least).
 fn soak_report(samples: &[Sample]) -> Option<Value> {
     let (first, last) = (samples.first()?, samples.last()?);
     let half = &samples[samples.len() / 2..];
     Some(json!({
         "samples": samples.len(),
-        "rss_mib": {"start": first.rss_mib, "end": last.rss_mib, "slope_per_min": slope_per_minute(half, |s| s.rss_mib)},
-        // Descriptors by their floor (connections come and go); threads and memory as they are.
-        "fds": {"start": first.fds, "end": last.fds, "slope_per_min": floor_slope_per_minute(half, |s| s.fds)},
+        "rss_mib": {
+            "start": first.rss_mib,
+            "end": last.rss_mib,
+            "slope_per_min": slope_per_minute(half, |s| s.rss_mib),
+            "floor_slope_per_min": floor_slope_per_minute(half, 60, |s| s.rss_mib),
+        },
+        // Descriptors by their floor (connections come and go); threads as they are.
+        "fds": {"start": first.fds, "end": last.fds, "slope_per_min": floor_slope_per_minute(half, 10, |s| s.fds)},
         "threads": {"start": first.threads, "end": last.threads, "slope_per_min": slope_per_minute(half, |s| s.threads)},
     }))
 }
@@ -1493,8 +1505,12 @@ pub async fn run(out: Out, args: BenchArgs) -> Result {
     }
     if let Some(s) = &soak {
         let part = |name: &str, unit: &str| {
+            let floor = s[name]["floor_slope_per_min"]
+                .as_f64()
+                .map(|f| format!(", of its floor {f:+.2}{unit}/min"))
+                .unwrap_or_default();
             format!(
-                "{name} {:.0} → {:.0}{unit} (slope over the second half {:+.2}{unit}/min)",
+                "{name} {:.0} → {:.0}{unit} (slope over the second half {:+.2}{unit}/min{floor})",
                 s[name]["start"].as_f64().unwrap_or_default(),
                 s[name]["end"].as_f64().unwrap_or_default(),
                 s[name]["slope_per_min"].as_f64().unwrap_or_default(),
@@ -1572,7 +1588,12 @@ mod tests {
     use super::*;
 
     fn samples(fds: impl Fn(usize) -> f64) -> Vec<Sample> {
-        (0..60)
+        samples_over(60, fds)
+    }
+
+    /// `n` samples a second apart, the series in `fds` (the floor does not care which resource).
+    fn samples_over(n: usize, fds: impl Fn(usize) -> f64) -> Vec<Sample> {
+        (0..n)
             .map(|i| Sample {
                 at: i as f64,
                 rss_mib: 0.0,
@@ -1592,10 +1613,25 @@ mod tests {
                 80.0 + (i % 5) as f64 * 6.0
             }
         });
-        assert!(floor_slope_per_minute(&swinging, |s| s.fds).abs() < 1.0);
+        assert!(floor_slope_per_minute(&swinging, 10, |s| s.fds).abs() < 1.0);
         // One descriptor lost every six seconds: ten a minute, under the same swings.
         let leaking = samples(|i| 80.0 + (i / 6) as f64 + if i % 7 < 3 { 0.0 } else { 20.0 });
-        let slope = floor_slope_per_minute(&leaking, |s| s.fds);
+        let slope = floor_slope_per_minute(&leaking, 10, |s| s.fds);
         assert!((8.0..12.0).contains(&slope), "{slope}");
+    }
+
+    #[test]
+    fn memory_that_swings_with_answers_in_flight_has_a_flat_floor_and_a_leak_does_not() {
+        // Tens of MiB up for tens of seconds at a time (answers in flight), over a flat floor.
+        let swinging = samples_over(1200, |i| {
+            170.0 + if i % 97 < 40 { 25.0 } else { (i % 3) as f64 }
+        });
+        assert!(floor_slope_per_minute(&swinging, 60, |s| s.fds).abs() < 0.5);
+        // Half a MiB a minute lost under the same swings.
+        let leaking = samples_over(1200, |i| {
+            170.0 + i as f64 / 120.0 + if i % 97 < 40 { 25.0 } else { 0.0 }
+        });
+        let slope = floor_slope_per_minute(&leaking, 60, |s| s.fds);
+        assert!((0.4..0.6).contains(&slope), "{slope}");
     }
 }
