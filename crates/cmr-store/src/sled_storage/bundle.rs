@@ -2,12 +2,11 @@
 //! a row for each run of 64 pieces' keys instead of a row for each piece (data folder format 11).
 //!
 //! sled 0.34 keeps memory for every page it holds, cached or not (its page table, each page's list of
-//! fragments on disk), and splits a leaf page past 16 rows, so its memory follows the number of rows.
-//! A group of the log wrote two rows that stay for ever (its entries piece and its nodes piece), and
-//! a thirty-minute soak grew the server by about 12 bytes per log entry (docs/durability.md, "Pointers
-//! in bundles"). A bundle holds the pointers of every piece whose key falls in one run of 64 values of
-//! the key's last field (the pieces of one chunk: no piece crosses a multiple of 64): about two rows
-//! per 64 log entries.
+//! fragments on disk), splits a leaf page past 16 rows, and rewrites pages as rows are added, so its
+//! memory and its files follow the number of rows. A group of the log wrote two rows that stay for ever
+//! (its entries piece and its nodes piece; docs/durability.md, "Pointers in bundles"). A bundle holds
+//! the pointers of every piece whose key falls in one run of 64 values of the key's last field (the
+//! pieces of one chunk: no piece crosses a multiple of 64): about two rows per 64 log entries.
 //!
 //! This module is pure: the keys (where a piece's pointer lives, which physical rows belong to one
 //! chunk, the physical range a logical range needs) and the bundle's bytes. [`super::SledStorage`]
