@@ -21,15 +21,13 @@ pub const FORMATS_BEFORE_ENGINE_PIECES: [u32; 7] = [1, 2, 3, 4, 5, 6, 7];
 /// Earlier formats that wrote a party index row for every posting and have no party mark: their
 /// open sets the mark to the log's size (every posting is in rows), and the rows read as runs of one.
 pub const FORMATS_WITHOUT_PARTY_RUNS: [u32; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
-/// Earlier formats that stored an entries piece as its bytes, not compressed: such a piece reads as
-/// it is (and is the prefix of a compressed one after it), so their open only writes the new format.
-/// A build of one of them refuses a folder of this format, whose compressed pieces it cannot read.
-pub const FORMATS_WITH_PLAIN_ENTRIES: [u32; 9] = [1, 2, 3, 4, 5, 6, 7, 8, 9];
 /// Earlier formats in which, on sled, every piece had a row of its own (the pointers of the entries
 /// and records pieces, and the tree nodes pieces themselves): those rows read as they are, and the
 /// pieces written from now on have their pointers in bundles, a row for 64 pieces' keys, with the
-/// tree nodes in a file beside sled's (`sled_storage`). Their open only writes the new format; a build
-/// of one of them refuses a folder of this format, whose bundles it cannot read.
+/// tree nodes in a file beside sled's (`sled_storage`). Formats up to 9 also stored an entries piece as
+/// its bytes, not compressed: such a piece reads as it is (and is the prefix of a compressed one after
+/// it). Their open only writes the new format; a build of one of them refuses a folder of this format,
+/// whose bundles (and compressed pieces) it cannot read.
 pub const FORMATS_WITH_A_ROW_PER_PIECE: [u32; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
 
 /// Table tags.
