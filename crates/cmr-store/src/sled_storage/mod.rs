@@ -399,20 +399,10 @@ impl Storage for SledStorage {
                 bundled.entry(b).or_default().push((place, k, v));
                 continue;
             }
-            match (v, self.file_of(&k)) {
-                // A piece goes to its file first: the pointer sled keeps is to bytes written.
-                (Some(v), Some(file)) => batch.insert(k, &file.append(&v)?[..]),
-                (Some(v), None) => batch.insert(k, v),
-                (None, file) => {
-                    // A deleted records piece (an erasure) is scrubbed once its deletion is durable.
-                    if file.is_some_and(|f| f.scrubs)
-                        && let Some(old) = tree.get(&k).map_err(sled_err)?
-                        && let Some((offset, len, _)) = pointed(&old)
-                    {
-                        deleted.push((offset, len));
-                    }
-                    batch.remove(k)
-                }
+            // Any other table's row (every key of a table kept in files is a piece's, bundled above).
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
             }
         }
         // Every chunk as it is, its bundle and the pieces' own rows of formats 6 to 10, read before
