@@ -729,19 +729,15 @@ pub fn read_page(answer: &cmr_wire::read::ReadAnswerJson) -> Result<ReadPage, Cl
         .proof_of_read
         .to_proof()
         .map_err(|e| bad(&e.to_string()))?;
-    let decode = |s: &str, what: &str| {
-        B64.decode(s)
-            .map_err(|_| bad(&format!("{what} is not base64")))
-    };
     let records = answer
         .records
         .iter()
-        .map(|r| SealedRecord::decode(decode(r, "a record")?).map_err(|e| bad(&e.to_string())))
+        .map(|r| SealedRecord::decode(r.as_bytes().to_vec()).map_err(|e| bad(&e.to_string())))
         .collect::<Result<_, _>>()?;
     let batches = answer
         .batches
         .iter()
-        .map(|b| SignedBatch::decode(&decode(b, "a batch")?).map_err(|e| bad(&e.to_string())))
+        .map(|b| SignedBatch::decode(b.as_bytes()).map_err(|e| bad(&e.to_string())))
         .collect::<Result<_, _>>()?;
     Ok(ReadPage {
         proof,

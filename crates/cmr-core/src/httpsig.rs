@@ -575,10 +575,10 @@ pub fn precheck(
     let sig = request
         .header("signature")
         .ok_or_else(|| HttpSigError::MissingHeader("Signature".into()))?;
-    let signatures = parse_signatures(&input, &sig)?;
-    let chosen = match signatures.iter().find(|s| s.label == PROFILE_LABEL) {
-        Some(s) => s,
-        None if signatures.len() == 1 => &signatures[0],
+    let mut signatures = parse_signatures(&input, &sig)?;
+    let chosen = match signatures.iter().position(|s| s.label == PROFILE_LABEL) {
+        Some(at) => signatures.swap_remove(at),
+        None if signatures.len() == 1 => signatures.swap_remove(0),
         None => return Err(HttpSigError::NoSignature(PROFILE_LABEL.into())),
     };
     let params = &chosen.params;
@@ -631,5 +631,5 @@ pub fn precheck(
         signature_base: String::new(),
         signature: [0; 64],
     };
-    Ok((chosen.clone(), checked))
+    Ok((chosen, checked))
 }

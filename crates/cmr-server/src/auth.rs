@@ -304,15 +304,19 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for Unverified {
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        let (parts, body) = req.into_parts();
-        let req = axum::extract::Request::from_parts(parts.clone(), body);
+        // The body's limit is read from the extensions, which stay with it; the header map is moved
+        // out, not copied.
+        let (mut parts, body) = req.into_parts();
+        let headers = std::mem::take(&mut parts.headers);
+        let (method, uri) = (parts.method.clone(), parts.uri.clone());
+        let req = axum::extract::Request::from_parts(parts, body);
         let body = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::from_body_rejection(&e))?;
         Ok(Self {
-            method: parts.method,
-            uri: parts.uri,
-            headers: parts.headers,
+            method,
+            uri,
+            headers,
             body,
         })
     }

@@ -7,11 +7,12 @@
 //! `cmr-core` (hashes in base64, ids in hex, months as `YYYY-MM`). What it does not own: what the values
 //! mean or whether they verify (`cmr-core`, `cmr-log`, the SDK), or HTTP (`cmr-server`).
 //!
-//! Modules: [`gateway`] (the company gateway's API), [`read`] (a read's answer and proof), [`log`] (proven entries and acknowledgements),
+//! Modules: [`bytes`] (bytes as base64 strings), [`gateway`] (the company gateway's API), [`read`] (a read's answer and proof), [`log`] (proven entries and acknowledgements),
 //! [`problem`] (problem details), [`vault`] (key histories, vaults, heads, pending requests, backups). With the `openapi` feature each type also describes its own schema,
 //! from which the server's OpenAPI document is generated.
 #![forbid(unsafe_code)]
 
+pub mod bytes;
 pub mod gateway;
 pub mod log;
 pub mod problem;

@@ -104,10 +104,10 @@ pub struct ReadAnswerJson {
     pub ack: crate::log::AckJson,
     /// The completeness proof.
     pub proof_of_read: ReadProofJson,
-    /// The sealed records, base64.
-    pub records: Vec<String>,
-    /// The signed batches, base64.
-    pub batches: Vec<String>,
+    /// The sealed records.
+    pub records: Vec<crate::bytes::Base64>,
+    /// The signed batches.
+    pub batches: Vec<crate::bytes::Base64>,
 }
 
 fn hash_b64(h: &Hash) -> String {

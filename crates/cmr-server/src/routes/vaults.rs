@@ -26,6 +26,7 @@ use super::{ack_json, b64, current_checkpoint, entry_json, hex_id, run};
 use crate::AppState;
 use crate::auth::{Caller, NoBody, Owner, Signed as SignedBody};
 use crate::error::ApiError;
+use cmr_wire::bytes::Base64;
 use cmr_wire::log::{AckJson, ChainEntryJson, PageOfEntriesJson, RedactedJson};
 use cmr_wire::read::{ReadAnswerJson, ReadProofJson};
 use cmr_wire::vault::{
@@ -327,15 +328,16 @@ async fn read(
         },
     )
     .await?;
+    let mut ack = ack;
     let result = ack
         .read
-        .as_ref()
+        .take()
         .ok_or_else(|| ApiError::malformed("no read result"))?;
     Ok(Json(ReadAnswerJson {
         ack: ack_json(&state, &ack, caller.known_size),
         proof_of_read: ReadProofJson::from_proof(&result.proof),
-        records: result.records.iter().map(|r| B64.encode(r)).collect(),
-        batches: result.batches.iter().map(|b| B64.encode(b)).collect(),
+        records: result.records.into_iter().map(Base64).collect(),
+        batches: result.batches.into_iter().map(Base64).collect(),
     }))
 }
 
