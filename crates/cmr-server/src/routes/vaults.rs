@@ -316,7 +316,7 @@ async fn read(
             periods.1,
         ))
     };
-    let ack = run(
+    let mut ack = run(
         &state,
         Op::Read {
             customer,
@@ -328,7 +328,6 @@ async fn read(
         },
     )
     .await?;
-    let mut ack = ack;
     let result = ack
         .read
         .take()
