@@ -565,6 +565,57 @@ async fn entries_hidden_after_the_last_fold_are_refused() {
     assert!(!w.alex.consent().await.unwrap().is_blocked(&bank));
 }
 
+/// A fold asks the server to stop at the entry it folded last (`down_to`). A page that stops above it
+/// (says there is nothing older) leaves the newer entries unlinked to what was verified: refused. A
+/// page that serves an older entry of the chain in its place: refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fold_whose_walk_does_not_reach_the_last_fold_is_refused() {
+    let mut w = world().await;
+    w.alex.consent().await.unwrap();
+    let bank = w.bank.id();
+    w.alex.block(bank, true, now()).await.unwrap();
+    w.alex.block(bank, false, now()).await.unwrap();
+    // The whole chain as it is now, newest first: the unblock, the block, the entry folded last, older
+    // ones.
+    let history = format!("/v1/vaults/{}/history", w.alex.id().to_hex());
+    let whole = w
+        .alex
+        .session
+        .post(&history, &json!({"limit": 1000}))
+        .await
+        .unwrap();
+    let h = history.clone();
+    w.tamper(move |path, v| {
+        if path == h {
+            let entries = v["entries"].as_array_mut().unwrap();
+            entries.truncate(1);
+            v["next"] = Value::Null;
+        }
+    });
+    let e = verification(w.alex.consent().await);
+    assert!(
+        matches!(&e, VerifyError::Chain(m) if m.contains("no longer reaches")),
+        "{e}"
+    );
+    // The folded entry swapped for the one before it on the chain (served as the whole walk served it,
+    // in the same checkpoint).
+    let older = whole["entries"][3].clone();
+    w.tamper(move |path, v| {
+        if path == history {
+            let entries = v["entries"].as_array_mut().unwrap();
+            entries.truncate(2);
+            entries.push(older.clone());
+        }
+    });
+    let e = verification(w.alex.consent().await);
+    assert!(
+        matches!(&e, VerifyError::Chain(m) if m.contains("no longer holds")),
+        "{e}"
+    );
+    w.honest();
+    assert!(!w.alex.consent().await.unwrap().is_blocked(&bank));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledgement_that_logged_something_else_is_refused() {
     let mut w = world().await;

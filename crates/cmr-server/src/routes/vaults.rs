@@ -399,6 +399,11 @@ struct HistoryBody {
     /// Start from this entry (newest first); the customer's latest entry if absent.
     #[serde(default)]
     before: Option<u64>,
+    /// Stop at the first entry at or below this index, which the page includes: the newest entry the
+    /// caller has verified, so that it checks the newer ones link down to it without fetching the
+    /// chain below it again.
+    #[serde(default)]
+    down_to: Option<u64>,
     #[serde(default = "default_history")]
     limit: u64,
 }
@@ -452,7 +457,13 @@ async fn history(
         }
         None => state.store.customer_head(&customer)?,
     };
-    let walk = walk_chain(&state, start, size, req.limit.clamp(1, 1000) as usize)?;
+    let walk = walk_chain(
+        &state,
+        start,
+        size,
+        req.limit.clamp(1, 1000) as usize,
+        req.down_to,
+    )?;
     let mut entries = Vec::new();
     for step in &walk.steps {
         let Step::Entry(index, stored, entry) = step else {
@@ -510,11 +521,13 @@ struct Walk {
 /// Walks a customer's chain from `start`, newest first, for at most `max` entries of the checkpoint of
 /// `size`. Entries logged after that checkpoint (the head may have moved since it was read) are passed
 /// over by following their links, so the walk always starts inside the checkpoint the client verifies.
+/// With `down_to`, the walk also stops after the first entry at or below it.
 fn walk_chain(
     state: &AppState,
     start: Option<u64>,
     size: u64,
     max: usize,
+    down_to: Option<u64>,
 ) -> Result<Walk, ApiError> {
     let mut steps = Vec::new();
     let mut next = start;
@@ -533,6 +546,9 @@ fn walk_chain(
         next = entry.prev.map(|p| p.index);
         if index < size {
             steps.push(Step::Entry(index, stored, Box::new(entry)));
+            if down_to.is_some_and(|d| index <= d) {
+                break;
+            }
         }
     }
     Ok(Walk { steps, next })

@@ -602,6 +602,68 @@ async fn a_history_page_starts_only_at_the_callers_own_entry() {
     assert_eq!(s0, StatusCode::FORBIDDEN);
 }
 
+/// `down_to` ends a history page at the entry the caller verified last, which the page includes: the
+/// same entries as the whole chain's newest ones, and nothing below. At or past the chain's start (or
+/// below it) the walk is the whole chain.
+#[tokio::test]
+async fn a_history_page_stops_at_down_to_and_includes_it() {
+    let mut f = flow().await;
+    let path = format!("/v1/vaults/{}/history", f.customer.id.to_hex());
+    let indexes = |v: &serde_json::Value| -> Vec<u64> {
+        v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["index"].as_u64().unwrap())
+            .collect()
+    };
+    let (s, all) = call(
+        &mut f.env,
+        &path,
+        json!({"limit": 1000}),
+        Signer::Device(&f.customer.device),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{all}");
+    let chain = indexes(&all);
+    assert!(chain.len() >= 4, "{chain:?}");
+    for (at, &d) in chain.iter().enumerate() {
+        let (s, v) = call(
+            &mut f.env,
+            &path,
+            json!({"limit": 1000, "down_to": d}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(indexes(&v), chain[..=at], "down_to {d}");
+        assert_eq!(
+            v["entries"].as_array().unwrap()[..],
+            all["entries"].as_array().unwrap()[..=at]
+        );
+    }
+    // An index between two entries stops at the older one; below the chain's start, the whole chain.
+    let between = chain[0] - 1;
+    if between > chain[1] {
+        let (_, v) = call(
+            &mut f.env,
+            &path,
+            json!({"down_to": between}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+        assert_eq!(indexes(&v), chain[..=1]);
+    }
+    let (_, v) = call(
+        &mut f.env,
+        &path,
+        json!({"limit": 1000, "down_to": 0}),
+        Signer::Device(&f.customer.device),
+    )
+    .await;
+    assert_eq!(indexes(&v), chain);
+}
+
 /// A family's head digest goes to the customer and to a company that may append to the family now; a
 /// reader, a stranger with another's grant, and a company without a grant are refused, and nothing is
 /// logged.
