@@ -148,21 +148,59 @@ fn piece_holding(
 
 /// One family's [`RecordIndex`] over a group's overlay.
 pub(super) struct FamilyRows<'a, 'o> {
-    pub(super) overlay: &'a Overlay<'o>,
-    pub(super) number: u64,
-    pub(super) ids: &'a IdSet,
+    overlay: &'a Overlay<'o>,
+    number: u64,
+    ids: &'a IdSet,
+    /// The ledger pieces this index read last, with their periods. A read's proof asks for a handful of
+    /// nodes and its page's ids, most of them in the same two or three pieces; each lookup was a
+    /// reverse range scan of the storage and a piece decoded again. The overlay is borrowed for as long
+    /// as this lives, so what it holds cannot change under these.
+    read: std::cell::RefCell<Vec<(Period, Piece)>>,
 }
 
-impl FamilyRows<'_, '_> {
-    fn holding(&self, period: Period, j: u64) -> Result<Piece, StoreError> {
-        piece_holding(
+/// How many pieces [`FamilyRows`] keeps: a proof of a page of the period's first records reads about
+/// four (the page's, and one for each larger subtree to its right in the period's first chunk).
+const PIECES_KEPT: usize = 4;
+
+impl<'a, 'o> FamilyRows<'a, 'o> {
+    pub(super) fn new(overlay: &'a Overlay<'o>, number: u64, ids: &'a IdSet) -> Self {
+        Self {
+            overlay,
+            number,
+            ids,
+            read: std::cell::RefCell::new(Vec::with_capacity(PIECES_KEPT)),
+        }
+    }
+
+    /// `f` of the piece that holds record `j` of `period`.
+    fn with_holding<R>(
+        &self,
+        period: Period,
+        j: u64,
+        f: impl FnOnce(&Piece) -> R,
+    ) -> Result<R, StoreError> {
+        let mut read = self.read.borrow_mut();
+        // Pieces never overlap, so a kept piece that covers `j` is the one that holds it.
+        if let Some((_, piece)) = read
+            .iter()
+            .find(|(p, piece)| *p == period && piece.first <= j && j < piece.end())
+        {
+            return Ok(f(piece));
+        }
+        let piece = piece_holding(
             &self.overlay.writes,
             self.overlay.rows,
             self.number,
             period,
             j,
         )?
-        .ok_or_else(|| damaged(format!("the ledger piece holding record {j} of {period}")))
+        .ok_or_else(|| damaged(format!("the ledger piece holding record {j} of {period}")))?;
+        let out = f(&piece);
+        if read.len() == PIECES_KEPT {
+            read.remove(0);
+        }
+        read.push((period, piece));
+        Ok(out)
     }
 }
 
@@ -170,29 +208,37 @@ impl RecordIndex for FamilyRows<'_, '_> {
     type Error = StoreError;
 
     fn node(&self, period: Period, level: u8, index: u64) -> Result<Hash, StoreError> {
-        if level == 0 {
-            let piece = self.holding(period, index)?;
-            return Ok(piece.records[(index - piece.first) as usize].1);
-        }
         let missing = || damaged(format!("the tree node ({level}, {index}) of {period}"));
+        if level == 0 {
+            return self
+                .with_holding(period, index, |piece| {
+                    piece
+                        .records
+                        .get((index - piece.first) as usize)
+                        .map(|(_, leaf)| *leaf)
+                })?
+                .ok_or_else(missing);
+        }
         let j = completing_leaf(level, index).ok_or_else(missing)?;
-        let piece = self.holding(period, j)?;
-        let at = place(level, index, piece.first).ok_or_else(missing)?;
-        piece.nodes.get(at as usize).copied().ok_or_else(missing)
+        self.with_holding(period, j, |piece| {
+            place(level, index, piece.first).and_then(|at| piece.nodes.get(at as usize).copied())
+        })?
+        .ok_or_else(missing)
     }
 
     fn ids(&self, period: Period, start: u64, end: u64) -> Result<Vec<RecordId>, StoreError> {
         let mut out = Vec::with_capacity((end - start) as usize);
         let mut j = start;
         while j < end {
-            let piece = self.holding(period, j)?;
-            let upto = piece.end().min(end);
-            out.extend(
-                piece.records[(j - piece.first) as usize..(upto - piece.first) as usize]
-                    .iter()
-                    .map(|(id, _)| *id),
-            );
-            j = upto;
+            j = self.with_holding(period, j, |piece| {
+                let upto = piece.end().min(end);
+                out.extend(
+                    piece.records[(j - piece.first) as usize..(upto - piece.first) as usize]
+                        .iter()
+                        .map(|(id, _)| *id),
+                );
+                upto
+            })?;
         }
         Ok(out)
     }
@@ -595,11 +641,7 @@ mod tests {
         let cache = NodeCache::new();
         let overlay = Overlay::new(&rows, &cache, 0);
         let ids = IdSet::default();
-        let index = FamilyRows {
-            overlay: &overlay,
-            number: 7,
-            ids: &ids,
-        };
+        let index = FamilyRows::new(&overlay, 7, &ids);
         for (period, held) in &leaves {
             let hashes: Vec<Hash> = held.iter().map(|(_, h)| *h).collect();
             let n = held.len() as u64;

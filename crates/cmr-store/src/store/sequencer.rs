@@ -983,11 +983,7 @@ impl Sequencer {
             .get_mut(&(b.customer, b.family))
             .ok_or_else(|| StoreError::NotFound("family".into()))?;
         // `apply` checks everything before it changes anything, so a refusal changes nothing.
-        let rows = FamilyRows {
-            overlay: &*overlay,
-            number,
-            ids,
-        };
+        let rows = FamilyRows::new(overlay, number, ids);
         let applied = state.apply(&rows, &b, &records)?.map_err(|e| match e {
             cmr_core::batch::BatchError::StaleHead { .. } => StoreError::StaleHead,
             other => StoreError::Refused(other.to_string()),
@@ -1092,11 +1088,7 @@ impl Sequencer {
             .get(&(customer, family))
             .ok_or_else(|| StoreError::NotFound("family".into()))?;
         let prove = |overlay: &Overlay<'_>, limit: u64| {
-            let rows = FamilyRows {
-                overlay,
-                number,
-                ids: &ledger.ids,
-            };
+            let rows = FamilyRows::new(overlay, number, &ledger.ids);
             ledger
                 .state
                 .prove_read(&rows, periods.0, periods.1, cursor, limit)?
