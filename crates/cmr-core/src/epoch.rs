@@ -489,6 +489,34 @@ mod tests {
         assert!(KeyBundle::open(&sealed, IdentityId([6; 32]), acme, &sk, [4; 32]).is_err());
     }
 
+    /// The largest bundle a grant may carry (every key an append chain's, the largest kind) seals to
+    /// bytes that a statement accepts and opens again; one key more is refused when opened.
+    #[test]
+    fn the_largest_bundle_fits_a_sealed_statement_field() {
+        let mut rng = rand::rng();
+        let s = EpochSecret::generate(&mut rng);
+        let acme = IdentityId([1; 32]);
+        let entry = |epoch: u64| BundleEntry {
+            family: FamilyId([9; 32]),
+            epoch,
+            key: s.append_key(&acme, p(2025, 1)),
+        };
+        let bundle = KeyBundle {
+            entries: (0..MAX_BUNDLE_ENTRIES as u64).map(entry).collect(),
+        };
+        let sk = KemSecretKey::generate(&mut rng);
+        let customer = IdentityId([5; 32]);
+        let sealed = bundle.seal(&mut rng, customer, acme, &sk.public_key(), [4; 32]);
+        let back = SealedBytes::from_slice(&sealed.to_bytes()).unwrap();
+        let opened = KeyBundle::open(&back, customer, acme, &sk, [4; 32]).unwrap();
+        assert_eq!(opened.entries.len(), MAX_BUNDLE_ENTRIES);
+        let mut over = bundle;
+        over.entries.push(entry(MAX_BUNDLE_ENTRIES as u64));
+        let sealed = over.seal(&mut rng, customer, acme, &sk.public_key(), [4; 32]);
+        let back = SealedBytes::from_slice(&sealed.to_bytes()).unwrap();
+        assert!(KeyBundle::open(&back, customer, acme, &sk, [4; 32]).is_err());
+    }
+
     #[test]
     fn sealed_epoch_secret_round_trip_and_binding() {
         let mut rng = rand::rng();

@@ -230,9 +230,15 @@ pub struct SignedEnvelope {
     pub signature: Signature,
 }
 
+// A grant's sealed bundle and its other fields fit an envelope.
+const _: () =
+    assert!(SignedEnvelope::MAX_BODY >= crate::wrap::SealedBytes::MAX_CIPHERTEXT + 32 + 16 * 1024);
+
 impl SignedEnvelope {
-    /// The largest body accepted inside an envelope.
-    pub const MAX_BODY: usize = 64 * 1024;
+    /// The largest body accepted inside an envelope: room for a grant that carries the largest key
+    /// bundle ([`crate::wrap::SealedBytes::MAX_CIPHERTEXT`]) and its other fields, whose base64 still
+    /// fits the server's limit on a statement's request body (256 KiB).
+    pub const MAX_BODY: usize = 160 * 1024;
 
     /// Signs `body` with `key`.
     pub fn sign(body: Vec<u8>, key: &SigningKey) -> Self {

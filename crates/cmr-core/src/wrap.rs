@@ -117,8 +117,11 @@ pub struct SealedBytes {
 }
 
 impl SealedBytes {
-    /// The largest ciphertext accepted.
-    pub const MAX_CIPHERTEXT: usize = 64 * 1024;
+    /// The largest ciphertext accepted: room for the largest key bundle a grant may carry
+    /// ([`crate::epoch::MAX_BUNDLE_ENTRIES`] keys of the largest kind, an append chain's, about 109 KiB).
+    /// At 64 KiB a grant on a family rotated about 850 times was sealed by the client and refused by
+    /// the server as malformed, under the client's own limit of keys.
+    pub const MAX_CIPHERTEXT: usize = 128 * 1024;
 
     /// Wire form: `enc [32] || ciphertext`.
     pub fn to_bytes(&self) -> Vec<u8> {

@@ -71,7 +71,6 @@ pub fn env() -> Env {
         authority: "vault.test".into(),
         scheme: "http".into(),
         max_body: 1024 * 1024,
-        max_small_body: 64 * 1024,
         rate_per_identity: 5.0,
         burst_per_identity: 40.0,
         witnesses: vec![witness_key().verifier()],

@@ -603,8 +603,8 @@ async fn a_history_page_starts_only_at_the_callers_own_entry() {
 }
 
 /// `down_to` ends a history page at the entry the caller verified last, which the page includes: the
-/// same entries as the whole chain's newest ones, and nothing below. At or past the chain's start (or
-/// below it) the walk is the whole chain.
+/// same entries as the whole chain's newest ones, and nothing below. An index between two entries ends
+/// the page at the older one; one below the chain's oldest entry gives the whole chain.
 #[tokio::test]
 async fn a_history_page_stops_at_down_to_and_includes_it() {
     let mut f = flow().await;
@@ -843,4 +843,81 @@ async fn the_customers_chain_is_pushed_as_events_to_the_customer_only() {
         }
     }
     assert!(freed, "a closed stream's place was not freed");
+}
+
+/// A grant carrying the largest key bundle a client builds (`MAX_BUNDLE_ENTRIES` keys of the largest
+/// kind: what a family rotated about a thousand times needs) is logged: the envelope and the sealed
+/// field hold it, and so does the request body. (At 64 KiB for both, a grant on a family rotated about
+/// 850 times was refused as malformed.)
+#[tokio::test]
+async fn a_grant_with_the_largest_bundle_is_logged() {
+    let mut f = flow().await;
+    let g = Grant {
+        grantee: f.acme.id,
+        request: None,
+        purpose: "every epoch".into(),
+        duration: Duration::Persistent,
+        not_before: T0,
+        expires: None,
+        lookback_start: Period::from_year_month(2025, 6).unwrap(),
+        window_months: None,
+        scopes: vec![(Scope::Transactions, Access::Read)],
+        families: vec![GrantFamily {
+            family: f.tx,
+            scope: Scope::Transactions,
+            epoch: 1,
+            access: Access::Read,
+        }],
+        append_family: None,
+        grantee_kem: f.kem.public_key(),
+    };
+    let st = Statement {
+        customer: f.customer.id,
+        author: f.customer.id,
+        device: f.customer.device.id(),
+        issued_at: T0,
+        body: StBody::Grant(g.clone()),
+    };
+    let gid = SignedStatement::grant_id(&st);
+    let secret = EpochSecret::generate(&mut rand::rng());
+    let bundle = KeyBundle {
+        entries: (0..cmr_core::epoch::MAX_BUNDLE_ENTRIES as u64)
+            .map(|epoch| BundleEntry {
+                family: f.tx,
+                epoch,
+                key: secret.append_key(&f.acme.id, g.lookback_start),
+            })
+            .collect(),
+    }
+    .seal(
+        &mut rand::rng(),
+        f.customer.id,
+        f.acme.id,
+        &f.kem.public_key(),
+        gid.0,
+    );
+    let grant = SignedStatement::sign(st, Some(bundle), &f.customer.device.signing).unwrap();
+    assert!(grant.encode().len() > 100 * 1024);
+    let base = format!("/v1/vaults/{}", f.customer.id.to_hex());
+    let (s, v) = f
+        .env
+        .call(
+            "POST",
+            &format!("{base}/statements"),
+            json!({"statement": B64.encode(grant.encode())}),
+            Signer::Device(&f.customer.device),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The company opens every key of it.
+    let back = SignedStatement::decode(&grant.encode()).unwrap();
+    let opened = KeyBundle::open(
+        back.bundle().unwrap(),
+        f.customer.id,
+        f.acme.id,
+        &f.kem,
+        gid.0,
+    )
+    .unwrap();
+    assert_eq!(opened.entries.len(), cmr_core::epoch::MAX_BUNDLE_ENTRIES);
 }

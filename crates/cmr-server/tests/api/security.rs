@@ -197,7 +197,7 @@ async fn bad_input_and_other_vaults() {
         assert_eq!(s, StatusCode::BAD_REQUEST, "{id}");
     }
     // An oversized body.
-    let big = json!({"statement": "A".repeat(100 * 1024)});
+    let big = json!({"statement": "A".repeat(Config::default().max_small_body)});
     let (s, v) = f
         .env
         .call("POST", &st, big, Signer::Device(&f.customer.device))
