@@ -265,6 +265,56 @@ pub fn statement(
     SignedStatement::sign(st, bundle, &p.device.signing).unwrap()
 }
 
+/// A grant from `customer` to `company` to read the transaction family `tx` (epoch 1) from 2025-06,
+/// carrying the keys `keys` gives for it, sealed to `kem`: the statement and its id.
+pub fn read_grant(
+    customer: &Party,
+    company: IdentityId,
+    tx: FamilyId,
+    kem: &KemSecretKey,
+    request: Option<StatementId>,
+    (purpose, duration): (&str, Duration),
+    keys: impl FnOnce(&Grant) -> Vec<BundleEntry>,
+) -> (SignedStatement, StatementId) {
+    let g = Grant {
+        grantee: company,
+        request,
+        purpose: purpose.into(),
+        duration,
+        not_before: T0,
+        expires: None,
+        lookback_start: Period::from_year_month(2025, 6).unwrap(),
+        window_months: None,
+        scopes: vec![(Scope::Transactions, Access::Read)],
+        families: vec![GrantFamily {
+            family: tx,
+            scope: Scope::Transactions,
+            epoch: 1,
+            access: Access::Read,
+        }],
+        append_family: None,
+        grantee_kem: kem.public_key(),
+    };
+    let entries = keys(&g);
+    let st = Statement {
+        customer: customer.id,
+        author: customer.id,
+        device: customer.device.id(),
+        issued_at: T0,
+        body: StBody::Grant(g),
+    };
+    let gid = SignedStatement::grant_id(&st);
+    let bundle = KeyBundle { entries }.seal(
+        &mut rand::rng(),
+        customer.id,
+        company,
+        &kem.public_key(),
+        gid.0,
+    );
+    let grant = SignedStatement::sign(st, Some(bundle), &customer.device.signing).unwrap();
+    (grant, gid)
+}
+
 pub struct Flow {
     pub env: Env,
     pub customer: Party,
@@ -398,48 +448,21 @@ pub async fn flow() -> Flow {
     assert_eq!(s, StatusCode::OK, "{v}");
     let kem = KemSecretKey::generate(&mut rand::rng());
     let secret = EpochSecret::generate(&mut rand::rng());
-    let g = Grant {
-        grantee: acme.id,
-        request: Some(req.id()),
-        purpose: "statements".into(),
-        duration: Duration::Persistent,
-        not_before: T0,
-        expires: None,
-        lookback_start: Period::from_year_month(2025, 6).unwrap(),
-        window_months: None,
-        scopes: vec![(Scope::Transactions, Access::Read)],
-        families: vec![GrantFamily {
-            family: tx,
-            scope: Scope::Transactions,
-            epoch: 1,
-            access: Access::Read,
-        }],
-        append_family: None,
-        grantee_kem: kem.public_key(),
-    };
-    let st = Statement {
-        customer: customer.id,
-        author: customer.id,
-        device: customer.device.id(),
-        issued_at: T0,
-        body: StBody::Grant(g.clone()),
-    };
-    let gid = SignedStatement::grant_id(&st);
-    let bundle = KeyBundle {
-        entries: vec![BundleEntry {
-            family: tx,
-            epoch: 1,
-            key: secret.read_key(g.lookback_start),
-        }],
-    }
-    .seal(
-        &mut rand::rng(),
-        customer.id,
+    let (grant, gid) = read_grant(
+        &customer,
         acme.id,
-        &kem.public_key(),
-        gid.0,
+        tx,
+        &kem,
+        Some(req.id()),
+        ("statements", Duration::Persistent),
+        |g| {
+            vec![BundleEntry {
+                family: tx,
+                epoch: 1,
+                key: secret.read_key(g.lookback_start),
+            }]
+        },
     );
-    let grant = SignedStatement::sign(st, Some(bundle), &customer.device.signing).unwrap();
     let (s, v) = env
         .call(
             "POST",

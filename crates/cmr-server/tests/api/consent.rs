@@ -158,49 +158,21 @@ async fn another_companys_grant_and_a_one_time_grants_second_read_are_refused_ov
     assert_eq!(f.env.store.checkpoint().unwrap(), before);
 
     // A one-time grant to acme.
-    let g = Grant {
-        grantee: f.acme.id,
-        request: None,
-        purpose: "one look".into(),
-        duration: Duration::OneTime,
-        not_before: T0,
-        expires: None,
-        lookback_start: Period::from_year_month(2025, 6).unwrap(),
-        window_months: None,
-        scopes: vec![(Scope::Transactions, Access::Read)],
-        families: vec![GrantFamily {
-            family: f.tx,
-            scope: Scope::Transactions,
-            epoch: 1,
-            access: Access::Read,
-        }],
-        append_family: None,
-        grantee_kem: f.kem.public_key(),
-    };
-    let st = Statement {
-        customer: f.customer.id,
-        author: f.customer.id,
-        device: f.customer.device.id(),
-        issued_at: T0,
-        body: StBody::Grant(g),
-    };
-    let gid = SignedStatement::grant_id(&st);
-    let bundle = KeyBundle {
-        entries: vec![BundleEntry {
-            family: f.tx,
-            epoch: 1,
-            key: EpochSecret::generate(&mut rand::rng())
-                .read_key(Period::from_year_month(2025, 6).unwrap()),
-        }],
-    }
-    .seal(
-        &mut rand::rng(),
-        f.customer.id,
+    let (grant, gid) = read_grant(
+        &f.customer,
         f.acme.id,
-        &f.kem.public_key(),
-        gid.0,
+        f.tx,
+        &f.kem,
+        None,
+        ("one look", Duration::OneTime),
+        |g| {
+            vec![BundleEntry {
+                family: f.tx,
+                epoch: 1,
+                key: EpochSecret::generate(&mut rand::rng()).read_key(g.lookback_start),
+            }]
+        },
     );
-    let grant = SignedStatement::sign(st, Some(bundle), &f.customer.device.signing).unwrap();
     let (s, v) = f
         .env
         .call(

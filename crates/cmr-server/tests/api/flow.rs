@@ -852,51 +852,24 @@ async fn the_customers_chain_is_pushed_as_events_to_the_customer_only() {
 #[tokio::test]
 async fn a_grant_with_the_largest_bundle_is_logged() {
     let mut f = flow().await;
-    let g = Grant {
-        grantee: f.acme.id,
-        request: None,
-        purpose: "every epoch".into(),
-        duration: Duration::Persistent,
-        not_before: T0,
-        expires: None,
-        lookback_start: Period::from_year_month(2025, 6).unwrap(),
-        window_months: None,
-        scopes: vec![(Scope::Transactions, Access::Read)],
-        families: vec![GrantFamily {
-            family: f.tx,
-            scope: Scope::Transactions,
-            epoch: 1,
-            access: Access::Read,
-        }],
-        append_family: None,
-        grantee_kem: f.kem.public_key(),
-    };
-    let st = Statement {
-        customer: f.customer.id,
-        author: f.customer.id,
-        device: f.customer.device.id(),
-        issued_at: T0,
-        body: StBody::Grant(g.clone()),
-    };
-    let gid = SignedStatement::grant_id(&st);
     let secret = EpochSecret::generate(&mut rand::rng());
-    let bundle = KeyBundle {
-        entries: (0..cmr_core::epoch::MAX_BUNDLE_ENTRIES as u64)
-            .map(|epoch| BundleEntry {
-                family: f.tx,
-                epoch,
-                key: secret.append_key(&f.acme.id, g.lookback_start),
-            })
-            .collect(),
-    }
-    .seal(
-        &mut rand::rng(),
-        f.customer.id,
+    let (grant, gid) = read_grant(
+        &f.customer,
         f.acme.id,
-        &f.kem.public_key(),
-        gid.0,
+        f.tx,
+        &f.kem,
+        None,
+        ("every epoch", Duration::Persistent),
+        |g| {
+            (0..cmr_core::epoch::MAX_BUNDLE_ENTRIES as u64)
+                .map(|epoch| BundleEntry {
+                    family: f.tx,
+                    epoch,
+                    key: secret.append_key(&f.acme.id, g.lookback_start),
+                })
+                .collect()
+        },
     );
-    let grant = SignedStatement::sign(st, Some(bundle), &f.customer.device.signing).unwrap();
     assert!(grant.encode().len() > 100 * 1024);
     let base = format!("/v1/vaults/{}", f.customer.id.to_hex());
     let (s, v) = f
